@@ -1,0 +1,137 @@
+"""The ``unionseg`` command line (typer).
+
+Heavy imports (torch, MONAI, nibabel) live inside the commands so that ``unionseg --help`` answers at once
+and ``info``/``prepare``/``evaluate`` never import torch. Every :class:`UnionsegError` becomes one line on
+stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from unionseg.errors import UnionsegError
+
+app = typer.Typer(
+    name="unionseg",
+    help="Train ONE multi-organ CT segmenter from several partially labelled datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_STATE = {"debug": False}
+
+# typer >= 0.29 vendors click; older releases raise click's own exceptions
+try:  # pragma: no cover - depends on the installed typer
+    from click.exceptions import Abort as _ClickAbort
+    from click.exceptions import ClickException as _ClickUsage
+    from click.exceptions import Exit as _ClickExit
+
+    _EXIT: tuple[type[BaseException], ...] = (typer.Exit, _ClickExit)
+    _ABORT: tuple[type[BaseException], ...] = (typer.Abort, _ClickAbort)
+    _USAGE: tuple[type[BaseException], ...] = (_ClickUsage,)
+except ImportError:  # pragma: no cover
+    _EXIT = (typer.Exit,)
+    _ABORT = (typer.Abort,)
+    _USAGE = (typer.exceptions.TyperException,)
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+def _parse_roots(roots: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in roots or []:
+        if "=" not in item:
+            raise UnionsegError(f"--root {item!r} must look like NAME=DIR")
+        name, folder = item.split("=", 1)
+        out[name] = folder
+    return out
+
+
+RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).")]
+
+
+@app.command()
+def info(
+    project: Annotated[Path, typer.Argument(help="Project file (YAML).")],
+    root: RootOpt = None,
+) -> None:
+    """Print the taxonomy, each dataset's annotated classes and case counts per split."""
+    from unionseg.reports import print_project_info
+
+    print_project_info(project, roots=_parse_roots(root))
+
+
+# --- commands registered by their modules (keep this list in one place) ---------------------------------
+# Each module exposes ``register(app)`` so the command's options live beside its code.
+_COMMAND_MODULES = (
+    "unionseg.data.phantom",
+    "unionseg.data.preprocess",
+    "unionseg.training.cli",
+    "unionseg.inference.cli",
+    "unionseg.evaluation.cli",
+    "unionseg.benchmark",
+)
+
+
+def _register_commands() -> None:
+    import importlib.util
+
+    for name in _COMMAND_MODULES:
+        if importlib.util.find_spec(name) is None:
+            continue
+        # modules keep their heavy imports inside functions, so importing them here is cheap
+        module = importlib.import_module(name)
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(app)
+
+
+_register_commands()
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
+
+    Project errors print ``error: <file>: <problem>`` on stderr and return 2.
+    """
+    debug = "--debug" in argv
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="unionseg")
+    except UnionsegError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except _EXIT as exc:
+        return int(getattr(exc, "exit_code", 0) or 0)
+    except _ABORT:
+        typer.echo("aborted", err=True)
+        return 130
+    except _USAGE as exc:
+        show = getattr(exc, "show", None)
+        if callable(show):
+            show()
+        else:
+            typer.echo(f"error: {exc}", err=True)
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    return int(result) if isinstance(result, int) else 0
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Image IO with geometry: NIfTI via nibabel; NRRD, MHA/MHD and DICOM series via SimpleITK.
+
+Arrays are indexed (i, j, k) like NIfTI voxel indices; the :class:`Geometry` record carries the 4 x 4
+voxel-to-world affine in RAS+ millimetres (the NIfTI convention). SimpleITK images (LPS) are converted on
+reading and back on writing, so a file written with a source's geometry reproduces that geometry exactly.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unionseg.errors import DataError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+def suffix_of(path: str | Path) -> str:
+    name = Path(path).name.lower()
+    for suf in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suf):
+            return suf
+    return Path(path).suffix.lower()
+
+
+def strip_suffix(path: str | Path) -> str:
+    """File name without its image suffix (``case_001.nii.gz`` -> ``case_001``)."""
+    name = Path(path).name
+    suf = suffix_of(name)
+    return name[: len(name) - len(suf)] if suf and name.lower().endswith(suf) else name
+
+
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where an array lives in the world: shape and the voxel -> RAS+ mm affine."""
+
+    shape: tuple[int, int, int]
+    affine: np.ndarray
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "affine", np.asarray(self.affine, dtype=np.float64).reshape(4, 4))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in self.affine[:3, 3])  # type: ignore[return-value]
+
+    @property
+    def direction(self) -> np.ndarray:
+        """3 x 3 matrix whose columns are the unit axis directions (RAS)."""
+        return self.affine[:3, :3] / np.asarray(self.spacing)[None, :]
+
+    def orientation(self) -> str:
+        """Axis codes such as ``RAS`` or ``LPS``."""
+        import nibabel as nib
+
+        return "".join(nib.orientations.aff2axcodes(self.affine))
+
+    def same_grid(self, other: Geometry, atol: float = 1e-4) -> bool:
+        return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
+
+    def with_shape(self, shape: tuple[int, ...]) -> Geometry:
+        return Geometry(tuple(shape)[:3], self.affine)  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"shape": list(self.shape), "affine": self.affine.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Geometry:
+        return cls(tuple(data["shape"]), np.asarray(data["affine"], dtype=np.float64))  # type: ignore[arg-type]
+
+    @classmethod
+    def identity(cls, shape: tuple[int, ...], spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> Geometry:
+        aff = np.diag([*map(float, spacing), 1.0])
+        return cls(tuple(shape)[:3], aff)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        sp = ", ".join(f"{s:.3g}" for s in self.spacing)
+        return f"Geometry(shape={self.shape}, spacing=({sp}), orientation={self.orientation()})"
+
+
+# ---------------------------------------------------------------------- reading
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise DataError("file not found", path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError("empty file (0 bytes)", path)
+
+
+def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 4 and array.shape[3] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        raise DataError(f"2D image of shape {array.shape}; a 3D volume is required", path)
+    if array.ndim != 3:
+        raise DataError(f"{array.ndim}D image of shape {array.shape}; a 3D volume is required "
+                        "(multi-channel and time series are not supported)", path)
+    return array
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        array = np.asanyarray(img.dataobj)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(f"truncated or corrupt compressed file ({exc})", path) from None
+    except nib.filebasedimages.ImageFileError as exc:
+        raise DataError(f"not a readable NIfTI image ({exc})", path) from None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read image ({exc})", path) from None
+    array = _as_3d(np.asarray(array), path)
+    return array, Geometry(array.shape, img.affine)  # type: ignore[arg-type]
+
+
+def _sitk_to_geometry(img: Any, shape: tuple[int, ...]) -> Geometry:
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
+    aff = np.eye(4)
+    aff[:3, :3] = _LPS @ direction @ np.diag(spacing)
+    aff[:3, 3] = _LPS @ origin
+    return Geometry(shape, aff)  # type: ignore[arg-type]
+
+
+def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
+    import SimpleITK as sitk
+
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise DataError("folder holds no DICOM series", path)
+            if len(series) > 1:
+                raise DataError(f"folder holds {len(series)} DICOM series; give one series per folder", path)
+            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            img = reader.Execute()
+        else:
+            img = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown reason"
+        raise DataError(f"cannot read image ({first})", path) from None
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError("multi-component (vector/RGB) image; a scalar 3D volume is required", path)
+    if img.GetDimension() != 3:
+        raise DataError(f"{img.GetDimension()}D image; a 3D volume is required", path)
+    array = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
+    array = _as_3d(array, path)
+    return array, _sitk_to_geometry(img, array.shape)
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder).
+
+    Returns:
+        ``(array, geometry)``: the array in the file's own dtype, indexed (i, j, k).
+
+    Raises:
+        DataError: missing, empty, truncated, not an image, not 3D, or non-finite geometry.
+    """
+    path = Path(path)
+    _check_readable(path)
+    suf = suffix_of(path)
+    if path.is_dir() or suf in SITK_SUFFIXES or suf == ".dcm":
+        array, geom = _read_sitk(path.parent if suf == ".dcm" else path)
+    elif suf in NIFTI_SUFFIXES:
+        array, geom = _read_nifti(path)
+    else:
+        raise DataError(f"unsupported file type {suf!r} (use {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)", path)
+    if not np.all(np.isfinite(geom.affine)) or abs(np.linalg.det(geom.affine[:3, :3])) < 1e-12:
+        raise DataError("invalid geometry (non-finite or singular affine)", path)
+    return array, geom
+
+
+def read_header(path: str | Path) -> Geometry:
+    """Geometry only, without reading voxel data where the format allows (NIfTI)."""
+    path = Path(path)
+    _check_readable(path)
+    if suffix_of(path) in NIFTI_SUFFIXES:
+        import nibabel as nib
+
+        try:
+            img = nib.load(str(path))
+        except Exception as exc:  # nibabel raises several types for bad headers
+            raise DataError(f"not a readable NIfTI image ({exc})", path) from None
+        shape = img.shape
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if len(shape) != 3:
+            raise DataError(f"{len(shape)}D image of shape {tuple(shape)}; a 3D volume is required", path)
+        return Geometry(shape, img.affine)  # type: ignore[arg-type]
+    return read_image(path)[1]
+
+
+# ---------------------------------------------------------------------- writing
+def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:
+    """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename).
+
+    The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK).
+
+    Raises:
+        DataError: when the array's shape does not match the geometry.
+    """
+    path = Path(path)
+    if tuple(array.shape) != tuple(geometry.shape):
+        raise DataError(f"array shape {tuple(array.shape)} differs from geometry shape {geometry.shape}", path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suf = suffix_of(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suf}")
+    try:
+        if suf in NIFTI_SUFFIXES:
+            import nibabel as nib
+
+            img = nib.Nifti1Image(np.asarray(array), geometry.affine)
+            img.set_qform(geometry.affine, code=1)
+            img.set_sform(geometry.affine, code=1)
+            nib.save(img, str(tmp))
+        elif suf in SITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+            spacing = np.asarray(geometry.spacing)
+            img.SetSpacing(spacing.tolist())
+            img.SetDirection((_LPS @ geometry.direction).reshape(-1).tolist())
+            img.SetOrigin((_LPS @ geometry.affine[:3, 3]).tolist())
+            sitk.WriteImage(img, str(tmp), True)
+        else:
+            raise DataError(f"unsupported output type {suf!r}", path)
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+# ---------------------------------------------------------------------- orientation
+def reorient_to_ras(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geometry]:
+    """Permute/flip axes so that the array is closest to RAS+; exact (no interpolation)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(geometry.affine)
+    target = nib.orientations.axcodes2ornt("RAS")
+    transform = nib.orientations.ornt_transform(ornt, target)
+    out = nib.orientations.apply_orientation(array, transform)
+    aff = geometry.affine @ nib.orientations.inv_ornt_aff(transform, geometry.shape)
+    return np.ascontiguousarray(out), Geometry(out.shape, aff)
+
+
+def reorient_like(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
+    """Inverse of :func:`reorient_to_ras`: put an array on ``geometry``'s axes back onto ``target``'s."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(geometry.affine)
+    tgt = nib.orientations.io_orientation(target.affine)
+    transform = nib.orientations.ornt_transform(ornt, tgt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
+
+
+def align_label_to_image(
+    label: np.ndarray, label_geom: Geometry, image_geom: Geometry, label_path: Path, image_path: Path,
+    atol: float = 1e-3,
+) -> np.ndarray:
+    """Return the label on the image's voxel grid, or raise.
+
+    Identical grids pass unchanged. A label stored in another axis order/orientation is reoriented onto
+    the image grid when the two physical grids coincide; anything else is refused, naming both files.
+    """
+    if label_geom.same_grid(image_geom, atol=atol):
+        return label
+    moved = reorient_like(label, label_geom, image_geom)
+    if moved.shape == tuple(image_geom.shape):
+        import nibabel as nib
+
+        ornt = nib.orientations.io_orientation(label_geom.affine)
+        tgt = nib.orientations.io_orientation(image_geom.affine)
+        transform = nib.orientations.ornt_transform(ornt, tgt)
+        aff = label_geom.affine @ nib.orientations.inv_ornt_aff(transform, label_geom.shape)
+        if np.allclose(aff, image_geom.affine, atol=atol):
+            return moved
+    if tuple(label_geom.shape) != tuple(image_geom.shape) and sorted(label_geom.shape) != sorted(image_geom.shape):
+        raise DataError(f"label shape {label_geom.shape} differs from image shape {image_geom.shape} "
+                        f"({image_path.name})", label_path)
+    raise DataError(
+        f"label grid does not match image {image_path.name}: label affine\n{np.round(label_geom.affine, 4)}\n"
+        f"vs image affine\n{np.round(image_geom.affine, 4)}".replace("\n", " "), label_path)

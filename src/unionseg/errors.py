@@ -1,0 +1,31 @@
+"""The project exception. The CLI turns it into one clear line and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class UnionsegError(Exception):
+    """A user-facing error: bad input, bad configuration, a refused operation.
+
+    Args:
+        message: what is wrong and, where possible, how to fix it.
+        path: the file or folder concerned; it is printed first so the user sees which input failed.
+    """
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.message = message
+        super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class ConfigError(UnionsegError):
+    """A project file or recipe is invalid (names the file and the key)."""
+
+
+class DataError(UnionsegError):
+    """An image, label map or dataset folder is unusable (names the file and the problem)."""
+
+
+class CheckpointError(UnionsegError):
+    """A model or checkpoint file is missing, truncated, or unsafe to load."""
