@@ -102,7 +102,7 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
                 raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}", source)
-            return tuple(_coerce(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+            return tuple(_coerce(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args, strict=True)))
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{where}[{i}]", source) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
@@ -139,17 +139,29 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}", source)
         return str(value)
+    if isinstance(tp, type) and issubclass(tp, Path):
+        if isinstance(value, Path):
+            return value
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{where}: expected a path, got {value!r}", source)
+        return Path(value)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}", source)
     return value
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", where: str = "") -> T:
-    """Build a (nested) dataclass from a mapping; unknown keys and wrong types raise ConfigError."""
+    """Build a (nested) dataclass from a mapping; unknown keys and wrong types raise ConfigError.
+
+    A ``validate()`` method on the dataclass is called after construction; the ``ValueError`` it raises
+    should name the field relative to the dataclass (``"val_fraction: ..."``): the key path is prefixed here.
+    """
+    prefix = f"{where}." if where else ""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {data!r}", source)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = set(data) - names
-    prefix = f"{where}." if where else ""
     if unknown:
         raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(names))})", source)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
@@ -219,7 +231,7 @@ class SplitSpec:
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"split.val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise ValueError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
 
 
 @dataclass(frozen=True)
@@ -233,9 +245,9 @@ class PreprocessSpec:
 
     def validate(self) -> None:
         if any(s <= 0 for s in self.spacing):
-            raise ValueError(f"preprocessing.spacing must be positive, got {list(self.spacing)}")
+            raise ValueError(f"spacing: must be positive, got {list(self.spacing)}")
         if self.window[1] <= self.window[0]:
-            raise ValueError(f"preprocessing.window must be [low, high] with low < high, got {list(self.window)}")
+            raise ValueError(f"window: must be [low, high] with low < high, got {list(self.window)}")
 
     @property
     def center(self) -> float:
@@ -320,6 +332,8 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
     where = f"datasets[{i}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping", source)
+    if isinstance(raw.get("name"), str) and raw["name"] and "/" not in raw["name"]:
+        where = f"datasets.{raw['name']}"
     unknown = set(raw) - _DATASET_KEYS
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(_DATASET_KEYS))})",
@@ -418,26 +432,45 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
                    cache_dir=base / cache, raw=dict(raw))
 
 
-def split_cases(case_ids: Sequence[str], spec: SplitSpec, where: str = "") -> dict[str, list[str]]:
+def split_cases(
+    case_ids: Sequence[str], spec: SplitSpec, where: str = "", source: str | Path | None = None
+) -> dict[str, list[str]]:
     """Seeded, recorded train/val split of a training dataset's case ids.
 
-    The split depends only on the sorted ids and the seed; ``val_cases`` pins it. At least one case stays
-    in train; with two or more cases and ``val_fraction > 0`` at least one goes to val.
+    The split depends only on the set of ids and the seed (not on their order); ``val_cases`` pins it.
+    At least one case stays in train; with two or more cases and ``val_fraction > 0`` at least one goes
+    to val.
+
+    Args:
+        case_ids: the dataset's case ids.
+        spec: fraction and seed, or the pinned ``val_cases``.
+        where: key prefix for error messages (``"datasets.liver."``).
+        source: the project file, named in error messages.
+
+    Returns:
+        ``{"train": [...], "val": [...]}``, each sorted.
+
+    Raises:
+        ConfigError: ``val_cases`` names an unknown case or leaves no case for training.
     """
-    ids = sorted(case_ids)
+    ids = sorted(set(case_ids))
     if spec.val_cases is not None:
         missing = sorted(set(spec.val_cases) - set(ids))
         if missing:
-            raise ConfigError(f"{where}split.val_cases: unknown case {missing[0]!r}")
-        val = sorted(spec.val_cases)
+            raise ConfigError(f"{where}split.val_cases: unknown case {missing[0]!r}", source)
+        val = sorted(set(spec.val_cases))
+        if ids and len(val) == len(ids):
+            raise ConfigError(f"{where}split.val_cases: every case is in val; leave at least one for training",
+                              source)
     else:
         n_val = int(round(spec.val_fraction * len(ids)))
         if spec.val_fraction > 0 and len(ids) >= 2:
             n_val = max(1, n_val)
-        n_val = min(n_val, len(ids) - 1)
+        n_val = max(0, min(n_val, len(ids) - 1))
         rng = random.Random(spec.seed)
         shuffled = ids[:]
         rng.shuffle(shuffled)
         val = sorted(shuffled[:n_val])
-    train = [c for c in ids if c not in set(val)]
+    in_val = set(val)
+    train = [c for c in ids if c not in in_val]
     return {"train": train, "val": val}

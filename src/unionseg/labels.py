@@ -329,7 +329,9 @@ def merge(
     A voxel belongs to the group with the highest region probability ``r_g`` if ``r_g > threshold``
     (or, with ``threshold=None``, if ``r_g`` beats ``background_probs``), else to background. Inside its
     group, a part wins where its probability beats the organ leaf's (and every other part of the group);
-    a part can never appear outside its organ's group.
+    a part can never appear outside its organ's group. Ties are decided the same way on every device:
+    between groups the one listed first wins, at the threshold (or against background) background wins,
+    and between a part and its organ the organ wins.
 
     Args:
         region_probs: (G, *S) region probability per group, in ``space.groups`` order.
@@ -356,7 +358,9 @@ def merge(
     labels = torch.zeros(spatial, dtype=torch.uint8, device=region_probs.device)
     if space.n_groups == 0:
         return labels
-    best_r, best_g = region_probs.max(dim=0)
+    # argmax documents "first maximal index" on every device: ties go to the group listed first
+    best_g = torch.argmax(region_probs, dim=0)
+    best_r = torch.gather(region_probs, 0, best_g.unsqueeze(0)).squeeze(0)
     if threshold is None:
         if background_probs is None:
             raise ValueError("threshold=None needs background_probs")
@@ -372,7 +376,8 @@ def merge(
         if not grp.part_ids:
             continue
         parts = part_probs[[part_index[p] for p in grp.part_ids]]
-        best_p, best_k = parts.max(dim=0)
+        best_k = torch.argmax(parts, dim=0)
+        best_p = torch.gather(parts, 0, best_k.unsqueeze(0)).squeeze(0)
         organ_p = organ_leaf_probs[grp.index] if organ_leaf_probs is not None else 1.0 - best_p
         part_wins = in_group & (best_p > organ_p)
         ids = torch.as_tensor(grp.part_ids, dtype=torch.uint8, device=labels.device)

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from unionseg.labels import REGION_PREFIX
 
 
-def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) -> dict:
-    """Taxonomy, annotated classes and case counts per split, as plain data."""
+def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Taxonomy, annotated classes and case counts per split, as plain data.
+
+    Loads the project, scans every dataset folder (structure only, no voxels) and splits the training
+    datasets as training will.
+
+    Args:
+        project_path: the project file.
+        roots: optional ``dataset name -> folder`` overrides.
+
+    Raises:
+        ConfigError: an invalid project file (names the file and the key).
+        DataError: an unusable dataset folder (names the file at fault).
+    """
     from unionseg.config import load_project, split_cases
     from unionseg.data.catalog import check_label_map, scan_dataset
 
@@ -21,7 +35,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json")
         ids = [c.case_id for c in info.cases]
         if spec.role == "train":
-            split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.")
+            split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.", source=project.path)
             counts = {"train": len(split["train"]), "val": len(split["val"])}
         else:
             counts = {spec.role: len(ids)}
@@ -36,12 +50,14 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
                               "window": list(project.preprocessing.window)}}
 
 
-def print_project_info(project_path: Path, roots: Mapping[str, str] | None = None) -> dict:
+def print_project_info(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Print :func:`project_summary` as tables on stdout and return it (``unionseg info``)."""
     from rich.console import Console
     from rich.table import Table
 
     summary = project_summary(project_path, roots)
-    console = Console()
+    # piped or captured output gets a wide console so that names are never cut to fit 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(f"[bold]{summary['project']}[/bold]  ({summary['path']})")
     taxonomy = Table(title="classes (leaves)")
     for col in ("id", "leaf", "part of"):

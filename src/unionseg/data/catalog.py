@@ -9,9 +9,10 @@ and labels ``labelsTr/<case><ending>``. Every path must stay inside the dataset 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
@@ -63,18 +64,27 @@ def detect_layout(root: Path, data: Mapping[str, Any]) -> str:
 
 
 def _inside(root: Path, rel: Any, where: str, json_path: Path) -> Path:
+    """``root / rel`` after checking that ``rel`` is relative and stays inside ``root``.
+
+    The check is lexical (``..`` components are resolved against the path itself, symbolic links are not
+    followed), so a dataset whose ``imagesTr`` is a link to another disk is accepted while
+    ``../x.nii.gz`` is not.
+    """
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{where}: expected a relative path string, got {rel!r}", json_path)
-    if Path(rel).is_absolute():
+    if Path(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or rel.startswith("~"):
         raise DataError(f"{where}: absolute path {rel!r} is not allowed; paths are relative to the dataset root",
                         json_path)
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root.resolve()):
+    base = Path(os.path.normpath(root.absolute()))
+    path = Path(os.path.normpath(base / rel))
+    if not path.is_relative_to(base) or path == base:
         raise DataError(f"{where}: path {rel!r} escapes the dataset root", json_path)
     return path
 
 
 def _declared_msd(data: Mapping[str, Any], json_path: Path) -> dict[int, str]:
+    if "labels" not in data:
+        raise DataError("missing key 'labels' (an object value -> name)", json_path)
     labels = data.get("labels")
     if not isinstance(labels, Mapping):
         raise DataError("'labels' must be an object value -> name", json_path)
@@ -88,6 +98,8 @@ def _declared_msd(data: Mapping[str, Any], json_path: Path) -> dict[int, str]:
 
 
 def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]:
+    if "labels" not in data:
+        raise DataError("missing key 'labels' (an object name -> value)", json_path)
     labels = data.get("labels")
     if not isinstance(labels, Mapping):
         raise DataError("'labels' must be an object name -> value", json_path)
@@ -102,10 +114,12 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
 
 
 def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> list[tuple[str, Path, Path | None]]:
+    if "training" not in data:
+        raise DataError("missing key 'training' (a list of {image, label})", json_path)
     training = data.get("training")
     if not isinstance(training, list):
         raise DataError("'training' must be a list of {image, label}", json_path)
-    out = []
+    out: list[tuple[str, Path, Path | None]] = []
     for i, item in enumerate(training):
         if not isinstance(item, Mapping) or "image" not in item:
             raise DataError(f"training[{i}]: expected an object with 'image' and 'label'", json_path)
@@ -116,6 +130,9 @@ def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) 
 
 
 def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> list[tuple[str, Path, Path | None]]:
+    for key in ("file_ending", "channel_names"):
+        if key not in data:
+            raise DataError(f"missing key {key!r} (nnU-Net v2 raw layout)", json_path)
     ending = data.get("file_ending")
     if not isinstance(ending, str) or ending not in IMAGE_SUFFIXES:
         raise DataError(f"file_ending: expected one of {list(IMAGE_SUFFIXES)}, got {ending!r}", json_path)
@@ -126,7 +143,7 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
     labels_dir = root / "labelsTr"
     if not images_dir.is_dir():
         raise DataError("no imagesTr folder", root)
-    out = []
+    out: list[tuple[str, Path, Path | None]] = []
     for image in sorted(images_dir.iterdir()):
         if not image.name.endswith(ending) or image.name.startswith("."):
             continue
@@ -141,11 +158,17 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
 def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path | None = None) -> DatasetInfo:
     """List a dataset's cases and validate the folder structure (not the voxels).
 
+    Args:
+        name: the dataset's name in the project (recorded in every :class:`CaseFiles`).
+        root: the dataset folder; case paths come back absolute.
+        layout: ``auto`` (from ``dataset.json``), ``msd`` or ``nnunet``.
+        oracle_dir: optional folder of full label maps named like the label files (phantom only).
+
     Raises:
         DataError: no dataset.json, unknown layout, a path escaping the root, a missing image or label
             file, duplicate case ids, or no cases at all. Each names the file at fault.
     """
-    root = Path(root)
+    root = Path(os.path.normpath(Path(root).absolute()))  # case paths come out absolute and normalised
     data = read_dataset_json(root)
     json_path = root / "dataset.json"
     if layout == "auto":

@@ -115,7 +115,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
     try:
-        img = nib.load(str(path))
+        img: Any = nib.load(str(path))
         array = np.asanyarray(img.dataobj)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"truncated or corrupt compressed file ({exc})", path) from None
@@ -124,7 +124,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read image ({exc})", path) from None
     array = _as_3d(np.asarray(array), path)
-    return array, Geometry(array.shape, img.affine)  # type: ignore[arg-type]
+    return array, Geometry(array.shape, img.affine)
 
 
 def _sitk_to_geometry(img: Any, shape: tuple[int, ...]) -> Geometry:
@@ -195,7 +195,7 @@ def read_header(path: str | Path) -> Geometry:
         import nibabel as nib
 
         try:
-            img = nib.load(str(path))
+            img: Any = nib.load(str(path))
         except Exception as exc:  # nibabel raises several types for bad headers
             raise DataError(f"not a readable NIfTI image ({exc})", path) from None
         shape = img.shape
@@ -203,15 +203,26 @@ def read_header(path: str | Path) -> Geometry:
             shape = shape[:3]
         if len(shape) != 3:
             raise DataError(f"{len(shape)}D image of shape {tuple(shape)}; a 3D volume is required", path)
-        return Geometry(shape, img.affine)  # type: ignore[arg-type]
+        return Geometry(tuple(shape), img.affine)
     return read_image(path)[1]
 
 
 # ---------------------------------------------------------------------- writing
+def _storable(array: np.ndarray) -> np.ndarray:
+    """The array in a dtype both NIfTI and SimpleITK can store (bool -> uint8, float16 -> float32)."""
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8)
+    if array.dtype == np.float16:
+        return array.astype(np.float32)
+    return array
+
+
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:
     """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename).
 
-    The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK).
+    The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK). The dtype is kept,
+    except that bool is stored as uint8 and float16 as float32 (neither format stores them). NIfTI keeps
+    the affine in float32 (about 1e-7 relative); NRRD/MHA keep it in float64.
 
     Raises:
         DataError: when the array's shape does not match the geometry.
@@ -219,6 +230,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path
     path = Path(path)
     if tuple(array.shape) != tuple(geometry.shape):
         raise DataError(f"array shape {tuple(array.shape)} differs from geometry shape {geometry.shape}", path)
+    array = _storable(np.asarray(array))
     path.parent.mkdir(parents=True, exist_ok=True)
     suf = suffix_of(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suf}")
@@ -226,19 +238,20 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path
         if suf in NIFTI_SUFFIXES:
             import nibabel as nib
 
-            img = nib.Nifti1Image(np.asarray(array), geometry.affine)
-            img.set_qform(geometry.affine, code=1)
-            img.set_sform(geometry.affine, code=1)
-            nib.save(img, str(tmp))
+            # an explicit dtype keeps int64 (nibabel refuses it otherwise); the header stores mm
+            nifti = nib.Nifti1Image(array, geometry.affine, dtype=array.dtype)
+            nifti.set_qform(geometry.affine, code=1)
+            nifti.set_sform(geometry.affine, code=1)
+            nifti.header.set_xyzt_units("mm")
+            nib.save(nifti, str(tmp))
         elif suf in SITK_SUFFIXES:
             import SimpleITK as sitk
 
-            img = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-            spacing = np.asarray(geometry.spacing)
-            img.SetSpacing(spacing.tolist())
-            img.SetDirection((_LPS @ geometry.direction).reshape(-1).tolist())
-            img.SetOrigin((_LPS @ geometry.affine[:3, 3]).tolist())
-            sitk.WriteImage(img, str(tmp), True)
+            image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+            image.SetSpacing(np.asarray(geometry.spacing).tolist())
+            image.SetDirection((_LPS @ geometry.direction).reshape(-1).tolist())
+            image.SetOrigin((_LPS @ geometry.affine[:3, 3]).tolist())
+            sitk.WriteImage(image, str(tmp), True)
         else:
             raise DataError(f"unsupported output type {suf!r}", path)
         tmp.replace(path)

@@ -1,0 +1,242 @@
+"""The project-level cache of shared artefacts (contract 6).
+
+Beside the prepared data, keyed by a fingerprint of (prepared data, expert recipe, seed)::
+
+    <cache_dir>/artifacts/<fingerprint>/
+        experts/<dataset>/model.pt, last.pt, log.csv, summary.json   one expert per training dataset
+        probs/<dataset>/<dataset>/<case>.npy                          expert probabilities, fp16 (1+K, X, Y, Z)
+        pseudo/<dataset>/<case>.npy                                   pseudo labels, uint8 leaf ids
+        compute.json                                                  seconds spent per artefact
+
+Every artefact is produced on first need and reused by every later method and run; writes are atomic, so
+an interrupted expert resumes from its ``last.pt`` and a half-written probability file never exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from unionseg.config import config_hash, to_dict
+
+if TYPE_CHECKING:
+    import torch
+
+    from unionseg.data.preprocess import PreparedCase
+    from unionseg.methods.base import RunContext
+    from unionseg.training.config import TrainConfig
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    tmp.replace(path)
+
+
+class ArtifactCache:
+    """Experts, their whole-volume probabilities and pseudo labels, shared by all methods of a project."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.expert_cfg = self._expert_config(ctx.cfg)
+        key = {"data": ctx.index.fingerprint, "recipe": config_hash(self.expert_cfg), "seed": ctx.cfg.seed}
+        self.fingerprint = config_hash(key)
+        self.root = Path(ctx.project.cache_dir) / "artifacts" / self.fingerprint
+        self._experts: dict[str, Any] = {}
+
+    @staticmethod
+    def _expert_config(cfg: TrainConfig) -> TrainConfig:
+        """The recipe every expert uses: the run's budget (backbone, patch, batch, optimiser, steps)."""
+        return dataclasses.replace(cfg, method="expert", options={}, steps=cfg.expert_steps or cfg.steps,
+                                   device=cfg.device)
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _record(self, key: str, seconds: float) -> None:
+        if not self.ctx.is_main:
+            return
+        path = self.root / "compute.json"
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data[key] = data.get(key, 0.0) + seconds
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(path)
+
+    def compute_seconds(self) -> dict[str, float]:
+        path = self.root / "compute.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    # ------------------------------------------------------------------ experts
+    def expert_dir(self, dataset: str) -> Path:
+        return self.root / "experts" / dataset
+
+    def ensure_experts(self, datasets: list[str] | None = None) -> dict[str, Path]:
+        """Train (or resume) every missing expert; returns dataset -> model file."""
+        from unionseg.training.trainer import Trainer
+
+        out = {}
+        for name in datasets or self.ctx.train_datasets:
+            run_dir = self.expert_dir(name)
+            model = run_dir / "model.pt"
+            if not (run_dir / "summary.json").exists():
+                cfg = dataclasses.replace(self.expert_cfg, options={"dataset": name})
+                sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
+                t0 = time.perf_counter()
+                Trainer(sub, resume=True).fit()
+                self._record(f"expert:{name}", time.perf_counter() - t0)
+            out[name] = model
+        return out
+
+    def load_expert(self, dataset: str) -> tuple[torch.nn.Module, list[int], dict[str, Any]]:
+        """The trained expert network (eval mode, on the run device), its global leaf ids, its model payload."""
+        if dataset not in self._experts:
+            from unionseg.methods.expert import expert_subspace
+            from unionseg.modelfile import build_from_payload, load_model
+
+            self.ensure_experts([dataset])
+            payload = load_model(self.expert_dir(dataset) / "model.pt")
+            module = build_from_payload(payload).to(self.ctx.device).eval()
+            for p in module.parameters():
+                p.requires_grad_(False)
+            _, _, leaf_ids = expert_subspace(self.ctx.space, dataset)
+            self._experts[dataset] = (module, leaf_ids, payload)
+        return self._experts[dataset]  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ probabilities
+    def probs_path(self, expert: str, case: PreparedCase) -> Path:
+        return self.root / "probs" / expert / case.dataset / f"{case.case_id}.npy"
+
+    def training_cases(self) -> list[PreparedCase]:
+        return [c for c in self.ctx.index.cases() if c.dataset in self.ctx.train_datasets]
+
+    def ensure_probs(self, experts: list[str] | None = None) -> None:
+        """Whole-volume fp16 probabilities of every expert on every training case (train and val splits)."""
+        from unionseg.training.validation import predict_volume
+
+        cfg = self.ctx.cfg
+        for name in experts or self.ctx.train_datasets:
+            todo = [c for c in self.training_cases() if not self.probs_path(name, c).exists()]
+            if not todo:
+                continue
+            module, _, _ = self.load_expert(name)
+            t0 = time.perf_counter()
+            for case in _progress(todo, f"expert {name}: probabilities", self.ctx.progress and self.ctx.is_main):
+                probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
+                                       cfg.inference.sw_batch_size, self.ctx.device, "softmax", cfg.inference.blend)
+                if self.ctx.is_main:
+                    _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
+            self._record(f"probs:{name}", time.perf_counter() - t0)
+
+    def load_probs(self, expert: str, case: PreparedCase) -> np.ndarray:
+        """(1 + K, X, Y, Z) float16, memory-mapped."""
+        self.ensure_probs([expert])
+        return np.load(self.probs_path(expert, case), mmap_mode="r")
+
+    # ------------------------------------------------------------------ pseudo labels
+    def pseudo_path(self, case: PreparedCase) -> Path:
+        return self.root / "pseudo" / case.dataset / f"{case.case_id}.npy"
+
+    def ensure_pseudo_labels(self) -> dict[str, Any]:
+        """Pseudo labels for every training case: merge over the OTHER datasets' experts, ground truth wins."""
+        self.ensure_probs()
+        t0 = time.perf_counter()
+        made = 0
+        for case in self.training_cases():
+            path = self.pseudo_path(case)
+            if path.exists():
+                continue
+            labels = self.make_pseudo_labels(case)
+            if self.ctx.is_main:
+                _atomic_save_npy(path, labels)
+            made += 1
+        if made:
+            self._record("pseudo_labels", time.perf_counter() - t0)
+        quality = self.pseudo_label_quality()
+        if quality and self.ctx.is_main:
+            (self.root / "pseudo_quality.json").write_text(json.dumps(quality, indent=2))
+        return {"pseudo_labels": made, "root": str(self.root), "quality": quality}
+
+    def pseudo_label_quality(self) -> dict[str, float]:
+        """Mean Dice of the pseudo labels against the hidden full truth per region and part, over the
+        training cases that have one (the phantom); the classes each case's own dataset annotates are
+        excluded, since there the ground truth was copied. Empty when no hidden truth exists."""
+        from unionseg.training.validation import dice_scores
+
+        space = self.ctx.space
+        scores: dict[str, list[float]] = {}
+        for case in self.training_cases():
+            truth = case.oracle()
+            if truth is None:
+                continue
+            pseudo = np.load(self.pseudo_path(case), mmap_mode="r")
+            unannotated = ~case.annotated
+            unannotated[0] = True
+            for key, value in dice_scores(np.asarray(pseudo), np.asarray(truth), space.full_mask(), space).items():
+                if all(unannotated[i] for i in space.leaves_of(key)):
+                    scores.setdefault(key, []).append(value)
+        return {k: float(np.mean(v)) for k, v in scores.items()}
+
+    def make_pseudo_labels(self, case: PreparedCase) -> np.ndarray:
+        import torch
+
+        from unionseg.ensemble import experts_to_groups
+        from unionseg.labels import merge
+        from unionseg.methods.expert import expert_subspace
+
+        space = self.ctx.space
+        others = [d for d in self.ctx.train_datasets if d != case.dataset]
+        probs = [torch.from_numpy(np.asarray(self.load_probs(d, case), dtype=np.float32)) for d in others]
+        leaf_ids = [expert_subspace(space, d)[2] for d in others]
+        codes = np.asarray(case.label())
+        if probs:
+            region, parts, organ = experts_to_groups(probs, leaf_ids, space)
+            pseudo = merge(region, parts, space, organ_leaf_probs=organ, threshold=0.5).numpy()
+        else:
+            pseudo = np.zeros(codes.shape, dtype=np.uint8)
+        return combine_with_ground_truth(pseudo, codes, case.annotated, space)
+
+    def load_pseudo(self, case: PreparedCase) -> np.ndarray:
+        path = self.pseudo_path(case)
+        if not path.exists():
+            self.ensure_pseudo_labels()
+        return np.load(path, mmap_mode="r")
+
+    def summary(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint, "root": str(self.root), "recipe": to_dict(self.expert_cfg),
+                "compute_seconds": self.compute_seconds()}
+
+
+def combine_with_ground_truth(pseudo: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> np.ndarray:
+    """Ground truth always wins on annotated classes.
+
+    * a voxel with an annotated leaf code keeps that leaf;
+    * a voxel with a region code keeps the pseudo leaf if it lies in that region's group, else the organ leaf;
+    * a 0 voxel (no annotated class there) may not carry an annotated leaf: such pseudo labels become 0.
+    """
+    out = pseudo.astype(np.uint8).copy()
+    L = space.n_leaves
+    leaf = (codes > 0) & (codes < L)
+    out[leaf] = codes[leaf]
+    for grp in space.groups:
+        in_region = codes == L + grp.index
+        if in_region.any():
+            keep = np.isin(out, grp.leaf_ids)
+            out[in_region & ~keep] = grp.organ_id
+    annotated_ids = [i for i in range(1, L) if annotated[i]]
+    out[(codes == 0) & np.isin(out, annotated_ids)] = 0
+    return out
+
+
+def _progress(items: list[Any], label: str, enabled: bool) -> Any:
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, description=label)

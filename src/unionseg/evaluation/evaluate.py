@@ -1,0 +1,527 @@
+"""Case and folder evaluation: which classes a ground truth can be scored on, and the reports.
+
+* :func:`evaluate_case` scores one label map against one ground truth, on the classes the ground truth
+  annotates (``LabelSpace.scorable_keys``): an organ REGION (organ leaf + its parts, plus the region code
+  in the truth) when all its leaves are annotated, a part (tumour) leaf when it is annotated. A part leaf
+  is also skipped when the truth holds its group's region code (``region:kidney`` from a set that does
+  not separate tumours): such a truth cannot say where the tumour is.
+* :func:`validation_dice` is the Dice-only fast path the trainer's validation calls (one joint histogram
+  pass, no per-class masks).
+* :func:`evaluate_folder` pairs ``<case>.nii.gz`` predictions with ground-truth label files, maps the
+  truth's local values to global codes through the project, scores every case (optionally in parallel
+  processes) and writes ``metrics.csv``, ``summary.json``, ``summary.md`` and PNG figures.
+
+Empty-mask rules are those of :mod:`unionseg.evaluation.metrics`; no value is ever NaN, and the summary
+counts per class how many values came from a rule. No torch here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from unionseg.errors import ConfigError, DataError, UnionsegError
+from unionseg.evaluation.metrics import (
+    BOTH_EMPTY,
+    EMPTY_RULES,
+    GT_EMPTY,
+    METRICS,
+    PRED_EMPTY,
+    empty_rule,
+    score_masks,
+)
+from unionseg.labels import REGION_PREFIX, LabelSpace
+
+if TYPE_CHECKING:
+    from unionseg.config import DatasetSpec, Project
+    from unionseg.data.io import Geometry
+
+CaseScores = dict[str, dict[str, float]]
+"""class key -> {metric: value, "pred_voxels": n, "gt_voxels": n}"""
+
+EMPTY_RULE_TEXT = {
+    BOTH_EMPTY: "prediction and truth empty: Dice 1, HD95 0, NSD 1",
+    PRED_EMPTY: "prediction empty, truth not: Dice 0, NSD 0, HD95 = image diagonal (mm)",
+    GT_EMPTY: "truth empty, prediction not: Dice 0, NSD 0, HD95 = image diagonal (mm)",
+}
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
+GRID_ATOL_MM = 1e-3
+
+
+# ---------------------------------------------------------------------- one case
+def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"unknown metric {unknown[0] if unknown else None!r}; known: {', '.join(METRICS)}")
+    return tuple(metrics)
+
+
+def _check_inputs(pred: np.ndarray, gt: np.ndarray, annotated: np.ndarray | Sequence[bool],
+                  space: LabelSpace) -> np.ndarray:
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
+    mask = np.asarray(annotated, dtype=bool)
+    if mask.shape != (space.n_leaves,):
+        raise ValueError(f"annotated must be ({space.n_leaves},) bool, got shape {mask.shape}")
+    if pred.size and (int(pred.min()) < 0 or int(pred.max()) >= space.n_leaves):
+        raise ValueError(f"prediction values must be leaf ids 0..{space.n_leaves - 1}, "
+                         f"got {int(pred.min())}..{int(pred.max())}")
+    if gt.size and (int(gt.min()) < 0 or int(gt.max()) >= space.n_codes):
+        raise ValueError(f"ground-truth values must be codes 0..{space.n_codes - 1}, "
+                         f"got {int(gt.min())}..{int(gt.max())}")
+    return mask
+
+
+def _scored_keys(space: LabelSpace, annotated: np.ndarray, gt_code_counts: np.ndarray) -> list[str]:
+    """Scorable keys, minus part leaves whose group's region code occurs in the truth."""
+    keys = []
+    for key in space.scorable_keys(annotated):
+        if not key.startswith(REGION_PREFIX):
+            group = space.groups[space.group_of_leaf(space.leaf_id(key))]
+            if gt_code_counts[space.n_leaves + group.index] > 0:
+                continue
+        keys.append(key)
+    return keys
+
+
+def _key_codes(space: LabelSpace, key: str) -> list[int]:
+    codes = set(space.leaves_of(key))
+    if key.startswith(REGION_PREFIX):
+        codes.add(space.code(key))
+    return sorted(codes)
+
+
+def evaluate_case(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    annotated: np.ndarray | Sequence[bool],
+    space: LabelSpace,
+    spacing: Sequence[float],
+    tolerance_mm: float = 2.0,
+    metrics: Sequence[str] = METRICS,
+) -> CaseScores:
+    """Score one predicted label map on every class its ground truth annotates.
+
+    Args:
+        pred: (X, Y, Z) integer leaf ids (uint8).
+        gt: (X, Y, Z) integer GLOBAL codes (leaf ids and region codes, see :mod:`unionseg.labels`).
+        annotated: (L,) bool annotated-leaf mask of the truth (``space.annotated_leaf_mask(dataset)``;
+            ``space.full_mask()`` for fully labelled sets).
+        space: the project's label space.
+        spacing: voxel size in mm along X, Y, Z.
+        tolerance_mm: NSD tolerance.
+        metrics: any of ``dice``, ``hd95``, ``nsd``.
+
+    Returns:
+        class key -> {metric: value, ``pred_voxels``, ``gt_voxels``}; keys in ``space.evaluation_keys()``
+        order, only the scorable ones. Values follow the metrics module's empty-mask rules (never NaN).
+
+    Raises:
+        ValueError: shape mismatch, values outside the label space, bad annotated mask or metric.
+    """
+    metrics = _check_metrics(metrics)
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    mask = _check_inputs(pred, gt, annotated, space)
+    counts = np.bincount(gt.reshape(-1).astype(np.intp, copy=False), minlength=space.n_codes)
+    out: CaseScores = {}
+    for key in _scored_keys(space, mask, counts):
+        codes = _key_codes(space, key)
+        scores = score_masks(np.isin(pred, codes), np.isin(gt, codes), spacing, metrics, tolerance_mm)
+        out[key] = scores.as_dict()
+    return out
+
+
+def _joint_histogram(gt: np.ndarray, pred: np.ndarray, n: int, chunk: int = 1 << 22) -> np.ndarray:
+    """(n, n) counts of (truth code, predicted code) pairs, in chunks to bound memory."""
+    g = gt.reshape(-1)
+    p = pred.reshape(-1)
+    hist = np.zeros(n * n, dtype=np.int64)
+    for start in range(0, g.size, chunk):
+        idx = g[start:start + chunk].astype(np.intp) * n + p[start:start + chunk].astype(np.intp)
+        hist += np.bincount(idx, minlength=n * n)
+    return hist.reshape(n, n)
+
+
+def validation_dice(
+    pred: np.ndarray, gt: np.ndarray, annotated: np.ndarray | Sequence[bool], space: LabelSpace
+) -> dict[str, float]:
+    """Dice per scorable class (same classes and rules as :func:`evaluate_case`), in one pass.
+
+    Args:
+        pred: (X, Y, Z) (any shape) integer leaf ids.
+        gt: same shape, integer global codes.
+        annotated: (L,) bool annotated-leaf mask of the truth.
+        space: the label space.
+
+    Returns:
+        class key -> Dice (both empty: 1.0).
+
+    Raises:
+        ValueError: shape mismatch, values outside the label space, bad annotated mask.
+    """
+    pred = np.asarray(pred)
+    gt = np.asarray(gt)
+    mask = _check_inputs(pred, gt, annotated, space)
+    hist = _joint_histogram(gt, pred, space.n_codes)
+    out: dict[str, float] = {}
+    for key in _scored_keys(space, mask, hist.sum(axis=1)):
+        codes = _key_codes(space, key)
+        inter = int(hist[np.ix_(codes, codes)].sum())
+        total = int(hist[codes, :].sum()) + int(hist[:, codes].sum())
+        out[key] = 1.0 if total == 0 else 2.0 * inter / total
+    return out
+
+
+# ---------------------------------------------------------------------- reading a pair
+def _integer_array(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
+    if not np.issubdtype(arr.dtype, np.integer) and not np.issubdtype(arr.dtype, np.bool_):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise DataError(f"{what} holds non-integer values (dtype {arr.dtype})", path)
+    return arr
+
+
+def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: str) -> np.ndarray:
+    """Local label values -> (X, Y, Z) uint8 global codes through ``lookup`` ((256,) int, -1 = unmapped).
+
+    Raises:
+        DataError: non-integer values, values outside 0..255, or values the project does not map.
+    """
+    arr = _integer_array(np.asarray(arr), path, "label map")
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo < 0 or hi > 255:
+        raise DataError(f"label value {lo if lo < 0 else hi} is outside 0..255", path)
+    codes = lookup.astype(np.int16)[arr.astype(np.uint8)]
+    if np.any(codes < 0):
+        bad = sorted(int(v) for v in np.unique(arr[codes < 0]))
+        mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
+        raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps {mapped}); "
+                        "fix datasets.<name>.labels or pass the right --dataset", path)
+    return codes.astype(np.uint8)
+
+
+def _read_prediction(path: Path, space: LabelSpace) -> tuple[np.ndarray, Geometry]:
+    from unionseg.data.io import read_image
+
+    arr, geom = read_image(path)
+    arr = _integer_array(arr, path, "prediction")
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= space.n_leaves):
+        raise DataError(f"prediction holds value {int(arr.max()) if arr.max() > 0 else int(arr.min())}; "
+                        f"leaf ids of this project are 0..{space.n_leaves - 1}", path)
+    return arr.astype(np.uint8), geom
+
+
+def _describe(geom: Geometry) -> str:
+    sp = ", ".join(f"{s:.4g}" for s in geom.spacing)
+    org = ", ".join(f"{o:.4g}" for o in geom.origin)
+    return f"shape {geom.shape}, spacing ({sp}), origin ({org})"
+
+
+def load_pair(pred_path: Path, gt_path: Path, lookup: np.ndarray, space: LabelSpace,
+              dataset: str) -> tuple[np.ndarray, np.ndarray, Geometry]:
+    """Read a prediction and its ground truth; check they share one grid; map the truth to global codes.
+
+    Returns:
+        ``(pred leaf ids (X, Y, Z) uint8, truth codes (X, Y, Z) uint8, geometry)``.
+
+    Raises:
+        DataError: unreadable files, a grid mismatch (naming both files), unmapped or invalid values.
+    """
+    from unionseg.data.io import read_image
+
+    pred, pred_geom = _read_prediction(pred_path, space)
+    gt_raw, gt_geom = read_image(gt_path)
+    if not pred_geom.same_grid(gt_geom, atol=GRID_ATOL_MM):
+        raise DataError(f"prediction grid differs from ground truth {gt_path}: {_describe(pred_geom)} vs "
+                        f"{_describe(gt_geom)}; predictions must keep the input's exact geometry", pred_path)
+    return pred, map_ground_truth(gt_raw, lookup, gt_path, dataset), gt_geom
+
+
+def _evaluate_pair(job: tuple[str, Path, Path, np.ndarray, np.ndarray, LabelSpace, str, float, tuple[str, ...]]
+                   ) -> tuple[str, CaseScores]:
+    case, pred_path, gt_path, lookup, annotated, space, dataset, tolerance_mm, metrics = job
+    pred, gt, geom = load_pair(pred_path, gt_path, lookup, space, dataset)
+    return case, evaluate_case(pred, gt, annotated, space, geom.spacing, tolerance_mm, metrics)
+
+
+# ---------------------------------------------------------------------- folders
+def resolve_dataset(project: Project, gt_dir: Path, dataset: str | None = None) -> tuple[DatasetSpec, bool]:
+    """The dataset a ground-truth folder belongs to, and whether it is the dataset's oracle-label folder
+    (full truth in global leaf ids, phantom only).
+
+    Raises:
+        ConfigError: unknown ``dataset``, or none given and no dataset root contains ``gt_dir``.
+    """
+    gt = Path(gt_dir).resolve()
+    if dataset is not None:
+        spec = project.dataset(dataset)
+    else:
+        matches = [d for d in project.datasets if gt.is_relative_to(Path(d.root).resolve())]
+        if not matches:
+            names = ", ".join(d.name for d in project.datasets)
+            raise ConfigError(f"no dataset root contains the ground truth folder {gt}; pass --dataset NAME "
+                              f"(one of {names})", project.path)
+        spec = max(matches, key=lambda d: len(Path(d.root).resolve().parts))
+    oracle = spec.oracle_labels is not None and Path(spec.oracle_labels).resolve() == gt
+    return spec, oracle
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
+
+    if not folder.is_dir():
+        raise DataError("folder not found", folder)
+    return {strip_suffix(p): p for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith(".") and suffix_of(p) in IMAGE_SUFFIXES}
+
+
+def _stats(values: list[float]) -> dict[str, float | int]:
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "min": math.nan, "max": math.nan,
+                "n": 0, "n_nonfinite": int(arr.size)}
+    return {"mean": float(finite.mean()), "std": float(finite.std()), "median": float(np.median(finite)),
+            "min": float(finite.min()), "max": float(finite.max()), "n": int(finite.size),
+            "n_nonfinite": int(arr.size - finite.size)}
+
+
+def summarise(cases: Mapping[str, CaseScores], keys: Sequence[str], metrics: Sequence[str]) -> dict[str, Any]:
+    """Per class: mean/std (population)/median/min/max/n of every metric over the cases that score the
+    class, the number of non-finite values (always 0 with our rules, reported rather than dropped), and
+    how many cases each empty-mask rule decided."""
+    classes: dict[str, Any] = {}
+    for key in keys:
+        rows = [scores[key] for scores in cases.values() if key in scores]
+        if not rows:
+            continue
+        rules = {rule: 0 for rule in EMPTY_RULES}
+        for row in rows:
+            rule = empty_rule(row["pred_voxels"], row["gt_voxels"])
+            if rule is not None:
+                rules[rule] += 1
+        classes[key] = {"n_cases": len(rows), "empty_rule_cases": rules,
+                        **{m: _stats([row[m] for row in rows]) for m in metrics}}
+    return classes
+
+
+def _case_quality(scores: CaseScores, metrics: Sequence[str]) -> float:
+    """One number per case for picking the best/worst case: mean Dice (else mean NSD, else -mean HD95)."""
+    if not scores:
+        return math.nan
+    for metric, sign in (("dice", 1.0), ("nsd", 1.0), ("hd95", -1.0)):
+        if metric in metrics:
+            return sign * float(np.mean([row[metric] for row in scores.values()]))
+    return math.nan
+
+
+def _display_key(key: str) -> str:
+    return key[len(REGION_PREFIX):] if key.startswith(REGION_PREFIX) else key
+
+
+def _fmt(metric: str, stat: Mapping[str, Any]) -> str:
+    if stat["n"] == 0:
+        return "n/a"
+    digits = 2 if metric == "hd95" else 3
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown_table(classes: Mapping[str, Any], metrics: Sequence[str], tolerance_mm: float) -> str:
+    """Rows = classes, columns = metrics (mean ± sd), case count and empty-rule count."""
+    titles = [METRIC_TITLES[m] if m != "nsd" else f"NSD ({tolerance_mm:g} mm)" for m in metrics]
+    lines = ["| class | " + " | ".join(titles) + " | cases | empty-rule cases |",
+             "|---|" + "---|" * len(metrics) + "---|---|"]
+    for key, entry in classes.items():
+        cells = [_fmt(m, entry[m]) for m in metrics]
+        lines.append(f"| {_display_key(key)} | " + " | ".join(cells) +
+                     f" | {entry['n_cases']} | {sum(entry['empty_rule_cases'].values())} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, cases: Mapping[str, CaseScores], metrics: Sequence[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["case", "class", *metrics, "pred_voxels", "gt_voxels", "empty_rule"])
+        for case, scores in cases.items():
+            for key, row in scores.items():
+                writer.writerow([case, key, *(repr(float(row[m])) for m in metrics), int(row["pred_voxels"]),
+                                 int(row["gt_voxels"]), empty_rule(row["pred_voxels"], row["gt_voxels"]) or ""])
+    tmp.replace(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
+    """Label file name -> image path, from the dataset's dataset.json (empty if it cannot be read)."""
+    from unionseg.data.catalog import scan_dataset
+
+    try:
+        info = scan_dataset(spec.name, Path(spec.root), spec.layout, None)
+    except UnionsegError:
+        return {}
+    out: dict[str, Path] = {}
+    for case in info.cases:
+        if case.label is not None:
+            out[case.label.name] = case.image
+    return out
+
+
+def _run_jobs(jobs: list[tuple[Any, ...]], workers: int) -> list[tuple[str, CaseScores]]:
+    if workers <= 1 or len(jobs) <= 1:
+        return [_evaluate_pair(job) for job in jobs]  # type: ignore[arg-type]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: safe even when the caller (trainer, benchmark) already runs threads
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_evaluate_pair, jobs))
+
+
+def evaluate_folder(
+    pred_dir: str | Path,
+    gt_dir: str | Path,
+    project: Project | str | Path,
+    dataset: str | None = None,
+    out_dir: str | Path = "evaluation",
+    tolerance_mm: float = 2.0,
+    metrics: Sequence[str] = METRICS,
+    workers: int = 1,
+    figures: bool = True,
+    roots: Mapping[str, str | Path] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a folder of predicted label maps against a folder of ground-truth label files.
+
+    Args:
+        pred_dir: predictions ``<case>.nii.gz`` (global leaf ids, the input's geometry).
+        gt_dir: ground-truth label files ``<case>.nii.gz`` (the dataset's LOCAL values), e.g.
+            ``datasets/test/labelsTr``; a dataset's ``oracle_labels`` folder holds global leaf ids instead.
+        project: a loaded project or the path of its YAML file.
+        dataset: the dataset the truth belongs to; by default the project dataset whose root contains
+            ``gt_dir``. Only the classes it annotates are scored.
+        out_dir: where ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/`` go.
+        tolerance_mm: NSD tolerance in mm.
+        metrics: any of ``dice``, ``hd95``, ``nsd``.
+        workers: processes scoring cases in parallel (1: in this process).
+        figures: write the PNG figures.
+        roots: dataset root overrides when ``project`` is a path.
+
+    Returns:
+        The summary (as written to ``summary.json``) with ``markdown`` (the table) and ``files`` added.
+
+    Raises:
+        DataError: a missing folder or prediction (naming the case), a grid mismatch (naming both files),
+            values outside the label space.
+        ConfigError: unknown dataset, none inferable, invalid tolerance/workers/metrics.
+    """
+    from unionseg.config import Project, load_project
+
+    if not isinstance(project, Project):
+        project = load_project(project, roots=roots)
+    try:
+        metrics = _check_metrics(metrics)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise ConfigError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
+    space = project.label_space
+    spec, oracle = resolve_dataset(project, gt_dir, dataset)
+    if oracle:
+        lookup = np.full(256, -1, dtype=np.int64)
+        lookup[: space.n_leaves] = np.arange(space.n_leaves)
+        annotated = space.full_mask()
+    else:
+        lookup = space.local_lookup(spec.name)
+        annotated = space.annotated_leaf_mask(spec.name)
+    truths = _label_files(gt_dir)
+    if not truths:
+        raise DataError("no label files (.nii.gz, .nii, .nrrd, .mha) in the ground-truth folder", gt_dir)
+    preds = _label_files(pred_dir)
+    missing = [case for case in truths if case not in preds]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(f"no prediction for case {missing[0]!r}{more} (expected {missing[0]}.nii.gz for "
+                        f"{truths[missing[0]]})", pred_dir)
+    jobs = [(case, preds[case], path, lookup, annotated, space, spec.name, float(tolerance_mm), metrics)
+            for case, path in truths.items()]
+    cases = dict(_run_jobs(jobs, workers))
+    classes = summarise(cases, space.evaluation_keys(), metrics)
+    quality = {case: _case_quality(scores, metrics) for case, scores in cases.items()}
+    ranked = sorted((q, case) for case, q in quality.items() if math.isfinite(q))
+    best = ranked[-1][1] if ranked else None
+    worst = ranked[0][1] if ranked else None
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"metrics_csv": out_dir / "metrics.csv", "summary_json": out_dir / "summary.json",
+             "summary_md": out_dir / "summary.md"}
+    markdown = markdown_table(classes, metrics, tolerance_mm)
+    if figures and cases:
+        files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
+                                    lookup, space, spec, project))
+    summary: dict[str, Any] = {
+        "project": str(project.path), "dataset": spec.name, "ground_truth": str(gt_dir.resolve()),
+        "predictions": str(pred_dir.resolve()), "oracle_labels": oracle,
+        "annotated_classes": [space.names[i] for i in np.flatnonzero(annotated) if i > 0],
+        "metrics": list(metrics), "tolerance_mm": float(tolerance_mm), "hd95_percentile": 95.0,
+        "empty_rules": EMPTY_RULE_TEXT, "n_cases": len(cases), "classes": classes,
+        "cases": {case: {key: {**row, "empty_rule": empty_rule(row["pred_voxels"], row["gt_voxels"])}
+                         for key, row in scores.items()} for case, scores in cases.items()},
+        "case_quality": quality, "best_case": best, "worst_case": worst,
+        "unmatched_predictions": sorted(set(preds) - set(truths)),
+        "files": {k: str(v) for k, v in files.items()},
+    }
+    _write_csv(files["metrics_csv"], cases, metrics)
+    _write_text(files["summary_json"], json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    notes = [f"# Evaluation: {spec.name} ({len(cases)} cases)", "",
+             "Organs are scored as regions (organ + its parts); only classes the ground truth annotates are "
+             f"scored. Mean ± sd over cases; NSD tolerance {tolerance_mm:g} mm.", "", markdown]
+    rule_total = sum(sum(e["empty_rule_cases"].values()) for e in classes.values())
+    notes.append(f"Empty-mask rules decided {rule_total} class values: " +
+                 "; ".join(EMPTY_RULE_TEXT.values()) + ".\n")
+    _write_text(files["summary_md"], "\n".join(notes))
+    return {**summary, "markdown": markdown}
+
+
+def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mapping[str, Any],
+                   metrics: Sequence[str], best: str | None, worst: str | None, truths: Mapping[str, Path],
+                   preds: Mapping[str, Path], lookup: np.ndarray, space: LabelSpace, spec: DatasetSpec,
+                   project: Project) -> dict[str, Path]:
+    from unionseg.data.io import read_image
+    from unionseg.evaluation import figures as figs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    if "dice" in metrics:
+        out["dice_boxplot"] = figs.dice_boxplot(cases, list(classes), folder / "dice_boxplot.png")
+    images = _image_lookup(spec)
+    for tag, case in (("best", best), ("worst", worst)):
+        if case is None:
+            continue
+        pred, gt, geom = load_pair(preds[case], truths[case], lookup, space, spec.name)
+        image = None
+        image_path = images.get(truths[case].name)
+        if image_path is not None and image_path.exists():
+            try:
+                arr, img_geom = read_image(image_path)
+            except UnionsegError:
+                arr, img_geom = None, None
+            if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
+                image = arr.astype(np.float32)
+        title = f"{tag}: {case} (quality {_case_quality(cases[case], metrics):.3f})"
+        out[f"overlay_{tag}"] = figs.overlay(pred, gt, space, geom, folder / f"overlay_{tag}.png", title=title,
+                                             image=image, window=project.preprocessing.window)
+    return out

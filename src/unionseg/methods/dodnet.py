@@ -1,0 +1,107 @@
+"""DoDNet: dynamic on-demand network (Zhang et al., "DoDNet: Learning to segment multi-organ and tumors
+from multiple partially labeled datasets", CVPR 2021), and the task-conditioned family it is compared with.
+
+Tasks are the training datasets. Task t has at most C sigmoid channels whose meanings come from the label
+space (:func:`task_channels`): a region channel per organ group the dataset annotates fully, then a
+channel per annotated part (tumour). Channels a task lacks are masked in the loss (Dice + BCE).
+At inference the backbone runs ONCE per window and the heads of ALL tasks run in one batched call; the
+channels are decoded together by the merge function into one label map with every organ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from unionseg.errors import ConfigError
+from unionseg.labels import LabelSpace, region_name
+from unionseg.methods.base import Deployed, Method, register_method
+
+
+def task_channels(space: LabelSpace, dataset: str) -> list[str]:
+    """Channel keys of one task: fully annotated organ regions, then annotated parts (tumours)."""
+    mask = space.annotated_leaf_mask(dataset)
+    regions = [region_name(g.name) for g in space.groups if all(mask[i] for i in g.leaf_ids)]
+    parts = [space.names[i] for i in space.part_ids if mask[i]]
+    partial = [g.name for g in space.groups if mask[g.organ_id] and not all(mask[i] for i in g.leaf_ids)]
+    if partial:
+        raise ConfigError(f"dataset {dataset!r} annotates organ {partial[0]!r} but not all of its parts; a sigmoid "
+                          "task needs the whole region (annotate the region or every part)")
+    return regions + parts
+
+
+class ChannelSelect(nn.Module):
+    """Keep the meaningful channels of an all-tasks forward (drops the masked padding channels)."""
+
+    def __init__(self, net: nn.Module, indices: list[int]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x, None).index_select(1, self.indices)
+
+
+@dataclass(frozen=True)
+class DoDNetOptions:
+    feature_channels: int = 8
+    head_widths: tuple[int, ...] = (8, 8)
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+
+
+class TaskMethod(Method):
+    """One shared backbone with a task-conditioned head; sigmoid per channel, masked Dice + BCE."""
+
+    head_name: ClassVar[str] = ""
+    Options = DoDNetOptions
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.task_keys = [task_channels(self.space, d) for d in self.datasets()]
+        self.n_channels = max(len(k) for k in self.task_keys)
+
+    def head_spec(self) -> dict[str, Any]:
+        return {"name": self.head_name, "n_tasks": len(self.task_keys), "out_channels": self.n_channels}
+
+    def network_spec(self) -> dict[str, Any]:
+        return {"backbone": self.ctx.cfg.network.backbone_spec(), "head": self.head_spec()}
+
+    def build(self) -> dict[str, nn.Module]:
+        from unionseg.networks import build_network
+
+        return {"net": build_network(self.network_spec())}
+
+    def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        from unionseg.losses import masked_sigmoid_dice_bce, task_targets
+
+        task_ids = batch["dataset_id"]
+        logits = self.models["net"](batch["image"], task_ids)
+        targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
+        terms = masked_sigmoid_dice_bce(logits, targets, mask)
+        o = self.options
+        return {"loss": o.dice_weight * terms["dice"] + o.bce_weight * terms["bce"], **terms}
+
+    def deploy(self) -> Deployed:
+        indices, channels = [], []
+        for t, keys in enumerate(self.task_keys):
+            for c, key in enumerate(keys):
+                indices.append(t * self.n_channels + c)
+                channels.append(key)
+        module = ChannelSelect(self.raw_models["net"], indices)
+        spec = {"kind": "select", "network": self.network_spec(), "indices": indices}
+        return Deployed(module, spec, "sigmoid", channels)
+
+
+@register_method("dodnet")
+class DoDNetMethod(TaskMethod):
+    """Dynamic head: GAP(bottleneck) + task one-hot -> controller -> 1x1x1 conv weights (8-8-C)."""
+
+    head_name = "dynamic"
+
+    def head_spec(self) -> dict[str, Any]:
+        return {**super().head_spec(), "feature_channels": self.options.feature_channels,
+                "head_widths": list(self.options.head_widths)}

@@ -1,0 +1,320 @@
+"""Output heads on top of a backbone's :class:`BackboneOutput`.
+
+* :class:`SoftmaxHead`: one 1x1x1 conv over all leaves (naive, oracle, marginal, experts, MS-KD student).
+* :class:`MultiHead`: one static 1x1x1 conv per task (dataset).
+* :class:`ConditionalHead`: cCNN-like static conditioning; the task's one-hot code enters the BACKBONE as
+  extra input channels (the head itself is a single 1x1x1 conv).
+* :class:`DynamicHead`: DoDNet's controller + dynamic head (parameters generated per sample and task).
+
+Every head maps (B, in_channels, D, H, W) features to logits. With ``task_ids`` (B,) the task heads
+return (B, C, D, H, W) for each sample's own task; with ``task_ids=None`` they return ALL tasks,
+(B, T * C, D, H, W), task-major: channels ``t * C .. t * C + C - 1`` belong to task ``t``.
+
+The backbones' pre-activation outputs are raw residual sums, so heads start with GN-ReLU
+(``normalize_input=True``, as DoDNet's ``precls_conv``); for backbones whose output is already activated
+(DynUNet) the builder passes ``normalize_input=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unionseg.networks.blocks import MAX_GROUPS, BackboneOutput, as_int_tuple, norm_relu
+
+
+def check_task_ids(task_ids: torch.Tensor, batch: int, n_tasks: int) -> None:
+    """Validate per-sample task ids.
+
+    Values are not range-checked here (that would synchronise with the GPU); ``F.one_hot`` and indexing
+    reject out-of-range ids.
+
+    Raises:
+        ValueError: unless ``task_ids`` is an integer tensor of shape (batch,).
+    """
+    if task_ids.dim() != 1 or task_ids.shape[0] != batch:
+        raise ValueError(f"task_ids must have shape ({batch},), got {tuple(task_ids.shape)}")
+    if task_ids.dtype.is_floating_point or task_ids.dtype == torch.bool:
+        raise ValueError(f"task_ids must be an integer tensor, got {task_ids.dtype}")
+    if n_tasks < 1:
+        raise ValueError("this head has no tasks")
+
+
+def _input_norm(channels: int, normalize_input: bool, max_groups: int) -> nn.Module:
+    return norm_relu(channels, max_groups=max_groups) if normalize_input else nn.Identity()
+
+
+class Head(nn.Module):
+    """Base class: logits from backbone features.
+
+    Attributes:
+        in_channels: channels of the full-resolution decoder output the head reads.
+        n_tasks: number of tasks T (0 for the task-free softmax head).
+        out_channels: channels per task C (all leaves for the softmax head).
+        conditions_input: True when the task code must be fed to the backbone's input (conditional).
+    """
+
+    in_channels: int
+    n_tasks: int
+    out_channels: int
+    conditions_input: bool = False
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the all-tasks output: ``T * C`` (``C`` for the softmax head)."""
+        return self.out_channels * max(self.n_tasks, 1)
+
+    def forward(self, features: BackboneOutput, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Features -> logits (see the module docstring for shapes)."""
+        raise NotImplementedError  # pragma: no cover
+
+
+class SoftmaxHead(Head):
+    """GN-ReLU (optional) + 1x1x1 conv: (B, in_channels, ...) -> (B, out_channels, ...); task ids ignored.
+
+    Args:
+        in_channels: feature channels.
+        out_channels: number of leaves (including background).
+        normalize_input: apply GN-ReLU first (pre-activation backbones).
+        max_groups: GroupNorm group bound.
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, normalize_input: bool = True, max_groups: int = MAX_GROUPS
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_channels < 1:
+            raise ValueError("in_channels and out_channels must be positive")
+        self.in_channels, self.n_tasks, self.out_channels = in_channels, 0, out_channels
+        self.pre = _input_norm(in_channels, normalize_input, max_groups)
+        self.conv = nn.Conv3d(in_channels, out_channels, 1)
+
+    def forward(self, features: BackboneOutput, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in_channels, D, H, W) features -> (B, out_channels, D, H, W) logits."""
+        return self.conv(self.pre(features.last))
+
+
+class MultiHead(Head):
+    """One static 1x1x1 conv per task on shared GN-ReLU features.
+
+    The T per-task convs are stored as ONE (T * C)-channel conv: the all-tasks forward is a single conv,
+    and a mixed-task batch picks each sample's (C, in_channels) slice (only the chosen tasks' weights get
+    gradients, yet every parameter stays in the graph, which keeps DDP happy).
+
+    Args:
+        in_channels: feature channels.
+        n_tasks: number of tasks T.
+        out_channels: channels per task C.
+        normalize_input: apply GN-ReLU first.
+        max_groups: GroupNorm group bound.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_tasks: int,
+        out_channels: int,
+        normalize_input: bool = True,
+        max_groups: int = MAX_GROUPS,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, n_tasks, out_channels) < 1:
+            raise ValueError("in_channels, n_tasks and out_channels must be positive")
+        self.in_channels, self.n_tasks, self.out_channels = in_channels, n_tasks, out_channels
+        self.pre = _input_norm(in_channels, normalize_input, max_groups)
+        self.conv = nn.Conv3d(in_channels, n_tasks * out_channels, 1)
+
+    def forward(self, features: BackboneOutput, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Features (B, in_channels, D, H, W) -> (B, C, ...) for ``task_ids`` (B,) or (B, T * C, ...)."""
+        h = self.pre(features.last)
+        if task_ids is None:
+            return self.conv(h)
+        check_task_ids(task_ids, h.shape[0], self.n_tasks)
+        weight = self.conv.weight.view(self.n_tasks, self.out_channels, self.in_channels)[task_ids]
+        assert self.conv.bias is not None
+        bias = self.conv.bias.view(self.n_tasks, self.out_channels)[task_ids]
+        out = torch.einsum("bkdhw,bck->bcdhw", h, weight.to(h.dtype))
+        return out + bias.to(out.dtype)[:, :, None, None, None]
+
+
+class ConditionalHead(Head):
+    """Static conditioning (cCNN-like): the task's one-hot code is concatenated to the image as T extra
+    input channels (:meth:`condition`), so the backbone's first conv sees ``image_channels + T`` channels;
+    the head is one GN-ReLU + 1x1x1 conv to C channels.
+
+    An all-tasks prediction needs one backbone pass PER TASK (T times the cost of one pass), which is what
+    the dynamic head avoids; :class:`~unionseg.networks.model.SegmentationNet` runs that loop.
+
+    Args:
+        in_channels: feature channels.
+        n_tasks: number of tasks T.
+        out_channels: channels per task C.
+        normalize_input: apply GN-ReLU first.
+        max_groups: GroupNorm group bound.
+    """
+
+    conditions_input = True
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_tasks: int,
+        out_channels: int,
+        normalize_input: bool = True,
+        max_groups: int = MAX_GROUPS,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, n_tasks, out_channels) < 1:
+            raise ValueError("in_channels, n_tasks and out_channels must be positive")
+        self.in_channels, self.n_tasks, self.out_channels = in_channels, n_tasks, out_channels
+        self.pre = _input_norm(in_channels, normalize_input, max_groups)
+        self.conv = nn.Conv3d(in_channels, out_channels, 1)
+
+    def condition(self, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+        """Append the one-hot task code as constant channels: (B, C_img, D, H, W) -> (B, C_img + T, ...)."""
+        check_task_ids(task_ids, x.shape[0], self.n_tasks)
+        code = F.one_hot(task_ids.long(), self.n_tasks).to(x.dtype)
+        code = code[:, :, None, None, None].expand(-1, -1, *x.shape[2:])
+        return torch.cat([x, code], dim=1)
+
+    def forward(self, features: BackboneOutput, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Features of a conditioned input (B, in_channels, D, H, W) -> (B, C, D, H, W)."""
+        return self.conv(self.pre(features.last))
+
+
+def head_parameter_count(feature_channels: int, head_widths: Sequence[int], out_channels: int) -> int:
+    """Number of parameters of a dynamic head: ``sum(c_in * c_out + c_out)`` over its 1x1x1 convs.
+
+    DoDNet: 8 -> 8 -> 8 -> 2 gives (8*8+8) + (8*8+8) + (8*2+2) = 162.
+    """
+    dims = (feature_channels, *head_widths, out_channels)
+    return sum(c_in * c_out + c_out for c_in, c_out in zip(dims[:-1], dims[1:], strict=False))
+
+
+class DynamicHead(Head):
+    """DoDNet's task-conditioned dynamic head (Zhang et al., CVPR 2021).
+
+    * Feature map: GN-ReLU (optional) + 1x1x1 conv of the full-resolution decoder output to
+      ``feature_channels`` (DoDNet's ``precls_conv``), (B, F, D, H, W).
+    * Controller: global average pooling of the bottleneck (already GN-ReLU'd by the backbone),
+      concatenated with the task's one-hot code, -> ONE linear map (= a 1x1x1 conv on the pooled vector)
+      producing all :attr:`n_params` head parameters, computed by :func:`head_parameter_count`.
+    * Head: 1x1x1 convs F -> head_widths... -> C, ReLU between, applied per (sample, task) pair with
+      grouped convolutions: the features are viewed as (1, B * F, D, H, W); the first conv uses B groups
+      and emits all of a sample's tasks at once, the later convs use B * T groups. For ``task_ids=None``
+      all T tasks of every sample come out of the same batched calls, (B, T * C, D, H, W).
+
+    Args:
+        in_channels: channels of the decoder output.
+        bottleneck_channels: channels of the (normalised) bottleneck.
+        n_tasks: number of tasks T.
+        out_channels: channels per task C.
+        feature_channels: F, width of the head's input feature map (DoDNet: 8).
+        head_widths: hidden widths of the dynamic head (DoDNet: (8, 8)).
+        normalize_input: apply GN-ReLU before the feature conv.
+        max_groups: GroupNorm group bound.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        bottleneck_channels: int,
+        n_tasks: int,
+        out_channels: int,
+        feature_channels: int = 8,
+        head_widths: Sequence[int] = (8, 8),
+        normalize_input: bool = True,
+        max_groups: int = MAX_GROUPS,
+    ) -> None:
+        super().__init__()
+        if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
+            raise ValueError("channel counts and n_tasks must be positive")
+        widths = as_int_tuple(head_widths, "head_widths") if len(head_widths) else ()
+        self.in_channels, self.n_tasks, self.out_channels = in_channels, n_tasks, out_channels
+        self.bottleneck_channels = bottleneck_channels
+        self.feature_channels = feature_channels
+        self.head_widths = widths
+        dims = (feature_channels, *widths, out_channels)
+        self.layer_dims: tuple[tuple[int, int], ...] = tuple(zip(dims[:-1], dims[1:], strict=False))
+        self.n_params = head_parameter_count(feature_channels, widths, out_channels)
+        self.feature = nn.Sequential(
+            _input_norm(in_channels, normalize_input, max_groups), nn.Conv3d(in_channels, feature_channels, 1)
+        )
+        self.controller = nn.Linear(bottleneck_channels + n_tasks, self.n_params)
+
+    def controller_params(self, bottleneck: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Dynamic-head parameters from the bottleneck and the task code.
+
+        Args:
+            bottleneck: (B, bottleneck_channels, d, h, w), normalised and activated.
+            task_ids: (B,) task per sample, or None for every task.
+
+        Returns:
+            (B, n_params) for ``task_ids``, (B, T, n_params) for None.
+        """
+        pooled = bottleneck.mean(dim=(2, 3, 4))  # (B, Cb)
+        batch = pooled.shape[0]
+        if task_ids is None:
+            codes = torch.eye(self.n_tasks, dtype=pooled.dtype, device=pooled.device)
+            codes = codes.unsqueeze(0).expand(batch, -1, -1)  # (B, T, T)
+            pooled_t = pooled.unsqueeze(1).expand(-1, self.n_tasks, -1)  # (B, T, Cb)
+            return self.controller(torch.cat([pooled_t, codes], dim=2))
+        check_task_ids(task_ids, batch, self.n_tasks)
+        code = F.one_hot(task_ids.long(), self.n_tasks).to(pooled.dtype)
+        return self.controller(torch.cat([pooled, code], dim=1))
+
+    def split_params(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(N, n_params) -> per layer (weight (N, c_out, c_in), bias (N, c_out)), in DoDNet's order
+        (all weights first, then all biases, as in the official ``parse_dynamic_params``).
+
+        Raises:
+            ValueError: if the last dimension is not ``n_params``.
+        """
+        if params.dim() != 2 or params.shape[1] != self.n_params:
+            raise ValueError(f"expected (N, {self.n_params}) parameters, got {tuple(params.shape)}")
+        n = params.shape[0]
+        weight_sizes = [c_in * c_out for c_in, c_out in self.layer_dims]
+        bias_sizes = [c_out for _, c_out in self.layer_dims]
+        chunks = torch.split(params, weight_sizes + bias_sizes, dim=1)
+        n_layers = len(self.layer_dims)
+        layers = []
+        for index, (c_in, c_out) in enumerate(self.layer_dims):
+            weight = chunks[index].reshape(n, c_out, c_in)
+            layers.append((weight, chunks[n_layers + index]))
+        return layers
+
+    def apply_head(self, features: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Run the dynamic head for every (sample, task) pair in one grouped call per layer.
+
+        Args:
+            features: (B, F, D, H, W) head input features.
+            params: (B, T', n_params) parameters, T' tasks per sample (1 for per-sample tasks).
+
+        Returns:
+            (B, T' * C, D, H, W) logits, task-major per sample.
+        """
+        batch, n_pairs = params.shape[0], params.shape[1]
+        spatial = features.shape[2:]
+        h = features.reshape(1, batch * self.feature_channels, *spatial)
+        layers = self.split_params(params.reshape(batch * n_pairs, self.n_params))
+        for index, (weight, bias) in enumerate(layers):
+            c_out, c_in = weight.shape[1], weight.shape[2]
+            # layer 0 reads one feature map per sample (B groups, T' * c_out outputs per group);
+            # later layers read one map per (sample, task) pair (B * T' groups)
+            groups = batch if index == 0 else batch * n_pairs
+            kernel = weight.reshape(batch * n_pairs * c_out, c_in, 1, 1, 1).to(h.dtype)
+            h = F.conv3d(h, kernel, bias.reshape(-1).to(h.dtype), groups=groups)
+            if index < len(layers) - 1:
+                h = F.relu(h)
+        return h.reshape(batch, n_pairs * self.out_channels, *spatial)
+
+    def forward(self, features: BackboneOutput, task_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Features -> (B, C, D, H, W) for ``task_ids`` (B,), or (B, T * C, D, H, W) for all tasks."""
+        head_input = self.feature(features.last)
+        params = self.controller_params(features.bottleneck, task_ids)
+        if task_ids is not None:
+            params = params.unsqueeze(1)
+        return self.apply_head(head_input, params)

@@ -1,0 +1,142 @@
+"""Training recipes as frozen dataclasses: one :class:`TrainConfig` per run, saved beside every checkpoint.
+
+The budget that a comparison holds fixed across methods (backbone, patch, batch, steps, optimiser) lives
+in the same object; method-specific knobs go to ``options`` and are validated by the method's own
+``Options`` dataclass. Recipes are YAML files under ``configs/``; ``key=value`` overrides apply on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from unionseg.config import apply_overrides, from_dict, load_yaml
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Backbone of every network in a run (contract 8: one backbone family per comparison)."""
+
+    backbone: str = "resunet"
+    preset: str | None = "cpu"
+    widths: tuple[int, ...] | None = None
+    blocks: tuple[int, ...] | None = None
+
+    def backbone_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"name": self.backbone, "in_channels": 1}
+        if self.preset is not None and self.widths is None:
+            spec["preset"] = self.preset
+        if self.widths is not None:
+            spec["widths"] = list(self.widths)
+        if self.blocks is not None:
+            spec["blocks"] = list(self.blocks)
+        return spec
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"
+    lr: float = 3e-3
+    momentum: float = 0.99
+    nesterov: bool = True
+    weight_decay: float = 3e-5
+    schedule: str = "poly"
+    poly_power: float = 0.9
+    warmup_steps: int = 0
+    grad_clip: float = 12.0
+
+    def validate(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            raise ValueError(f"name: {self.name!r} is not one of ['sgd', 'adamw']")
+        if self.schedule not in ("poly", "cosine", "constant"):
+            raise ValueError(f"schedule: {self.schedule!r} is not one of ['poly', 'cosine', 'constant']")
+        if self.lr <= 0:
+            raise ValueError("lr: must be positive")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = True
+    flip_prob: float = 0.5
+    rot90_prob: float = 0.25
+    scale_prob: float = 0.2
+    scale_range: tuple[float, float] = (0.85, 1.2)
+    intensity_prob: float = 0.3
+    noise_prob: float = 0.15
+    noise_std: float = 0.05
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    patch_size: tuple[int, int, int] = (48, 48, 48)
+    batch_size: int = 2
+    fg_prob: float = 0.67
+    num_workers: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("batch_size: must be >= 1")
+        if not 0.0 <= self.fg_prob <= 1.0:
+            raise ValueError("fg_prob: must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    roi_size: tuple[int, int, int] | None = None  # default: the training patch
+    overlap: float = 0.5
+    sw_batch_size: int = 2
+    blend: str = "gaussian"
+    threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. ``steps`` is the budget; validation every ``val_every`` steps selects ``best``."""
+
+    method: str = "naive"
+    steps: int = 1000
+    seed: int = 0
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    val_every: int = 250
+    val_max_cases: int | None = None
+    ckpt_every: int = 100
+    log_every: int = 10
+    amp: bool = True
+    deterministic: bool = False
+    device: str = "auto"
+    expert_steps: int | None = None  # shared experts' budget; None = the same `steps` (contract 6)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps: must be >= 1")
+        if self.val_every < 1 or self.ckpt_every < 1 or self.log_every < 1:
+            raise ValueError("val_every, ckpt_every and log_every must be >= 1")
+
+    @property
+    def roi_size(self) -> tuple[int, int, int]:
+        return self.inference.roi_size or self.data.patch_size
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> TrainConfig:
+    """A recipe (YAML) plus ``key=value`` overrides; ``fixed`` keys (e.g. method) override both."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        raw = load_yaml(path)
+        if raw is not None and not isinstance(raw, dict):
+            from unionseg.errors import ConfigError
+
+            raise ConfigError("expected a mapping at the top level", path)
+        data = dict(raw or {})
+        source = str(path)
+    data.update(fixed)
+    cfg = from_dict(TrainConfig, data, source=source)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg

@@ -1,0 +1,64 @@
+"""From prepared cases to the patch loader: what a method trains on, with its aligned extras."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from unionseg.methods.base import Method, RunContext
+from unionseg.training import distributed as dist
+
+
+def sampler_cases(method: Method, ctx: RunContext) -> list[Any]:
+    """One SamplerCase per training case of the method's datasets (train split only)."""
+    from unionseg.data.sampling import SamplerCase
+
+    names = method.datasets()
+    extras = method.extras()
+    cases = []
+    for case in ctx.index.cases(split="train"):
+        if case.dataset not in names:
+            continue
+        if method.label_source == "oracle":
+            label = case.oracle()
+            if label is None:
+                from unionseg.errors import DataError
+
+                raise DataError(f"case {case.case_id} has no hidden full truth (oracle_labels); the oracle needs the "
+                                "phantom's fullTr folder", case.dataset)
+        else:
+            label = case.label()
+        cases.append(SamplerCase(
+            dataset_index=names.index(case.dataset),
+            annotated=np.asarray(method.annotated(case), dtype=bool),
+            image=case.image(),
+            label=label,
+            extras={name: spec.load(case) for name, spec in extras.items()},
+            case_id=f"{case.dataset}/{case.case_id}",
+        ))
+    if not cases:
+        from unionseg.errors import UnionsegError
+
+        raise UnionsegError(f"no training cases for datasets {names}; run `unionseg prepare` first")
+    return cases
+
+
+def build_loader(method: Method, ctx: RunContext, start_step: int) -> Iterator[dict[str, Any]]:
+    """The step-indexed patch loader; each DDP rank draws its own patches (seed offset by rank)."""
+    from unionseg.data.sampling import AugmentSpec, PatchSampler, make_loader
+
+    cfg = ctx.cfg
+    aug = cfg.data.augment
+    spec = AugmentSpec(
+        enabled=aug.enabled, flip_prob=aug.flip_prob, rot90_prob=aug.rot90_prob, scale_prob=aug.scale_prob,
+        scale_range=aug.scale_range, intensity_prob=aug.intensity_prob, noise_prob=aug.noise_prob,
+        noise_std=aug.noise_std,
+    )
+    sampler = PatchSampler(
+        sampler_cases(method, ctx), patch_size=cfg.data.patch_size, batch_size=cfg.data.batch_size,
+        n_leaves=ctx.space.n_leaves, seed=cfg.seed + 7919 * dist.rank(), fg_prob=cfg.data.fg_prob, augment=spec,
+        extra_kinds={name: s.kind for name, s in method.extras().items()},
+    )
+    return make_loader(sampler, start_step=start_step, total_steps=cfg.steps, num_workers=cfg.data.num_workers)

@@ -1,0 +1,58 @@
+"""DistributedDataParallel under ``torchrun`` (multi-node capable): thin helpers, no-ops in one process."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); pick this rank's device.
+
+    Backend: NCCL on CUDA, gloo on CPU. ``LOCAL_RANK`` selects the GPU on multi-GPU nodes.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return device
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    torch.distributed.init_process_group(backend=backend)
+    return device
+
+
+def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+    """DDP-wrap a trainable model when distributed (parameters broadcast from rank 0)."""
+    if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+
+
+def barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,375 @@
+"""The one trainer every method plugs into.
+
+Hooks follow nnU-Net's readable skeleton: ``on_train_start`` (stages, models, optimiser, resume),
+``train_step`` (the method's loss terms, AMP, clipping), ``on_step_end`` (averages, logging, validation,
+checkpoints) and ``on_train_end`` (the model file). Multi-GPU through DistributedDataParallel under
+``torchrun``: every rank draws different patches, rank 0 alone validates and writes.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from unionseg.config import config_hash, to_dict
+from unionseg.labels import LabelSpace
+from unionseg.methods.base import Deployed, Method, RunContext, get_method
+from unionseg.training import distributed as dist
+from unionseg.training.checkpoint import atomic_torch_save, rng_state, safe_torch_load, set_rng_state
+from unionseg.training.config import TrainConfig
+from unionseg.training.validation import validate_deployed
+
+CKPT_FORMAT = "unionseg-checkpoint"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o, total = cfg.optim, cfg.steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = min(step, total) / max(1, total)
+        if o.schedule == "poly":
+            return (1.0 - t) ** o.poly_power
+        if o.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Trainer:
+    """Runs a method's stages and training loop into ``run_dir``.
+
+    Files written (rank 0): ``config.yaml``, ``stages.json``, ``last.pt`` (complete resumable state),
+    ``model.pt`` (the best-validating deployed model, a model file), ``log.csv``, ``tb/`` (TensorBoard),
+    ``summary.json``.
+    """
+
+    def __init__(self, ctx: RunContext, resume: bool = False) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.run_dir = Path(ctx.run_dir)
+        self.resume = resume
+        self.method: Method = get_method(self.cfg.method)(ctx)
+        self.step = 0
+        self.best_metric = -math.inf
+        self.best_name = ""
+        self.history: list[dict[str, Any]] = []
+        self.timings = {"data": 0.0, "total": 0.0}
+
+    # ------------------------------------------------------------------ setup
+    def on_train_start(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            from unionseg.config import dump_yaml
+
+            dump_yaml(to_dict(cfg), self.run_dir / "config.yaml")
+        torch.manual_seed(cfg.seed + 1000 * dist.rank())
+        np.random.seed(cfg.seed)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        else:
+            torch.backends.cudnn.benchmark = True
+        self._run_stages()
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
+        self.method.raw_models = {k: m.to(ctx.device) for k, m in self.method.build().items()}
+        self.method.models = {k: dist.wrap(m, ctx.device) for k, m in self.method.raw_models.items()}
+        params = [p for m in self.method.raw_models.values() for p in m.parameters() if p.requires_grad]
+        self.trainable = bool(params)
+        if not params:  # e.g. `individual`: only shared experts, nothing of its own to train
+            params = [nn.Parameter(torch.zeros(1))]
+        self.optimizer = build_optimizer(params, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.use_amp = cfg.amp and ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if self.resume and (self.run_dir / "last.pt").exists():
+            self._load_checkpoint(self.run_dir / "last.pt")
+
+    def _run_stages(self) -> None:
+        path = self.run_dir / "stages.json"
+        done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        for stage in self.method.stages:
+            if stage == "train" or stage in done:
+                continue
+            summary = self.method.run_stage(stage)
+            dist.barrier()
+            done[stage] = summary
+            if self.ctx.is_main:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(done, indent=2))
+                tmp.replace(path)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CKPT_FORMAT, "step": self.step, "method": self.cfg.method,
+            "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
+            "models": {k: m.state_dict() for k, m in self.method.raw_models.items()},
+            "averages": {k: a.state_dict() for k, a in self.method.averages().items()},
+            "method_state": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "best_metric": self.best_metric, "best_name": self.best_name, "history": self.history,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.ctx.is_main:
+            atomic_torch_save(self._state(), self.run_dir / "last.pt")
+        dist.barrier()
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = safe_torch_load(path, CKPT_FORMAT)
+        if state["config_hash"] != config_hash(self.cfg):
+            from unionseg.errors import CheckpointError
+
+            raise CheckpointError("checkpoint was written with a different configuration; resume with the same "
+                                  "recipe and overrides, or start a new run folder", path)
+        for k, m in self.method.raw_models.items():
+            m.load_state_dict(state["models"][k])
+        for k, a in self.method.averages().items():
+            a.load_state_dict(state["averages"][k])
+        self.method.load_state_dict(state["method_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.best_metric = float(state["best_metric"])
+        self.best_name = str(state["best_name"])
+        self.history = list(state["history"])
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        for m in self.method.models.values():
+            m.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.ctx.device.type, dtype=torch.float16, enabled=self.use_amp):
+            terms = self.method.training_step(batch, self.step)
+        self.scaler.scale(terms["loss"]).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            for m in self.method.raw_models.values():
+                torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.method.after_step(self.step)
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def fit(self) -> dict[str, Any]:
+        """Run every stage, train to ``cfg.steps`` (resuming if asked), validate, write the model file."""
+        from unionseg.training.data import build_loader
+
+        self.on_train_start()
+        cfg = self.cfg
+        logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0)
+        if not self.trainable:
+            self.step = cfg.steps
+            self.validate()
+        elif self.step < cfg.steps:
+            loader = build_loader(self.method, self.ctx, start_step=self.step)
+            progress = _Progress(cfg.steps, self.step, f"{cfg.method}", enabled=self.ctx.is_main and self.ctx.progress)
+            t_last = time.perf_counter()
+            for batch in loader:
+                t_data = time.perf_counter() - t_last
+                batch = _to_device(batch, self.ctx.device)
+                terms = self.train_step(batch)
+                self.step += 1
+                t_now = time.perf_counter()
+                self.timings["data"] += t_data
+                self.timings["total"] += t_now - t_last
+                t_last = t_now
+                if not all(math.isfinite(v) for v in terms.values()):
+                    from unionseg.errors import UnionsegError
+
+                    raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                           "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]), **terms}
+                    logger.log(row)
+                progress.update(self.step, terms)
+                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                    self.validate()
+                    t_last = time.perf_counter()
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                    t_last = time.perf_counter()
+                if self.step >= cfg.steps:
+                    break
+            progress.close()
+        logger.close()
+        return self.on_train_end()
+
+    # ------------------------------------------------------------------ validation and the model file
+    def validate(self) -> None:
+        if not self.ctx.is_main:
+            dist.barrier()
+            return
+        results = {}
+        for name, deployed in self.method.candidates().items():
+            results[name] = validate_deployed(deployed, self.ctx, self.method.datasets())
+        name = max(results, key=lambda n: results[n]["mean_dice"])
+        entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
+                 **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()}}
+        self.history.append(entry)
+        if results[name]["mean_dice"] > self.best_metric:
+            self.best_metric = results[name]["mean_dice"]
+            self.best_name = name
+            self.method.select(name)
+            self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
+        dist.barrier()
+
+    def write_model(self, deployed: Deployed, path: Path, selected_at: int) -> None:
+        from unionseg.modelfile import make_payload, save_model
+
+        payload = make_payload(
+            method=self.cfg.method, network=deployed.network_spec,
+            state_dict={k: v.detach().cpu() for k, v in deployed.module.state_dict().items()},
+            output_form=deployed.output_form, channels=deployed.channels,
+            label_space=deployed.label_space or self.ctx.space,
+            preprocessing=self.ctx.project.preprocessing,
+            inference={"roi_size": list(self.cfg.roi_size), "overlap": self.cfg.inference.overlap,
+                       "sw_batch_size": self.cfg.inference.sw_batch_size, "blend": self.cfg.inference.blend,
+                       "threshold": self.cfg.inference.threshold},
+            config=to_dict(self.cfg),
+            provenance={"config_hash": config_hash(self.cfg), "data_fingerprint": self.ctx.index.fingerprint,
+                        "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": self.best_name},
+        )
+        save_model(path, payload)
+
+    def on_train_end(self) -> dict[str, Any]:
+        summary = {"method": self.cfg.method, "steps": self.step, "best_val_mean_dice": self.best_metric,
+                   "best_candidate": self.best_name, "history": self.history,
+                   "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
+                   "train_seconds": self.timings["total"], "model": str(self.run_dir / "model.pt")}
+        if self.ctx.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        return summary
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+class _Logger:
+    """CSV + TensorBoard, every loss term in its own column."""
+
+    def __init__(self, run_dir: Path, enabled: bool, append: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "log.csv"
+        self.fields: list[str] | None = None
+        self.tb: Any = None
+        if not enabled:
+            return
+        if append and self.path.exists():
+            with self.path.open() as fh:
+                header = fh.readline().strip()
+            self.fields = header.split(",") if header else None
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        except Exception:  # tensorboard missing or broken: CSV still works
+            self.tb = None
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        assert self.fields is not None
+        with self.path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar with ETA and the current loss terms."""
+
+    def __init__(self, total: int, start: int, label: str, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total, completed=start, terms="")
+
+    def update(self, step: int, terms: dict[str, float]) -> None:
+        if self.enabled:
+            text = " ".join(f"{k}={v:.3f}" for k, v in terms.items())
+            self.progress.update(self.task, completed=step, terms=text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, roots: dict[str, str] | None = None,
+                 progress: bool = True) -> RunContext:
+    """Load the project and its prepared data and build the run context (device, DDP rank, artefacts)."""
+    from unionseg.artifacts import ArtifactCache
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import PreparedIndex
+
+    project = load_project(project_path, roots=roots)
+    index = PreparedIndex.load(project)
+    device = dist.setup(resolve_device(cfg.device))
+    space: LabelSpace = project.label_space
+    ctx = RunContext(project=project, index=index, space=space, cfg=cfg, device=device, run_dir=Path(run_dir),
+                     train_datasets=[d.name for d in project.train_datasets], is_main=dist.is_main(),
+                     progress=progress)
+    ctx.artifacts = ArtifactCache(ctx)
+    return ctx
+
+
+def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+          roots: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
+    """Python entry point of ``unionseg train``."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    ctx = make_context(project_path, cfg, run_dir, roots, progress)
+    try:
+        return Trainer(ctx, resume=resume).fit()
+    finally:
+        dist.cleanup()

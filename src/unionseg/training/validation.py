@@ -1,0 +1,74 @@
+"""Validation during training: sliding-window prediction on prepared volumes, Dice on annotated classes.
+
+The fully labelled validation set is used when the project has one (role: val); otherwise the validation
+split of the training datasets, each case scored only on its ANNOTATED classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from unionseg.methods.base import Deployed, RunContext
+from unionseg.outputs import activate, decode_probs
+
+
+@torch.no_grad()
+def predict_volume(
+    module: torch.nn.Module, image: np.ndarray | torch.Tensor, roi_size: tuple[int, int, int], overlap: float,
+    sw_batch_size: int, device: torch.device, output_form: str, blend: str = "gaussian",
+) -> torch.Tensor:
+    """(X, Y, Z) prepared image -> (C, X, Y, Z) float32 probabilities on the CPU."""
+    from monai.inferers import sliding_window_inference
+
+    was_training = module.training
+    module.eval()
+    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None, None].to(device)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        logits = sliding_window_inference(x, roi_size=roi_size, sw_batch_size=sw_batch_size, predictor=module,
+                                          overlap=overlap, mode=blend)
+    module.train(was_training)
+    assert isinstance(logits, torch.Tensor)
+    return activate(logits[0], output_form).cpu()
+
+
+def dice_scores(pred: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> dict[str, float]:
+    """Dice per scorable class (regions and part leaves the case annotates); both empty -> 1."""
+    out = {}
+    for key in space.scorable_keys(annotated):
+        p = space.codes_to_leaf_masks(pred, key)
+        g = space.codes_to_leaf_masks(codes, key)
+        denom = p.sum() + g.sum()
+        out[key] = 1.0 if denom == 0 else float(2.0 * np.logical_and(p, g).sum() / denom)
+    return out
+
+
+def validation_cases(ctx: RunContext, datasets: list[str] | None = None) -> list[Any]:
+    """The fully labelled validation set if the project has one, else the val split of ``datasets``."""
+    cases = ctx.index.cases(split="val")
+    full = [c for c in cases if c.role == "val"]
+    names = ctx.train_datasets if datasets is None else datasets
+    chosen = full if full else [c for c in cases if c.dataset in names]
+    if ctx.cfg.val_max_cases is not None:
+        chosen = chosen[: ctx.cfg.val_max_cases]
+    return chosen
+
+
+def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] | None = None) -> dict[str, Any]:
+    """Mean Dice over cases and classes (every case scored on its annotated classes)."""
+    cfg = ctx.cfg
+    per_class: dict[str, list[float]] = {}
+    for case in validation_cases(ctx, datasets):
+        probs = predict_volume(deployed.module, case.image(), cfg.roi_size, cfg.inference.overlap,
+                               cfg.inference.sw_batch_size, ctx.device, deployed.output_form, cfg.inference.blend)
+        pred = decode_probs(probs, deployed.output_form, deployed.channels, deployed.label_space or ctx.space,
+                            threshold=cfg.inference.threshold).numpy()
+        if deployed.to_global is not None:
+            pred = deployed.to_global[pred]
+        annotated = case.annotated if deployed.predictable is None else case.annotated & deployed.predictable
+        for key, value in dice_scores(pred, np.asarray(case.label()), annotated, ctx.space).items():
+            per_class.setdefault(key, []).append(value)
+    means = {k: float(np.mean(v)) for k, v in per_class.items()}
+    return {"per_class": means, "mean_dice": float(np.mean(list(means.values()))) if means else 0.0}

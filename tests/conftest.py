@@ -1,0 +1,136 @@
+"""Shared fixtures. Keep every fixture tiny: the whole suite must stay within minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unionseg.labels import DatasetLabels, LabelSpace, Leaf
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real CT files; the test is skipped when the folder is absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("../shared/data/real is absent")
+    return REAL_DATA
+
+
+def make_space() -> LabelSpace:
+    """Liver/kidney/pancreas/spleen with tumours; four single-organ datasets whose local values collide."""
+    leaves = [
+        Leaf("liver"), Leaf("liver_tumour", "liver"),
+        Leaf("kidney"), Leaf("kidney_tumour", "kidney"),
+        Leaf("pancreas"), Leaf("pancreas_tumour", "pancreas"),
+        Leaf("spleen"),
+    ]
+    datasets = [
+        DatasetLabels("liver", {1: "liver", 2: "liver_tumour"}, ("liver", "liver_tumour")),
+        DatasetLabels("kidney", {1: "kidney", 2: "kidney_tumour"}, ("kidney", "kidney_tumour")),
+        DatasetLabels("pancreas", {1: "pancreas", 2: "pancreas_tumour"}, ("pancreas", "pancreas_tumour")),
+        DatasetLabels("spleen", {1: "spleen"}, ("spleen",)),
+    ]
+    return LabelSpace(leaves, datasets)
+
+
+@pytest.fixture()
+def space() -> LabelSpace:
+    return make_space()
+
+
+# ---------------------------------------------------------------------- tiny dataset folders (Foundation I)
+def write_tiny_case(image_path: Path, label_path: Path | None, seed: int = 0, values: tuple[int, ...] = (1, 2),
+                    shape: tuple[int, int, int] = (6, 5, 4)) -> None:
+    """Write a tiny CT-like image (int16 HU) and a label map holding ``values`` (uint8)."""
+    import numpy as np
+
+    from unionseg.data.io import Geometry, write_image
+
+    rng = np.random.default_rng(seed)
+    geom = Geometry.identity(shape, (2.0, 2.0, 3.0))
+    write_image(image_path, rng.integers(-1000, 400, shape).astype(np.int16), geom)
+    if label_path is not None:
+        label = np.zeros(shape, dtype=np.uint8)
+        for k, value in enumerate(values):
+            label[1 + k, 1:3, 1:3] = value
+        write_image(label_path, label, geom)
+
+
+def write_msd_dataset(root: Path, n_cases: int = 3, labels: dict[int, str] | None = None,
+                      prefix: str = "case", values: tuple[int, ...] = (1, 2)) -> Path:
+    """A Medical Segmentation Decathlon folder: ``dataset.json`` + ``imagesTr/`` + ``labelsTr/``."""
+    import json
+
+    labels = labels if labels is not None else {0: "background", 1: "organ", 2: "tumour"}
+    training = []
+    for i in range(n_cases):
+        name = f"{prefix}_{i:03d}.nii.gz"
+        write_tiny_case(root / "imagesTr" / name, root / "labelsTr" / name, seed=i, values=values)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    data = {"name": root.name, "labels": {str(k): v for k, v in labels.items()}, "numTraining": n_cases,
+            "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(data, indent=1))
+    return root
+
+
+def write_nnunet_dataset(root: Path, n_cases: int = 3, labels: dict[str, int] | None = None,
+                         prefix: str = "case", values: tuple[int, ...] = (1, 2)) -> Path:
+    """An nnU-Net v2 raw folder: ``imagesTr/<case>_0000.nii.gz`` and ``labelsTr/<case>.nii.gz``."""
+    import json
+
+    labels = labels if labels is not None else {"background": 0, "organ": 1, "tumour": 2}
+    for i in range(n_cases):
+        case = f"{prefix}_{i:03d}"
+        write_tiny_case(root / "imagesTr" / f"{case}_0000.nii.gz", root / "labelsTr" / f"{case}.nii.gz",
+                        seed=i, values=values)
+    data = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(data, indent=1))
+    return root
+
+
+TINY_PROJECT_YAML = """\
+name: tiny
+classes:
+  - liver
+  - {name: liver_tumour, part_of: liver}
+  - kidney
+  - {name: kidney_tumour, part_of: kidney}
+datasets:
+  - name: liver
+    root: datasets/liver
+    labels: {1: liver, 2: liver_tumour}
+    annotated: [liver, liver_tumour]
+    split: {val_fraction: 0.25, seed: 0}
+  - name: kidney
+    root: datasets/kidney
+    labels: {1: kidney, 2: kidney_tumour}
+    annotated: [kidney, kidney_tumour]
+  - name: test
+    root: datasets/test
+    role: test
+    labels: {1: liver, 2: kidney}
+    annotated: [region:liver, region:kidney]
+preprocessing: {spacing: [3.0, 3.0, 3.0], window: [-325, 325]}
+"""
+
+
+def write_tiny_project(folder: Path, text: str = TINY_PROJECT_YAML) -> Path:
+    """A project folder: ``project.yaml`` + an MSD liver set (4 cases), an nnU-Net kidney set (3 cases) and
+    an MSD test set (2 cases). Returns the project file."""
+    write_msd_dataset(folder / "datasets" / "liver", 4, {0: "background", 1: "liver", 2: "liver tumour"},
+                      prefix="liver")
+    write_nnunet_dataset(folder / "datasets" / "kidney", 3, {"background": 0, "kidney": 1, "kidney tumour": 2},
+                         prefix="kidney")
+    write_msd_dataset(folder / "datasets" / "test", 2, {0: "background", 1: "liver", 2: "kidney"}, prefix="test")
+    path = folder / "project.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def tiny_project(tmp_path: Path) -> Path:
+    """Path of a tiny three-dataset project file (MSD + nnU-Net v2 layouts) under ``tmp_path``."""
+    return write_tiny_project(tmp_path / "project")

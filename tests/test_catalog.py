@@ -1,0 +1,243 @@
+"""Dataset folders: MSD and nnU-Net v2 raw layouts, and every structural error naming its file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import write_msd_dataset, write_nnunet_dataset, write_tiny_case
+from unionseg.data.catalog import check_label_map, list_image_files, scan_dataset
+from unionseg.errors import DataError
+
+
+def _edit_json(root: Path, **changes: Any) -> Path:
+    path = root / "dataset.json"
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+    return path
+
+
+# ---------------------------------------------------------------------- both layouts
+def test_msd_layout(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "Task03_Liver", 3, {0: "background", 1: "liver", 2: "cancer"})
+    info = scan_dataset("liver", root)
+    assert info.layout == "msd"
+    assert info.declared_labels == {0: "background", 1: "liver", 2: "cancer"}
+    assert [c.case_id for c in info.cases] == ["case_000", "case_001", "case_002"]
+    case = info.cases[1]
+    assert case.dataset == "liver"
+    assert case.image == (root / "imagesTr" / "case_001.nii.gz").absolute()
+    assert case.label == (root / "labelsTr" / "case_001.nii.gz").absolute()
+    assert case.image.is_file() and case.label is not None and case.label.is_file()
+    assert case.oracle_label is None
+    assert scan_dataset("liver", root, layout="msd").cases == info.cases
+
+
+def test_nnunet_v2_raw_layout(tmp_path: Path) -> None:
+    root = write_nnunet_dataset(tmp_path / "Dataset002_Kidney", 2, {"background": 0, "kidney": 1, "tumor": 2})
+    # a stray file and a hidden file in imagesTr are ignored
+    (root / "imagesTr" / "notes.txt").write_text("x")
+    (root / "imagesTr" / ".hidden_0000.nii.gz").write_text("x")
+    info = scan_dataset("kidney", root)
+    assert info.layout == "nnunet"
+    assert info.declared_labels == {0: "background", 1: "kidney", 2: "tumor"}
+    assert [c.case_id for c in info.cases] == ["case_000", "case_001"]
+    assert info.cases[0].image.name == "case_000_0000.nii.gz"
+    assert info.cases[0].label == root / "labelsTr" / "case_000.nii.gz"
+
+
+def test_nnunet_region_labels_and_oracle_folder(tmp_path: Path) -> None:
+    root = write_nnunet_dataset(tmp_path / "d", 1, {"background": 0, "organ": [1, 2]})
+    assert scan_dataset("d", root).declared_labels == {0: "background", 1: "organ", 2: "organ"}
+    oracle = tmp_path / "oracle"
+    with pytest.raises(DataError, match="oracle label for case 'case_000' is missing"):
+        scan_dataset("d", root, oracle_dir=oracle)
+    write_tiny_case(tmp_path / "img.nii.gz", oracle / "case_000.nii.gz")
+    assert scan_dataset("d", root, oracle_dir=oracle).cases[0].oracle_label == oracle / "case_000.nii.gz"
+
+
+# ---------------------------------------------------------------------- path escapes
+@pytest.mark.parametrize("bad,good", [
+    ("../x.nii.gz", "./imagesTr/x.nii.gz"),
+    ("./imagesTr/../../x.nii.gz", "./imagesTr/../imagesTr/x.nii.gz"),
+    ("/abs/x.nii.gz", "imagesTr/x.nii.gz"),
+    ("C:\\data\\x.nii.gz", "imagesTr/x.nii.gz"),
+])
+def test_path_escapes_are_rejected_and_the_twin_accepted(tmp_path: Path, bad: str, good: str) -> None:
+    root = tmp_path / "ds"
+    write_tiny_case(root / "imagesTr" / "x.nii.gz", root / "labelsTr" / "x.nii.gz")
+    write_tiny_case(tmp_path / "x.nii.gz", None)  # the file outside the root exists
+    training = [{"image": bad, "label": "./labelsTr/x.nii.gz"}]
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a"}, "training": training}))
+    with pytest.raises(DataError, match=r"training\[0\].image: .*(escapes the dataset root|absolute path)") as info:
+        scan_dataset("ds", root)
+    assert info.value.path == root / "dataset.json"
+    training[0]["image"] = good
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "a"}, "training": training}))
+    assert scan_dataset("ds", root).cases[0].image == (root / "imagesTr" / "x.nii.gz").absolute()
+
+
+def test_label_path_escape_is_rejected(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "ds", 1)
+    _edit_json(root, training=[{"image": "./imagesTr/case_000.nii.gz", "label": "../labelsTr/case_000.nii.gz"}])
+    with pytest.raises(DataError, match=r"training\[0\].label: path '../labelsTr/case_000.nii.gz' escapes"):
+        scan_dataset("ds", root)
+
+
+def test_symlinked_image_folder_is_accepted(tmp_path: Path) -> None:
+    """The containment check is lexical: data reached through a link inside the root is fine."""
+    elsewhere = write_msd_dataset(tmp_path / "disk2", 1)
+    root = tmp_path / "ds"
+    root.mkdir()
+    os.symlink(elsewhere / "imagesTr", root / "imagesTr")
+    os.symlink(elsewhere / "labelsTr", root / "labelsTr")
+    shutil.copy(elsewhere / "dataset.json", root / "dataset.json")
+    info = scan_dataset("ds", root)
+    assert info.cases[0].image == root.absolute() / "imagesTr" / "case_000.nii.gz"
+
+
+# ---------------------------------------------------------------------- structural errors
+def test_duplicate_case_ids(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "ds", 2)
+    data = json.loads((root / "dataset.json").read_text())
+    _edit_json(root, training=[data["training"][0], data["training"][0]])
+    with pytest.raises(DataError, match="duplicate case id 'case_000'") as info:
+        scan_dataset("ds", root)
+    assert info.value.path is not None and info.value.path.name == "case_000.nii.gz"
+    _edit_json(root, training=data["training"])
+    assert len(scan_dataset("ds", root).cases) == 2
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunet"])
+def test_missing_label_file(tmp_path: Path, layout: str) -> None:
+    writer = write_msd_dataset if layout == "msd" else write_nnunet_dataset
+    root = writer(tmp_path / "ds", 2)
+    assert len(scan_dataset("ds", root).cases) == 2
+    (root / "labelsTr" / "case_001.nii.gz").unlink()
+    with pytest.raises(DataError, match="label file for case 'case_001' is missing") as info:
+        scan_dataset("ds", root)
+    assert str(info.value).startswith(str(root / "labelsTr"))
+
+
+def test_missing_image_file(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "ds", 2)
+    (root / "imagesTr" / "case_000.nii.gz").unlink()
+    with pytest.raises(DataError, match="image file listed in dataset.json is missing") as info:
+        scan_dataset("ds", root)
+    assert "case_000.nii.gz" in str(info.value)
+
+
+def test_empty_and_missing_dataset_folders(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no dataset.json") as info:
+        scan_dataset("ds", tmp_path / "empty")
+    assert info.value.path == tmp_path / "empty"
+    with pytest.raises(DataError, match="dataset folder not found"):
+        scan_dataset("ds", tmp_path / "nowhere")
+    # an MSD file with no cases, an nnU-Net folder with an empty imagesTr
+    root = write_msd_dataset(tmp_path / "msd", 1)
+    _edit_json(root, training=[])
+    with pytest.raises(DataError, match="no training cases"):
+        scan_dataset("ds", root)
+    root = write_nnunet_dataset(tmp_path / "nn", 1)
+    (root / "imagesTr" / "case_000_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match="no training cases"):
+        scan_dataset("ds", root)
+    shutil.rmtree(root / "imagesTr")
+    with pytest.raises(DataError, match="no imagesTr folder"):
+        scan_dataset("ds", root)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"training": None}, "matches no known layout"),
+    ({"labels": None}, "missing key 'labels'"),
+    ({"labels": ["liver"]}, "'labels' must be an object"),
+    ({"labels": {"one": "liver"}}, "key 'one' is not an integer"),
+    ({"training": {"image": "x"}}, "'training' must be a list"),
+    ({"training": ["./imagesTr/case_000.nii.gz"]}, r"training\[0\]: expected an object"),
+    ({"training": [{"image": 3, "label": "x"}]}, r"training\[0\].image: expected a relative path string"),
+])
+def test_msd_json_errors_name_the_file(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    root = write_msd_dataset(tmp_path / "ds", 1)
+    assert len(scan_dataset("ds", root).cases) == 1  # twin: the untouched file is accepted
+    json_path = _edit_json(root, **change)
+    with pytest.raises(DataError, match=message) as info:
+        scan_dataset("ds", root)
+    assert info.value.path == json_path
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"file_ending": None, "channel_names": None}, "matches no known layout"),
+    ({"file_ending": None}, "missing key 'file_ending'"),
+    ({"channel_names": None}, "missing key 'channel_names'"),
+    ({"file_ending": ".png"}, "file_ending: expected one of"),
+    ({"channel_names": {"0": "CT", "1": "PET"}}, "exactly one channel"),
+    ({"labels": {"background": 0, "kidney": "1"}}, "labels.kidney: expected an integer value"),
+    ({"labels": None}, "missing key 'labels'"),
+])
+def test_nnunet_json_errors_name_the_file(tmp_path: Path, change: dict[str, Any], message: str) -> None:
+    root = write_nnunet_dataset(tmp_path / "ds", 1)
+    assert len(scan_dataset("ds", root, layout="nnunet").cases) == 1
+    json_path = _edit_json(root, **change)
+    with pytest.raises(DataError, match=message) as info:
+        scan_dataset("ds", root)
+    assert info.value.path == json_path
+
+
+def test_invalid_json_and_layout(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "ds", 1)
+    with pytest.raises(DataError, match="unknown layout 'bids'"):
+        scan_dataset("ds", root, layout="bids")
+    (root / "dataset.json").write_text("{not json")
+    with pytest.raises(DataError, match="invalid JSON") as info:
+        scan_dataset("ds", root)
+    assert info.value.path == root / "dataset.json"
+    (root / "dataset.json").write_text("[1, 2]")
+    with pytest.raises(DataError, match="expected a JSON object"):
+        scan_dataset("ds", root)
+
+
+def test_nnunet_image_without_channel_suffix(tmp_path: Path) -> None:
+    root = write_nnunet_dataset(tmp_path / "ds", 1)
+    (root / "imagesTr" / "case_000_0000.nii.gz").rename(root / "imagesTr" / "case_000.nii.gz")
+    with pytest.raises(DataError, match="lacks the channel suffix _0000"):
+        scan_dataset("ds", root)
+
+
+def test_check_label_map(tmp_path: Path) -> None:
+    json_path = tmp_path / "dataset.json"
+    check_label_map("liver", {0: "background", 1: "liver", 2: "tumour"}, {1: "liver", 2: "liver_tumour"}, json_path)
+    with pytest.raises(DataError, match="maps label value 3 for dataset 'liver'") as info:
+        check_label_map("liver", {0: "background", 1: "liver"}, {1: "liver", 3: "liver_tumour"}, json_path)
+    assert info.value.path == json_path
+
+
+def test_list_image_files(tmp_path: Path) -> None:
+    write_tiny_case(tmp_path / "a.nii.gz", tmp_path / "b.nrrd")
+    (tmp_path / "c.txt").write_text("x")
+    assert [p.name for p in list_image_files(tmp_path)] == ["a.nii.gz", "b.nrrd"]
+    dicom = tmp_path / "series"
+    dicom.mkdir()
+    (dicom / "01.dcm").write_bytes(b"")
+    assert list_image_files(dicom) == [dicom]
+
+
+@pytest.mark.parametrize("layout", ["msd", "nnunet"])
+def test_relative_root_gives_absolute_case_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 layout: str) -> None:
+    writer = write_msd_dataset if layout == "msd" else write_nnunet_dataset
+    writer(tmp_path / "ds", 1)
+    monkeypatch.chdir(tmp_path)
+    case = scan_dataset("ds", Path("ds"), layout=layout).cases[0]
+    assert case.image.is_absolute() and case.label is not None and case.label.is_absolute()
+    assert case.image.is_relative_to(tmp_path / "ds") and case.image.is_file()

@@ -1,0 +1,104 @@
+"""``unionseg info`` in-process, one-line errors with exit code 2, and a fast, torch-free ``--help``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_PROJECT_YAML, write_tiny_project
+from unionseg.cli import run
+
+UNIONSEG = Path(sys.executable).parent / "unionseg"
+
+
+def test_info_prints_taxonomy_annotated_classes_and_split_counts(tiny_project: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["info", str(tiny_project)]) == 0
+    out = capsys.readouterr().out
+    for text in ("tiny", "liver_tumour", "kidney_tumour", "regions", "liver, liver_tumour",
+                 "region:liver, region:kidney", "train 3, val 1", "train 2, val 1", "test 2", "msd", "nnunet",
+                 "1->liver, 2->liver_tumour", "[3.0, 3.0, 3.0]"):
+        assert text in out, (text, out)
+    # the taxonomy lists every leaf with its id and its parent
+    assert re.search(r"\b2\W+liver_tumour\W+liver\W", out), out
+    assert re.search(r"\b4\W+kidney_tumour\W+kidney\W", out), out
+    assert re.search(r"\b0\W+background\W", out), out
+
+
+def test_info_with_root_override(tiny_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = write_tiny_project(tmp_path / "copy").parent / "datasets" / "liver"
+    assert run(["info", str(tiny_project), "--root", f"liver={other}"]) == 0
+    assert "train 3, val 1" in capsys.readouterr().out
+    assert run(["info", str(tiny_project), "--root", "liver"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --root 'liver' must look like NAME=DIR"
+
+
+@pytest.mark.parametrize("old,new,problem", [
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {1: livr, 2: liver_tumour}",
+     "datasets.liver.labels.1: unknown class 'livr'"),
+    ("name: tiny", "name: tiny\nepochs: 3", "epochs: unknown key"),
+    ("split: {val_fraction: 0.25, seed: 0}", "split: {val_cases: [nope]}",
+     "datasets.liver.split.val_cases: unknown case 'nope'"),
+])
+def test_bad_project_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str,
+                                           new: str, problem: str) -> None:
+    path = write_tiny_project(tmp_path / "p", TINY_PROJECT_YAML.replace(old, new, 1))
+    assert run(["info", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"error: {path.resolve()}: ")
+    assert problem in lines[0]
+    assert "Traceback" not in captured.err + captured.out
+
+
+def test_bad_dataset_folder_names_the_file(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    label = tiny_project.parent / "datasets" / "kidney" / "labelsTr" / "kidney_001.nii.gz"
+    label.unlink()
+    assert run(["info", str(tiny_project)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {label}: label file for case 'kidney_001' is missing"
+
+
+def test_project_maps_a_value_the_dataset_does_not_declare(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_tiny_project(tmp_path / "p", TINY_PROJECT_YAML.replace(
+        "labels: {1: kidney, 2: kidney_tumour}", "labels: {1: kidney, 3: kidney_tumour}"))
+    assert run(["info", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path.parent.resolve() / 'datasets' / 'kidney' / 'dataset.json'}: ")
+    assert "maps label value 3" in err
+
+
+def test_missing_project_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["info", str(tmp_path / "nope.yaml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {(tmp_path / 'nope.yaml').resolve()}: file not found"
+
+
+def test_help_is_fast_in_a_subprocess() -> None:
+    if not UNIONSEG.exists():
+        pytest.skip(f"console script {UNIONSEG} is not installed")
+    best = float("inf")
+    for _ in range(3):  # the first start may read cold files from disk
+        start = time.perf_counter()
+        result = subprocess.run([str(UNIONSEG), "--help"], capture_output=True, text=True, timeout=60)
+        best = min(best, time.perf_counter() - start)
+        assert result.returncode == 0, result.stderr
+        assert "info" in result.stdout
+        if best < 1.0:
+            break
+    assert best < 1.0, f"unionseg --help took {best:.2f} s"
+
+
+def test_importing_the_cli_does_not_import_torch() -> None:
+    code = ("import sys, unionseg.cli, unionseg.reports, unionseg.config, unionseg.labels, unionseg.data.catalog; "
+            "heavy = [m for m in ('torch', 'monai', 'nibabel', 'SimpleITK', 'scipy', 'matplotlib') "
+            "if m in sys.modules]; print(heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

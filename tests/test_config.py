@@ -1,0 +1,264 @@
+"""The project file, split_cases, and the generic dataclass <-> YAML helpers."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_PROJECT_YAML, write_tiny_project
+from unionseg.config import (
+    PreprocessSpec,
+    SplitSpec,
+    apply_overrides,
+    config_hash,
+    dump_yaml,
+    from_dict,
+    load_project,
+    load_yaml,
+    split_cases,
+    to_dict,
+)
+from unionseg.errors import ConfigError
+from unionseg.reports import project_summary
+
+
+# ---------------------------------------------------------------------- loading a project
+def test_load_project(tiny_project: Path) -> None:
+    project = load_project(tiny_project)
+    assert project.name == "tiny"
+    assert project.path == tiny_project.resolve()
+    space = project.label_space
+    assert space.names == ("background", "liver", "liver_tumour", "kidney", "kidney_tumour")
+    assert [d.name for d in project.train_datasets] == ["liver", "kidney"]
+    test = project.eval_dataset("test")
+    assert test is not None and test.fully_labelled and project.eval_dataset("val") is None
+    assert space.datasets["test"].fully_labelled and not space.datasets["liver"].fully_labelled
+    liver = project.dataset("liver")
+    assert liver.root == tiny_project.parent.resolve() / "datasets" / "liver"
+    assert liver.labels == {1: "liver", 2: "liver_tumour"}
+    assert liver.split == SplitSpec(val_fraction=0.25, seed=0)
+    assert project.dataset("kidney").split == SplitSpec()
+    assert project.preprocessing.spacing == (3.0, 3.0, 3.0)
+    assert project.preprocessing.window == (-325.0, 325.0)
+    assert project.cache_dir == tiny_project.parent.resolve() / "prepared"
+    with pytest.raises(ConfigError, match="unknown dataset 'lung'"):
+        project.dataset("lung")
+
+
+def test_project_is_portable(tmp_path: Path) -> None:
+    """Copy the project folder elsewhere: relative roots follow the file, nothing points back."""
+    original = write_tiny_project(tmp_path / "a" / "project")
+    moved_folder = tmp_path / "b" / "elsewhere"
+    shutil.copytree(original.parent, moved_folder)
+    shutil.rmtree(tmp_path / "a")
+    project = load_project(moved_folder / "project.yaml")
+    for spec in project.datasets:
+        assert spec.root.is_relative_to(moved_folder.resolve())
+    assert project.cache_dir == moved_folder.resolve() / "prepared"
+    summary = project_summary(moved_folder / "project.yaml")
+    assert [d["counts"] for d in summary["datasets"]] == [{"train": 3, "val": 1}, {"train": 2, "val": 1},
+                                                          {"test": 2}]
+
+
+def test_root_overrides(tiny_project: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other_disk" / "liver"
+    shutil.copytree(tiny_project.parent / "datasets" / "liver", other)
+    project = load_project(tiny_project, roots={"liver": other})
+    assert project.dataset("liver").root == other.resolve()
+    with pytest.raises(ConfigError, match="--root names unknown dataset 'lung'"):
+        load_project(tiny_project, roots={"lung": other})
+
+
+def test_absolute_root_is_refused_and_relative_twin_accepted(tmp_path: Path) -> None:
+    path = write_tiny_project(tmp_path / "p", TINY_PROJECT_YAML.replace(
+        "root: datasets/liver", f"root: {(tmp_path / 'p' / 'datasets' / 'liver').as_posix()}"))
+    with pytest.raises(ConfigError, match="datasets.liver.root: absolute paths are not portable") as info:
+        load_project(path)
+    assert info.value.path == path.resolve()
+    path.write_text(TINY_PROJECT_YAML.replace("root: datasets/liver", "root: ./datasets/../datasets/liver"))
+    assert load_project(path).dataset("liver").root.resolve() == (tmp_path / "p" / "datasets" / "liver").resolve()
+
+
+_ERRORS = [
+    # (what to replace, replacement, the key the message names, the problem)
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {1: livr, 2: liver_tumour}", "datasets.liver.labels.1",
+     "unknown class 'livr'"),
+    ("annotated: [kidney, kidney_tumour]", "annotated: [kidney, kidney_tumor]", "datasets.kidney.annotated",
+     "unknown class 'kidney_tumor'"),
+    ("{name: kidney_tumour, part_of: kidney}", "{name: kidney_tumour, part_of: kidneys}", "classes",
+     "'kidney_tumour' is part_of 'kidneys', which is not a class"),
+    ("name: tiny", "name: tiny\nepochs: 3", "epochs", "unknown key"),
+    ("    role: test", "    role: test\n    colour: red", "datasets.test.colour", "unknown key"),
+    ("{name: liver_tumour, part_of: liver}", "{name: liver_tumour, inside: liver}", "classes[1]",
+     "unknown key 'inside'"),
+    ("spacing: [3.0, 3.0, 3.0]", "spacing: fine", "preprocessing.spacing", "expected a list"),
+    ("spacing: [3.0, 3.0, 3.0]", "spacing: [3.0, 3.0]", "preprocessing.spacing", "expected 3 values"),
+    ("spacing: [3.0, 3.0, 3.0]", "spacing: [3.0, x, 3.0]", "preprocessing.spacing[1]", "expected a number"),
+    ("spacing: [3.0, 3.0, 3.0]", "spacing: [3.0, 0, 3.0]", "preprocessing.spacing", "must be positive"),
+    ("window: [-325, 325]", "window: [325, -325]", "preprocessing.window", "low < high"),
+    ("split: {val_fraction: 0.25, seed: 0}", "split: {val_fraction: 1.5, seed: 0}",
+     "datasets.liver.split.val_fraction", "must be in [0, 1)"),
+    ("split: {val_fraction: 0.25, seed: 0}", "split: {val_fraction: 0.25, seed: zero}",
+     "datasets.liver.split.seed", "expected an integer"),
+    ("split: {val_fraction: 0.25, seed: 0}", "split: [0.25]", "datasets.liver.split", "expected a mapping"),
+    ("    role: test", "    role: holdout", "datasets.test.role", "is not one of"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: [liver, liver_tumour]", "datasets.liver.labels",
+     "expected a mapping"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {one: liver, 2: liver_tumour}", "datasets.liver.labels",
+     "local value 'one' is not an integer"),
+    ("annotated: [kidney, kidney_tumour]", "annotated: kidney", "datasets.kidney.annotated",
+     "expected a non-empty list"),
+    ("  - name: kidney\n    root: datasets/kidney", "  - name: liver\n    root: datasets/kidney", "datasets.liver",
+     "duplicate dataset name"),
+    ("  - name: kidney\n    root: datasets/kidney\n", "  - name: kidney\n", "datasets.kidney.root", "missing"),
+    ("name: tiny", "name: tiny\ncache_dir: /tmp/cache", "cache_dir", "relative to the project file"),
+]
+
+
+@pytest.mark.parametrize("old,new,key,problem", _ERRORS, ids=[e[2] + ":" + e[3][:20] for e in _ERRORS])
+def test_project_errors_name_the_file_and_the_key(tmp_path: Path, old: str, new: str, key: str,
+                                                  problem: str) -> None:
+    path = write_tiny_project(tmp_path / "p")
+    load_project(path)  # twin: the untouched project loads
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_project(path)
+    message = str(info.value)
+    assert message.startswith(f"{path.resolve()}: "), message
+    assert key in message and problem in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text,problem", [
+    ("", "expected a mapping at the top level"),
+    ("[1, 2]", "expected a mapping at the top level"),
+    ("classes: [liver\n", "invalid YAML"),
+    ("classes: []\ndatasets: []", "classes: expected a non-empty list"),
+    ("classes: [liver]\ndatasets: []", "datasets: expected a non-empty list"),
+    ("classes: [liver]\ndatasets: [{root: d, labels: {1: liver}, annotated: [liver]}]",
+     "datasets[0]: missing key 'name'"),
+    ("classes: [liver]\ndatasets: [3]", "datasets[0]: expected a mapping"),
+])
+def test_malformed_project_files(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "project.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=problem.replace("[", r"\[")) as info:
+        load_project(path)
+    assert str(info.value).startswith(str(path.resolve()))
+    with pytest.raises(ConfigError, match="file not found"):
+        load_project(tmp_path / "missing.yaml")
+
+
+def test_a_project_without_training_datasets_is_refused(tmp_path: Path) -> None:
+    text = TINY_PROJECT_YAML.replace("    split: {val_fraction: 0.25, seed: 0}\n", "    role: val\n")
+    text = text.replace("    annotated: [kidney, kidney_tumour]\n", "    annotated: [kidney, kidney_tumour]\n    role: val\n")
+    path = write_tiny_project(tmp_path / "p", text)
+    with pytest.raises(ConfigError, match="at least one dataset needs role: train"):
+        load_project(path)
+
+
+# ---------------------------------------------------------------------- split_cases
+IDS = [f"case_{i:03d}" for i in range(20)]
+
+
+def test_split_is_seeded_and_deterministic() -> None:
+    spec = SplitSpec(val_fraction=0.2, seed=3)
+    first = split_cases(IDS, spec)
+    assert len(first["val"]) == 4 and len(first["train"]) == 16
+    assert sorted(first["train"] + first["val"]) == IDS
+    assert split_cases(list(reversed(IDS)), spec) == first  # order of the listing does not matter
+    assert split_cases(IDS, SplitSpec(val_fraction=0.2, seed=3)) == first
+    others = [split_cases(IDS, SplitSpec(val_fraction=0.2, seed=s))["val"] for s in range(4, 8)]
+    assert any(val != first["val"] for val in others)  # the seed matters
+    assert first == {"train": sorted(first["train"]), "val": sorted(first["val"])}
+
+
+def test_split_edge_sizes() -> None:
+    tiny = split_cases(["a", "b"], SplitSpec(val_fraction=0.01))  # rounds to 0, but one case goes to val
+    assert len(tiny["val"]) == 1 and len(tiny["train"]) == 1
+    assert split_cases(["a"], SplitSpec(val_fraction=0.5)) == {"train": ["a"], "val": []}
+    assert split_cases(["a", "b", "c"], SplitSpec(val_fraction=0.0)) == {"train": ["a", "b", "c"], "val": []}
+    assert len(split_cases(["a", "b", "c"], SplitSpec(val_fraction=0.99))["train"]) == 1
+
+
+def test_val_cases_are_pinned() -> None:
+    spec = SplitSpec(val_cases=("case_007", "case_002"))
+    assert split_cases(IDS, spec)["val"] == ["case_002", "case_007"]
+    assert "case_007" not in split_cases(IDS, spec)["train"]
+    with pytest.raises(ConfigError, match="datasets.liver.split.val_cases: unknown case 'case_999'") as info:
+        split_cases(IDS, SplitSpec(val_cases=("case_999",)), where="datasets.liver.", source="p.yaml")
+    assert info.value.path == Path("p.yaml")
+    with pytest.raises(ConfigError, match="every case is in val"):
+        split_cases(["a", "b"], SplitSpec(val_cases=("a", "b")))
+
+
+def test_val_cases_in_the_project_file(tmp_path: Path) -> None:
+    text = TINY_PROJECT_YAML.replace("split: {val_fraction: 0.25, seed: 0}", "split: {val_cases: [liver_002]}")
+    path = write_tiny_project(tmp_path / "p", text)
+    project = load_project(path)
+    assert project.dataset("liver").split.val_cases == ("liver_002",)
+    assert project_summary(path)["datasets"][0]["counts"] == {"train": 3, "val": 1}
+    path.write_text(text.replace("liver_002", "liver_099"))
+    with pytest.raises(ConfigError, match="unknown case 'liver_099'") as info:
+        project_summary(path)
+    assert info.value.path == path.resolve()
+
+
+# ---------------------------------------------------------------------- generic helpers
+@dataclass(frozen=True)
+class _Inner:
+    rate: float = 0.1
+    steps: int = 10
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    name: str = "naive"
+    inner: _Inner = field(default_factory=_Inner)
+    widths: tuple[int, ...] = (8, 16)
+    output: Path = Path("runs")
+    tag: str | None = None
+    amp: bool = False
+
+
+def test_from_dict_to_dict_round_trip_and_overrides(tmp_path: Path) -> None:
+    recipe = from_dict(_Recipe, {"name": "marginal", "inner": {"rate": 0.5}, "widths": [4, 8, 16],
+                                 "output": "runs/a", "amp": True})
+    assert recipe == _Recipe("marginal", _Inner(0.5, 10), (4, 8, 16), Path("runs/a"), None, True)
+    assert from_dict(_Recipe, to_dict(recipe)) == recipe
+    dump_yaml(to_dict(recipe), tmp_path / "r.yaml")
+    assert from_dict(_Recipe, load_yaml(tmp_path / "r.yaml")) == recipe
+    changed = apply_overrides(recipe, ["inner.steps=20", "tag=best", "output=runs/b", "widths=[2, 4]"])
+    assert changed.inner.steps == 20 and changed.tag == "best" and changed.output == Path("runs/b")
+    assert changed.widths == (2, 4)
+    assert config_hash(changed) != config_hash(recipe) and config_hash(recipe) == config_hash(recipe)
+    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        apply_overrides(recipe, ["inner.stepz=3"])
+    with pytest.raises(ConfigError, match="must look like key=value"):
+        apply_overrides(recipe, ["inner.steps"])
+    with pytest.raises(ConfigError, match="inner.steps: expected an integer"):
+        apply_overrides(recipe, ["inner.steps=many"])
+
+
+def test_from_dict_errors_name_the_source() -> None:
+    with pytest.raises(ConfigError, match=r"recipe.yaml: extra: unknown key"):
+        from_dict(_Recipe, {"extra": 1}, source="recipe.yaml")
+    with pytest.raises(ConfigError, match="amp: expected true/false"):
+        from_dict(_Recipe, {"amp": "maybe"})
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        from_dict(_Recipe, [1, 2])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="inner: expected a mapping"):
+        from_dict(_Recipe, {"inner": 3})
+    with pytest.raises(ConfigError, match="output: expected a path"):
+        from_dict(_Recipe, {"output": 3})
+    # PreprocessSpec validation names the field once
+    with pytest.raises(ConfigError) as info:
+        from_dict(PreprocessSpec, {"spacing": [1, -1, 1]}, where="preprocessing")
+    assert info.value.message.startswith("preprocessing.spacing: must be positive")
+    assert from_dict(PreprocessSpec, {"spacing": [1, 1, 2]}).spacing == (1.0, 1.0, 2.0)
+    assert PreprocessSpec().center == 0.0 and PreprocessSpec().half_width == 325.0

@@ -1,0 +1,351 @@
+"""Evaluation: metrics against independent computations, empty-mask rules, partial-label scoring, folder
+evaluation end to end, and the ``evaluate`` command."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from unionseg.errors import ConfigError, DataError
+from unionseg.evaluation.evaluate import evaluate_case, evaluate_folder, markdown_table, validation_dice
+from unionseg.evaluation.metrics import (
+    BOTH_EMPTY,
+    GT_EMPTY,
+    PRED_EMPTY,
+    dice,
+    hd95,
+    hd95_penalty,
+    nsd,
+    score_masks,
+    surface_distances,
+)
+from unionseg.labels import LabelSpace
+
+SPACING = (0.8, 1.3, 2.5)
+
+
+def _blob(shape: tuple[int, ...], seed: int, level: float = 0.3) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=2.0)
+    return field > level * field.std()
+
+
+def _brute_force(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Surface points by explicit 6-neighbour test on a zero-padded copy; nearest neighbours with cKDTree."""
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        padded = np.pad(mask, 1)
+        interior = padded.copy()
+        for axis in range(3):
+            interior &= np.roll(padded, 1, axis) & np.roll(padded, -1, axis)
+        return np.argwhere(mask & ~interior[1:-1, 1:-1, 1:-1]) * np.asarray(spacing)
+
+    sp, sg = surface(pred), surface(gt)
+    return cKDTree(sg).query(sp)[0], cKDTree(sp).query(sg)[0]
+
+
+# ---------------------------------------------------------------------- metrics vs independent computations
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hd95_and_nsd_match_brute_force_and_monai(seed: int) -> None:
+    shape = (22, 18, 12)
+    pred, gt = _blob(shape, seed), _blob(shape, seed + 100)
+    assert pred.any() and gt.any() and pred[0].any()  # touches the image border too
+    d_pg, d_gp = _brute_force(pred, gt, SPACING)
+    ref_hd = max(np.percentile(d_pg, 95), np.percentile(d_gp, 95))
+    tol = 1.73
+    ref_nsd = (np.sum(d_pg <= tol) + np.sum(d_gp <= tol)) / (d_pg.size + d_gp.size)
+    ours_pg, ours_gp = surface_distances(pred, gt, SPACING)
+    np.testing.assert_allclose(np.sort(ours_pg), np.sort(d_pg), atol=1e-9)
+    np.testing.assert_allclose(np.sort(ours_gp), np.sort(d_gp), atol=1e-9)
+    assert hd95(pred, gt, SPACING).value == pytest.approx(ref_hd, abs=1e-9)
+    assert nsd(pred, gt, SPACING, tol).value == pytest.approx(ref_nsd, abs=1e-12)
+    assert dice(pred, gt).value == pytest.approx(2 * np.sum(pred & gt) / (pred.sum() + gt.sum()))
+
+    torch = pytest.importorskip("torch")
+    metrics = pytest.importorskip("monai.metrics")
+    y_pred = torch.as_tensor(pred[None, None])
+    y = torch.as_tensor(gt[None, None])
+    monai_hd = metrics.compute_hausdorff_distance(y_pred, y, include_background=True, percentile=95,
+                                                  spacing=list(SPACING))
+    monai_nsd = metrics.compute_surface_dice(y_pred, y, class_thresholds=[tol], include_background=True,
+                                             spacing=list(SPACING))
+    assert hd95(pred, gt, SPACING).value == pytest.approx(float(monai_hd), rel=1e-5)
+    assert nsd(pred, gt, SPACING, tol).value == pytest.approx(float(monai_nsd), rel=1e-5)
+
+
+def test_spacing_matters_and_crop_is_exact() -> None:
+    """Anisotropic spacing changes HD95 the physical way; a mask in a huge empty volume scores the same."""
+    gt = np.zeros((30, 30, 30), bool)
+    gt[10:15, 10:15, 10:15] = True
+    pred = np.roll(gt, 3, axis=2)  # shifted 3 voxels along z
+    assert hd95(pred, gt, (1.0, 1.0, 1.0)).value == pytest.approx(3.0)
+    assert hd95(pred, gt, (1.0, 1.0, 2.5)).value == pytest.approx(7.5)
+    big_p, big_g = np.zeros((90, 80, 70), bool), np.zeros((90, 80, 70), bool)
+    big_p[40:70, 30:60, 20:50], big_g[40:70, 30:60, 20:50] = pred, gt
+    assert hd95(big_p, big_g, SPACING).value == pytest.approx(hd95(pred, gt, SPACING).value)
+    assert nsd(big_p, big_g, SPACING, 2.0).value == pytest.approx(nsd(pred, gt, SPACING, 2.0).value)
+
+
+# ---------------------------------------------------------------------- empty-mask rules, both ways
+def test_empty_rules() -> None:
+    shape = (10, 12, 8)
+    empty = np.zeros(shape, bool)
+    full = np.zeros(shape, bool)
+    full[2:6, 3:7, 2:5] = True
+    penalty = hd95_penalty(shape, SPACING)
+    assert penalty == pytest.approx(np.sqrt((10 * 0.8) ** 2 + (12 * 1.3) ** 2 + (8 * 2.5) ** 2))
+
+    both = score_masks(empty, empty, SPACING)
+    assert both.values == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0} and both.empty == BOTH_EMPTY
+    missed = score_masks(empty, full, SPACING)
+    assert missed.values == {"dice": 0.0, "hd95": penalty, "nsd": 0.0} and missed.empty == PRED_EMPTY
+    hallucinated = score_masks(full, empty, SPACING)
+    assert hallucinated.values == {"dice": 0.0, "hd95": penalty, "nsd": 0.0} and hallucinated.empty == GT_EMPTY
+    assert hd95(empty, full, SPACING).empty == PRED_EMPTY and nsd(full, empty, SPACING).empty == GT_EMPTY
+    assert dice(empty, empty) .empty == BOTH_EMPTY
+
+    # twins: non-empty masks are not decided by a rule, and give the measured values
+    perfect = score_masks(full, full, SPACING)
+    assert perfect.values == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0} and perfect.empty is None
+    apart = np.zeros(shape, bool)
+    apart[7:9, 8:11, 5:7] = True
+    far = score_masks(apart, full, SPACING)
+    assert far.empty is None and far.values["dice"] == 0.0 and far.values["nsd"] == 0.0
+    assert 0 < far.values["hd95"] < penalty
+    assert all(np.isfinite(v) for s in (both, missed, hallucinated, far) for v in s.values.values())
+
+
+def test_invalid_inputs_rejected() -> None:
+    a = np.ones((4, 4, 4), bool)
+    with pytest.raises(ValueError, match="shape"):
+        dice(a, np.ones((4, 4, 5), bool))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, a, (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="tolerance"):
+        nsd(a, a, (1.0, 1.0, 1.0), -1.0)
+    with pytest.raises(ValueError, match="unknown metric"):
+        score_masks(a, a, (1.0, 1.0, 1.0), metrics=("dice", "iou"))
+    assert score_masks(a, a, (1.0, 1.0, 1.0), metrics=("dice",)).values == {"dice": 1.0}
+
+
+# ---------------------------------------------------------------------- case evaluation
+def _case(space: LabelSpace) -> tuple[np.ndarray, np.ndarray]:
+    """GT (global codes) with liver + tumour; prediction with liver, tumour and a kidney."""
+    gt = np.zeros((16, 14, 10), np.uint8)
+    gt[2:10, 2:10, 2:8] = space.leaf_id("liver")
+    gt[4:6, 4:6, 4:6] = space.leaf_id("liver_tumour")
+    pred = gt.copy()
+    pred[9, 2:10, 2:8] = 0  # one slab missed
+    pred[11:15, 10:13, 3:7] = space.leaf_id("kidney")
+    return pred, gt
+
+
+def test_partially_labelled_truth_scored_only_on_annotated_classes(space: LabelSpace) -> None:
+    pred, gt = _case(space)
+    scores = evaluate_case(pred, gt, space.annotated_leaf_mask("liver"), space, SPACING)
+    assert list(scores) == ["region:liver", "liver_tumour"]
+    assert 0.8 < scores["region:liver"]["dice"] < 1.0
+    assert scores["liver_tumour"]["dice"] == 1.0
+    assert validation_dice(pred, gt, space.annotated_leaf_mask("liver"), space).keys() == scores.keys()
+
+    # twin: the same truth declared fully labelled scores the kidney (hallucinated: gt_empty rule) too
+    full = evaluate_case(pred, gt, space.full_mask(), space, SPACING)
+    assert set(full) == set(space.evaluation_keys())
+    assert full["region:kidney"]["dice"] == 0.0 and full["region:kidney"]["gt_voxels"] == 0
+    assert full["region:kidney"]["hd95"] == pytest.approx(hd95_penalty(gt.shape, SPACING))
+    assert full["region:spleen"] == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "pred_voxels": 0.0, "gt_voxels": 0.0}
+
+
+def test_region_masks_include_parts_and_region_codes(space: LabelSpace) -> None:
+    kidney, tumour = space.leaf_id("kidney"), space.leaf_id("kidney_tumour")
+    region_code = space.code("region:kidney")
+    assert region_code >= space.n_leaves
+    gt = np.zeros((12, 12, 8), np.uint8)
+    gt[2:10, 2:10, 2:6] = region_code  # a set that does not separate the tumour
+    pred = np.zeros_like(gt)
+    pred[2:10, 2:10, 2:6] = kidney
+    pred[4:6, 4:6, 3:5] = tumour
+    annotated = space.annotated_leaf_mask("kidney")
+    scores = evaluate_case(pred, gt, annotated, space, SPACING)
+    # region = organ leaf + tumour leaf in the prediction, organ + tumour + region code in the truth
+    assert scores["region:kidney"]["dice"] == 1.0 and scores["region:kidney"]["hd95"] == 0.0
+    assert "kidney_tumour" not in scores  # the truth cannot say where the tumour is
+    assert validation_dice(pred, gt, annotated, space) == {"region:kidney": 1.0}
+
+    # twin: the same volume with separated leaves scores the tumour, and the region still counts both leaves
+    gt_leaves = pred.copy()
+    gt_leaves[4:6, 4:6, 3:5] = kidney  # the truth says: no tumour there
+    scores = evaluate_case(pred, gt_leaves, annotated, space, SPACING)
+    assert scores["region:kidney"]["dice"] == 1.0
+    assert scores["kidney_tumour"]["dice"] == 0.0 and scores["kidney_tumour"]["gt_voxels"] == 0
+
+
+def test_validation_dice_matches_evaluate_case(space: LabelSpace) -> None:
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, space.n_codes, size=(9, 8, 7)).astype(np.uint8)
+    gt[gt == space.code("region:liver")] = 0  # keep liver_tumour scorable
+    pred = rng.integers(0, space.n_leaves, size=(9, 8, 7)).astype(np.uint8)
+    full = evaluate_case(pred, gt, space.full_mask(), space, SPACING, metrics=("dice",))
+    fast = validation_dice(pred, gt, space.full_mask(), space)
+    assert fast.keys() == full.keys() and "liver_tumour" in fast and "kidney_tumour" not in fast
+    for key in fast:
+        assert fast[key] == pytest.approx(full[key]["dice"])
+    with pytest.raises(ValueError, match="leaf ids"):
+        validation_dice(np.full_like(pred, space.n_leaves), gt, space.full_mask(), space)
+
+
+# ---------------------------------------------------------------------- folders, files, CLI
+PROJECT = """\
+name: tiny
+classes:
+  - liver
+  - {name: liver_tumour, part_of: liver}
+  - kidney
+datasets:
+  - name: liver
+    root: datasets/liver
+    labels: {1: liver, 2: liver_tumour}
+    annotated: [liver, liver_tumour]
+  - name: test
+    root: datasets/test
+    role: test
+    labels: {1: liver, 2: liver_tumour, 3: kidney}
+    annotated: [liver, liver_tumour, kidney]
+preprocessing: {spacing: [2.0, 2.0, 2.0]}
+"""
+AFFINE = np.array([[1.5, 0, 0, -10.0], [0, 1.2, 0, 5.0], [0, 0, 2.5, 30.0], [0, 0, 0, 1]])
+SHAPE = (16, 14, 10)
+
+
+def _write_dataset(root: Path, labels: dict[str, np.ndarray], names: dict[str, str]) -> None:
+    from unionseg.data.io import Geometry, write_image
+
+    geom = Geometry(SHAPE, AFFINE)
+    training = []
+    for case, lab in labels.items():
+        image = np.where(lab > 0, 60.0, -100.0).astype(np.float32)
+        write_image(root / "imagesTr" / f"{case}.nii.gz", image, geom)
+        write_image(root / "labelsTr" / f"{case}.nii.gz", lab.astype(np.uint8), geom)
+        training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", **names}, "training": training}))
+
+
+@pytest.fixture()
+def tiny_project(tmp_path: Path) -> Path:
+    """Project with a partial liver set and a fully labelled test set (local 1 liver, 2 tumour, 3 kidney);
+    predictions (global ids: 1 liver, 2 liver_tumour, 3 kidney) in tmp_path/preds."""
+    from unionseg.data.io import Geometry, write_image
+
+    (tmp_path / "project.yaml").write_text(PROJECT)
+    truths, preds = {}, {}
+    for i in range(3):
+        lab = np.zeros(SHAPE, np.uint8)
+        lab[2 + i:10, 2:10, 2:8] = 1
+        lab[4:6, 4:6, 4:6] = 2
+        lab[11:15, 9:13, 3:7] = 3
+        truths[f"case_{i}"] = lab
+        pred = lab.copy()
+        if i == 1:
+            pred[pred == 1] = 0
+            pred[3:10, 2:10, 2:8][lab[3:10, 2:10, 2:8] == 1] = 1  # a shifted liver
+        if i == 2:
+            pred[pred == 3] = 0  # kidney missed: pred_empty rule
+        preds[f"case_{i}"] = pred
+    _write_dataset(tmp_path / "datasets" / "test", truths, {"1": "liver", "2": "tumour", "3": "kidney"})
+    _write_dataset(tmp_path / "datasets" / "liver", {"liver_0": np.where(truths["case_0"] == 3, 0, truths["case_0"])},
+                   {"1": "liver", "2": "tumour"})
+    geom = Geometry(SHAPE, AFFINE)
+    for case, pred in preds.items():
+        write_image(tmp_path / "preds" / f"{case}.nii.gz", pred, geom)
+    write_image(tmp_path / "preds" / "liver_0.nii.gz", preds["case_0"], geom)
+    return tmp_path
+
+
+def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
+    root = tiny_project
+    out = root / "eval"
+    summary = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
+                              None, out, tolerance_mm=2.0, workers=2)
+    assert summary["dataset"] == "test" and summary["n_cases"] == 3
+    for name in ("metrics.csv", "summary.json", "summary.md", "figures/dice_boxplot.png",
+                 "figures/overlay_best.png", "figures/overlay_worst.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(rows) == 3 * 3  # cases x (region:liver, region:kidney, liver_tumour)
+    missed = [r for r in rows if r["case"] == "case_2" and r["class"] == "region:kidney"]
+    assert missed[0]["empty_rule"] == PRED_EMPTY and float(missed[0]["dice"]) == 0.0
+    saved = json.loads((out / "summary.json").read_text())
+    kidney = saved["classes"]["region:kidney"]
+    assert kidney["empty_rule_cases"][PRED_EMPTY] == 1 and kidney["dice"]["n"] == 3
+    assert kidney["dice"]["mean"] == pytest.approx(2 / 3)
+    assert saved["cases"]["case_0"]["region:liver"]["dice"] == 1.0
+    assert saved["best_case"] == "case_0" and saved["worst_case"] == "case_2"
+    assert saved["unmatched_predictions"] == ["liver_0"]
+    md = (out / "summary.md").read_text()
+    assert "| class | Dice | HD95 (mm) | NSD (2 mm) |" in md and "| kidney | 0.667 ± 0.471 |" in md
+
+    # serial run gives the same numbers (parallel path above)
+    serial = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
+                             None, root / "eval_serial", figures=False)
+    assert serial["cases"] == summary["cases"]
+    assert not (root / "eval_serial" / "figures").exists()
+
+
+def test_evaluate_folder_partial_truth_scores_annotated_only(tiny_project: Path) -> None:
+    root = tiny_project
+    summary = evaluate_folder(root / "preds", root / "datasets" / "liver" / "labelsTr", root / "project.yaml",
+                              None, root / "eval_liver", figures=False)
+    assert summary["dataset"] == "liver"
+    assert list(summary["cases"]["liver_0"]) == ["region:liver", "liver_tumour"]  # the predicted kidney is ignored
+    # twin: declaring the truth as the fully labelled test set would score the kidney (and punish it)
+    forced = evaluate_folder(root / "preds", root / "datasets" / "liver" / "labelsTr", root / "project.yaml",
+                             "test", root / "eval_forced", figures=False)
+    assert forced["cases"]["liver_0"]["region:kidney"]["empty_rule"] == GT_EMPTY
+
+
+def test_evaluate_folder_errors(tiny_project: Path) -> None:
+    from unionseg.data.io import Geometry, write_image
+
+    root = tiny_project
+    gt_dir = root / "datasets" / "test" / "labelsTr"
+    (root / "preds" / "case_1.nii.gz").unlink()
+    with pytest.raises(DataError, match="no prediction for case 'case_1'"):
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e1", figures=False)
+    write_image(root / "preds" / "case_1.nii.gz", np.zeros(SHAPE, np.uint8), Geometry(SHAPE, AFFINE * 1.01))
+    with pytest.raises(DataError, match="grid differs") as info:
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
+    assert "preds/case_1.nii.gz" in str(info.value) and "labelsTr/case_1.nii.gz" in str(info.value)
+    outside = root / "elsewhere"
+    outside.mkdir()
+    with pytest.raises(ConfigError, match="--dataset"):
+        evaluate_folder(root / "preds", outside, root / "project.yaml", None, root / "e3", figures=False)
+
+
+def test_cli_evaluate(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unionseg.cli import run
+    from unionseg.data.io import Geometry, write_image
+
+    root = tiny_project
+    args = ["evaluate", str(root / "preds"), str(root / "datasets" / "test" / "labelsTr"),
+            "--project", str(root / "project.yaml"), "--tolerance", "1.5", "--no-figures"]
+    assert run([*args, "-o", str(root / "cli_out")]) == 0
+    printed = capsys.readouterr().out
+    assert "liver_tumour" in printed and "Dice" in printed
+    assert json.loads((root / "cli_out" / "summary.json").read_text())["tolerance_mm"] == 1.5
+
+    write_image(root / "preds" / "case_0.nii.gz", np.zeros((16, 14, 9), np.uint8), Geometry((16, 14, 9), AFFINE))
+    assert run([*args, "-o", str(root / "cli_bad")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "case_0.nii.gz" in err[0] and "labelsTr" in err[0] and "grid differs" in err[0]
+
+
+def test_markdown_table_reports_empty_rule_counts() -> None:
+    classes = {"region:liver": {"n_cases": 2, "empty_rule_cases": {BOTH_EMPTY: 0, PRED_EMPTY: 1, GT_EMPTY: 0},
+                                "dice": {"mean": 0.5, "std": 0.5, "n": 2}}}
+    assert "| liver | 0.500 ± 0.500 | 2 | 1 |" in markdown_table(classes, ["dice"], 2.0)

@@ -1,0 +1,281 @@
+"""Image IO with geometry: exact round trips (real files), reorientation, label/image alignment, errors."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from unionseg.data.io import (
+    Geometry,
+    align_label_to_image,
+    read_header,
+    read_image,
+    reorient_like,
+    reorient_to_ras,
+    strip_suffix,
+    suffix_of,
+    write_image,
+)
+from unionseg.errors import DataError
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+TOTALSEG = REAL / "totalsegmentator"
+DCMQI = REAL / "dcmqi"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path
+
+
+def _assert_affine(a: Geometry, b: Geometry, nifti: bool) -> None:
+    """Affines equal to 1e-6: absolute for NRRD/MHA (float64 on disk); relative for NIfTI, whose header
+    stores the affine in float32 (235.2 mm is then exact only to about 1.5e-5 mm)."""
+    np.testing.assert_allclose(b.affine, a.affine, atol=1e-6, rtol=1e-6 if nifti else 0.0)
+
+
+def _round_trip(array: np.ndarray, geom: Geometry, out: Path) -> None:
+    write_image(out, array, geom)
+    back, back_geom = read_image(out)
+    assert back.shape == array.shape
+    assert back.dtype == array.dtype
+    assert np.array_equal(back, array)
+    assert back_geom.shape == geom.shape
+    _assert_affine(geom, back_geom, nifti=suffix_of(out) in (".nii", ".nii.gz"))
+
+
+# ---------------------------------------------------------------------- real files
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["example_ct_sm.nii.gz", "example_seg.nii.gz", "example_ct.nii.gz",
+                                  "example_seg_fast_force_split.nii.gz"])
+def test_totalsegmentator_nifti_round_trip(name: str, tmp_path: Path) -> None:
+    array, geom = read_image(_need(TOTALSEG / name))
+    assert geom.orientation() == "RAS" and np.allclose(geom.spacing, 3.0)
+    _round_trip(array, geom, tmp_path / name)
+    # the source affine is float32-representable: the NIfTI round trip is exact
+    assert np.array_equal(read_image(tmp_path / name)[1].affine, geom.affine)
+    _round_trip(array, geom, tmp_path / (strip_suffix(name) + ".nrrd"))
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("image,label,dtype", [("example_ct_sm.nii.gz", "example_seg.nii.gz", np.int16),
+                                               ("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz", np.int32)])
+def test_totalsegmentator_pair_shares_a_grid(image: str, label: str, dtype: type) -> None:
+    ct, ct_geom = read_image(_need(TOTALSEG / image))
+    seg, seg_geom = read_image(_need(TOTALSEG / label))
+    assert ct.dtype == dtype and seg.dtype == np.uint8
+    assert ct_geom.same_grid(seg_geom)
+    out = align_label_to_image(seg, seg_geom, ct_geom, TOTALSEG / label, TOTALSEG / image)
+    assert out is seg
+    assert read_header(TOTALSEG / image).same_grid(ct_geom)
+    # liver (5) and spleen (1) are present in the real labels
+    assert {1, 5} <= set(np.unique(seg).tolist())
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_dicom_series_round_trip(suffix: str, tmp_path: Path) -> None:
+    folder = _need(DCMQI / "ct-3slice")
+    array, geom = read_image(folder)
+    assert array.shape == (512, 512, 3)
+    assert geom.orientation() == "LPS"
+    np.testing.assert_allclose(geom.spacing, (0.810547, 0.810547, 1.0), atol=1e-5)
+    assert array.min() == -3024  # the outside-field padding value
+    # a single .dcm file reads its series
+    assert np.array_equal(read_image(folder / "01.dcm")[0], array)
+    _round_trip(array, geom, tmp_path / f"ct{suffix}")
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("organ,value", [("liver", 1), ("spine", 2), ("heart", 3)])
+def test_dcmqi_nrrd_masks_round_trip_and_land_on_the_dicom_grid(organ: str, value: int, tmp_path: Path) -> None:
+    mask_path = _need(DCMQI / f"{organ}_seg.nrrd")
+    mask, mask_geom = read_image(mask_path)
+    assert set(np.unique(mask).tolist()) == {0, value}
+    _, ct_geom = read_image(_need(DCMQI / "ct-3slice"))
+    aligned = align_label_to_image(mask, mask_geom, ct_geom, mask_path, DCMQI / "ct-3slice")
+    assert aligned.shape == ct_geom.shape and np.array_equal(aligned, mask)
+    for suffix in (".nrrd", ".nii.gz"):
+        _round_trip(mask, mask_geom, tmp_path / f"{organ}{suffix}")
+        # the written copy still lands on the DICOM grid
+        back, back_geom = read_image(tmp_path / f"{organ}{suffix}")
+        assert np.array_equal(align_label_to_image(back, back_geom, ct_geom, tmp_path / organ, DCMQI), mask)
+
+
+# ---------------------------------------------------------------------- reorientation
+def _lps_affine() -> np.ndarray:
+    aff = np.diag([-1.5, -0.8, 2.0, 1.0])
+    aff[:3, 3] = [10.0, 20.0, -5.0]
+    return aff
+
+
+def _pir_affine() -> np.ndarray:
+    """i -> posterior, j -> inferior, k -> right."""
+    aff = np.zeros((4, 4))
+    aff[1, 0], aff[2, 1], aff[0, 2], aff[3, 3] = -0.7, -2.0, 1.1, 1.0
+    aff[:3, 3] = [3.0, 4.0, 5.0]
+    return aff
+
+
+@pytest.mark.parametrize("affine,code", [(_lps_affine(), "LPS"), (_pir_affine(), "PIR"),
+                                         (np.diag([1.0, 2.0, 3.0, 1.0]), "RAS")])
+def test_reorient_to_ras_then_back_is_exact(affine: np.ndarray, code: str) -> None:
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 200, (4, 5, 6)).astype(np.int16)
+    geom = Geometry(array.shape, affine)
+    assert geom.orientation() == code
+    ras, ras_geom = reorient_to_ras(array, geom)
+    assert ras_geom.orientation() == "RAS"
+    assert sorted(ras.shape) == sorted(array.shape)
+    np.testing.assert_allclose(sorted(ras_geom.spacing), sorted(geom.spacing))
+    # the same voxel sits at the same world point
+    for ijk in [(0, 0, 0), (1, 2, 3), (3, 4, 5)]:
+        world = affine @ np.array([*ijk, 1.0])
+        new = np.rint(np.linalg.inv(ras_geom.affine) @ world)[:3].astype(int)
+        assert ras[tuple(new)] == array[ijk]
+    back = reorient_like(ras, ras_geom, geom)
+    assert back.shape == array.shape and np.array_equal(back, array)
+
+
+# ---------------------------------------------------------------------- label stored in another orientation
+def _image() -> tuple[np.ndarray, Geometry]:
+    rng = np.random.default_rng(1)
+    label = rng.integers(0, 4, (4, 5, 6)).astype(np.uint8)
+    aff = np.diag([1.5, 0.8, 2.0, 1.0])
+    aff[:3, 3] = [10.0, 20.0, -5.0]
+    return label, Geometry(label.shape, aff)
+
+
+def _flip_transpose(array: np.ndarray, geom: Geometry) -> tuple[np.ndarray, Geometry]:
+    """The same physical grid stored with axis 0 flipped and the axes permuted (2, 0, 1)."""
+    transform = np.array([[1, -1], [2, 1], [0, 1]])
+    moved = nib.orientations.apply_orientation(array, transform)
+    aff = geom.affine @ nib.orientations.inv_ornt_aff(transform, geom.shape)
+    return moved, Geometry(moved.shape, aff)
+
+
+def test_label_in_another_orientation_is_reoriented_onto_the_image_grid(tmp_path: Path) -> None:
+    label, geom = _image()
+    stored, stored_geom = _flip_transpose(label, geom)
+    assert stored.shape == (6, 4, 5) and stored_geom.orientation() != geom.orientation()
+    write_image(tmp_path / "image.nii.gz", np.zeros(geom.shape, np.int16), geom)
+    write_image(tmp_path / "label.nii.gz", stored, stored_geom)
+    lab, lab_geom = read_image(tmp_path / "label.nii.gz")
+    _, img_geom = read_image(tmp_path / "image.nii.gz")
+    out = align_label_to_image(lab, lab_geom, img_geom, tmp_path / "label.nii.gz", tmp_path / "image.nii.gz")
+    assert np.array_equal(out, label)
+
+
+@pytest.mark.parametrize("shift,transpose", [(1.0, True), (1.0, False), (0.0, "crop")])
+def test_label_on_another_grid_is_refused_naming_both_files(tmp_path: Path, shift: float,
+                                                            transpose: bool | str) -> None:
+    label, geom = _image()
+    if transpose == "crop":
+        stored, stored_geom = label[:3], Geometry(label[:3].shape, geom.affine)
+    else:
+        stored, stored_geom = _flip_transpose(label, geom) if transpose else (label, geom)
+        aff = stored_geom.affine.copy()
+        aff[:3, 3] += shift
+        stored_geom = Geometry(stored.shape, aff)
+    with pytest.raises(DataError) as info:
+        align_label_to_image(stored, stored_geom, geom, tmp_path / "case_7_label.nii.gz",
+                             tmp_path / "case_7_image.nii.gz")
+    message = str(info.value)
+    assert "case_7_label.nii.gz" in message and "case_7_image.nii.gz" in message
+    assert "\n" not in message
+    # twin: the unshifted grid is accepted
+    if transpose != "crop":
+        ok, ok_geom = _flip_transpose(label, geom) if transpose else (label, geom)
+        assert np.array_equal(align_label_to_image(ok, ok_geom, geom, Path("l"), Path("i")), label)
+
+
+# ---------------------------------------------------------------------- dtypes and errors
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int32, np.int64, np.float32, np.float64])
+def test_dtype_is_kept(tmp_path: Path, suffix: str, dtype: type) -> None:
+    array = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype) if np.dtype(dtype).kind != "u" else \
+        np.arange(24, dtype=dtype).reshape(2, 3, 4)
+    _round_trip(array, Geometry(array.shape, _pir_affine()), tmp_path / f"a{suffix}")
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_bool_and_float16_are_stored_in_a_supported_dtype(tmp_path: Path, suffix: str) -> None:
+    geom = Geometry.identity((2, 3, 4))
+    mask = np.zeros(geom.shape, dtype=bool)
+    mask[1, 1, 1] = True
+    write_image(tmp_path / f"m{suffix}", mask, geom)
+    back, _ = read_image(tmp_path / f"m{suffix}")
+    assert back.dtype == np.uint8 and np.array_equal(back, mask)
+    half = np.full(geom.shape, 0.25, dtype=np.float16)
+    write_image(tmp_path / f"h{suffix}", half, geom)
+    back, _ = read_image(tmp_path / f"h{suffix}")
+    assert back.dtype == np.float32 and np.array_equal(back, half.astype(np.float32))
+
+
+def test_write_is_atomic_and_checks_the_shape(tmp_path: Path) -> None:
+    geom = Geometry.identity((2, 3, 4))
+    with pytest.raises(DataError, match=r"array shape \(2, 3, 5\) differs"):
+        write_image(tmp_path / "a.nii.gz", np.zeros((2, 3, 5)), geom)
+    assert not (tmp_path / "a.nii.gz").exists()
+    write_image(tmp_path / "a.nii.gz", np.zeros((2, 3, 4), np.uint8), geom)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]  # no temporary file left behind
+    with pytest.raises(DataError, match="unsupported output type"):
+        write_image(tmp_path / "a.png", np.zeros((2, 3, 4)), geom)
+
+
+def test_read_errors_name_the_file_and_twins_read(tmp_path: Path) -> None:
+    geom = Geometry.identity((4, 4, 4))
+    good = write_image(tmp_path / "good.nii.gz", np.ones(geom.shape, np.int16), geom)
+    assert read_image(good)[0].shape == (4, 4, 4)
+    with pytest.raises(DataError, match="file not found") as info:
+        read_image(tmp_path / "missing.nii.gz")
+    assert "missing.nii.gz" in str(info.value)
+    (tmp_path / "empty.nii.gz").write_bytes(b"")
+    with pytest.raises(DataError, match="empty file"):
+        read_image(tmp_path / "empty.nii.gz")
+    blob = good.read_bytes()
+    (tmp_path / "cut.nii.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match="cut.nii.gz"):
+        read_image(tmp_path / "cut.nii.gz")
+    (tmp_path / "text.nii.gz").write_bytes(gzip.compress(b"not an image at all" * 30))
+    with pytest.raises(DataError, match="text.nii.gz"):
+        read_image(tmp_path / "text.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4), np.int16), np.eye(4)), str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(DataError, match="2D image"):
+        read_image(tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.int16), np.eye(4)), str(tmp_path / "time.nii.gz"))
+    with pytest.raises(DataError, match="4D image"):
+        read_image(tmp_path / "time.nii.gz")
+    # twin: a 4D file with one volume is a 3D image
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1), np.int16), np.eye(4)), str(tmp_path / "one.nii.gz"))
+    assert read_image(tmp_path / "one.nii.gz")[0].shape == (4, 4, 4)
+    assert read_header(tmp_path / "one.nii.gz").shape == (4, 4, 4)
+    singular = np.eye(4)
+    singular[2, 2] = 0.0
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), None)
+    img.set_sform(singular, code=1)  # the sform is stored as given; no qform
+    nib.save(img, str(tmp_path / "singular.nii.gz"))
+    with pytest.raises(DataError, match="invalid geometry"):
+        read_image(tmp_path / "singular.nii.gz")
+    (tmp_path / "x.png").write_bytes(b"png")
+    with pytest.raises(DataError, match="unsupported file type"):
+        read_image(tmp_path / "x.png")
+    (tmp_path / "dicomless").mkdir()
+    with pytest.raises(DataError, match="no DICOM series"):
+        read_image(tmp_path / "dicomless")
+
+
+def test_geometry_record() -> None:
+    geom = Geometry((4, 5, 6), _lps_affine())
+    assert geom.spacing == (1.5, 0.8, 2.0)
+    assert geom.origin == (10.0, 20.0, -5.0)
+    np.testing.assert_allclose(geom.direction, np.diag([-1.0, -1.0, 1.0]))
+    again = Geometry.from_dict(geom.to_dict())
+    assert again.same_grid(geom) and again.shape == (4, 5, 6)
+    assert not geom.same_grid(geom.with_shape((4, 5, 7)))
+    assert strip_suffix("a/case_001.nii.gz") == "case_001" and suffix_of("X.NRRD") == ".nrrd"

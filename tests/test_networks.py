@@ -1,0 +1,366 @@
+"""Networks: backbones (ResUNet, DynUNet), the feature interface, heads and the builder. Tiny sizes only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unionseg.errors import ConfigError
+from unionseg.networks import build_network, count_parameters
+from unionseg.networks.blocks import PreActResBlock, WSConv3d, group_count
+from unionseg.networks.dynunet import DynUNetBackbone
+from unionseg.networks.heads import DynamicHead, head_parameter_count
+from unionseg.networks.resunet import RESUNET_PRESETS, ResUNet
+
+SIZE = 16  # divisible by 8 (tiny presets: 4 levels)
+N_TASKS = 3
+BACKBONES = [{"name": "resunet", "preset": "tiny"}, {"name": "dynunet", "preset": "tiny"}]
+TASK_HEADS = [
+    {"name": "multihead", "n_tasks": N_TASKS, "out_channels": 2},
+    {"name": "conditional", "n_tasks": N_TASKS, "out_channels": 2},
+    {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2},
+]
+ALL_HEADS = [{"name": "softmax", "out_channels": 5}, *TASK_HEADS]
+
+
+def make_net(backbone: dict[str, Any], head: dict[str, Any], seed: int = 0) -> Any:
+    torch.manual_seed(seed)
+    return build_network({"backbone": dict(backbone), "head": dict(head)})
+
+
+def image(batch: int = 2, seed: int = 1, size: int = SIZE) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 1, size, size, size, generator=generator)
+
+
+# ------------------------------------------------------------------ blocks
+def test_group_count_adapts_to_narrow_widths() -> None:
+    assert [group_count(c) for c in (1, 2, 4, 6, 8, 16, 32, 64, 256)] == [1, 1, 2, 3, 4, 8, 16, 16, 16]
+    with pytest.raises(ValueError):
+        group_count(0)
+
+
+def test_group_norms_are_valid_in_narrow_networks() -> None:
+    net = ResUNet(widths=(4, 8, 16, 16), blocks=(1, 1, 1, 1))
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and any(m.num_channels == 4 for m in norms)
+    for norm in norms:
+        assert norm.num_channels % norm.num_groups == 0
+        assert norm.num_channels // norm.num_groups >= 2
+        assert norm.num_groups <= 16
+    # the standard rule (32 groups) would be invalid for 4 channels; ours runs
+    out = net(image(1))
+    assert out.last.shape == (1, 4, SIZE, SIZE, SIZE)
+
+
+def test_weight_standardisation_per_output_channel() -> None:
+    torch.manual_seed(0)
+    conv = WSConv3d(3, 5, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(3.0).add_(torch.arange(5.0).view(5, 1, 1, 1, 1))  # shifted, scaled raw weights
+    raw = conv.weight.reshape(5, -1)
+    assert raw.mean(dim=1).abs().max() > 0.5  # the raw kernels are NOT standardised ...
+    standardized = conv.standardized_weight().reshape(5, -1)
+    assert torch.allclose(standardized.mean(dim=1), torch.zeros(5), atol=1e-5)  # ... the used ones are
+    assert torch.allclose(standardized.std(dim=1, correction=0), torch.ones(5), atol=1e-3)
+    x = torch.randn(1, 3, 6, 6, 6)
+    expected = F.conv3d(x, conv.standardized_weight(), None, 1, 1)
+    assert torch.allclose(conv(x), expected, atol=1e-5)
+    assert not torch.allclose(conv(x), F.conv3d(x, conv.weight, None, 1, 1), atol=1e-2)
+    with pytest.raises(ValueError):
+        WSConv3d(1, 4, 1)  # one weight per output channel cannot be standardised
+
+
+def test_preact_block_downsamples_with_projection() -> None:
+    block = PreActResBlock(4, 8, stride=2)
+    assert block(torch.randn(1, 4, 8, 8, 8)).shape == (1, 8, 4, 4, 4)
+    assert not isinstance(block.shortcut, torch.nn.Identity)
+    assert isinstance(PreActResBlock(4, 4).shortcut, torch.nn.Identity)
+
+
+# ------------------------------------------------------------------ backbones
+@pytest.mark.parametrize("spec", BACKBONES, ids=lambda s: s["name"])
+def test_backbone_feature_interface(spec: dict[str, Any]) -> None:
+    net = make_net(spec, {"name": "dynamic", "n_tasks": 2, "out_channels": 2}).eval()
+    backbone = net.backbone
+    with torch.no_grad():
+        out = backbone(image())
+    assert [t.shape[1] for t in out.decoder] == list(backbone.decoder_channels)
+    assert [t.shape[2] for t in out.decoder] == [4, 8, 16]  # coarse -> fine, last at full resolution
+    assert out.last.shape == (2, backbone.out_channels, SIZE, SIZE, SIZE)
+    assert backbone.out_channels == 4  # widths[0]
+    assert out.bottleneck.shape == (2, backbone.bottleneck_channels, 2, 2, 2)
+    if spec["name"] == "resunet":
+        assert out.bottleneck.min() >= 0 and (out.bottleneck == 0).any()  # after GN-ReLU
+
+
+@pytest.mark.parametrize("spec", BACKBONES, ids=lambda s: s["name"])
+def test_features_upto_matches_full_forward(spec: dict[str, Any]) -> None:
+    backbone = make_net(spec, {"name": "softmax", "out_channels": 3}).backbone.eval()
+    x = image()
+    with torch.no_grad():
+        full = backbone(x)
+        for stage in range(backbone.n_decoder_stages):
+            partial = backbone.features_upto(x, stage)
+            assert torch.allclose(partial, full.decoder[stage], atol=1e-6)
+        assert torch.allclose(backbone.features_upto(x, -1), full.last, atol=1e-6)
+        # a different stage is a different tensor (the check above can fail)
+        assert backbone.features_upto(x, 0).shape != full.last.shape
+    with pytest.raises(IndexError):
+        backbone.features_upto(x, backbone.n_decoder_stages)
+
+
+def test_resunet_bottleneck_is_gn_relu_of_fused_features() -> None:
+    torch.manual_seed(0)
+    net = ResUNet(widths=(4, 8, 16, 16), blocks=(1, 1, 1, 1)).eval()
+    x = image()
+    with torch.no_grad():
+        skips, fused = net._encode(x)
+        expected = net.bottleneck_norm(fused.clone())
+        out = net(x)
+    assert torch.allclose(out.bottleneck, expected)
+    assert (out.bottleneck == 0).any() and (fused < 0).any()  # the ReLU acted
+
+
+def test_resunet_width_change_at_bottleneck_and_transposed_upsampling() -> None:
+    cpu = ResUNet(**RESUNET_PRESETS["cpu"])  # 64-wide bottleneck above a 32-wide level: projected
+    assert cpu.decoder_channels == (16, 8, 8)
+    assert cpu(image(1)).last.shape == (1, 8, SIZE, SIZE, SIZE)
+    transposed = ResUNet(widths=(4, 8, 16), blocks=(1, 1, 1), upsample="transpose")
+    out = transposed(image(1))
+    assert out.last.shape == (1, 4, SIZE, SIZE, SIZE) and out.bottleneck.shape == (1, 16, 4, 4, 4)
+    with pytest.raises(ValueError, match="upsample"):
+        ResUNet(widths=(4, 8), blocks=(1, 1), upsample="nearest")
+
+
+@pytest.mark.parametrize("spec", BACKBONES, ids=lambda s: s["name"])
+def test_input_size_must_be_divisible(spec: dict[str, Any]) -> None:
+    backbone = make_net(spec, {"name": "softmax", "out_channels": 2}).backbone
+    assert backbone.divisor == (8, 8, 8)
+    with pytest.raises(ValueError, match="divisible"):
+        backbone(torch.randn(1, 1, 12, 16, 16))
+    assert backbone(torch.randn(1, 1, 8, 16, 24)).last.shape == (1, 4, 8, 16, 24)
+
+
+def test_dynunet_anisotropic_strides() -> None:
+    backbone = DynUNetBackbone(widths=(4, 8, 16), strides=(1, (1, 2, 2), 2))
+    assert backbone.divisor == (2, 4, 4)
+    assert backbone(torch.randn(1, 1, 4, 8, 8)).last.shape == (1, 4, 4, 8, 8)
+
+
+# ------------------------------------------------------------------ heads
+@pytest.mark.parametrize("backbone", BACKBONES, ids=lambda s: s["name"])
+@pytest.mark.parametrize("head", ALL_HEADS, ids=lambda s: s["name"])
+def test_output_shapes(backbone: dict[str, Any], head: dict[str, Any]) -> None:
+    net = make_net(backbone, head).eval()
+    x = image()
+    with torch.no_grad():
+        per_task = net(x, torch.tensor([0, 2]))
+        all_tasks, features = net(x, return_features=True) if head["name"] != "conditional" else (net(x), None)
+    if head["name"] == "softmax":
+        assert per_task.shape == all_tasks.shape == (2, 5, SIZE, SIZE, SIZE)
+        assert net.output_channels == 5
+    else:
+        assert per_task.shape == (2, 2, SIZE, SIZE, SIZE)
+        assert all_tasks.shape == (2, N_TASKS * 2, SIZE, SIZE, SIZE)
+        assert net.output_channels == N_TASKS * 2
+    if features is not None:
+        assert features.last.shape[1] == net.backbone.out_channels
+
+
+@pytest.mark.parametrize("head", TASK_HEADS, ids=lambda s: s["name"])
+def test_all_task_forward_equals_per_task_forwards(head: dict[str, Any]) -> None:
+    net = make_net(BACKBONES[0], head).eval()
+    x = image()
+    with torch.no_grad():
+        all_tasks = net(x)
+        for task in range(N_TASKS):
+            single = net(x, torch.full((2,), task))
+            assert torch.allclose(all_tasks[:, 2 * task : 2 * task + 2], single, atol=1e-5)
+        mixed = net(x, torch.tensor([2, 0]))
+    assert torch.allclose(mixed[0], all_tasks[0, 4:6], atol=1e-5)
+    assert torch.allclose(mixed[1], all_tasks[1, 0:2], atol=1e-5)
+    assert not torch.allclose(all_tasks[:, 0:2], all_tasks[:, 2:4], atol=1e-4)  # tasks really differ
+
+
+@pytest.mark.parametrize("head", ALL_HEADS, ids=lambda s: s["name"])
+def test_samples_with_different_tasks_are_independent(head: dict[str, Any]) -> None:
+    net = make_net(BACKBONES[0], head).eval()
+    x = image()
+    changed = x.clone()
+    changed[1] = torch.randn(1, SIZE, SIZE, SIZE)
+    task_ids = torch.tensor([0, 1])
+    with torch.no_grad():
+        before, after = net(x, task_ids), net(changed, task_ids)
+    assert torch.allclose(before[0], after[0], atol=1e-6)
+    assert not torch.allclose(before[1], after[1], atol=1e-4)
+
+
+def test_dynamic_head_parameters_depend_on_the_image() -> None:
+    net = make_net(BACKBONES[0], {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}).eval()
+    with torch.no_grad():
+        different = net.controller_params(image(), torch.tensor([1, 1]))
+        same_image = net.controller_params(image(1).expand(2, -1, -1, -1, -1), torch.tensor([1, 1]))
+        other_task = net.controller_params(image(), torch.tensor([1, 2]))
+    assert different.shape == (2, 162)
+    assert not torch.allclose(different[0], different[1], atol=1e-6)  # same task, different images
+    assert torch.allclose(same_image[0], same_image[1], atol=1e-6)
+    assert not torch.allclose(other_task[1], different[1], atol=1e-6)  # task code matters
+
+
+@pytest.mark.parametrize(
+    ("feature_channels", "head_widths", "out_channels", "expected"),
+    [(8, (8, 8), 2, 162), (8, (8, 8), 1, 153), (4, (6,), 3, 4 * 6 + 6 + 6 * 3 + 3), (8, (), 2, 18)],
+)
+def test_controller_output_size_is_computed(
+    feature_channels: int, head_widths: tuple[int, ...], out_channels: int, expected: int
+) -> None:
+    assert head_parameter_count(feature_channels, head_widths, out_channels) == expected
+    spec = {
+        "backbone": {"name": "resunet", "preset": "tiny"},
+        "head": {
+            "name": "dynamic", "n_tasks": N_TASKS, "out_channels": out_channels,
+            "feature_channels": feature_channels, "head_widths": list(head_widths),
+        },
+    }
+    net = build_network(spec).eval()
+    assert net.head.controller.out_features == expected
+    with torch.no_grad():
+        assert net.controller_params(image(), torch.tensor([0, 1])).shape == (2, expected)
+        assert net.controller_params(image(), None).shape == (2, N_TASKS, expected)
+        assert net(image()).shape == (2, N_TASKS * out_channels, SIZE, SIZE, SIZE)
+
+
+def test_dynamic_head_matches_a_per_sample_reference() -> None:
+    torch.manual_seed(0)
+    head = DynamicHead(in_channels=4, bottleneck_channels=6, n_tasks=2, out_channels=3, head_widths=(5,))
+    features = torch.randn(3, 8, 4, 4, 4)
+    params = torch.randn(3, 2, head.n_params)
+    got = head.apply_head(features, params)
+    for sample in range(3):
+        for task in range(2):
+            h = features[sample : sample + 1]
+            layers = head.split_params(params[sample, task : task + 1])
+            for index, (weight, bias) in enumerate(layers):
+                h = F.conv3d(h, weight[0][:, :, None, None, None], bias[0])
+                h = F.relu(h) if index < len(layers) - 1 else h
+            assert torch.allclose(got[sample, 3 * task : 3 * task + 3], h[0], atol=1e-5)
+
+
+def test_backbone_runs_once_for_all_tasks_except_conditional() -> None:
+    counts = {}
+    for head in TASK_HEADS:
+        net = make_net(BACKBONES[0], head).eval()
+        calls: list[int] = []
+        net.backbone.register_forward_hook(lambda *_: calls.append(1))
+        with torch.no_grad():
+            net(image())
+        counts[head["name"]] = len(calls)
+    assert counts == {"multihead": 1, "dynamic": 1, "conditional": N_TASKS}
+
+
+def test_task_ids_are_validated() -> None:
+    net = make_net(BACKBONES[0], TASK_HEADS[2]).eval()
+    with pytest.raises(ValueError, match="shape"):
+        net(image(), torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="integer"):
+        net(image(), torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="task_ids"):
+        make_net(BACKBONES[0], TASK_HEADS[1])(image(), return_features=True)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES, ids=lambda s: s["name"])
+@pytest.mark.parametrize("head", ALL_HEADS, ids=lambda s: s["name"])
+def test_gradients_reach_every_parameter(backbone: dict[str, Any], head: dict[str, Any]) -> None:
+    """Every parameter takes part in a mixed-task step (DDP without find_unused_parameters)."""
+    net = make_net(backbone, head).train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    logits = net(image(), torch.tensor([0, 2]))
+    loss = logits.float().square().mean()
+    loss.backward()
+    for name, param in net.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+    backbone_grads = [p.grad for p in net.backbone.parameters()]
+    assert sum(float(g.abs().sum()) for g in backbone_grads if g is not None) > 0
+    optimizer.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
+
+
+def test_multihead_trains_only_the_chosen_tasks_weights() -> None:
+    net = make_net(BACKBONES[0], TASK_HEADS[0])
+    net(image(size=8), torch.tensor([0, 0])).square().mean().backward()
+    grad = net.head.conv.weight.grad.view(N_TASKS, 2, -1)
+    assert grad[0].abs().sum() > 0
+    assert grad[1:].abs().sum() == 0
+
+
+def test_amp_and_channels_last() -> None:
+    net = make_net(BACKBONES[0], TASK_HEADS[2]).eval()
+    x = image()
+    with torch.no_grad():
+        reference = net(x)
+        channels_last = net.to(memory_format=torch.channels_last_3d)(x.to(memory_format=torch.channels_last_3d))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = net(x)
+    assert torch.allclose(channels_last, reference, atol=1e-4)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low.float()).all()
+    assert (low.float() - reference).abs().max() < 0.1 * reference.abs().max() + 0.05
+
+
+# ------------------------------------------------------------------ builder
+def test_build_network_resolves_and_rebuilds_from_its_spec() -> None:
+    net = make_net({"name": "resunet", "preset": "tiny", "upsample": "transpose"}, TASK_HEADS[2])
+    assert net.spec["backbone"]["widths"] == [4, 8, 16, 16] and net.spec["backbone"]["upsample"] == "transpose"
+    assert net.spec["head"]["head_widths"] == [8, 8] and net.spec["head"]["feature_channels"] == 8
+    rebuilt = build_network(net.spec)
+    assert rebuilt.state_dict().keys() == net.state_dict().keys()
+    rebuilt.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(image()), net.eval()(image()))
+
+
+def test_conditional_backbone_gets_task_code_channels() -> None:
+    net = make_net(BACKBONES[0], TASK_HEADS[1])
+    assert net.backbone.in_channels == 1 + N_TASKS and net.image_channels == 1
+    assert net.spec["backbone"]["in_channels"] == 1
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"backbone": {"name": "resnet"}, "head": {"name": "softmax", "out_channels": 2}},
+        {"backbone": {"name": "resunet", "preset": "huge"}, "head": {"name": "softmax", "out_channels": 2}},
+        {"backbone": {"name": "resunet", "width": 3}, "head": {"name": "softmax", "out_channels": 2}},
+        {"backbone": {"name": "resunet", "widths": [4, 8], "blocks": [1]}, "head": {"name": "softmax", "out_channels": 2}},
+        {"backbone": {"name": "resunet"}, "head": {"name": "dynamic", "out_channels": 2}},
+        {"backbone": {"name": "resunet"}, "head": {"name": "softmax", "out_channels": 0}},
+        {"backbone": {"name": "resunet"}, "head": {"name": "softmax", "out_channels": 2, "n_tasks": 2}},
+    ],
+)
+def test_build_network_rejects_bad_specs(spec: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        build_network(spec)
+
+
+def test_build_network_accepts_explicit_kwargs() -> None:
+    net = build_network(
+        {"backbone": {"name": "resunet", "widths": [4, 8], "blocks": [1, 1]}, "head": {"name": "softmax", "out_channels": 2}}
+    )
+    assert net(image(1, size=4)).shape == (1, 2, 4, 4, 4)
+
+
+def test_preset_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    counts = {}
+    for preset in ("tiny", "cpu", "gpu"):
+        net = make_net({"name": "resunet", "preset": preset}, {"name": "dynamic", "n_tasks": 7, "out_channels": 2})
+        counts[preset] = (count_parameters(net.backbone), count_parameters(net))
+    with capsys.disabled():
+        print("\nResUNet+dynamic head (7 tasks) parameters (backbone, total):", counts)
+    assert counts["tiny"][1] < counts["cpu"][1] < counts["gpu"][1]
+    # DoDNet reports 17.3M parameters for its network (paper widths, 7 tasks)
+    assert abs(counts["gpu"][1] - 17.3e6) < 0.05e6

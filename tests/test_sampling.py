@@ -1,0 +1,316 @@
+"""Patch sampler: oversampling rate, annotated masks, aligned extras, resumability, balance, padding."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unionseg.data.sampling import AugmentSpec, PatchSampler, SamplerCase, cases_per_dataset, make_loader
+from unionseg.errors import DataError
+
+N_LEAVES = 4  # background, organ (1), tumour (2), other organ (3); region code 4 = region of group 0
+ALL_SPATIAL = AugmentSpec(flip_prob=(0.5, 0.5, 0.5), rot90_prob=0.75, scale_prob=1.0, scale_range=(0.7, 1.3),
+                          intensity_scale_prob=0.0, intensity_shift_prob=0.0, noise_prob=0.0)
+
+
+def mask(*leaves: int) -> np.ndarray:
+    out = np.zeros(N_LEAVES, dtype=bool)
+    out[[0, *leaves]] = True
+    return out
+
+
+def blob_case(seed: int, shape: tuple[int, int, int] = (20, 18, 16), dataset_index: int = 0,
+              case_id: str = "") -> SamplerCase:
+    """A smooth random image and a label with three touching organs (codes 1, 2, 3)."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), axis=-1).astype(np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    for code in (1, 3, 2):
+        centre = rng.uniform(3, np.array(shape) - 3)
+        radius = rng.uniform(3, 5)
+        label[np.linalg.norm(grid - centre, axis=-1) < radius] = code
+    image = (label * 0.3 + grid[..., 0] * 0.05 + rng.normal(0, 0.05, shape)).astype(np.float32)
+    return SamplerCase(dataset_index, mask(1, 2, 3), image, label, {}, case_id or f"blob{seed}")
+
+
+def one_hot(label: np.ndarray, n: int) -> np.ndarray:
+    return np.moveaxis(np.eye(n, dtype=np.float16)[label], -1, 0)
+
+
+def draw(sampler: PatchSampler, steps: range) -> list[dict]:
+    return [sampler[s] for s in steps]
+
+
+def assert_batches_equal(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for key in x:
+            if isinstance(x[key], torch.Tensor):
+                assert torch.equal(x[key], y[key]), key
+            else:
+                assert x[key] == y[key], key
+
+
+# ---------------------------------------------------------------------- foreground oversampling
+def organ_case(dataset_index: int = 0) -> SamplerCase:
+    """24^3 volume, a 3^3 annotated organ (code 1) and a large UNannotated organ (code 3)."""
+    label = np.zeros((24, 24, 24), dtype=np.uint8)
+    label[10:13, 5:8, 15:18] = 1
+    label[0:12, 12:24, 0:12] = 3
+    image = np.zeros(label.shape, dtype=np.float32)
+    return SamplerCase(dataset_index, mask(1, 2), image, label, {}, "organ")
+
+
+def centre_codes(sampler: PatchSampler, steps: int) -> np.ndarray:
+    half = tuple(p // 2 for p in sampler.patch_size)
+    return np.concatenate([sampler[s]["label"][(slice(None), *half)].numpy() for s in range(steps)])
+
+
+@pytest.mark.parametrize("fg_prob", [0.0, 0.67, 1.0])
+def test_foreground_oversampling_rate_matches_fg_prob(fg_prob: float) -> None:
+    sampler = PatchSampler([organ_case()], 8, 8, N_LEAVES, seed=3, fg_prob=fg_prob, augment=AugmentSpec.off())
+    codes = centre_codes(sampler, 60)  # 480 patches; no augmentation: the patch centre is the drawn voxel
+    organ_fraction = 27 / 24**3
+    expected = fg_prob + (1 - fg_prob) * organ_fraction
+    measured = float(np.mean(codes == 1))
+    assert abs(measured - expected) < 0.07, (measured, expected)
+    if fg_prob == 1.0:
+        assert measured == 1.0  # never the unannotated organ (code 3), though it is 256x larger
+    if fg_prob == 0.0:
+        assert np.mean(codes == 3) > 0.05  # uniform centres do land on the unannotated organ
+
+
+def test_foreground_classes_drawn_uniformly_including_region_codes() -> None:
+    label = np.zeros((24, 24, 24), dtype=np.uint8)
+    label[2:20, 2:20, 2:12] = 1  # big organ leaf
+    label[5:7, 5:7, 5:7] = 2  # tiny tumour leaf
+    label[2:6, 2:6, 14:18] = N_LEAVES  # region code (organ or tumour, leaf unknown)
+    case = SamplerCase(0, mask(1, 2), np.zeros(label.shape, np.float32), label, {}, "c")
+    sampler = PatchSampler([case], 6, 8, N_LEAVES, fg_prob=1.0, augment=AugmentSpec.off())
+    assert sorted(sampler.foreground_codes(0)) == [1, 2, N_LEAVES]
+    codes = centre_codes(sampler, 60)
+    for code in (1, 2, N_LEAVES):
+        assert abs(np.mean(codes == code) - 1 / 3) < 0.08
+    # an unannotated tumour leaf is never a target
+    case_unannotated = SamplerCase(0, mask(1), np.zeros(label.shape, np.float32), label, {}, "c")
+    assert sorted(PatchSampler([case_unannotated], 6, 2, N_LEAVES).foreground_codes(0)) == [1, N_LEAVES]
+
+
+def test_location_cache_subsamples_and_stays_inside_the_class() -> None:
+    case = organ_case()
+    sampler = PatchSampler([case], 8, 2, N_LEAVES, max_locations=100)
+    locations = sampler.class_locations(0)
+    assert len(locations[1]) == 27 and len(locations[3]) == 100
+    assert np.all(case.label.reshape(-1)[locations[3]] == 3)
+    assert np.array_equal(locations[3], PatchSampler([case], 8, 2, N_LEAVES, max_locations=100)
+                          .class_locations(0)[3])  # seeded: identical in every worker
+
+
+# ---------------------------------------------------------------------- annotated masks and ids
+def test_annotated_mask_and_dataset_id_follow_the_case() -> None:
+    cases = [blob_case(0, dataset_index=0, case_id="a"), blob_case(1, dataset_index=1, case_id="b"),
+             blob_case(2, dataset_index=1, case_id="c")]
+    cases[0].annotated = mask(1, 2)
+    cases[1].annotated = mask(3)
+    cases[2].annotated = mask(3)
+    by_id = {c.case_id: c for c in cases}
+    sampler = PatchSampler(cases, 8, 4, N_LEAVES, augment=ALL_SPATIAL)
+    seen = set()
+    for step in range(6):
+        batch = sampler[step]
+        assert batch["annotated"].shape == (4, N_LEAVES) and batch["annotated"].dtype == torch.bool
+        for b, cid in enumerate(batch["case_id"]):
+            seen.add(cid)
+            assert np.array_equal(batch["annotated"][b].numpy(), by_id[cid].annotated)
+            assert int(batch["dataset_id"][b]) == by_id[cid].dataset_index
+    assert seen == {"a", "b", "c"}
+
+
+# ---------------------------------------------------------------------- aligned extras
+def test_aligned_extras_follow_image_and_label_exactly() -> None:
+    cases = []
+    for seed in range(3):
+        case = blob_case(seed)
+        case.extras = {"pseudo": case.label.copy(), "onehot": one_hot(case.label, N_LEAVES),
+                       "copy": case.image.copy()}
+        cases.append(case)
+    kinds = {"pseudo": "label", "onehot": "prob", "copy": "prob"}
+    # image_pad_value=0 pads the image like the single-channel "copy" extra
+    sampler = PatchSampler(cases, (10, 10, 8), 4, N_LEAVES, seed=5, augment=ALL_SPATIAL, extra_kinds=kinds,
+                           image_pad_value=0.0)
+    ambiguous = 0
+    for step in range(10):
+        batch = sampler[step]
+        label, probs = batch["label"], batch["onehot"]
+        assert batch["pseudo"].dtype == torch.int64 and probs.dtype == torch.float32
+        assert probs.shape == (4, N_LEAVES, 10, 10, 8) and batch["copy"].shape == (4, 1, 10, 10, 8)
+        assert torch.equal(batch["pseudo"], label)  # label extra: same nearest map
+        assert torch.equal(batch["copy"], batch["image"])  # prob extra: same linear map
+        assert torch.allclose(probs.sum(1), torch.ones_like(probs[:, 0]), atol=1e-5)
+        certain = probs.amax(1) == 1.0  # all trilinear neighbours agree -> nearest must agree too
+        assert torch.equal(probs.argmax(1)[certain], label[certain])
+        ambiguous += int((~certain).sum())
+    assert ambiguous > 0  # scaling really resampled (partial volumes at organ borders)
+
+    # without scaling (flips and rot90 only) the probability extra is the one-hot of the label exactly
+    exact = PatchSampler(cases, (10, 10, 8), 4, N_LEAVES, seed=5, extra_kinds=kinds,
+                         augment=AugmentSpec(scale_prob=0.0, rot90_prob=0.75, intensity_scale_prob=0.0,
+                                             intensity_shift_prob=0.0, noise_prob=0.0))
+    for step in range(5):
+        batch = exact[step]
+        assert torch.equal(batch["onehot"], torch.nn.functional.one_hot(batch["label"], N_LEAVES)
+                           .movedim(-1, 1).float())
+
+
+def test_spatial_transforms_are_applied() -> None:
+    """A linear ramp along X reveals flips, rot90 and the scale factor exactly."""
+    shape = (40, 40, 40)
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None], shape).copy()
+    case = SamplerCase(0, mask(), ramp, np.zeros(shape, np.uint8), {}, "ramp")
+
+    def slope(spec: AugmentSpec) -> tuple[float, float]:
+        patch = PatchSampler([case], 8, 1, N_LEAVES, fg_prob=0.0, augment=spec, image_pad_value=-1.0)
+        for step in range(50):  # a patch well inside the volume (no padding, no border clamping)
+            img = patch[step]["image"][0, 0]
+            if img.min() >= 4 and img.max() <= 35:
+                return float(img[5, 4, 4] - img[4, 4, 4]), float(img[4, 5, 4] - img[4, 4, 4])
+        raise AssertionError("no interior patch")
+
+    quiet = dict(intensity_scale_prob=0.0, intensity_shift_prob=0.0, noise_prob=0.0)
+    assert slope(AugmentSpec.off()) == (1.0, 0.0)
+    assert slope(AugmentSpec(flip_prob=(1, 0, 0), rot90_prob=0, scale_prob=0, **quiet)) == (-1.0, 0.0)
+    dx, dy = slope(AugmentSpec(flip_prob=(0, 0, 0), rot90_prob=1, scale_prob=0, **quiet))
+    assert dx == 0.0 and abs(dy) == 1.0
+    dx, _ = slope(AugmentSpec(flip_prob=(0, 0, 0), rot90_prob=0, scale_prob=1, scale_range=(1.25, 1.25), **quiet))
+    assert dx == pytest.approx(1.25)
+
+
+def test_intensity_augmentation_changes_only_the_image() -> None:
+    case = blob_case(0)
+    case.extras = {"copy": case.image.copy()}
+    spec = AugmentSpec(intensity_scale_prob=1.0, intensity_shift_prob=1.0, noise_prob=1.0, noise_std=0.5)
+    batch = PatchSampler([case], 8, 2, N_LEAVES, augment=spec, extra_kinds={"copy": "prob"})[0]
+    assert not torch.allclose(batch["image"], batch["copy"])
+
+
+# ---------------------------------------------------------------------- resumability
+@pytest.fixture()
+def memmapped_cases(tmp_path: Path) -> list[SamplerCase]:
+    cases = []
+    for i in range(3):
+        case = blob_case(i, dataset_index=i % 2)
+        extras = {"pseudo": case.label, "teacher": one_hot(case.label, N_LEAVES)}
+        arrays = {"image": case.image, "label": case.label, **extras}
+        for name, arr in arrays.items():
+            np.save(tmp_path / f"{i}_{name}.npy", arr)
+        loaded = {name: np.load(tmp_path / f"{i}_{name}.npy", mmap_mode="r") for name in arrays}
+        cases.append(SamplerCase(case.dataset_index, case.annotated, loaded["image"], loaded["label"],
+                                 {"pseudo": loaded["pseudo"], "teacher": loaded["teacher"]}, case.case_id))
+    return cases
+
+
+def make_sampler(cases: list[SamplerCase], seed: int = 7) -> PatchSampler:
+    return PatchSampler(cases, 8, 2, N_LEAVES, seed=seed, augment=AugmentSpec(scale_prob=0.5),
+                        extra_kinds={"pseudo": "label", "teacher": "prob"})
+
+
+def test_resumed_and_multiworker_batches_are_identical(memmapped_cases: list[SamplerCase]) -> None:
+    assert isinstance(memmapped_cases[0].image, np.memmap)
+    fresh = draw(make_sampler(memmapped_cases), range(0, 8))[4:8]
+    resumed = list(make_loader(make_sampler(memmapped_cases), 4, 8, num_workers=0))
+    workers = list(make_loader(make_sampler(memmapped_cases), 4, 8, num_workers=2))
+    assert_batches_equal(fresh, resumed)
+    assert_batches_equal(fresh, workers)
+    assert not torch.equal(fresh[0]["image"], fresh[1]["image"])  # different steps differ
+    other_seed = draw(make_sampler(memmapped_cases, seed=8), range(4, 8))
+    assert not torch.equal(fresh[0]["image"], other_seed[0]["image"])
+
+
+def test_pickled_sampler_reopens_memmaps(memmapped_cases: list[SamplerCase]) -> None:
+    sampler = make_sampler(memmapped_cases)
+    clone = pickle.loads(pickle.dumps(sampler))
+    assert isinstance(clone.cases[0].image, np.memmap) and isinstance(clone.cases[0].extras["teacher"], np.memmap)
+    assert_batches_equal(draw(sampler, range(3)), draw(clone, range(3)))
+    in_memory = pickle.loads(pickle.dumps(blob_case(0)))  # plain arrays still pickle by value
+    assert isinstance(in_memory.image, np.ndarray) and not isinstance(in_memory.image, np.memmap)
+
+
+# ---------------------------------------------------------------------- dataset balance
+def test_balanced_datasets_get_equal_shares() -> None:
+    cases = [blob_case(0, (8, 8, 8), 0)] + [blob_case(i, (8, 8, 8), 1) for i in (1, 2)] + \
+        [blob_case(i, (8, 8, 8), 2) for i in range(3, 9)]
+    assert cases_per_dataset(cases) == {0: [0], 1: [1, 2], 2: [3, 4, 5, 6, 7, 8]}
+
+    def shares(balance: bool) -> np.ndarray:
+        sampler = PatchSampler(cases, 4, 3, N_LEAVES, augment=AugmentSpec.off(), balance_datasets=balance)
+        ids = np.concatenate([sampler[s]["dataset_id"].numpy() for s in range(40)])
+        return np.bincount(ids, minlength=3) / ids.size
+
+    assert np.allclose(shares(True), 1 / 3)  # exact: every cycle of 3 slots visits each dataset once
+    unbalanced = shares(False)
+    assert abs(unbalanced[2] - 6 / 9) < 0.1 and unbalanced[0] < 0.2  # proportional to the case counts
+
+
+# ---------------------------------------------------------------------- padding
+def test_padding_at_borders() -> None:
+    shape = (5, 6, 4)
+    code = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    label = np.ones(shape, dtype=np.uint8)
+    case = SamplerCase(0, mask(1), 10.0 + code, label,
+                       {"teacher": one_hot(label, 3), "single": np.full(shape, 0.5, np.float32),
+                        "pseudo": label.copy()}, "small")
+    kinds = {"teacher": "prob", "single": "prob", "pseudo": "label"}
+    sampler = PatchSampler([case], 8, 4, N_LEAVES, fg_prob=0.0, augment=AugmentSpec.off(), extra_kinds=kinds)
+    marked = PatchSampler([case], 8, 4, N_LEAVES, fg_prob=0.0, augment=AugmentSpec.off(), image_pad_value=-1.0)
+    for step in range(3):
+        batch = sampler[step]
+        for b in range(4):
+            image = batch["image"][b, 0].numpy()
+            inside = marked[step]["image"][b, 0].numpy() >= 0  # same draws, pad marked as -1
+            assert 0 < inside.sum() < image.size
+            assert np.all(image[~inside] == 10.0)  # image padded with the case minimum
+            assert np.all(batch["label"][b].numpy()[~inside] == 0)
+            assert np.all(batch["label"][b].numpy()[inside] == 1)
+            assert np.all(batch["pseudo"][b].numpy()[~inside] == 0)
+            teacher = batch["teacher"][b].numpy()
+            assert np.all(teacher[0][~inside] == 1) and np.all(teacher[1:][:, ~inside] == 0)
+            assert np.all(teacher[1][inside] == 1)
+            single = batch["single"][b, 0].numpy()
+            assert np.all(single[~inside] == 0) and np.all(single[inside] == 0.5)
+            # the inside is an exact, unshifted crop: source position = patch position + start
+            pos = np.argwhere(inside)
+            src = np.stack(np.unravel_index((image[inside] - 10).astype(int), shape), axis=1)
+            offsets = src - pos
+            assert np.all(offsets == offsets[0])
+    image = marked[0]["image"].numpy()
+    assert set(np.unique(image[image < 10])) == {-1.0}
+
+
+# ---------------------------------------------------------------------- validation
+def test_invalid_inputs_are_rejected() -> None:
+    case = blob_case(0)
+    PatchSampler([case], 8, 2, N_LEAVES)  # the valid twin
+    bad_label = SamplerCase(0, mask(1), case.image, case.label[:-1], {}, "bad")
+    with pytest.raises(DataError, match="label shape"):
+        PatchSampler([bad_label], 8, 2, N_LEAVES)
+    with pytest.raises(DataError, match="extra 'pseudo' is missing"):
+        PatchSampler([case], 8, 2, N_LEAVES, extra_kinds={"pseudo": "label"})
+    with pytest.raises(DataError, match="annotated mask"):
+        PatchSampler([case], 8, 2, N_LEAVES + 1)
+    with pytest.raises(ValueError, match="reserved"):
+        PatchSampler([case], 8, 2, N_LEAVES, extra_kinds={"label": "label"})
+    with pytest.raises(ValueError, match="kind"):
+        PatchSampler([case], 8, 2, N_LEAVES, extra_kinds={"x": "nearest"})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="fg_prob"):
+        PatchSampler([case], 8, 2, N_LEAVES, fg_prob=1.5)
+    with pytest.raises(ValueError, match="rot90_prob"):
+        AugmentSpec(rot90_prob=2.0)
+    with pytest.raises(ValueError, match="scale_range"):
+        AugmentSpec(scale_range=(1.2, 0.9))
+    with pytest.raises(ValueError, match="start_step"):
+        make_loader(PatchSampler([case], 8, 2, N_LEAVES), 5, 3)
