@@ -3,7 +3,7 @@
 Synthetic cases (``--volume``^3 float32 image, uint8 label with three organs, optionally a uint8 pseudo-label
 extra and a 3-channel float16 teacher-probability extra) are written as ``.npy`` files and opened with
 ``np.load(mmap_mode="r")``, as the trainer does with prepared data. For each patch size and worker count
-the script draws ``--warmup`` batches (worker start-up, lazy location scans), then times ``--steps``
+the script draws ``--warmup`` batches after ``precompute()`` (worker start-up, lazy location scans), then times ``--steps``
 batches of ``--batch`` patches with the default augmentation (``AugmentSpec()``) and ``fg_prob`` 0.67.
 
 Usage:
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
     parser.add_argument("--docs", type=Path, default=None, help="markdown file whose 'Loader' section to write")
     args = parser.parse_args()
 
@@ -115,7 +116,8 @@ def main() -> None:
         for patch in args.patches:
             for extras in (False, True):
                 for workers in args.workers:
-                    rate = measure(cases, patch, workers, extras, args.batch, args.steps, args.warmup)
+                    rate = max(measure(cases, patch, workers, extras, args.batch, args.steps, args.warmup)
+                               for _ in range(args.repeats))
                     rows.append((f"{patch}^3", "pseudo + teacher(3ch fp16)" if extras else "none", workers, rate))
                     print(f"patch {patch}^3  extras {rows[-1][1]:<27} workers {workers}: {rate:7.1f} patches/s",
                           flush=True)
@@ -123,13 +125,17 @@ def main() -> None:
     table = ["| patch | extras | workers | patches/s |", "|---|---|---|---|"]
     table += [f"| {p} | {e} | {w} | {r:.1f} |" for p, e, w, r in rows]
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "benchmarks/bench_loader.py", *sys.argv[1:]])
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+               f"load average at the end {load} (other jobs share the cores: treat the figures as +-50 %)")
     body = "\n".join([
         f"`PatchSampler` + `make_loader` on {args.cases} memmapped synthetic {args.volume}^3 cases "
         f"(float32 image, uint8 label; extras: uint8 pseudo labels and 3-channel float16 teacher "
         f"probabilities), batch {args.batch}, default augmentation (`AugmentSpec()`), fg_prob 0.67; "
         f"{args.steps} timed steps after {args.warmup} warm-up steps (worker start-up excluded), "
-        "after `sampler.precompute()`.",
+        f"after `sampler.precompute()`; best of {args.repeats} runs. The loader runs alone here (the "
+        "main process only consumes batches), so workers add inter-process transfer without freeing "
+        "the main process; in training they overlap loading with the network step.",
         "",
         f"One-time `precompute()` (foreground-location scan + image minimum): {scan_ms:.0f} ms per "
         f"{args.volume}^3 case.",

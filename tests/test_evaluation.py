@@ -252,8 +252,7 @@ def tiny_project(tmp_path: Path) -> Path:
         truths[f"case_{i}"] = lab
         pred = lab.copy()
         if i == 1:
-            pred[pred == 1] = 0
-            pred[3:10, 2:10, 2:8][lab[3:10, 2:10, 2:8] == 1] = 1  # a shifted liver
+            pred[2, 2:10, 2:8] = 1  # one extra liver slab
         if i == 2:
             pred[pred == 3] = 0  # kidney missed: pred_empty rule
         preds[f"case_{i}"] = pred
@@ -349,3 +348,16 @@ def test_markdown_table_reports_empty_rule_counts() -> None:
     classes = {"region:liver": {"n_cases": 2, "empty_rule_cases": {BOTH_EMPTY: 0, PRED_EMPTY: 1, GT_EMPTY: 0},
                                 "dice": {"mean": 0.5, "std": 0.5, "n": 2}}}
     assert "| liver | 0.500 ± 0.500 | 2 | 1 |" in markdown_table(classes, ["dice"], 2.0)
+
+
+def test_evaluation_never_imports_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from unionseg.evaluation import evaluate, figures, cli, metrics\n"
+            "m = np.zeros((6, 6, 6), bool); m[1:4, 1:4, 1:4] = True\n"
+            "metrics.score_masks(m, np.roll(m, 1, 0), (1.0, 1.0, 2.0))\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -167,7 +167,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", w
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
     try:
         obj = cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # ValueError: checks in a dataclass's __post_init__
         raise ConfigError(f"{where or cls.__name__}: {exc}", source) from None
     validate = getattr(obj, "validate", None)
     if callable(validate):
@@ -328,7 +328,8 @@ def _parse_classes(raw: Any, source: str) -> list[Leaf]:
 _DATASET_KEYS = {"name", "root", "labels", "annotated", "layout", "role", "split", "oracle_labels"}
 
 
-def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str, Path]) -> DatasetSpec:
+def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str, Path],
+                   root_hint: str = "") -> DatasetSpec:
     where = f"datasets[{i}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping", source)
@@ -349,8 +350,8 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
         root = roots[name]
     else:
         if "root" not in raw or not isinstance(raw["root"], str):
-            raise ConfigError(f"{where}.root: missing (give it in the project file or with --root {name}=DIR)",
-                              source)
+            raise ConfigError(f"{where}.root: missing (give it in the project file or with --root {name}=DIR"
+                              f"{root_hint})", source)
         root = Path(raw["root"])
         if root.is_absolute():
             raise ConfigError(f"{where}.root: absolute paths are not portable; give it relative to the "
@@ -387,12 +388,62 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
                        role=role, split=split, oracle_labels=oracle)
 
 
+def _read_roots_file(value: Any, base: Path, source: str) -> tuple[dict[str, Path], Path | None, str]:
+    """The optional user file named by a project's ``roots_file`` key (path relative to the project file)::
+
+        roots:                              # dataset name -> folder (absolute, or relative to this file)
+          liver: /data/msd/Task03_Liver
+          kidney: /data/kits19/data
+        cache_dir: /scratch/unionseg        # optional: prepared data go to <cache_dir>/<project name>
+
+    It is the one machine-specific file, so absolute paths are allowed in it (never in a recipe). A missing
+    file is not an error: datasets then need ``root`` or ``--root``, and the missing-root error names the
+    file. Names of datasets the project does not have are ignored, so one file serves several recipes.
+
+    Returns:
+        ``(name -> absolute folder, cache base folder or None, hint for the missing-root message)``.
+
+    Raises:
+        ConfigError: an absolute ``roots_file`` value, or a roots file with unknown keys or wrong types.
+    """
+    if value is None:
+        return {}, None, ""
+    if not isinstance(value, str) or not value or Path(value).is_absolute():
+        raise ConfigError("roots_file: expected a file path relative to the project file", source)
+    path = (base / value).resolve()
+    hint = f", or under 'roots:' in {path}"
+    if not path.is_file():
+        return {}, None, hint
+    data = load_yaml(path)
+    if data is None:
+        return {}, None, hint
+    if not isinstance(data, Mapping):
+        raise ConfigError("expected a mapping with 'roots' (dataset name -> folder) and optional 'cache_dir'", path)
+    unknown = set(data) - {"roots", "cache_dir"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: cache_dir, roots)", path)
+    roots = data.get("roots") or {}
+    if not isinstance(roots, Mapping):
+        raise ConfigError("roots: expected a mapping dataset name -> folder", path)
+    out: dict[str, Path] = {}
+    for name, folder in roots.items():
+        if not isinstance(name, str) or not isinstance(folder, str) or not folder:
+            raise ConfigError(f"roots.{name}: expected a folder, got {folder!r}", path)
+        out[name] = (path.parent / Path(folder).expanduser()).resolve()
+    cache = data.get("cache_dir")
+    if cache is not None and (not isinstance(cache, str) or not cache):
+        raise ConfigError(f"cache_dir: expected a folder, got {cache!r}", path)
+    return out, (path.parent / Path(cache).expanduser()).resolve() if cache else None, hint
+
+
 def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None) -> Project:
     """Load and validate a project file.
 
     Args:
         path: the YAML project file; relative roots are resolved against its folder.
         roots: optional ``dataset name -> folder`` overrides (``--root NAME=DIR`` on the command line).
+            They win over the project's optional ``roots_file`` (a user YAML file, see
+            :func:`_read_roots_file`; it may also move ``cache_dir``), which wins over each dataset's ``root``.
 
     Raises:
         ConfigError: naming the file and the key at fault.
@@ -402,7 +453,7 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     raw = load_yaml(path)
     if not isinstance(raw, Mapping):
         raise ConfigError("expected a mapping at the top level", path)
-    known = {"name", "classes", "datasets", "preprocessing", "cache_dir", "generator_version", "notes"}
+    known = {"name", "classes", "datasets", "preprocessing", "cache_dir", "generator_version", "notes", "roots_file"}
     unknown = set(raw) - known
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(known))})", path)
@@ -412,7 +463,9 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     if not isinstance(ds_raw, list) or not ds_raw:
         raise ConfigError("datasets: expected a non-empty list", path)
     root_over = {k: Path(v).resolve() for k, v in (roots or {}).items()}
-    datasets = tuple(_parse_dataset(d, i, base, source, root_over) for i, d in enumerate(ds_raw))
+    file_roots, cache_base, root_hint = _read_roots_file(raw.get("roots_file"), base, source)
+    merged = {**file_roots, **root_over}  # --root wins over the roots file, which wins over a dataset's root
+    datasets = tuple(_parse_dataset(d, i, base, source, merged, root_hint) for i, d in enumerate(ds_raw))
     unknown_roots = set(root_over) - {d.name for d in datasets}
     if unknown_roots:
         raise ConfigError(f"--root names unknown dataset {sorted(unknown_roots)[0]!r}", path)
@@ -428,8 +481,9 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     if not isinstance(cache, str) or Path(cache).is_absolute():
         raise ConfigError("cache_dir: expected a folder relative to the project file", path)
     name = raw.get("name", path.stem)
+    cache_dir = cache_base / str(name) if cache_base is not None else base / cache
     return Project(path=path, name=str(name), label_space=space, datasets=datasets, preprocessing=pre,
-                   cache_dir=base / cache, raw=dict(raw))
+                   cache_dir=cache_dir, raw=dict(raw))
 
 
 def split_cases(

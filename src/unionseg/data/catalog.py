@@ -1,16 +1,37 @@
-"""Find the cases of a dataset folder: Medical Segmentation Decathlon and nnU-Net v2 raw layouts.
+"""Find the cases of a dataset folder: MSD, nnU-Net v2 raw, KiTS and "images + labels folders" layouts.
 
-MSD: ``dataset.json`` with ``labels`` (value -> name) and a ``training`` list of ``{image, label}`` paths
-relative to the root (``./imagesTr/liver_0.nii.gz``). nnU-Net v2 raw: ``dataset.json`` with
-``channel_names``, ``labels`` (name -> value) and ``file_ending``; images ``imagesTr/<case>_0000<ending>``
-and labels ``labelsTr/<case><ending>``. Every path must stay inside the dataset root.
+Layouts (``layout:`` of a dataset in the project file; ``auto`` detects them in this order):
+
+* ``msd`` / ``nnunet``: a ``dataset.json``. MSD: ``labels`` (value -> name) and a ``training`` list of
+  ``{image, label}`` paths relative to the root (``./imagesTr/liver_0.nii.gz``). nnU-Net v2 raw:
+  ``channel_names``, ``labels`` (name -> value) and ``file_ending``; images ``imagesTr/<case>_0000<ending>``
+  and labels ``labelsTr/<case><ending>``. Any folder holding a ``dataset.json`` must be one of these two.
+* ``kits``: KiTS19/21/23, one folder per case ``case_XXXXX/imaging.nii.gz`` with ``segmentation.nii.gz``
+  (KiTS19, KiTS23) or ``aggregated_MAJ_seg.nii.gz`` (KiTS21, the majority vote of the annotators), in the
+  root or in its ``data/`` folder (the layout of the KiTS repositories). Case folders without a
+  segmentation (the KiTS19 test cases 00210-00299) are skipped and listed in :attr:`DatasetInfo.skipped`.
+* ``folders``: an images folder and a labels folder whose files match by name (BTCV ``img/img0001.nii.gz``
+  with ``label/label0001.nii.gz``, or AMOS/WORD ``imagesTr`` + ``labelsTr`` without a ``dataset.json``).
+  ``folders`` alone looks for the pairs in :data:`FOLDER_PAIRS`; ``folders:IMAGES,LABELS`` names the two
+  sub-folders explicitly (relative to the root). Files match on the name without its image suffix (and
+  without an nnU-Net ``_0000`` channel suffix); names that differ only in their prefix match on their
+  numbers (``img0001`` <-> ``label0001``, ``volume-7`` <-> ``segmentation-7``) when that is unambiguous.
+
+Declared labels: MSD and nnU-Net datasets declare their label values in ``dataset.json`` and
+:func:`check_label_map` checks the project's map against them. The KiTS and folders layouts declare none
+(``declared_labels is None``): the check is then a no-op, and ``prepare`` checks every label file's voxel
+values against the project's map instead (an unmapped value is an error naming the file).
+
+Every path must stay inside the dataset root; hidden files (``.`` prefix, e.g. macOS ``._liver_0.nii.gz``
+copies in the MSD archives) and non-image files are ignored.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
@@ -18,7 +39,25 @@ from typing import Any
 from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
 from unionseg.errors import DataError
 
-LAYOUTS = ("msd", "nnunet")
+LAYOUTS = ("msd", "nnunet", "kits", "folders")
+"""Layout names a dataset may declare (besides ``auto`` and ``folders:IMAGES,LABELS``)."""
+
+FOLDER_PAIRS: tuple[tuple[str, str], ...] = (
+    ("imagesTr", "labelsTr"),
+    ("images", "labels"),
+    ("img", "label"),
+    ("image", "label"),
+    ("images", "masks"),
+    ("volumes", "segmentations"),
+)
+"""(images, labels) sub-folder names the ``folders`` layout looks for, in this order."""
+
+KITS_IMAGE = "imaging.nii.gz"
+KITS_LABELS = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
+"""Label file names of a KiTS case folder, in order of preference (KiTS19/23, then KiTS21)."""
+
+_KITS_CASE = re.compile(r"^case_\d{5}$")
+_CHANNEL_SUFFIX = "_0000"
 
 
 @dataclass(frozen=True)
@@ -34,9 +73,19 @@ class CaseFiles:
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """A scanned dataset folder.
+
+    Attributes:
+        layout: the layout that was used (``msd``, ``nnunet``, ``kits`` or ``folders``).
+        declared_labels: value -> name from ``dataset.json``; None for layouts that declare no labels.
+        cases: every labelled case, sorted as the layout lists them.
+        skipped: case ids left out because they have no label file (KiTS test cases).
+    """
+
     layout: str
-    declared_labels: dict[int, str]
+    declared_labels: dict[int, str] | None
     cases: tuple[CaseFiles, ...]
+    skipped: tuple[str, ...] = ()
 
 
 def read_dataset_json(root: Path) -> dict[str, Any]:
@@ -55,12 +104,70 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
 
 
 def detect_layout(root: Path, data: Mapping[str, Any]) -> str:
+    """The layout a ``dataset.json`` describes (``msd`` or ``nnunet``).
+
+    Raises:
+        DataError: the file matches neither layout.
+    """
     if "training" in data:
         return "msd"
     if "channel_names" in data or "file_ending" in data:
         return "nnunet"
     raise DataError("dataset.json matches no known layout: MSD needs 'training'; nnU-Net v2 needs "
-                    "'channel_names' and 'file_ending'", root / "dataset.json")
+                    "'channel_names' and 'file_ending' (set the dataset's layout to 'folders' to ignore "
+                    "this file)", root / "dataset.json")
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and suffix_of(path) in IMAGE_SUFFIXES
+
+
+def _kits_case_dirs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return [p for p in sorted(folder.iterdir()) if p.is_dir() and _KITS_CASE.match(p.name)]
+
+
+def kits_data_dir(root: Path) -> Path | None:
+    """The folder holding KiTS ``case_XXXXX`` folders: ``root`` itself or ``root/data``; None if neither."""
+    for folder in (root, root / "data"):
+        if any((d / KITS_IMAGE).exists() for d in _kits_case_dirs(folder)):
+            return folder
+    return None
+
+
+def find_folder_pair(root: Path) -> tuple[Path, Path] | None:
+    """The first (images, labels) pair of :data:`FOLDER_PAIRS` present in ``root`` (both folders), or None."""
+    for images, labels in FOLDER_PAIRS:
+        if (root / images).is_dir() and (root / labels).is_dir():
+            return root / images, root / labels
+    return None
+
+
+def _no_layout_message() -> str:
+    pairs = ", ".join(f"{i}/+{lab}/" for i, lab in FOLDER_PAIRS)
+    return ("matches no known layout; looked for: no dataset.json (MSD, nnU-Net v2 raw); no "
+            f"case_XXXXX/{KITS_IMAGE} here or in data/ (KiTS19/21/23); no images + labels folder pair "
+            f"({pairs}). Point the root at the folder that holds them, or set the dataset's layout "
+            "(e.g. 'folders:IMAGES,LABELS')")
+
+
+def resolve_layout(root: Path) -> str:
+    """Detect a folder's layout: ``dataset.json`` (MSD / nnU-Net v2), KiTS case folders, or a folder pair.
+
+    Raises:
+        DataError: naming the folder and listing what was looked for, when nothing matches; or a
+            ``dataset.json`` that describes neither MSD nor nnU-Net v2.
+    """
+    if not root.is_dir():
+        raise DataError("dataset folder not found", root)
+    if (root / "dataset.json").is_file():
+        return detect_layout(root, read_dataset_json(root))
+    if kits_data_dir(root) is not None:
+        return "kits"
+    if find_folder_pair(root) is not None:
+        return "folders"
+    raise DataError(_no_layout_message(), root)
 
 
 def _inside(root: Path, rel: Any, where: str, json_path: Path) -> Path:
@@ -113,13 +220,16 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
     return out
 
 
-def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> list[tuple[str, Path, Path | None]]:
+_RawCases = list[tuple[str, Path, Path | None]]
+
+
+def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> _RawCases:
     if "training" not in data:
         raise DataError("missing key 'training' (a list of {image, label})", json_path)
     training = data.get("training")
     if not isinstance(training, list):
         raise DataError("'training' must be a list of {image, label}", json_path)
-    out: list[tuple[str, Path, Path | None]] = []
+    out: _RawCases = []
     for i, item in enumerate(training):
         if not isinstance(item, Mapping) or "image" not in item:
             raise DataError(f"training[{i}]: expected an object with 'image' and 'label'", json_path)
@@ -129,7 +239,7 @@ def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) 
     return out
 
 
-def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> list[tuple[str, Path, Path | None]]:
+def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> _RawCases:
     for key in ("file_ending", "channel_names"):
         if key not in data:
             raise DataError(f"missing key {key!r} (nnU-Net v2 raw layout)", json_path)
@@ -143,16 +253,142 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
     labels_dir = root / "labelsTr"
     if not images_dir.is_dir():
         raise DataError("no imagesTr folder", root)
-    out: list[tuple[str, Path, Path | None]] = []
+    out: _RawCases = []
     for image in sorted(images_dir.iterdir()):
         if not image.name.endswith(ending) or image.name.startswith("."):
             continue
         stem = image.name[: -len(ending)]
-        if not stem.endswith("_0000"):
+        if not stem.endswith(_CHANNEL_SUFFIX):
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
     return out
+
+
+def _cases_kits(root: Path) -> tuple[_RawCases, list[str]]:
+    """Labelled KiTS cases and the ids of case folders without a segmentation."""
+    folder = kits_data_dir(root)
+    if folder is None:
+        raise DataError(f"no case_XXXXX/{KITS_IMAGE} folders here or in data/ (KiTS layout)", root)
+    out: _RawCases = []
+    skipped: list[str] = []
+    for case_dir in _kits_case_dirs(folder):
+        image = case_dir / KITS_IMAGE
+        label = next((case_dir / n for n in KITS_LABELS if (case_dir / n).exists()), None)
+        if label is None:
+            if image.exists():
+                skipped.append(case_dir.name)  # an unlabelled (test) case
+                continue
+            raise DataError(f"case folder has neither {KITS_IMAGE} nor a segmentation", case_dir)
+        out.append((case_dir.name, image, label))
+    return out, skipped
+
+
+def parse_folders_layout(layout: str, root: Path) -> tuple[Path, Path] | None:
+    """The explicit (images, labels) folders of ``folders:IMAGES,LABELS``; None for plain ``folders``.
+
+    Raises:
+        DataError: a malformed value, or a sub-folder that is absolute or escapes the root.
+    """
+    if layout == "folders":
+        return None
+    spec = layout[len("folders:"):]
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise DataError(f"layout {layout!r}: expected 'folders:IMAGES,LABELS' (two sub-folders of the root)", root)
+    where = f"layout {layout!r}"
+    return _inside(root, parts[0], where, root), _inside(root, parts[1], where, root)
+
+
+def image_key(path: Path) -> str:
+    """A file's matching key: its name without the image suffix and without an nnU-Net ``_0000``."""
+    stem = strip_suffix(path)
+    return stem[: -len(_CHANNEL_SUFFIX)] if stem.endswith(_CHANNEL_SUFFIX) else stem
+
+
+def _numbers(key: str) -> tuple[int, ...] | None:
+    found = re.findall(r"\d+", key)
+    return tuple(int(n) for n in found) if found else None
+
+
+def match_by_name(
+    left: Mapping[str, Path], right: Mapping[str, Path]
+) -> tuple[dict[str, str], list[str], list[str]]:
+    """Pair two sets of keyed files: same key first, then same numbers where the names differ.
+
+    ``img0001`` pairs with ``label0001`` and ``volume-7`` with ``segmentation-7``: the numbers in a name
+    (as integers, so zero padding does not matter) decide, but only when they are unique on both sides
+    among the files still unpaired.
+
+    Args:
+        left: key -> file (e.g. images).
+        right: key -> file (e.g. labels).
+
+    Returns:
+        ``(pairs left key -> right key, unpaired left keys, unpaired right keys)``.
+    """
+    pairs = {k: k for k in left if k in right}
+    rest_left = [k for k in left if k not in pairs]
+    rest_right = [k for k in right if k not in pairs]
+    if rest_left and rest_right:
+        def by_number(keys: Sequence[str]) -> dict[tuple[int, ...], list[str]]:
+            out: dict[tuple[int, ...], list[str]] = {}
+            for key in keys:
+                nums = _numbers(key)
+                if nums is not None:
+                    out.setdefault(nums, []).append(key)
+            return out
+
+        numbered_left, numbered_right = by_number(rest_left), by_number(rest_right)
+        for nums, keys in numbered_left.items():
+            other = numbered_right.get(nums, [])
+            if len(keys) == 1 and len(other) == 1:
+                pairs[keys[0]] = other[0]
+        paired_right = set(pairs.values())
+        rest_left = [k for k in left if k not in pairs]
+        rest_right = [k for k in right if k not in paired_right]
+    return pairs, rest_left, rest_right
+
+
+def image_files(folder: Path) -> dict[str, Path]:
+    """Key (:func:`image_key`) -> image file of a folder's direct children; hidden files are ignored.
+
+    Raises:
+        DataError: two files with the same key (``a.nii`` and ``a.nii.gz``).
+    """
+    out: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not _is_image_file(path):
+            continue
+        key = image_key(path)
+        if key in out:
+            raise DataError(f"duplicate case id {key!r} (also {out[key].name})", path)
+        out[key] = path
+    return out
+
+
+def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
+    explicit = parse_folders_layout(layout, root)
+    pair = explicit if explicit is not None else find_folder_pair(root)
+    if pair is None:
+        names = ", ".join(f"{i}/+{lab}/" for i, lab in FOLDER_PAIRS)
+        raise DataError(f"no images + labels folder pair ({names}); name them with layout "
+                        "'folders:IMAGES,LABELS'", root)
+    images_dir, labels_dir = pair
+    for folder, what in ((images_dir, "images"), (labels_dir, "labels")):
+        if not folder.is_dir():
+            raise DataError(f"{what} folder not found", folder)
+    images, labels = image_files(images_dir), image_files(labels_dir)
+    pairs, lonely_images, lonely_labels = match_by_name(images, labels)
+    if lonely_images:
+        key = lonely_images[0]
+        more = f" ({len(lonely_images) - 1} more)" if len(lonely_images) > 1 else ""
+        raise DataError(f"label file for case {key!r} is missing: no file in {labels_dir.name}/ matches "
+                        f"{images[key].name} by name or number{more}", images[key])
+    if lonely_labels:
+        key = lonely_labels[0]
+        raise DataError(f"label file matches no image in {images_dir.name}/ (by name or number)", labels[key])
+    return [(key, images[key], labels[pairs[key]]) for key in images], labels_dir
 
 
 def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path | None = None) -> DatasetInfo:
@@ -161,28 +397,44 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
     Args:
         name: the dataset's name in the project (recorded in every :class:`CaseFiles`).
         root: the dataset folder; case paths come back absolute.
-        layout: ``auto`` (from ``dataset.json``), ``msd`` or ``nnunet``.
-        oracle_dir: optional folder of full label maps named like the label files (phantom only).
+        layout: ``auto`` (detected, see :func:`resolve_layout`), ``msd``, ``nnunet``, ``kits``, ``folders``
+            or ``folders:IMAGES,LABELS``.
+        oracle_dir: optional folder of full label maps named like the label files (phantom only; for KiTS,
+            ``<case_id>.nii.gz``).
 
     Raises:
-        DataError: no dataset.json, unknown layout, a path escaping the root, a missing image or label
-            file, duplicate case ids, or no cases at all. Each names the file at fault.
+        DataError: a missing folder, no recognisable layout (listing what was looked for), no or an
+            invalid dataset.json where the layout needs one, a path escaping the root, a missing image or
+            label file, duplicate case ids, or no cases at all. Each names the file at fault.
     """
     root = Path(os.path.normpath(Path(root).absolute()))  # case paths come out absolute and normalised
-    data = read_dataset_json(root)
-    json_path = root / "dataset.json"
+    if not isinstance(layout, str):
+        raise DataError(f"layout must be a string, got {layout!r}", root)
+    if layout != "auto" and layout not in LAYOUTS and not layout.startswith("folders:"):
+        raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}, folders:IMAGES,LABELS",
+                        root)
+    if not root.is_dir():
+        raise DataError("dataset folder not found", root)
     if layout == "auto":
-        layout = detect_layout(root, data)
-    if layout == "msd":
-        declared = _declared_msd(data, json_path)
-        raw = _cases_msd(name, root, data, json_path)
-    elif layout == "nnunet":
-        declared = _declared_nnunet(data, json_path)
-        raw = _cases_nnunet(name, root, data, json_path)
+        layout = resolve_layout(root)
+    declared: dict[int, str] | None = None
+    skipped: list[str] = []
+    if layout in ("msd", "nnunet"):
+        data = read_dataset_json(root)
+        json_path = root / "dataset.json"
+        if layout == "msd":
+            declared = _declared_msd(data, json_path)
+            raw = _cases_msd(name, root, data, json_path)
+        else:
+            declared = _declared_nnunet(data, json_path)
+            raw = _cases_nnunet(name, root, data, json_path)
+    elif layout == "kits":
+        raw, skipped = _cases_kits(root)
     else:
-        raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}", root)
+        raw, _ = _cases_folders(root, layout)
     if not raw:
-        raise DataError("dataset has no training cases", root)
+        extra = f" ({len(skipped)} case folders have no segmentation)" if skipped else ""
+        raise DataError(f"dataset has no training cases{extra}", root)
     seen: dict[str, Path] = {}
     cases = []
     for case_id, image, label in raw:
@@ -190,20 +442,34 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
             raise DataError(f"duplicate case id {case_id!r} (also {seen[case_id].name})", image)
         seen[case_id] = image
         if not image.exists():
-            raise DataError("image file listed in dataset.json is missing", image)
+            raise DataError("image file listed in dataset.json is missing" if declared is not None
+                            else "image file is missing", image)
         if label is None or not label.exists():
             raise DataError(f"label file for case {case_id!r} is missing", label or image)
         oracle = None
         if oracle_dir is not None:
-            oracle = oracle_dir / label.name
+            oracle = oracle_dir / (f"{case_id}{suffix_of(label)}" if layout == "kits" else label.name)
             if not oracle.exists():
                 raise DataError(f"oracle label for case {case_id!r} is missing", oracle)
         cases.append(CaseFiles(name, case_id, image, label, oracle))
-    return DatasetInfo(layout, declared, tuple(cases))
+    kind = "folders" if layout.startswith("folders") else layout
+    return DatasetInfo(kind, declared, tuple(cases), tuple(skipped))
 
 
-def check_label_map(dataset: str, declared: Mapping[int, str], mapped: Mapping[int, str], json_path: Path) -> None:
-    """Every value the project maps must be declared by the dataset's own dataset.json."""
+def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Mapping[int, str],
+                    json_path: Path) -> None:
+    """Every value the project maps must be declared by the dataset's own dataset.json.
+
+    ``declared=None`` (KiTS and folders layouts, which declare no labels) checks nothing here: ``prepare``
+    then checks each label file's voxel values against the map (an unmapped value names the file), and a
+    mapped value that never occurs is harmless (KiTS recipes map the KiTS21/23 cyst value 3, absent in
+    KiTS19).
+
+    Raises:
+        DataError: naming ``json_path`` and the first mapped value the dataset does not declare.
+    """
+    if declared is None:
+        return
     missing = sorted(set(mapped) - set(declared))
     if missing:
         raise DataError(f"project maps label value {missing[0]} for dataset {dataset!r}, but dataset.json declares "

@@ -36,7 +36,11 @@ channels (channel 0 is background, as in teacher softmax outputs), 0 for single-
 
 MONAI's random intensity transforms draw from their own ``RandomState``; keeping one generator per
 (seed, step, slot) is simpler and exact with three lines of numpy, so the intensity operations are
-written out here. The spatial operations use torch (exact and identical for every channel).
+written out here. Resampling uses ``torch.nn.functional.interpolate`` (one call for all linear channels,
+one for all label-like ones); crops, ``rot90`` and flips are numpy views that are copied once, straight
+into the preallocated batch tensors (in shared memory inside loader workers, so handing a batch to the
+training process copies nothing more). Torch is imported lazily: importing this module (for
+:class:`AugmentSpec` in a config, say) stays cheap.
 """
 
 from __future__ import annotations
@@ -388,29 +392,34 @@ class PatchSampler:
                 return (int(center[0]), int(center[1]), int(center[2])), True
         return (int(rng.integers(shape[0])), int(rng.integers(shape[1])), int(rng.integers(shape[2]))), False
 
-    def sample(self, step: int, slot: int) -> dict[str, Any]:
-        """One uncollated sample for (step, slot): tensors without the batch dimension."""
-        rng = np.random.default_rng([self.seed, int(step), int(slot)])
-        case_index = self.choose_case(int(step), int(slot), rng)
-        center, _ = self.choose_center(case_index, rng)
-        return self._extract(case_index, center, rng)
-
     def __getitem__(self, step: int) -> Batch:
+        """The collated batch of one training step (shapes in the class docstring)."""
+        import torch
+        from torch.utils.data import get_worker_info
+
+        step = int(step)
         if step < 0:
             raise IndexError(f"step must be >= 0, got {step}")
-        import torch
-
-        samples = [self.sample(step, slot) for slot in range(self.batch_size)]
-        batch: Batch = {key: torch.stack([s[key] for s in samples])
-                        for key in samples[0] if key != "case_id"}
-        batch["case_id"] = [s["case_id"] for s in samples]
+        shared = get_worker_info() is not None  # in a loader worker: fill shared memory directly
+        size = (self.batch_size, *self.patch_size)
+        batch: Batch = {
+            "image": _empty((self.batch_size, 1, *self.patch_size), torch.float32, shared),
+            "label": _empty(size, torch.int64, shared),
+            "annotated": torch.empty((self.batch_size, self.n_leaves), dtype=torch.bool),
+            "dataset_id": torch.empty(self.batch_size, dtype=torch.int64),
+        }
+        for name, kind in self.extra_kinds.items():
+            batch[name] = _empty(size, torch.int64, shared) if kind == "label" else \
+                _empty((self.batch_size, self.extra_channels[name], *self.patch_size), torch.float32, shared)
+        batch["case_id"] = [self.fill_slot(batch, step, slot) for slot in range(self.batch_size)]
         return batch
 
     # ------------------------------------------------------------------ the transform
-    def _extract(self, case_index: int, center: tuple[int, int, int], rng: np.random.Generator) -> dict[str, Any]:
-        import torch
-        import torch.nn.functional as F
-
+    def fill_slot(self, batch: Batch, step: int, slot: int) -> str:
+        """Draw sample (step, slot) into row ``slot`` of the preallocated ``batch``; returns its case id."""
+        rng = np.random.default_rng([self.seed, step, slot])
+        case_index = self.choose_case(step, slot, rng)
+        center, _ = self.choose_center(case_index, rng)
         case = self.cases[case_index]
         aug = self.augment
         patch = self.patch_size
@@ -419,90 +428,112 @@ class PatchSampler:
             scale = float(rng.uniform(*aug.scale_range))
         box = tuple(max(1, int(round(p * scale))) for p in patch)
         start = tuple(c - b // 2 for c, b in zip(center, box, strict=True))
+        rot_k = 0
+        flip_axes: tuple[int, ...] = ()
+        if aug.enabled:
+            if rng.random() < aug.rot90_prob:
+                rot_k = int(rng.integers(1, 4)) if patch[0] == patch[1] else 2
+            flip_axes = tuple(axis - 3 for axis in range(3) if rng.random() < aug.flip_prob[axis])
 
-        # Linear channels: image, then every prob extra's channels; label-like: label, then label extras.
-        linear = [_crop(case.image, start, box, np.float32(self.pad_value(case_index)))[None]]
+        # Linear channels (image, then each prob extra's channels) share one float32 box; label-like
+        # volumes (label, then label extras) keep their integer dtype unless they must be resampled.
         prob_names = [n for n, k in self.extra_kinds.items() if k == "prob"]
         label_names = [n for n, k in self.extra_kinds.items() if k == "label"]
+        linear = np.empty((1 + sum(self.extra_channels[n] for n in prob_names), *box), dtype=np.float32)
+        _crop_into(linear[:1], case.image[None], start, np.float32(self.pad_value(case_index)))
+        channel = 1
         for name in prob_names:
-            arr = case.extras[name]
-            channels = self.extra_channels[name]
+            arr, channels = case.extras[name], self.extra_channels[name]
             fill = np.zeros((channels, 1, 1, 1), dtype=np.float32)
             if channels >= 2:
                 fill[0] = 1.0
-            linear.append(_crop(arr if arr.ndim == 4 else arr[None], start, box, fill))
-        labels = [_crop(case.label, start, box, np.float32(0))[None]]
-        labels += [_crop(case.extras[name], start, box, np.float32(0))[None] for name in label_names]
+            _crop_into(linear[channel:channel + channels], arr if arr.ndim == 4 else arr[None], start, fill)
+            channel += channels
+        labels = []
+        for arr in [case.label] + [case.extras[n] for n in label_names]:
+            out = np.empty(box, dtype=arr.dtype)
+            _crop_into(out, arr, start, 0)
+            labels.append(out)
 
-        lin = torch.from_numpy(np.concatenate(linear))
-        lab = torch.from_numpy(np.concatenate(labels))
         if box != patch:
-            lin = F.interpolate(lin[None], size=patch, mode="trilinear", align_corners=False)[0]
-            lab = F.interpolate(lab[None], size=patch, mode="nearest-exact")[0]
-        if aug.enabled:
-            if rng.random() < aug.rot90_prob:
-                k = int(rng.integers(1, 4)) if patch[0] == patch[1] else 2
-                lin = torch.rot90(lin, k, dims=(1, 2))
-                lab = torch.rot90(lab, k, dims=(1, 2))
-            flips = [axis + 1 for axis in range(3) if rng.random() < aug.flip_prob[axis]]
-            if flips:
-                lin = torch.flip(lin, dims=flips)
-                lab = torch.flip(lab, dims=flips)
-        lin = lin.contiguous()
-        image = lin[:1].clone()
-        if aug.enabled:
-            image = _intensity(image, aug, rng)
+            import torch
+            import torch.nn.functional as F
 
-        out: dict[str, Any] = {
-            "image": image,
-            "label": lab[0].round().to(torch.int64),
-            "annotated": torch.from_numpy(self._annotated[case_index].copy()),
-            "dataset_id": torch.tensor(int(case.dataset_index), dtype=torch.int64),
-        }
+            linear = F.interpolate(torch.from_numpy(linear)[None], size=patch, mode="trilinear",
+                                   align_corners=False)[0].numpy()
+            stacked = np.empty((len(labels), *box), dtype=np.float32)
+            for k, lab in enumerate(labels):
+                stacked[k] = lab  # integer codes < 2**24 are exact in float32
+            resampled = F.interpolate(torch.from_numpy(stacked)[None], size=patch, mode="nearest-exact")[0]
+            labels = list(resampled.numpy())
+
+        def spatial(arr: np.ndarray) -> np.ndarray:  # views only; the copy into the batch materialises them
+            if rot_k:
+                arr = np.rot90(arr, rot_k, axes=(-3, -2))
+            return np.flip(arr, axis=flip_axes) if flip_axes else arr
+
+        image = batch["image"][slot].numpy()
+        np.copyto(image, spatial(linear[:1]))
+        if aug.enabled:
+            _intensity(image, aug, rng)
+        np.copyto(batch["label"][slot].numpy(), spatial(labels[0]), casting="unsafe")
         channel = 1
         for name in prob_names:
             channels = self.extra_channels[name]
-            out[name] = lin[channel:channel + channels].clone()
+            np.copyto(batch[name][slot].numpy(), spatial(linear[channel:channel + channels]))
             channel += channels
         for k, name in enumerate(label_names, start=1):
-            out[name] = lab[k].round().to(torch.int64)
-        out["case_id"] = case.case_id
-        return out
+            np.copyto(batch[name][slot].numpy(), spatial(labels[k]), casting="unsafe")
+        batch["annotated"][slot].numpy()[:] = self._annotated[case_index]
+        batch["dataset_id"][slot] = int(case.dataset_index)
+        return case.case_id
 
 
-def _crop(arr: np.ndarray, start: Sequence[int], size: Sequence[int], fill: Any) -> np.ndarray:
-    """(..., X, Y, Z) -> float32 (..., *size) box starting at ``start`` (may be negative / past the end);
-    voxels outside the volume take ``fill`` (a scalar or an array broadcastable to (..., 1, 1, 1))."""
-    lead = tuple(arr.shape[:-3])
-    out = np.empty(lead + tuple(size), dtype=np.float32)
-    out[...] = fill
-    src: list[slice] = []
-    dst: list[slice] = []
-    for s, n, dim in zip(start, size, arr.shape[-3:], strict=True):
-        lo, hi = max(s, 0), min(s + n, dim)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    dst_index: tuple[Any, ...] = (..., *dst)
-    src_index: tuple[Any, ...] = (..., *src)
-    out[dst_index] = arr[src_index]
-    return out
-
-
-def _intensity(image: torch.Tensor, aug: AugmentSpec, rng: np.random.Generator) -> torch.Tensor:
-    """Multiplicative scale, additive shift, Gaussian noise; every draw from ``rng``."""
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, shared: bool) -> torch.Tensor:
+    """An uninitialised tensor; in shared memory inside loader workers (as torch's default collate does),
+    so that handing the batch to the main process copies nothing."""
     import torch
 
+    if shared:
+        proto = torch.empty(0, dtype=dtype)
+        storage = proto._typed_storage()._new_shared(int(np.prod(shape)), device=proto.device)
+        return proto.new(storage).resize_(shape)
+    return torch.empty(shape, dtype=dtype)
+
+
+def _crop_into(out: np.ndarray, arr: np.ndarray, start: Sequence[int], fill: Any) -> None:
+    """Write the box of ``arr`` (..., X, Y, Z) that starts at ``start`` (may be negative or reach past
+    the end) into ``out`` (..., *box); voxels outside the volume take ``fill`` (a scalar or an array
+    broadcastable to (..., 1, 1, 1))."""
+    src: list[slice] = []
+    dst: list[slice] = []
+    inside = True
+    for s, n, dim in zip(start, out.shape[-3:], arr.shape[-3:], strict=True):
+        lo, hi = max(s, 0), min(s + n, dim)
+        if hi <= lo:
+            out[...] = fill
+            return
+        inside = inside and lo == s and hi == s + n
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - s, hi - s))
+    src_index: tuple[Any, ...] = (..., *src)
+    if inside:
+        out[...] = arr[src_index]
+        return
+    out[...] = fill
+    dst_index: tuple[Any, ...] = (..., *dst)
+    out[dst_index] = arr[src_index]
+
+
+def _intensity(image: np.ndarray, aug: AugmentSpec, rng: np.random.Generator) -> None:
+    """In place: multiplicative scale, additive shift, Gaussian noise; every draw from ``rng``."""
     if rng.random() < aug.intensity_scale_prob:
-        image = image * float(rng.uniform(*aug.intensity_scale_range))
+        image *= np.float32(rng.uniform(*aug.intensity_scale_range))
     if rng.random() < aug.intensity_shift_prob:
-        image = image + float(rng.uniform(*aug.intensity_shift_range))
+        image += np.float32(rng.uniform(*aug.intensity_shift_range))
     if rng.random() < aug.noise_prob:
-        std = float(rng.uniform(0.0, aug.noise_std))
-        noise = rng.standard_normal(tuple(image.shape), dtype=np.float32) * np.float32(std)
-        image = image + torch.from_numpy(noise)
-    return image
+        std = np.float32(rng.uniform(0.0, aug.noise_std))
+        image += rng.standard_normal(image.shape, dtype=np.float32) * std
 
 
 def make_loader(

@@ -461,9 +461,9 @@ def evaluate_folder(
     cases = dict(_run_jobs(jobs, workers))
     classes = summarise(cases, space.evaluation_keys(), metrics)
     quality = {case: _case_quality(scores, metrics) for case, scores in cases.items()}
-    ranked = sorted((q, case) for case, q in quality.items() if math.isfinite(q))
-    best = ranked[-1][1] if ranked else None
-    worst = ranked[0][1] if ranked else None
+    ranked = [(q, case) for case, q in quality.items() if math.isfinite(q)]
+    best = min(ranked, key=lambda item: (-item[0], item[1]))[1] if ranked else None
+    worst = min(ranked)[1] if ranked else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"metrics_csv": out_dir / "metrics.csv", "summary_json": out_dir / "summary.json",
@@ -490,8 +490,8 @@ def evaluate_folder(
              "Organs are scored as regions (organ + its parts); only classes the ground truth annotates are "
              f"scored. Mean ± sd over cases; NSD tolerance {tolerance_mm:g} mm.", "", markdown]
     rule_total = sum(sum(e["empty_rule_cases"].values()) for e in classes.values())
-    notes.append(f"Empty-mask rules decided {rule_total} class values: " +
-                 "; ".join(EMPTY_RULE_TEXT.values()) + ".\n")
+    notes.append(f"Values decided by an empty-mask rule: {rule_total} ("
+                 + "; ".join(EMPTY_RULE_TEXT.values()) + ").\n")
     _write_text(files["summary_md"], "\n".join(notes))
     return {**summary, "markdown": markdown}
 
@@ -521,7 +521,9 @@ def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mappi
                 arr, img_geom = None, None
             if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
                 image = arr.astype(np.float32)
-        title = f"{tag}: {case} (quality {_case_quality(cases[case], metrics):.3f})"
+        measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
+        title = f"{tag} case: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \
+                f"{abs(_case_quality(cases[case], metrics)):.3f})"
         out[f"overlay_{tag}"] = figs.overlay(pred, gt, space, geom, folder / f"overlay_{tag}.png", title=title,
                                              image=image, window=project.preprocessing.window)
     return out

@@ -23,7 +23,7 @@ from unionseg.losses.focal import FocalLoss, focal_loss, inverse_frequency_weigh
 from unionseg.losses.partial import (
     MarginalLoss,
     exclusion_loss,
-    marginal_dice_targets,
+    marginal_channels,
     marginal_loss,
     merged_channels,
 )
@@ -48,7 +48,7 @@ __all__ = [
     "kd_regions",
     "map_log_probs_to_teacher",
     "map_to_teacher",
-    "marginal_dice_targets",
+    "marginal_channels",
     "marginal_loss",
     "masked_sigmoid_dice_bce",
     "merged_channels",

@@ -144,9 +144,17 @@ def ce_dice_loss(
     check_spatial("labels", labels, logits)
     check_positive("ce_weight", ce_weight, allow_zero=True)
     check_positive("dice_weight", dice_weight, allow_zero=True)
+    check_positive("smooth", smooth)
+    batch, n_classes = logits.shape[:2]
     with float32_island(logits):
         x = logits.float()
-        ce = F.cross_entropy(x, labels.long())
-        dice = soft_dice_loss(torch.softmax(x, 1), one_hot(labels, x.shape[1]), smooth=smooth,
-                              batch_dice=batch_dice)
+        targets = labels.long()
+        ce = F.cross_entropy(x, targets)
+        # Dice without a one-hot volume: sum p_y per label with a scatter (same value as soft_dice_loss)
+        probs = torch.softmax(x, 1).flatten(2)  # (B, L, V)
+        flat = targets.reshape(batch, -1)
+        p_true = probs.gather(1, flat.unsqueeze(1)).squeeze(1)  # (B, V)
+        intersection = probs.new_zeros(batch, n_classes).scatter_add_(1, flat, p_true)
+        counts = probs.new_zeros(batch, n_classes).scatter_add_(1, flat, torch.ones_like(p_true))
+        dice = dice_from_sums(intersection, probs.sum(-1) + counts, None, smooth, batch_dice)
     return {"ce": ce_weight * ce, "dice": dice_weight * dice}

@@ -84,10 +84,9 @@ def focal_loss(
     with float32_island(logits):
         keep = torch.ones_like(targets, dtype=torch.bool) if ignore_mask is None else ~ignore_mask.bool()
         index = torch.where(keep, targets.long(), torch.zeros_like(targets, dtype=torch.long))
-        log_p = F.log_softmax(logits.float(), dim=1)
-        log_pt = log_p.gather(1, index.unsqueeze(1)).squeeze(1)  # (B, *S)
-        pt = log_pt.exp()
-        loss = -((1.0 - pt).clamp_min(0) ** gamma) * log_pt
+        nll = F.cross_entropy(logits.float(), index, reduction="none")  # -log p_t, (B, *S), fused kernel
+        pt = (-nll).exp()
+        loss = (1.0 - pt).clamp_min(1e-12) ** gamma * nll if gamma != 0 else nll
         if class_weights is not None:
             loss = loss * class_weights.to(device=loss.device, dtype=loss.dtype)[index]
         loss = torch.where(keep, loss, torch.zeros_like(loss))

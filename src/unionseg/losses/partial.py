@@ -14,9 +14,10 @@ fact: a leaf that is not admissible at a voxel must not be predicted there.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unionseg.labels import LabelSpace, admissible
+from unionseg.labels import LabelSpace
 from unionseg.losses._common import (
     check_channels_first,
     check_positive,
@@ -39,69 +40,72 @@ def _check_partial_inputs(logits: Tensor, codes: Tensor, annotated: Tensor, spac
 
 
 def merged_channels(annotated: Tensor, space: LabelSpace) -> Tensor:
-    """The leaf sets of the marginal-Dice channels of every sample.
+    """The leaf sets of the merged classes of every sample, one per code.
 
-    Channel 0 is the merged background (background plus every unannotated leaf), channel ``c`` in
-    ``1..L-1`` is leaf ``c`` alone, channel ``L + g`` is the region of group ``g`` (all its leaves).
+    Channel ``k`` is code ``k``'s admissible set (the per-code table behind
+    :func:`unionseg.labels.admissible`): channel 0 is the merged background (background plus every
+    unannotated leaf), channel ``c`` in ``1..L-1`` is leaf ``c`` alone, channel ``L + g`` is the region of
+    group ``g`` (all its leaves).
 
     Args:
         annotated: (B, L) bool annotated-leaf mask.
 
     Returns:
-        (B, L + G, L) bool membership.
+        (B, n_codes, L) bool membership, ``n_codes = L + G``.
     """
-    batch, n_leaves = annotated.shape
-    device = annotated.device
-    leaf_sets = torch.eye(n_leaves, dtype=torch.bool, device=device).repeat(batch, 1, 1)
-    leaf_sets[:, 0, :] = ~annotated.bool()
-    leaf_sets[:, 0, 0] = True
-    region_sets = torch.zeros(space.n_groups, n_leaves, dtype=torch.bool, device=device)
-    for grp in space.groups:
-        region_sets[grp.index, list(grp.leaf_ids)] = True
-    return torch.cat([leaf_sets, region_sets.expand(batch, -1, -1)], dim=1)
-
-
-def _code_admissible(annotated: Tensor, space: LabelSpace) -> Tensor:
-    """(B, n_codes, L) bool: the admissible leaves of every code for every sample."""
     table = torch.as_tensor(space.code_leaf_matrix(), device=annotated.device)
     table = table.unsqueeze(0).repeat(annotated.shape[0], 1, 1)
     table[:, 0, :] |= ~annotated.bool()
     return table
 
 
-def _codes_present(codes: Tensor, n_codes: int) -> Tensor:
-    """(B, n_codes) bool: which codes occur in each sample."""
-    flat = codes.reshape(codes.shape[0], -1).long()
-    present = torch.zeros(codes.shape[0], n_codes, dtype=torch.bool, device=codes.device)
-    return present.scatter_(1, flat, True)
+def _per_code_sums(probs: Tensor, codes: Tensor, n_codes: int) -> tuple[Tensor, Tensor]:
+    """Sum probabilities and count voxels per code.
+
+    Args:
+        probs: (B, L, V) float32.
+        codes: (B, V) long.
+
+    Returns:
+        ``(sums (B, L, n_codes), counts (B, n_codes))``.
+    """
+    batch, n_leaves, _ = probs.shape
+    sums = probs.new_zeros(batch, n_leaves, n_codes).scatter_add(
+        2, codes.unsqueeze(1).expand(-1, n_leaves, -1), probs)
+    counts = probs.new_zeros(batch, n_codes).scatter_add_(1, codes, torch.ones_like(codes, dtype=probs.dtype))
+    return sums, counts
 
 
-def marginal_dice_targets(codes: Tensor, annotated: Tensor, space: LabelSpace) -> tuple[Tensor, Tensor, Tensor]:
-    """Channel sets, targets and counted pairs of the marginal Dice.
+def marginal_channels(codes: Tensor, annotated: Tensor, space: LabelSpace) -> tuple[Tensor, Tensor, Tensor]:
+    """Channel sets, per-code targets and counted pairs of the marginal Dice.
 
-    A channel k with leaf set S_k is **counted** for sample b when it is a candidate (the merged background
-    always; leaf ``c`` when annotated; region ``g`` when the sample contains region code g and annotates the
-    group's leaves) and its target is fully determined in the sample: no code present in the sample has an
-    admissible set that straddles S_k (e.g. a region-coded voxel for a single leaf of that group: such leaf
-    channels are dropped for that sample, the region channel supervises it, and CE still sees every voxel).
-    The target is 1 where the voxel's admissible set lies inside S_k. With every leaf annotated and no region
-    codes the channels reduce to the L leaves and the Dice to the plain per-leaf Dice.
+    Channel ``k`` has the same index as code ``k`` and its leaf set is exactly that code's admissible set
+    (see :func:`merged_channels`). A channel is **counted** for sample b when it is a candidate (the merged
+    background always; leaf ``c`` when annotated; region ``g`` when the sample contains region code g and
+    annotates the group's leaves) and its target is fully determined in the sample: no code present in the
+    sample has an admissible set that straddles the channel's set (e.g. a region-coded voxel for a single
+    leaf of that group: such leaf channels are dropped for that sample, the region channel supervises it,
+    and CE still sees every voxel). A voxel is a positive of channel k when its admissible set lies inside
+    the channel's set. With every leaf annotated and no region codes the channels reduce to the L leaves
+    and the Dice to the plain per-leaf Dice.
 
     Args:
         codes: (B, *S) integer codes.
         annotated: (B, L) bool.
 
     Returns:
-        ``(sets (B, K, L) bool, targets (B, K, V) float32 with V = prod(S), counted (B, K) bool)``.
+        ``(sets (B, K, L) bool, inside (B, n_codes, K) bool: code lies inside channel, counted (B, K) bool)``
+        with ``K = n_codes = L + G``.
     """
     batch = codes.shape[0]
     n_leaves = space.n_leaves
-    sets = merged_channels(annotated, space)  # (B, K, L)
-    code_adm = _code_admissible(annotated, space)  # (B, n_codes, L)
+    sets = merged_channels(annotated, space)  # (B, K, L); also each code's admissible set
+    code_adm = sets
     inside = (code_adm.unsqueeze(2) & ~sets.unsqueeze(1)).any(-1).logical_not()  # (B, n_codes, K)
     touches = (code_adm.unsqueeze(2) & sets.unsqueeze(1)).any(-1)
     ambiguous = touches & ~inside
-    present = _codes_present(codes, space.n_codes)  # (B, n_codes)
+    present = torch.zeros(batch, space.n_codes, dtype=torch.bool, device=codes.device)
+    present.scatter_(1, codes.reshape(batch, -1).long(), True)
     candidate = torch.zeros(batch, sets.shape[1], dtype=torch.bool, device=codes.device)
     candidate[:, 0] = True
     candidate[:, 1:n_leaves] = annotated[:, 1:].bool()
@@ -109,9 +113,17 @@ def marginal_dice_targets(codes: Tensor, annotated: Tensor, space: LabelSpace) -
         candidate[:, n_leaves + grp.index] = present[:, n_leaves + grp.index] & \
             annotated[:, list(grp.leaf_ids)].bool().all(-1)
     counted = candidate & ~(ambiguous & present.unsqueeze(-1)).any(1)
-    flat = codes.reshape(batch, -1).long()
-    targets = inside[torch.arange(batch, device=codes.device).unsqueeze(1), flat]  # (B, V, K)
-    return sets, targets.transpose(1, 2).float(), counted
+    return sets, inside, counted
+
+
+def _representative_leaf(space: LabelSpace, device: torch.device) -> Tensor:
+    """(n_codes,) long: a leaf inside each code's admissible set (0, the leaf itself, the organ leaf)."""
+    table = list(range(space.n_leaves)) + [grp.organ_id for grp in space.groups]
+    return torch.as_tensor(table, dtype=torch.long, device=device)
+
+
+# Below this merged probability the marginal CE of a voxel falls back to -log p of one admissible leaf.
+_TINY = 1e-30
 
 
 def marginal_loss(
@@ -126,12 +138,15 @@ def marginal_loss(
 ) -> dict[str, Tensor]:
     """Marginal cross-entropy + marginal Dice (Shi et al., MedIA 2021).
 
-    CE: for every voxel, ``-log sum_{c in adm} p_c = logsumexp(all logits) - logsumexp(admissible logits)``,
-    mean over all voxels; ``adm`` comes from :func:`unionseg.labels.admissible` (code 0 -> background plus
-    the sample's unannotated leaves; a leaf code -> that leaf; a region code -> the group's leaves).
+    CE: for every voxel, ``-log sum_{c in adm} p_c`` (the probability of its merged class), mean over all
+    voxels; ``adm`` is :func:`unionseg.labels.admissible` (code 0 -> background plus the sample's
+    unannotated leaves; a leaf code -> that leaf; a region code -> the group's leaves). Single-leaf codes
+    use the fused cross-entropy kernel (exact); multi-leaf codes use the merged probability, and where it
+    underflows (< 1e-30, a loss above 69) the exact value is replaced by its upper bound ``-log p`` of one
+    admissible leaf, so the loss stays finite and keeps a gradient.
     Dice: soft Dice between merged probabilities (sum over a channel's leaves) and the channel's mask, over
     the merged background, each annotated leaf and each region present as a region code; see
-    :func:`marginal_dice_targets` for which channels count. With every leaf annotated this is exactly
+    :func:`marginal_channels` for which channels count. With every leaf annotated this is exactly
     :func:`unionseg.losses.ce_dice_loss` (the naive / oracle loss).
 
     Args:
@@ -153,17 +168,25 @@ def marginal_loss(
     check_positive("ce_weight", ce_weight, allow_zero=True)
     check_positive("dice_weight", dice_weight, allow_zero=True)
     check_positive("smooth", smooth)
+    batch = logits.shape[0]
     with float32_island(logits):
         x = logits.float()
-        adm = admissible(codes, annotated, space)
-        log_all = torch.logsumexp(x, dim=1)
-        log_adm = torch.logsumexp(x.masked_fill(~adm, float("-inf")), dim=1)
-        ce = (log_all - log_adm).mean()
-        sets, targets, counted = marginal_dice_targets(codes, annotated, space)
+        flat = codes.reshape(batch, -1).long()  # (B, V)
+        sets, inside, counted = marginal_channels(codes, annotated, space)
         probs = torch.softmax(x, dim=1).flatten(2)  # (B, L, V)
-        merged = torch.bmm(sets.float(), probs)  # (B, K, V)
-        intersection = (merged * targets).sum(-1)
-        denominator = merged.sum(-1) + targets.sum(-1)
+        # CE: exact fused kernel at a representative leaf; merged probability where the code has several leaves
+        representative = _representative_leaf(space, codes.device)[flat]
+        nll = F.cross_entropy(x, representative.reshape(codes.shape), reduction="none").reshape(batch, -1)
+        several = (sets.sum(-1) > 1).gather(1, flat)  # channel k == code k
+        merged_at_code = torch.bmm(sets.float(), probs).gather(1, flat.unsqueeze(1)).squeeze(1)  # (B, V)
+        use_merged = several & (merged_at_code > _TINY)
+        ce = torch.where(use_merged, -merged_at_code.clamp_min(_TINY).log(), nll).mean()
+        # Dice from per-code sums: every voxel of a code shares its targets
+        sums, counts = _per_code_sums(probs, flat, space.n_codes)  # (B, L, n_codes), (B, n_codes)
+        merged_sums = torch.bmm(sets.float(), sums)  # (B, K, n_codes)
+        inside_f = inside.transpose(1, 2).float()  # (B, K, n_codes)
+        intersection = (merged_sums * inside_f).sum(-1)
+        denominator = merged_sums.sum(-1) + (inside_f * counts.unsqueeze(1)).sum(-1)
         dice = dice_from_sums(intersection, denominator, counted, smooth, batch_dice)
     return {"ce": ce_weight * ce, "dice": dice_weight * dice}
 
@@ -201,14 +224,17 @@ def exclusion_loss(
     """
     _check_partial_inputs(logits, codes, annotated, space)
     check_positive("smooth", smooth)
+    batch = logits.shape[0]
     with float32_island(logits):
         probs = torch.softmax(logits.float(), dim=1).flatten(2)  # (B, L, V)
-        excluded = (~admissible(codes, annotated, space)).flatten(2).float()
+        sums, counts = _per_code_sums(probs, codes.reshape(batch, -1).long(), space.n_codes)
+        excluded = (~merged_channels(annotated, space)).transpose(1, 2).float()  # (B, L, n_codes)
+        overlap_mass = (sums * excluded).sum(-1)  # (B, L)
+        size = (excluded * counts.unsqueeze(1)).sum(-1)
         pairs = ~annotated.bool()
         pairs[:, 0] = False
-        size = excluded.sum(-1)
         pairs = pairs & (size > 0)
-        overlap = 2.0 * (probs * excluded).sum(-1) / (size + probs.sum(-1) + smooth)
+        overlap = 2.0 * overlap_mass / (size + sums.sum(-1) + smooth)
         overlap = torch.where(pairs, overlap, torch.zeros_like(overlap))
         return overlap.sum() / pairs.sum().clamp_min(1).to(overlap.dtype)
 
@@ -261,4 +287,4 @@ class MarginalLoss(nn.Module):
         return terms
 
 
-__all__ = ["MarginalLoss", "exclusion_loss", "marginal_dice_targets", "marginal_loss", "merged_channels"]
+__all__ = ["MarginalLoss", "exclusion_loss", "marginal_channels", "marginal_loss", "merged_channels"]

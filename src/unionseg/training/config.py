@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from unionseg.config import apply_overrides, from_dict, load_yaml
+from unionseg.data.sampling import AugmentSpec
 
 
 @dataclass(frozen=True)
@@ -56,24 +57,12 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    enabled: bool = True
-    flip_prob: float = 0.5
-    rot90_prob: float = 0.25
-    scale_prob: float = 0.2
-    scale_range: tuple[float, float] = (0.85, 1.2)
-    intensity_prob: float = 0.3
-    noise_prob: float = 0.15
-    noise_std: float = 0.05
-
-
-@dataclass(frozen=True)
 class DataConfig:
     patch_size: tuple[int, int, int] = (48, 48, 48)
     batch_size: int = 2
     fg_prob: float = 0.67
     num_workers: int = 0
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: AugmentSpec = field(default_factory=AugmentSpec)
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -47,18 +47,14 @@ def sampler_cases(method: Method, ctx: RunContext) -> list[Any]:
 
 def build_loader(method: Method, ctx: RunContext, start_step: int) -> Iterator[dict[str, Any]]:
     """The step-indexed patch loader; each DDP rank draws its own patches (seed offset by rank)."""
-    from unionseg.data.sampling import AugmentSpec, PatchSampler, make_loader
+    from unionseg.data.sampling import PatchSampler, make_loader
 
     cfg = ctx.cfg
-    aug = cfg.data.augment
-    spec = AugmentSpec(
-        enabled=aug.enabled, flip_prob=aug.flip_prob, rot90_prob=aug.rot90_prob, scale_prob=aug.scale_prob,
-        scale_range=aug.scale_range, intensity_prob=aug.intensity_prob, noise_prob=aug.noise_prob,
-        noise_std=aug.noise_std,
-    )
     sampler = PatchSampler(
         sampler_cases(method, ctx), patch_size=cfg.data.patch_size, batch_size=cfg.data.batch_size,
-        n_leaves=ctx.space.n_leaves, seed=cfg.seed + 7919 * dist.rank(), fg_prob=cfg.data.fg_prob, augment=spec,
+        n_leaves=ctx.space.n_leaves, seed=cfg.seed + 7919 * dist.rank(), fg_prob=cfg.data.fg_prob, augment=cfg.data.augment,
         extra_kinds={name: s.kind for name, s in method.extras().items()},
     )
+    if cfg.data.num_workers > 0:
+        sampler.precompute()  # one foreground scan shared by the workers
     return make_loader(sampler, start_step=start_step, total_steps=cfg.steps, num_workers=cfg.data.num_workers)

@@ -267,6 +267,10 @@ class Trainer:
                    "best_candidate": self.best_name, "history": self.history,
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
                    "train_seconds": self.timings["total"], "model": str(self.run_dir / "model.pt")}
+        if self.ctx.artifacts is not None and "experts" in self.method.stages:
+            compute = self.ctx.artifacts.compute_seconds()
+            summary["artifacts"] = self.ctx.artifacts.summary()
+            summary["expert_seconds"] = float(sum(compute.values()))
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         return summary

@@ -35,14 +35,10 @@ def predict_volume(
 
 
 def dice_scores(pred: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> dict[str, float]:
-    """Dice per scorable class (regions and part leaves the case annotates); both empty -> 1."""
-    out = {}
-    for key in space.scorable_keys(annotated):
-        p = space.codes_to_leaf_masks(pred, key)
-        g = space.codes_to_leaf_masks(codes, key)
-        denom = p.sum() + g.sum()
-        out[key] = 1.0 if denom == 0 else float(2.0 * np.logical_and(p, g).sum() / denom)
-    return out
+    """Dice per scorable class (regions and part leaves the case annotates); the evaluation's rules."""
+    from unionseg.evaluation.evaluate import validation_dice
+
+    return validation_dice(pred, codes, annotated, space)
 
 
 def validation_cases(ctx: RunContext, datasets: list[str] | None = None) -> list[Any]:

@@ -1,0 +1,274 @@
+"""``unionseg benchmark``: every method on the same data and budget, evaluated once on the test set.
+
+A suite (``configs/suites/<name>.yaml``) names the phantom, the methods, the seeds and ONE budget
+(backbone, patch, batch, steps, optimiser) shared by every method and by the shared experts. For each
+method and seed the runner trains (checkpoint selection on validation only), predicts the fully labelled
+test set with the public predictor, evaluates it with the public evaluation, and records timings and
+provenance. A finished method/seed is never retrained (``result.json`` marks it done); experts and pseudo
+labels come from the artefact cache. ``results.json`` and ``report.md`` (with figures) are rewritten
+from all finished runs after each one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from unionseg.config import from_dict, load_yaml
+from unionseg.errors import ConfigError
+
+EXPERT_METHODS = ("individual", "cotraining", "mskd")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row of a suite: a name, the method, and its options (ablations share a method)."""
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    name: str
+    phantom_size: str = "tiny"
+    phantom_seed: int = 0
+    phantom_suite: str = "default"
+    methods: tuple[str, ...] = ("oracle", "naive", "individual", "marginal", "multihead", "conditional",
+                                "cotraining", "dodnet", "mskd")
+    ablations: tuple[RunSpec, ...] = ()
+    seeds: int = 1
+    budget: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    isolate: bool = False  # each run in its own process (clean peak-memory figures)
+    prepare_workers: int = 2
+
+    def runs(self, methods: list[str] | None = None) -> list[RunSpec]:
+        rows = [RunSpec(m, m, dict(self.options.get(m, {}))) for m in self.methods]
+        rows += list(self.ablations)
+        if methods:
+            unknown = sorted(set(methods) - {r.name for r in rows})
+            if unknown:
+                raise ConfigError(f"--methods: {unknown[0]!r} is not in suite {self.name!r} "
+                                  f"({', '.join(r.name for r in rows)})")
+            rows = [r for r in rows if r.name in methods]
+        return rows
+
+
+def suite_path(name: str) -> Path:
+    from unionseg.training.recipes import recipe_dir
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    path = recipe_dir() / "suites" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (recipe_dir() / "suites").glob("*.yaml"))
+        raise ConfigError(f"unknown suite {name!r}; known: {', '.join(known)}")
+    return path
+
+
+def load_suite(name: str) -> SuiteConfig:
+    path = suite_path(name)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping", path)
+    return from_dict(SuiteConfig, raw, source=str(path))
+
+
+# ---------------------------------------------------------------------- provenance
+def code_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------- one run
+def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
+    """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
+    from unionseg.config import config_hash, load_project
+    from unionseg.training.config import load_train_config
+    from unionseg.training.trainer import train
+
+    run_dir = out / "runs" / spec.name / f"seed{seed}"
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())  # type: ignore[no-any-return]
+    budget = dict(suite.budget)
+    cfg = load_train_config(None, [], **{**budget, "method": spec.method, "seed": seed, "options": spec.options})
+    t0 = time.perf_counter()
+    summary = train(project_path, cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
+    train_seconds = time.perf_counter() - t0
+    project = load_project(project_path)
+    test = project.eval_dataset("test")
+    if test is None:
+        raise ConfigError("the benchmark needs a fully labelled test set (a dataset with role: test)", project_path)
+    pred_dir = run_dir / "test_pred"
+    predict_seconds, n_params = predict_test_set(run_dir / "model.pt", test, pred_dir, progress)
+    from unionseg.evaluation.evaluate import evaluate_folder
+
+    evaluation = evaluate_folder(pred_dir, _labels_dir(test), project, dataset=test.name,
+                                 out_dir=run_dir / "evaluation", figures=False)
+    from unionseg.data.preprocess import PreparedIndex
+
+    result = {
+        "name": spec.name, "method": spec.method, "seed": seed, "options": spec.options,
+        "per_class": {k: {m: v.get("mean") for m, v in stats.items() if isinstance(v, dict)}
+                      for k, stats in evaluation["classes"].items()},
+        "best_val_mean_dice": summary["best_val_mean_dice"],
+        "train_seconds": train_seconds,
+        "expert_seconds": summary.get("expert_seconds", 0.0) if spec.method in EXPERT_METHODS else 0.0,
+        "predict_seconds_per_case": predict_seconds,
+        "parameters": n_params,
+        "data_wait_share": summary.get("data_wait_share"),
+        "peak_rss_mb": _peak_rss_mb() if suite.isolate else None,
+        "provenance": {"code_commit": code_commit(), "config_hash": config_hash(cfg), "seed": seed,
+                       "data_fingerprint": PreparedIndex.load(project).fingerprint,
+                       "generator_version": project.raw.get("generator_version")},
+        "pred_dir": str(pred_dir.relative_to(out)),
+    }
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=float))
+    tmp.replace(done)
+    return result
+
+
+def _labels_dir(spec: Any) -> Path:
+    return Path(spec.root) / "labelsTr"
+
+
+def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool) -> tuple[float, int]:
+    """Predict every test image with the public predictor; returns (seconds per case, parameter count)."""
+    from unionseg.data.catalog import scan_dataset
+    from unionseg.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(model_path, device="auto")
+    cases = scan_dataset(test.name, test.root, test.layout).cases
+    t0 = time.perf_counter()
+    for case in cases:
+        predictor.predict_file(case.image, pred_dir / f"{case.case_id}.nii.gz")
+    n_params = sum(p.numel() for p in predictor.model.parameters())
+    return (time.perf_counter() - t0) / max(1, len(cases)), int(n_params)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024.0
+
+
+# ---------------------------------------------------------------------- the suite
+def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
+    """Generate (or reuse) the phantom and prepare it once."""
+    from unionseg.config import load_project
+    from unionseg.data.phantom import generate_phantom
+    from unionseg.data.preprocess import prepare_project
+
+    data = out / "data"
+    project_path = data / "project.yaml"
+    if not project_path.exists():
+        generate_phantom(data, size=suite.phantom_size, seed=suite.phantom_seed, suite=suite.phantom_suite)
+    prepare_project(load_project(project_path), workers=suite.prepare_workers, progress=progress)
+    return project_path
+
+
+def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = None, seeds: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``)."""
+    from rich.console import Console
+
+    from unionseg.report import aggregate, write_report
+
+    console = Console(stderr=True)
+    suite = load_suite(suite_name)
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    project_path = ensure_data(suite, out, progress)
+    rows = suite.runs(methods)
+    n_seeds = seeds or suite.seeds
+    plan = [(row, seed) for seed in range(n_seeds) for row in rows]
+    started = time.perf_counter()
+    results = []
+    for i, (row, seed) in enumerate(plan):
+        done_before = (out / "runs" / row.name / f"seed{seed}" / "result.json").exists()
+        elapsed = time.perf_counter() - started
+        eta = "" if i == 0 else f", suite ETA {elapsed / i * (len(plan) - i):.0f} s"
+        console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}"
+                      f"{' (done, reused)' if done_before else ''}{eta}")
+        if suite.isolate and not done_before:
+            _run_isolated(project_path, suite_name, row.name, seed, out)
+        results.append(run_one(project_path, suite, row, seed, out, progress))
+        aggregated = aggregate(results, suite)
+        write_report(aggregated, out)
+    return aggregate(results, suite)
+
+
+def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path) -> None:
+    cmd = [sys.executable, "-m", "unionseg.benchmark", suite_name, str(out), name, str(seed)]
+    env = dict(os.environ)
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {proc.returncode}); see its run folder",
+                          out / "runs" / name / f"seed{seed}")
+
+
+def _isolated_main(argv: list[str]) -> None:
+    suite_name, out, name, seed = argv
+    suite = load_suite(suite_name)
+    spec = next(r for r in suite.runs() if r.name == name)
+    run_one(Path(out) / "data" / "project.yaml", suite, spec, int(seed), Path(out), progress=False)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def benchmark(
+        out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (resumable).")] = Path("bench_out"),
+        suite: Annotated[str, typer.Option("--suite", help="ci | standard | ablations | large, or a suite YAML.")] = "ci",
+        methods: Annotated[Optional[list[str]], typer.Option("--methods", help="Only these rows (repeatable).")] = None,
+        seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (default: the suite's).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    ) -> None:
+        """Train every method of a suite under one budget, evaluate the test set once, write the report."""
+        from unionseg.report import print_table
+
+        results = run_benchmark(suite, out, methods, seeds, progress=not quiet)
+        print_table(results)
+        typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
+
+    @app.command()
+    def demo(
+        out: Annotated[Path, typer.Argument(help="Folder for the demo's data, runs and report.")] = Path("demo_out"),
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    ) -> None:
+        """phantom -> certificate -> info -> prepare -> the `ci` suite (every method) -> table and report."""
+        from unionseg.data.phantom import difficulty_report
+        from unionseg.report import print_table
+        from unionseg.reports import print_project_info
+
+        suite = load_suite("ci")
+        project_path = ensure_data(suite, out.resolve(), progress=not quiet)
+        difficulty_report(project_path.parent)
+        print_project_info(project_path)
+        results = run_benchmark("ci", out, progress=not quiet)
+        print_table(results)
+        typer.echo(f"report: {out.resolve() / 'report.md'}")
+
+
+if __name__ == "__main__":
+    _isolated_main(sys.argv[1:])

@@ -1,0 +1,879 @@
+"""Prepare: reorient, resample, normalise, crop, validate, remap labels, and cache every case once.
+
+The grid convention (used forward here and backward by :func:`restore_to_source` and the predictor) is
+the ``align_corners=False`` one of ``torch.nn.functional.interpolate``: along an axis of ``n_in`` voxels
+resampled to ``n_out``, output voxel ``j`` samples the input at the continuous index
+``c_j = (j + 0.5) * n_in / n_out - 0.5`` (clamped to ``[0, n_in - 1]``); both grids cover the same physical
+extent, so the new spacing is ``old_spacing * n_in / n_out`` (recorded; it can differ slightly from the
+target spacing because ``n_out`` is an integer). Linear interpolation is separable (exactly trilinear);
+nearest picks ``floor((j + 0.5) * n_in / n_out)``.
+
+Steps of :func:`preprocess_image`: reorient to RAS (exact axis permutation/flip), body crop box from
+``HU > body_threshold`` on the RAS grid (mapped onto the resampled grid plus a margin), resample only the
+crop box (linear), clip to the CT window and scale to [-1, 1]. Arrays are (X, Y, Z) float32.
+
+:func:`prepare_project` validates and caches every case of a project under ``project.cache_dir``; it is
+incremental (fingerprints of sources and settings), parallel over cases, and atomic per case. This module
+never imports torch: ``unionseg prepare`` stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import numpy as np
+import typer
+
+from unionseg.data.io import (
+    Geometry,
+    align_label_to_image,
+    read_header,
+    read_image,
+    reorient_like,
+    reorient_to_ras,
+)
+from unionseg.errors import DataError
+
+if TYPE_CHECKING:
+    from unionseg.config import PreprocessSpec, Project
+
+log = logging.getLogger(__name__)
+
+#: bump when the preprocessing arithmetic changes: every cached case is then redone
+PREPROCESS_VERSION = 1
+#: voxels of the prepared grid kept around the body's bounding box
+CROP_MARGIN_VOXELS = 2
+INDEX_FORMAT = "unionseg-prepared"
+INDEX_VERSION = 1
+_RESERVED_EXTRAS = ("image", "label", "oracle")
+
+
+class IntensityWarning(UserWarning):
+    """An image whose intensities do not look like CT Hounsfield units."""
+
+
+# ---------------------------------------------------------------------- index maps (shared with the predictor)
+def linear_map(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of linear resampling ``n_in -> n_out`` (align_corners=False).
+
+    Returns:
+        ``(i0, i1, w)``: (n_out,) int64, int64, float32; output ``j`` is ``a[i0] * (1 - w) + a[i1] * w``.
+    """
+    c = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    c = np.clip(c, 0.0, n_in - 1)
+    i0 = np.floor(c).astype(np.int64)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (c - i0).astype(np.float32)
+
+
+def nearest_map(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out,) int64 source index of nearest-neighbour resampling ``n_in -> n_out`` (align_corners=False)."""
+    idx = np.floor((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)).astype(np.int64)
+    return np.clip(idx, 0, n_in - 1)
+
+
+def _is_identity(n_in: int, n_out: int) -> bool:
+    return n_in == n_out
+
+
+def _take_linear(a: np.ndarray, axis: int, i0: np.ndarray, i1: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Separable linear interpolation along ``axis`` (float arrays); exact gathers where ``w == 0``."""
+    lo = np.take(a, i0, axis=axis)
+    if not np.any(w):
+        return lo
+    hi = np.take(a, i1, axis=axis)
+    shape = [1] * a.ndim
+    shape[axis] = len(w)
+    wb = w.reshape(shape).astype(a.dtype, copy=False)
+    hi -= lo
+    hi *= wb
+    hi += lo
+    return hi
+
+
+def restore_axis_map(
+    n_prepared: int, crop_start: int, n_resampled: int, n_ras: int, order: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index map of one axis from the prepared grid back onto the RAS grid (uncrop + resample).
+
+    Indices point into the prepared axis PADDED with one fill voxel on each side (index 0 and
+    ``n_prepared + 1`` hold the fill value), so voxels outside the crop box read the fill.
+
+    Returns:
+        ``(i0, i1, w)`` (n_ras,) int64, int64, float32; for ``order=0``, ``i1 == i0`` and ``w == 0``.
+    """
+    if order == 0:
+        src = nearest_map(n_resampled, n_ras)
+        idx = np.clip(src - crop_start + 1, 0, n_prepared + 1)
+        return idx, idx, np.zeros(n_ras, dtype=np.float32)
+    if order != 1:
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
+    i0, i1, w = linear_map(n_resampled, n_ras)
+    return (np.clip(i0 - crop_start + 1, 0, n_prepared + 1), np.clip(i1 - crop_start + 1, 0, n_prepared + 1), w)
+
+
+# ---------------------------------------------------------------------- the record
+@dataclass(frozen=True, eq=False)
+class PreprocessRecord:
+    """Everything needed to map a prepared array back onto its source grid.
+
+    Attributes:
+        source: the input's geometry (any orientation).
+        ras: the geometry after reorientation to RAS (same voxels, permuted/flipped).
+        resampled_shape: the RAS grid resampled to the target spacing (before the crop).
+        crop_start, crop_stop: the body crop box on the resampled grid (stop exclusive).
+        prepared: geometry of the prepared (cropped) array; its spacing is the actual spacing.
+    """
+
+    source: Geometry
+    ras: Geometry
+    resampled_shape: tuple[int, int, int]
+    crop_start: tuple[int, int, int]
+    crop_stop: tuple[int, int, int]
+    prepared: Geometry
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """The actual spacing of the prepared grid (mm)."""
+        return self.prepared.spacing
+
+    @property
+    def resampled(self) -> Geometry:
+        """Geometry of the resampled, uncropped grid."""
+        return Geometry(self.resampled_shape, _resampled_affine(self.ras, self.resampled_shape))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source.to_dict(), "ras": self.ras.to_dict(),
+                "resampled_shape": list(self.resampled_shape), "crop_start": list(self.crop_start),
+                "crop_stop": list(self.crop_stop), "prepared": self.prepared.to_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PreprocessRecord:
+        return cls(Geometry.from_dict(data["source"]), Geometry.from_dict(data["ras"]),
+                   _int3(data["resampled_shape"]), _int3(data["crop_start"]), _int3(data["crop_stop"]),
+                   Geometry.from_dict(data["prepared"]))
+
+
+def _int3(values: Sequence[Any]) -> tuple[int, int, int]:
+    a, b, c = (int(v) for v in values)
+    return a, b, c
+
+
+def _resampled_affine(ras: Geometry, new_shape: Sequence[int]) -> np.ndarray:
+    scale = np.asarray(ras.shape, dtype=np.float64) / np.asarray(new_shape, dtype=np.float64)
+    step = np.eye(4)
+    step[:3, :3] = np.diag(scale)
+    step[:3, 3] = 0.5 * scale - 0.5  # new voxel 0 sits at old continuous index 0.5 * s - 0.5
+    return ras.affine @ step
+
+
+def target_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int, int]:
+    """``max(1, round(n * spacing / target))`` per axis."""
+    a, b, c = (max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=True))
+    return a, b, c
+
+
+def _body_box(ras_array: np.ndarray, threshold: float, new_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bounding box of ``ras_array > threshold`` mapped onto the resampled grid, plus the margin.
+
+    A resampled voxel is kept when its footprint overlaps the box of body voxels; no body voxel at all
+    keeps the whole grid.
+    """
+    mask = ras_array > threshold
+    start, stop = [], []
+    for axis, n_new in enumerate(new_shape):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        if hit.size == 0:
+            return (0, 0, 0), tuple(int(n) for n in new_shape)
+        n_old = ras_array.shape[axis]
+        s = n_old / n_new
+        lo, hi = int(hit[0]), int(hit[-1]) + 1
+        j0 = int(np.floor(lo / s)) - CROP_MARGIN_VOXELS
+        j1 = int(np.ceil(hi / s)) + CROP_MARGIN_VOXELS
+        start.append(max(0, j0))
+        stop.append(min(int(n_new), j1))
+    return tuple(start), tuple(stop)
+
+
+def _crop_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=np.float64) + affine[:3, 3]
+    return out
+
+
+# ---------------------------------------------------------------------- images and labels
+def preprocess_image(array: np.ndarray, geometry: Geometry, spec: PreprocessSpec) -> tuple[np.ndarray, PreprocessRecord]:
+    """Bring a CT volume onto the training grid.
+
+    Args:
+        array: (X, Y, Z) Hounsfield units, any numeric dtype, on ``geometry``'s grid. Not modified.
+        geometry: the array's geometry (any orientation).
+        spec: target spacing (mm, along the RAS axes X, Y, Z), CT window, body crop settings.
+
+    Returns:
+        ``(prepared, record)``: (X', Y', Z') float32 in [-1, 1] on the RAS grid at (about) the target
+        spacing, cropped to the body; the record maps it back (:func:`restore_to_source`).
+
+    Raises:
+        DataError: not 3D, or its shape differs from the geometry.
+    """
+    if array.ndim != 3 or tuple(array.shape) != tuple(geometry.shape):
+        raise DataError(f"expected a 3D array of shape {geometry.shape}, got {tuple(array.shape)}")
+    ras_array, ras = reorient_to_ras(array, geometry)
+    new_shape = target_shape(ras.shape, ras.spacing, spec.spacing)
+    if spec.crop_to_body:
+        start, stop = _body_box(ras_array, spec.body_threshold, new_shape)
+    else:
+        start, stop = (0, 0, 0), new_shape
+    out = ras_array
+    converted = False
+    # shrinking axes first keeps the intermediate arrays small
+    for axis in sorted(range(3), key=lambda a: new_shape[a] / ras.shape[a]):
+        n_in, n_out = ras.shape[axis], new_shape[axis]
+        lo, hi = start[axis], stop[axis]
+        if _is_identity(n_in, n_out):
+            if (lo, hi) != (0, n_in):
+                index: list[slice] = [slice(None)] * 3
+                index[axis] = slice(lo, hi)
+                out = out[tuple(index)]
+            continue
+        if not converted:
+            out = out.astype(np.float32)
+            converted = True
+        i0, i1, w = linear_map(n_in, n_out)
+        out = _take_linear(out, axis, i0[lo:hi], i1[lo:hi], w[lo:hi])
+    if not converted:
+        out = np.array(out, dtype=np.float32)  # a copy: never write into the caller's array
+    np.clip(out, spec.window[0], spec.window[1], out=out)
+    out -= np.float32(spec.center)
+    out /= np.float32(spec.half_width)
+    out = np.ascontiguousarray(out, dtype=np.float32)
+    res_affine = _resampled_affine(ras, new_shape)
+    prepared = Geometry(out.shape, _crop_affine(res_affine, start))  # type: ignore[arg-type]
+    record = PreprocessRecord(geometry, ras, _int3(new_shape), _int3(start), _int3(stop), prepared)
+    return out, record
+
+
+def preprocess_label(label: np.ndarray, geometry: Geometry, record: PreprocessRecord) -> np.ndarray:
+    """Put an (already image-aligned) label map on the prepared grid of ``record`` (nearest neighbour).
+
+    Args:
+        label: (X, Y, Z) integer codes on ``geometry`` (the image's source grid).
+        geometry: the label's geometry; must equal ``record.source``'s grid.
+
+    Returns:
+        (X', Y', Z') array of the label's dtype on ``record.prepared``.
+
+    Raises:
+        DataError: the label is not on the record's source grid.
+    """
+    if tuple(label.shape) != tuple(geometry.shape) or not geometry.same_grid(record.source, atol=1e-3):
+        raise DataError(f"label grid {geometry} differs from the image grid {record.source}")
+    lab_ras, ras = reorient_to_ras(label, geometry)
+    index = []
+    for axis in range(3):
+        idx = nearest_map(ras.shape[axis], record.resampled_shape[axis])
+        index.append(idx[record.crop_start[axis]:record.crop_stop[axis]])
+    if all(len(ix) == n and np.array_equal(ix, np.arange(n)) for ix, n in zip(index, ras.shape, strict=True)):
+        return np.ascontiguousarray(lab_ras)
+    return np.ascontiguousarray(lab_ras[np.ix_(*index)])
+
+
+def restore_to_source(
+    prepared_array: np.ndarray, record: PreprocessRecord, order: int = 0, fill: float | Sequence[float] = 0.0
+) -> np.ndarray:
+    """Map an array on the prepared grid back onto the source grid (uncrop -> resample -> reorient).
+
+    Args:
+        prepared_array: (X', Y', Z') or (C, X', Y', Z') on ``record.prepared``.
+        order: 0 nearest (labels, dtype kept), 1 linear (probabilities; float32 or float16 kept).
+        fill: value outside the crop box; per channel for (C, ...) arrays (e.g. background = 1).
+
+    Returns:
+        (*C, X, Y, Z) on ``record.source``'s grid (its shape and axis order).
+    """
+    arr = np.asarray(prepared_array)
+    spatial = arr.shape[-3:]
+    if tuple(spatial) != tuple(record.prepared.shape):
+        raise ValueError(f"array spatial shape {tuple(spatial)} differs from the prepared grid {record.prepared.shape}")
+    channels = arr.ndim == 4
+    if order == 1 and not np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+    fill_arr = np.asarray(fill, dtype=arr.dtype)
+    if channels and fill_arr.ndim == 1:
+        fill_arr = fill_arr.reshape(-1, 1, 1, 1)
+    out = arr
+    for axis in range(3):
+        ax = axis + (1 if channels else 0)
+        n_prep, n_res, n_ras = spatial[axis], record.resampled_shape[axis], record.ras.shape[axis]
+        start = record.crop_start[axis]
+        if n_res == n_ras and start == 0 and n_prep == n_res:
+            continue
+        i0, i1, w = restore_axis_map(n_prep, start, n_res, n_ras, order)
+        pad_shape = list(out.shape)
+        pad_shape[ax] = 1
+        pad = np.broadcast_to(fill_arr, pad_shape).astype(out.dtype)
+        padded = np.concatenate([pad, out, pad], axis=ax)
+        out = _take_linear(padded, ax, i0, i1, w) if order == 1 else np.take(padded, i0, axis=ax)
+    if channels:
+        moved = np.moveaxis(out, 0, -1)
+        back = reorient_like(moved, record.ras, record.source)
+        return np.ascontiguousarray(np.moveaxis(back, -1, 0))
+    return reorient_like(out, record.ras, record.source)
+
+
+# ---------------------------------------------------------------------- validation helpers
+def _check_finite(array: np.ndarray, path: Path) -> None:
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise DataError(f"image holds {bad} non-finite (NaN/inf) voxels", path)
+
+
+def intensity_warning(array: np.ndarray, path: Path) -> str | None:
+    """A message when the intensity range is not CT-like (max < 100 HU or min > -200 HU), else None."""
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if hi < 100 or lo > -200:
+        return (f"{path}: intensity range [{lo:.4g}, {hi:.4g}] does not look like CT in Hounsfield units "
+                "(expected air near -1000 and bone above 100); check the image")
+    return None
+
+
+def _integer_labels(label: np.ndarray, path: Path) -> np.ndarray:
+    if np.issubdtype(label.dtype, np.bool_):
+        return label.astype(np.uint8)
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.isfinite(label).all():
+            raise DataError("label map holds non-finite values", path)
+        frac = label != np.round(label)
+        if frac.any():
+            examples = sorted({float(v) for v in label[frac][:1000]})[:5]
+            raise DataError(f"label map holds non-integer values (e.g. {examples}); labels must be integers", path)
+        return label.astype(np.int64) if (label.min() < 0 or label.max() > 255) else label.astype(np.uint8)
+    if not np.issubdtype(label.dtype, np.integer):
+        raise DataError(f"label map has unsupported dtype {label.dtype}", path)
+    return label
+
+
+def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = "label map") -> np.ndarray:
+    """Local label values -> codes through a (256,) table (-1 = unmapped).
+
+    Raises:
+        DataError: naming the file and the values that are not in the map.
+    """
+    label = _integer_labels(label, path)
+    lo, hi = int(label.min()), int(label.max())
+    if lo < 0 or hi > 255:
+        values = np.unique(label[(label < 0) | (label > 255)])[:10].tolist()
+        raise DataError(f"{what} holds values {values} outside 0..255 that the project does not map", path)
+    small = label.astype(np.uint8, copy=False)
+    present = np.flatnonzero(np.bincount(small.ravel(), minlength=256))
+    unmapped = [int(v) for v in present if lookup[v] < 0]
+    if unmapped:
+        mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
+        raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
+                        f"(mapped: {mapped}); add them to the dataset's labels", path)
+    table = np.where(lookup >= 0, lookup, 0).astype(np.uint8)
+    return table[small]
+
+
+# ---------------------------------------------------------------------- the cache: one case
+def _stat(path: Path) -> list[Any]:
+    st = path.stat()
+    return [str(path), int(st.st_size), int(st.st_mtime_ns)]
+
+
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _CaseJob:
+    """What one worker prepares (plain, picklable data)."""
+
+    dataset: str
+    case_id: str
+    out_dir: str
+    image: str
+    label: str | None
+    oracle: str | None
+    spec: dict[str, Any]
+    lookup: list[int]
+    n_leaves: int
+    fingerprints: dict[str, str]
+    do_image: bool
+    do_label: bool
+    do_oracle: bool
+    record: dict[str, Any] | None
+    meta: dict[str, Any]
+
+
+def _case_files(out_dir: Path, case_id: str) -> dict[str, Path]:
+    return {"image": out_dir / f"{case_id}.image.npy", "label": out_dir / f"{case_id}.label.npy",
+            "oracle": out_dir / f"{case_id}.oracle.npy", "meta": out_dir / f"{case_id}.json"}
+
+
+def _remove_entry(files: Mapping[str, Path]) -> None:
+    """Delete a case's cache entry, json first (so a half-deleted entry is never read as valid)."""
+    for key in ("meta", "image", "label", "oracle"):
+        try:
+            files[key].unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as fh:
+        np.save(fh, array, allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _run_case(job: _CaseJob) -> dict[str, Any]:
+    """Prepare one case in a worker; returns ``{"meta": ..., "warnings": [...]}`` or ``{"error": ...}``."""
+    from unionseg.config import PreprocessSpec, from_dict
+
+    out_dir = Path(job.out_dir)
+    files = _case_files(out_dir, job.case_id)
+    tmp = {k: p.with_name(f".{p.name}.{os.getpid()}.tmp") for k, p in files.items()}
+    messages: list[str] = []
+    try:
+        spec = from_dict(PreprocessSpec, job.spec)
+        image_path = Path(job.image)
+        record: PreprocessRecord | None = None
+        if job.do_image:
+            array, geom = read_image(image_path)
+            _check_finite(array, image_path)
+            note = intensity_warning(array, image_path)
+            if note:
+                messages.append(note)
+            prepared, record = preprocess_image(array, geom, spec)
+            del array
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _save_npy(tmp["image"], prepared)
+            del prepared
+        else:
+            assert job.record is not None
+            record = PreprocessRecord.from_dict(job.record)
+            geom = read_header(image_path)
+            if not geom.same_grid(record.source):
+                raise DataError("image geometry changed since it was prepared; run prepare with --force", image_path)
+        labels_out: dict[str, np.ndarray] = {}
+        if job.do_label and job.label is not None:
+            label_path = Path(job.label)
+            raw, lgeom = read_image(label_path)
+            raw = align_label_to_image(raw, lgeom, geom, label_path, image_path)
+            codes = remap_labels(raw, np.asarray(job.lookup, dtype=np.int64), label_path)
+            labels_out["label"] = preprocess_label(codes, geom, record)
+        if job.do_oracle and job.oracle is not None:
+            oracle_path = Path(job.oracle)
+            raw, ogeom = read_image(oracle_path)
+            raw = align_label_to_image(raw, ogeom, geom, oracle_path, image_path)
+            table = np.full(256, -1, dtype=np.int64)
+            table[: job.n_leaves] = np.arange(job.n_leaves)
+            codes = remap_labels(raw, table, oracle_path, what="oracle label map (global leaf ids)")
+            labels_out["oracle"] = preprocess_label(codes, geom, record)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for key, arr in labels_out.items():
+            _save_npy(tmp[key], np.ascontiguousarray(arr, dtype=np.uint8))
+        meta = dict(job.meta)
+        meta["record"] = record.to_dict()
+        meta["fingerprints"] = job.fingerprints
+        meta["has_oracle"] = job.oracle is not None
+        with tmp["meta"].open("w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for key in ("image", "label", "oracle"):
+            if tmp[key].exists():
+                tmp[key].replace(files[key])
+        if job.oracle is None and files["oracle"].exists():
+            files["oracle"].unlink()
+        tmp["meta"].replace(files["meta"])  # json last: the entry becomes valid only now
+        return {"meta": meta, "warnings": messages}
+    except DataError as exc:
+        _remove_entry(files)
+        return {"error": [exc.message, str(exc.path) if exc.path else None]}
+    except MemoryError:
+        _remove_entry(files)
+        return {"error": ["out of memory while preparing this case", job.image]}
+    finally:
+        for p in tmp.values():
+            if p.exists():
+                p.unlink()
+
+
+# ---------------------------------------------------------------------- the index
+@dataclass(frozen=True)
+class CasePaths:
+    """Files of one cached case (``oracle`` is None when the dataset has no oracle labels)."""
+
+    image: Path
+    label: Path
+    oracle: Path | None
+    meta: Path
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedCase:
+    """One prepared case: arrays are memory-mapped on access.
+
+    Attributes:
+        split: ``train``, ``val`` or ``test`` (training datasets are split; evaluation sets keep their role).
+        role: the dataset's role in the project (``train``, ``val``, ``test``).
+        annotated: (L,) bool, the leaves this case's ground truth determines
+            (``label_space.annotated_leaf_mask``; an evaluation set that annotates every class is all True).
+    """
+
+    dataset: str
+    case_id: str
+    split: str
+    role: str
+    paths: CasePaths
+    record: PreprocessRecord
+    annotated: np.ndarray = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.case_id}"
+
+    def image(self) -> np.ndarray:
+        """(X, Y, Z) float32 in [-1, 1], memory-mapped read-only."""
+        return np.load(self.paths.image, mmap_mode="r")
+
+    def label(self) -> np.ndarray:
+        """(X, Y, Z) uint8 codes (leaf ids ``< L``, region codes ``L + g``), memory-mapped."""
+        return np.load(self.paths.label, mmap_mode="r")
+
+    def oracle(self) -> np.ndarray | None:
+        """(X, Y, Z) uint8 full-truth leaf ids (phantom only), or None."""
+        return None if self.paths.oracle is None else np.load(self.paths.oracle, mmap_mode="r")
+
+    def extra_path(self, name: str) -> Path:
+        """Where a per-case extra volume ``name`` (e.g. ``pseudo``) is cached: ``<case>.<name>.npy``."""
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or name in _RESERVED_EXTRAS:
+            raise ValueError(f"invalid extra name {name!r} (letters, digits, _ and -; not {_RESERVED_EXTRAS})")
+        return self.paths.meta.with_name(f"{self.case_id}.{name}.npy")
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """What one ``prepare`` run did (case keys ``dataset/case``)."""
+
+    prepared: tuple[str, ...]
+    relabelled: tuple[str, ...]
+    skipped: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"prepared {len(self.prepared)} case(s), re-did labels of {len(self.relabelled)}, "
+                f"skipped {len(self.skipped)} up-to-date case(s)")
+
+
+def _settings(project: Project) -> dict[str, Any]:
+    """The project settings a prepared cache depends on (JSON-able)."""
+    from unionseg.config import to_dict
+
+    space = project.label_space
+    return {
+        "preprocess_version": PREPROCESS_VERSION,
+        "preprocessing": to_dict(project.preprocessing),
+        "classes": list(space.names),
+        "datasets": [
+            {"name": d.name, "root": str(d.root), "layout": d.layout, "role": d.role, "split": to_dict(d.split),
+             "lookup": space.local_lookup(d.name).tolist(), "annotated": list(d.annotated),
+             "oracle_labels": str(d.oracle_labels) if d.oracle_labels else None}
+            for d in project.datasets
+        ],
+    }
+
+
+class PreparedIndex:
+    """The prepared cache of a project: splits, cases, and a data fingerprint.
+
+    Build it with :func:`prepare_project`; load it with :meth:`load`.
+    """
+
+    def __init__(self, project: Project, data: Mapping[str, Any], summary: PrepareSummary | None = None) -> None:
+        self.project = project
+        self.data = dict(data)
+        self.summary = summary
+        self.fingerprint: str = str(data["fingerprint"])
+        self.splits: dict[str, dict[str, list[str]]] = {k: dict(v) for k, v in data["splits"].items()}
+        space = project.label_space
+        cache = project.cache_dir
+        cases = []
+        for entry in data["cases"]:
+            ds, cid = entry["dataset"], entry["case_id"]
+            files = _case_files(cache / ds, cid)
+            cases.append(PreparedCase(
+                dataset=ds, case_id=cid, split=entry["split"], role=entry["role"],
+                paths=CasePaths(files["image"], files["label"], files["oracle"] if entry["has_oracle"] else None,
+                                files["meta"]),
+                record=PreprocessRecord.from_dict(entry["record"]),
+                annotated=space.annotated_leaf_mask(ds)))
+        self._cases = tuple(cases)
+
+    @classmethod
+    def load(cls, project: Project, check_sources: bool = True) -> PreparedIndex:
+        """Load the index of a prepared project.
+
+        Args:
+            check_sources: also check that no source file changed since prepare (one ``stat`` per file).
+
+        Raises:
+            DataError: not prepared, or stale (settings or sources changed): run ``unionseg prepare``.
+        """
+        path = project.cache_dir / "index.json"
+        hint = f"run `unionseg prepare {project.path}`"
+        if not path.is_file():
+            raise DataError(f"project is not prepared; {hint}", project.cache_dir)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise DataError(f"unreadable prepared index ({exc}); {hint}", path) from None
+        if data.get("format") != INDEX_FORMAT or data.get("version") != INDEX_VERSION:
+            raise DataError(f"not a prepared index of this unionseg version; {hint}", path)
+        if data.get("settings_fingerprint") != _hash(_settings(project)):
+            raise DataError(f"prepared data is stale: the project's preprocessing, label maps or datasets "
+                            f"changed since prepare; {hint}", path)
+        if check_sources:
+            for src in data.get("sources", []):
+                if not _source_unchanged(src):
+                    raise DataError(f"prepared data is stale: {src[0]} changed since prepare; {hint}", path)
+            for entry in data["cases"]:
+                if not (project.cache_dir / entry["dataset"] / f"{entry['case_id']}.json").is_file():
+                    raise DataError(f"prepared case {entry['dataset']}/{entry['case_id']} is missing; {hint}", path)
+        return cls(project, data)
+
+    def cases(self, split: str | None = None, dataset: str | None = None) -> list[PreparedCase]:
+        """Cases filtered by split (``train``/``val``/``test``) and/or dataset, in a stable order."""
+        return [c for c in self._cases if (split is None or c.split == split)
+                and (dataset is None or c.dataset == dataset)]
+
+    def case(self, dataset: str, case_id: str) -> PreparedCase:
+        for c in self._cases:
+            if c.dataset == dataset and c.case_id == case_id:
+                return c
+        raise DataError(f"no prepared case {dataset}/{case_id}", self.project.cache_dir)
+
+    def __len__(self) -> int:
+        return len(self._cases)
+
+    def __iter__(self) -> Iterator[PreparedCase]:
+        return iter(self._cases)
+
+    def __repr__(self) -> str:
+        counts = {s: len(self.cases(split=s)) for s in ("train", "val", "test")}
+        return f"PreparedIndex({self.project.name!r}, {counts}, fingerprint={self.fingerprint})"
+
+
+def _source_unchanged(src: Sequence[Any]) -> bool:
+    path = Path(src[0])
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return int(st.st_size) == int(src[1]) and int(st.st_mtime_ns) == int(src[2])
+
+
+# ---------------------------------------------------------------------- prepare a project
+def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str, Any]], dict[str, Any], list[list[Any]]]:
+    """Scan every dataset and decide, per case, what is up to date."""
+    from unionseg.config import split_cases, to_dict
+    from unionseg.data.catalog import check_label_map, scan_dataset
+
+    space = project.label_space
+    spec_dict = to_dict(project.preprocessing)
+    jobs: list[_CaseJob] = []
+    entries: list[dict[str, Any]] = []
+    splits: dict[str, Any] = {}
+    sources: list[list[Any]] = []
+    for ds in project.datasets:
+        info = scan_dataset(ds.name, ds.root, ds.layout, ds.oracle_labels)
+        json_path = ds.root / "dataset.json"
+        check_label_map(ds.name, info.declared_labels, ds.labels, json_path)
+        sources.append(_stat(json_path))
+        ids = [c.case_id for c in info.cases]
+        if ds.role == "train":
+            split = split_cases(ids, ds.split, where=f"datasets.{ds.name}.", source=project.path)
+        else:
+            split = {ds.role: sorted(ids)}
+        splits[ds.name] = split
+        split_of = {cid: s for s, members in split.items() for cid in members}
+        lookup = space.local_lookup(ds.name).tolist()
+        out_dir = project.cache_dir / ds.name
+        for case in info.cases:
+            assert case.label is not None
+            image_stat, label_stat = _stat(case.image), _stat(case.label)
+            oracle_stat = _stat(case.oracle_label) if case.oracle_label is not None else None
+            sources.extend(s for s in (image_stat, label_stat, oracle_stat) if s is not None)
+            fp_image = _hash({"v": PREPROCESS_VERSION, "spec": spec_dict, "file": image_stat})
+            fp_label = _hash({"image": fp_image, "file": label_stat, "lookup": lookup})
+            fp_oracle = (_hash({"image": fp_image, "file": oracle_stat, "n_leaves": space.n_leaves})
+                         if oracle_stat is not None else None)
+            fingerprints = {"image": fp_image, "label": fp_label, **({"oracle": fp_oracle} if fp_oracle else {})}
+            files = _case_files(out_dir, case.case_id)
+            old = None if force else _read_meta(files["meta"])
+            old_fp = (old or {}).get("fingerprints", {})
+            do_image = old is None or old_fp.get("image") != fp_image or not files["image"].is_file()
+            do_label = do_image or old_fp.get("label") != fp_label or not files["label"].is_file()
+            do_oracle = fp_oracle is not None and (
+                do_image or old_fp.get("oracle") != fp_oracle or not files["oracle"].is_file())
+            meta = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role,
+                    "split": split_of[case.case_id],
+                    "sources": {"image": image_stat, "label": label_stat,
+                                **({"oracle": oracle_stat} if oracle_stat else {})}}
+            entry = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role, "split": split_of[case.case_id],
+                     "has_oracle": fp_oracle is not None, "fingerprints": fingerprints,
+                     "record": (old or {}).get("record")}
+            entries.append(entry)
+            drop_oracle = fp_oracle is None and files["oracle"].exists()
+            if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"]:
+                jobs.append(_CaseJob(
+                    dataset=ds.name, case_id=case.case_id, out_dir=str(out_dir), image=str(case.image),
+                    label=str(case.label), oracle=str(case.oracle_label) if case.oracle_label else None,
+                    spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
+                    do_image=do_image, do_label=do_label, do_oracle=do_oracle,
+                    record=None if do_image else (old or {}).get("record"), meta=meta))
+    return jobs, entries, splits, sources
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) and "record" in data else None
+
+
+def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob, dict[str, Any]], None]) -> None:
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            on_done(job, _run_case(job))
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    # spawn: workers start clean (no inherited torch/OpenMP state from the caller)
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_case, job): job for job in jobs}
+        for fut in as_completed(futures):
+            on_done(futures[fut], fut.result())
+
+
+def prepare_project(project: Project, workers: int = 2, force: bool = False, progress: bool = True) -> PreparedIndex:
+    """Validate and cache every case of a project; incremental, parallel, atomic per case.
+
+    Writes ``<cache_dir>/<dataset>/<case>.image.npy`` (float32 X, Y, Z), ``.label.npy`` (uint8 codes),
+    ``.oracle.npy`` (uint8 leaf ids, when the dataset has oracle labels), ``.json`` (record, sources,
+    fingerprints; written last) and ``<cache_dir>/index.json`` (splits, settings, cases, data fingerprint).
+
+    A case is redone only for what changed: its image or the preprocessing settings (everything), its
+    label file or its dataset's label map (labels only), its oracle file (oracle only).
+
+    Args:
+        workers: worker processes; 0 or 1 runs in this process.
+        force: redo every case.
+        progress: show a progress bar and print a summary.
+
+    Raises:
+        DataError: the first failing case, naming its file and the problem (the other cases still finish;
+            the failing case leaves no cache entry and no index is written).
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    jobs, entries, splits, sources = _plan(project, force)
+    cache = project.cache_dir
+    index_path = cache / "index.json"
+    if jobs and index_path.exists():
+        index_path.unlink()  # the index is valid again only once every case is done
+    prepared: list[str] = []
+    relabelled: list[str] = []
+    notes: list[str] = []
+    errors: list[tuple[str, str | None]] = []
+    by_key = {(e["dataset"], e["case_id"]): e for e in entries}
+
+    progress_bar = None
+    task = None
+    if progress and jobs:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress_bar = Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TextColumn("{task.description}"), console=console, transient=True)
+        progress_bar.start()
+        task = progress_bar.add_task("", total=len(jobs))
+
+    def on_done(job: _CaseJob, result: dict[str, Any]) -> None:
+        key = f"{job.dataset}/{job.case_id}"
+        if "error" in result:
+            errors.append((result["error"][0], result["error"][1]))
+        else:
+            by_key[(job.dataset, job.case_id)]["record"] = result["meta"]["record"]
+            if job.do_image:
+                prepared.append(key)
+            elif job.do_label or job.do_oracle:
+                relabelled.append(key)
+            for note in result["warnings"]:
+                notes.append(note)
+                log.warning(note)
+                warnings.warn(note, IntensityWarning, stacklevel=2)
+        if progress_bar is not None and task is not None:
+            progress_bar.update(task, advance=1, description=key)
+
+    try:
+        _execute(jobs, workers, on_done)
+    finally:
+        if progress_bar is not None:
+            progress_bar.stop()
+    if errors:
+        message, path = errors[0]
+        more = f" ({len(errors) - 1} more case(s) failed)" if len(errors) > 1 else ""
+        raise DataError(message + more, path)
+    redone = {k for k in prepared + relabelled}
+    skipped = tuple(f"{e['dataset']}/{e['case_id']}" for e in entries if f"{e['dataset']}/{e['case_id']}" not in redone)
+    settings = _settings(project)
+    fingerprint = _hash({"cases": [[e["dataset"], e["case_id"], e["split"], e["fingerprints"]] for e in entries],
+                         "settings": settings})
+    index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "project": project.name,
+             "settings": settings, "settings_fingerprint": _hash(settings), "splits": splits,
+             "fingerprint": fingerprint, "sources": sources, "cases": entries}
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_name(f".index.json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
+    tmp.replace(index_path)
+    summary = PrepareSummary(tuple(prepared), tuple(relabelled), skipped, tuple(notes))
+    if progress:
+        console.print(f"{project.name}: {summary.describe()} -> {cache}")
+    log.info("%s: %s", project.name, summary.describe())
+    return PreparedIndex(project, index, summary)
+
+
+# ---------------------------------------------------------------------- CLI
+def register(app: typer.Typer) -> None:
+    """Add ``unionseg prepare`` (no torch import)."""
+
+    @app.command("prepare")
+    def prepare_command(
+        project: Annotated[Path, typer.Argument(help="Project file (YAML).")],
+        workers: Annotated[int, typer.Option("--workers", help="Worker processes (0 or 1: in-process).")] = 2,
+        force: Annotated[bool, typer.Option("--force", help="Redo every case.")] = False,
+        root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).")] = None,
+    ) -> None:
+        """Validate, resample, normalise and cache every case of a project (incremental)."""
+        from unionseg.cli import _parse_roots
+        from unionseg.config import load_project
+
+        proj = load_project(project, roots=_parse_roots(root))
+        index = prepare_project(proj, workers=workers, force=force, progress=True)
+        counts = ", ".join(f"{s} {len(index.cases(split=s))}" for s in ("train", "val", "test"))
+        typer.echo(f"cases: {counts}; data fingerprint {index.fingerprint}")

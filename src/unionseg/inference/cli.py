@@ -1,0 +1,123 @@
+"""``unionseg predict MODEL INPUT... -o OUTDIR``: label maps for files, folders and DICOM series."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from unionseg.errors import UnionsegError
+
+
+def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
+    """``(case name, path)`` for every image among files, folders of images and DICOM series folders.
+
+    Raises:
+        UnionsegError: a missing input, a folder without images, or two inputs with the same case name
+            (their outputs would overwrite each other).
+    """
+    from unionseg.data.catalog import list_image_files
+    from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
+
+    found: list[tuple[str, Path]] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise UnionsegError("input not found", path)
+        if path.is_dir():
+            files = list_image_files(path)
+            if not files:
+                raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series)",
+                                    path)
+            found.extend((p.name if p.is_dir() else strip_suffix(p), p) for p in files)
+        elif suffix_of(path) == ".dcm":
+            found.append((path.parent.name, path.parent))
+        else:
+            found.append((strip_suffix(path), path))
+    seen: dict[str, Path] = {}
+    for name, path in found:
+        if name in seen and seen[name].resolve() != path.resolve():
+            raise UnionsegError(f"two inputs share the case name {name!r} ({seen[name]} and {path}); "
+                                "predict them into different output folders", path)
+        seen[name] = path
+    unique: dict[str, Path] = {}
+    for name, path in found:
+        unique.setdefault(name, path)
+    return list(unique.items())
+
+
+def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]]) -> None:
+    """Refuse an output folder that is an input folder, lies inside a DICOM series folder, or would
+    overwrite an input file.
+
+    Raises:
+        UnionsegError: naming the output folder and the input at risk.
+    """
+    out = outdir.resolve()
+    for name, path in cases:
+        src = path.resolve()
+        folder = src if src.is_dir() else src.parent
+        if out == folder:
+            raise UnionsegError(f"output folder is the input folder of {path}; choose another -o", outdir)
+        if src.is_dir() and out.is_relative_to(src):
+            raise UnionsegError(f"output folder lies inside the DICOM series folder {path}; choose another -o",
+                                outdir)
+        if (out / f"{name}.nii.gz") == src:
+            raise UnionsegError(f"the output would overwrite the input {path}", outdir)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``unionseg predict``."""
+
+    @app.command("predict")
+    def predict_command(
+        model: Annotated[Path, typer.Argument(help="Model file written by `unionseg train`.")],
+        inputs: Annotated[list[Path], typer.Argument(help="Images (NIfTI, NRRD, MHA), folders of images, "
+                                                          "or DICOM series folders.")],
+        output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (<case>.nii.gz, uint8).")],
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+        tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).")] = False,
+        probabilities: Annotated[bool, typer.Option("--probabilities",
+                                                    help="Also write <case>_probs.nii.gz (4D float32).")] = False,
+        overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1).")] = None,
+        sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call.")] = None,
+    ) -> None:
+        """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
+        import time
+
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskID,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        from unionseg.inference.predictor import Predictor, resolve_device
+
+        if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+            raise UnionsegError(f"--device must be cpu, cuda or auto, got {device!r}")
+        cases = collect_inputs(inputs)
+        check_output_dir(output, cases)
+        predictor = Predictor.from_checkpoint(model, device=resolve_device(device), overlap=overlap,
+                                              sw_batch_size=sw_batch)
+        console = Console(stderr=True)
+        output.mkdir(parents=True, exist_ok=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True) as bar:
+            for name, path in cases:
+                task = bar.add_task(f"{name} (windows)", total=None)
+
+                def update(done: int, total: int, task: TaskID = task) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                start = time.perf_counter()
+                out_path = output / f"{name}.nii.gz"
+                probs_path = output / f"{name}_probs.nii.gz" if probabilities else None
+                predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update)
+                bar.remove_task(task)
+                console.print(f"{name}: wrote {out_path} ({time.perf_counter() - start:.1f} s)")

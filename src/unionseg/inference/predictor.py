@@ -1,0 +1,575 @@
+"""The predictor: one image in, one label map out on the input's exact grid.
+
+Pipeline: read -> :func:`~unionseg.data.preprocess.preprocess_image` (exactly the model file's
+preprocessing) -> sliding-window inference (MONAI's window grid, Gaussian blending and window batches)
+stitched in SLABS -> probabilities -> back onto the input grid -> the merge function -> uint8 labels.
+
+Memory: MONAI's ``sliding_window_inference`` allocates the whole (C, X, Y, Z) output and count map; we
+never do. Windows are visited in MONAI's order, whose slowest axis is the FIRST spatial axis, so the
+volume is finalised slab by slab along that axis: a slab buffer of depth about ``roi + stride`` holds the
+weighted logit sums (float32 when it fits ``slab_budget_mib``, else float16), and every finished slab goes
+straight to the restore-and-decide stage. Per voxel the windows are summed in MONAI's order with the same
+float32 operations, so with float32 accumulation the averaged logits are bit-identical to MONAI's (a test
+checks the argmax). Nothing full-size is ever float64 or int64: the only full-size arrays are the
+prepared input (float32) and the uint8 label maps.
+
+Resampling back (our choice, as nnU-Net does): the decision is made on the INPUT grid, not on the model
+grid. Each finished slab's probabilities are mapped back with the inverse of the preparation (uncrop with
+background outside the crop box -> linear resampling with the same ``align_corners=False`` convention ->
+reorientation) and only then merged. Deciding on the coarse model grid and copying labels back with
+nearest neighbour would be cheaper but gives staircase boundaries whenever the model spacing is coarser
+than the image's; linear probability resampling gives boundaries at the input's resolution. When the
+model grid equals the input grid (same spacing), the map back is an exact uncrop/reorientation and both
+choices coincide. The back-mapping is streamed along the same axis, so it costs only per-slab memory.
+
+Test-time augmentation (``tta=True``): per window, the logits of the 8 mirror images (every subset of the
+three axes flipped; nnU-Net's mirroring) are averaged before blending. Outside the image MONAI pads with
+0; we pad volumes smaller than the window with -1, which is air after CT normalisation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from unionseg.config import PreprocessSpec, from_dict
+from unionseg.data.io import Geometry, read_image, reorient_like, write_image
+from unionseg.data.preprocess import PreprocessRecord, preprocess_image, restore_axis_map
+from unionseg.errors import CheckpointError, DataError, UnionsegError
+from unionseg.labels import REGION_PREFIX, LabelSpace, merge, merge_softmax
+from unionseg.modelfile import check_channels, check_inference
+
+ProgressFn = Callable[[int, int], None]
+DECISIONS = ("merge", "argmax")
+ACCUMULATE = ("auto", "float32", "float16")
+PAD_VALUE = -1.0  # air after CT normalisation
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        UnionsegError: CUDA requested but not available.
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnionsegError("--device cuda requested but no CUDA device is available (use --device cpu)")
+    return dev
+
+
+def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
+    """MONAI's window step per axis: ``int(roi * (1 - overlap))`` (at least 1; the roi when it fills the axis)."""
+    out = []
+    for n, r in zip(image_size, roi, strict=True):
+        out.append(int(r) if r == n else max(1, int(r * (1 - overlap))))
+    return tuple(out)
+
+
+class _Decider:
+    """Model outputs -> decision-form probabilities -> labels, for one output form.
+
+    softmax: decision channels are the L leaf probabilities (fill outside the body: background = 1).
+    sigmoid: decision channels are the G region and P part probabilities (fill 0); a region takes the
+    max over the channels of its region key, its organ leaf and its parts (a part lies inside its
+    organ), a part the max over its own channels (repeated keys, e.g. one per task).
+    """
+
+    def __init__(self, space: LabelSpace, output_form: str, channels: Sequence[str], decision: str,
+                 threshold: float | None) -> None:
+        self.space = space
+        self.output_form = output_form
+        self.decision = decision
+        self.threshold = threshold
+        self.n_outputs = len(channels)
+        if output_form == "softmax":
+            self.names = list(space.names)
+            fill = np.zeros(space.n_leaves, dtype=np.float32)
+            fill[0] = 1.0
+        else:
+            self.region_src = []
+            for grp in space.groups:
+                keys = {f"{REGION_PREFIX}{grp.name}", *(space.names[i] for i in grp.leaf_ids)}
+                self.region_src.append([c for c, k in enumerate(channels) if k in keys])
+            self.part_src = [[c for c, k in enumerate(channels) if k == space.names[p]] for p in space.part_ids]
+            self.names = space.region_keys() + space.part_keys()
+            fill = np.zeros(len(self.names), dtype=np.float32)
+        self.fill = fill
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(C_out, *S) logits -> (C_dec, *S) float32 probabilities."""
+        logits = logits.float()
+        if self.output_form == "softmax":
+            return torch.softmax(logits, dim=0)
+        probs = torch.sigmoid(logits)
+        zero = torch.zeros_like(probs[0])
+        rows = [probs[idx].amax(0) if idx else zero for idx in self.region_src + self.part_src]
+        return torch.stack(rows) if rows else probs[:0]
+
+    def labels(self, probs: torch.Tensor) -> torch.Tensor:
+        """(C_dec, *S) probabilities -> (*S) uint8 leaf ids."""
+        if self.output_form == "softmax":
+            if self.decision == "argmax":
+                return torch.argmax(probs, dim=0).to(torch.uint8)
+            return merge_softmax(probs, self.space, threshold=self.threshold)
+        g = self.space.n_groups
+        return merge(probs[:g], probs[g:], self.space, organ_leaf_probs=None,
+                     threshold=0.5 if self.threshold is None else self.threshold)
+
+
+class _RestoreSink:
+    """Receives finished slabs of decision-form probabilities on the prepared grid (in order along the
+    first axis), maps them back onto the RAS grid (uncrop + linear resampling), decides, and at the end
+    reorients the label map (and optionally the probabilities) onto the source grid.
+
+    Slabs are (C, n, Y', Z') tensors for prepared first-axis indices [a, a + n), pushed with increasing a.
+    """
+
+    def __init__(self, record: PreprocessRecord, decider: _Decider, device: torch.device,
+                 keep_probs: bool = False, group: int = 16) -> None:
+        self.record = record
+        self.decider = decider
+        self.device = device
+        self.group = group
+        prep, res, ras = record.prepared.shape, record.resampled_shape, record.ras.shape
+        self.n_prep0 = prep[0]
+        i0, i1, w = restore_axis_map(prep[0], record.crop_start[0], res[0], ras[0], order=1)
+        self.i0, self.i1, self.w0 = i0, i1, w
+        self.inplane: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        for axis in (1, 2):
+            if res[axis] == ras[axis] and record.crop_start[axis] == 0 and prep[axis] == res[axis]:
+                self.inplane.append(None)
+                continue
+            a0, a1, aw = restore_axis_map(prep[axis], record.crop_start[axis], res[axis], ras[axis], order=1)
+            self.inplane.append((axis, torch.as_tensor(a0, device=device), torch.as_tensor(a1, device=device),
+                                 torch.as_tensor(aw, device=device)))
+        self.fill = torch.as_tensor(decider.fill, device=device)
+        self.labels = np.zeros(ras, dtype=np.uint8)
+        self.probs = np.zeros((len(decider.fill), *ras), dtype=np.float16) if keep_probs else None
+        self.slices: dict[int, torch.Tensor] = {}  # padded prepared index -> (C, Y_ras, Z_ras)
+        self.next_j = 0
+        self.available = 0  # prepared indices [0, available) have been pushed
+
+    def _fill_plane(self) -> torch.Tensor:
+        ras = self.record.ras.shape
+        return self.fill.view(-1, 1, 1).expand(-1, ras[1], ras[2])
+
+    def _restore_inplane(self, t: torch.Tensor) -> torch.Tensor:
+        """(C, n, Y', Z') -> (C, n, Y_ras, Z_ras): uncrop with the fill value and resample linearly."""
+        for item in self.inplane:
+            if item is None:
+                continue
+            axis, i0, i1, w = item
+            dim = axis + 1
+            pad_shape = list(t.shape)
+            pad_shape[dim] = 1
+            pad = self.fill.view(-1, 1, 1, 1).to(t.dtype).expand(pad_shape)
+            t = torch.cat([pad, t, pad], dim=dim)
+            lo = t.index_select(dim, i0)
+            if bool(torch.any(w > 0)):
+                hi = t.index_select(dim, i1)
+                shape = [1] * t.dim()
+                shape[dim] = -1
+                lo = torch.lerp(lo, hi, w.view(shape).to(lo.dtype))
+            t = lo
+        return t
+
+    def _plane(self, padded_index: int) -> torch.Tensor:
+        if padded_index == 0 or padded_index == self.n_prep0 + 1:
+            return self._fill_plane()
+        return self.slices[padded_index]
+
+    def _ready(self, padded_index: int) -> bool:
+        return padded_index == 0 or padded_index == self.n_prep0 + 1 or padded_index <= self.available
+
+    def push(self, start: int, probs: torch.Tensor) -> None:
+        """Take prepared first-axis slices [start, start + n) as (C, n, Y', Z') probabilities."""
+        if start != self.available:
+            raise RuntimeError(f"slabs must arrive in order: expected {self.available}, got {start}")
+        restored = self._restore_inplane(probs.to(self.device))
+        for k in range(restored.shape[1]):
+            self.slices[start + k + 1] = restored[:, k]
+        self.available = start + restored.shape[1]
+        self._emit()
+
+    def _emit(self) -> None:
+        n_out = len(self.i0)
+        while self.next_j < n_out:
+            j0 = self.next_j
+            j1 = j0
+            while j1 < n_out and j1 - j0 < self.group and self._ready(int(self.i0[j1])) and \
+                    self._ready(int(self.i1[j1])):
+                j1 += 1
+            if j1 == j0:
+                return
+            lo = torch.stack([self._plane(int(i)) for i in self.i0[j0:j1]], dim=1)
+            w = self.w0[j0:j1]
+            if np.any(w > 0):
+                hi = torch.stack([self._plane(int(i)) for i in self.i1[j0:j1]], dim=1)
+                lo = torch.lerp(lo, hi, torch.as_tensor(w, device=lo.device).view(1, -1, 1, 1).to(lo.dtype))
+            self.labels[j0:j1] = self.decider.labels(lo).cpu().numpy()
+            if self.probs is not None:
+                self.probs[:, j0:j1] = lo.to(torch.float16).cpu().numpy()
+            self.next_j = j1
+            keep_from = int(self.i0[j1]) if j1 < n_out else self.n_prep0 + 2
+            for idx in [i for i in self.slices if i < keep_from]:
+                del self.slices[idx]
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The label map (and probabilities, (C, X, Y, Z) float16) on the source grid."""
+        if self.available != self.n_prep0:
+            raise RuntimeError(f"only {self.available} of {self.n_prep0} slices were pushed")
+        self._emit()
+        labels = reorient_like(self.labels, self.record.ras, self.record.source)
+        probs = None
+        if self.probs is not None:
+            moved = reorient_like(np.moveaxis(self.probs, 0, -1), self.record.ras, self.record.source)
+            probs = np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+        return labels, probs
+
+
+class Predictor:
+    """Predict label maps with a trained model (any output form) on images of any geometry.
+
+    Args:
+        model: ``forward(x: (B, 1, X, Y, Z)) -> (B, C, X, Y, Z)`` logits for every output channel.
+        label_space: the model's label space.
+        preprocessing: the model's :class:`PreprocessSpec` (or its dict).
+        output_form: ``softmax`` (channels = leaves in id order) or ``sigmoid`` (channels = class keys).
+        channels: meaning of each output channel; defaults to the leaves (softmax).
+        inference: sliding-window settings (``roi_size``, ``overlap``, ``sw_batch_size``, ``blend``,
+            ``threshold``); defaults filled in.
+        device: where the network runs (``auto``: CUDA if available).
+        stitch_device: where windows are blended and the decision is made (default: ``device``; pass
+            ``"cpu"`` to keep GPU memory to the network).
+        decision: ``merge`` (the merge function, default) or ``argmax`` (softmax models only).
+        amp: autocast the network (default: on for CUDA, off for CPU).
+        accumulate: slab accumulation dtype; ``auto`` uses float32 when the slab fits ``slab_budget_mib``.
+
+    Raises:
+        CheckpointError: channels that do not fit the label space, invalid inference settings.
+        ValueError: an unknown decision or accumulation dtype, argmax on a sigmoid model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        label_space: LabelSpace,
+        preprocessing: PreprocessSpec | Mapping[str, Any],
+        output_form: str = "softmax",
+        channels: Sequence[str] | None = None,
+        inference: Mapping[str, Any] | None = None,
+        device: str | torch.device = "auto",
+        stitch_device: str | torch.device | None = None,
+        decision: str = "merge",
+        amp: bool | None = None,
+        accumulate: str = "auto",
+        slab_budget_mib: float = 256.0,
+    ) -> None:
+        if decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {decision!r}")
+        if accumulate not in ACCUMULATE:
+            raise ValueError(f"accumulate must be one of {ACCUMULATE}, got {accumulate!r}")
+        if decision == "argmax" and output_form != "softmax":
+            raise ValueError("decision='argmax' needs a softmax model (sigmoid outputs are merged)")
+        self.space = label_space
+        self.spec = preprocessing if isinstance(preprocessing, PreprocessSpec) else \
+            from_dict(PreprocessSpec, preprocessing, source="<model>", where="preprocessing")
+        self.output_form = output_form
+        self.channels = check_channels(output_form, channels if channels is not None else label_space.names,
+                                       label_space)
+        self.inference = check_inference(inference or {})
+        self.device = resolve_device(device)
+        self.stitch_device = resolve_device(stitch_device) if stitch_device is not None else self.device
+        self.amp = (self.device.type == "cuda") if amp is None else amp
+        self.accumulate = accumulate
+        self.slab_budget_mib = slab_budget_mib
+        self.decision = decision
+        self.model = model.to(self.device).eval()
+        self.decider = _Decider(label_space, output_form, self.channels, decision, self.inference["threshold"])
+        self.last_stats: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction from a model file
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], device: str | torch.device = "auto",
+                     model: nn.Module | None = None, **overrides: Any) -> Predictor:
+        """Build from a loaded model payload; ``overrides`` may change inference settings
+        (``overlap``, ``sw_batch_size``, ``roi_size``, ``threshold``) or constructor options."""
+        from unionseg.modelfile import build_from_payload
+
+        inference = dict(payload["inference"])
+        for key in list(overrides):
+            if key in inference:
+                value = overrides.pop(key)
+                if value is not None:
+                    inference[key] = value
+        try:
+            space = LabelSpace.from_dict(payload["label_space"], source="<model file>")
+        except UnionsegError as exc:
+            raise CheckpointError(f"invalid label space in the model file ({exc.message})") from None
+        net = model if model is not None else build_from_payload(payload)
+        return cls(net, space, payload["preprocessing"], output_form=payload["output_form"],
+                   channels=payload["channels"], inference=inference, device=device, **overrides)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **overrides: Any) -> Predictor:
+        """Load a model file (see :mod:`unionseg.modelfile`) and build its predictor.
+
+        Raises:
+            CheckpointError: the file is missing, corrupt, unsafe or not a unionseg model.
+        """
+        from unionseg.modelfile import load_model
+
+        payload = load_model(path)
+        try:
+            return cls.from_payload(payload, device=device, **overrides)
+        except CheckpointError as exc:
+            raise CheckpointError(exc.message, path) from None
+
+    @property
+    def probability_names(self) -> list[str]:
+        """Names of the probability channels ``predict(return_probs=True)`` returns."""
+        return list(self.decider.names)
+
+    # ------------------------------------------------------------------ prediction
+    def predict(
+        self,
+        image: str | Path | np.ndarray,
+        geometry: Geometry | None = None,
+        tta: bool = False,
+        return_probs: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[np.ndarray, Geometry] | tuple[np.ndarray, Geometry, np.ndarray]:
+        """Segment one CT volume.
+
+        Args:
+            image: a file/DICOM folder, or an (X, Y, Z) array of Hounsfield units.
+            geometry: the array's geometry (default: identity, 1 mm voxels).
+            tta: average the 8 mirror images of every window.
+            return_probs: also return the probabilities (C, X, Y, Z) float16 on the input grid, channels
+                :attr:`probability_names` (memory: C x 2 bytes per input voxel).
+            progress: called with ``(windows_done, windows_total)``.
+
+        Returns:
+            ``(labels, geometry[, probs])``: (X, Y, Z) uint8 leaf ids on the input grid and that grid.
+
+        Raises:
+            DataError: unreadable input, not 3D, non-finite values.
+        """
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            array, geometry = read_image(path)
+        else:
+            path = None
+            array = np.asarray(image)
+            if geometry is None:
+                geometry = Geometry.identity(array.shape)
+        if array.ndim != 3:
+            raise DataError(f"expected a 3D volume, got shape {array.shape}", path)
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise DataError("image holds non-finite (NaN/inf) values", path)
+        prepared, record = preprocess_image(array, geometry, self.spec)
+        del array
+        labels, probs = self.predict_prepared(prepared, record, tta=tta, return_probs=return_probs,
+                                              progress=progress)
+        if return_probs:
+            assert probs is not None
+            return labels, geometry, probs
+        return labels, geometry
+
+    def predict_prepared(
+        self, prepared: np.ndarray, record: PreprocessRecord, tta: bool = False, return_probs: bool = False,
+        progress: ProgressFn | None = None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Sliding window + restore + decision on an already prepared (X', Y', Z') float32 volume."""
+        sink = _RestoreSink(record, self.decider, self.stitch_device, keep_probs=return_probs)
+        x = torch.from_numpy(np.ascontiguousarray(prepared, dtype=np.float32))
+        with torch.inference_mode():
+            for start, logits in self._stitch(x, tta=tta, progress=progress):
+                sink.push(start, self.decider.probabilities(logits))
+        return sink.finish()
+
+    def sliding_window_logits(self, prepared: np.ndarray | torch.Tensor, tta: bool = False) -> torch.Tensor:
+        """The whole averaged-logit volume (C, X', Y', Z') float32 on the stitch device (tests, small volumes)."""
+        x = torch.as_tensor(prepared, dtype=torch.float32)
+        parts = []
+        with torch.inference_mode():
+            for _, logits in self._stitch(x, tta=tta):
+                parts.append(logits.float())
+        return torch.cat(parts, dim=1)
+
+    # ------------------------------------------------------------------ slab stitching
+    def _forward(self, windows: torch.Tensor, tta: bool) -> torch.Tensor:
+        amp = torch.autocast(self.device.type) if self.amp else nullcontext()
+        with amp:
+            out = self._net(windows).float()
+            if tta:
+                flips = [d for k in (1, 2, 3) for d in itertools.combinations((2, 3, 4), k)]
+                for dims in flips:
+                    out += torch.flip(self._net(torch.flip(windows, dims)).float(), dims)
+                out /= len(flips) + 1
+        return out
+
+    def _net(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        if out.shape[1] != len(self.channels):
+            raise CheckpointError(f"the network returns {out.shape[1]} channels, the model file declares "
+                                  f"{len(self.channels)}")
+        return out
+
+    def _stitch(self, x: torch.Tensor, tta: bool = False, progress: ProgressFn | None = None):
+        """Yield ``(start, logits)``: averaged logits (C, n, Y', Z') float32 for first-axis slices
+        [start, start + n) of the (X', Y', Z') input, in order, covering the whole volume."""
+        from monai.data.utils import compute_importance_map, dense_patch_slices
+
+        roi = tuple(int(r) for r in self.inference["roi_size"])
+        shape = tuple(int(s) for s in x.shape)
+        pads = []
+        for n, r in zip(shape, roi, strict=True):
+            diff = max(r - n, 0)
+            pads.append((diff // 2, diff - diff // 2))
+        vol = x.to(self.stitch_device)[None, None]
+        if any(p for pair in pads for p in pair):
+            flat = [p for pair in reversed(pads) for p in pair]
+            vol = F.pad(vol, flat, mode="constant", value=PAD_VALUE)
+        size = tuple(int(s) for s in vol.shape[2:])
+        interval = scan_interval(size, roi, self.inference["overlap"])
+        windows = dense_patch_slices(size, roi, interval)
+        batch = int(self.inference["sw_batch_size"])
+        batches = [windows[i:i + batch] for i in range(0, len(windows), batch)]
+        depth = max(roi[0], *(max(s[0].stop for s in b) - b[0][0].start for b in batches))
+        weight = compute_importance_map(roi, mode=self.inference["blend"], sigma_scale=0.125,
+                                        device=self.device, dtype=torch.float32)
+        weight = weight.view(1, 1, *roi)
+        weight_stitch = weight[0, 0].to(self.stitch_device)
+        lo0 = pads[0][0]
+        n0 = shape[0]
+        (ylo, _), (zlo, _) = pads[1], pads[2]
+        ny, nz = shape[1], shape[2]
+        acc: torch.Tensor | None = None
+        count = torch.zeros((depth, *size[1:]), dtype=torch.float32, device=self.stitch_device)
+        base = 0
+        done = 0
+
+        def finished(a: int, b: int) -> Any:
+            """Slices [a, b) of the padded volume are final: yield their unpadded part, in pieces."""
+            assert acc is not None
+            lo, hi = max(a, lo0), min(b, lo0 + n0)
+            step = 8
+            for s in range(lo, hi, step):
+                e = min(s + step, hi)
+                # a new tensor: the same float32 division MONAI does (output /= count_map)
+                avg = acc[:, s - base:e - base, ylo:ylo + ny, zlo:zlo + nz].to(torch.float32, copy=True)
+                avg /= count[s - base:e - base, ylo:ylo + ny, zlo:zlo + nz]
+                yield s - lo0, avg
+
+        for b in batches:
+            first = b[0][0].start
+            if first > base and acc is not None:
+                yield from finished(base, first)
+                shift = first - base
+                keep = depth - shift
+                acc[:, :keep] = acc[:, shift:].clone()
+                acc[:, keep:] = 0
+                count[:keep] = count[shift:].clone()
+                count[keep:] = 0
+                base = first
+            win = torch.cat([vol[(slice(None), slice(None), *s)] for s in b]).to(self.device)
+            out = self._forward(win, tta)
+            out *= weight
+            out = out.to(self.stitch_device)
+            if acc is None:
+                acc = torch.zeros((out.shape[1], depth, *size[1:]), device=self.stitch_device,
+                                  dtype=self._acc_dtype(out.shape[1], depth, size))
+            for k, s in enumerate(b):
+                local = (slice(None), slice(s[0].start - base, s[0].stop - base), s[1], s[2])
+                acc[local] += out[k]
+                count[local[1:]] += weight_stitch
+            done += len(b)
+            if progress is not None:
+                progress(done, len(windows))
+        assert acc is not None
+        yield from finished(base, size[0])
+        self.last_stats = {"windows": len(windows), "slab_depth": depth, "accumulate": str(acc.dtype),
+                           "padded_size": size}
+
+    def _acc_dtype(self, channels: int, depth: int, size: Sequence[int]) -> torch.dtype:
+        if self.accumulate == "float32":
+            return torch.float32
+        if self.accumulate == "float16":
+            return torch.float16
+        mib = channels * depth * math.prod(size[1:]) * 4 / 2**20
+        return torch.float32 if mib <= self.slab_budget_mib else torch.float16
+
+    # ------------------------------------------------------------------ files
+    def predict_file(
+        self,
+        in_path: str | Path,
+        out_path: str | Path,
+        tta: bool = False,
+        probs_path: str | Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> Path:
+        """Predict one image file (or DICOM folder) and write a uint8 label map with its exact geometry.
+
+        Args:
+            probs_path: also write the probabilities as a 4D NIfTI (X, Y, Z, C) float32 plus a
+                ``.json`` sidecar naming the channels.
+
+        Raises:
+            UnionsegError: the output would overwrite the input.
+            DataError: unreadable input.
+        """
+        in_path, out_path = Path(in_path), Path(out_path)
+        if out_path.resolve() == in_path.resolve() or (in_path.is_dir() and out_path.resolve().is_relative_to(
+                in_path.resolve())):
+            raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
+        if probs_path is None:
+            labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
+            write_image(out_path, labels, geom)
+            return out_path
+        labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
+                                           progress=progress)
+        write_image(out_path, labels, geom)
+        write_probabilities(probs_path, probs, geom, self.probability_names)
+        return out_path
+
+
+def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str]) -> Path:
+    """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list,
+    atomically."""
+    import json
+    import os
+
+    import nibabel as nib
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    sidecar = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
+    try:
+        data = np.moveaxis(probs, 0, -1).astype(np.float32)
+        img = nib.Nifti1Image(data, geometry.affine)
+        img.set_qform(geometry.affine, code=1)
+        img.set_sform(geometry.affine, code=1)
+        nib.save(img, str(tmp))
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    sidecar.write_text(json.dumps({"channels": list(names)}, indent=1), encoding="utf-8")
+    return path

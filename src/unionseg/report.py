@@ -1,0 +1,274 @@
+"""Benchmark aggregation and the report: ``results.json``, ``report.md`` and its figures.
+
+Numbers come only from the runs' ``result.json`` files, which come from the public evaluation of saved
+predictions. Gap closure per organ region is ``(method - naive) / (oracle - naive)`` on seed means.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unionseg.labels import REGION_PREFIX
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
+    """Seed means and spreads per method and class, gap closure, compute, provenance."""
+    by_name: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_name.setdefault(r["name"], []).append(r)
+    methods: dict[str, Any] = {}
+    for name, runs in by_name.items():
+        keys = sorted({k for r in runs for k in r["per_class"]})
+        classes = {}
+        for key in keys:
+            entry = {}
+            for metric in ("dice", "hd95", "nsd"):
+                mean, std = _mean_std([r["per_class"].get(key, {}).get(metric) for r in runs])
+                entry[metric] = {"mean": mean, "std": std}
+            classes[key] = entry
+        regions = [k for k in keys if k.startswith(REGION_PREFIX)]
+        per_seed_region = [float(np.mean([r["per_class"][k]["dice"] for k in regions])) for r in runs] if regions else []
+        mean_region, std_region = _mean_std(per_seed_region)
+        methods[name] = {
+            "method": runs[0]["method"], "options": runs[0].get("options", {}), "seeds": [r["seed"] for r in runs],
+            "classes": classes, "mean_region_dice": {"mean": mean_region, "std": std_region},
+            "train_seconds": _mean_std([r["train_seconds"] for r in runs])[0],
+            "expert_seconds": _mean_std([r.get("expert_seconds", 0.0) for r in runs])[0],
+            "predict_seconds_per_case": _mean_std([r["predict_seconds_per_case"] for r in runs])[0],
+            "parameters": runs[0].get("parameters"),
+            "peak_rss_mb": runs[0].get("peak_rss_mb"),
+        }
+    oracle, naive = methods.get("oracle"), methods.get("naive")
+    if oracle and naive:
+        for entry in methods.values():
+            gaps = {}
+            for key, stats in entry["classes"].items():
+                if not key.startswith(REGION_PREFIX) or key not in oracle["classes"] or key not in naive["classes"]:
+                    continue
+                lo, hi = naive["classes"][key]["dice"]["mean"], oracle["classes"][key]["dice"]["mean"]
+                gaps[key] = (stats["dice"]["mean"] - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else float("nan")
+            lo, hi = naive["mean_region_dice"]["mean"], oracle["mean_region_dice"]["mean"]
+            gap_mean = (entry["mean_region_dice"]["mean"] - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else float("nan")
+            ratio = {k: stats["dice"]["mean"] / oracle["classes"][k]["dice"]["mean"]
+                     for k, stats in entry["classes"].items()
+                     if k.startswith(REGION_PREFIX) and k in oracle["classes"] and oracle["classes"][k]["dice"]["mean"] > 0}
+            entry["gap_closure"] = {"mean_region": gap_mean, "per_region": gaps}
+            entry["vs_oracle"] = ratio
+    return {"suite": getattr(suite, "name", str(suite)), "budget": getattr(suite, "budget", {}),
+            "methods": methods, "runs": results}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def markdown_table(agg: dict[str, Any]) -> str:
+    methods = agg["methods"]
+    keys = sorted({k for m in methods.values() for k in m["classes"]}, key=lambda k: (not k.startswith(REGION_PREFIX), k))
+    head = ["method", "mean region Dice", "gap closure"] + [k.replace(REGION_PREFIX, "") for k in keys] + \
+        ["train s (+experts)", "predict s/case"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        mr = m["mean_region_dice"]
+        spread = f" ± {mr['std']:.3f}" if len(m["seeds"]) > 1 else ""
+        cells = [name, _fmt(mr["mean"]) + spread, _fmt(m.get("gap_closure", {}).get("mean_region"), 2)]
+        for k in keys:
+            d = m["classes"].get(k, {}).get("dice", {})
+            cells.append(_fmt(d.get("mean")))
+        extra = f" (+{m['expert_seconds']:.0f})" if m.get("expert_seconds") else ""
+        cells += [f"{m['train_seconds']:.0f}{extra}", _fmt(m["predict_seconds_per_case"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(agg: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    Console(width=200).print(Markdown(markdown_table(agg)))
+
+
+def write_report(agg: dict[str, Any], out: Path) -> None:
+    """``results.json``, ``report.md`` and the PNG figures in ``figures/``."""
+    out = Path(out)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(agg, indent=2, default=float))
+    tmp.replace(out / "results.json")
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    made = _figures(agg, out, figures)
+    lines = [f"# Benchmark report: suite `{agg['suite']}`", "",
+             "Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
+             "Gap closure = (method − naive) / (oracle − naive) on the mean region Dice. Checkpoints were selected "
+             "on validation only; the test set was evaluated once per run.", "", markdown_table(agg), "",
+             "## Budget (identical for every method and the shared experts)", "", "```json",
+             json.dumps(agg.get("budget", {}), indent=2), "```", ""]
+    for title, rel in made:
+        lines += [f"## {title}", "", f"![{title}]({rel})", ""]
+    lines += ["## Provenance", "", "| run | seed | code commit | data fingerprint | config hash | phantom |",
+              "|---|---|---|---|---|---|"]
+    for r in agg["runs"]:
+        p = r["provenance"]
+        lines.append(f"| {r['name']} | {r['seed']} | `{p['code_commit'][:12]}` | `{p['data_fingerprint']}` | "
+                     f"`{p['config_hash']}` | {p.get('generator_version')} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made: list[tuple[str, str]] = []
+    methods = agg["methods"]
+    regions = sorted({k for m in methods.values() for k in m["classes"] if k.startswith(REGION_PREFIX)})
+    names = list(methods)
+    if regions and names:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(regions) / 2), 4))
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            vals = [methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in regions]
+            errs = [methods[name]["classes"].get(k, {}).get("dice", {}).get("std", 0.0) for k in regions]
+            ax.bar(np.arange(len(regions)) + i * width, vals, width, yerr=errs, label=name)
+        for ref, style in (("oracle", "--"), ("naive", ":")):
+            if ref in methods:
+                for j, k in enumerate(regions):
+                    v = methods[ref]["classes"].get(k, {}).get("dice", {}).get("mean")
+                    if v is not None:
+                        ax.hlines(v, j - 0.1, j + 0.9, colors="k", linestyles=style)
+        ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2)
+        ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in regions])
+        ax.set_ylabel("test Dice (-- oracle, .. naive)")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, ncol=3)
+        fig.tight_layout()
+        fig.savefig(figures / "region_dice.png", dpi=100)
+        plt.close(fig)
+        made.append(("Region Dice per method", "figures/region_dice.png"))
+    keys = sorted({k for m in methods.values() for k in m["classes"]})
+    if keys and names:
+        grid = np.array([[methods[n]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in keys]
+                         for n in names], dtype=float)
+        fig, ax = plt.subplots(figsize=(1 + 0.9 * len(keys), 1 + 0.45 * len(names)))
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in keys], rotation=45, ha="right")
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels(names)
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
+        fig.colorbar(im, ax=ax)
+        fig.tight_layout()
+        fig.savefig(figures / "class_dice_heatmap.png", dpi=100)
+        plt.close(fig)
+        made.append(("Per-class Dice heat map", "figures/class_dice_heatmap.png"))
+    curves = _loss_curves(agg, out, figures, plt)
+    if curves:
+        made.append(("Training loss", curves))
+    pseudo = _pseudo_quality(agg, out, figures, plt)
+    if pseudo:
+        made.append(("Pseudo-label quality (Dice vs hidden truth, unannotated classes only)", pseudo))
+    montage = _montage(agg, out, figures, plt)
+    if montage:
+        made.append(("One test case, every method", montage))
+    return made
+
+
+def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = False
+    for r in agg["runs"]:
+        if r["seed"] != 0:
+            continue
+        log = out / "runs" / r["name"] / "seed0" / "log.csv"
+        if not log.exists():
+            continue
+        with log.open() as fh:
+            rows = list(csv.DictReader(fh))
+        if rows and "loss" in rows[0]:
+            ax.plot([int(x["step"]) for x in rows], [float(x["loss"]) for x in rows], label=r["name"])
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("step")
+    ax.set_ylabel("total loss")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(figures / "loss_curves.png", dpi=100)
+    plt.close(fig)
+    return "figures/loss_curves.png"
+
+
+def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
+    files = sorted((out / "data").glob("**/artifacts/*/pseudo_quality.json"))
+    if not files:
+        return None
+    quality = json.loads(files[0].read_text())
+    if not quality:
+        return None
+    keys = sorted(quality)
+    fig, ax = plt.subplots(figsize=(1 + 0.9 * len(keys), 3.5))
+    ax.bar(range(len(keys)), [quality[k] for k in keys])
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in keys], rotation=45, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("pseudo-label Dice")
+    fig.tight_layout()
+    fig.savefig(figures / "pseudo_quality.png", dpi=100)
+    plt.close(fig)
+    return "figures/pseudo_quality.png"
+
+
+def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
+    from unionseg.data.io import read_image
+
+    runs = [r for r in agg["runs"] if r["seed"] == 0]
+    if not runs:
+        return None
+    first = sorted((out / runs[0]["pred_dir"]).glob("*.nii.gz"))
+    if not first:
+        return None
+    case = first[0].name
+    test_root = out / "data" / "datasets" / "test"
+    image_path = test_root / "imagesTr" / case
+    truth_path = test_root / "labelsTr" / case
+    if not image_path.exists() or not truth_path.exists():
+        return None
+    image, _ = read_image(image_path)
+    truth, _ = read_image(truth_path)
+    z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
+    panels = [("truth", truth)] + [(r["name"], read_image(out / r["pred_dir"] / case)[0]) for r in runs
+                                   if (out / r["pred_dir"] / case).exists()]
+    cols = min(5, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, (title, lab) in zip(axes.ravel(), panels):
+        ax.imshow(np.clip(image[:, :, z].T, -200, 300), cmap="gray", origin="lower")
+        overlay = np.ma.masked_equal(lab[:, :, z].T.astype(float), 0)
+        ax.imshow(overlay, cmap=cmap, vmin=0, vmax=10, alpha=0.5, origin="lower", interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    for ax in axes.ravel():
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(figures / "montage.png", dpi=90)
+    plt.close(fig)
+    return "figures/montage.png"

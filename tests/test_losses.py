@@ -1,0 +1,489 @@
+"""Losses: hand-computed values on 2-voxel examples, partial-label behaviour, masks and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unionseg.labels import LabelSpace, Leaf
+from unionseg.losses import (
+    FocalLoss,
+    MarginalLoss,
+    MaskedSigmoidDiceBCE,
+    ce_dice_loss,
+    downsample_mask,
+    exclusion_loss,
+    focal_loss,
+    inverse_frequency_weights,
+    kd_kl,
+    kd_regions,
+    map_to_teacher,
+    marginal_loss,
+    masked_sigmoid_dice_bce,
+    ms_kd_feature_loss,
+    ms_kd_logit_loss,
+    one_hot,
+    product_of_experts_background,
+    region_affinity_loss,
+    sigmoid_rampup,
+    soft_ce,
+    soft_dice_loss,
+    task_targets,
+)
+
+SMOOTH = 1e-5
+
+
+def two_leaf_space() -> LabelSpace:
+    """Background, a, b: no parts."""
+    return LabelSpace([Leaf("a"), Leaf("b")])
+
+
+def organ_tumour_space() -> LabelSpace:
+    """Background (0), organ (1), tumour (2, part of organ), other (3); region codes 4 (organ), 5 (other)."""
+    return LabelSpace([Leaf("organ"), Leaf("tumour", "organ"), Leaf("other")])
+
+
+def logits_from_probs(probs: list[list[float]]) -> torch.Tensor:
+    """(V voxels x C) probabilities -> (1, C, V) logits whose softmax gives them back."""
+    return torch.tensor(probs, dtype=torch.float64).log().T.unsqueeze(0).float()
+
+
+def dice(intersection: float, denominator: float) -> float:
+    return (2 * intersection + SMOOTH) / (denominator + SMOOTH)
+
+
+# ---------------------------------------------------------------------------------------------- soft Dice
+def test_soft_dice_two_voxels_by_hand() -> None:
+    probs = torch.tensor([[[0.8, 0.4], [0.2, 0.6]]])  # (1, 2 classes, 2 voxels)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    expected = 1 - (dice(0.8, 2.2) + dice(0.6, 1.8)) / 2
+    assert soft_dice_loss(probs, target).item() == pytest.approx(expected, abs=1e-6)
+    perfect = soft_dice_loss(target, target).item()
+    assert perfect == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_dice_mask_selects_pairs() -> None:
+    probs = torch.tensor([[[0.8, 0.4], [0.2, 0.6]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    only_first = soft_dice_loss(probs, target, mask=torch.tensor([[True, False]])).item()
+    assert only_first == pytest.approx(1 - dice(0.8, 2.2), abs=1e-6)
+    nothing = soft_dice_loss(probs, target, mask=torch.tensor([[False, False]]))
+    assert nothing.item() == 0.0
+
+
+def test_soft_dice_empty_target_convention() -> None:
+    empty = torch.zeros(1, 1, 4)
+    assert soft_dice_loss(empty, empty).item() == pytest.approx(0.0, abs=1e-7)
+    some_mass = torch.full((1, 1, 4), 0.25)
+    assert soft_dice_loss(some_mass, empty).item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_soft_dice_batch_pools_samples() -> None:
+    probs = torch.tensor([[[0.5, 0.5]], [[0.0, 0.0]]])
+    target = torch.tensor([[[1.0, 0.0]], [[0.0, 0.0]]])
+    per_sample = soft_dice_loss(probs, target).item()
+    pooled = soft_dice_loss(probs, target, batch_dice=True).item()
+    assert per_sample == pytest.approx((1 - dice(0.5, 2.0) + 0.0) / 2, abs=1e-6)
+    assert pooled == pytest.approx(1 - dice(0.5, 2.0), abs=1e-6)
+
+
+def test_soft_dice_rejects_bad_arguments() -> None:
+    probs = torch.rand(1, 2, 3)
+    with pytest.raises(ValueError, match="smooth"):
+        soft_dice_loss(probs, probs, smooth=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        soft_dice_loss(probs, torch.rand(1, 2, 4))
+    with pytest.raises(ValueError, match="mask"):
+        soft_dice_loss(probs, probs, mask=torch.ones(2, 2, dtype=torch.bool))
+    assert soft_dice_loss(probs, probs, smooth=1.0).item() >= 0.0  # accepted twin
+
+
+# ---------------------------------------------------------------------------------------------- CE + Dice
+def test_ce_dice_two_voxels_by_hand() -> None:
+    logits = logits_from_probs([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]])
+    labels = torch.tensor([[0, 1]])
+    terms = ce_dice_loss(logits, labels)
+    assert terms["ce"].item() == pytest.approx((-math.log(0.7) - math.log(0.6)) / 2, abs=1e-5)
+    expected_dice = 1 - (dice(0.7, 1.8) + dice(0.6, 1.8) + dice(0.0, 0.4)) / 3
+    assert terms["dice"].item() == pytest.approx(expected_dice, abs=1e-5)
+    weighted = ce_dice_loss(logits, labels, ce_weight=2.0, dice_weight=0.0)
+    assert weighted["ce"].item() == pytest.approx(2 * terms["ce"].item(), rel=1e-6)
+    assert weighted["dice"].item() == 0.0
+
+
+def test_one_hot_rejects_float_labels() -> None:
+    assert one_hot(torch.tensor([[0, 2]]), 3).shape == (1, 3, 2)
+    with pytest.raises(TypeError):
+        one_hot(torch.tensor([[0.0, 2.0]]), 3)
+
+
+# ---------------------------------------------------------------------------------------------- marginal
+def test_marginal_two_voxels_by_hand() -> None:
+    space = two_leaf_space()
+    # voxel 0: code 0 (background or the unannotated b), voxel 1: leaf a; the sample annotates a only.
+    logits = logits_from_probs([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]])
+    codes = torch.tensor([[0, 1]])
+    annotated = torch.tensor([[True, True, False]])
+    terms = marginal_loss(logits, codes, annotated, space)
+    assert terms["ce"].item() == pytest.approx((-math.log(0.8) - math.log(0.6)) / 2, abs=1e-5)
+    # merged background (0 + b): probs (0.8, 0.4), target (1, 0); leaf a: probs (0.2, 0.6), target (0, 1)
+    assert terms["dice"].item() == pytest.approx(1 - (dice(0.8, 2.2) + dice(0.6, 1.8)) / 2, abs=1e-5)
+    # the naive loss trusts the 0 as background: a different, larger CE
+    naive = ce_dice_loss(logits, codes)
+    assert naive["ce"].item() == pytest.approx((-math.log(0.5) - math.log(0.6)) / 2, abs=1e-5)
+
+
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_marginal_equals_plain_when_every_leaf_is_annotated(space: LabelSpace, batch_dice: bool) -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, space.n_leaves, 3, 4, 5, requires_grad=True)
+    labels = torch.randint(0, space.n_leaves, (2, 3, 4, 5))
+    annotated = torch.ones(2, space.n_leaves, dtype=torch.bool)
+    marginal = marginal_loss(logits, labels, annotated, space, batch_dice=batch_dice)
+    plain = ce_dice_loss(logits, labels, batch_dice=batch_dice)
+    assert marginal["ce"].item() == pytest.approx(plain["ce"].item(), rel=1e-5)
+    assert marginal["dice"].item() == pytest.approx(plain["dice"].item(), rel=1e-5)
+    # twin: once a leaf is unannotated the two differ
+    partial = annotated.clone()
+    partial[:, 3] = False
+    other = marginal_loss(logits, labels, partial, space, batch_dice=batch_dice)
+    assert other["ce"].item() < plain["ce"].item()
+
+
+def test_marginal_ignores_mass_moved_between_merged_leaves(space: LabelSpace) -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(1, space.n_leaves, 4, 4, 4)
+    codes = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    codes[0, 1:3, 1:3, 1:3] = space.leaf_id("liver")
+    liver_only = torch.as_tensor(space.annotated_leaf_mask("liver")).unsqueeze(0)
+    swapped = logits.clone()
+    kidney = space.leaf_id("kidney")
+    swapped[:, [0, kidney]] = logits[:, [kidney, 0]]  # background <-> kidney everywhere
+    before = marginal_loss(logits, codes, liver_only, space)
+    after = marginal_loss(swapped, codes, liver_only, space)
+    for key in ("ce", "dice"):
+        assert after[key].item() == pytest.approx(before[key].item(), rel=1e-5)
+    # twin: for a fully labelled sample the same swap matters
+    full = torch.ones_like(liver_only)
+    assert marginal_loss(swapped, codes, full, space)["ce"].item() != pytest.approx(
+        marginal_loss(logits, codes, full, space)["ce"].item(), rel=1e-3)
+
+
+def test_marginal_with_region_codes() -> None:
+    space = organ_tumour_space()
+    region_code = space.code("region:organ")
+    assert region_code == 4
+    # voxel 0: background; voxel 1: the organ region (organ or tumour, unknown); the sample annotates
+    # organ and tumour (through the region) but not "other".
+    logits = logits_from_probs([[0.6, 0.1, 0.1, 0.2], [0.1, 0.3, 0.4, 0.2]])
+    codes = torch.tensor([[0, region_code]])
+    annotated = torch.tensor([[True, True, True, False]])
+    terms = marginal_loss(logits, codes, annotated, space)
+    assert terms["ce"].item() == pytest.approx((-math.log(0.8) - math.log(0.7)) / 2, abs=1e-5)
+    # channels: merged background {0, other}: probs (0.8, 0.3) target (1, 0); region {organ, tumour}:
+    # probs (0.2, 0.7) target (0, 1); the single-leaf channels are ambiguous here and do not count.
+    expected = 1 - (dice(0.8, 2.1) + dice(0.7, 1.9)) / 2
+    assert terms["dice"].item() == pytest.approx(expected, abs=1e-5)
+    # moving mass between organ and tumour inside the region changes nothing...
+    swapped = logits[:, [0, 2, 1, 3]]
+    again = marginal_loss(swapped, codes, annotated, space)
+    assert again["ce"].item() == pytest.approx(terms["ce"].item(), abs=1e-6)
+    assert again["dice"].item() == pytest.approx(terms["dice"].item(), abs=1e-6)
+    # ...while a leaf code (tumour known) makes it matter
+    leaf_codes = torch.tensor([[0, space.leaf_id("tumour")]])
+    assert marginal_loss(swapped, leaf_codes, annotated, space)["ce"].item() != pytest.approx(
+        marginal_loss(logits, leaf_codes, annotated, space)["ce"].item(), abs=1e-3)
+
+
+def test_marginal_gradient_and_shapes(space: LabelSpace) -> None:
+    logits = torch.randn(2, space.n_leaves, 3, 3, 3, requires_grad=True)
+    codes = torch.zeros(2, 3, 3, 3, dtype=torch.long)
+    codes[0, 1, 1, 1] = space.leaf_id("liver")
+    codes[1, 0, 0, 0] = space.code("region:kidney")
+    annotated = torch.stack([torch.as_tensor(space.annotated_leaf_mask(n)) for n in ("liver", "kidney")])
+    terms = marginal_loss(logits, codes, annotated, space)
+    sum(terms.values()).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="leaves"):
+        marginal_loss(logits[:, :5], codes, annotated, space)
+    with pytest.raises(ValueError, match="annotated"):
+        marginal_loss(logits, codes, annotated[:, :5], space)
+
+
+def test_marginal_is_float32_under_autocast(space: LabelSpace) -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(1, space.n_leaves, 4, 4, 4)
+    codes = torch.randint(0, space.n_leaves, (1, 4, 4, 4))
+    annotated = torch.ones(1, space.n_leaves, dtype=torch.bool)
+    reference = marginal_loss(logits, codes, annotated, space)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = marginal_loss(logits.bfloat16(), codes, annotated, space)
+    assert low["dice"].dtype == torch.float32
+    assert low["dice"].item() == pytest.approx(reference["dice"].item(), abs=2e-2)
+
+
+# ---------------------------------------------------------------------------------------------- exclusion
+def test_exclusion_two_voxels_by_hand() -> None:
+    space = two_leaf_space()
+    logits = logits_from_probs([[0.5, 0.2, 0.3], [0.1, 0.6, 0.3]])
+    codes = torch.tensor([[0, 1]])
+    annotated = torch.tensor([[True, True, False]])
+    # unannotated b: probability 0.3 on the annotated organ (voxel 1), total mass 0.6, |e_b| = 1
+    assert exclusion_loss(logits, codes, annotated, space).item() == pytest.approx(
+        2 * 0.3 / (1 + 0.6 + SMOOTH), abs=1e-5)
+
+
+def test_exclusion_zero_only_when_unannotated_leaves_avoid_annotated_organs(space: LabelSpace) -> None:
+    codes = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    codes[0, :2] = space.leaf_id("liver")
+    annotated = torch.as_tensor(space.annotated_leaf_mask("liver")).unsqueeze(0)
+    logits = torch.zeros(1, space.n_leaves, 4, 4, 4, requires_grad=True)
+    with torch.no_grad():
+        unannotated = (~annotated[0]).nonzero().flatten()
+        logits[:, unannotated, :2] = -1e4  # zero probability on the liver voxels, free elsewhere
+    zero = exclusion_loss(logits, codes, annotated, space)
+    assert zero.item() == 0.0
+    leaking = logits.detach().clone().requires_grad_(True)
+    with torch.no_grad():
+        leaking[:, space.leaf_id("kidney"), 0, 0, 0] = 5.0
+    positive = exclusion_loss(leaking, codes, annotated, space)
+    assert positive.item() > 0.0
+    positive.backward()
+    assert leaking.grad is not None and leaking.grad[0, space.leaf_id("kidney"), 0, 0, 0] > 0
+    # a fully labelled sample has nothing to exclude
+    assert exclusion_loss(leaking, codes, torch.ones_like(annotated), space).item() == 0.0
+
+
+def test_marginal_module_validates_and_adds_exclusion(space: LabelSpace) -> None:
+    with pytest.raises(ValueError):
+        MarginalLoss(space, ce_weight=-1.0)
+    with pytest.raises(ValueError):
+        MarginalLoss(space, ce_weight=0.0, dice_weight=0.0, exclusion_weight=0.0)
+    loss = MarginalLoss(space, exclusion_weight=0.5)
+    codes = torch.zeros(1, 3, 3, 3, dtype=torch.long)
+    codes[0, 1] = space.leaf_id("spleen")
+    annotated = torch.as_tensor(space.annotated_leaf_mask("spleen")).unsqueeze(0)
+    terms = loss(torch.randn(1, space.n_leaves, 3, 3, 3), codes, annotated)
+    assert set(terms) == {"ce", "dice", "exclusion"} and terms["exclusion"].item() > 0
+    assert set(MarginalLoss(space)(torch.randn(1, space.n_leaves, 3, 3, 3), codes, annotated)) == {"ce", "dice"}
+
+
+# ---------------------------------------------------------------------------------------------- focal
+def test_focal_two_voxels_by_hand() -> None:
+    logits = logits_from_probs([[0.8, 0.2], [0.4, 0.6]])
+    targets = torch.tensor([[0, 1]])
+    terms = [0.2 ** 2 * -math.log(0.8), 0.4 ** 2 * -math.log(0.6)]
+    assert focal_loss(logits, targets).item() == pytest.approx(sum(terms) / 2, abs=1e-6)
+    weights = torch.tensor([1.0, 3.0])
+    assert focal_loss(logits, targets, class_weights=weights).item() == pytest.approx(
+        (terms[0] + 3 * terms[1]) / 2, abs=1e-6)
+    ignore = torch.tensor([[False, True]])
+    assert focal_loss(logits, targets, ignore_mask=ignore).item() == pytest.approx(terms[0], abs=1e-6)
+    assert focal_loss(logits, targets, ignore_mask=torch.ones_like(ignore)).item() == 0.0
+    ce = torch.nn.functional.cross_entropy(logits, targets).item()
+    assert focal_loss(logits, targets, gamma=0.0).item() == pytest.approx(ce, abs=1e-6)
+
+
+def test_inverse_frequency_weights() -> None:
+    targets = torch.tensor([[0, 0, 0, 1]])
+    weights = inverse_frequency_weights(targets, 3)
+    assert weights.tolist() == pytest.approx([4 / 6, 4 / 2, 0.0])
+    assert float((weights * torch.tensor([3.0, 1.0, 0.0])).sum()) == pytest.approx(4.0)
+    ignore = torch.tensor([[True, True, False, False]])
+    assert inverse_frequency_weights(targets, 3, ignore).tolist() == pytest.approx([1.0, 1.0, 0.0])
+
+
+def test_focal_module_rejects_invalid_options() -> None:
+    with pytest.raises(ValueError):
+        FocalLoss(gamma=-1.0)
+    with pytest.raises(ValueError):
+        FocalLoss(class_weights=torch.tensor([1.0, -1.0]))
+    module = FocalLoss(class_weights=torch.tensor([1.0, 2.0]))
+    assert module(torch.randn(1, 2, 4), torch.tensor([[0, 1, 1, 0]])).item() > 0
+    with pytest.raises(ValueError, match="class_weights"):
+        focal_loss(torch.randn(1, 2, 4), torch.tensor([[0, 1, 1, 0]]), class_weights=torch.ones(3))
+
+
+# ---------------------------------------------------------------------------------------------- co-training
+def test_soft_ce_value_region_and_gradients() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(1, 3, 4, requires_grad=True)
+    target = torch.softmax(torch.randn(1, 3, 4), 1).requires_grad_(True)
+    region = torch.tensor([[True, False, True, False]])
+    loss = soft_ce(logits, target, region)
+    log_p = torch.log_softmax(logits.detach(), 1)
+    expected = -(target.detach() * log_p).sum(1)[region].mean()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    loss.backward()
+    assert target.grad is None  # detached inside: no gradient into the teacher
+    assert logits.grad is not None
+    assert torch.all(logits.grad[..., ~region[0]] == 0)
+    assert torch.all(logits.grad[..., region[0]].abs().sum(0) > 0)
+    empty = soft_ce(logits, target, torch.zeros_like(region))
+    assert empty.item() == 0.0
+
+
+def test_sigmoid_rampup() -> None:
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    assert sigmoid_rampup(100, 100) == 1.0
+    assert sigmoid_rampup(500, 100) == 1.0
+    assert sigmoid_rampup(3, 0) == 1.0
+    with pytest.raises(ValueError):
+        sigmoid_rampup(3, -1)
+
+
+# ---------------------------------------------------------------------------------------------- DoDNet sigmoid
+def test_masked_sigmoid_zero_gradient_on_masked_channels() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(2, 2, 5, requires_grad=True)
+    targets = (torch.rand(2, 2, 5) > 0.5).float()
+    mask = torch.tensor([[True, False], [True, True]])
+    terms = masked_sigmoid_dice_bce(logits, targets, mask)
+    (terms["dice"] + terms["bce"]).backward()
+    assert logits.grad is not None
+    assert torch.all(logits.grad[0, 1] == 0)
+    assert torch.all(logits.grad[mask].abs() > 0)
+    # the masked channel's values do not matter
+    changed = logits.detach().clone()
+    changed[0, 1] = 100.0
+    again = masked_sigmoid_dice_bce(changed, targets, mask)
+    assert again["bce"].item() == pytest.approx(terms["bce"].item(), abs=1e-6)
+    assert again["dice"].item() == pytest.approx(terms["dice"].item(), abs=1e-6)
+    none = masked_sigmoid_dice_bce(logits, targets, torch.zeros_like(mask))
+    assert none["dice"].item() == 0.0 and none["bce"].item() == 0.0
+
+
+def test_masked_sigmoid_value_by_hand() -> None:
+    logits = torch.tensor([[[0.0, math.log(3.0)]]])  # sigmoid 0.5, 0.75
+    targets = torch.tensor([[[0.0, 1.0]]])
+    terms = masked_sigmoid_dice_bce(logits, targets, torch.tensor([[True]]))
+    assert terms["bce"].item() == pytest.approx((-math.log(0.5) - math.log(0.75)) / 2, abs=1e-6)
+    assert terms["dice"].item() == pytest.approx(1 - dice(0.75, 2.25), abs=1e-6)
+    with pytest.raises(ValueError):
+        MaskedSigmoidDiceBCE(dice_weight=0.0, bce_weight=0.0)
+    assert MaskedSigmoidDiceBCE(bce_weight=0.0)(logits, targets, torch.tensor([[True]]))["bce"].item() == 0.0
+
+
+def test_task_targets(space: LabelSpace) -> None:
+    keys = [["region:liver", "liver_tumour"], ["region:spleen"]]
+    codes = torch.zeros(3, 2, 2, dtype=torch.long)
+    codes[0, 0, 0] = space.leaf_id("liver")
+    codes[0, 0, 1] = space.leaf_id("liver_tumour")
+    codes[1, 1, 1] = space.leaf_id("spleen")
+    codes[2, 0, 0] = space.code("region:liver")  # organ known, tumour unknown
+    targets, mask = task_targets(codes, torch.tensor([0, 1, 0]), keys, space)
+    assert targets.shape == (3, 2, 2, 2)
+    assert targets[0, 0].tolist() == [[1.0, 1.0], [0.0, 0.0]]  # region covers organ and tumour
+    assert targets[0, 1].tolist() == [[0.0, 1.0], [0.0, 0.0]]  # the leaf covers the tumour only
+    assert targets[1, 0].tolist() == [[0.0, 0.0], [0.0, 1.0]]
+    assert targets[2, 0].tolist() == [[1.0, 0.0], [0.0, 0.0]]  # the region code lies in the region
+    assert mask.tolist() == [[True, True], [True, False], [True, False]]  # missing and ambiguous channels
+    with pytest.raises(ValueError, match="task_ids"):
+        task_targets(codes, torch.tensor([0, 2, 0]), keys, space)
+
+
+# ---------------------------------------------------------------------------------------------- distillation
+def test_map_to_teacher_sums_the_rest() -> None:
+    probs = torch.tensor([0.1, 0.2, 0.3, 0.4]).reshape(1, 4, 1)
+    mapped = map_to_teacher(probs, [3, 1])
+    assert mapped[0, :, 0].tolist() == pytest.approx([0.1 + 0.3, 0.4, 0.2])
+    with pytest.raises(ValueError):
+        map_to_teacher(probs, [0, 1])
+    with pytest.raises(ValueError):
+        map_to_teacher(probs, [1, 1])
+
+
+def test_kd_kl_zero_when_student_matches_and_positive_otherwise() -> None:
+    torch.manual_seed(5)
+    logits = torch.randn(1, 3, 6, requires_grad=True)
+    teacher = torch.softmax(logits.detach(), 1).clone().requires_grad_(True)  # teacher over leaves 1, 2
+    region = torch.ones(1, 6, dtype=torch.bool)
+    for tau in (1.0, 2.0):
+        assert kd_kl(logits, teacher, [1, 2], region, tau).item() == pytest.approx(0.0, abs=1e-5)
+    other = torch.softmax(torch.randn(1, 3, 6), 1)
+    loss = kd_kl(logits, other.requires_grad_(True), [1, 2], region, tau=2.0)
+    assert loss.item() > 0.01
+    loss.backward()
+    assert other.grad is None and logits.grad is not None and logits.grad.abs().sum() > 0
+    assert kd_kl(logits, other, [1, 2], torch.zeros_like(region), 2.0).item() == 0.0
+
+
+def test_kd_kl_matches_kl_after_mapping() -> None:
+    torch.manual_seed(6)
+    logits = torch.randn(1, 4, 5)
+    teacher = torch.softmax(torch.randn(1, 2, 5), 1)
+    region = torch.tensor([[True, True, False, True, False]])
+    tau = 2.0
+    target = torch.softmax(teacher.log() / tau, 1)
+    student = map_to_teacher(torch.softmax(logits / tau, 1), [2])
+    kl = (target * (target.log() - student.log())).sum(1)
+    expected = tau ** 2 * kl[region].mean()
+    assert kd_kl(logits, teacher, [2], region, tau).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_kd_regions_most_confident_teacher_wins() -> None:
+    # 4 voxels; teacher A (1 leaf), teacher B (2 leaves)
+    teacher_a = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.9, 0.1], [0.3, 0.7]]).T.unsqueeze(0)
+    teacher_b = torch.tensor([[0.1, 0.5, 0.4], [0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.3, 0.4, 0.3]]).T.unsqueeze(0)
+    (region_a, region_b), background = kd_regions([teacher_a, teacher_b])
+    # voxel 0: both claim, B more confident (0.9 vs 0.8); voxel 1: only A; voxel 2: nobody;
+    # voxel 3: both claim with equal confidence 0.7 -> the first teacher keeps it
+    assert region_a[0].tolist() == [False, True, False, True]
+    assert region_b[0].tolist() == [True, False, False, False]
+    assert background[0].tolist() == [False, False, True, False]
+
+
+def test_product_of_experts_and_logit_loss() -> None:
+    torch.manual_seed(7)
+    teacher_a = torch.softmax(torch.randn(2, 2, 3, 3), 1)
+    teacher_b = torch.softmax(torch.randn(2, 3, 3, 3), 1)
+    merged = product_of_experts_background([teacher_a, teacher_b], [[1], [2, 3]], 4)
+    assert merged.shape == (2, 4, 3, 3)
+    assert torch.allclose(merged.sum(1), torch.ones(2, 3, 3), atol=1e-6)
+    expected = teacher_a[:, 1] * teacher_b[:, 0]
+    ratio = merged[:, 1] / merged[:, 0]
+    assert torch.allclose(ratio, expected / (teacher_a[:, 0] * teacher_b[:, 0]), rtol=1e-4)
+    logits = torch.randn(2, 4, 3, 3, requires_grad=True)
+    for poe in (False, True):
+        loss = ms_kd_logit_loss(logits, [teacher_a, teacher_b], [[1], [2, 3]], tau=2.0, poe_background=poe)
+        assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_region_affinity_invariances_and_gradients() -> None:
+    torch.manual_seed(8)
+    student = torch.randn(2, 4, 3, 4, requires_grad=True)
+    teacher = torch.randn(2, 6, 3, 4, requires_grad=True)
+    regions = [torch.rand(2, 3, 4) > 0.5, torch.rand(2, 3, 4) > 0.5]
+    loss = region_affinity_loss(student, teacher, regions)  # widths 4 and 6
+    assert loss.item() > 0
+    permuted = region_affinity_loss(student[:, [2, 0, 3, 1]], teacher[:, [5, 4, 3, 2, 1, 0]], regions)
+    assert permuted.item() == pytest.approx(loss.item(), rel=1e-5)
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None and student.grad.abs().sum() > 0
+    same = region_affinity_loss(student, student.detach() * 3.0, regions)
+    assert same.item() == pytest.approx(0.0, abs=1e-10)
+    empty = [torch.zeros(2, 3, 4, dtype=torch.bool)]
+    assert region_affinity_loss(student, teacher, empty).item() == 0.0
+
+
+def test_downsample_mask_modes_and_feature_loss() -> None:
+    mask = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    mask[0, 0, 0, 0] = True
+    assert downsample_mask(mask, (2, 2, 2), "max")[0, 0, 0, 0]
+    assert downsample_mask(mask, (2, 2, 2), "max").sum() == 1
+    assert not downsample_mask(mask, (2, 2, 2), "nearest")[0, 1, 1, 1]
+    with pytest.raises(ValueError, match="mode"):
+        downsample_mask(mask, (2, 2, 2), "mean")
+    torch.manual_seed(9)
+    teachers = [torch.softmax(torch.randn(1, 2, 4, 4, 4), 1), torch.softmax(torch.randn(1, 2, 4, 4, 4), 1)]
+    regions, background = kd_regions(teachers)
+    student_feat = torch.randn(1, 5, 2, 2, 2, requires_grad=True)
+    feats = [torch.randn(1, 3, 2, 2, 2), torch.randn(1, 7, 2, 2, 2)]
+    loss = ms_kd_feature_loss(student_feat, feats, regions, background, mode="max")
+    assert torch.isfinite(loss) and loss.item() > 0

@@ -1,0 +1,161 @@
+"""Unit tests of the method building blocks: averages, region masks, pseudo labels, experts, tasks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from unionseg.artifacts import combine_with_ground_truth
+from unionseg.ensemble import ExpertEnsemble, experts_to_groups
+from unionseg.labels import merge
+from unionseg.methods.cotraining import region_mask
+from unionseg.methods.dodnet import task_channels
+from unionseg.methods.expert import expert_subspace
+from unionseg.training.ema import WeightAverage, decay_from_half_life
+
+
+# ---------------------------------------------------------------------- weight average
+def test_average_update_matches_formula() -> None:
+    net = nn.Linear(3, 2)
+    avg = WeightAverage(net, decay=0.9)
+    expected = [p.detach().clone() for p in net.parameters()]
+    for t in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * (t + 1))
+        avg.update(net)
+        d = min(0.9, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
+    for e, p in zip(expected, avg.module.parameters()):
+        assert torch.allclose(e, p, atol=1e-6)
+
+
+def test_average_forgets_initialisation_in_a_short_run() -> None:
+    steps = 200
+    avg = WeightAverage(nn.Linear(2, 2), decay=decay_from_half_life(0.05 * steps))
+    net = nn.Linear(2, 2)
+    for _ in range(steps):
+        avg.update(net)
+    assert avg.initial_weight() < 0.01
+    # twin: a long half-life keeps the initial parameters heavily weighted
+    slow = WeightAverage(nn.Linear(2, 2), decay=decay_from_half_life(10 * steps), warmup=False)
+    for _ in range(steps):
+        slow.update(net)
+    assert slow.initial_weight() > 0.9
+
+
+def test_average_receives_no_gradient() -> None:
+    net = nn.Linear(3, 1)
+    avg = WeightAverage(net, decay=0.5)
+    x = torch.randn(4, 3)
+    out = net(x) + avg(x)
+    out.sum().backward()
+    assert all(p.grad is None for p in avg.module.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+
+
+def test_decay_from_half_life() -> None:
+    assert math.isclose(decay_from_half_life(10) ** 10, 0.5)
+    with pytest.raises(ValueError):
+        decay_from_half_life(0)
+
+
+# ---------------------------------------------------------------------- co-training region mask
+def test_region_mask_zero_exactly_on_annotated_ground_truth(space) -> None:
+    codes = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    codes[0, :2] = space.leaf_id("liver")
+    codes[0, 0, 0, 0] = space.leaf_id("liver_tumour")
+    annotated = torch.as_tensor(space.annotated_leaf_mask("liver"))[None]
+    pseudo = torch.zeros_like(codes)
+    mask = region_mask(codes, pseudo, annotated, space.n_leaves, "no_ground_truth")
+    assert not mask[codes > 0].any()
+    assert mask[codes == 0].all()  # twin: every voxel without ground truth is in the region
+
+
+def test_region_mask_dilated_pseudo(space) -> None:
+    codes = torch.zeros(1, 9, 9, 9, dtype=torch.long)
+    codes[0, 0] = space.leaf_id("liver")
+    annotated = torch.as_tensor(space.annotated_leaf_mask("liver"))[None]
+    pseudo = codes.clone()
+    pseudo[0, 6, 6, 6] = space.leaf_id("spleen")  # an unannotated organ from the experts
+    mask = region_mask(codes, pseudo, annotated, space.n_leaves, "dilated_pseudo", (1, 1, 1))
+    assert mask[0, 6, 6, 6] and mask[0, 5, 5, 5] and mask[0, 7, 7, 7]
+    assert not mask[0, 3, 3, 3]  # far from any pseudo-labelled organ
+    assert not mask[0, 0].any()  # never on annotated ground truth
+
+
+# ---------------------------------------------------------------------- pseudo labels
+def test_pseudo_labels_keep_every_ground_truth_voxel(space) -> None:
+    rng = np.random.default_rng(0)
+    codes = rng.choice([0, space.leaf_id("liver"), space.leaf_id("liver_tumour")], size=(6, 6, 6)).astype(np.uint8)
+    pseudo = rng.choice([0, space.leaf_id("kidney"), space.leaf_id("spleen"), space.leaf_id("liver")],
+                        size=(6, 6, 6)).astype(np.uint8)
+    out = combine_with_ground_truth(pseudo, codes, space.annotated_leaf_mask("liver"), space)
+    assert np.array_equal(out[codes > 0], codes[codes > 0])
+    # a 0 in the liver set means "no liver here": a pseudo liver there is removed
+    assert not np.any(out[codes == 0] == space.leaf_id("liver"))
+    # twin: unannotated organs from the experts survive where the ground truth is silent
+    kept = (codes == 0) & (pseudo == space.leaf_id("spleen"))
+    assert kept.any() and np.all(out[kept] == space.leaf_id("spleen"))
+
+
+def test_pseudo_labels_region_code(space) -> None:
+    region_code = space.code("region:liver")
+    codes = np.full((2, 2, 2), region_code, dtype=np.uint8)
+    pseudo = np.zeros((2, 2, 2), dtype=np.uint8)
+    pseudo[0] = space.leaf_id("liver_tumour")
+    out = combine_with_ground_truth(pseudo, codes, space.annotated_leaf_mask("liver"), space)
+    assert np.all(out[0] == space.leaf_id("liver_tumour"))
+    assert np.all(out[1] == space.leaf_id("liver"))
+
+
+# ---------------------------------------------------------------------- experts
+def test_expert_subspace(space) -> None:
+    sub, lut, leaf_ids = expert_subspace(space, "liver")
+    assert list(sub.names) == ["background", "liver", "liver_tumour"]
+    assert leaf_ids == [space.leaf_id("liver"), space.leaf_id("liver_tumour")]
+    assert lut[space.leaf_id("liver_tumour")] == 2 and lut[space.leaf_id("kidney")] == 0
+    assert lut[space.code("region:liver")] == sub.code("region:liver")
+
+
+def test_experts_to_groups_and_merge(space) -> None:
+    shape = (3, 3, 3)
+    liver = torch.zeros(3, *shape)
+    liver[0] = 1.0
+    liver[:, 0] = torch.tensor([0.1, 0.3, 0.6])[:, None, None]  # tumour wins over liver leaf in slice 0
+    spleen = torch.zeros(2, *shape)
+    spleen[0] = 1.0
+    spleen[:, 2] = torch.tensor([0.2, 0.8])[:, None, None]
+    region, parts, organ = experts_to_groups([liver, spleen], [[1, 2], [7]], space)
+    labels = merge(region, parts, space, organ_leaf_probs=organ)
+    assert torch.all(labels[0] == space.leaf_id("liver_tumour"))
+    assert torch.all(labels[2] == space.leaf_id("spleen"))
+    assert torch.all(labels[1] == 0)
+
+
+def test_expert_ensemble_channels_decode(space) -> None:
+    class Fixed(nn.Module):
+        def __init__(self, logits: torch.Tensor) -> None:
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits.expand(x.shape[0], *self.logits.shape[1:])
+
+    liver = Fixed(torch.tensor([0.0, 2.0, 1.0]).view(1, 3, 1, 1, 1))
+    ens = ExpertEnsemble([liver], [[1, 2]], space)
+    assert ens.channels == ["region:liver", "liver_tumour"]
+    out = torch.sigmoid(ens(torch.zeros(2, 1, 1, 1, 1)))
+    p = torch.softmax(torch.tensor([0.0, 2.0, 1.0]), 0)
+    assert torch.allclose(out[0, 0, 0, 0, 0], p[1] + p[2], atol=1e-5)
+    assert torch.allclose(out[0, 1, 0, 0, 0], p[2] / (p[1] + p[2]), atol=1e-5)
+
+
+# ---------------------------------------------------------------------- tasks
+def test_task_channels(space) -> None:
+    assert task_channels(space, "liver") == ["region:liver", "liver_tumour"]
+    assert task_channels(space, "spleen") == ["region:spleen"]

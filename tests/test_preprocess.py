@@ -1,0 +1,400 @@
+"""Prepare: resampling convention, round trips, label remapping, validation, the incremental cache."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from unionseg.config import PreprocessSpec, load_project, split_cases
+from unionseg.data.io import Geometry, read_image
+from unionseg.data.preprocess import (
+    IntensityWarning,
+    PreparedIndex,
+    linear_map,
+    nearest_map,
+    prepare_project,
+    preprocess_image,
+    preprocess_label,
+    remap_labels,
+    restore_to_source,
+)
+from unionseg.errors import DataError
+
+LPS = np.diag([-1.5, -1.5, 2.5, 1.0])
+
+
+# ---------------------------------------------------------------------- synthetic data
+def _phantom(shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A body (40 HU) in air with an organ (label 1) holding a tumour (label 2)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    body = (x / 0.6) ** 2 + (y / 0.5) ** 2 < 1
+    image = np.where(body, 40, -1000).astype(np.int16) + rng.integers(-5, 5, shape).astype(np.int16)
+    image[body & (x > 0.4)] = 700  # bone-like: CT-looking range
+    organ = ((x + 0.15) ** 2 + y**2 + (z * 0.5) ** 2) < 0.1
+    tumour = ((x + 0.15) ** 2 + y**2 + (z * 0.5) ** 2) < 0.02
+    label = organ.astype(np.uint8) + tumour.astype(np.uint8)
+    return image, label
+
+
+def _save(path: Path, array: np.ndarray, affine: np.ndarray = LPS) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
+def _write_msd(root: Path, n_cases: int, seed: int, labels: dict[int, str], oracle: bool = False,
+               shape: tuple[int, int, int] = (20, 18, 10)) -> None:
+    training = []
+    for i in range(n_cases):
+        image, label = _phantom(shape, seed + i)
+        name = f"case_{i:03d}.nii.gz"
+        _save(root / "imagesTr" / name, image)
+        _save(root / "labelsTr" / name, label)
+        if oracle:
+            full = label.copy()
+            full[(label == 0) & (image > 0) & (image < 100)] = 3  # an organ the dataset does not annotate
+            _save(root / "fullTr" / name, full)
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    meta = {"name": root.name, "labels": {str(k): v for k, v in {0: "background", **labels}.items()},
+            "training": training}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def _project_dict() -> dict:
+    return {
+        "name": "tiny",
+        "classes": ["liver", {"name": "liver_tumour", "part_of": "liver"},
+                    "kidney", {"name": "kidney_tumour", "part_of": "kidney"}],
+        "datasets": [
+            {"name": "liver", "root": "liver", "labels": {1: "liver", 2: "liver_tumour"},
+             "annotated": ["liver", "liver_tumour"], "split": {"val_fraction": 0.34, "seed": 0},
+             "oracle_labels": "fullTr"},
+            {"name": "kidney", "root": "kidney", "labels": {1: "kidney", 2: "kidney_tumour"},
+             "annotated": ["kidney", "kidney_tumour"]},
+            {"name": "test", "root": "test", "role": "test",
+             "labels": {1: "liver", 2: "liver_tumour"},
+             "annotated": ["liver", "liver_tumour", "kidney", "kidney_tumour"]},
+        ],
+        "preprocessing": {"spacing": [2.0, 2.0, 3.0], "window": [-325, 325]},
+    }
+
+
+def _write_project(tmp: Path, data: dict | None = None) -> Path:
+    path = tmp / "project.yaml"
+    path.write_text(yaml.safe_dump(data or _project_dict(), sort_keys=False))
+    return path
+
+
+@pytest.fixture()
+def project_dir(tmp_path: Path) -> Path:
+    _write_msd(tmp_path / "liver", 3, 0, {1: "liver", 2: "tumour"}, oracle=True)
+    _write_msd(tmp_path / "kidney", 2, 10, {1: "kidney", 2: "tumour"})
+    _write_msd(tmp_path / "test", 1, 20, {1: "liver", 2: "tumour"})
+    _write_project(tmp_path)
+    return tmp_path
+
+
+def _cache_files(project_dir: Path) -> dict[str, float]:
+    cache = project_dir / "prepared"
+    return {str(p.relative_to(cache)): p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+
+
+# ---------------------------------------------------------------------- resampling convention
+def test_resampling_matches_torch_align_corners_false() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    array = rng.uniform(-300, 300, (13, 17, 9)).astype(np.float32)
+    spec = PreprocessSpec(spacing=(1.7, 0.6, 2.3), window=(-1000.0, 1000.0), crop_to_body=False)
+    out, record = preprocess_image(array, Geometry.identity(array.shape), spec)
+    ref = torch.nn.functional.interpolate(torch.from_numpy(array)[None, None], size=record.resampled_shape,
+                                          mode="trilinear", align_corners=False)[0, 0].numpy() / 1000.0
+    assert out.shape == record.resampled_shape == (8, 28, 4)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    assert record.spacing == pytest.approx((13 / 8, 17 / 28, 9 / 4))
+    labels = rng.integers(0, 4, array.shape).astype(np.uint8)
+    near = torch.nn.functional.interpolate(torch.from_numpy(labels)[None, None].float(),
+                                           size=record.resampled_shape, mode="nearest-exact")[0, 0].numpy()
+    np.testing.assert_array_equal(preprocess_label(labels, Geometry.identity(array.shape), record), near)
+
+
+def test_index_maps_edges() -> None:
+    i0, i1, w = linear_map(4, 8)
+    assert i0[0] == 0 and w[0] == 0  # clamped below
+    assert i0[-1] == 3 and i1[-1] == 3  # clamped above
+    np.testing.assert_array_equal(nearest_map(4, 4), np.arange(4))
+    np.testing.assert_array_equal(nearest_map(6, 3), [1, 3, 5])
+
+
+# ---------------------------------------------------------------------- geometry round trips
+def test_prepared_geometry_is_exact_and_round_trip_restores_the_source_grid() -> None:
+    image, label = _phantom((24, 20, 12), 1)
+    geom = Geometry((24, 20, 12), LPS @ np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]]))
+    geom = Geometry(geom.shape, geom.affine + np.array([[0, 0, 0, 11.0], [0, 0, 0, -7.0], [0, 0, 0, 3.0], [0] * 4]))
+    spec = PreprocessSpec(spacing=(2.0, 2.0, 3.0))
+    prepared, rec = preprocess_image(image, geom, spec)
+    assert prepared.dtype == np.float32 and prepared.shape == rec.prepared.shape
+    assert float(prepared.min()) >= -1.0 and float(prepared.max()) <= 1.0
+    assert rec.prepared.orientation() == "RAS"
+    # the body crop shrank the grid, and the crop box lies inside the resampled grid
+    assert np.all(np.array(rec.crop_start) >= 0) and np.all(np.array(rec.crop_stop) <= rec.resampled_shape)
+    # world position of a prepared voxel centre == world position of the sampled source location
+    ras_res = rec.resampled
+    for idx in [(0, 0, 0), (3, 2, 1), tuple(s - 1 for s in rec.prepared.shape)]:
+        world = rec.prepared.affine @ np.array([*idx, 1.0])
+        res_idx = np.array(idx) + np.array(rec.crop_start)
+        np.testing.assert_allclose(world, ras_res.affine @ np.array([*res_idx, 1.0]), atol=1e-9)
+        cont = (res_idx + 0.5) * np.array(rec.ras.shape) / np.array(rec.resampled_shape) - 0.5
+        np.testing.assert_allclose(world, rec.ras.affine @ np.array([*cont, 1.0]), atol=1e-9)
+    restored = restore_to_source(preprocess_label(label, geom, rec), rec, order=0)
+    assert restored.shape == label.shape
+    agree = (restored == label).mean()
+    assert agree > 0.95  # nearest down- and up-sampling only moves boundaries
+    # twin: restoring a label map of a DIFFERENT case does not agree as well (the test can fail)
+    assert (restored == _phantom((24, 20, 12), 1)[1][::-1]).mean() < agree
+
+
+def test_round_trip_is_exact_at_the_source_spacing() -> None:
+    image, label = _phantom((16, 14, 8), 2)
+    geom = Geometry(image.shape, LPS)
+    spec = PreprocessSpec(spacing=(1.5, 1.5, 2.5), window=(-1000.0, 1000.0))
+    prepared, rec = preprocess_image(image, geom, spec)
+    assert rec.resampled_shape == rec.ras.shape
+    assert prepared.shape != image.shape  # the body crop is active
+    back = restore_to_source(preprocess_label(label, geom, rec), rec, order=0)
+    np.testing.assert_array_equal(back, label * (back > 0))  # outside the crop: filled with 0
+    np.testing.assert_array_equal(back, label)  # the crop keeps every labelled voxel
+    hu = restore_to_source(prepared * 1000.0, rec, order=1, fill=-1000.0)
+    np.testing.assert_allclose(hu, image.astype(np.float32), atol=0.05)
+    probs = np.stack([1 - prepared * 0, prepared * 0])
+    back2 = restore_to_source(probs, rec, order=1, fill=[1.0, 0.0])
+    assert back2.shape == (2, *image.shape) and np.allclose(back2[0], 1.0)
+
+
+def test_preprocess_never_modifies_the_callers_array() -> None:
+    image = np.full((6, 6, 6), 100.0, dtype=np.float32)
+    spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
+    preprocess_image(image, Geometry.identity(image.shape), spec)
+    assert np.all(image == 100.0)
+
+
+# ---------------------------------------------------------------------- labels
+def test_label_remap_with_colliding_local_values(space) -> None:
+    local = np.array([[[0, 1, 2, 1]]], dtype=np.int16)
+    liver = remap_labels(local, space.local_lookup("liver"), Path("liver.nii.gz"))
+    kidney = remap_labels(local, space.local_lookup("kidney"), Path("kidney.nii.gz"))
+    assert liver.dtype == np.uint8
+    np.testing.assert_array_equal(liver[0, 0], [0, space.leaf_id("liver"), space.leaf_id("liver_tumour"), 1])
+    np.testing.assert_array_equal(kidney[0, 0], [0, space.leaf_id("kidney"), space.leaf_id("kidney_tumour"),
+                                                 space.leaf_id("kidney")])
+    assert not np.array_equal(liver, kidney)
+
+
+def test_label_remap_to_region_codes_and_unmapped_values(space) -> None:
+    from unionseg.labels import DatasetLabels
+
+    space.add_dataset(DatasetLabels("btcv", {1: "region:liver", 3: "kidney", 4: "kidney"},
+                                    ("region:liver", "kidney")))
+    codes = remap_labels(np.array([0, 1, 3, 4]), space.local_lookup("btcv"), Path("b.nii.gz"))
+    assert codes.tolist() == [0, space.code("region:liver"), space.leaf_id("kidney"), space.leaf_id("kidney")]
+    assert codes[1] >= space.n_leaves
+    with pytest.raises(DataError, match=r"values \[2, 7\].*b\.nii\.gz|b\.nii\.gz.*values \[2, 7\]"):
+        remap_labels(np.array([0, 1, 2, 7]), space.local_lookup("btcv"), Path("b.nii.gz"))
+
+
+def test_float_labels_integer_valued_accepted_fractional_refused(space) -> None:
+    ok = remap_labels(np.array([0.0, 1.0, 2.0]), space.local_lookup("liver"), Path("l.nii.gz"))
+    assert ok.tolist() == [0, 1, 2]
+    with pytest.raises(DataError, match="non-integer"):
+        remap_labels(np.array([0.0, 0.5, 2.0]), space.local_lookup("liver"), Path("l.nii.gz"))
+
+
+# ---------------------------------------------------------------------- prepare: the cache
+def test_prepare_caches_every_case_then_skips(project_dir: Path, capsys) -> None:
+    project = load_project(project_dir / "project.yaml")
+    index = prepare_project(project, workers=0, progress=True)
+    assert len(index) == 6 and len(index.summary.prepared) == 6 and not index.summary.skipped
+    assert index.splits["liver"] == split_cases(["case_000", "case_001", "case_002"], project.dataset("liver").split)
+    assert {c.split for c in index.cases(dataset="test")} == {"test"}
+    case = index.cases(dataset="liver")[0]
+    image, label = case.image(), case.label()
+    assert image.dtype == np.float32 and isinstance(image, np.memmap) and image.shape == case.record.prepared.shape
+    assert label.dtype == np.uint8 and label.shape == image.shape
+    assert set(np.unique(label)) <= {0, 1, 2}
+    oracle = case.oracle()
+    assert oracle is not None and 3 in np.unique(oracle)  # kidney (leaf 3) where the liver set has 0
+    assert index.cases(dataset="kidney")[0].oracle() is None
+    assert case.annotated.tolist() == [True, True, True, False, False]
+    assert index.cases(dataset="test")[0].annotated.all()
+    kidney = index.cases(dataset="kidney")[0]
+    assert set(np.unique(kidney.label())) <= {0, 3, 4}  # colliding local 1/2 -> kidney codes
+    assert case.extra_path("pseudo").name == f"{case.case_id}.pseudo.npy"
+    with pytest.raises(ValueError):
+        case.extra_path("label")
+    before = _cache_files(project_dir)
+    capsys.readouterr()
+    again = prepare_project(project, workers=0, progress=True)
+    assert len(again.summary.skipped) == 6 and not again.summary.prepared and not again.summary.relabelled
+    assert "skipped 6 up-to-date" in capsys.readouterr().err
+    assert _cache_files(project_dir) == before | {"index.json": _cache_files(project_dir)["index.json"]}
+    assert again.fingerprint == index.fingerprint
+    loaded = PreparedIndex.load(project)
+    assert [c.key for c in loaded.cases()] == [c.key for c in index.cases()]
+    assert len(loaded.cases(split="train")) + len(loaded.cases(split="val")) == 5
+
+
+def test_changed_label_map_redoes_only_that_dataset(project_dir: Path) -> None:
+    prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
+    before = _cache_files(project_dir)
+    data = _project_dict()
+    data["datasets"][1]["labels"] = {1: "region:kidney", 2: "kidney_tumour"}
+    _write_project(project_dir, data)
+    project = load_project(project_dir / "project.yaml")
+    with pytest.raises(DataError, match="stale"):
+        PreparedIndex.load(project)
+    index = prepare_project(project, workers=0, progress=False)
+    assert sorted(index.summary.relabelled) == ["kidney/case_000", "kidney/case_001"]
+    assert not index.summary.prepared and len(index.summary.skipped) == 4
+    after = _cache_files(project_dir)
+    assert after["kidney/case_000.image.npy"] == before["kidney/case_000.image.npy"]  # image kept
+    assert after["kidney/case_000.label.npy"] != before["kidney/case_000.label.npy"]
+    assert after["liver/case_000.label.npy"] == before["liver/case_000.label.npy"]
+    region = project.label_space.code("region:kidney")
+    assert region in np.unique(index.cases(dataset="kidney")[0].label())
+    PreparedIndex.load(project)
+
+
+def test_changed_spacing_redoes_everything_and_force_too(project_dir: Path) -> None:
+    prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
+    data = _project_dict()
+    data["preprocessing"]["spacing"] = [3.0, 3.0, 3.0]
+    _write_project(project_dir, data)
+    project = load_project(project_dir / "project.yaml")
+    index = prepare_project(project, workers=0, progress=False)
+    assert len(index.summary.prepared) == 6
+    assert index.cases()[0].record.spacing == pytest.approx((3.0, 3.0, 2.5 * 10 / 8), rel=0.05)
+    forced = prepare_project(project, workers=0, force=True, progress=False)
+    assert len(forced.summary.prepared) == 6
+
+
+def test_prepare_in_parallel_workers(project_dir: Path) -> None:
+    project = load_project(project_dir / "project.yaml")
+    index = prepare_project(project, workers=2, progress=False)
+    serial_dir = project_dir / "serial"
+    assert len(index.summary.prepared) == 6
+    ref = index.cases(dataset="liver")[1]
+    img, rec = preprocess_image(*read_image(project_dir / "liver/imagesTr/case_001.nii.gz"), project.preprocessing)
+    np.testing.assert_array_equal(ref.image(), img)
+    assert rec.prepared.same_grid(ref.record.prepared)
+    assert not serial_dir.exists()
+
+
+def test_source_change_makes_the_index_stale(project_dir: Path) -> None:
+    project = load_project(project_dir / "project.yaml")
+    prepare_project(project, workers=0, progress=False)
+    PreparedIndex.load(project)
+    label = project_dir / "liver/labelsTr/case_001.nii.gz"
+    st = label.stat()
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match="case_001.*changed|changed.*case_001"):
+        PreparedIndex.load(project)
+    index = prepare_project(project, workers=0, progress=False)
+    assert index.summary.relabelled == ("liver/case_001",)
+
+
+def test_not_prepared_says_run_prepare(project_dir: Path) -> None:
+    with pytest.raises(DataError, match="unionseg prepare"):
+        PreparedIndex.load(load_project(project_dir / "project.yaml"))
+
+
+def _assert_no_entry(project_dir: Path, dataset: str, case: str) -> None:
+    leftovers = [p.name for p in (project_dir / "prepared" / dataset).glob(f"*{case}*")]
+    assert leftovers == []
+
+
+def test_truncated_gzip_is_one_clear_error_and_leaves_no_entry(project_dir: Path) -> None:
+    bad = project_dir / "kidney/imagesTr/case_001.nii.gz"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    project = load_project(project_dir / "project.yaml")
+    with pytest.raises(DataError) as info:
+        prepare_project(project, workers=0, progress=False)
+    assert info.value.path == bad and "truncated" in info.value.message
+    _assert_no_entry(project_dir, "kidney", "case_001")
+    assert (project_dir / "prepared/kidney/case_000.json").is_file()  # the good cases are cached
+    assert not (project_dir / "prepared/index.json").exists()
+    with pytest.raises(DataError, match="not prepared"):
+        PreparedIndex.load(project)
+    # twin: once the file is fixed, prepare succeeds and only redoes the failed case
+    image, _ = _phantom((20, 18, 10), 11)
+    _save(bad, image)
+    index = prepare_project(project, workers=0, progress=False)
+    assert index.summary.prepared == ("kidney/case_001",)
+
+
+def test_shape_mismatch_names_the_label_and_leaves_no_entry(project_dir: Path) -> None:
+    bad = project_dir / "liver/labelsTr/case_002.nii.gz"
+    _save(bad, np.zeros((20, 18, 9), dtype=np.uint8))
+    project = load_project(project_dir / "project.yaml")
+    with pytest.raises(DataError, match="shape") as info:
+        prepare_project(project, workers=2, progress=False)
+    assert info.value.path == bad
+    _assert_no_entry(project_dir, "liver", "case_002")
+
+
+def test_previously_cached_case_that_breaks_is_removed(project_dir: Path) -> None:
+    project = load_project(project_dir / "project.yaml")
+    prepare_project(project, workers=0, progress=False)
+    bad = project_dir / "liver/labelsTr/case_000.nii.gz"
+    label = _phantom((20, 18, 10), 0)[1]
+    label[0, 0, 0] = 9
+    _save(bad, label)
+    with pytest.raises(DataError, match=r"values \[9\]") as info:
+        prepare_project(project, workers=0, progress=False)
+    assert info.value.path == bad
+    _assert_no_entry(project_dir, "liver", "case_000")
+
+
+def test_non_finite_image_refused(project_dir: Path) -> None:
+    bad = project_dir / "test/imagesTr/case_000.nii.gz"
+    image = _phantom((20, 18, 10), 20)[0].astype(np.float32)
+    image[3, 3, 3] = np.nan
+    _save(bad, image)
+    with pytest.raises(DataError, match="non-finite") as info:
+        prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
+    assert info.value.path == bad
+
+
+def test_intensity_warning_for_non_ct_images(project_dir: Path) -> None:
+    project = load_project(project_dir / "project.yaml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", IntensityWarning)
+        prepare_project(project, workers=0, progress=False)  # CT-like: no warning
+    mri_like = project_dir / "test/imagesTr/case_000.nii.gz"
+    _save(mri_like, np.random.default_rng(0).uniform(0, 80, (20, 18, 10)).astype(np.float32))
+    with pytest.warns(IntensityWarning, match="case_000"):
+        index = prepare_project(project, workers=0, progress=False)
+    assert len(index.summary.warnings) == 1
+
+
+def test_prepare_cli_does_not_import_torch(project_dir: Path) -> None:
+    code = ("import sys; from unionseg.cli import run; rc = run(['prepare', sys.argv[1], '--workers', '0']); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(project_dir / "project.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "data fingerprint" in proc.stdout
+    bad = project_dir / "kidney/labelsTr/case_000.nii.gz"
+    bad.write_bytes(gzip.compress(b"not a nifti"))
+    proc = subprocess.run([sys.executable, "-c", code, str(project_dir / "project.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "case_000" in proc.stderr and "Traceback" not in proc.stderr
