@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unionseg.labels import LabelSpace, Leaf
+from unionseg.labels import LabelSpace, Leaf, admissible
 from unionseg.losses import (
     FocalLoss,
     MarginalLoss,
@@ -20,6 +20,7 @@ from unionseg.losses import (
     kd_kl,
     kd_regions,
     map_to_teacher,
+    marginal_channels,
     marginal_loss,
     masked_sigmoid_dice_bce,
     ms_kd_feature_loss,
@@ -114,6 +115,16 @@ def test_ce_dice_two_voxels_by_hand() -> None:
     assert weighted["dice"].item() == 0.0
 
 
+def test_ce_dice_matches_soft_dice_on_one_hot() -> None:
+    torch.manual_seed(10)
+    logits = torch.randn(2, 4, 3, 3, 3)
+    labels = torch.randint(0, 4, (2, 3, 3, 3))
+    for batch_dice in (False, True):
+        reference = soft_dice_loss(torch.softmax(logits, 1), one_hot(labels, 4), batch_dice=batch_dice)
+        fast = ce_dice_loss(logits, labels, batch_dice=batch_dice)["dice"]
+        assert fast.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
 def test_one_hot_rejects_float_labels() -> None:
     assert one_hot(torch.tensor([[0, 2]]), 3).shape == (1, 3, 2)
     with pytest.raises(TypeError):
@@ -196,6 +207,43 @@ def test_marginal_with_region_codes() -> None:
     leaf_codes = torch.tensor([[0, space.leaf_id("tumour")]])
     assert marginal_loss(swapped, leaf_codes, annotated, space)["ce"].item() != pytest.approx(
         marginal_loss(logits, leaf_codes, annotated, space)["ce"].item(), abs=1e-3)
+
+
+def test_marginal_matches_admissible_reference(space: LabelSpace) -> None:
+    torch.manual_seed(11)
+    logits = torch.randn(3, space.n_leaves, 3, 4, 4)
+    codes = torch.randint(0, space.n_leaves, (3, 3, 4, 4))
+    codes[2, 0] = space.code("region:liver")
+    annotated = torch.stack([torch.as_tensor(space.annotated_leaf_mask(n)) for n in ("liver", "kidney", "liver")])
+    codes[0][codes[0] > 2] = 0  # each sample holds only codes its dataset can produce
+    codes[1][(codes[1] > 0) & (codes[1] < 3) | (codes[1] > 4)] = 0
+    codes[2][(codes[2] > 2) & (codes[2] < space.n_leaves)] = 0
+    adm = admissible(codes, annotated, space)
+    reference_ce = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~adm, -torch.inf), 1)).mean()
+    # Dice reference with explicit volumes: merged probability per channel, target = admissible set inside it
+    sets, _, counted = marginal_channels(codes, annotated, space)
+    probs = torch.softmax(logits, 1)
+    merged = torch.einsum("bkl,bl...->bk...", sets.float(), probs)
+    inside = ~torch.einsum("bl...,bkl->bk...", adm.float(), (~sets).float()).bool()
+    reference_dice = soft_dice_loss(merged, inside.float(), mask=counted)
+    terms = marginal_loss(logits, codes, annotated, space)
+    assert terms["ce"].item() == pytest.approx(reference_ce.item(), rel=1e-5)
+    assert terms["dice"].item() == pytest.approx(reference_dice.item(), rel=1e-5)
+    liver = space.leaf_id("liver")
+    assert not counted[2, liver] and counted[2, space.code("region:liver")]  # region code: region channel
+    assert counted[0, liver] and not counted[1, liver]
+
+
+def test_marginal_stays_finite_when_the_merged_probability_underflows(space: LabelSpace) -> None:
+    logits = torch.full((1, space.n_leaves, 2), -200.0)
+    logits[0, space.leaf_id("liver")] = 200.0  # everything says liver, with overwhelming confidence
+    logits.requires_grad_(True)
+    codes = torch.zeros(1, 2, dtype=torch.long)  # ... but the voxels are background or unannotated
+    annotated = torch.as_tensor(space.annotated_leaf_mask("liver")).unsqueeze(0)
+    terms = marginal_loss(logits, codes, annotated, space)
+    assert torch.isfinite(terms["ce"]) and terms["ce"].item() > 100
+    terms["ce"].backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
 
 
 def test_marginal_gradient_and_shapes(space: LabelSpace) -> None:
@@ -410,6 +458,15 @@ def test_kd_kl_zero_when_student_matches_and_positive_otherwise() -> None:
     loss.backward()
     assert other.grad is None and logits.grad is not None and logits.grad.abs().sum() > 0
     assert kd_kl(logits, other, [1, 2], torch.zeros_like(region), 2.0).item() == 0.0
+
+
+def test_kd_kl_finite_when_student_mass_underflows() -> None:
+    logits = torch.tensor([[[0.0], [0.0], [300.0]]], requires_grad=True)  # leaf 2 takes everything
+    teacher = torch.tensor([[[0.9], [0.1]]])  # teacher over leaf 2 says background
+    loss = kd_kl(logits, teacher, [2], torch.ones(1, 1, dtype=torch.bool), tau=1.0)
+    assert torch.isfinite(loss) and loss.item() > 100
+    loss.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
 def test_kd_kl_matches_kl_after_mapping() -> None:

@@ -29,8 +29,8 @@ def test_average_update_matches_formula() -> None:
                 p.add_(0.1 * (t + 1))
         avg.update(net)
         d = min(0.9, (1 + t) / (10 + t))
-        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters())]
-    for e, p in zip(expected, avg.module.parameters()):
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters(), strict=False)]
+    for e, p in zip(expected, avg.module.parameters(), strict=False):
         assert torch.allclose(e, p, atol=1e-6)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,6 +25,16 @@ TASK_HEADS = [
     {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2},
 ]
 ALL_HEADS = [{"name": "softmax", "out_channels": 5}, *TASK_HEADS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl when other processes share the
+    2 cores; restored afterwards so other test modules keep their setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def make_net(backbone: dict[str, Any], head: dict[str, Any], seed: int = 0) -> Any:
@@ -255,7 +266,7 @@ def test_backbone_runs_once_for_all_tasks_except_conditional() -> None:
     for head in TASK_HEADS:
         net = make_net(BACKBONES[0], head).eval()
         calls: list[int] = []
-        net.backbone.register_forward_hook(lambda *_: calls.append(1))
+        net.backbone.register_forward_hook(lambda *_, log=calls: log.append(1))
         with torch.no_grad():
             net(image())
         counts[head["name"]] = len(calls)

@@ -77,6 +77,7 @@ _COMMAND_MODULES = (
     "unionseg.training.cli",
     "unionseg.inference.cli",
     "unionseg.evaluation.cli",
+    "unionseg.evaluation.crossmap",
     "unionseg.benchmark",
 )
 

@@ -37,7 +37,7 @@ def experts_to_groups(
     region_n = [0] * space.n_groups
     part_n = [0] * len(space.part_ids)
     part_pos = {leaf: k for k, leaf in enumerate(space.part_ids)}
-    for p, ids in zip(probs, leaf_ids):
+    for p, ids in zip(probs, leaf_ids, strict=False):
         p = p.float()
         channel = {leaf: c + 1 for c, leaf in enumerate(ids)}
         for grp in space.groups:

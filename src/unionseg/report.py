@@ -145,7 +145,8 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
             vals = [methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in regions]
             errs = [methods[name]["classes"].get(k, {}).get("dice", {}).get("std", 0.0) for k in regions]
             ax.bar(np.arange(len(regions)) + i * width, vals, width, yerr=errs, label=name)
-        for ref, style in (("oracle", "--"), ("naive", ":")):
+        refs: tuple[tuple[str, Any], ...] = (("oracle", "--"), ("naive", ":"))
+        for ref, style in refs:
             if ref in methods:
                 for j, k in enumerate(regions):
                     v = methods[ref]["classes"].get(k, {}).get("dice", {}).get("mean")
@@ -261,7 +262,7 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     rows = int(np.ceil(len(panels) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for ax, (title, lab) in zip(axes.ravel(), panels):
+    for ax, (title, lab) in zip(axes.ravel(), panels, strict=False):
         ax.imshow(np.clip(image[:, :, z].T, -200, 300), cmap="gray", origin="lower")
         overlay = np.ma.masked_equal(lab[:, :, z].T.astype(float), 0)
         ax.imshow(overlay, cmap=cmap, vmin=0, vmax=10, alpha=0.5, origin="lower", interpolation="nearest")

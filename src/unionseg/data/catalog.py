@@ -8,7 +8,7 @@ Layouts (``layout:`` of a dataset in the project file; ``auto`` detects them in 
   and labels ``labelsTr/<case><ending>``. Any folder holding a ``dataset.json`` must be one of these two.
 * ``kits``: KiTS19/21/23, one folder per case ``case_XXXXX/imaging.nii.gz`` with ``segmentation.nii.gz``
   (KiTS19, KiTS23) or ``aggregated_MAJ_seg.nii.gz`` (KiTS21, the majority vote of the annotators), in the
-  root or in its ``data/`` folder (the layout of the KiTS repositories). Case folders without a
+  root or in its ``data/`` (KiTS19/21) or ``dataset/`` (KiTS23) folder. Case folders without a
   segmentation (the KiTS19 test cases 00210-00299) are skipped and listed in :attr:`DatasetInfo.skipped`.
 * ``folders``: an images folder and a labels folder whose files match by name (BTCV ``img/img0001.nii.gz``
   with ``label/label0001.nii.gz``, or AMOS/WORD ``imagesTr`` + ``labelsTr`` without a ``dataset.json``).
@@ -129,8 +129,8 @@ def _kits_case_dirs(folder: Path) -> list[Path]:
 
 
 def kits_data_dir(root: Path) -> Path | None:
-    """The folder holding KiTS ``case_XXXXX`` folders: ``root`` itself or ``root/data``; None if neither."""
-    for folder in (root, root / "data"):
+    """The folder holding KiTS ``case_XXXXX`` folders: ``root``, ``root/data`` or ``root/dataset``, or None."""
+    for folder in (root, root / "data", root / "dataset"):
         if any((d / KITS_IMAGE).exists() for d in _kits_case_dirs(folder)):
             return folder
     return None
@@ -147,7 +147,7 @@ def find_folder_pair(root: Path) -> tuple[Path, Path] | None:
 def _no_layout_message() -> str:
     pairs = ", ".join(f"{i}/+{lab}/" for i, lab in FOLDER_PAIRS)
     return ("matches no known layout; looked for: no dataset.json (MSD, nnU-Net v2 raw); no "
-            f"case_XXXXX/{KITS_IMAGE} here or in data/ (KiTS19/21/23); no images + labels folder pair "
+            f"case_XXXXX/{KITS_IMAGE} here or in data/ or dataset/ (KiTS19/21/23); no images + labels folder pair "
             f"({pairs}). Point the root at the folder that holds them, or set the dataset's layout "
             "(e.g. 'folders:IMAGES,LABELS')")
 
@@ -269,7 +269,7 @@ def _cases_kits(root: Path) -> tuple[_RawCases, list[str]]:
     """Labelled KiTS cases and the ids of case folders without a segmentation."""
     folder = kits_data_dir(root)
     if folder is None:
-        raise DataError(f"no case_XXXXX/{KITS_IMAGE} folders here or in data/ (KiTS layout)", root)
+        raise DataError(f"no case_XXXXX/{KITS_IMAGE} folders here or in data/ or dataset/ (KiTS layout)", root)
     out: _RawCases = []
     skipped: list[str] = []
     for case_dir in _kits_case_dirs(folder):

@@ -41,7 +41,7 @@ import shutil
 import time
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -145,7 +145,7 @@ SIZES: dict[str, SizeSpec] = {
                          preprocess_spacing=(4.0, 4.0, 4.0), voxel_volume_min=14.0, workers=2),
     "large": SizeSpec("large", 5, 2, 3, inplane_mm=(0.7, 0.9), slice_choices_mm=(1.5, 2.0, 2.5, 3.0, 5.0),
                       fov_mm=(360.0, 460.0), z_extra_mm=(40.0, 70.0), noise_sd=(15.0, 28.0),
-                      preprocess_spacing=(0.8, 0.8, 1.5), matrix=512, workers=2),
+                      preprocess_spacing=(0.8, 0.8, 1.5), matrix=512, workers=4),
 }
 
 _DEFAULT_CLASSES: tuple[tuple[str, Optional[str]], ...] = (
@@ -214,7 +214,7 @@ _TISSUE_TABLE: tuple[tuple[str, Optional[str], float, float, float, float], ...]
     ("liver_tumour", "liver_tumour", 36, 70, 70, 8),          # overwritten relative to the liver
     ("liver_tumour_core", "liver_tumour", 18, 20, 22, 5),
     ("gallbladder", "gallbladder", 8, 8, 10, 3),
-    ("spleen", "spleen", 48, 88, 110, 4),
+    ("spleen", "spleen", 48, 88, 108, 4),
     ("pancreas", "pancreas", 42, 110, 92, 7),
     ("pancreas_tumour", "pancreas_tumour", 34, 65, 62, 8),    # overwritten relative to the pancreas
     ("kidney_cortex", "kidney", 33, 185, 165, 6),
@@ -333,7 +333,8 @@ class _Canvas:
         self.tissue = np.zeros(self.shape, dtype=np.uint8)
         self.axes = [(self.lo[i] + self.spacing[i] * np.arange(self.shape[i])).astype(np.float32) for i in range(3)]
 
-    def box(self, lo: Sequence[float], hi: Sequence[float]) -> Optional[tuple[slice, slice, slice]]:
+    def box(self, lo: Sequence[float] | np.ndarray, hi: Sequence[float] | np.ndarray
+            ) -> Optional[tuple[slice, slice, slice]]:
         """Voxel slices of the axis-aligned box [lo, hi] (mm), or None when it misses the grid."""
         out = []
         for i in range(3):
@@ -404,7 +405,7 @@ class _Canvas:
             t = np.clip((px * ab[0] + py * ab[1] + pz * ab[2]) * inv_len2, 0.0, 1.0)
             d2 = (px - t * ab[0]) ** 2 + (py - t * ab[1]) ** 2 + (pz - t * ab[2]) ** 2
             ratio = np.sqrt(d2) / (np.float32(radii[n]) + t * np.float32(radii[n + 1] - radii[n]))
-            rel = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(sub, start))
+            rel = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(sub, start, strict=True))
             np.minimum(level[rel], ratio, out=level[rel])
         return box, level
 
@@ -452,15 +453,15 @@ def _smooth_field(shape: Sequence[int], spacing: Sequence[float], cell_mm: float
 
     Separable 4-tap interpolation along each axis, so the cost is a few passes over the output.
     """
-    coarse = [int(math.ceil(n * s / cell_mm)) + 4 for n, s in zip(shape, spacing)]
+    coarse = [int(math.ceil(n * s / cell_mm)) + 4 for n, s in zip(shape, spacing, strict=True)]
     out = rng.standard_normal(coarse).astype(np.float32)
-    for axis, (n, s) in enumerate(zip(shape, spacing)):
+    for axis, (n, s) in enumerate(zip(shape, spacing, strict=True)):
         pos = np.arange(n) * (s / cell_mm) + 1.0
         i0 = np.floor(pos).astype(np.int64)
         t = (pos - i0).astype(np.float32)
         weights = [(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6]
         acc = None
-        for tap, w in zip(range(-1, 3), weights):
+        for tap, w in zip(range(-1, 3), weights, strict=True):
             taken = np.take(out, i0 + tap, axis=axis)
             shape_w = [1, 1, 1]
             shape_w[axis] = n
@@ -504,69 +505,78 @@ def _sample_body(rng: np.random.Generator) -> _Body:
                  t_back=float(rng.uniform(38, 50)))
 
 
-def _asym_ellipse(x: np.ndarray, y: np.ndarray, half_width: float, front: float, back: float) -> np.ndarray:
-    """Squared normalised radius of an ellipse whose anterior/posterior half-axes differ (< 1 inside)."""
-    b = np.where(y > 0, np.float32(front), np.float32(back))
-    return np.asarray((x * np.float32(1.0 / half_width)) ** 2 + (y / b) ** 2, dtype=np.float32)
+def _asym_ellipse(x: np.ndarray, y: np.ndarray, half_width: float, front: float, back: float,
+                  back_power: float = 2.0) -> np.ndarray:
+    """Normalised radius of an oval whose anterior/posterior half-axes differ (< 1 inside); a
+    ``back_power`` above 2 flattens the back, as a patient lying on the table is flattened."""
+    ux = (x * np.float32(1.0 / half_width)) ** 2
+    uy = np.where(y > 0, (y * np.float32(1.0 / front)) ** 2,
+                  np.abs(y * np.float32(1.0 / back)) ** np.float32(back_power))
+    return np.asarray(ux + uy, dtype=np.float32)
 
 
-def _paint_anatomy(cv: _Canvas, rng: np.random.Generator, body: _Body, tumour_organs: Sequence[str],
-                   oral_contrast: bool) -> dict[str, Any]:
-    """Paint one case into ``cv.tissue`` in priority order; returns facts about the case (tumour count)."""
-    from scipy.ndimage import distance_transform_edt
+class _Draw:
+    """What every painter of one case shares: the canvas, the random stream, the body, and helpers that
+    place points of an average anatomy (cavity 123 x 84 mm half-axes) into this body."""
 
-    sx, sy = body.a_cav / 123.0, body.b_cav / 84.0          # scale of an average cavity
-    zo = float(rng.normal(0.0, 7.0))                         # craniocaudal shift of the upper organs
+    def __init__(self, cv: _Canvas, rng: np.random.Generator, body: _Body) -> None:
+        self.cv, self.rng, self.body = cv, rng, body
+        self.sx, self.sy = body.a_cav / 123.0, body.b_cav / 84.0
+        self.zo = float(rng.normal(0.0, 7.0))                    # craniocaudal shift of the upper organs
+        self.step = cv.curve_step
+        full = (slice(0, cv.shape[0]), slice(0, cv.shape[1]), slice(0, cv.shape[2]))
+        self.x, self.y, self.z = cv.grid(full)
+        self.spine_y = -body.b_cav + 12.0                        # centre of the vertebral bodies
+        self.aorta_y = self.spine_y + 30.0
 
-    def P(x: float, y: float, z: float) -> np.ndarray:  # noqa: N802 - a point of the average anatomy
-        return np.array([x * sx, y * sy, z + zo], dtype=np.float64)
+    def point(self, x: float, y: float, z: float) -> np.ndarray:
+        """A point of the average anatomy, scaled to this body and shifted craniocaudally."""
+        return np.array([x * self.sx, y * self.sy, z + self.zo], dtype=np.float64)
 
-    def jitter(p: np.ndarray, sd: float) -> np.ndarray:
-        return p + rng.normal(0.0, sd, 3)
+    def jitter(self, p: np.ndarray, sd: float) -> np.ndarray:
+        return p + self.rng.normal(0.0, sd, 3)
 
-    def radii(*r: float, sd: float = 0.08) -> np.ndarray:
-        return np.asarray(r, dtype=np.float64) * rng.uniform(1 - 1.5 * sd, 1 + 1.5 * sd, len(r))
+    def radii(self, *r: float, sd: float = 0.08) -> np.ndarray:
+        return np.asarray(r, dtype=np.float64) * self.rng.uniform(1 - 1.5 * sd, 1 + 1.5 * sd, len(r))
 
-    step = cv.curve_step
+    def curve(self, ctrl: Sequence[Sequence[float]], sd: float) -> np.ndarray:
+        """A smooth curve through jittered average-anatomy control points."""
+        return _curve(np.array([self.jitter(self.point(*c), sd) for c in ctrl]), self.step)
 
-    def curve(ctrl: Sequence[Sequence[float]], sd: float) -> np.ndarray:
-        pts = np.array([jitter(P(*c), sd) for c in ctrl])
-        return _curve(pts, step)
-
-    def tube_radii(points: np.ndarray, r0: float, r1: float, wobble: float = 0.12,
+    def tube_radii(self, points: np.ndarray, r0: float, r1: float, wobble: float = 0.12,
                    haustra_mm: float = 0.0) -> np.ndarray:
         """Radius along a tube: linear r0 -> r1, a slow random wobble, optional haustral pleats."""
         arc = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))])
         t = arc / max(arc[-1], 1e-6)
-        r = (r0 + (r1 - r0) * t) * (1 + wobble * np.sin(2 * np.pi * (t * rng.uniform(1.5, 3.0) + rng.uniform())))
+        r = (r0 + (r1 - r0) * t) * (1 + wobble * np.sin(2 * np.pi * (t * self.rng.uniform(1.5, 3.0)
+                                                                     + self.rng.uniform())))
         if haustra_mm:
             r = r * (1 + 0.15 * np.sin(2 * np.pi * arc / haustra_mm))
         return r
 
-    full = (slice(0, cv.shape[0]), slice(0, cv.shape[1]), slice(0, cv.shape[2]))
-    x, y, z = cv.grid(full)
-    shape, spacing = cv.shape, cv.spacing
 
-    # ---- body, wall, cavity (the whole volume)
-    body_warp = _Warp(rng, 5.0, (120, 260))
-    dx, dy, _ = body_warp(x, y, z)
-    bx, by = x + dx, y + dy
-    taper = 1.0 + 0.05 * np.tanh((z - np.float32(60.0)) / np.float32(80.0))   # lower chest slightly wider
-    bx = bx / taper
-    outer = _asym_ellipse(bx, by, body.body_half_width, body.body_front, body.body_back) < 1.0
+def _body_masks(d: _Draw) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(body, inside the subcutaneous fat, abdominal cavity) masks over the whole volume."""
+    body = d.body
+    dx, dy, _ = _Warp(d.rng, 5.0, (120, 260))(d.x, d.y, d.z)
+    taper = 1.0 + 0.05 * np.tanh((d.z - np.float32(60.0)) / np.float32(80.0))   # lower chest slightly wider
+    bx, by = (d.x + dx) / taper, d.y + dy
+    outer = _asym_ellipse(bx, by, body.body_half_width, body.body_front, body.body_back, 3.0) < 1.0
     inner = _asym_ellipse(bx, by, body.a_cav + body.t_muscle, body.b_cav + body.t_muscle,
-                          body.b_cav + body.t_back) < 1.0
+                          body.b_cav + body.t_back, 3.0) < 1.0
     cavity = _asym_ellipse(bx, by, body.a_cav, body.b_cav, body.b_cav) < 1.0
-    del dx, dy, bx, by
-    cv.tissue[outer] = _T["visceral_fat"]
+    return outer, inner, cavity
 
-    # ---- lung bases (low priority: organs under the diaphragm overwrite them)
+
+def _paint_gut(d: _Draw) -> None:
+    """Lung bases, small bowel, colon, stomach, duodenum (the lowest priorities)."""
+    cv, rng, sx, sy, spacing = d.cv, d.rng, d.sx, d.sy, d.cv.spacing
+    # lung bases: organs under the diaphragm overwrite them
     for side in (1, -1):
-        cv.ellipsoid(_Ellipsoid(jitter(P(side * 70, -22, 205), 5), radii(58 * sx, 78 * sy, 100),
+        cv.ellipsoid(_Ellipsoid(d.jitter(d.point(side * 70, -22, 205), 5), d.radii(58 * sx, 78 * sy, 100),
                                 _rotation(rx=-0.25), _Warp(rng, 6.0)), "lung", only=["visceral_fat"])
-
-    # ---- small bowel: a random tubular network (two smooth fields near zero) in the lower abdomen
-    region = _Ellipsoid(jitter(P(0, 28, -62), 6), radii(100 * sx, 68 * sy, 70), warp=_Warp(rng, 8.0))
+    # small bowel: a random tubular network (where two smooth fields are both near zero), lower abdomen
+    region = _Ellipsoid(d.jitter(d.point(0, 28, -62), 6), d.radii(100 * sx, 68 * sy, 70), warp=_Warp(rng, 8.0))
     box = cv.box(*region.bounds())
     if box is not None:
         bshape = [s.stop - s.start for s in box]
@@ -575,94 +585,78 @@ def _paint_anatomy(cv: _Canvas, rng: np.random.Generator, body: _Body, tumour_or
         f3 = _smooth_field(bshape, spacing, 9.0, rng)
         inside = region.level(*cv.grid(box)) < 1.0
         net = f1 * f1 + f2 * f2
-        lumen_r, wall_r = float(rng.uniform(0.35, 0.5)), 0.12
+        lumen_r, wall_r = float(rng.uniform(0.9, 1.2)), 0.15
         cv.paint(box, inside & (net < (lumen_r + wall_r) ** 2), "bowel_wall", only=["visceral_fat"])
         cv.paint(box, inside & (net < lumen_r**2), "bowel_content", only=["bowel_wall"])
         cv.paint(box, inside & (net < lumen_r**2) & (f3 > rng.uniform(0.9, 1.6)), "bowel_gas",
                  only=["bowel_content"])
-        del f1, f2, net, inside
-
-    # ---- colon frame (haustra: radius modulated along the tube), stool with gas pockets
-    colon_ctrl = ((92, 8, -100), (100, -8, -45), (88, 8, 8), (45, 66, 12), (0, 72, 2), (-50, 62, 22),
-                  (-96, 8, 42), (-102, -14, -5), (-96, -6, -62), (-62, 18, -100), (-12, 28, -112))
-    colon = curve(colon_ctrl, 6.0)
-    colon_r = tube_radii(colon, rng.uniform(20, 26), rng.uniform(13, 17), haustra_mm=36.0)
+    # colon frame (haustra: radius modulated along the tube), stool with gas pockets
+    colon = d.curve(((92, 8, -100), (100, -8, -45), (88, 8, 8), (45, 66, 12), (0, 72, 2), (-50, 62, 22),
+                     (-96, 8, 42), (-102, -14, -5), (-96, -6, -62), (-62, 18, -100), (-12, 28, -112)), 6.0)
+    colon_r = d.tube_radii(colon, rng.uniform(20, 26), rng.uniform(13, 17), haustra_mm=36.0)
     found = cv.tube(colon, colon_r, "colon_content", only=["visceral_fat", "bowel_wall", "bowel_content",
                                                             "bowel_gas", "lung"], wall=(3.0, "colon_wall"))
     if found is not None:
         cbox, clevel = found
         f3 = _smooth_field([s.stop - s.start for s in cbox], spacing, 8.0, rng)
-        yy = cv.grid(cbox)[1]
-        gas = (f3 > rng.uniform(-0.2, 0.6)) | (yy > np.float32(rng.uniform(20, 60) * sy))
+        gas = (f3 > rng.uniform(-0.2, 0.6)) | (cv.grid(cbox)[1] > np.float32(rng.uniform(20, 60) * sy))
         cv.paint(cbox, (clevel < 0.85) & gas, "colon_gas", only=["colon_content"])
-
-    # ---- stomach (gas anteriorly: the patient lies supine) and the duodenal C-loop
-    stomach = _Ellipsoid(jitter(P(-45, 38, 86), 5), radii(42 * sx, 33 * sy, 50), _rotation(rz=0.3, ry=0.35),
-                         _Warp(rng, 7.0))
-    cv.ellipsoid(stomach, "stomach_content", inner=None)
-    cv.ellipsoid(_Ellipsoid(stomach.center, stomach.radii - 4.0, stomach.rot, stomach.warp), "stomach_gas",
-                 only=["stomach_content"])
+    # stomach: a 4 mm wall, gas above an air-fluid level (anterior: the patient lies supine), antrum, duodenum
+    stomach = _Ellipsoid(d.jitter(d.point(-45, 38, 86), 5), d.radii(42 * sx, 33 * sy, 50),
+                         _rotation(rz=0.3, ry=0.35), _Warp(rng, 7.0))
+    cv.ellipsoid(stomach, "stomach_wall")
+    lumen = _Ellipsoid(stomach.center, stomach.radii - 4.0, stomach.rot, stomach.warp)
+    cv.ellipsoid(lumen, "stomach_gas", only=["stomach_wall"])
     sbox = cv.box(*stomach.bounds())
     if sbox is not None:
-        # the line above swapped the core to gas: make the shell wall and keep gas only above the level
-        view = cv.tissue[sbox]
-        shell = view == _T["stomach_content"]
-        core = view == _T["stomach_gas"]
         level_y = stomach.center[1] + rng.uniform(0.1, 0.8) * stomach.radii[1]
-        below = np.broadcast_to(cv.grid(sbox)[1] < np.float32(level_y), view.shape)
-        view[shell] = _T["stomach_wall"]
-        view[core & below] = _T["stomach_content"]
-    antrum = curve(((-30, 45, 62), (0, 48, 48), (22, 38, 44)), 4.0)
+        cv.paint(sbox, cv.grid(sbox)[1] < np.float32(level_y), "stomach_content", only=["stomach_gas"])
+    antrum = d.curve(((-30, 45, 62), (0, 48, 48), (22, 38, 44)), 4.0)
     cv.tube(antrum, np.full(len(antrum), rng.uniform(13, 17)), "stomach_content", wall=(4.0, "stomach_wall"))
-    duodenum = curve(((26, 32, 44), (52, 14, 38), (58, -4, 16), (42, -12, -2), (8, -12, -8), (-18, -6, 4)), 4.0)
+    duodenum = d.curve(((26, 32, 44), (52, 14, 38), (58, -4, 16), (42, -12, -2), (8, -12, -8), (-18, -6, 4)), 4.0)
     cv.tube(duodenum, np.full(len(duodenum), rng.uniform(9, 12)), "duodenum_content",
             wall=(3.0, "duodenum_wall"))
 
-    # ---- psoas (grows caudally) beside the spine
-    spine_y = -body.b_cav + 12.0
+
+def _paint_organs(d: _Draw) -> None:
+    """Psoas, liver, spleen, pancreas, kidneys, gallbladder (each overwrites what came before)."""
+    cv, rng, sx, sy = d.cv, d.rng, d.sx, d.sy
+    # psoas (grows caudally) beside the spine
     for side in (1, -1):
-        pts = np.array([[side * 30 * sx, spine_y - 2, 70], [side * 36 * sx, spine_y + 2, 0],
-                        [side * 46 * sx, spine_y + 6, -90], [side * 55 * sx, spine_y + 14, -170]])
+        pts = np.array([[side * 30 * sx, d.spine_y - 2, 70], [side * 36 * sx, d.spine_y + 2, 0],
+                        [side * 46 * sx, d.spine_y + 6, -90], [side * 55 * sx, d.spine_y + 14, -170]])
         pts = pts + rng.normal(0, 2, pts.shape)
         cv.tube(pts, np.array([5.0, 12.0, 19.0, 22.0]) * rng.uniform(0.85, 1.15), "muscle")
-
-    # ---- liver: right lobe + left lobe (smooth union), with gallbladder
-    right = _Ellipsoid(jitter(P(60, 4, 70), 4), radii(70 * sx, 82 * sy, 62), _rotation(rz=0.15, rx=0.1),
+    # liver: right lobe + left lobe across the midline (smooth union)
+    right = _Ellipsoid(d.jitter(d.point(60, 4, 70), 4), d.radii(70 * sx, 82 * sy, 62), _rotation(rz=0.15, rx=0.1),
                        _Warp(rng, 9.0))
-    left = _Ellipsoid(jitter(P(-18, 42, 86), 5), radii(62 * sx, 34 * sy, 36), _rotation(rz=-0.35, ry=0.2),
-                      _Warp(rng, 7.0))
-    lo = np.minimum(right.bounds()[0], left.bounds()[0])
-    hi = np.maximum(right.bounds()[1], left.bounds()[1])
-    box = cv.box(lo, hi)
+    left = _Ellipsoid(d.jitter(d.point(-18, 42, 86), 5), d.radii(62 * sx, 34 * sy, 36),
+                      _rotation(rz=-0.35, ry=0.2), _Warp(rng, 7.0))
+    box = cv.box(np.minimum(right.bounds()[0], left.bounds()[0]), np.maximum(right.bounds()[1], left.bounds()[1]))
     if box is not None:
         g = cv.grid(box)
-        k = np.float32(0.18)
-        union = -k * np.logaddexp(-right.level(*g) / k, -left.level(*g) / k)
-        cv.paint(box, union < 1.0, "liver")
-    # ---- spleen: crescent (ellipsoid minus a medial ellipsoid), along the left posterolateral wall
-    spleen_c = jitter(P(-88, -40, 72), 5)
-    rot = _rotation(rz=-0.75 + rng.normal(0, 0.12), rx=rng.normal(0, 0.1))
+        blend = np.float32(0.18)                                   # a fillet between the lobes
+        cv.paint(box, -blend * np.logaddexp(-right.level(*g) / blend, -left.level(*g) / blend) < 1.0, "liver")
+    # spleen: a crescent (ellipsoid minus an anteromedial ellipsoid) along the left posterolateral wall
+    spleen_c = d.jitter(d.point(-88, -40, 72), 5)
+    rot = _rotation(rz=0.75 + rng.normal(0, 0.12), rx=rng.normal(0, 0.1))
     scale = rng.uniform(0.8, 1.25)
-    spleen = _Ellipsoid(spleen_c, radii(24, 56, 50) * scale ** (1 / 3), rot, _Warp(rng, 5.0))
-    notch = _Ellipsoid(spleen_c + rot.T @ np.array([30.0, 0.0, 0.0]), radii(26, 60, 70), rot)
+    spleen = _Ellipsoid(spleen_c, d.radii(28, 56, 50) * scale ** (1 / 3), rot, _Warp(rng, 5.0))
+    notch = _Ellipsoid(spleen_c + rot.T @ np.array([46.0, 0.0, 0.0]), d.radii(26, 50, 60), rot)
     box = cv.box(*spleen.bounds())
     if box is not None:
         g = cv.grid(box)
         cv.paint(box, (spleen.level(*g) < 1.0) & (notch.level(*g) > 1.0), "spleen")
-
-    # ---- pancreas: a thin lobulated tube from the head (right, in the duodenal C) to the tail (splenic hilum)
-    pancreas = curve(((30, -24, 10), (38, -12, 24), (26, -2, 34), (8, 4, 40), (-24, 0, 44), (-54, -12, 50),
-                      (-76, -30, 58)), 3.0)
-    pan_r = tube_radii(pancreas, rng.uniform(13, 17), rng.uniform(8, 10), wobble=0.15)
-    cv.tube(pancreas, pan_r, "pancreas")
-
-    # ---- kidneys: cortex, medulla, pelvis, medial hilum notch
+    # pancreas: a thin lobulated tube from the head (right, in the duodenal C) to the tail (splenic hilum)
+    pancreas = d.curve(((30, -24, 10), (38, -12, 24), (26, -2, 34), (8, 4, 40), (-24, 0, 44), (-54, -12, 50),
+                        (-76, -30, 58)), 3.0)
+    cv.tube(pancreas, d.tube_radii(pancreas, rng.uniform(13, 17), rng.uniform(8, 10), wobble=0.15), "pancreas")
+    # kidneys: cortex, medulla, pelvis, a medial hilum notch
     for side, zk in ((1, -10.0), (-1, 4.0)):
-        kc = jitter(np.array([side * 64 * sx, -body.b_cav + 40 * sy, zk + zo]), 4)
+        kc = d.jitter(np.array([side * 64 * sx, -d.body.b_cav + 40 * sy, zk + d.zo]), 4)
         rot = _rotation(rz=side * rng.uniform(0.45, 0.75), ry=-side * rng.uniform(0.1, 0.25))
-        kidney = _Ellipsoid(kc, radii(24, 30, 55), rot, _Warp(rng, 3.0, (50, 120)))
-        hilum_dir = np.array([-side, 0.6, 0.0])
-        hilum_dir /= np.linalg.norm(hilum_dir)
+        kidney = _Ellipsoid(kc, d.radii(24, 30, 55), rot, _Warp(rng, 3.0, (50, 120)))
+        hilum_dir = np.array([-side, 0.6, 0.0]) / math.hypot(1.0, 0.6)
         notch = _Ellipsoid(kc + hilum_dir * 24.0, np.array([11.0, 11.0, 18.0]) * rng.uniform(0.8, 1.2))
         pelvis = _Ellipsoid(kc + hilum_dir * 10.0, np.array([9.0, 8.0, 15.0]) * rng.uniform(0.8, 1.2))
         box = cv.box(*kidney.bounds())
@@ -674,13 +668,16 @@ def _paint_anatomy(cv: _Canvas, rng: np.random.Generator, body: _Body, tumour_or
         cv.paint(box, keep, "kidney_cortex")
         cv.paint(box, keep & (level < rng.uniform(0.35, 0.5)), "kidney_medulla", only=["kidney_cortex"])
         cv.paint(box, keep & (pelvis.level(*g) < 1.0), "kidney_pelvis", only=["kidney_cortex", "kidney_medulla"])
+    # gallbladder under the liver
+    cv.ellipsoid(_Ellipsoid(d.jitter(d.point(46, 42, 28), 5), d.radii(14, 14, 32, sd=0.15),
+                            _rotation(rx=0.6, rz=0.3), _Warp(rng, 3.0)), "gallbladder")
 
-    # ---- gallbladder under the liver
-    cv.ellipsoid(_Ellipsoid(jitter(P(46, 42, 28), 5), radii(14, 14, 32, sd=0.15), _rotation(rx=0.6, rz=0.3),
-                            _Warp(rng, 3.0)), "gallbladder")
 
-    # ---- vessels
-    aorta_y = spine_y + 30.0
+def _paint_vessels(d: _Draw) -> None:
+    """Aorta, IVC (through the back of the liver), portal/splenic/mesenteric veins, SMA, renal vessels, and
+    portal and hepatic branches inside the liver (labelled liver)."""
+    cv, rng, sx, sy, step, zo = d.cv, d.rng, d.sx, d.sy, d.step, d.zo
+    aorta_y = d.aorta_y
     aorta = np.array([[-14 * sx, aorta_y + rng.normal(0, 3), z0] for z0 in (260.0, 120.0, 20.0, -60.0, -140.0)])
     aorta[:, 0] += rng.normal(0, 3, len(aorta))
     aorta = _curve(aorta, step)
@@ -689,74 +686,71 @@ def _paint_anatomy(cv: _Canvas, rng: np.random.Generator, body: _Body, tumour_or
                          [22 * sx, aorta_y + 4, 20.0], [20 * sx, aorta_y - 2, -140.0]])
     ivc = _curve(ivc_ctrl + rng.normal(0, 2, ivc_ctrl.shape), step)
     cv.tube(ivc, np.full(len(ivc), rng.uniform(9.0, 12.0)), "ivc")
-    confluence = jitter(P(10, -10, 34), 3)
-    hilum = jitter(P(40, 2, 64), 4)
+    confluence = d.jitter(d.point(10, -10, 34), 3)
+    hilum = d.jitter(d.point(40, 2, 64), 4)
     portal = _curve(np.array([confluence, (confluence + hilum) / 2 + [0, 4, 0], hilum]), step)
     cv.tube(portal, np.full(len(portal), rng.uniform(6.0, 8.0)), "portal_vein")
-    splenic = _curve(np.array([confluence, P(-24, -8, 40), P(-54, -20, 48), P(-80, -36, 58)]), step)
+    splenic = _curve(np.array([confluence, d.point(-24, -8, 40), d.point(-54, -20, 48), d.point(-80, -36, 58)]), step)
     cv.tube(splenic, np.full(len(splenic), rng.uniform(3.5, 5.0)), "vein")
-    smv = _curve(np.array([confluence, P(14, 2, 0), P(16, 12, -60)]), step)
+    smv = _curve(np.array([confluence, d.point(14, 2, 0), d.point(16, 12, -60)]), step)
     cv.tube(smv, np.full(len(smv), rng.uniform(4.0, 5.5)), "vein")
-    sma = _curve(np.array([[-14 * sx, aorta_y + 8, 40.0 + zo], P(-8, 2, 0), P(-6, 12, -60)]), step)
+    sma = _curve(np.array([[-14 * sx, aorta_y + 8, 40.0 + zo], d.point(-8, 2, 0), d.point(-6, 12, -60)]), step)
     cv.tube(sma, np.full(len(sma), rng.uniform(3.0, 4.0)), "artery")
-    for side, zk in ((1, -10.0), (-1, 4.0)):
-        start = np.array([side * 40 * sx, -body.b_cav + 50 * sy, zk + zo + 8])
-        vein_end = np.array([(22 if side > 0 else 22) * sx, aorta_y + 6, zk + zo + 10])
-        cv.tube(np.array([start, vein_end]), np.array([4.5, 5.5]), "vein", only=["visceral_fat", "muscle"])
+    for side, zk in ((1, -10.0), (-1, 4.0)):                      # renal veins to the IVC, arteries from the aorta
+        start = np.array([side * 40 * sx, -d.body.b_cav + 50 * sy, zk + zo + 8])
+        cv.tube(np.array([start, [22 * sx, aorta_y + 6, zk + zo + 10]]), np.array([4.5, 5.5]), "vein",
+                only=["visceral_fat", "muscle"])
         cv.tube(np.array([start + [0, -6, -8], [-14 * sx, aorta_y, zk + zo + 2]]), np.array([3.0, 3.5]), "artery",
                 only=["visceral_fat", "muscle", "vein"])
-    # portal and hepatic branches inside the liver (labelled liver)
     for tip in ((85, 6, 74), (60, 38, 92), (-20, 40, 88), (70, -30, 60)):
-        branch = _curve(np.array([hilum, (hilum + P(*tip)) / 2 + rng.normal(0, 6, 3), jitter(P(*tip), 6)]), step)
+        end = d.jitter(d.point(*tip), 6)
+        branch = _curve(np.array([hilum, (hilum + d.point(*tip)) / 2 + rng.normal(0, 6, 3), end]), step)
         cv.tube(branch, np.linspace(4.5, 2.0, len(branch)), "hepatic_vessel", only=["liver"])
     ivc_top = np.array([24 * sx, aorta_y + 10, 118 + zo])
     for tip in ((90, 20, 112), (35, 55, 112), (-30, 40, 104)):
-        branch = _curve(np.array([ivc_top, (ivc_top + P(*tip)) / 2 + rng.normal(0, 6, 3), jitter(P(*tip), 6)]), step)
+        end = d.jitter(d.point(*tip), 6)
+        branch = _curve(np.array([ivc_top, (ivc_top + d.point(*tip)) / 2 + rng.normal(0, 6, 3), end]), step)
         cv.tube(branch, np.linspace(5.0, 2.0, len(branch)), "hepatic_vessel", only=["liver"])
 
-    # ---- the wall (clips every organ to the cavity), then spine and ribs
-    wall = outer & ~cavity
-    cv.tissue[outer & ~inner] = _T["fat"]
-    cv.tissue[inner & ~cavity] = _T["muscle"]
-    del wall, inner
-    # fat plane between the paraspinal muscles and the flank muscles
+
+def _paint_skeleton(d: _Draw, outer: np.ndarray) -> None:
+    """Vertebrae (cortex, marrow, discs, canal, arch, spinous and transverse processes) and ribs."""
+    cv, rng, x, y, body = d.cv, d.rng, d.x, d.y, d.body
     zs = cv.axes[2][None, None, :]
-    lordosis = np.float32(6.0) * np.sin(zs / np.float32(140.0))
-    vb_y = np.float32(spine_y) + lordosis
-    period = 32.0
-    phase = rng.uniform(0, period)
-    in_vertebra = (((zs + np.float32(phase)) % np.float32(period)) < np.float32(25.0))
-    vb_r = (19.0 * sx, 15.0)
+    vb_y = np.float32(d.spine_y) + np.float32(6.0) * np.sin(zs / np.float32(140.0))     # lordosis
+    period = 32.0                                                                       # vertebra + disc (mm)
+    in_vertebra = ((zs + np.float32(rng.uniform(0, period))) % np.float32(period)) < np.float32(25.0)
+    vb_r = (19.0 * d.sx, 15.0)
     vb_level = (x / np.float32(vb_r[0])) ** 2 + ((y - vb_y) / np.float32(vb_r[1])) ** 2
     canal_y = vb_y - np.float32(vb_r[1] + 10.0)
     canal = (x / np.float32(8.0)) ** 2 + ((y - canal_y) / np.float32(9.0)) ** 2
     arch = (x / np.float32(15.0)) ** 2 + ((y - canal_y) / np.float32(14.0)) ** 2 < 1.0
     spinous = (x / np.float32(5.0)) ** 2 + ((y - canal_y + np.float32(24.0)) / np.float32(14.0)) ** 2 < 1.0
     transverse = ((np.abs(x) - np.float32(26.0)) / np.float32(13.0)) ** 2 + ((y - canal_y) / np.float32(5.0)) ** 2 < 1.0
-    bone_post = (arch | spinous | transverse) & in_vertebra & outer
-    cv.tissue[bone_post] = _T["bone"]
+    cv.tissue[(arch | spinous | transverse) & in_vertebra & outer] = _T["bone"]
     cv.tissue[(vb_level < 1.0) & outer] = _T["disc"]
     cv.tissue[(vb_level < 1.0) & in_vertebra & outer] = _T["bone"]
     cv.tissue[(vb_level < 0.72) & in_vertebra & outer] = _T["marrow"]
     cv.tissue[(canal < 1.0) & outer] = _T["csf"]
-    del vb_level, canal, arch, spinous, transverse, bone_post
+    del vb_level, canal, arch, spinous, transverse
     # ribs: arcs in the wall that descend steeply anteriorly (so an axial slice cuts each one once); the
     # lower (floating) ribs end laterally. Vectorised in elliptic-cylinder coordinates over a band of the wall.
-    rib_top = rng.uniform(150, 165) + zo
+    rib_top = rng.uniform(150, 165) + d.zo
     a_r = body.a_cav + 0.5 * body.t_muscle
     b_r = body.b_cav + 0.5 * body.t_muscle
     taper_z = 1.0 + 0.05 * np.tanh((cv.axes[2] - np.float32(60.0)) / np.float32(80.0))
-    ex = np.broadcast_to(x / (np.float32(a_r) * taper_z[None, None, :]), shape)
-    ey = np.broadcast_to(y / np.float32(b_r), shape)
+    ex = np.broadcast_to(x / (np.float32(a_r) * taper_z[None, None, :]), cv.shape)
+    ey = np.broadcast_to(y / np.float32(b_r), cv.shape)
     rho = np.sqrt(ex * ex + ey * ey)
     band = np.nonzero(np.abs(rho - 1.0) < 8.0 / min(a_r, b_r))
     ex_b, ey_b, rho_b = ex[band], ey[band], rho[band]
+    del ex, ey, rho
     z_b = cv.axes[2][band[2]]
-    rib_hosts = np.isin(cv.tissue[band], [_T[t] for t in (
+    hosts = np.isin(cv.tissue[band], [_T[t] for t in (
         "muscle", "fat", "visceral_fat", "liver", "spleen", "lung", "colon_wall", "colon_content", "colon_gas",
         "stomach_wall", "stomach_content", "stomach_gas")])
     is_rib = np.zeros(len(z_b), dtype=bool)
-    start, span = math.radians(-80), math.radians(140)
+    phi_start, span = math.radians(-80), math.radians(140)
     for side in (1, -1):
         phi = np.arctan2(ey_b, side * ex_b)
         radius_local = np.sqrt((a_r * np.cos(phi)) ** 2 + (b_r * np.sin(phi)) ** 2)
@@ -766,55 +760,77 @@ def _paint_anatomy(cv: _Canvas, rng: np.random.Generator, body: _Body, tumour_or
             drop = rng.uniform(95, 120)
             r_rib = rng.uniform(4.0, 5.5)
             slope = drop / (span * radius_local)
-            dz = (z_b - (rib_top - 26.0 * k - drop * (phi - start) / span)) / np.sqrt(1 + slope * slope)
-            is_rib |= (phi >= start) & (phi <= end) & (d_radial * d_radial + dz * dz < r_rib * r_rib)
-    sel = is_rib & rib_hosts
+            dz = (z_b - (rib_top - 26.0 * k - drop * (phi - phi_start) / span)) / np.sqrt(1 + slope * slope)
+            is_rib |= (phi >= phi_start) & (phi <= end) & (d_radial * d_radial + dz * dz < r_rib * r_rib)
+    sel = is_rib & hosts
     cv.tissue[band[0][sel], band[1][sel], band[2][sel]] = _T["rib"]
-    del ex, ey, rho, band, ex_b, ey_b, rho_b, z_b, is_rib, sel
 
-    # ---- outside the body: air; the scanner table under the back
-    cv.tissue[~outer] = _T["air"]
-    table_top = -(body.body_back + rng.uniform(1.0, 4.0))
-    table = (y < np.float32(table_top) + x * x * np.float32(0.0008)) & (
-        y > np.float32(table_top - 9.0) + x * x * np.float32(0.0008)) & (np.abs(x) < 230) & ~outer
-    cv.tissue[np.broadcast_to(table, shape)] = _T["table"]
-    del outer, cavity
 
-    # ---- tumours, last, only inside their organ (some cases have none)
-    facts: dict[str, Any] = {"tumours": {}}
-    for organ in tumour_organs:
+def _paint_tumours(d: _Draw, organs: Sequence[str]) -> dict[str, int]:
+    """Tumours, painted last and only over their organ's tissues (kidney and pancreas tumours may also grow
+    into the surrounding fat); the number per organ is random, zero included. Returns the counts."""
+    from scipy.ndimage import distance_transform_edt
+
+    cv, rng, spacing = d.cv, d.rng, d.cv.spacing
+    counts: dict[str, int] = {}
+    for organ in organs:
         probs = np.asarray(_TUMOUR_COUNT_P[organ])
-        count = int(rng.choice(len(probs), p=probs / probs.sum()))
-        facts["tumours"][f"{organ}_tumour"] = 0
+        n_tumours = int(rng.choice(len(probs), p=probs / probs.sum()))
+        tissue = f"{organ}_tumour"
+        counts[tissue] = 0
         host = [_T[t] for t in _HOSTS[organ]]
-        for _ in range(count):
+        for _ in range(n_tumours):
             where = np.isin(cv.tissue, host)
             if not where.any():
                 break
             idx = np.argwhere(where)
             lo_i, hi_i = idx.min(0), idx.max(0) + 1
-            sub = tuple(slice(int(a), int(b)) for a, b in zip(lo_i, hi_i))
-            stride = tuple(max(1, int(round(3.0 / s))) for s in spacing)
+            sub = tuple(slice(int(a), int(b)) for a, b in zip(lo_i, hi_i, strict=True))
+            stride = tuple(max(1, int(round(3.0 / s))) for s in spacing)          # depth on a ~3 mm grid
             small = where[sub][:: stride[0], :: stride[1], :: stride[2]]
-            depth = distance_transform_edt(small, sampling=[s * st for s, st in zip(spacing, stride)])
+            depth = distance_transform_edt(small, sampling=[s * st for s, st in zip(spacing, stride, strict=True)])
             r_lo, r_hi = _TUMOUR_RADIUS_MM[organ]
-            r_lo = max(r_lo, 1.2 * max(spacing))
-            r_hi = max(r_hi, r_lo + 2.0)
-            radius = float(rng.uniform(r_lo, r_hi))
-            need = min(0.6 * radius, 0.8 * float(depth.max()))
-            cand = np.argwhere(depth >= need)
+            r_lo = max(r_lo, 1.2 * max(spacing))                                 # visible on coarse grids too
+            radius = float(rng.uniform(r_lo, max(r_hi, r_lo + 2.0)))
+            cand = np.argwhere(depth >= min(0.6 * radius, 0.8 * float(depth.max())))
             pick = cand[int(rng.integers(len(cand)))] * np.asarray(stride) + lo_i
             center = np.array([cv.axes[i][pick[i]] for i in range(3)], dtype=np.float64)
-            if organ in ("pancreas", "colon"):
+            if organ in ("pancreas", "colon"):                                  # thin organs: keep it local
                 radius = min(radius, float(depth.max()) * 1.6 + max(spacing))
             tumour = _Ellipsoid(center, radius * rng.uniform(0.75, 1.2, 3),
-                                _rotation(rng.uniform(0, 6.3), rng.uniform(0, 6.3)), _Warp(rng, 0.15 * radius, (20, 60)))
-            tissue = f"{organ}_tumour"
-            core = f"{organ}_tumour_core" if f"{organ}_tumour_core" in _T and radius > 15 and rng.uniform() < 0.5 else None
+                                _rotation(rng.uniform(0, 6.3), rng.uniform(0, 6.3)),
+                                _Warp(rng, 0.15 * radius, (20, 60)))
+            core = f"{organ}_tumour_core" if f"{organ}_tumour_core" in _T and radius > 15 and rng.uniform() < 0.5 \
+                else None                                                       # a necrotic centre
             cv.ellipsoid(tumour, tissue, only=list(_HOSTS[organ]) + list(_GROW_INTO.get(organ, ())),
                          inner=(0.55, core) if core else None)
-            facts["tumours"][tissue] += 1
-    return facts
+            counts[tissue] += 1
+    return counts
+
+
+def _paint_anatomy(cv: _Canvas, rng: np.random.Generator, body: _Body, tumour_organs: Sequence[str]
+                   ) -> dict[str, Any]:
+    """Paint one case into ``cv.tissue`` in priority order (later overwrites earlier, so every voxel holds
+    one tissue: organs touch but never overlap); returns facts about the case (tumour counts)."""
+    d = _Draw(cv, rng, body)
+    outer, inner, cavity = _body_masks(d)
+    cv.tissue[outer] = _T["visceral_fat"]
+    _paint_gut(d)
+    _paint_organs(d)
+    _paint_vessels(d)
+    # the wall clips every organ to the cavity
+    cv.tissue[outer & ~inner] = _T["fat"]
+    cv.tissue[inner & ~cavity] = _T["muscle"]
+    del inner, cavity
+    _paint_skeleton(d, outer)
+    # outside the body: air; the scanner table under the back
+    cv.tissue[~outer] = _T["air"]
+    x, y = d.x, d.y
+    table_top = np.float32(-(body.body_back + rng.uniform(1.0, 4.0))) + x * x * np.float32(0.0008)
+    table = (y < table_top) & (y > table_top - np.float32(9.0)) & (np.abs(x) < 230) & ~outer
+    cv.tissue[np.broadcast_to(table, cv.shape)] = _T["table"]
+    del outer, table
+    return {"tumours": _paint_tumours(d, tumour_organs)}
 
 
 # ====================================================================== intensities
@@ -836,8 +852,11 @@ def _case_hu(site: SiteParams, rng: np.random.Generator) -> tuple[np.ndarray, np
     hu = hu + gain * (target - native)
     hu[_T["hepatic_vessel"]] = min(hu[_T["hepatic_vessel"]], hu[_T["portal_vein"]])
     liver = hu[_T["liver"]]
-    delta = {"native": (-22, -6), "arterial": (-30, 25), "portal": (-55, -15)}[site.phase]
-    hu[_T["liver_tumour"]] = liver + rng.uniform(*delta)
+    if site.phase == "arterial":        # hypervascular (brighter) or hypovascular lesions, never isodense
+        delta = rng.uniform(10, 35) * (1 if rng.uniform() < 0.4 else -1)
+    else:
+        delta = rng.uniform(*{"native": (-22, -6), "portal": (-55, -15)}[site.phase])
+    hu[_T["liver_tumour"]] = liver + delta
     pdelta = {"native": (-14, -3), "arterial": (-60, -25), "portal": (-45, -15)}[site.phase]
     hu[_T["pancreas_tumour"]] = hu[_T["pancreas"]] + rng.uniform(*pdelta)
     kidney_tumour = {"native": (25, 45), "arterial": (90, 160), "portal": (70, 130)}[site.phase]
@@ -915,7 +934,7 @@ def _make_case(task: _CaseTask) -> dict[str, Any]:
     body = _sample_body(rng)
     lo, shape, world = _case_geometry(task, rng, body)
     canvas = _Canvas(lo, task.site.spacing, shape)
-    facts = _paint_anatomy(canvas, rng, body, task.tumour_organs, task.site.oral_contrast)
+    facts = _paint_anatomy(canvas, rng, body, task.tumour_organs)
     tissue = canvas.tissue
     full = np.asarray(task.leaf_of_tissue, dtype=np.uint8)[tissue]
     image = _render(tissue, task.site, body, rng)
@@ -929,7 +948,7 @@ def _make_case(task: _CaseTask) -> dict[str, Any]:
         affine[0, 0], affine[1, 1] = -spacing[0], -spacing[1]
         affine[0, 3] += (shape[0] - 1) * spacing[0]
         affine[1, 3] += (shape[1] - 1) * spacing[1]
-    geom = Geometry(shape, affine)
+    geom = Geometry((shape[0], shape[1], shape[2]), affine)
     folder = Path(task.folder)
     name = f"{task.case_id}.nii.gz"
     write_image(folder / "imagesTr" / name, np.ascontiguousarray(image), geom)
@@ -1008,7 +1027,7 @@ def _project_dict(spec: PhantomSpec, size: SizeSpec, seed: int) -> dict[str, Any
                          "split": {"val_fraction": 0.2, "seed": seed}, "oracle_labels": "fullTr"})
     for role in ("val", "test"):
         datasets.append({"name": role, "root": f"datasets/{role}", "layout": "msd", "role": role,
-                         "labels": {i + 1: n for i, n in enumerate(leaves)}, "annotated": leaves})
+                         "labels": {i + 1: n for i, n in enumerate(leaves)}, "annotated": list(leaves)})
     return {
         "name": f"phantom-{spec.name}-{size.name}",
         "generator_version": GENERATOR_VERSION,
@@ -1045,7 +1064,7 @@ def _prepare_out(out: Path) -> None:
 
 
 def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: str | PhantomSpec = "default",
-                     workers: Optional[int] = None) -> Path:
+                     workers: Optional[int] = None, cases: Optional[tuple[int, int, int]] = None) -> Path:
     """Write a phantom project (training sets, val, test, hidden full truth, project file) under ``out``.
 
     Args:
@@ -1054,6 +1073,7 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         seed: everything is a pure function of (seed, size, suite, :data:`GENERATOR_VERSION`).
         suite: a name in :data:`SUITES` or a :class:`PhantomSpec`.
         workers: processes (default: the size's, capped by the CPU count); the output does not depend on it.
+        cases: override the size's ``(training cases per set, val cases, test cases)`` (tests use it).
 
     Returns:
         The path of ``out/project.yaml``.
@@ -1066,8 +1086,14 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
     if size not in SIZES:
         raise ConfigError(f"unknown phantom size {size!r}; known: {', '.join(SIZES)}")
     size_spec = SIZES[size]
+    if cases is not None:
+        if len(cases) != 3 or min(cases) < 1:
+            raise ConfigError(f"cases must be (train per set, val, test), each >= 1, got {cases!r}")
+        size_spec = replace(size_spec, n_train=int(cases[0]), n_val=int(cases[1]), n_test=int(cases[2]))
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     spec = _resolve_suite(suite)
-    out = Path(out)
+    out = Path(out).resolve()
     _prepare_out(out)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     if partial.exists():
@@ -1079,7 +1105,7 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         tumour_organs = tuple(TUMOURS[n] for n in names if n in TUMOURS)
         sites = [_site_params(t.name, i, seed, size_spec) for i, t in enumerate(spec.training_sets)]
         tasks: list[_CaseTask] = []
-        for t, site in zip(spec.training_sets, sites):
+        for t, site in zip(spec.training_sets, sites, strict=True):
             lut = _local_lut(spec, t)
             for i in range(size_spec.n_train):
                 tasks.append(_CaseTask(seed, t.name, i, f"{t.name}_{i:03d}", site, size_spec, leaf_of_tissue, lut,
@@ -1095,18 +1121,18 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         by_set: dict[str, list[dict[str, Any]]] = {}
         for rec in records:
             by_set.setdefault(rec["dataset"], []).append(rec)
-        for t, site in zip(spec.training_sets, sites):
-            cases = [r["case"] for r in by_set[t.name]]
+        for t, site in zip(spec.training_sets, sites, strict=True):
+            case_ids = [r["case"] for r in by_set[t.name]]
             _write_json(partial / "datasets" / t.name / "dataset.json",
-                        _dataset_json(t.name, dict(t.labels), cases, site.name,
+                        _dataset_json(t.name, dict(t.labels), case_ids, site.name,
                                       f"phantom training set {t.name!r}: annotates {', '.join(t.annotated)}; "
                                       "other organs are present and labelled 0; fullTr/ holds the full truth "
                                       "in global leaf ids"))
         all_labels = {i + 1: n for i, n in enumerate(names)}
         for role in ("val", "test"):
-            cases = [r["case"] for r in by_set.get(role, [])]
+            case_ids = [r["case"] for r in by_set.get(role, [])]
             _write_json(partial / "datasets" / role / "dataset.json",
-                        _dataset_json(role, all_labels, cases, None,
+                        _dataset_json(role, all_labels, case_ids, None,
                                       f"phantom {role} set: fully labelled, global leaf ids"))
         generator = {
             "generator_version": GENERATOR_VERSION, "seed": seed, "size": size, "suite": spec.name,
@@ -1119,14 +1145,14 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         dump_yaml(_project_dict(spec, size_spec, seed), partial / "project.yaml")
         # move into place: replace only what the generator writes
         out.mkdir(parents=True, exist_ok=True)
-        for item in ("datasets", "certificate.json"):
-            target = out / item
+        for generated in ("datasets", "certificate.json"):
+            target = out / generated
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        for item in sorted(partial.iterdir()):
-            os.replace(item, out / item.name)
+        for path in sorted(partial.iterdir()):
+            os.replace(path, out / path.name)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return out / "project.yaml"
@@ -1138,8 +1164,8 @@ def _run_tasks(tasks: Sequence[_CaseTask], workers: int) -> list[dict[str, Any]]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context(method)) as pool:
+    # spawn, not fork: the caller may already run torch/OpenMP threads, which a forked child can inherit locked
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_make_case, tasks, chunksize=1))
 
 
@@ -1312,7 +1338,11 @@ def save_montage(out: Path | str, png: Path | str) -> Path:
     gen = json.loads((out / "generator.json").read_text(encoding="utf-8"))
     classes = gen["classes"]
     sets = [t["name"] for t in gen["spec"]["training_sets"]]
-    colours = plt.get_cmap("tab10")
+    palette = ("#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#17becf", "#e377c2", "#bcbd22", "#1f77b4", "#8c564b")
+
+    def colours(i: int) -> str:
+        return palette[(i - 1) % len(palette)]
+
     fig, axes = plt.subplots(2, len(sets), figsize=(4.2 * len(sets), 8.4), squeeze=False)
     for col, name in enumerate(sets):
         image, geom = reorient_to_ras(*read_image(out / "datasets" / name / "imagesTr" / f"{name}_000.nii.gz"))
@@ -1329,12 +1359,12 @@ def save_montage(out: Path | str, png: Path | str) -> Path:
                       interpolation="nearest")
             for leaf in range(1, len(classes)):
                 if (lab == leaf).any():
-                    ax.contour(lab == leaf, levels=[0.5], colors=[colours(leaf % 10)], linewidths=0.9)
+                    ax.contour(lab == leaf, levels=[0.5], colors=[colours(leaf)], linewidths=0.9)
             ax.set_axis_off()
         axes[0, col].set_title(f"{name}: {proto['phase']}, {proto['orientation']} on disk\n"
                                f"{proto['spacing'][0]:.2f} x {proto['spacing'][1]:.2f} x "
                                f"{proto['spacing'][2]:.2f} mm", fontsize=9)
-    handles = [plt.Line2D([0], [0], color=colours(i % 10), lw=2) for i in range(1, len(classes))]
+    handles = [plt.Line2D([0], [0], color=colours(i), lw=2) for i in range(1, len(classes))]
     fig.legend(handles, classes[1:], loc="lower center", ncol=len(classes) - 1, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,15 @@ def map_to_teacher(student_probs: Tensor, teacher_leaves: Sequence[int]) -> Tens
     return torch.cat([merged, student_probs[:, leaves]], dim=1)
 
 
+_TINY = 1e-30
+
+
 def map_log_probs_to_teacher(student_log_probs: Tensor, teacher_leaves: Sequence[int]) -> Tensor:
-    """:func:`map_to_teacher` in log space (log-sum-exp for the merged channel; numerically stable).
+    """:func:`map_to_teacher` in log space.
+
+    The merged channel is ``log sum_{others} q`` computed from the probabilities (no cancellation; much
+    faster than ``logsumexp`` on CPU). Where that sum underflows (< 1e-30) it is replaced by its lower
+    bound ``log q_0`` (the background leaf), so the result stays finite and differentiable.
 
     Args:
         student_log_probs: (B, L, *S) log-probabilities.
@@ -76,7 +83,8 @@ def map_log_probs_to_teacher(student_log_probs: Tensor, teacher_leaves: Sequence
     check_channels_first("student_log_probs", student_log_probs)
     leaves = _check_teacher_leaves(teacher_leaves, student_log_probs.shape[1])
     others = _other_leaves(leaves, student_log_probs.shape[1])
-    merged = torch.logsumexp(student_log_probs[:, others], dim=1, keepdim=True)
+    others_mass = student_log_probs[:, others].exp().sum(1, keepdim=True)
+    merged = torch.where(others_mass > _TINY, others_mass.clamp_min(_TINY).log(), student_log_probs[:, :1])
     return torch.cat([merged, student_log_probs[:, leaves]], dim=1)
 
 
@@ -85,7 +93,37 @@ def temper(probs: Tensor, tau: float, eps: float = 1e-8) -> Tensor:
     ``softmax(log(max(p, eps)) / tau)`` over dim 1, in float32, detached."""
     check_positive("tau", tau)
     log_p = probs.detach().float().clamp_min(eps).log()
-    return torch.softmax(log_p / tau, dim=1)
+    return log_p.div_(tau).softmax(dim=1) if tau != 1.0 else log_p.softmax(dim=1)
+
+
+def _check_kd_inputs(student_logits: Tensor, teacher_probs: Tensor, teacher_leaves: Sequence[int],
+                     region: Tensor, tau: float) -> list[int]:
+    check_channels_first("student_logits", student_logits)
+    check_channels_first("teacher_probs", teacher_probs)
+    check_positive("tau", tau)
+    leaves = _check_teacher_leaves(teacher_leaves, student_logits.shape[1])
+    expected = (student_logits.shape[0], 1 + len(leaves), *student_logits.shape[2:])
+    if tuple(teacher_probs.shape) != expected:
+        raise ValueError(f"teacher_probs must have shape {expected}, got {tuple(teacher_probs.shape)}")
+    check_spatial("region", region, student_logits)
+    return leaves
+
+
+def _kd_kl_from_log_probs(student_log_probs: Tensor, student_probs: Tensor, teacher_probs: Tensor,
+                          leaves: list[int], region: Tensor, tau: float, eps: float) -> Tensor:
+    """Core of :func:`kd_kl`, given the student's float32 (log-)probabilities at temperature ``tau``
+    (B, L, *S); written with few full-size temporaries because it runs once per teacher and step."""
+    with torch.no_grad():
+        log_t = F.log_softmax(teacher_probs.float().clamp_min(eps).log() / tau, dim=1)
+        target = log_t.exp()
+        entropy_term = (target * log_t).sum(1)  # sum t log t, (B, *S)
+    others = _other_leaves(leaves, student_log_probs.shape[1])
+    others_mass = student_probs[:, others].sum(1)
+    log_merged = torch.where(others_mass > _TINY, others_mass.clamp_min(_TINY).log(), student_log_probs[:, 0])
+    cross = target[:, 0] * log_merged + (target[:, 1:] * student_log_probs[:, leaves]).sum(1)
+    inside = region.to(cross.dtype)
+    kl = (entropy_term - cross) * inside
+    return (tau ** 2) * kl.sum() / inside.sum().clamp_min(1)
 
 
 def kd_kl(
@@ -116,22 +154,10 @@ def kd_kl(
     Raises:
         ValueError: mismatched shapes, ``tau <= 0``, a bad leaf list.
     """
-    check_channels_first("student_logits", student_logits)
-    check_channels_first("teacher_probs", teacher_probs)
-    check_positive("tau", tau)
-    leaves = _check_teacher_leaves(teacher_leaves, student_logits.shape[1])
-    expected = (student_logits.shape[0], 1 + len(leaves), *student_logits.shape[2:])
-    if tuple(teacher_probs.shape) != expected:
-        raise ValueError(f"teacher_probs must have shape {expected}, got {tuple(teacher_probs.shape)}")
-    check_spatial("region", region, student_logits)
+    leaves = _check_kd_inputs(student_logits, teacher_probs, teacher_leaves, region, tau)
     with float32_island(student_logits):
-        target = temper(teacher_probs, tau, eps)
-        log_q = map_log_probs_to_teacher(F.log_softmax(student_logits.float() / tau, dim=1), leaves)
-        cross = torch.where(target > 0, target * log_q, torch.zeros_like(log_q))
-        kl = (torch.xlogy(target, target) - cross).sum(1)  # (B, *S)
-        inside = region.bool()
-        kl = torch.where(inside, kl, torch.zeros_like(kl))
-        return (tau ** 2) * kl.sum() / inside.sum().clamp_min(1).to(kl.dtype)
+        log_q = F.log_softmax(student_logits.float() / tau, dim=1)
+        return _kd_kl_from_log_probs(log_q, log_q.exp(), teacher_probs, leaves, region, tau, eps)
 
 
 def kd_regions(teacher_probs: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
@@ -326,14 +352,20 @@ def ms_kd_logit_loss(
     if len(teacher_probs) != len(teacher_leaves) or len(teacher_probs) == 0:
         raise ValueError("teacher_probs and teacher_leaves must be non-empty lists of the same length")
     regions, background = kd_regions(teacher_probs)
-    total = torch.zeros((), device=student_logits.device)
-    for probs, leaves, region in zip(teacher_probs, teacher_leaves, regions, strict=True):
-        where = region if poe_background else region | background
-        total = total + kd_kl(student_logits, probs, leaves, where, tau)
-    if poe_background:
-        n_leaves = student_logits.shape[1]
-        merged = product_of_experts_background(teacher_probs, teacher_leaves, n_leaves)
-        total = total + kd_kl(student_logits, merged, range(1, n_leaves), background, tau)
+    checked = [_check_kd_inputs(student_logits, probs, leaves, background, tau)
+               for probs, leaves in zip(teacher_probs, teacher_leaves, strict=True)]
+    with float32_island(student_logits):
+        log_q = F.log_softmax(student_logits.float() / tau, dim=1)  # shared by every teacher
+        q = log_q.exp()
+        total = torch.zeros((), device=student_logits.device)
+        for probs, leaves, region in zip(teacher_probs, checked, regions, strict=True):
+            where = region if poe_background else region | background
+            total = total + _kd_kl_from_log_probs(log_q, q, probs, leaves, where, tau, 1e-8)
+        if poe_background:
+            n_leaves = student_logits.shape[1]
+            merged = product_of_experts_background(teacher_probs, teacher_leaves, n_leaves)
+            total = total + _kd_kl_from_log_probs(log_q, q, merged, list(range(1, n_leaves)), background,
+                                           tau, 1e-8)
     return total
 
 

@@ -178,7 +178,12 @@ def marginal_loss(
         representative = _representative_leaf(space, codes.device)[flat]
         nll = F.cross_entropy(x, representative.reshape(codes.shape), reduction="none").reshape(batch, -1)
         several = (sets.sum(-1) > 1).gather(1, flat)  # channel k == code k
-        merged_at_code = torch.bmm(sets.float(), probs).gather(1, flat.unsqueeze(1)).squeeze(1)  # (B, V)
+        # only code 0 and the region codes can have several leaves: merge just those (1 + G rows)
+        multi_rows = [0, *range(space.n_leaves, space.n_codes)]
+        row_of_code = torch.zeros(space.n_codes, dtype=torch.long, device=codes.device)
+        row_of_code[multi_rows] = torch.arange(len(multi_rows), device=codes.device)
+        merged = torch.bmm(sets[:, multi_rows].float(), probs)  # (B, 1 + G, V)
+        merged_at_code = merged.gather(1, row_of_code[flat].unsqueeze(1)).squeeze(1)  # (B, V)
         use_merged = several & (merged_at_code > _TINY)
         ce = torch.where(use_merged, -merged_at_code.clamp_min(_TINY).log(), nll).mean()
         # Dice from per-code sums: every voxel of a code shares its targets

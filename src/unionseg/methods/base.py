@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class RunContext:
 class ExtraSpec:
     """An aligned extra per training case (contract 7): its kind and how to load it for a case."""
 
-    kind: str  # "label" (nearest) or "prob" (linear)
+    kind: Literal["label", "prob"]  # nearest or linear interpolation
     load: Callable[[PreparedCase], np.ndarray]
 
 
@@ -131,7 +131,7 @@ class Method:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.space = ctx.space
-        self.options = from_dict(self.Options, ctx.cfg.options, source=f"options of method {self.name!r}")
+        self.options: Any = from_dict(self.Options, ctx.cfg.options, source=f"options of method {self.name!r}")
         self.models: dict[str, nn.Module] = {}
         self.raw_models: dict[str, nn.Module] = {}
 

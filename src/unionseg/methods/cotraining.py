@@ -131,7 +131,13 @@ class CotrainingMethod(SoftmaxMethod):
             return torch.softmax(logits.float(), dim=1)
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from unionseg.losses import focal_loss, inverse_frequency_weights, sigmoid_rampup, soft_ce, soft_dice_loss
+        from unionseg.losses import (
+            focal_loss,
+            inverse_frequency_weights,
+            sigmoid_rampup,
+            soft_ce,
+            soft_dice_loss,
+        )
 
         o = self.options
         x, pseudo = batch["image"], batch["pseudo"].long()

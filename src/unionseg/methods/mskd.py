@@ -19,6 +19,7 @@ second-finest decoder stage; w_feat = 0.5; w_gt = 1; the logit term is averaged 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ class MSKDMethod(SoftmaxMethod):
     def extras(self) -> dict[str, ExtraSpec]:
         art = self.ctx.artifacts
         assert art is not None
-        return {f"teacher_{j}": ExtraSpec("prob", lambda case, name=name: art.load_probs(name, case))
+        return {f"teacher_{j}": ExtraSpec("prob", functools.partial(art.load_probs, name))
                 for j, name in enumerate(self.teachers)}
 
     def _teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -80,45 +81,27 @@ class MSKDMethod(SoftmaxMethod):
         with torch.no_grad():
             for name in self.teachers:
                 module, _, _ = self.ctx.artifacts.load_expert(name)
-                feats.append(module.backbone.features_upto(x, self.options.feature_stage))
+                backbone: Any = module.backbone
+                feats.append(backbone.features_upto(x, self.options.feature_stage))
         return feats
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from unionseg.losses import (
-            downsample_mask,
-            kd_kl,
-            kd_regions,
-            marginal_loss,
-            product_of_experts_background,
-            region_affinity_loss,
-        )
+        from unionseg.losses import kd_regions, marginal_loss, ms_kd_feature_loss, ms_kd_logit_loss
 
         o = self.options
         x = batch["image"]
         need_feat = o.w_feat > 0
         out = self.models["net"](x, return_features=need_feat)
         logits, feats = out if need_feat else (out, None)
-        teacher_probs = [batch[f"teacher_{j}"].float() for j in range(len(self.teachers))]
-        regions, background = kd_regions(teacher_probs)
-        terms: dict[str, torch.Tensor] = {}
-        logit = torch.zeros((), device=x.device)
-        for j, (probs, leaves) in enumerate(zip(teacher_probs, self.teacher_leaves)):
-            where = regions[j] | (background if not o.poe_background else torch.zeros_like(background))
-            logit = logit + kd_kl(logits, probs, leaves, where, o.tau)
-        if o.poe_background:
-            logit = logit + product_of_experts_background(logits, teacher_probs, self.teacher_leaves, background, o.tau)
-        logit = logit / len(self.teachers)
+        teacher_probs = [batch[f"teacher_{j}"] for j in range(len(self.teachers))]
+        n = len(self.teachers)
+        logit = ms_kd_logit_loss(logits, teacher_probs, self.teacher_leaves, o.tau, o.poe_background) / n
         loss = o.w_logit * logit
-        terms["logit"] = logit.detach()
+        terms: dict[str, torch.Tensor] = {"logit": logit.detach()}
         if need_feat:
             assert feats is not None
-            student = feats.decoder[o.feature_stage]
-            size = student.shape[2:]
-            bg = downsample_mask(background, size)
-            feat = torch.zeros((), device=x.device)
-            for j, teacher in enumerate(self._teacher_features(x)):
-                feat = feat + region_affinity_loss(student, teacher, [downsample_mask(regions[j], size), bg])
-            feat = feat / len(self.teachers)
+            regions, background = kd_regions(teacher_probs)
+            feat = ms_kd_feature_loss(feats.decoder[o.feature_stage], self._teacher_features(x), regions, background) / n
             loss = loss + o.w_feat * feat
             terms["feature"] = feat.detach()
         if o.w_gt > 0:

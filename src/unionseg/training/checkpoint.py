@@ -79,7 +79,7 @@ def safe_torch_load(path: str | Path, expected_format: str | None = None) -> dic
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors/plain data (weights_only-loadable)."""
     py_state = random.getstate()
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()
     state: dict[str, Any] = {
         "python": [py_state[0], list(py_state[1]), py_state[2]],
         "numpy": {"keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), "pos": int(np_state[2]),

@@ -29,6 +29,9 @@ class WeightAverage(nn.Module):
         warmup: apply the ``(1 + t) / (10 + t)`` warm-up.
     """
 
+    updates: torch.Tensor
+    log_initial_weight: torch.Tensor
+
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True) -> None:
         super().__init__()
         if not 0.0 <= decay < 1.0:

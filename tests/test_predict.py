@@ -1,0 +1,335 @@
+"""Predictor and model file: MONAI exactness, slab stitching, the map back, merge, TTA, files, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.inferers import sliding_window_inference
+from torch import nn
+
+from unionseg.config import PreprocessSpec, to_dict
+from unionseg.data.io import Geometry, read_image, write_image
+from unionseg.data.preprocess import preprocess_image, restore_to_source
+from unionseg.errors import CheckpointError, UnionsegError
+from unionseg.inference.predictor import PAD_VALUE, Predictor, _Decider, _RestoreSink
+from unionseg.labels import LabelSpace, Leaf, merge_softmax
+from unionseg.modelfile import build_from_payload, load_model, make_payload, save_model
+
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+ROI = {"roi_size": [16, 16, 16], "overlap": 0.5, "sw_batch_size": 3}
+
+
+def tiny_space() -> LabelSpace:
+    return LabelSpace([Leaf("liver"), Leaf("liver_tumour", "liver"), Leaf("kidney")])
+
+
+def tiny_net(out_channels: int = 4, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv3d(1, 6, 3, padding=1), nn.ReLU(), nn.Conv3d(6, out_channels, 3, padding=1)).eval()
+
+
+class IntensityNet(nn.Module):
+    """Logits that depend only on the voxel's own intensity: [background, liver, tumour, kidney] win for
+    air, soft tissue (about 0..100 HU), nothing, bone (> 300 HU) respectively (window [-325, 325])."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        soft = 1.0 - 8.0 * (x - 0.15).abs()
+        return torch.cat([-6.0 * x - 2.0, 4.0 * soft, torch.full_like(x, -9.0), 12.0 * (x - 0.93)], dim=1)
+
+
+def _ct(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    body = (x / 0.8) ** 2 + (y / 0.7) ** 2 < 1
+    ct = np.where(body, 50.0, -1000.0) + rng.normal(0, 3, shape)
+    ct[body & (x > 0.45)] = 800.0
+    return ct.astype(np.float32)
+
+
+# ---------------------------------------------------------------------- exactness against MONAI
+@pytest.mark.parametrize("shape", [(40, 37, 29), (21, 12, 30)])
+def test_labels_equal_argmax_of_bare_monai_call(shape: tuple[int, int, int]) -> None:
+    net = tiny_net()
+    spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
+    image = np.random.default_rng(1).uniform(-1000, 400, shape).astype(np.float32)
+    pred = Predictor(net, tiny_space(), spec, inference=ROI, device="cpu", decision="argmax")
+    labels, geom = pred.predict(image)
+    prepared, _ = preprocess_image(image, Geometry.identity(shape), spec)
+    with torch.inference_mode():
+        ref = sliding_window_inference(torch.from_numpy(prepared)[None, None], (16, 16, 16), 3, net,
+                                       overlap=0.5, mode="gaussian", cval=PAD_VALUE)[0]
+    assert geom.shape == shape and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, ref.argmax(0).numpy())
+    assert torch.equal(pred.sliding_window_logits(prepared), ref)  # bit-identical averaged logits
+    assert pred.last_stats["slab_depth"] < max(shape[0], 16) or shape[0] <= 21
+
+
+def test_float16_slabs_stay_close_and_auto_picks_them_for_big_slabs() -> None:
+    net = tiny_net()
+    spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
+    image = np.random.default_rng(2).uniform(-1000, 400, (40, 24, 20)).astype(np.float32)
+    exact = Predictor(net, tiny_space(), spec, inference=ROI, device="cpu", decision="argmax")
+    half = Predictor(net, tiny_space(), spec, inference=ROI, device="cpu", decision="argmax",
+                     slab_budget_mib=0.01)
+    a, b = exact.predict(image)[0], half.predict(image)[0]
+    assert half.last_stats["accumulate"] == "torch.float16"
+    assert exact.last_stats["accumulate"] == "torch.float32"
+    assert (a == b).mean() > 0.99
+    prepared = preprocess_image(image, Geometry.identity(image.shape), spec)[0]
+    diff = (exact.sliding_window_logits(prepared) - half.sliding_window_logits(prepared)).abs().max()
+    assert 0 < float(diff) < 5e-2
+
+
+# ---------------------------------------------------------------------- the decision == labels.merge
+def _two_part_space() -> LabelSpace:
+    return LabelSpace([Leaf("liver"), Leaf("liver_tumour", "liver"), Leaf("liver_cyst", "liver"),
+                       Leaf("kidney"), Leaf("kidney_tumour", "kidney"), Leaf("spleen")])
+
+
+@pytest.mark.parametrize("threshold", [0.5, None])
+def test_softmax_decision_equals_labels_merge(threshold: float | None) -> None:
+    space = _two_part_space()
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(space.n_leaves, 12, 10, 9, generator=gen) * 2, 0)
+    probs[:, 0, 0, :] = torch.tensor([0.0, 0.25, 0.25, 0.0, 0.25, 0.25, 0.0]).view(-1, 1)  # exact ties
+    probs[:, 0, 1, :] = torch.tensor([0.5, 0.25, 0.0, 0.0, 0.25, 0.0, 0.0]).view(-1, 1)  # region == 0.5
+    decider = _Decider(space, "softmax", space.names, "merge", threshold)
+    ours = decider.labels(probs)
+    np.testing.assert_array_equal(ours.numpy(), merge_softmax(probs, space, threshold=threshold).numpy())
+    assert len(set(np.unique(ours.numpy()))) >= 5
+    argmax = _Decider(space, "softmax", space.names, "argmax", threshold).labels(probs)
+    np.testing.assert_array_equal(argmax.numpy(), probs.argmax(0).numpy())
+    assert not torch.equal(argmax, ours)  # twin: the merge is not the argmax
+
+
+def test_sigmoid_decision_equals_labels_merge() -> None:
+    from unionseg.labels import merge
+
+    space = _two_part_space()
+    gen = torch.Generator().manual_seed(1)
+    g, p = space.n_groups, len(space.part_ids)
+    probs = torch.rand(g + p, 11, 7, 5, generator=gen)
+    probs[:, 0] = 0.5  # ties everywhere on one plane
+    channels = space.region_keys() + space.part_keys()
+    decider = _Decider(space, "sigmoid", channels, "merge", 0.5)
+    np.testing.assert_array_equal(decider.labels(probs).numpy(), merge(probs[:g], probs[g:], space).numpy())
+
+
+# ---------------------------------------------------------------------- the map back
+def test_streamed_restore_equals_restore_to_source() -> None:
+    shape = (23, 19, 11)
+    geom = Geometry(shape, np.array([[0, -1.5, 0, 10], [-1.2, 0, 0, 4], [0, 0, 2.5, -3], [0, 0, 0, 1.0]]))
+    spec = PreprocessSpec(spacing=(2.0, 1.0, 3.0))
+    prepared, rec = preprocess_image(_ct(shape), geom, spec)
+    assert rec.crop_start != (0, 0, 0) or rec.crop_stop != rec.resampled_shape
+    space = tiny_space()
+    decider = _Decider(space, "softmax", space.names, "merge", 0.5)
+    logits = torch.randn(4, *prepared.shape, generator=torch.Generator().manual_seed(0)) * 3
+    probs = torch.softmax(logits, 0)
+    sink = _RestoreSink(rec, decider, torch.device("cpu"), keep_probs=True, group=3)
+    for start in range(0, prepared.shape[0], 4):
+        sink.push(start, probs[:, start:start + 4])
+    labels, streamed = sink.finish()
+    ref = restore_to_source(probs.numpy(), rec, order=1, fill=[1.0, 0.0, 0.0, 0.0])
+    assert labels.shape == shape and streamed is not None and streamed.shape == (4, *shape)
+    np.testing.assert_allclose(streamed.astype(np.float32), ref, atol=2e-3)
+    expected = merge_softmax(torch.from_numpy(ref), space).numpy()
+    assert (labels == expected).mean() > 0.999
+    assert (labels != 0).any() and (labels == 0).any()
+
+
+def test_prediction_lands_on_the_right_voxels_through_reorientation_and_resampling() -> None:
+    shape = (30, 26, 14)
+    image = _ct(shape)
+    affine = np.array([[0, 0, -2.0, 20], [-0.9, 0, 0, 5], [0, 1.1, 0, -8], [0, 0, 0, 1.0]])  # a PSL-like grid
+    spec = PreprocessSpec(spacing=(1.5, 1.5, 1.5))
+    pred = Predictor(IntensityNet(), tiny_space(), spec, inference=ROI, device="cpu")
+    labels, geom = pred.predict(image, Geometry(shape, affine))
+    truth = np.where(image > 300, 3, np.where((image > 0) & (image < 100), 1, 0))
+    assert labels.shape == shape and geom.same_grid(Geometry(shape, affine))
+    assert (labels == truth).mean() > 0.93
+    assert set(np.unique(labels)) == {0, 1, 3}
+    # twin: the same labels on a mirrored image disagree (a geometry bug could not pass the check above)
+    assert (labels[::-1] == truth).mean() < 0.9
+
+
+def test_sigmoid_model_builds_regions_and_parts_from_repeated_keys() -> None:
+    space = tiny_space()
+    channels = ["region:liver", "liver_tumour", "region:kidney", "kidney"]
+
+    class Constant(nn.Module):
+        def __init__(self, values: list[float]) -> None:
+            super().__init__()
+            self.values = torch.tensor(values).view(1, -1, 1, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.values.expand(x.shape[0], -1, *x.shape[2:]).clone()
+
+    spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
+    image = np.zeros((8, 8, 8), dtype=np.float32)
+    kw = {"output_form": "sigmoid", "channels": channels, "inference": {"roi_size": [8, 8, 8]}, "device": "cpu"}
+    kidney = Predictor(Constant([2.0, 1.0, -3.0, 3.0]), space, spec, **kw).predict(image)[0]
+    assert np.all(kidney == space.leaf_id("kidney"))  # max(region:kidney, kidney) = 0.95 beats liver 0.88
+    tumour = Predictor(Constant([2.0, 1.0, -3.0, -3.0]), space, spec, **kw).predict(image)[0]
+    assert np.all(tumour == space.leaf_id("liver_tumour"))  # tumour 0.73 > 1 - 0.73 inside the liver
+    nothing = Predictor(Constant([-2.0, 1.0, -3.0, -3.0]), space, spec, **kw)
+    labels, _, probs = nothing.predict(image, return_probs=True)
+    assert np.all(labels == space.leaf_id("liver_tumour"))  # a part implies its region (0.73 > 0.5)
+    assert nothing.probability_names == ["region:liver", "region:kidney", "liver_tumour"]
+    assert probs.shape == (3, 8, 8, 8) and abs(float(probs[0].mean()) - 0.731) < 1e-3
+    with pytest.raises(ValueError, match="softmax"):
+        Predictor(Constant([0.0] * 4), space, spec, decision="argmax", **kw)
+
+
+def test_tta_mirrors_every_window() -> None:
+    spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
+    prepared = np.random.default_rng(3).uniform(-1, 1, (20, 18, 16)).astype(np.float32)
+    pointwise = nn.Conv3d(1, 4, 1).eval()  # mirror-equivariant: TTA changes nothing
+    pred = Predictor(pointwise, tiny_space(), spec, inference=ROI, device="cpu")
+    torch.testing.assert_close(pred.sliding_window_logits(prepared, tta=True), pred.sliding_window_logits(prepared))
+    asym = tiny_net()  # random 3x3x3 kernels are not mirror-symmetric: TTA averages different outputs
+    pred2 = Predictor(asym, tiny_space(), spec, inference=ROI, device="cpu")
+    with_tta = pred2.sliding_window_logits(prepared, tta=True)
+    assert float((with_tta - pred2.sliding_window_logits(prepared)).abs().max()) > 1e-3
+    with torch.inference_mode():
+        x = torch.from_numpy(prepared)[None, None]
+        flipped = torch.flip(asym(torch.flip(x, (2, 4))), (2, 4))
+    assert with_tta.shape == flipped[0].shape
+
+
+# ---------------------------------------------------------------------- the model file
+def _payload(space: LabelSpace, spec: PreprocessSpec, roi: tuple[int, int, int] = (16, 16, 16)) -> dict:
+    from unionseg.networks import build_network
+
+    network = {"backbone": {"name": "resunet", "widths": [4, 8], "blocks": [1, 1]},
+               "head": {"name": "softmax", "out_channels": space.n_leaves}}
+    torch.manual_seed(0)
+    net = build_network(network)
+    return make_payload(method="naive", network=network, state_dict=net.state_dict(), output_form="softmax",
+                        channels=space.names, label_space=space, preprocessing=spec,
+                        inference={"roi_size": list(roi)}, provenance={"seed": 0})
+
+
+def test_model_file_round_trip_predicts_identically(tmp_path: Path) -> None:
+    space = tiny_space()
+    spec = PreprocessSpec(spacing=(2.0, 2.0, 2.0))
+    payload = _payload(space, spec)
+    path = save_model(tmp_path / "model.pt", payload)
+    loaded = load_model(path)
+    assert loaded["format"] == "unionseg-model" and loaded["preprocessing"] == to_dict(spec)
+    assert loaded["inference"]["overlap"] == 0.5 and loaded["channels"] == list(space.names)
+    image = _ct((24, 20, 16))
+    a = Predictor.from_payload(payload, device="cpu").predict(image)[0]
+    b = Predictor.from_checkpoint(path, device="cpu").predict(image)[0]
+    np.testing.assert_array_equal(a, b)
+    assert not list(tmp_path.glob(".*tmp"))
+    over = Predictor.from_checkpoint(path, device="cpu", overlap=0.25, sw_batch_size=5)
+    assert over.inference["overlap"] == 0.25 and over.inference["sw_batch_size"] == 5
+    assert isinstance(build_from_payload(loaded), nn.Module)
+
+
+def test_load_model_refuses_bad_files(tmp_path: Path) -> None:
+    space = tiny_space()
+    good = save_model(tmp_path / "good.pt", _payload(space, PreprocessSpec()))
+    assert load_model(good)["method"] == "naive"  # twin of the refusals below
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "missing.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        load_model(truncated)
+    assert info.value.path == truncated
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"format": "unionseg-model", "obj": Geometry.identity((2, 2, 2))}, unsafe)
+    with pytest.raises(CheckpointError, match="unsafe"):
+        load_model(unsafe)
+    other = tmp_path / "other.pt"
+    torch.save({"model": {}, "step": 3}, other)
+    with pytest.raises(CheckpointError, match="not a unionseg model"):
+        load_model(other)
+    newer = tmp_path / "newer.pt"
+    torch.save({**load_model(good), "version": 99}, newer)
+    with pytest.raises(CheckpointError, match="newer"):
+        load_model(newer)
+    with pytest.raises(CheckpointError, match="channels"):
+        make_payload(method="x", network={}, state_dict={}, output_form="softmax", channels=["a"],
+                     label_space=space, preprocessing=PreprocessSpec())
+    with pytest.raises(CheckpointError, match="overlap"):
+        make_payload(method="x", network={}, state_dict={}, output_form="softmax", channels=space.names,
+                     label_space=space, preprocessing=PreprocessSpec(), inference={"overlap": 1.5})
+
+
+# ---------------------------------------------------------------------- files, CLI, real data
+def test_predict_file_writes_the_input_geometry_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    shape = (22, 18, 12)
+    geom = Geometry(shape, np.array([[-1.3, 0, 0, 30], [0, -1.3, 0, 20], [0, 0, 2.0, -50], [0, 0, 0, 1.0]]))
+    src = write_image(tmp_path / "in" / "ct.nii.gz", _ct(shape).astype(np.int16), geom)
+    pred = Predictor(tiny_net(), tiny_space(), PreprocessSpec(spacing=(2.0, 2.0, 2.0)), inference=ROI, device="cpu")
+    out = pred.predict_file(src, tmp_path / "out" / "ct.nii.gz", probs_path=tmp_path / "out" / "ct_probs.nii.gz")
+    labels, got = read_image(out)
+    ref = read_image(src)[1]
+    assert labels.dtype == np.uint8 and got.shape == shape
+    np.testing.assert_allclose(got.affine, ref.affine, atol=1e-5)
+    probs = nib.load(str(tmp_path / "out" / "ct_probs.nii.gz"))
+    assert probs.shape == (*shape, 4)
+    np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=5e-3)
+    with pytest.raises(UnionsegError, match="refusing"):
+        pred.predict_file(src, src)
+
+
+def _model_file(tmp_path: Path, spacing: float = 2.5, roi: tuple[int, int, int] = (16, 16, 16)) -> Path:
+    spec = PreprocessSpec(spacing=(spacing, spacing, spacing))
+    return save_model(tmp_path / "model.pt", _payload(tiny_space(), spec, roi))
+
+
+def test_cli_predict_folder_and_refusals(tmp_path: Path) -> None:
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    outdir = tmp_path / "pred"
+    assert run(["predict", str(model), str(inputs), "-o", str(outdir), "--device", "cpu", "--overlap", "0.25"]) == 0
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        labels, geom = read_image(outdir / f"case{i}.nii.gz")
+        assert labels.shape == shape and labels.dtype == np.uint8
+    before = sorted(p.name for p in inputs.iterdir())
+    assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu"]) == 2
+    assert sorted(p.name for p in inputs.iterdir()) == before
+    assert run(["predict", str(model), str(inputs / "case0.nii.gz"), "-o", str(inputs)]) == 2
+    assert run(["predict", str(tmp_path / "nope.pt"), str(inputs), "-o", str(outdir)]) == 2
+
+
+@pytest.mark.real
+def test_real_totalsegmentator_ct_keeps_its_geometry(tmp_path: Path) -> None:
+    path = REAL / "totalsegmentator" / "example_ct.nii.gz"
+    if not path.is_file():
+        pytest.skip("../shared/data/real is absent")
+    pred = Predictor(tiny_net(), tiny_space(), PreprocessSpec(spacing=(6.0, 6.0, 6.0)),
+                     inference={"roi_size": [32, 32, 32]}, device="cpu")
+    out = pred.predict_file(path, tmp_path / "example_ct.nii.gz")
+    labels, geom = read_image(out)
+    src = nib.load(str(path))
+    assert labels.shape == src.shape == (122, 101, 112)
+    np.testing.assert_allclose(geom.affine, src.affine, atol=1e-5)
+    assert labels.dtype == np.uint8 and labels.max() < 4
+
+
+@pytest.mark.real
+def test_real_dicom_series_keeps_its_geometry(tmp_path: Path) -> None:
+    folder = REAL / "dcmqi" / "ct-3slice"
+    if not folder.is_dir():
+        pytest.skip("../shared/data/real is absent")
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path, spacing=5.0, roi=(32, 32, 16))
+    assert run(["predict", str(model), str(folder), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    labels, geom = read_image(tmp_path / "out" / "ct-3slice.nii.gz")
+    ref = read_image(folder)[1]
+    assert labels.shape == ref.shape == (512, 512, 3)
+    np.testing.assert_allclose(geom.affine, ref.affine, atol=1e-4)
