@@ -8,12 +8,14 @@ stderr and exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from unionseg.errors import UnionsegError
+from unionseg.errors import UnionsegError, UnionsegWarning
 
 app = typer.Typer(
     name="unionseg",
@@ -98,14 +100,32 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _warning_printer(previous: Callable[..., None]) -> Callable[..., None]:
+    """A ``warnings.showwarning``: project warnings as one line ``warning: <message>`` on stderr; others
+    as before."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, UnionsegWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            previous(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def run(argv: list[str]) -> int:
     """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
 
-    Project errors print ``error: <file>: <problem>`` on stderr and return 2.
+    Project errors print ``error: <file>: <problem>`` on stderr and return 2; project warnings print
+    ``warning: <message>`` (every occurrence) and the command goes on.
     """
     debug = "--debug" in argv
     try:
-        result = app(args=argv, standalone_mode=False, prog_name="unionseg")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", UnionsegWarning)
+            warnings.showwarning = _warning_printer(warnings.showwarning)
+            result = app(args=argv, standalone_mode=False, prog_name="unionseg")
     except UnionsegError as exc:
         if debug:
             raise

@@ -238,7 +238,7 @@ class SplitSpec:
 class PreprocessSpec:
     """How every image is brought onto the training grid (recorded in every model file)."""
 
-    spacing: tuple[float, float, float] = (1.5, 0.8, 0.8)
+    spacing: tuple[float, float, float] = (0.8, 0.8, 1.5)  # RAS axes (x, y, z): slices last
     window: tuple[float, float] = (-325.0, 325.0)
     crop_to_body: bool = True
     body_threshold: float = -500.0

@@ -29,3 +29,8 @@ class DataError(UnionsegError):
 
 class CheckpointError(UnionsegError):
     """A model or checkpoint file is missing, truncated, or unsafe to load."""
+
+
+class UnionsegWarning(UserWarning):
+    """A user-facing warning (e.g. an image that does not look like CT): the CLI prints ``warning: <message>``
+    on one line and goes on."""

@@ -415,6 +415,9 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
                         root)
     if not root.is_dir():
         raise DataError("dataset folder not found", root)
+    if not any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise DataError("dataset folder is empty: no dataset.json, no case folders, no images + labels folders; "
+                        "point the root at the folder that holds the data", root)
     if layout == "auto":
         layout = resolve_layout(root)
     declared: dict[int, str] | None = None

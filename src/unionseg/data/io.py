@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from unionseg.errors import DataError
+from unionseg.faults import fault_point
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -111,6 +112,25 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     return array
 
 
+def _gzip_problem(path: Path) -> str | None:
+    """Why a ``.gz`` file cannot hold a NIfTI image (not gzip, truncated, shorter than a header), or None."""
+    if not path.name.lower().endswith(".gz"):
+        return None
+    with path.open("rb") as fh:
+        if fh.read(2) != b"\x1f\x8b":
+            return "not a gzip-compressed file, although its name ends in .gz (is it an image at all?)"
+    size = 0
+    try:  # only called once reading failed, so decompressing the whole stream costs nothing in normal use
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                size += len(chunk)
+    except (EOFError, zlib.error, OSError) as exc:
+        return f"truncated or corrupt compressed file ({exc})"
+    if size < 348:
+        return f"truncated or corrupt compressed file (only {size} bytes, shorter than a NIfTI header)"
+    return None
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
@@ -120,9 +140,14 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(f"truncated or corrupt compressed file ({exc})", path) from None
     except nib.filebasedimages.ImageFileError as exc:
+        problem = _gzip_problem(path)
+        if problem is not None:
+            raise DataError(problem, path) from None
+        if "Cannot work out file type" in str(exc):
+            raise DataError("not a NIfTI image (no valid NIfTI-1/NIfTI-2 header)", path) from None
         raise DataError(f"not a readable NIfTI image ({exc})", path) from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read image ({exc})", path) from None
+        raise DataError(_gzip_problem(path) or f"cannot read image ({exc})", path) from None
     array = _as_3d(np.asarray(array), path)
     return array, Geometry(array.shape, img.affine)
 
@@ -254,6 +279,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path
             sitk.WriteImage(image, str(tmp), True)
         else:
             raise DataError(f"unsupported output type {suf!r}", path)
+        fault_point("write_image_before_rename")  # fault tests only (UNIONSEG_FAULT_POINT)
         tmp.replace(path)
     finally:
         if tmp.exists():

@@ -958,7 +958,7 @@ def _make_case(task: _CaseTask) -> dict[str, Any]:
         write_image(folder / "fullTr" / name, np.ascontiguousarray(full), geom)
     else:
         write_image(folder / "labelsTr" / name, np.ascontiguousarray(full), geom)
-    counts = np.bincount(full.ravel(), minlength=len(set(task.leaf_of_tissue)) + 1)
+    counts = np.bincount(full.ravel(), minlength=max(task.leaf_of_tissue) + 1)
     return {"case": task.case_id, "dataset": task.dataset, "site": task.site.name, "shape": list(shape),
             "orientation": task.site.orientation, "leaf_voxels": [int(c) for c in counts],
             "tumours": facts["tumours"]}

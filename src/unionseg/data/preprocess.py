@@ -40,7 +40,8 @@ from unionseg.data.io import (
     reorient_like,
     reorient_to_ras,
 )
-from unionseg.errors import DataError
+from unionseg.errors import DataError, UnionsegError, UnionsegWarning
+from unionseg.faults import fault_point
 
 if TYPE_CHECKING:
     from unionseg.config import PreprocessSpec, Project
@@ -56,7 +57,7 @@ INDEX_VERSION = 1
 _RESERVED_EXTRAS = ("image", "label", "oracle")
 
 
-class IntensityWarning(UserWarning):
+class IntensityWarning(UnionsegWarning):
     """An image whose intensities do not look like CT Hounsfield units."""
 
 
@@ -492,9 +493,11 @@ def _run_case(job: _CaseJob) -> dict[str, Any]:
             json.dump(meta, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
+        fault_point("prepare_before_commit")  # fault tests only (UNIONSEG_FAULT_POINT)
         for key in ("image", "label", "oracle"):
             if tmp[key].exists():
                 tmp[key].replace(files[key])
+        fault_point("prepare_mid_commit")
         if job.oracle is None and files["oracle"].exists():
             files["oracle"].unlink()
         tmp["meta"].replace(files["meta"])  # json last: the entry becomes valid only now
@@ -762,12 +765,21 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
         return
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn: workers start clean (no inherited torch/OpenMP state from the caller)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_run_case, job): job for job in jobs}
         for fut in as_completed(futures):
-            on_done(futures[fut], fut.result())
+            try:
+                result = fut.result()
+            except BrokenProcessPool:
+                job = futures[fut]
+                raise UnionsegError(
+                    f"a prepare worker died (killed, or out of memory) while cases such as {job.dataset}/{job.case_id} "
+                    "were being prepared; run prepare again (finished cases are kept), with --workers 1 if memory "
+                    "is short", job.out_dir) from None
+            on_done(futures[fut], result)
 
 
 def prepare_project(project: Project, workers: int = 2, force: bool = False, progress: bool = True) -> PreparedIndex:
@@ -825,7 +837,7 @@ def prepare_project(project: Project, workers: int = 2, force: bool = False, pro
                 relabelled.append(key)
             for note in result["warnings"]:
                 notes.append(note)
-                log.warning(note)
+                log.info(note)  # shown once, through the warning (the CLI prints `warning: <note>`)
                 warnings.warn(note, IntensityWarning, stacklevel=2)
         if progress_bar is not None and task is not None:
             progress_bar.update(task, advance=1, description=key)

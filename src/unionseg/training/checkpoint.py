@@ -7,8 +7,11 @@ a truncated file. Loading refuses anything that is not a complete unionseg check
 
 from __future__ import annotations
 
+import glob
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 
 from unionseg.errors import CheckpointError
+from unionseg.faults import fault_point
 
 CHECKPOINT_FORMAT = "unionseg-checkpoint"
 
@@ -26,15 +30,32 @@ _FAULT_HOOK: list[Any] = []
 def _fault(point: str) -> None:
     for hook in _FAULT_HOOK:
         hook(point)
-    env = os.environ.get("UNIONSEG_FAULT_POINT")
-    if env and env == point:
-        os.kill(os.getpid(), 9)
+    fault_point(point)  # UNIONSEG_FAULT_POINT=mid_write[@n] / before_rename[@n]: SIGKILL here
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete ``.<name>.<pid>.tmp`` files of ``path`` left by writers that were killed (process gone)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2: -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename)."""
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename); removes temporaries of killed writers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as fh:
@@ -58,6 +79,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def _load_problem(exc: Exception) -> str:
+    """One clear line for a failed ``torch.load(weights_only=True)``: unsafe content, or truncated/corrupt."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found or "Unsupported global" in text:
+        what = f" ({found.group(1)})" if found else ""
+        return (f"refused to load: the file holds Python objects other than tensors and plain data{what} "
+                "(unsafe pickle); nothing in it was run")
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        return "refused to load: not a weights-only torch file (unsupported pickle content); nothing in it was run"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"cannot read checkpoint (truncated or corrupt): {first}"
+
+
 def safe_torch_load(path: str | Path, expected_format: str | None = None) -> dict[str, Any]:
     """Load with ``weights_only=True``; refuse missing, truncated, foreign or unsafe files."""
     path = Path(path)
@@ -66,11 +101,7 @@ def safe_torch_load(path: str | Path, expected_format: str | None = None) -> dic
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated / unsafe files
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
-            raise CheckpointError(f"refused to load: the file contains Python objects other than tensors and "
-                                  f"plain data (unsafe pickle): {text}", path) from None
-        raise CheckpointError(f"cannot read checkpoint (truncated or corrupt?): {text}", path) from None
+        raise CheckpointError(_load_problem(exc), path) from None
     if not isinstance(obj, dict) or (expected_format is not None and obj.get("format") != expected_format):
         raise CheckpointError(f"not a {expected_format or 'unionseg'} file", path)
     return obj

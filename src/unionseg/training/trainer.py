@@ -181,8 +181,13 @@ class Trainer:
         self.method.after_step(self.step)
         return {k: float(v.detach()) for k, v in terms.items()}
 
-    def fit(self) -> dict[str, Any]:
-        """Run every stage, train to ``cfg.steps`` (resuming if asked), validate, write the model file."""
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Run every stage, train to ``cfg.steps`` (resuming if asked), validate, write the model file.
+
+        Args:
+            stop_after: stop cleanly after this step (checkpoint written) as if interrupted; ``--resume``
+                continues to ``cfg.steps`` exactly as an uninterrupted run would.
+        """
         from unionseg.training.data import build_loader
 
         self.on_train_start()
@@ -216,13 +221,17 @@ class Trainer:
                 if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                     self.validate()
                     t_last = time.perf_counter()
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
+                stopping = stop_after is not None and self.step >= stop_after
+                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
                     self.save_checkpoint()
                     t_last = time.perf_counter()
-                if self.step >= cfg.steps:
+                _test_kill_hook(self.step)
+                if self.step >= cfg.steps or stopping:
                     break
             progress.close()
         logger.close()
+        if stop_after is not None and self.step < cfg.steps:
+            return {"stopped_at": self.step}
         return self.on_train_end()
 
     # ------------------------------------------------------------------ validation and the model file
@@ -267,6 +276,8 @@ class Trainer:
                    "best_candidate": self.best_name, "history": self.history,
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
                    "train_seconds": self.timings["total"], "model": str(self.run_dir / "model.pt")}
+        if dist.is_distributed():
+            summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
         if self.ctx.artifacts is not None and "experts" in self.method.stages:
             compute = self.ctx.artifacts.compute_seconds()
             summary["artifacts"] = self.ctx.artifacts.summary()
@@ -274,6 +285,23 @@ class Trainer:
         if self.ctx.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         return summary
+
+
+    def _replicas_in_sync(self) -> bool:
+        """Every rank holds the same weights (DDP keeps them equal; this checks it)."""
+        flat = torch.cat([p.detach().float().flatten() for m in self.method.raw_models.values()
+                          for p in m.parameters()] or [torch.zeros(1)])
+        probe = torch.stack([flat.sum(), (flat * flat).sum(), flat.abs().max()]).to(self.ctx.device)
+        gathered = [torch.zeros_like(probe) for _ in range(dist.world_size())]
+        torch.distributed.all_gather(gathered, probe)
+        return all(torch.allclose(g, gathered[0], rtol=1e-6, atol=1e-6) for g in gathered)
+
+
+def _test_kill_hook(step: int) -> None:
+    """Fault-injection hook: ``UNIONSEG_KILL_AT_STEP=k`` SIGKILLs the process right after step k."""
+    kill_at = os.environ.get("UNIONSEG_KILL_AT_STEP")
+    if kill_at is not None and int(kill_at) == step:
+        os.kill(os.getpid(), 9)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -369,11 +397,10 @@ def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path
 
 
 def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
-          roots: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
+          roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Python entry point of ``unionseg train``."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     ctx = make_context(project_path, cfg, run_dir, roots, progress)
     try:
-        return Trainer(ctx, resume=resume).fit()
+        return Trainer(ctx, resume=resume).fit(stop_after=stop_after)
     finally:
         dist.cleanup()

@@ -25,7 +25,7 @@ def predict_volume(
 
     was_training = module.training
     module.eval()
-    x = torch.as_tensor(np.asarray(image), dtype=torch.float32)[None, None].to(device)
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None].to(device)  # a copy: memmaps are read-only
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         logits = sliding_window_inference(x, roi_size=roi_size, sw_batch_size=sw_batch_size, predictor=module,
                                           overlap=overlap, mode=blend)

@@ -1,0 +1,200 @@
+"""Training-step cost of every method relative to the naive step, measured in ONE run on the same batch.
+
+Floors (from the method issues), measured in the same run:
+* co-training   <= 1.1 x (two naive steps + two no-grad forwards)
+* DoDNet        <= 1.15 x the naive step (same backbone)
+* MS-KD logit   <= 1.2 x the naive step (teacher probabilities come from the cache)
+* MS-KD feature <= 1.1 x (naive step + the teachers' partial forwards up to the feature stage)
+The loader's batch rate (real sampler on prepared phantom cases, augmentation on) is compared with the CPU
+config's step rate: it must be >= 4 x.
+
+Run: ``.venv/bin/python benchmarks/bench_step.py [--preset cpu] [--patch 48] [--repeats 8] [--docs docs/benchmarks.md]``
+Shared artefacts are replaced by freshly initialised experts and random cached probabilities: only the
+cost is measured here, not the accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class _StubArtifacts:
+    """Experts with random weights (cost only) and no cache on disk."""
+
+    def __init__(self, ctx: Any) -> None:
+        from unionseg.methods.expert import expert_subspace
+        from unionseg.networks import build_network
+
+        self.ctx = ctx
+        self.experts = {}
+        for name in ctx.train_datasets:
+            sub, _, leaves = expert_subspace(ctx.space, name)
+            net = build_network({"backbone": ctx.cfg.network.backbone_spec(),
+                                 "head": {"name": "softmax", "out_channels": sub.n_leaves}}).eval()
+            for p in net.parameters():
+                p.requires_grad_(False)
+            self.experts[name] = (net, leaves, {})
+
+    def load_expert(self, name: str) -> Any:
+        return self.experts[name]
+
+
+def _batch(ctx: Any, patch: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """A real batch from the sampler plus synthetic aligned extras (pseudo labels, teacher probabilities)."""
+    from unionseg.data.sampling import PatchSampler, SamplerCase
+    from unionseg.methods.expert import expert_subspace
+
+    names = ctx.train_datasets
+    cases = [SamplerCase(names.index(c.dataset), c.annotated, c.image(), c.label(), {}, c.case_id)
+             for c in ctx.index.cases(split="train")]
+    sampler = PatchSampler(cases, (patch,) * 3, batch_size, ctx.space.n_leaves, seed=seed)
+    batch = sampler[0]
+    rng = torch.Generator().manual_seed(seed)
+    shape = batch["label"].shape
+    batch["pseudo"] = torch.randint(0, ctx.space.n_leaves, shape, generator=rng)
+    for j, name in enumerate(names):
+        k = 1 + len(expert_subspace(ctx.space, name)[2])
+        batch[f"teacher_{j}"] = torch.softmax(torch.randn(shape[0], k, *shape[1:], generator=rng) * 3, dim=1)
+    return batch
+
+
+def _time_steps(method: Any, batch: dict[str, Any], repeats: int) -> float:
+    models = method.build()
+    method.raw_models = models
+    method.models = models
+    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    times = []
+    for step in range(repeats + 2):
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        terms = method.training_step(batch, step)
+        terms["loss"].backward()
+        opt.step()
+        method.after_step(step)
+        if step >= 2:  # warm-up excluded
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _time_forward(fn: Any, repeats: int) -> float:
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            fn()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _loader_rate(ctx: Any, patch: int, batch_size: int, n: int) -> float:
+    from unionseg.data.sampling import PatchSampler, SamplerCase
+
+    names = ctx.train_datasets
+    cases = [SamplerCase(names.index(c.dataset), c.annotated, c.image(), c.label(), {}, c.case_id)
+             for c in ctx.index.cases(split="train")]
+    sampler = PatchSampler(cases, (patch,) * 3, batch_size, ctx.space.n_leaves, seed=1)
+    sampler.precompute()
+    t0 = time.perf_counter()
+    for step in range(n):
+        sampler[step]
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--patch", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=8)
+    parser.add_argument("--docs", type=Path, default=None, help="update the 'Training step' section of this file")
+    args = parser.parse_args()
+
+    import dataclasses
+
+    from unionseg.config import load_project
+    from unionseg.data.phantom import generate_phantom
+    from unionseg.data.preprocess import prepare_project
+    from unionseg.methods.base import get_method
+    from unionseg.training.config import load_train_config
+    from unionseg.training.trainer import make_context
+
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="bench_step_"))
+    project = generate_phantom(work / "data", size="tiny", seed=0, cases=(2, 1, 1))
+    prepare_project(load_project(project), workers=0, progress=False)
+    overrides = [f"network.preset={args.preset}", f"data.patch_size=[{args.patch},{args.patch},{args.patch}]",
+                 f"data.batch_size={args.batch}", "device=cpu"]
+    base = make_context(project, load_train_config(None, overrides, method="naive"), work / "run", progress=False)
+    base.artifacts = _StubArtifacts(base)  # type: ignore[assignment]
+    batch = _batch(base, args.patch, args.batch)
+
+    def method(name: str, **options: Any) -> Any:
+        cfg = dataclasses.replace(base.cfg, method=name, options=options)
+        return get_method(name)(dataclasses.replace(base, cfg=cfg))
+
+    rows: dict[str, float] = {}
+    for name, opts in (("naive", {}), ("marginal", {}), ("multihead", {}), ("conditional", {}), ("dodnet", {}),
+                       ("cotraining", {}), ("mskd_logit", {"w_feat": 0.0}), ("mskd", {})):
+        rows[name] = _time_steps(method(name.split("_")[0], **opts), batch, args.repeats)
+    naive_net = method("naive").build()["net"].eval()
+    x = batch["image"]
+    forward = _time_forward(lambda: naive_net(x), args.repeats)
+    teachers = [m for m, _, _ in base.artifacts.experts.values()]  # type: ignore[attr-defined]
+    partial = _time_forward(lambda: [t.backbone.features_upto(x, -2) for t in teachers], args.repeats)
+    floors = {
+        "cotraining": ("2 naive steps + 2 no-grad forwards", 2 * rows["naive"] + 2 * forward, 1.1),
+        "dodnet": ("naive step", rows["naive"], 1.15),
+        "mskd_logit": ("naive step", rows["naive"], 1.2),
+        "mskd": ("naive step + teachers' partial forwards", rows["naive"] + partial, 1.1),
+    }
+    loader = _loader_rate(base, args.patch, args.batch, 4 * args.repeats)
+    step_rate = 1.0 / rows["naive"]
+    lines = [f"Measured with `.venv/bin/python benchmarks/bench_step.py --preset {args.preset} --patch {args.patch} "
+             f"--batch {args.batch} --repeats {args.repeats}` (median step, warm-up excluded; 2 CPU cores, "
+             f"torch threads {torch.get_num_threads()}).", "",
+             "| method | step (s) | x naive | floor | floor (s) | ratio to floor | target |", "|---|---|---|---|---|---|---|"]
+    for name, t in rows.items():
+        floor = floors.get(name)
+        if floor:
+            what, value, target = floor
+            ratio = t / value
+            lines.append(f"| {name} | {t:.3f} | {t / rows['naive']:.2f} | {what} | {value:.3f} | {ratio:.2f} | "
+                         f"<= {target} {'met' if ratio <= target else 'MISSED'} |")
+        else:
+            lines.append(f"| {name} | {t:.3f} | {t / rows['naive']:.2f} | | | | |")
+    lines += ["", f"no-grad forward {forward:.3f} s; teachers' partial forwards {partial:.3f} s.",
+              f"Loader (0 workers, augmentation on): {loader:.1f} batches/s vs naive step rate {step_rate:.2f}/s: "
+              f"{loader / step_rate:.1f} x (target >= 4 x: {'met' if loader / step_rate >= 4 else 'MISSED'})."]
+    text = "\n".join(lines)
+    print(text)
+    if args.docs:
+        _update_docs(args.docs, "Training step", text)
+
+
+def _update_docs(path: Path, section: str, body: str) -> None:
+    """Replace (or append) the ``## <section>`` of a Markdown file, leaving other sections alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    header = f"## {section}"
+    start = text.find(header)
+    block = f"{header}\n\n{body}\n"
+    if start < 0:
+        text = text.rstrip() + "\n\n" + block
+    else:
+        end = text.find("\n## ", start + len(header))
+        text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

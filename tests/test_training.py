@@ -1,0 +1,139 @@
+"""The trainer end to end on the tiny phantom: every method trains and writes a model file; exact resume;
+DDP with two gloo processes; the step-time floor of the loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from unionseg.training.checkpoint import safe_torch_load
+from unionseg.training.config import load_train_config
+from unionseg.training.trainer import train
+
+TINY = ["network.preset=tiny", "data.patch_size=[32,32,32]", "inference.overlap=0.25", "log_every=1"]
+
+
+@pytest.fixture(scope="session")
+def phantom_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny phantom (2 training cases per set, 1 val, 1 test), prepared once for the session."""
+    from unionseg.config import load_project
+    from unionseg.data.phantom import generate_phantom
+    from unionseg.data.preprocess import prepare_project
+
+    root = tmp_path_factory.mktemp("phantom")
+    project = generate_phantom(root / "data", size="tiny", seed=0, cases=(2, 1, 1))
+    prepare_project(load_project(project), workers=0, progress=False)
+    return project
+
+
+def _cfg(method: str, steps: int, *extra: str):  # noqa: ANN202
+    return load_train_config(None, [*TINY, f"steps={steps}", f"val_every={steps}", f"ckpt_every={steps}", *extra],
+                             method=method)
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    return {f"{m}.{k}": v for m, sd in state["models"].items() for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_gives_the_same_weights(phantom_project: Path, tmp_path: Path, workers: int) -> None:
+    cfg = _cfg("naive", 4, "deterministic=true", f"data.num_workers={workers}", "ckpt_every=1")
+    straight = tmp_path / "straight"
+    train(phantom_project, cfg, straight, progress=False)
+    halves = tmp_path / "halves"
+    assert train(phantom_project, cfg, halves, progress=False, stop_after=2) == {"stopped_at": 2}
+    train(phantom_project, cfg, halves, resume=True, progress=False)
+    a, b = _weights(straight), _weights(halves)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # twin: a different seed gives different weights, so the equality above is not vacuous
+    other = tmp_path / "other"
+    train(phantom_project, _cfg("naive", 4, "deterministic=true", "seed=1"), other, progress=False)
+    c = _weights(other)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_training_writes_everything(phantom_project: Path, tmp_path: Path) -> None:
+    from unionseg.modelfile import load_model
+
+    run = tmp_path / "naive"
+    summary = train(phantom_project, _cfg("naive", 3), run, progress=False)
+    for name in ("config.yaml", "last.pt", "model.pt", "log.csv", "summary.json"):
+        assert (run / name).is_file(), name
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"step", "lr", "data_wait", "loss", "ce", "dice"} <= set(header)
+    payload = load_model(run / "model.pt")
+    assert payload["method"] == "naive" and payload["output_form"] == "softmax"
+    assert 0.0 <= summary["best_val_mean_dice"] <= 1.0
+
+
+def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) -> None:
+    from unionseg.errors import CheckpointError
+
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 2), run, progress=False)
+    with pytest.raises(CheckpointError, match="different configuration"):
+        train(phantom_project, _cfg("naive", 3), run, resume=True, progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["oracle", "marginal", "individual", "multihead", "conditional", "dodnet",
+                                    "cotraining", "mskd"])
+def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path, method: str) -> None:
+    from unionseg.inference.predictor import Predictor
+    from unionseg.modelfile import load_model
+
+    run = tmp_path / method
+    train(phantom_project, _cfg(method, 2), run, progress=False)
+    payload = load_model(run / "model.pt")
+    assert payload["method"] == method
+    image = sorted((phantom_project.parent / "datasets" / "test" / "imagesTr").glob("*.nii.gz"))[0]
+    predictor = Predictor.from_checkpoint(run / "model.pt", device="cpu")
+    out = predictor.predict_file(image, tmp_path / "pred.nii.gz")
+    from unionseg.data.io import read_header
+
+    assert read_header(out).same_grid(read_header(image))
+
+
+def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) -> None:
+    """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained."""
+    run = tmp_path / "cot"
+    cfg = _cfg("cotraining", 4, "ckpt_every=1")
+    train(phantom_project, cfg, run, progress=False, stop_after=2)
+    stages = json.loads((run / "stages.json").read_text())
+    assert set(stages) == {"experts", "pseudo_labels"}
+    expert_models = sorted(Path(phantom_project.parent / "prepared" / "artifacts").glob("*/experts/*/model.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in expert_models}
+    summary = train(phantom_project, cfg, run, resume=True, progress=False)
+    assert summary["steps"] == 4
+    assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    assert set(state["averages"]) == {"avg_A", "avg_B"}
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    unionseg = Path(sys.executable).parent / "unionseg"
+    if not torchrun.exists() or not unionseg.exists():
+        pytest.skip("torchrun or the unionseg console script is not installed")
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(unionseg), "train", str(phantom_project),
+           "--method", "naive", "-o", str(run), "--quiet", *TINY, "steps=3", "val_every=3", "ckpt_every=3",
+           "device=cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["ddp"] == {"world_size": 2, "in_sync": True}
+    assert len(list(run.glob("*.pt"))) == 2  # one last.pt and one model.pt, written by rank 0 only
+    assert len(list(run.glob("log*.csv"))) == 1
+    shutil.rmtree(run)
