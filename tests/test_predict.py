@@ -171,6 +171,7 @@ def test_sigmoid_model_builds_regions_and_parts_from_repeated_keys() -> None:
 
     spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
     image = np.zeros((8, 8, 8), dtype=np.float32)
+    image[0], image[-1] = -1000.0, 500.0  # CT-like range (the constant networks ignore it)
     kw = {"output_form": "sigmoid", "channels": channels, "inference": {"roi_size": [8, 8, 8]}, "device": "cpu"}
     kidney = Predictor(Constant([2.0, 1.0, -3.0, 3.0]), space, spec, **kw).predict(image)[0]
     assert np.all(kidney == space.leaf_id("kidney"))  # max(region:kidney, kidney) = 0.95 beats liver 0.88

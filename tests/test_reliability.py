@@ -381,7 +381,7 @@ def _project(tmp_path: Path, tiny_model_path: Path | None) -> Path:
 
 
 def _leftovers(folder: Path, patterns: list[str]) -> list[str]:
-    found = []
+    found: list[str] = []
     for pattern in patterns:
         found.extend(str(p.relative_to(folder)) for p in folder.glob(pattern))
     return found
@@ -400,7 +400,7 @@ def _write_table() -> Iterator[None]:
         return
     rows = ["| bad input | command | exit | what the user sees on stderr |", "|---|---|---|---|"]
     for description, command, code, line in _SEEN.values():
-        rows.append(f"| {description} | `{command}` | {code} | ``{line}`` |")
+        rows.append(f"| {description} | `{command}` | {code} | `` {line} `` |")
     Path(target).write_text("\n".join(rows) + "\n")
 
 
@@ -491,6 +491,8 @@ def test_model_at_another_spacing_predicts_on_the_input_grid(tmp_path: Path, tin
     assert labels.shape == shape and labels.dtype == np.uint8
     assert got.same_grid(source, atol=1e-4)
     assert not got.same_grid(Geometry(shape, np.diag([3.0, 3.0, 3.0, 1.0])))
+    _record("spacing", "model trained at 3 mm, image at 1.5 x 1.2 x 2.5 mm in LPS: resampled, predicted, mapped back",
+            "predict", 0, f"(none; scan.nii.gz has the input's shape {shape} and affine)", tmp_path)
 
 
 def test_another_spacing_is_resampled_correctly_not_just_reshaped() -> None:

@@ -6,8 +6,8 @@ the n-th time (default: the first) it reaches ``<point>``. Unset, every point co
 Points (see ``docs/reliability.md`` for what each leaves behind and what the next run does):
 
 * ``mid_write``, ``before_rename``: inside :func:`unionseg.training.checkpoint.atomic_torch_save`
-  (``last.pt``): after ``torch.save`` into the temporary file but before its flush; after the fsync but
-  before the rename.
+  (``last.pt``): after ``torch.save`` into the temporary file, before its fsync (the data may still sit in
+  the page cache); after the fsync, before the rename.
 * ``prepare_before_commit``, ``prepare_mid_commit``: inside one ``prepare`` case: all temporary files
   written, nothing renamed; arrays renamed into place, the case's ``.json`` (written last) not yet.
 * ``write_image_before_rename``: :func:`unionseg.data.io.write_image` (predictions, phantom files) after

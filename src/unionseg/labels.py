@@ -355,34 +355,44 @@ def merge(
     if part_probs.shape[0] != len(space.part_ids):
         raise ValueError(f"part_probs has {part_probs.shape[0]} channels, the space has {len(space.part_ids)} parts")
     spatial = region_probs.shape[1:]
-    labels = torch.zeros(spatial, dtype=torch.uint8, device=region_probs.device)
     if space.n_groups == 0:
-        return labels
-    # argmax documents "first maximal index" on every device: ties go to the group listed first
-    best_g = torch.argmax(region_probs, dim=0)
-    best_r = torch.gather(region_probs, 0, best_g.unsqueeze(0)).squeeze(0)
+        return torch.zeros(spatial, dtype=torch.uint8, device=region_probs.device)
+    # elementwise passes only (no boolean-mask assignment): this runs on every voxel of every prediction
+    best_r, best_g = _first_max(region_probs)
     if threshold is None:
         if background_probs is None:
             raise ValueError("threshold=None needs background_probs")
         accept = best_r > background_probs
     else:
         accept = best_r > threshold
-    part_index = {leaf: k for k, leaf in enumerate(space.part_ids)}
+    part_row = {leaf: k for k, leaf in enumerate(space.part_ids)}
+    device = region_probs.device
+    choices = []  # per group: its leaf where the group wins (the organ, or the part beating the organ)
     for grp in space.groups:
-        in_group = accept & (best_g == grp.index)
-        if not bool(in_group.any()):
-            continue
-        labels[in_group] = grp.organ_id
+        organ = torch.tensor(grp.organ_id, dtype=torch.uint8, device=device)
         if not grp.part_ids:
+            choices.append(organ.expand(spatial))
             continue
-        parts = part_probs[[part_index[p] for p in grp.part_ids]]
-        best_k = torch.argmax(parts, dim=0)
-        best_p = torch.gather(parts, 0, best_k.unsqueeze(0)).squeeze(0)
+        best_p, best_k = _first_max(part_probs[[part_row[p] for p in grp.part_ids]])
         organ_p = organ_leaf_probs[grp.index] if organ_leaf_probs is not None else 1.0 - best_p
-        part_wins = in_group & (best_p > organ_p)
-        ids = torch.as_tensor(grp.part_ids, dtype=torch.uint8, device=labels.device)
-        labels[part_wins] = ids[best_k[part_wins]]
-    return labels
+        ids = torch.as_tensor(grp.part_ids, dtype=torch.uint8, device=device)
+        choices.append(torch.where(best_p > organ_p, ids[best_k.long()], organ))
+    labels = torch.gather(torch.stack(choices), 0, best_g.long().unsqueeze(0)).squeeze(0)
+    return labels.masked_fill_(~accept, 0)
+
+
+def _first_max(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max over the first axis and the FIRST index reaching it (ties: the earlier row), as a chain of
+    elementwise passes: values (*S), uint8 indices (*S). Same result as ``argmax`` on non-NaN input."""
+    import torch
+
+    best = rows[0]
+    index = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
+    for k in range(1, rows.shape[0]):
+        better = rows[k] > best
+        best = torch.maximum(best, rows[k])
+        index.masked_fill_(better, k)
+    return best, index
 
 
 def softmax_to_groups(leaf_probs: torch.Tensor, space: LabelSpace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -234,9 +234,9 @@ def build_from_payload(payload: Mapping[str, Any]) -> nn.Module:
     Raises:
         CheckpointError: the weights do not fit the network spec.
     """
-    from unionseg.networks import build_network
+    from unionseg.ensemble import build_deployed
 
-    net = build_network(payload["network"])
+    net = build_deployed(dict(payload["network"]), LabelSpace.from_dict(payload["label_space"]))
     try:
         net.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

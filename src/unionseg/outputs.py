@@ -4,7 +4,8 @@ A deployed model declares ``output_form`` and one class key per output channel (
 
 * ``softmax``: channels are the global leaves in id order; probabilities = softmax over channels.
 * ``sigmoid``: one independent probability per channel (sigmoid of the logit). A channel key is a region
-  (``region:liver``: the organ with its parts) or a part leaf (``liver_tumour``). A key may repeat (several
+  (``region:liver``: the organ with its parts) or a leaf (``liver_tumour``; an organ leaf counts towards
+  its region). A key may repeat (several
   tasks predict the same class, as DoDNet's tasks may): the maximum is taken.
 
 :func:`decode` is the one place where network outputs become labels; the trainer's validation, the
@@ -14,30 +15,12 @@ artefact cache (pseudo labels) and the predictor all call it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from unionseg.labels import REGION_PREFIX, LabelSpace, merge, merge_softmax
+from unionseg.labels import LabelSpace, merge, merge_softmax, region_name
 
 if TYPE_CHECKING:
     import torch
-
-OutputForm = Literal["softmax", "sigmoid"]
-OUTPUT_FORMS = ("softmax", "sigmoid")
-
-
-def check_channels(output_form: str, channels: Sequence[str], space: LabelSpace) -> None:
-    """Raise ValueError when channel keys do not fit the output form and label space."""
-    if output_form not in OUTPUT_FORMS:
-        raise ValueError(f"unknown output form {output_form!r}; known: {OUTPUT_FORMS}")
-    if output_form == "softmax":
-        if list(channels) != list(space.names):
-            raise ValueError(f"softmax channels must be the leaves in id order {list(space.names)}, got {list(channels)}")
-        return
-    valid = set(space.region_keys()) | set(space.part_keys())
-    bad = [k for k in channels if k not in valid]
-    if bad:
-        raise ValueError(f"sigmoid channel keys must be regions or part leaves; invalid: {bad}")
-
 
 def activate(logits: torch.Tensor, output_form: str, dim: int = 0) -> torch.Tensor:
     """Logits -> probabilities in float32 (softmax over ``dim`` or elementwise sigmoid)."""
@@ -49,31 +32,30 @@ def activate(logits: torch.Tensor, output_form: str, dim: int = 0) -> torch.Tens
     return torch.sigmoid(logits)
 
 
-def sigmoid_to_groups(probs: torch.Tensor, channels: Sequence[str], space: LabelSpace) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, *S) sigmoid probabilities -> (region (G,*S), parts (P,*S)); missing classes get probability 0.
+def sigmoid_sources(channels: Sequence[str], space: LabelSpace) -> tuple[list[list[int]], list[list[int]]]:
+    """For each group and each part, the output channels its probability is the maximum of.
 
-    A group without a region channel but with part channels (a tumour-only task) takes the maximum of its
-    parts as its region probability: those parts are all we know of the organ (our interpretation).
+    A region takes its region channels AND the channels of its leaves (organ leaf and parts: a part lies
+    inside its organ, so a tumour channel is evidence for the organ region; a tumour-only task thereby
+    yields a region); a part takes its own channels (a key may repeat, one per task).
     """
+    region_src = []
+    for grp in space.groups:
+        keys = {region_name(grp.name), *(space.names[i] for i in grp.leaf_ids)}
+        region_src.append([c for c, k in enumerate(channels) if k in keys])
+    part_src = [[c for c, k in enumerate(channels) if k == space.names[p]] for p in space.part_ids]
+    return region_src, part_src
+
+
+def sigmoid_to_groups(probs: torch.Tensor, channels: Sequence[str], space: LabelSpace) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, *S) sigmoid probabilities -> (region (G,*S), parts (P,*S)); classes no channel covers get 0."""
     import torch
 
-    spatial = probs.shape[1:]
-    regions = torch.zeros((space.n_groups, *spatial), dtype=probs.dtype, device=probs.device)
-    parts = torch.zeros((len(space.part_ids), *spatial), dtype=probs.dtype, device=probs.device)
-    has_region = [False] * space.n_groups
-    part_pos = {leaf: k for k, leaf in enumerate(space.part_ids)}
-    for c, key in enumerate(channels):
-        if key.startswith(REGION_PREFIX):
-            g = space.group(key[len(REGION_PREFIX):]).index
-            regions[g] = torch.maximum(regions[g], probs[c])
-            has_region[g] = True
-        else:
-            k = part_pos[space.leaf_id(key)]
-            parts[k] = torch.maximum(parts[k], probs[c])
-    for grp in space.groups:
-        if not has_region[grp.index] and grp.part_ids:
-            regions[grp.index] = parts[[part_pos[p] for p in grp.part_ids]].max(dim=0).values
-    return regions, parts
+    region_src, part_src = sigmoid_sources(channels, space)
+    zero = torch.zeros_like(probs[0])
+    rows = [probs[idx].amax(0) if idx else zero for idx in region_src + part_src]
+    stacked = torch.stack(rows) if rows else probs[:0]
+    return stacked[: space.n_groups], stacked[space.n_groups:]
 
 
 def decode_probs(

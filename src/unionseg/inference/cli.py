@@ -97,12 +97,13 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn,
         )
 
-        from unionseg.inference.predictor import Predictor, resolve_device
-
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise UnionsegError(f"--device must be cpu, cuda or auto, got {device!r}")
         cases = collect_inputs(inputs)
         check_output_dir(output, cases)
+        # torch and the network only after the cheap input checks: a bad input is refused at once
+        from unionseg.inference.predictor import Predictor, resolve_device
+
         predictor = Predictor.from_checkpoint(model, device=resolve_device(device), overlap=overlap,
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True)

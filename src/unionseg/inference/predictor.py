@@ -52,8 +52,9 @@ from unionseg.data.preprocess import (
     restore_axis_map,
 )
 from unionseg.errors import CheckpointError, DataError, UnionsegError
-from unionseg.labels import REGION_PREFIX, LabelSpace
+from unionseg.labels import LabelSpace, merge, merge_softmax
 from unionseg.modelfile import check_channels, check_inference
+from unionseg.outputs import sigmoid_to_groups
 
 ProgressFn = Callable[[int, int], None]
 DECISIONS = ("merge", "argmax")
@@ -85,18 +86,6 @@ def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float)
     return tuple(out)
 
 
-def _first_max(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max over a list of (*S) rows and the FIRST row index reaching it, like ``torch.argmax`` (non-NaN
-    inputs), as a chain of elementwise passes: values (*S), uint8 indices (*S)."""
-    best = rows[0]
-    index = torch.zeros(best.shape, dtype=torch.uint8, device=best.device)
-    for k in range(1, len(rows)):
-        better = rows[k] > best
-        best = torch.maximum(best, rows[k])
-        index.masked_fill_(better, k)
-    return best, index
-
-
 class _Decider:
     """Model outputs -> decision-form probabilities -> labels, for one output form.
 
@@ -122,11 +111,7 @@ class _Decider:
             fill = np.zeros(space.n_leaves, dtype=np.float32)
             fill[0] = 1.0
         else:
-            self.region_src = []
-            for grp in space.groups:
-                keys = {f"{REGION_PREFIX}{grp.name}", *(space.names[i] for i in grp.leaf_ids)}
-                self.region_src.append([c for c, k in enumerate(channels) if k in keys])
-            self.part_src = [[c for c, k in enumerate(channels) if k == space.names[p]] for p in space.part_ids]
+            self.channels = list(channels)
             self.names = space.region_keys() + space.part_keys()
             fill = np.zeros(len(self.names), dtype=np.float32)
         self.fill = fill
@@ -137,71 +122,18 @@ class _Decider:
         logits = logits.float()
         if self.output_form == "softmax":
             return torch.softmax(logits, dim=0)
-        probs = torch.sigmoid(logits)
-        zero = torch.zeros_like(probs[0])
-        rows = [probs[idx].amax(0) if idx else zero for idx in self.region_src + self.part_src]
-        return torch.stack(rows) if rows else probs[:0]
+        regions, parts = sigmoid_to_groups(torch.sigmoid(logits), self.channels, self.space)
+        return torch.cat([regions, parts])
 
     def labels(self, probs: torch.Tensor) -> torch.Tensor:
-        """(C_dec, *S) probabilities -> (*S) uint8 leaf ids."""
-        space = self.space
+        """(C_dec, *S) probabilities -> (*S) uint8 leaf ids, through the ONE merge function."""
         if self.output_form == "softmax":
             if self.decision == "argmax":
-                return _first_max(list(probs))[1]
-            regions = [self._sum([probs[i] for i in grp.leaf_ids]) for grp in space.groups]
-            parts = [probs[i] for i in space.part_ids]
-            organs = [probs[grp.organ_id] for grp in space.groups]
-            background = probs[0] if self.threshold is None else None
-            return self._merge(regions, parts, organs, self.threshold, background)
-        g = space.n_groups
-        return self._merge(list(probs[:g]), list(probs[g:]), None,
-                           0.5 if self.threshold is None else self.threshold, None)
-
-    @staticmethod
-    def _sum(rows: list[torch.Tensor]) -> torch.Tensor:
-        """Left-to-right sum (the order ``Tensor.sum(0)`` uses in ``labels.softmax_to_groups``)."""
-        if len(rows) == 1:
-            return rows[0]
-        out = torch.add(rows[0], rows[1])
-        for row in rows[2:]:
-            out += row
-        return out
-
-    def _merge(self, regions: list[torch.Tensor], parts: list[torch.Tensor], organs: list[torch.Tensor] | None,
-               threshold: float | None, background: torch.Tensor | None) -> torch.Tensor:
-        """:func:`unionseg.labels.merge` on lists of (*S) rows (regions in group order, parts in
-        ``space.part_ids`` order)."""
-        space = self.space
-        if not regions:
-            return torch.zeros(parts[0].shape if parts else (0,), dtype=torch.uint8)
-        best_r, best_g = _first_max(regions)
-        if threshold is not None:
-            accept = best_r > threshold
-        else:
-            assert background is not None
-            accept = best_r > background
-        # per group: its leaf where the group wins (organ, or the part beating the organ); then pick by group
-        choice: list[torch.Tensor | None] = []
-        for grp in space.groups:
-            if not grp.part_ids:
-                choice.append(None)
-                continue
-            rows = [parts[self._part_row[p]] for p in grp.part_ids]
-            best_p, best_k = _first_max(rows)
-            organ_p = organs[grp.index] if organs is not None else 1.0 - best_p
-            ids = torch.as_tensor(grp.part_ids, dtype=torch.uint8, device=best_p.device)
-            part = ids[best_k.long()] if len(rows) > 1 else ids[0]
-            organ = torch.tensor(grp.organ_id, dtype=torch.uint8, device=best_p.device)
-            choice.append(torch.where(best_p > organ_p, part, organ))
-        if all(c is None for c in choice):
-            lut = torch.as_tensor([grp.organ_id for grp in space.groups], dtype=torch.uint8, device=best_g.device)
-            labels = lut[best_g.long()]
-        else:
-            full = [c if c is not None else torch.full_like(best_g, grp.organ_id)
-                    for c, grp in zip(choice, space.groups, strict=True)]
-            labels = torch.gather(torch.stack(full), 0, best_g.long().unsqueeze(0)).squeeze(0)
-        labels.masked_fill_(~accept, 0)
-        return labels
+                return probs.argmax(dim=0).to(torch.uint8)
+            return merge_softmax(probs, self.space, threshold=self.threshold)
+        g = self.space.n_groups
+        return merge(probs[:g], probs[g:], self.space, organ_leaf_probs=None,
+                     threshold=0.5 if self.threshold is None else self.threshold)
 
 
 def _valid_range(i0: np.ndarray, i1: np.ndarray, w: np.ndarray, n_prepared: int) -> tuple[int, int]:
