@@ -409,6 +409,7 @@ def test_crafted_model_file_is_refused_and_runs_nothing(tmp_path: Path, capsys: 
     assert not (tmp_path / "out" / "scan.nii.gz").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "created"
     evil = _crafted(tmp_path / "last.pt", marker, "unionseg-checkpoint")

@@ -339,14 +339,6 @@ def test_auto_detection_failure_names_the_folder_and_what_was_looked_for(tmp_pat
     assert scan_dataset("liver", root).layout == "folders"
 
 
-# data.preprocess._plan stats <root>/dataset.json for every dataset; the layouts without one (KiTS, folders)
-# need `if json_path.is_file():` around that line (reported to the lead). The marker only forgives that
-# error; drop it once the fix is in.
-NEEDS_PREPARE_FIX = pytest.mark.xfail(raises=FileNotFoundError, strict=False,
-                                      reason="prepare stats a dataset.json that KiTS folders do not have")
-
-
-@NEEDS_PREPARE_FIX
 def test_mixed_kits_and_msd_project_prepares_without_code_change(public: dict[str, Path], tmp_path: Path) -> None:
     """One project: MSD liver (dataset.json) and KiTS19 kidney (case folders, slice-first arrays)."""
     from unionseg.data.preprocess import prepare_project
@@ -511,7 +503,6 @@ def test_evaluate_cross_command(public: dict[str, Path], tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@NEEDS_PREPARE_FIX
 def test_mots_miniature_prepares_and_trains_a_few_dodnet_steps(public: dict[str, Path], tmp_path: Path) -> None:
     """The issue's acceptance run: the MOTS recipe on the miniatures (roots from a user file, cache beside
     it), prepare, then two DoDNet steps with validation, on a tiny network."""
