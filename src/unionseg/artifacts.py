@@ -7,9 +7,12 @@ Beside the prepared data, keyed by a fingerprint of (prepared data, expert recip
         probs/<dataset>/<dataset>/<case>.npy                          expert probabilities, fp16 (1+K, X, Y, Z)
         pseudo/<dataset>/<case>.npy                                   pseudo labels, uint8 leaf ids
         compute.json                                                  seconds spent per artefact
+        locks/<artefact>.lock                                         held while one artefact is made
 
 Every artefact is produced on first need and reused by every later method and run; writes are atomic, so
 an interrupted expert resumes from its ``last.pt`` and a half-written probability file never exists.
+Concurrent runs on the same project (two methods started at once) make each artefact once: the run that
+takes ``locks/<artefact>.lock`` (:mod:`unionseg.locking`) makes it, the other waits, then finds and reuses it.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ import dataclasses
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from unionseg.config import config_hash, to_dict
+from unionseg.locking import print_waiting
 
 if TYPE_CHECKING:
     import torch
@@ -58,16 +64,45 @@ class ArtifactCache:
                                    device=cfg.device)
 
     # ------------------------------------------------------------------ bookkeeping
+    @contextmanager
+    def _exclusive(self, artefact: str) -> Iterator[None]:
+        """Hold ``locks/<artefact>.lock`` while an artefact is checked for and made (waits without limit:
+        the holder is making it, and its lock dies with it). Under DDP rank 0 locks and every rank waits
+        and goes on with it (one broadcast per attempt, one at the end: no rank leaves before rank 0 has
+        written); so every rank must enter together (the stages do)."""
+        from unionseg.locking import hold_lock
+
+        with hold_lock(self.root / "locks" / f"{artefact}.lock", f"shared artefact {artefact!r}",
+                       notify=print_waiting if self.ctx.is_main else None, take=self.ctx.is_main,
+                       decide=self._rank0_decides):
+            yield
+            self._rank0_decides(True)
+
+    def _rank0_decides(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every DDP rank (a broadcast); ``flag`` itself in a single process."""
+        from unionseg.training import distributed as dist
+
+        if not dist.is_distributed():
+            return flag
+        import torch
+
+        value = torch.tensor([int(flag)], device=self.ctx.device)
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
+
     def _record(self, key: str, seconds: float) -> None:
         if not self.ctx.is_main:
             return
+        from unionseg.locking import hold_lock
+
         path = self.root / "compute.json"
-        data = json.loads(path.read_text()) if path.exists() else {}
-        data[key] = data.get(key, 0.0) + seconds
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        with hold_lock(self.root / "locks" / "compute.lock", "the compute record", notify=None):
+            data = json.loads(path.read_text()) if path.exists() else {}
+            data[key] = data.get(key, 0.0) + seconds
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".compute.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=2))
+            tmp.replace(path)
 
     def compute_seconds(self) -> dict[str, float]:
         path = self.root / "compute.json"
@@ -85,12 +120,13 @@ class ArtifactCache:
         for name in datasets or self.ctx.train_datasets:
             run_dir = self.expert_dir(name)
             model = run_dir / "model.pt"
-            if not (run_dir / "summary.json").exists():
-                cfg = dataclasses.replace(self.expert_cfg, options={"dataset": name})
-                sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
-                t0 = time.perf_counter()
-                Trainer(sub, resume=True).fit()
-                self._record(f"expert:{name}", time.perf_counter() - t0)
+            with self._exclusive(f"expert-{name}"):  # checked under the lock: a concurrent run's expert is reused
+                if not (run_dir / "summary.json").exists():
+                    cfg = dataclasses.replace(self.expert_cfg, options={"dataset": name})
+                    sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
+                    t0 = time.perf_counter()
+                    Trainer(sub, resume=True).fit()
+                    self._record(f"expert:{name}", time.perf_counter() - t0)
             out[name] = model
         return out
 
@@ -100,7 +136,8 @@ class ArtifactCache:
             from unionseg.methods.expert import expert_subspace
             from unionseg.modelfile import build_from_payload, load_model
 
-            self.ensure_experts([dataset])
+            if not (self.expert_dir(dataset) / "summary.json").exists():  # no lock when it exists (main-only callers)
+                self.ensure_experts([dataset])
             payload = load_model(self.expert_dir(dataset) / "model.pt")
             module = build_from_payload(payload).to(self.ctx.device).eval()
             for p in module.parameters():
@@ -122,22 +159,26 @@ class ArtifactCache:
 
         cfg = self.ctx.cfg
         for name in experts or self.ctx.train_datasets:
-            todo = [c for c in self.training_cases() if not self.probs_path(name, c).exists()]
-            if not todo:
-                continue
-            module, _, _ = self.load_expert(name)
-            t0 = time.perf_counter()
-            for case in _progress(todo, f"expert {name}: probabilities", self.ctx.progress and self.ctx.is_main):
-                probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
-                                       cfg.inference.sw_batch_size, self.ctx.device, "softmax", cfg.inference.blend)
-                if self.ctx.is_main:
-                    _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
-            self._record(f"probs:{name}", time.perf_counter() - t0)
+            with self._exclusive(f"probs-{name}"):
+                todo = [c for c in self.training_cases() if not self.probs_path(name, c).exists()]
+                if not todo:
+                    continue
+                module, _, _ = self.load_expert(name)
+                t0 = time.perf_counter()
+                for case in _progress(todo, f"expert {name}: probabilities", self.ctx.progress and self.ctx.is_main):
+                    probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
+                                           cfg.inference.sw_batch_size, self.ctx.device, "softmax",
+                                           cfg.inference.blend)
+                    if self.ctx.is_main:
+                        _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
+                self._record(f"probs:{name}", time.perf_counter() - t0)
 
     def load_probs(self, expert: str, case: PreparedCase) -> np.ndarray:
         """(1 + K, X, Y, Z) float16, memory-mapped."""
-        self.ensure_probs([expert])
-        return np.load(self.probs_path(expert, case), mmap_mode="r")
+        path = self.probs_path(expert, case)
+        if not path.exists():  # per-sample loads (data loader workers) take no lock once the file exists
+            self.ensure_probs([expert])
+        return np.load(path, mmap_mode="r")
 
     # ------------------------------------------------------------------ pseudo labels
     def pseudo_path(self, case: PreparedCase) -> Path:
@@ -146,21 +187,22 @@ class ArtifactCache:
     def ensure_pseudo_labels(self) -> dict[str, Any]:
         """Pseudo labels for every training case: merge over the OTHER datasets' experts, ground truth wins."""
         self.ensure_probs()
-        t0 = time.perf_counter()
-        made = 0
-        for case in self.training_cases():
-            path = self.pseudo_path(case)
-            if path.exists():
-                continue
-            labels = self.make_pseudo_labels(case)
-            if self.ctx.is_main:
-                _atomic_save_npy(path, labels)
-            made += 1
-        if made:
-            self._record("pseudo_labels", time.perf_counter() - t0)
-        quality = self.pseudo_label_quality()
-        if quality and self.ctx.is_main:
-            (self.root / "pseudo_quality.json").write_text(json.dumps(quality, indent=2))
+        with self._exclusive("pseudo"):
+            t0 = time.perf_counter()
+            made = 0
+            for case in self.training_cases():
+                path = self.pseudo_path(case)
+                if path.exists():
+                    continue
+                labels = self.make_pseudo_labels(case)
+                if self.ctx.is_main:
+                    _atomic_save_npy(path, labels)
+                made += 1
+            if made:
+                self._record("pseudo_labels", time.perf_counter() - t0)
+            quality = self.pseudo_label_quality()
+            if quality and self.ctx.is_main:
+                (self.root / "pseudo_quality.json").write_text(json.dumps(quality, indent=2))
         return {"pseudo_labels": made, "root": str(self.root), "quality": quality}
 
     def pseudo_label_quality(self) -> dict[str, float]:

@@ -43,6 +43,7 @@ class SuiteConfig:
     phantom_size: str = "tiny"
     phantom_seed: int = 0
     phantom_suite: str = "default"
+    phantom_cases: tuple[int, int, int] | None = None  # (train per set, val, test); None: the size's default
     methods: tuple[str, ...] = ("oracle", "naive", "individual", "marginal", "multihead", "conditional",
                                 "cotraining", "dodnet", "mskd")
     ablations: tuple[RunSpec, ...] = ()
@@ -183,7 +184,8 @@ def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
     data = out / "data"
     project_path = data / "project.yaml"
     if not project_path.exists():
-        generate_phantom(data, size=suite.phantom_size, seed=suite.phantom_seed, suite=suite.phantom_suite)
+        generate_phantom(data, size=suite.phantom_size, seed=suite.phantom_seed, suite=suite.phantom_suite,
+                         cases=suite.phantom_cases)
     prepare_project(load_project(project_path), workers=suite.prepare_workers, progress=progress)
     return project_path
 
@@ -193,7 +195,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``)."""
     from rich.console import Console
 
-    from unionseg.report import aggregate, write_report
+    from unionseg.report import aggregate, write_report, write_results
 
     console = Console(stderr=True)
     suite = load_suite(suite_name)
@@ -214,9 +216,10 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
         if suite.isolate and not done_before:
             _run_isolated(project_path, suite_name, row.name, seed, out)
         results.append(run_one(project_path, suite, row, seed, out, progress))
-        aggregated = aggregate(results, suite)
-        write_report(aggregated, out)
-    return aggregate(results, suite)
+        write_results(aggregate(results, suite), out)  # after every run: an interrupted suite keeps its numbers
+    aggregated = aggregate(results, suite)
+    write_report(aggregated, out)
+    return aggregated
 
 
 def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path) -> None:

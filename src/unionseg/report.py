@@ -102,12 +102,17 @@ def print_table(agg: dict[str, Any]) -> None:
     Console(width=200).print(Markdown(markdown_table(agg)))
 
 
+def write_results(agg: dict[str, Any], out: Path) -> None:
+    """``results.json``, atomically."""
+    tmp = Path(out) / "results.json.tmp"
+    tmp.write_text(json.dumps(agg, indent=2, default=float))
+    tmp.replace(Path(out) / "results.json")
+
+
 def write_report(agg: dict[str, Any], out: Path) -> None:
     """``results.json``, ``report.md`` and the PNG figures in ``figures/``."""
     out = Path(out)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(agg, indent=2, default=float))
-    tmp.replace(out / "results.json")
+    write_results(agg, out)
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     made = _figures(agg, out, figures)

@@ -13,7 +13,8 @@ Steps of :func:`preprocess_image`: reorient to RAS (exact axis permutation/flip)
 crop box (linear), clip to the CT window and scale to [-1, 1]. Arrays are (X, Y, Z) float32.
 
 :func:`prepare_project` validates and caches every case of a project under ``project.cache_dir``; it is
-incremental (fingerprints of sources and settings), parallel over cases, and atomic per case. This module
+incremental (fingerprints of sources and settings), parallel over cases, atomic per case, and one process
+at a time (``<cache_dir>/.lock``; a second one waits). This module
 never imports torch: ``unionseg prepare`` stays light.
 """
 
@@ -55,6 +56,10 @@ CROP_MARGIN_VOXELS = 2
 INDEX_FORMAT = "unionseg-prepared"
 INDEX_VERSION = 1
 _RESERVED_EXTRAS = ("image", "label", "oracle")
+#: the lock file of a prepared cache (``<cache_dir>/.lock``), held by the process preparing it
+CACHE_LOCK = ".lock"
+#: how long a second ``prepare`` of the same cache waits for the first by default (seconds)
+PREPARE_WAIT_S = 3600.0
 
 
 class IntensityWarning(UnionsegWarning):
@@ -783,7 +788,10 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
             on_done(futures[fut], result)
 
 
-def prepare_project(project: Project, workers: int = 2, force: bool = False, progress: bool = True) -> PreparedIndex:
+def prepare_project(
+    project: Project, workers: int = 2, force: bool = False, progress: bool = True,
+    wait_s: float | None = PREPARE_WAIT_S,
+) -> PreparedIndex:
     """Validate and cache every case of a project; incremental, parallel, atomic per case.
 
     Writes ``<cache_dir>/<dataset>/<case>.image.npy`` (float32 X, Y, Z), ``.label.npy`` (uint8 codes),
@@ -797,11 +805,27 @@ def prepare_project(project: Project, workers: int = 2, force: bool = False, pro
         workers: worker processes; 0 or 1 runs in this process.
         force: redo every case.
         progress: show a progress bar and print a summary.
+        wait_s: how long to wait for another process preparing the same cache (seconds; 0 refuses at once,
+            None waits without limit).
+
+    Concurrency: the whole run holds ``<cache_dir>/.lock`` (:mod:`unionseg.locking`), so two ``prepare``
+    runs of one cache never interleave: the second waits (one ``waiting: ...`` line on stderr), then finds
+    the cases done and skips them.
 
     Raises:
         DataError: the first failing case, naming its file and the problem (the other cases still finish;
             the failing case leaves no cache entry and no index is written).
+        UnionsegError: another process still holds the cache after ``wait_s`` seconds.
     """
+    from unionseg.locking import hold_lock
+
+    with hold_lock(project.cache_dir / CACHE_LOCK, "the prepared cache", timeout=wait_s,
+                   hint="run prepare again once it has finished, or wait longer with --wait SECONDS"):
+        return _prepare_locked(project, workers, force, progress)
+
+
+def _prepare_locked(project: Project, workers: int, force: bool, progress: bool) -> PreparedIndex:
+    """The body of :func:`prepare_project`, run while this process holds the cache lock."""
     from rich.console import Console
 
     console = Console(stderr=True)
@@ -881,12 +905,14 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option("--workers", help="Worker processes (0 or 1: in-process).")] = 2,
         force: Annotated[bool, typer.Option("--force", help="Redo every case.")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).")] = None,
+        wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait while another prepare "
+                                            "holds the same cache (0: refuse at once).")] = PREPARE_WAIT_S,
     ) -> None:
         """Validate, resample, normalise and cache every case of a project (incremental)."""
         from unionseg.cli import _parse_roots
         from unionseg.config import load_project
 
         proj = load_project(project, roots=_parse_roots(root))
-        index = prepare_project(proj, workers=workers, force=force, progress=True)
+        index = prepare_project(proj, workers=workers, force=force, progress=True, wait_s=wait)
         counts = ", ".join(f"{s} {len(index.cases(split=s))}" for s in ("train", "val", "test"))
         typer.echo(f"cases: {counts}; data fingerprint {index.fingerprint}")
