@@ -159,3 +159,35 @@ def test_expert_ensemble_channels_decode(space) -> None:
 def test_task_channels(space) -> None:
     assert task_channels(space, "liver") == ["region:liver", "liver_tumour"]
     assert task_channels(space, "spleen") == ["region:spleen"]
+
+
+def test_dodnet_predict_runs_the_backbone_once_per_window(space) -> None:
+    """All tasks' heads in one batched call: one backbone pass per window, not one per task."""
+    from unionseg.config import PreprocessSpec
+    from unionseg.inference.predictor import Predictor
+    from unionseg.methods.dodnet import ChannelSelect
+    from unionseg.networks import build_network
+
+    keys = [task_channels(space, d) for d in space.datasets]
+    n_ch = max(len(k) for k in keys)
+    net = build_network({"backbone": {"name": "resunet", "preset": "tiny"},
+                         "head": {"name": "dynamic", "n_tasks": len(keys), "out_channels": n_ch}})
+    indices = [t * n_ch + c for t, k in enumerate(keys) for c in range(len(k))]
+    channels = [key for k in keys for key in k]
+    calls = []
+    net.backbone.register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape[0]))
+    roi, overlap = (16, 16, 16), 0.5
+    predictor = Predictor(ChannelSelect(net, indices).eval(), space, PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False),
+                          output_form="sigmoid", channels=channels,
+                          inference={"roi_size": list(roi), "overlap": overlap, "sw_batch_size": 1}, device="cpu")
+    image = np.full((24, 24, 16), -1000.0, dtype=np.float32)
+    image[4:20, 4:20, 2:14] = 50.0
+    image[10:12, 10:12, 4:8] = 700.0  # bone: a CT-like range
+    labels, _ = predictor.predict(image)
+    windows = 1
+    for size, r in zip(image.shape, roi, strict=True):
+        step = max(1, int(r * (1 - overlap)))
+        windows *= len(range(0, max(size - r, 0) + 1, step)) + (1 if (size - r) % step else 0)
+    assert len(calls) == windows, (len(calls), windows)
+    assert all(b == 1 for b in calls)
+    assert labels.shape == image.shape
