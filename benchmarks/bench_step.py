@@ -66,34 +66,39 @@ def _batch(ctx: Any, patch: int, batch_size: int, seed: int = 0) -> dict[str, An
     return batch
 
 
-def _time_steps(method: Any, batch: dict[str, Any], repeats: int) -> float:
-    models = method.build()
-    method.raw_models = models
-    method.models = models
-    params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    times = []
-    for step in range(repeats + 2):
+class _Stepper:
+    """One method's models and optimiser; :meth:`step` runs and times one training step."""
+
+    def __init__(self, method: Any) -> None:
+        self.method = method
+        models = method.build()
+        method.raw_models = models
+        method.models = models
+        params = [p for m in models.values() for p in m.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-4)
+        self.count = 0
+
+    def step(self, batch: dict[str, Any]) -> float:
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        terms = method.training_step(batch, step)
+        self.opt.zero_grad(set_to_none=True)
+        terms = self.method.training_step(batch, self.count)
         terms["loss"].backward()
-        opt.step()
-        method.after_step(step)
-        if step >= 2:  # warm-up excluded
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        self.opt.step()
+        self.method.after_step(self.count)
+        self.count += 1
+        return time.perf_counter() - t0
 
 
-def _time_forward(fn: Any, repeats: int) -> float:
-    times = []
-    with torch.no_grad():
-        for i in range(repeats + 2):
-            t0 = time.perf_counter()
-            fn()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(jobs: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds per job, timed round-robin (every round runs each job once) so that a burst of load
+    from other processes hits all jobs alike; two warm-up rounds are excluded."""
+    times: dict[str, list[float]] = {name: [] for name in jobs}
+    for r in range(repeats + 2):
+        for name, job in jobs.items():
+            t = job()
+            if r >= 2:
+                times[name].append(t)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def _loader_rate(ctx: Any, patch: int, batch_size: int, n: int) -> float:
@@ -142,15 +147,26 @@ def main() -> None:
         cfg = dataclasses.replace(base.cfg, method=name, options=options)
         return get_method(name)(dataclasses.replace(base, cfg=cfg))
 
-    rows: dict[str, float] = {}
-    for name, opts in (("naive", {}), ("marginal", {}), ("multihead", {}), ("conditional", {}), ("dodnet", {}),
-                       ("cotraining", {}), ("mskd_logit", {"w_feat": 0.0}), ("mskd", {})):
-        rows[name] = _time_steps(method(name.split("_")[0], **opts), batch, args.repeats)
+    steppers = {name: _Stepper(method(name.split("_")[0], **opts))
+                for name, opts in (("naive", {}), ("marginal", {}), ("multihead", {}), ("conditional", {}),
+                                   ("dodnet", {}), ("cotraining", {}), ("mskd_logit", {"w_feat": 0.0}), ("mskd", {}))}
     naive_net = method("naive").build()["net"].eval()
     x = batch["image"]
-    forward = _time_forward(lambda: naive_net(x), args.repeats)
     teachers = [m for m, _, _ in base.artifacts.experts.values()]  # type: ignore[attr-defined]
-    partial = _time_forward(lambda: [t.backbone.features_upto(x, -2) for t in teachers], args.repeats)
+
+    def timed_no_grad(fn: Any) -> Any:
+        def run() -> float:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                fn()
+                return time.perf_counter() - t0
+        return run
+
+    jobs: dict[str, Any] = {name: (lambda s=s: s.step(batch)) for name, s in steppers.items()}
+    jobs["forward"] = timed_no_grad(lambda: naive_net(x))
+    jobs["partial"] = timed_no_grad(lambda: [t.backbone.features_upto(x, -2) for t in teachers])
+    rows = _interleaved(jobs, args.repeats)
+    forward, partial = rows.pop("forward"), rows.pop("partial")
     floors = {
         "cotraining": ("2 naive steps + 2 no-grad forwards", 2 * rows["naive"] + 2 * forward, 1.1),
         "dodnet": ("naive step", rows["naive"], 1.15),
@@ -160,7 +176,7 @@ def main() -> None:
     loader = _loader_rate(base, args.patch, args.batch, 4 * args.repeats)
     step_rate = 1.0 / rows["naive"]
     lines = [f"Measured with `.venv/bin/python benchmarks/bench_step.py --preset {args.preset} --patch {args.patch} "
-             f"--batch {args.batch} --repeats {args.repeats}` (median step, warm-up excluded; 2 CPU cores, "
+             f"--batch {args.batch} --repeats {args.repeats}` (median step, methods timed round-robin, warm-up excluded; 2 CPU cores, "
              f"torch threads {torch.get_num_threads()}).", "",
              "| method | step (s) | x naive | floor | floor (s) | ratio to floor | target |", "|---|---|---|---|---|---|---|"]
     for name, t in rows.items():

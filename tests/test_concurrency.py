@@ -62,7 +62,12 @@ for line in sys.stdin:
         try:
             for fd, name in ((1, "stdout"), (2, "stderr")):
                 os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            code = unionseg.cli.run(req["argv"])
+            if "python" in req:  # a python -c script with its arguments
+                sys.argv = ["-c", *req["argv"]]
+                exec(req["python"], {"__name__": "__main__"})
+                code = 0
+            else:
+                code = unionseg.cli.run(req["argv"])
         except BaseException:
             traceback.print_exc()
         finally:
@@ -108,17 +113,21 @@ class Commands:
         self.server.stdin.flush()
         return json.loads(self.server.stdout.readline())
 
-    def start(self, argv: list[str], light: bool = False) -> Command:
-        """Start ``unionseg ARGV``; ``light`` (commands that import no torch): a plain new process."""
+    def start(self, argv: list[str], light: bool = False, python: str | None = None) -> Command:
+        """Start ``unionseg ARGV`` (or ``python -c PYTHON ARGV``); ``light`` (commands that import no torch):
+        a plain new process."""
         self.count += 1
         out, err = self.folder / f"{self.count}.out", self.folder / f"{self.count}.err"
         if self.server is None or light:
             exe = [str(UNIONSEG)] if UNIONSEG.exists() else [sys.executable, "-m", "unionseg.cli"]
+            if python is not None:
+                exe = [sys.executable, "-c", python]
             env = {k: v for k, v in os.environ.items() if not k.startswith("UNIONSEG_")}
             proc = subprocess.Popen([*exe, *argv], stdout=out.open("wb"), stderr=err.open("wb"),
                                     env={**env, "OMP_NUM_THREADS": "1"})
             return Command(proc.pid, out, err, proc)
-        reply = self._ask({"op": "start", "argv": argv, "stdout": str(out), "stderr": str(err)})
+        request = {"op": "start", "argv": argv, "stdout": str(out), "stderr": str(err)}
+        reply = self._ask({**request, **({"python": python} if python is not None else {})})
         return Command(int(reply["pid"]), out, err)
 
     def wait(self, command: Command) -> Command:
@@ -422,3 +431,52 @@ def test_two_trainings_of_different_methods_train_each_expert_once_and_share_it(
     stages = json.loads((runs / "cotraining" / "stages.json").read_text())
     assert stages["pseudo_labels"]["pseudo_labels"] == 4  # the second run went on with the shared experts
     assert (runs / "individual" / "model.pt").is_file() and (runs / "cotraining" / "model.pt").is_file()
+
+
+# Two DDP ranks (gloo, CPU) entering one artefact lock together, as the stages do under torchrun.
+_RANK = r"""
+import json, os, sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch, torch.distributed as tdist
+rank, port, root = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+from unionseg.artifacts import ArtifactCache
+from unionseg.locking import FileLock
+cache = ArtifactCache.__new__(ArtifactCache)  # only what the lock needs: the root and the rank
+cache.ctx, cache.root = SimpleNamespace(is_main=rank == 0, device=torch.device("cpu")), root
+print(json.dumps({"pid": os.getpid()}), flush=True)
+with cache._exclusive("expert-x"):
+    entered = time.time()
+    holder = FileLock(root / "locks" / "expert-x.lock", "x").holder()
+    time.sleep(0.3 if rank == 0 else 0.0)  # rank 1 must not leave before rank 0 has finished in here
+print(json.dumps({"entered": entered, "left": time.time(), "holder": holder}), flush=True)
+tdist.destroy_process_group()
+"""
+
+
+def test_ddp_ranks_wait_for_an_artefact_lock_together_and_rank_0_holds_it(commands: Commands, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = tmp_path / "artifacts"
+    holder = Holder(root / "locks" / "expert-x.lock")  # another run is making the artefact
+    try:
+        ranks = [commands.start([str(r), str(port), str(root)], python=_RANK) for r in range(2)]
+        _until(lambda: "waiting:" in ranks[0].stderr(), "rank 0 waits")
+        released = time.time()
+        holder.kill()
+        for rank in ranks:
+            assert commands.wait(rank).returncode == 0, rank.stderr()
+    finally:
+        holder.kill()
+    pid0 = json.loads(ranks[0].stdout().splitlines()[0])["pid"]
+    results = [json.loads(rank.stdout().splitlines()[-1]) for rank in ranks]
+    assert ranks[0].stderr().startswith(f"waiting: {root / 'locks' / 'expert-x.lock'}: shared artefact 'expert-x' is "
+                                        f"in use by pid {holder.pid} (")
+    assert "waiting:" not in ranks[1].stderr()  # one line in all, from rank 0
+    assert all(r["entered"] >= released for r in results)  # both ranks waited for the other run
+    assert results[1]["holder"].startswith(f"pid {pid0} ")  # inside, rank 0 holds the lock for both
+    assert results[1]["left"] >= results[0]["entered"] + 0.3  # the closing broadcast kept rank 1 inside

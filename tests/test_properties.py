@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -312,15 +312,32 @@ _labels = st.dictionaries(st.sampled_from(["0", "1", "2", "-1", "256", "x", " 1"
                           max_size=4) | _json
 _training = st.lists(st.fixed_dictionaries({}, optional={"image": _paths | _json, "label": _paths | _json})
                      | _json, max_size=4) | _json
-_dataset_json = st.fixed_dictionaries({}, optional={
-    "labels": _labels, "training": _training, "name": _json, "numTraining": _json, "test": _json,
+_msd_like = st.fixed_dictionaries({  # close to valid: the parser's deeper checks run
+    "labels": st.dictionaries(st.sampled_from(["0", "1", "2"]), st.sampled_from(["background", "organ"]), min_size=1)
+    | _labels,
+    "training": st.lists(st.fixed_dictionaries({"image": _paths, "label": _paths}), min_size=1, max_size=3) | _training,
+}, optional={"name": _json, "numTraining": _json, "test": _json})
+_nnunet_like = st.fixed_dictionaries({
+    "labels": st.dictionaries(st.sampled_from(["background", "organ", "tumour"]),
+                              st.integers(-1, 300) | st.lists(st.integers(-1, 5), max_size=2), min_size=1) | _labels,
     "channel_names": st.sampled_from([{"0": "CT"}, {}, {"0": "CT", "1": "MR"}, [], "CT"]) | _json,
     "file_ending": st.sampled_from([*IMAGE_SUFFIXES, ".png", "", "nii.gz"]) | _json,
-}) | _json
+}, optional={"name": _json, "numTraining": _json})
+_dataset_json = _msd_like | _nnunet_like | st.fixed_dictionaries({}, optional={
+    "labels": _labels, "training": _training, "name": _json, "numTraining": _json, "test": _json,
+    "channel_names": _json, "file_ending": _json}) | _json
+
+
+def _msd_case(path: str) -> dict[str, Any]:
+    return {"labels": {"0": "background"}, "training": [{"image": path, "label": "./labelsTr/a.nii.gz"}]}
 
 
 @bounded(300)
 @given(_dataset_json, st.sampled_from(["auto", "msd", "nnunet"]))
+@example(_msd_case("x" * 300 + ".nii.gz"), "msd")  # found by this property: OSError (file name too long)
+@example(_msd_case("imagesTr/" + "y/" * 2100 + "a.nii.gz"), "msd")  # path longer than PATH_MAX: OSError
+@example(_msd_case("a\x00b.nii.gz"), "msd")
+@example(_msd_case("\ud800.nii.gz"), "msd")  # a lone surrogate cannot become a file name
 def test_dataset_json_of_any_content_gives_a_dataset_or_a_data_error(dataset_root: Path, data: Any,
                                                                      layout: str) -> None:
     (dataset_root / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
@@ -328,10 +345,11 @@ def test_dataset_json_of_any_content_gives_a_dataset_or_a_data_error(dataset_roo
         info = scan_dataset("set", dataset_root, layout)
     except DataError as exc:
         assert exc.path is not None and exc.message
+        str(exc).encode("utf-8", "backslashreplace")  # printable as the CLI prints it
         return
-    assert info.cases and info.layout in ("msd", "nnunet")  # accepted: real cases inside the root
+    assert info.cases and info.layout in ("msd", "nnunet")  # accepted: real files inside the root
     for case in info.cases:
-        assert case.image.is_file() and case.label is not None and case.label.is_file()
+        assert case.image.exists() and case.label is not None and case.label.exists()
         assert case.image.is_relative_to(dataset_root) and case.label.is_relative_to(dataset_root)
 
 
@@ -415,15 +433,19 @@ def _assert_valid_or_data_error(path: Path) -> None:
     except DataError as exc:
         assert exc.path == path and exc.message
         return
-    assert array.ndim == 3 and tuple(array.shape) == geometry.shape
-    assert np.isfinite(geometry.affine).all()
+    assert array.ndim == 3 and tuple(array.shape) == geometry.shape and array.size > 0
+    assert array.dtype.kind in "biuf"  # a plain numeric voxel type (not RGB records, not complex)
+    assert np.isfinite(geometry.affine).all() and abs(np.linalg.det(geometry.affine[:3, :3])) > 0
+
+
+IMAGE_NAMES = [f"{kind}{suffix}" for kind in ("ct", "label", "float") for suffix in (".nii", ".nii.gz", ".nrrd", ".mha")]
 
 
 @bounded(400)
-@given(st.data(), st.lists(_MUTATION, min_size=1, max_size=4), st.booleans())
-def test_mutated_image_files_give_an_image_or_a_data_error(image_files: dict[str, bytes], scratch: Path,
-                                                           data: st.DataObject, mutations: list, inside_gzip: bool) -> None:
-    name = data.draw(st.sampled_from(sorted(image_files)))
+@given(st.sampled_from(IMAGE_NAMES), st.lists(_MUTATION, min_size=1, max_size=4), st.booleans())
+@example("label.nii", [("header", 70, 3)], False)  # found by this property: datatype code 3, nibabel HeaderDataError
+def test_mutated_image_files_give_an_image_or_a_data_error(image_files: dict[str, bytes], scratch: Path, name: str,
+                                                           mutations: list, inside_gzip: bool) -> None:
     raw = image_files[name]
     if name.endswith(".gz") and inside_gzip:  # damage the NIfTI inside a valid gzip stream, not only the stream
         mutated = gzip.compress(_mutate(gzip.decompress(raw), mutations), mtime=0)
@@ -441,3 +463,22 @@ def test_unmutated_image_files_read_back(image_files: dict[str, bytes], scratch:
         path.write_bytes(raw)
         array, geometry = read_image(path)
         assert array.shape == (7, 6, 5) and geometry.spacing == pytest.approx((0.8, 0.9, 2.5))
+
+
+@pytest.mark.parametrize(("dtype", "shape", "message"), [
+    (np.complex64, (4, 3, 2), r"unsupported voxel type complex64; a scalar \(integer or float\) 3D volume"),
+    (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), (4, 3, 2), r"unsupported voxel type \[\('R'"),
+    (np.int16, (4, 0, 2), r"image of shape \(4, 0, 2\) holds no voxels"),
+])
+def test_nifti_with_complex_rgb_or_no_voxels_is_refused(tmp_path: Path, dtype: Any, shape: tuple[int, ...],
+                                                        message: str) -> None:
+    """Valid NIfTI files that the property above must not accept: nibabel reads them as record, complex or
+    empty arrays, which prepare and predict cannot use."""
+    import nibabel as nib
+
+    path = tmp_path / "odd.nii"
+    nib.save(nib.Nifti1Image(np.zeros(shape, dtype=dtype), np.eye(4)), str(path))
+    with pytest.raises(DataError, match=message):
+        read_image(path)
+    nib.save(nib.Nifti1Image(np.zeros((4, 3, 2), dtype=np.float64), np.eye(4)), str(path))  # twin
+    assert read_image(path)[0].dtype == np.float64

@@ -175,10 +175,18 @@ def _inside(root: Path, rel: Any, where: str, json_path: Path) -> Path:
 
     The check is lexical (``..`` components are resolved against the path itself, symbolic links are not
     followed), so a dataset whose ``imagesTr`` is a link to another disk is accepted while
-    ``../x.nii.gz`` is not.
+    ``../x.nii.gz`` is not. A NUL, an unencodable character or a name over 255 bytes is refused too.
     """
     if not isinstance(rel, str) or not rel:
         raise DataError(f"{where}: expected a relative path string, got {rel!r}", json_path)
+    try:
+        encoded: list[bytes] | None = [os.fsencode(part) for part in Path(rel).parts]
+    except UnicodeEncodeError:
+        encoded = None
+    if encoded is None or any(b"\0" in part for part in encoded):
+        raise DataError(f"{where}: {rel!r} is not a valid path (NUL or unencodable characters)", json_path)
+    if any(len(part) > 255 for part in encoded):
+        raise DataError(f"{where}: path {rel[:40]!r}... has a file name longer than 255 bytes", json_path)
     if Path(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or rel.startswith("~"):
         raise DataError(f"{where}: absolute path {rel!r} is not allowed; paths are relative to the dataset root",
                         json_path)
@@ -187,6 +195,14 @@ def _inside(root: Path, rel: Any, where: str, json_path: Path) -> Path:
     if not path.is_relative_to(base) or path == base:
         raise DataError(f"{where}: path {rel!r} escapes the dataset root", json_path)
     return path
+
+
+def _exists(path: Path) -> bool:
+    """``path.exists()``; a path that cannot be checked (permission denied, too long) is a DataError naming it."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        raise DataError(f"cannot access this path ({exc.strerror or exc})", path) from None
 
 
 def _declared_msd(data: Mapping[str, Any], json_path: Path) -> dict[int, str]:
@@ -444,15 +460,15 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
         if case_id in seen:
             raise DataError(f"duplicate case id {case_id!r} (also {seen[case_id].name})", image)
         seen[case_id] = image
-        if not image.exists():
+        if not _exists(image):
             raise DataError("image file listed in dataset.json is missing" if declared is not None
                             else "image file is missing", image)
-        if label is None or not label.exists():
+        if label is None or not _exists(label):
             raise DataError(f"label file for case {case_id!r} is missing", label or image)
         oracle = None
         if oracle_dir is not None:
             oracle = oracle_dir / (f"{case_id}{suffix_of(label)}" if layout == "kits" else label.name)
-            if not oracle.exists():
+            if not _exists(oracle):
                 raise DataError(f"oracle label for case {case_id!r} is missing", oracle)
         cases.append(CaseFiles(name, case_id, image, label, oracle))
     kind = "folders" if layout.startswith("folders") else layout

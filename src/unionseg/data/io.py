@@ -109,6 +109,8 @@ def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
     if array.ndim != 3:
         raise DataError(f"{array.ndim}D image of shape {array.shape}; a 3D volume is required "
                         "(multi-channel and time series are not supported)", path)
+    if array.size == 0:
+        raise DataError(f"image of shape {array.shape} holds no voxels", path)
     return array
 
 
@@ -148,6 +150,10 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
         raise DataError(f"not a readable NIfTI image ({exc})", path) from None
     except (OSError, ValueError) as exc:
         raise DataError(_gzip_problem(path) or f"cannot read image ({exc})", path) from None
+    except MemoryError:
+        raise DataError("not enough memory to read the image (does its header state the right size?)", path) from None
+    except Exception as exc:  # a damaged header makes nibabel raise more types (HeaderDataError, struct.error, ...)
+        raise DataError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", path) from None
     array = _as_3d(np.asarray(array), path)
     return array, Geometry(array.shape, img.affine)
 
@@ -196,7 +202,8 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         ``(array, geometry)``: the array in the file's own dtype, indexed (i, j, k).
 
     Raises:
-        DataError: missing, empty, truncated, not an image, not 3D, or non-finite geometry.
+        DataError: missing, empty, truncated, not an image, not 3D, not scalar (RGB, complex), or non-finite
+            geometry. A damaged file never raises another exception type (tests/test_properties.py).
     """
     path = Path(path)
     _check_readable(path)
@@ -207,6 +214,9 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
         array, geom = _read_nifti(path)
     else:
         raise DataError(f"unsupported file type {suf!r} (use {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)", path)
+    if array.dtype.kind not in "biuf":  # RGB records, complex numbers: not a CT intensity or a label
+        raise DataError(f"unsupported voxel type {array.dtype}; a scalar (integer or float) 3D volume is required",
+                        path)
     if not np.all(np.isfinite(geom.affine)) or abs(np.linalg.det(geom.affine[:3, :3])) < 1e-12:
         raise DataError("invalid geometry (non-finite or singular affine)", path)
     return array, geom

@@ -298,15 +298,18 @@ class DynamicHead(Head):
         """
         batch, n_pairs = params.shape[0], params.shape[1]
         spatial = features.shape[2:]
-        h = features.reshape(1, batch * self.feature_channels, *spatial)
+        # 1x1x1 convolutions are per-voxel matrix products: batched matmuls (one BLAS call per layer) do the
+        # work of DoDNet's grouped convolution, much faster on CPUs and equal on GPUs
+        h = features.reshape(batch, self.feature_channels, -1)
         layers = self.split_params(params.reshape(batch * n_pairs, self.n_params))
         for index, (weight, bias) in enumerate(layers):
             c_out, c_in = weight.shape[1], weight.shape[2]
-            # layer 0 reads one feature map per sample (B groups, T' * c_out outputs per group);
-            # later layers read one map per (sample, task) pair (B * T' groups)
-            groups = batch if index == 0 else batch * n_pairs
-            kernel = weight.reshape(batch * n_pairs * c_out, c_in, 1, 1, 1).to(h.dtype)
-            h = F.conv3d(h, kernel, bias.reshape(-1).to(h.dtype), groups=groups)
+            # layer 0 reads one feature map per sample (T' * c_out outputs each); later layers read one map
+            # per (sample, task) pair
+            rows = batch if index == 0 else batch * n_pairs
+            w = weight.reshape(rows, -1, c_in).to(h.dtype)
+            b = bias.reshape(rows, -1, 1).to(h.dtype)
+            h = torch.baddbmm(b, w, h.reshape(rows, c_in, -1))
             if index < len(layers) - 1:
                 h = F.relu(h)
         return h.reshape(batch, n_pairs * self.out_channels, *spatial)
