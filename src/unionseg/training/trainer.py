@@ -282,8 +282,10 @@ class Trainer:
             compute = self.ctx.artifacts.compute_seconds()
             summary["artifacts"] = self.ctx.artifacts.summary()
             summary["expert_seconds"] = float(sum(compute.values()))
-        if self.ctx.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        if self.ctx.is_main:  # atomic: an expert whose summary exists counts as finished
+            tmp = self.run_dir / f".summary.json.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, default=float))
+            tmp.replace(self.run_dir / "summary.json")
         return summary
 
 
