@@ -8,8 +8,9 @@ A deployed model declares ``output_form`` and one class key per output channel (
   its region). A key may repeat (several
   tasks predict the same class, as DoDNet's tasks may): the maximum is taken.
 
-:func:`decode` is the one place where network outputs become labels; the trainer's validation, the
-artefact cache (pseudo labels) and the predictor all call it.
+:func:`decode_probs` turns a model's probabilities into labels through the ONE merge function
+(:mod:`unionseg.labels`); the trainer's validation uses it, and the predictor's streaming decider calls the
+same merge on its grouped probabilities.
 """
 
 from __future__ import annotations
@@ -84,14 +85,3 @@ def decode_probs(
     regions, parts = sigmoid_to_groups(probs, channels, space)
     return merge(regions, parts, space, organ_leaf_probs=None, threshold=0.5 if threshold is None else threshold)
 
-
-def decode(
-    logits: torch.Tensor,
-    output_form: str,
-    channels: Sequence[str],
-    space: LabelSpace,
-    threshold: float | None = 0.5,
-    decision: str = "merge",
-) -> torch.Tensor:
-    """(C, *S) logits -> (*S) uint8 leaf ids."""
-    return decode_probs(activate(logits, output_form), output_form, channels, space, threshold, decision)

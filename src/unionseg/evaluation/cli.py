@@ -12,18 +12,6 @@ from typing import Annotated, Optional
 import typer
 
 
-def _parse_roots(roots: list[str] | None) -> dict[str, str]:
-    from unionseg.errors import UnionsegError
-
-    out: dict[str, str] = {}
-    for item in roots or []:
-        if "=" not in item:
-            raise UnionsegError(f"--root {item!r} must look like NAME=DIR")
-        name, folder = item.split("=", 1)
-        out[name] = folder
-    return out
-
-
 def evaluate_command(
     pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz (global leaf ids).")],
     gt: Annotated[Path, typer.Argument(help="Folder of ground-truth label files, e.g. datasets/test/labelsTr.")],
@@ -41,10 +29,11 @@ def evaluate_command(
     from rich.console import Console
     from rich.markdown import Markdown
 
+    from unionseg.cli import _parse_roots as parse_roots
     from unionseg.evaluation.evaluate import evaluate_folder
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
-                              workers=workers, figures=figures, roots=_parse_roots(root))
+                              workers=workers, figures=figures, roots=parse_roots(root))
     console = Console()
     console.print(f"[bold]{summary['dataset']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))
