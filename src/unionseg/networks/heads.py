@@ -303,7 +303,7 @@ class DynamicHead(Head):
         h = features.reshape(batch, self.feature_channels, -1)
         layers = self.split_params(params.reshape(batch * n_pairs, self.n_params))
         for index, (weight, bias) in enumerate(layers):
-            c_out, c_in = weight.shape[1], weight.shape[2]
+            c_in = weight.shape[2]
             # layer 0 reads one feature map per sample (T' * c_out outputs each); later layers read one map
             # per (sample, task) pair
             rows = batch if index == 0 else batch * n_pairs
