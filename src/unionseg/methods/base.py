@@ -137,7 +137,20 @@ class Method:
 
     # ------------------------------------------------------------------ stages and data
     def run_stage(self, stage: str) -> dict[str, Any]:
-        """Run a non-training stage; returns a JSON-able summary recorded in the run folder."""
+        """Run a non-training stage; returns a JSON-able summary recorded in the run folder.
+
+        The shared-artefact stages (contract 6) are handled here for every method that declares them:
+        ``experts``, ``teacher_probabilities`` (the experts' cached probabilities) and ``pseudo_labels``.
+        """
+        art = self.ctx.artifacts
+        if art is not None and stage == "experts":
+            models = art.ensure_experts()
+            return {"experts": {k: str(v) for k, v in models.items()}, **art.summary()}
+        if art is not None and stage == "teacher_probabilities":
+            art.ensure_probs()
+            return art.summary()
+        if art is not None and stage == "pseudo_labels":
+            return art.ensure_pseudo_labels()
         raise NotImplementedError(f"method {self.name!r} declares stage {stage!r} but does not implement it")
 
     def datasets(self) -> list[str]:

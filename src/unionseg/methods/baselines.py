@@ -82,11 +82,6 @@ class IndividualMethod(Method):
 
     stages = ("experts",)
 
-    def run_stage(self, stage: str) -> dict[str, Any]:
-        assert self.ctx.artifacts is not None
-        models = self.ctx.artifacts.ensure_experts()
-        return {"experts": {k: str(v) for k, v in models.items()}, **self.ctx.artifacts.summary()}
-
     def build(self) -> dict[str, torch.nn.Module]:
         return {}
 

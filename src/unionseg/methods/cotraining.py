@@ -90,16 +90,7 @@ class CotrainingMethod(SoftmaxMethod):
         spacing = ctx.project.preprocessing.spacing
         self.dilation = tuple(max(0, round(self.options.dilation_mm / s)) for s in spacing)
 
-    # stage 1 -------------------------------------------------------------------------------------------
-    def run_stage(self, stage: str) -> dict[str, Any]:
-        assert self.ctx.artifacts is not None
-        if stage == "experts":
-            self.ctx.artifacts.ensure_experts()
-            return self.ctx.artifacts.summary()
-        if stage == "pseudo_labels":
-            return self.ctx.artifacts.ensure_pseudo_labels()
-        return super().run_stage(stage)
-
+    # stage 1 (experts, pseudo labels) is the shared-artefact stage of Method.run_stage ---------------------
     def extras(self) -> dict[str, ExtraSpec]:
         assert self.ctx.artifacts is not None
         return {"pseudo": ExtraSpec("label", self.ctx.artifacts.load_pseudo)}

@@ -59,16 +59,6 @@ class MSKDMethod(SoftmaxMethod):
         self.teachers = list(ctx.train_datasets)
         self.teacher_leaves = [expert_subspace(self.space, d)[2] for d in self.teachers]
 
-    def run_stage(self, stage: str) -> dict[str, Any]:
-        assert self.ctx.artifacts is not None
-        if stage == "experts":
-            self.ctx.artifacts.ensure_experts()
-        elif stage == "teacher_probabilities":
-            self.ctx.artifacts.ensure_probs()
-        else:
-            return super().run_stage(stage)
-        return self.ctx.artifacts.summary()
-
     def extras(self) -> dict[str, ExtraSpec]:
         art = self.ctx.artifacts
         assert art is not None
