@@ -512,6 +512,32 @@ def test_product_of_experts_and_logit_loss() -> None:
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
+
+def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
+    """The fused multi-teacher loss equals the definition: sum_j kd_kl over R_j U R_bg (plus the PoE term
+    over R_bg with the option), value and gradient; and a teacher tied between background and an organ
+    does not claim the voxel (argmax convention)."""
+    torch.manual_seed(11)
+    leaves = [[1, 2], [3, 4], [5]]
+    teachers = [torch.softmax(3 * torch.randn(2, 1 + len(k), 5, 4, 3), 1) for k in leaves]
+    logits = torch.randn(2, 6, 5, 4, 3, requires_grad=True)
+    regions, background = kd_regions(teachers)
+    for poe in (False, True):
+        expected = sum(kd_kl(logits, t, k, r if poe else r | background, tau=2.0)
+                       for t, k, r in zip(teachers, leaves, regions, strict=True))
+        if poe:
+            merged = product_of_experts_background(teachers, leaves, 6)
+            expected = expected + kd_kl(logits, merged, [1, 2, 3, 4, 5], background, tau=2.0)
+        fused = ms_kd_logit_loss(logits, teachers, leaves, tau=2.0, poe_background=poe)
+        assert fused.item() == pytest.approx(float(expected), rel=1e-5)
+        (g_expected,) = torch.autograd.grad(expected, logits)
+        (g_fused,) = torch.autograd.grad(fused, logits)
+        assert torch.allclose(g_fused, g_expected, atol=1e-7)
+        assert g_fused.abs().sum() > 0
+    tied = torch.tensor([[0.5, 0.5], [0.4, 0.6]]).T.reshape(1, 2, 2)
+    (region,), bg = kd_regions([tied])
+    assert region[0].tolist() == [False, True] and bg[0].tolist() == [True, False]
+
 def test_region_affinity_invariances_and_gradients() -> None:
     torch.manual_seed(8)
     student = torch.randn(2, 4, 3, 4, requires_grad=True)

@@ -126,6 +126,41 @@ def _kd_kl_from_log_probs(student_log_probs: Tensor, student_probs: Tensor, teac
     return (tau ** 2) * kl.sum() / inside.sum().clamp_min(1)
 
 
+def _fused_kd_kl(student_log_probs: Tensor, student_probs: Tensor, targets: Sequence[Tensor],
+                 teacher_leaves: Sequence[list[int]], regions: Sequence[Tensor], tau: float, eps: float) -> Tensor:
+    """``sum_j`` of :func:`_kd_kl_from_log_probs` over teachers, in a handful of full-size operations.
+
+    Every teacher-side quantity is a constant, so it is folded (without a graph) into one per-leaf weight
+    volume ``W`` (``W_l = sum_j w_j t_{j,l}``, ``w_j`` = teacher j's region divided by its size) and one
+    weight per teacher for its merged channel; the graph then holds one matrix product (the "everything
+    else" mass of every teacher at once) and two weighted sums. Same value as the per-teacher loop; on
+    CPUs several times faster (no per-teacher fancy indexing and its zero-filled backward buffers).
+    """
+    n_leaves = student_log_probs.shape[1]
+    batch = student_log_probs.shape[0]
+    with torch.no_grad():
+        leaf_weight = torch.zeros_like(student_log_probs)
+        merged_weight = []
+        others = torch.ones(len(targets), n_leaves, dtype=student_probs.dtype, device=student_probs.device)
+        constant = torch.zeros((), dtype=student_log_probs.dtype, device=student_log_probs.device)
+        for j, (probs, leaves, region) in enumerate(zip(targets, teacher_leaves, regions, strict=True)):
+            log_t = F.log_softmax(probs.float().clamp_min(eps).log() / tau, dim=1)
+            target = log_t.exp()
+            inside = region.to(student_log_probs.dtype)
+            w = inside / inside.sum().clamp_min(1)
+            constant += (target * log_t).sum(1).mul_(w).sum()
+            for k, leaf in enumerate(leaves):
+                leaf_weight[:, leaf].add_(target[:, 1 + k] * w)
+            merged_weight.append(target[:, 0] * w)
+            others[j, leaves] = 0
+        merged_w = torch.stack(merged_weight, dim=1).flatten(2)  # (B, J, V)
+    mass = torch.matmul(others, student_probs.reshape(batch, n_leaves, -1))  # (B, J, V)
+    fallback = student_log_probs[:, :1].reshape(batch, 1, -1)
+    log_mass = torch.where(mass > _TINY, mass.clamp_min(_TINY).log(), fallback)
+    cross = (leaf_weight * student_log_probs).sum() + (merged_w * log_mass).sum()
+    return (tau ** 2) * (constant - cross)
+
+
 def kd_kl(
     student_logits: Tensor,
     teacher_probs: Tensor,
@@ -187,13 +222,21 @@ def kd_regions(teacher_probs: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
             raise ValueError(f"teacher_probs[{j}] has shape {tuple(probs.shape)}; expected (B, 1+K, *S) with "
                              f"(B, *S) = {shape}")
         p = probs.detach().float()
-        claim = p.argmax(1) != 0
+        # argmax(1) != 0 (ties go to background), without argmax over channels (very slow on CPUs)
+        claim = p[:, 1:].amax(1) > p[:, 0]
         claims.append(claim)
         confidences.append(torch.where(claim, 1.0 - p[:, 0], torch.full_like(p[:, 0], -1.0)))
-    claimed = torch.stack(claims)  # (J, B, *S)
-    winner = torch.stack(confidences).argmax(0)  # first maximum on ties
-    regions = [claimed[j] & (winner == j) for j in range(len(teacher_probs))]
-    return regions, ~claimed.any(0)
+    winner = torch.zeros(shape, dtype=torch.long, device=teacher_probs[0].device)
+    best = confidences[0]
+    for j in range(1, len(confidences)):  # strict '>' keeps the first maximum on ties, as argmax does
+        better = confidences[j] > best
+        winner = torch.where(better, j, winner)
+        best = torch.maximum(best, confidences[j])
+    regions = [claim & (winner == j) for j, claim in enumerate(claims)]
+    unclaimed = ~claims[0]
+    for claim in claims[1:]:
+        unclaimed &= ~claim
+    return regions, unclaimed
 
 
 def product_of_experts_background(
@@ -330,6 +373,7 @@ def ms_kd_logit_loss(
     teacher_leaves: Sequence[Sequence[int]],
     tau: float = 1.0,
     poe_background: bool = False,
+    precomputed: tuple[list[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """The MS-KD logit term ``sum_j mean over (R_j U R_bg) of tau^2 KL(t_j^tau || q^{j,tau})``.
 
@@ -342,6 +386,8 @@ def ms_kd_logit_loss(
         teacher_leaves: per teacher, its K_j leaf ids.
         tau: temperature (> 0).
         poe_background: use the merged product-of-experts target in R_bg.
+        precomputed: ``kd_regions(teacher_probs)`` when the caller already has it (the feature term
+            uses the same regions).
 
     Returns:
         Scalar float32.
@@ -351,22 +397,19 @@ def ms_kd_logit_loss(
     """
     if len(teacher_probs) != len(teacher_leaves) or len(teacher_probs) == 0:
         raise ValueError("teacher_probs and teacher_leaves must be non-empty lists of the same length")
-    regions, background = kd_regions(teacher_probs)
+    regions, background = kd_regions(teacher_probs) if precomputed is None else precomputed
     checked = [_check_kd_inputs(student_logits, probs, leaves, background, tau)
                for probs, leaves in zip(teacher_probs, teacher_leaves, strict=True)]
+    targets: list[Tensor] = list(teacher_probs)
+    where = [region if poe_background else region | background for region in regions]
+    if poe_background:
+        n_leaves = student_logits.shape[1]
+        targets.append(product_of_experts_background(teacher_probs, teacher_leaves, n_leaves))
+        checked.append(list(range(1, n_leaves)))
+        where.append(background)
     with float32_island(student_logits):
         log_q = F.log_softmax(student_logits.float() / tau, dim=1)  # shared by every teacher
-        q = log_q.exp()
-        total = torch.zeros((), device=student_logits.device)
-        for probs, leaves, region in zip(teacher_probs, checked, regions, strict=True):
-            where = region if poe_background else region | background
-            total = total + _kd_kl_from_log_probs(log_q, q, probs, leaves, where, tau, 1e-8)
-        if poe_background:
-            n_leaves = student_logits.shape[1]
-            merged = product_of_experts_background(teacher_probs, teacher_leaves, n_leaves)
-            total = total + _kd_kl_from_log_probs(log_q, q, merged, list(range(1, n_leaves)), background,
-                                           tau, 1e-8)
-    return total
+        return _fused_kd_kl(log_q, log_q.exp(), targets, checked, where, tau, 1e-8)
 
 
 def ms_kd_feature_loss(

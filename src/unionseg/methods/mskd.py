@@ -85,12 +85,13 @@ class MSKDMethod(SoftmaxMethod):
         logits, feats = out if need_feat else (out, None)
         teacher_probs = [batch[f"teacher_{j}"] for j in range(len(self.teachers))]
         n = len(self.teachers)
-        logit = ms_kd_logit_loss(logits, teacher_probs, self.teacher_leaves, o.tau, o.poe_background) / n
+        regions, background = kd_regions(teacher_probs)  # shared by the logit and feature terms
+        logit = ms_kd_logit_loss(logits, teacher_probs, self.teacher_leaves, o.tau, o.poe_background,
+                                 precomputed=(regions, background)) / n
         loss = o.w_logit * logit
         terms: dict[str, torch.Tensor] = {"logit": logit.detach()}
         if need_feat:
             assert feats is not None
-            regions, background = kd_regions(teacher_probs)
             feat = ms_kd_feature_loss(feats.decoder[o.feature_stage], self._teacher_features(x), regions, background) / n
             loss = loss + o.w_feat * feat
             terms["feature"] = feat.detach()

@@ -65,7 +65,7 @@ class Trainer:
 
     Files written (rank 0): ``config.yaml``, ``stages.json``, ``last.pt`` (complete resumable state),
     ``model.pt`` (the best-validating deployed model, a model file), ``log.csv``, ``tb/`` (TensorBoard),
-    ``summary.json``.
+    ``validation.json`` (every validation so far, per class), ``summary.json``.
     """
 
     def __init__(self, ctx: RunContext, resume: bool = False) -> None:
@@ -246,6 +246,9 @@ class Trainer:
         entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
                  **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()}}
         self.history.append(entry)
+        tmp = self.run_dir / f".validation.json.{os.getpid()}.tmp"  # the curve so far, readable mid-run
+        tmp.write_text(json.dumps(self.history, indent=1, default=float))
+        tmp.replace(self.run_dir / "validation.json")
         if results[name]["mean_dice"] > self.best_metric:
             self.best_metric = results[name]["mean_dice"]
             self.best_name = name
