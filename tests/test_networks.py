@@ -245,9 +245,11 @@ def test_controller_output_size_is_computed(
         assert net(image()).shape == (2, N_TASKS * out_channels, SIZE, SIZE, SIZE)
 
 
-def test_dynamic_head_matches_a_per_sample_reference() -> None:
+@pytest.mark.parametrize("chunk", [16384, 7])  # one pass, and 10 voxel chunks with a ragged last one
+def test_dynamic_head_matches_a_per_sample_reference(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     head = DynamicHead(in_channels=4, bottleneck_channels=6, n_tasks=2, out_channels=3, head_widths=(5,))
+    monkeypatch.setattr(head, "VOXEL_CHUNK", chunk)
     features = torch.randn(3, 8, 4, 4, 4)
     params = torch.randn(3, 2, head.n_params)
     got = head.apply_head(features, params)

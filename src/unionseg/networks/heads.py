@@ -202,10 +202,11 @@ class DynamicHead(Head):
     * Controller: global average pooling of the bottleneck (already GN-ReLU'd by the backbone),
       concatenated with the task's one-hot code, -> ONE linear map (= a 1x1x1 conv on the pooled vector)
       producing all :attr:`n_params` head parameters, computed by :func:`head_parameter_count`.
-    * Head: 1x1x1 convs F -> head_widths... -> C, ReLU between, applied per (sample, task) pair with
-      grouped convolutions: the features are viewed as (1, B * F, D, H, W); the first conv uses B groups
-      and emits all of a sample's tasks at once, the later convs use B * T groups. For ``task_ids=None``
-      all T tasks of every sample come out of the same batched calls, (B, T * C, D, H, W).
+    * Head: 1x1x1 convs F -> head_widths... -> C, ReLU between, applied per (sample, task) pair. DoDNet
+      uses grouped convolution; here the same per-voxel products are batched matrix products (the first
+      layer emits all of a sample's tasks at once, later layers run one matrix per (sample, task) pair),
+      over chunks of :attr:`VOXEL_CHUNK` voxels. For ``task_ids=None`` all T tasks of every sample come
+      out of the same calls, (B, T * C, D, H, W).
 
     Args:
         in_channels: channels of the decoder output.
