@@ -512,7 +512,6 @@ def test_product_of_experts_and_logit_loss() -> None:
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-
 def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
     """The fused multi-teacher loss equals the definition: sum_j kd_kl over R_j U R_bg (plus the PoE term
     over R_bg with the option), value and gradient; and a teacher tied between background and an organ
@@ -537,6 +536,7 @@ def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
     tied = torch.tensor([[0.5, 0.5], [0.4, 0.6]]).T.reshape(1, 2, 2)
     (region,), bg = kd_regions([tied])
     assert region[0].tolist() == [False, True] and bg[0].tolist() == [True, False]
+
 
 def test_region_affinity_invariances_and_gradients() -> None:
     torch.manual_seed(8)

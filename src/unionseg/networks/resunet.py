@@ -74,7 +74,7 @@ class ResUNet(Backbone):
             measured): a standardised kernel has zero mean, so a WS stem on a one-channel image responds to
             edges only and the network must reconstruct every organ's intensity level from its borders.
             On the standard phantom a single-batch overfit with the WS stem still gave kidney Dice 0 after
-            60 steps, 0.66 with a plain stem (docs/benchmarks.md, "Backbone stem").
+            60 steps, 0.66 with a plain stem (docs/methods.md, "Backbone deviation").
 
     Raises:
         ValueError: on inconsistent or invalid sizes, an unknown upsample mode or dropout outside [0, 1).
@@ -117,7 +117,7 @@ class ResUNet(Backbone):
 
         # a plain (not weight-standardised) stem: standardising a kernel subtracts its mean, so on the raw
         # image a WS stem answers only to local contrast and never to the intensity level itself (the
-        # Hounsfield value that tells a bright kidney from the liver); see the module docstring
+        # Hounsfield value that tells a bright kidney from the liver); see ``stem_ws`` in the class docstring
         self.stem: nn.Module = (WSConv3d(in_channels, widths_t[0], 3, padding=1) if stem_ws
                                 else nn.Conv3d(in_channels, widths_t[0], 3, padding=1))
         self.encoder = nn.ModuleList()

@@ -246,9 +246,7 @@ class Trainer:
         entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
                  **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()}}
         self.history.append(entry)
-        tmp = self.run_dir / f".validation.json.{os.getpid()}.tmp"  # the curve so far, readable mid-run
-        tmp.write_text(json.dumps(self.history, indent=1, default=float))
-        tmp.replace(self.run_dir / "validation.json")
+        _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
         if results[name]["mean_dice"] > self.best_metric:
             self.best_metric = results[name]["mean_dice"]
             self.best_name = name
@@ -286,9 +284,7 @@ class Trainer:
             summary["artifacts"] = self.ctx.artifacts.summary()
             summary["expert_seconds"] = float(sum(compute.values()))
         if self.ctx.is_main:  # atomic: an expert whose summary exists counts as finished
-            tmp = self.run_dir / f".summary.json.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(summary, indent=2, default=float))
-            tmp.replace(self.run_dir / "summary.json")
+            _write_json_atomic(self.run_dir / "summary.json", summary)
         return summary
 
 
@@ -312,6 +308,13 @@ def _test_kill_hook(step: int) -> None:
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     non_blocking = device.type == "cuda"
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    tmp.replace(path)
 
 
 class _Logger:
