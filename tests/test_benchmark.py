@@ -21,6 +21,20 @@ def test_suites_load_and_share_one_budget() -> None:
         assert {r.method for r in suite.runs()} >= {"oracle", "naive"}
     ablations = {r.name: r for r in load_suite("ablations").runs()}
     assert ablations["cotraining_selftrain"].options == {"w_s": 0.0}
+    assert load_suite("ablations").budget == load_suite("standard").budget  # budget_from: standard
+
+
+def test_budget_from_overrides_and_refuses_cycles(tmp_path: Path) -> None:
+    from unionseg.errors import ConfigError
+
+    child = tmp_path / "child.yaml"
+    child.write_text("name: child\nbudget_from: standard\nbudget: {steps: 7}\n")
+    budget = load_suite(str(child)).budget
+    assert budget["steps"] == 7 and budget["data"] == load_suite("standard").budget["data"]
+    loop = tmp_path / "loop.yaml"
+    loop.write_text(f"name: loop\nbudget_from: {loop}\n")
+    with pytest.raises(ConfigError, match="without cycles"):
+        load_suite(str(loop))
 
 
 def test_unknown_suite_and_method_are_refused() -> None:

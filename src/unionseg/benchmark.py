@@ -78,11 +78,19 @@ def suite_path(name: str) -> Path:
     return path
 
 
-def load_suite(name: str) -> SuiteConfig:
+def load_suite(name: str, _seen: tuple[str, ...] = ()) -> SuiteConfig:
+    """A suite from its name or YAML path. ``budget_from: OTHER`` starts from suite OTHER's budget (so an
+    ablation suite cannot drift from the comparison it ablates); the suite's own ``budget`` keys override."""
     path = suite_path(name)
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping", path)
+    base = raw.pop("budget_from", None)
+    if base is not None:
+        if not isinstance(base, str) or str(base) in _seen:
+            raise ConfigError(f"budget_from: {base!r} must name another suite, without cycles", path)
+        inherited = load_suite(base, (*_seen, name)).budget
+        raw["budget"] = {**inherited, **(raw.get("budget") or {})}
     return from_dict(SuiteConfig, raw, source=str(path))
 
 
