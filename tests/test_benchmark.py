@@ -22,6 +22,8 @@ def test_suites_load_and_share_one_budget() -> None:
     ablations = {r.name: r for r in load_suite("ablations").runs()}
     assert ablations["cotraining_selftrain"].options == {"w_s": 0.0}
     assert load_suite("ablations").budget == load_suite("standard").budget  # budget_from: standard
+    twice = load_suite("standard_2s")  # the convergence check: the oracle at 2S, all else equal
+    assert twice.budget == {**load_suite("standard").budget, "steps": 2 * load_suite("standard").budget["steps"]}
 
 
 def test_budget_from_overrides_and_refuses_cycles(tmp_path: Path) -> None:
@@ -90,3 +92,21 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
     assert again["methods"]["oracle"]["classes"] == results["methods"]["oracle"]["classes"]
     regions = [k for k in results["methods"]["oracle"]["classes"] if k.startswith(REGION_PREFIX)]
     assert regions
+
+
+def test_tumour_section_scores_only_cases_with_the_tumour(tmp_path: Path) -> None:
+    from unionseg.report import tumour_section
+
+    header = "case,class,dice,hd95,nsd,pred_voxels,gt_voxels,empty_rule\n"
+    rows = {"a": ["c0,liver_tumour,0.6,1,1,10,12,", "c1,liver_tumour,1.0,0,1,0,0,both_empty",
+                  "c2,liver_tumour,0.0,9,0,0,30,pred_empty", "c0,region:liver,0.9,1,1,5,5,"],
+            "b": ["c0,liver_tumour,0.0,9,0,0,12,pred_empty", "c1,liver_tumour,1.0,0,1,0,0,both_empty"]}
+    runs = []
+    for name, lines in rows.items():
+        (tmp_path / "runs" / name / "evaluation").mkdir(parents=True)
+        (tmp_path / "runs" / name / "evaluation" / "metrics.csv").write_text(header + "\n".join(lines) + "\n")
+        runs.append({"name": name, "pred_dir": f"runs/{name}/test_pred"})
+    text = "\n".join(tumour_section({"methods": {"a": {}, "b": {}}, "runs": runs}, tmp_path))
+    assert "| a | 0.300 (1/2) |" in text      # the both-empty case is left out; region rows too
+    assert "| b | 0.000 (0/1) |" in text
+    assert tumour_section({"methods": {}, "runs": []}, tmp_path) == []

@@ -122,6 +122,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              "on validation only; the test set was evaluated once per run.", "", markdown_table(agg), "",
              "## Budget (identical for every method and the shared experts)", "", "```json",
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
+    lines += tumour_section(agg, out)
     for title, rel in made:
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Provenance", "", "| run | seed | code commit | data fingerprint | config hash | phantom |",
@@ -131,6 +132,41 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
         lines.append(f"| {r['name']} | {r['seed']} | `{p['code_commit'][:12]}` | `{p['data_fingerprint']}` | "
                      f"`{p['config_hash']}` | {p.get('generator_version')} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def tumour_section(agg: dict[str, Any], out: Path) -> list[str]:
+    """Report lines: tumour Dice over the test cases that HAVE the tumour, and how many of them got any.
+
+    The table above averages over every case, and a case without the tumour where the method also predicts
+    none scores 1 (empty-mask rule), so a method that never predicts a tumour still shows 0.2-0.4 there.
+    This section reads each run's per-case ``evaluation/metrics.csv`` (written by ``unionseg evaluate``).
+    """
+    rows: dict[str, dict[str, list[tuple[float, bool]]]] = {}
+    for r in agg["runs"]:
+        path = Path(out) / Path(r["pred_dir"]).parent / "evaluation" / "metrics.csv"
+        if not path.is_file():
+            continue
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row["class"].startswith(REGION_PREFIX) or int(row["gt_voxels"]) == 0:
+                    continue
+                rows.setdefault(r["name"], {}).setdefault(row["class"], []).append(
+                    (float(row["dice"]), int(row["pred_voxels"]) > 0))
+    if not rows:
+        return []
+    classes = sorted({c for per in rows.values() for c in per})
+    lines = ["## Tumours, on the test cases that contain one", "",
+             "Dice averaged over the cases whose ground truth has the tumour (all seeds pooled), and detected / "
+             "cases: how many of them got any predicted voxel of it.", "",
+             "| method | " + " | ".join(classes) + " |", "|---|" + "---|" * len(classes)]
+    for name in agg["methods"]:
+        cells = []
+        for c in classes:
+            vals = rows.get(name, {}).get(c, [])
+            cells.append(f"{np.mean([d for d, _ in vals]):.3f} ({sum(hit for _, hit in vals)}/{len(vals)})"
+                         if vals else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, str]]:
