@@ -222,6 +222,32 @@ def test_dynamic_head_parameters_depend_on_the_image() -> None:
     assert not torch.allclose(other_task[1], different[1], atol=1e-6)  # task code matters
 
 
+def test_equalized_controller_same_start_smaller_adam_step() -> None:
+    """Same initial head; one identical Adam step moves the generated parameters sqrt(fan_in) times less."""
+    spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
+    moves, starts = [], []
+    for equalized in (False, True):
+        torch.manual_seed(0)
+        net = make_net(BACKBONES[0], {**spec, "equalized_controller": equalized}).eval()
+        x, tasks = image(), torch.tensor([0, 1])
+        with torch.no_grad():
+            start = net.controller_params(x, tasks)
+        opt = torch.optim.Adam(net.head.controller.parameters(), lr=1e-3)
+        net.controller_params(x, tasks).square().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            moves.append((net.controller_params(x, tasks) - start).abs().mean().item())
+        starts.append(start)
+        if equalized:
+            fan_in = net.head.controller.in_features
+            assert net.head.controller_gain == pytest.approx(fan_in ** -0.5)
+    assert torch.allclose(starts[0], starts[1], atol=1e-6)
+    # the bias moves lr either way; the weight part shrinks by the gain
+    assert moves[1] < moves[0] / 2
+    with pytest.raises(ConfigError, match="true or false"):
+        make_net(BACKBONES[0], {**spec, "equalized_controller": 1})
+
+
 @pytest.mark.parametrize(
     ("feature_channels", "head_widths", "out_channels", "expected"),
     [(8, (8, 8), 2, 162), (8, (8, 8), 1, 153), (4, (6,), 3, 4 * 6 + 6 + 6 * 3 + 3), (8, (), 2, 18)],

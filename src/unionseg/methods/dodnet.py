@@ -49,6 +49,7 @@ class ChannelSelect(nn.Module):
 class DoDNetOptions:
     feature_channels: int = 8
     head_widths: tuple[int, ...] = (8, 8)
+    equalized_controller: bool = True  # our deviation for Adam, see DynamicHead and docs/methods.md
     dice_weight: float = 1.0
     bce_weight: float = 1.0
 
@@ -104,4 +105,5 @@ class DoDNetMethod(TaskMethod):
 
     def head_spec(self) -> dict[str, Any]:
         return {**super().head_spec(), "feature_channels": self.options.feature_channels,
-                "head_widths": list(self.options.head_widths)}
+                "head_widths": list(self.options.head_widths),
+                "equalized_controller": self.options.equalized_controller}

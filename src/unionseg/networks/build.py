@@ -33,7 +33,8 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "softmax": {"out_channels": None},
     "multihead": {"n_tasks": None, "out_channels": None},
     "conditional": {"n_tasks": None, "out_channels": None},
-    "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8]},
+    "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
+                "equalized_controller": False},
 }
 
 
@@ -114,6 +115,9 @@ def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"network.head.head_widths must be a list of positive integers, got {value!r}")
             value = [_positive_int(v, "head.head_widths") for v in value]
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ConfigError(f"network.head.{key} must be true or false, got {value!r}")
         else:
             value = _positive_int(value, f"head.{key}")
         resolved_head[key] = value

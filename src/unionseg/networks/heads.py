@@ -217,6 +217,13 @@ class DynamicHead(Head):
         head_widths: hidden widths of the dynamic head (DoDNet: (8, 8)).
         normalize_input: apply GN-ReLU before the feature conv.
         max_groups: GroupNorm group bound.
+        equalized_controller: store the controller's weight scaled by ``sqrt(fan_in)`` and multiply it back by
+            ``1 / sqrt(fan_in)`` in the forward pass (an "equalised learning rate"): the initial head is the
+            same, but an Adam step moves the generated head parameters ``sqrt(fan_in)`` times less. The pooled
+            bottleneck is non-negative (after ReLU), so every controller weight of a head parameter gets a
+            gradient of the same sign, and a plain Adam step of ``lr`` on each moves that parameter by
+            ``lr * sum(pooled)`` (about 0.5 at lr 0.02 with 64 channels), far more than the parameter itself.
+            Our deviation for Adam-type optimisers (DoDNet trains with SGD); see docs/methods.md.
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
@@ -231,6 +238,7 @@ class DynamicHead(Head):
         head_widths: Sequence[int] = (8, 8),
         normalize_input: bool = True,
         max_groups: int = MAX_GROUPS,
+        equalized_controller: bool = False,
     ) -> None:
         super().__init__()
         if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
@@ -247,6 +255,11 @@ class DynamicHead(Head):
             _input_norm(in_channels, normalize_input, max_groups), nn.Conv3d(in_channels, feature_channels, 1)
         )
         self.controller = nn.Linear(bottleneck_channels + n_tasks, self.n_params)
+        self.equalized_controller = bool(equalized_controller)
+        self.controller_gain = (bottleneck_channels + n_tasks) ** -0.5 if equalized_controller else 1.0
+        if equalized_controller:
+            with torch.no_grad():  # same initial function: stored weight / gain, used as weight * gain
+                self.controller.weight.div_(self.controller_gain)
 
     def controller_params(self, bottleneck: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic-head parameters from the bottleneck and the task code.
@@ -264,10 +277,16 @@ class DynamicHead(Head):
             codes = torch.eye(self.n_tasks, dtype=pooled.dtype, device=pooled.device)
             codes = codes.unsqueeze(0).expand(batch, -1, -1)  # (B, T, T)
             pooled_t = pooled.unsqueeze(1).expand(-1, self.n_tasks, -1)  # (B, T, Cb)
-            return self.controller(torch.cat([pooled_t, codes], dim=2))
+            return self._controller(torch.cat([pooled_t, codes], dim=2))
         check_task_ids(task_ids, batch, self.n_tasks)
         code = F.one_hot(task_ids.long(), self.n_tasks).to(pooled.dtype)
-        return self.controller(torch.cat([pooled, code], dim=1))
+        return self._controller(torch.cat([pooled, code], dim=1))
+
+    def _controller(self, inputs: torch.Tensor) -> torch.Tensor:
+        weight = self.controller.weight
+        if self.controller_gain != 1.0:
+            weight = weight * self.controller_gain
+        return F.linear(inputs, weight, self.controller.bias)
 
     def split_params(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(N, n_params) -> per layer (weight (N, c_out, c_in), bias (N, c_out)), in DoDNet's order
