@@ -223,7 +223,8 @@ class DynamicHead(Head):
             bottleneck is non-negative (after ReLU), so every controller weight of a head parameter gets a
             gradient of the same sign, and a plain Adam step of ``lr`` on each moves that parameter by
             ``lr * sum(pooled)`` (about 0.5 at lr 0.02 with 64 channels), far more than the parameter itself.
-            Our deviation for Adam-type optimisers (DoDNet trains with SGD); see docs/methods.md.
+            An option for Adam-type optimisers (DoDNet trains with SGD), off by default and in the DoDNet
+            recipe: see docs/methods.md for what it changed on the standard suite.
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
