@@ -223,7 +223,8 @@ def test_dynamic_head_parameters_depend_on_the_image() -> None:
 
 
 def test_equalized_controller_same_start_smaller_adam_step() -> None:
-    """Same initial head; one identical Adam step moves the generated parameters sqrt(fan_in) times less."""
+    """Same initial head; one identical Adam step moves the generated parameters much less (the pooled-feature
+    columns are scaled by 1/sqrt(Cb); the task-code columns and the bias still move by lr)."""
     spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
     moves, starts = [], []
     for equalized in (False, True):
@@ -239,8 +240,7 @@ def test_equalized_controller_same_start_smaller_adam_step() -> None:
             moves.append((net.controller_params(x, tasks) - start).abs().mean().item())
         starts.append(start)
         if equalized:
-            fan_in = net.head.controller.in_features
-            assert net.head.controller_gain == pytest.approx(fan_in ** -0.5)
+            assert net.head.controller_gain == pytest.approx(net.head.bottleneck_channels ** -0.5)
     assert torch.allclose(starts[0], starts[1], atol=1e-6)
     # the bias moves lr either way; the weight part shrinks by the gain
     assert moves[1] < moves[0] / 2

@@ -217,12 +217,14 @@ class DynamicHead(Head):
         head_widths: hidden widths of the dynamic head (DoDNet: (8, 8)).
         normalize_input: apply GN-ReLU before the feature conv.
         max_groups: GroupNorm group bound.
-        equalized_controller: store the controller's weight scaled by ``sqrt(fan_in)`` and multiply it back by
-            ``1 / sqrt(fan_in)`` in the forward pass (an "equalised learning rate"): the initial head is the
-            same, but an Adam step moves the generated head parameters ``sqrt(fan_in)`` times less. The pooled
-            bottleneck is non-negative (after ReLU), so every controller weight of a head parameter gets a
-            gradient of the same sign, and a plain Adam step of ``lr`` on each moves that parameter by
-            ``lr * sum(pooled)`` (about 0.5 at lr 0.02 with 64 channels), far more than the parameter itself.
+        equalized_controller: store the controller's weight COLUMNS THAT READ THE POOLED BOTTLENECK scaled by
+            ``sqrt(Cb)`` and multiply them back by ``1 / sqrt(Cb)`` in the forward pass (an "equalised learning
+            rate"; the task-code columns are left as they are): the initial head is the same, but an Adam step
+            moves the image-dependent, task-SHARED part of the generated head parameters ``sqrt(Cb)`` times
+            less. The pooled bottleneck is non-negative (after ReLU), so all Cb weights feeding one head
+            parameter get gradients of one sign, and a plain Adam step of ``lr`` on each moves that shared part
+            by ``lr * sum(pooled)`` (about 0.5 at lr 0.02 with 64 channels), while the task's own column moves
+            it by ``lr``: every task's step then rewrites every task's head.
             An option for Adam-type optimisers (DoDNet trains with SGD), off by default and in the DoDNet
             recipe: see docs/methods.md for what it changed on the standard suite.
     """
@@ -257,10 +259,13 @@ class DynamicHead(Head):
         )
         self.controller = nn.Linear(bottleneck_channels + n_tasks, self.n_params)
         self.equalized_controller = bool(equalized_controller)
-        self.controller_gain = (bottleneck_channels + n_tasks) ** -0.5 if equalized_controller else 1.0
+        self.controller_gain = bottleneck_channels ** -0.5 if equalized_controller else 1.0
+        gain = torch.ones(bottleneck_channels + n_tasks)
+        gain[:bottleneck_channels] = self.controller_gain
+        self.register_buffer("_column_gain", gain, persistent=False)
         if equalized_controller:
             with torch.no_grad():  # same initial function: stored weight / gain, used as weight * gain
-                self.controller.weight.div_(self.controller_gain)
+                self.controller.weight.div_(gain)
 
     def controller_params(self, bottleneck: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic-head parameters from the bottleneck and the task code.
@@ -285,8 +290,8 @@ class DynamicHead(Head):
 
     def _controller(self, inputs: torch.Tensor) -> torch.Tensor:
         weight = self.controller.weight
-        if self.controller_gain != 1.0:
-            weight = weight * self.controller_gain
+        if self.equalized_controller:
+            weight = weight * self._column_gain
         return F.linear(inputs, weight, self.controller.bias)
 
     def split_params(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
