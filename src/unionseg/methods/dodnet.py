@@ -49,9 +49,8 @@ class ChannelSelect(nn.Module):
 class DoDNetOptions:
     feature_channels: int = 8
     head_widths: tuple[int, ...] = (8, 8)
-    # off = DoDNet's plain controller; on = our Adam-motivated variant (see DynamicHead). On the standard suite's
-    # validation set it changed nothing decisive at 1,000 steps (docs/benchmarks.md), so the paper's form stays.
-    equalized_controller: bool = False
+    # on = our Adam-motivated variant of the controller (see DynamicHead and docs/methods.md); off = DoDNet's
+    equalized_controller: bool = True
     dice_weight: float = 1.0
     bce_weight: float = 1.0
 
