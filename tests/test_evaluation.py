@@ -361,3 +361,21 @@ def test_evaluation_never_imports_torch() -> None:
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_selection_dice_leaves_out_classes_absent_from_truth_and_prediction(space: LabelSpace) -> None:
+    from unionseg.training.validation import dice_scores
+
+    pred, gt = _case(space)
+    pred[pred == space.leaf_id("kidney")] = 0
+    full = space.full_mask()
+    report = validation_dice(pred, gt, full, space)
+    assert report["region:spleen"] == 1.0 and report["kidney_tumour"] == 1.0  # the evaluation's empty rule
+    chosen = dice_scores(pred, gt, full, space)
+    assert "region:spleen" not in chosen and "kidney_tumour" not in chosen
+    assert chosen["region:liver"] == report["region:liver"]
+    # twin: a false positive and a miss still count, as 0
+    pred[11:15, 10:13, 3:7] = space.leaf_id("spleen")
+    pred[pred == space.leaf_id("liver_tumour")] = space.leaf_id("liver")
+    chosen = dice_scores(pred, gt, full, space)
+    assert chosen["region:spleen"] == 0.0 and chosen["liver_tumour"] == 0.0

@@ -150,7 +150,8 @@ def _joint_histogram(gt: np.ndarray, pred: np.ndarray, n: int, chunk: int = 1 <<
 
 
 def validation_dice(
-    pred: np.ndarray, gt: np.ndarray, annotated: np.ndarray | Sequence[bool], space: LabelSpace
+    pred: np.ndarray, gt: np.ndarray, annotated: np.ndarray | Sequence[bool], space: LabelSpace,
+    both_empty: float | None = 1.0,
 ) -> dict[str, float]:
     """Dice per scorable class (same classes and rules as :func:`evaluate_case`), in one pass.
 
@@ -159,9 +160,11 @@ def validation_dice(
         gt: same shape, integer global codes.
         annotated: (L,) bool annotated-leaf mask of the truth.
         space: the label space.
+        both_empty: the score of a class absent from truth and prediction (the evaluation's rule: 1.0), or
+            None to leave such a class out of the result.
 
     Returns:
-        class key -> Dice (both empty: 1.0).
+        class key -> Dice.
 
     Raises:
         ValueError: shape mismatch, values outside the label space, bad annotated mask.
@@ -175,7 +178,11 @@ def validation_dice(
         codes = _key_codes(space, key)
         inter = int(hist[np.ix_(codes, codes)].sum())
         total = int(hist[codes, :].sum()) + int(hist[:, codes].sum())
-        out[key] = 1.0 if total == 0 else 2.0 * inter / total
+        if total == 0:
+            if both_empty is not None:
+                out[key] = both_empty
+        else:
+            out[key] = 2.0 * inter / total
     return out
 
 

@@ -35,10 +35,17 @@ def predict_volume(
 
 
 def dice_scores(pred: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> dict[str, float]:
-    """Dice per scorable class (regions and part leaves the case annotates); the evaluation's rules."""
+    """Dice per scorable class (regions and part leaves the case annotates), leaving out a class that is
+    absent from both truth and prediction.
+
+    The evaluation scores such a case 1 (the empty-mask rule), which is right for a report but wrong for
+    checkpoint selection: a network that never predicts a tumour would collect 1 on every tumour-free case.
+    On the standard suite that rule made the oracle's selection pick step 750 over step 2,000 (validation
+    region Dice 0.86 against 0.90). A missed class still scores 0, and a false positive scores 0.
+    """
     from unionseg.evaluation.evaluate import validation_dice
 
-    return validation_dice(pred, codes, annotated, space)
+    return validation_dice(pred, codes, annotated, space, both_empty=None)
 
 
 def validation_cases(ctx: RunContext, datasets: list[str] | None = None) -> list[Any]:
@@ -53,7 +60,8 @@ def validation_cases(ctx: RunContext, datasets: list[str] | None = None) -> list
 
 
 def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] | None = None) -> dict[str, Any]:
-    """Mean Dice over cases and classes (every case scored on its annotated classes)."""
+    """Mean Dice over cases and classes (every case scored on its annotated classes; a class absent from both
+    truth and prediction is left out, see :func:`dice_scores`)."""
     cfg = ctx.cfg
     per_class: dict[str, list[float]] = {}
     for case in validation_cases(ctx, datasets):
