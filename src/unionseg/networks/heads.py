@@ -223,13 +223,15 @@ class DynamicHead(Head):
             moves the image-dependent, task-SHARED part of the generated head parameters ``sqrt(Cb)`` times
             less. The pooled bottleneck is non-negative (after ReLU), so all Cb weights feeding one head
             parameter get gradients of one sign, and a plain Adam step of ``lr`` on each moves that shared part
-            by ``lr * sum(pooled)`` (about 0.5 at lr 0.02 with 64 channels), while the task's own column moves
+            by ``lr * sum(pooled)`` (estimated: 0.02 * 64 * 0.4 = 0.5 if the pooled features average 0.4, the
+            mean of a ReLU of unit-variance input), while the task's own column moves
             it by ``lr``: every task's step then rewrites every task's head.
             An option for Adam-type optimisers (DoDNet trains with SGD), off by default and in the DoDNet
             recipe: see docs/methods.md for what it changed on the standard suite.
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
+    _column_gain: torch.Tensor  # buffer: per controller input column, 1/sqrt(Cb) on pooled features, else 1
 
     def __init__(
         self,
