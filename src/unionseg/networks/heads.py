@@ -261,13 +261,12 @@ class DynamicHead(Head):
         )
         self.controller = nn.Linear(bottleneck_channels + n_tasks, self.n_params)
         self.equalized_controller = bool(equalized_controller)
-        self.controller_gain = bottleneck_channels ** -0.5 if equalized_controller else 1.0
         gain = torch.ones(bottleneck_channels + n_tasks)
-        gain[:bottleneck_channels] = self.controller_gain
-        self.register_buffer("_column_gain", gain, persistent=False)
         if equalized_controller:
+            gain[:bottleneck_channels] = bottleneck_channels ** -0.5
             with torch.no_grad():  # same initial function: stored weight / gain, used as weight * gain
                 self.controller.weight.div_(gain)
+        self.register_buffer("_column_gain", gain, persistent=False)
 
     def controller_params(self, bottleneck: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic-head parameters from the bottleneck and the task code.
