@@ -110,3 +110,22 @@ def test_tumour_section_scores_only_cases_with_the_tumour(tmp_path: Path) -> Non
     assert "| a | 0.300 (1/2) |" in text      # the both-empty case is left out; region rows too
     assert "| b | 0.000 (0/1) |" in text
     assert tumour_section({"methods": {}, "runs": []}, tmp_path) == []
+
+
+def test_site_section_splits_region_dice_by_the_case_site(tmp_path: Path) -> None:
+    from unionseg.report import site_section
+
+    header = "case,class,dice,hd95,nsd,pred_voxels,gt_voxels,empty_rule\n"
+    lines = ["c0,region:kidney,0.8,1,1,10,12,", "c1,region:kidney,0.2,1,1,10,12,", "c2,region:kidney,0.4,1,1,3,12,",
+             "c0,kidney_tumour,0.5,1,1,3,3,"]
+    (tmp_path / "runs" / "a" / "evaluation").mkdir(parents=True)
+    (tmp_path / "runs" / "a" / "evaluation" / "metrics.csv").write_text(header + "\n".join(lines) + "\n")
+    agg = {"methods": {"a": {}}, "runs": [{"name": "a", "pred_dir": "runs/a/test_pred"}]}
+    assert site_section(agg, tmp_path) == []  # no generator facts (real data): no section
+    (tmp_path / "data").mkdir()
+    cases = [{"case": "c0", "site": "kidney"}, {"case": "c1", "site": "liver"}, {"case": "c2", "site": "liver"}]
+    (tmp_path / "data" / "generator.json").write_text(json.dumps({"cases": cases}))
+    text = "\n".join(site_section(agg, tmp_path))
+    assert "| method | organ | kidney | liver |" in text
+    assert "| a | kidney | **0.80** | 0.30 |" in text  # own site bold; the liver site averages its two cases
+    assert "tumour" not in text.split("|---|")[-1]

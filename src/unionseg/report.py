@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              "## Budget (identical for every method and the shared experts)", "", "```json",
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
     lines += tumour_section(agg, out)
+    lines += site_section(agg, out)
     for title, rel in made:
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Provenance", "", "| run | seed | code commit | data fingerprint | config hash | phantom |",
@@ -134,6 +136,16 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def _case_rows(agg: dict[str, Any], out: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """(method name, per-case row) from every run's ``evaluation/metrics.csv`` that exists."""
+    for r in agg["runs"]:
+        path = Path(out) / Path(r["pred_dir"]).parent / "evaluation" / "metrics.csv"
+        if path.is_file():
+            with path.open(newline="") as fh:
+                for row in csv.DictReader(fh):
+                    yield r["name"], row
+
+
 def tumour_section(agg: dict[str, Any], out: Path) -> list[str]:
     """Report lines: tumour Dice over the test cases that HAVE the tumour, and how many of them got any.
 
@@ -142,16 +154,11 @@ def tumour_section(agg: dict[str, Any], out: Path) -> list[str]:
     This section reads each run's per-case ``evaluation/metrics.csv`` (written by ``unionseg evaluate``).
     """
     rows: dict[str, dict[str, list[tuple[float, bool]]]] = {}
-    for r in agg["runs"]:
-        path = Path(out) / Path(r["pred_dir"]).parent / "evaluation" / "metrics.csv"
-        if not path.is_file():
+    for name, row in _case_rows(agg, out):
+        if row["class"].startswith(REGION_PREFIX) or int(row["gt_voxels"]) == 0:
             continue
-        with path.open(newline="") as fh:
-            for row in csv.DictReader(fh):
-                if row["class"].startswith(REGION_PREFIX) or int(row["gt_voxels"]) == 0:
-                    continue
-                rows.setdefault(r["name"], {}).setdefault(row["class"], []).append(
-                    (float(row["dice"]), int(row["pred_voxels"]) > 0))
+        rows.setdefault(name, {}).setdefault(row["class"], []).append(
+            (float(row["dice"]), int(row["pred_voxels"]) > 0))
     if not rows:
         return []
     classes = sorted({c for per in rows.values() for c in per})
@@ -166,6 +173,45 @@ def tumour_section(agg: dict[str, Any], out: Path) -> list[str]:
             cells.append(f"{np.mean([d for d, _ in vals]):.3f} ({sum(hit for _, hit in vals)}/{len(vals)})"
                          if vals else "n/a")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def site_section(agg: dict[str, Any], out: Path) -> list[str]:
+    """Report lines: organ-region Dice split by the acquisition site of the test case (phantom only).
+
+    Each phantom training set comes from its own site (contrast phase, calibration, noise), so a partially
+    labelled method sees each organ's labels under ONE protocol; test cases borrow the sites in turn. The
+    table shows how well each organ transfers to the other sites, which the mean hides. Needs the
+    generator's ``data/generator.json`` (absent for real data: no section). The phantom names each training
+    site after the organ its set labels, which is how the organ's own site is marked.
+    """
+    facts = Path(out) / "data" / "generator.json"
+    if not facts.is_file():
+        return []
+    site_of = {c["case"]: c["site"] for c in json.loads(facts.read_text()).get("cases", [])}
+    cells: dict[tuple[str, str, str], list[float]] = {}
+    for name, row in _case_rows(agg, out):
+        if row["class"].startswith(REGION_PREFIX) and row["case"] in site_of:
+            organ = row["class"][len(REGION_PREFIX):]
+            cells.setdefault((name, organ, site_of[row["case"]]), []).append(float(row["dice"]))
+    if not cells:
+        return []
+    organs = sorted({o for _, o, _ in cells})
+    sites = sorted({s for _, _, s in cells})
+    lines = ["## Organ Dice by the test case's acquisition site (phantom)", "",
+             "Each training set comes from its own site, so every organ's labels are seen under one protocol. "
+             "A cell is the region Dice over the test cases acquired at that site (all seeds pooled); **bold** "
+             "marks the site whose training set labels the organ.", "",
+             "| method | organ | " + " | ".join(sites) + " |", "|---|---|" + "---|" * len(sites)]
+    for name in agg["methods"]:
+        for organ in organs:
+            row_cells = []
+            for site in sites:
+                vals = cells.get((name, organ, site))
+                text = f"{np.mean(vals):.2f}" if vals else "n/a"
+                row_cells.append(f"**{text}**" if site == organ and vals else text)
+            if any(c != "n/a" for c in row_cells):
+                lines.append(f"| {name} | {organ} | " + " | ".join(row_cells) + " |")
     return lines + [""]
 
 
