@@ -191,3 +191,26 @@ def test_dodnet_predict_runs_the_backbone_once_per_window(space) -> None:
     assert len(calls) == windows, (len(calls), windows)
     assert all(b == 1 for b in calls)
     assert labels.shape == image.shape
+
+
+def test_param_groups_scale_by_the_longest_prefix() -> None:
+    from unionseg.errors import ConfigError
+    from unionseg.networks import build_network
+    from unionseg.training.trainer import param_groups
+
+    net = build_network({"backbone": {"name": "resunet", "preset": "tiny"},
+                         "head": {"name": "dynamic", "n_tasks": 3, "out_channels": 2}})
+    models = {"net": net}
+    plain = param_groups(models, 0.02)
+    assert len(plain) == 1 and plain[0]["lr"] == 0.02
+    assert len(plain[0]["params"]) == len(list(net.parameters()))
+    groups = param_groups(models, 0.02, {"net.head": 0.5, "net.head.controller": 0.1})
+    by_scale = {g["lr_scale"]: g for g in groups}
+    assert set(by_scale) == {1.0, 0.5, 0.1}
+    assert by_scale[0.1]["lr"] == pytest.approx(0.002)
+    assert {id(p) for p in by_scale[0.1]["params"]} == {id(p) for p in net.head.controller.parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))  # each parameter once
+    with pytest.raises(ConfigError, match="matches no trainable parameter"):
+        param_groups(models, 0.02, {"net.head.contr": 0.1})  # a prefix is a whole path component
+    with pytest.raises(ConfigError, match="must be positive"):
+        param_groups(models, 0.02, {"net.head.controller": 0.0})

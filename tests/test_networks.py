@@ -222,6 +222,24 @@ def test_dynamic_head_parameters_depend_on_the_image() -> None:
     assert not torch.allclose(other_task[1], different[1], atol=1e-6)  # task code matters
 
 
+def test_generated_head_biases_start_at_zero() -> None:
+    """zero_bias_init: every generated bias is 0 at initialisation, for any image and task, while
+    the generated weights still depend on both; the default-init twin generates non-zero biases."""
+    spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
+    for zero in (True, False):
+        net = make_net(BACKBONES[0], {**spec, "zero_bias_init": zero}).eval()
+        with torch.no_grad():
+            params = net.controller_params(image(), torch.tensor([0, 2]))
+        layers = net.head.split_params(params)
+        biases = torch.cat([b for _, b in layers], dim=1)
+        weights = torch.cat([w.flatten(1) for w, _ in layers], dim=1)
+        assert biases.shape == (2, 8 + 8 + 2)
+        assert torch.equal(biases, torch.zeros_like(biases)) == zero
+        assert not torch.allclose(weights[0], weights[1], atol=1e-6)
+    with pytest.raises(ConfigError, match="true or false"):
+        make_net(BACKBONES[0], {**spec, "zero_bias_init": "yes"})
+
+
 def test_equalized_controller_same_start_smaller_adam_step() -> None:
     """Same initial head; one identical Adam step moves the generated parameters much less (the pooled-feature
     columns are scaled by 1/sqrt(Cb); the task-code columns and the bias still move by lr)."""

@@ -170,6 +170,12 @@ class Method:
         """Create the trainable networks (name -> module)."""
         raise NotImplementedError
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name prefix (``"<model>.<parameter path>"``, e.g.
+        ``"net.head.controller"``); the longest matching prefix wins, other parameters keep 1. The
+        schedule scales every group alike."""
+        return {}
+
     def averages(self) -> dict[str, WeightAverage]:
         """Weight averages to checkpoint and restore (name -> average)."""
         return {}

@@ -52,6 +52,10 @@ class DoDNetOptions:
     # off = DoDNet's controller; on = our Adam-motivated variant (see DynamicHead). On the standard suite it did
     # not rescue DoDNet at 1,000 steps (docs/methods.md has the figures), so the paper's form is the default.
     equalized_controller: bool = False
+    # generated head biases start at 0 (see DynamicHead); False = PyTorch's default init, as the official code
+    zero_bias_init: bool = False
+    # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
+    controller_lr_scale: float = 1.0
     dice_weight: float = 1.0
     bce_weight: float = 1.0
 
@@ -108,4 +112,16 @@ class DoDNetMethod(TaskMethod):
     def head_spec(self) -> dict[str, Any]:
         return {**super().head_spec(), "feature_channels": self.options.feature_channels,
                 "head_widths": list(self.options.head_widths),
-                "equalized_controller": self.options.equalized_controller}
+                "equalized_controller": self.options.equalized_controller,
+                "zero_bias_init": self.options.zero_bias_init}
+
+    def lr_scales(self) -> dict[str, float]:
+        """The controller's learning-rate multiplier (``controller_lr_scale``; 1 leaves it at the budget's lr).
+
+        An option for Adam-type optimisers (DoDNet trains with SGD): one generated head parameter is a sum
+        over the controller's Cb + T + 1 inputs, and Adam moves each of those weights by about lr per step.
+        Measured (docs/methods.md): 0.05 did not stop the head's hidden units from dying, so the recipe
+        keeps 1.
+        """
+        scale = float(self.options.controller_lr_scale)
+        return {} if scale == 1.0 else {"net.head.controller": scale}

@@ -34,7 +34,7 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "multihead": {"n_tasks": None, "out_channels": None},
     "conditional": {"n_tasks": None, "out_channels": None},
     "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
-                "equalized_controller": False},
+                "equalized_controller": False, "zero_bias_init": False},
 }
 
 

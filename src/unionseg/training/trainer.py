@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from unionseg.config import config_hash, to_dict
+from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
 from unionseg.training import distributed as dist
@@ -37,7 +38,42 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def param_groups(
+    models: dict[str, nn.Module], lr: float, scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters of ``models`` as optimiser groups, one per learning-rate multiplier.
+
+    Args:
+        models: name -> module; a parameter's key is ``"<name>.<parameter path>"``.
+        lr: the base learning rate.
+        scales: multipliers by key prefix (the longest matching prefix wins; the rest keep 1).
+
+    Raises:
+        ConfigError: a prefix that matches no trainable parameter, or a multiplier that is not positive.
+    """
+    scales = dict(scales or {})
+    for prefix, scale in scales.items():
+        if not scale > 0:
+            raise ConfigError(f"learning-rate multiplier for {prefix!r} must be positive, got {scale}")
+    groups: dict[float, list[nn.Parameter]] = {}
+    used: set[str] = set()
+    for model_name, module in models.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = f"{model_name}.{name}"
+            match = max((q for q in scales if key == q or key.startswith(q + ".")), key=len, default=None)
+            if match is not None:
+                used.add(match)
+            groups.setdefault(scales[match] if match is not None else 1.0, []).append(p)
+    unused = sorted(set(scales) - used)
+    if unused:
+        raise ConfigError(f"learning-rate multiplier for {unused[0]!r} matches no trainable parameter")
+    return [{"params": ps, "lr": lr * scale, "lr_scale": scale} for scale, ps in groups.items()]
+
+
+def build_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``params`` (tensors, or groups from :func:`param_groups` with their own lr)."""
     o = cfg.optim
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
@@ -99,11 +135,11 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
         self.method.raw_models = {k: m.to(ctx.device) for k, m in self.method.build().items()}
         self.method.models = {k: dist.wrap(m, ctx.device) for k, m in self.method.raw_models.items()}
-        params = [p for m in self.method.raw_models.values() for p in m.parameters() if p.requires_grad]
-        self.trainable = bool(params)
-        if not params:  # e.g. `individual`: only shared experts, nothing of its own to train
-            params = [nn.Parameter(torch.zeros(1))]
-        self.optimizer = build_optimizer(params, cfg)
+        groups = param_groups(self.method.raw_models, cfg.optim.lr, self.method.lr_scales())
+        self.trainable = bool(groups)
+        if not groups:  # e.g. `individual`: only shared experts, nothing of its own to train
+            groups = [{"params": [nn.Parameter(torch.zeros(1))]}]
+        self.optimizer = build_optimizer(groups, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.use_amp = cfg.amp and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
