@@ -155,6 +155,39 @@ def test_expert_ensemble_channels_decode(space) -> None:
     assert torch.allclose(out[0, 1, 0, 0, 0], p[2] / (p[1] + p[2]), atol=1e-5)
 
 
+def test_expert_ensemble_decodes_like_the_experts(space) -> None:
+    """Sigmoid decoding of the ensemble = the merge of the experts' softmax outputs, voxel for voxel,
+    including far from an organ, where both its leaves are tiny but the part is the larger (the twin: the
+    uncapped conditional part channel claims those voxels for the organ)."""
+    from unionseg.outputs import decode_probs
+
+    class Fixed(nn.Module):
+        def __init__(self, logits: torch.Tensor) -> None:
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.logits
+
+    gen = torch.Generator().manual_seed(0)
+    shape = (1, 6, 6, 6)
+    kidney = torch.randn(1, 3, *shape[1:], generator=gen) * 3
+    kidney[:, 0, 0] = 12.0  # slice 0: background sure, the tumour a little above the organ leaf
+    kidney[:, 1, 0], kidney[:, 2, 0] = 0.0, 0.5
+    spleen = torch.randn(1, 2, *shape[1:], generator=gen) * 3
+    spleen[:, 0, 0] = 12.0
+    experts, leaf_ids = [Fixed(kidney), Fixed(spleen)], [[3, 4], [7]]
+    ens = ExpertEnsemble(experts, leaf_ids, space)
+    got = decode_probs(torch.sigmoid(ens(torch.zeros(shape)))[0], "sigmoid", ens.channels, space)
+    region, parts, organ = experts_to_groups([torch.softmax(kidney, 1)[0], torch.softmax(spleen, 1)[0]],
+                                             leaf_ids, space)
+    want = merge(region, parts, space, organ_leaf_probs=organ)
+    assert torch.equal(got, want)
+    assert torch.all(got[0] == 0) and (want == space.leaf_id("kidney_tumour")).any()
+    uncapped = torch.cat([region[[1, 3]], (parts[1] / region[1]).unsqueeze(0)]).clamp(1e-6, 1 - 1e-6)
+    assert (decode_probs(uncapped, "sigmoid", ens.channels, space)[0] == space.leaf_id("kidney_tumour")).all()
+
+
 # ---------------------------------------------------------------------- tasks
 def test_task_channels(space) -> None:
     assert task_channels(space, "liver") == ["region:liver", "liver_tumour"]
