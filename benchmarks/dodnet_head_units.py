@@ -60,10 +60,10 @@ def main() -> None:
     with torch.no_grad():
         for i in range(args.patches):
             batch = sampler[i]
-            features = net.backbone(batch["image"])
+            logits, features = net(batch["image"], None, return_features=True)  # one backbone pass
+            probs = torch.sigmoid(logits)[0]
             head_input = head.feature(features.last)[0].reshape(head.feature_channels, -1)
             params = head.controller_params(features.bottleneck, None)[0]  # (T, n_params)
-            probs = torch.sigmoid(net(batch["image"], None))[0]
             for t in range(head.n_tasks):
                 h = head_input
                 for k, (w, b) in enumerate(head.split_params(params[t:t + 1])[:-1]):

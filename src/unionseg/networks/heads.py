@@ -264,13 +264,14 @@ class DynamicHead(Head):
         dims = (feature_channels, *widths, out_channels)
         self.layer_dims: tuple[tuple[int, int], ...] = tuple(zip(dims[:-1], dims[1:], strict=False))
         self.n_params = head_parameter_count(feature_channels, widths, out_channels)
+        # how split_params cuts the generated vector: every layer's weights, then every layer's biases
+        self._split_sizes = [c_in * c_out for c_in, c_out in self.layer_dims] + [c for _, c in self.layer_dims]
         self.feature = nn.Sequential(
             _input_norm(in_channels, normalize_input, max_groups), nn.Conv3d(in_channels, feature_channels, 1)
         )
         self.controller = nn.Linear(bottleneck_channels + n_tasks, self.n_params)
-        self.zero_bias_init = bool(zero_bias_init)
-        if zero_bias_init:  # split_params' order: every layer's weights, then every layer's biases
-            first_bias = sum(c_in * c_out for c_in, c_out in self.layer_dims)
+        if zero_bias_init:
+            first_bias = sum(self._split_sizes[: len(self.layer_dims)])
             with torch.no_grad():
                 self.controller.weight[first_bias:].zero_()
                 self.controller.bias[first_bias:].zero_()
@@ -319,9 +320,7 @@ class DynamicHead(Head):
         if params.dim() != 2 or params.shape[1] != self.n_params:
             raise ValueError(f"expected (N, {self.n_params}) parameters, got {tuple(params.shape)}")
         n = params.shape[0]
-        weight_sizes = [c_in * c_out for c_in, c_out in self.layer_dims]
-        bias_sizes = [c_out for _, c_out in self.layer_dims]
-        chunks = torch.split(params, weight_sizes + bias_sizes, dim=1)
+        chunks = torch.split(params, self._split_sizes, dim=1)
         n_layers = len(self.layer_dims)
         layers = []
         for index, (c_in, c_out) in enumerate(self.layer_dims):
