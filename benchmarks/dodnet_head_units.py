@@ -1,7 +1,7 @@
 """Diagnosis of a DoDNet run: how many hidden units of its dynamic heads are alive, per task.
 
-A hidden unit of task t's generated head is "dead" on a patch when its ReLU is on for fewer than 1% of
-the patch's voxels (it then passes no signal and gets no gradient there). Patches are drawn from the
+A hidden unit of task t's generated head is "dead" on a patch when its input is positive for fewer than 1%
+of the patch's voxels (it then passes no signal and gets no gradient there). Patches are drawn from the
 validation cases (fully labelled), centred on foreground, without augmentation. Also printed: each
 task's first (region) channel, mean probability inside and outside its organ region.
 
@@ -64,14 +64,10 @@ def main() -> None:
             probs = torch.sigmoid(logits)[0]
             head_input = head.feature(features.last)[0].reshape(head.feature_channels, -1)
             params = head.controller_params(features.bottleneck, None)[0]  # (T, n_params)
-            for t in range(head.n_tasks):
-                h = head_input
-                for k, (w, b) in enumerate(head.split_params(params[t:t + 1])[:-1]):
-                    h = torch.relu(w[0] @ h + b[0][:, None])
-                    dead[t, k] += int(((h > 0).float().mean(1) < 0.01).sum())
+            dead += dead_units(head, head_input, params)
             labels = batch["label"][0]
             for t, dataset in enumerate(_task_datasets(net, project)):
-                region = np.isin(labels.numpy(), _region_leaves(space, dataset))
+                region = np.isin(labels.numpy(), region_leaves(space, dataset))
                 p = probs[t * head.out_channels].numpy()
                 inside[t] += p[region].mean() if region.any() else np.nan
                 outside[t] += p[~region].mean()
@@ -89,7 +85,25 @@ def _task_datasets(net: torch.nn.Module, project: object) -> list[str]:
     return [d.name for d in project.train_datasets][: net.head.n_tasks]  # type: ignore[attr-defined]
 
 
-def _region_leaves(space: object, dataset: str) -> list[int]:
+def dead_units(head: torch.nn.Module, head_input: torch.Tensor, params: torch.Tensor) -> np.ndarray:
+    """(T, hidden layers) counts of dead hidden units of every task's generated head on one patch.
+
+    Args:
+        head: a :class:`~unionseg.networks.heads.DynamicHead`.
+        head_input: (F, voxels) its input features of the patch.
+        params: (T, n_params) generated parameters of the patch, one row per task.
+    """
+    dead = np.zeros((params.shape[0], len(head.layer_dims) - 1), dtype=int)  # type: ignore[arg-type]
+    for t in range(params.shape[0]):
+        h = head_input
+        for k, (w, b) in enumerate(head.split_params(params[t:t + 1])[:-1]):  # type: ignore[operator]
+            h = head.activation(w[0] @ h + b[0][:, None])  # type: ignore[operator]
+            dead[t, k] = int(((h > 0).float().mean(1) < 0.01).sum())
+    return dead
+
+
+def region_leaves(space: object, dataset: str) -> list[int]:
+    """Leaves of the organ region that ``dataset`` annotates fully (its task's region channel)."""
     mask = space.annotated_leaf_mask(dataset)  # type: ignore[attr-defined]
     for group in space.groups:  # type: ignore[attr-defined]
         if all(mask[i] for i in group.leaf_ids):

@@ -240,6 +240,26 @@ def test_generated_head_biases_start_at_zero() -> None:
         make_net(BACKBONES[0], {**spec, "zero_bias_init": "yes"})
 
 
+def test_leaky_head_passes_negative_inputs() -> None:
+    """negative_slope > 0: the hidden layers pass negative inputs scaled by the slope (the head then differs
+    from the ReLU twin with the same weights); 0 is DoDNet's ReLU; out-of-range slopes are refused."""
+    spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
+    torch.manual_seed(0)
+    relu = make_net(BACKBONES[0], spec).eval()
+    leaky = make_net(BACKBONES[0], {**spec, "negative_slope": 0.1}).eval()
+    leaky.load_state_dict(relu.state_dict())
+    h = torch.tensor([-2.0, 0.0, 3.0])
+    assert torch.equal(relu.head.activation(h), torch.tensor([0.0, 0.0, 3.0]))
+    assert torch.allclose(leaky.head.activation(h), torch.tensor([-0.2, 0.0, 3.0]))
+    x, tasks = image(), torch.tensor([0, 1])
+    with torch.no_grad():
+        assert not torch.allclose(relu(x, tasks), leaky(x, tasks), atol=1e-6)
+    assert leaky.spec["head"]["negative_slope"] == 0.1 and relu.spec["head"]["negative_slope"] == 0.0
+    for bad in (1.0, -0.1, "0.1", True):
+        with pytest.raises(ConfigError, match="negative_slope"):
+            make_net(BACKBONES[0], {**spec, "negative_slope": bad})
+
+
 def test_equalized_controller_same_start_smaller_adam_step() -> None:
     """Same initial head; one identical Adam step moves the generated parameters much less (the pooled-feature
     columns are scaled by 1/sqrt(Cb); the task-code columns and the bias still move by lr)."""

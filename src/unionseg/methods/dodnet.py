@@ -54,6 +54,8 @@ class DoDNetOptions:
     equalized_controller: bool = False
     # generated head biases start at 0 (see DynamicHead); False = PyTorch's default init, as the official code
     zero_bias_init: bool = False
+    # slope of the dynamic head's hidden activations for negative inputs: 0 = ReLU (the paper's head)
+    negative_slope: float = 0.0
     # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
     controller_lr_scale: float = 1.0
     dice_weight: float = 1.0
@@ -113,7 +115,8 @@ class DoDNetMethod(TaskMethod):
         return {**super().head_spec(), "feature_channels": self.options.feature_channels,
                 "head_widths": list(self.options.head_widths),
                 "equalized_controller": self.options.equalized_controller,
-                "zero_bias_init": self.options.zero_bias_init}
+                "zero_bias_init": self.options.zero_bias_init,
+                "negative_slope": float(self.options.negative_slope)}
 
     def lr_scales(self) -> dict[str, float]:
         """The controller's learning-rate multiplier (``controller_lr_scale``; 1 leaves it at the budget's lr).

@@ -34,7 +34,7 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "multihead": {"n_tasks": None, "out_channels": None},
     "conditional": {"n_tasks": None, "out_channels": None},
     "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
-                "equalized_controller": False, "zero_bias_init": False},
+                "equalized_controller": False, "zero_bias_init": False, "negative_slope": 0.0},
 }
 
 
@@ -118,6 +118,10 @@ def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"network.head.{key} must be true or false, got {value!r}")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ConfigError(f"network.head.{key} must be a number in [0, 1), got {value!r}")
+            value = float(value)
         else:
             value = _positive_int(value, f"head.{key}")
         resolved_head[key] = value

@@ -235,6 +235,9 @@ class DynamicHead(Head):
             the start: 23 of the 64 hidden units of the 4-task `cpu` network at initialisation (2 with this
             option). An option, not the default: under AdamW at lr 0.02 training kills units either way
             (44 of 64 after 100 steps with it, 26 without; docs/methods.md).
+        negative_slope: slope of the hidden activations below zero; 0 (default) is DoDNet's ReLU, a positive
+            value a leaky ReLU, so that a unit that is off everywhere still passes gradient. An option: it
+            did not make DoDNet learn faster in a 300-step probe (docs/methods.md).
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
@@ -252,6 +255,7 @@ class DynamicHead(Head):
         max_groups: int = MAX_GROUPS,
         equalized_controller: bool = False,
         zero_bias_init: bool = False,
+        negative_slope: float = 0.0,
     ) -> None:
         super().__init__()
         if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
@@ -275,6 +279,9 @@ class DynamicHead(Head):
             with torch.no_grad():
                 self.controller.weight[first_bias:].zero_()
                 self.controller.bias[first_bias:].zero_()
+        if not 0.0 <= negative_slope < 1.0:
+            raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
+        self.negative_slope = float(negative_slope)
         self.equalized_controller = bool(equalized_controller)
         gain = torch.ones(bottleneck_channels + n_tasks)
         if equalized_controller:
@@ -309,6 +316,10 @@ class DynamicHead(Head):
         if self.equalized_controller:
             weight = weight * self._column_gain
         return F.linear(inputs, weight, self.controller.bias)
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        """The hidden layers' activation: ReLU (DoDNet), or leaky ReLU with ``negative_slope`` > 0."""
+        return F.leaky_relu(h, self.negative_slope) if self.negative_slope else F.relu(h)
 
     def split_params(self, params: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(N, n_params) -> per layer (weight (N, c_out, c_in), bias (N, c_out)), in DoDNet's order
@@ -358,7 +369,7 @@ class DynamicHead(Head):
             for index, (w, b) in enumerate(layers):
                 h = torch.baddbmm(b, w, h.reshape(w.shape[0], w.shape[2], -1))
                 if index < len(layers) - 1:
-                    h = F.relu(h)
+                    h = self.activation(h)
             chunks.append(h.reshape(batch, n_pairs * self.out_channels, -1))
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
         return out.reshape(batch, n_pairs * self.out_channels, *spatial)
