@@ -198,6 +198,82 @@ def test_intensity_augmentation_changes_only_the_image() -> None:
     assert not torch.allclose(batch["image"], batch["copy"])
 
 
+def test_histogram_shift_is_a_monotone_remap_that_changes_tissue_contrast() -> None:
+    """The remap keeps the order of intensities and the patch's range but not the ratio of tissue contrasts
+    (what a global scale/shift keeps); it is a pure function of the sampler's seed; with probability 0 the
+    batches equal those of a spec without the option (the random stream is unchanged)."""
+    quiet = dict(intensity_scale_prob=0.0, intensity_shift_prob=0.0, noise_prob=0.0, flip_prob=(0, 0, 0),
+                 rot90_prob=0.0, scale_prob=0.0)
+    case = blob_case(0)
+
+    def first(spec: AugmentSpec, seed: int = 3) -> dict:
+        return PatchSampler([case], 12, 1, N_LEAVES, seed=seed, augment=spec)[0]
+
+    shifted = AugmentSpec(histogram_shift_prob=1.0, histogram_shift_points=4, **quiet)
+    plain = first(AugmentSpec(**quiet))
+    batch = first(shifted)
+    x, y = plain["image"].flatten().numpy(), batch["image"].flatten().numpy()  # same patch, with and without
+    order = np.argsort(x, kind="stable")
+    assert np.all(np.diff(y[order]) >= -1e-5)  # monotone
+    assert y.min() == pytest.approx(x.min(), abs=1e-5) and y.max() == pytest.approx(x.max(), abs=1e-5)
+    quantiles_x = np.quantile(x, [0.1, 0.5, 0.9])
+    quantiles_y = np.quantile(y, [0.1, 0.5, 0.9])
+    ratio = lambda q: (q[1] - q[0]) / (q[2] - q[1])  # noqa: E731
+    assert abs(ratio(quantiles_y) - ratio(quantiles_x)) > 0.01  # contrast between tissues changed
+    assert torch.equal(first(shifted)["image"], batch["image"])
+    assert not torch.equal(first(shifted, seed=4)["image"], first(AugmentSpec(**quiet), seed=4)["image"])
+    off = AugmentSpec(histogram_shift_prob=0.0, **quiet)
+    noisy, noisy_off = AugmentSpec(noise_prob=0.5), AugmentSpec(noise_prob=0.5, histogram_shift_prob=0.0)
+    assert torch.equal(first(off)["image"], plain["image"])
+    assert torch.equal(first(noisy_off)["image"], first(noisy)["image"])
+    with pytest.raises(ValueError, match="histogram_shift_points"):
+        AugmentSpec(histogram_shift_points=2)
+    with pytest.raises(ValueError, match="histogram_shift_prob"):
+        AugmentSpec(histogram_shift_prob=1.5)
+
+
+def test_structure_shift_moves_each_labelled_structure_by_its_own_offset() -> None:
+    """Inside each labelled structure (away from its border) the image moves by one constant per structure,
+    different structures by different constants; unlabelled voxels far from any label stay as they were;
+    without sigma the change is exactly offset x mask; off (probability 0) keeps the random stream."""
+    quiet = dict(intensity_scale_prob=0.0, intensity_shift_prob=0.0, noise_prob=0.0, flip_prob=(0, 0, 0),
+                 rot90_prob=0.0, scale_prob=0.0)
+    case = blob_case(0)
+
+    def first(spec: AugmentSpec) -> dict:
+        return PatchSampler([case], 16, 1, N_LEAVES, seed=3, augment=spec)[0]
+
+    plain = first(AugmentSpec(**quiet))
+    label = plain["label"][0].numpy()
+    codes = [c for c in np.unique(label) if c]
+    assert len(codes) >= 2
+    sharp = first(AugmentSpec(structure_shift_prob=1.0, structure_shift_sigma=0.0, **quiet))
+    delta = (sharp["image"] - plain["image"])[0, 0].numpy()
+    offsets = []
+    for code in codes:
+        inside = delta[label == code]
+        assert np.allclose(inside, inside[0], atol=1e-6) and abs(inside[0]) > 1e-4
+        offsets.append(inside[0])
+    assert np.allclose(delta[label == 0], 0.0, atol=1e-6)
+    assert len(set(np.round(offsets, 5))) == len(codes)
+    assert all(-0.5 <= o <= 0.5 for o in offsets)
+    soft = first(AugmentSpec(structure_shift_prob=1.0, structure_shift_sigma=1.0, **quiet))
+    soft_delta = (soft["image"] - plain["image"])[0, 0].numpy()
+    from scipy.ndimage import distance_transform_edt
+
+    far = distance_transform_edt(label == 0) > 4
+    assert far.any() and np.allclose(soft_delta[far], 0.0, atol=1e-4)
+    assert np.count_nonzero(np.abs(soft_delta[label == 0]) > 1e-4) > 0  # blurred across the border
+    assert torch.equal(first(AugmentSpec(structure_shift_prob=0.0, **quiet))["image"], plain["image"])
+    noisy, noisy_off = AugmentSpec(noise_prob=0.5), AugmentSpec(noise_prob=0.5, structure_shift_prob=0.0)
+    sampler = lambda spec: PatchSampler([case], 16, 2, N_LEAVES, seed=5, augment=spec)  # noqa: E731
+    assert all(torch.equal(sampler(noisy)[k]["image"], sampler(noisy_off)[k]["image"]) for k in range(3))
+    with pytest.raises(ValueError, match="structure_shift"):
+        AugmentSpec(structure_shift_prob=-0.1)
+    with pytest.raises(ValueError, match="structure_shift_sigma"):
+        AugmentSpec(structure_shift_sigma=-1.0)
+
+
 # ---------------------------------------------------------------------- resumability
 @pytest.fixture()
 def memmapped_cases(tmp_path: Path) -> list[SamplerCase]:

@@ -147,6 +147,16 @@ class AugmentSpec:
         intensity_scale_prob, intensity_scale_range: multiplicative intensity factor.
         intensity_shift_prob, intensity_shift_range: additive offset, in normalised intensity units.
         noise_prob, noise_std: additive Gaussian noise, its standard deviation drawn from U(0, noise_std).
+        histogram_shift_prob, histogram_shift_points: a random monotone, piecewise-linear remap of the patch's
+            intensity range (MONAI ``RandHistogramShift`` with that many control points; fewer points, larger
+            shifts). It changes the contrast between tissues, which a global scale and shift cannot, but keeps
+            their order. Off (0) by default.
+        structure_shift_prob, structure_shift_range, structure_shift_sigma: label-aware intensity shift: with
+            this probability per patch, every labelled structure in the patch (each non-zero label code; the
+            unannotated rest of the image is untouched) gets its own additive offset from the range, in
+            normalised units, through its mask blurred with a Gaussian of ``sigma`` voxels (no artificial
+            edge at the label's border). Meant for partially labelled data from different sites: an organ
+            whose labels come from one contrast phase only is shown at other brightnesses. Off by default.
 
     Raises:
         ValueError: a probability outside [0, 1], an empty or reversed range, a non-positive scale.
@@ -163,6 +173,11 @@ class AugmentSpec:
     intensity_shift_range: tuple[float, float] = (-0.1, 0.1)
     noise_prob: float = 0.1
     noise_std: float = 0.1
+    histogram_shift_prob: float = 0.0
+    histogram_shift_points: int = 10
+    structure_shift_prob: float = 0.0
+    structure_shift_range: tuple[float, float] = (-0.5, 0.5)
+    structure_shift_sigma: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "flip_prob", tuple(float(p) for p in self.flip_prob))
@@ -170,12 +185,14 @@ class AugmentSpec:
             raise ValueError(f"flip_prob needs one probability per axis (3), got {self.flip_prob}")
         probs = {"rot90_prob": self.rot90_prob, "scale_prob": self.scale_prob,
                  "intensity_scale_prob": self.intensity_scale_prob,
-                 "intensity_shift_prob": self.intensity_shift_prob, "noise_prob": self.noise_prob}
+                 "intensity_shift_prob": self.intensity_shift_prob, "noise_prob": self.noise_prob,
+                 "histogram_shift_prob": self.histogram_shift_prob,
+                 "structure_shift_prob": self.structure_shift_prob}
         probs.update({f"flip_prob[{i}]": p for i, p in enumerate(self.flip_prob)})
         for name, p in probs.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"augment.{name} must lie in [0, 1], got {p}")
-        for name in ("scale_range", "intensity_scale_range", "intensity_shift_range"):
+        for name in ("scale_range", "intensity_scale_range", "intensity_shift_range", "structure_shift_range"):
             lo, hi = getattr(self, name)
             if not lo <= hi:
                 raise ValueError(f"augment.{name} must be (low, high) with low <= high, got {(lo, hi)}")
@@ -184,6 +201,11 @@ class AugmentSpec:
             raise ValueError(f"augment.scale_range must be positive, got {self.scale_range}")
         if self.noise_std < 0:
             raise ValueError(f"augment.noise_std must be >= 0, got {self.noise_std}")
+        if self.structure_shift_sigma < 0:
+            raise ValueError(f"augment.structure_shift_sigma must be >= 0, got {self.structure_shift_sigma}")
+        if isinstance(self.histogram_shift_points, bool) or not isinstance(self.histogram_shift_points, int) \
+                or self.histogram_shift_points < 3:
+            raise ValueError(f"augment.histogram_shift_points must be an integer >= 3, got {self.histogram_shift_points}")
 
     @classmethod
     def off(cls) -> AugmentSpec:
@@ -474,9 +496,11 @@ class PatchSampler:
 
         image = batch["image"][slot].numpy()
         np.copyto(image, spatial(linear[:1]))
-        if aug.enabled:
-            _intensity(image, aug, rng)
         np.copyto(batch["label"][slot].numpy(), spatial(labels[0]), casting="unsafe")
+        if aug.enabled:
+            if aug.structure_shift_prob > 0:  # drawn only when enabled: other configurations keep their streams
+                _structure_shift(image[0], batch["label"][slot].numpy(), aug, rng)
+            _intensity(image, aug, rng)
         channel = 1
         for name in prob_names:
             channels = self.extra_channels[name]
@@ -525,8 +549,25 @@ def _crop_into(out: np.ndarray, arr: np.ndarray, start: Sequence[int], fill: Any
     out[dst_index] = arr[src_index]
 
 
+def _structure_shift(image: np.ndarray, label: np.ndarray, aug: AugmentSpec, rng: np.random.Generator) -> None:
+    """In place: with ``aug.structure_shift_prob``, add to every labelled structure of the patch (each non-zero
+    code of ``label``, same shape as ``image``) its own offset, through its Gaussian-blurred mask."""
+    if rng.random() >= aug.structure_shift_prob:
+        return
+    from scipy.ndimage import gaussian_filter
+
+    for code in np.unique(label):
+        if code == 0:
+            continue
+        offset = np.float32(rng.uniform(*aug.structure_shift_range))
+        weight = (label == code).astype(np.float32)
+        if aug.structure_shift_sigma > 0:
+            weight = gaussian_filter(weight, aug.structure_shift_sigma, mode="nearest")
+        image += offset * weight
+
+
 def _intensity(image: np.ndarray, aug: AugmentSpec, rng: np.random.Generator) -> None:
-    """In place: multiplicative scale, additive shift, Gaussian noise; every draw from ``rng``."""
+    """In place: multiplicative scale, additive shift, Gaussian noise, histogram shift; every draw from ``rng``."""
     if rng.random() < aug.intensity_scale_prob:
         image *= np.float32(rng.uniform(*aug.intensity_scale_range))
     if rng.random() < aug.intensity_shift_prob:
@@ -534,6 +575,13 @@ def _intensity(image: np.ndarray, aug: AugmentSpec, rng: np.random.Generator) ->
     if rng.random() < aug.noise_prob:
         std = np.float32(rng.uniform(0.0, aug.noise_std))
         image += rng.standard_normal(image.shape, dtype=np.float32) * std
+    # drawn only when enabled, so configurations without it keep their random streams
+    if aug.histogram_shift_prob > 0 and rng.random() < aug.histogram_shift_prob:
+        from monai.transforms import RandHistogramShift
+
+        shift = RandHistogramShift(num_control_points=aug.histogram_shift_points, prob=1.0)
+        shift.set_random_state(seed=int(rng.integers(2**31)))
+        image[...] = np.asarray(shift(image).detach().cpu(), dtype=np.float32)
 
 
 def make_loader(
