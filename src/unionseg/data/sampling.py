@@ -581,7 +581,9 @@ def _intensity(image: np.ndarray, aug: AugmentSpec, rng: np.random.Generator) ->
 
         shift = RandHistogramShift(num_control_points=aug.histogram_shift_points, prob=1.0)
         shift.set_random_state(seed=int(rng.integers(2**31)))
-        image[...] = np.asarray(shift(image).detach().cpu(), dtype=np.float32)
+        from monai.utils import convert_to_numpy
+
+        image[...] = convert_to_numpy(shift(image), dtype=np.float32)
 
 
 def make_loader(
