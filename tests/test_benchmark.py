@@ -48,6 +48,32 @@ def test_unknown_suite_and_method_are_refused() -> None:
         load_suite("ci").runs(["nope"])
 
 
+def test_finished_run_under_another_budget_is_refused_not_reused(tmp_path: Path) -> None:
+    """A finished row is reused only when its recorded config hash matches what the suite gives now; a row
+    from another budget raises (naming the file) and stays untouched. Neither path trains anything."""
+    from dataclasses import replace
+
+    from unionseg.benchmark import run_one
+    from unionseg.config import config_hash
+    from unionseg.errors import ConfigError
+    from unionseg.training.config import load_train_config
+
+    suite = load_suite("ci")
+    spec = suite.runs(["naive"])[0]
+    cfg = load_train_config(None, [], **{**suite.budget, "method": spec.method, "seed": 0, "options": spec.options})
+    done = tmp_path / "runs" / "naive" / "seed0" / "result.json"
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"name": "naive", "provenance": {"config_hash": config_hash(cfg)}}))
+    missing = tmp_path / "no_project.yaml"  # never read: nothing is trained or predicted
+    assert run_one(missing, suite, spec, 0, tmp_path, progress=False)["name"] == "naive"
+    changed = replace(suite, budget={**suite.budget, "steps": suite.budget["steps"] + 1})
+    before = done.read_text()
+    with pytest.raises(ConfigError, match="another budget") as err:
+        run_one(missing, changed, spec, 0, tmp_path, progress=False)
+    assert str(done) in str(err.value)
+    assert done.read_text() == before
+
+
 @pytest.mark.slow
 def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
     from unionseg.benchmark import run_benchmark

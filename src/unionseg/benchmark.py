@@ -117,10 +117,16 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
 
     run_dir = out / "runs" / spec.name / f"seed{seed}"
     done = run_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())  # type: ignore[no-any-return]
     budget = dict(suite.budget)
     cfg = load_train_config(None, [], **{**budget, "method": spec.method, "seed": seed, "options": spec.options})
+    if done.exists():
+        finished: dict[str, Any] = json.loads(done.read_text())
+        recorded = finished.get("provenance", {}).get("config_hash")
+        if recorded is not None and recorded != config_hash(cfg):
+            raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options (config hash "
+                              f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
+                              "benchmark into a new output folder, or move that run folder away to redo it", done)
+        return finished
     t0 = time.perf_counter()
     summary = train(project_path, cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
     train_seconds = time.perf_counter() - t0
