@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unionseg.labels import LabelSpace, Leaf, admissible
 from unionseg.losses import (
@@ -13,6 +14,8 @@ from unionseg.losses import (
     MarginalLoss,
     MaskedSigmoidDiceBCE,
     ce_dice_loss,
+    cross_task_negative_bce,
+    cross_task_negative_table,
     downsample_mask,
     exclusion_loss,
     focal_loss,
@@ -432,6 +435,41 @@ def test_task_targets(space: LabelSpace) -> None:
     assert mask.tolist() == [[True, True], [True, False], [True, False]]  # missing and ambiguous channels
     with pytest.raises(ValueError, match="task_ids"):
         task_targets(codes, torch.tensor([0, 2, 0]), keys, space)
+
+
+def test_cross_task_negatives_by_hand(space: LabelSpace) -> None:
+    """Other tasks' channels learn 0 where this sample's labels show a disjoint structure; the own task,
+    background voxels and overlapping keys are never penalised."""
+    keys = [["region:liver", "liver_tumour"], ["region:kidney", "kidney_tumour"], ["region:kidney"]]
+    table = cross_task_negative_table(keys, space)
+    kidney_code, liver = space.code("region:kidney"), space.leaf_id("liver")
+    assert not table[:, :, 0].any()  # background may hide an unannotated organ
+    assert table[0, 0, kidney_code] and table[0, 1, kidney_code]  # a kidney is not liver, nor liver tumour
+    assert not table[1, 0, kidney_code] and not table[2, 0, kidney_code]  # a kidney may be a kidney
+    assert not table[1, 1, kidney_code]  # the kidney region may hold the kidney tumour
+    assert not table[2, 1].any()  # task 2 has no second channel
+    assert table[1, 1, liver] and not table[0, 0, liver]
+
+    codes = torch.zeros(1, 2, dtype=torch.long)
+    codes[0, 0] = liver  # voxel 0: liver (from the liver task's sample), voxel 1: background
+    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    with torch.no_grad():
+        logits[0, 1, 0, 0] = 2.0  # kidney channel of task 1 on the liver voxel
+    loss = cross_task_negative_bce(logits, codes, torch.tensor([0]), keys, space)
+    # pairs with a negative voxel: (task 1, both channels), (task 2, region:kidney); one voxel each
+    expected = (F.softplus(torch.tensor(2.0)) + 2 * F.softplus(torch.tensor(0.0))) / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert logits.grad is not None
+    assert logits.grad[0, 0].abs().sum() == 0  # the own task
+    assert logits.grad[0, :, :, 1].abs().sum() == 0  # the background voxel
+    assert logits.grad[0, 1, 0, 0] > 0 and logits.grad[0, 2, 0, 0] > 0  # twin: the negatives push down
+    # confident negatives cost almost nothing; a sample with only background costs exactly 0
+    low = torch.full((1, 3, 2, 2), -20.0)
+    assert cross_task_negative_bce(low, codes, torch.tensor([0]), keys, space).item() < 1e-8
+    assert cross_task_negative_bce(logits, torch.zeros_like(codes), torch.tensor([0]), keys, space).item() == 0.0
+    with pytest.raises(ValueError, match="T=3"):
+        cross_task_negative_bce(logits[:, :2], codes, torch.tensor([0]), keys, space)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

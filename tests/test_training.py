@@ -103,6 +103,28 @@ def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path,
     assert read_header(out).same_grid(read_header(image))
 
 
+@pytest.mark.parametrize("method", ["dodnet", "multihead"])
+def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_path: Path, method: str) -> None:
+    """options.cross_task_weight > 0 trains through the all-tasks forward and logs the term (non-zero on the
+    phantom, whose patches hold other tasks' organs); the paper's setting (0) has no such term."""
+    import csv
+
+    from unionseg.errors import ConfigError
+
+    run = tmp_path / "cross"
+    train(phantom_project, _cfg(method, 2, "options.cross_task_weight=1.0", "data.fg_prob=1.0"), run,
+          progress=False)
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert rows and all(float(r["cross_task"]) > 0 for r in rows)
+    plain = tmp_path / "plain"
+    train(phantom_project, _cfg(method, 1), plain, progress=False)
+    assert "cross_task" not in (plain / "log.csv").read_text().splitlines()[0].split(",")
+    with pytest.raises(ConfigError, match="weights"):
+        train(phantom_project, _cfg(method, 1, "options.cross_task_weight=-1"), tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="cross_task_wieght"):  # a misspelt option is named, not ignored
+        train(phantom_project, _cfg(method, 1, "options.cross_task_wieght=1"), tmp_path / "typo", progress=False)
+
+
 def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) -> None:
     """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained."""
     run = tmp_path / "cot"

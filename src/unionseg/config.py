@@ -191,8 +191,14 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def apply_overrides(obj: T, overrides: Sequence[str], source: str = "<command line>") -> T:
-    """Return a copy of a dataclass tree with ``a.b=value`` overrides applied (values parsed as YAML)."""
+def apply_overrides(
+    obj: T, overrides: Sequence[str], source: str = "<command line>", open_maps: Sequence[str] = ()
+) -> T:
+    """Return a copy of a dataclass tree with ``a.b=value`` overrides applied (values parsed as YAML).
+
+    A key must already exist, except directly under the dotted paths in ``open_maps``: free-form mappings
+    whose keys are checked by their consumer (a method's ``options``, validated by its Options class).
+    """
     data = to_dict(obj)
     for item in overrides:
         if "=" not in item:
@@ -208,7 +214,7 @@ def apply_overrides(obj: T, overrides: Sequence[str], source: str = "<command li
             if not isinstance(node, dict) or part not in node:
                 raise ConfigError(f"override {key!r}: unknown key {part!r}", source)
             node = node[part]
-        if not isinstance(node, dict) or parts[-1] not in node:
+        if not isinstance(node, dict) or (parts[-1] not in node and ".".join(parts[:-1]) not in open_maps):
             raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}", source)
         node[parts[-1]] = value
     return from_dict(type(obj), data, source=source)

@@ -29,6 +29,8 @@ from unionseg.losses.partial import (
 )
 from unionseg.losses.sigmoid import (
     MaskedSigmoidDiceBCE,
+    cross_task_negative_bce,
+    cross_task_negative_table,
     masked_sigmoid_dice_bce,
     task_channel_tables,
     task_targets,
@@ -39,6 +41,8 @@ __all__ = [
     "MarginalLoss",
     "MaskedSigmoidDiceBCE",
     "ce_dice_loss",
+    "cross_task_negative_bce",
+    "cross_task_negative_table",
     "dice_from_sums",
     "downsample_mask",
     "exclusion_loss",

@@ -158,6 +158,82 @@ def task_targets(
     return targets.float().reshape(batch, lookup.shape[1], *codes.shape[1:]), mask
 
 
+def cross_task_negative_table(channel_keys: Sequence[Sequence[str]], space: LabelSpace) -> Tensor:
+    """(T, C, n_codes) bool: which codes are a certain NEGATIVE of channel (t, c) in any sample.
+
+    Organs do not overlap, so a voxel whose ground truth shows a structure (a foreground leaf or region
+    code) that shares no leaf with the channel's key is certainly not that channel's class, whichever
+    dataset the sample comes from. Background (code 0) is never a negative: in a partially labelled sample
+    it may hide an unannotated organ. Missing channels have no negatives.
+    """
+    n_channels = max(1, max(len(keys) for keys in channel_keys)) if channel_keys else 1
+    code_leaves = torch.as_tensor(space.code_leaf_matrix())  # (n_codes, L)
+    foreground = ~code_leaves[:, 0]
+    negative = torch.zeros(len(channel_keys), n_channels, space.n_codes, dtype=torch.bool)
+    for task, keys in enumerate(channel_keys):
+        for channel, key in enumerate(keys):
+            key_leaves = torch.zeros(space.n_leaves, dtype=torch.bool)
+            key_leaves[list(space.leaves_of(key))] = True
+            negative[task, channel] = foreground & ~(code_leaves & key_leaves).any(-1)
+    return negative
+
+
+def cross_task_negative_bce(
+    logits: Tensor,
+    codes: Tensor,
+    task_ids: Tensor,
+    channel_keys: Sequence[Sequence[str]],
+    space: LabelSpace,
+) -> Tensor:
+    """BCE towards 0 for the OTHER tasks' channels on this sample's known negatives (our extension).
+
+    A task-conditioned sigmoid head (DoDNet, multihead, conditional) is trained only on its own dataset, so
+    nothing tells the liver head that a kidney, labelled in another dataset, is not liver; with a site
+    or phase shift between datasets it fires there, and the merge of all tasks gives the kidney away.
+    The labels that exist say more: where sample b's ground truth shows a structure (code) disjoint from
+    channel (t, c) of another task t, the channel's target is certainly 0
+    (:func:`cross_task_negative_table`). This is the sigmoid counterpart of the marginal baseline's
+    exclusion loss (Shi et al., MedIA 2021); it needs the all-tasks forward in training.
+
+    Per (sample, other task, channel) pair: the mean of ``softplus(logit)`` (BCE with target 0) over its
+    negative voxels; averaged over the pairs with at least one; 0 when there is none.
+
+    Args:
+        logits: (B, T, C, *S) every task's logits for every sample.
+        codes: (B, *S) integer codes.
+        task_ids: (B,) the sample's own task (never penalised here; its own loss supervises it).
+        channel_keys: per task, its channel keys.
+        space: the label space.
+
+    Returns:
+        Scalar float32 (>= 0).
+
+    Raises:
+        ValueError: shapes that do not match each other or the tasks.
+    """
+    if logits.dim() < 3 or logits.shape[1] != len(channel_keys):
+        raise ValueError(f"logits must be (B, T={len(channel_keys)}, C, *S), got {tuple(logits.shape)}")
+    if codes.shape != (logits.shape[0], *logits.shape[3:]):
+        raise ValueError(f"codes {tuple(codes.shape)} must be (B, *S) of logits {tuple(logits.shape)}")
+    if tuple(task_ids.shape) != (logits.shape[0],):
+        raise ValueError(f"task_ids must have shape ({logits.shape[0]},), got {tuple(task_ids.shape)}")
+    batch, n_tasks = logits.shape[:2]
+    table = cross_task_negative_table(channel_keys, space).to(codes.device)
+    if table.shape[1] != logits.shape[2]:
+        raise ValueError(f"logits have {logits.shape[2]} channels per task, the keys need {table.shape[1]}")
+    flat = codes.reshape(batch, -1).long()
+    negative = table[:, :, flat].permute(2, 0, 1, 3)  # (B, T, C, V)
+    other = torch.arange(n_tasks, device=codes.device)[None, :] != task_ids.long().to(codes.device)[:, None]
+    negative = negative & other[:, :, None, None]
+    with float32_island(logits):
+        x = logits.float().flatten(3)
+        weight = negative.to(x.dtype)
+        count = weight.sum(-1)
+        per_pair = (F.softplus(x) * weight).sum(-1) / count.clamp_min(1)
+        pairs = count > 0
+        return per_pair.sum() / pairs.sum().clamp_min(1).to(per_pair.dtype)
+
+
 class MaskedSigmoidDiceBCE(nn.Module):
     """:func:`masked_sigmoid_dice_bce` as a module (DoDNet, Zhang et al., CVPR 2021).
 

@@ -60,6 +60,13 @@ class DoDNetOptions:
     controller_lr_scale: float = 1.0
     dice_weight: float = 1.0
     bce_weight: float = 1.0
+    # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
+    # trains through the all-tasks forward (conditional: one backbone pass per task, T times the step)
+    cross_task_weight: float = 0.0
+
+    def validate(self) -> None:
+        if min(self.dice_weight, self.bce_weight, self.cross_task_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
 
 
 class TaskMethod(Method):
@@ -85,14 +92,27 @@ class TaskMethod(Method):
         return {"net": build_network(self.network_spec())}
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from unionseg.losses import masked_sigmoid_dice_bce, task_targets
+        from unionseg.losses import cross_task_negative_bce, masked_sigmoid_dice_bce, task_targets
 
         task_ids = batch["dataset_id"]
-        logits = self.models["net"](batch["image"], task_ids)
+        o = self.options
+        net = self.models["net"]
+        cross = None
+        if o.cross_task_weight > 0:
+            # every task's head on every sample: the sample's own task is supervised as usual, the others
+            # learn what the sample's labels rule out
+            every = net(batch["image"], None)
+            every = every.reshape(every.shape[0], len(self.task_keys), self.n_channels, *every.shape[2:])
+            logits = every[torch.arange(every.shape[0], device=every.device), task_ids.long().to(every.device)]
+            cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space)
+        else:
+            logits = net(batch["image"], task_ids)
         targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
         terms = masked_sigmoid_dice_bce(logits, targets, mask)
-        o = self.options
-        return {"loss": o.dice_weight * terms["dice"] + o.bce_weight * terms["bce"], **terms}
+        loss = o.dice_weight * terms["dice"] + o.bce_weight * terms["bce"]
+        if cross is None:
+            return {"loss": loss, **terms}
+        return {"loss": loss + o.cross_task_weight * cross, **terms, "cross_task": cross}
 
     def deploy(self) -> Deployed:
         indices, channels = [], []

@@ -127,5 +127,5 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data.update(fixed)
     cfg = from_dict(TrainConfig, data, source=source)
     if overrides:
-        cfg = apply_overrides(cfg, overrides)
+        cfg = apply_overrides(cfg, overrides, open_maps=("options",))  # the method validates option names
     return cfg

@@ -1,0 +1,88 @@
+"""Which task head claims which organ: the cross-task confusion of a sigmoid (task-conditioned) model.
+
+For every case of a fully labelled evaluation set, the model's sliding-window probabilities are read per
+region channel, and for every ground-truth organ region the script prints (mean over cases):
+
+* ``p(channel)``: the mean probability of each region channel inside that organ (the diagonal is the
+  organ's own head; off-diagonal values above 0.5 are heads that claim an organ they were never shown);
+* ``merged``: the share of the organ's voxels the merge function gives to each group (or background).
+
+A task head trained only on its own dataset's images can fire on organs labelled in other datasets (a site
+or contrast shift makes them look unlike the negatives it saw); the merge then hands those voxels to the
+most confident head. This is the diagnosis behind ``options.cross_task_weight`` (docs/methods.md).
+
+Run: ``.venv/bin/python benchmarks/task_head_confusion.py MODEL_PT PROJECT_YAML [--split val] [--cases N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def main() -> None:
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import PreparedIndex
+    from unionseg.inference.predictor import Predictor
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model", type=Path)
+    ap.add_argument("project", type=Path)
+    ap.add_argument("--split", default="val", choices=("val", "test"))
+    ap.add_argument("--cases", type=int, default=0, help="at most this many cases (0: all)")
+    args = ap.parse_args()
+
+    project = load_project(args.project)
+    space = project.label_space
+    dataset = project.eval_dataset(args.split)
+    if dataset is None:
+        raise SystemExit(f"{args.project}: no fully labelled {args.split} set")
+    cases = [c for c in PreparedIndex.load(project).cases() if c.dataset == dataset.name]
+    if not cases:
+        raise SystemExit(f"{args.project}: the {args.split} set {dataset.name!r} is not prepared")
+    cases = cases[: args.cases or None]
+    predictor = Predictor.from_checkpoint(args.model, device="cpu")
+    if predictor.output_form != "sigmoid":
+        raise SystemExit(f"{args.model}: a {predictor.output_form} model has no task heads to compare")
+    groups = [g.name for g in space.groups]
+    channel = {g: predictor.channels.index(f"region:{g}") for g in groups if f"region:{g}" in predictor.channels}
+    heads = [g for g in groups if g in channel]
+    prob = {(o, h): [] for o in groups for h in heads}
+    merged = {(o, t): [] for o in groups for t in ["background", *groups]}
+    for case in cases:
+        image, label = np.asarray(case.image()), np.asarray(case.label())
+        logits = predictor.sliding_window_logits(image)
+        logits = logits[0] if logits.dim() == 5 else logits
+        probs = torch.sigmoid(logits.float()).numpy()
+        labels = predictor.decider.labels(predictor.decider.probabilities(logits)).numpy()
+        owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
+        for index, grp in enumerate(space.groups):
+            owner[np.isin(labels, grp.leaf_ids)] = index + 1
+        for grp in space.groups:
+            inside = np.isin(label, [*grp.leaf_ids, space.code(f"region:{grp.name}")])
+            if not inside.any():
+                continue
+            for h in heads:
+                prob[(grp.name, h)].append(float(probs[channel[h]][inside].mean()))
+            shares = np.bincount(owner[inside], minlength=len(groups) + 1) / inside.sum()
+            for t, share in zip(["background", *groups], shares, strict=True):
+                merged[(grp.name, t)].append(float(share))
+        print(f"{case.case_id} done", flush=True)
+
+    def mean(values: list[float]) -> str:
+        return f"{np.mean(values):.2f}" if values else "-"
+
+    print(f"\n{args.model} on {len(cases)} {args.split} case(s)\n")
+    print("| organ (ground truth) | " + " | ".join(f"p({h})" for h in heads) + " | "
+          + " | ".join(f"merged: {t}" for t in ["background", *groups]) + " |")
+    print("|---" * (1 + len(heads) + len(groups) + 1) + "|")
+    for o in groups:
+        print(f"| {o} | " + " | ".join(mean(prob[(o, h)]) for h in heads) + " | "
+              + " | ".join(mean(merged[(o, t)]) for t in ["background", *groups]) + " |")
+
+
+if __name__ == "__main__":
+    main()
