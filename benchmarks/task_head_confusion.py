@@ -11,7 +11,8 @@ A task head trained only on its own dataset's images can fire on organs labelled
 or contrast shift makes them look unlike the negatives it saw); the merge then hands those voxels to the
 most confident head. This is the diagnosis behind ``options.cross_task_weight`` (docs/methods.md).
 
-Run: ``.venv/bin/python benchmarks/task_head_confusion.py MODEL_PT PROJECT_YAML [--split val] [--cases N]``.
+Run: ``.venv/bin/python benchmarks/task_head_confusion.py MODEL_PT PROJECT_YAML [--split val] [--cases N]
+[--device cpu]``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     ap.add_argument("project", type=Path)
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--cases", type=int, default=0, help="at most this many cases (0: all)")
+    ap.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda, auto)")
     args = ap.parse_args()
 
     project = load_project(args.project)
@@ -44,20 +46,24 @@ def main() -> None:
     if not cases:
         raise SystemExit(f"{args.project}: the {args.split} set {dataset.name!r} is not prepared")
     cases = cases[: args.cases or None]
-    predictor = Predictor.from_checkpoint(args.model, device="cpu")
+    predictor = Predictor.from_checkpoint(args.model, device=args.device)
     if predictor.output_form != "sigmoid":
         raise SystemExit(f"{args.model}: a {predictor.output_form} model has no task heads to compare")
     groups = [g.name for g in space.groups]
-    channel = {g: predictor.channels.index(f"region:{g}") for g in groups if f"region:{g}" in predictor.channels}
-    heads = [g for g in groups if g in channel]
+    # every region channel is a column; an organ two tasks annotate gets a column per task (liver, liver#2)
+    channel: dict[str, int] = {}
+    for index, key in enumerate(predictor.channels):
+        if key.startswith("region:"):
+            name, seen = key[len("region:"):], sum(k == key for k in predictor.channels[:index])
+            channel[name if not seen else f"{name}#{seen + 1}"] = index
+    heads = list(channel)
     prob = {(o, h): [] for o in groups for h in heads}
     merged = {(o, t): [] for o in groups for t in ["background", *groups]}
     for case in cases:
         image, label = np.asarray(case.image()), np.asarray(case.label())
         logits = predictor.sliding_window_logits(image)
-        logits = logits[0] if logits.dim() == 5 else logits
-        probs = torch.sigmoid(logits.float()).numpy()
-        labels = predictor.decider.labels(predictor.decider.probabilities(logits)).numpy()
+        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        labels = predictor.decider.labels(predictor.decider.probabilities(logits)).cpu().numpy()
         owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
         for index, grp in enumerate(space.groups):
             owner[np.isin(labels, grp.leaf_ids)] = index + 1

@@ -450,22 +450,24 @@ def test_cross_task_negatives_by_hand(space: LabelSpace) -> None:
     assert not table[2, 1].any()  # task 2 has no second channel
     assert table[1, 1, liver] and not table[0, 0, liver]
 
-    codes = torch.zeros(1, 2, dtype=torch.long)
-    codes[0, 0] = liver  # voxel 0: liver (from the liver task's sample), voxel 1: background
-    logits = torch.zeros(1, 3, 2, 2, requires_grad=True)
+    codes = torch.zeros(1, 3, dtype=torch.long)
+    codes[0, :2] = liver  # voxels 0 and 1: liver (from the liver task's sample), voxel 2: background
+    logits = torch.zeros(1, 3, 2, 3, requires_grad=True)
     with torch.no_grad():
-        logits[0, 1, 0, 0] = 2.0  # kidney channel of task 1 on the liver voxel
+        logits[0, 1, 0, 0], logits[0, 1, 0, 1] = 2.0, -1.0  # task 1's kidney channel on the two liver voxels
     loss = cross_task_negative_bce(logits, codes, torch.tensor([0]), keys, space)
-    # pairs with a negative voxel: (task 1, both channels), (task 2, region:kidney); one voxel each
-    expected = (F.softplus(torch.tensor(2.0)) + 2 * F.softplus(torch.tensor(0.0))) / 3
+    # pairs with negatives: (task 1, both channels), (task 2, region:kidney); each pair's mean over its
+    # two voxels, then the mean over the three pairs (not one mean over all six voxels)
+    sp = F.softplus
+    expected = ((sp(torch.tensor(2.0)) + sp(torch.tensor(-1.0))) / 2 + 2 * sp(torch.tensor(0.0))) / 3
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     loss.backward()
     assert logits.grad is not None
     assert logits.grad[0, 0].abs().sum() == 0  # the own task
-    assert logits.grad[0, :, :, 1].abs().sum() == 0  # the background voxel
+    assert logits.grad[0, :, :, 2].abs().sum() == 0  # the background voxel
     assert logits.grad[0, 1, 0, 0] > 0 and logits.grad[0, 2, 0, 0] > 0  # twin: the negatives push down
     # confident negatives cost almost nothing; a sample with only background costs exactly 0
-    low = torch.full((1, 3, 2, 2), -20.0)
+    low = torch.full((1, 3, 2, 3), -20.0)
     assert cross_task_negative_bce(low, codes, torch.tensor([0]), keys, space).item() < 1e-8
     assert cross_task_negative_bce(logits, torch.zeros_like(codes), torch.tensor([0]), keys, space).item() == 0.0
     with pytest.raises(ValueError, match="T=3"):

@@ -105,17 +105,21 @@ def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path,
 
 @pytest.mark.parametrize("method", ["dodnet", "multihead"])
 def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_path: Path, method: str) -> None:
-    """options.cross_task_weight > 0 trains through the all-tasks forward and logs the term (non-zero on the
-    phantom, whose patches hold other tasks' organs); the paper's setting (0) has no such term."""
+    """options.cross_task_weight > 0 trains through the all-tasks forward, logs the term and adds it, weighted,
+    to the loss (each sample's own organ is a negative for the other tasks' channels); the paper's setting
+    (0) has no such term."""
     import csv
 
     from unionseg.errors import ConfigError
 
     run = tmp_path / "cross"
-    train(phantom_project, _cfg(method, 2, "options.cross_task_weight=1.0", "data.fg_prob=1.0"), run,
+    train(phantom_project, _cfg(method, 2, "options.cross_task_weight=0.5", "data.fg_prob=1.0"), run,
           progress=False)
     rows = list(csv.DictReader((run / "log.csv").open()))
-    assert rows and all(float(r["cross_task"]) > 0 for r in rows)
+    assert len(rows) == 2
+    for r in rows:
+        cross, parts = float(r["cross_task"]), float(r["dice"]) + float(r["bce"])
+        assert cross > 0 and float(r["loss"]) == pytest.approx(parts + 0.5 * cross, rel=1e-4)
     plain = tmp_path / "plain"
     train(phantom_project, _cfg(method, 1), plain, progress=False)
     assert "cross_task" not in (plain / "log.csv").read_text().splitlines()[0].split(",")

@@ -184,6 +184,7 @@ def cross_task_negative_bce(
     task_ids: Tensor,
     channel_keys: Sequence[Sequence[str]],
     space: LabelSpace,
+    table: Tensor | None = None,
 ) -> Tensor:
     """BCE towards 0 for the OTHER tasks' channels on this sample's known negatives (our extension).
 
@@ -204,6 +205,8 @@ def cross_task_negative_bce(
         task_ids: (B,) the sample's own task (never penalised here; its own loss supervises it).
         channel_keys: per task, its channel keys.
         space: the label space.
+        table: :func:`cross_task_negative_table` of ``channel_keys`` (computed when None; a training
+            loop passes it once built, on the codes' device).
 
     Returns:
         Scalar float32 (>= 0).
@@ -218,7 +221,9 @@ def cross_task_negative_bce(
     if tuple(task_ids.shape) != (logits.shape[0],):
         raise ValueError(f"task_ids must have shape ({logits.shape[0]},), got {tuple(task_ids.shape)}")
     batch, n_tasks = logits.shape[:2]
-    table = cross_task_negative_table(channel_keys, space).to(codes.device)
+    if table is None:
+        table = cross_task_negative_table(channel_keys, space)
+    table = table.to(codes.device)
     if table.shape[1] != logits.shape[2]:
         raise ValueError(f"logits have {logits.shape[2]} channels per task, the keys need {table.shape[1]}")
     flat = codes.reshape(batch, -1).long()
@@ -227,9 +232,8 @@ def cross_task_negative_bce(
     negative = negative & other[:, :, None, None]
     with float32_island(logits):
         x = logits.float().flatten(3)
-        weight = negative.to(x.dtype)
-        count = weight.sum(-1)
-        per_pair = (F.softplus(x) * weight).sum(-1) / count.clamp_min(1)
+        count = negative.sum(-1)
+        per_pair = torch.where(negative, F.softplus(x), torch.zeros_like(x)).sum(-1) / count.clamp_min(1)
         pairs = count > 0
         return per_pair.sum() / pairs.sum().clamp_min(1).to(per_pair.dtype)
 

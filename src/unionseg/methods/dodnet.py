@@ -65,7 +65,7 @@ class DoDNetOptions:
     cross_task_weight: float = 0.0
 
     def validate(self) -> None:
-        if min(self.dice_weight, self.bce_weight, self.cross_task_weight) < 0:
+        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
             raise ValueError("loss weights must be >= 0")
 
 
@@ -79,6 +79,7 @@ class TaskMethod(Method):
         super().__init__(ctx)
         self.task_keys = [task_channels(self.space, d) for d in self.datasets()]
         self.n_channels = max(len(k) for k in self.task_keys)
+        self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
 
     def head_spec(self) -> dict[str, Any]:
         return {"name": self.head_name, "n_tasks": len(self.task_keys), "out_channels": self.n_channels}
@@ -92,7 +93,12 @@ class TaskMethod(Method):
         return {"net": build_network(self.network_spec())}
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from unionseg.losses import cross_task_negative_bce, masked_sigmoid_dice_bce, task_targets
+        from unionseg.losses import (
+            cross_task_negative_bce,
+            cross_task_negative_table,
+            masked_sigmoid_dice_bce,
+            task_targets,
+        )
 
         task_ids = batch["dataset_id"]
         o = self.options
@@ -104,7 +110,10 @@ class TaskMethod(Method):
             every = net(batch["image"], None)
             every = every.reshape(every.shape[0], len(self.task_keys), self.n_channels, *every.shape[2:])
             logits = every[torch.arange(every.shape[0], device=every.device), task_ids.long().to(every.device)]
-            cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space)
+            if self._negatives is None or self._negatives.device != every.device:
+                self._negatives = cross_task_negative_table(self.task_keys, self.space).to(every.device)
+            cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space,
+                                            table=self._negatives)
         else:
             logits = net(batch["image"], task_ids)
         targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
