@@ -66,9 +66,9 @@ def main() -> None:
         labels = predictor.decider.labels(predictor.decider.probabilities(logits)).cpu().numpy()
         owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
         for index, grp in enumerate(space.groups):
-            owner[np.isin(labels, grp.leaf_ids)] = index + 1
+            owner[space.codes_to_leaf_masks(labels, f"region:{grp.name}")] = index + 1
         for grp in space.groups:
-            inside = np.isin(label, [*grp.leaf_ids, space.code(f"region:{grp.name}")])
+            inside = space.codes_to_leaf_masks(label, f"region:{grp.name}")
             if not inside.any():
                 continue
             for h in heads:

@@ -166,16 +166,9 @@ def cross_task_negative_table(channel_keys: Sequence[Sequence[str]], space: Labe
     dataset the sample comes from. Background (code 0) is never a negative: in a partially labelled sample
     it may hide an unannotated organ. Missing channels have no negatives.
     """
-    n_channels = max(1, max(len(keys) for keys in channel_keys)) if channel_keys else 1
-    code_leaves = torch.as_tensor(space.code_leaf_matrix())  # (n_codes, L)
-    foreground = ~code_leaves[:, 0]
-    negative = torch.zeros(len(channel_keys), n_channels, space.n_codes, dtype=torch.bool)
-    for task, keys in enumerate(channel_keys):
-        for channel, key in enumerate(keys):
-            key_leaves = torch.zeros(space.n_leaves, dtype=torch.bool)
-            key_leaves[list(space.leaves_of(key))] = True
-            negative[task, channel] = foreground & ~(code_leaves & key_leaves).any(-1)
-    return negative
+    positive, ambiguous, exists = task_channel_tables(channel_keys, space)
+    foreground = ~torch.as_tensor(space.code_leaf_matrix())[:, 0]
+    return exists.unsqueeze(-1) & foreground & ~(positive | ambiguous)  # no leaf shared with the key
 
 
 def cross_task_negative_bce(
