@@ -163,3 +163,23 @@ def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Pa
     assert len(list(run.glob("*.pt"))) == 2  # one last.pt and one model.pt, written by rank 0 only
     assert len(list(run.glob("log*.csv"))) == 1
     shutil.rmtree(run)
+
+
+def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) -> None:
+    """options.focal_weights switches the focal term's class weights (the same seed and batch give another
+    focal value, the Dice term unchanged); an unknown choice is refused with the key in the message."""
+    import csv
+
+    from unionseg.errors import ConfigError
+
+    firsts = {}
+    for choice in ("none", "inverse_frequency"):
+        run = tmp_path / choice
+        train(phantom_project, _cfg("cotraining", 1, f"options.focal_weights={choice}", "data.fg_prob=1.0"), run,
+              progress=False)
+        firsts[choice] = next(csv.DictReader((run / "log.csv").open()))
+    assert float(firsts["none"]["A/focal"]) != pytest.approx(float(firsts["inverse_frequency"]["A/focal"]), rel=1e-3)
+    assert float(firsts["none"]["A/dice"]) == pytest.approx(float(firsts["inverse_frequency"]["A/dice"]), rel=1e-5)
+    with pytest.raises(ConfigError, match="focal_weights"):
+        train(phantom_project, _cfg("cotraining", 1, "options.focal_weights=median"), tmp_path / "bad",
+              progress=False)
