@@ -92,6 +92,9 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
         prov = run["provenance"]
         for key in ("code_commit", "config_hash", "data_fingerprint", "seed", "generator_version"):
             assert prov.get(key) not in (None, ""), key
+        assert isinstance(run["resolved_options"], dict)  # the options as run, defaults filled in
+        if run["method"] == "cotraining":
+            assert run["resolved_options"]["focal_weights"] == "none"
         pred_dir = out / run["pred_dir"]
         scores: dict[str, list[float]] = {}
         for truth_path in sorted((test.root / "labelsTr").glob("*.nii.gz")):

@@ -170,6 +170,8 @@ def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) 
     focal value, the Dice term unchanged); an unknown choice is refused with the key in the message."""
     import csv
 
+    from unionseg.modelfile import load_model
+
     from unionseg.errors import ConfigError
 
     firsts = {}
@@ -178,6 +180,10 @@ def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) 
         train(phantom_project, _cfg("cotraining", 1, f"options.focal_weights={choice}", "data.fg_prob=1.0"), run,
               progress=False)
         firsts[choice] = next(csv.DictReader((run / "log.csv").open()))
+        # the run records the options it ran, defaults filled in (a later change of a default stays visible)
+        resolved = json.loads((run / "summary.json").read_text())["options"]
+        assert resolved["focal_weights"] == choice and resolved["w_s"] == 1.0
+        assert load_model(run / "model.pt")["provenance"]["options"] == resolved
     assert float(firsts["none"]["A/focal"]) != pytest.approx(float(firsts["inverse_frequency"]["A/focal"]), rel=1e-3)
     assert float(firsts["none"]["A/dice"]) == pytest.approx(float(firsts["inverse_frequency"]["A/dice"]), rel=1e-5)
     with pytest.raises(ConfigError, match="focal_weights"):

@@ -144,6 +144,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
 
     result = {
         "name": spec.name, "method": spec.method, "seed": seed, "options": spec.options,
+        "resolved_options": summary.get("options", {}),  # defaults filled in: what the method ran
         "per_class": {k: {m: v.get("mean") for m, v in stats.items() if isinstance(v, dict)}
                       for k, stats in evaluation["classes"].items()},
         "best_val_mean_dice": summary["best_val_mean_dice"],

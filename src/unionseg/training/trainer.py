@@ -304,13 +304,19 @@ class Trainer:
                        "threshold": self.cfg.inference.threshold},
             config=to_dict(self.cfg),
             provenance={"config_hash": config_hash(self.cfg), "data_fingerprint": self.ctx.index.fingerprint,
-                        "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": self.best_name},
+                        "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": self.best_name,
+                        "options": self.method_options()},
         )
         save_model(path, payload)
+
+    def method_options(self) -> dict[str, Any]:
+        """The method's options as it ran them, defaults filled in (the recipe lists only what it sets)."""
+        return to_dict(self.method.options)
 
     def on_train_end(self) -> dict[str, Any]:
         summary = {"method": self.cfg.method, "steps": self.step, "best_val_mean_dice": self.best_metric,
                    "best_candidate": self.best_name, "history": self.history,
+                   "options": self.method_options(),
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
                    "train_seconds": self.timings["total"], "model": str(self.run_dir / "model.pt")}
         if dist.is_distributed():
