@@ -243,7 +243,8 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in regions])
         ax.set_ylabel("test Dice (-- oracle, .. naive)")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, ncol=3)
+        # outside the axes, to the right: inside, it covers the bars that reach the top
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         fig.savefig(figures / "region_dice.png", dpi=100)
         plt.close(fig)
