@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -80,19 +79,14 @@ def test_missing_project_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err.strip() == f"error: {(tmp_path / 'nope.yaml').resolve()}: file not found"
 
 
-def test_help_is_fast_in_a_subprocess() -> None:
+def test_console_script_help() -> None:
+    """The installed entry point answers --help. Its speed rests on the import test below (no torch at
+    import); a wall-clock limit here failed on a loaded machine, and timings belong to benchmarks/."""
     if not UNIONSEG.exists():
         pytest.skip(f"console script {UNIONSEG} is not installed")
-    best = float("inf")
-    for _ in range(3):  # the first start may read cold files from disk
-        start = time.perf_counter()
-        result = subprocess.run([str(UNIONSEG), "--help"], capture_output=True, text=True, timeout=60)
-        best = min(best, time.perf_counter() - start)
-        assert result.returncode == 0, result.stderr
-        assert "info" in result.stdout
-        if best < 1.0:
-            break
-    assert best < 1.0, f"unionseg --help took {best:.2f} s"
+    result = subprocess.run([str(UNIONSEG), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "info" in result.stdout and "train" in result.stdout
 
 
 def test_importing_the_cli_does_not_import_torch() -> None:

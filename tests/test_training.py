@@ -170,9 +170,8 @@ def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) 
     focal value, the Dice term unchanged); an unknown choice is refused with the key in the message."""
     import csv
 
-    from unionseg.modelfile import load_model
-
     from unionseg.errors import ConfigError
+    from unionseg.modelfile import load_model
 
     firsts = {}
     for choice in ("none", "inverse_frequency"):
