@@ -24,6 +24,8 @@ def test_suites_load_and_share_one_budget() -> None:
     assert load_suite("ablations").budget == load_suite("standard").budget  # budget_from: standard
     twice = load_suite("standard_2s")  # the convergence check: the oracle at 2S, all else equal
     assert twice.budget == {**load_suite("standard").budget, "steps": 2 * load_suite("standard").budget["steps"]}
+    four = load_suite("standard_4s")  # with standard_2s: the convergence check of a 2S budget
+    assert four.budget == {**twice.budget, "steps": 2 * twice.budget["steps"]}
 
 
 def test_budget_from_overrides_and_refuses_cycles(tmp_path: Path) -> None:
