@@ -247,3 +247,26 @@ def test_param_groups_scale_by_the_longest_prefix() -> None:
         param_groups(models, 0.02, {"net.head.contr": 0.1})  # a prefix is a whole path component
     with pytest.raises(ConfigError, match="must be positive"):
         param_groups(models, 0.02, {"net.head.controller": 0.0})
+
+
+def test_channel_select_follows_the_wrapped_net_device() -> None:
+    """deploy() wraps a net that may already sit on the GPU; the index buffer must be on the net's device
+    from the start (a CPU index against CUDA features failed validation on an H100). 'meta' stands in for
+    the second device here; the CPU twin keeps its CPU index and selects the right channels."""
+    from unionseg.methods.dodnet import ChannelSelect
+
+    class AllTasks(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 4, 1)
+
+        def forward(self, x: torch.Tensor, task: object) -> torch.Tensor:
+            return self.conv(x)
+
+    on_meta = ChannelSelect(AllTasks().to("meta"), [0, 2])
+    assert on_meta.indices.device.type == "meta"
+    net = AllTasks()
+    on_cpu = ChannelSelect(net, [0, 2])
+    assert on_cpu.indices.device.type == "cpu"
+    x = torch.randn(1, 1, 2, 2, 2)
+    assert torch.equal(on_cpu(x), net(x, None)[:, [0, 2]])

@@ -39,10 +39,13 @@ class ChannelSelect(nn.Module):
     def __init__(self, net: nn.Module, indices: list[int]) -> None:
         super().__init__()
         self.net = net
-        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long), persistent=False)
+        # on the wrapped net's device: deploy() wraps a net already on the GPU, and nothing moves the wrapper
+        device = next((p.device for p in net.parameters()), torch.device("cpu"))
+        self.register_buffer("indices", torch.as_tensor(indices, dtype=torch.long, device=device), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x, None).index_select(1, self.indices)
+        out = self.net(x, None)
+        return out.index_select(1, self.indices.to(out.device))
 
 
 @dataclass(frozen=True)
