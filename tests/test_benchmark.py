@@ -55,7 +55,7 @@ def test_finished_run_under_another_budget_is_refused_not_reused(tmp_path: Path)
     from another budget raises (naming the file) and stays untouched. Neither path trains anything."""
     from dataclasses import replace
 
-    from unionseg.benchmark import run_one
+    from unionseg.benchmark import resolved_options, run_one
     from unionseg.config import config_hash
     from unionseg.errors import ConfigError
     from unionseg.training.config import load_train_config
@@ -74,6 +74,21 @@ def test_finished_run_under_another_budget_is_refused_not_reused(tmp_path: Path)
         run_one(missing, changed, spec, 0, tmp_path, progress=False)
     assert str(done) in str(err.value)
     assert done.read_text() == before
+    # a finished row whose method ran with other defaults (same recipe, so the same hash) is refused too,
+    # naming the option; the same row recording today's defaults is reused
+    cot = suite.runs(["cotraining"])[0]
+    cot_cfg = load_train_config(None, [], **{**suite.budget, "method": "cotraining", "seed": 0,
+                                            "options": cot.options})
+    cot_done = tmp_path / "runs" / "cotraining" / "seed0" / "result.json"
+    cot_done.parent.mkdir(parents=True)
+    today = resolved_options(cot)
+    assert today["focal_weights"] == "none"
+    record = {"name": "cotraining", "provenance": {"config_hash": config_hash(cot_cfg)}, "resolved_options": today}
+    cot_done.write_text(json.dumps(record))
+    assert run_one(missing, suite, cot, 0, tmp_path, progress=False)["name"] == "cotraining"
+    cot_done.write_text(json.dumps({**record, "resolved_options": {**today, "focal_weights": "inverse_frequency"}}))
+    with pytest.raises(ConfigError, match="focal_weights: 'inverse_frequency' -> 'none'"):
+        run_one(missing, suite, cot, 0, tmp_path, progress=False)
 
 
 @pytest.mark.slow

@@ -84,6 +84,28 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
         train(phantom_project, _cfg("naive", 3), run, resume=True, progress=False)
 
 
+def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path: Path) -> None:
+    """A checkpoint records the options it ran, defaults filled in; a unionseg whose defaults differ refuses
+    to continue it (the recipe, and so the config hash, did not change) and names the option. Twin: the
+    untouched checkpoint resumes."""
+    from unionseg.errors import CheckpointError
+    from unionseg.training.checkpoint import atomic_torch_save
+
+    cfg = _cfg("dodnet", 2, "ckpt_every=1")
+    run = tmp_path / "run"
+    assert train(phantom_project, cfg, run, progress=False, stop_after=1) == {"stopped_at": 1}
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    assert state["options"]["dice_weight"] == 1.0
+    twin = tmp_path / "twin"
+    shutil.copytree(run, twin)
+    state["options"]["dice_weight"] = 2.0  # as if written by a version whose default was 2
+    atomic_torch_save(state, run / "last.pt")
+    with pytest.raises(CheckpointError, match=r"dice_weight: 2\.0 -> 1\.0"):
+        train(phantom_project, cfg, run, resume=True, progress=False)
+    train(phantom_project, cfg, twin, resume=True, progress=False)
+    assert (twin / "model.pt").is_file()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["oracle", "marginal", "individual", "multihead", "conditional", "dodnet",
                                     "cotraining", "mskd"])

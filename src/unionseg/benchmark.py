@@ -109,6 +109,15 @@ def code_commit() -> str:
 
 
 # ---------------------------------------------------------------------- one run
+def resolved_options(spec: RunSpec) -> dict[str, Any]:
+    """The options a row's method runs with today: the row's own, defaults filled in."""
+    from unionseg.config import from_dict, to_dict
+    from unionseg.methods.base import get_method
+
+    return to_dict(from_dict(get_method(spec.method).Options, spec.options or {},
+                             source=f"options of {spec.name!r}"))
+
+
 def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
     from unionseg.config import config_hash, load_project
@@ -126,6 +135,14 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
             raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options (config hash "
                               f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
                               "benchmark into a new output folder, or move that run folder away to redo it", done)
+        ran = finished.get("resolved_options")  # absent in results written before options were recorded
+        today = resolved_options(spec)
+        if ran is not None and ran != today:
+            changed = ", ".join(f"{k}: {ran.get(k)!r} -> {today.get(k)!r}" for k in sorted(set(ran) | set(today))
+                                if ran.get(k) != today.get(k))
+            raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults ({changed}); its results "
+                              "are kept: benchmark into a new output folder, or move that run folder away to "
+                              "redo it", done)
         return finished
     t0 = time.perf_counter()
     summary = train(project_path, cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)

@@ -164,7 +164,7 @@ class Trainer:
     def _state(self) -> dict[str, Any]:
         return {
             "format": CKPT_FORMAT, "step": self.step, "method": self.cfg.method,
-            "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
+            "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg), "options": self.method_options(),
             "models": {k: m.state_dict() for k, m in self.method.raw_models.items()},
             "averages": {k: a.state_dict() for k, a in self.method.averages().items()},
             "method_state": self.method.state_dict(),
@@ -185,6 +185,16 @@ class Trainer:
 
             raise CheckpointError("checkpoint was written with a different configuration; resume with the same "
                                   "recipe and overrides, or start a new run folder", path)
+        saved = state.get("options")  # absent in checkpoints written before options were recorded
+        if saved is not None and saved != self.method_options():
+            from unionseg.errors import CheckpointError
+
+            now = self.method_options()
+            changed = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+                                if saved.get(k) != now.get(k))
+            raise CheckpointError(f"the method's options changed since this checkpoint ({changed}): this unionseg's "
+                                  "defaults differ from those of the version that wrote it; resume with that "
+                                  "version, or start a new run folder", path)
         for k, m in self.method.raw_models.items():
             m.load_state_dict(state["models"][k])
         for k, a in self.method.averages().items():
