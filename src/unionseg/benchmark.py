@@ -120,7 +120,7 @@ def resolved_options(spec: RunSpec) -> dict[str, Any]:
 
 def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
-    from unionseg.config import config_hash, load_project
+    from unionseg.config import config_hash, describe_changes, load_project
     from unionseg.training.config import load_train_config
     from unionseg.training.trainer import train
 
@@ -138,9 +138,8 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         ran = finished.get("resolved_options")  # absent in results written before options were recorded
         today = resolved_options(spec)
         if ran is not None and ran != today:
-            changed = ", ".join(f"{k}: {ran.get(k)!r} -> {today.get(k)!r}" for k in sorted(set(ran) | set(today))
-                                if ran.get(k) != today.get(k))
-            raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults ({changed}); its results "
+            raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults "
+                              f"({describe_changes(ran, today)}); its results "
                               "are kept: benchmark into a new output folder, or move that run folder away to "
                               "redo it", done)
         return finished

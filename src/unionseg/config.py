@@ -220,6 +220,12 @@ def apply_overrides(
     return from_dict(type(obj), data, source=source)
 
 
+def describe_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """``key: old -> new`` for every key whose value differs (sorted; a missing key reads as None)."""
+    return ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in sorted(set(before) | set(after))
+                     if before.get(k) != after.get(k))
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a dataclass tree (or plain data)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()

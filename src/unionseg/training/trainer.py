@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unionseg.config import config_hash, to_dict
+from unionseg.config import config_hash, describe_changes, to_dict
 from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
@@ -189,9 +189,7 @@ class Trainer:
         if saved is not None and saved != self.method_options():
             from unionseg.errors import CheckpointError
 
-            now = self.method_options()
-            changed = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-                                if saved.get(k) != now.get(k))
+            changed = describe_changes(saved, self.method_options())
             raise CheckpointError(f"the method's options changed since this checkpoint ({changed}): this unionseg's "
                                   "defaults differ from those of the version that wrote it; resume with that "
                                   "version, or start a new run folder", path)
