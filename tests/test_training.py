@@ -151,6 +151,24 @@ def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_pa
         train(phantom_project, _cfg(method, 1, "options.cross_task_wieght=1"), tmp_path / "typo", progress=False)
 
 
+def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_path: Path) -> None:
+    """options.lr_scale multiplies the shared budget's learning rate for every parameter of a task-conditioned
+    network (the schedule still applies); a non-positive scale is refused by name."""
+    import csv
+
+    from unionseg.errors import ConfigError
+
+    lrs = {}
+    for scale in (1.0, 0.25):
+        run = tmp_path / f"s{scale}"
+        train(phantom_project, _cfg("dodnet", 2, f"options.lr_scale={scale}"), run, progress=False)
+        lrs[scale] = [float(r["lr"]) for r in csv.DictReader((run / "log.csv").open())]
+    assert len(lrs[1.0]) == 2 and lrs[1.0][0] > 0  # poly: the last step logs 0
+    assert lrs[0.25] == pytest.approx([0.25 * x for x in lrs[1.0]], rel=1e-6)
+    with pytest.raises(ConfigError, match="lr_scale"):
+        train(phantom_project, _cfg("multihead", 1, "options.lr_scale=0"), tmp_path / "bad", progress=False)
+
+
 def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) -> None:
     """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained."""
     run = tmp_path / "cot"

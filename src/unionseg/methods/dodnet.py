@@ -61,6 +61,9 @@ class DoDNetOptions:
     negative_slope: float = 0.0
     # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
     controller_lr_scale: float = 1.0
+    # learning-rate multiplier of the whole network (1 = the budget's lr): the budget stays one object shared by
+    # every method, and a task-conditioned run may still train slower (docs/methods.md, the learning-rate screen)
+    lr_scale: float = 1.0
     dice_weight: float = 1.0
     bce_weight: float = 1.0
     # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
@@ -70,6 +73,8 @@ class DoDNetOptions:
     def validate(self) -> None:
         if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
             raise ValueError("loss weights must be >= 0")
+        if not (self.lr_scale > 0 and self.controller_lr_scale > 0):
+            raise ValueError("lr_scale and controller_lr_scale must be > 0")
 
 
 class TaskMethod(Method):
@@ -83,6 +88,11 @@ class TaskMethod(Method):
         self.task_keys = [task_channels(self.space, d) for d in self.datasets()]
         self.n_channels = max(len(k) for k in self.task_keys)
         self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
+
+    def lr_scales(self) -> dict[str, float]:
+        """``lr_scale`` for every parameter of the network (empty at 1: the budget's lr)."""
+        scale = float(self.options.lr_scale)
+        return {} if scale == 1.0 else {"net": scale}
 
     def head_spec(self) -> dict[str, Any]:
         return {"name": self.head_name, "n_tasks": len(self.task_keys), "out_channels": self.n_channels}
@@ -151,12 +161,15 @@ class DoDNetMethod(TaskMethod):
                 "negative_slope": float(self.options.negative_slope)}
 
     def lr_scales(self) -> dict[str, float]:
-        """The controller's learning-rate multiplier (``controller_lr_scale``; 1 leaves it at the budget's lr).
+        """The controller's learning-rate multiplier (``controller_lr_scale``, on top of ``lr_scale``).
 
         An option for Adam-type optimisers (DoDNet trains with SGD): one generated head parameter is a sum
         over the controller's Cb + T + 1 inputs, and Adam moves each of those weights by about lr per step.
         Measured (docs/methods.md): 0.05 did not stop the head's hidden units from dying, so the recipe
         keeps 1.
         """
+        scales = super().lr_scales()
         scale = float(self.options.controller_lr_scale)
-        return {} if scale == 1.0 else {"net.head.controller": scale}
+        if scale != 1.0:
+            scales["net.head.controller"] = scale * float(self.options.lr_scale)
+        return scales
