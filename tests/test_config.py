@@ -262,3 +262,13 @@ def test_from_dict_errors_name_the_source() -> None:
     assert info.value.message.startswith("preprocessing.spacing: must be positive")
     assert from_dict(PreprocessSpec, {"spacing": [1, 1, 2]}).spacing == (1.0, 1.0, 2.0)
     assert PreprocessSpec().center == 0.0 and PreprocessSpec().half_width == 325.0
+
+
+def test_option_changes_accept_options_added_later_at_their_default() -> None:
+    from unionseg.config import option_changes
+
+    defaults = {"a": 1.0, "b": 0.0}
+    assert option_changes({"a": 1.0}, {"a": 1.0, "b": 0.0}, defaults) == ""  # b added later, at its default
+    assert option_changes({"a": 1.0}, {"a": 1.0, "b": 0.5}, defaults) == "b: None -> 0.5"
+    assert option_changes({"a": 2.0, "b": 0.0}, {"a": 1.0, "b": 0.0}, defaults) == "a: 2.0 -> 1.0"
+    assert option_changes({"a": 1.0, "gone": 3}, {"a": 1.0}, defaults) == "gone: 3 -> None"

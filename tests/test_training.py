@@ -86,8 +86,9 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
 
 def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path: Path) -> None:
     """A checkpoint records the options it ran, defaults filled in; a unionseg whose defaults differ refuses
-    to continue it (the recipe, and so the config hash, did not change) and names the option. Twin: the
-    untouched checkpoint resumes."""
+    to continue it (the recipe, and so the config hash, did not change) and names the option. Twin: a
+    checkpoint written before an option existed (lr_scale, added later with the old behaviour as its
+    default) resumes."""
     from unionseg.errors import CheckpointError
     from unionseg.training.checkpoint import atomic_torch_save
 
@@ -98,6 +99,9 @@ def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path:
     assert state["options"]["dice_weight"] == 1.0
     twin = tmp_path / "twin"
     shutil.copytree(run, twin)
+    older = {**state, "options": {k: v for k, v in state["options"].items() if k != "lr_scale"}}
+    assert older["options"] != state["options"]
+    atomic_torch_save(older, twin / "last.pt")
     state["options"]["dice_weight"] = 2.0  # as if written by a version whose default was 2
     atomic_torch_save(state, run / "last.pt")
     with pytest.raises(CheckpointError, match=r"dice_weight: 2\.0 -> 1\.0"):

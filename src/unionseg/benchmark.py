@@ -118,9 +118,17 @@ def resolved_options(spec: RunSpec) -> dict[str, Any]:
                              source=f"options of {spec.name!r}"))
 
 
+def option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The defaults of a row's method options."""
+    from unionseg.config import to_dict
+    from unionseg.methods.base import get_method
+
+    return to_dict(get_method(spec.method).Options())
+
+
 def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
-    from unionseg.config import config_hash, describe_changes, load_project
+    from unionseg.config import config_hash, load_project, option_changes
     from unionseg.training.config import load_train_config
     from unionseg.training.trainer import train
 
@@ -136,10 +144,10 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
                               f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
                               "benchmark into a new output folder, or move that run folder away to redo it", done)
         ran = finished.get("resolved_options")  # absent in results written before options were recorded
-        today = resolved_options(spec)
-        if ran is not None and ran != today:
+        changed = "" if ran is None else option_changes(ran, resolved_options(spec), option_defaults(spec))
+        if changed:
             raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults "
-                              f"({describe_changes(ran, today)}); its results "
+                              f"({changed}); its results "
                               "are kept: benchmark into a new output folder, or move that run folder away to "
                               "redo it", done)
         return finished

@@ -226,6 +226,16 @@ def describe_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str
                      if before.get(k) != after.get(k))
 
 
+def option_changes(recorded: Mapping[str, Any], today: Mapping[str, Any], defaults: Mapping[str, Any]) -> str:
+    """:func:`describe_changes` between the options a run recorded and today's ('' = none).
+
+    An option the record lacks is no change while today's value is its default: it was added later, and a new
+    option's default keeps the old behaviour. A changed default of a recorded option is a change.
+    """
+    added = {k: v for k, v in today.items() if k not in recorded and k in defaults and v == defaults[k]}
+    return describe_changes({**added, **recorded}, today)
+
+
 def config_hash(obj: Any) -> str:
     """Stable short hash of a dataclass tree (or plain data)."""
     blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unionseg.config import config_hash, describe_changes, to_dict
+from unionseg.config import config_hash, option_changes, to_dict
 from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
@@ -186,10 +186,11 @@ class Trainer:
             raise CheckpointError("checkpoint was written with a different configuration; resume with the same "
                                   "recipe and overrides, or start a new run folder", path)
         saved = state.get("options")  # absent in checkpoints written before options were recorded
-        if saved is not None and saved != self.method_options():
+        changed = "" if saved is None else option_changes(saved, self.method_options(),
+                                                          to_dict(type(self.method.options)()))
+        if changed:
             from unionseg.errors import CheckpointError
 
-            changed = describe_changes(saved, self.method_options())
             raise CheckpointError(f"the method's options changed since this checkpoint ({changed}): this unionseg's "
                                   "defaults differ from those of the version that wrote it; resume with that "
                                   "version, or start a new run folder", path)
