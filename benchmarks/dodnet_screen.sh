@@ -1,0 +1,43 @@
+#!/bin/bash
+# Screen task-conditioned settings on validation: several `unionseg train` runs at once (one GPU holds many of
+# these small runs), then each run's validation region Dice per step. Used for the session-8 DoDNet screen in
+# docs/methods.md.
+#
+#   benchmarks/dodnet_screen.sh PROJECT OUT_DIR "NAME STEPS OVERRIDES..." ["NAME STEPS OVERRIDES..." ...]
+#
+# e.g. benchmarks/dodnet_screen.sh bench_out/std2/data/project.yaml /tmp/screen \
+#        "slow 3000 optim.lr=0.005 options.cross_task_weight=0.25" "paper 3000"
+# Every run uses the standard suite's budget (the dodnet recipe with the suite's data settings) unless an
+# override says otherwise; METHOD=multihead (or conditional) screens another member of the family.
+set -u
+project=$1; out=$2; shift 2
+mkdir -p "$out"
+cat > "$out/budget.yaml" <<'YAML'
+steps: 1000
+network: {backbone: resunet, preset: cpu}
+data: {patch_size: [48, 48, 48], batch_size: 2, fg_prob: 0.67, num_workers: 1,
+       augment: {flip_prob: [0, 0, 0], rot90_prob: 0, structure_shift_prob: 0.5}}
+optim: {name: adamw, lr: 0.02, schedule: poly}
+inference: {overlap: 0.5, sw_batch_size: 2}
+val_every: 250
+YAML
+for run in "$@"; do
+  read -r name steps overrides <<< "$run"
+  # shellcheck disable=SC2086  # the overrides are separate words
+  ( unionseg train "$project" -m "${METHOD:-dodnet}" -c "$out/budget.yaml" steps="$steps" $overrides \
+      -o "$out/$name" --quiet > "$out/$name.log" 2>&1; echo "$name: exit $?" ) &
+done
+wait
+for run in "$@"; do
+  read -r name _ <<< "$run"
+  python3 - "$out/$name/summary.json" "$name" <<'PY'
+import json, sys
+from pathlib import Path
+path, name = Path(sys.argv[1]), sys.argv[2]
+if not path.is_file():
+    sys.exit(print(f"{name}: no summary (see {path.parent}.log)"))
+for row in json.loads(path.read_text())["history"]:
+    dice = {k.split(":")[-1]: round(v, 2) for k, v in row.items() if "/region:" in k}
+    print(name, row["step"], dice)
+PY
+done
