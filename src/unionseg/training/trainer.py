@@ -460,6 +460,10 @@ def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resum
     """Python entry point of ``unionseg train``."""
     ctx = make_context(project_path, cfg, run_dir, roots, progress)
     try:
-        return Trainer(ctx, resume=resume).fit(stop_after=stop_after)
+        result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
+        # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
+        # teardown seen once under load: its partner had already left); not on errors, where it could hang
+        dist.barrier()
+        return result
     finally:
         dist.cleanup()
