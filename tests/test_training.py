@@ -173,6 +173,24 @@ def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_
         train(phantom_project, _cfg("multihead", 1, "options.lr_scale=0"), tmp_path / "bad", progress=False)
 
 
+def test_cotraining_networks_start_different(phantom_project: Path, tmp_path: Path) -> None:
+    """Co-training's A and B share the recipe but not the initial draw: every weight matrix differs (the twin:
+    the same seed draws the same A again, so the difference is the draw, not the recipe)."""
+    from unionseg.methods.base import get_method
+    from unionseg.training.trainer import make_context
+
+    ctx = make_context(phantom_project, _cfg("cotraining", 1), tmp_path / "run", progress=False)
+    torch.manual_seed(0)
+    nets = get_method("cotraining")(ctx).build()
+    a, b = nets["A"].state_dict(), nets["B"].state_dict()
+    weights = [k for k, v in a.items() if v.ndim >= 2]
+    assert a.keys() == b.keys() and len(weights) >= 5
+    assert all(not torch.equal(a[k], b[k]) for k in weights)
+    torch.manual_seed(0)
+    again = get_method("cotraining")(ctx).build()["A"].state_dict()
+    assert all(torch.equal(a[k], again[k]) for k in a)
+
+
 def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) -> None:
     """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained."""
     run = tmp_path / "cot"
