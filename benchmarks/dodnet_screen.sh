@@ -7,20 +7,14 @@
 #
 # e.g. benchmarks/dodnet_screen.sh bench_out/std2/data/project.yaml /tmp/screen \
 #        "slow 3000 optim.lr=0.005 options.cross_task_weight=0.25" "paper 3000"
-# Every run uses the standard suite's budget (the dodnet recipe with the suite's data settings) unless an
-# override says otherwise; METHOD=multihead (or conditional) screens another member of the family.
+# Every run uses the standard suite's budget unless an override says otherwise; METHOD=multihead (or
+# conditional) screens another member of the family.
 set -u
 project=$1; out=$2; shift 2
 mkdir -p "$out"
-cat > "$out/budget.yaml" <<'YAML'
-steps: 1000
-network: {backbone: resunet, preset: cpu}
-data: {patch_size: [48, 48, 48], batch_size: 2, fg_prob: 0.67, num_workers: 1,
-       augment: {flip_prob: [0, 0, 0], rot90_prob: 0, structure_shift_prob: 0.5}}
-optim: {name: adamw, lr: 0.02, schedule: poly}
-inference: {overlap: 0.5, sw_batch_size: 2}
-val_every: 250
-YAML
+# the standard suite's budget itself, so the screen cannot drift from the comparison it feeds
+python3 -c 'import sys, yaml; from unionseg.benchmark import load_suite
+yaml.safe_dump(dict(load_suite("standard").budget), sys.stdout)' > "$out/budget.yaml" || exit 1
 for run in "$@"; do
   read -r name steps overrides <<< "$run"
   # shellcheck disable=SC2086  # the overrides are separate words
