@@ -45,11 +45,12 @@ def main() -> None:
 
     from monai.inferers import sliding_window_inference
 
-    from unionseg.networks import build_network
+    from unionseg.networks import build_network, set_layout
 
     torch.manual_seed(0)
     net = build_network({"backbone": {"name": "resunet", "preset": args.preset},
                          "head": {"name": "dynamic", "n_tasks": args.tasks, "out_channels": 2}}).eval()
+    set_layout(net, "cpu")  # as the predictor does
     x = torch.randn(1, 1, args.size, args.size, args.size)
     roi = (args.roi,) * 3
 

@@ -104,9 +104,10 @@ def child_bare(work: Path) -> dict:
     from monai.inferers import sliding_window_inference
 
     from unionseg.modelfile import build_from_payload, load_model
+    from unionseg.networks import set_layout
 
     payload = load_model(work / "model.pt")
-    net = build_from_payload(payload)
+    net = set_layout(build_from_payload(payload), "cpu")  # the predictor's layout: compare the pipelines, not it
     inf = payload["inference"]
     x = torch.from_numpy(np.load(work / "prepared.npy"))[None, None]
     start = time.perf_counter()

@@ -31,7 +31,7 @@ class _StubArtifacts:
 
     def __init__(self, ctx: Any) -> None:
         from unionseg.methods.expert import expert_subspace
-        from unionseg.networks import build_network
+        from unionseg.networks import build_network, set_layout
 
         self.ctx = ctx
         self.experts = {}
@@ -39,6 +39,7 @@ class _StubArtifacts:
             sub, _, leaves = expert_subspace(ctx.space, name)
             net = build_network({"backbone": ctx.cfg.network.backbone_spec(),
                                  "head": {"name": "softmax", "out_channels": sub.n_leaves}}).eval()
+            set_layout(net, "cpu")  # as ``Artifacts.load_expert`` does
             for p in net.parameters():
                 p.requires_grad_(False)
             self.experts[name] = (net, leaves, {})
@@ -71,7 +72,11 @@ class _Stepper:
 
     def __init__(self, method: Any) -> None:
         self.method = method
-        models = method.build()
+        from unionseg.networks import set_layout
+
+        models = {k: set_layout(m, "cpu") for k, m in method.build().items()}  # as the trainer does
+        for average in method.averages().values():
+            set_layout(average, "cpu")
         method.raw_models = models
         method.models = models
         params = [p for m in models.values() for p in m.parameters() if p.requires_grad]

@@ -443,3 +443,43 @@ def test_preset_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
     assert counts["tiny"][1] < counts["cpu"][1] < counts["gpu"][1]
     # DoDNet reports 17.3M parameters for its network (paper widths, 7 tasks)
     assert abs(counts["gpu"][1] - 17.3e6) < 0.05e6
+
+
+# ------------------------------------------------------------------ memory layout
+@pytest.mark.parametrize("head", ALL_HEADS, ids=lambda h: h["name"])
+@pytest.mark.parametrize("backbone", BACKBONES, ids=lambda b: b["name"])
+def test_channels_last_layout_keeps_outputs_and_gradients(backbone: dict[str, Any], head: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``set_layout`` on the CPU stores every 3-D kernel channels-last and changes nothing but rounding."""
+    from unionseg.networks import set_layout
+
+    monkeypatch.delenv("UNIONSEG_CHANNELS_LAST", raising=False)
+    ref, net = make_net(backbone, head), make_net(backbone, head)
+    assert set_layout(net, "cpu") is net
+    kernels = [p for p in net.parameters() if p.dim() == 5]
+    assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)
+    assert any(not p.is_contiguous() for p in kernels)  # a real change of layout, not a no-op
+    x, tasks = image(), torch.tensor([0, N_TASKS - 1])
+    out_ref, out = ref(x, tasks), net(x, tasks)
+    torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
+    out_ref.square().mean().backward()
+    out.square().mean().backward()
+    for (name, p_ref), p in zip(ref.named_parameters(), net.parameters(), strict=True):
+        assert p.grad is not None and p_ref.grad is not None, name
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_channels_last_choice_per_device_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    from unionseg.networks import channels_last_for, set_layout
+
+    monkeypatch.delenv("UNIONSEG_CHANNELS_LAST", raising=False)
+    assert channels_last_for("cpu") and not channels_last_for("cuda")
+    monkeypatch.setenv("UNIONSEG_CHANNELS_LAST", "0")
+    assert not channels_last_for("cpu")
+    net = set_layout(set_layout(make_net(BACKBONES[0], ALL_HEADS[0]), "cuda"), "cpu")  # forced off: contiguous
+    assert all(p.is_contiguous() for p in net.parameters())
+    monkeypatch.setenv("UNIONSEG_CHANNELS_LAST", "1")
+    assert channels_last_for("cuda")
+    monkeypatch.setenv("UNIONSEG_CHANNELS_LAST", "maybe")
+    with pytest.raises(ValueError, match="UNIONSEG_CHANNELS_LAST"):
+        channels_last_for("cpu")

@@ -135,11 +135,12 @@ class ArtifactCache:
         if dataset not in self._experts:
             from unionseg.methods.expert import expert_subspace
             from unionseg.modelfile import build_from_payload, load_model
+            from unionseg.networks.layout import set_layout
 
             if not (self.expert_dir(dataset) / "summary.json").exists():  # no lock when it exists (main-only callers)
                 self.ensure_experts([dataset])
             payload = load_model(self.expert_dir(dataset) / "model.pt")
-            module = build_from_payload(payload).to(self.ctx.device).eval()
+            module = set_layout(build_from_payload(payload).to(self.ctx.device), self.ctx.device).eval()
             for p in module.parameters():
                 p.requires_grad_(False)
             _, _, leaf_ids = expert_subspace(self.ctx.space, dataset)

@@ -54,6 +54,7 @@ from unionseg.data.preprocess import (
 from unionseg.errors import CheckpointError, DataError, UnionsegError
 from unionseg.labels import LabelSpace, merge, merge_softmax
 from unionseg.modelfile import check_channels, check_inference
+from unionseg.networks.layout import set_layout
 from unionseg.outputs import sigmoid_to_groups
 
 ProgressFn = Callable[[int, int], None]
@@ -353,7 +354,7 @@ class Predictor:
         self.slab_budget_mib = slab_budget_mib
         self.decision_threads = decision_threads
         self.decision = decision
-        self.model = model.to(self.device).eval()
+        self.model = set_layout(model.to(self.device), self.device).eval()
         self.decider = _Decider(label_space, output_form, self.channels, decision, self.inference["threshold"])
         self.last_stats: dict[str, Any] = {}
 

@@ -3,6 +3,7 @@
 Public API (imported lazily so that ``import unionseg.networks`` does not pull in torch):
 
 * :func:`build_network` (spec dict -> :class:`SegmentationNet`), :func:`count_parameters`
+* :func:`set_layout`: 3-D kernels channels-last where that is faster (the CPU)
 * backbones :class:`ResUNet` (DoDNet's residual U-Net) and :class:`DynUNetBackbone` (MONAI DynUNet),
   both returning :class:`BackboneOutput` and offering ``features_upto(x, decoder_stage)``
 * heads :class:`SoftmaxHead`, :class:`MultiHead`, :class:`ConditionalHead`, :class:`DynamicHead`
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
         SoftmaxHead,
         head_parameter_count,
     )
+    from unionseg.networks.layout import channels_last_for, set_layout
     from unionseg.networks.model import SegmentationNet
     from unionseg.networks.resunet import RESUNET_PRESETS, ResUNet
 
@@ -48,6 +50,8 @@ _LAZY = {
     "head_parameter_count": "heads",
     "SegmentationNet": "model",
     "resolve_spec": "build",
+    "set_layout": "layout",
+    "channels_last_for": "layout",
 }
 
 __all__ = [
@@ -65,10 +69,12 @@ __all__ = [
     "SoftmaxHead",
     "WSConv3d",
     "build_network",
+    "channels_last_for",
     "count_parameters",
     "group_count",
     "head_parameter_count",
     "resolve_spec",
+    "set_layout",
 ]
 
 

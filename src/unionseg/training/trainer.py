@@ -24,6 +24,7 @@ from unionseg.config import config_hash, option_changes, to_dict
 from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
+from unionseg.networks.layout import set_layout
 from unionseg.training import distributed as dist
 from unionseg.training.checkpoint import atomic_torch_save, rng_state, safe_torch_load, set_rng_state
 from unionseg.training.config import TrainConfig
@@ -133,7 +134,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self._run_stages()
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
-        self.method.raw_models = {k: m.to(ctx.device) for k, m in self.method.build().items()}
+        self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
+        for average in self.method.averages().values():
+            set_layout(average.to(ctx.device), ctx.device)
         self.method.models = {k: dist.wrap(m, ctx.device) for k, m in self.method.raw_models.items()}
         groups = param_groups(self.method.raw_models, cfg.optim.lr, self.method.lr_scales())
         self.trainable = bool(groups)

@@ -1,0 +1,46 @@
+"""Memory layout of 3-D convolution weights: channels-last (NDHWC) where it is faster.
+
+On the CPU, oneDNN's 3-D convolutions run about 1.6 x faster, forward and backward, when the kernels are
+stored channels-last (ResUNet ``cpu`` preset, batch 2 x 48^3: 0.46 s -> 0.29 s per training step; see
+``docs/benchmarks.md``, "Training step"). A convolution whose weight is channels-last returns a channels-last
+output, so converting the weights once switches the whole network; inputs may stay contiguous. The values
+are the same up to float rounding (the kernels sum in another order).
+
+On CUDA the layout is left contiguous until it is measured there (GroupNorm's CUDA kernel may copy
+channels-last inputs). ``UNIONSEG_CHANNELS_LAST=1`` (or ``0``) forces the choice on every device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+ENV = "UNIONSEG_CHANNELS_LAST"
+
+
+def channels_last_for(device: torch.device | str) -> bool:
+    """Whether networks on ``device`` should store their 3-D kernels channels-last."""
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return True
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r}: expected 1 or 0")
+    return torch.device(device).type == "cpu"
+
+
+def set_layout(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """Store every 5-D parameter and buffer of ``module`` in the layout :func:`channels_last_for` picks.
+
+    In place (``module`` is returned for chaining); call it before an optimiser is built over the parameters.
+    Parameters of other ranks (linear layers, norms) are untouched.
+    """
+    fmt = torch.channels_last_3d if channels_last_for(device) else torch.contiguous_format
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.dim() == 5 and not t.is_contiguous(memory_format=fmt):
+                t.data = t.data.contiguous(memory_format=fmt)
+    return module
