@@ -458,8 +458,11 @@ def test_channels_last_layout_keeps_outputs_and_gradients(backbone: dict[str, An
     assert set_layout(net, "cpu") is net
     kernels = [p for p in net.parameters() if p.dim() == 5]
     assert kernels and all(p.is_contiguous(memory_format=torch.channels_last_3d) for p in kernels)
-    assert any(not p.is_contiguous() for p in kernels)  # a real change of layout, not a no-op
+    assert all(p.stride(1) == 1 for p in kernels)  # one-channel kernels too (stem): a real change of layout
+    assert any(not p.is_contiguous() for p in kernels)
     x, tasks = image(), torch.tensor([0, N_TASKS - 1])
+    x_in = x.expand(-1, net.backbone.in_channels, -1, -1, -1).contiguous()  # conditional: image + task codes
+    assert net.backbone.prepare_input(x_in).stride(1) == 1 and ref.backbone.prepare_input(x_in).stride(1) != 1
     out_ref, out = ref(x, tasks), net(x, tasks)
     torch.testing.assert_close(out, out_ref, atol=1e-4, rtol=1e-4)
     out_ref.square().mean().backward()

@@ -198,6 +198,16 @@ class Backbone(nn.Module):
             raise IndexError(f"decoder_stage {decoder_stage} out of range for {n} decoder stages")
         return decoder_stage % n
 
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`check_input`, then ``x`` in the memory layout of the first 3-D kernel (see
+        :mod:`unionseg.networks.layout`): a one-channel image is laid out channels-last explicitly, since
+        PyTorch treats its ambiguous strides as contiguous and would run the stem in the slower layout."""
+        from unionseg.networks.layout import like_kernel
+
+        self.check_input(x)
+        kernel = next((p for p in self.parameters() if p.dim() == 5), None)
+        return x if kernel is None else like_kernel(x, kernel)
+
     def check_input(self, x: torch.Tensor) -> None:
         """Validate the input's rank, channels and spatial size.
 

@@ -106,7 +106,7 @@ class DynUNetBackbone(Backbone):
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Encoder skips (fine -> coarse) and the bottleneck output."""
-        self.check_input(x)
+        x = self.prepare_input(x)
         skips = [self.input_block(x)]
         for block in self.downsamples:
             skips.append(block(skips[-1]))

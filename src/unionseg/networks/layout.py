@@ -1,10 +1,11 @@
 """Memory layout of 3-D convolution weights: channels-last (NDHWC) where it is faster.
 
 On the CPU, oneDNN's 3-D convolutions run about 1.6 x faster, forward and backward, when the kernels are
-stored channels-last (ResUNet ``cpu`` preset, batch 2 x 48^3: 0.46 s -> 0.29 s per training step; see
+stored channels-last (ResUNet ``cpu`` preset, batch 2 x 48^3: 0.46 s -> 0.24 s per training step; see
 ``docs/benchmarks.md``, "Training step"). A convolution whose weight is channels-last returns a channels-last
-output, so converting the weights once switches the whole network; inputs may stay contiguous. The values
-are the same up to float rounding (the kernels sum in another order).
+output, so converting the weights once switches the whole network; backbones lay their input out like their
+first kernel (:meth:`unionseg.networks.blocks.Backbone.prepare_input`). The values are the same up to float
+rounding (the kernels sum in another order).
 
 On CUDA the layout is left contiguous until it is measured there (GroupNorm's CUDA kernel may copy
 channels-last inputs). ``UNIONSEG_CHANNELS_LAST=1`` (or ``0``) forces the choice on every device.
@@ -41,6 +42,22 @@ def set_layout(module: nn.Module, device: torch.device | str) -> nn.Module:
     fmt = torch.channels_last_3d if channels_last_for(device) else torch.contiguous_format
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            if t.dim() == 5 and not t.is_contiguous(memory_format=fmt):
-                t.data = t.data.contiguous(memory_format=fmt)
+            if t.dim() == 5:
+                t.data = _relaid(t.data, fmt)
     return module
+
+
+def like_kernel(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, D, H, W) in the layout of a 3-D ``kernel`` laid out by :func:`set_layout`."""
+    if x.dim() != 5 or kernel.dim() != 5:
+        return x
+    channels_last = kernel.stride(1) == 1 and kernel[0, 0].numel() > 1
+    return _relaid(x, torch.channels_last_3d if channels_last else torch.contiguous_format)
+
+
+def _relaid(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """``t`` with exactly the strides of ``fmt``. ``Tensor.contiguous(memory_format=...)`` is not enough:
+    with one channel both layouts hold the same bytes, PyTorch reports the tensor as already in either
+    layout, and keeps the strides that make the convolution pick the contiguous kernels."""
+    target = torch.empty_like(t, memory_format=fmt)
+    return t if target.stride() == t.stride() else target.copy_(t)

@@ -154,7 +154,7 @@ class ResUNet(Backbone):
 
     def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Encoder skips (levels 0..L-1, fine -> coarse) and the fused bottleneck (pre-normalisation)."""
-        self.check_input(x)
+        x = self.prepare_input(x)
         h = self.stem(x)
         skips: list[torch.Tensor] = []
         for stage in self.encoder:
