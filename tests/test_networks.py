@@ -85,6 +85,19 @@ def test_weight_standardisation_per_output_channel() -> None:
         WSConv3d(1, 4, 1)  # one weight per output channel cannot be standardised
 
 
+def test_weight_standardisation_keeps_the_kernel_layout() -> None:
+    # a reshape-based standardisation copied channels-last kernels back to the contiguous layout, and the
+    # convolutions lost most of what the layout buys; the standardised kernel must keep the strides
+    torch.manual_seed(0)
+    conv = WSConv3d(4, 6, 3, padding=1)
+    reference = conv.standardized_weight()
+    with torch.no_grad():
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+    standardized = conv.standardized_weight()
+    assert standardized.is_contiguous(memory_format=torch.channels_last_3d) and not standardized.is_contiguous()
+    assert torch.allclose(standardized, reference, atol=1e-6)
+
+
 def test_preact_block_downsamples_with_projection() -> None:
     block = PreActResBlock(4, 8, stride=2)
     assert block(torch.randn(1, 4, 8, 8, 8)).shape == (1, 8, 4, 4, 4)
