@@ -485,6 +485,45 @@ def test_channels_last_layout_keeps_outputs_and_gradients(backbone: dict[str, An
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+def test_resunet_stays_channels_last_to_the_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converting the kernels once switches the whole ResUNet: every block's output and the softmax logits
+    come out channels-last (no layer re-lays its input). Twin: without ``set_layout`` they are contiguous.
+    Two threads, as in training: with one, PyTorch runs small-batch 1x1x1 convolutions without oneDNN, and
+    those return contiguous outputs (see :mod:`unionseg.networks.layout`)."""
+
+    monkeypatch.delenv("UNIONSEG_CHANNELS_LAST", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check_resunet_layout()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_resunet_layout() -> None:
+    from unionseg.networks import set_layout
+
+    net = make_net(BACKBONES[0], ALL_HEADS[0])
+    outputs: dict[str, torch.Tensor] = {}
+    for name, module in net.named_modules():
+        if name.startswith("backbone.") and name.count(".") == 1 or name == "head":
+            module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
+
+    def channels_last(t: torch.Tensor) -> bool:
+        return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+
+    with torch.no_grad():
+        net(image())
+        assert outputs and not any(channels_last(t) for t in outputs.values() if isinstance(t, torch.Tensor))
+        set_layout(net, "cpu")
+        outputs.clear()
+        logits = net(image())
+    tensors = {k: t for k, t in outputs.items() if isinstance(t, torch.Tensor) and t.dim() == 5}
+    assert "head" in tensors and len(tensors) >= 2
+    assert channels_last(logits) and all(channels_last(t) for t in tensors.values()), \
+        {k: t.stride() for k, t in tensors.items()}
+
+
 def test_channels_last_choice_per_device_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
     from unionseg.networks import channels_last_for, set_layout
 

@@ -1,11 +1,16 @@
 """Memory layout of 3-D convolution weights: channels-last (NDHWC) where it is faster.
 
-On the CPU, oneDNN's 3-D convolutions run about 1.6 x faster, forward and backward, when the kernels are
-stored channels-last (ResUNet ``cpu`` preset, batch 2 x 48^3: 0.46 s -> 0.24 s per training step; see
-``docs/benchmarks.md``, "Training step"). A convolution whose weight is channels-last returns a channels-last
-output, so converting the weights once switches the whole network; backbones lay their input out like their
-first kernel (:meth:`unionseg.networks.blocks.Backbone.prepare_input`). The values are the same up to float
-rounding (the kernels sum in another order).
+On the CPU, oneDNN's 3-D convolutions run faster, forward and backward, when the kernels are stored channels-
+last (``benchmarks/bench_layout.py``, batch 2 x 48^3, one training step: ResUNet ``cpu`` preset 0.418 s ->
+0.266 s, DynUNet ``cpu`` 0.403 s -> 0.280 s; ``docs/benchmarks.md``). A convolution whose weight is channels-
+last returns a channels-last output, and GroupNorm, ReLU, upsampling and additive skips keep the layout, so
+converting the weights once switches the whole ResUNet, logits included; backbones lay their input out like
+their first kernel (:meth:`unionseg.networks.blocks.Backbone.prepare_input`). Layers that leave the layout
+(checked on the ``cpu`` presets, batch 2, two threads): MONAI's ``InstanceNorm3d`` in DynUNet returns a
+contiguous tensor, so each of its convolutions re-lays its input (still faster overall, figures above); the
+multi-head and dynamic heads return contiguous logits (their per-task products are reshapes). With ONE thread,
+PyTorch runs 1x1x1 convolutions of batches under 16 without oneDNN, and those return contiguous tensors too.
+The values are the same up to float rounding (the kernels sum in another order).
 
 On CUDA the layout is left contiguous until it is measured there (GroupNorm's CUDA kernel may copy
 channels-last inputs). ``UNIONSEG_CHANNELS_LAST=1`` (or ``0``) forces the choice on every device.
