@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -31,10 +32,19 @@ ALL_HEADS = [{"name": "softmax", "out_channels": 5}, *TASK_HEADS]
 def _one_thread() -> Iterator[None]:
     """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl when other processes share the
     2 cores; restored afterwards so other test modules keep their setting."""
+    with torch_threads(1):
+        yield
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with ``n`` torch threads, then restore the previous count."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def make_net(backbone: dict[str, Any], head: dict[str, Any], seed: int = 0) -> Any:
@@ -486,42 +496,35 @@ def test_channels_last_layout_keeps_outputs_and_gradients(backbone: dict[str, An
 
 
 def test_resunet_stays_channels_last_to_the_logits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Converting the kernels once switches the whole ResUNet: every block's output and the softmax logits
-    come out channels-last (no layer re-lays its input). Twin: without ``set_layout`` they are contiguous.
+    """Converting the kernels once switches the whole ResUNet: every module's 5-D output and the softmax
+    logits come out channels-last (no layer re-lays its input). Twin: without ``set_layout`` none does.
     Two threads, as in training: with one, PyTorch runs small-batch 1x1x1 convolutions without oneDNN, and
     those return contiguous outputs (see :mod:`unionseg.networks.layout`)."""
-
-    monkeypatch.delenv("UNIONSEG_CHANNELS_LAST", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        _check_resunet_layout()
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _check_resunet_layout() -> None:
     from unionseg.networks import set_layout
 
+    monkeypatch.delenv("UNIONSEG_CHANNELS_LAST", raising=False)
     net = make_net(BACKBONES[0], ALL_HEADS[0])
     outputs: dict[str, torch.Tensor] = {}
     for name, module in net.named_modules():
-        if name.startswith("backbone.") and name.count(".") == 1 or name == "head":
+        if name:
             module.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
 
     def channels_last(t: torch.Tensor) -> bool:
         return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
 
-    with torch.no_grad():
+    def five_d() -> dict[str, torch.Tensor]:
+        return {k: t for k, t in outputs.items() if isinstance(t, torch.Tensor) and t.dim() == 5}
+
+    with torch_threads(2), torch.no_grad():
         net(image())
-        assert outputs and not any(channels_last(t) for t in outputs.values() if isinstance(t, torch.Tensor))
+        assert five_d() and not any(channels_last(t) for t in five_d().values())
         set_layout(net, "cpu")
         outputs.clear()
         logits = net(image())
-    tensors = {k: t for k, t in outputs.items() if isinstance(t, torch.Tensor) and t.dim() == 5}
-    assert "head" in tensors and len(tensors) >= 2
+    tensors = five_d()
+    assert "head" in tensors and "backbone.stem" in tensors and len(tensors) > 10
     assert channels_last(logits) and all(channels_last(t) for t in tensors.values()), \
-        {k: t.stride() for k, t in tensors.items()}
+        {k: t.stride() for k, t in tensors.items() if not channels_last(t)}
 
 
 def test_channels_last_choice_per_device_and_override(monkeypatch: pytest.MonkeyPatch) -> None:
