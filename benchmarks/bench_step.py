@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=48)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--docs", type=Path, default=None, help="update the 'Training step' section of this file")
+    parser.add_argument("--docs", type=Path, default=None, help="update the generated table of the 'Training step' section of this file")
     args = parser.parse_args()
 
     import dataclasses
@@ -204,21 +204,9 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.docs:
-        _update_docs(args.docs, "Training step", text)
+        from docs_update import update_generated  # benchmarks/ is on the path when run as a script
 
-
-def _update_docs(path: Path, section: str, body: str) -> None:
-    """Replace (or append) the ``## <section>`` of a Markdown file, leaving other sections alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    header = f"## {section}"
-    start = text.find(header)
-    block = f"{header}\n\n{body}\n"
-    if start < 0:
-        text = text.rstrip() + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + len(header))
-        text = text[:start] + block + (text[end + 1:] if end >= 0 else "")
-    path.write_text(text)
+        print(f"{args.docs}: {update_generated(args.docs, 'Training step', text)}")
 
 
 if __name__ == "__main__":
