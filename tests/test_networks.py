@@ -311,6 +311,39 @@ def test_equalized_controller_same_start_smaller_adam_step() -> None:
         make_net(BACKBONES[0], {**spec, "equalized_controller": 1})
 
 
+def test_image_gain_scales_the_adam_step_of_the_image_part_only() -> None:
+    """``image_gain`` g: same initial head; after one Adam step on the controller (bias frozen), the pooled
+    feature columns' share of the change shrinks by g while the task-code columns' share does not."""
+    spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
+    x, tasks = image(), torch.tensor([0, 1])
+    starts, image_moves, code_moves = [], [], []
+    for gain in (1.0, 1 / 64):
+        torch.manual_seed(0)
+        net = make_net(BACKBONES[0], {**spec, "image_gain": gain}).eval()
+        head = net.head
+        cb = head.bottleneck_channels
+        with torch.no_grad():
+            start = net.controller_params(x, tasks)
+            used_before = head.controller.weight * head._column_gain
+        opt = torch.optim.Adam([head.controller.weight], lr=1e-3)
+        net.controller_params(x, tasks).square().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            delta = head.controller.weight * head._column_gain - used_before
+        starts.append(start)
+        image_moves.append(delta[:, :cb].abs().mean().item())
+        code_moves.append(delta[:, cb:].abs().mean().item())
+        assert head.image_gain == gain and net.spec["head"]["image_gain"] == gain
+    assert torch.allclose(starts[0], starts[1], atol=1e-5)
+    assert image_moves[1] == pytest.approx(image_moves[0] / 64, rel=0.05)
+    assert code_moves[1] == pytest.approx(code_moves[0], rel=0.05)
+    for bad in (0, 0.0, 1.5, -0.1, True, "0.5"):
+        with pytest.raises(ConfigError, match="image_gain"):
+            make_net(BACKBONES[0], {**spec, "image_gain": bad})
+    with pytest.raises(ConfigError, match="pick one"):
+        make_net(BACKBONES[0], {**spec, "image_gain": 0.5, "equalized_controller": True})
+
+
 @pytest.mark.parametrize(
     ("feature_channels", "head_widths", "out_channels", "expected"),
     [(8, (8, 8), 2, 162), (8, (8, 8), 1, 153), (4, (6,), 3, 4 * 6 + 6 + 6 * 3 + 3), (8, (), 2, 18)],

@@ -55,6 +55,9 @@ class DoDNetOptions:
     # off = DoDNet's controller; on = our Adam-motivated variant (see DynamicHead). On the standard suite it did
     # not rescue DoDNet at 1,000 steps (docs/methods.md has the figures), so the paper's form is the default.
     equalized_controller: bool = False
+    # Adam step of the image-dependent part of the generated head as a multiple of the budget's lr per pooled
+    # feature: the gain of the controller's pooled-feature columns (DynamicHead.image_gain; 1 = DoDNet)
+    image_lr_scale: float = 1.0
     # generated head biases start at 0 (see DynamicHead); False = PyTorch's default init, as the official code
     zero_bias_init: bool = False
     # slope of the dynamic head's hidden activations for negative inputs: 0 = ReLU (the paper's head)
@@ -73,6 +76,8 @@ class DoDNetOptions:
     def validate(self) -> None:
         if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
             raise ValueError("loss weights must be >= 0")
+        if not 0 < self.image_lr_scale <= 1:
+            raise ValueError("image_lr_scale must lie in (0, 1]")
         if not (self.lr_scale > 0 and self.controller_lr_scale > 0):
             raise ValueError("lr_scale and controller_lr_scale must be > 0")
 
@@ -158,7 +163,8 @@ class DoDNetMethod(TaskMethod):
                 "head_widths": list(self.options.head_widths),
                 "equalized_controller": self.options.equalized_controller,
                 "zero_bias_init": self.options.zero_bias_init,
-                "negative_slope": float(self.options.negative_slope)}
+                "negative_slope": float(self.options.negative_slope),
+                "image_gain": float(self.options.image_lr_scale)}
 
     def lr_scales(self) -> dict[str, float]:
         """The controller's learning-rate multiplier (``controller_lr_scale``, on top of ``lr_scale``).

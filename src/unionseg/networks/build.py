@@ -34,7 +34,8 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "multihead": {"n_tasks": None, "out_channels": None},
     "conditional": {"n_tasks": None, "out_channels": None},
     "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
-                "equalized_controller": False, "zero_bias_init": False, "negative_slope": 0.0},
+                "equalized_controller": False, "zero_bias_init": False, "negative_slope": 0.0,
+                "image_gain": 1.0},
 }
 
 
@@ -118,6 +119,10 @@ def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"network.head.{key} must be true or false, got {value!r}")
+        elif key == "image_gain":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ConfigError(f"network.head.image_gain must be a number in (0, 1], got {value!r}")
+            value = float(value)
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
                 raise ConfigError(f"network.head.{key} must be a number in [0, 1), got {value!r}")

@@ -238,6 +238,11 @@ class DynamicHead(Head):
         negative_slope: slope of the hidden activations below zero; 0 (default) is DoDNet's ReLU, a positive
             value a leaky ReLU, so that a unit that is off everywhere still passes gradient. An option: it
             did not make DoDNet learn faster in a 300-step probe (docs/methods.md).
+        image_gain: the general form of ``equalized_controller``: the gain of the pooled-feature columns (1 =
+            DoDNet; ``equalized_controller`` is ``Cb ** -0.5``; the two cannot be combined). With Adam each
+            stored weight moves by about lr per step, so the image-dependent part of a generated parameter
+            moves by about ``lr * gain * sum(pooled)``; ``1 / Cb`` brings that to ``lr * mean(pooled)``, the
+            step of a static head's weight.
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
@@ -256,6 +261,7 @@ class DynamicHead(Head):
         equalized_controller: bool = False,
         zero_bias_init: bool = False,
         negative_slope: float = 0.0,
+        image_gain: float = 1.0,
     ) -> None:
         super().__init__()
         if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
@@ -282,10 +288,15 @@ class DynamicHead(Head):
         if not 0.0 <= negative_slope < 1.0:
             raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
         self.negative_slope = float(negative_slope)
+        if not 0.0 < image_gain <= 1.0:
+            raise ValueError(f"image_gain must be in (0, 1], got {image_gain}")
+        if equalized_controller and image_gain != 1.0:
+            raise ValueError("equalized_controller and image_gain < 1 both set the pooled-feature gain; pick one")
         self.equalized_controller = bool(equalized_controller)
+        self.image_gain = bottleneck_channels ** -0.5 if equalized_controller else float(image_gain)
         gain = torch.ones(bottleneck_channels + n_tasks)
-        if equalized_controller:
-            gain[:bottleneck_channels] = bottleneck_channels ** -0.5
+        if self.image_gain != 1.0:
+            gain[:bottleneck_channels] = self.image_gain
             with torch.no_grad():  # same initial function: stored weight / gain, used as weight * gain
                 self.controller.weight.div_(gain)
         self.register_buffer("_column_gain", gain, persistent=False)
@@ -313,7 +324,7 @@ class DynamicHead(Head):
 
     def _controller(self, inputs: torch.Tensor) -> torch.Tensor:
         weight = self.controller.weight
-        if self.equalized_controller:
+        if self.image_gain != 1.0:
             weight = weight * self._column_gain
         return F.linear(inputs, weight, self.controller.bias)
 
