@@ -11,13 +11,19 @@ A task head trained only on its own dataset's images can fire on organs labelled
 or contrast shift makes them look unlike the negatives it saw); the merge then hands those voxels to the
 most confident head. This is the diagnosis behind ``options.cross_task_weight`` (docs/methods.md).
 
+``--per-case`` adds one row per case: the case's acquisition site (read from the phantom's ``generator.json``
+beside the project file, when there is one) and, per organ, its own head's mean probability inside it and
+the share the merge gives it. It separates a head that fails everywhere from one that fails on other
+sites' protocols (a contrast phase it never saw labelled).
+
 Run: ``.venv/bin/python benchmarks/task_head_confusion.py MODEL_PT PROJECT_YAML [--split val] [--cases N]
-[--device cpu]``.
+[--device cpu] [--per-case]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,7 @@ def main() -> None:
     ap.add_argument("--split", default="val", choices=("val", "test"))
     ap.add_argument("--cases", type=int, default=0, help="at most this many cases (0: all)")
     ap.add_argument("--device", default="cpu", help="where the network runs (cpu, cuda, auto)")
+    ap.add_argument("--per-case", action="store_true", help="also a row per case: own head p / merged share")
     args = ap.parse_args()
 
     project = load_project(args.project)
@@ -58,6 +65,10 @@ def main() -> None:
             channel[name if not seen else f"{name}#{seen + 1}"] = index
     heads = list(channel)
     prob = {(o, h): [] for o in groups for h in heads}
+    generator = args.project.parent / "generator.json"
+    sites = ({c["case"]: c.get("site", "") for c in json.loads(generator.read_text()).get("cases", [])}
+             if generator.is_file() else {})
+    rows: list[str] = []
     merged = {(o, t): [] for o in groups for t in ["background", *groups]}
     for case in cases:
         image, label = np.asarray(case.image()), np.asarray(case.label())
@@ -67,15 +78,23 @@ def main() -> None:
         owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
         for index, grp in enumerate(space.groups):
             owner[space.codes_to_leaf_masks(labels, f"region:{grp.name}")] = index + 1
+        own: list[str] = []
         for grp in space.groups:
             inside = space.codes_to_leaf_masks(label, f"region:{grp.name}")
             if not inside.any():
+                own.append("-")
                 continue
+            if grp.name in channel:
+                share = float((owner[inside] == groups.index(grp.name) + 1).mean())
+                own.append(f"{probs[channel[grp.name]][inside].mean():.2f} / {share:.2f}")
+            else:
+                own.append("-")
             for h in heads:
                 prob[(grp.name, h)].append(float(probs[channel[h]][inside].mean()))
             shares = np.bincount(owner[inside], minlength=len(groups) + 1) / inside.sum()
             for t, share in zip(["background", *groups], shares, strict=True):
                 merged[(grp.name, t)].append(float(share))
+        rows.append(f"| {case.case_id} | {sites.get(case.case_id, '')} | " + " | ".join(own) + " |")
         print(f"{case.case_id} done", flush=True)
 
     def mean(values: list[float]) -> str:
@@ -88,6 +107,11 @@ def main() -> None:
     for o in groups:
         print(f"| {o} | " + " | ".join(mean(prob[(o, h)]) for h in heads) + " | "
               + " | ".join(mean(merged[(o, t)]) for t in ["background", *groups]) + " |")
+    if args.per_case:
+        print("\nPer case: the organ's own head, mean p inside the organ / share of the organ merged to it\n")
+        print("| case | site | " + " | ".join(groups) + " |")
+        print("|---" * (2 + len(groups)) + "|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":
