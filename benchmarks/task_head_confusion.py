@@ -79,21 +79,19 @@ def main() -> None:
         for index, grp in enumerate(space.groups):
             owner[space.codes_to_leaf_masks(labels, f"region:{grp.name}")] = index + 1
         own: list[str] = []
-        for grp in space.groups:
+        for index, grp in enumerate(space.groups):
             inside = space.codes_to_leaf_masks(label, f"region:{grp.name}")
             if not inside.any():
                 own.append("-")
                 continue
-            if grp.name in channel:
-                share = float((owner[inside] == groups.index(grp.name) + 1).mean())
-                own.append(f"{probs[channel[grp.name]][inside].mean():.2f} / {share:.2f}")
-            else:
-                own.append("-")
             for h in heads:
                 prob[(grp.name, h)].append(float(probs[channel[h]][inside].mean()))
             shares = np.bincount(owner[inside], minlength=len(groups) + 1) / inside.sum()
             for t, share in zip(["background", *groups], shares, strict=True):
                 merged[(grp.name, t)].append(float(share))
+            # the organ's own head and share, from the values just recorded (owner 1 + index is this group)
+            own.append(f"{prob[(grp.name, grp.name)][-1]:.2f} / {shares[index + 1]:.2f}"
+                       if grp.name in channel else "-")
         rows.append(f"| {case.case_id} | {sites.get(case.case_id, '')} | " + " | ".join(own) + " |")
         print(f"{case.case_id} done", flush=True)
 

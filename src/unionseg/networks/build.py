@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from unionseg.errors import ConfigError
@@ -36,6 +36,11 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
                 "equalized_controller": False, "zero_bias_init": False, "negative_slope": 0.0,
                 "image_gain": 1.0},
+}
+# the interval of every float head key: (how an error names it, the test)
+_FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
+    "negative_slope": ("[0, 1)", lambda v: 0 <= v < 1),
+    "image_gain": ("(0, 1]", lambda v: 0 < v <= 1),
 }
 
 
@@ -119,13 +124,10 @@ def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"network.head.{key} must be true or false, got {value!r}")
-        elif key == "image_gain":
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ConfigError(f"network.head.image_gain must be a number in (0, 1], got {value!r}")
-            value = float(value)
         elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ConfigError(f"network.head.{key} must be a number in [0, 1), got {value!r}")
+            interval, inside = _FLOAT_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not inside(value):
+                raise ConfigError(f"network.head.{key} must be a number in {interval}, got {value!r}")
             value = float(value)
         else:
             value = _positive_int(value, f"head.{key}")

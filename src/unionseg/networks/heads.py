@@ -242,9 +242,9 @@ class DynamicHead(Head):
             DoDNet; ``equalized_controller`` is ``Cb ** -0.5``; the two cannot be combined). With Adam each
             stored weight moves by about lr per step, so the image-dependent part of a generated parameter
             moves by about ``lr * gain * sum(pooled)``; ``1 / Cb`` brings that to ``lr * mean(pooled)``, the
-            step of a static head's weight. Measured (docs/methods.md, session 12): it does not remove the
-            dynamic head's late start on one task; with four tasks it helps the paper's loss, not the
-            cross-task recipe.
+            step of a static head's weight. Measured (docs/methods.md, session 12): on one task it does not
+            remove the three-layer head's late start, but with a linear head (``head_widths=()``) it removes
+            that head's collapse; with four tasks it helps the paper's loss, not the cross-task recipe.
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
