@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from unionseg.benchmark import load_suite
+from unionseg.benchmark import load_suite, suite_eta
 from unionseg.config import load_project
 from unionseg.data.io import read_image
 from unionseg.labels import REGION_PREFIX
@@ -39,6 +39,15 @@ def test_budget_from_overrides_and_refuses_cycles(tmp_path: Path) -> None:
     loop.write_text(f"name: loop\nbudget_from: {loop}\n")
     with pytest.raises(ConfigError, match="without cycles"):
         load_suite(str(loop))
+
+
+def test_suite_eta_counts_only_runs_still_to_train() -> None:
+    # reused runs take no time: two quick reuses must not make four runs to train look like seconds
+    assert suite_eta(4, [], [0.0, 0.0]) == ""
+    assert suite_eta(4, [], [200.0, 240.0]) == "~15 min"   # before a run of this call ends: recorded times
+    assert suite_eta(2, [30.0, 50.0], [200.0, 240.0]) == "80 s"  # then this call's own wall times
+    assert suite_eta(3, [3000.0], []) == "2.5 h"
+    assert suite_eta(0, [30.0], []) == "0 s"
 
 
 def test_unknown_suite_and_method_are_refused() -> None:

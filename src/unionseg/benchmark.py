@@ -244,21 +244,46 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     rows = suite.runs(methods)
     n_seeds = seeds or suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
-    started = time.perf_counter()
-    results = []
+    done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
+    trained: list[float] = []  # wall seconds of the runs trained by this call
+    results: list[dict[str, Any]] = []
     for i, (row, seed) in enumerate(plan):
-        done_before = (out / "runs" / row.name / f"seed{seed}" / "result.json").exists()
-        elapsed = time.perf_counter() - started
-        eta = "" if i == 0 else f", suite ETA {elapsed / i * (len(plan) - i):.0f} s"
+        recorded = [float(r.get("train_seconds") or 0) for r in results]
+        eta = suite_eta(sum(not d for d in done[i:]), trained, recorded)
         console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}"
-                      f"{' (done, reused)' if done_before else ''}{eta}")
-        if suite.isolate and not done_before:
+                      f"{' (done, reused)' if done[i] else ''}{', suite ETA ' + eta if eta else ''}")
+        started = time.perf_counter()
+        if suite.isolate and not done[i]:
             _run_isolated(project_path, suite_name, row.name, seed, out)
         results.append(run_one(project_path, suite, row, seed, out, progress))
+        if not done[i]:
+            trained.append(time.perf_counter() - started)
         write_results(aggregate(results, suite), out)  # after every run: an interrupted suite keeps its numbers
     aggregated = aggregate(results, suite)
     write_report(aggregated, out)
     return aggregated
+
+
+def suite_eta(to_train: int, trained: list[float], recorded: list[float]) -> str:
+    """The suite's remaining time, for the progress line; ``""`` when there is nothing to go on.
+
+    Runs already done are reused in seconds, so they must not count as progress: the estimate is the number
+    of runs still to train (``to_train``, the current one included) times the mean wall time of the runs this
+    call trained (``trained``: training, prediction and evaluation), or, before the first of them ends, the mean
+    recorded training time of the reused runs (``recorded``, marked ``~``: it leaves out prediction, and the
+    next rows may be other methods).
+    """
+    if to_train == 0:
+        return "0 s"
+    if trained:
+        return _duration(to_train * sum(trained) / len(trained))
+    recorded = [s for s in recorded if s and s > 0]
+    return "~" + _duration(to_train * sum(recorded) / len(recorded)) if recorded else ""
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
 def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path) -> None:
