@@ -1,5 +1,9 @@
 """Which task head claims which organ: the cross-task confusion of a sigmoid (task-conditioned) model.
 
+A softmax model (one output over every leaf: marginal, naive, the oracle, co-training, MS-KD) is read the
+same way with one column per organ region, its probability being the sum of the softmax over the region's
+leaves; there is no task head then, so the table says how much of each organ the one output gives away.
+
 For every case of a fully labelled evaluation set, the model's sliding-window probabilities are read per
 region channel, and for every ground-truth organ region the script prints (mean over cases):
 
@@ -54,15 +58,16 @@ def main() -> None:
         raise SystemExit(f"{args.project}: the {args.split} set {dataset.name!r} is not prepared")
     cases = cases[: args.cases or None]
     predictor = Predictor.from_checkpoint(args.model, device=args.device)
-    if predictor.output_form != "sigmoid":
-        raise SystemExit(f"{args.model}: a {predictor.output_form} model has no task heads to compare")
+    softmax = predictor.output_form == "softmax"
     groups = [g.name for g in space.groups]
-    # every region channel is a column; an organ two tasks annotate gets a column per task (liver, liver#2)
     channel: dict[str, int] = {}
-    for index, key in enumerate(predictor.channels):
-        if key.startswith("region:"):
-            name, seen = key[len("region:"):], sum(k == key for k in predictor.channels[:index])
-            channel[name if not seen else f"{name}#{seen + 1}"] = index
+    if softmax:  # one column per organ region: the softmax summed over its leaves
+        channel = {name: index for index, name in enumerate(groups)}
+    else:  # every region channel is a column; an organ two tasks annotate gets one per task (liver, liver#2)
+        for index, key in enumerate(predictor.channels):
+            if key.startswith("region:"):
+                name, seen = key[len("region:"):], sum(k == key for k in predictor.channels[:index])
+                channel[name if not seen else f"{name}#{seen + 1}"] = index
     heads = list(channel)
     prob = {(o, h): [] for o in groups for h in heads}
     generator = args.project.parent / "generator.json"
@@ -73,7 +78,11 @@ def main() -> None:
     for case in cases:
         image, label = np.asarray(case.image()), np.asarray(case.label())
         logits = predictor.sliding_window_logits(image)
-        probs = torch.sigmoid(logits.float()).cpu().numpy()
+        if softmax:
+            leaf = torch.softmax(logits.float(), dim=0)
+            probs = torch.stack([leaf[list(g.leaf_ids)].sum(0) for g in space.groups]).cpu().numpy()
+        else:
+            probs = torch.sigmoid(logits.float()).cpu().numpy()
         labels = predictor.decider.labels(predictor.decider.probabilities(logits)).cpu().numpy()
         owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
         for index, grp in enumerate(space.groups):
