@@ -96,6 +96,21 @@ def temper(probs: Tensor, tau: float, eps: float = 1e-8) -> Tensor:
     return log_p.div_(tau).softmax(dim=1) if tau != 1.0 else log_p.softmax(dim=1)
 
 
+def _teacher_target(probs: Tensor, tau: float, eps: float) -> tuple[Tensor, Tensor]:
+    """``(t, log t)`` with ``t = softmax(log(max(p, eps)) / tau)`` over dim 1, float32, no graph.
+
+    At ``tau = 1`` that is the floored probabilities renormalised, ``log t = log p - log sum p``: the same
+    value without the softmax's exp and second pass (this runs per teacher and step).
+    """
+    floored = probs.detach().float().clamp_min(eps)
+    if tau != 1.0:
+        log_t = F.log_softmax(floored.log_() / tau, dim=1)
+        return log_t.exp(), log_t
+    total = floored.sum(1, keepdim=True)
+    target = floored / total
+    return target, floored.log_().sub_(total.log_())
+
+
 def _check_kd_inputs(student_logits: Tensor, teacher_probs: Tensor, teacher_leaves: Sequence[int],
                      region: Tensor, tau: float) -> list[int]:
     check_channels_first("student_logits", student_logits)
@@ -114,8 +129,7 @@ def _kd_kl_from_log_probs(student_log_probs: Tensor, student_probs: Tensor, teac
     """Core of :func:`kd_kl`, given the student's float32 (log-)probabilities at temperature ``tau``
     (B, L, *S); written with few full-size temporaries because it runs once per teacher and step."""
     with torch.no_grad():
-        log_t = F.log_softmax(teacher_probs.float().clamp_min(eps).log() / tau, dim=1)
-        target = log_t.exp()
+        target, log_t = _teacher_target(teacher_probs, tau, eps)
         entropy_term = (target * log_t).sum(1)  # sum t log t, (B, *S)
     others = _other_leaves(leaves, student_log_probs.shape[1])
     others_mass = student_probs[:, others].sum(1)
@@ -144,8 +158,7 @@ def _fused_kd_kl(student_log_probs: Tensor, student_probs: Tensor, targets: Sequ
         others = torch.ones(len(targets), n_leaves, dtype=student_probs.dtype, device=student_probs.device)
         constant = torch.zeros((), dtype=student_log_probs.dtype, device=student_log_probs.device)
         for j, (probs, leaves, region) in enumerate(zip(targets, teacher_leaves, regions, strict=True)):
-            log_t = F.log_softmax(probs.float().clamp_min(eps).log() / tau, dim=1)
-            target = log_t.exp()
+            target, log_t = _teacher_target(probs, tau, eps)
             inside = region.to(student_log_probs.dtype)
             w = inside / inside.sum().clamp_min(1)
             constant += (target * log_t).sum(1).mul_(w).sum()
