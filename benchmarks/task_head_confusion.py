@@ -1,8 +1,9 @@
-"""Which task head claims which organ: the cross-task confusion of a sigmoid (task-conditioned) model.
+"""Which head claims which organ: the cross-task confusion of a model, read on a fully labelled set.
 
-A softmax model (one output over every leaf: marginal, naive, the oracle, co-training, MS-KD) is read the
-same way with one column per organ region, its probability being the sum of the softmax over the region's
-leaves; there is no task head then, so the table says how much of each organ the one output gives away.
+Written for sigmoid (task-conditioned) models, whose task heads are the columns below. A softmax model
+(one output over every leaf: marginal, naive, the oracle, co-training, MS-KD) is read the same way with one
+column per organ region, its probability being the sum of the softmax over the region's leaves; "head"
+below then means that column, and the table says how much of each organ the one output gives away.
 
 For every case of a fully labelled evaluation set, the model's sliding-window probabilities are read per
 region channel, and for every ground-truth organ region the script prints (mean over cases):
@@ -38,6 +39,7 @@ def main() -> None:
     from unionseg.config import load_project
     from unionseg.data.preprocess import PreparedIndex
     from unionseg.inference.predictor import Predictor
+    from unionseg.labels import softmax_to_groups
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("model", type=Path)
@@ -78,12 +80,12 @@ def main() -> None:
     for case in cases:
         image, label = np.asarray(case.image()), np.asarray(case.label())
         logits = predictor.sliding_window_logits(image)
-        if softmax:
-            leaf = torch.softmax(logits.float(), dim=0)
-            probs = torch.stack([leaf[list(g.leaf_ids)].sum(0) for g in space.groups]).cpu().numpy()
+        decided = predictor.decider.probabilities(logits)  # softmax over leaves, or grouped sigmoids
+        labels = predictor.decider.labels(decided).cpu().numpy()
+        if softmax:  # the model's own label space (the project's, for a model trained on it)
+            probs = softmax_to_groups(decided, predictor.space)[0].cpu().numpy()
         else:
             probs = torch.sigmoid(logits.float()).cpu().numpy()
-        labels = predictor.decider.labels(predictor.decider.probabilities(logits)).cpu().numpy()
         owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
         for index, grp in enumerate(space.groups):
             owner[space.codes_to_leaf_masks(labels, f"region:{grp.name}")] = index + 1

@@ -50,6 +50,37 @@ def test_suite_eta_counts_only_runs_still_to_train() -> None:
     assert suite_eta(0, [30.0], []) == "0 s"
 
 
+def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The progress lines of run_benchmark: two reused rows, then two to train. Before the first trained
+    row ends, the ETA comes from the reused rows' recorded training time, never from how fast they were
+    reused (which made a suite with minutes of training left read "ETA 0 s")."""
+    from dataclasses import replace
+
+    import unionseg.benchmark as bench
+    import unionseg.report as report
+
+    suite = replace(load_suite("ci"), isolate=False)
+    rows = suite.runs(["oracle", "naive", "marginal", "multihead"])
+    for row in rows[:2]:
+        (tmp_path / "runs" / row.name / "seed0").mkdir(parents=True)
+        (tmp_path / "runs" / row.name / "seed0" / "result.json").write_text("{}")
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
+    monkeypatch.setattr(bench, "run_one", lambda project, suite, row, seed, out, progress:
+                        {"name": row.name, "train_seconds": 150.0})
+    for name in ("aggregate", "write_results", "write_report"):
+        monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
+    bench.run_benchmark("ci", tmp_path, ["oracle", "naive", "marginal", "multihead"], seeds=1, progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert len(lines) == 4
+    assert lines[0] == "[1/4] oracle seed 0 (done, reused)"  # nothing to go on yet
+    assert lines[1].endswith("(done, reused), suite ETA ~5 min")  # 2 rows to train x 150 s recorded
+    assert lines[2].endswith("marginal seed 0, suite ETA ~5 min")  # still no row trained by this call
+    assert lines[3].startswith("[4/4] multihead seed 0, suite ETA ")
+    assert "~" not in lines[3]  # now this call's own (here instant) run time
+
+
 def test_unknown_suite_and_method_are_refused() -> None:
     from unionseg.errors import ConfigError
 

@@ -516,8 +516,9 @@ def test_kd_kl_matches_kl_after_mapping() -> None:
     region = torch.tensor([[True, True, False, True, False]])
     # a float16 cache whose channels no longer sum to 1: tau = 1 takes a shortcut (renormalise) that must agree
     cached = (teacher * 0.97).half()
+    cached[0, 1, 3] = 0.0  # inside the region; float16 caches underflow to 0: the eps floor (1e-8) applies
     for probs, tau in ((teacher, 2.0), (teacher, 1.0), (cached, 1.0), (cached, 0.5)):
-        target = torch.softmax(probs.float().log() / tau, 1)
+        target = torch.softmax(probs.float().clamp_min(1e-8).log() / tau, 1)
         student = map_to_teacher(torch.softmax(logits / tau, 1), [2])
         kl = (target * (target.log() - student.log())).sum(1)
         expected = tau ** 2 * kl[region].mean()
@@ -563,13 +564,13 @@ def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
     teachers = [torch.softmax(3 * torch.randn(2, 1 + len(k), 5, 4, 3), 1) for k in leaves]
     logits = torch.randn(2, 6, 5, 4, 3, requires_grad=True)
     regions, background = kd_regions(teachers)
-    for poe in (False, True):
-        expected = sum(kd_kl(logits, t, k, r if poe else r | background, tau=2.0)
+    for poe, tau in ((False, 2.0), (True, 2.0), (False, 1.0), (True, 1.0)):  # tau = 1: MS-KD's default
+        expected = sum(kd_kl(logits, t, k, r if poe else r | background, tau=tau)
                        for t, k, r in zip(teachers, leaves, regions, strict=True))
         if poe:
             merged = product_of_experts_background(teachers, leaves, 6)
-            expected = expected + kd_kl(logits, merged, [1, 2, 3, 4, 5], background, tau=2.0)
-        fused = ms_kd_logit_loss(logits, teachers, leaves, tau=2.0, poe_background=poe)
+            expected = expected + kd_kl(logits, merged, [1, 2, 3, 4, 5], background, tau=tau)
+        fused = ms_kd_logit_loss(logits, teachers, leaves, tau=tau, poe_background=poe)
         assert fused.item() == pytest.approx(float(expected.detach()), rel=1e-5)
         (g_expected,) = torch.autograd.grad(expected, logits)
         (g_fused,) = torch.autograd.grad(fused, logits)

@@ -270,8 +270,8 @@ def suite_eta(to_train: int, trained: list[float], recorded: list[float]) -> str
     Runs already done are reused in seconds, so they must not count as progress: the estimate is the number
     of runs still to train (``to_train``, the current one included) times the mean wall time of the runs this
     call trained (``trained``: training, prediction and evaluation), or, before the first of them ends, the mean
-    recorded training time of the reused runs (``recorded``, marked ``~``: it leaves out prediction, and the
-    next rows may be other methods).
+    recorded training time of the reused runs (``recorded``, marked ``~``: it leaves out prediction and the
+    shared experts a next row may have to train first, and the next rows may be other methods).
     """
     if to_train == 0:
         return "0 s"
