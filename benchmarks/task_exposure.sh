@@ -10,8 +10,9 @@
 # DATASETS is a comma-separated list of training datasets, e.g.
 #   benchmarks/task_exposure.sh bench_out/std7/data/project.yaml /tmp/exposure pancreas \
 #     "dod1 dodnet pancreas 1000" "mh1 multihead pancreas 1000" "dod2 dodnet pancreas,liver 1000"
-# Runs go one after another (each uses every core). Validation is the project's fully labelled val set plus
-# the held-out cases of the chosen datasets, so compare runs with the same DATASETS, or read it as a trend.
+# Runs go one after another (each uses every core). Validation is the project's fully labelled val set when
+# it has one (the phantom's 6 cases, the same for every subset and for the full project), else the held-out
+# cases of the chosen datasets, which differ between subsets: then compare runs with the same DATASETS.
 set -u
 project=$1; out=$2; organ=$3; shift 3
 mkdir -p "$out"
