@@ -26,6 +26,10 @@ def test_suites_load_and_share_one_budget() -> None:
     assert twice.budget == {**load_suite("standard").budget, "steps": 2 * load_suite("standard").budget["steps"]}
     four = load_suite("standard_4s")  # with standard_2s: the convergence check of a 2S budget
     assert four.budget == {**twice.budget, "steps": 2 * twice.budget["steps"]}
+    probe = load_suite("ablations_2s")  # DoDNet and marginal at twice the steps, beside the oracle at 2S
+    assert probe.budget == twice.budget
+    assert {r.name for r in probe.runs()} == {"oracle", "naive", "marginal", "dodnet_linear_head"}
+    assert probe.runs(["dodnet_linear_head"])[0].options == ablations["dodnet_linear_head"].options
 
 
 def test_budget_from_overrides_and_refuses_cycles(tmp_path: Path) -> None:
