@@ -92,8 +92,8 @@ def temper(probs: Tensor, tau: float, eps: float = 1e-8) -> Tensor:
     """Probabilities at temperature ``tau`` from (cached, e.g. float16) probabilities:
     ``softmax(log(max(p, eps)) / tau)`` over dim 1, in float32, detached."""
     check_positive("tau", tau)
-    log_p = probs.detach().float().clamp_min(eps).log()
-    return log_p.div_(tau).softmax(dim=1) if tau != 1.0 else log_p.softmax(dim=1)
+    with torch.no_grad():
+        return _teacher_target(probs, tau, eps)[0]
 
 
 def _teacher_target(probs: Tensor, tau: float, eps: float) -> tuple[Tensor, Tensor]:
