@@ -272,3 +272,21 @@ def test_option_changes_accept_options_added_later_at_their_default() -> None:
     assert option_changes({"a": 1.0}, {"a": 1.0, "b": 0.5}, defaults) == "b: None -> 0.5"
     assert option_changes({"a": 2.0, "b": 0.0}, {"a": 1.0, "b": 0.0}, defaults) == "a: 2.0 -> 1.0"
     assert option_changes({"a": 1.0, "gone": 3}, {"a": 1.0}, defaults) == "gone: 3 -> None"
+
+
+def test_config_hash_leaves_out_new_fields_at_their_default() -> None:
+    """A field marked HASH_OMITS_DEFAULT (data.dataset_weights) does not enter config_hash at its default,
+    so runs recorded before it existed keep their hash (benchmark reuse, training resume); set, it does."""
+    import hashlib
+    import json
+
+    from unionseg.training.config import load_train_config
+
+    cfg = load_train_config(None, [], method="naive")
+    before = to_dict(cfg)
+    del before["data"]["dataset_weights"]  # the tree as it was before the field was added
+    old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert config_hash(cfg) == old
+    weighted = load_train_config(None, ["data.dataset_weights={kidney: 2}"], method="naive")
+    assert config_hash(weighted) != old
+    assert to_dict(weighted)["data"]["dataset_weights"] == {"kidney": 2}  # the saved config keeps it

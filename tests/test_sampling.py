@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -330,6 +331,28 @@ def test_balanced_datasets_get_equal_shares() -> None:
     assert np.allclose(shares(True), 1 / 3)  # exact: every cycle of 3 slots visits each dataset once
     unbalanced = shares(False)
     assert abs(unbalanced[2] - 6 / 9) < 0.1 and unbalanced[0] < 0.2  # proportional to the case counts
+
+
+def test_dataset_weights_set_exact_shares_per_cycle() -> None:
+    """dataset_weights: dataset d appears w_d times in every cycle of sum(w) slots (exact shares, whatever the
+    case counts); the default weights give the same draws as no weights; bad weights are refused by name."""
+    cases = [blob_case(0, (8, 8, 8), 0)] + [blob_case(i, (8, 8, 8), 1) for i in (1, 2)] + \
+        [blob_case(i, (8, 8, 8), 2) for i in range(3, 9)]
+
+    def ids(**kwargs: Any) -> np.ndarray:
+        sampler = PatchSampler(cases, 4, 2, N_LEAVES, augment=AugmentSpec.off(), **kwargs)
+        return np.concatenate([sampler[s]["dataset_id"].numpy() for s in range(30)])  # 60 slots = 12 cycles of 5
+
+    weighted = ids(dataset_weights={1: 3})
+    assert np.array_equal(np.bincount(weighted, minlength=3), [12, 36, 12])
+    for cycle in weighted.reshape(-1, 5):  # every cycle on its own, not only the total
+        assert np.array_equal(np.bincount(cycle, minlength=3), [1, 3, 1])
+    assert np.array_equal(ids(dataset_weights={0: 1, 2: 1}), ids())
+    for bad, match in (({3: 2}, "dataset index 3"), ({1: 0}, "weight 0"), ({1: 1.5}, "weight 1.5")):
+        with pytest.raises(ValueError, match=match):
+            ids(dataset_weights=bad)
+    with pytest.raises(ValueError, match="balance_datasets"):
+        ids(dataset_weights={1: 2}, balance_datasets=False)
 
 
 # ---------------------------------------------------------------------- padding

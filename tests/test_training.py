@@ -155,6 +155,34 @@ def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_pa
         train(phantom_project, _cfg(method, 1, "options.cross_task_wieght=1"), tmp_path / "typo", progress=False)
 
 
+def test_dataset_weights_reach_the_sampler_by_name(phantom_project: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.dataset_weights names training datasets: the loader's sampler gets them by the method's dataset
+    index; an unknown name or a weight < 1 is refused, naming it, before anything trains."""
+    import unionseg.data.sampling as sampling
+    from unionseg.errors import ConfigError
+    from unionseg.methods.base import get_method
+    from unionseg.training.data import build_loader
+    from unionseg.training.trainer import make_context
+
+    seen: list[dict[int, int]] = []
+
+    class Spy(sampling.PatchSampler):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            seen.append(dict(kwargs.get("dataset_weights") or {}))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sampling, "PatchSampler", Spy)  # build_loader imports it from there at call time
+    ctx = make_context(phantom_project, _cfg("naive", 1, "data.dataset_weights={kidney: 3}"), tmp_path / "r",
+                       progress=False)
+    build_loader(get_method("naive")(ctx), ctx, 0)
+    assert seen == [{ctx.train_datasets.index("kidney"): 3}]
+    with pytest.raises(ConfigError, match="'lung' is not a training dataset"):
+        train(phantom_project, _cfg("naive", 1, "data.dataset_weights={lung: 2}"), tmp_path / "bad", progress=False)
+    with pytest.raises(ConfigError, match="dataset_weights.kidney"):
+        train(phantom_project, _cfg("naive", 1, "data.dataset_weights={kidney: 0}"), tmp_path / "zero", progress=False)
+
+
 def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_path: Path) -> None:
     """options.lr_scale multiplies the shared budget's learning rate for every parameter of a task-conditioned
     network (the schedule still applies); a non-positive scale is refused by name."""

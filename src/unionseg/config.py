@@ -236,9 +236,32 @@ def option_changes(recorded: Mapping[str, Any], today: Mapping[str, Any], defaul
     return describe_changes({**added, **recorded}, today)
 
 
+# field metadata: a field added after runs were recorded is left out of config_hash while at its default, so
+# those runs (benchmark results, training checkpoints) keep their hash; a non-default value is hashed
+HASH_OMITS_DEFAULT = {"hash_omits_default": True}
+
+
+def _hashed(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("hash_omits_default"):
+                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                if value == default:
+                    continue
+            out[f.name] = _hashed(value)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_hashed(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: _hashed(v) for k, v in obj.items()}
+    return to_dict(obj)
+
+
 def config_hash(obj: Any) -> str:
-    """Stable short hash of a dataclass tree (or plain data)."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, default=str).encode()
+    """Stable short hash of a dataclass tree (or plain data); see :data:`HASH_OMITS_DEFAULT`."""
+    blob = json.dumps(_hashed(obj), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

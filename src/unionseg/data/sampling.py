@@ -11,6 +11,8 @@ One sample is drawn in four steps:
 1. **Dataset, then case.** With ``balance_datasets`` the slots cycle over the training datasets (a seeded
    permutation per cycle of ``D`` consecutive slots, counted over ``step * B + slot``), so every dataset
    gets the same share of patches whatever its size; then a case of that dataset is drawn uniformly.
+   ``dataset_weights`` (positive integers, default 1) put dataset ``d`` ``w_d`` times in every cycle of
+   ``sum(w)`` slots, so its share is exactly ``w_d / sum(w)`` of every cycle.
    Without it, a case is drawn uniformly from all cases (datasets weighted by their size).
 2. **Centre.** With probability ``fg_prob`` the patch is centred on a random voxel of one of the case's
    ANNOTATED foreground classes present in it (leaf ids ``1..L-1`` whose annotated flag is set, and region
@@ -246,6 +248,8 @@ class PatchSampler:
         augment: augmentation settings.
         extra_kinds: extras to read from every case and how to resample them (``"label"`` or ``"prob"``).
         balance_datasets: equal share of patches per dataset (else per case).
+        dataset_weights: dataset index -> positive integer weight (missing: 1); with ``balance_datasets``
+            dataset d gets ``w_d / sum(w)`` of the patches.
         image_pad_value: image value outside the volume; None uses each case's minimum.
         max_locations: foreground voxels cached per (case, class); a seeded subsample beyond that.
 
@@ -268,6 +272,7 @@ class PatchSampler:
         balance_datasets: bool = True,
         image_pad_value: float | None = None,
         max_locations: int = 10_000,
+        dataset_weights: Mapping[int, int] | None = None,
     ) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
@@ -307,6 +312,18 @@ class PatchSampler:
             self._check_case(i, case)
         self.by_dataset = cases_per_dataset(self.cases)
         self.dataset_indices: list[int] = list(self.by_dataset)
+        weights = dict(dataset_weights or {})
+        unknown = sorted(set(weights) - set(self.dataset_indices))
+        if unknown:
+            raise ValueError(f"dataset_weights: no training case has dataset index {unknown[0]} "
+                             f"(indices present: {self.dataset_indices})")
+        bad = [(d, w) for d, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or w < 1]
+        if bad:
+            raise ValueError(f"dataset_weights: dataset {bad[0][0]} has weight {bad[0][1]!r}; weights are integers >= 1")
+        if weights and not balance_datasets:
+            raise ValueError("dataset_weights needs balance_datasets (without it cases are drawn uniformly)")
+        # one cycle of slots: dataset d appears w_d times (permuted per cycle in choose_case)
+        self._cycle = np.asarray([d for d in self.dataset_indices for _ in range(int(weights.get(d, 1)))])
         self._annotated = [np.asarray(c.annotated, dtype=bool).copy() for c in self.cases]
         self._locations: dict[int, dict[int, np.ndarray]] = {}
         self._image_min: dict[int, float] = {}
@@ -396,10 +413,9 @@ class PatchSampler:
         """Index of the case for (step, slot): balanced over datasets or uniform over cases."""
         if not self.balance_datasets:
             return int(rng.integers(len(self.cases)))
-        n_datasets = len(self.dataset_indices)
-        cycle, position = divmod(step * self.batch_size + slot, n_datasets)
-        order = np.random.default_rng([self.seed, _DATASET_CYCLE_TAG, cycle]).permutation(n_datasets)
-        members = self.by_dataset[self.dataset_indices[int(order[position])]]
+        cycle, position = divmod(step * self.batch_size + slot, len(self._cycle))
+        order = np.random.default_rng([self.seed, _DATASET_CYCLE_TAG, cycle]).permutation(len(self._cycle))
+        members = self.by_dataset[int(self._cycle[order[position]])]
         return members[int(rng.integers(len(members)))]
 
     def choose_center(self, case_index: int, rng: np.random.Generator) -> tuple[tuple[int, int, int], bool]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unionseg.config import apply_overrides, from_dict, load_yaml
+from unionseg.config import HASH_OMITS_DEFAULT, apply_overrides, from_dict, load_yaml
 from unionseg.data.sampling import AugmentSpec
 
 
@@ -63,10 +63,15 @@ class DataConfig:
     fg_prob: float = 0.67
     num_workers: int = 0
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    # training dataset name -> integer weight (default 1): its share of the patches is weight / sum of weights
+    dataset_weights: dict[str, int] = field(default_factory=dict, metadata=HASH_OMITS_DEFAULT)
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
+        for name, weight in self.dataset_weights.items():
+            if weight < 1:
+                raise ValueError(f"dataset_weights.{name}: must be an integer >= 1, got {weight}")
         if not 0.0 <= self.fg_prob <= 1.0:
             raise ValueError("fg_prob: must be in [0, 1]")
 

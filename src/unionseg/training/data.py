@@ -50,10 +50,19 @@ def build_loader(method: Method, ctx: RunContext, start_step: int) -> Iterator[d
     from unionseg.data.sampling import PatchSampler, make_loader
 
     cfg = ctx.cfg
+    known = list(ctx.train_datasets)
+    unknown = sorted(set(cfg.data.dataset_weights) - set(known))
+    if unknown:
+        from unionseg.errors import ConfigError
+
+        raise ConfigError(f"data.dataset_weights: {unknown[0]!r} is not a training dataset of this project "
+                          f"(training datasets: {', '.join(known)})")
+    names = method.datasets()  # SamplerCase.dataset_index indexes this list; an expert has one dataset
     sampler = PatchSampler(
         sampler_cases(method, ctx), patch_size=cfg.data.patch_size, batch_size=cfg.data.batch_size,
         n_leaves=ctx.space.n_leaves, seed=cfg.seed + 7919 * dist.rank(), fg_prob=cfg.data.fg_prob, augment=cfg.data.augment,
         extra_kinds={name: s.kind for name, s in method.extras().items()},
+        dataset_weights={names.index(name): w for name, w in cfg.data.dataset_weights.items() if name in names},
     )
     if cfg.data.num_workers > 0:
         sampler.precompute()  # one foreground scan shared by the workers
