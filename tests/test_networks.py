@@ -263,6 +263,33 @@ def test_generated_head_biases_start_at_zero() -> None:
         make_net(BACKBONES[0], {**spec, "zero_bias_init": "yes"})
 
 
+def test_fan_in_init_gives_each_task_its_own_kaiming_head() -> None:
+    """fan_in_init: at initialisation the generated biases are 0 and the generated weights do not depend on
+    the image (same parameters for two different images of one task) but differ between tasks, with about the
+    variance of a fan-in-initialised layer (2 / c_in before a ReLU, 1 / c_in at the output); it keeps the
+    image part learnable (non-zero gradient on the pooled-feature columns) and combines with image_gain."""
+    torch.manual_seed(0)
+    spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2, "head_widths": [16, 16],
+            "fan_in_init": True}
+    for gain in (1.0, 1 / 64):
+        net = make_net(BACKBONES[0], {**spec, "image_gain": gain}).eval()
+        head = net.head
+        params = net.controller_params(image(), torch.tensor([1, 1]))
+        assert torch.allclose(params[0], params[1], atol=1e-7)  # no image dependence at the start
+        every = head.controller_params(net.backbone(image()).bottleneck, None)[0]  # (T, n_params)
+        layers = head.split_params(every)
+        for index, ((weight, bias), (c_in, _)) in enumerate(zip(layers, head.layer_dims, strict=True)):
+            assert torch.equal(bias, torch.zeros_like(bias))
+            expected = (1.0 if index == len(layers) - 1 else 2.0) / c_in
+            assert 0.6 * expected < weight.var().item() < 1.5 * expected, (index, weight.var().item())
+            assert not torch.allclose(weight[0], weight[1])  # tasks start from different heads
+        params.sum().backward()
+        assert head.controller.weight.grad[:, : head.bottleneck_channels].abs().sum() > 0
+    default = make_net(BACKBONES[0], {**spec, "fan_in_init": False}).eval()
+    params = default.controller_params(image(), torch.tensor([1, 1]))
+    assert not torch.allclose(params[0], params[1], atol=1e-6)
+
+
 def test_leaky_head_passes_negative_inputs() -> None:
     """negative_slope > 0: the hidden layers pass negative inputs scaled by the slope (the head then differs
     from the ReLU twin with the same weights); 0 is DoDNet's ReLU; out-of-range slopes are refused."""

@@ -60,6 +60,8 @@ class DoDNetOptions:
     image_lr_scale: float = 1.0
     # generated head biases start at 0 (see DynamicHead); False = PyTorch's default init, as the official code
     zero_bias_init: bool = False
+    # every task starts from its own fan-in-scaled head, image dependence and biases at zero (DynamicHead)
+    fan_in_init: bool = False
     # slope of the dynamic head's hidden activations for negative inputs: 0 = ReLU (the paper's head)
     negative_slope: float = 0.0
     # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
@@ -163,6 +165,7 @@ class DoDNetMethod(TaskMethod):
                 "head_widths": list(self.options.head_widths),
                 "equalized_controller": self.options.equalized_controller,
                 "zero_bias_init": self.options.zero_bias_init,
+                "fan_in_init": self.options.fan_in_init,
                 "negative_slope": float(self.options.negative_slope),
                 "image_gain": float(self.options.image_lr_scale)}
 

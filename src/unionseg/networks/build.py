@@ -35,7 +35,7 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "conditional": {"n_tasks": None, "out_channels": None},
     "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
                 "equalized_controller": False, "zero_bias_init": False, "negative_slope": 0.0,
-                "image_gain": 1.0},
+                "image_gain": 1.0, "fan_in_init": False},
 }
 # the interval of every float head key: (how an error names it, the test)
 _FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {

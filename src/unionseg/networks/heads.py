@@ -245,6 +245,15 @@ class DynamicHead(Head):
             step of a static head's weight. Measured (docs/methods.md, session 12): on one task it does not
             remove the three-layer head's late start, but with a linear head (``head_widths=()``) it removes
             that head's collapse; with four tasks it helps the paper's loss, not the cross-task recipe.
+        fan_in_init: start every TASK from its own fan-in-scaled head (our option; False = PyTorch's default
+            init, as the official code): the controller's task-code column of each generated weight is drawn
+            with the variance a static layer of that fan-in would get (2 / c_in before a ReLU, 1 / c_in for the
+            output layer), its pooled-feature columns and bias start at zero, and every generated bias starts at
+            zero. The image-dependent part of the head then starts at zero and is learned. With the default init
+            the generated weights have about half a Kaiming layer's scale and the generated biases the same
+            scale as the weights, so at initialisation the logits are mostly the last layer's bias and 7 of the
+            16 second-layer units of a two-sample batch are off at every voxel (1 of 16 with this option;
+            the `cpu` network on one random batch). Combines with ``image_gain`` (the same initial head, a smaller Adam step on the image part).
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
@@ -264,6 +273,7 @@ class DynamicHead(Head):
         zero_bias_init: bool = False,
         negative_slope: float = 0.0,
         image_gain: float = 1.0,
+        fan_in_init: bool = False,
     ) -> None:
         super().__init__()
         if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
@@ -287,6 +297,9 @@ class DynamicHead(Head):
             with torch.no_grad():
                 self.controller.weight[first_bias:].zero_()
                 self.controller.bias[first_bias:].zero_()
+        self.fan_in_init = bool(fan_in_init)
+        if fan_in_init:
+            self._init_fan_in(bottleneck_channels)
         if not 0.0 <= negative_slope < 1.0:
             raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
         self.negative_slope = float(negative_slope)
@@ -302,6 +315,19 @@ class DynamicHead(Head):
             with torch.no_grad():  # same initial function: stored weight / gain, used as weight * gain
                 self.controller.weight.div_(gain)
         self.register_buffer("_column_gain", gain, persistent=False)
+
+    def _init_fan_in(self, bottleneck_channels: int) -> None:
+        """See ``fan_in_init``: per task a fan-in-scaled head, no image dependence and zero biases at start."""
+        weight, bias = self.controller.weight, self.controller.bias
+        with torch.no_grad():
+            weight.zero_()
+            bias.zero_()
+            row = 0
+            for index, (c_in, c_out) in enumerate(self.layer_dims):
+                gain = 1.0 if index == len(self.layer_dims) - 1 else 2.0 ** 0.5  # Kaiming before a ReLU
+                rows = slice(row, row + c_in * c_out)
+                weight[rows, bottleneck_channels:].normal_(0.0, gain / c_in ** 0.5)
+                row += c_in * c_out
 
     def controller_params(self, bottleneck: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic-head parameters from the bottleneck and the task code.
