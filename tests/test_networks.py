@@ -283,8 +283,11 @@ def test_fan_in_init_gives_each_task_its_own_kaiming_head() -> None:
             expected = (1.0 if index == len(layers) - 1 else 2.0) / c_in
             assert 0.6 * expected < weight.var().item() < 1.5 * expected, (index, weight.var().item())
             assert not torch.allclose(weight[0], weight[1])  # tasks start from different heads
+        cb = head.bottleneck_channels
+        assert torch.count_nonzero(head.controller.weight[:, :cb]) == 0  # the image part starts at zero...
+        assert torch.count_nonzero(head.controller.bias) == 0
         params.sum().backward()
-        assert head.controller.weight.grad[:, : head.bottleneck_channels].abs().sum() > 0
+        assert head.controller.weight.grad[:, :cb].abs().sum() > 0  # ...and learns
     default = make_net(BACKBONES[0], {**spec, "fan_in_init": False}).eval()
     params = default.controller_params(image(), torch.tensor([1, 1]))
     assert not torch.allclose(params[0], params[1], atol=1e-6)

@@ -347,7 +347,13 @@ def test_dataset_weights_set_exact_shares_per_cycle() -> None:
     assert np.array_equal(np.bincount(weighted, minlength=3), [12, 36, 12])
     for cycle in weighted.reshape(-1, 5):  # every cycle on its own, not only the total
         assert np.array_equal(np.bincount(cycle, minlength=3), [1, 3, 1])
-    assert np.array_equal(ids(dataset_weights={0: 1, 2: 1}), ids())
+    # the draws of the sampler before weights existed (pinned), kept by default, by weights of 1 and by any
+    # equal weights (divided by their gcd)
+    before = [0, 1, 2, 1, 0, 2, 0, 1, 2, 0, 1, 2]
+    assert ids()[:12].tolist() == before
+    for same in ({0: 1, 2: 1}, {0: 2, 1: 2, 2: 2}):
+        assert np.array_equal(ids(dataset_weights=same), ids())
+    assert np.array_equal(ids(dataset_weights={0: 2, 1: 6, 2: 2}), weighted)  # 1 : 3 : 1 after the gcd
     for bad, match in (({3: 2}, "dataset index 3"), ({1: 0}, "weight 0"), ({1: 1.5}, "weight 1.5")):
         with pytest.raises(ValueError, match=match):
             ids(dataset_weights=bad)

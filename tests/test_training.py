@@ -176,11 +176,30 @@ def test_dataset_weights_reach_the_sampler_by_name(phantom_project: Path, tmp_pa
     ctx = make_context(phantom_project, _cfg("naive", 1, "data.dataset_weights={kidney: 3}"), tmp_path / "r",
                        progress=False)
     build_loader(get_method("naive")(ctx), ctx, 0)
-    assert seen == [{ctx.train_datasets.index("kidney"): 3}]
+    assert ctx.train_datasets.index("kidney") != 0  # so that the expert below tells the two index lists apart
+    assert seen[-1] == {ctx.train_datasets.index("kidney"): 3}
+    # an expert indexes its one dataset as 0 and leaves the other datasets' weights out (dotted override form)
+    ctx = make_context(phantom_project, _cfg("expert", 1, "options.dataset=kidney", "data.dataset_weights.kidney=3",
+                                             "data.dataset_weights.liver=2"), tmp_path / "e", progress=False)
+    build_loader(get_method("expert")(ctx), ctx, 0)
+    assert seen[-1] == {0: 3}
     with pytest.raises(ConfigError, match="'lung' is not a training dataset"):
         train(phantom_project, _cfg("naive", 1, "data.dataset_weights={lung: 2}"), tmp_path / "bad", progress=False)
     with pytest.raises(ConfigError, match="dataset_weights.kidney"):
         train(phantom_project, _cfg("naive", 1, "data.dataset_weights={kidney: 0}"), tmp_path / "zero", progress=False)
+
+
+def test_experts_ignore_dataset_weights(phantom_project: Path, tmp_path: Path) -> None:
+    """The shared experts' recipe drops data.dataset_weights (an expert draws from one dataset, so they change
+    nothing): a weighted co-training or MS-KD run reuses the experts of an unweighted one."""
+    from unionseg.artifacts import ArtifactCache
+    from unionseg.config import config_hash
+
+    plain = _cfg("cotraining", 1)
+    weighted = _cfg("cotraining", 1, "data.dataset_weights={pancreas: 2}")
+    assert config_hash(plain) != config_hash(weighted)
+    assert ArtifactCache._expert_config(weighted).data.dataset_weights == {}
+    assert config_hash(ArtifactCache._expert_config(weighted)) == config_hash(ArtifactCache._expert_config(plain))
 
 
 def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_path: Path) -> None:

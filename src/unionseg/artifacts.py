@@ -59,9 +59,13 @@ class ArtifactCache:
 
     @staticmethod
     def _expert_config(cfg: TrainConfig) -> TrainConfig:
-        """The recipe every expert uses: the run's budget (backbone, patch, batch, optimiser, steps)."""
+        """The recipe every expert uses: the run's budget (backbone, patch, batch, optimiser, steps).
+
+        Dataset weights are dropped: an expert trains on one dataset, so they change nothing it draws, and
+        kept they would change its recipe hash and retrain every expert for nothing.
+        """
         return dataclasses.replace(cfg, method="expert", options={}, steps=cfg.expert_steps or cfg.steps,
-                                   device=cfg.device)
+                                   device=cfg.device, data=dataclasses.replace(cfg.data, dataset_weights={}))
 
     # ------------------------------------------------------------------ bookkeeping
     @contextmanager

@@ -11,8 +11,8 @@ One sample is drawn in four steps:
 1. **Dataset, then case.** With ``balance_datasets`` the slots cycle over the training datasets (a seeded
    permutation per cycle of ``D`` consecutive slots, counted over ``step * B + slot``), so every dataset
    gets the same share of patches whatever its size; then a case of that dataset is drawn uniformly.
-   ``dataset_weights`` (positive integers, default 1) put dataset ``d`` ``w_d`` times in every cycle of
-   ``sum(w)`` slots, so its share is exactly ``w_d / sum(w)`` of every cycle.
+   ``dataset_weights`` (positive integers, default 1, divided by their gcd) put dataset ``d`` ``w_d`` times
+   in every cycle of ``sum(w)`` slots, so its share is exactly ``w_d / sum(w)`` of every cycle.
    Without it, a case is drawn uniformly from all cases (datasets weighted by their size).
 2. **Centre.** With probability ``fg_prob`` the patch is centred on a random voxel of one of the case's
    ANNOTATED foreground classes present in it (leaf ids ``1..L-1`` whose annotated flag is set, and region
@@ -47,6 +47,7 @@ training process copies nothing more). Torch is imported lazily: importing this 
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -322,8 +323,11 @@ class PatchSampler:
             raise ValueError(f"dataset_weights: dataset {bad[0][0]} has weight {bad[0][1]!r}; weights are integers >= 1")
         if weights and not balance_datasets:
             raise ValueError("dataset_weights needs balance_datasets (without it cases are drawn uniformly)")
-        # one cycle of slots: dataset d appears w_d times (permuted per cycle in choose_case)
-        self._cycle = np.asarray([d for d in self.dataset_indices for _ in range(int(weights.get(d, 1)))])
+        # one cycle of slots: dataset d appears w_d / g times (permuted per cycle in choose_case); dividing by the
+        # gcd g makes weights that are all equal draw exactly like no weights
+        counts = [int(weights.get(d, 1)) for d in self.dataset_indices]
+        g = math.gcd(*counts)
+        self._cycle = np.asarray([d for d, c in zip(self.dataset_indices, counts, strict=True) for _ in range(c // g)])
         self._annotated = [np.asarray(c.annotated, dtype=bool).copy() for c in self.cases]
         self._locations: dict[int, dict[int, np.ndarray]] = {}
         self._image_min: dict[int, float] = {}

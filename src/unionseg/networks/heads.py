@@ -250,10 +250,11 @@ class DynamicHead(Head):
             with the variance a static layer of that fan-in would get (2 / c_in before a ReLU, 1 / c_in for the
             output layer), its pooled-feature columns and bias start at zero, and every generated bias starts at
             zero. The image-dependent part of the head then starts at zero and is learned. With the default init
-            the generated weights have about half a Kaiming layer's scale and the generated biases the same
-            scale as the weights, so at initialisation the logits are mostly the last layer's bias and 7 of the
-            16 second-layer units of a two-sample batch are off at every voxel (1 of 16 with this option;
-            the `cpu` network on one random batch). Combines with ``image_gain`` (the same initial head, a smaller Adam step on the image part).
+            the generated weights are about half a fan-in-scaled layer's size and the generated biases as
+            large as the weights; 0 to 7 of the 16 second-layer units of a two-sample batch are off at every
+            voxel (0 or 1 with this option; the 4-task `cpu` network, eight seeds). It combines with
+            ``image_gain`` (the same initial head, a smaller Adam step on the image part), but that
+            combination trained worse on the standard phantom (docs/methods.md, session 14).
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)

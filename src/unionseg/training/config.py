@@ -132,5 +132,6 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
     data.update(fixed)
     cfg = from_dict(TrainConfig, data, source=source)
     if overrides:
-        cfg = apply_overrides(cfg, overrides, open_maps=("options",))  # the method validates option names
+        # the method validates option names, build_loader the dataset names
+        cfg = apply_overrides(cfg, overrides, open_maps=("options", "data.dataset_weights"))
     return cfg

@@ -45,24 +45,40 @@ def sampler_cases(method: Method, ctx: RunContext) -> list[Any]:
     return cases
 
 
+def _dataset_weights(method: Method, ctx: RunContext, present: set[int]) -> dict[int, int]:
+    """``data.dataset_weights`` by the method's dataset index (what ``SamplerCase.dataset_index`` counts);
+    weights of datasets the method does not train on (an expert's other datasets) are left out.
+
+    Raises:
+        ConfigError: a name that is not a training dataset of the project, or a weighted dataset without
+            training cases.
+    """
+    from unionseg.errors import ConfigError
+
+    known = list(ctx.train_datasets)
+    unknown = sorted(set(ctx.cfg.data.dataset_weights) - set(known))
+    if unknown:
+        raise ConfigError(f"data.dataset_weights: {unknown[0]!r} is not a training dataset of this project "
+                          f"(training datasets: {', '.join(known)})")
+    names = method.datasets()
+    weights = {names.index(n): w for n, w in ctx.cfg.data.dataset_weights.items() if n in names}
+    empty = sorted(names[i] for i in set(weights) - present)
+    if empty:
+        raise ConfigError(f"data.dataset_weights: dataset {empty[0]!r} has no training cases (train split) to weight")
+    return weights
+
+
 def build_loader(method: Method, ctx: RunContext, start_step: int) -> Iterator[dict[str, Any]]:
     """The step-indexed patch loader; each DDP rank draws its own patches (seed offset by rank)."""
     from unionseg.data.sampling import PatchSampler, make_loader
 
     cfg = ctx.cfg
-    known = list(ctx.train_datasets)
-    unknown = sorted(set(cfg.data.dataset_weights) - set(known))
-    if unknown:
-        from unionseg.errors import ConfigError
-
-        raise ConfigError(f"data.dataset_weights: {unknown[0]!r} is not a training dataset of this project "
-                          f"(training datasets: {', '.join(known)})")
-    names = method.datasets()  # SamplerCase.dataset_index indexes this list; an expert has one dataset
+    cases = sampler_cases(method, ctx)
+    weights = _dataset_weights(method, ctx, {int(c.dataset_index) for c in cases})
     sampler = PatchSampler(
-        sampler_cases(method, ctx), patch_size=cfg.data.patch_size, batch_size=cfg.data.batch_size,
+        cases, patch_size=cfg.data.patch_size, batch_size=cfg.data.batch_size,
         n_leaves=ctx.space.n_leaves, seed=cfg.seed + 7919 * dist.rank(), fg_prob=cfg.data.fg_prob, augment=cfg.data.augment,
-        extra_kinds={name: s.kind for name, s in method.extras().items()},
-        dataset_weights={names.index(name): w for name, w in cfg.data.dataset_weights.items() if name in names},
+        extra_kinds={name: s.kind for name, s in method.extras().items()}, dataset_weights=weights,
     )
     if cfg.data.num_workers > 0:
         sampler.precompute()  # one foreground scan shared by the workers
