@@ -341,15 +341,17 @@ def test_equalized_controller_same_start_smaller_adam_step() -> None:
         make_net(BACKBONES[0], {**spec, "equalized_controller": 1})
 
 
-def test_image_gain_scales_the_adam_step_of_the_image_part_only() -> None:
-    """``image_gain`` g: same initial head; after one Adam step on the controller (bias frozen), the pooled
-    feature columns' share of the change shrinks by g while the task-code columns' share does not."""
+def test_column_gains_scale_the_adam_step_of_their_part_only() -> None:
+    """``image_gain`` g / ``task_gain`` k: same initial head; after one Adam step on the controller (bias
+    frozen), the pooled-feature columns' share of the change scales by g and the task-code columns' by k,
+    each leaving the other part alone."""
     spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
     x, tasks = image(), torch.tensor([0, 1])
     starts, image_moves, code_moves = [], [], []
-    for gain in (1.0, 1 / 64):
+    gains = ((1.0, 1.0), (1 / 64, 1.0), (1.0, 4.0))
+    for image_gain, task_gain in gains:
         torch.manual_seed(0)
-        net = make_net(BACKBONES[0], {**spec, "image_gain": gain}).eval()
+        net = make_net(BACKBONES[0], {**spec, "image_gain": image_gain, "task_gain": task_gain}).eval()
         head = net.head
         cb = head.bottleneck_channels
         with torch.no_grad():
@@ -363,13 +365,18 @@ def test_image_gain_scales_the_adam_step_of_the_image_part_only() -> None:
         starts.append(start)
         image_moves.append(delta[:, :cb].abs().mean().item())
         code_moves.append(delta[:, cb:].abs().mean().item())
-        assert head.image_gain == gain and net.spec["head"]["image_gain"] == gain
-    assert torch.allclose(starts[0], starts[1], atol=1e-5)
+        assert head.image_gain == image_gain and net.spec["head"]["image_gain"] == image_gain
+        assert head.task_gain == task_gain and net.spec["head"]["task_gain"] == task_gain
+    for start in starts[1:]:
+        assert torch.allclose(starts[0], start, atol=1e-5)
     assert image_moves[1] == pytest.approx(image_moves[0] / 64, rel=0.05)
     assert code_moves[1] == pytest.approx(code_moves[0], rel=0.05)
-    for bad in (0, 0.0, 1.5, -0.1, True, "0.5"):
-        with pytest.raises(ConfigError, match="image_gain"):
-            make_net(BACKBONES[0], {**spec, "image_gain": bad})
+    assert code_moves[2] == pytest.approx(code_moves[0] * 4, rel=0.05)
+    assert image_moves[2] == pytest.approx(image_moves[0], rel=0.05)
+    for key, bads in (("image_gain", (0, 0.0, 1.5, -0.1, True, "0.5")), ("task_gain", (0, -1.0, 65.0, True))):
+        for bad in bads:
+            with pytest.raises(ConfigError, match=key):
+                make_net(BACKBONES[0], {**spec, key: bad})
     with pytest.raises(ConfigError, match="pick one"):
         make_net(BACKBONES[0], {**spec, "image_gain": 0.5, "equalized_controller": True})
 

@@ -62,6 +62,9 @@ class DoDNetOptions:
     zero_bias_init: bool = False
     # every task starts from its own fan-in-scaled head, image dependence and biases at zero (DynamicHead)
     fan_in_init: bool = False
+    # Adam step of the task-specific part of the generated head as a multiple of the budget's lr: the gain of the
+    # controller's task-code columns (DynamicHead.task_gain; 1 = DoDNet)
+    task_lr_scale: float = 1.0
     # slope of the dynamic head's hidden activations for negative inputs: 0 = ReLU (the paper's head)
     negative_slope: float = 0.0
     # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
@@ -80,6 +83,8 @@ class DoDNetOptions:
             raise ValueError("loss weights must be >= 0")
         if not 0 < self.image_lr_scale <= 1:
             raise ValueError("image_lr_scale must lie in (0, 1]")
+        if not 0 < self.task_lr_scale <= 64:
+            raise ValueError("task_lr_scale must lie in (0, 64]")
         if not (self.lr_scale > 0 and self.controller_lr_scale > 0):
             raise ValueError("lr_scale and controller_lr_scale must be > 0")
 
@@ -167,7 +172,8 @@ class DoDNetMethod(TaskMethod):
                 "zero_bias_init": self.options.zero_bias_init,
                 "fan_in_init": self.options.fan_in_init,
                 "negative_slope": float(self.options.negative_slope),
-                "image_gain": float(self.options.image_lr_scale)}
+                "image_gain": float(self.options.image_lr_scale),
+                "task_gain": float(self.options.task_lr_scale)}
 
     def lr_scales(self) -> dict[str, float]:
         """The controller's learning-rate multiplier (``controller_lr_scale``, on top of ``lr_scale``).

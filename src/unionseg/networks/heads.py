@@ -255,6 +255,9 @@ class DynamicHead(Head):
             voxel (0 or 1 with this option; the 4-task `cpu` network, eight seeds). It combines with
             ``image_gain`` (the same initial head, a smaller Adam step on the image part), but that
             combination trained worse on the standard phantom (docs/methods.md, session 14).
+        task_gain: the gain of the task-code columns, as ``image_gain`` for the pooled features (1 = DoDNet;
+            in (0, 64]): with Adam the task-specific part of every generated parameter moves by about
+            ``lr * task_gain`` per step, while the controller's bias, shared by all tasks, keeps ``lr``.
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
@@ -275,6 +278,7 @@ class DynamicHead(Head):
         negative_slope: float = 0.0,
         image_gain: float = 1.0,
         fan_in_init: bool = False,
+        task_gain: float = 1.0,
     ) -> None:
         super().__init__()
         if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
@@ -310,9 +314,14 @@ class DynamicHead(Head):
             raise ValueError("equalized_controller and image_gain < 1 both set the pooled-feature gain; pick one")
         self.equalized_controller = bool(equalized_controller)
         self.image_gain = bottleneck_channels ** -0.5 if equalized_controller else float(image_gain)
+        if not 0.0 < task_gain <= 64.0:
+            raise ValueError(f"task_gain must be in (0, 64], got {task_gain}")
+        self.task_gain = float(task_gain)
         gain = torch.ones(bottleneck_channels + n_tasks)
-        if self.image_gain != 1.0:
-            gain[:bottleneck_channels] = self.image_gain
+        gain[:bottleneck_channels] = self.image_gain
+        gain[bottleneck_channels:] = self.task_gain
+        self._scaled = self.image_gain != 1.0 or self.task_gain != 1.0
+        if self._scaled:
             with torch.no_grad():  # same initial function: stored weight / gain, used as weight * gain
                 self.controller.weight.div_(gain)
         self.register_buffer("_column_gain", gain, persistent=False)
@@ -353,7 +362,7 @@ class DynamicHead(Head):
 
     def _controller(self, inputs: torch.Tensor) -> torch.Tensor:
         weight = self.controller.weight
-        if self.image_gain != 1.0:
+        if self._scaled:
             weight = weight * self._column_gain
         return F.linear(inputs, weight, self.controller.bias)
 
