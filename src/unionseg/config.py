@@ -178,14 +178,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", w
     return obj
 
 
-def to_dict(obj: Any) -> Any:
-    """Dataclass tree -> plain YAML/JSON-able data."""
+def to_dict(obj: Any, *, hashed: bool = False) -> Any:
+    """Dataclass tree -> plain YAML/JSON-able data.
+
+    ``hashed``: the tree :func:`config_hash` reads, without the fields marked :data:`HASH_OMITS_DEFAULT` that
+    hold their default.
+    """
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), hashed=hashed) for f in dataclasses.fields(obj)
+                if not (hashed and _omitted_from_hash(f, getattr(obj, f.name)))}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, hashed=hashed) for v in obj]
     if isinstance(obj, Mapping):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, hashed=hashed) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -241,27 +246,15 @@ def option_changes(recorded: Mapping[str, Any], today: Mapping[str, Any], defaul
 HASH_OMITS_DEFAULT = {"hash_omits_default": True}
 
 
-def _hashed(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = {}
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if f.metadata.get("hash_omits_default"):
-                default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                if value == default:
-                    continue
-            out[f.name] = _hashed(value)
-        return out
-    if isinstance(obj, (list, tuple)):
-        return [_hashed(v) for v in obj]
-    if isinstance(obj, Mapping):
-        return {k: _hashed(v) for k, v in obj.items()}
-    return to_dict(obj)
+def _omitted_from_hash(f: dataclasses.Field[Any], value: Any) -> bool:
+    if not f.metadata.get("hash_omits_default"):
+        return False
+    return bool(value == (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default))
 
 
 def config_hash(obj: Any) -> str:
     """Stable short hash of a dataclass tree (or plain data); see :data:`HASH_OMITS_DEFAULT`."""
-    blob = json.dumps(_hashed(obj), sort_keys=True, default=str).encode()
+    blob = json.dumps(to_dict(obj, hashed=True), sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 

@@ -329,15 +329,15 @@ class DynamicHead(Head):
     def _init_fan_in(self, bottleneck_channels: int) -> None:
         """See ``fan_in_init``: per task a fan-in-scaled head, no image dependence and zero biases at start."""
         weight, bias = self.controller.weight, self.controller.bias
+        n_layers = len(self.layer_dims)
         with torch.no_grad():
             weight.zero_()
             bias.zero_()
-            row = 0
-            for index, (c_in, c_out) in enumerate(self.layer_dims):
-                gain = 1.0 if index == len(self.layer_dims) - 1 else 2.0 ** 0.5  # Kaiming before a ReLU
-                rows = slice(row, row + c_in * c_out)
-                weight[rows, bottleneck_channels:].normal_(0.0, gain / c_in ** 0.5)
-                row += c_in * c_out
+            # the rows generating each layer's weights, in split_params' order (views: filled in place)
+            layer_rows = weight.split(self._split_sizes)[:n_layers]
+            for index, ((c_in, _), rows) in enumerate(zip(self.layer_dims, layer_rows, strict=True)):
+                gain = 1.0 if index == n_layers - 1 else 2.0 ** 0.5  # Kaiming before a ReLU
+                rows[:, bottleneck_channels:].normal_(0.0, gain / c_in ** 0.5)
 
     def controller_params(self, bottleneck: torch.Tensor, task_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Dynamic-head parameters from the bottleneck and the task code.
