@@ -77,6 +77,8 @@ def main() -> None:
              if generator.is_file() else {})
     rows: list[str] = []
     merged = {(o, t): [] for o in groups for t in ["background", *groups]}
+    # where each group's merged voxels lie in the ground truth (the precision side), pooled over cases
+    truth_of = {(g, t): 0 for g in groups for t in ["background", *groups]}
     for case in cases:
         image, label = np.asarray(case.image()), np.asarray(case.label())
         logits = predictor.sliding_window_logits(image)
@@ -89,6 +91,13 @@ def main() -> None:
         owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
         for index, grp in enumerate(space.groups):
             owner[space.codes_to_leaf_masks(labels, f"region:{grp.name}")] = index + 1
+        truth = np.zeros(label.shape, dtype=np.int64)  # the same coding, from the ground truth
+        for index, grp in enumerate(space.groups):
+            truth[space.codes_to_leaf_masks(label, f"region:{grp.name}")] = index + 1
+        for index, g in enumerate(groups):
+            counts = np.bincount(truth[owner == index + 1], minlength=len(groups) + 1)
+            for t, count in zip(["background", *groups], counts, strict=True):
+                truth_of[(g, t)] += int(count)
         own: list[str] = []
         for index, grp in enumerate(space.groups):
             inside = space.codes_to_leaf_masks(label, f"region:{grp.name}")
@@ -116,6 +125,14 @@ def main() -> None:
     for o in groups:
         print(f"| {o} | " + " | ".join(mean(prob[(o, h)]) for h in heads) + " | "
               + " | ".join(mean(merged[(o, t)]) for t in ["background", *groups]) + " |")
+    print("\nWhere each organ's predicted voxels lie in the ground truth (share of all its predicted voxels, "
+          "pooled over the cases; the diagonal is the precision)\n")
+    print("| predicted | " + " | ".join(f"in {t}" for t in ["background", *groups]) + " |")
+    print("|---" * (2 + len(groups)) + "|")
+    for g in groups:
+        total = sum(truth_of[(g, t)] for t in ["background", *groups])
+        print(f"| {g} | " + " | ".join(f"{truth_of[(g, t)] / total:.2f}" if total else "-"
+                                       for t in ["background", *groups]) + " |")
     if args.per_case:
         print("\nPer case: the organ's own head, mean p inside the organ / share of the organ merged to it\n")
         print("| case | site | " + " | ".join(groups) + " |")

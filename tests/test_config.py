@@ -284,9 +284,15 @@ def test_config_hash_leaves_out_new_fields_at_their_default() -> None:
 
     cfg = load_train_config(None, [], method="naive")
     before = to_dict(cfg)
-    del before["data"]["dataset_weights"]  # the tree as it was before the field was added
+    del before["data"]["dataset_weights"]  # the tree as it was before the fields were added
+    del before["select_on"]
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert config_hash(cfg) == old
     weighted = load_train_config(None, ["data.dataset_weights={kidney: 2}"], method="naive")
     assert config_hash(weighted) != old
     assert to_dict(weighted)["data"]["dataset_weights"] == {"kidney": 2}  # the saved config keeps it
+    regions = load_train_config(None, ["select_on=regions"], method="naive")
+    assert config_hash(regions) not in (old, config_hash(weighted))
+    assert to_dict(regions)["select_on"] == "regions"
+    with pytest.raises(ConfigError, match="select_on"):
+        load_train_config(None, ["select_on=tumours"], method="naive")

@@ -297,3 +297,34 @@ def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) 
     with pytest.raises(ConfigError, match="focal_weights"):
         train(phantom_project, _cfg("cotraining", 1, "options.focal_weights=median"), tmp_path / "bad",
               progress=False)
+
+
+@pytest.mark.parametrize(("select_on", "chosen"), [("all", 2), ("regions", 1)])
+def test_select_on_names_the_mean_that_picks_the_model(phantom_project: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch, select_on: str,
+                                                       chosen: int) -> None:
+    """Two validations whose class mean and region mean disagree (a tumour fluke at step 2 lifts the mean
+    over every class while the organs got worse): ``all`` keeps step 2's model, ``regions`` step 1's."""
+    import unionseg.training.trainer as trainer_module
+    from unionseg.modelfile import load_model
+
+    scripted = iter([{"per_class": {"region:liver": 0.8, "liver_tumour": 0.0}, "mean_dice": 0.4, "region_mean": 0.8},
+                     {"per_class": {"region:liver": 0.7, "liver_tumour": 0.3}, "mean_dice": 0.5, "region_mean": 0.7}])
+    monkeypatch.setattr(trainer_module, "validate_deployed", lambda *args, **kwargs: next(scripted))
+    run = tmp_path / select_on
+    summary = train(phantom_project, _cfg("naive", 2, "val_every=1", f"select_on={select_on}"), run, progress=False)
+    assert load_model(run / "model.pt")["provenance"]["selected_at_step"] == chosen
+    assert summary["selected_on"] == select_on
+    assert summary["best_val_mean_dice"] == {"all": 0.5, "regions": 0.8}[select_on]
+    assert [h["model/region_mean"] for h in summary["history"]] == [0.8, 0.7]
+
+
+def test_selection_score_reads_the_named_mean() -> None:
+    from unionseg.training.validation import selection_score
+
+    result = {"mean_dice": 0.4, "region_mean": 0.8}
+    assert selection_score(result, "all") == 0.4 and selection_score(result, "regions") == 0.8
+    # no organ region scored (a tumour-only expert): the region rule falls back to every class
+    assert selection_score({"mean_dice": 0.3, "region_mean": None}, "regions") == 0.3
+    with pytest.raises(ValueError, match="select_on"):
+        selection_score(result, "tumours")

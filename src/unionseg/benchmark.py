@@ -172,6 +172,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         "per_class": {k: {m: v.get("mean") for m, v in stats.items() if isinstance(v, dict)}
                       for k, stats in evaluation["classes"].items()},
         "best_val_mean_dice": summary["best_val_mean_dice"],
+        "selected_on": summary.get("selected_on", "all"),
         "train_seconds": train_seconds,
         "expert_seconds": summary.get("expert_seconds", 0.0) if spec.method in EXPERT_METHODS else 0.0,
         "predict_seconds_per_case": predict_seconds,

@@ -33,7 +33,9 @@ def register(app: typer.Typer) -> None:
             raise UnionsegError("run folder already holds a checkpoint; pass --resume to continue it or choose "
                                 "another --out (nothing was overwritten)", out)
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
-        typer.echo(f"model: {summary['model']}  best validation mean Dice: {summary['best_val_mean_dice']:.4f}")
+        over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
+        typer.echo(f"model: {summary['model']}  best validation mean Dice over {over}: "
+                   f"{summary['best_val_mean_dice']:.4f}")
 
     @app.command()
     def methods() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from unionseg.config import HASH_OMITS_DEFAULT, apply_overrides, from_dict, load_yaml
 from unionseg.data.sampling import AugmentSpec
@@ -98,6 +98,9 @@ class TrainConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     val_every: int = 250
     val_max_cases: int | None = None
+    # what selects the model: the mean validation Dice over every class ("all") or over the organ regions
+    # only ("regions"); see unionseg.training.validation.selection_score
+    select_on: Literal["all", "regions"] = field(default="all", metadata=HASH_OMITS_DEFAULT)
     ckpt_every: int = 100
     log_every: int = 10
     amp: bool = True

@@ -28,7 +28,7 @@ from unionseg.networks.layout import set_layout
 from unionseg.training import distributed as dist
 from unionseg.training.checkpoint import atomic_torch_save, rng_state, safe_torch_load, set_rng_state
 from unionseg.training.config import TrainConfig
-from unionseg.training.validation import validate_deployed
+from unionseg.training.validation import selection_score, validate_deployed
 
 CKPT_FORMAT = "unionseg-checkpoint"
 
@@ -290,13 +290,15 @@ class Trainer:
         results = {}
         for name, deployed in self.method.candidates().items():
             results[name] = validate_deployed(deployed, self.ctx, self.method.datasets())
-        name = max(results, key=lambda n: results[n]["mean_dice"])
+        score = {n: selection_score(r, self.cfg.select_on) for n, r in results.items()}
+        name = max(results, key=lambda n: score[n])
         entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
-                 **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()}}
+                 **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()},
+                 **{f"{n}/region_mean": r["region_mean"] for n, r in results.items() if r["region_mean"] is not None}}
         self.history.append(entry)
         _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
-        if results[name]["mean_dice"] > self.best_metric:
-            self.best_metric = results[name]["mean_dice"]
+        if score[name] > self.best_metric:
+            self.best_metric = score[name]
             self.best_name = name
             self.method.select(name)
             self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
@@ -326,7 +328,9 @@ class Trainer:
         return to_dict(self.method.options)
 
     def on_train_end(self) -> dict[str, Any]:
+        # best_val_mean_dice: the selection score of the chosen model (the mean named by selected_on)
         summary = {"method": self.cfg.method, "steps": self.step, "best_val_mean_dice": self.best_metric,
+                   "selected_on": self.cfg.select_on,
                    "best_candidate": self.best_name, "history": self.history,
                    "options": self.method_options(),
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),

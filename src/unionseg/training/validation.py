@@ -75,4 +75,22 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
         for key, value in dice_scores(pred, np.asarray(case.label()), annotated, ctx.space).items():
             per_class.setdefault(key, []).append(value)
     means = {k: float(np.mean(v)) for k, v in per_class.items()}
-    return {"per_class": means, "mean_dice": float(np.mean(list(means.values()))) if means else 0.0}
+    regions = [v for k, v in means.items() if k.startswith("region:")]
+    return {"per_class": means, "mean_dice": float(np.mean(list(means.values()))) if means else 0.0,
+            "region_mean": float(np.mean(regions)) if regions else None}
+
+
+def selection_score(result: dict[str, Any], select_on: str) -> float:
+    """The number that selects the model from a :func:`validate_deployed` result.
+
+    ``all``: the mean Dice over every scored class. ``regions``: the mean over the organ regions only, so
+    classes that a coarse grid cannot resolve (small tumours, whose validation Dice jumps between 0 and a
+    lucky overlap from one validation to the next) cannot pick a checkpoint whose organs are worse; the
+    parts are still validated and reported. A run whose validation set scores no region (a tumour-only
+    expert) falls back to ``all``.
+    """
+    if select_on == "regions" and result.get("region_mean") is not None:
+        return float(result["region_mean"])
+    if select_on not in ("all", "regions"):
+        raise ValueError(f"select_on must be 'all' or 'regions', got {select_on!r}")
+    return float(result["mean_dice"])
