@@ -317,6 +317,16 @@ def test_select_on_names_the_mean_that_picks_the_model(phantom_project: Path, tm
     assert summary["selected_on"] == select_on
     assert summary["best_val_mean_dice"] == {"all": 0.5, "regions": 0.8}[select_on]
     assert [h["model/region_mean"] for h in summary["history"]] == [0.8, 0.7]
+    # benchmarks/selection_audit.py replays the rule from the history: it must agree with the trainer
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("selection_audit",
+                                                  Path(__file__).parents[1] / "benchmarks" / "selection_audit.py")
+    assert spec is not None and spec.loader is not None
+    audit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit)
+    for rule, step in (("all", 2), ("regions", 1)):
+        assert audit.pick(summary["history"], rule)[:2] == (step, "model")
 
 
 def test_selection_score_reads_the_named_mean() -> None:
