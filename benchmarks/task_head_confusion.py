@@ -12,6 +12,11 @@ region channel, and for every ground-truth organ region the script prints (mean 
   organ's own head; off-diagonal values above 0.5 are heads that claim an organ they were never shown);
 * ``merged``: the share of the organ's voxels the merge function gives to each group (or background).
 
+Then the precision side, pooled over the cases: where each group's merged voxels lie in the ground truth
+(the diagonal is the precision), and per organ its Dice as merged, its Dice when only the largest connected
+component is kept, and the share of its false positives that lie more than 3 voxels from the organ (stray
+blobs, as against a boundary that is a voxel too wide).
+
 A task head trained only on its own dataset's images can fire on organs labelled in other datasets (a site
 or contrast shift makes them look unlike the negatives it saw); the merge then hands those voxels to the
 most confident head. This is the diagnosis behind ``options.cross_task_weight`` (docs/methods.md).
@@ -33,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 
 def main() -> None:
@@ -79,6 +85,10 @@ def main() -> None:
     merged = {(o, t): [] for o in groups for t in ["background", *groups]}
     # where each group's merged voxels lie in the ground truth (the precision side), pooled over cases
     truth_of = {(g, t): 0 for g in groups for t in ["background", *groups]}
+    # per group, pooled: false positives more than 3 voxels from the organ; Dice per case, as merged and with
+    # only the largest connected component kept
+    far = {g: [0, 0] for g in groups}  # (far false positives, all false positives)
+    dice: dict[str, tuple[list[float], list[float]]] = {g: ([], []) for g in groups}
     for case in cases:
         image, label = np.asarray(case.image()), np.asarray(case.label())
         logits = predictor.sliding_window_logits(image)
@@ -95,9 +105,16 @@ def main() -> None:
         for index, grp in enumerate(space.groups):
             truth[space.codes_to_leaf_masks(label, f"region:{grp.name}")] = index + 1
         for index, g in enumerate(groups):
-            counts = np.bincount(truth[owner == index + 1], minlength=len(groups) + 1)
+            mine, real = owner == index + 1, truth == index + 1
+            counts = np.bincount(truth[mine], minlength=len(groups) + 1)
             for t, count in zip(["background", *groups], counts, strict=True):
                 truth_of[(g, t)] += int(count)
+            if real.any():
+                wrong = mine & ~real
+                far[g][0] += int((wrong & (ndimage.distance_transform_edt(~real) > 3)).sum())
+                far[g][1] += int(wrong.sum())
+                dice[g][0].append(_dice(mine, real))
+                dice[g][1].append(_dice(_largest_component(mine), real))
         own: list[str] = []
         for index, grp in enumerate(space.groups):
             inside = space.codes_to_leaf_masks(label, f"region:{grp.name}")
@@ -133,11 +150,29 @@ def main() -> None:
         total = sum(truth_of[(g, t)] for t in ["background", *groups])
         print(f"| {g} | " + " | ".join(f"{truth_of[(g, t)] / total:.2f}" if total else "-"
                                        for t in ["background", *groups]) + " |")
+    print("\nPer organ: Dice as merged, Dice keeping only the largest connected component (mean over the cases "
+          "that have the organ), and the share of the false positives lying more than 3 voxels from the organ\n")
+    print("| organ | Dice | Dice, largest component | false positives > 3 voxels away |")
+    print("|---|---|---|---|")
+    for g in groups:
+        print(f"| {g} | {mean(dice[g][0])} | {mean(dice[g][1])} | "
+              + (f"{far[g][0] / far[g][1]:.2f} of {far[g][1]} |" if far[g][1] else "- |"))
     if args.per_case:
         print("\nPer case: the organ's own head, mean p inside the organ / share of the organ merged to it\n")
         print("| case | site | " + " | ".join(groups) + " |")
         print("|---" * (2 + len(groups)) + "|")
         print("\n".join(rows))
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float(2 * (pred & truth).sum() / max(int(pred.sum() + truth.sum()), 1))
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labelled, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    return labelled == 1 + int(np.argmax(np.bincount(labelled.ravel())[1:]))
 
 
 if __name__ == "__main__":
