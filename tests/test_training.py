@@ -73,6 +73,11 @@ def test_training_writes_everything(phantom_project: Path, tmp_path: Path) -> No
     payload = load_model(run / "model.pt")
     assert payload["method"] == "naive" and payload["output_form"] == "softmax"
     assert 0.0 <= summary["best_val_mean_dice"] <= 1.0
+    # the region mean the regions rule ranks on is the mean of the validated organ regions, nothing else
+    (entry,) = summary["history"]
+    regions = [v for k, v in entry.items() if k.startswith("model/region:")]
+    assert len(regions) == 4 and any(k.startswith("model/") and "tumour" in k for k in entry)
+    assert entry["model/region_mean"] == pytest.approx(sum(regions) / len(regions))
 
 
 def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) -> None:

@@ -62,7 +62,8 @@ class ArtifactCache:
         """The recipe every expert uses: the run's budget (backbone, patch, batch, optimiser, steps).
 
         Dataset weights are dropped: an expert trains on one dataset, so they change nothing it draws, and
-        kept they would change its recipe hash and retrain every expert for nothing.
+        kept they would change its recipe hash and retrain every expert for nothing. ``select_on`` is kept on
+        purpose: it changes which checkpoint an expert keeps, so a new rule retrains the experts.
         """
         return dataclasses.replace(cfg, method="expert", options={}, steps=cfg.expert_steps or cfg.steps,
                                    device=cfg.device, data=dataclasses.replace(cfg.data, dataset_weights={}))

@@ -330,7 +330,9 @@ class Trainer:
     def on_train_end(self) -> dict[str, Any]:
         # best_val_mean_dice: the selection score of the chosen model (the mean named by selected_on)
         summary = {"method": self.cfg.method, "steps": self.step, "best_val_mean_dice": self.best_metric,
-                   "selected_on": self.cfg.select_on,
+                   # the rule that ran: "regions" falls back to "all" when no validation scored a region
+                   "selected_on": self.cfg.select_on if any(k.endswith("/region_mean") for h in self.history
+                                                             for k in h) else "all",
                    "best_candidate": self.best_name, "history": self.history,
                    "options": self.method_options(),
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
