@@ -85,8 +85,12 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
 
     run = tmp_path / "run"
     train(phantom_project, _cfg("naive", 2), run, progress=False)
-    with pytest.raises(CheckpointError, match="different configuration"):
+    with pytest.raises(CheckpointError, match="different configuration") as refused:
         train(phantom_project, _cfg("naive", 3), run, resume=True, progress=False)
+    # the message names what changed (steps, and val_every / ckpt_every that _cfg ties to it)
+    assert "steps: 2 -> 3" in str(refused.value) and "val_every: 2 -> 3" in str(refused.value)
+    with pytest.raises(CheckpointError, match="select_on: 'all' -> 'regions'"):
+        train(phantom_project, _cfg("naive", 2, "select_on=regions"), run, resume=True, progress=False)
 
 
 def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unionseg.config import config_hash, option_changes, to_dict
+from unionseg.config import config_hash, describe_changes, option_changes, to_dict
 from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
@@ -31,6 +31,17 @@ from unionseg.training.config import TrainConfig
 from unionseg.training.validation import selection_score, validate_deployed
 
 CKPT_FORMAT = "unionseg-checkpoint"
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"data.patch_size": ..., "select_on": ...}``, for naming what changed."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "options":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,8 +197,11 @@ class Trainer:
         if state["config_hash"] != config_hash(self.cfg):
             from unionseg.errors import CheckpointError
 
-            raise CheckpointError("checkpoint was written with a different configuration; resume with the same "
-                                  "recipe and overrides, or start a new run folder", path)
+            recorded = state.get("config")  # the full recipe the run was started with
+            changed = "" if recorded is None else describe_changes(_flatten(recorded), _flatten(to_dict(self.cfg)))
+            raise CheckpointError("checkpoint was written with a different configuration"
+                                  + (f" ({changed})" if changed else "")
+                                  + "; resume with the same recipe and overrides, or start a new run folder", path)
         saved = state.get("options")  # absent in checkpoints written before options were recorded
         changed = "" if saved is None else option_changes(saved, self.method_options(),
                                                           to_dict(type(self.method.options)()))
