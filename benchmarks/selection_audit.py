@@ -20,9 +20,13 @@ import numpy as np
 
 
 def _results(entry: dict, candidate: str) -> dict:
-    """One validation of one candidate, in the shape selection_score reads."""
-    regions = [v for k, v in entry.items() if k.startswith(f"{candidate}/region:")]
-    return {"mean_dice": entry[f"{candidate}/mean_dice"], "region_mean": float(np.mean(regions)) if regions else None}
+    """One validation of one candidate, in the shape selection_score reads (the region mean recomputed, as
+    histories written before session 15 lack it)."""
+    from unionseg.training.validation import region_mean
+
+    prefix = f"{candidate}/"
+    per_class = {k[len(prefix):]: v for k, v in entry.items() if k.startswith(prefix)}
+    return {"mean_dice": entry[f"{candidate}/mean_dice"], "region_mean": region_mean(per_class)}
 
 
 def pick(history: list[dict], rule: str) -> tuple[int, str, float | None] | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,6 +45,7 @@ from scipy import ndimage
 def main() -> None:
     from unionseg.config import load_project
     from unionseg.data.preprocess import PreparedIndex
+    from unionseg.evaluation.metrics import dice as dice_score
     from unionseg.inference.predictor import Predictor
     from unionseg.labels import softmax_to_groups
 
@@ -98,12 +100,7 @@ def main() -> None:
             probs = softmax_to_groups(decided, predictor.space)[0].cpu().numpy()
         else:
             probs = torch.sigmoid(logits.float()).cpu().numpy()
-        owner = np.zeros(labels.shape, dtype=np.int64)  # 0 background, 1 + group index
-        for index, grp in enumerate(space.groups):
-            owner[space.codes_to_leaf_masks(labels, f"region:{grp.name}")] = index + 1
-        truth = np.zeros(label.shape, dtype=np.int64)  # the same coding, from the ground truth
-        for index, grp in enumerate(space.groups):
-            truth[space.codes_to_leaf_masks(label, f"region:{grp.name}")] = index + 1
+        owner, truth = _group_map(space, labels), _group_map(space, label)  # the prediction's, the truth's
         case_far: dict[str, int] = {}
         for index, g in enumerate(groups):
             mine, real = owner == index + 1, truth == index + 1
@@ -115,8 +112,8 @@ def main() -> None:
                 case_far[g] = int((wrong & (ndimage.distance_transform_edt(~real) > 3)).sum())
                 far[g][0] += case_far[g]
                 far[g][1] += int(wrong.sum())
-                dice[g][0].append(_dice(mine, real))
-                dice[g][1].append(_dice(_largest_component(mine), real))
+                dice[g][0].append(dice_score(mine, real).value)
+                dice[g][1].append(dice_score(_largest_component(mine), real).value)
         own: list[str] = []
         for index, grp in enumerate(space.groups):
             inside = space.codes_to_leaf_masks(label, f"region:{grp.name}")
@@ -167,8 +164,12 @@ def main() -> None:
         print("\n".join(rows))
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(2 * (pred & truth).sum() / max(int(pred.sum() + truth.sum()), 1))
+def _group_map(space: Any, codes: np.ndarray) -> np.ndarray:
+    """Codes -> 0 for background, 1 + the group's index inside each organ region."""
+    mapped = np.zeros(codes.shape, dtype=np.int64)
+    for index, grp in enumerate(space.groups):
+        mapped[space.codes_to_leaf_masks(codes, f"region:{grp.name}")] = index + 1
+    return mapped
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:

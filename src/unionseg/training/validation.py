@@ -75,9 +75,14 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
         for key, value in dice_scores(pred, np.asarray(case.label()), annotated, ctx.space).items():
             per_class.setdefault(key, []).append(value)
     means = {k: float(np.mean(v)) for k, v in per_class.items()}
-    regions = [v for k, v in means.items() if k.startswith("region:")]
     return {"per_class": means, "mean_dice": float(np.mean(list(means.values()))) if means else 0.0,
-            "region_mean": float(np.mean(regions)) if regions else None}
+            "region_mean": region_mean(means)}
+
+
+def region_mean(per_class: dict[str, float]) -> float | None:
+    """The mean Dice over the organ regions (``region:*`` keys) of a per-class result; None without any."""
+    regions = [v for k, v in per_class.items() if k.startswith("region:")]
+    return float(np.mean(regions)) if regions else None
 
 
 def selection_score(result: dict[str, Any], select_on: str) -> float:
