@@ -156,6 +156,12 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
         assert isinstance(run["resolved_options"], dict)  # the options as run, defaults filled in
         if run["method"] == "cotraining":
             assert run["resolved_options"]["focal_weights"] == "none"
+        # the shared experts are counted once (expert_seconds), not also in the run that happened to build them
+        assert run["train_seconds"] > 0 and run["stage_seconds"] >= 0
+        if run["name"] == "individual" and run["seed"] == 0:  # the first row that needs the experts builds them
+            assert run["stage_seconds"] >= 0.9 * run["expert_seconds"] > 0
+        if run["method"] in ("oracle", "naive", "dodnet"):
+            assert run["stage_seconds"] < 0.5  # no stage but training
         pred_dir = out / run["pred_dir"]
         scores: dict[str, list[float]] = {}
         for truth_path in sorted((test.root / "labelsTr").glob("*.nii.gz")):

@@ -81,7 +81,7 @@ def markdown_table(agg: dict[str, Any]) -> str:
     methods = agg["methods"]
     keys = sorted({k for m in methods.values() for k in m["classes"]}, key=lambda k: (not k.startswith(REGION_PREFIX), k))
     head = ["method", "mean region Dice", "gap closure"] + [k.replace(REGION_PREFIX, "") for k in keys] + \
-        ["train s (+experts)", "predict s/case"]
+        ["train s (+shared experts)", "predict s/case"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         mr = m["mean_region_dice"]

@@ -126,7 +126,7 @@ class Trainer:
         self.best_metric = -math.inf
         self.best_name = ""
         self.history: list[dict[str, Any]] = []
-        self.timings = {"data": 0.0, "total": 0.0}
+        self.timings = {"data": 0.0, "total": 0.0, "stages": 0.0}  # stages: shared artefacts built here
 
     # ------------------------------------------------------------------ setup
     def on_train_start(self) -> None:
@@ -143,7 +143,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         else:
             torch.backends.cudnn.benchmark = True
+        started = time.perf_counter()
         self._run_stages()
+        self.timings["stages"] = time.perf_counter() - started
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
         self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
         for average in self.method.averages().values():
@@ -350,7 +352,8 @@ class Trainer:
                    "best_candidate": self.best_name, "history": self.history,
                    "options": self.method_options(),
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
-                   "train_seconds": self.timings["total"], "model": str(self.run_dir / "model.pt")}
+                   "train_seconds": self.timings["total"], "stage_seconds": self.timings["stages"],
+                   "model": str(self.run_dir / "model.pt")}
         if dist.is_distributed():
             summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
         if self.ctx.artifacts is not None and "experts" in self.method.stages:
