@@ -519,10 +519,26 @@ def test_kd_kl_matches_kl_after_mapping() -> None:
     cached[0, 1, 3] = 0.0  # inside the region; float16 caches underflow to 0: the eps floor (1e-8) applies
     for probs, tau in ((teacher, 2.0), (teacher, 1.0), (cached, 1.0), (cached, 0.5)):
         target = torch.softmax(probs.float().clamp_min(1e-8).log() / tau, 1)
-        student = map_to_teacher(torch.softmax(logits / tau, 1), [2])
+        student = torch.softmax(map_to_teacher(torch.softmax(logits, 1), [2]).log() / tau, 1)  # map, then temper
         kl = (target * (target.log() - student.log())).sum(1)
         expected = tau ** 2 * kl[region].mean()
         assert kd_kl(logits, probs, [2], region, tau).item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_kd_kl_sees_only_the_mapped_student() -> None:
+    """DESIGN: q^j = map_j(q), then tempered. Students that differ only in how they split the teacher's
+    merged background get the same loss at any temperature, and a student whose mapped distribution equals
+    the teacher's untempered one gets 0 (tempering before mapping would give neither)."""
+    teacher = torch.tensor([[[0.5], [0.5]]])  # teacher over leaf 1: background 0.5, organ 0.5
+    region = torch.ones(1, 1, dtype=torch.bool)
+    splits = [(0.25, 0.05), (0.15, 0.15), (0.05, 0.25)]  # leaf 0 and leaf 2 share the merged 0.3
+    for tau in (1.0, 2.0, 0.5):
+        losses = [kd_kl(torch.tensor([[[a], [0.7], [b]]]).log(), teacher, [1], region, tau).item() for a, b in splits]
+        assert losses == pytest.approx([losses[0]] * 3, abs=1e-6)
+        assert losses[0] > 0.01
+        matched = [kd_kl(torch.tensor([[[a], [0.5], [0.5 - a]]]).log(), teacher, [1], region, tau).item()
+                   for a in (0.1, 0.25, 0.4)]
+        assert matched == pytest.approx([0.0] * 3, abs=1e-6)
 
 
 def test_kd_regions_most_confident_teacher_wins() -> None:

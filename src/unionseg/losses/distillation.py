@@ -126,15 +126,20 @@ def _check_kd_inputs(student_logits: Tensor, teacher_probs: Tensor, teacher_leav
 
 def _kd_kl_from_log_probs(student_log_probs: Tensor, student_probs: Tensor, teacher_probs: Tensor,
                           leaves: list[int], region: Tensor, tau: float, eps: float) -> Tensor:
-    """Core of :func:`kd_kl`, given the student's float32 (log-)probabilities at temperature ``tau``
-    (B, L, *S); written with few full-size temporaries because it runs once per teacher and step."""
+    """Core of :func:`kd_kl`, given the student's float32 (log-)probabilities at temperature 1, (B, L, *S).
+
+    The student is mapped into the teacher's label space first (its other leaves summed into the merged
+    background), then tempered: ``log q^tau = log_softmax(log map(q) / tau)`` over the 1 + K channels."""
     with torch.no_grad():
         target, log_t = _teacher_target(teacher_probs, tau, eps)
         entropy_term = (target * log_t).sum(1)  # sum t log t, (B, *S)
     others = _other_leaves(leaves, student_log_probs.shape[1])
     others_mass = student_probs[:, others].sum(1)
     log_merged = torch.where(others_mass > _TINY, others_mass.clamp_min(_TINY).log(), student_log_probs[:, 0])
-    cross = target[:, 0] * log_merged + (target[:, 1:] * student_log_probs[:, leaves]).sum(1)
+    mapped = torch.cat([log_merged.unsqueeze(1), student_log_probs[:, leaves]], dim=1)
+    if tau != 1.0:
+        mapped = F.log_softmax(mapped / tau, dim=1)
+    cross = (target * mapped).sum(1)
     inside = region.to(cross.dtype)
     kl = (entropy_term - cross) * inside
     return (tau ** 2) * kl.sum() / inside.sum().clamp_min(1)
@@ -149,12 +154,17 @@ def _fused_kd_kl(student_log_probs: Tensor, student_probs: Tensor, targets: Sequ
     weight per teacher for its merged channel; the graph then holds one matrix product (the "everything
     else" mass of every teacher at once) and two weighted sums. Same value as the per-teacher loop; on
     CPUs several times faster (no per-teacher fancy indexing and its zero-filled backward buffers).
+
+    Tempering the mapped student, ``log q^tau_{j,k} = a_{j,k} / tau - N_j`` with ``a_j`` teacher j's mapped
+    log-probabilities and ``N_j = log(M_j^(1/tau) + sum_{l in leaves_j} q_l^(1/tau))`` (``M_j`` its merged
+    mass), and the targets summing to 1, the cross term is ``sum(W a) / tau - sum_j w_j N_j``: one more
+    matrix product (each teacher's leaves of ``q^(1/tau)``) when ``tau != 1``; at ``tau = 1``, ``N_j = 0``.
     """
     n_leaves = student_log_probs.shape[1]
     batch = student_log_probs.shape[0]
     with torch.no_grad():
         leaf_weight = torch.zeros_like(student_log_probs)
-        merged_weight = []
+        merged_weight, region_weight = [], []
         others = torch.ones(len(targets), n_leaves, dtype=student_probs.dtype, device=student_probs.device)
         constant = torch.zeros((), dtype=student_log_probs.dtype, device=student_log_probs.device)
         for j, (probs, leaves, region) in enumerate(zip(targets, teacher_leaves, regions, strict=True)):
@@ -165,12 +175,19 @@ def _fused_kd_kl(student_log_probs: Tensor, student_probs: Tensor, targets: Sequ
             for k, leaf in enumerate(leaves):
                 leaf_weight[:, leaf].add_(target[:, 1 + k] * w)
             merged_weight.append(target[:, 0] * w)
+            region_weight.append(w)
             others[j, leaves] = 0
         merged_w = torch.stack(merged_weight, dim=1).flatten(2)  # (B, J, V)
-    mass = torch.matmul(others, student_probs.reshape(batch, n_leaves, -1))  # (B, J, V)
+    flat_probs = student_probs.reshape(batch, n_leaves, -1)
+    mass = torch.matmul(others, flat_probs)  # (B, J, V)
     fallback = student_log_probs[:, :1].reshape(batch, 1, -1)
     log_mass = torch.where(mass > _TINY, mass.clamp_min(_TINY).log(), fallback)
     cross = (leaf_weight * student_log_probs).sum() + (merged_w * log_mass).sum()
+    if tau != 1.0:
+        own = (1.0 - others)  # (J, L): teacher j's leaves
+        powered = torch.matmul(own, (student_log_probs / tau).exp().reshape(batch, n_leaves, -1))  # (B, J, V)
+        normaliser = torch.log((log_mass / tau).exp() + powered)
+        cross = cross / tau - (torch.stack(region_weight, dim=1).flatten(2) * normaliser).sum()
     return (tau ** 2) * (constant - cross)
 
 
@@ -185,7 +202,9 @@ def kd_kl(
     """Temperature-scaled KL divergence from one teacher to the mapped student, mean over a region.
 
     ``loss = tau^2 * sum_{v in R} KL(t^tau(v) || q^tau(v)) / |R|`` with ``t^tau = softmax(log t / tau)``
-    and ``q^tau = map_to_teacher(softmax(student_logits / tau))``; ``|R|`` counts the whole batch. 0 (with a
+    and ``q^tau = softmax(log map_to_teacher(softmax(student_logits)) / tau)``: the student is mapped into the
+    teacher's label space, then tempered like the teacher, so the loss depends only on the mapped
+    distribution (not on how the student splits its merged background); ``|R|`` counts the whole batch. 0 (with a
     graph) when the region is empty. No gradient reaches ``teacher_probs``.
 
     Args:
@@ -204,7 +223,7 @@ def kd_kl(
     """
     leaves = _check_kd_inputs(student_logits, teacher_probs, teacher_leaves, region, tau)
     with float32_island(student_logits):
-        log_q = F.log_softmax(student_logits.float() / tau, dim=1)
+        log_q = F.log_softmax(student_logits.float(), dim=1)
         return _kd_kl_from_log_probs(log_q, log_q.exp(), teacher_probs, leaves, region, tau, eps)
 
 
@@ -421,7 +440,7 @@ def ms_kd_logit_loss(
         checked.append(list(range(1, n_leaves)))
         where.append(background)
     with float32_island(student_logits):
-        log_q = F.log_softmax(student_logits.float() / tau, dim=1)  # shared by every teacher
+        log_q = F.log_softmax(student_logits.float(), dim=1)  # shared by every teacher; tempered after mapping
         return _fused_kd_kl(log_q, log_q.exp(), targets, checked, where, tau, 1e-8)
 
 
