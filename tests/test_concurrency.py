@@ -341,7 +341,7 @@ def test_two_predicts_into_one_folder_write_complete_identical_files(commands: C
     images = [tmp_path / "in" / f"case_{i}.nii.gz" for i in range(6)]
     for i, image in enumerate(images):
         write_tiny_case(image, None, seed=i, shape=(14, 12, 10))
-    predict = ["predict", str(model), *map(str, images), "--device", "cpu"]
+    predict = ["predict", str(model), *map(str, images), "--device", "cpu", "--overwrite"]  # both write the same
     reference = tmp_path / "reference"
     assert commands.run([*predict, "-o", str(reference)]).returncode == 0
     out = tmp_path / "out"

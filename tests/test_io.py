@@ -279,3 +279,32 @@ def test_geometry_record() -> None:
     assert again.same_grid(geom) and again.shape == (4, 5, 6)
     assert not geom.same_grid(geom.with_shape((4, 5, 7)))
     assert strip_suffix("a/case_001.nii.gz") == "case_001" and suffix_of("X.NRRD") == ".nrrd"
+
+
+@pytest.mark.parametrize("qform_code", [0, 1])
+def test_written_nifti_keeps_the_source_qform_and_sform(tmp_path: Path, qform_code: int) -> None:
+    """A label map written on an image's geometry carries the image's two header transforms and codes, so
+    viewers that trust the qform (ITK-SNAP, Slicer) and those that trust the sform (nibabel) put it on the
+    image, even when the image's qform and sform disagree (here by 30 mm)."""
+    sitk = pytest.importorskip("SimpleITK")
+    sform = np.diag([1.5, 1.5, 3.0, 1.0])
+    sform[:3, 3] = [-40.0, 12.0, 7.0]
+    qform = sform.copy()
+    qform[0, 3] += 30.0
+    src = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), sform)
+    src.set_sform(sform, code=2)
+    src.set_qform(qform, code=qform_code)
+    nib.save(src, str(tmp_path / "image.nii.gz"))
+    _, geom = read_image(tmp_path / "image.nii.gz")
+    write_image(tmp_path / "label.nii.gz", np.ones(geom.shape, np.uint8), geom)
+    out = nib.load(str(tmp_path / "label.nii.gz")).header
+    assert (int(out["qform_code"]), int(out["sform_code"])) == (qform_code, 2)
+    assert np.allclose(out.get_sform(), sform) and np.allclose(out.get_qform(), src.header.get_qform())
+    assert np.allclose(sitk.ReadImage(str(tmp_path / "label.nii.gz")).GetOrigin(),
+                       sitk.ReadImage(str(tmp_path / "image.nii.gz")).GetOrigin())
+    # a geometry that no longer matches the source's transforms (resampled, say) gets its own affine in both
+    moved = Geometry(geom.shape, geom.affine @ np.diag([2.0, 2.0, 2.0, 1.0]), geom.nifti_forms)
+    write_image(tmp_path / "moved.nii.gz", np.ones(moved.shape, np.uint8), moved)
+    out = nib.load(str(tmp_path / "moved.nii.gz")).header
+    assert (int(out["qform_code"]), int(out["sform_code"])) == (1, 1)
+    assert np.allclose(out.get_sform(), moved.affine) and np.allclose(out.get_qform(), moved.affine)

@@ -287,7 +287,7 @@ def _model_file(tmp_path: Path, spacing: float = 2.5, roi: tuple[int, int, int] 
     return save_model(tmp_path / "model.pt", _payload(tiny_space(), spec, roi))
 
 
-def test_cli_predict_folder_and_refusals(tmp_path: Path) -> None:
+def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from unionseg.cli import run
 
     model = _model_file(tmp_path)
@@ -303,7 +303,22 @@ def test_cli_predict_folder_and_refusals(tmp_path: Path) -> None:
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu"]) == 2
     assert sorted(p.name for p in inputs.iterdir()) == before
     assert run(["predict", str(model), str(inputs / "case0.nii.gz"), "-o", str(inputs)]) == 2
-    assert run(["predict", str(tmp_path / "nope.pt"), str(inputs), "-o", str(outdir)]) == 2
+    assert run(["predict", str(tmp_path / "nope.pt"), str(inputs), "-o", str(tmp_path / "fresh")]) == 2
+    # files already in -o (e.g. a labelsTr folder: MSD labels share the images' names) are never replaced
+    # unless asked; an -o that is a file is refused with the one-line error, not a traceback
+    labels_dir = tmp_path / "labelsTr"
+    write_image(labels_dir / "case0.nii.gz", np.full((20, 16, 10), 3, np.uint8), Geometry.identity((20, 16, 10)))
+    truth = (labels_dir / "case0.nii.gz").read_bytes()
+    assert run(["predict", str(model), str(inputs), "-o", str(labels_dir), "--device", "cpu"]) == 2
+    assert (labels_dir / "case0.nii.gz").read_bytes() == truth and not (labels_dir / "case1.nii.gz").exists()
+    assert run(["predict", str(model), str(inputs), "-o", str(labels_dir), "--device", "cpu", "--overwrite"]) == 0
+    assert (labels_dir / "case0.nii.gz").read_bytes() != truth
+    (tmp_path / "afile").write_text("keep")
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "afile"), "--device", "cpu"]) == 2
+    assert (tmp_path / "afile").read_text() == "keep"
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "afile" / "sub"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "afile" in err[-1] and "Traceback" not in "".join(err)
 
 
 @pytest.mark.real

@@ -117,7 +117,8 @@ def _warning_printer(previous: Callable[..., None]) -> Callable[..., None]:
 def run(argv: list[str]) -> int:
     """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
 
-    Project errors print ``error: <file>: <problem>`` on stderr and return 2; project warnings print
+    Project errors, and file-system errors that name a path, print ``error: <file>: <problem>`` on stderr
+    and return 2; project warnings print
     ``warning: <message>`` (every occurrence) and the command goes on.
     """
     debug = "--debug" in argv
@@ -130,6 +131,13 @@ def run(argv: list[str]) -> int:
         if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
+        return 2
+    except OSError as exc:
+        # a path the user gave that the system refuses (-o naming a file, a folder without write
+        # permission, a full disk): the same one-line error; other OSErrors keep their traceback
+        if debug or exc.filename is None:
+            raise
+        typer.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
         return 2
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)

@@ -41,11 +41,42 @@ def strip_suffix(path: str | Path) -> str:
 
 
 @dataclass(frozen=True, eq=False)
+class NiftiForms:
+    """A NIfTI header's two spatial transforms as read: the qform and sform matrices and their codes.
+
+    NIfTI stores two transforms, and viewers differ in which one they trust (nibabel takes the sform when its
+    code is set, ITK-based tools such as ITK-SNAP and 3D Slicer may take the qform). A label map written
+    with both copied from its image opens exactly on that image in every viewer, even when the image's
+    two transforms disagree.
+    """
+
+    qform: np.ndarray
+    qform_code: int
+    sform: np.ndarray
+    sform_code: int
+
+    @classmethod
+    def of(cls, header: Any) -> NiftiForms:
+        return cls(np.asarray(header.get_qform(), dtype=np.float64), int(header["qform_code"]),
+                   np.asarray(header.get_sform(), dtype=np.float64), int(header["sform_code"]))
+
+    def describes(self, affine: np.ndarray, atol: float = 1e-4) -> bool:
+        """Whether these are the transforms that give ``affine`` (sform if coded, else a coded qform)."""
+        chosen = self.sform if self.sform_code > 0 else self.qform if self.qform_code > 0 else None
+        return chosen is not None and bool(np.allclose(chosen, affine, atol=atol))
+
+
+@dataclass(frozen=True, eq=False)
 class Geometry:
-    """Where an array lives in the world: shape and the voxel -> RAS+ mm affine."""
+    """Where an array lives in the world: shape and the voxel -> RAS+ mm affine.
+
+    ``nifti_forms``: the header transforms of the NIfTI file it was read from (None otherwise); writing a
+    NIfTI with this geometry copies them when they still give ``affine``.
+    """
 
     shape: tuple[int, int, int]
     affine: np.ndarray
+    nifti_forms: NiftiForms | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -74,7 +105,7 @@ class Geometry:
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
     def with_shape(self, shape: tuple[int, ...]) -> Geometry:
-        return Geometry(tuple(shape)[:3], self.affine)  # type: ignore[arg-type]
+        return Geometry(tuple(shape)[:3], self.affine, self.nifti_forms)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         return {"shape": list(self.shape), "affine": self.affine.tolist()}
@@ -155,7 +186,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     except Exception as exc:  # a damaged header makes nibabel raise more types (HeaderDataError, struct.error, ...)
         raise DataError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", path) from None
     array = _as_3d(np.asarray(array), path)
-    return array, Geometry(array.shape, img.affine)
+    return array, Geometry(array.shape, img.affine, NiftiForms.of(img.header))
 
 
 def _sitk_to_geometry(img: Any, shape: tuple[int, ...]) -> Geometry:
@@ -238,7 +269,7 @@ def read_header(path: str | Path) -> Geometry:
             shape = shape[:3]
         if len(shape) != 3:
             raise DataError(f"{len(shape)}D image of shape {tuple(shape)}; a 3D volume is required", path)
-        return Geometry(tuple(shape), img.affine)
+        return Geometry(tuple(shape), img.affine, NiftiForms.of(img.header))
     return read_image(path)[1]
 
 
@@ -275,8 +306,13 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path
 
             # an explicit dtype keeps int64 (nibabel refuses it otherwise); the header stores mm
             nifti = nib.Nifti1Image(array, geometry.affine, dtype=array.dtype)
-            nifti.set_qform(geometry.affine, code=1)
-            nifti.set_sform(geometry.affine, code=1)
+            forms = geometry.nifti_forms
+            if forms is not None and forms.describes(geometry.affine):  # the source's header, as it was
+                nifti.set_qform(forms.qform, code=forms.qform_code)
+                nifti.set_sform(forms.sform, code=forms.sform_code)
+            else:
+                nifti.set_qform(geometry.affine, code=1)
+                nifti.set_sform(geometry.affine, code=1)
             nifti.header.set_xyzt_units("mm")
             nib.save(nifti, str(tmp))
         elif suf in SITK_SUFFIXES:

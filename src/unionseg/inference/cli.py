@@ -48,13 +48,22 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     return list(unique.items())
 
 
-def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]]) -> None:
-    """Refuse an output folder that is an input folder, lies inside a DICOM series folder, or would
-    overwrite an input file.
+def output_files(name: str, probabilities: bool) -> list[str]:
+    """The file names ``predict`` writes for case ``name``."""
+    return [f"{name}.nii.gz", *([f"{name}_probs.nii.gz", f"{name}_probs.json"] if probabilities else [])]
+
+
+def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,
+                     overwrite: bool = False) -> None:
+    """Refuse an output folder that is a file, is an input folder, lies inside a DICOM series folder, would
+    overwrite an input file, or (without ``overwrite``) already holds a file the prediction would replace:
+    MSD images and labels share their names, so ``-o labelsTr`` would otherwise replace ground truth.
 
     Raises:
-        UnionsegError: naming the output folder and the input at risk.
+        UnionsegError: naming the output folder and the input or files at risk.
     """
+    if outdir.exists() and not outdir.is_dir():
+        raise UnionsegError("output exists and is not a folder; -o takes a folder", outdir)
     out = outdir.resolve()
     for name, path in cases:
         src = path.resolve()
@@ -66,6 +75,13 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]]) -> None:
                                 outdir)
         if (out / f"{name}.nii.gz") == src:
             raise UnionsegError(f"the output would overwrite the input {path}", outdir)
+    if overwrite or not out.is_dir():
+        return
+    existing = [f for name, _ in cases for f in output_files(name, probabilities) if (out / f).exists()]
+    if existing:
+        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
+                            "replace them, or choose another -o", outdir)
 
 
 def register(app: typer.Typer) -> None:
@@ -83,6 +99,8 @@ def register(app: typer.Typer) -> None:
                                                     help="Also write <case>_probs.nii.gz (4D float32).")] = False,
         overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1).")] = None,
         sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call.")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
+                                                                    "in the output folder.")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
         import time
@@ -100,7 +118,7 @@ def register(app: typer.Typer) -> None:
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise UnionsegError(f"--device must be cpu, cuda or auto, got {device!r}")
         cases = collect_inputs(inputs)
-        check_output_dir(output, cases)
+        check_output_dir(output, cases, probabilities, overwrite)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
 
@@ -117,8 +135,9 @@ def register(app: typer.Typer) -> None:
                     bar.update(task, completed=done, total=total)
 
                 start = time.perf_counter()
-                out_path = output / f"{name}.nii.gz"
-                probs_path = output / f"{name}_probs.nii.gz" if probabilities else None
+                names = output_files(name, probabilities)
+                out_path = output / names[0]
+                probs_path = output / names[1] if probabilities else None
                 predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update)
                 bar.remove_task(task)
                 console.print(f"{name}: wrote {out_path} ({time.perf_counter() - start:.1f} s)")
