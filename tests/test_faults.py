@@ -362,8 +362,11 @@ def test_predict_killed_while_writing_leaves_no_partial_output(procs: Processes,
     assert list_image_files(out) == [out / "a.nii.gz"]  # a is complete, b was never written half-way
     assert read_image(out / "a.nii.gz")[0].shape == (12, 10, 8)
     assert not (out / "b.nii.gz").exists()
-    assert procs.run(argv).returncode == 0  # twin: rerun writes both
+    assert procs.run(argv).returncode == 2  # the plain rerun refuses to replace a.nii.gz
+    a_bytes = (out / "a.nii.gz").read_bytes()
+    assert procs.run([*argv, "--skip-existing"]).returncode == 0  # twin: the rerun finishes the interrupted batch
     assert [p.name for p in list_image_files(out)] == ["a.nii.gz", "b.nii.gz"]
+    assert (out / "a.nii.gz").read_bytes() == a_bytes  # a was skipped, not redone
     assert read_image(out / "b.nii.gz")[1].same_grid(read_image(images[1])[1])
 
 

@@ -81,7 +81,8 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
     if existing:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
-                            "replace them, or choose another -o", outdir)
+                            "replace them, --skip-existing to predict only the cases not done yet, or choose "
+                            "another -o", outdir)
 
 
 def register(app: typer.Typer) -> None:
@@ -101,6 +102,9 @@ def register(app: typer.Typer) -> None:
         sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call.")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
                                                                     "in the output folder.")] = False,
+        skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave out the cases whose outputs are "
+                                                    "already in the output folder (e.g. after an interruption: "
+                                                    "outputs are written whole or not at all).")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
         import time
@@ -117,7 +121,15 @@ def register(app: typer.Typer) -> None:
 
         if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
             raise UnionsegError(f"--device must be cpu, cuda or auto, got {device!r}")
+        if overwrite and skip_existing:
+            raise UnionsegError("--overwrite and --skip-existing exclude each other")
         cases = collect_inputs(inputs)
+        if skip_existing:
+            done = [name for name, _ in cases
+                    if all((output / f).exists() for f in output_files(name, probabilities))]
+            if done:
+                typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
+            cases = [(name, path) for name, path in cases if name not in done]
         check_output_dir(output, cases, probabilities, overwrite)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
