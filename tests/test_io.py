@@ -308,3 +308,17 @@ def test_written_nifti_keeps_the_source_qform_and_sform(tmp_path: Path, qform_co
     out = nib.load(str(tmp_path / "moved.nii.gz")).header
     assert (int(out["qform_code"]), int(out["sform_code"])) == (1, 1)
     assert np.allclose(out.get_sform(), moved.affine) and np.allclose(out.get_qform(), moved.affine)
+
+
+def test_unreadable_qform_beside_a_valid_sform_still_reads_and_writes(tmp_path: Path) -> None:
+    """A damaged qform quaternion (|b, c, d| > 1) next to a coded sform: the image reads on its sform and a
+    label written on it gets that affine in both transforms (found by the mutation property test)."""
+    src = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.diag([2.0, 2.0, 2.0, 1.0]))
+    src.set_sform(np.diag([2.0, 2.0, 2.0, 1.0]), code=2)
+    src.header["qform_code"] = 1
+    src.header["quatern_b"], src.header["quatern_c"], src.header["quatern_d"] = 0.0, 1.0000003, 0.0
+    nib.save(src, str(tmp_path / "image.nii"))
+    _, geom = read_image(tmp_path / "image.nii")
+    assert geom.nifti_forms is None and np.allclose(geom.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    write_image(tmp_path / "label.nii.gz", np.ones(geom.shape, np.uint8), geom)
+    assert np.allclose(nib.load(str(tmp_path / "label.nii.gz")).affine, geom.affine)

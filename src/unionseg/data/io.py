@@ -56,9 +56,15 @@ class NiftiForms:
     sform_code: int
 
     @classmethod
-    def of(cls, header: Any) -> NiftiForms:
-        return cls(np.asarray(header.get_qform(), dtype=np.float64), int(header["qform_code"]),
-                   np.asarray(header.get_sform(), dtype=np.float64), int(header["sform_code"]))
+    def of(cls, header: Any) -> NiftiForms | None:
+        """The header's transforms; None when they cannot be read back whole (a damaged quaternion, say):
+        the image's affine, which nibabel derives on its own terms, is then the only geometry written."""
+        try:
+            forms = cls(np.asarray(header.get_qform(), dtype=np.float64), int(header["qform_code"]),
+                        np.asarray(header.get_sform(), dtype=np.float64), int(header["sform_code"]))
+        except Exception:  # nibabel raises several types for damaged headers
+            return None
+        return forms if np.isfinite(forms.qform).all() and np.isfinite(forms.sform).all() else None
 
     def describes(self, affine: np.ndarray, atol: float = 1e-4) -> bool:
         """Whether these are the transforms that give ``affine`` (sform if coded, else a coded qform)."""
