@@ -268,9 +268,17 @@ def test_load_model_refuses_bad_files(tmp_path: Path) -> None:
 def test_predict_file_writes_the_input_geometry_and_refuses_to_overwrite(tmp_path: Path) -> None:
     shape = (22, 18, 12)
     geom = Geometry(shape, np.array([[-1.3, 0, 0, 30], [0, -1.3, 0, 20], [0, 0, 2.0, -50], [0, 0, 0, 1.0]]))
-    src = write_image(tmp_path / "in" / "ct.nii.gz", _ct(shape).astype(np.int16), geom)
+    src = tmp_path / "in" / "ct.nii.gz"
+    src.parent.mkdir()
+    source = nib.Nifti1Image(_ct(shape).astype(np.int16), geom.affine)
+    source.set_qform(geom.affine, code=0)  # as TotalSegmentator's files: only the sform is coded
+    source.set_sform(geom.affine, code=2)
+    nib.save(source, str(src))
     pred = Predictor(tiny_net(), tiny_space(), PreprocessSpec(spacing=(2.0, 2.0, 2.0)), inference=ROI, device="cpu")
     out = pred.predict_file(src, tmp_path / "out" / "ct.nii.gz", probs_path=tmp_path / "out" / "ct_probs.nii.gz")
+    for written in (out, tmp_path / "out" / "ct_probs.nii.gz"):  # the source's transform codes, kept
+        header = nib.load(str(written)).header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (0, 2)
     labels, got = read_image(out)
     ref = read_image(src)[1]
     assert labels.dtype == np.uint8 and got.shape == shape

@@ -289,6 +289,18 @@ def _storable(array: np.ndarray) -> np.ndarray:
     return array
 
 
+def set_nifti_transforms(nifti: Any, geometry: Geometry) -> None:
+    """Give a nibabel image the qform and sform of ``geometry``'s source file when they still describe its
+    affine (matrices and codes as read), else ``geometry.affine`` in both with code 1 (scanner)."""
+    forms = geometry.nifti_forms
+    if forms is not None and forms.describes(geometry.affine):
+        nifti.set_qform(forms.qform, code=forms.qform_code)
+        nifti.set_sform(forms.sform, code=forms.sform_code)
+    else:
+        nifti.set_qform(geometry.affine, code=1)
+        nifti.set_sform(geometry.affine, code=1)
+
+
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:
     """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename).
 
@@ -312,13 +324,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path
 
             # an explicit dtype keeps int64 (nibabel refuses it otherwise); the header stores mm
             nifti = nib.Nifti1Image(array, geometry.affine, dtype=array.dtype)
-            forms = geometry.nifti_forms
-            if forms is not None and forms.describes(geometry.affine):  # the source's header, as it was
-                nifti.set_qform(forms.qform, code=forms.qform_code)
-                nifti.set_sform(forms.sform, code=forms.sform_code)
-            else:
-                nifti.set_qform(geometry.affine, code=1)
-                nifti.set_sform(geometry.affine, code=1)
+            set_nifti_transforms(nifti, geometry)
             nifti.header.set_xyzt_units("mm")
             nib.save(nifti, str(tmp))
         elif suf in SITK_SUFFIXES:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unionseg.config import PreprocessSpec, from_dict
-from unionseg.data.io import Geometry, read_image, reorient_like, write_image
+from unionseg.data.io import Geometry, read_image, reorient_like, set_nifti_transforms, write_image
 from unionseg.data.preprocess import (
     IntensityWarning,
     PreprocessRecord,
@@ -632,8 +632,7 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
     try:
         data = np.moveaxis(probs, 0, -1).astype(np.float32)
         img = nib.Nifti1Image(data, geometry.affine)
-        img.set_qform(geometry.affine, code=1)
-        img.set_sform(geometry.affine, code=1)
+        set_nifti_transforms(img, geometry)
         nib.save(img, str(tmp))
         tmp.replace(path)
     finally:
