@@ -176,6 +176,24 @@ def test_msd_json_errors_name_the_file(tmp_path: Path, change: dict[str, Any], m
     assert info.value.path == json_path
 
 
+def test_check_label_map_warns_when_dataset_json_names_another_class(tmp_path: Path) -> None:
+    """A swapped dataset root: dataset.json calls value 1 "Spleen", the project maps it to liver."""
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
+    json_path = tmp_path / "dataset.json"
+    classes = ["liver", "liver_tumour", "kidney", "kidney_tumour", "spleen"]
+    with pytest.warns(UnionsegWarning, match=r"value 1 is 'Spleen' in dataset.json but the project maps it to 'liver'"):
+        check_label_map("liver", {0: "background", 1: "Spleen"}, {1: "liver"}, json_path, classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MSD's own names: the same class, a region, or no project class at all
+        check_label_map("liver", {0: "background", 1: "Liver", 2: "cancer"}, {1: "liver", 2: "liver_tumour"},
+                        json_path, classes)
+        check_label_map("kidney", {0: "background", 1: "kidney", 2: "Tumor"}, {1: "region:kidney",
+                        2: "kidney_tumour"}, json_path, classes)
+
+
 @pytest.mark.parametrize("change,message", [
     ({"file_ending": None, "channel_names": None}, "matches no known layout"),
     ({"file_ending": None}, "missing key 'file_ending'"),

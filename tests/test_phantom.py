@@ -123,7 +123,8 @@ def test_project_loads_and_is_portable(tiny: Path, tmp_path: Path) -> None:
     for spec in project.datasets:
         assert spec.root.is_relative_to(moved)
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
-        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json")
+        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json",
+                        project.label_space.names[1:])
         expected = {"train": 4, "val": 2, "test": 2}[spec.role]
         assert len(info.cases) == expected
         if spec.role == "train":

@@ -32,7 +32,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
     datasets = []
     for spec in project.datasets:
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
-        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json")
+        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
         ids = [c.case_id for c in info.cases]
         if spec.role == "train":
             split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.", source=project.path)

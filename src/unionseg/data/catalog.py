@@ -29,15 +29,16 @@ copies in the MSD archives) and non-image files are ignored.
 from __future__ import annotations
 
 import json
+import warnings
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
-from unionseg.errors import DataError
+from unionseg.errors import DataError, UnionsegWarning
 
 LAYOUTS = ("msd", "nnunet", "kits", "folders")
 """Layout names a dataset may declare (besides ``auto`` and ``folders:IMAGES,LABELS``)."""
@@ -475,9 +476,18 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
     return DatasetInfo(kind, declared, tuple(cases), tuple(skipped))
 
 
+def _class_key(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
 def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Mapping[int, str],
-                    json_path: Path) -> None:
+                    json_path: Path, classes: Collection[str] = ()) -> None:
     """Every value the project maps must be declared by the dataset's own dataset.json.
+
+    With ``classes`` (the project's class names), a value whose dataset.json name is the name of ANOTHER
+    project class than the one it is mapped to (``1: spleen`` in dataset.json, ``1: liver`` in the project:
+    typically two dataset roots swapped) gives a :class:`~unionseg.errors.UnionsegWarning`; names that are
+    no project class ("cancer", "Tumor") are not judged.
 
     ``declared=None`` (KiTS and folders layouts, which declare no labels) checks nothing here: ``prepare``
     then checks each label file's voxel values against the map (an unmapped value names the file), and a
@@ -493,6 +503,14 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     if missing:
         raise DataError(f"project maps label value {missing[0]} for dataset {dataset!r}, but dataset.json declares "
                         f"only {sorted(declared)}", json_path)
+    known = {_class_key(c) for c in classes}
+    for value, target in sorted(mapped.items()):
+        name = _class_key(declared[value])
+        own = _class_key(target.removeprefix("region:"))
+        if name in known and name != own:
+            warnings.warn(f"{json_path}: label value {value} is {declared[value]!r} in dataset.json but the project "
+                          f"maps it to {target!r} for dataset {dataset!r}; check that the dataset root and its "
+                          "label map belong together", UnionsegWarning, stacklevel=2)
 
 
 def list_image_files(folder: Path) -> list[Path]:

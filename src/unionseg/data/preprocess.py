@@ -708,7 +708,7 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
     for ds in project.datasets:
         info = scan_dataset(ds.name, ds.root, ds.layout, ds.oracle_labels)
         json_path = ds.root / "dataset.json"
-        check_label_map(ds.name, info.declared_labels, ds.labels, json_path)
+        check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
         if json_path.is_file():  # KiTS and image/label-folder layouts have none
             sources.append(_stat(json_path))
         ids = [c.case_id for c in info.cases]
