@@ -29,9 +29,9 @@ copies in the MSD archives) and non-image files are ignored.
 from __future__ import annotations
 
 import json
-import warnings
 import os
 import re
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
