@@ -322,6 +322,20 @@ def bad_predict_output_is_input(folder: Path) -> Bad:
                     "output folder is the input folder of", ["datasets/liver/imagesTr/*_*_*.nii.gz"])
 
 
+@bad_input("predict: output folder already holds files of the same names (MSD labelsTr: the ground truth)")
+def bad_predict_output_holds_same_names(folder: Path) -> Bad:
+    labels = folder / "datasets/liver/labelsTr"
+    return _predict(folder, folder / "model.pt", [folder / "datasets/liver/imagesTr"], labels, labels,
+                    "already holds liver_000.nii.gz", ["datasets/liver/labelsTr/.*.tmp*"])
+
+
+@bad_input("predict: -o names a file")
+def bad_predict_output_is_a_file(folder: Path) -> Bad:
+    target = folder / "project.yaml"
+    return _predict(folder, folder / "model.pt", [folder / LIVER_IMAGE], target, target,
+                    "output exists and is not a folder", [])
+
+
 @bad_input("predict: model file does not exist")
 def bad_predict_missing_model(folder: Path) -> Bad:
     return _predict(folder, folder / "nomodel.pt", [folder / LIVER_IMAGE], folder / "out", folder / "nomodel.pt",
