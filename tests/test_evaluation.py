@@ -308,6 +308,27 @@ def test_evaluate_folder_partial_truth_scores_annotated_only(tiny_project: Path)
     assert forced["cases"]["liver_0"]["region:kidney"]["empty_rule"] == GT_EMPTY
 
 
+def test_evaluate_folder_accepts_a_prediction_stored_in_another_orientation(tiny_project: Path) -> None:
+    """The same world grid stored LPS (first two axes flipped, affine to match) scores exactly as stored
+    like its ground truth: the prediction is reoriented, not refused."""
+    import nibabel as nib
+
+    from unionseg.data.io import Geometry, read_image, write_image
+
+    root = tiny_project
+    gt_dir = root / "datasets" / "test" / "labelsTr"
+    reference = evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e0", figures=False)
+    pred, geom = read_image(root / "preds" / "case_1.nii.gz")
+    flip = nib.orientations.axcodes2ornt(("L", "P", "S"))
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(geom.affine), flip)
+    lps = nib.orientations.apply_orientation(pred, ornt)
+    affine = geom.affine @ nib.orientations.inv_ornt_aff(ornt, geom.shape)
+    write_image(root / "preds" / "case_1.nii.gz", np.ascontiguousarray(lps), Geometry(lps.shape, affine))
+    assert "".join(nib.aff2axcodes(nib.load(str(root / "preds" / "case_1.nii.gz")).affine)) == "LPS"
+    moved = evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e1", figures=False)
+    assert moved["cases"] == reference["cases"]
+
+
 def test_evaluate_folder_errors(tiny_project: Path) -> None:
     from unionseg.data.io import Geometry, write_image
 

@@ -240,13 +240,17 @@ def load_pair(pred_path: Path, gt_path: Path, lookup: np.ndarray, space: LabelSp
     Raises:
         DataError: unreadable files, a grid mismatch (naming both files), unmapped or invalid values.
     """
-    from unionseg.data.io import read_image
+    from unionseg.data.io import align_label_to_image, read_image
 
     pred, pred_geom = _read_prediction(pred_path, space)
     gt_raw, gt_geom = read_image(gt_path)
     if not pred_geom.same_grid(gt_geom, atol=GRID_ATOL_MM):
-        raise DataError(f"prediction grid differs from ground truth {gt_path}: {_describe(pred_geom)} vs "
-                        f"{_describe(gt_geom)}; predictions must keep the input's exact geometry", pred_path)
+        try:  # the same voxels stored in another axis order or orientation (e.g. LPS by another tool) are fine
+            pred = align_label_to_image(pred, pred_geom, gt_geom, pred_path, gt_path, atol=GRID_ATOL_MM)
+        except DataError:
+            raise DataError(f"prediction grid differs from ground truth {gt_path}: {_describe(pred_geom)} vs "
+                            f"{_describe(gt_geom)}; predictions must keep the input's exact geometry",
+                            pred_path) from None
     return pred, map_ground_truth(gt_raw, lookup, gt_path, dataset), gt_geom
 
 
