@@ -597,6 +597,29 @@ def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
     assert region[0].tolist() == [False, True] and bg[0].tolist() == [True, False]
 
 
+@pytest.mark.parametrize("tau", [0.01, 0.05])
+def test_fused_logit_loss_stays_finite_and_equal_to_the_loop_at_small_tau(tau: float) -> None:
+    """A small temperature makes ``q^(1/tau)`` underflow for every leaf; the fused normaliser must still give
+    the per-teacher loop's value (it once returned NaN at tau = 0.01)."""
+    torch.manual_seed(3)
+    leaves = [[1, 2], [3], [4, 5]]
+    background_bias = torch.tensor([2.0, 0.0, 0.0]).reshape(1, 3, 1, 1, 1)
+    teachers = [torch.softmax(2 * torch.randn(1, 1 + len(k), 4, 3, 2) + background_bias[:, :1 + len(k)], 1)
+                for k in leaves]
+    regions, background = kd_regions(teachers)
+    assert background.any() and not background.all() and all(r.any() for r in regions)
+    for scale in (0.0, 1.0):
+        logits = (scale * torch.randn(1, 6, 4, 3, 2)).requires_grad_(True)
+        expected = sum(kd_kl(logits, t, k, r, tau=tau) for t, k, r in zip(teachers, leaves, regions, strict=True))
+        expected = expected + kd_kl(logits, product_of_experts_background(teachers, leaves, 6), [1, 2, 3, 4, 5],
+                                    background, tau=tau)
+        fused = ms_kd_logit_loss(logits, teachers, leaves, tau=tau, poe_background=True)
+        assert torch.isfinite(fused)
+        assert fused.item() == pytest.approx(float(expected.detach()), rel=1e-4, abs=1e-6)
+        (g_fused,) = torch.autograd.grad(fused, logits)
+        assert torch.isfinite(g_fused).all()
+
+
 def test_region_affinity_invariances_and_gradients() -> None:
     torch.manual_seed(8)
     student = torch.randn(2, 4, 3, 4, requires_grad=True)

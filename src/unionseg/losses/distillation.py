@@ -185,8 +185,15 @@ def _fused_kd_kl(student_log_probs: Tensor, student_probs: Tensor, targets: Sequ
     cross = (leaf_weight * student_log_probs).sum() + (merged_w * log_mass).sum()
     if tau != 1.0:
         own = (1.0 - others)  # (J, L): teacher j's leaves
-        powered = torch.matmul(own, (student_log_probs / tau).exp().reshape(batch, n_leaves, -1))  # (B, J, V)
-        normaliser = torch.log((log_mass / tau).exp() + powered)
+        scaled = (student_log_probs / tau).reshape(batch, n_leaves, -1)
+        # log-sum-exp by hand: a small tau under- or overflows exp otherwise. ``top`` (the largest leaf) keeps
+        # the one matrix product in range; ``shift`` (the larger of ``top`` and the merged term, which
+        # bounds every leaf outside teacher j) is each teacher's largest term, so the sum inside is >= 1.
+        top = scaled.detach().amax(dim=1, keepdim=True)  # (B, 1, V)
+        powered = torch.matmul(own, (scaled - top).exp())  # (B, J, V), each term <= 1
+        merged_term = log_mass / tau
+        shift = torch.maximum(merged_term.detach(), top)
+        normaliser = shift + torch.log((merged_term - shift).exp() + powered * (top - shift).exp())
         cross = cross / tau - (torch.stack(region_weight, dim=1).flatten(2) * normaliser).sum()
     return (tau ** 2) * (constant - cross)
 
