@@ -329,6 +329,35 @@ def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
     assert err[-1].startswith("error: ") and "afile" in err[-1] and "Traceback" not in "".join(err)
 
 
+def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--skip-existing`` leaves complete cases alone; a case with only some of its outputs (its label map
+    written, the run cut before the probabilities, or a first run without ``--probabilities``) is predicted
+    again instead of being refused with advice to pass the flag already given."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    out = tmp_path / "pred"
+    base = ["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]
+    assert run([*base, "--probabilities"]) == 0
+    (out / "case1_probs.nii.gz").unlink()  # case1 cut after its label map
+    (out / "case1_probs.json").unlink()
+    stamp = (out / "case0_probs.nii.gz").stat().st_mtime_ns
+    assert run([*base, "--probabilities"]) == 2  # without the flag: still refused
+    assert run([*base, "--probabilities", "--skip-existing"]) == 0
+    assert (out / "case1_probs.nii.gz").is_file() and (out / "case1_probs.json").is_file()
+    assert (out / "case0_probs.nii.gz").stat().st_mtime_ns == stamp  # the complete case was not redone
+    assert run([*base, "--probabilities", "--skip-existing"]) == 0  # nothing left to do
+    write_image(inputs / "case0_probs.nii.gz", _ct((16, 16, 12), 5).astype(np.int16), Geometry.identity((16, 16, 12)))
+    fresh = tmp_path / "fresh"
+    assert run(["predict", str(model), str(inputs), "-o", str(fresh), "--device", "cpu", "--probabilities"]) == 2
+    assert not fresh.exists()  # case0's probabilities and the case0_probs label map would collide: refused
+    assert "would both write case0_probs.nii.gz" in capsys.readouterr().err
+
+
 @pytest.mark.real
 def test_real_totalsegmentator_ct_keeps_its_geometry(tmp_path: Path) -> None:
     path = REAL / "totalsegmentator" / "example_ct.nii.gz"

@@ -133,11 +133,13 @@ def run(argv: list[str]) -> int:
         typer.echo(f"error: {exc}", err=True)
         return 2
     except OSError as exc:
-        # a path the user gave that the system refuses (-o naming a file, a folder without write
-        # permission, a full disk): the same one-line error; other OSErrors keep their traceback
+        # an OSError that names a path (-o naming a file, a folder without write permission): the same
+        # one-line error, naming the destination of a failed rename rather than its temporary source;
+        # OSErrors without a path (a full disk during a write, usually) keep their traceback
         if debug or exc.filename is None:
             raise
-        typer.echo(f"error: {exc.filename}: {exc.strerror or exc}", err=True)
+        named = exc.filename2 if exc.filename2 is not None else exc.filename
+        typer.echo(f"error: {named}: {exc.strerror or exc}", err=True)
         return 2
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -54,10 +54,11 @@ def output_files(name: str, probabilities: bool) -> list[str]:
 
 
 def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,
-                     overwrite: bool = False) -> None:
+                     overwrite: bool = False, redo: Collection[str] = ()) -> None:
     """Refuse an output folder that is a file, is an input folder, lies inside a DICOM series folder, would
     overwrite an input file, or (without ``overwrite``) already holds a file the prediction would replace:
-    MSD images and labels share their names, so ``-o labelsTr`` would otherwise replace ground truth.
+    MSD images and labels share their names, so ``-o labelsTr`` would otherwise replace ground truth. The
+    cases named in ``redo`` (partial outputs of an interrupted run) may replace their own files.
 
     Raises:
         UnionsegError: naming the output folder and the input or files at risk.
@@ -75,9 +76,17 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                                 outdir)
         if (out / f"{name}.nii.gz") == src:
             raise UnionsegError(f"the output would overwrite the input {path}", outdir)
+    owner: dict[str, str] = {}
+    for name, _ in cases:
+        for f in output_files(name, probabilities):
+            if f in owner:  # e.g. inputs x and x_probs with --probabilities: both would write x_probs.nii.gz
+                raise UnionsegError(f"cases {owner[f]!r} and {name!r} would both write {f}; rename one input or "
+                                    "predict them into different output folders", outdir)
+            owner[f] = name
     if overwrite or not out.is_dir():
         return
-    existing = [f for name, _ in cases for f in output_files(name, probabilities) if (out / f).exists()]
+    existing = [f for name, _ in cases if name not in redo
+                for f in output_files(name, probabilities) if (out / f).exists()]
     if existing:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
@@ -124,13 +133,21 @@ def register(app: typer.Typer) -> None:
         if overwrite and skip_existing:
             raise UnionsegError("--overwrite and --skip-existing exclude each other")
         cases = collect_inputs(inputs)
-        if skip_existing:
-            done = [name for name, _ in cases
-                    if all((output / f).exists() for f in output_files(name, probabilities))]
+        partial: list[str] = []
+        if skip_existing and output.is_dir():
+            present = {name: [(output / f).exists() for f in output_files(name, probabilities)]
+                       for name, _ in cases}
+            done = {name for name, flags in present.items() if all(flags)}
+            # the label map is written first, the probabilities after it: a case cut between the two (or
+            # predicted before without --probabilities) is predicted again, its label map replaced
+            partial = [name for name, flags in present.items() if any(flags) and not all(flags)]
             if done:
                 typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
+            if partial:
+                typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
+                           + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
             cases = [(name, path) for name, path in cases if name not in done]
-        check_output_dir(output, cases, probabilities, overwrite)
+        check_output_dir(output, cases, probabilities, overwrite, redo=partial)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
 
