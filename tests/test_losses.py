@@ -580,7 +580,7 @@ def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
     teachers = [torch.softmax(3 * torch.randn(2, 1 + len(k), 5, 4, 3), 1) for k in leaves]
     logits = torch.randn(2, 6, 5, 4, 3, requires_grad=True)
     regions, background = kd_regions(teachers)
-    for poe, tau in ((False, 2.0), (True, 2.0), (False, 1.0), (True, 1.0)):  # tau = 1: MS-KD's default
+    for poe, tau in ((False, 2.0), (True, 2.0), (False, 1.0), (True, 1.0)):  # 2: MS-KD's default
         expected = sum(kd_kl(logits, t, k, r if poe else r | background, tau=tau)
                        for t, k, r in zip(teachers, leaves, regions, strict=True))
         if poe:
