@@ -356,6 +356,12 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
     assert run(["predict", str(model), str(inputs), "-o", str(fresh), "--device", "cpu", "--probabilities"]) == 2
     assert not fresh.exists()  # case0's probabilities and the case0_probs label map would collide: refused
     assert "would both write case0_probs.nii.gz" in capsys.readouterr().err
+    # with --skip-existing too: case0's probability map must not pass for case0_probs's finished label map
+    probs_map = (out / "case0_probs.nii.gz").read_bytes()
+    assert run([*base, "--probabilities", "--skip-existing"]) == 2
+    assert (out / "case0_probs.nii.gz").read_bytes() == probs_map
+    # and -o naming the input folder is refused, not taken for "every case already done"
+    assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu", "--skip-existing"]) == 2
 
 
 @pytest.mark.real

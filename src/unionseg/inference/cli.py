@@ -146,7 +146,13 @@ def register(app: typer.Typer) -> None:
             if partial:
                 typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
                            + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
+            # every case is checked before any is skipped: -o naming the input folder, or two cases whose
+            # outputs collide, must not pass for "already done"
+            check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial])
             cases = [(name, path) for name, path in cases if name not in done]
+            if not cases:
+                typer.echo("nothing left to predict", err=True)
+                return
         check_output_dir(output, cases, probabilities, overwrite, redo=partial)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
