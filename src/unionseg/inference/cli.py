@@ -141,14 +141,14 @@ def register(app: typer.Typer) -> None:
             # the label map is written first, the probabilities after it: a case cut between the two (or
             # predicted before without --probabilities) is predicted again, its label map replaced
             partial = [name for name, flags in present.items() if any(flags) and not all(flags)]
+            # every case is checked before any is skipped: -o naming the input folder, or two cases whose
+            # outputs collide, must not pass for "already done"
+            check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial])
             if done:
                 typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
             if partial:
                 typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
                            + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
-            # every case is checked before any is skipped: -o naming the input folder, or two cases whose
-            # outputs collide, must not pass for "already done"
-            check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial])
             cases = [(name, path) for name, path in cases if name not in done]
             if not cases:
                 typer.echo("nothing left to predict", err=True)
