@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
         if overwrite and skip_existing:
             raise UnionsegError("--overwrite and --skip-existing exclude each other")
         cases = collect_inputs(inputs)
+        done: set[str] = set()
         partial: list[str] = []
         if skip_existing and output.is_dir():
             present = {name: [(output / f).exists() for f in output_files(name, probabilities)]
@@ -141,19 +142,18 @@ def register(app: typer.Typer) -> None:
             # the label map is written first, the probabilities after it: a case cut between the two (or
             # predicted before without --probabilities) is predicted again, its label map replaced
             partial = [name for name, flags in present.items() if any(flags) and not all(flags)]
-            # every case is checked before any is skipped: -o naming the input folder, or two cases whose
-            # outputs collide, must not pass for "already done"
-            check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial])
-            if done:
-                typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
-            if partial:
-                typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
-                           + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
+        # every case is checked, skipped ones included: -o naming the input folder, or two cases whose
+        # outputs collide, must not pass for "already done"
+        check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial])
+        if done:
+            typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
             cases = [(name, path) for name, path in cases if name not in done]
             if not cases:
                 typer.echo("nothing left to predict", err=True)
                 return
-        check_output_dir(output, cases, probabilities, overwrite, redo=partial)
+        if partial:
+            typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
+                       + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
 
