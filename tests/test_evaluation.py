@@ -267,8 +267,12 @@ def tiny_project(tmp_path: Path) -> Path:
 
 
 def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
+    import nibabel as nib
+
     root = tiny_project
     out = root / "eval"
+    # predict --probabilities writes case_0_probs (4D) beside case_0: not an unmatched prediction
+    nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 2), np.float32), AFFINE), str(root / "preds" / "case_0_probs.nii.gz"))
     summary = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
                               None, out, tolerance_mm=2.0, workers=2)
     assert summary["dataset"] == "test" and summary["n_cases"] == 3

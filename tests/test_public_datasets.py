@@ -414,6 +414,14 @@ def test_cross_evaluation_scores_the_four_shared_organs_only(public: dict[str, P
     assert "Scored on the shared classes only: liver, kidney, pancreas, spleen" in (out / "summary.md").read_text()
     # the label folder itself works as ground truth too
     assert evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap)["n_cases"] == 3
+    # a prediction holding the same voxels stored LPS (first two axes flipped, affine to match) is
+    # reoriented onto the truth's grid and scores as before, not refused
+    flipped = np.ascontiguousarray(half[::-1, ::-1, :])
+    lps = geom.affine @ np.array([[-1, 0, 0, gt.shape[0] - 1], [0, -1, 0, gt.shape[1] - 1], [0, 0, 1, 0],
+                                  [0, 0, 0, 1]], dtype=float)
+    write_image(pred_dir / "img0021.nii.gz", flipped, Geometry(gt.shape, lps))
+    moved = evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=tmp_path / "eval_lps")
+    assert moved["cases"] == summary["cases"]
 
 
 def test_cross_evaluation_twin_a_class_outside_the_shared_set_is_not_scored(tmp_path: Path) -> None:

@@ -41,13 +41,13 @@ import numpy as np
 import typer
 
 from unionseg.errors import ConfigError, DataError
+from unionseg.evaluation.evaluate import on_truth_grid
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
 CaseScores = dict[str, dict[str, float]]
 """class key -> {metric: value, "pred_voxels": n, "gt_voxels": n}"""
 
-GRID_ATOL_MM = 1e-3
 _MAP_KEYS = {"name", "notes", "layout", "labels", "shared", "exclude"}
 
 
@@ -306,9 +306,7 @@ def _read_pair(pred_path: Path, gt_path: Path, model_space: LabelSpace, labels: 
     if pred.size and (pred.min() < 0 or pred.max() >= model_space.n_leaves):
         raise DataError(f"prediction holds values outside the model's leaf ids 0..{model_space.n_leaves - 1}",
                         pred_path)
-    if not pred_geom.same_grid(gt_geom, atol=GRID_ATOL_MM):
-        raise DataError(f"prediction grid differs from ground truth {gt_path} (shape {pred_geom.shape} vs "
-                        f"{gt_geom.shape}); predictions must keep the input's exact geometry", pred_path)
+    pred = on_truth_grid(pred, pred_geom, gt_geom, pred_path, gt_path)
     if gt.size and (gt.min() < 0 or gt.max() > 255):
         raise DataError(f"label value {int(gt.min()) if gt.min() < 0 else int(gt.max())} is outside 0..255", gt_path)
     gt = gt.astype(np.uint8)

@@ -240,18 +240,32 @@ def load_pair(pred_path: Path, gt_path: Path, lookup: np.ndarray, space: LabelSp
     Raises:
         DataError: unreadable files, a grid mismatch (naming both files), unmapped or invalid values.
     """
-    from unionseg.data.io import align_label_to_image, read_image
+    from unionseg.data.io import read_image
 
     pred, pred_geom = _read_prediction(pred_path, space)
     gt_raw, gt_geom = read_image(gt_path)
-    if not pred_geom.same_grid(gt_geom, atol=GRID_ATOL_MM):
-        try:  # the same voxels stored in another axis order or orientation (e.g. LPS by another tool) are fine
-            pred = align_label_to_image(pred, pred_geom, gt_geom, pred_path, gt_path, atol=GRID_ATOL_MM)
-        except DataError:
-            raise DataError(f"prediction grid differs from ground truth {gt_path}: {_describe(pred_geom)} vs "
-                            f"{_describe(gt_geom)}; predictions must keep the input's exact geometry",
-                            pred_path) from None
+    pred = on_truth_grid(pred, pred_geom, gt_geom, pred_path, gt_path)
     return pred, map_ground_truth(gt_raw, lookup, gt_path, dataset), gt_geom
+
+
+def on_truth_grid(pred: np.ndarray, pred_geom: Geometry, gt_geom: Geometry, pred_path: Path,
+                  gt_path: Path) -> np.ndarray:
+    """The prediction on the ground truth's grid: as is, or reoriented when it holds the same voxels stored
+    in another axis order or orientation (e.g. LPS written by another tool).
+
+    Raises:
+        DataError: any other grid difference, naming both files and both geometries.
+    """
+    from unionseg.data.io import align_label_to_image
+
+    if pred_geom.same_grid(gt_geom, atol=GRID_ATOL_MM):
+        return pred
+    try:
+        return align_label_to_image(pred, pred_geom, gt_geom, pred_path, gt_path, atol=GRID_ATOL_MM)
+    except DataError:
+        raise DataError(f"prediction grid differs from ground truth {gt_path}: {_describe(pred_geom)} vs "
+                        f"{_describe(gt_geom)}; predictions must keep the input's exact geometry",
+                        pred_path) from None
 
 
 def _evaluate_pair(job: tuple[str, Path, Path, np.ndarray, np.ndarray, LabelSpace, str, float, tuple[str, ...]]
@@ -290,6 +304,13 @@ def _label_files(folder: Path) -> dict[str, Path]:
         raise DataError("folder not found", folder)
     return {strip_suffix(p): p for p in sorted(folder.iterdir())
             if p.is_file() and not p.name.startswith(".") and suffix_of(p) in IMAGE_SUFFIXES}
+
+
+def unmatched_predictions(preds: Mapping[str, Path], truths: Mapping[str, Path]) -> list[str]:
+    """Prediction files no ground truth matches, leaving out the probability maps ``predict --probabilities``
+    writes beside a scored case's label map (``<case>_probs``)."""
+    return sorted(case for case in set(preds) - set(truths)
+                  if not (case.endswith("_probs") and case[: -len("_probs")] in truths))
 
 
 def _stats(values: list[float]) -> dict[str, float | int]:
@@ -492,7 +513,7 @@ def evaluate_folder(
         "cases": {case: {key: {**row, "empty_rule": empty_rule(row["pred_voxels"], row["gt_voxels"])}
                          for key, row in scores.items()} for case, scores in cases.items()},
         "case_quality": quality, "best_case": best, "worst_case": worst,
-        "unmatched_predictions": sorted(set(preds) - set(truths)),
+        "unmatched_predictions": unmatched_predictions(preds, truths),
         "files": {k: str(v) for k, v in files.items()},
     }
     _write_csv(files["metrics_csv"], cases, metrics)
