@@ -79,6 +79,15 @@ def test_missing_project_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().err.strip() == f"error: {(tmp_path / 'nope.yaml').resolve()}: file not found"
 
 
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path: Path, where: str) -> None:
+    from unionseg.errors import UnionsegError
+
+    args = ["info", str(tmp_path / "nope.yaml")]
+    with pytest.raises(UnionsegError, match="file not found"):
+        run(["--debug", *args] if where == "before" else [*args, "--debug"])
+
+
 def test_console_script_help() -> None:
     """The installed entry point answers --help. Its speed rests on the import test below (no torch at
     import); a wall-clock limit here failed on a loaded machine, and timings belong to benchmarks/."""

@@ -118,10 +118,13 @@ def run(argv: list[str]) -> int:
     """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
 
     Project errors, and file-system errors that name a path, print ``error: <file>: <problem>`` on stderr
-    and return 2; project warnings print
+    and return 2 (``--debug``, before or after the command, raises them instead); project warnings print
     ``warning: <message>`` (every occurrence) and the command goes on.
     """
-    debug = "--debug" in argv
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    if debug:  # the flag belongs to the top-level command; accept it after the subcommand too
+        argv = ["--debug", *(a for a in argv[:end] if a != "--debug"), *argv[end:]]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always", UnionsegWarning)

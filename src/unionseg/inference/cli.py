@@ -106,7 +106,11 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
         tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).")] = False,
         probabilities: Annotated[bool, typer.Option("--probabilities",
-                                                    help="Also write <case>_probs.nii.gz (4D float32).")] = False,
+                                                    help="Also write <case>_probs.nii.gz (4D float32) and "
+                                                    "<case>_probs.json naming its channels: one per class "
+                                                    "summing to 1 (softmax methods), or one independent "
+                                                    "probability per organ region, then per tumour "
+                                                    "(dodnet, multihead, conditional, individual).")] = False,
         overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1).")] = None,
         sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call.")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
