@@ -392,3 +392,15 @@ def test_real_dicom_series_keeps_its_geometry(tmp_path: Path) -> None:
     ref = read_image(folder)[1]
     assert labels.shape == ref.shape == (512, 512, 3)
     np.testing.assert_allclose(geom.affine, ref.affine, atol=1e-4)
+
+
+def test_case_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:
+    """Case1 and case1 are one output file on macOS and Windows file systems: refused before anything is
+    written, on every system, so a folder of outputs means the same wherever it is copied."""
+    from unionseg.errors import UnionsegError
+    from unionseg.inference.cli import check_output_dir
+
+    cases = [("Case1", tmp_path / "a" / "Case1.nii.gz"), ("case1", tmp_path / "b" / "case1.nii.gz")]
+    with pytest.raises(UnionsegError, match="'Case1' and 'case1' would both write Case1.nii.gz and case1.nii.gz"):
+        check_output_dir(tmp_path / "out", cases)
+    check_output_dir(tmp_path / "out", [cases[0], ("case2", tmp_path / "b" / "case2.nii.gz")])  # twin: distinct

@@ -336,6 +336,15 @@ def bad_predict_output_is_a_file(folder: Path) -> Bad:
                     "output exists and is not a folder", [])
 
 
+@bad_input("predict: two inputs whose names differ only in case (one file on macOS and Windows)")
+def bad_predict_names_differ_in_case(folder: Path) -> Bad:
+    other = folder / "elsewhere" / "Liver_000.nii.gz"
+    other.parent.mkdir()
+    shutil.copy(folder / LIVER_IMAGE, other)
+    return _predict(folder, folder / "model.pt", [folder / LIVER_IMAGE, other], folder / "out", folder / "out",
+                    "would both write liver_000.nii.gz and Liver_000.nii.gz", ["out"])
+
+
 @bad_input("predict: model file does not exist")
 def bad_predict_missing_model(folder: Path) -> Bad:
     return _predict(folder, folder / "nomodel.pt", [folder / LIVER_IMAGE], folder / "out", folder / "nomodel.pt",

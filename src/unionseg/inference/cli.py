@@ -76,13 +76,17 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                                 outdir)
         if (out / f"{name}.nii.gz") == src:
             raise UnionsegError(f"the output would overwrite the input {path}", outdir)
-    owner: dict[str, str] = {}
+    owner: dict[str, tuple[str, str]] = {}
     for name, _ in cases:
         for f in output_files(name, probabilities):
-            if f in owner:  # e.g. inputs x and x_probs with --probabilities: both would write x_probs.nii.gz
-                raise UnionsegError(f"cases {owner[f]!r} and {name!r} would both write {f}; rename one input or "
+            # e.g. inputs x and x_probs with --probabilities: both would write x_probs.nii.gz; names that
+            # differ only in case are one file on macOS and Windows file systems
+            if f.casefold() in owner:
+                other, other_f = owner[f.casefold()]
+                same = f"write {f}" if f == other_f else f"write {other_f} and {f}, one file where case is ignored"
+                raise UnionsegError(f"cases {other!r} and {name!r} would both {same}; rename one input or "
                                     "predict them into different output folders", outdir)
-            owner[f] = name
+            owner[f.casefold()] = (name, f)
     if overwrite or not out.is_dir():
         return
     existing = [f for name, _ in cases if name not in redo
