@@ -364,6 +364,36 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu", "--skip-existing"]) == 2
 
 
+def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """MSD labels share their images' names: ``-o labelsTr --skip-existing`` must not pass a ground-truth
+    label map for a finished case (and then report success with the truth untouched, or, with
+    ``--probabilities``, replace it as a "partial" case). Only files carrying predict's mark count."""
+    from unionseg.cli import run
+    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description
+    from unionseg.inference.cli import written_by_predict
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "imagesTr"
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    labels_dir = tmp_path / "labelsTr"
+    write_image(labels_dir / "case0.nii.gz", np.full((20, 16, 10), 3, np.uint8), Geometry.identity((20, 16, 10)))
+    truth = (labels_dir / "case0.nii.gz").read_bytes()
+    for extra in ([], ["--probabilities"]):
+        assert run(["predict", str(model), str(inputs), "-o", str(labels_dir), "--device", "cpu",
+                    "--skip-existing", *extra]) == 2
+        assert (labels_dir / "case0.nii.gz").read_bytes() == truth
+        assert not (labels_dir / "case1.nii.gz").exists()
+        assert "not recognised as predict's outputs" in capsys.readouterr().err
+    # what predict writes carries the mark, in the label map, the probability map and its channel list
+    out = tmp_path / "pred"
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--probabilities"]) == 0
+    assert nifti_description(out / "case0.nii.gz") == PREDICTION_DESCRIPTION
+    assert all(written_by_predict(out / f) for f in ("case0.nii.gz", "case0_probs.nii.gz", "case0_probs.json"))
+    assert not written_by_predict(labels_dir / "case0.nii.gz")
+
+
 @pytest.mark.real
 def test_real_totalsegmentator_ct_keeps_its_geometry(tmp_path: Path) -> None:
     path = REAL / "totalsegmentator" / "example_ct.nii.gz"

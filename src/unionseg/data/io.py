@@ -23,6 +23,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 _LPS = np.diag([-1.0, -1.0, 1.0])
+#: the NIfTI header description (``descrip``) of every file ``unionseg predict`` writes: how
+#: ``predict --skip-existing`` tells its own finished outputs from other files of the same names
+PREDICTION_DESCRIPTION = "unionseg predict"
 
 
 def suffix_of(path: str | Path) -> str:
@@ -301,12 +304,28 @@ def set_nifti_transforms(nifti: Any, geometry: Geometry) -> None:
         nifti.set_sform(geometry.affine, code=1)
 
 
-def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path:
+def nifti_description(path: str | Path) -> str | None:
+    """The ``descrip`` field of a NIfTI file's header (read without its voxels), or None when the file is
+    missing, not NIfTI or unreadable."""
+    import nibabel as nib
+
+    path = Path(path)
+    if suffix_of(path) not in NIFTI_SUFFIXES or not path.is_file():
+        return None
+    try:
+        header: Any = nib.load(str(path)).header
+        return bytes(header["descrip"]).split(b"\0", 1)[0].decode("ascii", "replace").strip()
+    except Exception:  # a damaged header: not a file predict wrote
+        return None
+
+
+def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, description: str | None = None) -> Path:
     """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename).
 
     The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK). The dtype is kept,
     except that bool is stored as uint8 and float16 as float32 (neither format stores them). NIfTI keeps
-    the affine in float32 (about 1e-7 relative); NRRD/MHA keep it in float64.
+    the affine in float32 (about 1e-7 relative); NRRD/MHA keep it in float64. ``description`` goes into a
+    NIfTI header's ``descrip`` field (80 characters at most).
 
     Raises:
         DataError: when the array's shape does not match the geometry.
@@ -326,6 +345,8 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry) -> Path
             nifti = nib.Nifti1Image(array, geometry.affine, dtype=array.dtype)
             set_nifti_transforms(nifti, geometry)
             nifti.header.set_xyzt_units("mm")
+            if description is not None:
+                nifti.header["descrip"] = description.encode("ascii", "replace")[:79]
             nib.save(nifti, str(tmp))
         elif suf in SITK_SUFFIXES:
             import SimpleITK as sitk

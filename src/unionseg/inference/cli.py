@@ -53,8 +53,24 @@ def output_files(name: str, probabilities: bool) -> list[str]:
     return [f"{name}.nii.gz", *([f"{name}_probs.nii.gz", f"{name}_probs.json"] if probabilities else [])]
 
 
+def written_by_predict(path: Path) -> bool:
+    """Whether ``path`` is a file ``unionseg predict`` wrote (its NIfTI header description, or the
+    ``written_by`` of a probability map's channel list): ``--skip-existing`` passes only those as done, so
+    that ``-o labelsTr`` never takes ground truth of the same name for a finished prediction."""
+    import json
+
+    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description
+
+    if path.name.endswith(".json"):
+        try:
+            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == PREDICTION_DESCRIPTION
+        except (OSError, ValueError, AttributeError):
+            return False
+    return nifti_description(path) == PREDICTION_DESCRIPTION
+
+
 def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,
-                     overwrite: bool = False, redo: Collection[str] = ()) -> None:
+                     overwrite: bool = False, redo: Collection[str] = (), skip_existing: bool = False) -> None:
     """Refuse an output folder that is a file, is an input folder, lies inside a DICOM series folder, would
     overwrite an input file, or (without ``overwrite``) already holds a file the prediction would replace:
     MSD images and labels share their names, so ``-o labelsTr`` would otherwise replace ground truth. The
@@ -93,6 +109,11 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                 for f in output_files(name, probabilities) if (out / f).exists()]
     if existing:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        if skip_existing:
+            raise UnionsegError(f"the output folder already holds {shown}, not recognised as predict's outputs (no "
+                                "'unionseg predict' mark: ground truth, another tool's files, or outputs of an "
+                                "older unionseg, which did not mark them); nothing was written: pass --overwrite "
+                                "to replace them, or choose another -o", outdir)
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "
                             "another -o", outdir)
@@ -144,15 +165,21 @@ def register(app: typer.Typer) -> None:
         done: set[str] = set()
         partial: list[str] = []
         if skip_existing and output.is_dir():
-            present = {name: [(output / f).exists() for f in output_files(name, probabilities)]
-                       for name, _ in cases}
-            done = {name for name, flags in present.items() if all(flags)}
-            # the label map is written first, the probabilities after it: a case cut between the two (or
-            # predicted before without --probabilities) is predicted again, its label map replaced
-            partial = [name for name, flags in present.items() if any(flags) and not all(flags)]
+            for name, _ in cases:
+                files = [output / f for f in output_files(name, probabilities)]
+                present = [f for f in files if f.exists()]
+                if not present or not all(written_by_predict(f) for f in present):
+                    continue  # a file predict did not write (ground truth of the same name) is never replaced
+                # the label map is written first, the probabilities after it: a case cut between the two (or
+                # predicted before without --probabilities) is predicted again, its label map replaced
+                if len(present) == len(files):
+                    done.add(name)
+                else:
+                    partial.append(name)
         # every case is checked, skipped ones included: -o naming the input folder, or two cases whose
         # outputs collide, must not pass for "already done"
-        check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial])
+        check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial],
+                         skip_existing=skip_existing)
         if done:
             typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
             cases = [(name, path) for name, path in cases if name not in done]

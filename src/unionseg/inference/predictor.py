@@ -43,7 +43,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from unionseg.config import PreprocessSpec, from_dict
-from unionseg.data.io import Geometry, read_image, reorient_like, set_nifti_transforms, write_image
+from unionseg.data.io import (
+    PREDICTION_DESCRIPTION,
+    Geometry,
+    read_image,
+    reorient_like,
+    set_nifti_transforms,
+    write_image,
+)
 from unionseg.data.preprocess import (
     IntensityWarning,
     PreprocessRecord,
@@ -608,18 +615,18 @@ class Predictor:
             raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
         if probs_path is None:
             labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
-            write_image(out_path, labels, geom)
+            write_image(out_path, labels, geom, description=PREDICTION_DESCRIPTION)
             return out_path
         labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
                                            progress=progress)
-        write_image(out_path, labels, geom)
+        write_image(out_path, labels, geom, description=PREDICTION_DESCRIPTION)
         write_probabilities(probs_path, probs, geom, self.probability_names)
         return out_path
 
 
 def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str]) -> Path:
     """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list,
-    atomically."""
+    atomically; both carry predict's mark (header description, ``written_by``)."""
     import json
     import os
 
@@ -633,10 +640,19 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
         data = np.moveaxis(probs, 0, -1).astype(np.float32)
         img = nib.Nifti1Image(data, geometry.affine)
         set_nifti_transforms(img, geometry)
+        img.header.set_xyzt_units("mm")
+        img.header["descrip"] = PREDICTION_DESCRIPTION.encode("ascii")
         nib.save(img, str(tmp))
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    sidecar.write_text(json.dumps({"channels": list(names)}, indent=1), encoding="utf-8")
+    tmp_json = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
+    try:
+        tmp_json.write_text(json.dumps({"channels": list(names), "written_by": PREDICTION_DESCRIPTION}, indent=1),
+                            encoding="utf-8")
+        tmp_json.replace(sidecar)
+    finally:
+        if tmp_json.exists():
+            tmp_json.unlink()
     return path
