@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -322,3 +323,55 @@ def test_unreadable_qform_beside_a_valid_sform_still_reads_and_writes(tmp_path: 
     assert geom.nifti_forms is None and np.allclose(geom.affine, np.diag([2.0, 2.0, 2.0, 1.0]))
     write_image(tmp_path / "label.nii.gz", np.ones(geom.shape, np.uint8), geom)
     assert np.allclose(nib.load(str(tmp_path / "label.nii.gz")).affine, geom.affine)
+
+
+def test_a_flipped_bit_in_compressed_voxels_is_caught_by_the_gzip_crc(tmp_path: Path) -> None:
+    """``nib.load`` reads only the bytes the header asks for and never reaches the gzip trailer, so a
+    corrupted stream that still inflates passes unseen; read_image reads to the end and checks the CRC."""
+    geom = Geometry.identity((16, 16, 8))
+    rng = np.random.default_rng(0)
+    good = write_image(tmp_path / "good.nii.gz", rng.integers(-1000, 1000, geom.shape).astype(np.int16), geom)
+    blob = bytearray(good.read_bytes())
+    blob[-6] ^= 0xFF  # the stored CRC-32 (the last 8 bytes: CRC, then length)
+    (tmp_path / "bad.nii.gz").write_bytes(bytes(blob))
+    np.asanyarray(nib.load(str(tmp_path / "bad.nii.gz")).dataobj)  # nibabel alone reads it without a word
+    with pytest.raises(DataError, match="bad.nii.gz.*CRC check failed"):
+        read_image(tmp_path / "bad.nii.gz")
+    twin, _ = read_image(good)  # twin: the intact file reads, NIfTI-2 too
+    nib.save(nib.Nifti2Image(twin, np.eye(4)), str(tmp_path / "two.nii.gz"))
+    np.testing.assert_array_equal(read_image(tmp_path / "two.nii.gz")[0], twin)
+
+
+@pytest.mark.parametrize(("unit", "factor"), [("meter", 1000.0), ("micron", 0.001), ("mm", 1.0), ("unknown", 1.0)])
+def test_spatial_units_other_than_mm_are_converted_alike_by_read_image_and_read_header(
+        tmp_path: Path, unit: str, factor: float) -> None:
+    """A header in metres or microns is read in mm, with a warning, by both readers: prepare compares
+    read_header's geometry with the one read_image recorded, and a difference would be taken for a
+    changed image."""
+    from unionseg.errors import UnionsegWarning
+
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    affine[:3, 3] = (-100.0, -120.0, 30.0)
+    stored = affine.copy()
+    stored[:3, :] /= factor
+    img = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), stored)
+    img.header.set_xyzt_units(unit)
+    nib.save(img, str(tmp_path / "ct.nii.gz"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        geom = read_image(tmp_path / "ct.nii.gz")[1]
+        header = read_header(tmp_path / "ct.nii.gz")
+    told = [str(w.message) for w in caught if issubclass(w.category, UnionsegWarning)]
+    assert len(told) == (0 if factor == 1.0 else 2) and all("ct.nii.gz" in m and unit in m for m in told)
+    np.testing.assert_allclose(geom.affine, affine, rtol=1e-6, atol=1e-5)
+    assert geom.same_grid(header, atol=1e-9)
+
+
+def test_spacing_no_scanner_gives_is_refused_naming_the_file(tmp_path: Path) -> None:
+    from unionseg.data.preprocess import check_spacing
+
+    with pytest.raises(DataError, match=r"ct.nii.gz: voxel spacing \(0.001, 0.001, 0.002\) mm is outside"):
+        check_spacing(Geometry.identity((4, 4, 4), (0.001, 0.001, 0.002)), tmp_path / "ct.nii.gz")
+    with pytest.raises(DataError, match="outside"):
+        check_spacing(Geometry.identity((4, 4, 4), (1.0, 1.0, 500.0)), None)
+    check_spacing(Geometry.identity((4, 4, 4), (0.5, 0.5, 5.0)), None)  # twin: a thick-slice CT passes

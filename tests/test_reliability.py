@@ -87,6 +87,10 @@ def _nifti(path: Path, array: np.ndarray) -> None:
     nib.save(nib.Nifti1Image(array, np.diag([2.0, 2.0, 3.0, 1.0])), str(path))
 
 
+def _nifti_affine(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    nib.save(nib.Nifti1Image(array, affine), str(path))
+
+
 def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
     data = json.loads(path.read_text())
     change(data)
@@ -182,6 +186,22 @@ def bad_text_named_nii_gz(folder: Path) -> Bad:
 def bad_gzip_of_text(folder: Path) -> Bad:
     (folder / LIVER_LABEL).write_bytes(gzip.compress(b"this is not an image\n" * 20))
     return _prepare(folder, folder / LIVER_LABEL, "not a NIfTI image (no valid NIfTI-1/NIfTI-2 header)")
+
+
+@bad_input("corrupted .nii.gz that still inflates (its gzip CRC does not match)")
+def bad_gzip_crc_mismatch(folder: Path) -> Bad:
+    path = folder / LIVER_IMAGE
+    data = bytearray(path.read_bytes())
+    data[-6] ^= 0xFF  # the stored CRC-32; nib.load alone never reads it
+    path.write_bytes(bytes(data))
+    return _prepare(folder, path, "truncated or corrupt compressed file (CRC check failed")
+
+
+@bad_input("voxel spacing no CT has (a header in metres that does not say so: 0.002 mm voxels)")
+def bad_spacing_in_metres(folder: Path) -> Bad:
+    image, _ = read_image(folder / LIVER_IMAGE)
+    _nifti_affine(folder / LIVER_IMAGE, image, np.diag([0.002, 0.002, 0.003, 1.0]))
+    return _prepare(folder, folder / LIVER_IMAGE, "voxel spacing (0.002, 0.002, 0.003) mm is outside 0.01-100 mm")
 
 
 @bad_input("label file listed in dataset.json is missing")
@@ -373,6 +393,14 @@ def bad_predict_nan_image(folder: Path) -> Bad:
     _nifti(image, array)
     return _predict(folder, folder / "model.pt", [image], folder / "out", image, "non-finite (NaN/inf)",
                     ["out/scan*"])
+
+
+@bad_input("predict: input with a voxel spacing no CT has (1,000 mm: a header in microns that does not say so)")
+def bad_predict_spacing_in_microns(folder: Path) -> Bad:
+    image = folder / "scan.nii.gz"
+    _nifti_affine(image, np.full((6, 5, 4), -800, np.int16), np.diag([1000.0, 1000.0, 2000.0, 1.0]))
+    return _predict(folder, folder / "model.pt", [image], folder / "out", image,
+                    "voxel spacing (1000, 1000, 2000) mm is outside", ["out/scan*"])
 
 
 @bad_input("predict: truncated model file")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from unionseg.errors import DataError
+from unionseg.errors import DataError, UnionsegWarning
 from unionseg.faults import fault_point
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -173,13 +174,62 @@ def _gzip_problem(path: Path) -> str | None:
     return None
 
 
+#: NIfTI spatial units (``xyzt_units``) other than mm, and the factor that takes them to mm
+_UNIT_TO_MM = {"meter": 1000.0, "micron": 0.001}
+
+
+def nifti_affine_mm(img: Any, path: Path) -> np.ndarray:
+    """A nibabel image's affine in millimetres: a header that states metres or microns (rare, but valid
+    NIfTI) is scaled, with a :class:`~unionseg.errors.UnionsegWarning`; "unknown" is taken as mm, as every
+    CT tool does."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    try:
+        unit = img.header.get_xyzt_units()[0]
+    except Exception:  # an undecodable units byte: mm, as nibabel's affine already assumes
+        return affine
+    factor = _UNIT_TO_MM.get(unit)
+    if factor is None:
+        return affine
+    warnings.warn(f"{path}: header states spatial units of {unit}s; read as {factor:g} mm per {unit} "
+                  "(outputs are written in mm)", UnionsegWarning, stacklevel=3)
+    scaled = affine.copy()
+    scaled[:3, :] *= factor
+    return scaled
+
+
+def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
+    """The nibabel image and its voxels. A ``.gz`` file is read in one pass through to its end, so that
+    gzip checks its CRC and length (reading only the bytes the header asks for, as ``nib.load`` does,
+    never reaches the trailer: a flipped bit in the compressed voxels would pass unseen)."""
+    import nibabel as nib
+
+    if not path.name.lower().endswith(".gz"):
+        img: Any = nib.load(str(path))
+        return img, np.asanyarray(img.dataobj)
+    with gzip.open(path, "rb") as fh:
+        head = fh.read(348)
+        fh.seek(0)
+        if head[344:348] in (b"n+1\0", b"ni1\0"):
+            cls: Any = nib.Nifti1Image
+        elif head[4:12] == b"n+2\0\r\n\x1a\n":
+            cls = nib.Nifti2Image
+        else:  # the message nib.load gives a file it cannot place
+            raise nib.filebasedimages.ImageFileError(f"Cannot work out file type of {path}")
+        img = cls.from_stream(fh)
+        array = np.asanyarray(img.dataobj)
+        while fh.read(1 << 20):  # the rest of the stream (usually nothing) and the CRC check at its end
+            pass
+    return img, array
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
     try:
-        img: Any = nib.load(str(path))
-        array = np.asanyarray(img.dataobj)
+        img, array = _load_nifti(path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        if str(exc).startswith("Not a gzipped file"):
+            raise DataError(_gzip_problem(path) or f"not a gzip-compressed file ({exc})", path) from None
         raise DataError(f"truncated or corrupt compressed file ({exc})", path) from None
     except nib.filebasedimages.ImageFileError as exc:
         problem = _gzip_problem(path)
@@ -195,7 +245,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     except Exception as exc:  # a damaged header makes nibabel raise more types (HeaderDataError, struct.error, ...)
         raise DataError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", path) from None
     array = _as_3d(np.asarray(array), path)
-    return array, Geometry(array.shape, img.affine, NiftiForms.of(img.header))
+    return array, Geometry(array.shape, nifti_affine_mm(img, path), NiftiForms.of(img.header))
 
 
 def _sitk_to_geometry(img: Any, shape: tuple[int, ...]) -> Geometry:
@@ -278,7 +328,7 @@ def read_header(path: str | Path) -> Geometry:
             shape = shape[:3]
         if len(shape) != 3:
             raise DataError(f"{len(shape)}D image of shape {tuple(shape)}; a 3D volume is required", path)
-        return Geometry(tuple(shape), img.affine, NiftiForms.of(img.header))
+        return Geometry(tuple(shape), nifti_affine_mm(img, path), NiftiForms.of(img.header))
     return read_image(path)[1]
 
 

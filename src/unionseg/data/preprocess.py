@@ -338,6 +338,27 @@ def restore_to_source(
 
 
 # ---------------------------------------------------------------------- validation helpers
+#: voxel spacings outside this range (mm) are refused: a spacing of 0.001 is a header written in metres
+#: without saying so, 1,000 one in microns; resampling either to the training grid would give a volume of
+#: one voxel or an array too large for memory
+SPACING_RANGE_MM = (0.01, 100.0)
+
+
+def check_spacing(geometry: Geometry, path: Path | None) -> None:
+    """Refuse a voxel spacing no CT scanner produces (see :data:`SPACING_RANGE_MM`), naming the file.
+
+    Raises:
+        DataError: a spacing below 0.01 mm or above 100 mm on any axis.
+    """
+    lo, hi = SPACING_RANGE_MM
+    spacing = geometry.spacing
+    if all(lo <= s <= hi for s in spacing):
+        return
+    shown = ", ".join(f"{s:.4g}" for s in spacing)
+    raise DataError(f"voxel spacing ({shown}) mm is outside {lo:g}-{hi:g} mm, not a CT scan's; is the header's "
+                    "affine in other units than mm (metres, microns) without saying so?", path)
+
+
 def _check_finite(array: np.ndarray, path: Path) -> None:
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
@@ -457,6 +478,7 @@ def _run_case(job: _CaseJob) -> dict[str, Any]:
         record: PreprocessRecord | None = None
         if job.do_image:
             array, geom = read_image(image_path)
+            check_spacing(geom, image_path)
             _check_finite(array, image_path)
             note = intensity_warning(array, image_path)
             if note:

@@ -54,6 +54,7 @@ from unionseg.data.io import (
 from unionseg.data.preprocess import (
     IntensityWarning,
     PreprocessRecord,
+    check_spacing,
     intensity_warning,
     preprocess_image,
     restore_axis_map,
@@ -442,6 +443,7 @@ class Predictor:
                 geometry = Geometry.identity(array.shape)
         if array.ndim != 3:
             raise DataError(f"expected a 3D volume, got shape {array.shape}", path)
+        check_spacing(geometry, path)
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise DataError("image holds non-finite (NaN/inf) values", path)
         note = intensity_warning(array, path if path is not None else Path("<array>"))
