@@ -351,6 +351,41 @@ def test_evaluate_folder_errors(tiny_project: Path) -> None:
         evaluate_folder(root / "preds", outside, root / "project.yaml", None, root / "e3", figures=False)
 
 
+def test_the_ground_truth_given_as_predictions_is_refused_not_scored_perfect(tiny_project: Path) -> None:
+    """The truth folder given twice, a link to it, or predictions that are links to the truth files would
+    all score 1.0; each is refused naming the case. A missing folder is named as such, not taken for
+    one outside every dataset root."""
+    import os
+
+    root = tiny_project
+    gt_dir = root / "datasets" / "test" / "labelsTr"
+    with pytest.raises(DataError, match="prediction of case 'case_0' is the ground-truth file"):
+        evaluate_folder(gt_dir, gt_dir, root / "project.yaml", None, root / "e0", figures=False)
+    (root / "link").symlink_to(gt_dir, target_is_directory=True)
+    with pytest.raises(DataError, match="is the ground-truth file"):
+        evaluate_folder(root / "link", gt_dir, root / "project.yaml", None, root / "e1", figures=False)
+    linked = root / "linked_preds"
+    linked.mkdir()
+    for case in ("case_0", "case_1", "case_2"):
+        os.link(gt_dir / f"{case}.nii.gz", linked / f"{case}.nii.gz")  # hard links: the same files
+    with pytest.raises(DataError, match="is the ground-truth file"):
+        evaluate_folder(linked, gt_dir, root / "project.yaml", None, root / "e2", figures=False)
+    with pytest.raises(DataError, match="ground-truth folder not found") as info:
+        evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTs", root / "project.yaml", None,
+                        root / "e3", figures=False)
+    assert "labelsTs" in str(info.value)
+    with pytest.raises(DataError, match="predictions folder not found"):
+        evaluate_folder(root / "predz", gt_dir, root / "project.yaml", None, root / "e4", figures=False)
+    assert not any((root / f"e{i}").exists() for i in range(5))
+    # twin: copies of the truth are other files (a user's own reference check), scored as given
+    copies = root / "copies"
+    copies.mkdir()
+    for case in ("case_0", "case_1", "case_2"):
+        (copies / f"{case}.nii.gz").write_bytes((gt_dir / f"{case}.nii.gz").read_bytes())
+    summary = evaluate_folder(copies, gt_dir, root / "project.yaml", None, root / "e5", figures=False)
+    assert summary["cases"]["case_0"]["region:liver"]["dice"] == 1.0
+
+
 def test_cli_evaluate(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from unionseg.cli import run
     from unionseg.data.io import Geometry, write_image

@@ -465,6 +465,9 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
     assert exc.value.path == pred_dir / "img0021.nii.gz"
     write_image(pred_dir / "img0021.nii.gz", np.zeros(gt.shape, np.uint8), geom)
     assert evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map, exclude=["label0021"])["n_cases"] == 2
+    # the ground truth given as the predictions would score a perfect 1: refused
+    with pytest.raises(DataError, match="is the ground-truth file"):
+        evaluate_cross(public["btcv"] / "label", public["btcv"] / "label", space, gt_map)
     # a value BTCV does not declare
     labels = tmp_path / "labels"
     shutil.copytree(public["btcv"] / "label", labels)

@@ -41,7 +41,7 @@ import numpy as np
 import typer
 
 from unionseg.errors import ConfigError, DataError
-from unionseg.evaluation.evaluate import on_truth_grid
+from unionseg.evaluation.evaluate import check_not_the_truth, on_truth_grid
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
@@ -373,6 +373,7 @@ def evaluate_cross(
     if not cases:
         raise DataError("no ground-truth cases left to evaluate", gt_dir)
     preds, unmatched = pair_predictions(Path(pred_dir), cases)
+    check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
     for case, (label_path, _) in cases.items():

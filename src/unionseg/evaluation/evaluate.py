@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -306,6 +307,24 @@ def _label_files(folder: Path) -> dict[str, Path]:
             if p.is_file() and not p.name.startswith(".") and suffix_of(p) in IMAGE_SUFFIXES}
 
 
+def check_not_the_truth(preds: Mapping[str, Path], truths: Mapping[str, Path], pred_dir: Path) -> None:
+    """Refuse predictions that are the ground-truth files themselves (one folder given for both, a link
+    to it, or predictions that are links to the truth): every score would be a perfect 1.
+
+    Raises:
+        DataError: naming the predictions folder and the first such case.
+    """
+    for case, truth in truths.items():
+        pred = preds.get(case)
+        try:
+            same = pred is not None and os.path.samefile(pred, truth)
+        except OSError:
+            same = False
+        if same:
+            raise DataError(f"the prediction of case {case!r} is the ground-truth file {truth} itself (the same "
+                            "folder given for both?); give the folder predict wrote", pred_dir)
+
+
 def unmatched_predictions(preds: Mapping[str, Path], truths: Mapping[str, Path]) -> list[str]:
     """Prediction files no ground truth matches, leaving out the probability maps ``predict --probabilities``
     writes beside a scored case's label map (``<case>_probs``)."""
@@ -470,6 +489,10 @@ def evaluate_folder(
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
+    if not gt_dir.is_dir():  # before the dataset is inferred from it: "no dataset root contains" misleads
+        raise DataError("ground-truth folder not found", gt_dir)
+    if not pred_dir.is_dir():
+        raise DataError("predictions folder not found", pred_dir)
     space = project.label_space
     spec, oracle = resolve_dataset(project, gt_dir, dataset)
     if oracle:
@@ -483,6 +506,7 @@ def evaluate_folder(
     if not truths:
         raise DataError("no label files (.nii.gz, .nii, .nrrd, .mha) in the ground-truth folder", gt_dir)
     preds = _label_files(pred_dir)
+    check_not_the_truth(preds, truths, pred_dir)
     missing = [case for case in truths if case not in preds]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
