@@ -4,6 +4,7 @@ evaluation end to end, and the ``evaluate`` command."""
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 from pathlib import Path
 
@@ -377,6 +378,11 @@ def test_the_ground_truth_given_as_predictions_is_refused_not_scored_perfect(tin
     with pytest.raises(DataError, match="predictions folder not found"):
         evaluate_folder(root / "predz", gt_dir, root / "project.yaml", None, root / "e4", figures=False)
     assert not any((root / f"e{i}").exists() for i in range(5))
+    # case_0.nii beside case_0.nii.gz: which one is the prediction is a guess, so neither is taken
+    (root / "preds" / "case_0.nii").write_bytes(gzip.decompress((root / "preds" / "case_0.nii.gz").read_bytes()))
+    with pytest.raises(DataError, match="two files for case 'case_0': case_0.nii and case_0.nii.gz"):
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e6", figures=False)
+    (root / "preds" / "case_0.nii").unlink()
     # twin: copies of the truth are other files (a user's own reference check), scored as given
     copies = root / "copies"
     copies.mkdir()

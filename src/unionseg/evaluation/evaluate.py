@@ -303,8 +303,15 @@ def _label_files(folder: Path) -> dict[str, Path]:
 
     if not folder.is_dir():
         raise DataError("folder not found", folder)
-    return {strip_suffix(p): p for p in sorted(folder.iterdir())
-            if p.is_file() and not p.name.startswith(".") and suffix_of(p) in IMAGE_SUFFIXES}
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if not p.is_file() or p.name.startswith(".") or suffix_of(p) not in IMAGE_SUFFIXES:
+            continue
+        case = strip_suffix(p)
+        if case in found:  # case.nii beside case.nii.gz: which one to score is a guess
+            raise DataError(f"two files for case {case!r}: {found[case].name} and {p.name}; keep one", folder)
+        found[case] = p
+    return found
 
 
 def check_not_the_truth(preds: Mapping[str, Path], truths: Mapping[str, Path], pred_dir: Path) -> None:
