@@ -364,6 +364,23 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu", "--skip-existing"]) == 2
 
 
+def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path) -> None:
+    """nnU-Net images carry a channel tag (``case_001_0000.nii.gz``) that their label files do not: the
+    prediction is ``case_001.nii.gz``, the name ``evaluate`` pairs with ``labelsTs/case_001.nii.gz``."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "imagesTs"
+    write_image(inputs / "kid_001_0000.nii.gz", _ct((16, 16, 12), 0).astype(np.int16),
+                Geometry.identity((16, 16, 12), (2, 2, 3)))
+    write_image(tmp_path / "single_0000.nii.gz", _ct((16, 16, 12), 1).astype(np.int16),
+                Geometry.identity((16, 16, 12), (2, 2, 3)))
+    out = tmp_path / "pred"
+    assert run(["predict", str(model), str(inputs), str(tmp_path / "single_0000.nii.gz"), "-o", str(out),
+                "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["kid_001.nii.gz", "single.nii.gz"]
+
+
 def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """MSD labels share their images' names: ``-o labelsTr --skip-existing`` must not pass a ground-truth

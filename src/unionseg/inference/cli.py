@@ -14,12 +14,15 @@ from unionseg.errors import UnionsegError
 def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     """``(case name, path)`` for every image among files, folders of images and DICOM series folders.
 
+    The case name is the file name without its suffix and without nnU-Net's channel tag ``_0000``
+    (``imagesTs/case_001_0000.nii.gz`` -> ``case_001``), so that predictions carry their label files' names.
+
     Raises:
         UnionsegError: a missing input, a folder without images, or two inputs with the same case name
             (their outputs would overwrite each other).
     """
-    from unionseg.data.catalog import list_image_files
-    from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
+    from unionseg.data.catalog import image_key, list_image_files
+    from unionseg.data.io import IMAGE_SUFFIXES, suffix_of
 
     found: list[tuple[str, Path]] = []
     for item in inputs:
@@ -31,11 +34,11 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             if not files:
                 raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series)",
                                     path)
-            found.extend((p.name if p.is_dir() else strip_suffix(p), p) for p in files)
+            found.extend((p.name if p.is_dir() else image_key(p), p) for p in files)
         elif suffix_of(path) == ".dcm":
             found.append((path.parent.name, path.parent))
         else:
-            found.append((strip_suffix(path), path))
+            found.append((image_key(path), path))
     seen: dict[str, Path] = {}
     for name, path in found:
         if name in seen and seen[name].resolve() != path.resolve():
