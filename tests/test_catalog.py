@@ -56,6 +56,29 @@ def test_nnunet_v2_raw_layout(tmp_path: Path) -> None:
     assert info.cases[0].label == root / "labelsTr" / "case_000.nii.gz"
 
 
+def test_nnunet_leftovers_are_warned_about_not_trained_on_quietly(tmp_path: Path) -> None:
+    """A half-converted nnU-Net folder (images of another ending, label files without an image, a
+    numTraining that disagrees) scans, but says what it leaves out; a clean one says nothing."""
+    import shutil
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
+    root = write_nnunet_dataset(tmp_path / "clean", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(scan_dataset("kidney", root).cases) == 2  # twin: nothing to say
+    (root / "imagesTr" / "case_001_0000.nii.gz").rename(root / "imagesTr" / "case_001_0000.nii")
+    shutil.copy(root / "labelsTr" / "case_000.nii.gz", root / "labelsTr" / "case_009.nii.gz")
+    with pytest.warns(UnionsegWarning) as caught:
+        info = scan_dataset("kidney", root)
+    assert [c.case_id for c in info.cases] == ["case_000"]
+    told = "\n".join(str(w.message) for w in caught)
+    assert "1 image(s) do not end in file_ending '.nii.gz' and are left out: case_001_0000.nii" in told
+    assert "label file(s) have no image in imagesTr and are left out: case_001.nii.gz, case_009.nii.gz" in told
+    assert "numTraining is 2 but imagesTr holds 1 case(s)" in told
+
+
 def test_nnunet_region_labels_and_oracle_folder(tmp_path: Path) -> None:
     root = write_nnunet_dataset(tmp_path / "d", 1, {"background": 0, "organ": [1, 2]})
     assert scan_dataset("d", root).declared_labels == {0: "background", 1: "organ", 2: "organ"}

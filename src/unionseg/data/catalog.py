@@ -279,7 +279,38 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
+    _warn_nnunet_leftovers(root, data, ending, out, json_path)
     return out
+
+
+def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cases: _RawCases,
+                           json_path: Path) -> None:
+    """Warn about what an nnU-Net folder holds that the scan leaves out, so that a half-converted dataset
+    is not trained on quietly: images of another ending, label files without an image, and a
+    ``numTraining`` that disagrees with the cases found."""
+
+    def tell(message: str) -> None:
+        warnings.warn(message, UnionsegWarning, stacklevel=4)
+
+    def listed(files: Sequence[Path]) -> str:
+        return ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    others = [p for p in sorted(images_dir.iterdir())
+              if _is_image_file(p) and not p.name.endswith(ending)]
+    if others:
+        tell(f"{images_dir}: {len(others)} image(s) do not end in file_ending {ending!r} and are left out: "
+             f"{listed(others)}")
+    if labels_dir.is_dir():
+        wanted = {label.name for _, _, label in cases if label is not None}
+        orphans = [p for p in sorted(labels_dir.iterdir())
+                   if _is_image_file(p) and p.name not in wanted]
+        if orphans:
+            tell(f"{labels_dir}: {len(orphans)} label file(s) have no image in imagesTr and are left out: "
+                 f"{listed(orphans)}")
+    stated = data.get("numTraining")
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated != len(cases):
+        tell(f"{json_path}: numTraining is {stated} but imagesTr holds {len(cases)} case(s) ending in {ending!r}")
 
 
 def _cases_kits(root: Path) -> tuple[_RawCases, list[str]]:
