@@ -422,6 +422,23 @@ def bad_predict_checkpoint_as_model(folder: Path) -> Bad:
                     "not a unionseg model file", ["out"])
 
 
+@bad_input("predict: the model given as a folder (the training run's output folder)")
+def bad_predict_model_is_a_folder(folder: Path) -> Bad:
+    run_dir = folder / "runs" / "naive"
+    run_dir.mkdir(parents=True)
+    shutil.copy(folder / "model.pt", run_dir / "model.pt")
+    return _predict(folder, run_dir, [folder / LIVER_IMAGE], folder / "out", run_dir,
+                    "is a folder; give the model file (", ["out"])
+
+
+@bad_input("predict: model and image swapped (an image given as the model)")
+def bad_predict_image_as_model(folder: Path) -> Bad:
+    image = folder / LIVER_IMAGE
+    return _predict(folder, image, [folder / "model.pt"], folder / "out", image,
+                    "not a model file (neither a PyTorch zip archive nor a pickle) (an image: the model file "
+                    "comes first", ["out"])
+
+
 # ---------------------------------------------------------------------- running the corpus
 def _project(tmp_path: Path, tiny_model_path: Path | None) -> Path:
     folder = tmp_path / "project"

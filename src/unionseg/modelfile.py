@@ -200,10 +200,22 @@ def load_model(path: str | Path) -> dict[str, Any]:
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        inside = path / "model.pt"
+        hint = f" ({inside} is one)" if inside.is_file() else ""
+        raise CheckpointError(f"is a folder; give the model file{hint}", path)
     if not path.is_file():
         raise CheckpointError("model file not found", path)
     if path.stat().st_size == 0:
         raise CheckpointError("empty model file (0 bytes)", path)
+    with path.open("rb") as fh:
+        head = fh.read(4)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive; the legacy format a pickle
+        from unionseg.data.io import IMAGE_SUFFIXES, suffix_of
+
+        swapped = (" (an image: the model file comes first, `unionseg predict MODEL INPUT... -o OUT`)"
+                   if suffix_of(path) in IMAGE_SUFFIXES else "")
+        raise CheckpointError(f"not a model file (neither a PyTorch zip archive nor a pickle){swapped}", path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
