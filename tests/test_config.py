@@ -109,6 +109,15 @@ _ERRORS = [
      "expected a mapping"),
     ("labels: {1: liver, 2: liver_tumour}", "labels: {one: liver, 2: liver_tumour}", "datasets.liver.labels",
      "local value 'one' is not an integer"),
+    # int() would truncate 2.7 to 2, take true for 1, and raise OverflowError on .inf
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {1: liver, 2.7: liver_tumour}", "datasets.liver.labels",
+     "local value 2.7 is not an integer"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {true: liver, 2: liver_tumour}", "datasets.liver.labels",
+     "local value True is not an integer"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {.inf: liver, 2: liver_tumour}", "datasets.liver.labels",
+     "local value inf is not an integer"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {1: liver, '1': liver_tumour}", "datasets.liver.labels",
+     "local value 1 is given twice ('liver' and 'liver_tumour')"),
     ("annotated: [kidney, kidney_tumour]", "annotated: kidney", "datasets.kidney.annotated",
      "expected a non-empty list"),
     ("  - name: kidney\n    root: datasets/kidney", "  - name: liver\n    root: datasets/kidney", "datasets.liver",
@@ -296,3 +305,11 @@ def test_config_hash_leaves_out_new_fields_at_their_default() -> None:
     assert to_dict(regions)["select_on"] == "regions"
     with pytest.raises(ConfigError, match="select_on"):
         load_train_config(None, ["select_on=tumours"], method="naive")
+
+
+def test_label_keys_written_as_strings_or_whole_floats_are_integers(tmp_path: Path) -> None:
+    """The twin of the refused keys above: ``'1'`` (JSON-minded YAML) and ``2.0`` are the values 1 and 2."""
+    path = write_tiny_project(tmp_path / "p")
+    text = path.read_text()
+    path.write_text(text.replace("labels: {1: liver, 2: liver_tumour}", "labels: {'1': liver, 2.0: liver_tumour}", 1))
+    assert load_project(path).dataset("liver").labels == {1: "liver", 2: "liver_tumour"}

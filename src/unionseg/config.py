@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -363,6 +364,20 @@ def _parse_classes(raw: Any, source: str) -> list[Leaf]:
     return leaves
 
 
+def _label_value(key: Any) -> int | None:
+    """A label map key as an integer: ``1``, ``"1"`` or ``1.0``; None for anything else (``2.7``, ``true``,
+    ``.inf``, ``"one"``), which ``int()`` would truncate, take for 1, or fail on with another exception."""
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, int):
+        return key
+    if isinstance(key, float):
+        return int(key) if key.is_integer() else None
+    if isinstance(key, str) and re.fullmatch(r"\s*[+-]?\d+\s*", key):
+        return int(key)
+    return None
+
+
 _DATASET_KEYS = {"name", "root", "labels", "annotated", "layout", "role", "split", "oracle_labels"}
 
 
@@ -400,12 +415,14 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
         raise ConfigError(f"{where}.labels: expected a mapping local value -> class", source)
     local: dict[int, str] = {}
     for k, v in labels.items():
-        try:
-            value = int(k)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}.labels: local value {k!r} is not an integer", source) from None
+        value = _label_value(k)
+        if value is None:
+            raise ConfigError(f"{where}.labels: local value {k!r} is not an integer", source)
         if not isinstance(v, str):
             raise ConfigError(f"{where}.labels.{k}: expected a class name, got {v!r}", source)
+        if value in local:  # 1 and "1", or 2 and 2.0: YAML keeps both, the second would replace the first
+            raise ConfigError(f"{where}.labels: local value {value} is given twice ({local[value]!r} and {v!r})",
+                              source)
         local[value] = v
     annotated = raw["annotated"]
     if not isinstance(annotated, list) or not all(isinstance(a, str) for a in annotated) or not annotated:
