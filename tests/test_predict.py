@@ -364,6 +364,62 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu", "--skip-existing"]) == 2
 
 
+def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """ENOSPC raised by a write (no file name attached, as from ``write()``) is one line, not a traceback;
+    the case written before it stays complete."""
+    import errno
+
+    from unionseg.cli import run
+    from unionseg.inference.predictor import Predictor
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for i in range(2):
+        write_image(inputs / f"case{i}.nii.gz", _ct((16, 16, 12), i).astype(np.int16), Geometry.identity((16, 16, 12)))
+    real = Predictor.predict_file
+
+    def fill_up(self: Predictor, in_path: Path, out_path: Path, **kwargs: object) -> Path:
+        if Path(out_path).name == "case1.nii.gz":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, in_path, out_path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Predictor, "predict_file", fill_up)
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: No space left on device: free space") and "Traceback" not in "".join(err)
+    assert read_image(tmp_path / "out" / "case0.nii.gz")[0].shape == (16, 16, 12)
+    assert not (tmp_path / "out" / "case1.nii.gz").exists()
+    monkeypatch.setattr(Predictor, "predict_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+    with pytest.raises(OSError):  # twin: another OSError without a file name keeps its traceback
+        run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out2"), "--device", "cpu"])
+
+
+def test_cli_unwritable_output_is_refused_before_the_model_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder the user cannot write to is refused at once (os.access is faked: the tests may run as root,
+    whom permissions do not stop), naming the folder, or the nearest existing one when -o is to be made."""
+    import os
+
+    from unionseg.cli import run
+    from unionseg.inference import predictor
+
+    model = _model_file(tmp_path)
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: not (Path(p) == locked and mode & os.W_OK)
+                        and real_access(p, mode))
+    monkeypatch.setattr(predictor.Predictor, "from_checkpoint", lambda *a, **k: pytest.fail("model loaded"))
+    assert run(["predict", str(model), str(image), "-o", str(locked), "--device", "cpu"]) == 2
+    assert f"error: {locked}: output folder not writable" in capsys.readouterr().err
+    assert run(["predict", str(model), str(image), "-o", str(locked / "a" / "b"), "--device", "cpu"]) == 2
+    assert f"error: {locked}: cannot create {locked / 'a' / 'b'} in this folder" in capsys.readouterr().err
+    assert not (locked / "a").exists()
+
+
 def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path) -> None:
     """nnU-Net images carry a channel tag (``case_001_0000.nii.gz``) that their label files do not: the
     prediction is ``case_001.nii.gz``, the name ``evaluate`` pairs with ``labelsTs/case_001.nii.gz``."""

@@ -7,6 +7,7 @@ stderr and exit code 2; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import errno
 import sys
 import warnings
 from collections.abc import Callable
@@ -137,10 +138,16 @@ def run(argv: list[str]) -> int:
         return 2
     except OSError as exc:
         # an OSError that names a path (-o naming a file, a folder without write permission): the same
-        # one-line error, naming the destination of a failed rename rather than its temporary source;
-        # OSErrors without a path (a full disk during a write, usually) keep their traceback
-        if debug or exc.filename is None:
+        # one-line error, naming the destination of a failed rename rather than its temporary source. A
+        # full disk or quota is one line too (the writers leave no partial file: they write a temporary
+        # and rename it); other OSErrors without a path keep their traceback
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if debug or (exc.filename is None and not full):
             raise
+        if exc.filename is None:
+            typer.echo(f"error: {exc.strerror or exc}: free space (or raise the quota) and run the command again; "
+                       "finished outputs are kept", err=True)
+            return 2
         named = exc.filename2 if exc.filename2 is not None else exc.filename
         typer.echo(f"error: {named}: {exc.strerror or exc}", err=True)
         return 2

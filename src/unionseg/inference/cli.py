@@ -122,6 +122,23 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                             "another -o", outdir)
 
 
+def check_writable(outdir: Path) -> None:
+    """Refuse an output folder this user cannot write to (or create), before the model is loaded and the
+    first case predicted: otherwise the refusal would come minutes later, at the first write.
+
+    Raises:
+        UnionsegError: naming the folder, or the nearest existing folder above it.
+    """
+    import os
+
+    target = outdir.absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        what = "output folder" if target == outdir.absolute() else f"cannot create {outdir} in this folder:"
+        raise UnionsegError(f"{what} not writable by this user (permission denied); choose another -o", target)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``unionseg predict``."""
 
@@ -183,6 +200,7 @@ def register(app: typer.Typer) -> None:
         # outputs collide, must not pass for "already done"
         check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial],
                          skip_existing=skip_existing)
+        check_writable(output)
         if done:
             typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
             cases = [(name, path) for name, path in cases if name not in done]
