@@ -507,3 +507,6 @@ def test_case_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None
     with pytest.raises(UnionsegError, match="'Case1' and 'case1' would both write Case1.nii.gz and case1.nii.gz"):
         check_output_dir(tmp_path / "out", cases)
     check_output_dir(tmp_path / "out", [cases[0], ("case2", tmp_path / "b" / "case2.nii.gz")])  # twin: distinct
+    # those systems map letters one to one: "straße" and "strasse" are two files there (casefold would merge)
+    check_output_dir(tmp_path / "out", [("straße", tmp_path / "a" / "straße.nii.gz"),
+                                        ("strasse", tmp_path / "b" / "strasse.nii.gz")])

@@ -99,13 +99,15 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
     for name, _ in cases:
         for f in output_files(name, probabilities):
             # e.g. inputs x and x_probs with --probabilities: both would write x_probs.nii.gz; names that
-            # differ only in case are one file on macOS and Windows file systems
-            if f.casefold() in owner:
-                other, other_f = owner[f.casefold()]
+            # differ only in case are one file on macOS and Windows file systems, which map letters one to
+            # one (lower(), not casefold(): "straße" and "strasse" are two files there)
+            key = f.lower()
+            if key in owner:
+                other, other_f = owner[key]
                 same = f"write {f}" if f == other_f else f"write {other_f} and {f}, one file where case is ignored"
                 raise UnionsegError(f"cases {other!r} and {name!r} would both {same}; rename one input or "
                                     "predict them into different output folders", outdir)
-            owner[f.casefold()] = (name, f)
+            owner[key] = (name, f)
     if overwrite or not out.is_dir():
         return
     existing = [f for name, _ in cases if name not in redo
