@@ -342,6 +342,28 @@ def test_truncated_gzip_is_one_clear_error_and_leaves_no_entry(project_dir: Path
     assert index.summary.prepared == ("kidney/case_001",)
 
 
+def test_several_failing_cases_are_all_listed_in_one_run(project_dir: Path) -> None:
+    """One run shows every case to fix: the error names the first (in case order, whatever order the
+    workers finish in) and the others, and the cache holds a list of all; a clean run removes the list."""
+    broken = [project_dir / "kidney/imagesTr/case_001.nii.gz", project_dir / "liver/labelsTr/case_002.nii.gz"]
+    saved = [p.read_bytes() for p in broken]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[:200])
+    project = load_project(project_dir / "project.yaml")
+    with pytest.raises(DataError) as info:
+        prepare_project(project, workers=2, progress=False)
+    report = project_dir / "prepared" / "prepare_errors.txt"
+    assert info.value.path == broken[0]
+    assert f"(1 more case(s) failed: liver/case_002; every failure is listed in {report})" in info.value.message
+    lines = report.read_text().splitlines()
+    assert [line.split(": ")[:2] for line in lines] == [["kidney/case_001", str(broken[0])],
+                                                        ["liver/case_002", str(broken[1])]]
+    for path, data in zip(broken, saved, strict=True):
+        path.write_bytes(data)
+    prepare_project(project, workers=0, progress=False)
+    assert not report.exists()
+
+
 def test_shape_mismatch_names_the_label_and_leaves_no_entry(project_dir: Path) -> None:
     bad = project_dir / "liver/labelsTr/case_002.nii.gz"
     _save(bad, np.zeros((20, 18, 9), dtype=np.uint8))

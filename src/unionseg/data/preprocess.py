@@ -778,6 +778,10 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
     return jobs, entries, splits, sources
 
 
+#: written into the cache when several cases fail: one line per failing case, file and problem
+PREPARE_ERRORS = "prepare_errors.txt"
+
+
 def _read_meta(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -835,8 +839,9 @@ def prepare_project(
     the cases done and skips them.
 
     Raises:
-        DataError: the first failing case, naming its file and the problem (the other cases still finish;
-            the failing case leaves no cache entry and no index is written).
+        DataError: the first failing case (in case order), naming its file and the problem, and the other
+            failing cases, all listed in ``<cache_dir>/prepare_errors.txt`` when there are several (the
+            other cases still finish; a failing case leaves no cache entry and no index is written).
         UnionsegError: another process still holds the cache after ``wait_s`` seconds.
     """
     from unionseg.locking import hold_lock
@@ -859,7 +864,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     prepared: list[str] = []
     relabelled: list[str] = []
     notes: list[str] = []
-    errors: list[tuple[str, str | None]] = []
+    errors: list[tuple[str, str, str | None]] = []  # (case, message, file)
     by_key = {(e["dataset"], e["case_id"]): e for e in entries}
 
     progress_bar = None
@@ -875,7 +880,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     def on_done(job: _CaseJob, result: dict[str, Any]) -> None:
         key = f"{job.dataset}/{job.case_id}"
         if "error" in result:
-            errors.append((result["error"][0], result["error"][1]))
+            errors.append((key, result["error"][0], result["error"][1]))
         else:
             by_key[(job.dataset, job.case_id)]["record"] = result["meta"]["record"]
             if job.do_image:
@@ -894,10 +899,19 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     finally:
         if progress_bar is not None:
             progress_bar.stop()
+    report = cache / PREPARE_ERRORS
     if errors:
-        message, path = errors[0]
-        more = f" ({len(errors) - 1} more case(s) failed)" if len(errors) > 1 else ""
+        errors.sort()
+        _, message, path = errors[0]
+        more = ""
+        if len(errors) > 1:  # every failure at once, so that one run shows all there is to fix
+            cache.mkdir(parents=True, exist_ok=True)
+            report.write_text("".join(f"{case}: {f'{file}: ' if file else ''}{text}\n" for case, text, file in errors),
+                              encoding="utf-8")
+            others = ", ".join(case for case, _, _ in errors[1:4]) + (" ..." if len(errors) > 4 else "")
+            more = f" ({len(errors) - 1} more case(s) failed: {others}; every failure is listed in {report})"
         raise DataError(message + more, path)
+    report.unlink(missing_ok=True)
     redone = {k for k in prepared + relabelled}
     skipped = tuple(f"{e['dataset']}/{e['case_id']}" for e in entries if f"{e['dataset']}/{e['case_id']}" not in redone)
     settings = _settings(project)
