@@ -204,6 +204,14 @@ def bad_spacing_in_metres(folder: Path) -> Bad:
     return _prepare(folder, folder / LIVER_IMAGE, "voxel spacing (0.002, 0.002, 0.003) mm is outside 0.01-100 mm")
 
 
+@bad_input("nnU-Net dataset.json declares an 'ignore' label (voxels of unknown class)")
+def bad_nnunet_ignore_label(folder: Path) -> Bad:
+    path = folder / "datasets/kidney/dataset.json"
+    _edit_json(path, lambda d: d["labels"].update(ignore=3))
+    return _prepare(folder, path, "dataset.json declares nnU-Net's 'ignore' label (value 3) for dataset 'kidney'",
+                    case="kidney/kidney_000")
+
+
 @bad_input("label file listed in dataset.json is missing")
 def bad_missing_label_file(folder: Path) -> Bad:
     (folder / LIVER_LABEL).unlink()

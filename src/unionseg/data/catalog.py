@@ -526,10 +526,17 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     KiTS19).
 
     Raises:
-        DataError: naming ``json_path`` and the first mapped value the dataset does not declare.
+        DataError: naming ``json_path`` and the first mapped value the dataset does not declare, or an
+            nnU-Net ``ignore`` label.
     """
     if declared is None:
         return
+    ignore = sorted(v for v, n in declared.items() if n.strip().lower() == "ignore")
+    if ignore:  # nnU-Net v2's unannotated voxels: no class, and no code of the label space says "unknown"
+        raise DataError(f"dataset.json declares nnU-Net's 'ignore' label (value {ignore[0]}) for dataset {dataset!r}: "
+                        "voxels of unknown class, which unionseg cannot train on (its label space has no "
+                        "'unknown' code; mapping them to a class or to background would teach the wrong one); "
+                        "give those voxels their class, or leave the dataset out", json_path)
     missing = sorted(set(mapped) - set(declared))
     if missing:
         raise DataError(f"project maps label value {missing[0]} for dataset {dataset!r}, but dataset.json declares "
