@@ -275,7 +275,7 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     # predict --probabilities writes case_0_probs (4D) beside case_0: not an unmatched prediction
     nib.save(nib.Nifti1Image(np.zeros((*SHAPE, 2), np.float32), AFFINE), str(root / "preds" / "case_0_probs.nii.gz"))
     summary = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
-                              None, out, tolerance_mm=2.0, workers=2)
+                              None, out, tolerance_mm=2.0, workers=2, progress=True)
     assert summary["dataset"] == "test" and summary["n_cases"] == 3
     for name in ("metrics.csv", "summary.json", "summary.md", "figures/dice_boxplot.png",
                  "figures/overlay_best.png", "figures/overlay_worst.png"):
@@ -294,7 +294,7 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     md = (out / "summary.md").read_text()
     assert "| class | Dice | HD95 (mm) | NSD (2 mm) |" in md and "| kidney | 0.667 ± 0.471 |" in md
 
-    # serial run gives the same numbers (parallel path above)
+    # serial run gives the same numbers (parallel path, with the progress bar, above)
     serial = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
                              None, root / "eval_serial", figures=False)
     assert serial["cases"] == summary["cases"]

@@ -33,7 +33,7 @@ def evaluate_command(
     from unionseg.evaluation.evaluate import evaluate_folder
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
-                              workers=workers, figures=figures, roots=parse_roots(root))
+                              workers=workers, figures=figures, roots=parse_roots(root), progress=True)
     console = Console()
     console.print(f"[bold]{summary['dataset']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))

@@ -41,7 +41,7 @@ import numpy as np
 import typer
 
 from unionseg.errors import ConfigError, DataError
-from unionseg.evaluation.evaluate import check_not_the_truth, on_truth_grid
+from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
@@ -332,6 +332,7 @@ def evaluate_cross(
     metrics: Sequence[str] = METRICS,
     dropped: Mapping[str, str] | None = None,
     name: str = "evaluation",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Score a folder of predictions on a dataset labelled in another label space (shared classes only).
 
@@ -350,6 +351,7 @@ def evaluate_cross(
         metrics: any of ``dice``, ``hd95``, ``nsd``.
         dropped: organ -> reason, for shared organs the model lacks (reported, not scored).
         name: the evaluation set's name (reports).
+        progress: show a progress bar with an ETA on stderr (the CLI does).
 
     Returns:
         A summary: ``cases`` (case -> class key -> metrics), ``classes`` (per class mean/sd/...), ``scored``
@@ -376,9 +378,11 @@ def evaluate_cross(
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
-    for case, (label_path, _) in cases.items():
-        pred, gt, geom = _read_pair(preds[case], label_path, model_space, gt_labels)
-        scores[case] = evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics)
+    with case_progress(len(cases), progress, "evaluate-cross") as done:
+        for case, (label_path, _) in cases.items():
+            pred, gt, geom = _read_pair(preds[case], label_path, model_space, gt_labels)
+            scores[case] = evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics)
+            done(case)
     classes = summarise(scores, keys, metrics)
     markdown = markdown_table(classes, metrics, tolerance_mm)
     summary: dict[str, Any] = {
@@ -459,6 +463,7 @@ def evaluate_with_map(
     out_dir: str | Path | None = None,
     tolerance_mm: float = 2.0,
     metrics: Sequence[str] = METRICS,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate_cross` with the value -> class map built from a cross map file for this model.
 
@@ -473,7 +478,7 @@ def evaluate_with_map(
                           f"({', '.join(model_space.names[1:])}): {'; '.join(dropped.values())}", cmap.path)
     return evaluate_cross(pred_dir, gt_dir, model_space, gt_map, out_dir=out_dir, gt_labels=cmap.labels,
                           layout=cmap.layout, exclude=cmap.exclude, tolerance_mm=tolerance_mm, metrics=metrics,
-                          dropped=dropped, name=cmap.name)
+                          dropped=dropped, name=cmap.name, progress=progress)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -493,7 +498,7 @@ def evaluate_cross_command(
     from rich.markdown import Markdown
 
     space = model_space_from(project, model)
-    summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance)
+    summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=True)
     console = Console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))

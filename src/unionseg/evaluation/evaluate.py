@@ -17,11 +17,12 @@ counts per class how many values came from a rule. No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -435,16 +436,49 @@ def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
     return out
 
 
-def _run_jobs(jobs: list[tuple[Any, ...]], workers: int) -> list[tuple[str, CaseScores]]:
-    if workers <= 1 or len(jobs) <= 1:
-        return [_evaluate_pair(job) for job in jobs]  # type: ignore[arg-type]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+@contextlib.contextmanager
+def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator[Callable[[str], None]]:
+    """A progress bar on stderr over ``total`` cases, with the elapsed time and an ETA; yields the function
+    to call after each case (with its name). Disabled: a no-op, nothing printed."""
+    if not enabled or total == 0:
+        yield lambda case: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    # spawn: safe even when the caller (trainer, benchmark) already runs threads
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_evaluate_pair, jobs))
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+               TimeRemainingColumn(), TextColumn("{task.description}"))
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("", total=total)
+        yield lambda case: bar.update(task, advance=1, description=case)
+
+
+def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False) -> list[tuple[str, CaseScores]]:
+    with case_progress(len(jobs), progress) as done:
+        if workers <= 1 or len(jobs) <= 1:
+            out = []
+            for job in jobs:
+                out.append(_evaluate_pair(job))  # type: ignore[arg-type]
+                done(out[-1][0])
+            return out
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: safe even when the caller (trainer, benchmark) already runs threads
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            out = []
+            for result in pool.map(_evaluate_pair, jobs):  # in order, each as soon as it and those before are done
+                out.append(result)
+                done(result[0])
+            return out
 
 
 def evaluate_folder(
@@ -458,6 +492,7 @@ def evaluate_folder(
     workers: int = 1,
     figures: bool = True,
     roots: Mapping[str, str | Path] | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a folder of predicted label maps against a folder of ground-truth label files.
 
@@ -474,6 +509,7 @@ def evaluate_folder(
         workers: processes scoring cases in parallel (1: in this process).
         figures: write the PNG figures.
         roots: dataset root overrides when ``project`` is a path.
+        progress: show a progress bar with an ETA on stderr (the CLI does).
 
     Returns:
         The summary (as written to ``summary.json``) with ``markdown`` (the table) and ``files`` added.
@@ -521,7 +557,7 @@ def evaluate_folder(
                         f"{truths[missing[0]]})", pred_dir)
     jobs = [(case, preds[case], path, lookup, annotated, space, spec.name, float(tolerance_mm), metrics)
             for case, path in truths.items()]
-    cases = dict(_run_jobs(jobs, workers))
+    cases = dict(_run_jobs(jobs, workers, progress))
     classes = summarise(cases, space.evaluation_keys(), metrics)
     quality = {case: _case_quality(scores, metrics) for case, scores in cases.items()}
     ranked = [(q, case) for case, q in quality.items() if math.isfinite(q)]
