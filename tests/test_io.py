@@ -337,6 +337,8 @@ def test_a_flipped_bit_in_compressed_voxels_is_caught_by_the_gzip_crc(tmp_path: 
     np.asanyarray(nib.load(str(tmp_path / "bad.nii.gz")).dataobj)  # nibabel alone reads it without a word
     with pytest.raises(DataError, match="bad.nii.gz.*CRC check failed"):
         read_image(tmp_path / "bad.nii.gz")
+    (tmp_path / "trailing.nii.gz").write_bytes(good.read_bytes() + b"bytes after the gzip member")
+    np.testing.assert_array_equal(read_image(tmp_path / "trailing.nii.gz")[0], read_image(good)[0])  # as gzip -t
     twin, _ = read_image(good)  # twin: the intact file reads, NIfTI-2 too
     nib.save(nib.Nifti2Image(twin, np.eye(4)), str(tmp_path / "two.nii.gz"))
     np.testing.assert_array_equal(read_image(tmp_path / "two.nii.gz")[0], twin)

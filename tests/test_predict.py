@@ -418,6 +418,16 @@ def test_cli_unwritable_output_is_refused_before_the_model_loads(
     assert run(["predict", str(model), str(image), "-o", str(locked / "a" / "b"), "--device", "cpu"]) == 2
     assert f"error: {locked}: cannot create {locked / 'a' / 'b'} in this folder" in capsys.readouterr().err
     assert not (locked / "a").exists()
+    (tmp_path / "afile").write_text("keep")  # -o below a file: refused before the model loads too
+    assert run(["predict", str(model), str(image), "-o", str(tmp_path / "afile" / "out"), "--device", "cpu"]) == 2
+    assert "this is a file, not a folder" in capsys.readouterr().err
+    # a finished folder that is read-only: --skip-existing has nothing to write, so it succeeds
+    monkeypatch.undo()
+    assert run(["predict", str(model), str(image), "-o", str(locked), "--device", "cpu"]) == 0
+    monkeypatch.setattr(os, "access", lambda p, mode: not (Path(p) == locked and mode & os.W_OK)
+                        and real_access(p, mode))
+    assert run(["predict", str(model), str(image), "-o", str(locked), "--device", "cpu", "--skip-existing"]) == 0
+    assert "nothing left to predict" in capsys.readouterr().err
 
 
 def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path) -> None:
@@ -458,13 +468,42 @@ def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(
                     "--skip-existing", *extra]) == 2
         assert (labels_dir / "case0.nii.gz").read_bytes() == truth
         assert not (labels_dir / "case1.nii.gz").exists()
-        assert "not recognised as predict's outputs" in capsys.readouterr().err
+        assert "not recognised as predict's unedited outputs" in capsys.readouterr().err
     # what predict writes carries the mark, in the label map, the probability map and its channel list
     out = tmp_path / "pred"
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--probabilities"]) == 0
-    assert nifti_description(out / "case0.nii.gz") == PREDICTION_DESCRIPTION
+    assert nifti_description(out / "case0.nii.gz").startswith(f"{PREDICTION_DESCRIPTION} crc32=")
     assert all(written_by_predict(out / f) for f in ("case0.nii.gz", "case0_probs.nii.gz", "case0_probs.json"))
     assert not written_by_predict(labels_dir / "case0.nii.gz")
+
+
+def test_cli_skip_existing_never_replaces_a_label_map_edited_since(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A prediction corrected in a viewer and re-saved keeps predict's header description; when
+    ``--skip-existing --probabilities`` would replace it (no probability map beside it), the CRC-32 of its
+    voxels in the mark tells it apart: refused. The unedited twin is predicted again."""
+    from unionseg.cli import run
+    from unionseg.inference.cli import written_by_predict
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for i in range(2):
+        write_image(inputs / f"case{i}.nii.gz", _ct((16, 16, 12), i).astype(np.int16), Geometry.identity((16, 16, 12)))
+    out = tmp_path / "pred"
+    base = ["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]
+    assert run(base) == 0
+    edited = nib.load(str(out / "case0.nii.gz"))
+    voxels = np.asarray(edited.dataobj).copy()
+    voxels[2:5, 2:5, 2:5] = 1  # a correction painted in
+    nib.save(nib.Nifti1Image(voxels, edited.affine, edited.header), str(out / "case0.nii.gz"))
+    assert written_by_predict(out / "case0.nii.gz") and not written_by_predict(out / "case0.nii.gz", check_voxels=True)
+    corrected = (out / "case0.nii.gz").read_bytes()
+    assert run([*base, "--probabilities", "--skip-existing"]) == 2
+    assert "not recognised as predict's unedited outputs" in capsys.readouterr().err
+    assert (out / "case0.nii.gz").read_bytes() == corrected and not (out / "case1_probs.nii.gz").exists()
+    (out / "case0.nii.gz").unlink()  # twin: case1's unedited map is predicted again with its probabilities
+    assert run([*base, "--probabilities", "--skip-existing"]) == 0
+    assert (out / "case1_probs.nii.gz").is_file() and written_by_predict(out / "case1.nii.gz", check_voxels=True)
 
 
 @pytest.mark.real

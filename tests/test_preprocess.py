@@ -343,23 +343,29 @@ def test_truncated_gzip_is_one_clear_error_and_leaves_no_entry(project_dir: Path
 
 
 def test_several_failing_cases_are_all_listed_in_one_run(project_dir: Path) -> None:
-    """One run shows every case to fix: the error names the first (in case order, whatever order the
-    workers finish in) and the others, and the cache holds a list of all; a clean run removes the list."""
-    broken = [project_dir / "kidney/imagesTr/case_001.nii.gz", project_dir / "liver/labelsTr/case_002.nii.gz"]
+    """One run shows every case to fix: the error names the first (in project order, whatever order the
+    workers finish in) and the others, and the cache holds a list of all; the next run starts without it,
+    so it never names cases fixed since."""
+    broken = [project_dir / "liver/labelsTr/case_002.nii.gz", project_dir / "kidney/imagesTr/case_001.nii.gz"]
+    project = load_project(project_dir / "project.yaml")
+    assert [d.name for d in project.datasets][:2] == ["liver", "kidney"]
     saved = [p.read_bytes() for p in broken]
     for path in broken:
         path.write_bytes(path.read_bytes()[:200])
-    project = load_project(project_dir / "project.yaml")
     with pytest.raises(DataError) as info:
         prepare_project(project, workers=2, progress=False)
     report = project_dir / "prepared" / "prepare_errors.txt"
     assert info.value.path == broken[0]
-    assert f"(1 more case(s) failed: liver/case_002; every failure is listed in {report})" in info.value.message
+    assert f"(1 more case(s) failed: kidney/case_001; every failure is listed in {report})" in info.value.message
     lines = report.read_text().splitlines()
-    assert [line.split(": ")[:2] for line in lines] == [["kidney/case_001", str(broken[0])],
-                                                        ["liver/case_002", str(broken[1])]]
-    for path, data in zip(broken, saved, strict=True):
-        path.write_bytes(data)
+    assert [line.split(": ")[:2] for line in lines] == [["liver/case_002", str(broken[0])],
+                                                        ["kidney/case_001", str(broken[1])]]
+    broken[0].write_bytes(saved[0])  # one fixed, one still broken: one error, and no stale list
+    with pytest.raises(DataError) as info:
+        prepare_project(project, workers=0, progress=False)
+    assert info.value.path == broken[1] and "more case(s)" not in info.value.message
+    assert not report.exists()
+    broken[1].write_bytes(saved[1])
     prepare_project(project, workers=0, progress=False)
     assert not report.exists()
 

@@ -25,8 +25,15 @@ SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 _LPS = np.diag([-1.0, -1.0, 1.0])
 #: the NIfTI header description (``descrip``) of every file ``unionseg predict`` writes: how
-#: ``predict --skip-existing`` tells its own finished outputs from other files of the same names
+#: ``predict --skip-existing`` tells its own finished outputs from other files of the same names (a label
+#: map's adds the CRC-32 of its voxels, :func:`prediction_description`)
 PREDICTION_DESCRIPTION = "unionseg predict"
+
+
+def prediction_description(labels: np.ndarray) -> str:
+    """The description ``predict`` gives a label map: its mark and the CRC-32 of its voxels (C order), so
+    that a map edited and re-saved by a viewer, which keeps the description, is told from the original."""
+    return f"{PREDICTION_DESCRIPTION} crc32={zlib.crc32(np.ascontiguousarray(labels).tobytes()):08x}"
 
 
 def suffix_of(path: str | Path) -> str:
@@ -217,8 +224,14 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
             raise nib.filebasedimages.ImageFileError(f"Cannot work out file type of {path}")
         img = cls.from_stream(fh)
         array = np.asanyarray(img.dataobj)
-        while fh.read(1 << 20):  # the rest of the stream (usually nothing) and the CRC check at its end
-            pass
+        try:
+            while fh.read(1 << 20):  # the rest of the stream (usually nothing) and the CRC check at its end
+                pass
+        except gzip.BadGzipFile as exc:
+            # bytes after a complete member (its CRC already checked) that are not another member: ignored,
+            # as gzip -t and nib.load do
+            if not str(exc).startswith("Not a gzipped file"):
+                raise
     return img, array
 
 

@@ -355,8 +355,8 @@ def check_spacing(geometry: Geometry, path: Path | None) -> None:
     if all(lo <= s <= hi for s in spacing):
         return
     shown = ", ".join(f"{s:.4g}" for s in spacing)
-    raise DataError(f"voxel spacing ({shown}) mm is outside {lo:g}-{hi:g} mm, not a CT scan's; is the header's "
-                    "affine in other units than mm (metres, microns) without saying so?", path)
+    raise DataError(f"voxel spacing ({shown}) mm is outside {lo:g}-{hi:g} mm, not a CT scan's; are the header's "
+                    "affine and units field (xyzt_units) in the unit they claim?", path)
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:
@@ -839,7 +839,7 @@ def prepare_project(
     the cases done and skips them.
 
     Raises:
-        DataError: the first failing case (in case order), naming its file and the problem, and the other
+        DataError: the first failing case (in project order), naming its file and the problem, and the other
             failing cases, all listed in ``<cache_dir>/prepare_errors.txt`` when there are several (the
             other cases still finish; a failing case leaves no cache entry and no index is written).
         UnionsegError: another process still holds the cache after ``wait_s`` seconds.
@@ -864,7 +864,10 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     prepared: list[str] = []
     relabelled: list[str] = []
     notes: list[str] = []
-    errors: list[tuple[str, str, str | None]] = []  # (case, message, file)
+    errors: list[tuple[int, str, str, str | None]] = []  # (project order, case, message, file)
+    order = {f"{job.dataset}/{job.case_id}": i for i, job in enumerate(jobs)}
+    report = cache / PREPARE_ERRORS
+    report.unlink(missing_ok=True)  # a list from an earlier run would name cases fixed since
     by_key = {(e["dataset"], e["case_id"]): e for e in entries}
 
     progress_bar = None
@@ -880,7 +883,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     def on_done(job: _CaseJob, result: dict[str, Any]) -> None:
         key = f"{job.dataset}/{job.case_id}"
         if "error" in result:
-            errors.append((key, result["error"][0], result["error"][1]))
+            errors.append((order[key], key, result["error"][0], result["error"][1]))
         else:
             by_key[(job.dataset, job.case_id)]["record"] = result["meta"]["record"]
             if job.do_image:
@@ -899,19 +902,17 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     finally:
         if progress_bar is not None:
             progress_bar.stop()
-    report = cache / PREPARE_ERRORS
     if errors:
-        errors.sort()
-        _, message, path = errors[0]
+        errors.sort()  # project order (datasets as listed, cases as scanned), whatever order workers finish in
+        _, _, message, path = errors[0]
         more = ""
         if len(errors) > 1:  # every failure at once, so that one run shows all there is to fix
             cache.mkdir(parents=True, exist_ok=True)
-            report.write_text("".join(f"{case}: {f'{file}: ' if file else ''}{text}\n" for case, text, file in errors),
-                              encoding="utf-8")
-            others = ", ".join(case for case, _, _ in errors[1:4]) + (" ..." if len(errors) > 4 else "")
+            report.write_text("".join(f"{case}: {f'{file}: ' if file else ''}{text}\n"
+                                      for _, case, text, file in errors), encoding="utf-8")
+            others = ", ".join(case for _, case, _, _ in errors[1:4]) + (" ..." if len(errors) > 4 else "")
             more = f" ({len(errors) - 1} more case(s) failed: {others}; every failure is listed in {report})"
         raise DataError(message + more, path)
-    report.unlink(missing_ok=True)
     redone = {k for k in prepared + relabelled}
     skipped = tuple(f"{e['dataset']}/{e['case_id']}" for e in entries if f"{e['dataset']}/{e['case_id']}" not in redone)
     settings = _settings(project)

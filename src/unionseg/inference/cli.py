@@ -56,20 +56,39 @@ def output_files(name: str, probabilities: bool) -> list[str]:
     return [f"{name}.nii.gz", *([f"{name}_probs.nii.gz", f"{name}_probs.json"] if probabilities else [])]
 
 
-def written_by_predict(path: Path) -> bool:
+def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
     """Whether ``path`` is a file ``unionseg predict`` wrote (its NIfTI header description, or the
     ``written_by`` of a probability map's channel list): ``--skip-existing`` passes only those as done, so
-    that ``-o labelsTr`` never takes ground truth of the same name for a finished prediction."""
-    import json
+    that ``-o labelsTr`` never takes ground truth of the same name for a finished prediction.
 
-    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description
+    ``check_voxels``: a label map must also hold the voxels its mark's CRC-32 names, i.e. not have been
+    edited since (a viewer that re-saves a corrected map keeps the description); asked before a file is
+    replaced.
+    """
+    import json
+    import re
+    import zlib
+
+    import numpy as np
+
+    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description, read_image
 
     if path.name.endswith(".json"):
         try:
             return json.loads(path.read_text(encoding="utf-8")).get("written_by") == PREDICTION_DESCRIPTION
         except (OSError, ValueError, AttributeError):
             return False
-    return nifti_description(path) == PREDICTION_DESCRIPTION
+    description = nifti_description(path) or ""
+    if not check_voxels:
+        return description == PREDICTION_DESCRIPTION or description.startswith(f"{PREDICTION_DESCRIPTION} crc32=")
+    mark = re.fullmatch(re.escape(PREDICTION_DESCRIPTION) + r" crc32=([0-9a-f]{8})", description)
+    if mark is None:
+        return False
+    try:
+        voxels, _ = read_image(path)
+    except UnionsegError:
+        return False
+    return f"{zlib.crc32(np.ascontiguousarray(voxels).tobytes()):08x}" == mark.group(1)
 
 
 def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,
@@ -115,10 +134,11 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
     if existing:
         shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
         if skip_existing:
-            raise UnionsegError(f"the output folder already holds {shown}, not recognised as predict's outputs (no "
-                                "'unionseg predict' mark: ground truth, another tool's files, or outputs of an "
-                                "older unionseg, which did not mark them); nothing was written: pass --overwrite "
-                                "to replace them, or choose another -o", outdir)
+            raise UnionsegError(f"the output folder already holds {shown}, not recognised as predict's unedited "
+                                "outputs (no 'unionseg predict' mark, or voxels changed since: ground truth, "
+                                "another tool's files, a map corrected in a viewer, or outputs of an older "
+                                "unionseg, which did not mark them); nothing was written: pass --overwrite to "
+                                "replace them, or choose another -o", outdir)
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "
                             "another -o", outdir)
@@ -136,6 +156,8 @@ def check_writable(outdir: Path) -> None:
     target = outdir.absolute()
     while not target.exists() and target != target.parent:
         target = target.parent
+    if target.exists() and not target.is_dir():
+        raise UnionsegError(f"cannot create {outdir}: this is a file, not a folder; choose another -o", target)
     if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
         what = "output folder" if target == outdir.absolute() else f"cannot create {outdir} in this folder:"
         raise UnionsegError(f"{what} not writable by this user (permission denied); choose another -o", target)
@@ -190,11 +212,15 @@ def register(app: typer.Typer) -> None:
             for name, _ in cases:
                 files = [output / f for f in output_files(name, probabilities)]
                 present = [f for f in files if f.exists()]
-                if not present or not all(written_by_predict(f) for f in present):
-                    continue  # a file predict did not write (ground truth of the same name) is never replaced
+                complete = len(present) == len(files)
+                # a file predict did not write (ground truth of the same name) is never replaced, nor a
+                # label map edited since (its voxels checked against its mark when it would be replaced)
+                if not present or not all(written_by_predict(f, check_voxels=not complete and f == files[0])
+                                          for f in present):
+                    continue
                 # the label map is written first, the probabilities after it: a case cut between the two (or
                 # predicted before without --probabilities) is predicted again, its label map replaced
-                if len(present) == len(files):
+                if complete:
                     done.add(name)
                 else:
                     partial.append(name)
@@ -202,7 +228,6 @@ def register(app: typer.Typer) -> None:
         # outputs collide, must not pass for "already done"
         check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial],
                          skip_existing=skip_existing)
-        check_writable(output)
         if done:
             typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
             cases = [(name, path) for name, path in cases if name not in done]
@@ -212,6 +237,7 @@ def register(app: typer.Typer) -> None:
         if partial:
             typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
                        + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
+        check_writable(output)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
 

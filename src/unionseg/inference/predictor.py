@@ -46,6 +46,7 @@ from unionseg.config import PreprocessSpec, from_dict
 from unionseg.data.io import (
     PREDICTION_DESCRIPTION,
     Geometry,
+    prediction_description,
     read_image,
     reorient_like,
     set_nifti_transforms,
@@ -617,11 +618,11 @@ class Predictor:
             raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
         if probs_path is None:
             labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
-            write_image(out_path, labels, geom, description=PREDICTION_DESCRIPTION)
+            write_image(out_path, labels, geom, description=prediction_description(labels))
             return out_path
         labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
                                            progress=progress)
-        write_image(out_path, labels, geom, description=PREDICTION_DESCRIPTION)
+        write_image(out_path, labels, geom, description=prediction_description(labels))
         write_probabilities(probs_path, probs, geom, self.probability_names)
         return out_path
 
