@@ -395,6 +395,36 @@ def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
         run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out2"), "--device", "cpu"])
 
 
+def test_cli_out_of_memory_is_one_line_that_says_what_to_lower(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """CUDA's OutOfMemoryError (a RuntimeError) and a host MemoryError are one line naming what to lower;
+    any other RuntimeError is a bug and keeps its traceback."""
+    import torch
+
+    from unionseg.cli import run
+    from unionseg.inference.predictor import Predictor
+
+    model = _model_file(tmp_path)
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
+    argv = ["predict", str(model), str(image), "-o", str(tmp_path / "out"), "--device", "cpu"]
+    for error, where in ((torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "GPU"),
+                         (MemoryError(), "host")):
+        monkeypatch.setattr(Predictor, "predict_file", lambda *a, error=error, **k: (_ for _ in ()).throw(error))
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1] == f"error: out of {where} memory in predict: lower --sw-batch (windows per network call), " \
+                          "or predict with --device cpu (host memory)"
+    monkeypatch.setattr(Predictor, "predict_file", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        run(argv)
+    from unionseg.cli import _out_of_memory_message  # the other commands' hints
+
+    assert "out of host memory in train: lower data.batch_size" in _out_of_memory_message(
+        ["--debug", "train", "p.yaml", "-m", "dodnet"], MemoryError())
+    assert "--workers 1" in _out_of_memory_message(["prepare", "p.yaml"], MemoryError())
+
+
 def test_cli_unwritable_output_is_refused_before_the_model_loads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A folder the user cannot write to is refused at once (os.access is faked: the tests may run as root,

@@ -115,6 +115,24 @@ def _warning_printer(previous: Callable[..., None]) -> Callable[..., None]:
     return show
 
 
+_MEMORY_HINTS = {
+    "train": "lower data.batch_size or data.patch_size (e.g. data.batch_size=1), or train on a larger GPU; "
+             "the run goes on from its last checkpoint with the same command and --resume",
+    "predict": "lower --sw-batch (windows per network call), or predict with --device cpu (host memory)",
+    "benchmark": "the suite's budget does not fit this machine; run it where it does, or lower its "
+                 "batch or patch in a suite YAML of your own (finished rows are reused)",
+    "prepare": "prepare with fewer worker processes (--workers 1)",
+}
+
+
+def _out_of_memory_message(argv: list[str], exc: BaseException) -> str:
+    """One line for an out-of-memory error: where (GPU or host), and what to lower for this command."""
+    command = next((a for a in argv if a in _MEMORY_HINTS), None)
+    where = "GPU" if type(exc).__name__ == "OutOfMemoryError" else "host"
+    hint = _MEMORY_HINTS.get(command or "", "use smaller inputs or a machine with more memory")
+    return f"out of {where} memory{f' in {command}' if command else ''}: {hint}"
+
+
 def run(argv: list[str]) -> int:
     """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
 
@@ -150,6 +168,13 @@ def run(argv: list[str]) -> int:
             return 2
         named = exc.filename2 if exc.filename2 is not None else exc.filename
         typer.echo(f"error: {named}: {exc.strerror or exc}", err=True)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        # out of memory (host, or torch.cuda.OutOfMemoryError, a RuntimeError): one line with what to lower
+        # for the command at hand; other RuntimeErrors are bugs and keep their traceback
+        if debug or not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"):
+            raise
+        typer.echo(f"error: {_out_of_memory_message(argv, exc)}", err=True)
         return 2
     except _EXIT as exc:
         return int(getattr(exc, "exit_code", 0) or 0)
