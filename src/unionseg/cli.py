@@ -116,8 +116,9 @@ def _warning_printer(previous: Callable[..., None]) -> Callable[..., None]:
 
 
 _MEMORY_HINTS = {
-    "train": "lower data.batch_size or data.patch_size (e.g. data.batch_size=1), or train on a larger GPU; "
-             "the run goes on from its last checkpoint with the same command and --resume",
+    "train": "lower data.batch_size or data.patch_size (e.g. data.batch_size=1: a new run, since --resume "
+             "takes only the configuration it started with), or go on from the last checkpoint on a machine "
+             "with more memory (the same command with --resume)",
     "predict": "lower --sw-batch (windows per network call), or predict with --device cpu (host memory)",
     "benchmark": "the suite's budget does not fit this machine; run it where it does, or lower its "
                  "batch or patch in a suite YAML of your own (finished rows are reused)",
