@@ -93,6 +93,115 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
         train(phantom_project, _cfg("naive", 2, "select_on=regions"), run, resume=True, progress=False)
 
 
+def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: Path, tmp_path: Path) -> None:
+    """The checkpoint is checked before config.yaml is written and before the method's stages run: a resume
+    as another method (cotraining, whose stages train experts) is refused at once, the folder untouched."""
+    from unionseg.errors import CheckpointError
+
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 2), run, progress=False)
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    with pytest.raises(CheckpointError, match="method: 'naive' -> 'cotraining'"):
+        train(phantom_project, _cfg("cotraining", 2), run, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # cut during the stages (no checkpoint yet): --resume continues only the same method
+    (run / "last.pt").unlink()
+    with pytest.raises(CheckpointError, match="holds a 'naive' run; --resume continues it only as 'naive'"):
+        train(phantom_project, _cfg("mskd", 2), run, resume=True, progress=False)
+    assert not (run / "stages.json").exists()
+
+
+def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path, tmp_path: Path) -> None:
+    """Rows logged after the last checkpoint are trained again on resume; log.csv keeps them once."""
+    run = tmp_path / "run"
+    cfg = _cfg("naive", 4, "ckpt_every=2")
+    assert train(phantom_project, cfg, run, progress=False, stop_after=3) == {"stopped_at": 3}
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    state["step"] = 2  # as if killed after step 3 was logged but before its checkpoint
+    from unionseg.training.checkpoint import atomic_torch_save
+
+    atomic_torch_save(state, run / "last.pt")
+    train(phantom_project, cfg, run, resume=True, progress=False)
+    steps = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from unionseg.training.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self: Trainer, batch: dict) -> dict[str, float]:
+        if self.step == 3:  # the fourth step: after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with pytest.raises(KeyboardInterrupt):
+        train(phantom_project, _cfg("naive", 6, "ckpt_every=2"), tmp_path / "run", progress=False)
+    assert "interrupted at step 3; the same command with --resume goes on from step 2" in capsys.readouterr().err
+
+
+def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
+        phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``-c configs/marginal.yaml`` trains marginal (it trained naive: --method's default overrode the
+    recipe); --method against the recipe is refused; a folder holding any run (an ``individual`` run
+    writes no last.pt) is never overwritten without --resume."""
+    import yaml
+
+    from unionseg.cli import run
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "marginal.yaml"
+    tiny = [*TINY, "steps=1", "val_every=1", "ckpt_every=1", "expert_steps=1", "--quiet"]
+    out = tmp_path / "m"
+    assert run(["train", str(phantom_project), "-c", str(recipe), "-o", str(out), *tiny]) == 0
+    assert yaml.safe_load((out / "config.yaml").read_text())["method"] == "marginal"
+    assert run(["train", str(phantom_project), "-c", str(recipe), "-m", "dodnet", "-o", str(tmp_path / "d"),
+                *tiny]) == 2
+    assert "the recipe says 'marginal', --method says 'dodnet'" in capsys.readouterr().err
+    ind = tmp_path / "ind"
+    assert run(["train", str(phantom_project), "-m", "individual", "-o", str(ind), *tiny]) == 0
+    assert not (ind / "last.pt").exists()
+    model = (ind / "model.pt").read_bytes()
+    assert run(["train", str(phantom_project), "-m", "naive", "-o", str(ind), *tiny]) == 2
+    assert "run folder already holds a run" in capsys.readouterr().err
+    assert (ind / "model.pt").read_bytes() == model
+    (tmp_path / "afile").write_text("keep")
+    assert run(["train", str(phantom_project), "-o", str(tmp_path / "afile"), *tiny]) == 2
+    assert "--out exists and is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("override", "problem"), [
+    ("data.patch_size=[36,36,36]", "data.patch_size: [36, 36, 36] does not fit the resunet backbone"),
+    ("inference.roi_size=[20,32,32]", "inference.roi_size: [20, 32, 32] does not fit"),
+    ("device=gpu", "device: 'gpu' is not one of auto, cpu, cuda, cuda:N"),
+    ("device=cuda", "this machine has no CUDA device"),
+    ("seed=-1", "seed: must be in [0, 2**32)"),
+    ("data.num_workers=-1", "num_workers: must be >= 0"),
+    ("inference.overlap=1.0", "overlap: must be in [0, 1)"),
+    ("inference.sw_batch_size=0", "sw_batch_size: must be >= 1"),
+    ("optim.lr=.nan", "lr: must be a positive number"),
+    ("optim.poly_power=-1", "poly_power: must be positive"),
+    ("val_max_cases=0", "val_max_cases: must be >= 1"),
+])
+def test_cli_train_refuses_bad_overrides_before_any_work(
+        phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str,
+        problem: str) -> None:
+    """Each was a traceback, some only at the first validation or the last step of the run."""
+    from unionseg.cli import run
+
+    if override == "device=cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+
+    out = tmp_path / "r"
+    assert run(["train", str(phantom_project), "-o", str(out), *TINY, "steps=2", override, "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and problem in err[0], err
+    assert not out.exists()
+
+
 def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path: Path) -> None:
     """A checkpoint records the options it ran, defaults filled in; a unionseg whose defaults differ refuses
     to continue it (the recipe, and so the config hash, did not change) and names the option. Twin: a

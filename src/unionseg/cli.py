@@ -178,7 +178,10 @@ def run(argv: list[str]) -> int:
         typer.echo(f"error: {_out_of_memory_message(argv, exc)}", err=True)
         return 2
     except _EXIT as exc:
-        return int(getattr(exc, "exit_code", 0) or 0)
+        code = int(getattr(exc, "exit_code", 0) or 0)
+        if code == 130:  # typer's answer to Ctrl-C
+            typer.echo("interrupted", err=True)
+        return code
     except _ABORT:
         typer.echo("aborted", err=True)
         return 130

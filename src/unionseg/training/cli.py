@@ -7,13 +7,37 @@ from typing import Annotated, Optional
 
 import typer
 
+#: what a run folder holds once a run has started (the stages write stages.json before any checkpoint;
+#: `individual`, which trains nothing of its own, writes no last.pt)
+RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml")
+
+
+def resolve_method(method: str | None, recipe: Path | None) -> str:
+    """The method to train: ``--method``, else the recipe's own ``method:``, else ``naive``.
+
+    Raises:
+        ConfigError: ``--method`` and the recipe name different methods.
+    """
+    from unionseg.config import load_yaml
+    from unionseg.errors import ConfigError
+
+    written = None
+    if recipe is not None:
+        raw = load_yaml(recipe)
+        written = raw.get("method") if isinstance(raw, dict) else None
+    if method is not None and written is not None and written != method:
+        raise ConfigError(f"method: the recipe says {written!r}, --method says {method!r}; give one of them",
+                          recipe)
+    return method or (written if isinstance(written, str) else None) or "naive"
+
 
 def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": False})
     def train(
         project: Annotated[Path, typer.Argument(help="Project file (YAML), prepared with `unionseg prepare`.")],
         overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 options.w_s=0")] = None,
-        method: Annotated[str, typer.Option("--method", "-m", help="Method name (see `unionseg methods`).")] = "naive",
+        method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
+                                                      "default: the recipe's, else naive).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML (default: configs/<method>.yaml if present).")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
@@ -27,11 +51,17 @@ def register(app: typer.Typer) -> None:
         from unionseg.training.recipes import default_recipe
         from unionseg.training.trainer import train as run_train
 
+        method = resolve_method(method, config)
         recipe = config if config is not None else default_recipe(method)
         cfg = load_train_config(recipe, overrides or [], method=method)
-        if (out / "last.pt").exists() and not resume:
-            raise UnionsegError("run folder already holds a checkpoint; pass --resume to continue it or choose "
-                                "another --out (nothing was overwritten)", out)
+        if out.exists() and not out.is_dir():
+            raise UnionsegError("--out exists and is not a folder; it names the run folder", out)
+        held = [name for name in RUN_FILES if (out / name).exists()]
+        if held and not resume:
+            raise UnionsegError(f"run folder already holds a run ({', '.join(held)}); pass --resume to continue it "
+                                "or choose another --out (nothing was overwritten)", out)
+        if resume and not held:
+            typer.echo(f"note: nothing to resume in {out}; starting a new run", err=True)
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
         typer.echo(f"model: {summary['model']}  best validation mean Dice over {over}: "

@@ -7,6 +7,8 @@ in the same object; method-specific knobs go to ``options`` and are validated by
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,8 +54,18 @@ class OptimConfig:
             raise ValueError(f"name: {self.name!r} is not one of ['sgd', 'adamw']")
         if self.schedule not in ("poly", "cosine", "constant"):
             raise ValueError(f"schedule: {self.schedule!r} is not one of ['poly', 'cosine', 'constant']")
-        if self.lr <= 0:
-            raise ValueError("lr: must be positive")
+        if not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"lr: must be a positive number, got {self.lr}")
+        if not math.isfinite(self.poly_power) or self.poly_power <= 0:
+            raise ValueError(f"poly_power: must be positive, got {self.poly_power}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ValueError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not self.grad_clip >= 0:  # also NaN
+            raise ValueError(f"grad_clip: must be >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,10 @@ class DataConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
+        if len(self.patch_size) != 3 or any(n < 1 for n in self.patch_size):
+            raise ValueError(f"patch_size: expected 3 positive integers, got {list(self.patch_size)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers: must be >= 0 (0: load in the training process), got {self.num_workers}")
         for name, weight in self.dataset_weights.items():
             if weight < 1:
                 raise ValueError(f"dataset_weights.{name}: must be an integer >= 1, got {weight}")
@@ -83,6 +99,18 @@ class InferenceConfig:
     sw_batch_size: int = 2
     blend: str = "gaussian"
     threshold: float = 0.5
+
+    def validate(self) -> None:
+        if self.roi_size is not None and (len(self.roi_size) != 3 or any(n < 1 for n in self.roi_size)):
+            raise ValueError(f"roi_size: expected 3 positive integers or null, got {self.roi_size}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap: must be in [0, 1), got {self.overlap}")
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size: must be >= 1, got {self.sw_batch_size}")
+        if self.blend not in ("gaussian", "constant"):
+            raise ValueError(f"blend: {self.blend!r} is not one of ['gaussian', 'constant']")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +142,14 @@ class TrainConfig:
             raise ValueError("steps: must be >= 1")
         if self.val_every < 1 or self.ckpt_every < 1 or self.log_every < 1:
             raise ValueError("val_every, ckpt_every and log_every must be >= 1")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: must be in [0, 2**32), got {self.seed}")
+        if self.val_max_cases is not None and self.val_max_cases < 1:
+            raise ValueError(f"val_max_cases: must be >= 1 or null (every validation case), got {self.val_max_cases}")
+        if self.expert_steps is not None and self.expert_steps < 1:
+            raise ValueError(f"expert_steps: must be >= 1 or null (the run's steps), got {self.expert_steps}")
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
     @property
     def roi_size(self) -> tuple[int, int, int]:

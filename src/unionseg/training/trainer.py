@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -45,9 +46,40 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: CUDA asked for on a machine without it.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from unionseg.errors import ConfigError
+
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device (device=cpu or auto)")
+    return device
+
+
+def check_sizes(cfg: TrainConfig) -> None:
+    """Refuse a patch or sliding-window size the backbone cannot take (each axis a multiple of its
+    downsampling factor) before any stage runs: otherwise the first step, or the first validation, fails
+    after the shared experts are trained.
+
+    Raises:
+        ConfigError: naming the key, the size and the nearest sizes that fit.
+    """
+    from unionseg.errors import ConfigError
+    from unionseg.networks.build import build_network
+
+    with torch.device("meta"):  # the architecture only: no memory for weights
+        net = build_network({"backbone": cfg.network.backbone_spec(), "head": {"name": "softmax", "out_channels": 2}})
+    divisor = net.divisor
+    for key, size in (("data.patch_size", cfg.data.patch_size), ("inference.roi_size", cfg.roi_size)):
+        if any(n % d for n, d in zip(size, divisor, strict=True)):
+            fit = [max(d, round(n / d) * d) for n, d in zip(size, divisor, strict=True)]
+            raise ConfigError(f"{key}: {list(size)} does not fit the {cfg.network.backbone} backbone, whose inputs must "
+                              f"be multiples of {list(divisor)} on each axis (e.g. {fit})")
 
 
 def param_groups(
@@ -123,6 +155,7 @@ class Trainer:
         self.resume = resume
         self.method: Method = get_method(self.cfg.method)(ctx)
         self.step = 0
+        self.saved_step = 0  # the step of the last checkpoint written or resumed from
         self.best_metric = -math.inf
         self.best_name = ""
         self.history: list[dict[str, Any]] = []
@@ -131,6 +164,14 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def on_train_start(self) -> None:
         cfg, ctx = self.cfg, self.ctx
+        resume_state = None
+        if self.resume and (self.run_dir / "last.pt").exists():
+            # checked before config.yaml is written and before any stage runs: a refused resume must change
+            # nothing in the run folder and cost no shared-expert training
+            resume_state = safe_torch_load(self.run_dir / "last.pt", CKPT_FORMAT)
+            self._check_resumable(resume_state, self.run_dir / "last.pt")
+        elif self.resume:
+            self._check_same_method()
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from unionseg.config import dump_yaml
@@ -159,8 +200,24 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.use_amp = cfg.amp and ctx.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        if self.resume and (self.run_dir / "last.pt").exists():
-            self._load_checkpoint(self.run_dir / "last.pt")
+        if resume_state is not None:
+            self._load_state(resume_state)
+
+    def _check_same_method(self) -> None:
+        """A resume without a checkpoint (cut during the stages) continues only the same method's run."""
+        from unionseg.config import load_yaml
+        from unionseg.errors import CheckpointError
+
+        recorded = self.run_dir / "config.yaml"
+        if not recorded.is_file():
+            return
+        try:
+            method = (load_yaml(recorded) or {}).get("method")
+        except Exception:  # an unreadable record: nothing to compare
+            return
+        if method is not None and method != self.cfg.method:
+            raise CheckpointError(f"this run folder holds a {method!r} run; --resume continues it only as "
+                                  f"{method!r} (asked: {self.cfg.method!r}); choose another --out", recorded)
 
     def _run_stages(self) -> None:
         path = self.run_dir / "stages.json"
@@ -192,10 +249,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
             atomic_torch_save(self._state(), self.run_dir / "last.pt")
+        self.saved_step = self.step
         dist.barrier()
 
-    def _load_checkpoint(self, path: Path) -> None:
-        state = safe_torch_load(path, CKPT_FORMAT)
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another configuration or of other method defaults."""
         if state["config_hash"] != config_hash(self.cfg):
             from unionseg.errors import CheckpointError
 
@@ -213,6 +271,8 @@ class Trainer:
             raise CheckpointError(f"the method's options changed since this checkpoint ({changed}): this unionseg's "
                                   "defaults differ from those of the version that wrote it; resume with that "
                                   "version, or start a new run folder", path)
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         for k, m in self.method.raw_models.items():
             m.load_state_dict(state["models"][k])
         for k, a in self.method.averages().items():
@@ -223,6 +283,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.step = int(state["step"])
+        self.saved_step = self.step
         self.best_metric = float(state["best_metric"])
         self.best_name = str(state["best_name"])
         self.history = list(state["history"])
@@ -256,7 +317,7 @@ class Trainer:
 
         self.on_train_start()
         cfg = self.cfg
-        logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0)
+        logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0, resumed_at=self.step)
         if not self.trainable:
             self.step = cfg.steps
             self.validate()
@@ -264,39 +325,54 @@ class Trainer:
             loader = build_loader(self.method, self.ctx, start_step=self.step)
             progress = _Progress(cfg.steps, self.step, f"{cfg.method}", enabled=self.ctx.is_main and self.ctx.progress)
             t_last = time.perf_counter()
-            for batch in loader:
-                t_data = time.perf_counter() - t_last
-                batch = _to_device(batch, self.ctx.device)
-                terms = self.train_step(batch)
-                self.step += 1
-                t_now = time.perf_counter()
-                self.timings["data"] += t_data
-                self.timings["total"] += t_now - t_last
-                t_last = t_now
-                if not all(math.isfinite(v) for v in terms.values()):
-                    from unionseg.errors import UnionsegError
-
-                    raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                           "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]), **terms}
-                    logger.log(row)
-                progress.update(self.step, terms)
-                if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                    self.validate()
-                    t_last = time.perf_counter()
-                stopping = stop_after is not None and self.step >= stop_after
-                if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
-                    self.save_checkpoint()
-                    t_last = time.perf_counter()
-                _test_kill_hook(self.step)
-                if self.step >= cfg.steps or stopping:
-                    break
+            try:
+                self._loop(loader, logger, progress, stop_after, t_last)
+            except KeyboardInterrupt:
+                progress.close()
+                logger.close()
+                if self.ctx.is_main:
+                    print(f"interrupted at step {self.step}; the same command with --resume goes on from step "
+                          f"{self.saved_step} (the last checkpoint, {self.run_dir / 'last.pt'})"
+                          if self.saved_step else f"interrupted at step {self.step}, before the first checkpoint",
+                          file=sys.stderr)
+                raise
             progress.close()
         logger.close()
         if stop_after is not None and self.step < cfg.steps:
             return {"stopped_at": self.step}
         return self.on_train_end()
+
+    def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, t_last: float) -> None:
+        """The training steps from ``self.step`` to the budget (or ``stop_after``)."""
+        cfg = self.cfg
+        for batch in loader:
+            t_data = time.perf_counter() - t_last
+            batch = _to_device(batch, self.ctx.device)
+            terms = self.train_step(batch)
+            self.step += 1
+            t_now = time.perf_counter()
+            self.timings["data"] += t_data
+            self.timings["total"] += t_now - t_last
+            t_last = t_now
+            if not all(math.isfinite(v) for v in terms.values()):
+                from unionseg.errors import UnionsegError
+
+                raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                       "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]), **terms}
+                logger.log(row)
+            progress.update(self.step, terms)
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                self.validate()
+                t_last = time.perf_counter()
+            stopping = stop_after is not None and self.step >= stop_after
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
+                self.save_checkpoint()
+                t_last = time.perf_counter()
+            _test_kill_hook(self.step)
+            if self.step >= cfg.steps or stopping:
+                break
 
     # ------------------------------------------------------------------ validation and the model file
     def validate(self) -> None:
@@ -397,7 +473,7 @@ def _write_json_atomic(path: Path, data: Any) -> None:
 class _Logger:
     """CSV + TensorBoard, every loss term in its own column."""
 
-    def __init__(self, run_dir: Path, enabled: bool, append: bool) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, append: bool, resumed_at: int = 0) -> None:
         self.enabled = enabled
         self.path = run_dir / "log.csv"
         self.fields: list[str] | None = None
@@ -405,6 +481,7 @@ class _Logger:
         if not enabled:
             return
         if append and self.path.exists():
+            self._truncate_after(resumed_at)
             with self.path.open() as fh:
                 header = fh.readline().strip()
             self.fields = header.split(",") if header else None
@@ -416,6 +493,22 @@ class _Logger:
             self.tb = SummaryWriter(str(run_dir / "tb"))
         except Exception:  # tensorboard missing or broken: CSV still works
             self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop the rows logged after the checkpoint a resumed run goes on from: they are trained again, and
+        would otherwise appear twice (an interruption between two checkpoints)."""
+        with self.path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows or "step" not in rows[0]:
+            return
+        column = rows[0].index("step")
+        kept = [rows[0], *(r for r in rows[1:] if len(r) > column and r[column].isdigit() and int(r[column]) <= step)]
+        if len(kept) == len(rows):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+        tmp.replace(self.path)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -470,6 +563,7 @@ def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path
     from unionseg.config import load_project
     from unionseg.data.preprocess import PreparedIndex
 
+    check_sizes(cfg)
     project = load_project(project_path, roots=roots)
     index = PreparedIndex.load(project)
     device = dist.setup(resolve_device(cfg.device))
