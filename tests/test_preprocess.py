@@ -262,7 +262,7 @@ def test_changed_label_map_redoes_only_that_dataset(project_dir: Path) -> None:
     data["datasets"][1]["labels"] = {1: "region:kidney", 2: "kidney_tumour"}
     _write_project(project_dir, data)
     project = load_project(project_dir / "project.yaml")
-    with pytest.raises(DataError, match="stale"):
+    with pytest.raises(DataError, match="stale: dataset 'kidney': label map changed since prepare"):
         PreparedIndex.load(project)
     index = prepare_project(project, workers=0, progress=False)
     assert sorted(index.summary.relabelled) == ["kidney/case_000", "kidney/case_001"]
@@ -274,6 +274,19 @@ def test_changed_label_map_redoes_only_that_dataset(project_dir: Path) -> None:
     region = project.label_space.code("region:kidney")
     assert region in np.unique(index.cases(dataset="kidney")[0].label())
     PreparedIndex.load(project)
+
+
+def test_a_dataset_root_other_than_prepared_is_named_not_called_a_change(project_dir: Path) -> None:
+    """A forgotten --root (or a moved dataset) is not a change to re-prepare: the message names both roots."""
+    import shutil
+
+    shutil.move(project_dir / "liver", project_dir.parent / "liver_elsewhere")
+    moved = load_project(project_dir / "project.yaml", roots={"liver": project_dir.parent / "liver_elsewhere"})
+    prepare_project(moved, workers=0, progress=False)
+    with pytest.raises(DataError, match=r"dataset 'liver' was prepared from .*liver_elsewhere, and the project "
+                                        r"now points to .*/liver \(pass the --root you gave prepare"):
+        PreparedIndex.load(load_project(project_dir / "project.yaml"))
+    PreparedIndex.load(moved)  # twin: with the same root it loads
 
 
 def test_changed_spacing_redoes_everything_and_force_too(project_dir: Path) -> None:

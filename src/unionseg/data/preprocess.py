@@ -626,6 +626,33 @@ def _settings(project: Project) -> dict[str, Any]:
     }
 
 
+def _settings_change(recorded: Any, current: Mapping[str, Any]) -> str:
+    """What differs between the settings a cache was prepared with and the project's now, in words; a moved
+    dataset root (a forgotten ``--root``, a moved project) says so, since re-preparing is then not the fix."""
+    generic = "the project's preprocessing, label maps or datasets changed since prepare"
+    if not isinstance(recorded, Mapping):
+        return generic
+    old_sets = {d.get("name"): d for d in recorded.get("datasets", []) if isinstance(d, Mapping)}
+    for d in current["datasets"]:
+        before = old_sets.get(d["name"])
+        if before is not None and before.get("root") != d["root"]:
+            return (f"dataset {d['name']!r} was prepared from {before.get('root')}, and the project now points to "
+                    f"{d['root']} (pass the --root you gave prepare, or prepare again if the data moved)")
+    names = [d["name"] for d in current["datasets"]]
+    if list(old_sets) != names:
+        return f"the project's datasets are now {names}, prepared were {list(old_sets)}"
+    for key in ("preprocessing", "classes", "preprocess_version"):
+        if recorded.get(key) != current[key]:
+            return f"{key} changed since prepare ({recorded.get(key)} -> {current[key]})"
+    for d in current["datasets"]:
+        before = old_sets[d["name"]]
+        words = {"lookup": "label map", "annotated": "annotated classes", "oracle_labels": "oracle labels"}
+        changed = [words.get(k, k) for k in d if before.get(k) != d[k]]
+        if changed:
+            return f"dataset {d['name']!r}: {', '.join(changed)} changed since prepare"
+    return generic
+
+
 class PreparedIndex:
     """The prepared cache of a project: splits, cases, and a data fingerprint.
 
@@ -672,9 +699,10 @@ class PreparedIndex:
             raise DataError(f"unreadable prepared index ({exc}); {hint}", path) from None
         if data.get("format") != INDEX_FORMAT or data.get("version") != INDEX_VERSION:
             raise DataError(f"not a prepared index of this unionseg version; {hint}", path)
-        if data.get("settings_fingerprint") != _hash(_settings(project)):
-            raise DataError(f"prepared data is stale: the project's preprocessing, label maps or datasets "
-                            f"changed since prepare; {hint}", path)
+        current = _settings(project)
+        if data.get("settings_fingerprint") != _hash(current):
+            raise DataError(f"prepared data is stale: {_settings_change(data.get('settings'), current)}; {hint}",
+                            path)
         if check_sources:
             for src in data.get("sources", []):
                 if not _source_unchanged(src):
