@@ -246,7 +246,7 @@ def test_from_dict_to_dict_round_trip_and_overrides(tmp_path: Path) -> None:
     assert changed.inner.steps == 20 and changed.tag == "best" and changed.output == Path("runs/b")
     assert changed.widths == (2, 4)
     assert config_hash(changed) != config_hash(recipe) and config_hash(recipe) == config_hash(recipe)
-    with pytest.raises(ConfigError, match="unknown key 'stepz'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'stepz' \(known: rate, steps\)"):
         apply_overrides(recipe, ["inner.stepz=3"])
     with pytest.raises(ConfigError, match="must look like key=value"):
         apply_overrides(recipe, ["inner.steps"])
@@ -313,3 +313,10 @@ def test_label_keys_written_as_strings_or_whole_floats_are_integers(tmp_path: Pa
     text = path.read_text()
     path.write_text(text.replace("labels: {1: liver, 2: liver_tumour}", "labels: {'1': liver, 2.0: liver_tumour}", 1))
     assert load_project(path).dataset("liver").labels == {1: "liver", 2: "liver_tumour"}
+
+
+def test_a_folder_given_for_the_project_file_says_so(tmp_path: Path) -> None:
+    path = write_tiny_project(tmp_path / "p")
+    with pytest.raises(ConfigError, match=r"is a folder; give the YAML file \(project.yaml is here\)") as info:
+        load_project(path.parent)
+    assert info.value.path == path.parent

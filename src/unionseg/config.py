@@ -52,6 +52,10 @@ T = TypeVar("T")
 def load_yaml(path: str | Path) -> Any:
     """Read YAML safely (never constructs Python objects). Errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f" ({', '.join(inside[:3])} {'is' if len(inside) == 1 else 'are'} here)" if inside else ""
+        raise ConfigError(f"is a folder; give the YAML file{hint}", path)
     if not path.is_file():
         raise ConfigError("file not found", path)
     try:
@@ -218,12 +222,17 @@ def apply_overrides(
         parts = key.strip().split(".")
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
-                raise ConfigError(f"override {key!r}: unknown key {part!r}", source)
+                raise _unknown_override(key, part, node, source)
             node = node[part]
         if not isinstance(node, dict) or (parts[-1] not in node and ".".join(parts[:-1]) not in open_maps):
-            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}", source)
+            raise _unknown_override(key, parts[-1], node, source)
         node[parts[-1]] = value
     return from_dict(type(obj), data, source=source)
+
+
+def _unknown_override(key: str, part: str, node: Any, source: str) -> ConfigError:
+    known = f" (known: {', '.join(sorted(node))})" if isinstance(node, dict) and node else ""
+    return ConfigError(f"override {key!r}: unknown key {part!r}{known}", source)
 
 
 def describe_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
