@@ -121,9 +121,16 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     from unionseg.training.checkpoint import atomic_torch_save
 
     atomic_torch_save(state, run / "last.pt")
-    train(phantom_project, cfg, run, resume=True, progress=False)
+    trained_before = state["timings"]["total"]
+    assert trained_before > 0
+    summary = train(phantom_project, cfg, run, resume=True, progress=False)
     steps = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4]
+    # the summary times the whole run, the steps before the checkpoint included; resuming a finished run
+    # keeps that figure (it read 0.0)
+    assert summary["train_seconds"] > trained_before
+    again = train(phantom_project, cfg, run, resume=True, progress=False)
+    assert again["train_seconds"] == pytest.approx(summary["train_seconds"])
 
 
 def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: Path,

@@ -244,6 +244,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "best_metric": self.best_metric, "best_name": self.best_name, "history": self.history,
+            "timings": dict(self.timings),  # so that a resumed run's summary times the whole run
         }
 
     def save_checkpoint(self) -> None:
@@ -284,6 +285,8 @@ class Trainer:
         set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.saved_step = self.step
+        # the time of the steps (and stages) before the checkpoint; absent in checkpoints of older versions
+        self.timings.update({k: float(v) for k, v in state.get("timings", {}).items() if k in self.timings})
         self.best_metric = float(state["best_metric"])
         self.best_name = str(state["best_name"])
         self.history = list(state["history"])
