@@ -131,6 +131,8 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     assert summary["train_seconds"] > trained_before
     again = train(phantom_project, cfg, run, resume=True, progress=False)
     assert again["train_seconds"] == pytest.approx(summary["train_seconds"])
+    # the benchmark subtracts this process's stage time from its wall time, never the restored run's
+    assert 0.0 <= again["stage_seconds_this_process"] <= again["stage_seconds"] + 1e-6
 
 
 def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: Path,
@@ -168,6 +170,10 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
     assert run(["train", str(phantom_project), "-c", str(recipe), "-m", "dodnet", "-o", str(tmp_path / "d"),
                 *tiny]) == 2
     assert "the recipe says 'marginal', --method says 'dodnet'" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("method: 5\n")
+    assert run(["train", str(phantom_project), "-c", str(typo), "-o", str(tmp_path / "t"), *tiny]) == 2
+    assert "method: expected a method name, got 5" in capsys.readouterr().err
     ind = tmp_path / "ind"
     assert run(["train", str(phantom_project), "-m", "individual", "-o", str(ind), *tiny]) == 0
     assert not (ind / "last.pt").exists()

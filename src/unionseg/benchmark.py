@@ -155,7 +155,8 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     summary = train(project_path, cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
     # the shared artefacts (experts, their probabilities, pseudo labels) built inside this run are reported
     # once, as expert_seconds; train_seconds is the method's own wall time, so no row counts them twice
-    stage_seconds = float(summary.get("stage_seconds", 0.0))
+    # (this process's stage time: a resumed run's summary also counts the stages of the process it resumes)
+    stage_seconds = float(summary.get("stage_seconds_this_process", summary.get("stage_seconds", 0.0)))
     train_seconds = time.perf_counter() - t0 - stage_seconds
     project = load_project(project_path)
     test = project.eval_dataset("test")

@@ -25,10 +25,12 @@ def resolve_method(method: str | None, recipe: Path | None) -> str:
     if recipe is not None:
         raw = load_yaml(recipe)
         written = raw.get("method") if isinstance(raw, dict) else None
+        if written is not None and not isinstance(written, str):
+            raise ConfigError(f"method: expected a method name, got {written!r}", recipe)
     if method is not None and written is not None and written != method:
         raise ConfigError(f"method: the recipe says {written!r}, --method says {method!r}; give one of them",
                           recipe)
-    return method or (written if isinstance(written, str) else None) or "naive"
+    return method or written or "naive"
 
 
 def register(app: typer.Typer) -> None:

@@ -156,6 +156,7 @@ class Trainer:
         self.method: Method = get_method(self.cfg.method)(ctx)
         self.step = 0
         self.saved_step = 0  # the step of the last checkpoint written or resumed from
+        self.stage_seconds_here = 0.0
         self.best_metric = -math.inf
         self.best_name = ""
         self.history: list[dict[str, Any]] = []
@@ -187,6 +188,7 @@ class Trainer:
         started = time.perf_counter()
         self._run_stages()
         self.timings["stages"] = time.perf_counter() - started
+        self.stage_seconds_here = self.timings["stages"]  # this process's, even after a resume restores the run's
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
         self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
         for average in self.method.averages().values():
@@ -432,6 +434,7 @@ class Trainer:
                    "options": self.method_options(),
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
                    "train_seconds": self.timings["total"], "stage_seconds": self.timings["stages"],
+                   "stage_seconds_this_process": self.stage_seconds_here,
                    "model": str(self.run_dir / "model.pt")}
         if dist.is_distributed():
             summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
