@@ -103,6 +103,20 @@ def test_refuses_a_foreign_folder_but_regenerates_a_phantom(tmp_path: Path) -> N
     assert (out / "prepared").is_dir()
     assert sorted(p.name for p in (out / "datasets" / "liver" / "imagesTr").iterdir()) == ["liver_000.nii.gz"]
     assert json.loads((out / "generator.json").read_text())["seed"] == 4
+    # user files among the generated ones stop it, with nothing changed: a dataset folder it did not
+    # write (it deleted the whole datasets/ tree), an edited project file (it was replaced silently)
+    (out / "datasets" / "mydata").mkdir()
+    (out / "datasets" / "mydata" / "scan.txt").write_text("precious")
+    with pytest.raises(UnionsegError, match="datasets/ holds mydata, which the phantom did not write"):
+        generate_phantom(out, seed=5, cases=(1, 1, 1))
+    assert (out / "datasets" / "mydata" / "scan.txt").read_text() == "precious"
+    shutil.move(out / "datasets" / "mydata", tmp_path / "mydata")
+    with (out / "project.yaml").open("a") as fh:
+        fh.write("# my edit\n")
+    with pytest.raises(UnionsegError, match="project.yaml was edited since the phantom wrote it"):
+        generate_phantom(out, seed=5, cases=(1, 1, 1))
+    assert (out / "project.yaml").read_text().endswith("# my edit\n")
+    assert json.loads((out / "generator.json").read_text())["seed"] == 4
     with pytest.raises(ConfigError, match="seed"):
         generate_phantom(tmp_path / "neg", seed=-1)
 

@@ -34,6 +34,7 @@ numpy + scipy only (no torch); nibabel through :mod:`unionseg.data.io`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -1058,11 +1059,32 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _prepare_out(out: Path) -> None:
+    """Refuse a folder the phantom would clobber: a file, an unrelated non-empty folder, or an earlier
+    phantom holding user files among the generated ones (a dataset folder it did not write, an edited
+    project file)."""
     if out.exists() and not out.is_dir():
         raise UnionsegError("exists and is not a folder", out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "generator.json").is_file():
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "generator.json").is_file():
         raise UnionsegError("folder is not empty and holds no earlier phantom (generator.json); "
                             "choose an empty or new folder", out)
+    try:
+        old = json.loads((out / "generator.json").read_text(encoding="utf-8"))
+        written = {t["name"] for t in old["spec"]["training_sets"]} | {"val", "test"}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UnionsegError("unreadable generator.json: not a phantom this version can replace; choose an empty "
+                            "or new folder", out) from None
+    datasets = out / "datasets"
+    foreign = sorted(p.name for p in datasets.iterdir() if p.name not in written) if datasets.is_dir() else []
+    if foreign:
+        raise UnionsegError(f"datasets/ holds {', '.join(foreign[:3])}, which the phantom did not write; move it out "
+                            "or choose another folder (nothing was changed)", datasets)
+    recorded = old.get("project_sha256")
+    project = out / "project.yaml"
+    if recorded and project.is_file() and hashlib.sha256(project.read_bytes()).hexdigest() != recorded:
+        raise UnionsegError("project.yaml was edited since the phantom wrote it; move it away (or keep your copy "
+                            "elsewhere) before generating again (nothing was changed)", project)
 
 
 def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: str | PhantomSpec = "default",
@@ -1143,8 +1165,10 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
             "sites": {s.name: asdict(s) for s in sites},
             "cases": records,
         }
-        _write_json(partial / "generator.json", generator)
         dump_yaml(_project_dict(spec, size_spec, seed), partial / "project.yaml")
+        # so that a later run can tell an edited project file from its own
+        generator["project_sha256"] = hashlib.sha256((partial / "project.yaml").read_bytes()).hexdigest()
+        _write_json(partial / "generator.json", generator)
         # move into place: replace only what the generator writes
         out.mkdir(parents=True, exist_ok=True)
         for generated in ("datasets", "certificate.json"):
