@@ -69,6 +69,7 @@ def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pyt
     for row in rows[:2]:
         (tmp_path / "runs" / row.name / "seed0").mkdir(parents=True)
         (tmp_path / "runs" / row.name / "seed0" / "result.json").write_text("{}")
+    (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
     monkeypatch.setattr(bench, "load_suite", lambda name: suite)
     monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
     monkeypatch.setattr(bench, "run_one", lambda project, suite, row, seed, out, progress:
@@ -225,3 +226,72 @@ def test_site_section_splits_region_dice_by_the_case_site(tmp_path: Path) -> Non
     assert "| method | organ | kidney | liver |" in text
     assert "| a | kidney | **0.80** | 0.30 |" in text  # own site bold; the liver site averages its two cases
     assert "tumour" not in text.split("|---|")[-1]
+
+
+def test_benchmark_folder_guards_refuse_before_anything_is_written(tmp_path: Path) -> None:
+    """A folder of user files (the report would replace them), another phantom's benchmark (its data and
+    rows would be reused for this suite), a file, a bad seed count or an unknown row: each refused with
+    nothing written. Twins: a new folder and an earlier benchmark of the same phantom are accepted."""
+    from unionseg.benchmark import MARKER, check_out, run_benchmark
+    from unionseg.errors import ConfigError, UnionsegError
+
+    ci = load_suite("ci")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my report")
+    with pytest.raises(UnionsegError, match="holds no benchmark"):
+        check_out(mine, ci)
+    assert sorted(p.name for p in mine.iterdir()) == ["report.md"]
+    fresh = tmp_path / "fresh"
+    check_out(fresh, ci)  # twin: a new folder is marked with the suite's phantom
+    assert json.loads((fresh / MARKER).read_text())["phantom"] == ci.phantom()
+    from dataclasses import replace
+
+    with pytest.raises(UnionsegError, match="another phantom"):
+        check_out(fresh, replace(ci, phantom_seed=1))
+    legacy = tmp_path / "legacy"  # a benchmark folder from before the marker
+    (legacy / "data").mkdir(parents=True)
+    (legacy / "data" / "generator.json").write_text(json.dumps({"seed": 1, "size": ci.phantom_size,
+                                                                "suite": ci.phantom_suite}))
+    with pytest.raises(UnionsegError, match="another phantom"):
+        check_out(legacy, ci)
+    check_out(legacy, replace(ci, phantom_seed=1))
+    assert (legacy / MARKER).is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UnionsegError, match="exists and is not a folder"):
+        check_out(tmp_path / "afile", ci)
+    empty = tmp_path / "empty"
+    with pytest.raises(ConfigError, match="--seeds must be >= 1"):
+        run_benchmark("ci", empty, seeds=0, progress=False)
+    with pytest.raises(ConfigError, match="--methods: 'nosuch' is not in suite"):
+        run_benchmark("ci", empty, methods=["nosuch"], progress=False)
+    assert not empty.exists()
+    with pytest.raises(ConfigError, match="row name 'oracle' is given twice"):
+        from unionseg.benchmark import SuiteConfig
+        from unionseg.config import from_dict
+
+        from_dict(SuiteConfig, {"name": "x", "methods": ["oracle", "oracle"]})
+
+
+def test_a_subset_run_keeps_every_finished_row_in_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--methods naive`` into a folder with a finished oracle row reports both (it shrank the report to
+    the rows of the call)."""
+    from dataclasses import replace
+
+    import unionseg.benchmark as bench
+    import unionseg.report as report
+
+    suite = replace(load_suite("ci"), isolate=False)
+    (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
+    (tmp_path / "runs" / "oracle" / "seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "oracle" / "seed0" / "result.json").write_text(json.dumps({"name": "oracle", "seed": 0}))
+    seen: list[list[str]] = []
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
+    monkeypatch.setattr(bench, "run_one", lambda project, suite, row, seed, out, progress:
+                        {"name": row.name, "seed": seed})
+    monkeypatch.setattr(report, "aggregate", lambda results, suite: seen.append([r["name"] for r in results]) or {})
+    for name in ("write_results", "write_report"):
+        monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
+    bench.run_benchmark("ci", tmp_path, ["naive"], seeds=1, progress=False)
+    assert seen[-1] == ["naive", "oracle"]

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from unionseg.config import from_dict, load_yaml
-from unionseg.errors import ConfigError
+from unionseg.errors import ConfigError, UnionsegError
 
 EXPERT_METHODS = ("individual", "cotraining", "mskd")
 
@@ -52,6 +52,19 @@ class SuiteConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     isolate: bool = False  # each run in its own process (clean peak-memory figures)
     prepare_workers: int = 2
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise ValueError(f"seeds: must be >= 1, got {self.seeds}")
+        names = [*self.methods, *(r.name for r in self.ablations)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"methods/ablations: the row name {twice[0]!r} is given twice")
+
+    def phantom(self) -> dict[str, Any]:
+        """What decides the suite's data: a benchmark folder holds one phantom, and reuses rows only on it."""
+        cases = list(self.phantom_cases) if self.phantom_cases is not None else None
+        return {"size": self.phantom_size, "seed": self.phantom_seed, "suite": self.phantom_suite, "cases": cases}
 
     def runs(self, methods: list[str] | None = None) -> list[RunSpec]:
         rows = [RunSpec(m, m, dict(self.options.get(m, {}))) for m in self.methods]
@@ -235,20 +248,72 @@ def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
     return project_path
 
 
+MARKER = "benchmark.json"
+
+
+def check_out(out: Path, suite: SuiteConfig) -> None:
+    """Refuse a benchmark folder that is a file, holds files that are not a benchmark's (the report would
+    replace them), or holds the benchmark of another phantom (its data and finished rows would be reused
+    for this suite); mark a new or earlier (unmarked) benchmark folder with this suite's phantom.
+
+    Raises:
+        UnionsegError: naming the folder and the problem; nothing is written.
+    """
+    if out.exists() and not out.is_dir():
+        raise UnionsegError("exists and is not a folder; -o names the benchmark folder", out)
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8")).get("phantom")
+        except (OSError, ValueError, AttributeError):
+            raise UnionsegError(f"unreadable {MARKER}; benchmark into a new folder", out) from None
+        if recorded != suite.phantom():
+            raise UnionsegError(f"holds the benchmark of another phantom ({recorded}; suite {suite.name!r} asks for "
+                                f"{suite.phantom()}): its data and finished rows are not this suite's; benchmark "
+                                "into a new folder", out)
+        return
+    if out.is_dir() and any(out.iterdir()):
+        generator = out / "data" / "generator.json"
+        if not generator.is_file():
+            raise UnionsegError(f"folder is not empty and holds no benchmark ({MARKER} or data/generator.json); the "
+                                "report would replace its files: choose an empty or new folder", out)
+        try:  # a benchmark folder from before the marker: its phantom must be this suite's
+            gen = json.loads(generator.read_text(encoding="utf-8"))
+            same = (gen.get("seed"), gen.get("size"), gen.get("suite")) == (
+                suite.phantom_seed, suite.phantom_size, suite.phantom_suite)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise UnionsegError(f"holds the data of another phantom (data/generator.json) than suite {suite.name!r} "
+                                "asks for: benchmark into a new folder", out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"phantom": suite.phantom()}, indent=1), encoding="utf-8")
+
+
 def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = None, seeds: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``)."""
+    """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
+
+    The report covers every finished row of the suite in ``out`` (up to ``seeds`` seeds), not only the rows
+    this call ran: ``--methods`` adds rows to a report, never shrinks it.
+    """
     from rich.console import Console
 
     from unionseg.report import aggregate, write_report, write_results
 
     console = Console(stderr=True)
     suite = load_suite(suite_name)
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    rows = suite.runs(methods)  # an unknown --methods row or method is refused before any data is made
+    from unionseg.methods.base import get_method
+
+    for row in rows:
+        get_method(row.method)
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, suite)
     project_path = ensure_data(suite, out, progress)
-    rows = suite.runs(methods)
-    n_seeds = seeds or suite.seeds
+    n_seeds = seeds if seeds is not None else suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
     done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
     trained: list[float] = []  # wall seconds of the runs trained by this call
@@ -264,10 +329,24 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
         results.append(run_one(project_path, suite, row, seed, out, progress))
         if not done[i]:
             trained.append(time.perf_counter() - started)
-        write_results(aggregate(results, suite), out)  # after every run: an interrupted suite keeps its numbers
-    aggregated = aggregate(results, suite)
+        # after every run: an interrupted suite keeps its numbers
+        write_results(aggregate(_with_finished(results, plan, suite, out, n_seeds), suite), out)
+    aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
     write_report(aggregated, out)
     return aggregated
+
+
+def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]], suite: SuiteConfig, out: Path,
+                   n_seeds: int) -> list[dict[str, Any]]:
+    """``results`` (of this call's ``plan``) plus the finished rows of the suite outside the plan."""
+    ran = {(row.name, seed) for row, seed in plan}
+    extra = []
+    for seed in range(n_seeds):
+        for row in suite.runs():
+            done = out / "runs" / row.name / f"seed{seed}" / "result.json"
+            if (row.name, seed) not in ran and done.is_file():
+                extra.append(json.loads(done.read_text(encoding="utf-8")))
+    return [*results, *extra]
 
 
 def suite_eta(to_train: int, trained: list[float], recorded: list[float]) -> str:
@@ -314,7 +393,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (resumable).")] = Path("bench_out"),
         suite: Annotated[str, typer.Option("--suite", help="ci | standard | ablations | large, or a suite YAML.")] = "ci",
         methods: Annotated[Optional[list[str]], typer.Option("--methods", help="Only these rows (repeatable).")] = None,
-        seeds: Annotated[Optional[int], typer.Option("--seeds", help="Number of seeds (default: the suite's).")] = None,
+        seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report."""
@@ -335,6 +414,7 @@ def register(app: typer.Typer) -> None:
         from unionseg.reports import print_project_info
 
         suite = load_suite("ci")
+        check_out(out.resolve(), suite)
         project_path = ensure_data(suite, out.resolve(), progress=not quiet)
         difficulty_report(project_path.parent)
         print_project_info(project_path)

@@ -195,6 +195,8 @@ def run(argv: list[str]) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
+    if result == 130:  # typer returns Ctrl-C's exit code (outside standalone mode) instead of raising
+        typer.echo("interrupted", err=True)
     return int(result) if isinstance(result, int) else 0
 
 

@@ -336,8 +336,9 @@ class Trainer:
                 progress.close()
                 logger.close()
                 if self.ctx.is_main:
-                    print(f"interrupted at step {self.step}; the same command with --resume goes on from step "
-                          f"{self.saved_step} (the last checkpoint, {self.run_dir / 'last.pt'})"
+                    print(f"interrupted at step {self.step}; the last checkpoint ({self.run_dir / 'last.pt'}) holds "
+                          f"step {self.saved_step}: `unionseg train` with the same arguments and --resume, or the "
+                          "same `unionseg benchmark` command, goes on from there"
                           if self.saved_step else f"interrupted at step {self.step}, before the first checkpoint",
                           file=sys.stderr)
                 raise
