@@ -266,6 +266,14 @@ def test_benchmark_folder_guards_refuse_before_anything_is_written(tmp_path: Pat
     with pytest.raises(ConfigError, match="--methods: 'nosuch' is not in suite"):
         run_benchmark("ci", empty, methods=["nosuch"], progress=False)
     assert not empty.exists()
+    typo = tmp_path / "typo.yaml"  # found when its row would start, hours into a suite; now at once
+    typo.write_text("name: typo\nbudget_from: ci\nbudget: {stpes: 3}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: budget: stpes: unknown key"):
+        run_benchmark(str(typo), empty, progress=False)
+    typo.write_text("name: typo\nbudget_from: ci\nmethods: [oracle, naive]\noptions: {naive: {nosuch: 1}}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: row 'naive' \(method 'naive'\): nosuch: unknown key"):
+        run_benchmark(str(typo), empty, progress=False)
+    assert not empty.exists()
     with pytest.raises(ConfigError, match="row name 'oracle' is given twice"):
         from unionseg.benchmark import SuiteConfig
         from unionseg.config import from_dict

@@ -290,6 +290,31 @@ def check_out(out: Path, suite: SuiteConfig) -> None:
     marker.write_text(json.dumps({"phantom": suite.phantom()}, indent=1), encoding="utf-8")
 
 
+def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
+    """Build every row's training configuration and options now, so that a typo in the suite's budget or a
+    row's options is refused at once, naming the suite file, rather than when that row starts (hours into
+    a ``standard`` suite).
+
+    Raises:
+        ConfigError: naming the suite file, the row and the problem.
+    """
+    from unionseg.methods.base import get_method
+    from unionseg.training.config import load_train_config
+    from unionseg.training.trainer import check_sizes
+
+    try:
+        check_sizes(load_train_config(None, [], **suite.budget))
+    except ConfigError as exc:
+        raise ConfigError(f"budget: {exc.message}", path) from None
+    for row in rows:
+        try:
+            get_method(row.method)
+            resolved_options(row)
+            load_train_config(None, [], **{**suite.budget, "method": row.method, "options": row.options})
+        except ConfigError as exc:
+            raise ConfigError(f"row {row.name!r} (method {row.method!r}): {exc.message}", path) from None
+
+
 def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = None, seeds: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
@@ -306,10 +331,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
     rows = suite.runs(methods)  # an unknown --methods row or method is refused before any data is made
-    from unionseg.methods.base import get_method
-
-    for row in rows:
-        get_method(row.method)
+    check_rows(suite, rows, suite_path(suite_name))
     out = Path(out).resolve()
     check_out(out, suite)
     project_path = ensure_data(suite, out, progress)
