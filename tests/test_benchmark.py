@@ -91,6 +91,8 @@ def test_unknown_suite_and_method_are_refused() -> None:
 
     with pytest.raises(ConfigError, match="unknown suite"):
         load_suite("nope")
+    with pytest.raises(ConfigError, match="nope.yaml: suite file not found"):  # a path: named as such
+        load_suite("nope.yaml")
     with pytest.raises(ConfigError, match="not in suite"):
         load_suite("ci").runs(["nope"])
 

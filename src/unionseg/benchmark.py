@@ -82,7 +82,9 @@ def suite_path(name: str) -> Path:
     from unionseg.training.recipes import recipe_dir
 
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError("suite file not found", path)
         return path
     path = recipe_dir() / "suites" / f"{name}.yaml"
     if not path.is_file():
