@@ -320,3 +320,18 @@ def test_a_folder_given_for_the_project_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"is a folder; give the YAML file \(project.yaml is here\)") as info:
         load_project(path.parent)
     assert info.value.path == path.parent
+
+
+def test_a_missing_required_key_and_a_key_where_none_are_taken_read_plainly() -> None:
+    """A dataclass's own TypeError ("__init__() missing 1 required positional argument") and "(known: )"
+    were what a suite without a name and an option for an option-less method gave."""
+    from unionseg.benchmark import SuiteConfig
+
+    @dataclass(frozen=True)
+    class _Empty:
+        pass
+
+    with pytest.raises(ConfigError, match=r"^x.yaml: name: missing \(a required key\)$"):
+        from_dict(SuiteConfig, {"seeds": 1}, source="x.yaml")
+    with pytest.raises(ConfigError, match=r"nosuch: unknown key \(it takes no keys\)"):
+        from_dict(_Empty, {"nosuch": 1})

@@ -168,7 +168,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], source: str = "<config>", w
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown key (known: {', '.join(sorted(names))})", source)
+        known = f"known: {', '.join(sorted(names))}" if names else "it takes no keys"
+        raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown key ({known})", source)
+    required = sorted(f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                      if f.init and f.name not in data and f.default is dataclasses.MISSING
+                      and f.default_factory is dataclasses.MISSING)
+    if required:
+        raise ConfigError(f"{prefix}{required[0]}: missing (a required key)", source)
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}", source) for k, v in data.items()}
     try:
         obj = cls(**kwargs)
