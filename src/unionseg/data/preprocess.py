@@ -644,9 +644,9 @@ def _settings_change(recorded: Any, current: Mapping[str, Any]) -> str:
     for key in ("preprocessing", "classes", "preprocess_version"):
         if recorded.get(key) != current[key]:
             return f"{key} changed since prepare ({recorded.get(key)} -> {current[key]})"
+    words = {"lookup": "label map", "annotated": "annotated classes", "oracle_labels": "oracle labels"}
     for d in current["datasets"]:
         before = old_sets[d["name"]]
-        words = {"lookup": "label map", "annotated": "annotated classes", "oracle_labels": "oracle labels"}
         changed = [words.get(k, k) for k in d if before.get(k) != d[k]]
         if changed:
             return f"dataset {d['name']!r}: {', '.join(changed)} changed since prepare"

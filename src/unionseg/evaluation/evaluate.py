@@ -461,24 +461,22 @@ def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator
 
 
 def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False) -> list[tuple[str, CaseScores]]:
-    with case_progress(len(jobs), progress) as done:
-        if workers <= 1 or len(jobs) <= 1:
-            out = []
-            for job in jobs:
-                out.append(_evaluate_pair(job))  # type: ignore[arg-type]
-                done(out[-1][0])
-            return out
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-        # spawn: safe even when the caller (trainer, benchmark) already runs threads
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                 mp_context=multiprocessing.get_context("spawn")) as pool:
-            out = []
-            for result in pool.map(_evaluate_pair, jobs):  # in order, each as soon as it and those before are done
-                out.append(result)
-                done(result[0])
-            return out
+    with case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack:
+        results: Iterator[tuple[str, CaseScores]]
+        if workers <= 1 or len(jobs) <= 1:
+            results = map(_evaluate_pair, jobs)  # type: ignore[arg-type]
+        else:  # spawn: safe even when the caller (trainer, benchmark) already runs threads
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                                           mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(_evaluate_pair, jobs)  # in order, each once it and those before are done
+        out = []
+        for result in results:
+            out.append(result)
+            done(result[0])
+        return out
 
 
 def evaluate_folder(

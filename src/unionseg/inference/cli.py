@@ -66,12 +66,8 @@ def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
     replaced.
     """
     import json
-    import re
-    import zlib
 
-    import numpy as np
-
-    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description, read_image
+    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description, prediction_description, read_image
 
     if path.name.endswith(".json"):
         try:
@@ -79,16 +75,16 @@ def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
         except (OSError, ValueError, AttributeError):
             return False
     description = nifti_description(path) or ""
+    label_map = description.startswith(f"{PREDICTION_DESCRIPTION} crc32=")
     if not check_voxels:
-        return description == PREDICTION_DESCRIPTION or description.startswith(f"{PREDICTION_DESCRIPTION} crc32=")
-    mark = re.fullmatch(re.escape(PREDICTION_DESCRIPTION) + r" crc32=([0-9a-f]{8})", description)
-    if mark is None:
+        return label_map or description == PREDICTION_DESCRIPTION
+    if not label_map:
         return False
     try:
         voxels, _ = read_image(path)
     except UnionsegError:
         return False
-    return f"{zlib.crc32(np.ascontiguousarray(voxels).tobytes()):08x}" == mark.group(1)
+    return description == prediction_description(voxels)  # the mark predict would give these voxels
 
 
 def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,

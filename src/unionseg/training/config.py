@@ -101,14 +101,17 @@ class InferenceConfig:
     threshold: float = 0.5
 
     def validate(self) -> None:
+        # the blends the predictor knows (model files are checked against the same tuple)
+        from unionseg.modelfile import BLENDS
+
         if self.roi_size is not None and (len(self.roi_size) != 3 or any(n < 1 for n in self.roi_size)):
             raise ValueError(f"roi_size: expected 3 positive integers or null, got {self.roi_size}")
         if not 0.0 <= self.overlap < 1.0:
             raise ValueError(f"overlap: must be in [0, 1), got {self.overlap}")
         if self.sw_batch_size < 1:
             raise ValueError(f"sw_batch_size: must be >= 1, got {self.sw_batch_size}")
-        if self.blend not in ("gaussian", "constant"):
-            raise ValueError(f"blend: {self.blend!r} is not one of ['gaussian', 'constant']")
+        if self.blend not in BLENDS:
+            raise ValueError(f"blend: {self.blend!r} is not one of {list(BLENDS)}")
         if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold: must be in [0, 1], got {self.threshold}")
 
