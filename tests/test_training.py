@@ -155,6 +155,100 @@ def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: 
     assert "interrupted at step 3; the last checkpoint" in err and "holds step 2: `unionseg train` with" in err
 
 
+def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """One Ctrl-C: the running step ends, a checkpoint of it is written (none was due), and --resume from
+    it gives the weights of an uninterrupted run; the signal handlers are restored afterwards."""
+    import signal
+
+    from unionseg.training.trainer import Trainer
+
+    cfg = _cfg("naive", 6, "deterministic=true", "ckpt_every=100")
+    straight = tmp_path / "straight"
+    train(phantom_project, cfg, straight, progress=False)
+    real = Trainer.train_step
+
+    def step(self: Trainer, batch: dict) -> dict[str, float]:
+        if self.step == 3:  # Ctrl-C during the fourth step, forwarded twice (torchrun sends its own too)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    before = signal.getsignal(signal.SIGINT)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(phantom_project, cfg, run, progress=False)
+    assert signal.getsignal(signal.SIGINT) is before
+    err = capsys.readouterr().err
+    assert "SIGINT: stopping after this step to write a checkpoint" in err
+    assert "stopped at step 4; the checkpoint" in err and "--resume" in err
+    assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"] == 4
+    monkeypatch.setattr(Trainer, "train_step", real)
+    train(phantom_project, cfg, run, resume=True, progress=False)
+    a, b = _weights(straight), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_second_ctrl_c_stops_at_once(phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+    import time
+
+    from unionseg.training.trainer import Trainer, _StopRequest
+
+    real = Trainer.train_step
+
+    def step(self: Trainer, batch: dict) -> dict[str, float]:
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # a second press, after the repeat window
+            os.kill(os.getpid(), signal.SIGINT)  # raises here: the step never finishes
+        return real(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(_StopRequest, "REPEAT_WINDOW", 0.05)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(phantom_project, _cfg("naive", 6, "ckpt_every=2"), run, progress=False)
+    assert "interrupted at step 3; the last checkpoint" in capsys.readouterr().err
+    assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_in_a_terminal_stops_train_with_a_checkpoint(phantom_project: Path, tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the whole process group, loader workers included: `unionseg train`
+    still finishes its step, writes the checkpoint and exits 130 with the resume hint."""
+    import signal
+    import time
+
+    unionseg = Path(sys.executable).parent / "unionseg"
+    if not unionseg.exists():
+        pytest.skip("the unionseg console script is not installed")
+    run = tmp_path / "run"
+    cmd = [str(unionseg), "train", str(phantom_project), "--method", "naive", "-o", str(run), "--quiet", *TINY,
+           "steps=400", "val_every=400", "ckpt_every=1000", "data.num_workers=1", "device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = run / "log.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) > 3:  # the header and three steps
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    step = safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"]
+    assert 3 <= step < 400
+    assert f"stopped at step {step}; the checkpoint" in err and "Traceback" not in err
+
+
 def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
         phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``-c configs/marginal.yaml`` trains marginal (it trained naive: --method's default overrode the
@@ -405,6 +499,38 @@ def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Pa
     assert len(list(run.glob("*.pt"))) == 2  # one last.pt and one model.pt, written by rank 0 only
     assert len(list(run.glob("log*.csv"))) == 1
     shutil.rmtree(run)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
+def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(phantom_project: Path, tmp_path: Path) -> None:
+    """The terminal's Ctrl-C and torchrun's forwarded one are one request; the ranks agree on the step."""
+    import signal
+    import time
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    unionseg = Path(sys.executable).parent / "unionseg"
+    if not torchrun.exists() or not unionseg.exists():
+        pytest.skip("torchrun or the unionseg console script is not installed")
+    run = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(unionseg), "train", str(phantom_project),
+           "--method", "naive", "-o", str(run), "--quiet", *TINY, "steps=400", "val_every=400", "ckpt_every=1000",
+           "device=cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = run / "log.csv"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)  # torchrun itself exits non-zero with its own traceback
+    step = safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"]
+    assert 3 <= step < 400
+    assert err.count(f"stopped at step {step}; the checkpoint") == 1  # rank 0 speaks
+    assert "interrupted at step" not in err
 
 
 def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) -> None:

@@ -642,5 +642,13 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_ignore_interrupt if num_workers > 0 else None,
     )
     return iter(loader)
+
+
+def _ignore_interrupt(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the trainer, which finishes its step and writes a checkpoint first."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

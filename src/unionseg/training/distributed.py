@@ -48,6 +48,15 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any (one small all-reduce; the flag itself in one process)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()

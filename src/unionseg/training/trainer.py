@@ -12,10 +12,12 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -331,16 +333,13 @@ class Trainer:
             progress = _Progress(cfg.steps, self.step, f"{cfg.method}", enabled=self.ctx.is_main and self.ctx.progress)
             t_last = time.perf_counter()
             try:
-                self._loop(loader, logger, progress, stop_after, t_last)
+                with _StopRequest() as stop:
+                    self._loop(loader, logger, progress, stop_after, t_last, stop)
             except KeyboardInterrupt:
                 progress.close()
                 logger.close()
                 if self.ctx.is_main:
-                    print(f"interrupted at step {self.step}; the last checkpoint ({self.run_dir / 'last.pt'}) holds "
-                          f"step {self.saved_step}: `unionseg train` with the same arguments and --resume, or the "
-                          "same `unionseg benchmark` command, goes on from there"
-                          if self.saved_step else f"interrupted at step {self.step}, before the first checkpoint",
-                          file=sys.stderr)
+                    print(self._interrupted_message(), file=sys.stderr)
                 raise
             progress.close()
         logger.close()
@@ -348,10 +347,35 @@ class Trainer:
             return {"stopped_at": self.step}
         return self.on_train_end()
 
-    def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, t_last: float) -> None:
-        """The training steps from ``self.step`` to the budget (or ``stop_after``)."""
+    def _interrupted_message(self) -> str:
+        last = self.run_dir / "last.pt"
+        goes_on = ("`unionseg train` with the same arguments and --resume, or the same `unionseg benchmark` command, "
+                   "goes on from there")
+        if self.saved_step and self.saved_step == self.step:
+            return f"stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
+        if self.saved_step:
+            return f"interrupted at step {self.step}; the last checkpoint ({last}) holds step {self.saved_step}: {goes_on}"
+        return f"interrupted at step {self.step}, before the first checkpoint"
+
+    def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, t_last: float,
+              stop: _StopRequest) -> None:
+        """The training steps from ``self.step`` to the budget (or ``stop_after``).
+
+        A stop request (``stop``: Ctrl-C or SIGTERM) ends the loop at the next step boundary, every rank at
+        the same one, with a checkpoint of that step; it then raises KeyboardInterrupt.
+        """
         cfg = self.cfg
-        for batch in loader:
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if stop.requested is None:
+                    raise
+                # a loader worker ended by the same signal; the state is still that of a finished step
+                self._checkpoint_and_stop()
             t_data = time.perf_counter() - t_last
             batch = _to_device(batch, self.ctx.device)
             terms = self.train_step(batch)
@@ -377,8 +401,15 @@ class Trainer:
                 self.save_checkpoint()
                 t_last = time.perf_counter()
             _test_kill_hook(self.step)
+            if dist.any_rank(stop.requested is not None, self.ctx.device):
+                self._checkpoint_and_stop()
             if self.step >= cfg.steps or stopping:
                 break
+
+    def _checkpoint_and_stop(self) -> NoReturn:
+        if self.saved_step != self.step:
+            self.save_checkpoint()
+        raise KeyboardInterrupt
 
     # ------------------------------------------------------------------ validation and the model file
     def validate(self) -> None:
@@ -456,6 +487,46 @@ class Trainer:
         gathered = [torch.zeros_like(probe) for _ in range(dist.world_size())]
         torch.distributed.all_gather(gathered, probe)
         return all(torch.allclose(g, gathered[0], rtol=1e-6, atol=1e-6) for g in gathered)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during the training steps asks for a stop at the next step boundary.
+
+    The trainer then writes a checkpoint of that step and stops, so no finished step is lost (a batch
+    scheduler's SIGTERM before its kill included). A second signal stops at once, as Python's default
+    does: KeyboardInterrupt from wherever the step is, and ``--resume`` goes on from the last checkpoint.
+    Handlers can only be set in the main thread; elsewhere the defaults stay.
+    """
+
+    # a repeat within this many seconds is the same request: torchrun forwards the terminal's Ctrl-C to
+    # ranks that the terminal has already sent it to
+    REPEAT_WINDOW = 1.0
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            if time.monotonic() - self._at < self.REPEAT_WINDOW:
+                return
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self._at = time.monotonic()
+        print(f"\n{self.requested}: stopping after this step to write a checkpoint (press Ctrl-C again to stop "
+              "at once)", file=sys.stderr)
 
 
 def _test_kill_hook(step: int) -> None:
