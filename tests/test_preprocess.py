@@ -284,9 +284,41 @@ def test_a_dataset_root_other_than_prepared_is_named_not_called_a_change(project
     moved = load_project(project_dir / "project.yaml", roots={"liver": project_dir.parent / "liver_elsewhere"})
     prepare_project(moved, workers=0, progress=False)
     with pytest.raises(DataError, match=r"dataset 'liver' was prepared from .*liver_elsewhere, and the project "
-                                        r"now points to .*/liver \(pass the --root you gave prepare"):
+                                        r"now points to .*/liver, where dataset.json is missing or differs \(pass "
+                                        r"the --root you gave prepare"):
         PreparedIndex.load(load_project(project_dir / "project.yaml"))
     PreparedIndex.load(moved)  # twin: with the same root it loads
+
+
+def test_a_moved_or_copied_project_stays_prepared(project_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Source paths are recorded relative to their dataset root: a project moved, or copied with its mtimes
+    (cp -a), loads without re-preparing and keeps its data fingerprint (hence its shared experts); a copy
+    with other mtimes is stale, as an edited file would be."""
+    import shutil
+
+    index = prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    moved = elsewhere / "moved"
+    shutil.move(project_dir, moved)
+    assert PreparedIndex.load(load_project(moved / "project.yaml")).fingerprint == index.fingerprint
+    again = prepare_project(load_project(moved / "project.yaml"), workers=0, progress=False)
+    assert again.summary.prepared == () and again.fingerprint == index.fingerprint
+    copied = elsewhere / "copied"
+    shutil.copytree(moved, copied)  # copy2 keeps the mtimes
+    assert PreparedIndex.load(load_project(copied / "project.yaml")).fingerprint == index.fingerprint
+    # another copy of one dataset, given by --root, is the same data
+    shutil.copytree(moved / "kidney", elsewhere / "kidney_copy")
+    other_root = load_project(moved / "project.yaml", roots={"kidney": elsewhere / "kidney_copy"})
+    assert PreparedIndex.load(other_root).fingerprint == index.fingerprint
+    # twins: an image with another mtime is a change, in the copy (whose original still matches) and in the
+    # moved project itself
+    for folder, message in ((copied, r"prepared from .*moved/kidney, and the project now points to .*copied/kidney, "
+                                     r"where imagesTr/{} is missing or differs"),
+                            (moved, r"prepared data is stale: .*moved/kidney/imagesTr/{} changed since prepare")):
+        image = sorted((folder / "kidney" / "imagesTr").iterdir())[0]
+        os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+        with pytest.raises(DataError, match=message.format(image.name)):
+            PreparedIndex.load(load_project(folder / "project.yaml"))
 
 
 def test_changed_spacing_redoes_everything_and_force_too(project_dir: Path) -> None:

@@ -54,7 +54,7 @@ PREPROCESS_VERSION = 1
 #: voxels of the prepared grid kept around the body's bounding box
 CROP_MARGIN_VOXELS = 2
 INDEX_FORMAT = "unionseg-prepared"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: source paths relative to their dataset root
 _RESERVED_EXTRAS = ("image", "label", "oracle")
 #: the lock file of a prepared cache (``<cache_dir>/.lock``), held by the process preparing it
 CACHE_LOCK = ".lock"
@@ -413,9 +413,23 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
 
 
 # ---------------------------------------------------------------------- the cache: one case
-def _stat(path: Path) -> list[Any]:
+def _relative(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` (POSIX), or absolute where it lies outside."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _stat(path: Path, root: Path) -> list[Any]:
+    """A source file's identity: its path relative to the dataset root, size and mtime.
+
+    Relative, so that a project moved or copied with its data (``mv``, ``cp -a``, ``rsync -a``: mtimes kept),
+    or pointed to another copy of a dataset by ``--root``, stays prepared, its data fingerprint and shared
+    experts included.
+    """
     st = path.stat()
-    return [str(path), int(st.st_size), int(st.st_mtime_ns)]
+    return [_relative(path, root), int(st.st_size), int(st.st_mtime_ns)]
 
 
 def _hash(data: Any) -> str:
@@ -620,24 +634,23 @@ def _settings(project: Project) -> dict[str, Any]:
         "datasets": [
             {"name": d.name, "root": str(d.root), "layout": d.layout, "role": d.role, "split": to_dict(d.split),
              "lookup": space.local_lookup(d.name).tolist(), "annotated": list(d.annotated),
-             "oracle_labels": str(d.oracle_labels) if d.oracle_labels else None}
+             "oracle_labels": _relative(d.oracle_labels, d.root) if d.oracle_labels else None}
             for d in project.datasets
         ],
     }
 
 
+def _settings_hash(settings: Mapping[str, Any]) -> str:
+    """The settings' fingerprint, where the data are left out: the sources' checks decide about them."""
+    return _hash({**settings, "datasets": [{k: v for k, v in d.items() if k != "root"} for d in settings["datasets"]]})
+
+
 def _settings_change(recorded: Any, current: Mapping[str, Any]) -> str:
-    """What differs between the settings a cache was prepared with and the project's now, in words; a moved
-    dataset root (a forgotten ``--root``, a moved project) says so, since re-preparing is then not the fix."""
+    """What differs between the settings a cache was prepared with and the project's now, in words."""
     generic = "the project's preprocessing, label maps or datasets changed since prepare"
     if not isinstance(recorded, Mapping):
         return generic
     old_sets = {d.get("name"): d for d in recorded.get("datasets", []) if isinstance(d, Mapping)}
-    for d in current["datasets"]:
-        before = old_sets.get(d["name"])
-        if before is not None and before.get("root") != d["root"]:
-            return (f"dataset {d['name']!r} was prepared from {before.get('root')}, and the project now points to "
-                    f"{d['root']} (pass the --root you gave prepare, or prepare again if the data moved)")
     names = [d["name"] for d in current["datasets"]]
     if list(old_sets) != names:
         return f"the project's datasets are now {names}, prepared were {list(old_sets)}"
@@ -647,7 +660,7 @@ def _settings_change(recorded: Any, current: Mapping[str, Any]) -> str:
     words = {"lookup": "label map", "annotated": "annotated classes", "oracle_labels": "oracle labels"}
     for d in current["datasets"]:
         before = old_sets[d["name"]]
-        changed = [words.get(k, k) for k in d if before.get(k) != d[k]]
+        changed = [words.get(k, k) for k in d if k != "root" and before.get(k) != d[k]]
         if changed:
             return f"dataset {d['name']!r}: {', '.join(changed)} changed since prepare"
     return generic
@@ -700,13 +713,25 @@ class PreparedIndex:
         if data.get("format") != INDEX_FORMAT or data.get("version") != INDEX_VERSION:
             raise DataError(f"not a prepared index of this unionseg version; {hint}", path)
         current = _settings(project)
-        if data.get("settings_fingerprint") != _hash(current):
+        if data.get("settings_fingerprint") != _settings_hash(current):
             raise DataError(f"prepared data is stale: {_settings_change(data.get('settings'), current)}; {hint}",
                             path)
         if check_sources:
-            for src in data.get("sources", []):
-                if not _source_unchanged(src):
-                    raise DataError(f"prepared data is stale: {src[0]} changed since prepare; {hint}", path)
+            roots = {d.name: d.root for d in project.datasets}
+            prepared_from = {d.get("name"): d.get("root") for d in data["settings"].get("datasets", [])}
+            for name, rel, size, mtime in data.get("sources", []):
+                source = roots[name] / rel  # an absolute rel (outside the root) stays itself
+                if _source_unchanged(source, size, mtime):
+                    continue
+                before = prepared_from.get(name)
+                if before is not None and before != str(roots[name]) and _source_unchanged(Path(before) / rel, size,
+                                                                                             mtime):
+                    # the prepared data are still where they were: a forgotten --root, where re-preparing is
+                    # not the fix (a project moved with its data finds its sources through the new root)
+                    raise DataError(f"dataset {name!r} was prepared from {prepared_from.get(name)}, and the project "
+                                    f"now points to {roots[name]}, where {rel} is missing or differs (pass the "
+                                    "--root you gave prepare, or prepare again if the data changed)", path)
+                raise DataError(f"prepared data is stale: {source} changed since prepare; {hint}", path)
             for entry in data["cases"]:
                 if not (project.cache_dir / entry["dataset"] / f"{entry['case_id']}.json").is_file():
                     raise DataError(f"prepared case {entry['dataset']}/{entry['case_id']} is missing; {hint}", path)
@@ -734,13 +759,12 @@ class PreparedIndex:
         return f"PreparedIndex({self.project.name!r}, {counts}, fingerprint={self.fingerprint})"
 
 
-def _source_unchanged(src: Sequence[Any]) -> bool:
-    path = Path(src[0])
+def _source_unchanged(path: Path, size: int, mtime_ns: int) -> bool:
     try:
         st = path.stat()
     except OSError:
         return False
-    return int(st.st_size) == int(src[1]) and int(st.st_mtime_ns) == int(src[2])
+    return int(st.st_size) == int(size) and int(st.st_mtime_ns) == int(mtime_ns)
 
 
 # ---------------------------------------------------------------------- prepare a project
@@ -760,7 +784,7 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
         json_path = ds.root / "dataset.json"
         check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
         if json_path.is_file():  # KiTS and image/label-folder layouts have none
-            sources.append(_stat(json_path))
+            sources.append([ds.name, *_stat(json_path, ds.root)])
         ids = [c.case_id for c in info.cases]
         if ds.role == "train":
             split = split_cases(ids, ds.split, where=f"datasets.{ds.name}.", source=project.path)
@@ -772,9 +796,9 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
         out_dir = project.cache_dir / ds.name
         for case in info.cases:
             assert case.label is not None
-            image_stat, label_stat = _stat(case.image), _stat(case.label)
-            oracle_stat = _stat(case.oracle_label) if case.oracle_label is not None else None
-            sources.extend(s for s in (image_stat, label_stat, oracle_stat) if s is not None)
+            image_stat, label_stat = _stat(case.image, ds.root), _stat(case.label, ds.root)
+            oracle_stat = _stat(case.oracle_label, ds.root) if case.oracle_label is not None else None
+            sources.extend([ds.name, *s] for s in (image_stat, label_stat, oracle_stat) if s is not None)
             fp_image = _hash({"v": PREPROCESS_VERSION, "spec": spec_dict, "file": image_stat})
             fp_label = _hash({"image": fp_image, "file": label_stat, "lookup": lookup})
             fp_oracle = (_hash({"image": fp_image, "file": oracle_stat, "n_leaves": space.n_leaves})
@@ -944,10 +968,11 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     redone = {k for k in prepared + relabelled}
     skipped = tuple(f"{e['dataset']}/{e['case_id']}" for e in entries if f"{e['dataset']}/{e['case_id']}" not in redone)
     settings = _settings(project)
+    # the same wherever the project and its data lie (no absolute path goes into it)
     fingerprint = _hash({"cases": [[e["dataset"], e["case_id"], e["split"], e["fingerprints"]] for e in entries],
-                         "settings": settings})
+                         "settings": _settings_hash(settings)})
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "project": project.name,
-             "settings": settings, "settings_fingerprint": _hash(settings), "splits": splits,
+             "settings": settings, "settings_fingerprint": _settings_hash(settings), "splits": splits,
              "fingerprint": fingerprint, "sources": sources, "cases": entries}
     cache.mkdir(parents=True, exist_ok=True)
     tmp = index_path.with_name(f".index.json.{os.getpid()}.tmp")
