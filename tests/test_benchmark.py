@@ -276,6 +276,16 @@ def test_benchmark_folder_guards_refuse_before_anything_is_written(tmp_path: Pat
     with pytest.raises(ConfigError, match=r"typo.yaml: row 'naive' \(method 'naive'\): nosuch: unknown key"):
         run_benchmark(str(typo), empty, progress=False)
     assert not empty.exists()
+    # phantom keys and budget_from name the key and the suite file, before the folder is made (a bad
+    # size failed in the phantom generator, naming neither, after benchmark.json was written)
+    for text, message in (("phantom_size: huge", r"typo.yaml: phantom_size: 'huge' is not a phantom size"),
+                          ("phantom_suite: other", r"typo.yaml: phantom_suite: 'other' is not a phantom suite"),
+                          ("phantom_cases: [0, 1, 1]", r"typo.yaml: phantom_cases: .* must each be >= 1"),
+                          ("budget_from: standrad", r"typo.yaml: budget_from: unknown suite 'standrad'")):
+        typo.write_text(f"name: typo\nmethods: [naive]\n{text}\n")
+        with pytest.raises(ConfigError, match=message):
+            run_benchmark(str(typo), empty, progress=False)
+    assert not empty.exists()
     with pytest.raises(ConfigError, match="row name 'oracle' is given twice"):
         from unionseg.benchmark import SuiteConfig
         from unionseg.config import from_dict

@@ -105,3 +105,15 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_methods_lists_every_method_with_what_it_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """`unionseg methods` gives each method's line: `expert` says what it is for instead of standing bare."""
+    from unionseg.methods.base import available_methods
+
+    assert run(["methods"]) == 0
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    assert sorted(lines) == available_methods()
+    assert lines["dodnet"].startswith("Zhang et al., CVPR 2021")
+    assert "options.dataset=NAME" in lines["expert"]
+    assert all(text.strip() for text in lines.values())

@@ -54,8 +54,17 @@ class SuiteConfig:
     prepare_workers: int = 2
 
     def validate(self) -> None:
+        from unionseg.data.phantom import SIZES, SUITES
+
         if self.seeds < 1:
             raise ValueError(f"seeds: must be >= 1, got {self.seeds}")
+        if self.phantom_size not in SIZES:
+            raise ValueError(f"phantom_size: {self.phantom_size!r} is not a phantom size ({', '.join(SIZES)})")
+        if self.phantom_suite not in SUITES:
+            raise ValueError(f"phantom_suite: {self.phantom_suite!r} is not a phantom suite ({', '.join(SUITES)})")
+        if self.phantom_cases is not None and min(self.phantom_cases) < 1:
+            raise ValueError(f"phantom_cases: (train per set, val, test) must each be >= 1, got "
+                             f"{list(self.phantom_cases)}")
         names = [*self.methods, *(r.name for r in self.ablations)]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
@@ -104,7 +113,12 @@ def load_suite(name: str, _seen: tuple[str, ...] = ()) -> SuiteConfig:
     if base is not None:
         if not isinstance(base, str) or str(base) in _seen:
             raise ConfigError(f"budget_from: {base!r} must name another suite, without cycles", path)
-        inherited = load_suite(base, (*_seen, name)).budget
+        try:
+            inherited = load_suite(base, (*_seen, name)).budget
+        except ConfigError as exc:
+            if exc.path is not None:  # the error lies in that suite's own file, which it names
+                raise
+            raise ConfigError(f"budget_from: {exc.message}", path) from None
         raw["budget"] = {**inherited, **(raw.get("budget") or {})}
     return from_dict(SuiteConfig, raw, source=str(path))
 

@@ -122,6 +122,8 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    #: one line for `unionseg methods`: what the method is, and its paper
+    summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     #: stages run before training (e.g. "experts", "pseudo_labels"); "train" is the trainer's loop
     stages: ClassVar[tuple[str, ...]] = ("train",)

@@ -37,6 +37,8 @@ class SoftmaxMethod(Method):
 @register_method("naive")
 class NaiveMethod(SoftmaxMethod):
     """Union of datasets; every voxel not annotated as an organ is background. CE + Dice over leaves."""
+    summary = ("baseline: one softmax network on the union of the datasets; an organ a dataset leaves "
+               "unlabelled is background there")
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from unionseg.losses import marginal_loss
@@ -50,6 +52,7 @@ class NaiveMethod(SoftmaxMethod):
 @register_method("oracle")
 class OracleMethod(NaiveMethod):
     """The naive code path on the hidden full truth (phantom only)."""
+    summary = "upper bound: the naive network on the full labels (phantom only: real datasets have none)"
 
     label_source = "oracle"
 
@@ -66,6 +69,8 @@ class MarginalOptions:
 @register_method("marginal")
 class MarginalMethod(SoftmaxMethod):
     """Marginal CE + Dice on merged background, and the exclusion loss (Shi et al., MedIA 2021)."""
+    summary = ("baseline: marginal and exclusion losses (Shi et al. 2021); no organ is ever taught as "
+               "background")
 
     Options = MarginalOptions
 
@@ -82,6 +87,7 @@ class MarginalMethod(SoftmaxMethod):
 @register_method("individual")
 class IndividualMethod(Method):
     """Experts + merge. Nothing to train beyond the shared experts."""
+    summary = "baseline: one expert per dataset, their outputs merged; no network of its own"
 
     stages = ("experts",)
 

@@ -10,4 +10,5 @@ from unionseg.methods.dodnet import TaskMethod
 
 @register_method("conditional")
 class ConditionalMethod(TaskMethod):
+    summary = "baseline for DoDNet: the task code as extra input channels, one head"
     head_name = "conditional"

@@ -85,6 +85,8 @@ def region_mask(codes: torch.Tensor, pseudo: torch.Tensor, annotated: torch.Tens
 @register_method("cotraining")
 class CotrainingMethod(SoftmaxMethod):
     """Two networks with weight averages, co-trained on pseudo labels and each other's averages."""
+    summary = ("Huang et al., MICCAI 2020: pseudo labels from the experts, two co-trained networks and their "
+               "weight averages")
 
     Options = CotrainingOptions
     stages = ("experts", "pseudo_labels", "train")

@@ -162,6 +162,8 @@ class TaskMethod(Method):
 @register_method("dodnet")
 class DoDNetMethod(TaskMethod):
     """Dynamic head: GAP(bottleneck) + task one-hot -> controller -> 1x1x1 conv weights (8-8-C)."""
+    summary = ("Zhang et al., CVPR 2021: one network, a task code drives a dynamic head; sigmoid outputs per "
+               "task")
 
     head_name = "dynamic"
 

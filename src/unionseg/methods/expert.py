@@ -46,6 +46,8 @@ class ExpertOptions:
 @register_method("expert")
 class ExpertMethod(Method):
     """Trains on one dataset with CE + Dice over its own classes (region codes through the marginal form)."""
+    summary = ("one dataset's classes alone (options.dataset=NAME); the shared experts of individual, "
+               "cotraining and mskd")
 
     Options = ExpertOptions
 

@@ -48,6 +48,7 @@ class MSKDOptions:
 @register_method("mskd")
 class MSKDMethod(SoftmaxMethod):
     """One student distilled from the per-dataset experts."""
+    summary = "Feng et al. 2021: the experts distil into one student (logits and features)"
 
     Options = MSKDOptions
     stages = ("experts", "teacher_probabilities", "train")

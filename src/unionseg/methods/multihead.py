@@ -9,4 +9,5 @@ from unionseg.methods.dodnet import TaskMethod
 
 @register_method("multihead")
 class MultiHeadMethod(TaskMethod):
+    summary = "baseline for DoDNet: one shared network, a static head per task"
     head_name = "multihead"

@@ -72,7 +72,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def methods() -> None:
         """List the available methods."""
-        from unionseg.methods.base import available_methods
+        from unionseg.methods.base import available_methods, get_method
 
-        for name in available_methods():
-            typer.echo(name)
+        names = available_methods()
+        width = max(len(n) for n in names)
+        for name in names:
+            typer.echo(f"{name:<{width}}  {get_method(name).summary}".rstrip())
