@@ -28,7 +28,7 @@ from unionseg.data.preprocess import (
     remap_labels,
     restore_to_source,
 )
-from unionseg.errors import DataError
+from unionseg.errors import ConfigError, DataError
 
 LPS = np.diag([-1.5, -1.5, 2.5, 1.0])
 
@@ -284,8 +284,9 @@ def test_a_dataset_root_other_than_prepared_is_named_not_called_a_change(project
     moved = load_project(project_dir / "project.yaml", roots={"liver": project_dir.parent / "liver_elsewhere"})
     prepare_project(moved, workers=0, progress=False)
     with pytest.raises(DataError, match=r"dataset 'liver' was prepared from .*liver_elsewhere, and the project "
-                                        r"now points to .*/liver, where dataset.json is missing or differs \(pass "
-                                        r"the --root you gave prepare"):
+                                        r"now points to .*/liver, where dataset.json is missing or differs; to use "
+                                        r"what was prepared, pass --root liver=.*liver_elsewhere \(as prepare was "
+                                        r"given, perhaps\); to use the data at .*/liver, run `unionseg prepare"):
         PreparedIndex.load(load_project(project_dir / "project.yaml"))
     PreparedIndex.load(moved)  # twin: with the same root it loads
 
@@ -319,6 +320,42 @@ def test_a_moved_or_copied_project_stays_prepared(project_dir: Path, tmp_path_fa
         os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
         with pytest.raises(DataError, match=message.format(image.name)):
             PreparedIndex.load(load_project(folder / "project.yaml"))
+
+
+def test_a_root_with_dotdot_is_recorded_inside_it(project_dir: Path) -> None:
+    """``root: ../liver`` (the project in a subfolder): the sources are recorded relative to the root, so an
+    edit in a copy of the tree is seen in the copy (it checked the original's files, and trained on the
+    copy's stale labels)."""
+    import shutil
+
+    data = _project_dict()
+    for d in data["datasets"]:
+        d["root"] = f"../{d['root']}"
+    (project_dir / "proj").mkdir()
+    _write_project(project_dir / "proj", data)
+    prepare_project(load_project(project_dir / "proj" / "project.yaml"), workers=0, progress=False)
+    sources = json.loads((project_dir / "proj" / "prepared" / "index.json").read_text())["sources"]
+    assert sources and not any(Path(rel).is_absolute() or ".." in rel for _, rel, _, _ in sources)
+    copy = project_dir.parent / f"{project_dir.name}_copy"
+    shutil.copytree(project_dir, copy)
+    PreparedIndex.load(load_project(copy / "proj" / "project.yaml"))
+    label = sorted((copy / "kidney" / "labelsTr").iterdir())[0]
+    os.utime(label, ns=(label.stat().st_atime_ns, label.stat().st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match=f"where labelsTr/{label.name} is missing or differs"):
+        PreparedIndex.load(load_project(copy / "proj" / "project.yaml"))
+
+
+def test_home_in_roots(project_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--root liver=~/x`` (zsh passes the ~ on) is the home folder's; ``root: ~/x`` in a project file is
+    refused as not portable, like an absolute path."""
+    monkeypatch.setenv("HOME", str(project_dir))
+    project = load_project(project_dir / "project.yaml", roots={"liver": "~/liver"})
+    assert project.datasets[0].root == (project_dir / "liver").resolve()
+    data = _project_dict()
+    data["datasets"][0]["root"] = "~/liver"
+    _write_project(project_dir, data)
+    with pytest.raises(ConfigError, match="datasets.liver.root: absolute paths are not portable"):
+        load_project(project_dir / "project.yaml")
 
 
 def test_changed_spacing_redoes_everything_and_force_too(project_dir: Path) -> None:

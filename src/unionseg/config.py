@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import re
 import types
@@ -421,10 +422,10 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
             raise ConfigError(f"{where}.root: missing (give it in the project file or with --root {name}=DIR"
                               f"{root_hint})", source)
         root = Path(raw["root"])
-        if root.is_absolute():
+        if root.is_absolute() or raw["root"].startswith("~"):
             raise ConfigError(f"{where}.root: absolute paths are not portable; give it relative to the "
-                              "project file or pass --root", source)
-        root = base / root
+                              "project file, or give this machine's folder in a roots file or with --root", source)
+        root = Path(os.path.normpath(base / root))  # '..' resolved: the cache records paths inside the root
     labels = raw["labels"]
     if not isinstance(labels, Mapping) or not labels:
         raise ConfigError(f"{where}.labels: expected a mapping local value -> class", source)
@@ -532,7 +533,7 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     ds_raw = raw.get("datasets")
     if not isinstance(ds_raw, list) or not ds_raw:
         raise ConfigError("datasets: expected a non-empty list", path)
-    root_over = {k: Path(v).resolve() for k, v in (roots or {}).items()}
+    root_over = {k: Path(v).expanduser().resolve() for k, v in (roots or {}).items()}  # zsh leaves ~ after =
     file_roots, cache_base, root_hint = _read_roots_file(raw.get("roots_file"), base, source)
     merged = {**file_roots, **root_over}  # --root wins over the roots file, which wins over a dataset's root
     datasets = tuple(_parse_dataset(d, i, base, source, merged, root_hint) for i, d in enumerate(ds_raw))

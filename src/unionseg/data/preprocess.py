@@ -416,7 +416,7 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
 def _relative(path: Path, root: Path) -> str:
     """``path`` relative to ``root`` (POSIX), or absolute where it lies outside."""
     try:
-        return path.relative_to(root).as_posix()
+        return Path(os.path.normpath(path)).relative_to(os.path.normpath(root)).as_posix()
     except ValueError:
         return str(path)
 
@@ -728,9 +728,10 @@ class PreparedIndex:
                                                                                              mtime):
                     # the prepared data are still where they were: a forgotten --root, where re-preparing is
                     # not the fix (a project moved with its data finds its sources through the new root)
-                    raise DataError(f"dataset {name!r} was prepared from {prepared_from.get(name)}, and the project "
-                                    f"now points to {roots[name]}, where {rel} is missing or differs (pass the "
-                                    "--root you gave prepare, or prepare again if the data changed)", path)
+                    raise DataError(f"dataset {name!r} was prepared from {before}, and the project now points to "
+                                    f"{roots[name]}, where {rel} is missing or differs; to use what was prepared, "
+                                    f"pass --root {name}={before} (as prepare was given, perhaps); to use the data "
+                                    f"at {roots[name]}, {hint}", path)
                 raise DataError(f"prepared data is stale: {source} changed since prepare; {hint}", path)
             for entry in data["cases"]:
                 if not (project.cache_dir / entry["dataset"] / f"{entry['case_id']}.json").is_file():
