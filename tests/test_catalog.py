@@ -129,6 +129,80 @@ def test_symlinked_image_folder_is_accepted(tmp_path: Path) -> None:
     assert info.cases[0].image == root.absolute() / "imagesTr" / "case_000.nii.gz"
 
 
+def test_msd_leftovers_are_warned_about(tmp_path: Path) -> None:
+    """Images the 'training' list leaves out, and a numTraining that disagrees with it, are told (the
+    nnU-Net layout already said so); a clean folder says nothing."""
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
+    root = write_msd_dataset(tmp_path / "ds", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(scan_dataset("ds", root).cases) == 3
+    data = json.loads((root / "dataset.json").read_text())
+    _edit_json(root, training=data["training"][:2], numTraining=3)
+    with pytest.warns(UnionsegWarning) as caught:
+        assert len(scan_dataset("ds", root).cases) == 2
+    told = "\n".join(str(w.message) for w in caught)
+    assert "1 image(s) are not in dataset.json's 'training' list and are left out: case_002.nii.gz" in told
+    assert "numTraining is 3 but 'training' lists 2 case(s)" in told
+
+
+def test_nnunet_json_with_a_training_list_is_nnunet(tmp_path: Path) -> None:
+    """nnU-Net ignores a 'training' list; its keys decide (it was read as MSD and its labels refused)."""
+    root = write_nnunet_dataset(tmp_path / "ds", 2)
+    _edit_json(root, training=[{"image": "./imagesTr/case_000_0000.nii.gz", "label": "./labelsTr/case_000.nii.gz"}])
+    info = scan_dataset("ds", root)
+    assert info.layout == "nnunet" and len(info.cases) == 2
+
+
+def test_nnunet_v1_task_folder_is_named_as_such(tmp_path: Path) -> None:
+    """An MSD-style list naming case.nii.gz where the file is case_0000.nii.gz (nnU-Net v1) says what it is."""
+    root = write_msd_dataset(tmp_path / "ds", 2)
+    for image in sorted((root / "imagesTr").iterdir()):
+        image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    with pytest.raises(DataError, match="case_000_0000.nii.gz is there: an nnU-Net v1 task folder, which layout "
+                                        "'folders' reads"):
+        scan_dataset("ds", root)
+    assert len(scan_dataset("ds", root, layout="folders").cases) == 2  # twin: the layout it names reads it
+
+
+def test_folders_layout_keys(tmp_path: Path) -> None:
+    """A labels folder's names are never channel-tagged: case_0000 keeps its name (its label was reported
+    missing); an images folder drops _0000 only when every image has it."""
+    root = write_nnunet_dataset(tmp_path / "tagged", 2, prefix="case_0000x")  # case_0000x_000_0000.nii.gz
+    (root / "dataset.json").unlink()
+    assert [c.case_id for c in scan_dataset("ds", root).cases] == ["case_0000x_000", "case_0000x_001"]
+    plain = tmp_path / "plain"
+    (plain / "imagesTr").mkdir(parents=True)
+    (plain / "labelsTr").mkdir()
+    for i, name in enumerate(["case_0000", "case_0001"]):
+        write_tiny_case(plain / "imagesTr" / f"{name}_0000.nii.gz", plain / "labelsTr" / f"{name}.nii.gz", seed=i)
+    assert [c.case_id for c in scan_dataset("ds", plain).cases] == ["case_0000", "case_0001"]
+    untagged = tmp_path / "untagged"
+    (untagged / "imagesTr").mkdir(parents=True)
+    (untagged / "labelsTr").mkdir()
+    for i, name in enumerate(["x_0000", "y"]):
+        write_tiny_case(untagged / "imagesTr" / f"{name}.nii.gz", untagged / "labelsTr" / f"{name}.nii.gz", seed=i)
+    assert [c.case_id for c in scan_dataset("ds", untagged).cases] == ["x_0000", "y"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
+def test_a_broken_link_is_an_error_not_a_case_left_out(tmp_path: Path) -> None:
+    store = write_nnunet_dataset(tmp_path / "store", 3)
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for sub in ("imagesTr", "labelsTr"):
+        for f in sorted((store / sub).iterdir()):
+            os.symlink(f, root / sub / f.name)
+    assert len(scan_dataset("ds", root).cases) == 3  # twin: links that resolve are read
+    (store / "imagesTr" / "case_002_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match="broken link: its target .*case_002_0000.nii.gz does not exist"):
+        scan_dataset("ds", root)
+
+
 # ---------------------------------------------------------------------- structural errors
 def test_duplicate_case_ids(tmp_path: Path) -> None:
     root = write_msd_dataset(tmp_path / "ds", 2)

@@ -110,10 +110,10 @@ def detect_layout(root: Path, data: Mapping[str, Any]) -> str:
     Raises:
         DataError: the file matches neither layout.
     """
+    if "channel_names" in data or "file_ending" in data:  # nnU-Net v2 (which ignores a 'training' list)
+        return "nnunet"
     if "training" in data:
         return "msd"
-    if "channel_names" in data or "file_ending" in data:
-        return "nnunet"
     raise DataError("dataset.json matches no known layout: MSD needs 'training'; nnU-Net v2 needs "
                     "'channel_names' and 'file_ending' (set the dataset's layout to 'folders' to ignore "
                     "this file)", root / "dataset.json")
@@ -253,7 +253,29 @@ def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) 
         image = _inside(root, item["image"], f"training[{i}].image", json_path)
         label = _inside(root, item["label"], f"training[{i}].label", json_path) if item.get("label") else None
         out.append((strip_suffix(image), image, label))
+    _warn_msd_leftovers(root, data, out, json_path)
     return out
+
+
+def _listed(files: Sequence[Path]) -> str:
+    return ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
+def _warn_msd_leftovers(root: Path, data: Mapping[str, Any], cases: _RawCases, json_path: Path) -> None:
+    """Warn about images in ``imagesTr`` that the ``training`` list leaves out, and a ``numTraining`` that
+    disagrees with the list: a half-updated dataset.json is not trained on quietly."""
+    images_dir = root / "imagesTr"
+    if images_dir.is_dir():
+        listed = {os.path.normcase(str(image)) for _, image, _ in cases}
+        unlisted = [p for p in sorted(images_dir.iterdir())
+                    if _is_image_file(p) and os.path.normcase(str(p)) not in listed]
+        if unlisted:
+            warnings.warn(f"{images_dir}: {len(unlisted)} image(s) are not in dataset.json's 'training' list and "
+                          f"are left out: {_listed(unlisted)}", UnionsegWarning, stacklevel=4)
+    stated = data.get("numTraining")
+    if isinstance(stated, int) and not isinstance(stated, bool) and stated != len(cases):
+        warnings.warn(f"{json_path}: numTraining is {stated} but 'training' lists {len(cases)} case(s)",
+                      UnionsegWarning, stacklevel=4)
 
 
 def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Path) -> _RawCases:
@@ -292,22 +314,19 @@ def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cas
     def tell(message: str) -> None:
         warnings.warn(message, UnionsegWarning, stacklevel=4)
 
-    def listed(files: Sequence[Path]) -> str:
-        return ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
     others = [p for p in sorted(images_dir.iterdir())
               if _is_image_file(p) and not p.name.endswith(ending)]
     if others:
         tell(f"{images_dir}: {len(others)} image(s) do not end in file_ending {ending!r} and are left out: "
-             f"{listed(others)}")
+             f"{_listed(others)}")
     if labels_dir.is_dir():
         wanted = {label.name for _, _, label in cases if label is not None}
         orphans = [p for p in sorted(labels_dir.iterdir())
                    if _is_image_file(p) and p.name not in wanted]
         if orphans:
             tell(f"{labels_dir}: {len(orphans)} label file(s) have no image in imagesTr and are left out: "
-                 f"{listed(orphans)}")
+                 f"{_listed(orphans)}")
     stated = data.get("numTraining")
     if isinstance(stated, int) and not isinstance(stated, bool) and stated != len(cases):
         tell(f"{json_path}: numTraining is {stated} but imagesTr holds {len(cases)} case(s) ending in {ending!r}")
@@ -398,21 +417,36 @@ def match_by_name(
     return pairs, rest_left, rest_right
 
 
-def image_files(folder: Path) -> dict[str, Path]:
-    """Key (:func:`image_key`) -> image file of a folder's direct children; hidden files are ignored.
+def image_files(folder: Path, channel_tags: str = "each") -> dict[str, Path]:
+    """Key -> image file of a folder's direct children; hidden files are ignored.
+
+    Args:
+        channel_tags: where a key drops nnU-Net's channel tag ``_0000``: ``each`` file that has it
+            (:func:`image_key`), ``all`` (only when every file of the folder has it: an images folder, so
+            that case ``x_0000`` of an untagged folder keeps its name) or ``none`` (a labels folder, whose
+            names never carry one).
 
     Raises:
         DataError: two files with the same key (``a.nii`` and ``a.nii.gz``).
     """
+    files = [path for path in sorted(folder.iterdir()) if _is_image_file(path)]
+    strip = channel_tags == "each" or (
+        channel_tags == "all" and all(strip_suffix(p).endswith(_CHANNEL_SUFFIX) for p in files))
     out: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if not _is_image_file(path):
-            continue
-        key = image_key(path)
+    for path in files:
+        key = image_key(path) if strip else strip_suffix(path)
         if key in out:
             raise DataError(f"duplicate case id {key!r} (also {out[key].name})", path)
         out[key] = path
     return out
+
+
+def _refuse_dangling_links(folder: Path) -> None:
+    """A link whose target is gone (an unmounted disk, a moved store) is an error, not a case left out."""
+    for path in sorted(folder.iterdir()):
+        if (not path.name.startswith(".") and suffix_of(path) in IMAGE_SUFFIXES and path.is_symlink()
+                and not path.exists()):
+            raise DataError(f"broken link: its target {os.readlink(path)} does not exist", path)
 
 
 def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
@@ -426,7 +460,9 @@ def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
     for folder, what in ((images_dir, "images"), (labels_dir, "labels")):
         if not folder.is_dir():
             raise DataError(f"{what} folder not found", folder)
-    images, labels = image_files(images_dir), image_files(labels_dir)
+    _refuse_dangling_links(images_dir)
+    _refuse_dangling_links(labels_dir)
+    images, labels = image_files(images_dir, channel_tags="all"), image_files(labels_dir, channel_tags="none")
     pairs, lonely_images, lonely_labels = match_by_name(images, labels)
     if lonely_images:
         key = lonely_images[0]
@@ -493,8 +529,11 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
             raise DataError(f"duplicate case id {case_id!r} (also {seen[case_id].name})", image)
         seen[case_id] = image
         if not _exists(image):
-            raise DataError("image file listed in dataset.json is missing" if declared is not None
-                            else "image file is missing", image)
+            tagged = image.with_name(f"{strip_suffix(image)}{_CHANNEL_SUFFIX}{suffix_of(image)}")
+            v1 = (f"; {tagged.name} is there: an nnU-Net v1 task folder, which layout 'folders' reads"
+                  if layout == "msd" and _exists(tagged) else "")
+            raise DataError(("image file listed in dataset.json is missing" if declared is not None
+                             else "image file is missing") + v1, image)
         if label is None or not _exists(label):
             raise DataError(f"label file for case {case_id!r} is missing", label or image)
         oracle = None
