@@ -299,6 +299,12 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
                              None, root / "eval_serial", figures=False)
     assert serial["cases"] == summary["cases"]
     assert not (root / "eval_serial" / "figures").exists()
+    # --no-figures into the first run's folder removes its figures, which would show the old predictions
+    # beside the new tables; a file of the user's in figures/ stays
+    (out / "figures" / "mine.txt").write_text("keep")
+    evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, out,
+                    figures=False)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["mine.txt"]
 
 
 def test_evaluate_folder_partial_truth_scores_annotated_only(tiny_project: Path) -> None:
@@ -346,6 +352,13 @@ def test_evaluate_folder_errors(tiny_project: Path) -> None:
     with pytest.raises(DataError, match="grid differs") as info:
         evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
     assert "preds/case_1.nii.gz" in str(info.value) and "labelsTr/case_1.nii.gz" in str(info.value)
+    # a value outside the leaf ids is named, not the largest valid one (it said "holds value 3" for a -1)
+    bad = np.zeros(SHAPE, np.int16)
+    bad[0, 0, 0], bad[1, 1, 1] = -1, 3
+    write_image(root / "preds" / "case_1.nii.gz", bad, Geometry(SHAPE, AFFINE))
+    with pytest.raises(DataError, match=r"prediction holds value\(s\) -1 outside the leaf ids of this project "
+                                        r"\(0\.\.3\)"):
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
     outside = root / "elsewhere"
     outside.mkdir()
     with pytest.raises(ConfigError, match="--dataset"):

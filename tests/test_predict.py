@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -564,6 +565,101 @@ def test_real_dicom_series_keeps_its_geometry(tmp_path: Path) -> None:
     ref = read_image(folder)[1]
     assert labels.shape == ref.shape == (512, 512, 3)
     np.testing.assert_allclose(geom.affine, ref.affine, atol=1e-4)
+
+
+def _write_dicom_series(folder: Path, shape: tuple[int, int, int] = (16, 16, 6), name: str = "IM{:04d}") -> None:
+    """A CT series of one file per slice, named as scanners and PACS exports often do (no suffix)."""
+    import locale
+
+    import SimpleITK as sitk
+
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (the reader does not)
+    try:
+        _write_slices(sitk, folder, shape, name)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slices(sitk: Any, folder: Path, shape: tuple[int, int, int], name: str) -> None:
+    folder.mkdir(parents=True)
+    volume = sitk.GetImageFromArray(np.transpose(_ct(shape).astype(np.int16), (2, 1, 0)))
+    volume.SetSpacing((2.0, 2.0, 3.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(shape[2]):
+        plane = volume[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", f"0\\0\\{3.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0028|0030", "2\\2"), ("0018|0050", "3")):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / "slice.dcm"))  # the writer picks its format by the suffix
+        writer.Execute(plane)
+        (folder / "slice.dcm").rename(folder / name.format(k))
+
+
+def test_cli_predicts_dicom_files_without_a_suffix_and_names_the_series(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A series of IM0001-style files (no .dcm) is found by the DICOM mark, given as its folder, as one of
+    its files, or as '.', and each prediction is named after the series folder (from '.' it was a hidden
+    '.nii.gz')."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    series = tmp_path / "scans" / "series7"
+    _write_dicom_series(series)
+    assert run(["predict", str(model), str(series), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    labels, geom = read_image(tmp_path / "a" / "series7.nii.gz")
+    assert labels.shape == (16, 16, 6) and geom.spacing == pytest.approx((2.0, 2.0, 3.0))
+    assert run(["predict", str(model), str(series / "IM0002"), "-o", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["series7.nii.gz"]
+    monkeypatch.chdir(series)
+    assert run(["predict", str(model), ".", "-o", str(tmp_path / "c"), "--device", "cpu"]) == 0
+    assert [p.name for p in (tmp_path / "c").iterdir()] == ["series7.nii.gz"]
+    # twin: a file without a suffix that is not DICOM is still refused
+    (tmp_path / "notes").write_text("not an image")
+    assert run(["predict", str(model), str(tmp_path / "notes"), "-o", str(tmp_path / "d"), "--device", "cpu"]) == 2
+    assert "unsupported file type ''" in capsys.readouterr().err
+
+
+def test_cli_flag_values_are_named_as_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--device cuda:x was a traceback, --overlap 1 and --sw-batch 0 were blamed on the model file."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    image = tmp_path / "ct.nii.gz"
+    write_image(image, _ct((16, 16, 8)).astype(np.int16), Geometry.identity((16, 16, 8), (2, 2, 3)))
+    for flags, message in ((["--device", "cuda:x"], "--device must be cpu, cuda, cuda:N or auto, got 'cuda:x'"),
+                           (["--overlap", "1.0"], "--overlap must be in [0, 1), got 1.0"),
+                           (["--sw-batch", "0"], "--sw-batch must be at least 1, got 0")):
+        assert run(["predict", str(model), str(image), "-o", str(tmp_path / "out"), *flags]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_probability_channels_say_what_they_hold(tmp_path: Path) -> None:
+    """_probs.json says what each channel is; for the experts' ensemble a tumour's is given its organ."""
+    import json
+
+    from unionseg.ensemble import ExpertEnsemble
+    from unionseg.inference.predictor import write_probabilities
+
+    model = _model_file(tmp_path)
+    predictor = Predictor.from_checkpoint(model, device="cpu")
+    meanings = predictor.probability_meanings
+    assert set(meanings) == set(predictor.probability_names)
+    assert all("sum to 1" in text for text in meanings.values())  # a softmax model
+    sigmoid = Predictor(torch.nn.Identity(), tiny_space(), PreprocessSpec(), output_form="sigmoid",
+                        channels=tiny_space().region_keys() + tiny_space().part_keys(), device="cpu")
+    assert sigmoid.probability_meanings["liver_tumour"] == "probability of this part"
+    sigmoid.conditional_parts = ExpertEnsemble.conditional_parts  # what an ExpertEnsemble model sets
+    assert "GIVEN its organ region" in sigmoid.probability_meanings["liver_tumour"]
+    assert sigmoid.probability_meanings["region:liver"].startswith("probability of this organ region")
+    names = sigmoid.probability_names
+    write_probabilities(tmp_path / "p_probs.nii.gz", np.zeros((len(names), 2, 2, 2), np.float32),
+                        Geometry.identity((2, 2, 2)), names, sigmoid.probability_meanings)
+    record = json.loads((tmp_path / "p_probs.json").read_text())
+    assert record["channels"] == names and record["meaning"]["liver_tumour"].startswith("probability of this part GIVEN")
 
 
 def test_case_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:

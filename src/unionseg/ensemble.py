@@ -78,6 +78,10 @@ class ExpertEnsemble(nn.Module):
       baseline labelled half of every test volume kidney tumour (kidney Dice 0.03) before this was fixed.
     """
 
+    #: the part channels are probabilities given the region (the predictor says so in ``_probs.json``)
+    conditional_parts = True
+
+
     def __init__(self, experts: Sequence[nn.Module], leaf_ids: Sequence[Sequence[int]], space: LabelSpace) -> None:
         super().__init__()
         self.experts = nn.ModuleList(experts)

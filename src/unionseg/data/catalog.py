@@ -491,6 +491,17 @@ def scan_dataset(name: str, root: Path, layout: str = "auto", oracle_dir: Path |
             invalid dataset.json where the layout needs one, a path escaping the root, a missing image or
             label file, duplicate case ids, or no cases at all. Each names the file at fault.
     """
+    # what a scan leaves out is told only when the dataset is usable: a folder that fails gets its error
+    # alone, not warnings about a half-converted folder before it
+    with warnings.catch_warnings(record=True) as held:
+        warnings.simplefilter("always")
+        info = _scan_dataset(name, root, layout, oracle_dir)
+    for w in held:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return info
+
+
+def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -> DatasetInfo:
     root = Path(os.path.normpath(Path(root).absolute()))  # case paths come out absolute and normalised
     if not isinstance(layout, str):
         raise DataError(f"layout must be a string, got {layout!r}", root)
@@ -592,8 +603,11 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
 
 def list_image_files(folder: Path) -> list[Path]:
     """Images in a folder (for ``predict`` on folders); a folder of DICOM files counts as one image."""
+    from unionseg.data.io import is_dicom_file
+
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) in IMAGE_SUFFIXES
              and not p.name.startswith(".")]
-    if not files and any(p.suffix.lower() == ".dcm" for p in folder.iterdir()):
+    if not files and any(p.suffix.lower() == ".dcm" or (p.is_file() and p.suffix == "" and is_dicom_file(p))
+                         for p in folder.iterdir()):  # DICOM files are often named IM0001, no suffix
         return [folder]
     return files

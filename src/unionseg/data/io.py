@@ -298,6 +298,17 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, _sitk_to_geometry(img, array.shape)
 
 
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file, whatever its name (scanners and PACS exports often write ``IM0001``): the
+    ``DICM`` mark after the 128-byte preamble."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
 def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a 3D image (NIfTI, NRRD, MHA/MHD, or a DICOM series folder).
 
@@ -311,8 +322,9 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     _check_readable(path)
     suf = suffix_of(path)
-    if path.is_dir() or suf in SITK_SUFFIXES or suf == ".dcm":
-        array, geom = _read_sitk(path.parent if suf == ".dcm" else path)
+    dicom_file = suf == ".dcm" or (suf == "" and path.is_file() and is_dicom_file(path))
+    if path.is_dir() or suf in SITK_SUFFIXES or dicom_file:
+        array, geom = _read_sitk(path.parent if dicom_file else path)  # a DICOM file reads its whole series
     elif suf in NIFTI_SUFFIXES:
         array, geom = _read_nifti(path)
     else:

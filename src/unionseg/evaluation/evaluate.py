@@ -221,8 +221,10 @@ def _read_prediction(path: Path, space: LabelSpace) -> tuple[np.ndarray, Geometr
     arr, geom = read_image(path)
     arr = _integer_array(arr, path, "prediction")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= space.n_leaves):
-        raise DataError(f"prediction holds value {int(arr.max()) if arr.max() > 0 else int(arr.min())}; "
-                        f"leaf ids of this project are 0..{space.n_leaves - 1}", path)
+        bad = np.unique(arr[(arr < 0) | (arr >= space.n_leaves)])
+        shown = ", ".join(str(int(v)) for v in bad[:3]) + (" ..." if bad.size > 3 else "")
+        raise DataError(f"prediction holds value(s) {shown} outside the leaf ids of this project "
+                        f"(0..{space.n_leaves - 1})", path)
     return arr.astype(np.uint8), geom
 
 
@@ -569,6 +571,7 @@ def evaluate_folder(
     if figures and cases:
         files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
                                     lookup, space, spec, project))
+    _remove_stale_figures(out_dir / "figures", set(files.values()))
     summary: dict[str, Any] = {
         "project": str(project.path), "dataset": spec.name, "ground_truth": str(gt_dir.resolve()),
         "predictions": str(pred_dir.resolve()), "oracle_labels": oracle,
@@ -591,6 +594,20 @@ def evaluate_folder(
                  + "; ".join(EMPTY_RULE_TEXT.values()) + ").\n")
     _write_text(files["summary_md"], "\n".join(notes))
     return {**summary, "markdown": markdown}
+
+
+#: the figures evaluate writes: one left from an earlier run into the same -o that this run does not write
+#: (--no-figures, a metric or case fewer) is removed, so that no picture disagrees with the tables beside it
+FIGURE_FILES = ("dice_boxplot.png", "overlay_best.png", "overlay_worst.png")
+
+
+def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
+    for name in FIGURE_FILES:
+        stale = folder / name
+        if stale not in written and stale.is_file():
+            stale.unlink()
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mapping[str, Any],

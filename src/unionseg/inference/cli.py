@@ -22,7 +22,14 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             (their outputs would overwrite each other).
     """
     from unionseg.data.catalog import image_key, list_image_files
-    from unionseg.data.io import IMAGE_SUFFIXES, suffix_of
+    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, suffix_of
+
+    def series(folder: Path) -> tuple[str, Path]:
+        name = folder.resolve().name  # '.' or 'series/..' is named by the folder it stands for
+        if not name:
+            raise UnionsegError("a DICOM series at the file system's root has no name to give its prediction; "
+                                "move it into a folder", folder)
+        return name, folder
 
     found: list[tuple[str, Path]] = []
     for item in inputs:
@@ -34,9 +41,9 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             if not files:
                 raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series)",
                                     path)
-            found.extend((p.name if p.is_dir() else image_key(p), p) for p in files)
-        elif suffix_of(path) == ".dcm":
-            found.append((path.parent.name, path.parent))
+            found.extend(series(p) if p.is_dir() else (image_key(p), p) for p in files)
+        elif suffix_of(path) == ".dcm" or (suffix_of(path) == "" and is_dicom_file(path)):
+            found.append(series(path.parent))  # one file of a series stands for its folder
         else:
             found.append((image_key(path), path))
     seen: dict[str, Path] = {}
@@ -168,14 +175,16 @@ def register(app: typer.Typer) -> None:
         inputs: Annotated[list[Path], typer.Argument(help="Images (NIfTI, NRRD, MHA), folders of images, "
                                                           "or DICOM series folders.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (<case>.nii.gz, uint8).")],
-        device: Annotated[str, typer.Option("--device", help="cpu, cuda or auto.")] = "auto",
+        device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
         tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).")] = False,
         probabilities: Annotated[bool, typer.Option("--probabilities",
                                                     help="Also write <case>_probs.nii.gz (4D float32) and "
                                                     "<case>_probs.json naming its channels: one per class "
                                                     "summing to 1 (softmax methods), or one independent "
                                                     "probability per organ region, then per tumour "
-                                                    "(dodnet, multihead, conditional, individual).")] = False,
+                                                    "(dodnet, multihead, conditional, individual; for "
+                                                    "individual a tumour's is given its organ: the JSON "
+                                                    "says what each channel holds).")] = False,
         overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1).")] = None,
         sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call.")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
@@ -185,6 +194,7 @@ def register(app: typer.Typer) -> None:
                                                     "outputs are written whole or not at all).")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
+        import re
         import time
 
         from rich.console import Console
@@ -197,8 +207,13 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn,
         )
 
-        if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-            raise UnionsegError(f"--device must be cpu, cuda or auto, got {device!r}")
+        if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+            raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+        # the flags are named here: checked later, with the model file's settings, they read as its fault
+        if overlap is not None and not 0.0 <= overlap < 1.0:
+            raise UnionsegError(f"--overlap must be in [0, 1), got {overlap}")
+        if sw_batch is not None and sw_batch < 1:
+            raise UnionsegError(f"--sw-batch must be at least 1, got {sw_batch}")
         if overwrite and skip_existing:
             raise UnionsegError("--overwrite and --skip-existing exclude each other")
         cases = collect_inputs(inputs)

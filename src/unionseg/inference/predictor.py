@@ -365,6 +365,7 @@ class Predictor:
         self.decision = decision
         self.model = set_layout(model.to(self.device), self.device).eval()
         self.decider = _Decider(label_space, output_form, self.channels, decision, self.inference["threshold"])
+        self.conditional_parts = bool(getattr(model, "conditional_parts", False))
         self.last_stats: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ construction from a model file
@@ -408,6 +409,17 @@ class Predictor:
     def probability_names(self) -> list[str]:
         """Names of the probability channels ``predict(return_probs=True)`` returns."""
         return list(self.decider.names)
+
+    @property
+    def probability_meanings(self) -> dict[str, str]:
+        """What each probability channel holds, in words (written beside the map, ``_probs.json``)."""
+        if self.output_form == "softmax":
+            return {n: "probability of this class; the channels sum to 1" for n in self.probability_names}
+        part = ("probability of this part GIVEN its organ region, at most the region's probability (the "
+                "experts' share of the organ: above 0.5 inside the organ, the part is decided)"
+                if self.conditional_parts else "probability of this part")
+        return {n: "probability of this organ region (the organ and its parts)" if n.startswith("region:")
+                else part for n in self.probability_names}
 
     # ------------------------------------------------------------------ prediction
     def predict(
@@ -623,13 +635,15 @@ class Predictor:
         labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
                                            progress=progress)
         write_image(out_path, labels, geom, description=prediction_description(labels))
-        write_probabilities(probs_path, probs, geom, self.probability_names)
+        write_probabilities(probs_path, probs, geom, self.probability_names, self.probability_meanings)
         return out_path
 
 
-def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str]) -> Path:
-    """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list,
-    atomically; both carry predict's mark (header description, ``written_by``)."""
+def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str],
+                        meanings: Mapping[str, str] | None = None) -> Path:
+    """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list
+    (and what each channel holds, ``meanings``), atomically; both carry predict's mark (header description,
+    ``written_by``)."""
     import json
     import os
 
@@ -652,8 +666,10 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
             tmp.unlink()
     tmp_json = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
     try:
-        tmp_json.write_text(json.dumps({"channels": list(names), "written_by": PREDICTION_DESCRIPTION}, indent=1),
-                            encoding="utf-8")
+        record: dict[str, Any] = {"channels": list(names), "written_by": PREDICTION_DESCRIPTION}
+        if meanings:
+            record["meaning"] = {n: meanings[n] for n in names if n in meanings}
+        tmp_json.write_text(json.dumps(record, indent=1), encoding="utf-8")
         tmp_json.replace(sidecar)
     finally:
         if tmp_json.exists():
