@@ -224,6 +224,21 @@ def bad_missing_image_file(folder: Path) -> Bad:
     return _prepare(folder, folder / LIVER_IMAGE, "image file listed in dataset.json is missing")
 
 
+@bad_input("image listed in dataset.json is a broken link (its target on a disk that is not mounted)")
+def bad_image_is_a_broken_link(folder: Path) -> Bad:
+    (folder / LIVER_IMAGE).unlink()
+    os.symlink(folder / "unmounted" / "liver_000.nii.gz", folder / LIVER_IMAGE)
+    return _prepare(folder, folder / LIVER_IMAGE, "broken link: its target")
+
+
+@bad_input("an nnU-Net v1 task folder (images named case_0000) read as MSD")
+def bad_nnunet_v1_task_folder(folder: Path) -> Bad:
+    images = (folder / LIVER_IMAGE).parent
+    for image in sorted(images.iterdir()):
+        image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    return _prepare(folder, folder / LIVER_IMAGE, "liver_000_0000.nii.gz is there: an nnU-Net v1 task folder")
+
+
 @bad_input("duplicate case ids in dataset.json")
 def bad_duplicate_case_ids(folder: Path) -> Bad:
     _edit_json(folder / LIVER_JSON, lambda d: d["training"].append(dict(d["training"][0])))

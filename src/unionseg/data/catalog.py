@@ -199,9 +199,14 @@ def _inside(root: Path, rel: Any, where: str, json_path: Path) -> Path:
 
 
 def _exists(path: Path) -> bool:
-    """``path.exists()``; a path that cannot be checked (permission denied, too long) is a DataError naming it."""
+    """``path.exists()``; a path that cannot be checked (permission denied, too long) is a DataError naming it,
+    and so is a link whose target is gone (an unmounted disk, a moved store), which is not a missing file."""
     try:
-        return path.exists()
+        if path.exists():
+            return True
+        if path.is_symlink():
+            raise DataError(f"broken link: its target {os.readlink(path)} does not exist", path)
+        return False
     except OSError as exc:
         raise DataError(f"cannot access this path ({exc.strerror or exc})", path) from None
 
@@ -442,11 +447,10 @@ def image_files(folder: Path, channel_tags: str = "each") -> dict[str, Path]:
 
 
 def _refuse_dangling_links(folder: Path) -> None:
-    """A link whose target is gone (an unmounted disk, a moved store) is an error, not a case left out."""
+    """A link whose target is gone is an error (:func:`_exists`), not a case left out."""
     for path in sorted(folder.iterdir()):
-        if (not path.name.startswith(".") and suffix_of(path) in IMAGE_SUFFIXES and path.is_symlink()
-                and not path.exists()):
-            raise DataError(f"broken link: its target {os.readlink(path)} does not exist", path)
+        if not path.name.startswith(".") and suffix_of(path) in IMAGE_SUFFIXES:
+            _exists(path)
 
 
 def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
