@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -315,3 +316,41 @@ def test_a_subset_run_keeps_every_finished_row_in_the_report(tmp_path: Path, mon
         monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
     bench.run_benchmark("ci", tmp_path, ["naive"], seeds=1, progress=False)
     assert seen[-1] == ["naive", "oracle"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT to a process is POSIX")
+def test_ctrl_c_lets_an_isolated_run_write_its_checkpoint(tmp_path: Path) -> None:
+    """A run in its own process (the standard suite's isolate) was killed a quarter of a second after
+    Ctrl-C; the benchmark now forwards the Ctrl-C and waits: the run stops at a step with its checkpoint,
+    and the same command goes on from it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from unionseg.training.checkpoint import safe_torch_load
+
+    unionseg = Path(sys.executable).parent / "unionseg"
+    if not unionseg.exists():
+        pytest.skip("the unionseg console script is not installed")
+    suite = tmp_path / "slow.yaml"
+    suite.write_text("name: slow\nbudget_from: ci\nphantom_size: tiny\nphantom_cases: [2, 1, 1]\nisolate: true\n"
+                     "methods: [naive]\nbudget: {steps: 400, val_every: 400, ckpt_every: 1000, log_every: 1}\n")
+    out = tmp_path / "bench"
+    proc = subprocess.Popen([str(unionseg), "benchmark", "--suite", str(suite), "-o", str(out), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = out / "runs" / "naive" / "seed0" / "log.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) > 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    os.kill(proc.pid, signal.SIGINT)  # the benchmark's process alone: it forwards the Ctrl-C to the run
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    step = safe_torch_load(log.parent / "last.pt", "unionseg-checkpoint")["step"]
+    assert 3 <= step < 400
+    assert f"stopped at step {step}; the checkpoint" in err and "Traceback" not in err

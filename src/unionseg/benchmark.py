@@ -412,10 +412,33 @@ def _duration(seconds: float) -> str:
 def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path) -> None:
     cmd = [sys.executable, "-m", "unionseg.benchmark", suite_name, str(out), name, str(seed)]
     env = dict(os.environ)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {proc.returncode}); see its run folder",
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        _stop_run(proc)
+        raise
+    if code != 0:
+        raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {code}); see its run folder",
                           out / "runs" / name / f"seed{seed}")
+
+
+def _stop_run(proc: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C while a run trains in its own process: let it finish its step and write its checkpoint
+    (``subprocess.run`` would kill it a quarter of a second later). The Ctrl-C is forwarded, for a signal sent
+    to this process alone (from a terminal the run got it too, and takes the two as one request); a second
+    Ctrl-C stops the run at once, a third kills it."""
+    import signal
+
+    stops = [lambda: proc.send_signal(signal.SIGINT)] * (2 if os.name == "posix" else 0) + [proc.kill]
+    for stop in stops:
+        stop()
+        try:
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+    proc.wait()
 
 
 def _isolated_main(argv: list[str]) -> None:
@@ -462,4 +485,7 @@ def register(app: typer.Typer) -> None:
 
 
 if __name__ == "__main__":
-    _isolated_main(sys.argv[1:])
+    try:
+        _isolated_main(sys.argv[1:])
+    except KeyboardInterrupt:  # the trainer said where the run stopped; the benchmark says "interrupted"
+        sys.exit(130)
