@@ -412,8 +412,26 @@ def test_dataset_weights_reach_the_sampler_by_name(phantom_project: Path, tmp_pa
     assert seen[-1] == {0: 3}
     with pytest.raises(ConfigError, match="'lung' is not a training dataset"):
         train(phantom_project, _cfg("naive", 1, "data.dataset_weights={lung: 2}"), tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()  # it left config.yaml, which the corrected command took for a run
     with pytest.raises(ConfigError, match="dataset_weights.kidney"):
         train(phantom_project, _cfg("naive", 1, "data.dataset_weights={kidney: 0}"), tmp_path / "zero", progress=False)
+
+
+def test_the_oracle_without_full_truth_is_refused_before_the_run_folder(tmp_path: Path) -> None:
+    """A project without oracle_labels: -m oracle is refused and writes nothing, so -m naive into the same
+    folder then trains (it was refused as 'holds an oracle run', with --resume too)."""
+    from conftest import write_tiny_project
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import prepare_project
+    from unionseg.errors import DataError
+
+    project = write_tiny_project(tmp_path / "p")
+    prepare_project(load_project(project), workers=0, progress=False)
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="has no hidden full truth"):
+        train(project, _cfg("oracle", 1), run, progress=False)
+    assert not run.exists()
+    assert train(project, _cfg("naive", 1), run, progress=False)["steps"] == 1
 
 
 def test_experts_ignore_dataset_weights(phantom_project: Path, tmp_path: Path) -> None:

@@ -448,11 +448,17 @@ def _isolated_main(argv: list[str]) -> None:
     run_one(Path(out) / "data" / "project.yaml", suite, spec, int(seed), Path(out), progress=False)
 
 
+def _built_in_suites() -> str:
+    from unionseg.training.recipes import recipe_dir
+
+    return ", ".join(sorted(p.stem for p in (recipe_dir() / "suites").glob("*.yaml")))
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def benchmark(
         out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (resumable).")] = Path("bench_out"),
-        suite: Annotated[str, typer.Option("--suite", help="ci | standard | ablations | large, or a suite YAML.")] = "ci",
+        suite: Annotated[str, typer.Option("--suite", help=f"A built-in suite ({_built_in_suites()}) or a suite YAML.")] = "ci",
         methods: Annotated[Optional[list[str]], typer.Option("--methods", help="Only these rows (repeatable).")] = None,
         seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,

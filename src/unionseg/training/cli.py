@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": False})
     def train(
         project: Annotated[Path, typer.Argument(help="Project file (YAML), prepared with `unionseg prepare`.")],
-        overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 options.w_s=0")] = None,
+        overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options)")] = None,
         method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
                                                       "default: the recipe's, else naive).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML (default: configs/<method>.yaml if present).")] = None,

@@ -24,10 +24,7 @@ def sampler_cases(method: Method, ctx: RunContext) -> list[Any]:
         if method.label_source == "oracle":
             label = case.oracle()
             if label is None:
-                from unionseg.errors import DataError
-
-                raise DataError(f"case {case.case_id} has no hidden full truth (oracle_labels); the oracle needs the "
-                                "phantom's fullTr folder", case.dataset)
+                raise _no_full_truth(case)
         else:
             label = case.label()
         cases.append(SamplerCase(
@@ -45,6 +42,39 @@ def sampler_cases(method: Method, ctx: RunContext) -> list[Any]:
     return cases
 
 
+def _no_full_truth(case: Any) -> Exception:
+    from unionseg.errors import DataError
+
+    return DataError(f"case {case.case_id} has no hidden full truth (oracle_labels); the oracle needs the "
+                     "phantom's fullTr folder", case.dataset)
+
+
+def _check_weight_names(ctx: RunContext) -> None:
+    from unionseg.errors import ConfigError
+
+    known = list(ctx.train_datasets)
+    unknown = sorted(set(ctx.cfg.data.dataset_weights) - set(known))
+    if unknown:
+        raise ConfigError(f"data.dataset_weights: {unknown[0]!r} is not a training dataset of this project "
+                          f"(training datasets: {', '.join(known)})")
+
+
+def check_training_data(method: Method, ctx: RunContext) -> None:
+    """What the loader would refuse about the project's data, checked before the run folder is written (a
+    refused run must leave no config.yaml that a corrected command then takes for a run to resume).
+
+    Raises:
+        ConfigError: a ``data.dataset_weights`` name that is not a training dataset.
+        DataError: a case without the hidden full truth the oracle trains on.
+    """
+    _check_weight_names(ctx)
+    if method.label_source == "oracle":
+        names = method.datasets()
+        for case in ctx.index.cases(split="train"):
+            if case.dataset in names and case.paths.oracle is None:
+                raise _no_full_truth(case)
+
+
 def _dataset_weights(method: Method, ctx: RunContext, present: set[int]) -> dict[int, int]:
     """``data.dataset_weights`` by the method's dataset index (what ``SamplerCase.dataset_index`` counts);
     weights of datasets the method does not train on (an expert's other datasets) are left out.
@@ -55,11 +85,7 @@ def _dataset_weights(method: Method, ctx: RunContext, present: set[int]) -> dict
     """
     from unionseg.errors import ConfigError
 
-    known = list(ctx.train_datasets)
-    unknown = sorted(set(ctx.cfg.data.dataset_weights) - set(known))
-    if unknown:
-        raise ConfigError(f"data.dataset_weights: {unknown[0]!r} is not a training dataset of this project "
-                          f"(training datasets: {', '.join(known)})")
+    _check_weight_names(ctx)
     names = method.datasets()
     weights = {names.index(n): w for n, w in ctx.cfg.data.dataset_weights.items() if n in names}
     empty = sorted(names[i] for i in set(weights) - present)

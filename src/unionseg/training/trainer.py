@@ -175,6 +175,9 @@ class Trainer:
             self._check_resumable(resume_state, self.run_dir / "last.pt")
         elif self.resume:
             self._check_same_method()
+        from unionseg.training.data import check_training_data
+
+        check_training_data(self.method, ctx)  # before config.yaml: a refused run leaves no folder to resume
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from unionseg.config import dump_yaml
