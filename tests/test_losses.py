@@ -553,6 +553,22 @@ def test_kd_regions_most_confident_teacher_wins() -> None:
     assert background[0].tolist() == [False, False, True, False]
 
 
+def test_kd_regions_use_the_merge_function_of_each_teacher() -> None:
+    """Contract 3: a teacher claims a voxel where its merge gives foreground, an organ group's probability
+    (organ and tumour together) above 0.5; the per-leaf argmax gave an organ-and-tumour voxel at
+    (bg .40, liver .35, tumour .25) to nobody. Two organs of one teacher are two groups."""
+    liver = torch.tensor([[0.40, 0.35, 0.25], [0.55, 0.30, 0.15], [0.30, 0.45, 0.25]]).T.unsqueeze(0)
+    (region,), background = kd_regions([liver], [[[1, 2]]])
+    assert region[0].tolist() == [True, False, True] and background[0].tolist() == [False, True, False]
+    (same,), _ = kd_regions([liver])  # default: one group of all foreground channels
+    assert torch.equal(same, region)
+    two_organs = liver.clone()  # channels 1 and 2 as two organs: 0.45 is no majority
+    (region,), background = kd_regions([two_organs], [[[1], [2]]])
+    assert region[0].tolist() == [False, False, False] and background[0].all()
+    with pytest.raises(ValueError, match="2 group lists for 1 teachers"):
+        kd_regions([liver], [[[1, 2]], [[1]]])
+
+
 def test_product_of_experts_and_logit_loss() -> None:
     torch.manual_seed(7)
     teacher_a = torch.softmax(torch.randn(2, 2, 3, 3), 1)

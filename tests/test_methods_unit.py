@@ -137,6 +137,25 @@ def test_experts_to_groups_and_merge(space) -> None:
     assert torch.all(labels[1] == 0)
 
 
+def test_an_expert_of_a_part_alone_does_not_speak_for_the_organ_region(space) -> None:
+    """MOTS's hepatic-vessel expert knows the liver tumour but not the liver: its tumour probability used to
+    be averaged in as a second 'liver region', halving the liver expert's, so the liver merged to
+    background (individual) and was taught as background in co-training's pseudo labels."""
+    shape = (2, 2, 2)
+    liver = torch.tensor([0.01, 0.98, 0.01]).view(3, 1, 1, 1).expand(3, *shape)  # bg, liver, liver_tumour
+    vessel = torch.tensor([0.98, 0.01, 0.01]).view(3, 1, 1, 1).expand(3, *shape)  # bg, kidney, liver_tumour
+    tumour, kidney = space.leaf_id("liver_tumour"), space.leaf_id("kidney")
+    region, parts, organ = experts_to_groups([liver, vessel], [[1, tumour], [kidney, tumour]], space)
+    liver_group = space.group_of_leaf(1)
+    assert torch.allclose(region[liver_group], torch.tensor(0.99))  # the liver expert's alone
+    assert torch.allclose(organ[liver_group], torch.tensor(0.98))
+    assert torch.allclose(parts[space.part_ids.index(tumour)], torch.tensor(0.01))  # both experts' mean
+    assert torch.all(merge(region, parts, space, organ_leaf_probs=organ) == 1)
+    # twin: with no expert of the organ (tumour-only data) the part's expert still gives the region
+    region, _, _ = experts_to_groups([vessel], [[kidney, tumour]], space)
+    assert torch.allclose(region[liver_group], torch.tensor(0.01))
+
+
 def test_expert_ensemble_channels_decode(space) -> None:
     class Fixed(nn.Module):
         def __init__(self, logits: torch.Tensor) -> None:

@@ -615,3 +615,19 @@ def test_selection_score_reads_the_named_mean() -> None:
     assert selection_score({"mean_dice": 0.3, "region_mean": None}, "regions") == 0.3
     with pytest.raises(ValueError, match="select_on"):
         selection_score(result, "tumours")
+
+
+def test_mskd_hands_kd_regions_each_teachers_organ_groups(phantom_project: Path, tmp_path: Path) -> None:
+    """Each teacher's organ and tumour form one group of its channels (contract 3's merge decides R_j)."""
+    from unionseg.methods.base import get_method
+    from unionseg.training.trainer import make_context
+
+    ctx = make_context(phantom_project, _cfg("mskd", 1), tmp_path / "r", progress=False)
+    method = get_method("mskd")(ctx)
+    space = ctx.space
+    for leaves, groups in zip(method.teacher_leaves, method.teacher_groups, strict=True):
+        channel = {leaf: c + 1 for c, leaf in enumerate(leaves)}
+        expected = [sorted(channel[leaf] for leaf in g.leaf_ids if leaf in channel) for g in space.groups
+                    if any(leaf in channel for leaf in g.leaf_ids)]
+        assert sorted(map(sorted, groups)) == sorted(expected)
+    assert any(len(g) == 2 for groups in method.teacher_groups for g in groups)  # an organ with its tumour

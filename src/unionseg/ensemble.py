@@ -3,7 +3,8 @@
 
 Each expert is a softmax network over background + its dataset's annotated leaves (``leaf_ids`` maps its
 channels to global leaf ids; channel 0 is background). Where several experts cover the same class their
-probabilities are averaged (our interpretation; the papers have one expert per organ).
+probabilities are averaged (our interpretation; the papers have one expert per organ): an organ region over
+the experts that hold the organ, a part over the experts that hold the part.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ def experts_to_groups(
     region_n = [0] * space.n_groups
     part_n = [0] * len(space.part_ids)
     part_pos = {leaf: k for k, leaf in enumerate(space.part_ids)}
+    # an expert speaks for a group's region only if it holds the organ: one that knows only a part (a
+    # hepatic-vessel expert's liver tumour) would add its tumour probability as the whole liver region and
+    # halve the liver expert's; where no expert holds the organ (tumour-only data), the parts' experts speak
+    holds_organ = {grp.index for ids in leaf_ids for grp in space.groups if grp.organ_id in ids}
     for p, ids in zip(probs, leaf_ids, strict=False):
         p = p.float()
         channel = {leaf: c + 1 for c, leaf in enumerate(ids)}
         for grp in space.groups:
             present = [channel[leaf] for leaf in grp.leaf_ids if leaf in channel]
-            if not present:
+            if not present or (grp.index in holds_organ and grp.organ_id not in channel):
                 continue
             region_sum[grp.index] += p[present].sum(0)
             if grp.organ_id in channel:

@@ -234,22 +234,26 @@ def kd_kl(
         return _kd_kl_from_log_probs(log_q, log_q.exp(), teacher_probs, leaves, region, tau, eps)
 
 
-def kd_regions(teacher_probs: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+def kd_regions(teacher_probs: Sequence[Tensor],
+               teacher_groups: Sequence[Sequence[Sequence[int]]] | None = None) -> tuple[list[Tensor], Tensor]:
     """MS-KD regions: where each teacher supervises, and where all agree on background.
 
-    ``R_j``: teacher j's argmax is one of its foreground channels and, among the teachers that claim the
-    voxel, j is the most confident, confidence being its total foreground probability ``1 - p_j(bg)``
-    (exact ties go to the lower teacher index). ``R_bg``: every teacher's argmax is background. The
-    regions partition the volume.
+    ``R_j``: teacher j's merge (contract 3) gives foreground, i.e. one of its organ groups holds more than
+    half the voxel's probability (organ and parts together, so a voxel split between an organ and its
+    tumour is the teacher's), and among the teachers that claim the voxel, j is the most confident,
+    confidence being its total foreground probability ``1 - p_j(bg)`` (exact ties go to the lower teacher
+    index). ``R_bg``: no teacher claims the voxel. The regions partition the volume.
 
     Args:
         teacher_probs: per teacher, (B, 1 + K_j, *S) probabilities (same B and S for all).
+        teacher_groups: per teacher, its organ groups as lists of its channels (1..K_j); default: all of
+            a teacher's foreground channels form one group (a single-organ teacher, with its parts).
 
     Returns:
         ``([R_1, ..., R_J] each (B, *S) bool, R_bg (B, *S) bool)``.
 
     Raises:
-        ValueError: no teacher, or teachers of different batch/spatial shapes.
+        ValueError: no teacher, teachers of different batch/spatial shapes, groups of another count.
     """
     if len(teacher_probs) == 0:
         raise ValueError("kd_regions needs at least one teacher")
@@ -261,8 +265,11 @@ def kd_regions(teacher_probs: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
             raise ValueError(f"teacher_probs[{j}] has shape {tuple(probs.shape)}; expected (B, 1+K, *S) with "
                              f"(B, *S) = {shape}")
         p = probs.detach().float()
-        # argmax(1) != 0 (ties go to background), without argmax over channels (very slow on CPUs)
-        claim = p[:, 1:].amax(1) > p[:, 0]
+        groups = (teacher_groups[j] if teacher_groups is not None else [range(1, p.shape[1])])
+        if teacher_groups is not None and len(teacher_groups) != len(teacher_probs):
+            raise ValueError(f"{len(teacher_groups)} group lists for {len(teacher_probs)} teachers")
+        # the merge function's foreground: the best group's probability above 0.5 (at 0.5, background)
+        claim = torch.stack([p[:, list(g)].sum(1) for g in groups]).amax(0) > 0.5
         claims.append(claim)
         confidences.append(torch.where(claim, 1.0 - p[:, 0], torch.full_like(p[:, 0], -1.0)))
     winner = torch.zeros(shape, dtype=torch.long, device=teacher_probs[0].device)

@@ -58,7 +58,10 @@ class MSKDMethod(SoftmaxMethod):
         from unionseg.methods.expert import expert_subspace
 
         self.teachers = list(ctx.train_datasets)
-        self.teacher_leaves = [expert_subspace(self.space, d)[2] for d in self.teachers]
+        subspaces = [expert_subspace(self.space, d) for d in self.teachers]
+        self.teacher_leaves = [leaves for _, _, leaves in subspaces]
+        # each teacher's organ groups as its channels (its own leaf ids), for the merge of kd_regions
+        self.teacher_groups = [[list(g.leaf_ids) for g in sub.groups] for sub, _, _ in subspaces]
 
     def extras(self) -> dict[str, ExtraSpec]:
         art = self.ctx.artifacts
@@ -86,7 +89,7 @@ class MSKDMethod(SoftmaxMethod):
         logits, feats = out if need_feat else (out, None)
         teacher_probs = [batch[f"teacher_{j}"] for j in range(len(self.teachers))]
         n = len(self.teachers)
-        regions, background = kd_regions(teacher_probs)  # shared by the logit and feature terms
+        regions, background = kd_regions(teacher_probs, self.teacher_groups)  # shared by logit and feature terms
         logit = ms_kd_logit_loss(logits, teacher_probs, self.teacher_leaves, o.tau, o.poe_background,
                                  precomputed=(regions, background)) / n
         loss = o.w_logit * logit
