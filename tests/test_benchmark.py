@@ -183,6 +183,10 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
     # the report and its figures exist and are not trivial
     report = (out / "report.md").read_text()
     assert "| oracle |" in report and "Provenance" in report
+    # the table says how its tumour columns and times are to be read, the figures which seed they show
+    assert "the empty-mask rule" in report and '"(+N)" the shared experts' in report
+    assert "## Pseudo-label quality (Dice vs hidden truth, unannotated classes only; seed 0)" in report
+    assert "## One test case, every method (seed 0)" in report
     for png in ("region_dice.png", "class_dice_heatmap.png", "loss_curves.png", "montage.png"):
         assert (out / "figures" / png).stat().st_size > 5000, png
     # resumable: a second call reuses every finished run (no retraining)
@@ -354,3 +358,34 @@ def test_ctrl_c_lets_an_isolated_run_write_its_checkpoint(tmp_path: Path) -> Non
     step = safe_torch_load(log.parent / "last.pt", "unionseg-checkpoint")["step"]
     assert 3 <= step < 400
     assert f"stopped at step {step}; the checkpoint" in err and "Traceback" not in err
+
+
+def test_pseudo_label_figure_shows_seed_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one artefact folder per seed, the figure took the first in name order (any seed); it takes the
+    folder whose experts were trained with seed 0, as the loss curves and montage show."""
+    from unionseg.report import _artifact_seed
+
+    for name, seed in (("aaa", 1), ("bbb", 0)):
+        expert = tmp_path / "data" / "prepared" / "artifacts" / name / "experts" / "liver"
+        expert.mkdir(parents=True)
+        (expert / "config.yaml").write_text(f"method: expert\nseed: {seed}\n")
+        (expert.parents[1] / "pseudo_quality.json").write_text(json.dumps({"region:liver": 0.1 * (seed + 1)}))
+    assert _artifact_seed(tmp_path / "data" / "prepared" / "artifacts" / "aaa") == 1
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unionseg import report
+
+    seen: list[list[float]] = []
+    real_bar = plt.Axes.bar
+
+    def bar(self, x, heights, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append(list(heights))
+        return real_bar(self, x, heights, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "bar", bar)
+    (tmp_path / "figures").mkdir()
+    assert report._pseudo_quality({}, tmp_path, tmp_path / "figures", plt) == "figures/pseudo_quality.png"
+    assert seen == [[pytest.approx(0.1)]]  # seed 0's folder (bbb), not the first by name

@@ -120,7 +120,13 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     lines = [f"# Benchmark report: suite `{agg['suite']}`", "",
              "Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
              "Gap closure = (method − naive) / (oracle − naive) on the mean region Dice. Checkpoints were selected "
-             "on validation only; the test set was evaluated once per run.", "", markdown_table(agg), "",
+             "on validation only; the test set was evaluated once per run.", "",
+             "Tumour columns average over every test case, and a case without that tumour where the method "
+             "predicts none scores 1 (the empty-mask rule): a method that never predicts a tumour still scores "
+             "the share of such cases. The tumour section below scores only the cases that contain one, with "
+             "detections. \"train s\" is the run's own training; \"(+N)\" the shared experts it reused (with, "
+             "for co-training and MS-KD, their probability maps and pseudo labels), computed once per seed.",
+             "", markdown_table(agg), "",
              "## Budget (identical for every method and the shared experts)", "", "```json",
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
     lines += tumour_section(agg, out)
@@ -272,10 +278,10 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         made.append(("Training loss", curves))
     pseudo = _pseudo_quality(agg, out, figures, plt)
     if pseudo:
-        made.append(("Pseudo-label quality (Dice vs hidden truth, unannotated classes only)", pseudo))
+        made.append(("Pseudo-label quality (Dice vs hidden truth, unannotated classes only; seed 0)", pseudo))
     montage = _montage(agg, out, figures, plt)
     if montage:
-        made.append(("One test case, every method", montage))
+        made.append(("One test case, every method (seed 0)", montage))
     return made
 
 
@@ -285,7 +291,7 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
     for r in agg["runs"]:
         if r["seed"] != 0:
             continue
-        log = out / "runs" / r["name"] / "seed0" / "log.csv"
+        log = out / "runs" / r["name"] / "seed0" / "log.csv"  # individual trains nothing: no log
         if not log.exists():
             continue
         with log.open() as fh:
@@ -297,8 +303,10 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
         plt.close(fig)
         return None
     ax.set_xlabel("step")
-    ax.set_ylabel("total loss")
+    ax.set_ylabel("total loss (each method's own; log scale)")
     ax.set_yscale("log")
+    # the totals are not on one scale: co-training's sums its two networks, marginal's adds exclusion
+    ax.set_title("Seed 0; a method's own loss, for its convergence, not to compare levels", fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(figures / "loss_curves.png", dpi=100)
@@ -307,10 +315,13 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
 
 
 def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
+    # one artefact folder per seed (and expert recipe): seed 0's, as the loss curves and the montage show
     files = sorted((out / "data").glob("**/artifacts/*/pseudo_quality.json"))
-    if not files:
+    seeds = {f: _artifact_seed(f.parent) for f in files}
+    chosen = [f for f in files if seeds[f] == 0] or files
+    if not chosen:
         return None
-    quality = json.loads(files[0].read_text())
+    quality = json.loads(chosen[0].read_text())
     if not quality:
         return None
     keys = sorted(quality)
@@ -320,14 +331,34 @@ def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> 
     ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in keys], rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("pseudo-label Dice")
+    seed = seeds[chosen[0]]
+    ax.set_title(f"Seed {seed}" if seed is not None else "", fontsize=8)
     fig.tight_layout()
     fig.savefig(figures / "pseudo_quality.png", dpi=100)
     plt.close(fig)
     return "figures/pseudo_quality.png"
 
 
+def _artifact_seed(folder: Path) -> int | None:
+    """The seed a shared-artefact folder was made for: its experts' recorded recipe says it."""
+    import yaml
+
+    for recipe in sorted(folder.glob("experts/*/config.yaml")):
+        try:
+            seed = (yaml.safe_load(recipe.read_text()) or {}).get("seed")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+        if isinstance(seed, int):
+            return seed
+    return None
+
+
 def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
+    from matplotlib.patches import Patch
+
+    from unionseg.config import load_project
     from unionseg.data.io import read_image
+    from unionseg.evaluation.figures import _rgba, leaf_colours
 
     runs = [r for r in agg["runs"] if r["seed"] == 0]
     if not runs:
@@ -346,18 +377,25 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
     panels = [("truth", truth)] + [(r["name"], read_image(out / r["pred_dir"] / case)[0]) for r in runs
                                    if (out / r["pred_dir"] / case).exists()]
+    # the colours of `unionseg evaluate`'s overlays, one per class, with a legend
+    space = load_project(out / "data" / "project.yaml").label_space
+    colours = leaf_colours(space)
     cols = min(5, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows), squeeze=False)
-    cmap = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.5), squeeze=False)
+    present: set[int] = set()
     for ax, (title, lab) in zip(axes.ravel(), panels, strict=False):
         ax.imshow(np.clip(image[:, :, z].T, -200, 300), cmap="gray", origin="lower")
-        overlay = np.ma.masked_equal(lab[:, :, z].T.astype(float), 0)
-        ax.imshow(overlay, cmap=cmap, vmin=0, vmax=10, alpha=0.5, origin="lower", interpolation="nearest")
+        codes = lab[:, :, z].T.astype(np.int64)
+        ax.imshow(_rgba(codes, space, colours, 0.55), origin="lower", interpolation="nearest")
+        present.update(int(c) for c in np.unique(codes) if 0 < c < space.n_leaves)
         ax.set_title(title, fontsize=8)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.tight_layout()
+    handles = [Patch(color=colours[leaf], label=space.names[leaf]) for leaf in sorted(present)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     fig.savefig(figures / "montage.png", dpi=90)
     plt.close(fig)
     return "figures/montage.png"
