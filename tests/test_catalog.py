@@ -149,6 +149,13 @@ def test_msd_leftovers_are_warned_about(tmp_path: Path) -> None:
     assert "numTraining is 3 but 'training' lists 2 case(s)" in told
 
 
+def test_dataset_json_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    root = write_msd_dataset(tmp_path / "ds", 2)
+    path = root / "dataset.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # Notepad's UTF-8 with BOM
+    assert len(scan_dataset("ds", root).cases) == 2
+
+
 def test_nnunet_json_with_a_training_list_is_nnunet(tmp_path: Path) -> None:
     """nnU-Net ignores a 'training' list; its keys decide (it was read as MSD and its labels refused)."""
     root = write_nnunet_dataset(tmp_path / "ds", 2)

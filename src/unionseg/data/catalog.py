@@ -96,7 +96,7 @@ def read_dataset_json(root: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError("no dataset.json (MSD and nnU-Net v2 raw layouts need one)", root)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write, is no error
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"invalid JSON ({exc})", path) from None
     if not isinstance(data, dict):
