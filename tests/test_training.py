@@ -551,6 +551,35 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(phantom_project: Pat
     assert "interrupted at step" not in err
 
 
+@pytest.mark.slow
+def test_ddp_shares_the_shared_artefacts_between_ranks(phantom_project: Path, tmp_path: Path) -> None:
+    """Under two gloo ranks co-training trains its experts, and each rank predicts and writes its share of
+    the probability maps and pseudo labels (rank 1 used to compute them all for nothing, and could read
+    pseudo labels rank 0 had not written yet); every file is there, the replicas stay in sync."""
+    import shutil as sh
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    unionseg = Path(sys.executable).parent / "unionseg"
+    if not torchrun.exists() or not unionseg.exists():
+        pytest.skip("torchrun or the unionseg console script is not installed")
+    project = tmp_path / "data"
+    sh.copytree(phantom_project.parent, project, ignore=sh.ignore_patterns("artifacts"))
+    run = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(unionseg), "train", str(project / "project.yaml"),
+           "--method", "cotraining", "-o", str(run), "--quiet", *TINY, "steps=2", "val_every=2", "ckpt_every=2",
+           "expert_steps=2", "device=cpu"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["ddp"] == {"world_size": 2, "in_sync": True}
+    (root,) = (project / "prepared" / "artifacts").iterdir()
+    cases = json.loads((project / "prepared" / "index.json").read_text())["cases"]
+    training = [c for c in cases if c["role"] == "train"]
+    assert len(list((root / "pseudo").rglob("*.npy"))) == len(training)
+    experts = [d.name for d in (root / "experts").iterdir()]
+    assert len(list((root / "probs").rglob("*.npy"))) == len(training) * len(experts)
+    assert proc.stdout.count("best validation mean Dice") == 1  # rank 0 alone reports (rank 1 said -inf)
+
+
 def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) -> None:
     """options.focal_weights switches the focal term's class weights (the same seed and batch give another
     focal value, the Dice term unchanged); an unknown choice is refused with the key in the message."""

@@ -95,6 +95,14 @@ class ArtifactCache:
         torch.distributed.broadcast(value, src=0)
         return bool(value.item())
 
+    def _my_share(self, todo: list[PreparedCase]) -> list[PreparedCase]:
+        """This DDP rank's share of ``todo`` (all of it in one process). Every rank lists ``todo`` before
+        any writes: a collective here, so the shares are cut from the same list."""
+        from unionseg.training import distributed as dist
+
+        self._rank0_decides(True)
+        return todo[dist.rank()::dist.world_size()]
+
     def _record(self, key: str, seconds: float) -> None:
         if not self.ctx.is_main:
             return
@@ -171,13 +179,14 @@ class ArtifactCache:
                     continue
                 module, _, _ = self.load_expert(name)
                 t0 = time.perf_counter()
-                for case in _progress(todo, f"expert {name}: probabilities", self.ctx.progress and self.ctx.is_main):
+                mine = self._my_share(todo)  # each DDP rank predicts and writes its own cases
+                for case in _progress(mine, f"expert {name}: probabilities", self.ctx.progress and self.ctx.is_main):
                     probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
                                            cfg.inference.sw_batch_size, self.ctx.device, "softmax",
                                            cfg.inference.blend)
-                    if self.ctx.is_main:
-                        _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
+                    _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
                 self._record(f"probs:{name}", time.perf_counter() - t0)
+            # (leaving the lock is a collective: no rank reads the probabilities before every share is written)
 
     def load_probs(self, expert: str, case: PreparedCase) -> np.ndarray:
         """(1 + K, X, Y, Z) float16, memory-mapped."""
@@ -195,18 +204,14 @@ class ArtifactCache:
         self.ensure_probs()
         with self._exclusive("pseudo"):
             t0 = time.perf_counter()
-            made = 0
-            for case in self.training_cases():
-                path = self.pseudo_path(case)
-                if path.exists():
-                    continue
-                labels = self.make_pseudo_labels(case)
-                if self.ctx.is_main:
-                    _atomic_save_npy(path, labels)
-                made += 1
+            todo = [case for case in self.training_cases() if not self.pseudo_path(case).exists()]
+            made = len(todo)
+            for case in self._my_share(todo):  # each DDP rank makes and writes its own cases
+                _atomic_save_npy(self.pseudo_path(case), self.make_pseudo_labels(case))
             if made:
                 self._record("pseudo_labels", time.perf_counter() - t0)
-            quality = self.pseudo_label_quality()
+            self._rank0_decides(True)  # every rank's share written before rank 0 reads them all for the score
+            quality = self.pseudo_label_quality() if self.ctx.is_main else {}
             if quality and self.ctx.is_main:
                 (self.root / "pseudo_quality.json").write_text(json.dumps(quality, indent=2))
         return {"pseudo_labels": made, "root": str(self.root), "quality": quality}

@@ -117,8 +117,9 @@ def rng_state() -> dict[str, Any]:
                   "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # this process's device only: a run resumed with fewer visible GPUs cannot take one state per GPU
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -129,5 +130,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
                          npst["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible GPU
+            device = torch.cuda.current_device()
+            cuda = cuda[device] if device < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)

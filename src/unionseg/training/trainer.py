@@ -198,6 +198,7 @@ class Trainer:
         self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
         for average in self.method.averages().values():
             set_layout(average.to(ctx.device), ctx.device)
+        self._seed_rank(0)  # each rank its own dropout masks from here (the initialisation above is shared)
         self.method.models = {k: dist.wrap(m, ctx.device) for k, m in self.method.raw_models.items()}
         groups = param_groups(self.method.raw_models, cfg.optim.lr, self.method.lr_scales())
         self.trainable = bool(groups)
@@ -288,8 +289,10 @@ class Trainer:
         self.method.load_state_dict(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        if state["scaler"] and self.scaler.is_enabled():  # a CPU run saves an empty one; a GPU resume starts anew
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])  # rank 0's, which rank 0 wrote
+        self._seed_rank(int(state["step"]))
         self.step = int(state["step"])
         self.saved_step = self.step
         # the time of the steps (and stages) before the checkpoint; absent in checkpoints of older versions
@@ -297,6 +300,12 @@ class Trainer:
         self.best_metric = float(state["best_metric"])
         self.best_name = str(state["best_name"])
         self.history = list(state["history"])
+
+    def _seed_rank(self, step: int) -> None:
+        """Under DDP, give every rank but 0 a torch random stream of its own (seed, rank, step): the same
+        stream on every GPU drops the same channels everywhere. One process keeps its stream unchanged."""
+        if dist.is_distributed() and dist.rank() > 0:
+            torch.manual_seed(self.cfg.seed + 1000 * dist.rank() + 7919 * step)
 
     # ------------------------------------------------------------------ the loop
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
