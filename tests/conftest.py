@@ -134,3 +134,29 @@ def write_tiny_project(folder: Path, text: str = TINY_PROJECT_YAML) -> Path:
 def tiny_project(tmp_path: Path) -> Path:
     """Path of a tiny three-dataset project file (MSD + nnU-Net v2 layouts) under ``tmp_path``."""
     return write_tiny_project(tmp_path / "project")
+
+
+def console_script(name: str) -> Path:
+    """The venv's console script ``name`` (unionseg, torchrun); the test is skipped where it is missing."""
+    import sys
+
+    path = Path(sys.executable).parent / name
+    if not path.exists():
+        pytest.skip(f"the {name} console script is not installed")
+    return path
+
+
+def wait_for_log_rows(proc: object, log: Path, rows: int, timeout: float = 180) -> None:
+    """Wait until a running training (``proc``, a Popen) has logged ``rows`` steps in ``log``; fails with its
+    stderr if it ended first."""
+    import subprocess
+    import time
+
+    assert isinstance(proc, subprocess.Popen)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) > rows:  # the header and `rows` steps
+            return
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    raise AssertionError(f"{log}: fewer than {rows} steps after {timeout} s")

@@ -330,14 +330,11 @@ def test_ctrl_c_lets_an_isolated_run_write_its_checkpoint(tmp_path: Path) -> Non
     and the same command goes on from it."""
     import signal
     import subprocess
-    import sys
-    import time
 
+    from conftest import console_script, wait_for_log_rows
     from unionseg.training.checkpoint import safe_torch_load
 
-    unionseg = Path(sys.executable).parent / "unionseg"
-    if not unionseg.exists():
-        pytest.skip("the unionseg console script is not installed")
+    unionseg = console_script("unionseg")
     suite = tmp_path / "slow.yaml"
     suite.write_text("name: slow\nbudget_from: ci\nphantom_size: tiny\nphantom_cases: [2, 1, 1]\nisolate: true\n"
                      "methods: [naive]\nbudget: {steps: 400, val_every: 400, ckpt_every: 1000, log_every: 1}\n")
@@ -346,12 +343,7 @@ def test_ctrl_c_lets_an_isolated_run_write_its_checkpoint(tmp_path: Path) -> Non
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log = out / "runs" / "naive" / "seed0" / "log.csv"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) > 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    wait_for_log_rows(proc, log, 3, timeout=240)
     os.kill(proc.pid, signal.SIGINT)  # the benchmark's process alone: it forwards the Ctrl-C to the run
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]

@@ -181,18 +181,14 @@ def test_folders_layout_keys(tmp_path: Path) -> None:
     root = write_nnunet_dataset(tmp_path / "tagged", 2, prefix="case_0000x")  # case_0000x_000_0000.nii.gz
     (root / "dataset.json").unlink()
     assert [c.case_id for c in scan_dataset("ds", root).cases] == ["case_0000x_000", "case_0000x_001"]
-    plain = tmp_path / "plain"
-    (plain / "imagesTr").mkdir(parents=True)
-    (plain / "labelsTr").mkdir()
-    for i, name in enumerate(["case_0000", "case_0001"]):
-        write_tiny_case(plain / "imagesTr" / f"{name}_0000.nii.gz", plain / "labelsTr" / f"{name}.nii.gz", seed=i)
-    assert [c.case_id for c in scan_dataset("ds", plain).cases] == ["case_0000", "case_0001"]
-    untagged = tmp_path / "untagged"
-    (untagged / "imagesTr").mkdir(parents=True)
-    (untagged / "labelsTr").mkdir()
-    for i, name in enumerate(["x_0000", "y"]):
-        write_tiny_case(untagged / "imagesTr" / f"{name}.nii.gz", untagged / "labelsTr" / f"{name}.nii.gz", seed=i)
-    assert [c.case_id for c in scan_dataset("ds", untagged).cases] == ["x_0000", "y"]
+    for folder, names, tag, ids in (("plain", ["case_0000", "case_0001"], "_0000", ["case_0000", "case_0001"]),
+                                    ("untagged", ["x_0000", "y"], "", ["x_0000", "y"])):
+        root = tmp_path / folder
+        (root / "imagesTr").mkdir(parents=True)
+        (root / "labelsTr").mkdir()
+        for i, name in enumerate(names):
+            write_tiny_case(root / "imagesTr" / f"{name}{tag}.nii.gz", root / "labelsTr" / f"{name}.nii.gz", seed=i)
+        assert [c.case_id for c in scan_dataset("ds", root).cases] == ids
 
 
 @pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")

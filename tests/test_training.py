@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import console_script, wait_for_log_rows
 from unionseg.training.checkpoint import safe_torch_load
 from unionseg.training.config import load_train_config
 from unionseg.training.trainer import train
@@ -224,23 +225,13 @@ def test_ctrl_c_in_a_terminal_stops_train_with_a_checkpoint(phantom_project: Pat
     """A terminal's Ctrl-C reaches the whole process group, loader workers included: `unionseg train`
     still finishes its step, writes the checkpoint and exits 130 with the resume hint."""
     import signal
-    import time
 
-    unionseg = Path(sys.executable).parent / "unionseg"
-    if not unionseg.exists():
-        pytest.skip("the unionseg console script is not installed")
     run = tmp_path / "run"
-    cmd = [str(unionseg), "train", str(phantom_project), "--method", "naive", "-o", str(run), "--quiet", *TINY,
-           "steps=400", "val_every=400", "ckpt_every=1000", "data.num_workers=1", "device=cpu"]
+    cmd = [str(console_script("unionseg")), "train", str(phantom_project), "--method", "naive", "-o", str(run),
+           "--quiet", *TINY, "steps=400", "val_every=400", "ckpt_every=1000", "data.num_workers=1", "device=cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = run / "log.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) > 3:  # the header and three steps
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    wait_for_log_rows(proc, run / "log.csv", 3)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -524,25 +515,14 @@ def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Pa
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(phantom_project: Path, tmp_path: Path) -> None:
     """The terminal's Ctrl-C and torchrun's forwarded one are one request; the ranks agree on the step."""
     import signal
-    import time
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    unionseg = Path(sys.executable).parent / "unionseg"
-    if not torchrun.exists() or not unionseg.exists():
-        pytest.skip("torchrun or the unionseg console script is not installed")
     run = tmp_path / "ddp"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(unionseg), "train", str(phantom_project),
-           "--method", "naive", "-o", str(run), "--quiet", *TINY, "steps=400", "val_every=400", "ckpt_every=1000",
-           "device=cpu"]
+    cmd = [str(console_script("torchrun")), "--standalone", "--nproc_per_node=2", str(console_script("unionseg")),
+           "train", str(phantom_project), "--method", "naive", "-o", str(run), "--quiet", *TINY, "steps=400",
+           "val_every=400", "ckpt_every=1000", "device=cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    log = run / "log.csv"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.exists() and len(log.read_text().splitlines()) > 3:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    wait_for_log_rows(proc, run / "log.csv", 3)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)  # torchrun itself exits non-zero with its own traceback
     step = safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"]
@@ -558,10 +538,7 @@ def test_ddp_shares_the_shared_artefacts_between_ranks(phantom_project: Path, tm
     pseudo labels rank 0 had not written yet); every file is there, the replicas stay in sync."""
     import shutil as sh
 
-    torchrun = Path(sys.executable).parent / "torchrun"
-    unionseg = Path(sys.executable).parent / "unionseg"
-    if not torchrun.exists() or not unionseg.exists():
-        pytest.skip("torchrun or the unionseg console script is not installed")
+    torchrun, unionseg = console_script("torchrun"), console_script("unionseg")
     project = tmp_path / "data"
     sh.copytree(phantom_project.parent, project, ignore=sh.ignore_patterns("artifacts"))
     run = tmp_path / "ddp"
