@@ -355,6 +355,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
     done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
     trained: list[float] = []  # wall seconds of the runs trained by this call
+    aggregated: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
     for i, (row, seed) in enumerate(plan):
         recorded = [float(r.get("train_seconds") or 0) for r in results]
@@ -368,8 +369,10 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
         if not done[i]:
             trained.append(time.perf_counter() - started)
         # after every run: an interrupted suite keeps its numbers
-        write_results(aggregate(_with_finished(results, plan, suite, out, n_seeds), suite), out)
-    aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
+        aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
+        write_results(aggregated, out)
+    if aggregated is None:  # nothing in the plan: the report of the rows already finished
+        aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
     write_report(aggregated, out)
     return aggregated
 

@@ -50,6 +50,15 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------------- YAML
+#: how a device is named, in a training configuration (``device``) and for ``predict --device`` alike
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
+
+
+def is_device_name(name: str) -> bool:
+    """Whether ``name`` is one of :data:`DEVICE_NAMES` (N a GPU index)."""
+    return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
 def load_yaml(path: str | Path) -> Any:
     """Read YAML safely (never constructs Python objects). Errors name the file."""
     path = Path(path)

@@ -341,12 +341,13 @@ def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> 
 
 def _artifact_seed(folder: Path) -> int | None:
     """The seed a shared-artefact folder was made for: its experts' recorded recipe says it."""
-    import yaml
+    from unionseg.config import load_yaml
+    from unionseg.errors import ConfigError
 
     for recipe in sorted(folder.glob("experts/*/config.yaml")):
         try:
-            seed = (yaml.safe_load(recipe.read_text()) or {}).get("seed")
-        except (OSError, yaml.YAMLError, AttributeError):
+            seed = (load_yaml(recipe) or {}).get("seed")
+        except (ConfigError, AttributeError):
             continue
         if isinstance(seed, int):
             return seed

@@ -194,7 +194,6 @@ def register(app: typer.Typer) -> None:
                                                     "outputs are written whole or not at all).")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
-        import re
         import time
 
         from rich.console import Console
@@ -207,7 +206,9 @@ def register(app: typer.Typer) -> None:
             TimeElapsedColumn,
         )
 
-        if device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", device):
+        from unionseg.config import is_device_name
+
+        if not is_device_name(device):
             raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
         # the flags are named here: checked later, with the model file's settings, they read as its fault
         if overlap is not None and not 0.0 <= overlap < 1.0:

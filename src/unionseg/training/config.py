@@ -8,12 +8,18 @@ in the same object; method-specific knobs go to ``options`` and are validated by
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from unionseg.config import HASH_OMITS_DEFAULT, apply_overrides, from_dict, load_yaml
+from unionseg.config import (
+    DEVICE_NAMES,
+    HASH_OMITS_DEFAULT,
+    apply_overrides,
+    from_dict,
+    is_device_name,
+    load_yaml,
+)
 from unionseg.data.sampling import AugmentSpec
 
 
@@ -151,8 +157,8 @@ class TrainConfig:
             raise ValueError(f"val_max_cases: must be >= 1 or null (every validation case), got {self.val_max_cases}")
         if self.expert_steps is not None and self.expert_steps < 1:
             raise ValueError(f"expert_steps: must be >= 1 or null (the run's steps), got {self.expert_steps}")
-        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ValueError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if not is_device_name(self.device):
+            raise ValueError(f"device: {self.device!r} is not one of {DEVICE_NAMES}")
 
     @property
     def roi_size(self) -> tuple[int, int, int]:

@@ -343,10 +343,9 @@ class Trainer:
         elif self.step < cfg.steps:
             loader = build_loader(self.method, self.ctx, start_step=self.step)
             progress = _Progress(cfg.steps, self.step, f"{cfg.method}", enabled=self.ctx.is_main and self.ctx.progress)
-            t_last = time.perf_counter()
             try:
                 with _StopRequest() as stop:
-                    self._loop(loader, logger, progress, stop_after, t_last, stop)
+                    self._loop(loader, logger, progress, stop_after, stop)
             except KeyboardInterrupt:
                 progress.close()
                 logger.close()
@@ -369,14 +368,14 @@ class Trainer:
             return f"interrupted at step {self.step}; the last checkpoint ({last}) holds step {self.saved_step}: {goes_on}"
         return f"interrupted at step {self.step}, before the first checkpoint"
 
-    def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, t_last: float,
-              stop: _StopRequest) -> None:
+    def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, stop: _StopRequest) -> None:
         """The training steps from ``self.step`` to the budget (or ``stop_after``).
 
         A stop request (``stop``: Ctrl-C or SIGTERM) ends the loop at the next step boundary, every rank at
         the same one, with a checkpoint of that step; it then raises KeyboardInterrupt.
         """
         cfg = self.cfg
+        t_last = time.perf_counter()
         batches = iter(loader)
         while True:
             try:
