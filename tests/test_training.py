@@ -554,7 +554,7 @@ def test_ddp_shares_the_shared_artefacts_between_ranks(phantom_project: Path, tm
     assert len(list((root / "pseudo").rglob("*.npy"))) == len(training)
     experts = [d.name for d in (root / "experts").iterdir()]
     assert len(list((root / "probs").rglob("*.npy"))) == len(training) * len(experts)
-    assert proc.stdout.count("best validation mean Dice") == 1  # rank 0 alone reports (rank 1 said -inf)
+    assert proc.stdout.count("best validation mean Dice") == 1  # rank 0 alone reports
 
 
 def test_cotraining_focal_weights_option(phantom_project: Path, tmp_path: Path) -> None:
@@ -610,6 +610,41 @@ def test_select_on_names_the_mean_that_picks_the_model(phantom_project: Path, tm
     spec.loader.exec_module(audit)
     for rule, step in (("all", 2), ("regions", 1)):
         assert audit.pick(summary["history"], rule)[:2] == (step, "model")
+
+
+def test_validation_shares_the_cases_between_ranks(phantom_project: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP each rank scores every second case; the gathered result equals the one-process result
+    exactly (the cases go back in order before the means), and the ranks' shares are disjoint."""
+    import unionseg.training.validation as validation
+    from unionseg.methods.base import get_method
+    from unionseg.training import distributed as dist
+    from unionseg.training.trainer import make_context
+
+    ctx = make_context(phantom_project, _cfg("naive", 1), tmp_path / "r", progress=False)
+    method = get_method("naive")(ctx)
+    torch.manual_seed(0)
+    method.raw_models = method.build()
+    deployed = method.deploy()
+    cases = ctx.index.cases()[:5]  # more cases than the tiny phantom's one validation case, some of each site
+    monkeypatch.setattr(validation, "validation_cases", lambda *args: cases)
+    alone = validation.validate_deployed(deployed, ctx)
+    shares: dict[int, list[tuple[int, dict[str, float]]]] = {}
+
+    def gather(share: list[tuple[int, dict[str, float]]]) -> list[list[tuple[int, dict[str, float]]]]:
+        shares[dist.rank()] = share
+        return [shares.get(r, []) for r in range(2)]
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "gather_objects", gather)
+    for r in (1, 0):  # rank 1's share is in place when rank 0 gathers
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        shared = validation.validate_deployed(deployed, ctx)
+    assert [i for i, _ in shares[0]] == [0, 2, 4] and [i for i, _ in shares[1]] == [1, 3]
+    assert shared == alone and len(alone["per_class"]) >= 4
+    # the twin: a missing share changes the result, so the equality above needs both
+    shares[1] = []
+    assert validation.validate_deployed(deployed, ctx) != alone
 
 
 def test_selection_score_reads_the_named_mean() -> None:

@@ -424,9 +424,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ validation and the model file
     def validate(self) -> None:
-        if not self.ctx.is_main:
-            dist.barrier()
-            return
+        """Every rank validates its share of the cases (validate_deployed gathers them) and takes the same
+        decision; rank 0 writes the curve and the model file."""
         results = {}
         for name, deployed in self.method.candidates().items():
             results[name] = validate_deployed(deployed, self.ctx, self.method.datasets())
@@ -436,12 +435,14 @@ class Trainer:
                  **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()},
                  **{f"{n}/region_mean": r["region_mean"] for n, r in results.items() if r["region_mean"] is not None}}
         self.history.append(entry)
-        _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
+        if self.ctx.is_main:
+            _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
         if score[name] > self.best_metric:
             self.best_metric = score[name]
             self.best_name = name
             self.method.select(name)
-            self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
+            if self.ctx.is_main:
+                self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
         dist.barrier()
 
     def write_model(self, deployed: Deployed, path: Path, selected_at: int) -> None:
