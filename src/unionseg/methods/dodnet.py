@@ -19,7 +19,6 @@ from torch import nn
 from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace, region_name
 from unionseg.methods.base import Deployed, Method, register_method
-from unionseg.training.ema import WeightAverage, decay_from_half_life
 
 
 def task_channels(space: LabelSpace, dataset: str) -> list[str]:
@@ -78,9 +77,6 @@ class DoDNetOptions:
     # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
     # trains through the all-tasks forward (conditional: one backbone pass per task, T times the step)
     cross_task_weight: float = 0.0
-    # our extension, 0 = the paper: keep a temporally weighted average (EMA) of the network with this half-life
-    # as a fraction of the run; validation then weighs the network and its average and keeps the better one
-    average_half_life_fraction: float = 0.0
 
     def validate(self) -> None:
         if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
@@ -91,8 +87,6 @@ class DoDNetOptions:
             raise ValueError("task_lr_scale must lie in (0, 64]")
         if not (self.lr_scale > 0 and self.controller_lr_scale > 0):
             raise ValueError("lr_scale and controller_lr_scale must be > 0")
-        if not 0 <= self.average_half_life_fraction <= 1:
-            raise ValueError("average_half_life_fraction must lie in [0, 1] (0: no average)")
 
 
 class TaskMethod(Method):
@@ -106,8 +100,6 @@ class TaskMethod(Method):
         self.task_keys = [task_channels(self.space, d) for d in self.datasets()]
         self.n_channels = max(len(k) for k in self.task_keys)
         self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
-        self._averages: dict[str, WeightAverage] = {}
-        self.selected = "model"
 
     def lr_scales(self) -> dict[str, float]:
         """``lr_scale`` for every parameter of the network (empty at 1: the budget's lr)."""
@@ -123,18 +115,7 @@ class TaskMethod(Method):
     def build(self) -> dict[str, nn.Module]:
         from unionseg.networks import build_network
 
-        net = build_network(self.network_spec())
-        if self.options.average_half_life_fraction > 0:
-            half_life = max(1.0, self.options.average_half_life_fraction * self.ctx.cfg.steps)
-            self._averages = {"average": WeightAverage(net, decay_from_half_life(half_life)).to(self.ctx.device)}
-        return {"net": net}
-
-    def averages(self) -> dict[str, WeightAverage]:
-        return self._averages
-
-    def after_step(self, step: int) -> None:
-        if self._averages:
-            self._averages["average"].update(self.raw_models["net"])
+        return {"net": build_network(self.network_spec())}
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from unionseg.losses import (
@@ -167,32 +148,15 @@ class TaskMethod(Method):
             return {"loss": loss, **terms}
         return {"loss": loss + o.cross_task_weight * cross, **terms, "cross_task": cross}
 
-    def _deployed(self, net: nn.Module) -> Deployed:
+    def deploy(self) -> Deployed:
         indices, channels = [], []
         for t, keys in enumerate(self.task_keys):
             for c, key in enumerate(keys):
                 indices.append(t * self.n_channels + c)
                 channels.append(key)
+        module = ChannelSelect(self.raw_models["net"], indices)
         spec = {"kind": "select", "network": self.network_spec(), "indices": indices}
-        return Deployed(ChannelSelect(net, indices), spec, "sigmoid", channels)
-
-    def candidates(self) -> dict[str, Deployed]:
-        """The network, and with ``average_half_life_fraction`` its weight average: validation keeps the better."""
-        found = {"model": self._deployed(self.raw_models["net"])}
-        found.update({name: self._deployed(avg.module) for name, avg in self._averages.items()})
-        return found
-
-    def select(self, name: str) -> None:
-        self.selected = name
-
-    def deploy(self) -> Deployed:
-        return self.candidates()[self.selected]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"selected": self.selected}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.selected = str(state.get("selected", "model"))
+        return Deployed(module, spec, "sigmoid", channels)
 
 
 @register_method("dodnet")
