@@ -117,3 +117,19 @@ def test_methods_lists_every_method_with_what_it_is(capsys: pytest.CaptureFixtur
     assert lines["dodnet"].startswith("Zhang et al., CVPR 2021")
     assert "options.dataset=NAME" in lines["expert"]
     assert all(text.strip() for text in lines.values())
+
+
+def test_an_organ_annotated_without_its_tumour_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A test set that maps its liver label to the leaf 'liver' and annotates [liver] can never be scored on
+    region:liver (the liver tumour might hide in its 0s): info says so and how to map it instead, and the
+    recipe that annotates the regions gets no such warning."""
+    path = write_tiny_project(tmp_path / "p", TINY_PROJECT_YAML.replace(
+        "annotated: [region:liver, region:kidney]", "annotated: [liver, region:kidney]"))
+    assert run(["info", str(path)]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    assert len(lines) == 1, lines
+    for text in (str(path.resolve()), "datasets.test.annotated lists 'liver' but not 'liver_tumour'",
+                 "no case of 'test' is scored on 'region:liver'", "map that value to 'region:liver'"):
+        assert text in lines[0], (text, lines[0])
+    assert run(["info", str(write_tiny_project(tmp_path / "q"))]) == 0
+    assert "warning" not in capsys.readouterr().err

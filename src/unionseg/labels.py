@@ -246,6 +246,23 @@ class LabelSpace:
         keys += [self.names[i] for i in self.part_ids if mask[i]]
         return keys
 
+    def unscored_organs(self, dataset: str) -> list[str]:
+        """One message per organ whose leaf ``dataset`` annotates without all its parts: no case of the
+        dataset can then be scored on the organ's region (validation, ``evaluate``), which a user who wrote
+        ``annotated: [liver]`` for a liver label rarely means. Empty when nothing is left unscored."""
+        mask = self.annotated_leaf_mask(dataset)
+        found = []
+        for g in self.groups:
+            missing = [self.names[i] for i in g.part_ids if not mask[i]]
+            if mask[g.organ_id] and missing:
+                region = region_name(g.name)
+                found.append(
+                    f"datasets.{dataset}.annotated lists {g.name!r} but not {' or '.join(map(repr, missing))} "
+                    f"(part of {g.name!r}), so no case of {dataset!r} is scored on {region!r} in validation or "
+                    f"evaluate; if this dataset's {g.name} label includes its {', '.join(missing)}, map that value "
+                    f"to {region!r} and annotate {region!r} instead; if it labels them, map and annotate them too")
+        return found
+
     def local_lookup(self, dataset: str) -> np.ndarray:
         """(256,) int table local value -> global code; unmapped values are -1 (0 -> 0)."""
         table = np.full(256, -1, dtype=np.int64)

@@ -22,13 +22,14 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.errors import ConfigError, DataError, UnionsegError
+from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
     EMPTY_RULES,
@@ -545,6 +546,8 @@ def evaluate_folder(
     else:
         lookup = space.local_lookup(spec.name)
         annotated = space.annotated_leaf_mask(spec.name)
+        for message in space.unscored_organs(spec.name):
+            warnings.warn(f"{project.path}: {message}", UnionsegWarning, stacklevel=2)
     truths = _label_files(gt_dir)
     if not truths:
         raise DataError("no label files (.nii.gz, .nii, .nrrd, .mha) in the ground-truth folder", gt_dir)
