@@ -81,6 +81,18 @@ def test_training_writes_everything(phantom_project: Path, tmp_path: Path) -> No
     assert entry["model/region_mean"] == pytest.approx(sum(regions) / len(regions))
 
 
+def test_training_off_a_terminal_prints_timed_lines(phantom_project: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """Under nohup or SLURM (stdout a file) the bar cannot draw: every step gives a line here (interval 0),
+    with the count, the ETA and the loss terms, before the run ends."""
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
+    train(phantom_project, _cfg("naive", 3), tmp_path / "run", progress=True)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("naive: ")]
+    assert [x.split(",")[0] for x in lines] == ["naive: 1/3 (33%)", "naive: 2/3 (67%)", "naive: 3/3 (100%)"]
+    assert "ETA" in lines[0] and "loss=" in lines[0] and "ETA" not in lines[-1]
+
+
 def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) -> None:
     from unionseg.errors import CheckpointError
 

@@ -290,6 +290,6 @@ def combine_with_ground_truth(pseudo: np.ndarray, codes: np.ndarray, annotated: 
 def _progress(items: list[Any], label: str, enabled: bool) -> Any:
     if not enabled:
         return items
-    from rich.progress import track
+    from unionseg.progress import track
 
     return track(items, description=label)

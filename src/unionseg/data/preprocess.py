@@ -928,10 +928,13 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     progress_bar = None
     task = None
     if progress and jobs:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 
-        progress_bar = Progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TextColumn("{task.description}"), console=console, transient=True)
+        from unionseg.progress import make_progress
+
+        progress_bar = make_progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     TextColumn("{task.description}"), console=console, transient=True,
+                                     label="prepare")
         progress_bar.start()
         task = progress_bar.add_task("", total=len(jobs))
 

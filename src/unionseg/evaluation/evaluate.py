@@ -450,15 +450,16 @@ def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
+    from unionseg.progress import make_progress
+
     columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
                TimeRemainingColumn(), TextColumn("{task.description}"))
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with make_progress(*columns, console=Console(stderr=True), transient=True, label=what) as bar:
         task = bar.add_task("", total=total)
         yield lambda case: bar.update(task, advance=1, description=case)
 

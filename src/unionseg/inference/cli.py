@@ -200,13 +200,13 @@ def register(app: typer.Typer) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
-            Progress,
             TaskID,
             TextColumn,
             TimeElapsedColumn,
         )
 
         from unionseg.config import is_device_name
+        from unionseg.progress import clock, make_progress
 
         if not is_device_name(device):
             raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
@@ -258,8 +258,9 @@ def register(app: typer.Typer) -> None:
         console = Console(stderr=True)
         output.mkdir(parents=True, exist_ok=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=console, transient=True) as bar:
-            for name, path in cases:
+        with make_progress(*columns, console=console, transient=True) as bar:
+            begun = time.perf_counter()
+            for k, (name, path) in enumerate(cases, 1):
                 task = bar.add_task(f"{name} (windows)", total=None)
 
                 def update(done: int, total: int, task: TaskID = task) -> None:
@@ -271,4 +272,6 @@ def register(app: typer.Typer) -> None:
                 probs_path = output / names[1] if probabilities else None
                 predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update)
                 bar.remove_task(task)
-                console.print(f"{name}: wrote {out_path} ({time.perf_counter() - start:.1f} s)")
+                now = time.perf_counter()
+                eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
+                console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path} ({now - start:.1f} s{eta})", markup=False)

@@ -623,16 +623,19 @@ class _Logger:
 
 
 class _Progress:
-    """A rich progress bar with ETA and the current loss terms."""
+    """A rich progress bar with ETA and the current loss terms (timed lines off a terminal)."""
 
     def __init__(self, total: int, start: int, label: str, enabled: bool) -> None:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
+        from unionseg.progress import make_progress
+
+        # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms
+        self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
         self.progress.start()
         self.task = self.progress.add_task(label, total=total, completed=start, terms="")
 

@@ -1,0 +1,169 @@
+"""Progress of long work: a rich bar on a terminal, plain timed lines in a log.
+
+Under ``nohup``, a batch scheduler (SLURM) or CI, output goes to a file. A rich bar does not draw there
+and shows nothing until the work ends, so a user who tails the log cannot tell a slow run from a hung one.
+:func:`make_progress` then returns a :class:`LineProgress`. It has the part of
+``rich.progress.Progress``'s interface that unionseg uses, and prints one line per task:
+- at most every ``UNIONSEG_PROGRESS_SECONDS`` seconds (default 30), with the count, the elapsed time and the
+  ETA;
+- and a last line when the task completes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from rich.console import Console
+
+from unionseg.errors import ConfigError
+
+T = TypeVar("T")
+INTERVAL_VARIABLE = "UNIONSEG_PROGRESS_SECONDS"
+
+
+def line_interval() -> float:
+    """Seconds between two progress lines of one task (``UNIONSEG_PROGRESS_SECONDS``, default 30).
+
+    Raises:
+        ConfigError: the variable is not a number >= 0.
+    """
+    raw = os.environ.get(INTERVAL_VARIABLE, "30")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise ConfigError(f"environment variable {INTERVAL_VARIABLE}: expected seconds >= 0, got {raw!r}")
+    return value
+
+
+def clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    s = max(0, int(round(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+@dataclass
+class _Task:
+    description: str
+    total: float | None
+    completed: float
+    fields: dict[str, Any]
+    started: float
+    start_count: float
+    printed_at: float
+    printed_count: float
+    finished: bool = False
+
+
+class LineProgress:
+    """The subset of ``rich.progress.Progress`` unionseg uses, as timed plain lines (see the module doc).
+
+    Args:
+        console: where the lines go.
+        label: put before each line's task description (``prepare``, ``evaluate``).
+        interval: seconds between two lines of a task (default: :func:`line_interval`).
+    """
+
+    def __init__(self, console: Console, label: str = "", interval: float | None = None) -> None:
+        self.console = console
+        self.label = label
+        self.interval = line_interval() if interval is None else interval
+        self.tasks: dict[int, _Task] = {}
+        self._next_id = 0
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Nothing to draw (rich's interface)."""
+
+    def stop(self) -> None:
+        """A last line for each task that moved since its last line and did not complete (an interruption)."""
+        for task in self.tasks.values():
+            if not task.finished and task.completed != task.printed_count:
+                self._print(task)
+        self.tasks.clear()
+
+    def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
+        task_id, self._next_id = self._next_id, self._next_id + 1
+        now = time.monotonic()
+        self.tasks[task_id] = _Task(description, total, completed, dict(fields), started=now, start_count=completed,
+                                    printed_at=now, printed_count=completed)
+        return task_id
+
+    def remove_task(self, task_id: int) -> None:
+        self.tasks.pop(task_id, None)
+
+    def update(self, task_id: int, *, completed: float | None = None, total: float | None = None,
+               advance: float | None = None, description: str | None = None, **fields: Any) -> None:
+        task = self.tasks[task_id]
+        if total is not None:
+            task.total = total
+        if completed is not None:
+            task.completed = completed
+        if advance is not None:
+            task.completed += advance
+        if description is not None:
+            task.description = description
+        task.fields.update(fields)
+        done = task.total is not None and task.completed >= task.total
+        if done and not task.finished:
+            task.finished = True
+            self._print(task)
+        elif not done and time.monotonic() - task.printed_at >= self.interval:
+            self._print(task)
+
+    def line(self, task: _Task) -> str:
+        """``label description: 40/2000 (2%), 0:00:20 elapsed, ETA 0:16:20, fields``."""
+        elapsed = time.monotonic() - task.started
+        head = " ".join(part for part in (self.label, task.description) if part)
+        if task.total:
+            count = f"{task.completed:g}/{task.total:g} ({100 * task.completed / task.total:.0f}%)"
+        else:
+            count = f"{task.completed:g}"
+        parts = [count, f"{clock(elapsed)} elapsed"]
+        moved = task.completed - task.start_count
+        if task.total and moved > 0 and task.completed < task.total:
+            parts.append(f"ETA {clock(elapsed / moved * (task.total - task.completed))}")
+        parts += [str(v) for v in task.fields.values() if str(v)]
+        return f"{head}: {', '.join(parts)}" if head else ", ".join(parts)
+
+    def _print(self, task: _Task) -> None:
+        self.console.print(self.line(task), markup=False, highlight=False, soft_wrap=True)
+        self.console.file.flush()
+        task.printed_at = time.monotonic()
+        task.printed_count = task.completed
+
+
+def make_progress(*columns: Any, console: Console | None = None, transient: bool = False,
+                  label: str = "") -> Any:
+    """A ``rich.progress.Progress`` on a terminal (or in Jupyter), else a :class:`LineProgress`."""
+    console = console or Console()
+    if console.is_terminal or console.is_jupyter:
+        from rich.progress import Progress
+
+        return Progress(*columns, console=console, transient=transient)
+    return LineProgress(console, label)
+
+
+def track(items: Iterable[T], description: str, total: int | None = None,
+          console: Console | None = None) -> Iterator[T]:
+    """``rich.progress.track`` that becomes timed lines off a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    items = list(items) if total is None else items
+    count = len(items) if total is None else total  # type: ignore[arg-type]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with make_progress(*columns, console=console) as bar:
+        task = bar.add_task(description, total=count)
+        for item in items:
+            yield item
+            bar.update(task, advance=1)

@@ -1,0 +1,72 @@
+"""Progress off a terminal: timed plain lines with the count, the elapsed time and the ETA."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from unionseg.errors import ConfigError
+from unionseg.progress import LineProgress, line_interval, make_progress, track
+
+
+def _console() -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, force_terminal=False, width=200), out
+
+
+def test_lines_give_the_count_the_eta_and_a_last_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: now[0])
+    console, out = _console()
+    bar = LineProgress(console, label="prepare", interval=30)
+    task = bar.add_task("liver", total=10, terms="loss=0.5")
+    now[0] += 10
+    bar.update(task, advance=2)  # 10 s after the start: under the interval, no line yet
+    assert out.getvalue() == ""
+    now[0] += 30
+    bar.update(task, advance=2, terms="loss=0.4")  # 4 of 10 in 40 s: 60 s to go
+    assert out.getvalue().splitlines() == ["prepare liver: 4/10 (40%), 0:00:40 elapsed, ETA 0:01:00, loss=0.4"]
+    now[0] += 5
+    bar.update(task, completed=10)  # the last line comes at once, without an ETA
+    assert out.getvalue().splitlines()[-1] == "prepare liver: 10/10 (100%), 0:00:45 elapsed, loss=0.4"
+    bar.stop()
+    assert len(out.getvalue().splitlines()) == 2
+
+
+def test_an_interrupted_task_says_where_it_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: now[0])
+    console, out = _console()
+    with LineProgress(console, interval=3600) as bar:
+        task = bar.add_task("dodnet", total=2000, completed=500)  # a resumed run starts at 500
+        now[0] += 60
+        bar.update(task, completed=800)  # 300 steps a minute since the start: 4 minutes to go
+    assert out.getvalue().splitlines() == ["dodnet: 800/2000 (40%), 0:01:00 elapsed, ETA 0:04:00"]
+    # a task that did not move since its last line prints nothing more
+    console, out = _console()
+    with LineProgress(console, interval=3600) as bar:
+        bar.add_task("idle", total=5)
+    assert out.getvalue() == ""
+
+
+def test_make_progress_draws_a_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.progress import Progress
+
+    assert isinstance(make_progress(console=_console()[0]), LineProgress)
+    assert isinstance(make_progress(console=Console(file=io.StringIO(), force_terminal=True)), Progress)
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
+    console, out = _console()
+    assert list(track(["a", "b", "c"], "cases", console=console)) == ["a", "b", "c"]
+    assert [line.split(",")[0] for line in out.getvalue().splitlines()] == ["cases: 1/3 (33%)", "cases: 2/3 (67%)",
+                                                                             "cases: 3/3 (100%)"]
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_interval_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", value)
+    with pytest.raises(ConfigError, match=f"UNIONSEG_PROGRESS_SECONDS: expected seconds >= 0, got '{value}'"):
+        line_interval()
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "2.5")
+    assert line_interval() == 2.5
