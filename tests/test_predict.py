@@ -365,6 +365,34 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu", "--skip-existing"]) == 2
 
 
+def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each label map's mark names the model file that wrote it: ``--skip-existing`` with another model
+    refuses (it would leave a folder of two models' maps, or replace one of the other's), names the file and
+    both models, and changes nothing; the same model finishes the batch."""
+    from unionseg.cli import run
+    from unionseg.data.io import nifti_description
+    from unionseg.modelfile import model_id
+
+    first = _model_file(tmp_path / "a")
+    second = _model_file(tmp_path / "b", spacing=3.0)  # another model: another file
+    inputs = tmp_path / "cts"
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    out = tmp_path / "pred"
+    assert run(["predict", str(first), str(inputs / "case0.nii.gz"), "-o", str(out), "--device", "cpu"]) == 0
+    assert nifti_description(out / "case0.nii.gz").endswith(f" model={model_id(first)}")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert run(["predict", str(second), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {out}: --skip-existing: case0.nii.gz was written by model {model_id(first)}, "
+                          f"not by {second} (model {model_id(second)})"), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing written, case1 included
+    assert run(["predict", str(first), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0
+    assert (out / "case0.nii.gz").read_bytes() == before["case0.nii.gz"] and (out / "case1.nii.gz").is_file()
+    assert "skipping 1 case(s)" in capsys.readouterr().err
+
+
 def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """ENOSPC raised by a write (no file name attached, as from ``write()``) is one line, not a traceback;

@@ -190,6 +190,25 @@ def save_model(path: str | Path, payload: Mapping[str, Any]) -> Path:
     return path
 
 
+def model_id(path: str | Path) -> str:
+    """Eight hex digits naming a model file's content (its CRC-32), recorded in every label map ``predict``
+    writes. Reads the file in 1 MiB blocks and imports no torch.
+
+    Raises:
+        CheckpointError: the file cannot be read.
+    """
+    import zlib
+
+    crc = 0
+    try:
+        with open(path, "rb") as fh:
+            while block := fh.read(1 << 20):
+                crc = zlib.crc32(block, crc)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read the model file ({exc.strerror or exc})", path) from None
+    return f"{crc:08x}"
+
+
 def load_model(path: str | Path) -> dict[str, Any]:
     """Read a model file safely (``torch.load(weights_only=True)``, tensors on the CPU).
 

@@ -30,10 +30,22 @@ _LPS = np.diag([-1.0, -1.0, 1.0])
 PREDICTION_DESCRIPTION = "unionseg predict"
 
 
-def prediction_description(labels: np.ndarray) -> str:
+def prediction_description(labels: np.ndarray, model: str | None = None) -> str:
     """The description ``predict`` gives a label map: its mark and the CRC-32 of its voxels (C order), so
-    that a map edited and re-saved by a viewer, which keeps the description, is told from the original."""
-    return f"{PREDICTION_DESCRIPTION} crc32={zlib.crc32(np.ascontiguousarray(labels).tobytes()):08x}"
+    that a map edited and re-saved by a viewer, which keeps the description, is told from the original;
+    then the model's id (:func:`unionseg.modelfile.model_id`), so that ``--skip-existing`` never takes
+    another model's map for a finished case."""
+    text = f"{PREDICTION_DESCRIPTION} crc32={zlib.crc32(np.ascontiguousarray(labels).tobytes()):08x}"
+    return f"{text} model={model}" if model else text
+
+
+def parse_prediction_description(description: str) -> dict[str, str] | None:
+    """``{"crc32": ..., "model": ...}`` (``model`` when recorded) of a label map's mark; None for no mark."""
+    head = f"{PREDICTION_DESCRIPTION} "
+    if not description.startswith(head):
+        return None
+    fields = dict(part.split("=", 1) for part in description[len(head):].split() if "=" in part)
+    return fields if "crc32" in fields else None
 
 
 def suffix_of(path: str | Path) -> str:

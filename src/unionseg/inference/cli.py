@@ -74,7 +74,13 @@ def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
     """
     import json
 
-    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description, prediction_description, read_image
+    from unionseg.data.io import (
+        PREDICTION_DESCRIPTION,
+        nifti_description,
+        parse_prediction_description,
+        prediction_description,
+        read_image,
+    )
 
     if path.name.endswith(".json"):
         try:
@@ -82,16 +88,51 @@ def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
         except (OSError, ValueError, AttributeError):
             return False
     description = nifti_description(path) or ""
-    label_map = description.startswith(f"{PREDICTION_DESCRIPTION} crc32=")
+    mark = parse_prediction_description(description)
     if not check_voxels:
-        return label_map or description == PREDICTION_DESCRIPTION
-    if not label_map:
+        return mark is not None or description == PREDICTION_DESCRIPTION
+    if mark is None:
         return False
     try:
         voxels, _ = read_image(path)
     except UnionsegError:
         return False
-    return description == prediction_description(voxels)  # the mark predict would give these voxels
+    # the CRC predict would give these voxels
+    return parse_prediction_description(prediction_description(voxels)) == {"crc32": mark["crc32"]}
+
+
+def model_of(path: Path) -> str | None:
+    """The model id a label map's mark records (None: no mark, or a mark from before models were recorded)."""
+    from unionseg.data.io import nifti_description, parse_prediction_description
+
+    mark = parse_prediction_description(nifti_description(path) or "")
+    return None if mark is None else mark.get("model")
+
+
+def check_same_model(output: Path, model: Path, names: Sequence[str], probabilities: bool) -> None:
+    """Refuse to finish a batch whose finished (or half-written) cases another model wrote: their label maps'
+    marks record the model (``--skip-existing`` would otherwise mix two models' outputs in one folder, or
+    replace another model's map).
+
+    Raises:
+        UnionsegError: naming the first such file, the model its mark records and this one.
+    """
+    from unionseg.errors import CheckpointError
+    from unionseg.modelfile import model_id
+
+    try:
+        this = model_id(model)
+    except CheckpointError:
+        return  # an unreadable model file is named when it is loaded, with the reason
+    maps = [output / output_files(name, probabilities)[0] for name in names]
+    foreign = [path for path in maps if path.exists() and model_of(path) != this]
+    if foreign:
+        theirs = model_of(foreign[0])
+        who = f"model {theirs}" if theirs else "a model its mark does not name (an earlier unionseg)"
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise UnionsegError(f"--skip-existing: {foreign[0].name}{more} was written by {who}, not by {model} "
+                            f"(model {this}); finishing this batch would mix two models' outputs: predict into "
+                            "another folder, or pass --overwrite to replace them", output)
 
 
 def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,
@@ -236,6 +277,7 @@ def register(app: typer.Typer) -> None:
                     done.add(name)
                 else:
                     partial.append(name)
+            check_same_model(output, model, [*sorted(done), *partial], probabilities)
         # every case is checked, skipped ones included: -o naming the input folder, or two cases whose
         # outputs collide, must not pass for "already done"
         check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial],

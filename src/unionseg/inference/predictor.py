@@ -367,6 +367,7 @@ class Predictor:
         self.decider = _Decider(label_space, output_form, self.channels, decision, self.inference["threshold"])
         self.conditional_parts = bool(getattr(model, "conditional_parts", False))
         self.last_stats: dict[str, Any] = {}
+        self.model_id: str | None = None  # the model file's id (from_checkpoint), recorded in each label map
 
     # ------------------------------------------------------------------ construction from a model file
     @classmethod
@@ -397,13 +398,15 @@ class Predictor:
         Raises:
             CheckpointError: the file is missing, corrupt, unsafe or not a unionseg model.
         """
-        from unionseg.modelfile import load_model
+        from unionseg.modelfile import load_model, model_id
 
         payload = load_model(path)
         try:
-            return cls.from_payload(payload, device=device, **overrides)
+            predictor = cls.from_payload(payload, device=device, **overrides)
         except CheckpointError as exc:
             raise CheckpointError(exc.message, path) from None
+        predictor.model_id = model_id(path)
+        return predictor
 
     @property
     def probability_names(self) -> list[str]:
@@ -630,11 +633,11 @@ class Predictor:
             raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
         if probs_path is None:
             labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
-            write_image(out_path, labels, geom, description=prediction_description(labels))
+            write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id))
             return out_path
         labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
                                            progress=progress)
-        write_image(out_path, labels, geom, description=prediction_description(labels))
+        write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id))
         write_probabilities(probs_path, probs, geom, self.probability_names, self.probability_meanings)
         return out_path
 
