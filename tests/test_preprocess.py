@@ -276,6 +276,29 @@ def test_changed_label_map_redoes_only_that_dataset(project_dir: Path) -> None:
     PreparedIndex.load(project)
 
 
+def test_a_second_project_file_never_replaces_the_first_ones_cache(project_dir: Path) -> None:
+    """Two project files of one folder share prepared/ by default: preparing the second, with other
+    settings, is refused and changes no file of the first's cache; --force replaces it, and the first
+    file itself re-prepares with changed settings as usual."""
+    prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
+    before = _cache_files(project_dir)
+    data = _project_dict()
+    data["preprocessing"] = {**data.get("preprocessing", {}), "spacing": [5.0, 5.0, 5.0]}
+    other = project_dir / "coarse.yaml"
+    other.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(DataError, match=r"this cache holds the data project\.yaml prepared, with other settings "
+                                        r"\(preprocessing changed.*preparing coarse\.yaml here would replace them"):
+        prepare_project(load_project(other), workers=0, progress=False)
+    assert _cache_files(project_dir) == before
+    PreparedIndex.load(load_project(project_dir / "project.yaml"))  # still the first's, still valid
+    prepare_project(load_project(other), workers=0, progress=False, force=True)
+    PreparedIndex.load(load_project(other))
+    data["preprocessing"]["spacing"] = [4.0, 4.0, 4.0]  # the cache's own file, changed: re-prepared as usual
+    other.write_text(yaml.safe_dump(data, sort_keys=False))
+    prepare_project(load_project(other), workers=0, progress=False)
+    assert PreparedIndex.load(load_project(other)).data["settings"]["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+
+
 def test_a_dataset_root_other_than_prepared_is_named_not_called_a_change(project_dir: Path) -> None:
     """A forgotten --root (or a moved dataset) is not a change to re-prepare: the message names both roots."""
     import shutil

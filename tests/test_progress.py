@@ -39,15 +39,20 @@ def test_an_interrupted_task_says_where_it_stopped(monkeypatch: pytest.MonkeyPat
     now = [0.0]
     monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: now[0])
     console, out = _console()
-    with LineProgress(console, interval=3600) as bar:
+    with LineProgress(console, interval=30) as bar:
         task = bar.add_task("dodnet", total=2000, completed=500)  # a resumed run starts at 500
         now[0] += 60
         bar.update(task, completed=800)  # 300 steps a minute since the start: 4 minutes to go
-    assert out.getvalue().splitlines() == ["dodnet: 800/2000 (40%), 0:01:00 elapsed, ETA 0:04:00"]
-    # a task that did not move since its last line prints nothing more
+        now[0] += 10
+        bar.update(task, completed=850)  # within the interval: no line, until the stop (Ctrl-C) says where
+    assert out.getvalue().splitlines() == ["dodnet: 800/2000 (40%), 0:01:00 elapsed, ETA 0:04:00",
+                                           "dodnet: 850/2000 (42%), 0:01:10 elapsed, ETA 0:03:50"]
+    # work that ends within one interval prints nothing, finished or not (a transient bar leaves no trace)
     console, out = _console()
-    with LineProgress(console, interval=3600) as bar:
-        bar.add_task("idle", total=5)
+    with LineProgress(console, interval=30) as bar:
+        done, cut = bar.add_task("quick", total=5), bar.add_task("cut", total=5)
+        bar.update(done, completed=5)
+        bar.update(cut, completed=2)
     assert out.getvalue() == ""
 
 

@@ -366,7 +366,8 @@ class Project:
         for d in self.datasets:
             if d.name == name:
                 return d
-        raise ConfigError(f"unknown dataset {name!r}", self.path)
+        raise ConfigError(f"unknown dataset {name!r} (the project's: {', '.join(d.name for d in self.datasets)})",
+                          self.path)
 
 
 def _parse_classes(raw: Any, source: str) -> list[Leaf]:
@@ -493,7 +494,7 @@ def _read_roots_file(value: Any, base: Path, source: str) -> tuple[dict[str, Pat
     path = (base / value).resolve()
     hint = f", or under 'roots:' in {path}"
     if not path.is_file():
-        return {}, None, hint
+        return {}, None, f"{hint} (named by roots_file; no such file)"
     data = load_yaml(path)
     if data is None:
         return {}, None, hint
@@ -548,7 +549,8 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     datasets = tuple(_parse_dataset(d, i, base, source, merged, root_hint) for i, d in enumerate(ds_raw))
     unknown_roots = set(root_over) - {d.name for d in datasets}
     if unknown_roots:
-        raise ConfigError(f"--root names unknown dataset {sorted(unknown_roots)[0]!r}", path)
+        raise ConfigError(f"--root names unknown dataset {sorted(unknown_roots)[0]!r} (the project's: "
+                          f"{', '.join(d.name for d in datasets)})", path)
     space = LabelSpace(
         leaves,
         [DatasetLabels(d.name, d.labels, d.annotated, d.fully_labelled) for d in datasets],

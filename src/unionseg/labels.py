@@ -220,7 +220,7 @@ class LabelSpace:
         try:
             return self.datasets[name]
         except KeyError:
-            raise ConfigError(f"unknown dataset {name!r}", self.source) from None
+            raise ConfigError(f"unknown dataset {name!r} (known: {', '.join(self.datasets)})", self.source) from None
 
     def annotated_leaf_mask(self, dataset: str) -> np.ndarray:
         """(L,) bool: leaves whose presence/absence this dataset's ground truth determines.

@@ -6,7 +6,8 @@ and shows nothing until the work ends, so a user who tails the log cannot tell a
 ``rich.progress.Progress``'s interface that unionseg uses, and prints one line per task:
 - at most every ``UNIONSEG_PROGRESS_SECONDS`` seconds (default 30), with the count, the elapsed time and the
   ETA;
-- and a last line when the task completes.
+- and, if it printed any, a last line when the task completes or stops. Work that ends within one interval
+  prints nothing, as a transient bar leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class _Task:
     start_count: float
     printed_at: float
     printed_count: float
+    lines: int = 0
     finished: bool = False
 
 
@@ -88,7 +90,7 @@ class LineProgress:
     def stop(self) -> None:
         """A last line for each task that moved since its last line and did not complete (an interruption)."""
         for task in self.tasks.values():
-            if not task.finished and task.completed != task.printed_count:
+            if not task.finished and task.lines and task.completed != task.printed_count:
                 self._print(task)
         self.tasks.clear()
 
@@ -117,7 +119,8 @@ class LineProgress:
         done = task.total is not None and task.completed >= task.total
         if done and not task.finished:
             task.finished = True
-            self._print(task)
+            if task.lines:  # work done within one interval stays quiet, as a transient bar leaves no trace
+                self._print(task)
         elif not done and time.monotonic() - task.printed_at >= self.interval:
             self._print(task)
 
@@ -141,6 +144,7 @@ class LineProgress:
         self.console.file.flush()
         task.printed_at = time.monotonic()
         task.printed_count = task.completed
+        task.lines += 1
 
 
 def make_progress(*columns: Any, console: Console | None = None, transient: bool = False,

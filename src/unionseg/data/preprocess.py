@@ -407,7 +407,8 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
     if unmapped:
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
-                        f"(mapped: {mapped}); add them to the dataset's labels", path)
+                        f"(mapped: {mapped}); map them under the dataset's 'labels' in the project file (and declare them "
+                        "in its dataset.json, which must name every value the project maps)", path)
     table = np.where(lookup >= 0, lookup, 0).astype(np.uint8)
     return table[small]
 
@@ -906,14 +907,39 @@ def prepare_project(
         return _prepare_locked(project, workers, force, progress)
 
 
+def _refuse_another_projects_cache(project: Project, index_path: Path) -> None:
+    """Refuse to prepare over a cache that another project file prepared with other settings (two project
+    files of one folder share ``prepared/`` by default): their cases would be replaced. The same file with
+    changed settings re-prepares as usual; ``--force`` replaces the other's cache.
+
+    Raises:
+        DataError: naming the cache, the other project file and what differs.
+    """
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no index (or an unreadable one): nothing anybody could still use
+    other = data.get("project_file") if isinstance(data, dict) else None
+    current = _settings(project)
+    if not isinstance(other, str) or other == project.path.name or \
+            data.get("settings_fingerprint") == _settings_hash(current):
+        return
+    raise DataError(f"this cache holds the data {other} prepared, with other settings "
+                    f"({_settings_change(data.get('settings'), current)}); "
+                    f"preparing {project.path.name} here would replace them: give it a cache of its own "
+                    "(cache_dir: in the project file), or pass --force to replace them", project.cache_dir)
+
+
 def _prepare_locked(project: Project, workers: int, force: bool, progress: bool) -> PreparedIndex:
     """The body of :func:`prepare_project`, run while this process holds the cache lock."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    jobs, entries, splits, sources = _plan(project, force)
     cache = project.cache_dir
     index_path = cache / "index.json"
+    if not force:
+        _refuse_another_projects_cache(project, index_path)
+    jobs, entries, splits, sources = _plan(project, force)
     if jobs and index_path.exists():
         index_path.unlink()  # the index is valid again only once every case is done
     prepared: list[str] = []
@@ -978,6 +1004,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     fingerprint = _hash({"cases": [[e["dataset"], e["case_id"], e["split"], e["fingerprints"]] for e in entries],
                          "settings": _settings_hash(settings)})
     index = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "project": project.name,
+             "project_file": project.path.name,
              "settings": settings, "settings_fingerprint": _settings_hash(settings), "splits": splits,
              "fingerprint": fingerprint, "sources": sources, "cases": entries}
     cache.mkdir(parents=True, exist_ok=True)

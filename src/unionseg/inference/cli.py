@@ -183,6 +183,11 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                                 "another tool's files, a map corrected in a viewer, or outputs of an older "
                                 "unionseg, which did not mark them); nothing was written: pass --overwrite to "
                                 "replace them, or choose another -o", outdir)
+        if not any(written_by_predict(out / f) for f in existing):  # ground truth, as in a labelsTr folder
+            raise UnionsegError(f"the output folder already holds {shown}, which predict did not write (no "
+                                "'unionseg predict' mark: ground truth of the same names, or another tool's "
+                                "files); nothing was written: choose another -o (or pass --overwrite to replace "
+                                "them)", outdir)
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "
                             "another -o", outdir)
@@ -226,8 +231,8 @@ def register(app: typer.Typer) -> None:
                                                     "(dodnet, multihead, conditional, individual; for "
                                                     "individual a tumour's is given its organ: the JSON "
                                                     "says what each channel holds).")] = False,
-        overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1).")] = None,
-        sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call.")] = None,
+        overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1) (default: the model file's).")] = None,
+        sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call (default: the model file's).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
                                                                     "in the output folder.")] = False,
         skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave out the cases whose outputs are "

@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options)")] = None,
         method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
                                                       "default: the recipe's, else naive).")] = None,
-        config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML (default: configs/<method>.yaml if present).")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML (default: the method's recipe built into unionseg, not a file of the working folder).")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR.")] = None,
