@@ -359,3 +359,13 @@ def test_relative_root_gives_absolute_case_paths(tmp_path: Path, monkeypatch: py
     case = scan_dataset("ds", Path("ds"), layout=layout).cases[0]
     assert case.image.is_absolute() and case.label is not None and case.label.is_absolute()
     assert case.image.is_relative_to(tmp_path / "ds") and case.image.is_file()
+
+
+def test_nnunet_layout_on_an_msd_folder_points_to_the_layout(tmp_path: Path) -> None:
+    """An MSD dataset.json read as nnU-Net's (labels value -> name) says which layout it looks like."""
+    root = tmp_path / "Task03_Liver"
+    write_msd_dataset(root, 2, {0: "background", 1: "liver"})
+    with pytest.raises(DataError, match=r"labels\.0: expected an integer value, got 'background' \(an MSD 'labels' "
+                                        r"object, value -> name: set the dataset's layout to msd\)"):
+        scan_dataset("liver", root, layout="nnunet")
+    assert len(scan_dataset("liver", root, layout="msd").cases) == 2  # twin: the right layout reads it

@@ -393,6 +393,18 @@ def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys
     assert "skipping 1 case(s)" in capsys.readouterr().err
 
 
+def test_cli_predict_on_a_dataset_root_points_to_its_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unionseg.cli import run
+
+    root = tmp_path / "Task03_Liver"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "imagesTs").mkdir()
+    assert run(["predict", str(_model_file(tmp_path)), str(root), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {root}: no images in this folder"), err
+    assert err.endswith(f"; a dataset root? its images are in {root / 'imagesTs'} or {root / 'imagesTr'}"), err
+
+
 def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """ENOSPC raised by a write (no file name attached, as from ``write()``) is one line, not a traceback;

@@ -237,7 +237,9 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
         values = v if isinstance(v, list) else [v]
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int):
-                raise DataError(f"labels.{name}: expected an integer value, got {value!r}", json_path)
+                msd = " (an MSD 'labels' object, value -> name: set the dataset's layout to msd)" if \
+                    str(name).strip().isdigit() else ""
+                raise DataError(f"labels.{name}: expected an integer value, got {value!r}{msd}", json_path)
             out[int(value)] = str(name)
     return out
 

@@ -39,7 +39,10 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
         if path.is_dir():
             files = list_image_files(path)
             if not files:
-                raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series)",
+                inside = [d for d in ("imagesTs", "imagesTr") if (path / d).is_dir()]
+                hint = f"; a dataset root? its images are in {' or '.join(str(path / d) for d in inside)}" if inside \
+                    else ""
+                raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series){hint}",
                                     path)
             found.extend(series(p) if p.is_dir() else (image_key(p), p) for p in files)
         elif suffix_of(path) == ".dcm" or (suffix_of(path) == "" and is_dicom_file(path)):
