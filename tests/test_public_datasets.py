@@ -272,6 +272,10 @@ def test_kits21_uses_the_majority_vote_and_prefers_segmentation(public: dict[str
     shutil.copy(case / "aggregated_MAJ_seg.nii.gz", case / "segmentation.nii.gz")
     (info2,) = scan_dataset("kidney", tmp_path).cases
     assert info2.label == case / "segmentation.nii.gz"
+    # the KiTS21 clone itself (its cases in kits21/data/ inside the clone) is a root too
+    clone = tmp_path / "clone"
+    shutil.copytree(public["kits21"], clone / "kits21" / "data")
+    assert scan_dataset("kidney", clone).cases == scan_dataset("kidney", clone / "kits21" / "data").cases != []
 
 
 def test_folders_layout_matches_btcv_names_by_number(public: dict[str, Path], tmp_path: Path) -> None:

@@ -130,8 +130,9 @@ def _kits_case_dirs(folder: Path) -> list[Path]:
 
 
 def kits_data_dir(root: Path) -> Path | None:
-    """The folder holding KiTS ``case_XXXXX`` folders: ``root``, ``root/data`` or ``root/dataset``, or None."""
-    for folder in (root, root / "data", root / "dataset"):
+    """The folder holding KiTS ``case_XXXXX`` folders: ``root``, ``root/data``, ``root/dataset`` or
+    ``root/kits21/data`` (a KiTS21 clone keeps its cases inside its package folder), or None."""
+    for folder in (root, root / "data", root / "dataset", root / "kits21" / "data"):
         if any((d / KITS_IMAGE).exists() for d in _kits_case_dirs(folder)):
             return folder
     return None
