@@ -391,6 +391,18 @@ def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys
     assert run(["predict", str(first), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0
     assert (out / "case0.nii.gz").read_bytes() == before["case0.nii.gz"] and (out / "case1.nii.gz").is_file()
     assert "skipping 1 case(s)" in capsys.readouterr().err
+    # a mark of the release before model ids (same voxels, no model=): taken as done, with a warning
+    import nibabel as nib
+
+    img = nib.load(out / "case1.nii.gz")
+    old_mark = nifti_description(out / "case1.nii.gz").split(" model=")[0]
+    img.header["descrip"] = old_mark.encode("ascii")
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header), out / "case1.nii.gz")
+    assert nifti_description(out / "case1.nii.gz") == old_mark
+    assert run(["predict", str(second), str(inputs / "case1.nii.gz"), "-o", str(out), "--device", "cpu",
+                "--skip-existing"]) == 0
+    err = capsys.readouterr().err
+    assert "case1.nii.gz carries no model id (an earlier unionseg wrote it)" in err and "skipping 1 case(s)" in err
 
 
 def test_cli_predict_on_a_dataset_root_points_to_its_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -276,27 +276,45 @@ def test_changed_label_map_redoes_only_that_dataset(project_dir: Path) -> None:
     PreparedIndex.load(project)
 
 
-def test_a_second_project_file_never_replaces_the_first_ones_cache(project_dir: Path) -> None:
-    """Two project files of one folder share prepared/ by default: preparing the second, with other
-    settings, is refused and changes no file of the first's cache; --force replaces it, and the first
-    file itself re-prepares with changed settings as usual."""
+def test_a_second_project_file_never_replaces_the_first_ones_cases(project_dir: Path) -> None:
+    """Two project files of one folder share prepared/ by default. A second file that would replace the
+    first's prepared cases (other settings, or other data under the same dataset names) is refused and
+    changes no file; one that reuses them (a subset of the datasets) goes through without redoing a case;
+    --force replaces; the cache's own file, changed, re-prepares as usual."""
     prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
     before = _cache_files(project_dir)
-    data = _project_dict()
-    data["preprocessing"] = {**data.get("preprocessing", {}), "spacing": [5.0, 5.0, 5.0]}
-    other = project_dir / "coarse.yaml"
-    other.write_text(yaml.safe_dump(data, sort_keys=False))
-    with pytest.raises(DataError, match=r"this cache holds the data project\.yaml prepared, with other settings "
-                                        r"\(preprocessing changed.*preparing coarse\.yaml here would replace them"):
-        prepare_project(load_project(other), workers=0, progress=False)
+
+    def other_file(name: str, data: dict) -> Path:
+        path = project_dir / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    coarse = _project_dict()
+    coarse["preprocessing"] = {**coarse.get("preprocessing", {}), "spacing": [5.0, 5.0, 5.0]}
+    with pytest.raises(DataError, match=r"this cache holds the cases project\.yaml prepared; preparing coarse\.yaml "
+                                        r"here would replace liver/case_000 and 5 more \(preprocessing changed"):
+        prepare_project(load_project(other_file("coarse.yaml", coarse)), workers=0, progress=False)
+    site2 = project_dir / "site2"
+    _write_msd(site2 / "kidney", 2, 99, {1: "kidney", 2: "tumour"})  # other scans under the same dataset name
+    moved = _project_dict()
+    moved["datasets"][1]["root"] = "site2/kidney"
+    with pytest.raises(DataError, match=r"would replace kidney/case_000 and 1 more \(the same settings, other "
+                                        r"source files\)"):
+        prepare_project(load_project(other_file("site2.yaml", moved)), workers=0, progress=False)
     assert _cache_files(project_dir) == before
     PreparedIndex.load(load_project(project_dir / "project.yaml"))  # still the first's, still valid
-    prepare_project(load_project(other), workers=0, progress=False, force=True)
-    PreparedIndex.load(load_project(other))
-    data["preprocessing"]["spacing"] = [4.0, 4.0, 4.0]  # the cache's own file, changed: re-prepared as usual
-    other.write_text(yaml.safe_dump(data, sort_keys=False))
-    prepare_project(load_project(other), workers=0, progress=False)
-    assert PreparedIndex.load(load_project(other)).data["settings"]["preprocessing"]["spacing"] == [4.0, 4.0, 4.0]
+    subset = _project_dict()
+    subset["datasets"] = [d for d in subset["datasets"] if d["name"] != "kidney"]
+    index = prepare_project(load_project(other_file("liver_only.yaml", subset)), workers=0, progress=False)
+    assert not index.summary.prepared and not index.summary.relabelled  # the first's cases, reused
+    assert {k: v for k, v in _cache_files(project_dir).items() if k != "index.json"} == \
+        {k: v for k, v in before.items() if k != "index.json"}
+    prepare_project(load_project(project_dir / "coarse.yaml"), workers=0, progress=False, force=True)
+    PreparedIndex.load(load_project(project_dir / "coarse.yaml"))
+    coarse["preprocessing"]["spacing"] = [4.0, 4.0, 4.0]  # the cache's own file, changed: re-prepared as usual
+    prepare_project(load_project(other_file("coarse.yaml", coarse)), workers=0, progress=False)
+    assert PreparedIndex.load(load_project(project_dir / "coarse.yaml")).data["settings"]["preprocessing"][
+        "spacing"] == [4.0, 4.0, 4.0]
 
 
 def test_a_dataset_root_other_than_prepared_is_named_not_called_a_change(project_dir: Path) -> None:

@@ -75,3 +75,22 @@ def test_a_bad_interval_is_named(monkeypatch: pytest.MonkeyPatch, value: str) ->
         line_interval()
     monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "2.5")
     assert line_interval() == 2.5
+
+
+def test_big_counts_stay_whole_and_rich_keywords_are_not_fields(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: 0.0)
+    console, out = _console()
+    bar = LineProgress(console, interval=0)
+    task = bar.add_task("voxels", total=2_000_000, visible=True)
+    bar.update(task, completed=1_234_567, refresh=True)
+    assert out.getvalue().splitlines() == ["voxels: 1234567/2000000 (62%), 0:00:00 elapsed, ETA 0:00:00"]
+
+
+def test_the_cli_names_a_bad_interval_before_any_work(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from unionseg.cli import run
+
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "soon")
+    assert run(["methods"]) == 2
+    assert capsys.readouterr().err.strip() == ("error: environment variable UNIONSEG_PROGRESS_SECONDS: expected "
+                                               "seconds >= 0, got 'soon'")

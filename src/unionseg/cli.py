@@ -149,6 +149,9 @@ def run(argv: list[str]) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always", UnionsegWarning)
             warnings.showwarning = _warning_printer(warnings.showwarning)
+            from unionseg.progress import line_interval
+
+            line_interval()  # a bad UNIONSEG_PROGRESS_SECONDS is named before any work, not hours in
             result = app(args=argv, standalone_mode=False, prog_name="unionseg")
     except UnionsegError as exc:
         if debug:

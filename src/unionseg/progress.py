@@ -48,6 +48,15 @@ def clock(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
+def _count(value: float) -> str:
+    """``1234567`` for whole counts (``:g`` would give ``1.23457e+06``)."""
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+#: rich's own keywords of add_task / update, which are not fields to print
+_RICH_KEYWORDS = frozenset({"visible", "refresh", "start"})
+
+
 @dataclass
 class _Task:
     description: str
@@ -97,7 +106,8 @@ class LineProgress:
     def add_task(self, description: str, total: float | None = None, completed: float = 0, **fields: Any) -> int:
         task_id, self._next_id = self._next_id, self._next_id + 1
         now = time.monotonic()
-        self.tasks[task_id] = _Task(description, total, completed, dict(fields), started=now, start_count=completed,
+        fields = {k: v for k, v in fields.items() if k not in _RICH_KEYWORDS}
+        self.tasks[task_id] = _Task(description, total, completed, fields, started=now, start_count=completed,
                                     printed_at=now, printed_count=completed)
         return task_id
 
@@ -115,7 +125,7 @@ class LineProgress:
             task.completed += advance
         if description is not None:
             task.description = description
-        task.fields.update(fields)
+        task.fields.update({k: v for k, v in fields.items() if k not in _RICH_KEYWORDS})
         done = task.total is not None and task.completed >= task.total
         if done and not task.finished:
             task.finished = True
@@ -129,9 +139,9 @@ class LineProgress:
         elapsed = time.monotonic() - task.started
         head = " ".join(part for part in (self.label, task.description) if part)
         if task.total:
-            count = f"{task.completed:g}/{task.total:g} ({100 * task.completed / task.total:.0f}%)"
+            count = f"{_count(task.completed)}/{_count(task.total)} ({100 * task.completed / task.total:.0f}%)"
         else:
-            count = f"{task.completed:g}"
+            count = _count(task.completed)
         parts = [count, f"{clock(elapsed)} elapsed"]
         moved = task.completed - task.start_count
         if task.total and moved > 0 and task.completed < task.total:

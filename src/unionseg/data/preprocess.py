@@ -408,7 +408,7 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
                         f"(mapped: {mapped}); map them under the dataset's 'labels' in the project file (and declare them "
-                        "in its dataset.json, which must name every value the project maps)", path)
+                        "in its dataset.json, if it has one: it must name every value the project maps)", path)
     table = np.where(lookup >= 0, lookup, 0).astype(np.uint8)
     return table[small]
 
@@ -907,27 +907,33 @@ def prepare_project(
         return _prepare_locked(project, workers, force, progress)
 
 
-def _refuse_another_projects_cache(project: Project, index_path: Path) -> None:
-    """Refuse to prepare over a cache that another project file prepared with other settings (two project
-    files of one folder share ``prepared/`` by default): their cases would be replaced. The same file with
-    changed settings re-prepares as usual; ``--force`` replaces the other's cache.
+def _refuse_to_replace_another_projects_cases(project: Project, index_path: Path, jobs: list[_CaseJob]) -> None:
+    """Refuse to prepare cases over those another project file prepared in this cache (two project files of
+    one folder share ``prepared/`` by default): with other settings, or other data under the same dataset
+    names, their prepared files would be replaced. A file that only reuses the cases (a subset of the
+    datasets, another split) is let through, and so is the cache's own file, changed; ``--force`` replaces.
 
     Raises:
-        DataError: naming the cache, the other project file and what differs.
+        DataError: naming the cache, the other project file, the first case and what differs.
     """
     try:
         data = json.loads(index_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        other = data.get("project_file")
+        listed = {(str(c["dataset"]), str(c["case_id"])) for c in data.get("cases", [])}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return  # no index (or an unreadable one): nothing anybody could still use
-    other = data.get("project_file") if isinstance(data, dict) else None
-    current = _settings(project)
-    if not isinstance(other, str) or other == project.path.name or \
-            data.get("settings_fingerprint") == _settings_hash(current):
+    if not isinstance(other, str) or other == project.path.name:
         return
-    raise DataError(f"this cache holds the data {other} prepared, with other settings "
-                    f"({_settings_change(data.get('settings'), current)}); "
-                    f"preparing {project.path.name} here would replace them: give it a cache of its own "
-                    "(cache_dir: in the project file), or pass --force to replace them", project.cache_dir)
+    touched = [f"{j.dataset}/{j.case_id}" for j in jobs if (j.dataset, j.case_id) in listed]
+    if not touched:
+        return
+    current = _settings(project)
+    why = (_settings_change(data.get("settings"), current) if data.get("settings_fingerprint") !=
+           _settings_hash(current) else "the same settings, other source files")
+    more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
+    raise DataError(f"this cache holds the cases {other} prepared; preparing {project.path.name} here would replace "
+                    f"{touched[0]}{more} ({why}): give it a cache of its own (cache_dir: in the project file), or "
+                    "pass --force to replace them", project.cache_dir)
 
 
 def _prepare_locked(project: Project, workers: int, force: bool, progress: bool) -> PreparedIndex:
@@ -937,9 +943,9 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     console = Console(stderr=True)
     cache = project.cache_dir
     index_path = cache / "index.json"
-    if not force:
-        _refuse_another_projects_cache(project, index_path)
     jobs, entries, splits, sources = _plan(project, force)
+    if not force:
+        _refuse_to_replace_another_projects_cases(project, index_path, jobs)
     if jobs and index_path.exists():
         index_path.unlink()  # the index is valid again only once every case is done
     prepared: list[str] = []

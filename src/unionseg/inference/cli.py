@@ -127,13 +127,22 @@ def check_same_model(output: Path, model: Path, names: Sequence[str], probabilit
         this = model_id(model)
     except CheckpointError:
         return  # an unreadable model file is named when it is loaded, with the reason
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
     maps = [output / output_files(name, probabilities)[0] for name in names]
-    foreign = [path for path in maps if path.exists() and model_of(path) != this]
+    recorded = {path: model_of(path) for path in maps if path.exists()}
+    unnamed = [path for path, who in recorded.items() if who is None]
+    if unnamed:  # marks of a release that did not record the model: taken as this model's, said once
+        more = f" (and {len(unnamed) - 1} more)" if len(unnamed) > 1 else ""
+        warnings.warn(f"{output}: {unnamed[0].name}{more} carries no model id (an earlier unionseg wrote it), so "
+                      f"--skip-existing cannot check that {model} wrote it; it is taken as done", UnionsegWarning,
+                      stacklevel=2)
+    foreign = [path for path, who in recorded.items() if who is not None and who != this]
     if foreign:
-        theirs = model_of(foreign[0])
-        who = f"model {theirs}" if theirs else "a model its mark does not name (an earlier unionseg)"
         more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise UnionsegError(f"--skip-existing: {foreign[0].name}{more} was written by {who}, not by {model} "
+        raise UnionsegError(f"--skip-existing: {foreign[0].name}{more} was written by model {recorded[foreign[0]]}, not by {model} "
                             f"(model {this}); finishing this batch would mix two models' outputs: predict into "
                             "another folder, or pass --overwrite to replace them", output)
 
@@ -187,9 +196,9 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                                 "unionseg, which did not mark them); nothing was written: pass --overwrite to "
                                 "replace them, or choose another -o", outdir)
         if not any(written_by_predict(out / f) for f in existing):  # ground truth, as in a labelsTr folder
-            raise UnionsegError(f"the output folder already holds {shown}, which predict did not write (no "
-                                "'unionseg predict' mark: ground truth of the same names, or another tool's "
-                                "files); nothing was written: choose another -o (or pass --overwrite to replace "
+            raise UnionsegError(f"the output folder already holds {shown}, without predict's mark (ground truth "
+                                "of the same names, another tool's files, or outputs of a unionseg from before "
+                                "the mark); nothing was written: choose another -o (or pass --overwrite to replace "
                                 "them)", outdir)
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "

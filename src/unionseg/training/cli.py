@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"note: nothing to resume in {out}; starting a new run", err=True)
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 validates
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
             typer.echo(f"model: {summary['model']}  best validation mean Dice over {over}: "
                        f"{summary['best_val_mean_dice']:.4f}")
 

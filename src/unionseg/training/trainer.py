@@ -3,7 +3,7 @@
 Hooks follow nnU-Net's readable skeleton: ``on_train_start`` (stages, models, optimiser, resume),
 ``train_step`` (the method's loss terms, AMP, clipping), ``on_step_end`` (averages, logging, validation,
 checkpoints) and ``on_train_end`` (the model file). Multi-GPU through DistributedDataParallel under
-``torchrun``: every rank draws different patches, rank 0 alone validates and writes.
+``torchrun``: every rank draws different patches and validates its share of the cases; rank 0 writes.
 """
 
 from __future__ import annotations
