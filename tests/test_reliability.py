@@ -97,6 +97,15 @@ def _edit_json(path: Path, change: Callable[[dict], None]) -> None:
     path.write_text(json.dumps(data))
 
 
+@bad_input("prepare: a second project file would replace the cases another one prepared in the same cache")
+def bad_second_project_file_shares_the_cache(folder: Path) -> Bad:
+    assert run(["prepare", str(folder / "project.yaml"), "--workers", "0"]) == 0
+    other = folder / "coarse.yaml"
+    other.write_text((folder / "project.yaml").read_text().replace("spacing: [3.0, 3.0, 3.0]", "spacing: [4.0, 4.0, 4.0]"))
+    return Bad(["prepare", str(other), "--workers", "0"], folder / "prepared",
+               "this cache holds the cases project.yaml prepared; preparing coarse.yaml here would replace")
+
+
 @bad_input("label map shape differs from its image")
 def bad_shape_mismatch(folder: Path) -> Bad:
     write_image(folder / LIVER_LABEL, np.zeros((6, 5, 5), np.uint8), _geom((6, 5, 5)))
@@ -370,6 +379,18 @@ def bad_predict_output_holds_same_names(folder: Path) -> Bad:
     labels = folder / "datasets/liver/labelsTr"
     return _predict(folder, folder / "model.pt", [folder / "datasets/liver/imagesTr"], labels, labels,
                     "already holds liver_000.nii.gz", ["datasets/liver/labelsTr/.*.tmp*"])
+
+
+@bad_input("predict --skip-existing: the folder's finished cases were written by another model")
+def bad_predict_skip_existing_another_model(folder: Path) -> Bad:
+    out = folder / "preds"
+    assert run(["predict", str(folder / "model.pt"), str(folder / LIVER_IMAGE), "-o", str(out), "--device",
+                "cpu"]) == 0
+    other = _save_tiny_model(folder / "other" / "model.pt", spacing=(4.0, 4.0, 4.0))
+    bad = _predict(folder, other, [folder / "datasets/liver/imagesTr"], out, out,
+                   "was written by model", ["preds/liver_001.nii.gz", "preds/.*.tmp*"])
+    bad.argv.append("--skip-existing")
+    return bad
 
 
 @bad_input("predict: -o names a file")
