@@ -400,12 +400,17 @@ class Predictor:
         """
         from unionseg.modelfile import load_model, model_id
 
+        before = model_id(path) if Path(path).is_file() else ""  # load_model names a missing file
         payload = load_model(path)
+        loaded = model_id(path)
+        while loaded != before:  # a training replaced model.pt meanwhile: the id must name the weights loaded
+            before, payload = loaded, load_model(path)
+            loaded = model_id(path)
         try:
             predictor = cls.from_payload(payload, device=device, **overrides)
         except CheckpointError as exc:
             raise CheckpointError(exc.message, path) from None
-        predictor.model_id = model_id(path)
+        predictor.model_id = loaded
         return predictor
 
     @property
