@@ -15,7 +15,7 @@ from torch import nn
 from unionseg.config import PreprocessSpec, to_dict
 from unionseg.data.io import Geometry, read_image, write_image
 from unionseg.data.preprocess import preprocess_image, restore_to_source
-from unionseg.errors import CheckpointError, UnionsegError
+from unionseg.errors import CheckpointError, UnionsegError, UnionsegWarning
 from unionseg.inference.predictor import PAD_VALUE, Predictor, _Decider, _RestoreSink
 from unionseg.labels import LabelSpace, Leaf, merge_softmax
 from unionseg.modelfile import build_from_payload, load_model, make_payload, save_model
@@ -58,7 +58,8 @@ def test_labels_equal_argmax_of_bare_monai_call(shape: tuple[int, int, int]) -> 
     spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0), crop_to_body=False)
     image = np.random.default_rng(1).uniform(-1000, 400, shape).astype(np.float32)
     pred = Predictor(net, tiny_space(), spec, inference=ROI, device="cpu", decision="argmax")
-    labels, geom = pred.predict(image)
+    with pytest.warns(UnionsegWarning, match=r"array without geometry=: taken as 1 mm voxels"):
+        labels, geom = pred.predict(image)  # a forgotten geometry= is said, not silent
     prepared, _ = preprocess_image(image, Geometry.identity(shape), spec)
     with torch.inference_mode():
         ref = sliding_window_inference(torch.from_numpy(prepared)[None, None], (16, 16, 16), 3, net,

@@ -383,7 +383,8 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     colours = leaf_colours(space)
     cols = min(5, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.6 * rows + 0.5), squeeze=False)
+    # 0.35 inch a row above each square image for its title (tight_layout cannot shrink images of fixed aspect)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.95 * rows + 0.5), squeeze=False)
     present: set[int] = set()
     for ax, (title, lab) in zip(axes.ravel(), panels, strict=False):
         ax.imshow(np.clip(image[:, :, z].T, -200, 300), cmap="gray", origin="lower")

@@ -1019,7 +1019,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     tmp.replace(index_path)
     summary = PrepareSummary(tuple(prepared), tuple(relabelled), skipped, tuple(notes))
     if progress:
-        console.print(f"{project.name}: {summary.describe()} -> {cache}")
+        console.print(f"{project.name}: {summary.describe()} -> {cache}", soft_wrap=True)  # one line in a log
     log.info("%s: %s", project.name, summary.describe())
     return PreparedIndex(project, index, summary)
 

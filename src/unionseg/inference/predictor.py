@@ -60,7 +60,7 @@ from unionseg.data.preprocess import (
     preprocess_image,
     restore_axis_map,
 )
-from unionseg.errors import CheckpointError, DataError, UnionsegError
+from unionseg.errors import CheckpointError, DataError, UnionsegError, UnionsegWarning
 from unionseg.labels import LabelSpace, merge, merge_softmax
 from unionseg.modelfile import check_channels, check_inference
 from unionseg.networks.layout import set_layout
@@ -461,6 +461,9 @@ class Predictor:
             path = None
             array = np.asarray(image)
             if geometry is None:
+                warnings.warn("Predictor.predict got an array without geometry=: taken as 1 mm voxels at the "
+                              "origin (pass the scan's Geometry, e.g. from unionseg.data.io.read_image, or a path)",
+                              UnionsegWarning, stacklevel=2)
                 geometry = Geometry.identity(array.shape)
         if array.ndim != 3:
             raise DataError(f"expected a 3D volume, got shape {array.shape}", path)
