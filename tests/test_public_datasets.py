@@ -16,7 +16,7 @@ from unionseg.cli import run
 from unionseg.config import load_project
 from unionseg.data.catalog import check_label_map, match_by_name, scan_dataset
 from unionseg.data.io import Geometry, write_image
-from unionseg.errors import ConfigError, DataError
+from unionseg.errors import ConfigError, DataError, UnionsegWarning
 from unionseg.evaluation.crossmap import (
     evaluate_cross,
     evaluate_cross_case,
@@ -468,7 +468,12 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
         evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map)
     assert exc.value.path == pred_dir / "img0021.nii.gz"
     write_image(pred_dir / "img0021.nii.gz", np.zeros(gt.shape, np.uint8), geom)
-    assert evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map, exclude=["label0021"])["n_cases"] == 2
+    summary = evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map, exclude=["label0021"])
+    assert summary["n_cases"] == 2 and summary["excluded"] == ["label0021"]
+    assert summary["unmatched_predictions"] == []  # the excluded case's prediction is not "unmatched"
+    with pytest.warns(UnionsegWarning, match=r"exclude pattern 'img0021' matches no case id of .* \(they look like "
+                                             r"'label0001'\)"):
+        evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map, exclude=["img0021", "label0021"])
     # the ground truth given as the predictions would score a perfect 1: refused
     with pytest.raises(DataError, match="is the ground-truth file"):
         evaluate_cross(public["btcv"] / "label", public["btcv"] / "label", space, gt_map)

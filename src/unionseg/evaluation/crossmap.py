@@ -32,6 +32,7 @@ import csv
 import fnmatch
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, DataError
+from unionseg.errors import ConfigError, DataError, UnionsegWarning
 from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
 from unionseg.labels import REGION_PREFIX, LabelSpace
@@ -370,11 +371,23 @@ def evaluate_cross(
                           f"known: {', '.join(METRICS)}")
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ConfigError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
-    cases = ground_truth_cases(Path(gt_dir), layout)
-    cases = {c: v for c, v in cases.items() if not any(fnmatch.fnmatchcase(c, p) for p in exclude)}
+    every = ground_truth_cases(Path(gt_dir), layout)
+    unused = [p for p in exclude if not any(fnmatch.fnmatchcase(c, p) for c in every)]
+    if unused and every:
+        warnings.warn(f"exclude pattern {unused[0]!r} matches no case id of {gt_dir} (they look like "
+                      f"{next(iter(every))!r})", UnionsegWarning, stacklevel=2)
+    cases = {c: v for c, v in every.items() if not any(fnmatch.fnmatchcase(c, p) for p in exclude)}
     if not cases:
         raise DataError("no ground-truth cases left to evaluate", gt_dir)
     preds, unmatched = pair_predictions(Path(pred_dir), cases)
+    excluded = sorted(set(every) - set(cases))
+    # a prediction of an excluded case (by name, or by the numbers in it, as predictions are paired) is left
+    # out, not "matching no ground truth"
+    from unionseg.data.catalog import _numbers
+
+    names_out = {n for c in excluded for n in (c, *every[c][1])}
+    numbers_out = {_numbers(n) for n in names_out} - {n for c in cases for n in map(_numbers, (c, *cases[c][1]))}
+    unmatched = [u for u in unmatched if u not in names_out and (_numbers(u) is None or _numbers(u) not in numbers_out)]
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
@@ -393,7 +406,7 @@ def evaluate_cross(
         "classes": classes,
         "cases": {case: {key: {**row, "empty_rule": empty_rule(row["pred_voxels"], row["gt_voxels"])}
                          for key, row in rows.items()} for case, rows in scores.items()},
-        "unmatched_predictions": unmatched, "files": {},
+        "unmatched_predictions": unmatched, "excluded": excluded, "files": {},
     }
     if out_dir is not None:
         summary["files"] = _write_reports(Path(out_dir), summary, scores, metrics, markdown)
@@ -504,6 +517,9 @@ def evaluate_cross_command(
     console.print(Markdown(summary["markdown"]))
     for organ, reason in summary["not_scored"].items():
         console.print(f"not scored: {organ} ({reason})")
+    if summary.get("excluded"):
+        console.print(f"excluded by the map: {len(summary['excluded'])} case(s) "
+                      f"({', '.join(summary['excluded'][:5])}{' ...' if len(summary['excluded']) > 5 else ''})")
     if summary["unmatched_predictions"]:
         console.print(f"note: {len(summary['unmatched_predictions'])} predictions match no ground truth "
                       f"and were ignored ({', '.join(summary['unmatched_predictions'][:5])})")
