@@ -435,8 +435,7 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     lines = [f"# Cross-label-space evaluation: {summary['evaluation_set']} ({summary['n_cases']} cases)", "",
              f"Scored on the shared classes only: {shared}. Organs are regions (organ + its parts).", ""]
     if summary["not_scored"]:
-        lines += ["Not scored (the model lacks the class): " +
-                  "; ".join(f"{o} ({r})" for o, r in summary["not_scored"].items()), ""]
+        lines += ["Not scored: " + "; ".join(f"{o} ({r})" for o, r in summary["not_scored"].items()), ""]
     tmp = files["summary_md"].with_name("summary.md.tmp")
     tmp.write_text("\n".join(lines) + markdown, encoding="utf-8")
     tmp.replace(files["summary_md"])
