@@ -614,7 +614,6 @@ def list_image_files(folder: Path) -> list[Path]:
 
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) in IMAGE_SUFFIXES
              and not p.name.startswith(".")]
-    if not files and any(p.suffix.lower() == ".dcm" or (p.is_file() and p.suffix == "" and is_dicom_file(p))
-                         for p in folder.iterdir()):  # DICOM files are often named IM0001, no suffix
+    if not files and any(is_dicom_file(p) for p in folder.iterdir()):  # often named IM0001, no suffix
         return [folder]
     return files

@@ -310,9 +310,14 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, _sitk_to_geometry(img, array.shape)
 
 
-def is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file, whatever its name (scanners and PACS exports often write ``IM0001``): the
-    ``DICM`` mark after the 128-byte preamble."""
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM file: named ``.dcm``, or without a suffix (scanners and PACS exports often write ``IM0001``)
+    a Part 10 file, with the ``DICM`` mark after the 128-byte preamble. A folder is none."""
+    suf = suffix_of(path)
+    return suf == ".dcm" or (suf == "" and _has_dicom_mark(Path(path)))
+
+
+def _has_dicom_mark(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             f.seek(128)
@@ -334,7 +339,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, Geometry]:
     path = Path(path)
     _check_readable(path)
     suf = suffix_of(path)
-    dicom_file = suf == ".dcm" or (suf == "" and path.is_file() and is_dicom_file(path))
+    dicom_file = is_dicom_file(path)
     if path.is_dir() or suf in SITK_SUFFIXES or dicom_file:
         array, geom = _read_sitk(path.parent if dicom_file else path)  # a DICOM file reads its whole series
     elif suf in NIFTI_SUFFIXES:

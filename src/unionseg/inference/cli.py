@@ -22,7 +22,7 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             (their outputs would overwrite each other).
     """
     from unionseg.data.catalog import image_key, list_image_files
-    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, suffix_of
+    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file
 
     def series(folder: Path) -> tuple[str, Path]:
         name = folder.resolve().name  # '.' or 'series/..' is named by the folder it stands for
@@ -45,7 +45,7 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
                 raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series){hint}",
                                     path)
             found.extend(series(p) if p.is_dir() else (image_key(p), p) for p in files)
-        elif suffix_of(path) == ".dcm" or (suffix_of(path) == "" and is_dicom_file(path)):
+        elif is_dicom_file(path):
             found.append(series(path.parent))  # one file of a series stands for its folder
         else:
             found.append((image_key(path), path))
