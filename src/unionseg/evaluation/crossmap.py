@@ -386,8 +386,9 @@ def evaluate_cross(
     from unionseg.data.catalog import _numbers
 
     names_out = {n for c in excluded for n in (c, *every[c][1])}
-    numbers_out = {_numbers(n) for n in names_out} - {n for c in cases for n in map(_numbers, (c, *cases[c][1]))}
-    unmatched = [u for u in unmatched if u not in names_out and (_numbers(u) is None or _numbers(u) not in numbers_out)]
+    kept_numbers = {_numbers(n) for c in cases for n in (c, *cases[c][1])}
+    numbers_out = {_numbers(n) for n in names_out} - kept_numbers - {None}
+    unmatched = [u for u in unmatched if u not in names_out and _numbers(u) not in numbers_out]
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}

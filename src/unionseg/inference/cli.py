@@ -120,31 +120,31 @@ def check_same_model(output: Path, model: Path, names: Sequence[str], probabilit
     Raises:
         UnionsegError: naming the first such file, the model its mark records and this one.
     """
-    from unionseg.errors import CheckpointError
+    import warnings
+
+    from unionseg.errors import CheckpointError, UnionsegWarning
     from unionseg.modelfile import model_id
 
     try:
         this = model_id(model)
     except CheckpointError:
         return  # an unreadable model file is named when it is loaded, with the reason
-    import warnings
 
-    from unionseg.errors import UnionsegWarning
+    def first(paths: list[Path]) -> str:
+        return paths[0].name + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else "")
 
     maps = [output / output_files(name, probabilities)[0] for name in names]
     recorded = {path: model_of(path) for path in maps if path.exists()}
     unnamed = [path for path, who in recorded.items() if who is None]
     if unnamed:  # marks of a release that did not record the model: taken as this model's, said once
-        more = f" (and {len(unnamed) - 1} more)" if len(unnamed) > 1 else ""
-        warnings.warn(f"{output}: {unnamed[0].name}{more} carries no model id (an earlier unionseg wrote it), so "
+        warnings.warn(f"{output}: {first(unnamed)} carries no model id (an earlier unionseg wrote it), so "
                       f"--skip-existing cannot check that {model} wrote it; it is taken as done", UnionsegWarning,
                       stacklevel=2)
     foreign = [path for path, who in recorded.items() if who is not None and who != this]
     if foreign:
-        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
-        raise UnionsegError(f"--skip-existing: {foreign[0].name}{more} was written by model {recorded[foreign[0]]}, not by {model} "
-                            f"(model {this}); finishing this batch would mix two models' outputs: predict into "
-                            "another folder, or pass --overwrite to replace them", output)
+        raise UnionsegError(f"--skip-existing: {first(foreign)} was written by model {recorded[foreign[0]]}, not "
+                            f"by {model} (model {this}); finishing this batch would mix two models' outputs: "
+                            "predict into another folder, or pass --overwrite to replace them", output)
 
 
 def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilities: bool = False,

@@ -257,6 +257,8 @@ def kd_regions(teacher_probs: Sequence[Tensor],
     """
     if len(teacher_probs) == 0:
         raise ValueError("kd_regions needs at least one teacher")
+    if teacher_groups is not None and len(teacher_groups) != len(teacher_probs):
+        raise ValueError(f"{len(teacher_groups)} group lists for {len(teacher_probs)} teachers")
     shape = (teacher_probs[0].shape[0], *teacher_probs[0].shape[2:])
     claims, confidences = [], []
     for j, probs in enumerate(teacher_probs):
@@ -265,9 +267,7 @@ def kd_regions(teacher_probs: Sequence[Tensor],
             raise ValueError(f"teacher_probs[{j}] has shape {tuple(probs.shape)}; expected (B, 1+K, *S) with "
                              f"(B, *S) = {shape}")
         p = probs.detach().float()
-        groups = (teacher_groups[j] if teacher_groups is not None else [range(1, p.shape[1])])
-        if teacher_groups is not None and len(teacher_groups) != len(teacher_probs):
-            raise ValueError(f"{len(teacher_groups)} group lists for {len(teacher_probs)} teachers")
+        groups = teacher_groups[j] if teacher_groups is not None else [range(1, p.shape[1])]
         # the merge function's foreground: the best group's probability above 0.5 (at 0.5, background)
         claim = torch.stack([p[:, list(g)].sum(1) for g in groups]).amax(0) > 0.5
         claims.append(claim)
