@@ -150,7 +150,8 @@ class ArtifactCache:
             from unionseg.modelfile import build_from_payload, load_model
             from unionseg.networks.layout import set_layout
 
-            if not (self.expert_dir(dataset) / "summary.json").exists():  # no lock when it exists (the experts stage trained them before any validation)
+            # no lock when it exists (the experts stage trained them before any validation)
+            if not (self.expert_dir(dataset) / "summary.json").exists():
                 self.ensure_experts([dataset])
             payload = load_model(self.expert_dir(dataset) / "model.pt")
             module = set_layout(build_from_payload(payload).to(self.ctx.device), self.ctx.device).eval()
