@@ -183,6 +183,7 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
     # the report and its figures exist and are not trivial
     report = (out / "report.md").read_text()
     assert "| oracle |" in report and "Provenance" in report
+    assert suite.about and suite.about in report  # says that a smoke test's figures compare nothing
     # the table says how its tumour columns and times are to be read, the figures which seed they show
     assert "the empty-mask rule" in report and '"(+N)" the shared experts' in report
     assert "## Pseudo-label quality (Dice vs hidden truth, unannotated classes only; seed 0)" in report

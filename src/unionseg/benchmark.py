@@ -52,6 +52,7 @@ class SuiteConfig:
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     isolate: bool = False  # each run in its own process (clean peak-memory figures)
     prepare_workers: int = 2
+    about: str = ""  # what the suite's figures mean: printed under its table and at the top of its report
 
     def validate(self) -> None:
         from unionseg.data.phantom import SIZES, SUITES
@@ -471,6 +472,8 @@ def register(app: typer.Typer) -> None:
 
         results = run_benchmark(suite, out, methods, seeds, progress=not quiet)
         print_table(results)
+        if results.get("about"):
+            typer.echo(results["about"])
         typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
 
     @app.command()
@@ -490,6 +493,8 @@ def register(app: typer.Typer) -> None:
         print_project_info(project_path)
         results = run_benchmark("ci", out, progress=not quiet)
         print_table(results)
+        if results.get("about"):
+            typer.echo(results["about"])
         typer.echo(f"report: {out.resolve() / 'report.md'}")
 
 

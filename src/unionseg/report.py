@@ -67,8 +67,8 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
                      if k.startswith(REGION_PREFIX) and k in oracle["classes"] and oracle["classes"][k]["dice"]["mean"] > 0}
             entry["gap_closure"] = {"mean_region": gap_mean, "per_region": gaps}
             entry["vs_oracle"] = ratio
-    return {"suite": getattr(suite, "name", str(suite)), "budget": getattr(suite, "budget", {}),
-            "methods": methods, "runs": results}
+    return {"suite": getattr(suite, "name", str(suite)), "about": getattr(suite, "about", ""),
+            "budget": getattr(suite, "budget", {}), "methods": methods, "runs": results}
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -117,8 +117,10 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     made = _figures(agg, out, figures)
-    lines = [f"# Benchmark report: suite `{agg['suite']}`", "",
-             "Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
+    lines = [f"# Benchmark report: suite `{agg['suite']}`", ""]
+    if agg.get("about"):
+        lines += [agg["about"], ""]
+    lines += ["Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
              "Gap closure = (method − naive) / (oracle − naive) on the mean region Dice. Checkpoints were selected "
              "on validation only; the test set was evaluated once per run.", "",
              "Tumour columns average over every test case, and a case without that tumour where the method "
