@@ -297,6 +297,21 @@ def _model_file(tmp_path: Path, spacing: float = 2.5, roi: tuple[int, int, int] 
     return save_model(tmp_path / "model.pt", _payload(tiny_space(), spec, roi))
 
 
+def test_cli_quiet_predict_prints_no_line_per_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "loud"), "--device", "cpu"]) == 0
+    assert "[2/2] case1: wrote" in capsys.readouterr().err
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "quiet"), "--device", "cpu", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+
+
 def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from unionseg.cli import run
 

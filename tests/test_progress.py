@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -94,3 +95,32 @@ def test_the_cli_names_a_bad_interval_before_any_work(monkeypatch: pytest.Monkey
     assert run(["methods"]) == 2
     assert capsys.readouterr().err.strip() == ("error: environment variable UNIONSEG_PROGRESS_SECONDS: expected "
                                                "seconds >= 0, got 'soon'")
+
+
+def test_quiet_prepare_and_evaluate_print_no_progress(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """With a line at every update, prepare and evaluate print them, and print none under ``--quiet``."""
+    import shutil
+
+    from conftest import write_tiny_project
+    from unionseg.cli import run
+
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
+    project = write_tiny_project(tmp_path / "loud")
+    assert run(["prepare", str(project), "--workers", "0"]) == 0
+    loud = capsys.readouterr()
+    assert "prepare liver/liver_000: 1/9 (11%)" in loud.err and "prepared 9 case(s)" in loud.err
+    quiet = write_tiny_project(tmp_path / "quiet")
+    assert run(["prepare", str(quiet), "--workers", "0", "--quiet"]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and out.out.splitlines()[-1].startswith("cases: train ")
+    assert len(out.out.splitlines()) == 1
+
+    truth = quiet.parent / "datasets" / "test" / "labelsTr"
+    pred = tmp_path / "pred"
+    shutil.copytree(truth, pred)  # the truth scored against itself
+    for flags, lines in (([], True), (["--quiet"], False)):
+        assert run(["evaluate", str(pred), str(truth), "--project", str(quiet), "-o", str(tmp_path / "eval"),
+                    "--no-figures", *flags]) == 0
+        err = capsys.readouterr().err
+        assert ("evaluate test_000: 1/2 (50%)" in err) is lines, err

@@ -1036,12 +1036,13 @@ def register(app: typer.Typer) -> None:
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).")] = None,
         wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait while another prepare "
                                             "holds the same cache (0: refuse at once).")] = PREPARE_WAIT_S,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary line.")] = False,
     ) -> None:
         """Validate, resample, normalise and cache every case of a project (incremental)."""
         from unionseg.cli import _parse_roots
         from unionseg.config import load_project
 
         proj = load_project(project, roots=_parse_roots(root))
-        index = prepare_project(proj, workers=workers, force=force, progress=True, wait_s=wait)
+        index = prepare_project(proj, workers=workers, force=force, progress=not quiet, wait_s=wait)
         counts = ", ".join(f"{s} {len(index.cases(split=s))}" for s in ("train", "val", "test"))
         typer.echo(f"cases: {counts}; data fingerprint {index.fingerprint}")

@@ -24,6 +24,7 @@ def evaluate_command(
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.")] = True,
     root: Annotated[Optional[list[str]], typer.Option(
         "--root", help="Dataset root override NAME=DIR (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Dice, HD95 (mm) and NSD per class on the classes the ground truth annotates; writes reports."""
     from rich.console import Console
@@ -33,7 +34,7 @@ def evaluate_command(
     from unionseg.evaluation.evaluate import evaluate_folder
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
-                              workers=workers, figures=figures, roots=parse_roots(root), progress=True)
+                              workers=workers, figures=figures, roots=parse_roots(root), progress=not quiet)
     console = Console()
     console.print(f"[bold]{summary['dataset']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))

@@ -505,13 +505,14 @@ def evaluate_cross_command(
     model: Annotated[Optional[Path], typer.Option(
         "--model", "-m", help="Or the model file itself (its classes).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:
     """Score a model on a dataset with another label space (e.g. BTCV), on the shared classes only."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     space = model_space_from(project, model)
-    summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=True)
+    summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet)
     console = Console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))

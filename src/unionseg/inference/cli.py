@@ -250,6 +250,8 @@ def register(app: typer.Typer) -> None:
         skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave out the cases whose outputs are "
                                                     "already in the output folder (e.g. after an interruption: "
                                                     "outputs are written whole or not at all).")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no line per case (warnings and "
+                                                            "errors still show).")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
         import time
@@ -314,7 +316,7 @@ def register(app: typer.Typer) -> None:
 
         predictor = Predictor.from_checkpoint(model, device=resolve_device(device), overlap=overlap,
                                               sw_batch_size=sw_batch)
-        console = Console(stderr=True)
+        console = Console(stderr=True, quiet=quiet)
         output.mkdir(parents=True, exist_ok=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with make_progress(*columns, console=console, transient=True) as bar:
