@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from unionseg.data.catalog import check_label_map, match_by_name, scan_dataset
 from unionseg.data.io import Geometry, write_image
 from unionseg.errors import ConfigError, DataError, UnionsegWarning
 from unionseg.evaluation.crossmap import (
+    CrossMap,
     evaluate_cross,
     evaluate_cross_case,
     evaluate_with_map,
@@ -434,8 +436,16 @@ def test_cross_evaluation_twin_a_class_outside_the_shared_set_is_not_scored(tmp_
     leaves = [Leaf("liver"), Leaf("liver_tumour", "liver"), Leaf("kidney"), Leaf("pancreas")]
     space = LabelSpace(leaves, [DatasetLabels("a", {1: "liver"}, ("liver", "liver_tumour", "kidney", "pancreas"))])
     cmap = load_cross_map(RECIPES / "btcv_eval.yaml")
-    gt_map, dropped = cmap.gt_map(space)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a class the model lacks is reported, not warned about
+        gt_map, dropped = cmap.gt_map(space)
     assert dropped == {"spleen": "the model has no class 'region:spleen'"}
+    # a misspelt class is dropped too (a map may serve several models), with a warning and the likely class
+    typo = CrossMap("btcv", {6: "liver", 11: "pancreas"}, {"liver": "region:livr", "pancreas": "pancreas"})
+    with pytest.warns(UnionsegWarning, match=r"shared.liver: 'region:livr' is not a class of the model, so liver "
+                                             r"is not scored; did you mean 'region:liver'\?"):
+        assert typo.gt_map(space) == ({11: "pancreas"}, {"liver": "the model has no class 'region:livr'; did you "
+                                                                   "mean 'region:liver'?"})
     assert 1 not in gt_map and gt_map[6] == "region:liver"
     gt = btcv_label()
     pred = np.zeros(gt.shape, dtype=np.uint8)

@@ -87,7 +87,11 @@ class CrossMap:
             value_of.setdefault(organ, []).append(value)
         for organ, key in self.shared.items():
             if not has_class(space, key):
-                dropped[organ] = f"the model has no class {key!r}"
+                near = nearest_class(space, key)
+                dropped[organ] = f"the model has no class {key!r}" + (f"; did you mean {near!r}?" if near else "")
+                if near:  # a map may name classes some models lack, but this one looks like a typo
+                    warnings.warn(f"{self.path or self.name}: shared.{organ}: {key!r} is not a class of the model, "
+                                  f"so {organ} is not scored; did you mean {near!r}?", UnionsegWarning, stacklevel=2)
                 continue
             for value in value_of[organ]:
                 kept[value] = key
@@ -99,6 +103,18 @@ def has_class(space: LabelSpace, key: str) -> bool:
     if key.startswith(REGION_PREFIX):
         return key[len(REGION_PREFIX):] in {g.name for g in space.groups}
     return key in space.names[1:]
+
+
+def nearest_class(space: LabelSpace, key: str) -> str | None:
+    """The class of ``space`` whose name is closest to ``key`` (a region to a region, a leaf to a leaf), when
+    it is close enough to be the class a misspelt ``key`` meant; else None."""
+    import difflib
+
+    is_region = key.startswith(REGION_PREFIX)
+    name = key[len(REGION_PREFIX):] if is_region else key
+    names = [g.name for g in space.groups] if is_region else list(space.names[1:])
+    hits = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return None if not hits else (REGION_PREFIX + hits[0] if is_region else hits[0])
 
 
 def load_cross_map(path: str | Path) -> CrossMap:
