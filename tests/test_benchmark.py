@@ -53,6 +53,10 @@ def test_suite_eta_counts_only_runs_still_to_train() -> None:
     assert suite_eta(2, [30.0, 50.0], [200.0, 240.0]) == "80 s"  # then this call's own wall times
     assert suite_eta(3, [3000.0], []) == "2.5 h"
     assert suite_eta(0, [30.0], []) == "0 s"
+    # a seed whose shared experts are still to be built: one build each, measured or as many runs as experts
+    assert suite_eta(2, [60.0], [], stages=1, stage_seconds=600.0) == "12 min"
+    assert suite_eta(2, [60.0], [], stages=2, stage_runs=4) == "10 min"  # 2 runs + 2 x 4 expert runs
+    assert suite_eta(2, [], [60.0], stages=1, stage_runs=4) == "~6 min"
 
 
 def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -85,6 +89,35 @@ def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pyt
     assert lines[2].endswith("marginal seed 0, suite ETA ~5 min")  # still no row trained by this call
     assert lines[3].startswith("[4/4] multihead seed 0, suite ETA ")
     assert "~" not in lines[3]  # now this call's own (here instant) run time
+
+
+def test_suite_eta_counts_the_experts_a_later_row_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The first row that needs the shared experts trains them first (one per training dataset, each under
+    the run budget): the ETA before it counts them; once they are built, no more."""
+    from dataclasses import replace
+
+    import unionseg.benchmark as bench
+    import unionseg.report as report
+
+    suite = replace(load_suite("ci"), isolate=False)
+    names = ["oracle", "naive", "individual", "mskd"]
+    for name in names[:2]:
+        (tmp_path / "runs" / name / "seed0").mkdir(parents=True)
+        (tmp_path / "runs" / name / "seed0" / "result.json").write_text("{}")
+    (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
+    monkeypatch.setattr(bench, "_count_experts", lambda project_path: 4)
+    monkeypatch.setattr(bench, "run_one", lambda project, suite, row, seed, out, progress:
+                        {"name": row.name, "train_seconds": 150.0,
+                         "stage_seconds": 600.0 if row.name == "individual" else 0.0})
+    for name in ("aggregate", "write_results", "write_report"):
+        monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
+    bench.run_benchmark("ci", tmp_path, names, seeds=1, progress=False)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert lines[2] == "[3/4] individual seed 0, suite ETA ~15 min"  # 2 runs + 4 experts, 150 s each
+    assert lines[3] == "[4/4] mskd seed 0, suite ETA 0 s"  # the experts are built: this call's own run time
 
 
 def test_unknown_suite_and_method_are_refused() -> None:

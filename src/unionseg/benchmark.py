@@ -355,12 +355,17 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     n_seeds = seeds if seeds is not None else suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
     done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
-    trained: list[float] = []  # wall seconds of the runs trained by this call
+    trained: list[float] = []  # wall seconds of the runs trained by this call, shared stages left out
+    # seeds whose shared experts a finished row built (or reused); a later row of another seed builds its own
+    built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and row.method in EXPERT_METHODS}
+    n_experts = _count_experts(project_path)
     aggregated: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
     for i, (row, seed) in enumerate(plan):
         recorded = [float(r.get("train_seconds") or 0) for r in results]
-        eta = suite_eta(sum(not d for d in done[i:]), trained, recorded)
+        to_build = {s for (r, s), d in zip(plan[i:], done[i:], strict=True) if not d and r.method in EXPERT_METHODS} - built
+        eta = suite_eta(sum(not d for d in done[i:]), trained, recorded, len(to_build), _stage_seconds(results),
+                        n_experts)
         console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}"
                       f"{' (done, reused)' if done[i] else ''}{', suite ETA ' + eta if eta else ''}")
         started = time.perf_counter()
@@ -368,7 +373,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
             _run_isolated(project_path, suite_name, row.name, seed, out)
         results.append(run_one(project_path, suite, row, seed, out, progress))
         if not done[i]:
-            trained.append(time.perf_counter() - started)
+            trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
+        if row.method in EXPERT_METHODS:
+            built.add(seed)
         # after every run: an interrupted suite keeps its numbers
         aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
         write_results(aggregated, out)
@@ -391,21 +398,47 @@ def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]
     return [*results, *extra]
 
 
-def suite_eta(to_train: int, trained: list[float], recorded: list[float]) -> str:
+def suite_eta(to_train: int, trained: list[float], recorded: list[float], stages: int = 0,
+              stage_seconds: float | None = None, stage_runs: int = 0) -> str:
     """The suite's remaining time, for the progress line; ``""`` when there is nothing to go on.
 
     Runs already done are reused in seconds, so they must not count as progress: the estimate is the number
     of runs still to train (``to_train``, the current one included) times the mean wall time of the runs this
-    call trained (``trained``: training, prediction and evaluation), or, before the first of them ends, the mean
-    recorded training time of the reused runs (``recorded``, marked ``~``: it leaves out prediction and the
-    shared experts a next row may have to train first, and the next rows may be other methods).
+    call trained (``trained``: training, prediction and evaluation, shared stages left out), or, before the
+    first of them ends, the mean recorded training time of the reused runs (``recorded``, marked ``~``: it
+    leaves out prediction, and the next rows may be other methods). Then, for each of ``stages`` seeds whose
+    shared experts a later row must build first, one build: ``stage_seconds`` as measured on an earlier
+    seed, else ``stage_runs`` (the number of experts) run times, since an expert trains under the same budget.
     """
     if to_train == 0:
         return "0 s"
     if trained:
-        return _duration(to_train * sum(trained) / len(trained))
-    recorded = [s for s in recorded if s and s > 0]
-    return "~" + _duration(to_train * sum(recorded) / len(recorded)) if recorded else ""
+        per_run, mark = sum(trained) / len(trained), ""
+    else:
+        recorded = [s for s in recorded if s and s > 0]
+        if not recorded:
+            return ""
+        per_run, mark = sum(recorded) / len(recorded), "~"
+    build = stage_seconds if stage_seconds is not None else stage_runs * per_run
+    return mark + _duration(to_train * per_run + stages * build)
+
+
+def _stage_seconds(results: list[dict[str, Any]]) -> float | None:
+    """The measured time of one seed's shared stages (experts, their maps, pseudo labels), if a run has one."""
+    times = [float(r.get("stage_seconds") or 0) for r in results]
+    times = [t for t in times if t > 0] or [float(r.get("expert_seconds") or 0) for r in results
+                                            if float(r.get("expert_seconds") or 0) > 0]
+    return max(times) if times else None
+
+
+def _count_experts(project_path: Path) -> int:
+    """How many shared experts a seed trains (one per training dataset); 0 when the project cannot be read."""
+    from unionseg.config import load_project
+
+    try:
+        return len(load_project(project_path).train_datasets)
+    except (UnionsegError, OSError):
+        return 0
 
 
 def _duration(seconds: float) -> str:
