@@ -93,7 +93,7 @@ def child_ours(work: Path) -> dict:
 
     predictor = Predictor.from_checkpoint(work / "model.pt", device="cpu")
     start = time.perf_counter()
-    predictor.predict_file(work / "ct.nii.gz", work / "out" / "ct.nii.gz")
+    predictor.predict_file(work / "ct.nii.gz", work / "out" / "ct.nii.gz", overwrite=True)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_rss_mib": _peak_rss_mib(), "stats": {k: str(v) for k, v in
                                                                           predictor.last_stats.items()}}

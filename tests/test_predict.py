@@ -290,6 +290,19 @@ def test_predict_file_writes_the_input_geometry_and_refuses_to_overwrite(tmp_pat
     np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=5e-3)
     with pytest.raises(UnionsegError, match="refusing"):
         pred.predict_file(src, src)
+    # an existing file (ground truth of the same name, a map edited since) is refused before any work,
+    # unless overwrite=True; the probability map and its sidecar count too
+    before = out.read_bytes()
+    for kwargs in ({}, {"probs_path": tmp_path / "fresh.nii.gz"}):
+        with pytest.raises(UnionsegError, match="ct.nii.gz: already exists; nothing was written: pass "
+                                                "overwrite=True to replace it"):
+            pred.predict_file(src, out, **kwargs)  # type: ignore[arg-type]
+    assert out.read_bytes() == before and not (tmp_path / "fresh.nii.gz").exists()
+    with pytest.raises(UnionsegError, match="ct_probs.json: already exists"):
+        (tmp_path / "out" / "ct_probs.nii.gz").unlink()
+        pred.predict_file(src, tmp_path / "new.nii.gz", probs_path=tmp_path / "out" / "ct_probs.nii.gz")
+    assert not (tmp_path / "new.nii.gz").exists()
+    assert pred.predict_file(src, out, overwrite=True) == out
 
 
 def _model_file(tmp_path: Path, spacing: float = 2.5, roi: tuple[int, int, int] = (16, 16, 16)) -> Path:

@@ -238,7 +238,8 @@ def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool
     cases = scan_dataset(test.name, test.root, test.layout).cases
     t0 = time.perf_counter()
     for case in cases:
-        predictor.predict_file(case.image, pred_dir / f"{case.case_id}.nii.gz")
+        # the run's own folder: a prediction an interrupted attempt left there is replaced
+        predictor.predict_file(case.image, pred_dir / f"{case.case_id}.nii.gz", overwrite=True)
     n_params = sum(p.numel() for p in predictor.model.parameters())
     return (time.perf_counter() - t0) / max(1, len(cases)), int(n_params)
 

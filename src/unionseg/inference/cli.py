@@ -331,7 +331,8 @@ def register(app: typer.Typer) -> None:
                 names = output_files(name, probabilities)
                 out_path = output / names[0]
                 probs_path = output / names[1] if probabilities else None
-                predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update)
+                # check_output_dir decided above which existing files may be replaced
+                predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update, overwrite=True)
                 bar.remove_task(task)
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""

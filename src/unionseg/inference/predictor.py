@@ -624,21 +624,30 @@ class Predictor:
         tta: bool = False,
         probs_path: str | Path | None = None,
         progress: ProgressFn | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Predict one image file (or DICOM folder) and write a uint8 label map with its exact geometry.
 
         Args:
             probs_path: also write the probabilities as a 4D NIfTI (X, Y, Z, C) float32 plus a
                 ``.json`` sidecar naming the channels.
+            overwrite: replace ``out_path`` (and ``probs_path``) when they exist; by default an existing file
+                (ground truth of the same name, an edited map) is refused before anything is computed.
 
         Raises:
-            UnionsegError: the output would overwrite the input.
+            UnionsegError: the output would overwrite the input, or an existing file without ``overwrite``.
             DataError: unreadable input.
         """
         in_path, out_path = Path(in_path), Path(out_path)
         if out_path.resolve() == in_path.resolve() or (in_path.is_dir() and out_path.resolve().is_relative_to(
                 in_path.resolve())):
             raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
+        if not overwrite:
+            extra = [] if probs_path is None else [Path(probs_path), probabilities_sidecar(probs_path)]
+            for path in (out_path, *extra):
+                if path.exists() or path.is_symlink():
+                    raise UnionsegError("already exists; nothing was written: pass overwrite=True to replace it",
+                                        path)
         if probs_path is None:
             labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
             write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id))
@@ -648,6 +657,12 @@ class Predictor:
         write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id))
         write_probabilities(probs_path, probs, geom, self.probability_names, self.probability_meanings)
         return out_path
+
+
+def probabilities_sidecar(path: str | Path) -> Path:
+    """The ``.json`` that names the channels of the probability map ``path``."""
+    path = Path(path)
+    return path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
 
 
 def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str],
@@ -663,7 +678,7 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
-    sidecar = path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
+    sidecar = probabilities_sidecar(path)
     try:
         data = np.moveaxis(probs, 0, -1).astype(np.float32)
         img = nib.Nifti1Image(data, geometry.affine)
