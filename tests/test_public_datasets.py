@@ -324,6 +324,15 @@ def test_images_folder_with_nnunet_channel_suffix_and_no_dataset_json(tmp_path: 
     (tmp_path / "labelsTr" / "notes.txt").write_text("not an image")
     info = scan_dataset("word", tmp_path)
     assert info.layout == "folders" and [c.case_id for c in info.cases] == ["word_0001", "word_0002"]
+    # nnU-Net's test folders are found too, where the training pair is absent (a test set of its own)
+    test_root = tmp_path / "test"
+    for case in ("ts_001", "ts_002"):
+        image, label = _volumes(1, (1, 2))
+        write_image(test_root / "imagesTs" / f"{case}_0000.nii.gz", image, geom)
+        write_image(test_root / "labelsTs" / f"{case}.nii.gz", label, geom)
+    info = scan_dataset("test", test_root)
+    assert info.layout == "folders" and [c.case_id for c in info.cases] == ["ts_001", "ts_002"]
+    assert all(c.label is not None and c.label.parent.name == "labelsTs" for c in info.cases)
 
 
 def test_auto_detection_failure_names_the_folder_and_what_was_looked_for(tmp_path: Path) -> None:

@@ -50,6 +50,7 @@ FOLDER_PAIRS: tuple[tuple[str, str], ...] = (
     ("image", "label"),
     ("images", "masks"),
     ("volumes", "segmentations"),
+    ("imagesTs", "labelsTs"),  # nnU-Net's test-set folders, for a test root without the training pair
 )
 """(images, labels) sub-folder names the ``folders`` layout looks for, in this order."""
 
