@@ -212,6 +212,11 @@ def test_label_remap_to_region_codes_and_unmapped_values(space) -> None:
     assert codes[1] >= space.n_leaves
     with pytest.raises(DataError, match=r"values \[2, 7\].*b\.nii\.gz|b\.nii\.gz.*values \[2, 7\]"):
         remap_labels(np.array([0, 1, 2, 7]), space.local_lookup("btcv"), Path("b.nii.gz"))
+    # a structure no class stands for (BTCV's gallbladder, value 4 there) is mapped to background, not refused
+    space.add_dataset(DatasetLabels("btcv_gb", {1: "region:liver", 3: "kidney", 4: "background"},
+                                    ("region:liver", "kidney")))
+    codes = remap_labels(np.array([0, 1, 3, 4]), space.local_lookup("btcv_gb"), Path("b.nii.gz"))
+    assert codes.tolist() == [0, space.code("region:liver"), space.leaf_id("kidney"), 0]
 
 
 def test_float_labels_integer_valued_accepted_fractional_refused(space) -> None:

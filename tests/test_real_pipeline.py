@@ -3,8 +3,8 @@
 The TotalSegmentator example CT (int32, RAS, 3 mm) is cut into overlapping slabs, each a case with its own
 world position, and written as two partially labelled training sets whose label values collide (an MSD
 liver set; an nnU-Net spleen + kidney set, whose two kidneys share one value as in KiTS) and a fully
-labelled test set in the ``folders`` layout (the 30-slice int16 ``example_ct_sm`` with the organs of
-``example_seg``). The labels come from the TotalSegmentator model, not from hand: this checks the pipeline
+labelled test set in the ``folders`` layout (the 30-slice int16 ``example_ct_sm`` with ``example_seg`` as it
+is: its other structures are mapped to background in the project file). The labels come from the TotalSegmentator model, not from hand: this checks the pipeline
 on real geometry, real Hounsfield values and real anatomy, not accuracy.
 """
 
@@ -42,7 +42,7 @@ datasets:
     root: datasets/test
     layout: folders
     role: test
-    labels: {1: liver, 2: kidney, 3: spleen}
+    labels: {TEST_LABELS}
     annotated: [liver, kidney, spleen]
 preprocessing: {spacing: [6.0, 6.0, 6.0], window: [-325, 325]}
 """
@@ -94,9 +94,12 @@ def _write_project(folder: Path) -> Path:
     truth = np.asarray(nib.load(str(TOTALSEG / "example_seg.nii.gz")).dataobj)
     test = folder / "datasets" / "test"
     _save(test / "images" / "ct_sm.nii.gz", np.asarray(small.dataobj), small)
-    organs = np.select([truth == LIVER, np.isin(truth, (RIGHT_KIDNEY, LEFT_KIDNEY)), truth == SPLEEN], [1, 2, 3], 0)
-    _save(test / "labels" / "ct_sm.nii.gz", organs.astype(np.uint8), small)
-    (folder / "project.yaml").write_text(PROJECT_YAML)
+    _save(test / "labels" / "ct_sm.nii.gz", truth.astype(np.uint8), small)  # TotalSegmentator's own values
+    # its other structures (stomach, aorta, ...) are no class of this project: mapped to background
+    names = {LIVER: "liver", RIGHT_KIDNEY: "kidney", LEFT_KIDNEY: "kidney", SPLEEN: "spleen"}
+    test_labels = ", ".join(f"{v}: {names.get(v, 'background')}" for v in np.unique(truth).tolist() if v)
+    assert len(test_labels.split(",")) > 20
+    (folder / "project.yaml").write_text(PROJECT_YAML.replace("TEST_LABELS", test_labels))
     return folder / "project.yaml"
 
 

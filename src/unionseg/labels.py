@@ -68,7 +68,8 @@ class DatasetLabels:
 
     Args:
         name: dataset name (unique in a project).
-        local_to_global: local value (> 0) -> leaf name or ``region:<organ>``; 0 is always background.
+        local_to_global: local value (> 0) -> leaf name, ``region:<organ>``, or ``background`` for a structure
+            no class stands for (counted as 0); 0 is always background.
         annotated: leaves and/or regions whose ground truth this dataset can be trusted for.
     """
 
@@ -198,6 +199,8 @@ class LabelSpace:
             if not isinstance(value, int) or value <= 0 or value > 255:
                 raise ConfigError(f"{where}.labels: local value {value!r} must be an integer in 1..255",
                                   self.source)
+            if key == BACKGROUND:  # a structure no class stands for (a gallbladder in a 4-organ project)
+                continue
             self._check_key(key, f"{where}.labels.{value}")
             if not set(self.leaves_of(key)) <= covered:
                 raise ConfigError(

@@ -407,8 +407,9 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
     if unmapped:
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
-                        f"(mapped: {mapped}); map them under the dataset's 'labels' in the project file (and declare them "
-                        "in its dataset.json, if it has one: it must name every value the project maps)", path)
+                        f"(mapped: {mapped}); map them under the dataset's 'labels' in the project file ('{unmapped[0]}: "
+                        "background' for a structure no class stands for), and declare them in its dataset.json if it "
+                        "has one: it must name every value the project maps", path)
     table = np.where(lookup >= 0, lookup, 0).astype(np.uint8)
     return table[small]
 

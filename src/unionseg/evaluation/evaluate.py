@@ -212,7 +212,9 @@ def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: s
         bad = sorted(int(v) for v in np.unique(arr[codes < 0]))
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
         raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps {mapped}); "
-                        "fix datasets.<name>.labels or pass the right --dataset", path)
+                        f"fix datasets.{dataset}.labels ('{bad[0]}: background' for a structure no class stands "
+                        "for), pass the right --dataset, or score a set with a label space of its own with "
+                        "`unionseg evaluate-cross`", path)
     return codes.astype(np.uint8)
 
 
