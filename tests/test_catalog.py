@@ -242,8 +242,11 @@ def test_empty_and_missing_dataset_folders(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no dataset.json") as info:
         scan_dataset("ds", tmp_path / "empty")
     assert info.value.path == tmp_path / "empty"
-    with pytest.raises(DataError, match="dataset folder not found"):
+    with pytest.raises(DataError, match=r"folder of dataset 'ds' not found \(check the dataset's root"):
         scan_dataset("ds", tmp_path / "nowhere")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(DataError, match="folder of dataset 'ds' a file, not a folder"):
+        scan_dataset("ds", tmp_path / "afile")
     # an MSD file with no cases, an nnU-Net folder with an empty imagesTr
     root = write_msd_dataset(tmp_path / "msd", 1)
     _edit_json(root, training=[])

@@ -265,7 +265,7 @@ def bad_empty_dataset_folder(folder: Path) -> Bad:
 @bad_input("dataset folder does not exist")
 def bad_missing_dataset_folder(folder: Path) -> Bad:
     shutil.rmtree(folder / "datasets/liver")
-    return _prepare(folder, folder / "datasets/liver", "dataset folder not found")
+    return _prepare(folder, folder / "datasets/liver", "folder of dataset 'liver' not found")
 
 
 @bad_input("dataset.json is not valid JSON")

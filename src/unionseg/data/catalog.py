@@ -517,7 +517,9 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
         raise DataError(f"unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}, folders:IMAGES,LABELS",
                         root)
     if not root.is_dir():
-        raise DataError("dataset folder not found", root)
+        what = "a file, not a folder" if root.exists() else "not found"
+        raise DataError(f"folder of dataset {name!r} {what} (check the dataset's root: in the project file, a "
+                        "roots file or --root)", root)
     if not any(p for p in root.iterdir() if not p.name.startswith(".")):
         raise DataError("dataset folder is empty: no dataset.json, no case folders, no images + labels folders; "
                         "point the root at the folder that holds the data", root)
