@@ -458,3 +458,27 @@ def test_selection_dice_leaves_out_classes_absent_from_truth_and_prediction(spac
     pred[pred == space.leaf_id("liver_tumour")] = space.leaf_id("liver")
     chosen = dice_scores(pred, gt, full, space)
     assert chosen["region:spleen"] == 0.0 and chosen["liver_tumour"] == 0.0
+
+
+@pytest.mark.parametrize("stored", ["RAS", "LPS", "PIL"])
+def test_axial_view_is_radiological_whatever_the_files_orientation(stored: str) -> None:
+    """A structure on the patient's right and front shows on the left and at the top of the figures' axial
+    view, for a volume stored RAS, LPS or with permuted axes (the phantom's and the scanners' orientations)."""
+    import nibabel as nib
+
+    from unionseg.data.io import Geometry
+    from unionseg.evaluation.figures import axial_view, to_ras
+
+    ras = np.zeros((10, 8, 6), dtype=np.uint8)
+    ras[8:, 5:, 3] = 1  # large x: the patient's right (RAS+ x points right); large y: anterior
+    ras_affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                                nib.orientations.axcodes2ornt(tuple(stored)))
+    volume = nib.orientations.apply_orientation(ras, transform)
+    affine = ras_affine @ nib.orientations.inv_ornt_aff(transform, ras.shape)
+    geometry = Geometry(volume.shape, affine)
+    assert "".join(nib.aff2axcodes(affine)) == stored
+    view = axial_view(to_ras(volume, geometry), 3)
+    rows, cols = np.nonzero(view)
+    assert view.shape == (8, 10)
+    assert rows.max() < 4 and cols.max() < 5  # top (anterior) and left (the patient's right)

@@ -361,7 +361,7 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
 
     from unionseg.config import load_project
     from unionseg.data.io import read_image
-    from unionseg.evaluation.figures import _rgba, leaf_colours
+    from unionseg.evaluation.figures import _rgba, axial_view, leaf_colours, mark_sides, to_ras
 
     runs = [r for r in agg["runs"] if r["seed"] == 0]
     if not runs:
@@ -375,11 +375,12 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     truth_path = test_root / "labelsTr" / case
     if not image_path.exists() or not truth_path.exists():
         return None
-    image, _ = read_image(image_path)
-    truth, _ = read_image(truth_path)
+    image, geometry = read_image(image_path)
+    image = to_ras(image, geometry)  # the test images are stored in several orientations
+    truth = to_ras(read_image(truth_path)[0], geometry)
     z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
-    panels = [("truth", truth)] + [(r["name"], read_image(out / r["pred_dir"] / case)[0]) for r in runs
-                                   if (out / r["pred_dir"] / case).exists()]
+    panels = [("truth", truth)] + [(r["name"], to_ras(read_image(out / r["pred_dir"] / case)[0], geometry))
+                                   for r in runs if (out / r["pred_dir"] / case).exists()]
     # the colours of `unionseg evaluate`'s overlays, one per class, with a legend
     space = load_project(out / "data" / "project.yaml").label_space
     colours = leaf_colours(space)
@@ -389,11 +390,12 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.95 * rows + 0.5), squeeze=False)
     present: set[int] = set()
     for ax, (title, lab) in zip(axes.ravel(), panels, strict=False):
-        ax.imshow(np.clip(image[:, :, z].T, -200, 300), cmap="gray", origin="lower")
-        codes = lab[:, :, z].T.astype(np.int64)
-        ax.imshow(_rgba(codes, space, colours, 0.55), origin="lower", interpolation="nearest")
+        ax.imshow(np.clip(axial_view(image, z), -200, 300), cmap="gray")
+        codes = axial_view(lab, z).astype(np.int64)
+        ax.imshow(_rgba(codes, space, colours, 0.55), interpolation="nearest")
         present.update(int(c) for c in np.unique(codes) if 0 < c < space.n_leaves)
         ax.set_title(title, fontsize=8)
+        mark_sides(ax)
     for ax in axes.ravel():
         ax.axis("off")
     handles = [Patch(color=colours[leaf], label=space.names[leaf]) for leaf in sorted(present)]

@@ -427,7 +427,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
-    """Label file name -> image path, from the dataset's dataset.json (empty if it cannot be read)."""
+    """Label file name -> image path, from a scan of the dataset in its layout (empty if it cannot be read)."""
     from unionseg.data.catalog import scan_dataset
 
     try:

@@ -67,9 +67,24 @@ def dice_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: S
     return _save(fig, path)
 
 
-def axial_axis(geometry: Geometry) -> int:
-    """The array axis closest to the patient's superior-inferior direction (axial slices are normal to it)."""
-    return int(np.argmax(np.abs(geometry.direction[2, :])))
+def to_ras(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """``volume`` with its axes permuted and flipped to the nearest RAS+ order (exact, no resampling), so that
+    slices drawn with :func:`axial_view` look the same whatever orientation the file was stored in."""
+    from unionseg.data.io import reorient_to_ras
+
+    return reorient_to_ras(volume, geometry)[0]
+
+
+def axial_view(ras: np.ndarray, k: int) -> np.ndarray:
+    """Axial slice ``k`` of a RAS+ volume as radiologists view it: anterior at the top, the patient's right on
+    the left of the image (row 0 at the top, as ``imshow`` draws by default)."""
+    return ras[:, :, k].T[::-1, ::-1]
+
+
+def mark_sides(ax: Any) -> None:
+    """Write R and L at the left and right edges of an axial view (the patient's sides)."""
+    for x, side, align in ((0.01, "R", "left"), (0.99, "L", "right")):
+        ax.text(x, 0.5, side, transform=ax.transAxes, color="yellow", fontsize=8, ha=align, va="center")
 
 
 def largest_slice(mask: np.ndarray, axis: int) -> int:
@@ -103,7 +118,8 @@ def overlay(
     window: tuple[float, float] = (-325.0, 325.0),
     alpha: float = 0.45,
 ) -> Path:
-    """Truth and prediction on the axial slice through the largest ground-truth extent.
+    """Truth and prediction on the axial slice through the largest ground-truth extent, in the radiological
+    convention (anterior up, the patient's right on the left), whatever the file's orientation.
 
     Args:
         pred: (X, Y, Z) leaf ids.
@@ -118,23 +134,24 @@ def overlay(
     """
     from matplotlib.patches import Patch
 
-    axis = axial_axis(geometry)
-    index = largest_slice(gt > 0, axis) if np.any(gt) else largest_slice(pred > 0, axis)
+    gt, pred = to_ras(gt, geometry), to_ras(pred, geometry)
+    index = largest_slice(gt > 0, 2) if np.any(gt) else largest_slice(pred > 0, 2)
     colours = leaf_colours(space)
     fig = _figure(9.0, 4.8)
     present: set[int] = set()
     for col, (name, labels) in enumerate((("ground truth", gt), ("prediction", pred))):
         ax = fig.add_subplot(1, 2, col + 1)
-        sl = np.take(labels, index, axis=axis)
+        sl = axial_view(labels, index)
         if image is not None:
-            ax.imshow(np.take(image, index, axis=axis).T, cmap="gray", vmin=window[0], vmax=window[1],
-                      origin="lower", interpolation="nearest")
+            ax.imshow(axial_view(to_ras(image, geometry), index), cmap="gray", vmin=window[0], vmax=window[1],
+                      interpolation="nearest")
         else:
-            ax.imshow(np.zeros(sl.T.shape), cmap="gray", vmin=0, vmax=1, origin="lower")
-        ax.imshow(_rgba(sl.T, space, colours, alpha), origin="lower", interpolation="nearest")
-        ax.set_title(f"{name} (slice {index} of axis {axis})", fontsize=9)
+            ax.imshow(np.zeros(sl.shape), cmap="gray", vmin=0, vmax=1)
+        ax.imshow(_rgba(sl, space, colours, alpha), interpolation="nearest")
+        ax.set_title(f"{name} (axial slice {index + 1} of {labels.shape[2]}, from the feet)", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
+        mark_sides(ax)
         for code in np.unique(sl):
             code = int(code)
             if code:
