@@ -372,3 +372,12 @@ def test_nnunet_layout_on_an_msd_folder_points_to_the_layout(tmp_path: Path) -> 
                                         r"object, value -> name: set the dataset's layout to msd\)"):
         scan_dataset("liver", root, layout="nnunet")
     assert len(scan_dataset("liver", root, layout="msd").cases) == 2  # twin: the right layout reads it
+
+
+def test_messages_name_a_few_items_and_count_the_rest() -> None:
+    from unionseg.errors import and_more, listing
+
+    assert listing(["a", "b"]) == "a, b"
+    assert listing(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+    assert listing([1, 2, 3, 4, 5, 6], 5) == "1, 2, 3, 4, 5 and 1 more"
+    assert and_more(1, 1) == "" and and_more(4, 1) == " and 3 more"

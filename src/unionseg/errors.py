@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -34,3 +35,13 @@ class CheckpointError(UnionsegError):
 class UnionsegWarning(UserWarning):
     """A user-facing warning (e.g. an image that does not look like CT): the CLI prints ``warning: <message>``
     on one line and goes on."""
+
+
+def and_more(count: int, shown: int) -> str:
+    """``" and N more"`` for a message that names ``shown`` of ``count`` items (``""`` when it names them all)."""
+    return f" and {count - shown} more" if count > shown else ""
+
+
+def listing(items: Sequence[object], shown: int = 3) -> str:
+    """The first ``shown`` items, comma-separated, then how many more: ``a.nii.gz, b.nii.gz and 4 more``."""
+    return ", ".join(str(item) for item in items[:shown]) + and_more(len(items), shown)

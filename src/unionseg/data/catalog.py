@@ -38,7 +38,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
-from unionseg.errors import DataError, UnionsegWarning
+from unionseg.errors import DataError, UnionsegWarning, listing
 
 LAYOUTS = ("msd", "nnunet", "kits", "folders")
 """Layout names a dataset may declare (besides ``auto`` and ``folders:IMAGES,LABELS``)."""
@@ -267,7 +267,7 @@ def _cases_msd(name: str, root: Path, data: Mapping[str, Any], json_path: Path) 
 
 
 def _listed(files: Sequence[Path]) -> str:
-    return ", ".join(f.name for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return listing([f.name for f in files])
 
 
 def _warn_msd_leftovers(root: Path, data: Mapping[str, Any], cases: _RawCases, json_path: Path) -> None:

@@ -49,7 +49,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, UnionsegError
+from unionseg.errors import ConfigError, UnionsegError, listing
 
 GENERATOR_VERSION = "phantom-1.0"
 """Bump whenever the generated voxels can change: it is recorded in every file the phantom writes."""
@@ -1078,8 +1078,9 @@ def _prepare_out(out: Path) -> None:
     datasets = out / "datasets"
     foreign = sorted(p.name for p in datasets.iterdir() if p.name not in written) if datasets.is_dir() else []
     if foreign:
-        raise UnionsegError(f"datasets/ holds {', '.join(foreign[:3])}, which the phantom did not write; move it out "
-                            "or choose another folder (nothing was changed)", datasets)
+        raise UnionsegError(f"datasets/ holds {listing(foreign)}, which the phantom did not write; move "
+                            f"{'it' if len(foreign) == 1 else 'them'} out or choose another folder (nothing was "
+                            "changed)", datasets)
     recorded = old.get("project_sha256")
     project = out / "project.yaml"
     if recorded and project.is_file() and hashlib.sha256(project.read_bytes()).hexdigest() != recorded:

@@ -41,7 +41,7 @@ from unionseg.data.io import (
     reorient_like,
     reorient_to_ras,
 )
-from unionseg.errors import DataError, UnionsegError, UnionsegWarning
+from unionseg.errors import DataError, UnionsegError, UnionsegWarning, and_more
 from unionseg.faults import fault_point
 
 if TYPE_CHECKING:
@@ -931,9 +931,8 @@ def _refuse_to_replace_another_projects_cases(project: Project, index_path: Path
     current = _settings(project)
     why = (_settings_change(data.get("settings"), current) if data.get("settings_fingerprint") !=
            _settings_hash(current) else "the same settings, other source files")
-    more = f" and {len(touched) - 1} more" if len(touched) > 1 else ""
     raise DataError(f"this cache holds the cases {other} prepared; preparing {project.path.name} here would replace "
-                    f"{touched[0]}{more} ({why}): give it a cache of its own (cache_dir: in the project file), or "
+                    f"{touched[0]}{and_more(len(touched), 1)} ({why}): give it a cache of its own (cache_dir: in the project file), or "
                     "pass --force to replace them", project.cache_dir)
 
 

@@ -31,6 +31,7 @@ def evaluate_command(
     from rich.markdown import Markdown
 
     from unionseg.cli import _parse_roots as parse_roots
+    from unionseg.errors import listing
     from unionseg.evaluation.evaluate import evaluate_folder
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
@@ -40,7 +41,7 @@ def evaluate_command(
     console.print(Markdown(summary["markdown"]))
     if summary["unmatched_predictions"]:
         console.print(f"note: {len(summary['unmatched_predictions'])} predictions have no ground truth "
-                      f"and were ignored ({', '.join(summary['unmatched_predictions'][:5])})")
+                      f"and were ignored ({listing(summary['unmatched_predictions'], 5)})")
 
 
 def register(app: typer.Typer) -> None:

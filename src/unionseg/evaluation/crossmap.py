@@ -41,7 +41,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, DataError, UnionsegWarning
+from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
 from unionseg.labels import REGION_PREFIX, LabelSpace
@@ -304,8 +304,7 @@ def pair_predictions(pred_dir: Path, cases: Mapping[str, tuple[Path, tuple[str, 
     for case, key in pairs.items():
         by_name[case] = free[key]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(f"no prediction for case {missing[0]!r}{more} (ground truth {cases[missing[0]][0]}); "
+        raise DataError(f"no prediction for case {missing[0]!r}{and_more(len(missing), 1)} (ground truth {cases[missing[0]][0]}); "
                         "predictions are matched by name or by the numbers in the name", pred_dir)
     return {case: by_name[case] for case in cases}, sorted(unmatched)
 
@@ -536,10 +535,10 @@ def evaluate_cross_command(
         console.print(f"not scored: {organ} ({reason})")
     if summary.get("excluded"):
         console.print(f"excluded by the map: {len(summary['excluded'])} case(s) "
-                      f"({', '.join(summary['excluded'][:5])}{' ...' if len(summary['excluded']) > 5 else ''})")
+                      f"({listing(summary['excluded'], 5)})")
     if summary["unmatched_predictions"]:
         console.print(f"note: {len(summary['unmatched_predictions'])} predictions match no ground truth "
-                      f"and were ignored ({', '.join(summary['unmatched_predictions'][:5])})")
+                      f"and were ignored ({listing(summary['unmatched_predictions'], 5)})")
 
 
 def register(app: typer.Typer) -> None:

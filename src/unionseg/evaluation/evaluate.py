@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning
+from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
     EMPTY_RULES,
@@ -225,7 +225,7 @@ def _read_prediction(path: Path, space: LabelSpace) -> tuple[np.ndarray, Geometr
     arr = _integer_array(arr, path, "prediction")
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= space.n_leaves):
         bad = np.unique(arr[(arr < 0) | (arr >= space.n_leaves)])
-        shown = ", ".join(str(int(v)) for v in bad[:3]) + (" ..." if bad.size > 3 else "")
+        shown = listing([int(v) for v in bad])
         raise DataError(f"prediction holds value(s) {shown} outside the leaf ids of this project "
                         f"(0..{space.n_leaves - 1})", path)
     return arr.astype(np.uint8), geom
@@ -558,8 +558,7 @@ def evaluate_folder(
     check_not_the_truth(preds, truths, pred_dir)
     missing = [case for case in truths if case not in preds]
     if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(f"no prediction for case {missing[0]!r}{more} (expected {missing[0]}.nii.gz for "
+        raise DataError(f"no prediction for case {missing[0]!r}{and_more(len(missing), 1)} (expected {missing[0]}.nii.gz for "
                         f"{truths[missing[0]]})", pred_dir)
     jobs = [(case, preds[case], path, lookup, annotated, space, spec.name, float(tolerance_mm), metrics)
             for case, path in truths.items()]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from unionseg.errors import UnionsegError
+from unionseg.errors import UnionsegError, and_more, listing
 
 
 def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
@@ -131,7 +131,7 @@ def check_same_model(output: Path, model: Path, names: Sequence[str], probabilit
         return  # an unreadable model file is named when it is loaded, with the reason
 
     def first(paths: list[Path]) -> str:
-        return paths[0].name + (f" (and {len(paths) - 1} more)" if len(paths) > 1 else "")
+        return paths[0].name + (f" ({and_more(len(paths), 1).strip()})" if len(paths) > 1 else "")
 
     maps = [output / output_files(name, probabilities)[0] for name in names]
     recorded = {path: model_of(path) for path in maps if path.exists()}
@@ -188,7 +188,7 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
     existing = [f for name, _ in cases if name not in redo
                 for f in output_files(name, probabilities) if (out / f).exists()]
     if existing:
-        shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+        shown = listing(existing)
         if skip_existing:
             raise UnionsegError(f"the output folder already holds {shown}, not recognised as predict's unedited "
                                 "outputs (no 'unionseg predict' mark, or voxels changed since: ground truth, "
@@ -309,7 +309,7 @@ def register(app: typer.Typer) -> None:
                 return
         if partial:
             typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
-                       + ", ".join(partial[:5]) + (" ..." if len(partial) > 5 else ""), err=True)
+                       + listing(partial, 5), err=True)
         check_writable(output)
         # torch and the network only after the cheap input checks: a bad input is refused at once
         from unionseg.inference.predictor import Predictor, resolve_device
