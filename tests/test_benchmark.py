@@ -314,6 +314,10 @@ def test_benchmark_folder_guards_refuse_before_anything_is_written(tmp_path: Pat
     typo.write_text("name: typo\nbudget_from: ci\nmethods: [oracle, naive]\noptions: {naive: {nosuch: 1}}\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: row 'naive' \(method 'naive'\): nosuch: unknown key"):
         run_benchmark(str(typo), empty, progress=False)
+    typo.write_text("name: typo\nbudget_from: ci\nmethods: [oracle, naive]\noptions: {naiv: {exclusion: 1}}\n")
+    with pytest.raises(ConfigError, match=r"typo.yaml: options.naiv: no row of this suite is named 'naiv' "
+                                          r"\(rows: naive, oracle\)"):
+        run_benchmark(str(typo), empty, progress=False)
     assert not empty.exists()
     # phantom keys and budget_from name the key and the suite file, before the folder is made (a bad
     # size failed in the phantom generator, naming neither, after benchmark.json was written)

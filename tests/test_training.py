@@ -104,6 +104,12 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
     assert "steps: 2 -> 3" in str(refused.value) and "val_every: 2 -> 3" in str(refused.value)
     with pytest.raises(CheckpointError, match="select_on: 'all' -> 'regions'"):
         train(phantom_project, _cfg("naive", 2, "select_on=regions"), run, resume=True, progress=False)
+    # where it runs, how often it logs and how many loader workers it has are no change to the run
+    stopped = tmp_path / "stopped"
+    train(phantom_project, _cfg("naive", 3, "ckpt_every=1"), stopped, progress=False, stop_after=1)
+    summary = train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "device=auto", "log_every=2",
+                                          "data.num_workers=1"), stopped, resume=True, progress=False)
+    assert summary["steps"] == 3
 
 
 def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: Path, tmp_path: Path) -> None:

@@ -324,6 +324,10 @@ def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
         check_sizes(load_train_config(None, [], **suite.budget))
     except ConfigError as exc:
         raise ConfigError(f"budget: {exc.message}", path) from None
+    for name in suite.options:  # options of a method the suite does not run would be dropped silently
+        if name not in suite.methods:
+            raise ConfigError(f"options.{name}: no row of this suite is named {name!r} (rows: "
+                              f"{', '.join(sorted(suite.methods))})", path)
     for row in rows:
         try:
             get_method(row.method)

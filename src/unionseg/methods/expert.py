@@ -56,7 +56,10 @@ class ExpertMethod(Method):
         if self.options.dataset not in ctx.train_datasets:
             from unionseg.errors import ConfigError
 
-            raise ConfigError(f"expert: unknown training dataset {self.options.dataset!r}")
+            known = ", ".join(ctx.train_datasets)
+            if not self.options.dataset:
+                raise ConfigError(f"expert: give the dataset it learns, options.dataset=NAME (one of: {known})")
+            raise ConfigError(f"expert: unknown training dataset {self.options.dataset!r} (one of: {known})")
         self.sub, lut, self.leaf_ids = expert_subspace(self.space, self.options.dataset)
         self.lut = torch.as_tensor(lut)
         self.full = torch.ones(1, self.sub.n_leaves, dtype=torch.bool)

@@ -262,8 +262,10 @@ class Trainer:
         dist.barrier()
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
-        """Refuse a checkpoint of another configuration or of other method defaults."""
-        if state["config_hash"] != config_hash(self.cfg):
+        """Refuse a checkpoint of another configuration or of other method defaults. Where the run goes on
+        (``device``), how often it logs and how many loader workers it uses may differ: they leave the
+        trained weights alone, and a run stopped on one GPU (out of memory) may go on on another."""
+        if state["config_hash"] != config_hash(self.cfg) and not self._differs_in_run_settings_only(state):
             from unionseg.errors import CheckpointError
 
             recorded = state.get("config")  # the full recipe the run was started with
@@ -280,6 +282,19 @@ class Trainer:
             raise CheckpointError(f"the method's options changed since this checkpoint ({changed}): this unionseg's "
                                   "defaults differ from those of the version that wrote it; resume with that "
                                   "version, or start a new run folder", path)
+
+    def _differs_in_run_settings_only(self, state: dict[str, Any]) -> bool:
+        import dataclasses
+
+        recorded = state.get("config")
+        try:
+            assert isinstance(recorded, dict)
+            same = dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
+                                       data=dataclasses.replace(self.cfg.data,
+                                                                num_workers=recorded["data"]["num_workers"]))
+        except (AssertionError, KeyError, TypeError, ValueError):
+            return False
+        return bool(config_hash(same) == state["config_hash"])
 
     def _load_state(self, state: dict[str, Any]) -> None:
         for k, m in self.method.raw_models.items():
