@@ -139,7 +139,9 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
               "|---|---|---|---|---|---|"]
     for r in agg["runs"]:
         p = r["provenance"]
-        lines.append(f"| {r['name']} | {r['seed']} | `{p['code_commit'][:12]}{'-dirty' if str(p['code_commit']).endswith('-dirty') else ''}` | `{p['data_fingerprint']}` | "
+        commit = str(p["code_commit"])
+        commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")  # code not committed: said so
+        lines.append(f"| {r['name']} | {r['seed']} | `{commit}` | `{p['data_fingerprint']}` | "
                      f"`{p['config_hash']}` | {p.get('generator_version')} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
 

@@ -287,12 +287,13 @@ class Trainer:
         import dataclasses
 
         recorded = state.get("config")
+        if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
+            return False
         try:
-            assert isinstance(recorded, dict)
             same = dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
                                        data=dataclasses.replace(self.cfg.data,
                                                                 num_workers=recorded["data"]["num_workers"]))
-        except (AssertionError, KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError):
             return False
         return bool(config_hash(same) == state["config_hash"])
 
