@@ -249,6 +249,15 @@ class LabelSpace:
         keys += [self.names[i] for i in self.part_ids if mask[i]]
         return keys
 
+    def warn_unscored_organs(self, dataset: str, source: object) -> None:
+        """Each message of :meth:`unscored_organs` as a warning naming ``source`` (the project file)."""
+        import warnings
+
+        from unionseg.errors import UnionsegWarning
+
+        for message in self.unscored_organs(dataset):
+            warnings.warn(f"{source}: {message}", UnionsegWarning, stacklevel=3)
+
     def unscored_organs(self, dataset: str) -> list[str]:
         """One message per organ whose leaf ``dataset`` annotates without all its parts: no case of the
         dataset can then be scored on the organ's region (validation, ``evaluate``), which a user who wrote

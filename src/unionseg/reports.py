@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from unionseg.errors import UnionsegWarning
 from unionseg.labels import REGION_PREFIX
 
 
@@ -35,8 +33,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
     for spec in project.datasets:
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
         check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
-        for message in space.unscored_organs(spec.name):
-            warnings.warn(f"{project.path}: {message}", UnionsegWarning, stacklevel=2)
+        space.warn_unscored_organs(spec.name, project.path)
         ids = [c.case_id for c in info.cases]
         if spec.role == "train":
             split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.", source=project.path)

@@ -35,8 +35,13 @@ def prediction_description(labels: np.ndarray, model: str | None = None) -> str:
     that a map edited and re-saved by a viewer, which keeps the description, is told from the original;
     then the model's id (:func:`unionseg.modelfile.model_id`), so that ``--skip-existing`` never takes
     another model's map for a finished case."""
-    text = f"{PREDICTION_DESCRIPTION} crc32={zlib.crc32(np.ascontiguousarray(labels).tobytes()):08x}"
+    text = f"{PREDICTION_DESCRIPTION} crc32={labels_crc32(labels)}"
     return f"{text} model={model}" if model else text
+
+
+def labels_crc32(labels: np.ndarray) -> str:
+    """The CRC-32 of a label map's voxels (C order) as predict's mark writes it (8 hex digits)."""
+    return f"{zlib.crc32(np.ascontiguousarray(labels).tobytes()):08x}"
 
 
 def parse_prediction_description(description: str) -> dict[str, str] | None:

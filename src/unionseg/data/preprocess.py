@@ -786,8 +786,7 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
         info = scan_dataset(ds.name, ds.root, ds.layout, ds.oracle_labels)
         json_path = ds.root / "dataset.json"
         check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
-        for message in space.unscored_organs(ds.name):
-            warnings.warn(f"{project.path}: {message}", UnionsegWarning, stacklevel=2)
+        space.warn_unscored_organs(ds.name, project.path)
         if json_path.is_file():  # KiTS and image/label-folder layouts have none
             sources.append([ds.name, *_stat(json_path, ds.root)])
         ids = [c.case_id for c in info.cases]

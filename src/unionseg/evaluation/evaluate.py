@@ -22,14 +22,13 @@ import csv
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning, and_more, listing
+from unionseg.errors import ConfigError, DataError, UnionsegError, and_more, listing
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
     EMPTY_RULES,
@@ -549,8 +548,7 @@ def evaluate_folder(
     else:
         lookup = space.local_lookup(spec.name)
         annotated = space.annotated_leaf_mask(spec.name)
-        for message in space.unscored_organs(spec.name):
-            warnings.warn(f"{project.path}: {message}", UnionsegWarning, stacklevel=2)
+        space.warn_unscored_organs(spec.name, project.path)
     truths = _label_files(gt_dir)
     if not truths:
         raise DataError("no label files (.nii.gz, .nii, .nrrd, .mha) in the ground-truth folder", gt_dir)

@@ -79,9 +79,9 @@ def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
 
     from unionseg.data.io import (
         PREDICTION_DESCRIPTION,
+        labels_crc32,
         nifti_description,
         parse_prediction_description,
-        prediction_description,
         read_image,
     )
 
@@ -100,8 +100,7 @@ def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
         voxels, _ = read_image(path)
     except UnionsegError:
         return False
-    # the CRC predict would give these voxels
-    return parse_prediction_description(prediction_description(voxels)) == {"crc32": mark["crc32"]}
+    return labels_crc32(voxels) == mark["crc32"]  # the CRC predict would give these voxels
 
 
 def model_of(path: Path) -> str | None:
@@ -131,7 +130,8 @@ def check_same_model(output: Path, model: Path, names: Sequence[str], probabilit
         return  # an unreadable model file is named when it is loaded, with the reason
 
     def first(paths: list[Path]) -> str:
-        return paths[0].name + (f" ({and_more(len(paths), 1).strip()})" if len(paths) > 1 else "")
+        more = and_more(len(paths), 1).strip()
+        return f"{paths[0].name} ({more})" if more else paths[0].name
 
     maps = [output / output_files(name, probabilities)[0] for name in names]
     recorded = {path: model_of(path) for path in maps if path.exists()}
