@@ -155,6 +155,10 @@ class Method:
             return art.ensure_pseudo_labels()
         raise NotImplementedError(f"method {self.name!r} declares stage {stage!r} but does not implement it")
 
+    def label(self) -> str:
+        """How progress lines name this training (default: the method's name)."""
+        return str(self.ctx.cfg.method)
+
     def datasets(self) -> list[str]:
         """Training datasets this method samples from (default: all)."""
         return list(self.ctx.train_datasets)

@@ -51,6 +51,9 @@ class ExpertMethod(Method):
 
     Options = ExpertOptions
 
+    def label(self) -> str:
+        return f"expert {self.options.dataset}"  # the shared experts' progress lines say whose they are
+
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         if self.options.dataset not in ctx.train_datasets:

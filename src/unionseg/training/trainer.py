@@ -358,8 +358,8 @@ class Trainer:
             self.validate()
         elif self.step < cfg.steps:
             loader = build_loader(self.method, self.ctx, start_step=self.step)
-            label = " ".join(str(x) for x in (cfg.method, getattr(self.method.options, "dataset", "")) if x)
-            progress = _Progress(cfg.steps, self.step, label, enabled=self.ctx.is_main and self.ctx.progress)
+            progress = _Progress(cfg.steps, self.step, self.method.label(),
+                                 enabled=self.ctx.is_main and self.ctx.progress)
             try:
                 with _StopRequest() as stop:
                     self._loop(loader, logger, progress, stop_after, stop)
