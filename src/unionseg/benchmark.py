@@ -510,8 +510,6 @@ def register(app: typer.Typer) -> None:
 
         results = run_benchmark(suite, out, methods, seeds, progress=not quiet)
         print_table(results)
-        if results.get("about"):
-            typer.echo(results["about"])
         typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
 
     @app.command()
@@ -531,8 +529,6 @@ def register(app: typer.Typer) -> None:
         print_project_info(project_path)
         results = run_benchmark("ci", out, progress=not quiet)
         print_table(results)
-        if results.get("about"):
-            typer.echo(results["about"])
         typer.echo(f"report: {out.resolve() / 'report.md'}")
 
 

@@ -97,10 +97,14 @@ def markdown_table(agg: dict[str, Any]) -> str:
 
 
 def print_table(agg: dict[str, Any]) -> None:
+    """The comparison table on the terminal, then what the suite's figures mean (its ``about``)."""
     from rich.console import Console
     from rich.markdown import Markdown
 
-    Console(width=200).print(Markdown(markdown_table(agg)))
+    console = Console(width=200)
+    console.print(Markdown(markdown_table(agg)))
+    if agg.get("about"):
+        console.print(agg["about"], markup=False, highlight=False, soft_wrap=True)  # one line, as written
 
 
 def write_results(agg: dict[str, Any], out: Path) -> None:

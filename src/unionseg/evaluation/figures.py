@@ -135,6 +135,7 @@ def overlay(
     from matplotlib.patches import Patch
 
     gt, pred = to_ras(gt, geometry), to_ras(pred, geometry)
+    ct = None if image is None else to_ras(image, geometry)
     index = largest_slice(gt > 0, 2) if np.any(gt) else largest_slice(pred > 0, 2)
     colours = leaf_colours(space)
     fig = _figure(9.0, 4.8)
@@ -142,8 +143,8 @@ def overlay(
     for col, (name, labels) in enumerate((("ground truth", gt), ("prediction", pred))):
         ax = fig.add_subplot(1, 2, col + 1)
         sl = axial_view(labels, index)
-        if image is not None:
-            ax.imshow(axial_view(to_ras(image, geometry), index), cmap="gray", vmin=window[0], vmax=window[1],
+        if ct is not None:
+            ax.imshow(axial_view(ct, index), cmap="gray", vmin=window[0], vmax=window[1],
                       interpolation="nearest")
         else:
             ax.imshow(np.zeros(sl.shape), cmap="gray", vmin=0, vmax=1)
