@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options)")] = None,
         method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
                                                       "default: the recipe's, else naive).")] = None,
-        config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML (default: the method's recipe built into unionseg, not a file of the working folder).")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML, on top of the method's recipe built into unionseg: keys it leaves out keep that recipe's values (default: the built-in recipe alone, not a file of the working folder).")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR.")] = None,
@@ -55,8 +55,10 @@ def register(app: typer.Typer) -> None:
         from unionseg.training.trainer import train as run_train
 
         method = resolve_method(method, config)
-        recipe = config if config is not None else default_recipe(method)
-        cfg = load_train_config(recipe, overrides or [], method=method)
+        if config is None:
+            cfg = load_train_config(default_recipe(method), overrides or [], method=method)
+        else:  # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
+            cfg = load_train_config(config, overrides or [], base=default_recipe(method), method=method)
         if out.exists() and not out.is_dir():
             raise UnionsegError("--out exists and is not a folder; it names the run folder", out)
         held = [name for name in RUN_FILES if (out / name).exists()]

@@ -165,21 +165,41 @@ class TrainConfig:
         return self.inference.roi_size or self.data.patch_size
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None, **fixed: Any) -> TrainConfig:
-    """A recipe (YAML) plus ``key=value`` overrides; ``fixed`` keys (e.g. method) override both."""
+def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      base: str | Path | None = None, **fixed: Any) -> TrainConfig:
+    """A recipe (YAML) plus ``key=value`` overrides; ``fixed`` keys (e.g. method) override both.
+
+    Args:
+        path: the recipe; ``None``: the bare defaults of :class:`TrainConfig`.
+        overrides: ``key=value`` strings applied last.
+        base: a recipe underneath ``path`` (the method's built-in one, for ``train -c``): what ``path``
+            leaves out keeps ``base``'s value, mappings merged key by key (``optim: {lr: 0.01}`` keeps
+            ``base``'s optimiser and schedule).
+    """
     data: dict[str, Any] = {}
     source = "<defaults>"
-    if path is not None:
-        raw = load_yaml(path)
+    for recipe in (base, path):
+        if recipe is None:
+            continue
+        raw = load_yaml(recipe)
         if raw is not None and not isinstance(raw, dict):
             from unionseg.errors import ConfigError
 
-            raise ConfigError("expected a mapping at the top level", path)
-        data = dict(raw or {})
-        source = str(path)
+            raise ConfigError("expected a mapping at the top level", recipe)
+        data = _merged(data, dict(raw or {}))
+        source = str(recipe)
     data.update(fixed)
     cfg = from_dict(TrainConfig, data, source=source)
     if overrides:
         # the method validates option names, build_loader the dataset names
         cfg = apply_overrides(cfg, overrides, open_maps=("options", "data.dataset_weights"))
     return cfg
+
+
+def _merged(under: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``under``; where both hold a mapping under one key, merged key by key."""
+    merged = dict(under)
+    for key, value in over.items():
+        below = merged.get(key)
+        merged[key] = _merged(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
