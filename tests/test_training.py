@@ -79,6 +79,28 @@ def test_training_writes_everything(phantom_project: Path, tmp_path: Path) -> No
     regions = [v for k, v in entry.items() if k.startswith("model/region:")]
     assert len(regions) == 4 and any(k.startswith("model/") and "tumour" in k for k in entry)
     assert entry["model/region_mean"] == pytest.approx(sum(regions) / len(regions))
+    # where the model file comes from: its step, the project and data it learnt from, the recipe's hash
+    assert summary["selected_at_step"] == 3 == payload["provenance"]["selected_at_step"]
+    assert summary["project"] == str(phantom_project)
+    assert summary["data_fingerprint"] == payload["provenance"]["data_fingerprint"]
+    assert summary["config_hash"] == payload["provenance"]["config_hash"]
+
+
+def test_tensorboard_shows_the_validation_curve(phantom_project: Path, tmp_path: Path) -> None:
+    """The loss terms per step and, under val/, every validation's Dice per class (what validation.json
+    holds), so that one TensorBoard page shows both curves."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 4, "val_every=2"), run, progress=False)
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "val/model/region:liver", "val/model/mean_dice", "val/model/region_mean"} <= tags
+    history = json.loads((run / "validation.json").read_text())
+    curve = [(e.step, e.value) for e in events.Scalars("val/model/region:liver")]
+    assert curve == [(h["step"], pytest.approx(h["model/region:liver"])) for h in history]
+    assert [h["step"] for h in history] == [2, 4]
 
 
 def test_training_off_a_terminal_prints_timed_lines(phantom_project: Path, tmp_path: Path,
@@ -128,6 +150,44 @@ def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: P
     with pytest.raises(CheckpointError, match="holds a 'naive' run; --resume continues it only as 'naive'"):
         train(phantom_project, _cfg("mskd", 2), run, resume=True, progress=False)
     assert not (run / "stages.json").exists()
+    # ... and only with the same configuration: `individual` writes no checkpoint (nothing of its own to
+    # train), so this is where a resume with other overrides would build other experts over its model file
+    with pytest.raises(CheckpointError, match="another configuration .*steps: 2 -> 3"):
+        train(phantom_project, _cfg("naive", 3), run, resume=True, progress=False)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == {
+        k: v for k, v in before.items() if k != "last.pt"}
+    train(phantom_project, _cfg("naive", 2, "log_every=2"), run, resume=True, progress=False)  # a run setting
+
+
+def test_resume_refuses_other_data(phantom_project: Path, tmp_path: Path) -> None:
+    """A checkpoint records the label space and the training and validation cases it learnt from; a resume
+    whose project differs in either is refused and names the difference; the same cases with changed files
+    (edited, re-prepared, copied without their times) go on with a warning."""
+    from unionseg.errors import CheckpointError
+    from unionseg.training.checkpoint import atomic_torch_save
+
+    cfg = _cfg("naive", 2, "ckpt_every=1")
+    run = tmp_path / "run"
+    assert train(phantom_project, cfg, run, progress=False, stop_after=1) == {"stopped_at": 1}
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    data = state["data"]
+    assert data["project"] == str(phantom_project) and data["cases"]["train"] and data["cases"]["val"]
+
+    def resume_with(**changed: object) -> None:
+        atomic_torch_save({**state, "data": {**data, **changed}}, run / "last.pt")
+        train(phantom_project, cfg, run, resume=True, progress=False)
+
+    first = data["cases"]["train"][0]
+    with pytest.raises(CheckpointError, match=f"train cases changed .*1 new \\({first}\\)"):
+        resume_with(cases={**data["cases"], "train": data["cases"]["train"][1:]})
+    with pytest.raises(CheckpointError, match="val cases changed .*1 no longer there \\(liver/gone\\)"):
+        resume_with(cases={**data["cases"], "val": [*data["cases"]["val"], "liver/gone"]})
+    classes = data["label_space"]["classes"]
+    with pytest.raises(CheckpointError, match="label space changed .*classes .*'gallbladder'"):
+        resume_with(label_space={**data["label_space"], "classes": [*classes, {"name": "gallbladder"}]})
+    with pytest.warns(UserWarning, match="same cases' prepared files changed"):
+        resume_with(fingerprint="0" * 16)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
 def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path, tmp_path: Path) -> None:
@@ -149,8 +209,14 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     # the summary times the whole run, the steps before the checkpoint included; resuming a finished run
     # keeps that figure (it read 0.0)
     assert summary["train_seconds"] > trained_before
+    # the wall time after the stages, validation and checkpoints included, is kept the same way: the
+    # benchmark adds the earlier process's to its own clock (it reported the last process's alone)
+    earlier = state["timings"]["run"]
+    assert summary["run_seconds_earlier"] == pytest.approx(earlier) and earlier > trained_before
+    assert summary["run_seconds"] > earlier
     again = train(phantom_project, cfg, run, resume=True, progress=False)
     assert again["train_seconds"] == pytest.approx(summary["train_seconds"])
+    assert again["run_seconds_earlier"] == pytest.approx(summary["run_seconds"], rel=0.05)
     # the whole run's stage time is restored; the benchmark subtracts only this process's from its wall time
     assert summary["stage_seconds"] == pytest.approx(100.0) and summary["stage_seconds_this_process"] < 1.0
 
@@ -289,6 +355,28 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
     (tmp_path / "afile").write_text("keep")
     assert run(["train", str(phantom_project), "-o", str(tmp_path / "afile"), *tiny]) == 2
     assert "--out exists and is not a folder" in capsys.readouterr().err
+    # a recipe of a few lines sits on the method's own: the learning rate it leaves out is the marginal
+    # recipe's 0.02, not TrainConfig's bare 0.003
+    partial = tmp_path / "mine.yaml"
+    partial.write_text("method: marginal\nval_every: 1\n")
+    assert run(["train", str(phantom_project), "-c", str(partial), "-o", str(tmp_path / "mine"), *tiny]) == 0
+    written = yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())
+    assert written["method"] == "marginal" and written["optim"]["lr"] == 0.02
+
+
+def test_a_user_recipe_merges_into_the_method_recipe(tmp_path: Path) -> None:
+    """Mappings merge key by key: ``optim: {lr: ...}`` keeps the base's optimiser settings, a list or a
+    plain value replaces the base's, and overrides still come last."""
+    base = tmp_path / "base.yaml"
+    base.write_text("method: dodnet\nsteps: 100\noptim: {name: sgd, lr: 0.02, warmup_steps: 5}\n"
+                    "data: {patch_size: [48, 48, 48], fg_prob: 0.5}\n")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("optim: {lr: 0.01}\ndata: {patch_size: [32, 32, 32]}\n")
+    cfg = load_train_config(mine, ["data.fg_prob=0.9"], base=base, method="dodnet")
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.warmup_steps, cfg.steps) == ("sgd", 0.01, 5, 100)
+    assert cfg.data.patch_size == (32, 32, 32) and cfg.data.fg_prob == 0.9
+    bare = load_train_config(mine, method="dodnet")  # without a base: the dataclass defaults fill the rest
+    assert (bare.optim.name, bare.optim.warmup_steps) == ("adamw", 0)
 
 
 @pytest.mark.parametrize(("override", "problem"), [
@@ -468,7 +556,8 @@ def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_
         run = tmp_path / f"s{scale}"
         train(phantom_project, _cfg("dodnet", 2, f"options.lr_scale={scale}"), run, progress=False)
         lrs[scale] = [float(r["lr"]) for r in csv.DictReader((run / "log.csv").open())]
-    assert len(lrs[1.0]) == 2 and lrs[1.0][0] > 0  # poly: the last step logs 0
+    # each row holds the rate its step trained with: the first step the budget's own, the last one above 0
+    assert lrs[1.0][0] == pytest.approx(_cfg("dodnet", 2).optim.lr) and len(lrs[1.0]) == 2 and lrs[1.0][1] > 0
     assert lrs[0.25] == pytest.approx([0.25 * x for x in lrs[1.0]], rel=1e-6)
     with pytest.raises(ConfigError, match="lr_scale"):
         train(phantom_project, _cfg("multihead", 1, "options.lr_scale=0"), tmp_path / "bad", progress=False)

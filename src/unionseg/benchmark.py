@@ -187,7 +187,8 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     # once, as expert_seconds; train_seconds is the method's own wall time, so no row counts them twice
     # (this process's stage time: a resumed run's summary also counts the stages of the process it resumes)
     stage_seconds = float(summary.get("stage_seconds_this_process", summary.get("stage_seconds", 0.0)))
-    train_seconds = time.perf_counter() - t0 - stage_seconds
+    # a run resumed from an earlier (interrupted) process adds that process's time up to its last checkpoint
+    train_seconds = time.perf_counter() - t0 - stage_seconds + float(summary.get("run_seconds_earlier", 0.0))
     project = load_project(project_path)
     test = project.eval_dataset("test")
     if test is None:

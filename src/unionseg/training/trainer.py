@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -161,8 +162,15 @@ class Trainer:
         self.stage_seconds_here = 0.0
         self.best_metric = -math.inf
         self.best_name = ""
+        self.best_step = 0  # the step model.pt was taken at
+        self.step_lr = 0.0  # the learning rate of the last step trained (group 0's)
+        self.logger: _Logger | None = None  # fit's, while it runs
         self.history: list[dict[str, Any]] = []
-        self.timings = {"data": 0.0, "total": 0.0, "stages": 0.0}  # stages: shared artefacts built here
+        # stages: shared artefacts built; run: the wall time after the stages (steps, validations, checkpoints),
+        # over every process of a resumed run up to its last checkpoint
+        self.timings = {"data": 0.0, "total": 0.0, "stages": 0.0, "run": 0.0}
+        self.run_seconds_earlier = 0.0  # the processes' before this one (a resumed run)
+        self._run_started: float | None = None
 
     # ------------------------------------------------------------------ setup
     def on_train_start(self) -> None:
@@ -173,6 +181,7 @@ class Trainer:
             # nothing in the run folder and cost no shared-expert training
             resume_state = safe_torch_load(self.run_dir / "last.pt", CKPT_FORMAT)
             self._check_resumable(resume_state, self.run_dir / "last.pt")
+            self._check_same_data(resume_state, self.run_dir / "last.pt")
         elif self.resume:
             self._check_same_method()
         from unionseg.training.data import check_training_data
@@ -210,11 +219,22 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         if resume_state is not None:
             self._load_state(resume_state)
+        self.run_seconds_earlier = self.timings["run"]
+        self._run_started = time.perf_counter()
+
+    def _run_seconds(self) -> float:
+        """The run's wall time after its stages, this process's included."""
+        if self._run_started is None:
+            return self.timings["run"]
+        return self.run_seconds_earlier + time.perf_counter() - self._run_started
 
     def _check_same_method(self) -> None:
-        """A resume without a checkpoint (cut during the stages) continues only the same method's run."""
+        """A resume without a checkpoint (cut during the stages, or a method with nothing of its own to train,
+        such as ``individual``) continues only the same method's run, with the same configuration: else it
+        would build other experts and replace the folder's model file with theirs."""
         from unionseg.config import load_yaml
         from unionseg.errors import CheckpointError
+        from unionseg.training.config import load_train_config
 
         recorded = self.run_dir / "config.yaml"
         if not recorded.is_file():
@@ -226,6 +246,14 @@ class Trainer:
         if method is not None and method != self.cfg.method:
             raise CheckpointError(f"this run folder holds a {method!r} run; --resume continues it only as "
                                   f"{method!r} (asked: {self.cfg.method!r}); choose another --out", recorded)
+        try:
+            before = load_train_config(recorded)
+        except Exception:  # a record this version cannot read back: nothing to compare
+            return
+        if not self._same_but_run_settings(to_dict(before), config_hash(before)):
+            changed = describe_changes(_flatten(to_dict(before)), _flatten(to_dict(self.cfg)))
+            raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
+                                  "resume with the same recipe and overrides, or start a new run folder", recorded)
 
     def _run_stages(self) -> None:
         path = self.run_dir / "stages.json"
@@ -251,8 +279,9 @@ class Trainer:
             "method_state": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
-            "best_metric": self.best_metric, "best_name": self.best_name, "history": self.history,
-            "timings": dict(self.timings),  # so that a resumed run's summary times the whole run
+            "best_metric": self.best_metric, "best_name": self.best_name, "best_step": self.best_step,
+            "history": self.history, "data": self._data_identity(),
+            "timings": {**self.timings, "run": self._run_seconds()},  # a resumed run's summary times the whole run
         }
 
     def save_checkpoint(self) -> None:
@@ -265,7 +294,7 @@ class Trainer:
         """Refuse a checkpoint of another configuration or of other method defaults. Where the run goes on
         (``device``), how often it logs and how many loader workers it uses may differ: they leave the
         trained weights alone, and a run stopped on one GPU (out of memory) may go on on another."""
-        if state["config_hash"] != config_hash(self.cfg) and not self._differs_in_run_settings_only(state):
+        if not self._same_but_run_settings(state.get("config"), state["config_hash"]):
             from unionseg.errors import CheckpointError
 
             recorded = state.get("config")  # the full recipe the run was started with
@@ -283,10 +312,52 @@ class Trainer:
                                   "defaults differ from those of the version that wrote it; resume with that "
                                   "version, or start a new run folder", path)
 
-    def _differs_in_run_settings_only(self, state: dict[str, Any]) -> bool:
+    def _data_identity(self) -> dict[str, Any]:
+        """What the run learns from: the project file, its label space, the cases of each split, and the
+        fingerprint of the prepared sources (path, size and time of every file)."""
+        index = self.ctx.index
+        return {"project": str(self.ctx.project.path), "label_space": self.ctx.space.to_dict(),
+                "cases": {split: [f"{c.dataset}/{c.case_id}" for c in index.cases(split=split)]
+                          for split in ("train", "val")},
+                "fingerprint": index.fingerprint}
+
+    def _check_same_data(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another label space or other training/validation cases (another project,
+        or one whose datasets changed); warn when the same cases' files changed since (edited or copied)."""
+        recorded = state.get("data")
+        if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
+            return
+        from unionseg.errors import CheckpointError, listing
+
+        now = self._data_identity()
+        since = f"the checkpoint was written for {recorded.get('project')}, and this run reads {now['project']}"
+        if recorded.get("label_space") != now["label_space"]:
+            before, after = recorded.get("label_space") or {}, now["label_space"]
+            names = [[c["name"] for c in space.get("classes", [])] for space in (before, after)]
+            what = (f"classes {names[0]} -> {names[1]}" if names[0] != names[1]
+                    else "the datasets' label maps or annotated classes differ")
+            raise CheckpointError(f"the project's label space changed since this checkpoint ({what}); {since}. "
+                                  "Resume with the project it was started with, or start a new run folder", path)
+        for split, cases in now["cases"].items():
+            old = set(recorded.get("cases", {}).get(split, []))
+            if old != set(cases):
+                gone, new = sorted(old - set(cases)), sorted(set(cases) - old)
+                parts = ([f"{len(gone)} no longer there ({listing(gone, 3)})"] if gone else []) + (
+                    [f"{len(new)} new ({listing(new, 3)})"] if new else [])
+                raise CheckpointError(f"the {split} cases changed since this checkpoint: {'; '.join(parts)}; {since}. "
+                                      "Resume with the data it was started with, or start a new run folder", path)
+        if recorded.get("fingerprint") != now["fingerprint"] and self.ctx.is_main:
+            warnings.warn(f"{path}: the same cases' prepared files changed since this checkpoint (edited, "
+                          "re-prepared or copied without their times); training goes on with them as they are now",
+                          stacklevel=2)
+
+    def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
+        """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
+        in the device, the logging interval or the loader workers."""
         import dataclasses
 
-        recorded = state.get("config")
+        if recorded_hash == config_hash(self.cfg):
+            return True
         if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
             return False
         try:
@@ -295,7 +366,7 @@ class Trainer:
                                                                 num_workers=recorded["data"]["num_workers"]))
         except (KeyError, TypeError, ValueError):
             return False
-        return bool(config_hash(same) == state["config_hash"])
+        return bool(config_hash(same) == recorded_hash)
 
     def _load_state(self, state: dict[str, Any]) -> None:
         for k, m in self.method.raw_models.items():
@@ -315,6 +386,7 @@ class Trainer:
         self.timings.update({k: float(v) for k, v in state.get("timings", {}).items() if k in self.timings})
         self.best_metric = float(state["best_metric"])
         self.best_name = str(state["best_name"])
+        self.best_step = int(state.get("best_step", 0))  # absent in checkpoints of older versions
         self.history = list(state["history"])
 
     def _seed_rank(self, step: int) -> None:
@@ -337,6 +409,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.optim.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.step_lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used; log.csv reports it
         self.scheduler.step()
         self.method.after_step(self.step)
         return {k: float(v.detach()) for k, v in terms.items()}
@@ -353,6 +426,7 @@ class Trainer:
         self.on_train_start()
         cfg = self.cfg
         logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0, resumed_at=self.step)
+        self.logger = logger
         if not self.trainable:
             self.step = cfg.steps
             self.validate()
@@ -371,6 +445,7 @@ class Trainer:
                 raise
             progress.close()
         logger.close()
+        self.logger = None
         if stop_after is not None and self.step < cfg.steps:
             return {"stopped_at": self.step}
         return self.on_train_end()
@@ -417,7 +492,7 @@ class Trainer:
 
                 raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                row = {"step": self.step, "lr": self.step_lr,
                        "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]), **terms}
                 logger.log(row)
             progress.update(self.step, terms)
@@ -452,11 +527,14 @@ class Trainer:
                  **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()},
                  **{f"{n}/region_mean": r["region_mean"] for n, r in results.items() if r["region_mean"] is not None}}
         self.history.append(entry)
+        if self.logger is not None:
+            self.logger.log_validation(entry)
         if self.ctx.is_main:
             _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
         if score[name] > self.best_metric:
             self.best_metric = score[name]
             self.best_name = name
+            self.best_step = self.step
             self.method.select(name)
             if self.ctx.is_main:
                 self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
@@ -491,11 +569,14 @@ class Trainer:
                    # the rule that ran: "regions" falls back to "all" when no validation scored a region
                    "selected_on": self.cfg.select_on if any(k.endswith("/region_mean") for h in self.history
                                                              for k in h) else "all",
-                   "best_candidate": self.best_name, "history": self.history,
+                   "best_candidate": self.best_name, "selected_at_step": self.best_step,
+                   "project": str(self.ctx.project.path), "data_fingerprint": self.ctx.index.fingerprint,
+                   "config_hash": config_hash(self.cfg), "history": self.history,
                    "options": self.method_options(),
                    "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
                    "train_seconds": self.timings["total"], "stage_seconds": self.timings["stages"],
                    "stage_seconds_this_process": self.stage_seconds_here,
+                   "run_seconds": self._run_seconds(), "run_seconds_earlier": self.run_seconds_earlier,
                    "model": str(self.run_dir / "model.pt")}
         if dist.is_distributed():
             summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
@@ -633,6 +714,16 @@ class _Logger:
             for k, v in row.items():
                 if k != "step":
                     self.tb.add_scalar(k, v, row["step"])
+
+    def log_validation(self, entry: dict[str, Any]) -> None:
+        """One validation's Dice per candidate and class, under ``val/`` in TensorBoard (the CSV of every
+        validation is ``validation.json``)."""
+        if self.tb is None:
+            return
+        for k, v in entry.items():
+            if k != "step" and v is not None and math.isfinite(float(v)):
+                self.tb.add_scalar(f"val/{k}", float(v), entry["step"])
+        self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:
