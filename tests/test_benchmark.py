@@ -419,3 +419,80 @@ def test_pseudo_label_figure_shows_seed_0(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "figures").mkdir()
     assert report._pseudo_quality({}, tmp_path, tmp_path / "figures", plt) == "figures/pseudo_quality.png"
     assert seen == [[pytest.approx(0.1)]]  # seed 0's folder (bbb), not the first by name
+
+
+def test_report_says_what_each_row_ran_and_marks_fewer_seeds() -> None:
+    """An ablation row's options and every row's seeds are in the report; a row with fewer seeds than the
+    others is marked in the table, since its mean is not comparable to a mean over more seeds."""
+    from unionseg.report import aggregate, markdown_table, rows_section
+
+    def result(name: str, method: str, seed: int, dice: float, options: dict | None = None) -> dict:
+        return {"name": name, "method": method, "seed": seed, "options": options or {},
+                "per_class": {"region:liver": {"dice": dice}}, "train_seconds": 1.0,
+                "predict_seconds_per_case": 0.1}
+
+    results = [result("dodnet", "dodnet", 0, 0.5), result("dodnet", "dodnet", 1, 0.7),
+               result("dodnet_linear_head", "dodnet", 0, 0.8, {"head_widths": [], "cross_task_weight": 0.25})]
+    agg = aggregate(results, "ablations")
+    table = markdown_table(agg)
+    assert "| dodnet | 0.600 ± 0.141 |" in table and "| dodnet_linear_head (1 seed) | 0.800 |" in table
+    rows = "\n".join(rows_section(agg))
+    assert "| dodnet | `dodnet` | none (the method's defaults) | 0, 1 |" in rows
+    assert "| dodnet_linear_head | `dodnet` | `cross_task_weight: 0.25`, `head_widths: []` | 0 |" in rows
+    # every row with the same seeds: no mark
+    assert "seed)" not in markdown_table(aggregate(results[:1] + results[2:], "ablations"))
+
+
+def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check ran when the loop reached the row: after training every row before it (an hour into a
+    standard suite), and after printing "(done, reused)" for it. Now every finished row is checked first."""
+    from dataclasses import replace
+
+    import unionseg.benchmark as bench
+    from unionseg.errors import ConfigError
+
+    suite = replace(load_suite("ci"), isolate=False)
+    (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
+    done = tmp_path / "runs" / "naive" / "seed0" / "result.json"  # naive runs after oracle
+    done.parent.mkdir(parents=True)
+    done.write_text(json.dumps({"name": "naive", "seed": 0, "provenance": {"config_hash": "from-another-budget"}}))
+    trained: list[str] = []
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
+    monkeypatch.setattr(bench, "_count_experts", lambda project: 0)
+    monkeypatch.setattr(bench, "run_one", lambda project, suite, row, seed, out, progress: trained.append(row.name))
+    with pytest.raises(ConfigError, match="naive seed 0 was run under another budget"):
+        bench.run_benchmark("ci", tmp_path, ["naive", "oracle"], seeds=1, progress=False)
+    assert trained == []
+
+
+def test_a_method_has_one_colour_in_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loss curves skip rows without a training log (individual), which shifted the colour cycle: the
+    same method was drawn in another colour than its bars. Both take the row's colour now."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unionseg import report
+
+    names = ["oracle", "individual", "naive"]
+    agg = {"methods": {n: {} for n in names}, "runs": [{"name": n, "seed": 0, "method": n} for n in names]}
+    for name in ("oracle", "naive"):
+        log = tmp_path / "runs" / name / "seed0" / "log.csv"
+        log.parent.mkdir(parents=True)
+        log.write_text("step,loss\n1,2.0\n2,1.0\n")
+    drawn: dict[str, object] = {}
+    real_plot = plt.Axes.plot
+
+    def plot(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        drawn[kwargs["label"]] = kwargs.get("color")
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "plot", plot)
+    (tmp_path / "figures").mkdir()
+    assert report._loss_curves(agg, tmp_path, tmp_path / "figures", plt) == "figures/loss_curves.png"
+    colours = report.method_colours(agg)
+    assert drawn == {"oracle": colours["oracle"], "naive": colours["naive"]}
+    assert len(set(colours.values())) == 3  # the bars' colours, one per row

@@ -156,31 +156,48 @@ def option_defaults(spec: RunSpec) -> dict[str, Any]:
     return to_dict(get_method(spec.method).Options())
 
 
+def _run_config(suite: SuiteConfig, spec: RunSpec, seed: int) -> Any:
+    from unionseg.training.config import load_train_config
+
+    return load_train_config(None, [], **{**suite.budget, "method": spec.method, "seed": seed, "options": spec.options})
+
+
+def finished_result(suite: SuiteConfig, spec: RunSpec, seed: int, out: Path) -> dict[str, Any]:
+    """A finished run's ``result.json``, refused when it ran under another budget, other options or other
+    method defaults than the suite gives today (its results are kept, never replaced).
+
+    Raises:
+        ConfigError: naming the run's ``result.json``.
+    """
+    from unionseg.config import config_hash, option_changes
+
+    done = out / "runs" / spec.name / f"seed{seed}" / "result.json"
+    cfg = _run_config(suite, spec, seed)
+    finished: dict[str, Any] = json.loads(done.read_text())
+    recorded = finished.get("provenance", {}).get("config_hash")
+    if recorded is not None and recorded != config_hash(cfg):
+        raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options (config hash "
+                          f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
+                          "benchmark into a new output folder, or move that run folder away to redo it", done)
+    ran = finished.get("resolved_options")  # absent in results written before options were recorded
+    changed = "" if ran is None else option_changes(ran, resolved_options(spec), option_defaults(spec))
+    if changed:
+        raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults ({changed}); its results "
+                          "are kept: benchmark into a new output folder, or move that run folder away to "
+                          "redo it", done)
+    return finished
+
+
 def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
-    from unionseg.config import config_hash, load_project, option_changes
-    from unionseg.training.config import load_train_config
+    from unionseg.config import config_hash, load_project
     from unionseg.training.trainer import train
 
     run_dir = out / "runs" / spec.name / f"seed{seed}"
     done = run_dir / "result.json"
-    budget = dict(suite.budget)
-    cfg = load_train_config(None, [], **{**budget, "method": spec.method, "seed": seed, "options": spec.options})
     if done.exists():
-        finished: dict[str, Any] = json.loads(done.read_text())
-        recorded = finished.get("provenance", {}).get("config_hash")
-        if recorded is not None and recorded != config_hash(cfg):
-            raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options (config hash "
-                              f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
-                              "benchmark into a new output folder, or move that run folder away to redo it", done)
-        ran = finished.get("resolved_options")  # absent in results written before options were recorded
-        changed = "" if ran is None else option_changes(ran, resolved_options(spec), option_defaults(spec))
-        if changed:
-            raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults "
-                              f"({changed}); its results "
-                              "are kept: benchmark into a new output folder, or move that run folder away to "
-                              "redo it", done)
-        return finished
+        return finished_result(suite, spec, seed, out)
+    cfg = _run_config(suite, spec, seed)
     t0 = time.perf_counter()
     summary = train(project_path, cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
     # the shared artefacts (experts, their probabilities, pseudo labels) built inside this run are reported
@@ -361,6 +378,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     n_seeds = seeds if seeds is not None else suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
     done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
+    for (row, seed), finished in zip(plan, done, strict=True):  # every reuse checked before anything trains
+        if finished:
+            finished_result(suite, row, seed, out)
     trained: list[float] = []  # wall seconds of the runs trained by this call, shared stages left out
     # seeds whose shared experts a finished row built (or reused); a later row of another seed builds its own
     built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and row.method in EXPERT_METHODS}
@@ -504,7 +524,7 @@ def register(app: typer.Typer) -> None:
         suite: Annotated[str, typer.Option("--suite", help=f"A built-in suite ({_built_in_suites()}) or a suite YAML.")] = "ci",
         methods: Annotated[Optional[list[str]], typer.Option("--methods", help="Only these rows (repeatable).")] = None,
         seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report."""
         from unionseg.report import print_table
@@ -516,7 +536,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         out: Annotated[Path, typer.Argument(help="Folder for the demo's data, runs and report.")] = Path("demo_out"),
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
         """phantom -> certificate -> info -> prepare -> the `ci` suite (every method) -> table and report."""
         from unionseg.data.phantom import difficulty_report

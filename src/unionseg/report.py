@@ -83,10 +83,13 @@ def markdown_table(agg: dict[str, Any]) -> str:
     head = ["method", "mean region Dice", "gap closure"] + [k.replace(REGION_PREFIX, "") for k in keys] + \
         ["train s (+shared experts)", "predict s/case"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    most = max((len(m["seeds"]) for m in methods.values()), default=0)
     for name, m in methods.items():
         mr = m["mean_region_dice"]
         spread = f" ± {mr['std']:.3f}" if len(m["seeds"]) > 1 else ""
-        cells = [name, _fmt(mr["mean"]) + spread, _fmt(m.get("gap_closure", {}).get("mean_region"), 2)]
+        n = len(m["seeds"])  # a row with fewer seeds than the others says so: its mean is not like theirs
+        label = name if n == most else f"{name} ({n} seed{'s' if n != 1 else ''})"
+        cells = [label, _fmt(mr["mean"]) + spread, _fmt(m.get("gap_closure", {}).get("mean_region"), 2)]
         for k in keys:
             d = m["classes"].get(k, {}).get("dice", {})
             cells.append(_fmt(d.get("mean")))
@@ -133,6 +136,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              "detections. \"train s\" is the run's own training; \"(+N)\" the shared experts it reused (with, "
              "for co-training and MS-KD, their probability maps and pseudo labels), computed once per seed.",
              "", markdown_table(agg), "",
+             *rows_section(agg),
              "## Budget (identical for every method and the shared experts)", "", "```json",
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
     lines += tumour_section(agg, out)
@@ -148,6 +152,18 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
         lines.append(f"| {r['name']} | {r['seed']} | `{commit}` | `{p['data_fingerprint']}` | "
                      f"`{p['config_hash']}` | {p.get('generator_version')} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def rows_section(agg: dict[str, Any]) -> list[str]:
+    """What each row of the table ran: its method, the options it set on top of the method's defaults, and
+    its seeds (an ablation row's name alone does not say what it changes)."""
+    lines = ["## Rows", "", "| row | method | options set by the suite | seeds |", "|---|---|---|---|"]
+    for name, m in agg["methods"].items():
+        options = ", ".join(f"`{k}: {json.dumps(v)}`" for k, v in sorted((m.get("options") or {}).items()))
+        seeds = ", ".join(str(s) for s in sorted(m["seeds"]))
+        options = options or "none (the method's defaults)"
+        lines.append(f"| {name} | `{m['method']}` | {options} | {seeds} |")
+    return [*lines, ""]
 
 
 def _case_rows(agg: dict[str, Any], out: Path) -> Iterator[tuple[str, dict[str, str]]]:
@@ -245,7 +261,8 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         for i, name in enumerate(names):
             vals = [methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in regions]
             errs = [methods[name]["classes"].get(k, {}).get("dice", {}).get("std", 0.0) for k in regions]
-            ax.bar(np.arange(len(regions)) + i * width, vals, width, yerr=errs, label=name)
+            ax.bar(np.arange(len(regions)) + i * width, vals, width, yerr=errs, label=name,
+                   color=method_colours(agg)[name])
         refs: tuple[tuple[str, Any], ...] = (("oracle", "--"), ("naive", ":"))
         for ref, style in refs:
             if ref in methods:
@@ -293,6 +310,16 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
     return made
 
 
+def method_colours(agg: dict[str, Any]) -> dict[str, Any]:
+    """One colour per row of the table, the same in every figure (the loss curves skip rows without a
+    training log, which shifted matplotlib's colour cycle against the bars)."""
+    import matplotlib
+
+    names = list(agg["methods"])
+    cmap = matplotlib.colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
 def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
@@ -305,7 +332,8 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
         with log.open() as fh:
             rows = list(csv.DictReader(fh))
         if rows and "loss" in rows[0]:
-            ax.plot([int(x["step"]) for x in rows], [float(x["loss"]) for x in rows], label=r["name"])
+            ax.plot([int(x["step"]) for x in rows], [float(x["loss"]) for x in rows], label=r["name"],
+                    color=method_colours(agg)[r["name"]])
             drawn = True
     if not drawn:
         plt.close(fig)
@@ -340,7 +368,9 @@ def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> 
     ax.set_ylim(0, 1)
     ax.set_ylabel("pseudo-label Dice")
     seed = seeds[chosen[0]]
-    ax.set_title(f"Seed {seed}" if seed is not None else "", fontsize=8)
+    users = sorted({r["name"] for r in agg.get("runs", []) if r.get("method") == "cotraining"})
+    title = "the shared experts' pseudo labels" + (f", which {', '.join(users)} trained on" if users else "")
+    ax.set_title((f"Seed {seed}: {title}" if seed is not None else title[0].upper() + title[1:]), fontsize=8)
     fig.tight_layout()
     fig.savefig(figures / "pseudo_quality.png", dpi=100)
     plt.close(fig)
