@@ -133,3 +133,18 @@ def test_an_organ_annotated_without_its_tumour_is_named(tmp_path: Path, capsys: 
         assert text in lines[0], (text, lines[0])
     assert run(["info", str(write_tiny_project(tmp_path / "q"))]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "prepare", "evaluate", "benchmark"])
+def test_help_shows_flags_without_a_value(command: str) -> None:
+    """typer 0.29 printed ``--resume <bool>``, as if the flag took a value (``--resume true`` then read
+    ``true`` as an override); flags show no value type, and ``--root`` shows the NAME=DIR it takes."""
+    from typer.testing import CliRunner
+
+    from unionseg.cli import app
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == 0, result.output
+    flags = [line for line in result.output.splitlines() if "--quiet" in line or "--overwrite" in line]
+    assert flags and all("<bool>" not in line for line in flags)
+    assert all("<list[str]>" not in line for line in result.output.splitlines() if "--root" in line)

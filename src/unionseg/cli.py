@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", metavar="")] = False) -> None:
     _STATE["debug"] = debug
 
 
@@ -58,7 +58,7 @@ def _parse_roots(roots: list[str] | None) -> dict[str, str]:
     return out
 
 
-RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).")]
+RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")]
 
 
 @app.command()

@@ -382,7 +382,9 @@ def image_key(path: Path) -> str:
     return stem[: -len(_CHANNEL_SUFFIX)] if stem.endswith(_CHANNEL_SUFFIX) else stem
 
 
-def _numbers(key: str) -> tuple[int, ...] | None:
+def name_numbers(key: str) -> tuple[int, ...] | None:
+    """The numbers in a file key (``volume-7`` -> ``(7,)``), by which :func:`match_by_name` pairs files whose
+    names differ; ``None`` for a key without digits."""
     found = re.findall(r"\d+", key)
     return tuple(int(n) for n in found) if found else None
 
@@ -410,7 +412,7 @@ def match_by_name(
         def by_number(keys: Sequence[str]) -> dict[tuple[int, ...], list[str]]:
             out: dict[tuple[int, ...], list[str]] = {}
             for key in keys:
-                nums = _numbers(key)
+                nums = name_numbers(key)
                 if nums is not None:
                     out.setdefault(nums, []).append(key)
             return out

@@ -1410,7 +1410,7 @@ def register(app: typer.Typer) -> None:
         size: Annotated[str, typer.Option("--size", help=f"One of: {', '.join(SIZES)}.")] = "tiny",
         seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
         suite: Annotated[str, typer.Option("--suite", help=f"Dataset suite: {', '.join(SUITES)}.")] = "default",
-        report: Annotated[bool, typer.Option("--report", help="Measure and print the difficulty certificate.")]
+        report: Annotated[bool, typer.Option("--report", help="Measure and print the difficulty certificate.", metavar="")]
         = False,
         workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: by size).")] = None,
         montage: Annotated[Optional[Path], typer.Option("--montage", help="Also save a PNG montage here.")] = None,

@@ -1031,11 +1031,11 @@ def register(app: typer.Typer) -> None:
     def prepare_command(
         project: Annotated[Path, typer.Argument(help="Project file (YAML).")],
         workers: Annotated[int, typer.Option("--workers", help="Worker processes (0 or 1: in-process).")] = 2,
-        force: Annotated[bool, typer.Option("--force", help="Redo every case.")] = False,
-        root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Redo every case.", metavar="")] = False,
+        root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
         wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait while another prepare "
                                             "holds the same cache (0: refuse at once).")] = PREPARE_WAIT_S,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary line.")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary line.", metavar="")] = False,
     ) -> None:
         """Validate, resample, normalise and cache every case of a project (incremental)."""
         from unionseg.cli import _parse_roots

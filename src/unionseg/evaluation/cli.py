@@ -21,10 +21,10 @@ def evaluate_command(
         "--dataset", help="Dataset the ground truth belongs to (default: the one whose root contains GT).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Cases scored in parallel processes.")] = 1,
-    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.")] = True,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.", metavar="")] = True,
     root: Annotated[Optional[list[str]], typer.Option(
-        "--root", help="Dataset root override NAME=DIR (repeatable).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+        "--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
 ) -> None:
     """Dice, HD95 (mm) and NSD per class on the classes the ground truth annotates; writes reports."""
     from rich.console import Console

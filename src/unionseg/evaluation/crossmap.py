@@ -398,12 +398,12 @@ def evaluate_cross(
     excluded = sorted(set(every) - set(cases))
     # a prediction of an excluded case (by name, or by the numbers in it, as predictions are paired) is left
     # out, not "matching no ground truth"
-    from unionseg.data.catalog import _numbers
+    from unionseg.data.catalog import name_numbers
 
     names_out = {n for c in excluded for n in (c, *every[c][1])}
-    kept_numbers = {_numbers(n) for c in cases for n in (c, *cases[c][1])}
-    numbers_out = {_numbers(n) for n in names_out} - kept_numbers - {None}
-    unmatched = [u for u in unmatched if u not in names_out and _numbers(u) not in numbers_out]
+    kept_numbers = {name_numbers(n) for c in cases for n in (c, *cases[c][1])}
+    numbers_out = {name_numbers(n) for n in names_out} - kept_numbers - {None}
+    unmatched = [u for u in unmatched if u not in names_out and name_numbers(u) not in numbers_out]
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
@@ -520,7 +520,7 @@ def evaluate_cross_command(
     model: Annotated[Optional[Path], typer.Option(
         "--model", "-m", help="Or the model file itself (its classes).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
 ) -> None:
     """Score a model on a dataset with another label space (e.g. BTCV), on the shared classes only."""
     from rich.console import Console

@@ -234,7 +234,7 @@ def register(app: typer.Typer) -> None:
                                                           "or DICOM series folders.")],
         output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (<case>.nii.gz, uint8).")],
         device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
-        tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).")] = False,
+        tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).", metavar="")] = False,
         probabilities: Annotated[bool, typer.Option("--probabilities",
                                                     help="Also write <case>_probs.nii.gz (4D float32) and "
                                                     "<case>_probs.json naming its channels: one per class "
@@ -242,16 +242,16 @@ def register(app: typer.Typer) -> None:
                                                     "probability per organ region, then per tumour "
                                                     "(dodnet, multihead, conditional, individual; for "
                                                     "individual a tumour's is given its organ: the JSON "
-                                                    "says what each channel holds).")] = False,
+                                                    "says what each channel holds).", metavar="")] = False,
         overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1) (default: the model file's).")] = None,
         sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call (default: the model file's).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
-                                                                    "in the output folder.")] = False,
+                                                                    "in the output folder.", metavar="")] = False,
         skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave out the cases whose outputs are "
                                                     "already in the output folder (e.g. after an interruption: "
-                                                    "outputs are written whole or not at all).")] = False,
+                                                    "outputs are written whole or not at all).", metavar="")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no line per case (warnings and "
-                                                            "errors still show).")] = False,
+                                                            "errors still show).", metavar="")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
         import time

@@ -43,9 +43,9 @@ def register(app: typer.Typer) -> None:
                                                       "default: the recipe's, else naive).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML, on top of the method's recipe built into unionseg: keys it leaves out keep that recipe's values (default: the built-in recipe alone, not a file of the working folder).")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.")] = False,
-        root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR.")] = None,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.", metavar="")] = False,
+        root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
         """Train METHOD on a prepared project: shared artefacts, stages, the loop, validation, model file."""
         from unionseg.cli import _parse_roots
