@@ -335,3 +335,22 @@ def test_a_missing_required_key_and_a_key_where_none_are_taken_read_plainly() ->
         from_dict(SuiteConfig, {"seeds": 1}, source="x.yaml")
     with pytest.raises(ConfigError, match=r"nosuch: unknown key \(it takes no keys\)"):
         from_dict(_Empty, {"nosuch": 1})
+
+
+def test_every_method_has_a_built_in_recipe_with_the_shared_budget() -> None:
+    """`unionseg train -m M` starts from M's recipe; the budget keys (network, data, optim, steps) are the
+    same in every recipe, as a comparison needs. `expert` had none, so a standalone expert trained with the
+    bare defaults (lr 0.003) instead of the budget its shared copies use."""
+    from unionseg.config import to_dict
+    from unionseg.methods.base import available_methods
+    from unionseg.training.config import load_train_config
+    from unionseg.training.recipes import default_recipe
+
+    budgets = {}
+    for method in available_methods():
+        recipe = default_recipe(method)
+        assert recipe is not None, method
+        cfg = to_dict(load_train_config(recipe, method=method))
+        budgets[method] = {k: cfg[k] for k in ("network", "data", "optim", "steps")}
+    assert "expert" in budgets and budgets["expert"]["optim"]["lr"] == 0.02
+    assert all(b == budgets["naive"] for b in budgets.values())
