@@ -377,9 +377,12 @@ def test_ctrl_c_lets_an_isolated_run_write_its_checkpoint(tmp_path: Path) -> Non
     suite.write_text("name: slow\nbudget_from: ci\nphantom_size: tiny\nphantom_cases: [2, 1, 1]\nisolate: true\n"
                      "methods: [naive]\nbudget: {steps: 400, val_every: 400, ckpt_every: 1000, log_every: 1}\n")
     out = tmp_path / "bench"
+    # SIGINT at its default, as in a terminal: a shell's background job (`make test &`) hands its children
+    # SIGINT ignored, and a Python started so never turns it into KeyboardInterrupt
     proc = subprocess.Popen([str(unionseg), "benchmark", "--suite", str(suite), "-o", str(out), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "runs" / "naive" / "seed0" / "log.csv"
     wait_for_log_rows(proc, log, 3, timeout=240)
     os.kill(proc.pid, signal.SIGINT)  # the benchmark's process alone: it forwards the Ctrl-C to the run
