@@ -435,14 +435,32 @@ def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["oracle", "marginal", "individual", "multihead", "conditional", "dodnet",
+@pytest.mark.parametrize("method", ["naive", "oracle", "marginal", "individual", "multihead", "conditional", "dodnet",
                                     "cotraining", "mskd"])
-def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path, method: str) -> None:
+def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path, method: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """... and every trainable parameter gets a gradient in every step, as ``Method.unused_parameters``
+    (False for all) tells DDP: a parameter left out of a step under DDP stops the run at the next step."""
     from unionseg.inference.predictor import Predictor
     from unionseg.modelfile import load_model
+    from unionseg.training.trainer import Trainer
 
+    without_grad: list[str] = []
+    real_step = Trainer.train_step
+
+    def checked_step(self: Trainer, batch: dict) -> dict:
+        terms = real_step(self, batch)
+        if self.method.name == method:  # not the shared experts some methods train first
+            without_grad.extend(f"{k}.{n}" for k, m in self.method.raw_models.items()
+                                for n, p in m.named_parameters() if p.requires_grad and p.grad is None)
+        return terms
+
+    monkeypatch.setattr(Trainer, "train_step", checked_step)
     run = tmp_path / method
     train(phantom_project, _cfg(method, 2), run, progress=False)
+    from unionseg.methods.base import get_method
+
+    assert get_method(method).unused_parameters or without_grad == []
     payload = load_model(run / "model.pt")
     assert payload["method"] == method
     image = sorted((phantom_project.parent / "datasets" / "test" / "imagesTr").glob("*.nii.gz"))[0]

@@ -129,6 +129,10 @@ class Method:
     stages: ClassVar[tuple[str, ...]] = ("train",)
     #: "label" (partial ground truth) or "oracle" (the phantom's hidden full truth)
     label_source: ClassVar[str] = "label"
+    #: True when some trainable parameter can miss a step's loss (a head of a task absent from the batch):
+    #: DDP must then search the autograd graph for them every step. Every method here uses all of its
+    #: parameters in every step (tests/test_training.py checks it), so DDP skips that search.
+    unused_parameters: ClassVar[bool] = False
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx

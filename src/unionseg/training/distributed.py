@@ -41,12 +41,17 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
-    """DDP-wrap a trainable model when distributed (parameters broadcast from rank 0)."""
+def wrap(model: nn.Module, device: torch.device, unused_parameters: bool = False) -> nn.Module:
+    """DDP-wrap a trainable model when distributed (parameters broadcast from rank 0).
+
+    Args:
+        unused_parameters: some parameter may get no gradient in a step; DDP then searches the autograd
+            graph for such parameters every step (its ``find_unused_parameters``), which costs time.
+    """
     if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -208,7 +208,8 @@ class Trainer:
         for average in self.method.averages().values():
             set_layout(average.to(ctx.device), ctx.device)
         self._seed_rank(0)  # each rank its own dropout masks from here (the initialisation above is shared)
-        self.method.models = {k: dist.wrap(m, ctx.device) for k, m in self.method.raw_models.items()}
+        self.method.models = {k: dist.wrap(m, ctx.device, self.method.unused_parameters)
+                              for k, m in self.method.raw_models.items()}
         groups = param_groups(self.method.raw_models, cfg.optim.lr, self.method.lr_scales())
         self.trainable = bool(groups)
         if not groups:  # e.g. `individual`: only shared experts, nothing of its own to train
