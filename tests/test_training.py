@@ -359,7 +359,9 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
     # recipe's 0.02, not TrainConfig's bare 0.003
     partial = tmp_path / "mine.yaml"
     partial.write_text("method: marginal\nval_every: 1\n")
+    capsys.readouterr()
     assert run(["train", str(phantom_project), "-c", str(partial), "-o", str(tmp_path / "mine"), *tiny]) == 0
+    assert f"model: {tmp_path / 'mine' / 'model.pt'} (step 1 of 1)" in capsys.readouterr().out
     written = yaml.safe_load((tmp_path / "mine" / "config.yaml").read_text())
     assert written["method"] == "marginal" and written["optim"]["lr"] == 0.02
 
