@@ -145,6 +145,7 @@ def test_help_shows_flags_without_a_value(command: str) -> None:
 
     result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
-    flags = [line for line in result.output.splitlines() if "--quiet" in line or "--overwrite" in line]
-    assert flags and all("<bool>" not in line for line in flags)
+    options = [line for line in result.output.splitlines() if "--" in line and "--help" not in line]
+    assert any("--quiet" in line for line in options)  # typer's own --help still shows <bool> (typer 0.29)
+    assert all("<bool>" not in line for line in options), [line for line in options if "<bool>" in line]
     assert all("<list[str]>" not in line for line in result.output.splitlines() if "--root" in line)

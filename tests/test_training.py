@@ -185,9 +185,19 @@ def test_resume_refuses_other_data(phantom_project: Path, tmp_path: Path) -> Non
     classes = data["label_space"]["classes"]
     with pytest.raises(CheckpointError, match="label space changed .*classes .*'gallbladder'"):
         resume_with(label_space={**data["label_space"], "classes": [*classes, {"name": "gallbladder"}]})
-    with pytest.warns(UserWarning, match="same cases' prepared files changed"):
+    from unionseg.errors import UnionsegWarning
+
+    with pytest.warns(UnionsegWarning, match="same cases' prepared files changed"):
         resume_with(fingerprint="0" * 16)
-    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 2
+    # only what training reads: the test set may change under a run
+    assert "test" not in {d["name"] for d in data["label_space"]["datasets"]} and set(data["cases"]) == {"train", "val"}
+    # a checkpoint of an earlier version (no best_step) finishes naming the model file's step, not 0
+    finished = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    atomic_torch_save({k: v for k, v in finished.items() if k != "best_step"}, run / "last.pt")
+    again = train(phantom_project, cfg, run, resume=True, progress=False)
+    assert again["selected_at_step"] == summary["selected_at_step"] == 2
 
 
 def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path, tmp_path: Path) -> None:
@@ -206,6 +216,11 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     summary = train(phantom_project, cfg, run, resume=True, progress=False)
     steps = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
     assert steps == [1, 2, 3, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]  # step 3 once in TensorBoard too
     # the summary times the whole run, the steps before the checkpoint included; resuming a finished run
     # keeps that figure (it read 0.0)
     assert summary["train_seconds"] > trained_before

@@ -70,7 +70,9 @@ def register(app: typer.Typer) -> None:
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
-            typer.echo(f"model: {summary['model']} (step {summary['selected_at_step']} of {summary['steps']})  "
+            step = summary.get("selected_at_step")
+            at = f" (step {step} of {summary['steps']})" if step else ""
+            typer.echo(f"model: {summary['model']}{at}  "
                        f"best validation mean Dice over {over}: {summary['best_val_mean_dice']:.4f}")
 
     @app.command()

@@ -220,6 +220,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         if resume_state is not None:
             self._load_state(resume_state)
+            if "run" not in resume_state.get("timings", {}):  # before session 24: its steps' time, the closest
+                self.timings["run"] = self.timings["total"]
         self.run_seconds_earlier = self.timings["run"]
         self._run_started = time.perf_counter()
 
@@ -315,12 +317,20 @@ class Trainer:
 
     def _data_identity(self) -> dict[str, Any]:
         """What the run learns from: the project file, its label space, the cases of each split, and the
-        fingerprint of the prepared sources (path, size and time of every file)."""
-        index = self.ctx.index
-        return {"project": str(self.ctx.project.path), "label_space": self.ctx.space.to_dict(),
+        fingerprint of the prepared sources (path, size and time of every file). Only what training reads:
+        a test set may be added or changed without touching a run."""
+        import hashlib
+
+        index, space = self.ctx.index, self.ctx.space.to_dict()
+        used = set(self.ctx.train_datasets)
+        space["datasets"] = [d for d in space["datasets"] if d["name"] in used]
+        entries = [[e["dataset"], e["case_id"], e["split"], e.get("fingerprints")] for e in index.data["cases"]
+                   if e["split"] in ("train", "val")]
+        sources = hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"project": str(self.ctx.project.path), "label_space": space,
                 "cases": {split: [f"{c.dataset}/{c.case_id}" for c in index.cases(split=split)]
                           for split in ("train", "val")},
-                "fingerprint": index.fingerprint}
+                "fingerprint": sources}
 
     def _check_same_data(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint of another label space or other training/validation cases (another project,
@@ -331,13 +341,14 @@ class Trainer:
         from unionseg.errors import CheckpointError, listing
 
         now = self._data_identity()
-        since = f"the checkpoint was written for {recorded.get('project')}, and this run reads {now['project']}"
+        since = ("" if recorded.get("project") == now["project"] else
+                 f"; the checkpoint was written for {recorded.get('project')}, and this run reads {now['project']}")
         if recorded.get("label_space") != now["label_space"]:
             before, after = recorded.get("label_space") or {}, now["label_space"]
             names = [[c["name"] for c in space.get("classes", [])] for space in (before, after)]
             what = (f"classes {names[0]} -> {names[1]}" if names[0] != names[1]
                     else "the datasets' label maps or annotated classes differ")
-            raise CheckpointError(f"the project's label space changed since this checkpoint ({what}); {since}. "
+            raise CheckpointError(f"the project's label space changed since this checkpoint ({what}){since}. "
                                   "Resume with the project it was started with, or start a new run folder", path)
         for split, cases in now["cases"].items():
             old = set(recorded.get("cases", {}).get(split, []))
@@ -345,12 +356,14 @@ class Trainer:
                 gone, new = sorted(old - set(cases)), sorted(set(cases) - old)
                 parts = ([f"{len(gone)} no longer there ({listing(gone, 3)})"] if gone else []) + (
                     [f"{len(new)} new ({listing(new, 3)})"] if new else [])
-                raise CheckpointError(f"the {split} cases changed since this checkpoint: {'; '.join(parts)}; {since}. "
+                raise CheckpointError(f"the {split} cases changed since this checkpoint: {'; '.join(parts)}{since}. "
                                       "Resume with the data it was started with, or start a new run folder", path)
         if recorded.get("fingerprint") != now["fingerprint"] and self.ctx.is_main:
+            from unionseg.errors import UnionsegWarning
+
             warnings.warn(f"{path}: the same cases' prepared files changed since this checkpoint (edited, "
                           "re-prepared or copied without their times); training goes on with them as they are now",
-                          stacklevel=2)
+                          UnionsegWarning, stacklevel=2)
 
     def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
         """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
@@ -387,8 +400,17 @@ class Trainer:
         self.timings.update({k: float(v) for k, v in state.get("timings", {}).items() if k in self.timings})
         self.best_metric = float(state["best_metric"])
         self.best_name = str(state["best_name"])
-        self.best_step = int(state.get("best_step", 0))  # absent in checkpoints of older versions
+        self.best_step = int(state.get("best_step", 0)) or self._model_file_step()  # absent before session 24
         self.history = list(state["history"])
+
+    def _model_file_step(self) -> int:
+        """The step the run folder's model file was taken at, from its provenance (0: unknown)."""
+        try:
+            from unionseg.modelfile import load_model
+
+            return int(load_model(self.run_dir / "model.pt")["provenance"].get("selected_at_step") or 0)
+        except Exception:  # no model file yet, or one this version cannot read: nothing better to say
+            return 0
 
     def _seed_rank(self, step: int) -> None:
         """Under DDP, give every rank but 0 a torch random stream of its own (seed, rank, step): the same
@@ -570,7 +592,7 @@ class Trainer:
                    # the rule that ran: "regions" falls back to "all" when no validation scored a region
                    "selected_on": self.cfg.select_on if any(k.endswith("/region_mean") for h in self.history
                                                              for k in h) else "all",
-                   "best_candidate": self.best_name, "selected_at_step": self.best_step,
+                   "best_candidate": self.best_name, "selected_at_step": self.best_step or None,
                    "project": str(self.ctx.project.path), "data_fingerprint": self.ctx.index.fingerprint,
                    "config_hash": config_hash(self.cfg), "history": self.history,
                    "options": self.method_options(),
@@ -679,7 +701,9 @@ class _Logger:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tb"))
+            # a resumed run trains the steps after its checkpoint again: TensorBoard drops their first points,
+            # as _truncate_after drops their log.csv rows
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_at + 1)
         except Exception:  # tensorboard missing or broken: CSV still works
             self.tb = None
 
