@@ -256,7 +256,8 @@ class Trainer:
         if not self._same_but_run_settings(to_dict(before), config_hash(before)):
             changed = describe_changes(_flatten(to_dict(before)), _flatten(to_dict(self.cfg)))
             raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
-                                  "resume with the same recipe and overrides, or start a new run folder", recorded)
+                                  f"resume with the same recipe and overrides (`-c {recorded}` gives the "
+                                  "configuration it was started with), or start a new run folder", recorded)
 
     def _run_stages(self) -> None:
         path = self.run_dir / "stages.json"
@@ -304,7 +305,8 @@ class Trainer:
             changed = "" if recorded is None else describe_changes(_flatten(recorded), _flatten(to_dict(self.cfg)))
             raise CheckpointError("checkpoint was written with a different configuration"
                                   + (f" ({changed})" if changed else "")
-                                  + "; resume with the same recipe and overrides, or start a new run folder", path)
+                                  + f"; resume with the same recipe and overrides (`-c {self.run_dir / 'config.yaml'}` "
+                                  "gives the configuration it was started with), or start a new run folder", path)
         saved = state.get("options")  # absent in checkpoints written before options were recorded
         changed = "" if saved is None else option_changes(saved, self.method_options(),
                                                           to_dict(type(self.method.options)()))
@@ -322,7 +324,7 @@ class Trainer:
         import hashlib
 
         index, space = self.ctx.index, self.ctx.space.to_dict()
-        used = set(self.ctx.train_datasets)
+        used = {c.dataset for c in index if c.split in ("train", "val")}  # a role: val set included
         space["datasets"] = [d for d in space["datasets"] if d["name"] in used]
         entries = [[e["dataset"], e["case_id"], e["split"], e.get("fingerprints")] for e in index.data["cases"]
                    if e["split"] in ("train", "val")]
