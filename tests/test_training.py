@@ -814,3 +814,39 @@ def test_mskd_hands_kd_regions_each_teachers_organ_groups(phantom_project: Path,
                     if any(leaf in channel for leaf in g.leaf_ids)]
         assert sorted(map(sorted, groups)) == sorted(expected)
     assert any(len(g) == 2 for groups in method.teacher_groups for g in groups)  # an organ with its tumour
+
+
+def test_init_from_starts_a_run_from_a_model_file(phantom_project: Path, tmp_path: Path) -> None:
+    """``init_from`` copies a model file's weights into the new network (fine-tuning, or a longer schedule
+    after a finished run); a file of another method, another network or other classes is refused before
+    anything is written, naming the difference; co-training and individual cannot start from one."""
+    from unionseg.errors import CheckpointError, ConfigError
+    from unionseg.modelfile import load_model
+
+    first = tmp_path / "first"
+    train(phantom_project, _cfg("dodnet", 2), first, progress=False)
+    started = load_model(first / "model.pt")["state_dict"]
+    # with a learning rate too small to move anything, the new run's model is the first run's
+    again = tmp_path / "again"
+    train(phantom_project, _cfg("dodnet", 1, f"init_from={first / 'model.pt'}", "optim.lr=1e-12"), again,
+          progress=False)
+    after = load_model(again / "model.pt")["state_dict"]
+    assert after.keys() == started.keys()
+    assert all(torch.allclose(after[k].float(), started[k].float(), atol=1e-6) for k in started)
+    fresh = tmp_path / "fresh"  # twin: the same run from a random draw is another network
+    train(phantom_project, _cfg("dodnet", 1, "optim.lr=1e-12"), fresh, progress=False)
+    other = load_model(fresh / "model.pt")["state_dict"]
+    assert any(not torch.allclose(other[k].float(), started[k].float(), atol=1e-6) for k in started)
+
+    refused = tmp_path / "refused"
+    cases = [(_cfg("multihead", 1, f"init_from={first / 'model.pt'}"), "holds a 'dodnet' model, and this run "
+              "trains 'multihead'"),
+             (_cfg("dodnet", 1, f"init_from={first / 'model.pt'}", "network.preset=cpu"), "another network"),
+             (_cfg("cotraining", 1, f"init_from={first / 'model.pt'}"), "'cotraining' cannot start from"),
+             (_cfg("individual", 1, f"init_from={first / 'model.pt'}"), "'individual' trains no network")]
+    for cfg, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            train(phantom_project, cfg, refused, progress=False)
+        assert not refused.exists()  # refused before config.yaml, stages or experts
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        train(phantom_project, _cfg("dodnet", 1, f"init_from={tmp_path / 'nope.pt'}"), refused, progress=False)

@@ -66,7 +66,7 @@ class ArtifactCache:
         purpose: it changes which checkpoint an expert keeps, so a new rule retrains the experts.
         """
         return dataclasses.replace(cfg, method="expert", options={}, steps=cfg.expert_steps or cfg.steps,
-                                   device=cfg.device, data=dataclasses.replace(cfg.data, dataset_weights={}))
+                                   device=cfg.device, init_from=None, data=dataclasses.replace(cfg.data, dataset_weights={}))
 
     # ------------------------------------------------------------------ bookkeeping
     @contextmanager

@@ -145,6 +145,9 @@ class TrainConfig:
     device: str = "auto"
     expert_steps: int | None = None  # shared experts' budget; None = the same `steps` (contract 6)
     options: dict[str, Any] = field(default_factory=dict)
+    # a model file (of this method, network and classes) whose weights start the run instead of a random
+    # draw: fine-tuning on other data, or a longer schedule after a finished run; the optimiser starts anew
+    init_from: str | None = field(default=None, metadata=HASH_OMITS_DEFAULT)
 
     def validate(self) -> None:
         if self.steps < 1:

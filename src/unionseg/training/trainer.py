@@ -187,6 +187,10 @@ class Trainer:
         from unionseg.training.data import check_training_data
 
         check_training_data(self.method, ctx)  # before config.yaml: a refused run leaves no folder to resume
+        # a resume takes the checkpoint's weights; a model file that cannot start this run is refused here,
+        # before any file is written or any shared expert trained
+        start = (self._start_model(Path(cfg.init_from).expanduser())
+                 if cfg.init_from is not None and resume_state is None else None)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from unionseg.config import dump_yaml
@@ -207,6 +211,8 @@ class Trainer:
         self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
         for average in self.method.averages().values():
             set_layout(average.to(ctx.device), ctx.device)
+        if start is not None:
+            self.method.deploy().module.load_state_dict(start["state_dict"])
         self._seed_rank(0)  # each rank its own dropout masks from here (the initialisation above is shared)
         self.method.models = {k: dist.wrap(m, ctx.device, self.method.unused_parameters)
                               for k, m in self.method.raw_models.items()}
@@ -230,6 +236,40 @@ class Trainer:
         if self._run_started is None:
             return self.timings["run"]
         return self.run_seconds_earlier + time.perf_counter() - self._run_started
+
+    def _start_model(self, path: Path) -> dict[str, Any]:
+        """The model file ``init_from`` names, checked against the network this run builds (a probe built
+        outside the run's random stream); refused, naming the difference, when it holds another method,
+        another network or other output channels."""
+        from unionseg.errors import listing
+        from unionseg.modelfile import load_model
+
+        cfg = self.cfg
+        if not self.method.can_start_from_a_model:
+            raise ConfigError(f"init_from: {cfg.method!r} cannot start from a model file: its networks are not the "
+                              "model it deploys (co-training starts two networks from different draws and deploys "
+                              "a weight average)")
+        payload = load_model(path)  # a missing or unreadable file: a CheckpointError naming it
+        with torch.random.fork_rng(devices=[]):
+            probe = get_method(cfg.method)(self.ctx)
+            probe.raw_models = probe.build()
+        if not probe.raw_models:
+            raise ConfigError(f"init_from: {cfg.method!r} trains no network of its own to start from a model file")
+        deployed = probe.deploy()
+        if payload["method"] != cfg.method:
+            raise ConfigError(f"init_from: {path} holds a {payload['method']!r} model, and this run trains "
+                              f"{cfg.method!r}; start from a model of the same method")
+        spec = json.loads(json.dumps(deployed.network_spec))  # as the model file stores it: tuples as lists
+        if payload["network"] != spec:
+            changed = describe_changes(_flatten(payload["network"]), _flatten(spec))
+            raise ConfigError(f"init_from: {path} holds another network ({changed}); give the same network.* "
+                              "settings as the run that wrote it")
+        if list(payload["channels"]) != list(deployed.channels):
+            raise ConfigError(f"init_from: {path} predicts other classes ({listing(payload['channels'], 6)}; this "
+                              f"project's: {listing(deployed.channels, 6)}); start from a model of the same label "
+                              "space")
+        deployed.module.load_state_dict(payload["state_dict"])  # the weights fit the network, checked now
+        return payload
 
     def _check_same_method(self) -> None:
         """A resume without a checkpoint (cut during the stages, or a method with nothing of its own to train,
