@@ -295,6 +295,7 @@ def test_config_hash_leaves_out_new_fields_at_their_default() -> None:
     before = to_dict(cfg)
     del before["data"]["dataset_weights"]  # the tree as it was before the fields were added
     del before["select_on"]
+    del before["init_from"]
     old = hashlib.sha256(json.dumps(before, sort_keys=True, default=str).encode()).hexdigest()[:12]
     assert config_hash(cfg) == old
     weighted = load_train_config(None, ["data.dataset_weights={kidney: 2}"], method="naive")
@@ -305,6 +306,8 @@ def test_config_hash_leaves_out_new_fields_at_their_default() -> None:
     assert to_dict(regions)["select_on"] == "regions"
     with pytest.raises(ConfigError, match="select_on"):
         load_train_config(None, ["select_on=tumours"], method="naive")
+    started = load_train_config(None, ["init_from=runs/a/model.pt"], method="naive")
+    assert config_hash(started) not in (old, config_hash(weighted), config_hash(regions))
 
 
 def test_label_keys_written_as_strings_or_whole_floats_are_integers(tmp_path: Path) -> None:
