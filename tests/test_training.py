@@ -850,3 +850,20 @@ def test_init_from_starts_a_run_from_a_model_file(phantom_project: Path, tmp_pat
         assert not refused.exists()  # refused before config.yaml, stages or experts
     with pytest.raises(CheckpointError, match="nope.pt"):
         train(phantom_project, _cfg("dodnet", 1, f"init_from={tmp_path / 'nope.pt'}"), refused, progress=False)
+
+
+
+def test_cli_records_init_from_as_an_absolute_path(phantom_project: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative ``init_from`` is read from the working folder and recorded absolute, so the run's
+    config.yaml starts the same run from any folder."""
+    import yaml
+
+    from unionseg.cli import run
+
+    tiny = [*TINY, "steps=1", "val_every=1", "ckpt_every=1", "--quiet"]
+    assert run(["train", str(phantom_project), "-m", "naive", "-o", str(tmp_path / "a"), *tiny]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert run(["train", str(phantom_project), "-m", "naive", "-o", "b", "init_from=a/model.pt", *tiny]) == 0
+    recorded = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["init_from"]
+    assert recorded == str((tmp_path / "a" / "model.pt").resolve())

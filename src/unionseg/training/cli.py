@@ -59,6 +59,10 @@ def register(app: typer.Typer) -> None:
             cfg = load_train_config(default_recipe(method), overrides or [], method=method)
         else:  # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
             cfg = load_train_config(config, overrides or [], base=default_recipe(method), method=method)
+        if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
         if out.exists() and not out.is_dir():
             raise UnionsegError("--out exists and is not a folder; it names the run folder", out)
         held = [name for name in RUN_FILES if (out / name).exists()]
