@@ -455,7 +455,8 @@ def test_resume_refuses_changed_option_defaults(phantom_project: Path, tmp_path:
 @pytest.mark.parametrize("method", ["naive", "oracle", "marginal", "individual", "multihead", "conditional", "dodnet",
                                     "cotraining", "mskd"])
 def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path, method: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                          monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
     """... and every trainable parameter gets a gradient in every step, as ``Method.unused_parameters``
     (False for all) tells DDP: a parameter left out of a step under DDP stops the run at the next step."""
     from unionseg.inference.predictor import Predictor
@@ -478,6 +479,18 @@ def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path,
     from unionseg.methods.base import get_method
 
     assert get_method(method).unused_parameters or without_grad == []
+    # `unionseg info MODEL.pt` describes it: method, size, network, what inputs go through, where it comes from
+    from unionseg.cli import run as cli
+
+    capsys.readouterr()
+    assert cli(["info", str(run / "model.pt")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n_params = sum(t.numel() for t in load_model(run / "model.pt")["state_dict"].values())
+    assert lines[0].endswith(f"a {method} model ({load_model(run / 'model.pt')['output_form']} outputs), "
+                             f"{n_params:,} parameters")
+    network = next(line for line in lines if line.startswith("network: "))
+    assert "resunet" in network and "tiny" in network
+    assert any(line.startswith("provenance: taken at step 2,") for line in lines)
     payload = load_model(run / "model.pt")
     assert payload["method"] == method
     image = sorted((phantom_project.parent / "datasets" / "test" / "imagesTr").glob("*.nii.gz"))[0]

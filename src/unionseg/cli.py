@@ -63,12 +63,16 @@ RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset ro
 
 @app.command()
 def info(
-    project: Annotated[Path, typer.Argument(help="Project file (YAML).")],
+    project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt) to describe.")],
     root: RootOpt = None,
 ) -> None:
-    """Print the taxonomy, each dataset's annotated classes and case counts per split."""
-    from unionseg.reports import print_project_info
+    """Print the taxonomy, each dataset's annotated classes and case counts per split; for a model file, what
+    it segments, what its inputs go through and where it comes from."""
+    from unionseg.reports import print_model_info, print_project_info
 
+    if project.suffix.lower() in (".pt", ".pth"):
+        print_model_info(project)
+        return
     print_project_info(project, roots=_parse_roots(root))
 
 

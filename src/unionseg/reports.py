@@ -84,3 +84,74 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
     pre = summary["preprocessing"]
     console.print(f"preprocessing: spacing {pre['spacing']} mm, window {pre['window']} HU")
     return summary
+
+
+def model_summary(path: Path) -> dict[str, Any]:
+    """What a model file holds and expects: method, classes and output channels, network and parameter count,
+    the preprocessing its inputs get, the sliding-window settings, and where it comes from (``unionseg info
+    MODEL.pt``)."""
+    from unionseg.modelfile import load_model
+
+    payload = load_model(path)
+    config = payload.get("config") or {}
+    provenance = payload.get("provenance") or {}
+    network = payload["network"]
+    while isinstance(network.get("network"), dict):  # a wrapper (channel selection) around the network
+        network = network["network"]
+    return {
+        "path": str(path), "method": payload["method"], "output_form": payload["output_form"],
+        "channels": list(payload["channels"]),
+        "classes": [{"name": c["name"], "part_of": c.get("part_of")} for c in payload["label_space"]["classes"]],
+        "trained_on": [d["name"] for d in payload["label_space"].get("datasets", [])],
+        "network": network, "parameters": int(sum(t.numel() for t in payload["state_dict"].values())),
+        "preprocessing": payload["preprocessing"], "inference": payload["inference"],
+        "training": {k: config.get(k) for k in ("steps", "seed", "optim", "data", "select_on", "init_from")
+                     if k in config},
+        "provenance": provenance,
+    }
+
+
+def print_model_info(path: Path) -> dict[str, Any]:
+    """Print :func:`model_summary` on stdout and return it."""
+    import json
+
+    from rich.console import Console
+
+    s = model_summary(path)
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    out = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
+    out(f"{s['path']}: a {s['method']} model ({s['output_form']} outputs), {s['parameters']:,} parameters")
+    parts = {c["name"]: [d["name"] for d in s["classes"] if d["part_of"] == c["name"]] for c in s["classes"]
+             if not c["part_of"]}
+    out("classes: " + "; ".join(f"{organ}" + (f" (with {', '.join(p)})" if p else "") for organ, p in parts.items()))
+    out(f"output channels: {', '.join(s['channels'])}")
+    if s["trained_on"]:
+        out(f"datasets of its project: {', '.join(s['trained_on'])}")
+    network = s["network"]
+    if network.get("kind") == "ensemble":
+        experts = network.get("experts", [])
+        first = experts[0].get("backbone", {}) if experts else {}
+        out(f"network: an ensemble of {len(experts)} experts, each {json.dumps(first)}")
+    else:
+        head = network.get("head", {})
+        out(f"network: {json.dumps(network.get('backbone', {}))}"
+            + (f", head {head.get('name')}" if isinstance(head, dict) and head else ""))
+    pre = s["preprocessing"]
+    out(f"inputs are resampled to {pre.get('spacing')} mm and windowed to {pre.get('window')} HU"
+        + (", cropped to the body" if pre.get("crop_to_body") else "") + "; predictions go back to the input's grid")
+    inf = s["inference"]
+    out(f"sliding window: {inf.get('roi_size')} voxels, overlap {inf.get('overlap')}, {inf.get('sw_batch_size')} "
+        f"windows per call, {inf.get('blend')} blending, threshold {inf.get('threshold')}")
+    train = s["training"]
+    if train:
+        optim = train.get("optim") or {}
+        out(f"training: {train.get('steps')} steps, seed {train.get('seed')}, {optim.get('name')} lr {optim.get('lr')} "
+            f"({optim.get('schedule')}), selected on {train.get('select_on', 'all')}"
+            + (f", started from {train['init_from']}" if train.get("init_from") else ""))
+    prov = s["provenance"]
+    if prov:
+        out(f"provenance: taken at step {prov.get('selected_at_step')}, config hash {prov.get('config_hash')}, "
+            f"data fingerprint {prov.get('data_fingerprint')}")
+        if prov.get("options"):
+            out(f"method options: {json.dumps(prov['options'], sort_keys=True)}")
+    return s
