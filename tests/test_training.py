@@ -486,7 +486,8 @@ def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path,
     assert cli(["info", str(run / "model.pt")]) == 0
     lines = capsys.readouterr().out.splitlines()
     n_params = sum(t.numel() for t in load_model(run / "model.pt")["state_dict"].values())
-    assert lines[0].endswith(f"a {method} model ({load_model(run / 'model.pt')['output_form']} outputs), "
+    article = "an" if method[0] in "aeiou" else "a"
+    assert lines[0].endswith(f"{article} {method} model ({load_model(run / 'model.pt')['output_form']} outputs), "
                              f"{n_params:,} parameters")
     network = next(line for line in lines if line.startswith("network: "))
     assert "resunet" in network and "tiny" in network
@@ -856,13 +857,31 @@ def test_init_from_starts_a_run_from_a_model_file(phantom_project: Path, tmp_pat
               "trains 'multihead'"),
              (_cfg("dodnet", 1, f"init_from={first / 'model.pt'}", "network.preset=cpu"), "another network"),
              (_cfg("cotraining", 1, f"init_from={first / 'model.pt'}"), "'cotraining' cannot start from"),
-             (_cfg("individual", 1, f"init_from={first / 'model.pt'}"), "'individual' trains no network")]
+             (_cfg("individual", 1, f"init_from={first / 'model.pt'}"), "'individual' cannot start from a model "
+              "file: it trains no network")]
     for cfg, message in cases:
         with pytest.raises(ConfigError, match=message):
             train(phantom_project, cfg, refused, progress=False)
         assert not refused.exists()  # refused before config.yaml, stages or experts
     with pytest.raises(CheckpointError, match="nope.pt"):
         train(phantom_project, _cfg("dodnet", 1, f"init_from={tmp_path / 'nope.pt'}"), refused, progress=False)
+    # a file of an earlier version, whose network spec lacks head keys added since (at their defaults), fits
+    from unionseg.modelfile import save_model
+
+    payload = load_model(first / "model.pt")
+    head = payload["network"]["network"]["head"]
+    older = {**payload, "network": {**payload["network"], "network": {
+        **payload["network"]["network"], "head": {k: v for k, v in head.items() if k not in ("fan_in_init", "task_gain")}}}}
+    assert older["network"] != payload["network"]
+    save_model(tmp_path / "older.pt", older)
+    train(phantom_project, _cfg("dodnet", 1, f"init_from={tmp_path / 'older.pt'}"), tmp_path / "from_older",
+          progress=False)
+    # weights that do not fit the network they claim: the usual one-line error, not a traceback
+    broken = {**payload, "state_dict": {f"renamed.{k}": v for k, v in payload["state_dict"].items()}}
+    save_model(tmp_path / "broken.pt", broken)
+    with pytest.raises(CheckpointError, match="weights do not fit the network"):
+        train(phantom_project, _cfg("dodnet", 1, f"init_from={tmp_path / 'broken.pt'}"), refused, progress=False)
+    assert not refused.exists()
 
 
 

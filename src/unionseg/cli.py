@@ -70,10 +70,20 @@ def info(
     it segments, what its inputs go through and where it comes from."""
     from unionseg.reports import print_model_info, print_project_info
 
-    if project.suffix.lower() in (".pt", ".pth"):
+    if project.suffix.lower() in (".pt", ".pth") or _looks_like_a_model_file(project):
         print_model_info(project)
         return
     print_project_info(project, roots=_parse_roots(root))
+
+
+def _looks_like_a_model_file(path: Path) -> bool:
+    """A PyTorch file by its first bytes (a zip archive or a pickle), whatever its name."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2)
+    except OSError:
+        return False
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 # --- commands registered by their modules (keep this list in one place) ---------------------------------

@@ -102,10 +102,11 @@ def model_summary(path: Path) -> dict[str, Any]:
         "path": str(path), "method": payload["method"], "output_form": payload["output_form"],
         "channels": list(payload["channels"]),
         "classes": [{"name": c["name"], "part_of": c.get("part_of")} for c in payload["label_space"]["classes"]],
-        "trained_on": [d["name"] for d in payload["label_space"].get("datasets", [])],
+        "project_datasets": [d["name"] for d in payload["label_space"].get("datasets", [])],
         "network": network, "parameters": int(sum(t.numel() for t in payload["state_dict"].values())),
         "preprocessing": payload["preprocessing"], "inference": payload["inference"],
-        "training": {k: config.get(k) for k in ("steps", "seed", "optim", "data", "select_on", "init_from")
+        "training": {k: config.get(k) for k in ("steps", "expert_steps", "seed", "optim", "data", "select_on",
+                                                "init_from")
                      if k in config},
         "provenance": provenance,
     }
@@ -120,13 +121,14 @@ def print_model_info(path: Path) -> dict[str, Any]:
     s = model_summary(path)
     console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
     out = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
-    out(f"{s['path']}: a {s['method']} model ({s['output_form']} outputs), {s['parameters']:,} parameters")
+    article = "an" if s["method"][:1] in "aeiou" else "a"
+    out(f"{s['path']}: {article} {s['method']} model ({s['output_form']} outputs), {s['parameters']:,} parameters")
     parts = {c["name"]: [d["name"] for d in s["classes"] if d["part_of"] == c["name"]] for c in s["classes"]
              if not c["part_of"]}
     out("classes: " + "; ".join(f"{organ}" + (f" (with {', '.join(p)})" if p else "") for organ, p in parts.items()))
     out(f"output channels: {', '.join(s['channels'])}")
-    if s["trained_on"]:
-        out(f"datasets of its project: {', '.join(s['trained_on'])}")
+    if s["project_datasets"]:
+        out(f"datasets of its project: {', '.join(s['project_datasets'])}")
     network = s["network"]
     if network.get("kind") == "ensemble":
         experts = network.get("experts", [])
@@ -147,6 +149,7 @@ def print_model_info(path: Path) -> dict[str, Any]:
         optim = train.get("optim") or {}
         out(f"training: {train.get('steps')} steps, seed {train.get('seed')}, {optim.get('name')} lr {optim.get('lr')} "
             f"({optim.get('schedule')}), selected on {train.get('select_on', 'all')}"
+            + (f", shared experts {train['expert_steps']} steps" if train.get("expert_steps") else "")
             + (f", started from {train['init_from']}" if train.get("init_from") else ""))
     prov = s["provenance"]
     if prov:

@@ -133,9 +133,9 @@ class Method:
     #: DDP must then search the autograd graph for them every step. Every method here uses all of its
     #: parameters in every step (tests/test_training.py checks it), so DDP skips that search.
     unused_parameters: ClassVar[bool] = False
-    #: whether ``init_from`` (a model file's weights as the start) makes sense for the method: its deployed
-    #: module must be the network it trains
-    can_start_from_a_model: ClassVar[bool] = True
+    #: why ``init_from`` (a model file's weights as the start) makes no sense for the method ("": it does; the
+    #: deployed module is then the network it trains)
+    cannot_start_from_a_model: ClassVar[str] = ""
 
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx

@@ -91,6 +91,8 @@ class IndividualMethod(Method):
 
     stages = ("experts",)
 
+    cannot_start_from_a_model = "it trains no network of its own (its model is the experts' ensemble)"
+
     def build(self) -> dict[str, torch.nn.Module]:
         return {}
 

@@ -90,7 +90,7 @@ class CotrainingMethod(SoftmaxMethod):
 
     Options = CotrainingOptions
     stages = ("experts", "pseudo_labels", "train")
-    can_start_from_a_model = False  # two networks from different draws; it deploys a weight average
+    cannot_start_from_a_model = "its two networks start from different draws, and it deploys a weight average"
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)

@@ -37,6 +37,21 @@ from unionseg.training.validation import selection_score, validate_deployed
 CKPT_FORMAT = "unionseg-checkpoint"
 
 
+def _comparable_network(spec: dict[str, Any]) -> dict[str, Any]:
+    """A deployed network spec with its defaults filled in, less the head keys that only choose the random
+    starting draw (they mean nothing to a run that starts from a model file's weights)."""
+    from unionseg.networks.build import resolve_spec
+
+    spec = json.loads(json.dumps(spec))  # as a model file stores it: tuples as lists
+    inner = spec.get("network") if spec.get("kind") == "select" else spec
+    if not isinstance(inner, dict) or "backbone" not in inner:
+        return spec
+    resolved = resolve_spec(inner)
+    for key in ("zero_bias_init", "fan_in_init"):
+        resolved["head"].pop(key, None)
+    return {**spec, "network": resolved} if inner is not spec else resolved
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config dict as ``{"data.patch_size": ..., "select_on": ...}``, for naming what changed."""
     flat: dict[str, Any] = {}
@@ -245,10 +260,9 @@ class Trainer:
         from unionseg.modelfile import load_model
 
         cfg = self.cfg
-        if not self.method.can_start_from_a_model:
-            raise ConfigError(f"init_from: {cfg.method!r} cannot start from a model file: its networks are not the "
-                              "model it deploys (co-training starts two networks from different draws and deploys "
-                              "a weight average)")
+        if self.method.cannot_start_from_a_model:
+            raise ConfigError(f"init_from: {cfg.method!r} cannot start from a model file: "
+                              f"{self.method.cannot_start_from_a_model}")
         payload = load_model(path)  # a missing or unreadable file: a CheckpointError naming it
         with torch.random.fork_rng(devices=[]):
             probe = get_method(cfg.method)(self.ctx)
@@ -259,16 +273,23 @@ class Trainer:
         if payload["method"] != cfg.method:
             raise ConfigError(f"init_from: {path} holds a {payload['method']!r} model, and this run trains "
                               f"{cfg.method!r}; start from a model of the same method")
-        spec = json.loads(json.dumps(deployed.network_spec))  # as the model file stores it: tuples as lists
-        if payload["network"] != spec:
-            changed = describe_changes(_flatten(payload["network"]), _flatten(spec))
+        # compared with defaults filled in (a file of an earlier version lacks later keys at their defaults)
+        theirs, ours = _comparable_network(payload["network"]), _comparable_network(deployed.network_spec)
+        if theirs != ours:
+            changed = describe_changes(_flatten(theirs), _flatten(ours))
             raise ConfigError(f"init_from: {path} holds another network ({changed}); give the same network.* "
                               "settings as the run that wrote it")
         if list(payload["channels"]) != list(deployed.channels):
             raise ConfigError(f"init_from: {path} predicts other classes ({listing(payload['channels'], 6)}; this "
                               f"project's: {listing(deployed.channels, 6)}); start from a model of the same label "
                               "space")
-        deployed.module.load_state_dict(payload["state_dict"])  # the weights fit the network, checked now
+        try:
+            deployed.module.load_state_dict(payload["state_dict"])  # the weights fit the network, checked now
+        except RuntimeError as exc:
+            from unionseg.errors import CheckpointError
+
+            raise CheckpointError(f"init_from: its weights do not fit the network ({str(exc).splitlines()[0]})",
+                                  path) from None
         return payload
 
     def _check_same_method(self) -> None:
