@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": False})
     def train(
         project: Annotated[Path, typer.Argument(help="Project file (YAML), prepared with `unionseg prepare`.")],
-        overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options)")] = None,
+        overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options; init_from=MODEL.pt: start from a model file's weights; docs/training.md)")] = None,
         method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
                                                       "default: the recipe's, else naive).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML, on top of the method's recipe built into unionseg: keys it leaves out keep that recipe's values (default: the built-in recipe alone, not a file of the working folder).")] = None,
