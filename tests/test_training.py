@@ -899,3 +899,26 @@ def test_cli_records_init_from_as_an_absolute_path(phantom_project: Path, tmp_pa
     assert run(["train", str(phantom_project), "-m", "naive", "-o", "b", "init_from=a/model.pt", *tiny]) == 0
     recorded = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["init_from"]
     assert recorded == str((tmp_path / "a" / "model.pt").resolve())
+
+
+def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """``unionseg info RUN``: how far the run got (unfinished, with or without a checkpoint; finished, with
+    the step its model file was taken at), then the model file; a folder without a run is refused."""
+    from unionseg.cli import run as cli
+
+    run = tmp_path / "run"
+    cfg = _cfg("naive", 2, "ckpt_every=1")
+    assert train(phantom_project, cfg, run, progress=False, stop_after=1) == {"stopped_at": 1}
+    capsys.readouterr()
+    assert cli(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: an unfinished run, not validated yet; a checkpoint (last.pt) to resume from" in out
+    assert "no model file yet" in out
+    train(phantom_project, cfg, run, resume=True, progress=False)
+    assert cli(["info", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run}: a finished naive run of 2 steps; the model file was taken at step 2," in out
+    assert f"{run / 'model.pt'}: a naive model" in out
+    assert cli(["info", str(tmp_path)]) == 2
+    assert "not a run folder (no config.yaml)" in capsys.readouterr().err

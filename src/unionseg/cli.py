@@ -63,13 +63,18 @@ RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset ro
 
 @app.command()
 def info(
-    project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt) to describe.")],
+    project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt) or a run folder to "
+                                                 "describe.")],
     root: RootOpt = None,
 ) -> None:
     """Print the taxonomy, each dataset's annotated classes and case counts per split; for a model file, what
-    it segments, what its inputs go through and where it comes from."""
-    from unionseg.reports import print_model_info, print_project_info
+    it segments, what its inputs go through and where it comes from; for a run folder, its model file and how
+    far the run got."""
+    from unionseg.reports import print_model_info, print_project_info, print_run_info
 
+    if project.is_dir():
+        print_run_info(project)
+        return
     if project.suffix.lower() in (".pt", ".pth") or _looks_like_a_model_file(project):
         print_model_info(project)
         return

@@ -158,3 +158,39 @@ def print_model_info(path: Path) -> dict[str, Any]:
         if prov.get("options"):
             out(f"method options: {json.dumps(prov['options'], sort_keys=True)}")
     return s
+
+
+def print_run_info(run: Path) -> dict[str, Any]:
+    """A run folder (``unionseg info RUN``): how far it got, then its model file as :func:`print_model_info`.
+
+    Raises:
+        CheckpointError: a folder that holds no run (no ``config.yaml``).
+    """
+    import json
+
+    from unionseg.errors import CheckpointError
+
+    if not (run / "config.yaml").is_file():
+        raise CheckpointError("not a run folder (no config.yaml); give a project file, a model file or the -o "
+                              "folder of `unionseg train`", run)
+    summary_path = run / "summary.json"
+    history_path = run / "validation.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        step = summary.get("selected_at_step")
+        if step is None and (run / "model.pt").is_file():  # a summary written before it recorded the step
+            from unionseg.modelfile import load_model
+
+            step = load_model(run / "model.pt")["provenance"].get("selected_at_step")
+        print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
+              f"taken at step {step}, best validation mean Dice "
+              f"{summary.get('best_val_mean_dice', float('nan')):.4f} (over {summary.get('selected_on', 'all')})")
+    else:
+        history = json.loads(history_path.read_text()) if history_path.is_file() else []
+        last = f", last validated at step {history[-1]['step']}" if history else ", not validated yet"
+        ckpt = "a checkpoint (last.pt) to resume from" if (run / "last.pt").is_file() else "no checkpoint yet"
+        print(f"{run}: an unfinished run{last}; {ckpt}")
+    if not (run / "model.pt").is_file():
+        print("no model file yet")
+        return {"run": str(run)}
+    return {"run": str(run), **print_model_info(run / "model.pt")}
