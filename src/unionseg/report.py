@@ -258,11 +258,12 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
     if regions and names:
         fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(regions) / 2), 4))
         width = 0.8 / max(1, len(names))
+        colours = method_colours(agg)
         for i, name in enumerate(names):
             vals = [methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in regions]
             errs = [methods[name]["classes"].get(k, {}).get("dice", {}).get("std", 0.0) for k in regions]
             ax.bar(np.arange(len(regions)) + i * width, vals, width, yerr=errs, label=name,
-                   color=method_colours(agg)[name])
+                   color=colours[name])
         refs: tuple[tuple[str, Any], ...] = (("oracle", "--"), ("naive", ":"))
         for ref, style in refs:
             if ref in methods:
@@ -323,6 +324,7 @@ def method_colours(agg: dict[str, Any]) -> dict[str, Any]:
 def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
+    colours = method_colours(agg)
     for r in agg["runs"]:
         if r["seed"] != 0:
             continue
@@ -333,7 +335,7 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
             rows = list(csv.DictReader(fh))
         if rows and "loss" in rows[0]:
             ax.plot([int(x["step"]) for x in rows], [float(x["loss"]) for x in rows], label=r["name"],
-                    color=method_colours(agg)[r["name"]])
+                    color=colours[r["name"]])
             drawn = True
     if not drawn:
         plt.close(fig)

@@ -112,13 +112,13 @@ def model_summary(path: Path) -> dict[str, Any]:
     }
 
 
-def print_model_info(path: Path) -> dict[str, Any]:
-    """Print :func:`model_summary` on stdout and return it."""
+def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Print :func:`model_summary` (``summary``, when already read) on stdout and return it."""
     import json
 
     from rich.console import Console
 
-    s = model_summary(path)
+    s = summary if summary is not None else model_summary(path)
     console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
     out = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
     article = "an" if s["method"][:1] in "aeiou" else "a"
@@ -175,13 +175,12 @@ def print_run_info(run: Path) -> dict[str, Any]:
                               "folder of `unionseg train`", run)
     summary_path = run / "summary.json"
     history_path = run / "validation.json"
+    model = model_summary(run / "model.pt") if (run / "model.pt").is_file() else None
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
         step = summary.get("selected_at_step")
-        if step is None and (run / "model.pt").is_file():  # a summary written before it recorded the step
-            from unionseg.modelfile import load_model
-
-            step = load_model(run / "model.pt")["provenance"].get("selected_at_step")
+        if step is None and model is not None:  # a summary written before it recorded the step
+            step = model["provenance"].get("selected_at_step")
         print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
               f"taken at step {step}, best validation mean Dice "
               f"{summary.get('best_val_mean_dice', float('nan')):.4f} (over {summary.get('selected_on', 'all')})")
@@ -190,7 +189,7 @@ def print_run_info(run: Path) -> dict[str, Any]:
         last = f", last validated at step {history[-1]['step']}" if history else ", not validated yet"
         ckpt = "a checkpoint (last.pt) to resume from" if (run / "last.pt").is_file() else "no checkpoint yet"
         print(f"{run}: an unfinished run{last}; {ckpt}")
-    if not (run / "model.pt").is_file():
+    if model is None:
         print("no model file yet")
         return {"run": str(run)}
-    return {"run": str(run), **print_model_info(run / "model.pt")}
+    return {"run": str(run), **print_model_info(run / "model.pt", model)}

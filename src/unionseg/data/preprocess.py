@@ -740,6 +740,12 @@ class PreparedIndex:
                     raise DataError(f"prepared case {entry['dataset']}/{entry['case_id']} is missing; {hint}", path)
         return cls(project, data)
 
+    def split_fingerprint(self, splits: Sequence[str]) -> str:
+        """The fingerprint of the cases of ``splits`` alone: their ids and the identity of their source files
+        and preprocessing (a change elsewhere, e.g. in the test set, leaves it alone)."""
+        return _hash([[e["dataset"], e["case_id"], e["split"], e.get("fingerprints")] for e in self.data["cases"]
+                      if e["split"] in splits])
+
     def cases(self, split: str | None = None, dataset: str | None = None) -> list[PreparedCase]:
         """Cases filtered by split (``train``/``val``/``test``) and/or dataset, in a stable order."""
         return [c for c in self._cases if (split is None or c.split == split)

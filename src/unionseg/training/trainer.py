@@ -9,6 +9,7 @@ checkpoints) and ``on_train_end`` (the model file). Multi-GPU through Distribute
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -345,7 +346,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": rng_state(),
             "best_metric": self.best_metric, "best_name": self.best_name, "best_step": self.best_step,
-            "history": self.history, "data": self._data_identity(),
+            "history": self.history, "data": self._data_identity,
             "timings": {**self.timings, "run": self._run_seconds()},  # a resumed run's summary times the whole run
         }
 
@@ -378,22 +379,18 @@ class Trainer:
                                   "defaults differ from those of the version that wrote it; resume with that "
                                   "version, or start a new run folder", path)
 
+    @functools.cached_property
     def _data_identity(self) -> dict[str, Any]:
         """What the run learns from: the project file, its label space, the cases of each split, and the
         fingerprint of the prepared sources (path, size and time of every file). Only what training reads:
-        a test set may be added or changed without touching a run."""
-        import hashlib
-
+        a test set may be added or changed without touching a run. Fixed for the run: computed once."""
         index, space = self.ctx.index, self.ctx.space.to_dict()
         used = {c.dataset for c in index if c.split in ("train", "val")}  # a role: val set included
         space["datasets"] = [d for d in space["datasets"] if d["name"] in used]
-        entries = [[e["dataset"], e["case_id"], e["split"], e.get("fingerprints")] for e in index.data["cases"]
-                   if e["split"] in ("train", "val")]
-        sources = hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {"project": str(self.ctx.project.path), "label_space": space,
                 "cases": {split: [f"{c.dataset}/{c.case_id}" for c in index.cases(split=split)]
                           for split in ("train", "val")},
-                "fingerprint": sources}
+                "fingerprint": index.split_fingerprint(("train", "val"))}
 
     def _check_same_data(self, state: dict[str, Any], path: Path) -> None:
         """Refuse a checkpoint of another label space or other training/validation cases (another project,
@@ -403,7 +400,7 @@ class Trainer:
             return
         from unionseg.errors import CheckpointError, listing
 
-        now = self._data_identity()
+        now = self._data_identity
         since = ("" if recorded.get("project") == now["project"] else
                  f"; the checkpoint was written for {recorded.get('project')}, and this run reads {now['project']}")
         if recorded.get("label_space") != now["label_space"]:
