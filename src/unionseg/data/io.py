@@ -477,13 +477,52 @@ def reorient_to_ras(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, 
 
 
 def reorient_like(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
-    """Inverse of :func:`reorient_to_ras`: put an array on ``geometry``'s axes back onto ``target``'s."""
+    """Put an array on ``geometry``'s axes back onto ``target``'s, when the two grids differ by a permutation
+    and flips of their axes (the inverse of :func:`reorient_to_ras`, say); exact (no interpolation).
+
+    The axis map is read from the two affines together (``inv(A_geometry) @ A_target`` is then a signed
+    permutation), not from each one's nearest orientation: for a direction at exactly 45 degrees to two world
+    axes the nearest orientation is a tie, and two affines broken apart by different rounding would
+    disagree about it (a prediction came back transposed). Grids that are no permutation of each other
+    get the nearest-orientation map.
+    """
     import nibabel as nib
 
-    ornt = nib.orientations.io_orientation(geometry.affine)
-    tgt = nib.orientations.io_orientation(target.affine)
-    transform = nib.orientations.ornt_transform(ornt, tgt)
+    transform = _axis_transform(geometry.affine, target.affine)
     return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
+
+
+def _axis_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The nibabel orientation transform from ``source``'s voxel axes to ``target``'s (see
+    :func:`reorient_like`)."""
+    import nibabel as nib
+
+    transform = _permutation_ornt(source, target)
+    if transform is None:
+        transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(source),
+                                                    nib.orientations.io_orientation(target))
+    return transform
+
+
+def _permutation_ornt(source: np.ndarray, target: np.ndarray) -> np.ndarray | None:
+    """The nibabel orientation transform (row i: the target axis of source axis i, and its flip) between
+    two affines whose voxel axes are a permutation and flips of each other; None when they are not."""
+    try:
+        rel = np.linalg.solve(source[:3, :3], target[:3, :3])  # column j: target axis j in source voxel units
+    except np.linalg.LinAlgError:
+        return None
+    mags = np.abs(rel)
+    rows = mags.argmax(axis=0)  # the source axis of each target axis
+    if len(set(rows.tolist())) != 3:
+        return None
+    for j, i in enumerate(rows):  # one dominant entry per column, near unit length
+        others = np.delete(mags[:, j], i)
+        if not (abs(mags[i, j] - 1.0) < 1e-3 and others.max() < 1e-3):
+            return None
+    ornt = np.zeros((3, 2))
+    for j, i in enumerate(rows):
+        ornt[i] = (j, 1.0 if rel[i, j] > 0 else -1.0)
+    return ornt
 
 
 def align_label_to_image(
@@ -501,9 +540,7 @@ def align_label_to_image(
     if moved.shape == tuple(image_geom.shape):
         import nibabel as nib
 
-        ornt = nib.orientations.io_orientation(label_geom.affine)
-        tgt = nib.orientations.io_orientation(image_geom.affine)
-        transform = nib.orientations.ornt_transform(ornt, tgt)
+        transform = _axis_transform(label_geom.affine, image_geom.affine)
         aff = label_geom.affine @ nib.orientations.inv_ornt_aff(transform, label_geom.shape)
         if np.allclose(aff, image_geom.affine, atol=atol):
             return moved
