@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from unionseg.labels import DatasetLabels, LabelSpace, Leaf
@@ -160,3 +163,38 @@ def wait_for_log_rows(proc: object, log: Path, rows: int, timeout: float = 180) 
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     raise AssertionError(f"{log}: fewer than {rows} steps after {timeout} s")
+
+
+def write_dicom_series(folder: Path, shape: tuple[int, int, int] = (16, 16, 6), name: str = "IM{:04d}",
+                        slices: Sequence[int] | None = None) -> None:
+    """A CT series of one file per slice, named as scanners and PACS exports often do (no suffix);
+    ``slices``: the slice numbers written (all by default), 3 mm apart."""
+    import locale
+
+    import SimpleITK as sitk
+
+    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (the reader does not)
+    try:
+        _write_dicom_slices(sitk, folder, shape, name, range(shape[2]) if slices is None else slices)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_slices(sitk: Any, folder: Path, shape: tuple[int, int, int], name: str, slices: Sequence[int]) -> None:
+    folder.mkdir(parents=True)
+    x, y, _ = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    ct = np.where((x / 0.8) ** 2 + (y / 0.7) ** 2 < 1, 50, -1000).astype(np.int16)
+    volume = sitk.GetImageFromArray(np.transpose(ct, (2, 1, 0)))
+    volume.SetSpacing((2.0, 2.0, 3.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in slices:
+        plane = volume[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
+                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0013", str(k + 1)),
+                           ("0020|0032", f"0\\0\\{3.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0028|0030", "2\\2"), ("0018|0050", "3")):
+            plane.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / "slice.dcm"))  # the writer picks its format by the suffix
+        writer.Execute(plane)
+        (folder / "slice.dcm").rename(folder / name.format(k))

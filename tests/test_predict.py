@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -12,10 +11,11 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from conftest import write_dicom_series
 from unionseg.config import PreprocessSpec, to_dict
 from unionseg.data.io import Geometry, read_image, write_image
 from unionseg.data.preprocess import preprocess_image, restore_to_source
-from unionseg.errors import CheckpointError, UnionsegError, UnionsegWarning
+from unionseg.errors import CheckpointError, DataError, UnionsegError, UnionsegWarning
 from unionseg.inference.predictor import PAD_VALUE, Predictor, _Decider, _RestoreSink
 from unionseg.labels import LabelSpace, Leaf, merge_softmax
 from unionseg.modelfile import build_from_payload, load_model, make_payload, save_model
@@ -648,37 +648,6 @@ def test_real_dicom_series_keeps_its_geometry(tmp_path: Path) -> None:
     np.testing.assert_allclose(geom.affine, ref.affine, atol=1e-4)
 
 
-def _write_dicom_series(folder: Path, shape: tuple[int, int, int] = (16, 16, 6), name: str = "IM{:04d}") -> None:
-    """A CT series of one file per slice, named as scanners and PACS exports often do (no suffix)."""
-    import locale
-
-    import SimpleITK as sitk
-
-    saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (the reader does not)
-    try:
-        _write_slices(sitk, folder, shape, name)
-    finally:
-        locale.setlocale(locale.LC_ALL, saved)
-
-
-def _write_slices(sitk: Any, folder: Path, shape: tuple[int, int, int], name: str) -> None:
-    folder.mkdir(parents=True)
-    volume = sitk.GetImageFromArray(np.transpose(_ct(shape).astype(np.int16), (2, 1, 0)))
-    volume.SetSpacing((2.0, 2.0, 3.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(shape[2]):
-        plane = volume[:, :, k]
-        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0013", str(k + 1)),
-                           ("0020|0032", f"0\\0\\{3.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
-                           ("0028|0030", "2\\2"), ("0018|0050", "3")):
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / "slice.dcm"))  # the writer picks its format by the suffix
-        writer.Execute(plane)
-        (folder / "slice.dcm").rename(folder / name.format(k))
-
-
 def test_cli_predicts_dicom_files_without_a_suffix_and_names_the_series(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A series of IM0001-style files (no .dcm) is found by the DICOM mark, given as its folder, as one of
@@ -688,7 +657,7 @@ def test_cli_predicts_dicom_files_without_a_suffix_and_names_the_series(
 
     model = _model_file(tmp_path)
     series = tmp_path / "scans" / "series7"
-    _write_dicom_series(series)
+    write_dicom_series(series)
     assert run(["predict", str(model), str(series), "-o", str(tmp_path / "a"), "--device", "cpu"]) == 0
     labels, geom = read_image(tmp_path / "a" / "series7.nii.gz")
     assert labels.shape == (16, 16, 6) and geom.spacing == pytest.approx((2.0, 2.0, 3.0))
@@ -701,6 +670,33 @@ def test_cli_predicts_dicom_files_without_a_suffix_and_names_the_series(
     (tmp_path / "notes").write_text("not an image")
     assert run(["predict", str(model), str(tmp_path / "notes"), "-o", str(tmp_path / "d"), "--device", "cpu"]) == 2
     assert "unsupported file type ''" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["1.2.826.0.1.3680043.2.1125.3.{}", "IM{:04d}.IMA"])
+def test_dicom_files_named_by_uid_or_ima_are_a_series(tmp_path: Path, name: str) -> None:
+    """Files named after their SOP instance UID or Siemens' .IMA carry a 'suffix' that is no image format;
+    the DICOM mark makes them a series (they were refused as an unsupported file type)."""
+    from unionseg.inference.cli import collect_inputs
+
+    series = tmp_path / "series"
+    write_dicom_series(series, name=name)
+    one = sorted(series.iterdir())[2]
+    assert collect_inputs([series]) == [("series", series)]
+    assert collect_inputs([one]) == [("series", series)]
+    array, geom = read_image(one)
+    assert array.shape == (16, 16, 6) and geom.spacing == pytest.approx((2.0, 2.0, 3.0))
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path: Path) -> None:
+    """The series reader spreads slices evenly: with slice 3 of 6 missing, the slices after the gap would
+    be placed 1.5 mm off. Refused, naming the folder and the gap; a complete series reads."""
+    write_dicom_series(tmp_path / "gap", slices=[0, 1, 2, 4, 5])
+    with pytest.raises(DataError, match=r"not evenly spaced: slices 3 and 4 \(of 5\) lie 6 mm apart, where the "
+                                        r"series steps 3 mm") as info:
+        read_image(tmp_path / "gap")
+    assert str(tmp_path / "gap") in str(info.value)
+    write_dicom_series(tmp_path / "whole")
+    assert read_image(tmp_path / "whole")[0].shape == (16, 16, 6)
 
 
 def test_cli_flag_values_are_named_as_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -26,7 +26,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import TINY_PROJECT_YAML, write_tiny_case, write_tiny_project
+from conftest import TINY_PROJECT_YAML, write_dicom_series, write_tiny_case, write_tiny_project
 from unionseg.cli import run
 from unionseg.data.io import Geometry, read_image, write_image
 
@@ -427,6 +427,14 @@ def bad_predict_4d_image(folder: Path) -> Bad:
     _nifti(image, np.zeros((6, 5, 4, 3), np.int16))
     return _predict(folder, folder / "model.pt", [image], folder / "out", image,
                     "4D image of shape (6, 5, 4, 3); a 3D volume is required", ["out/scan*"])
+
+
+@bad_input("predict: DICOM series with a slice missing (the reader would spread the rest evenly)")
+def bad_predict_dicom_slice_missing(folder: Path) -> Bad:
+    series = folder / "series"
+    write_dicom_series(series, slices=[0, 1, 2, 4, 5])
+    return _predict(folder, folder / "model.pt", [series], folder / "out", series,
+                    "DICOM slices are not evenly spaced: slices 3 and 4 (of 5) lie 6 mm apart", ["out/series*"])
 
 
 @bad_input("predict: NaN voxels in the input")

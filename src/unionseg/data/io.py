@@ -299,7 +299,9 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
                 raise DataError("folder holds no DICOM series", path)
             if len(series) > 1:
                 raise DataError(f"folder holds {len(series)} DICOM series; give one series per folder", path)
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+            names = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            _check_slice_positions(names, path)
+            reader.SetFileNames(names)
             img = reader.Execute()
         else:
             img = sitk.ReadImage(str(path))
@@ -315,11 +317,47 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, _sitk_to_geometry(img, array.shape)
 
 
+def _check_slice_positions(names: Any, folder: Path) -> None:
+    """Refuse a DICOM series whose slices are not evenly spaced along their normal (a slice missing from
+    the export, two acquisitions in one folder): the series reader would spread them evenly and every
+    voxel after the gap would sit at the wrong place in the patient, without an error."""
+    import SimpleITK as sitk
+
+    if len(names) < 3:
+        return
+    positions, normal = [], None
+    for name in names:
+        header = sitk.ImageFileReader()
+        header.SetFileName(str(name))
+        header.ReadImageInformation()
+        keys = set(header.GetMetaDataKeys())
+        if "0020|0032" not in keys or "0020|0037" not in keys:
+            return  # no positions to check (the reader places such slices by their order alone)
+        try:
+            position = np.array([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+            if normal is None:
+                cosines = np.array([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
+                normal = np.cross(cosines[:3], cosines[3:6])
+        except ValueError:
+            return
+        positions.append(float(position @ normal))
+    steps = np.diff(np.sort(positions))
+    step = float(np.median(steps))
+    bad = np.flatnonzero(np.abs(steps - step) > 1e-3 + 0.01 * abs(step))
+    if step <= 1e-3 or bad.size:
+        where = f"slices {bad[0] + 1} and {bad[0] + 2} (of {len(names)}) lie {steps[bad[0]]:.3g} mm apart" \
+            if bad.size else f"{len(names)} slices share {len(set(np.round(positions, 3)))} positions"
+        raise DataError(f"DICOM slices are not evenly spaced: {where}, where the series steps {step:.3g} mm "
+                        "(a slice missing, or two acquisitions in one folder?); give one complete series per "
+                        "folder", folder)
+
+
 def is_dicom_file(path: str | Path) -> bool:
-    """A DICOM file: named ``.dcm``, or without a suffix (scanners and PACS exports often write ``IM0001``)
-    a Part 10 file, with the ``DICM`` mark after the 128-byte preamble. A folder is none."""
+    """A DICOM file: named ``.dcm``, or under any other name that is not an image format's a Part 10 file,
+    with the ``DICM`` mark after the 128-byte preamble (scanners and PACS exports write ``IM0001``,
+    ``1.2.840.113619.2.55.3.1000`` after the SOP instance UID, or Siemens' ``.IMA``). A folder is none."""
     suf = suffix_of(path)
-    return suf == ".dcm" or (suf == "" and _has_dicom_mark(Path(path)))
+    return suf == ".dcm" or (suf not in IMAGE_SUFFIXES and _has_dicom_mark(Path(path)))
 
 
 def _has_dicom_mark(path: Path) -> bool:
