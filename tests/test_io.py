@@ -338,6 +338,32 @@ def test_written_nifti_keeps_the_source_qform_and_sform(tmp_path: Path, qform_co
     assert np.allclose(out.get_sform(), moved.affine) and np.allclose(out.get_qform(), moved.affine)
 
 
+def test_nifti_without_transform_codes_gets_none_back(tmp_path: Path) -> None:
+    """An image whose qform and sform codes are both 0 (old converters, some research tools): nibabel places
+    it by its voxel sizes (x flipped, centred), ITK by its own rule. The label map was written with both
+    codes 1 and nibabel's affine, so ITK-SNAP and 3D Slicer showed it mirrored and moved against the image;
+    written with codes 0 too, every reader places both alike. A label of another shape, on which the
+    voxel-size rule would give another affine, gets the explicit one."""
+    sitk = pytest.importorskip("SimpleITK")
+    src = nib.Nifti1Image(np.zeros((6, 5, 4), np.int16), np.diag([1.5, 1.2, 3.0, 1.0]))
+    src.set_qform(None, code=0)
+    src.set_sform(None, code=0)
+    nib.save(src, str(tmp_path / "image.nii.gz"))
+    _, geom = read_image(tmp_path / "image.nii.gz")
+    write_image(tmp_path / "label.nii.gz", np.ones(geom.shape, np.uint8), geom)
+    out = nib.load(str(tmp_path / "label.nii.gz"))
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 0)
+    assert np.allclose(out.affine, nib.load(str(tmp_path / "image.nii.gz")).affine)
+    image, label = (sitk.ReadImage(str(tmp_path / f"{n}.nii.gz")) for n in ("image", "label"))
+    assert np.allclose(label.GetOrigin(), image.GetOrigin())
+    assert np.allclose(label.GetDirection(), image.GetDirection())
+    bigger = Geometry((7, 5, 4), geom.affine, geom.nifti_forms)
+    write_image(tmp_path / "bigger.nii.gz", np.ones(bigger.shape, np.uint8), bigger)
+    out = nib.load(str(tmp_path / "bigger.nii.gz"))
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 1)
+    assert np.allclose(out.affine, geom.affine)
+
+
 def test_unreadable_qform_beside_a_valid_sform_still_reads_and_writes(tmp_path: Path) -> None:
     """A damaged qform quaternion (|b, c, d| > 1) next to a coded sform: the image reads on its sform and a
     label written on it gets that affine in both transforms (found by the mutation property test)."""

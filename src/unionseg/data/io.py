@@ -82,21 +82,29 @@ class NiftiForms:
     qform_code: int
     sform: np.ndarray
     sform_code: int
+    #: with both codes 0, the affine nibabel derives from the voxel sizes alone (x flipped, centred), which
+    #: is the image's; ITK-based viewers place such a file by their own rule, so a label map written with
+    #: codes 0 too lands where they place the image
+    base: np.ndarray | None = None
 
     @classmethod
     def of(cls, header: Any) -> NiftiForms | None:
         """The header's transforms; None when they cannot be read back whole (a damaged quaternion, say):
         the image's affine, which nibabel derives on its own terms, is then the only geometry written."""
         try:
-            forms = cls(np.asarray(header.get_qform(), dtype=np.float64), int(header["qform_code"]),
-                        np.asarray(header.get_sform(), dtype=np.float64), int(header["sform_code"]))
+            qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+            forms = cls(np.asarray(header.get_qform(), dtype=np.float64), qcode,
+                        np.asarray(header.get_sform(), dtype=np.float64), scode,
+                        np.asarray(header.get_base_affine(), dtype=np.float64) if qcode == scode == 0 else None)
         except Exception:  # nibabel raises several types for damaged headers
             return None
-        return forms if np.isfinite(forms.qform).all() and np.isfinite(forms.sform).all() else None
+        finite = [m for m in (forms.qform, forms.sform, forms.base) if m is not None]
+        return forms if all(np.isfinite(m).all() for m in finite) else None
 
     def describes(self, affine: np.ndarray, atol: float = 1e-4) -> bool:
-        """Whether these are the transforms that give ``affine`` (sform if coded, else a coded qform)."""
-        chosen = self.sform if self.sform_code > 0 else self.qform if self.qform_code > 0 else None
+        """Whether these are the transforms that give ``affine`` (sform if coded, else a coded qform, else
+        the voxel sizes' base affine)."""
+        chosen = self.sform if self.sform_code > 0 else self.qform if self.qform_code > 0 else self.base
         return chosen is not None and bool(np.allclose(chosen, affine, atol=atol))
 
 
@@ -429,14 +437,16 @@ def _storable(array: np.ndarray) -> np.ndarray:
 
 def set_nifti_transforms(nifti: Any, geometry: Geometry) -> None:
     """Give a nibabel image the qform and sform of ``geometry``'s source file when they still describe its
-    affine (matrices and codes as read), else ``geometry.affine`` in both with code 1 (scanner)."""
+    affine (matrices and codes as read; both codes 0 when the source had none and the image's voxel sizes
+    and shape give the same base affine), else ``geometry.affine`` in both with code 1 (scanner)."""
     forms = geometry.nifti_forms
     if forms is not None and forms.describes(geometry.affine):
         nifti.set_qform(forms.qform, code=forms.qform_code)
         nifti.set_sform(forms.sform, code=forms.sform_code)
-    else:
-        nifti.set_qform(geometry.affine, code=1)
-        nifti.set_sform(geometry.affine, code=1)
+        if forms.base is None or np.allclose(nifti.header.get_base_affine(), geometry.affine, atol=1e-4):
+            return
+    nifti.set_qform(geometry.affine, code=1)
+    nifti.set_sform(geometry.affine, code=1)
 
 
 def nifti_description(path: str | Path) -> str | None:
