@@ -231,6 +231,16 @@ def test_dtype_is_kept(tmp_path: Path, suffix: str, dtype: type) -> None:
     _round_trip(array, Geometry(array.shape, _pir_affine()), tmp_path / f"a{suffix}")
 
 
+@pytest.mark.parametrize("suffix,voxels", [(".mhd", "a.zraw"), (".nhdr", "a.raw.gz")])
+def test_two_file_formats_name_their_voxel_file(tmp_path: Path, suffix: str, voxels: str) -> None:
+    """A header that names its voxel file: the voxels were left under the hidden temporary name the header
+    pointed at, so the image broke once temporary files were cleaned up."""
+    array = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    _round_trip(array, Geometry(array.shape, _pir_affine()), tmp_path / f"a{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"a{suffix}", voxels])
+    assert voxels in (tmp_path / f"a{suffix}").read_text(errors="replace")
+
+
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
 def test_bool_and_float16_are_stored_in_a_supported_dtype(tmp_path: Path, suffix: str) -> None:
     geom = Geometry.identity((2, 3, 4))

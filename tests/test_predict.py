@@ -303,6 +303,17 @@ def test_predict_file_writes_the_input_geometry_and_refuses_to_overwrite(tmp_pat
         pred.predict_file(src, tmp_path / "new.nii.gz", probs_path=tmp_path / "out" / "ct_probs.nii.gz")
     assert not (tmp_path / "new.nii.gz").exists()
     assert pred.predict_file(src, out, overwrite=True) == out
+    # names that cannot be written are refused before the work (a .nii probability map was gzip bytes; a
+    # map named like the labels replaced them)
+    for target, probs, problem in ((tmp_path / "seg.png", None, "unsupported output type '.png'"),
+                                   (tmp_path / "seg.nii.gz", tmp_path / "p.nrrd", "written as NIfTI"),
+                                   (tmp_path / "seg.nii.gz", tmp_path / "seg.nii.gz", "would share one file")):
+        with pytest.raises(UnionsegError, match=problem):
+            pred.predict_file(src, target, probs_path=probs)
+    assert not any(p.name.startswith(("seg", "p.")) for p in tmp_path.iterdir())
+    pred.predict_file(src, tmp_path / "seg.nii", probs_path=tmp_path / "study.nii_v2.nii")
+    assert np.asarray(nib.load(str(tmp_path / "study.nii_v2.nii")).dataobj).shape == (*shape, 4)
+    assert (tmp_path / "study.nii_v2.json").is_file()  # only the suffix goes: it was study_v2.json
 
 
 def _model_file(tmp_path: Path, spacing: float = 2.5, roi: tuple[int, int, int] = (16, 16, 16)) -> Path:

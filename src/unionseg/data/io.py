@@ -481,6 +481,8 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
     array = _storable(np.asarray(array))
     path.parent.mkdir(parents=True, exist_ok=True)
     suf = suffix_of(path)
+    if suf in _DETACHED_SUFFIXES:
+        return _write_detached(path, array, geometry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suf}")
     try:
         if suf in NIFTI_SUFFIXES:
@@ -494,13 +496,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
                 nifti.header["descrip"] = description.encode("ascii", "replace")[:79]
             nib.save(nifti, str(tmp))
         elif suf in SITK_SUFFIXES:
-            import SimpleITK as sitk
-
-            image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
-            image.SetSpacing(np.asarray(geometry.spacing).tolist())
-            image.SetDirection((_LPS @ geometry.direction).reshape(-1).tolist())
-            image.SetOrigin((_LPS @ geometry.affine[:3, 3]).tolist())
-            sitk.WriteImage(image, str(tmp), True)
+            _write_sitk(tmp, array, geometry)
         else:
             raise DataError(f"unsupported output type {suf!r}", path)
         fault_point("write_image_before_rename")  # fault tests only (UNIONSEG_FAULT_POINT)
@@ -508,6 +504,38 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
     finally:
         if tmp.exists():
             tmp.unlink()
+    return path
+
+
+def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(array, (2, 1, 0))))
+    image.SetSpacing(np.asarray(geometry.spacing).tolist())
+    image.SetDirection((_LPS @ geometry.direction).reshape(-1).tolist())
+    image.SetOrigin((_LPS @ geometry.affine[:3, 3]).tolist())
+    sitk.WriteImage(image, str(path), True)
+
+
+#: formats whose header names a separate voxel file (``.mhd`` + ``.zraw``, ``.nhdr`` + ``.raw.gz``)
+_DETACHED_SUFFIXES = (".mhd", ".nhdr")
+
+
+def _write_detached(path: Path, array: np.ndarray, geometry: Geometry) -> Path:
+    """Write a two-file image (header + voxels) atomically enough: both are written under their final names
+    in a hidden folder beside ``path``, then the voxel file is moved into place before the header, so a
+    header is never there without its voxels. (Written under temporary names, the header named the
+    temporary voxel file.)"""
+    import shutil
+    import tempfile
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        _write_sitk(staging / path.name, array, geometry)
+        for part in sorted(staging.iterdir(), key=lambda p: p.name == path.name):  # the header last
+            part.replace(path.parent / part.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 

@@ -44,12 +44,16 @@ from torch import nn
 
 from unionseg.config import PreprocessSpec, from_dict
 from unionseg.data.io import (
+    IMAGE_SUFFIXES,
+    NIFTI_SUFFIXES,
     PREDICTION_DESCRIPTION,
     Geometry,
     prediction_description,
     read_image,
     reorient_like,
     set_nifti_transforms,
+    strip_suffix,
+    suffix_of,
     write_image,
 )
 from unionseg.data.preprocess import (
@@ -642,6 +646,14 @@ class Predictor:
         if out_path.resolve() == in_path.resolve() or (in_path.is_dir() and out_path.resolve().is_relative_to(
                 in_path.resolve())):
             raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
+        if suffix_of(out_path) not in IMAGE_SUFFIXES:
+            raise UnionsegError(f"unsupported output type {suffix_of(out_path)!r} (use {', '.join(IMAGE_SUFFIXES)})",
+                                out_path)
+        if probs_path is not None:
+            if suffix_of(probs_path) not in NIFTI_SUFFIXES:
+                raise UnionsegError("probabilities are written as NIfTI: name the file .nii.gz or .nii", probs_path)
+            if Path(probs_path).resolve() == out_path.resolve():
+                raise UnionsegError("the probabilities and the label map would share one file", probs_path)
         if not overwrite:
             extra = [] if probs_path is None else [Path(probs_path), probabilities_sidecar(probs_path)]
             for path in (out_path, *extra):
@@ -662,7 +674,7 @@ class Predictor:
 def probabilities_sidecar(path: str | Path) -> Path:
     """The ``.json`` that names the channels of the probability map ``path``."""
     path = Path(path)
-    return path.with_name(path.name.replace(".nii.gz", "").replace(".nii", "") + ".json")
+    return path.with_name(strip_suffix(path) + ".json")
 
 
 def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str],
@@ -677,7 +689,9 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.nii.gz")
+    if suffix_of(path) not in NIFTI_SUFFIXES:
+        raise UnionsegError("probabilities are written as NIfTI: name the file .nii.gz or .nii", path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suffix_of(path)}")
     sidecar = probabilities_sidecar(path)
     try:
         data = np.moveaxis(probs, 0, -1).astype(np.float32)
