@@ -231,6 +231,38 @@ def test_dtype_is_kept(tmp_path: Path, suffix: str, dtype: type) -> None:
     _round_trip(array, Geometry(array.shape, _pir_affine()), tmp_path / f"a{suffix}")
 
 
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_scaled_integer_ct_reads_as_float32(tmp_path: Path, suffix: str) -> None:
+    """int16 voxels with scl_slope/scl_inter (a common CT store) read as float32 with nibabel's values: they
+    came as float64, twice the memory of every full-size volume; unscaled voxels keep their dtype."""
+    raw = np.arange(-600, 600, dtype=np.int16).reshape(10, 12, 10)
+    img = nib.Nifti1Image(raw, np.eye(4))
+    img.header.set_slope_inter(0.5, -1024.0)
+    nib.save(img, str(tmp_path / f"scaled{suffix}"))
+    array, _ = read_image(tmp_path / f"scaled{suffix}")
+    assert array.dtype == np.float32
+    assert np.array_equal(array, nib.load(str(tmp_path / f"scaled{suffix}")).get_fdata())
+    nib.save(nib.Nifti1Image(raw, np.eye(4)), str(tmp_path / f"plain{suffix}"))
+    assert read_image(tmp_path / f"plain{suffix}")[0].dtype == np.int16
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_one_volume_4d_nrrd_and_mha_read_as_3d(tmp_path: Path, suffix: str) -> None:
+    """A 4D NRRD/MHA holding one volume (X, Y, Z, 1) reads as its volume, on its 3D geometry, as the same
+    NIfTI does (it was refused as a 4D image); two volumes are still refused."""
+    sitk = pytest.importorskip("SimpleITK")
+    array = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    write_image(tmp_path / f"three{suffix}", array, Geometry(array.shape, _pir_affine()))
+    volume = sitk.ReadImage(str(tmp_path / f"three{suffix}"))
+    sitk.WriteImage(sitk.JoinSeries([volume]), str(tmp_path / f"four{suffix}"))
+    back, geom = read_image(tmp_path / f"four{suffix}")
+    assert np.array_equal(back, array)
+    np.testing.assert_allclose(geom.affine, _pir_affine(), atol=1e-6)
+    sitk.WriteImage(sitk.JoinSeries([volume, volume]), str(tmp_path / f"two{suffix}"))
+    with pytest.raises(DataError, match=r"4D image of size \(3, 4, 5, 2\)"):
+        read_image(tmp_path / f"two{suffix}")
+
+
 @pytest.mark.parametrize("suffix,voxels", [(".mhd", "a.zraw"), (".nhdr", "a.raw.gz")])
 def test_two_file_formats_name_their_voxel_file(tmp_path: Path, suffix: str, voxels: str) -> None:
     """A header that names its voxel file: the voxels were left under the hidden temporary name the header
@@ -293,6 +325,8 @@ def test_read_errors_name_the_file_and_twins_read(tmp_path: Path) -> None:
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1), np.int16), np.eye(4)), str(tmp_path / "one.nii.gz"))
     assert read_image(tmp_path / "one.nii.gz")[0].shape == (4, 4, 4)
     assert read_header(tmp_path / "one.nii.gz").shape == (4, 4, 4)
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 1, 1), np.int16), np.eye(4)), str(tmp_path / "five.nii.gz"))
+    assert read_image(tmp_path / "five.nii.gz")[0].shape == read_header(tmp_path / "five.nii.gz").shape == (4, 4, 4)
     singular = np.eye(4)
     singular[2, 2] = 0.0
     img = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), None)

@@ -175,7 +175,7 @@ def _check_readable(path: Path) -> None:
 
 
 def _as_3d(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.ndim == 4 and array.shape[3] == 1:
+    while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1) or NIfTI's (X, Y, Z, 1, 1): one volume
         array = array[..., 0]
     if array.ndim == 2:
         raise DataError(f"2D image of shape {array.shape}; a 3D volume is required", path)
@@ -237,7 +237,7 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
 
     if not path.name.lower().endswith(".gz"):
         img: Any = nib.load(str(path))
-        return img, np.asanyarray(img.dataobj)
+        return img, _voxels(img)
     with gzip.open(path, "rb") as fh:
         head = fh.read(348)
         fh.seek(0)
@@ -248,7 +248,7 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
         else:  # the message nib.load gives a file it cannot place
             raise nib.filebasedimages.ImageFileError(f"Cannot work out file type of {path}")
         img = cls.from_stream(fh)
-        array = np.asanyarray(img.dataobj)
+        array = _voxels(img)
         try:
             while fh.read(1 << 20):  # the rest of the stream (usually nothing) and the CRC check at its end
                 pass
@@ -258,6 +258,23 @@ def _load_nifti(path: Path) -> tuple[Any, np.ndarray]:
             if not str(exc).startswith("Not a gzipped file"):
                 raise
     return img, array
+
+
+def _voxels(img: Any) -> np.ndarray:
+    """A nibabel image's voxels; integers stored with a scale (``scl_slope``/``scl_inter``, common for CT) are
+    scaled in float32, where nibabel gives float64: twice the memory of a volume for digits a CT value
+    never has."""
+    proxy = img.dataobj
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if (slope, inter) == (1.0, 0.0) or not hasattr(proxy, "get_unscaled"):
+        return np.asanyarray(proxy)
+    raw = np.asarray(proxy.get_unscaled())
+    if raw.dtype.kind not in "iu" or raw.dtype.itemsize > 2:  # 32-bit integers may need float64's digits
+        return np.asanyarray(proxy)
+    out = raw.astype(np.float32)
+    out *= np.float32(slope)
+    out += np.float32(inter)
+    return out
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
@@ -318,8 +335,10 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
         raise DataError(f"cannot read image ({first})", path) from None
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError("multi-component (vector/RGB) image; a scalar 3D volume is required", path)
+    while img.GetDimension() > 3 and img.GetSize()[-1] == 1:  # (X, Y, Z, 1): one volume, as for NIfTI
+        img = img[(slice(None),) * (img.GetDimension() - 1) + (0,)]
     if img.GetDimension() != 3:
-        raise DataError(f"{img.GetDimension()}D image; a 3D volume is required", path)
+        raise DataError(f"{img.GetDimension()}D image of size {img.GetSize()}; a 3D volume is required", path)
     array = np.transpose(sitk.GetArrayFromImage(img), (2, 1, 0))
     array = _as_3d(array, path)
     return array, _sitk_to_geometry(img, array.shape)
@@ -416,9 +435,9 @@ def read_header(path: str | Path) -> Geometry:
             img: Any = nib.load(str(path))
         except Exception as exc:  # nibabel raises several types for bad headers
             raise DataError(f"not a readable NIfTI image ({exc})", path) from None
-        shape = img.shape
-        if len(shape) == 4 and shape[3] == 1:
-            shape = shape[:3]
+        shape = tuple(img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            shape = shape[:-1]
         if len(shape) != 3:
             raise DataError(f"{len(shape)}D image of shape {tuple(shape)}; a 3D volume is required", path)
         return Geometry(tuple(shape), nifti_affine_mm(img, path), NiftiForms.of(img.header))
