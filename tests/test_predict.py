@@ -553,7 +553,8 @@ def test_cli_unwritable_output_is_refused_before_the_model_loads(
     assert "nothing left to predict" in capsys.readouterr().err
 
 
-def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path) -> None:
+def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """nnU-Net images carry a channel tag (``case_001_0000.nii.gz``) that their label files do not: the
     prediction is ``case_001.nii.gz``, the name ``evaluate`` pairs with ``labelsTs/case_001.nii.gz``."""
     from unionseg.cli import run
@@ -568,6 +569,16 @@ def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path) -> No
     assert run(["predict", str(model), str(inputs), str(tmp_path / "single_0000.nii.gz"), "-o", str(out),
                 "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["kid_001.nii.gz", "single.nii.gz"]
+    # a second channel of a case (multi-modal nnU-Net inputs) is no CT scan of its own: refused, not
+    # predicted as a case 'kid_001_0001'
+    write_image(inputs / "kid_001_0001.nii.gz", _ct((16, 16, 12), 2).astype(np.int16),
+                Geometry.identity((16, 16, 12), (2, 2, 3)))
+    capsys.readouterr()
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "two"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {inputs / 'kid_001_0001.nii.gz'}: nnU-Net channel 0001 of case 'kid_001': unionseg models read "
+        "one CT channel, the _0000 file; give only those (e.g. kid_001_0000.nii.gz)")
+    assert not (tmp_path / "two").exists()
 
 
 def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(

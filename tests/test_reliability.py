@@ -191,6 +191,15 @@ def bad_text_named_nii_gz(folder: Path) -> Bad:
     return _prepare(folder, folder / LIVER_LABEL, "not a gzip-compressed file")
 
 
+@bad_input("an uncompressed NIfTI file named .nii.gz")
+def bad_uncompressed_nifti_named_gz(folder: Path) -> Bad:
+    path = folder / LIVER_LABEL
+    array, geom = read_image(path)
+    write_image(folder / "plain.nii", array, geom)
+    path.write_bytes((folder / "plain.nii").read_bytes())
+    return _prepare(folder, path, "an uncompressed NIfTI file named .gz; rename it liver_000.nii")
+
+
 @bad_input("not an image: gzip-compressed text named .nii.gz")
 def bad_gzip_of_text(folder: Path) -> Bad:
     (folder / LIVER_LABEL).write_bytes(gzip.compress(b"this is not an image\n" * 20))

@@ -192,7 +192,10 @@ def _gzip_problem(path: Path) -> str | None:
     if not path.name.lower().endswith(".gz"):
         return None
     with path.open("rb") as fh:
-        if fh.read(2) != b"\x1f\x8b":
+        head = fh.read(348)
+        if head[:2] != b"\x1f\x8b":
+            if head[344:348] in (b"n+1\0", b"ni1\0") or head[4:12] == b"n+2\0\r\n\x1a\n":
+                return f"an uncompressed NIfTI file named .gz; rename it {path.name[:-3]}"
             return "not a gzip-compressed file, although its name ends in .gz (is it an image at all?)"
     size = 0
     try:  # only called once reading failed, so decompressing the whole stream costs nothing in normal use
@@ -518,12 +521,20 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
             _write_sitk(tmp, array, geometry)
         else:
             raise DataError(f"unsupported output type {suf!r}", path)
+        fsync_file(tmp)
         fault_point("write_image_before_rename")  # fault tests only (UNIONSEG_FAULT_POINT)
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a written file to the disk before it is renamed into place, so that after a power cut a file
+    under its final name is whole (the rename alone orders nothing on most file systems)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _write_sitk(path: Path, array: np.ndarray, geometry: Geometry) -> None:
@@ -551,7 +562,10 @@ def _write_detached(path: Path, array: np.ndarray, geometry: Geometry) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         _write_sitk(staging / path.name, array, geometry)
-        for part in sorted(staging.iterdir(), key=lambda p: p.name == path.name):  # the header last
+        parts = sorted(staging.iterdir(), key=lambda p: p.name == path.name)  # the header last
+        for part in parts:
+            fsync_file(part)
+        for part in parts:
             part.replace(path.parent / part.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -22,7 +22,7 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             (their outputs would overwrite each other).
     """
     from unionseg.data.catalog import image_key, list_image_files
-    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file
+    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, strip_suffix, suffix_of
 
     def series(folder: Path) -> tuple[str, Path]:
         name = folder.resolve().name  # '.' or 'series/..' is named by the folder it stands for
@@ -49,6 +49,12 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             found.append(series(path.parent))  # one file of a series stands for its folder
         else:
             found.append((image_key(path), path))
+    channels = {name for name, path in found if path.is_file() and strip_suffix(path).endswith("_0000")}
+    for name, path in found:
+        base, _, tag = name.rpartition("_")
+        if base in channels and len(tag) == 4 and tag.isdigit():
+            raise UnionsegError(f"nnU-Net channel {tag} of case {base!r}: unionseg models read one CT channel, "
+                                f"the _0000 file; give only those (e.g. {base}_0000{suffix_of(path)})", path)
     seen: dict[str, Path] = {}
     for name, path in found:
         if name in seen and seen[name].resolve() != path.resolve():

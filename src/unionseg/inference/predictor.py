@@ -48,6 +48,7 @@ from unionseg.data.io import (
     NIFTI_SUFFIXES,
     PREDICTION_DESCRIPTION,
     Geometry,
+    fsync_file,
     prediction_description,
     read_image,
     reorient_like,
@@ -700,6 +701,7 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
         img.header.set_xyzt_units("mm")
         img.header["descrip"] = PREDICTION_DESCRIPTION.encode("ascii")
         nib.save(img, str(tmp))
+        fsync_file(tmp)
         tmp.replace(path)
     finally:
         if tmp.exists():
@@ -710,6 +712,7 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
         if meanings:
             record["meaning"] = {n: meanings[n] for n in names if n in meanings}
         tmp_json.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        fsync_file(tmp_json)
         tmp_json.replace(sidecar)
     finally:
         if tmp_json.exists():
