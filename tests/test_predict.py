@@ -290,6 +290,8 @@ def test_predict_file_writes_the_input_geometry_and_refuses_to_overwrite(tmp_pat
     np.testing.assert_allclose(np.asarray(probs.dataobj).sum(-1), 1.0, atol=5e-3)
     with pytest.raises(UnionsegError, match="refusing"):
         pred.predict_file(src, src)
+    with pytest.raises(UnionsegError, match="geometry= is for arrays"):  # it was silently ignored
+        pred.predict(src, geometry=Geometry.identity(shape))
     # an existing file (ground truth of the same name, a map edited since) is refused before any work,
     # unless overwrite=True; the probability map and its sidecar count too
     before = out.read_bytes()

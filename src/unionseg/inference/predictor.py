@@ -447,7 +447,8 @@ class Predictor:
 
         Args:
             image: a file/DICOM folder, or an (X, Y, Z) array of Hounsfield units.
-            geometry: the array's geometry (default: identity, 1 mm voxels).
+            geometry: the array's geometry (default: identity, 1 mm voxels); a file brings its own, so
+                passing one with a path is refused.
             tta: average the 8 mirror images of every window.
             return_probs: also return the probabilities (C, X, Y, Z) float16 on the input grid, channels
                 :attr:`probability_names` (memory: C x 2 bytes per input voxel).
@@ -461,6 +462,8 @@ class Predictor:
         """
         if isinstance(image, (str, Path)):
             path = Path(image)
+            if geometry is not None:
+                raise UnionsegError("geometry= is for arrays: a file is segmented on its own geometry", path)
             array, geometry = read_image(path)
         else:
             path = None
