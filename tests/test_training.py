@@ -16,7 +16,8 @@ import torch
 from conftest import console_script, wait_for_log_rows
 from unionseg.training.checkpoint import safe_torch_load
 from unionseg.training.config import load_train_config
-from unionseg.training.trainer import train
+from unionseg.training.trainer import make_context, train
+from unionseg.training.validation import validation_cases
 
 TINY = ["network.preset=tiny", "data.patch_size=[32,32,32]", "inference.overlap=0.25", "log_every=1"]
 
@@ -111,8 +112,13 @@ def test_training_off_a_terminal_prints_timed_lines(phantom_project: Path, tmp_p
     monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
     train(phantom_project, _cfg("naive", 3), tmp_path / "run", progress=True)
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("naive: ")]
-    assert [x.split(",")[0] for x in lines] == ["naive: 1/3 (33%)", "naive: 2/3 (67%)", "naive: 3/3 (100%)"]
-    assert "ETA" in lines[0] and "loss=" in lines[0] and "ETA" not in lines[-1]
+    steps = [x for x in lines if "validating" not in x]
+    assert [x.split(",")[0] for x in steps] == ["naive: 1/3 (33%)", "naive: 2/3 (67%)", "naive: 3/3 (100%)"]
+    assert "ETA" in steps[0] and "loss=" in steps[0] and "ETA" not in steps[-1]
+    # the validation after the last step says how far it got (a long one printed nothing, like a hang)
+    cases = len(validation_cases(make_context(phantom_project, _cfg("naive", 3), tmp_path / "ctx")))
+    assert [x.rsplit(", ", 1)[-1] for x in lines[lines.index(steps[-1]) + 1:]] == \
+        [f"validating: case {k}/{cases}" for k in range(cases + 1)]
 
 
 def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) -> None:

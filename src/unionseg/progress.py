@@ -131,7 +131,8 @@ class LineProgress:
             task.finished = True
             if task.lines:  # work done within one interval stays quiet, as a transient bar leaves no trace
                 self._print(task)
-        elif not done and time.monotonic() - task.printed_at >= self.interval:
+        elif (not done or fields) and time.monotonic() - task.printed_at >= self.interval:
+            # a finished count still prints news of its fields (training's last validation, after its last step)
             self._print(task)
 
     def line(self, task: _Task) -> str:

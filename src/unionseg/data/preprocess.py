@@ -965,13 +965,19 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     progress_bar = None
     task = None
     if progress and jobs:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         from unionseg.progress import make_progress
 
         progress_bar = make_progress(TextColumn("prepare"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                     TextColumn("{task.description}"), console=console, transient=True,
-                                     label="prepare")
+                                     TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+                                     transient=True, label="prepare")
         progress_bar.start()
         task = progress_bar.add_task("", total=len(jobs))
 
@@ -1041,7 +1047,9 @@ def register(app: typer.Typer) -> None:
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
         wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait while another prepare "
                                             "holds the same cache (0: refuse at once).")] = PREPARE_WAIT_S,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no summary line.", metavar="")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", metavar="", help="No progress bar and no 'prepared N case(s)' "
+                                            "line on stderr (the result, case counts and data fingerprint, still "
+                                            "goes to stdout).")] = False,
     ) -> None:
         """Validate, resample, normalise and cache every case of a project (incremental)."""
         from unionseg.cli import _parse_roots

@@ -269,6 +269,7 @@ def register(app: typer.Typer) -> None:
             TaskID,
             TextColumn,
             TimeElapsedColumn,
+            TimeRemainingColumn,
         )
 
         from unionseg.config import is_device_name
@@ -324,7 +325,8 @@ def register(app: typer.Typer) -> None:
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True, quiet=quiet)
         output.mkdir(parents=True, exist_ok=True)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TimeRemainingColumn())
         with make_progress(*columns, console=console, transient=True) as bar:
             begun = time.perf_counter()
             for k, (name, path) in enumerate(cases, 1):

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -181,6 +182,7 @@ class Trainer:
         self.best_step = 0  # the step model.pt was taken at
         self.step_lr = 0.0  # the learning rate of the last step trained (group 0's)
         self.logger: _Logger | None = None  # fit's, while it runs
+        self.bar: _Progress | None = None  # fit's progress bar, while it runs (validation reports its cases there)
         self.history: list[dict[str, Any]] = []
         # stages: shared artefacts built; run: the wall time after the stages (steps, validations, checkpoints),
         # over every process of a resumed run up to its last checkpoint
@@ -517,6 +519,7 @@ class Trainer:
             loader = build_loader(self.method, self.ctx, start_step=self.step)
             progress = _Progress(cfg.steps, self.step, self.method.label(),
                                  enabled=self.ctx.is_main and self.ctx.progress)
+            self.bar = progress
             try:
                 with _StopRequest() as stop:
                     self._loop(loader, logger, progress, stop_after, stop)
@@ -526,6 +529,8 @@ class Trainer:
                 if self.ctx.is_main:
                     print(self._interrupted_message(), file=sys.stderr)
                 raise
+            finally:
+                self.bar = None
             progress.close()
         logger.close()
         self.logger = None
@@ -602,8 +607,10 @@ class Trainer:
         """Every rank validates its share of the cases (validate_deployed gathers them) and takes the same
         decision; rank 0 writes the curve and the model file."""
         results = {}
-        for name, deployed in self.method.candidates().items():
-            results[name] = validate_deployed(deployed, self.ctx, self.method.datasets())
+        candidates = self.method.candidates()
+        for name, deployed in candidates.items():
+            shown = None if self.bar is None else self.bar.validating(name if len(candidates) > 1 else "")
+            results[name] = validate_deployed(deployed, self.ctx, self.method.datasets(), on_case=shown)
         score = {n: selection_score(r, self.cfg.select_on) for n, r in results.items()}
         name = max(results, key=lambda n: score[n])
         entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
@@ -836,6 +843,17 @@ class _Progress:
         if self.enabled:
             text = " ".join(f"{k}={v:.3f}" for k, v in terms.items())
             self.progress.update(self.task, completed=step, terms=text)
+
+    def validating(self, candidate: str) -> Callable[[int, int], None]:
+        """A ``validate_deployed`` ``on_case`` that shows validation's cases where the loss terms go (a long
+        validation showed nothing and looked like a hang)."""
+        what = f"validating {candidate}" if candidate else "validating"
+
+        def show(done: int, total: int) -> None:
+            if self.enabled:
+                self.progress.update(self.task, terms=f"{what}: case {done}/{total}")
+
+        return show
 
     def close(self) -> None:
         if self.enabled:

@@ -6,6 +6,7 @@ split of the training datasets, each case scored only on its ANNOTATED classes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -59,20 +60,25 @@ def validation_cases(ctx: RunContext, datasets: list[str] | None = None) -> list
     return chosen
 
 
-def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] | None = None) -> dict[str, Any]:
+def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] | None = None,
+                      on_case: Callable[[int, int], Any] | None = None) -> dict[str, Any]:
     """Mean Dice over cases and classes (every case scored on its annotated classes; a class absent from both
     truth and prediction is left out, see :func:`dice_scores`).
 
     Under DDP every rank scores every ``world_size``-th case and the scores are gathered, so each rank returns
     the same result, equal to the one-process result (the cases are put back in order before the means), in
     about ``1 / world_size`` of the time; no rank waits at a collective while another validates alone.
+    ``on_case(done, total)`` follows this rank's share, before its first case and after each.
     """
     from unionseg.training import distributed as dist
 
     cfg = ctx.cfg
     cases = validation_cases(ctx, datasets)
     mine: list[tuple[int, dict[str, float]]] = []
-    for i in range(dist.rank(), len(cases), dist.world_size()):
+    share = range(dist.rank(), len(cases), dist.world_size())
+    if on_case is not None:
+        on_case(0, len(share))
+    for i in share:
         case = cases[i]
         probs = predict_volume(deployed.module, case.image(), cfg.roi_size, cfg.inference.overlap,
                                cfg.inference.sw_batch_size, ctx.device, deployed.output_form, cfg.inference.blend)
@@ -82,6 +88,8 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
             pred = deployed.to_global[pred]
         annotated = case.annotated if deployed.predictable is None else case.annotated & deployed.predictable
         mine.append((i, dice_scores(pred, np.asarray(case.label()), annotated, ctx.space)))
+        if on_case is not None:
+            on_case(len(mine), len(share))
     per_class: dict[str, list[float]] = {}
     for _, scores in sorted((item for share in dist.gather_objects(mine) for item in share), key=lambda t: t[0]):
         for key, value in scores.items():
