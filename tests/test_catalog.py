@@ -279,6 +279,33 @@ def test_msd_json_errors_name_the_file(tmp_path: Path, change: dict[str, Any], m
     assert info.value.path == json_path
 
 
+def test_dataset_json_naming_one_value_twice_is_refused(tmp_path: Path) -> None:
+    """One value under two names (nnU-Net), or one key given twice (MSD; JSON keeps the last): the last name
+    silently won. Refused, naming dataset.json and the value; a region-based nnU-Net file, which lists
+    values under several names, still reads."""
+    root = write_nnunet_dataset(tmp_path / "nn", 1, {"background": 0, "spleen": 1, "spleen_hilum": 1})
+    with pytest.raises(DataError, match="value 1 is named both 'spleen' and 'spleen_hilum'") as info:
+        scan_dataset("spleen", root)
+    assert str(root / "dataset.json") in str(info.value)
+    root = write_msd_dataset(tmp_path / "msd", 1)
+    text = (root / "dataset.json").read_text().replace('"1": "organ"', '"1": "liver", "1": "spleen"')
+    (root / "dataset.json").write_text(text)
+    with pytest.raises(DataError, match="labels: key '1' is given twice"):
+        scan_dataset("liver", root)
+    regions = write_nnunet_dataset(tmp_path / "regions", 1, {"background": 0, "whole": [1, 2], "core": [2]})
+    assert scan_dataset("kidney", regions).declared_labels == {0: "background", 1: "whole", 2: "core"}
+
+
+def test_nnunet_file_ending_that_matches_no_image_is_named(tmp_path: Path) -> None:
+    """file_ending '.nii' beside .nii.gz files: the error said only 'no training cases'."""
+    root = write_nnunet_dataset(tmp_path / "nn", 2)
+    data = json.loads((root / "dataset.json").read_text())
+    (root / "dataset.json").write_text(json.dumps({**data, "file_ending": ".nii"}))
+    with pytest.raises(DataError, match=r"file_ending is '.nii', but the images in imagesTr end otherwise "
+                                        r"\(case_000_0000.nii.gz, case_001_0000.nii.gz\); set file_ending"):
+        scan_dataset("organ", root)
+
+
 def test_check_label_map_warns_when_dataset_json_names_another_class(tmp_path: Path) -> None:
     """A swapped dataset root: dataset.json calls value 1 "Spleen", the project maps it to liver."""
     import warnings
@@ -289,6 +316,9 @@ def test_check_label_map_warns_when_dataset_json_names_another_class(tmp_path: P
     classes = ["liver", "liver_tumour", "kidney", "kidney_tumour", "spleen"]
     with pytest.warns(UnionsegWarning, match=r"value 1 is 'Spleen' in dataset.json but the project maps it to 'liver'"):
         check_label_map("liver", {0: "background", 1: "Spleen"}, {1: "liver"}, json_path, classes)
+    # names swapped with the background: the value the file calls background is trained as an organ
+    with pytest.warns(UnionsegWarning, match=r"value 1 is 'background' in dataset.json but the project maps it to"):
+        check_label_map("spleen", {0: "spleen", 1: "background"}, {1: "spleen"}, json_path, classes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # MSD's own names: the same class, a region, or no project class at all
         check_label_map("liver", {0: "background", 1: "Liver", 2: "cancer"}, {1: "liver", 2: "liver_tumour"},

@@ -90,14 +90,34 @@ class DatasetInfo:
     skipped: tuple[str, ...] = ()
 
 
+class _JsonObject(dict):  # type: ignore[type-arg]
+    """A JSON object that remembers the keys it was given more than once (the last value wins, as in
+    ``json.loads``): ``"1": "liver", "1": "spleen"`` in a ``labels`` object is a mistake to name."""
+
+    repeated: list[str]
+
+    @classmethod
+    def of(cls, pairs: list[tuple[str, Any]]) -> _JsonObject:
+        out = cls(pairs)
+        keys = [k for k, _ in pairs]
+        out.repeated = [k for i, k in enumerate(keys) if k in keys[:i]]
+        return out
+
+
+def _refuse_repeated_keys(labels: Mapping[str, Any], json_path: Path) -> None:
+    repeated = getattr(labels, "repeated", [])
+    if repeated:
+        raise DataError(f"labels: key {repeated[0]!r} is given twice; give each label one entry", json_path)
+
+
 def read_dataset_json(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not root.is_dir():
         raise DataError("dataset folder not found", root)
     if not path.is_file():
         raise DataError("no dataset.json (MSD and nnU-Net v2 raw layouts need one)", root)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM, as Windows editors write, is no error
+    try:  # a BOM, as Windows editors write, is no error
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_JsonObject.of)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"invalid JSON ({exc})", path) from None
     if not isinstance(data, dict):
@@ -219,6 +239,7 @@ def _declared_msd(data: Mapping[str, Any], json_path: Path) -> dict[int, str]:
     labels = data.get("labels")
     if not isinstance(labels, Mapping):
         raise DataError("'labels' must be an object value -> name", json_path)
+    _refuse_repeated_keys(labels, json_path)
     out = {}
     for k, v in labels.items():
         try:
@@ -234,7 +255,9 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
     labels = data.get("labels")
     if not isinstance(labels, Mapping):
         raise DataError("'labels' must be an object name -> value", json_path)
-    out = {}
+    _refuse_repeated_keys(labels, json_path)
+    out: dict[int, str] = {}
+    single: dict[int, str] = {}  # values given alone (a region-based file lists values under several names)
     for name, v in labels.items():
         values = v if isinstance(v, list) else [v]
         for value in values:
@@ -242,6 +265,11 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
                 msd = " (an MSD 'labels' object, value -> name: set the dataset's layout to msd)" if \
                     str(name).strip().isdigit() else ""
                 raise DataError(f"labels.{name}: expected an integer value, got {value!r}{msd}", json_path)
+            if not isinstance(v, list):
+                if value in single:
+                    raise DataError(f"labels: value {value} is named both {single[value]!r} and {name!r}; give "
+                                    "each value one name", json_path)
+                single[value] = str(name)
             out[int(value)] = str(name)
     return out
 
@@ -310,6 +338,10 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
+    others = [p for p in sorted(images_dir.iterdir()) if _is_image_file(p) and not p.name.endswith(ending)]
+    if not out and others:
+        raise DataError(f"file_ending is {ending!r}, but the images in imagesTr end otherwise ({_listed(others)}); "
+                        "set file_ending to their ending", json_path)
     _warn_nnunet_leftovers(root, data, ending, out, json_path)
     return out
 
@@ -607,7 +639,7 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     for value, target in sorted(mapped.items()):
         name = _class_key(declared[value])
         own = _class_key(target.removeprefix("region:"))
-        if name in known and name != own:
+        if (name in known and name != own) or (name == "background" and own != "background"):
             warnings.warn(f"{json_path}: label value {value} is {declared[value]!r} in dataset.json but the project "
                           f"maps it to {target!r} for dataset {dataset!r}; check that the dataset root and its "
                           "label map belong together", UnionsegWarning, stacklevel=2)
