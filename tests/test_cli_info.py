@@ -74,6 +74,20 @@ def test_project_maps_a_value_the_dataset_does_not_declare(tmp_path: Path,
     assert "maps label value 3" in err
 
 
+def test_a_test_set_on_a_training_root_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A test set whose root is a training dataset's: every test case was trained on, and info and prepare
+    said nothing. Both warn, naming the two datasets; the tiny project's own test set passes quietly."""
+    project = write_tiny_project(tmp_path, TINY_PROJECT_YAML.replace("root: datasets/test", "root: datasets/liver"))
+    for command in (["info", str(project)], ["prepare", str(project), "--workers", "0"]):
+        assert run(command) == 0
+        err = capsys.readouterr().err
+        assert f"warning: {project}: test dataset 'test' shares 4 of its 4 image(s) with training dataset " \
+               "'liver'" in err, err
+    clean = write_tiny_project(tmp_path / "clean")
+    assert run(["info", str(clean)]) == 0
+    assert "shares" not in capsys.readouterr().err
+
+
 def test_missing_project_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["info", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {(tmp_path / 'nope.yaml').resolve()}: file not found"

@@ -98,6 +98,8 @@ _ERRORS = [
     ("spacing: [3.0, 3.0, 3.0]", "spacing: [3.0, 3.0]", "preprocessing.spacing", "expected 3 values"),
     ("spacing: [3.0, 3.0, 3.0]", "spacing: [3.0, x, 3.0]", "preprocessing.spacing[1]", "expected a number"),
     ("spacing: [3.0, 3.0, 3.0]", "spacing: [3.0, 0, 3.0]", "preprocessing.spacing", "must be positive"),
+    ("spacing: [3.0, 3.0, 3.0]", "spacing: [0.006, 6, 6]", "preprocessing.spacing",
+     "[0.006, 6.0, 6.0] mm is outside 0.01-100 mm"),
     ("window: [-325, 325]", "window: [325, -325]", "preprocessing.window", "low < high"),
     ("split: {val_fraction: 0.25, seed: 0}", "split: {val_fraction: 1.5, seed: 0}",
      "datasets.liver.split.val_fraction", "must be in [0, 1)"),

@@ -190,6 +190,17 @@ def test_preprocess_never_modifies_the_callers_array() -> None:
     assert np.all(image == 100.0)
 
 
+def test_a_target_grid_too_large_to_hold_is_refused_before_resampling() -> None:
+    """A spacing typed in the wrong unit (0.015 mm: a CT of 30 cm would hold 2 x 10^4 voxels per axis): it
+    wrote 1.6 GB for four tiny cases; refused, naming the image and the shape."""
+    image = np.full((100, 100, 100), 100.0, dtype=np.float32)
+    spec = PreprocessSpec(spacing=(0.015, 0.015, 0.015), crop_to_body=False)
+    with pytest.raises(DataError, match=r"resampled to the spacing \[0.015, 0.015, 0.015\] mm this image would "
+                                        r"have shape \(6667, 6667, 6667\)") as info:
+        preprocess_image(image, Geometry.identity(image.shape), spec, Path("scan.nii.gz"))
+    assert info.value.path == Path("scan.nii.gz")
+
+
 # ---------------------------------------------------------------------- labels
 def test_label_remap_with_colliding_local_values(space) -> None:
     local = np.array([[[0, 1, 2, 1]]], dtype=np.int16)

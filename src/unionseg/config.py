@@ -310,6 +310,8 @@ class PreprocessSpec:
     def validate(self) -> None:
         if any(s <= 0 for s in self.spacing):
             raise ValueError(f"spacing: must be positive, got {list(self.spacing)}")
+        if not all(0.01 <= s <= 100 for s in self.spacing):  # the range prepare accepts in an image
+            raise ValueError(f"spacing: {list(self.spacing)} mm is outside 0.01-100 mm, no CT grid's (in mm?)")
         if self.window[1] <= self.window[0]:
             raise ValueError(f"window: must be [low, high] with low < high, got {list(self.window)}")
 

@@ -25,13 +25,15 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         DataError: an unusable dataset folder (names the file at fault).
     """
     from unionseg.config import load_project, split_cases
-    from unionseg.data.catalog import check_label_map, scan_dataset
+    from unionseg.data.catalog import check_label_map, scan_dataset, warn_shared_images
 
     project = load_project(project_path, roots=roots)
     space = project.label_space
     datasets = []
+    scans = []
     for spec in project.datasets:
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
+        scans.append((spec.name, spec.role, info))
         check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
         space.warn_unscored_organs(spec.name, project.path)
         ids = [c.case_id for c in info.cases]
@@ -43,6 +45,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         datasets.append({"name": spec.name, "role": spec.role, "layout": info.layout,
                          "labels": {int(k): v for k, v in spec.labels.items()},
                          "annotated": list(spec.annotated), "counts": counts})
+    warn_shared_images(scans, project.path)
     classes = [{"id": i, "name": leaf.name, "part_of": leaf.part_of} for i, leaf in enumerate(space.leaves)]
     return {"project": project.name, "path": str(project.path), "classes": classes,
             "regions": {k: [space.names[i] for i in space.leaves_of(k)] for k in space.region_keys()},

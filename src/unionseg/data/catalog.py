@@ -645,6 +645,29 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
                           "label map belong together", UnionsegWarning, stacklevel=2)
 
 
+def warn_shared_images(datasets: Sequence[tuple[str, str, DatasetInfo]], project_path: Path) -> None:
+    """Warn when an evaluation set (``role`` val or test) holds image files that a training dataset holds too
+    (two datasets on one root, say): its scores would come from cases the model trained on.
+
+    Args:
+        datasets: ``(name, role, scan)`` of each dataset of the project.
+        project_path: the project file (named in the warning).
+    """
+    trained: dict[str, str] = {}
+    for name, role, info in datasets:
+        if role == "train":
+            trained.update((os.path.realpath(c.image), name) for c in info.cases)
+    for name, role, info in datasets:
+        if role == "train":
+            continue
+        shared = [c.image for c in info.cases if os.path.realpath(c.image) in trained]
+        if shared:
+            owner = trained[os.path.realpath(shared[0])]
+            warnings.warn(f"{project_path}: {role} dataset {name!r} shares {len(shared)} of its {len(info.cases)} "
+                          f"image(s) with training dataset {owner!r} (e.g. {shared[0]}): its scores would come "
+                          "from cases the model trained on", UnionsegWarning, stacklevel=2)
+
+
 def list_image_files(folder: Path) -> list[Path]:
     """Images in a folder (for ``predict`` on folders); a folder of DICOM files counts as one image."""
     from unionseg.data.io import is_dicom_file

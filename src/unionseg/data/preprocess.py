@@ -217,7 +217,13 @@ def _crop_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- images and labels
-def preprocess_image(array: np.ndarray, geometry: Geometry, spec: PreprocessSpec) -> tuple[np.ndarray, PreprocessRecord]:
+#: the most voxels a prepared volume may have before the crop (2^30: 4 GiB as float32); a project's spacing
+#: typed in the wrong unit (0.0008 for 0.8 mm) would otherwise fill the memory or the disk
+MAX_PREPARED_VOXELS = 1 << 30
+
+
+def preprocess_image(array: np.ndarray, geometry: Geometry, spec: PreprocessSpec,
+                     path: Path | None = None) -> tuple[np.ndarray, PreprocessRecord]:
     """Bring a CT volume onto the training grid.
 
     Args:
@@ -230,12 +236,17 @@ def preprocess_image(array: np.ndarray, geometry: Geometry, spec: PreprocessSpec
         spacing, cropped to the body; the record maps it back (:func:`restore_to_source`).
 
     Raises:
-        DataError: not 3D, or its shape differs from the geometry.
+        DataError: not 3D, its shape differs from the geometry, or the target grid would hold more than
+            :data:`MAX_PREPARED_VOXELS` voxels (naming ``path``, the image).
     """
     if array.ndim != 3 or tuple(array.shape) != tuple(geometry.shape):
-        raise DataError(f"expected a 3D array of shape {geometry.shape}, got {tuple(array.shape)}")
+        raise DataError(f"expected a 3D array of shape {geometry.shape}, got {tuple(array.shape)}", path)
     ras_array, ras = reorient_to_ras(array, geometry)
     new_shape = target_shape(ras.shape, ras.spacing, spec.spacing)
+    if int(np.prod(new_shape, dtype=np.int64)) > MAX_PREPARED_VOXELS:
+        raise DataError(f"resampled to the spacing {list(spec.spacing)} mm this image would have shape "
+                        f"{tuple(new_shape)}, {np.prod(new_shape, dtype=np.float64):.3g} voxels; is the "
+                        "preprocessing spacing in mm?", path)
     if spec.crop_to_body:
         start, stop = _body_box(ras_array, spec.body_threshold, new_shape)
     else:
@@ -499,7 +510,7 @@ def _run_case(job: _CaseJob) -> dict[str, Any]:
             note = intensity_warning(array, image_path)
             if note:
                 messages.append(note)
-            prepared, record = preprocess_image(array, geom, spec)
+            prepared, record = preprocess_image(array, geom, spec, image_path)
             del array
             out_dir.mkdir(parents=True, exist_ok=True)
             _save_npy(tmp["image"], prepared)
@@ -780,7 +791,7 @@ def _source_unchanged(path: Path, size: int, mtime_ns: int) -> bool:
 def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str, Any]], dict[str, Any], list[list[Any]]]:
     """Scan every dataset and decide, per case, what is up to date."""
     from unionseg.config import split_cases, to_dict
-    from unionseg.data.catalog import check_label_map, scan_dataset
+    from unionseg.data.catalog import check_label_map, scan_dataset, warn_shared_images
 
     space = project.label_space
     spec_dict = to_dict(project.preprocessing)
@@ -788,8 +799,10 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
     entries: list[dict[str, Any]] = []
     splits: dict[str, Any] = {}
     sources: list[list[Any]] = []
+    scans = []
     for ds in project.datasets:
         info = scan_dataset(ds.name, ds.root, ds.layout, ds.oracle_labels)
+        scans.append((ds.name, ds.role, info))
         json_path = ds.root / "dataset.json"
         check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
         space.warn_unscored_organs(ds.name, project.path)
@@ -837,6 +850,7 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
                     spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
                     do_image=do_image, do_label=do_label, do_oracle=do_oracle,
                     record=None if do_image else (old or {}).get("record"), meta=meta))
+    warn_shared_images(scans, project.path)
     return jobs, entries, splits, sources
 
 

@@ -481,7 +481,7 @@ class Predictor:
         note = intensity_warning(array, path if path is not None else Path("<array>"))
         if note is not None:  # e.g. an MRI: predicted anyway, but the user is told
             warnings.warn(note, IntensityWarning, stacklevel=2)
-        prepared, record = preprocess_image(array, geometry, self.spec)
+        prepared, record = preprocess_image(array, geometry, self.spec, path)
         del array
         labels, probs = self.predict_prepared(prepared, record, tta=tta, return_probs=return_probs,
                                               progress=progress)
