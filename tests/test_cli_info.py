@@ -88,6 +88,31 @@ def test_a_test_set_on_a_training_root_is_warned_about(tmp_path: Path, capsys: p
     assert "shares" not in capsys.readouterr().err
 
 
+def test_a_dataset_of_empty_label_maps_is_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every kidney label map all zeros (an export that wrote empty masks): prepare went on in silence, and a
+    model would learn 'no kidney anywhere'. The warning names the dataset; a run that only reuses the cache
+    says it again, and one label map with a kidney ends it."""
+    import numpy as np
+
+    from unionseg.data.io import read_image, write_image
+
+    project = write_tiny_project(tmp_path)
+    labels = sorted((tmp_path / "datasets" / "kidney" / "labelsTr").iterdir())
+    for path in labels:
+        array, geom = read_image(path)
+        write_image(path, np.zeros_like(array), geom)
+    message = (f"warning: {project}: dataset 'kidney': none of its 3 label map(s) holds a value the project maps "
+               "to a class")
+    for _ in range(2):
+        assert run(["prepare", str(project), "--workers", "0"]) == 0
+        assert message in capsys.readouterr().err
+    array, geom = read_image(labels[0])
+    array[2, 2, 2] = 1
+    write_image(labels[0], array, geom)
+    assert run(["prepare", str(project), "--workers", "0"]) == 0
+    assert "none of its" not in capsys.readouterr().err
+
+
 def test_missing_project_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["info", str(tmp_path / "nope.yaml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {(tmp_path / 'nope.yaml').resolve()}: file not found"

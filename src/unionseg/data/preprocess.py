@@ -540,6 +540,8 @@ def _run_case(job: _CaseJob) -> dict[str, Any]:
         for key, arr in labels_out.items():
             _save_npy(tmp[key], np.ascontiguousarray(arr, dtype=np.uint8))
         meta = dict(job.meta)
+        if "label" in labels_out:  # whether any voxel holds a class (a dataset of empty label maps is warned about)
+            meta["labelled"] = bool(labels_out["label"].any())
         meta["record"] = record.to_dict()
         meta["fingerprints"] = job.fingerprints
         meta["has_oracle"] = job.oracle is not None
@@ -834,13 +836,14 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
             do_label = do_image or old_fp.get("label") != fp_label or not files["label"].is_file()
             do_oracle = fp_oracle is not None and (
                 do_image or old_fp.get("oracle") != fp_oracle or not files["oracle"].is_file())
+            labelled = None if do_label else (old or {}).get("labelled")
             meta = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role,
-                    "split": split_of[case.case_id],
+                    "split": split_of[case.case_id], **({"labelled": labelled} if labelled is not None else {}),
                     "sources": {"image": image_stat, "label": label_stat,
                                 **({"oracle": oracle_stat} if oracle_stat else {})}}
             entry = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role, "split": split_of[case.case_id],
                      "has_oracle": fp_oracle is not None, "fingerprints": fingerprints,
-                     "record": (old or {}).get("record")}
+                     "record": (old or {}).get("record"), "labelled": labelled}
             entries.append(entry)
             drop_oracle = fp_oracle is None and files["oracle"].exists()
             if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"]:
@@ -852,6 +855,19 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
                     record=None if do_image else (old or {}).get("record"), meta=meta))
     warn_shared_images(scans, project.path)
     return jobs, entries, splits, sources
+
+
+def _warn_empty_datasets(project: Project, entries: Sequence[dict[str, Any]]) -> None:
+    """Warn about a dataset none of whose label maps holds a class (every voxel background after the map):
+    an export that wrote empty masks, or a label map that sends the organ's value to background. It would
+    train "no such organ anywhere". Cases prepared by a release that did not record it are not judged."""
+    for ds in project.datasets:
+        seen = [e.get("labelled") for e in entries if e["dataset"] == ds.name]
+        if seen and all(flag is False for flag in seen):
+            warnings.warn(f"{project.path}: dataset {ds.name!r}: none of its {len(seen)} label map(s) holds a value "
+                          f"the project maps to a class (mapped: {dict(sorted(ds.labels.items()))}); every voxel is "
+                          "background. Are the label files empty, or is a value mapped to background?",
+                          UnionsegWarning, stacklevel=3)
 
 
 #: written into the cache when several cases fail: one line per failing case, file and problem
@@ -1001,6 +1017,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
             errors.append((order[key], key, result["error"][0], result["error"][1]))
         else:
             by_key[(job.dataset, job.case_id)]["record"] = result["meta"]["record"]
+            by_key[(job.dataset, job.case_id)]["labelled"] = result["meta"].get("labelled")
             if job.do_image:
                 prepared.append(key)
             elif job.do_label or job.do_oracle:
@@ -1028,6 +1045,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
             others = ", ".join(case for _, case, _, _ in errors[1:4]) + (" ..." if len(errors) > 4 else "")
             more = f" ({len(errors) - 1} more case(s) failed: {others}; every failure is listed in {report})"
         raise DataError(message + more, path)
+    _warn_empty_datasets(project, entries)
     redone = {k for k in prepared + relabelled}
     skipped = tuple(f"{e['dataset']}/{e['case_id']}" for e in entries if f"{e['dataset']}/{e['case_id']}" not in redone)
     settings = _settings(project)
