@@ -642,7 +642,8 @@ def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) 
     cfg = _cfg("cotraining", 4, "ckpt_every=1")
     train(phantom_project, cfg, run, progress=False, stop_after=2)
     stages = json.loads((run / "stages.json").read_text())
-    assert set(stages) == {"experts", "pseudo_labels"}
+    assert set(stages) == {"_shared_artifacts", "experts", "pseudo_labels"}  # where `info RUN` finds the experts
+    assert Path(stages["_shared_artifacts"]).parent == phantom_project.parent / "prepared" / "artifacts"
     expert_models = sorted(Path(phantom_project.parent / "prepared" / "artifacts").glob("*/experts/*/model.pt"))
     stamps = {p: p.stat().st_mtime_ns for p in expert_models}
     summary = train(phantom_project, cfg, run, resume=True, progress=False)
@@ -919,8 +920,24 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     capsys.readouterr()
     assert cli(["info", str(run)]) == 0
     out = capsys.readouterr().out
-    assert f"{run}: an unfinished run, not validated yet; a checkpoint (last.pt) to resume from" in out
+    assert f"{run}: an unfinished run, not validated yet; a checkpoint (last.pt, step 1) to resume from" in out
     assert "no model file yet" in out
+    # a run cut while its shared experts train: its own folder has no checkpoint, the experts' have (it said
+    # "no checkpoint yet", and a user took the run for lost)
+    shared = tmp_path / "artifacts"
+    (shared / "experts").mkdir(parents=True)
+    shutil.copytree(run, shared / "experts" / "kidney")
+    (shared / "experts" / "liver").mkdir()
+    (shared / "experts" / "liver" / "summary.json").write_text("{}")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(run / "config.yaml", cut / "config.yaml")
+    (cut / "stages.json").write_text(json.dumps({"_shared_artifacts": str(shared)}))
+    assert cli(["info", str(cut)]) == 0
+    out = capsys.readouterr().out
+    assert f"{cut}: an unfinished run, not validated yet; no checkpoint of its own yet" in out
+    assert "shared expert liver: trained" in out
+    assert f"shared expert kidney: cut at step 1, resumes from {shared / 'experts' / 'kidney' / 'last.pt'}" in out
     train(phantom_project, cfg, run, resume=True, progress=False)
     assert cli(["info", str(run)]) == 0
     out = capsys.readouterr().out

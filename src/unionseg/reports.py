@@ -163,6 +163,37 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
     return s
 
 
+def _print_shared_stages(run: Path) -> None:
+    """For a run cut during its stages: which stages it finished and how far each shared expert got (their
+    checkpoints live with the shared artefacts, where `--resume` picks them up)."""
+    import json
+
+    from unionseg.training.checkpoint import checkpoint_step
+    from unionseg.training.trainer import SHARED_KEY
+
+    path = run / "stages.json"
+    if not path.is_file():
+        return
+    stages = json.loads(path.read_text())
+    finished = [s for s in stages if s != SHARED_KEY]
+    if finished:
+        print(f"stages finished: {', '.join(finished)}")
+    shared = Path(stages.get(SHARED_KEY, "")) / "experts"
+    if SHARED_KEY not in stages or not shared.is_dir():
+        return
+    for expert in sorted(p for p in shared.iterdir() if p.is_dir()):
+        if (expert / "summary.json").is_file():
+            state = "trained"
+        elif (expert / "last.pt").is_file():
+            step = checkpoint_step(expert / "last.pt")
+            state = f"cut at step {step}, resumes from {expert / 'last.pt'}" if step is not None else \
+                f"resumes from {expert / 'last.pt'}"
+        else:
+            state = "started, no checkpoint yet"
+        print(f"shared expert {expert.name}: {state}")
+    print("`unionseg train` with the same arguments and --resume goes on from there")
+
+
 def print_run_info(run: Path) -> dict[str, Any]:
     """A run folder (``unionseg info RUN``): how far it got, then its model file as :func:`print_model_info`.
 
@@ -188,10 +219,18 @@ def print_run_info(run: Path) -> dict[str, Any]:
               f"taken at step {step}, best validation mean Dice "
               f"{summary.get('best_val_mean_dice', float('nan')):.4f} (over {summary.get('selected_on', 'all')})")
     else:
+        from unionseg.training.checkpoint import checkpoint_step
+
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
         last = f", last validated at step {history[-1]['step']}" if history else ", not validated yet"
-        ckpt = "a checkpoint (last.pt) to resume from" if (run / "last.pt").is_file() else "no checkpoint yet"
+        if (run / "last.pt").is_file():
+            step = checkpoint_step(run / "last.pt")
+            ckpt = f"a checkpoint (last.pt{'' if step is None else f', step {step}'}) to resume from"
+        else:
+            ckpt = "no checkpoint of its own yet"
         print(f"{run}: an unfinished run{last}; {ckpt}")
+        if not (run / "last.pt").is_file():
+            _print_shared_stages(run)
     if model is None:
         print("no model file yet")
         return {"run": str(run)}

@@ -107,6 +107,16 @@ def safe_torch_load(path: str | Path, expected_format: str | None = None) -> dic
     return obj
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The step a ``last.pt`` holds, read through a memory map (only the bytes it needs); None when the file
+    cannot tell."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(obj["step"])
+    except Exception:  # a truncated, foreign or older file: nothing to report
+        return None
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as tensors/plain data (weights_only-loadable)."""
     py_state = random.getstate()

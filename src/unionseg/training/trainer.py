@@ -160,6 +160,10 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+#: the key of ``stages.json`` that names the shared artefacts' folder (no stage is named so)
+SHARED_KEY = "_shared_artifacts"
+
+
 class Trainer:
     """Runs a method's stages and training loop into ``run_dir``.
 
@@ -326,16 +330,24 @@ class Trainer:
     def _run_stages(self) -> None:
         path = self.run_dir / "stages.json"
         done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-        for stage in self.method.stages:
-            if stage == "train" or stage in done:
-                continue
-            summary = self.method.run_stage(stage)
-            dist.barrier()
-            done[stage] = summary
+
+        def record() -> None:
             if self.ctx.is_main:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(done, indent=2))
                 tmp.replace(path)
+
+        todo = [s for s in self.method.stages if s != "train" and s not in done]
+        if todo and self.ctx.artifacts is not None and SHARED_KEY not in done:
+            # where the shared artefacts are made, so that `unionseg info RUN` can tell how far a run cut
+            # during its stages got (its experts' checkpoints are there, not in the run folder)
+            done[SHARED_KEY] = str(self.ctx.artifacts.root)
+            record()
+        for stage in todo:
+            summary = self.method.run_stage(stage)
+            dist.barrier()
+            done[stage] = summary
+            record()
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict[str, Any]:
