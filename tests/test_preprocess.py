@@ -228,6 +228,10 @@ def test_label_remap_to_region_codes_and_unmapped_values(space) -> None:
                                     ("region:liver", "kidney")))
     codes = remap_labels(np.array([0, 1, 3, 4]), space.local_lookup("btcv_gb"), Path("b.nii.gz"))
     assert codes.tolist() == [0, space.code("region:liver"), space.leaf_id("kidney"), 0]
+    # a 0/255 mask: 255 is the organ, and the hint says so (it advised '255: background')
+    with pytest.raises(DataError, match=r"holds 0 and 255 only, none of the mapped values \[1, 3, 4\]: a mask "
+                                        r"saved as 0/255\? Map 255 to its class"):
+        remap_labels(np.array([0, 255, 255]), space.local_lookup("btcv_gb"), Path("b.nii.gz"))
 
 
 def test_float_labels_integer_valued_accepted_fractional_refused(space) -> None:
@@ -377,6 +381,10 @@ def test_a_moved_or_copied_project_stays_prepared(project_dir: Path, tmp_path_fa
         os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
         with pytest.raises(DataError, match=message.format(image.name)):
             PreparedIndex.load(load_project(folder / "project.yaml"))
+    image.unlink()  # a source deleted since is named as gone, not as changed
+    with pytest.raises(DataError, match=rf"prepared data is stale: .*moved/kidney/imagesTr/{image.name} is gone "
+                                        r"since prepare"):
+        PreparedIndex.load(load_project(moved / "project.yaml"))
 
 
 def test_a_root_with_dotdot_is_recorded_inside_it(project_dir: Path) -> None:

@@ -417,6 +417,11 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
     unmapped = [int(v) for v in present if lookup[v] < 0]
     if unmapped:
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
+        if unmapped == [255] and mapped and not set(mapped) & set(present.tolist()):
+            # a binary mask saved as 0/255 (image editors, many converters): 255 is the organ, not a stray value
+            raise DataError(f"{what} holds 0 and 255 only, none of the mapped values {mapped}: a mask saved as "
+                            f"0/255? Map 255 to its class in the dataset's 'labels' in the project file (e.g. "
+                            f"'255: ...' in place of '{mapped[0]}: ...'), and in its dataset.json if it has one", path)
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
                         f"(mapped: {mapped}); map them under the dataset's 'labels' in the project file ('{unmapped[0]}: "
                         "background' for a structure no class stands for), and declare them in its dataset.json if it "
@@ -747,7 +752,8 @@ class PreparedIndex:
                                     f"{roots[name]}, where {rel} is missing or differs; to use what was prepared, "
                                     f"pass --root {name}={before} (as prepare was given, perhaps); to use the data "
                                     f"at {roots[name]}, {hint}", path)
-                raise DataError(f"prepared data is stale: {source} changed since prepare; {hint}", path)
+                what = "changed" if source.exists() else "is gone"
+                raise DataError(f"prepared data is stale: {source} {what} since prepare; {hint}", path)
             for entry in data["cases"]:
                 if not (project.cache_dir / entry["dataset"] / f"{entry['case_id']}.json").is_file():
                     raise DataError(f"prepared case {entry['dataset']}/{entry['case_id']} is missing; {hint}", path)

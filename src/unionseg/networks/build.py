@@ -67,7 +67,7 @@ def _backbone_class(name: str) -> tuple[type[Backbone], Mapping[str, Mapping[str
         from unionseg.networks.dynunet import DYNUNET_PRESETS, DynUNetBackbone
 
         return DynUNetBackbone, DYNUNET_PRESETS
-    raise ConfigError(f"network.backbone.name must be one of {BACKBONES}, got {name!r}")
+    raise ConfigError(f"network.backbone must be one of {BACKBONES}, got {name!r}")
 
 
 def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -93,7 +93,7 @@ def resolve_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     preset = backbone_spec.pop("preset", None)
     if preset is not None:
         if preset not in presets:
-            raise ConfigError(f"network.backbone.preset must be one of {sorted(presets)} for {name}, got {preset!r}")
+            raise ConfigError(f"network.preset must be one of {sorted(presets)} for the {name} backbone, got {preset!r}")
         resolved_backbone["preset"] = preset
         kwargs.update(presets[preset])
     accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
