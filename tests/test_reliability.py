@@ -230,6 +230,28 @@ def bad_nnunet_ignore_label(folder: Path) -> Bad:
                     case="kidney/kidney_000")
 
 
+@bad_input("nnU-Net dataset.json gives one value two names")
+def bad_nnunet_value_named_twice(folder: Path) -> Bad:
+    path = folder / "datasets/kidney/dataset.json"
+    _edit_json(path, lambda d: d["labels"].update(renal_cortex=1))
+    return _prepare(folder, path, "labels: value 1 is named both 'kidney' and 'renal_cortex'", case="kidney/kidney_000")
+
+
+@bad_input("MSD dataset.json gives a label key twice (JSON keeps the last)")
+def bad_msd_label_key_twice(folder: Path) -> Bad:
+    path = folder / LIVER_JSON
+    path.write_text(path.read_text().replace('"1": "liver"', '"1": "liver", "1": "spleen"'))
+    return _prepare(folder, path, "labels: key '1' is given twice")
+
+
+@bad_input("nnU-Net file_ending matches none of the images")
+def bad_nnunet_file_ending(folder: Path) -> Bad:
+    path = folder / "datasets/kidney/dataset.json"
+    _edit_json(path, lambda d: d.update(file_ending=".nii"))
+    return _prepare(folder, path, "file_ending is '.nii', but the images in imagesTr end otherwise",
+                    case="kidney/kidney_000")
+
+
 @bad_input("label file listed in dataset.json is missing")
 def bad_missing_label_file(folder: Path) -> Bad:
     (folder / LIVER_LABEL).unlink()
