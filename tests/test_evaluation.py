@@ -93,6 +93,16 @@ def test_spacing_matters_and_crop_is_exact() -> None:
     assert nsd(big_p, big_g, SPACING, 2.0).value == pytest.approx(nsd(pred, gt, SPACING, 2.0).value)
 
 
+def test_a_distance_equal_to_the_tolerance_counts_as_within_it() -> None:
+    """Three 0.8 mm voxels are 2.4000000000000004 mm in floating point: at tau = 2.4 the shifted surfaces
+    scored 0.88 where MONAI, and the definition, give 1."""
+    gt = np.zeros((20, 20, 20), bool)
+    gt[5:12, 5:12, 5:12] = True
+    pred = np.roll(gt, 3, axis=0)
+    assert nsd(pred, gt, (0.8, 0.8, 0.8), 2.4).value == 1.0
+    assert nsd(pred, gt, (0.8, 0.8, 0.8), 2.39).value < 1.0
+
+
 # ---------------------------------------------------------------------- empty-mask rules, both ways
 def test_empty_rules() -> None:
     shape = (10, 12, 8)

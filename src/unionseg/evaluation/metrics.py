@@ -10,12 +10,18 @@ Definitions (masks are arrays of any rank, usually (X, Y, Z); ``spacing`` is mm 
   ``P | G``: every surface voxel lies inside it and erosion treats the outside as background, so the crop
   changes nothing but the cost (no margin is needed).
 * **HD95** the larger of the two directed 95th percentiles of surface distances (pred -> truth and
-  truth -> pred; linear interpolation), in mm: the MONAI (``compute_hausdorff_distance(percentile=95)``)
-  and DeepMind ``surface-distance`` convention.
-* **NSD** normalised surface Dice at tolerance ``tau`` mm (Nikolov et al., 2021, "Clinically applicable
-  segmentation of head and neck anatomy for radiotherapy"): the fraction of both surfaces lying within
-  ``tau`` of the other, ``(|{s in S_P : d(s, S_G) <= tau}| + |{s in S_G : d(s, S_P) <= tau}|) /
-  (|S_P| + |S_G|)``, counting surface voxels (MONAI's ``compute_surface_dice`` without sub-voxel areas).
+  truth -> pred; linear interpolation), in mm: MONAI's ``compute_hausdorff_distance(percentile=95)``
+  (equal to float32 rounding). DeepMind's ``surface-distance`` package takes the larger direction too, but
+  measures between surface elements at voxel corners, weighted by area, with a nearest-rank percentile:
+  its values differ (by about a voxel on coarse slices).
+* **NSD** normalised surface Dice at tolerance ``tau`` mm, the measure of Nikolov et al. (2021, "Clinically
+  applicable segmentation of head and neck anatomy for radiotherapy") computed on voxels: the fraction of
+  both surfaces lying within ``tau`` of the other, ``(|{s in S_P : d(s, S_G) <= tau}| + |{s in S_G :
+  d(s, S_P) <= tau}|) / (|S_P| + |S_G|)``, counting surface voxels, as MONAI's ``compute_surface_dice``
+  without sub-voxel areas. Nikolov's own definition weighs surface elements by their area; on slices
+  thicker than ``tau`` the voxel count is harsher (a one-slice shift of a thin structure scores 0 here, 0.5
+  there). A distance equal to ``tau`` counts as within it (a margin of 1e-6 mm absorbs the rounding of
+  ``3 x 0.8``).
 
 Empty-mask rules (never NaN, so nothing can silently drop out of a mean):
 
@@ -100,7 +106,7 @@ def _check(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] | None = N
     if spacing is not None:
         sp = np.asarray(spacing, dtype=np.float64)
         if sp.shape != (pred.ndim,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-            raise ValueError(f"spacing must be {pred.ndim} positive numbers (mm), got {list(np.atleast_1d(sp))}")
+            raise ValueError(f"spacing must be {pred.ndim} positive numbers (mm), got {np.atleast_1d(sp).tolist()}")
     return pred, gt
 
 
@@ -170,7 +176,8 @@ def _hd_from(distances: tuple[np.ndarray, np.ndarray], percentile: float) -> flo
 
 def _nsd_from(distances: tuple[np.ndarray, np.ndarray], tolerance_mm: float) -> float:
     a, b = distances
-    return float((np.count_nonzero(a <= tolerance_mm) + np.count_nonzero(b <= tolerance_mm)) / (a.size + b.size))
+    within = tolerance_mm + 1e-6  # 3 x 0.8 mm is 2.4000000000000004 in floating point, and counts at tau = 2.4
+    return float((np.count_nonzero(a <= within) + np.count_nonzero(b <= within)) / (a.size + b.size))
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], percentile: float = 95.0) -> Score:
