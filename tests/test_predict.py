@@ -583,6 +583,39 @@ def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path,
     assert not (tmp_path / "two").exists()
 
 
+@pytest.mark.parametrize("probabilities", [False, True])
+def test_cli_never_writes_over_a_file_that_appears_while_it_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], probabilities: bool) -> None:
+    """Two predicts into one folder: the output check ran at start-up only and the writes replaced whatever
+    was there, so each process reported outputs the other had replaced. A file that appears meanwhile (here
+    written while case0 is predicted) is left as it is, and the run stops, naming it."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    inputs, out = tmp_path / "imagesTs", tmp_path / "pred"
+    for i in range(3):
+        write_image(inputs / f"case{i}.nii.gz", _ct((16, 16, 8), i).astype(np.int16),
+                    Geometry.identity((16, 16, 8), (2, 2, 3)))
+    theirs = (tmp_path / "theirs.nii.gz")
+    write_image(theirs, np.ones((16, 16, 8), np.uint8), Geometry.identity((16, 16, 8), (2, 2, 3)))
+    real = Predictor.predict
+
+    def meanwhile(self: Predictor, image: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(image).name == "case0.nii.gz":  # the other process finishes case0 first
+            (out / "case0.nii.gz").write_bytes(theirs.read_bytes())
+        return real(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(Predictor, "predict", meanwhile)
+    flags = ["--probabilities"] if probabilities else []
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"error: {out / 'case0.nii.gz'}: appeared in the output folder while this predict ran (another "
+                   f"predict writing to {out}?) and was left as it is; case 'case0' and the 2 after it were not "
+                   "predicted: give each predict its own -o, or run again with --skip-existing")
+    assert (out / "case0.nii.gz").read_bytes() == theirs.read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]  # no temporary left, nothing else written
+
+
 def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """MSD labels share their images' names: ``-o labelsTr --skip-existing`` must not pass a ground-truth

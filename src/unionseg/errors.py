@@ -28,6 +28,10 @@ class DataError(UnionsegError):
     """An image, label map or dataset folder is unusable (names the file and the problem)."""
 
 
+class OutputExistsError(UnionsegError):
+    """A file to be written without replacing anything exists (another process wrote it meanwhile, say)."""
+
+
 class CheckpointError(UnionsegError):
     """A model or checkpoint file is missing, truncated, or unsafe to load."""
 

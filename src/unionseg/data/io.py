@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from unionseg.errors import DataError, UnionsegWarning
+from unionseg.errors import DataError, OutputExistsError, UnionsegWarning
 from unionseg.faults import fault_point
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -486,8 +486,33 @@ def nifti_description(path: str | Path) -> str | None:
         return None
 
 
-def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, description: str | None = None) -> Path:
-    """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename).
+def place_file(tmp: Path, path: Path, replace: bool = True) -> None:
+    """Move a finished temporary file to its name. ``replace=False`` never replaces a file there: the move is
+    a hard link, which fails atomically where the name exists (two processes writing one folder cannot
+    both succeed), then the temporary's removal; where links are not supported, a check then a rename.
+
+    Raises:
+        OutputExistsError: ``replace=False`` and ``path`` exists.
+    """
+    if replace:
+        tmp.replace(path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError("already exists; nothing was written over it", path) from None
+    except OSError:  # a file system without hard links (FAT, some network mounts)
+        if path.exists() or path.is_symlink():
+            raise OutputExistsError("already exists; nothing was written over it", path) from None
+        tmp.replace(path)
+        return
+    tmp.unlink()
+
+
+def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, description: str | None = None,
+                replace: bool = True) -> Path:
+    """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename; with
+    ``replace=False`` never over an existing file, :func:`place_file`).
 
     The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK). The dtype is kept,
     except that bool is stored as uint8 and float16 as float32 (neither format stores them). NIfTI keeps
@@ -496,6 +521,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
 
     Raises:
         DataError: when the array's shape does not match the geometry.
+        OutputExistsError: ``replace=False`` and the file exists.
     """
     path = Path(path)
     if tuple(array.shape) != tuple(geometry.shape):
@@ -504,6 +530,8 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
     path.parent.mkdir(parents=True, exist_ok=True)
     suf = suffix_of(path)
     if suf in _DETACHED_SUFFIXES:
+        if not replace and (path.exists() or path.is_symlink()):
+            raise OutputExistsError("already exists; nothing was written over it", path)
         return _write_detached(path, array, geometry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{suf}")
     try:
@@ -523,7 +551,7 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
             raise DataError(f"unsupported output type {suf!r}", path)
         fsync_file(tmp)
         fault_point("write_image_before_rename")  # fault tests only (UNIONSEG_FAULT_POINT)
-        tmp.replace(path)
+        place_file(tmp, path, replace)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from unionseg.errors import UnionsegError, and_more, listing
+from unionseg.errors import OutputExistsError, UnionsegError, and_more, listing
 
 
 def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
@@ -339,8 +339,16 @@ def register(app: typer.Typer) -> None:
                 names = output_files(name, probabilities)
                 out_path = output / names[0]
                 probs_path = output / names[1] if probabilities else None
-                # check_output_dir decided above which existing files may be replaced
-                predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update, overwrite=True)
+                # check_output_dir decided above which existing files may be replaced; any other file is
+                # never written over, even one that appears while this runs (another predict, same -o)
+                try:
+                    predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update,
+                                           overwrite=overwrite or name in partial)
+                except OutputExistsError as exc:
+                    raise UnionsegError(f"appeared in the output folder while this predict ran (another predict "
+                                        f"writing to {output}?) and was left as it is; case {name!r} and the "
+                                        f"{len(cases) - k} after it were not predicted: give each predict its "
+                                        "own -o, or run again with --skip-existing", exc.path) from None
                 bar.remove_task(task)
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
