@@ -623,10 +623,16 @@ def reorient_like(array: np.ndarray, geometry: Geometry, target: Geometry) -> np
     disagree about it (a prediction came back transposed). Grids that are no permutation of each other
     get the nearest-orientation map.
     """
+    return np.ascontiguousarray(reorient_view(array, geometry, target))
+
+
+def reorient_view(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
+    """:func:`reorient_like` without the copy: a view of ``array`` (flipped and transposed strides), for
+    arrays too large to copy (a probability map of a full-size scan). Extra trailing axes (channels) follow."""
     import nibabel as nib
 
     transform = _axis_transform(geometry.affine, target.affine)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(array, transform))
+    return nib.orientations.apply_orientation(array, transform)  # type: ignore[no-any-return]
 
 
 def _axis_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:

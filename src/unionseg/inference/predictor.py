@@ -53,6 +53,7 @@ from unionseg.data.io import (
     prediction_description,
     read_image,
     reorient_like,
+    reorient_view,
     set_nifti_transforms,
     strip_suffix,
     suffix_of,
@@ -300,9 +301,9 @@ class _RestoreSink:
             raise RuntimeError(f"only {self.available} of {self.n_prep0} slices were pushed")
         labels = reorient_like(self.labels, self.record.ras, self.record.source)
         probs = None
-        if self.probs is not None:
-            moved = reorient_like(np.moveaxis(self.probs, 0, -1), self.record.ras, self.record.source)
-            probs = np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+        if self.probs is not None:  # a view, not a copy: the map is C x 2 bytes per voxel of the scan
+            probs = np.moveaxis(reorient_view(np.moveaxis(self.probs, 0, -1), self.record.ras, self.record.source),
+                                -1, 0)
         return labels, probs
 
 
@@ -452,7 +453,9 @@ class Predictor:
                 passing one with a path is refused.
             tta: average the 8 mirror images of every window.
             return_probs: also return the probabilities (C, X, Y, Z) float16 on the input grid, channels
-                :attr:`probability_names` (memory: C x 2 bytes per input voxel).
+                :attr:`probability_names` (memory: C x 2 bytes per input voxel). The array may be a strided
+                view (flipped or transposed axes, no copy); ``np.ascontiguousarray`` it before
+                ``torch.from_numpy``.
             progress: called with ``(windows_done, windows_total)``.
 
         Returns:
