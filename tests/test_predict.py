@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -614,6 +616,65 @@ def test_cli_never_writes_over_a_file_that_appears_while_it_runs(
                    "predicted: give each predict its own -o, or run again with --skip-existing")
     assert (out / "case0.nii.gz").read_bytes() == theirs.read_bytes()
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]  # no temporary left, nothing else written
+
+
+def _three_cases(tmp_path: Path) -> Path:
+    inputs = tmp_path / "imagesTs"
+    for i in range(3):
+        write_image(inputs / f"case{i}.nii.gz", _ct((16, 16, 8), i).astype(np.int16),
+                    Geometry.identity((16, 16, 8), (2, 2, 3)))
+    return inputs
+
+
+def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGTERM (kill, a scheduler's time limit) while case1 is being written: it ended the process where it
+    stood, leaving a partial temporary file. Now it stops as Ctrl-C does (exit 130, no temporary, case0
+    kept). Temporaries of a process that is gone (SIGKILL) are removed by the next run; a live one's stay."""
+    import signal
+    import subprocess
+    import sys
+
+    from unionseg.cli import run
+    from unionseg.data import io
+
+    model, inputs, out = _model_file(tmp_path), _three_cases(tmp_path), tmp_path / "pred"
+    real_fsync = io.fsync_file
+
+    def killed_while_writing(path: Path) -> None:
+        if path.name.startswith(".case1.nii.gz"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_fsync(path)
+
+    monkeypatch.setattr(io, "fsync_file", killed_while_writing)
+    before = signal.getsignal(signal.SIGTERM)
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 130
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
+    monkeypatch.setattr(io, "fsync_file", real_fsync)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = out / f".case1.nii.gz.{int(gone.stdout)}.tmp.nii.gz", out / f".case2.nii.gz.{os.getppid()}.tmp.nii.gz"
+    dead.write_bytes(b"partial")
+    live.write_bytes(b"being written")
+    capsys.readouterr()
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0
+    assert "removed 1 temporary file(s) left in" in capsys.readouterr().err
+    assert not dead.exists() and live.exists()
+
+
+def test_cli_a_bad_case_in_a_batch_says_what_is_left(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A corrupt file in the middle of a folder stops the batch; the error says which cases were not predicted
+    and how to go on (it named the file alone, and the cases after it were silently left out)."""
+    from unionseg.cli import run
+
+    model, inputs, out = _model_file(tmp_path), _three_cases(tmp_path), tmp_path / "pred"
+    (inputs / "case1.nii.gz").write_bytes(b"not an image")
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {inputs / 'case1.nii.gz'}: not a gzip-compressed file, although its name ends in .gz (is it an "
+        "image at all?); case 'case1' and the 1 after it were not predicted (1 written): fix or remove it, then "
+        "run the same command with --skip-existing")
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
 
 
 def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+import glob
+import os
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from unionseg.errors import OutputExistsError, UnionsegError, and_more, listing
+from unionseg.errors import DataError, OutputExistsError, UnionsegError, and_more, listing
 
 
 def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
@@ -65,6 +68,54 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     for name, path in found:
         unique.setdefault(name, path)
     return list(unique.items())
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (``kill``, a batch scheduler's time limit) stops predict as Ctrl-C does: the case being written
+    removes its temporary files, and the finished cases stay. It used to end the process where it stood,
+    leaving a partial temporary file (up to the size of a probability map) in the output folder."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def remove_stale_temporaries(output: Path, names: Sequence[str], probabilities: bool) -> int:
+    """Remove the temporary files (``.<file>.<pid>.tmp...``) that a killed predict (SIGKILL, power cut) left
+    beside the outputs of these cases, when their process is gone; returns how many were removed."""
+    if not output.is_dir():
+        return 0
+    removed = 0
+    for name in names:
+        for file in output_files(name, probabilities):
+            for tmp in output.glob(f".{glob.escape(file)}.*.tmp*"):
+                pid = tmp.name[len(file) + 2:].split(".", 1)[0]
+                if pid.isdigit() and not _alive(int(pid)):
+                    tmp.unlink(missing_ok=True)
+                    removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def output_files(name: str, probabilities: bool) -> list[str]:
@@ -325,20 +376,29 @@ def register(app: typer.Typer) -> None:
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True, quiet=quiet)
         output.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temporaries(output, [name for name, _ in cases], probabilities)
+        if removed:
+            typer.echo(f"removed {removed} temporary file(s) left in {output} by an earlier predict that was killed",
+                       err=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
-        with make_progress(*columns, console=console, transient=True) as bar:
+        with make_progress(*columns, console=console, transient=True) as bar, _sigterm_as_interrupt():
             begun = time.perf_counter()
             for k, (name, path) in enumerate(cases, 1):
                 task = bar.add_task(f"{name} (windows)", total=None)
 
-                def update(done: int, total: int, task: TaskID = task) -> None:
-                    bar.update(task, completed=done, total=total)
+                def update(done: int, total: int, task: TaskID = task, name: str = name) -> None:
+                    # after the last window the case is still restored onto its grid and written (with
+                    # --probabilities, most of its time): the bar says so instead of reading finished
+                    what = f"{name} (windows)" if done < total else f"{name} (restoring and writing)"
+                    bar.update(task, completed=done, total=total, description=what)
 
                 start = time.perf_counter()
                 names = output_files(name, probabilities)
                 out_path = output / names[0]
                 probs_path = output / names[1] if probabilities else None
+                rest = f"case {name!r} and the {len(cases) - k} after it were not predicted" if k < len(cases) \
+                    else f"case {name!r} was not predicted"
                 # check_output_dir decided above which existing files may be replaced; any other file is
                 # never written over, even one that appears while this runs (another predict, same -o)
                 try:
@@ -346,10 +406,16 @@ def register(app: typer.Typer) -> None:
                                            overwrite=overwrite or name in partial)
                 except OutputExistsError as exc:
                     raise UnionsegError(f"appeared in the output folder while this predict ran (another predict "
-                                        f"writing to {output}?) and was left as it is; case {name!r} and the "
-                                        f"{len(cases) - k} after it were not predicted: give each predict its "
-                                        "own -o, or run again with --skip-existing", exc.path) from None
+                                        f"writing to {output}?) and was left as it is; {rest}: give each predict "
+                                        "its own -o, or run again with --skip-existing", exc.path) from None
+                except DataError as exc:
+                    if len(cases) == 1:
+                        raise
+                    raise DataError(f"{exc.message}; {rest} ({k - 1} written): fix or remove it, then run the "
+                                    "same command with --skip-existing", exc.path) from None
                 bar.remove_task(task)
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
-                console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path} ({now - start:.1f} s{eta})", markup=False)
+                also = f" and {names[1]}" if probabilities else ""
+                console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
+                              markup=False)
