@@ -215,6 +215,17 @@ def bad_gzip_crc_mismatch(folder: Path) -> Bad:
     return _prepare(folder, path, "truncated or corrupt compressed file (CRC check failed")
 
 
+@bad_input("header with a voxel size of 0 and no sform (nibabel would assume 1 mm)")
+def bad_zero_voxel_size(folder: Path) -> Bad:
+    path = folder / LIVER_IMAGE
+    img = nib.Nifti1Image(read_image(path)[0], None)  # no sform, no qform: placed by its voxel sizes
+    raw = bytearray(img.header.binaryblock + b"\0" * 4 + img.get_fdata(dtype=np.float32).astype(
+        img.get_data_dtype()).tobytes(order="F"))
+    raw[80:92] = np.zeros(3, "<f4").tobytes()  # pixdim[1:4], which nibabel's writer would fill in again
+    path.write_bytes(gzip.compress(bytes(raw)))
+    return _prepare(folder, path, "the header gives a voxel size of 0 (pixdim 0, 0, 0) and no sform")
+
+
 @bad_input("voxel spacing no CT has (a header in metres that does not say so: 0.002 mm voxels)")
 def bad_spacing_in_metres(folder: Path) -> Bad:
     image, _ = read_image(folder / LIVER_IMAGE)

@@ -280,9 +280,36 @@ def _voxels(img: Any) -> np.ndarray:
     return out
 
 
+def _refuse_zero_voxel_size(path: Path) -> None:
+    """Refuse a NIfTI-1 header whose voxel size (``pixdim``) is 0 on a spatial axis while no sform places the
+    image: nibabel would take 1 mm (printing a note) and the prediction would land on a made-up grid. Read
+    from the raw header, before nibabel repairs it; files that cannot be read this way are left to the reader."""
+    try:
+        with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")) as fh:
+            head = fh.read(348)
+    except (OSError, EOFError, zlib.error):
+        return
+    if len(head) < 348:
+        return
+    for order in ("<", ">"):
+        if np.frombuffer(head, dtype=f"{order}i4", count=1)[0] == 348:
+            break
+    else:
+        return  # not NIfTI-1 (NIfTI-2, or damaged): nibabel's checks apply
+    rank = int(np.frombuffer(head, dtype=f"{order}i2", count=1, offset=40)[0])
+    pixdim = np.frombuffer(head, dtype=f"{order}f4", count=8, offset=76)
+    sform_code = int(np.frombuffer(head, dtype=f"{order}i2", count=1, offset=254)[0])
+    spatial = pixdim[1:1 + min(max(rank, 0), 3)]
+    if sform_code == 0 and spatial.size and np.any(spatial == 0):
+        shown = ", ".join(f"{v:g}" for v in spatial)
+        raise DataError(f"the header gives a voxel size of 0 (pixdim {shown}) and no sform: where the voxels lie "
+                        "is unknown (nibabel would assume 1 mm); fix the header's voxel size", path)
+
+
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
+    _refuse_zero_voxel_size(path)
     try:
         img, array = _load_nifti(path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
@@ -434,6 +461,7 @@ def read_header(path: str | Path) -> Geometry:
     if suffix_of(path) in NIFTI_SUFFIXES:
         import nibabel as nib
 
+        _refuse_zero_voxel_size(path)
         try:
             img: Any = nib.load(str(path))
         except Exception as exc:  # nibabel raises several types for bad headers
