@@ -278,7 +278,9 @@ def check_writable(outdir: Path) -> None:
         raise UnionsegError(f"cannot create {outdir}: this is a file, not a folder; choose another -o", target)
     if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
         what = "output folder" if target == outdir.absolute() else f"cannot create {outdir} in this folder:"
-        raise UnionsegError(f"{what} not writable by this user (permission denied); choose another -o", target)
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+        why = "on a read-only file system" if read_only else "not writable by this user (permission denied)"
+        raise UnionsegError(f"{what} {why}; choose another -o", target)
 
 
 def register(app: typer.Typer) -> None:
