@@ -730,7 +730,8 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
             fh.write(header.binaryblock + b"\0\0\0\0")
             on_disk = header.get_data_dtype()  # float32 in the header's byte order
             for channel in probs:
-                fh.write(np.asarray(channel, dtype=on_disk).tobytes(order="F"))
+                # the channel in Fortran order, written through its transpose's buffer (no bytes copy)
+                fh.write(memoryview(np.asfortranarray(channel, dtype=on_disk).T))
         fsync_file(tmp)
         place_file(tmp, path, replace)
     finally:
