@@ -832,6 +832,23 @@ def test_cli_flag_values_are_named_as_flags(tmp_path: Path, capsys: pytest.Captu
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_probability_map_is_streamed_from_any_view(tmp_path: Path, suffix: str) -> None:
+    """The map is written one channel at a time from whatever strides the restore gives (flips, transposes),
+    and reads back as the (X, Y, Z, C) float32 image with the geometry and the mark."""
+    from unionseg.inference.predictor import write_probabilities
+
+    probs = np.random.default_rng(0).random((3, 7, 5, 4)).astype(np.float16)
+    view = probs[:, ::-1, :, ::-1].transpose(0, 2, 1, 3)
+    affine = np.array([[0.0, -0.8, 0.0, 10.0], [0.9, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 3.0], [0.0, 0.0, 0.0, 1.0]])
+    for name, arr in (("plain", probs), ("view", view)):
+        path = write_probabilities(tmp_path / f"{name}{suffix}", arr, Geometry(arr.shape[1:], affine), ["a", "b", "c"])
+        img = nib.load(str(path))
+        assert np.array_equal(np.asarray(img.dataobj), np.moveaxis(arr, 0, -1).astype(np.float32))
+        assert np.allclose(img.affine, affine, atol=1e-5) and img.get_data_dtype() == np.float32
+        assert bytes(img.header["descrip"]).rstrip(b"\0") == b"unionseg predict"
+
+
 def test_probability_channels_say_what_they_hold(tmp_path: Path) -> None:
     """_probs.json says what each channel is; for the experts' ensemble a tumour's is given its organ."""
     import json

@@ -731,7 +731,7 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
             on_disk = header.get_data_dtype()  # float32 in the header's byte order
             for channel in probs:
                 # the channel in Fortran order, written through its transpose's buffer (no bytes copy)
-                fh.write(memoryview(np.asfortranarray(channel, dtype=on_disk).T))
+                fh.write(np.asfortranarray(channel, dtype=on_disk).T.data)
         fsync_file(tmp)
         place_file(tmp, path, replace)
     finally:
