@@ -22,7 +22,7 @@ from unionseg.data.io import (
     suffix_of,
     write_image,
 )
-from unionseg.errors import DataError
+from unionseg.errors import DataError, OutputExistsError
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 TOTALSEG = REAL / "totalsegmentator"
@@ -271,6 +271,13 @@ def test_two_file_formats_name_their_voxel_file(tmp_path: Path, suffix: str, vox
     _round_trip(array, Geometry(array.shape, _pir_affine()), tmp_path / f"a{suffix}")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"a{suffix}", voxels])
     assert voxels in (tmp_path / f"a{suffix}").read_text(errors="replace")
+    # replace=False guards the voxel file too: another image's voxels under that name are left alone
+    (tmp_path / f"a{suffix}").unlink()
+    (tmp_path / voxels).write_bytes(b"another image's voxels")
+    with pytest.raises(OutputExistsError, match=voxels):
+        write_image(tmp_path / f"a{suffix}", array, Geometry(array.shape, _pir_affine()), replace=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [voxels]
+    assert (tmp_path / voxels).read_bytes() == b"another image's voxels"
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])

@@ -573,16 +573,25 @@ def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path,
     assert run(["predict", str(model), str(inputs), str(tmp_path / "single_0000.nii.gz"), "-o", str(out),
                 "--device", "cpu"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["kid_001.nii.gz", "single.nii.gz"]
-    # a second channel of a case (multi-modal nnU-Net inputs) is no CT scan of its own: refused, not
-    # predicted as a case 'kid_001_0001'
-    write_image(inputs / "kid_001_0001.nii.gz", _ct((16, 16, 12), 2).astype(np.int16),
-                Geometry.identity((16, 16, 12), (2, 2, 3)))
+    # a second channel of the cases (multi-modal nnU-Net inputs) is no CT scan of its own: refused, not
+    # predicted as cases 'kid_001_0001', 'kid_002_0001'
+    for name in ("kid_001_0001", "kid_002_0000", "kid_002_0001"):
+        write_image(inputs / f"{name}.nii.gz", _ct((16, 16, 12), 2).astype(np.int16),
+                    Geometry.identity((16, 16, 12), (2, 2, 3)))
     capsys.readouterr()
     assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "two"), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: {inputs / 'kid_001_0001.nii.gz'}: nnU-Net channel 0001 of case 'kid_001': unionseg models read "
         "one CT channel, the _0000 file; give only those (e.g. kid_001_0000.nii.gz)")
     assert not (tmp_path / "two").exists()
+    # one name numbered from _0000 is a series of scans, not the channels of one case: predicted
+    series = tmp_path / "series"
+    for i in range(3):
+        write_image(series / f"scan_{i:04d}.nii.gz", _ct((16, 16, 12), i).astype(np.int16),
+                    Geometry.identity((16, 16, 12), (2, 2, 3)))
+    assert run(["predict", str(model), str(series), "-o", str(tmp_path / "numbered"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "numbered").iterdir()) == \
+        ["scan.nii.gz", "scan_0001.nii.gz", "scan_0002.nii.gz"]
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
@@ -656,10 +665,14 @@ def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
     dead, live = out / f".case1.nii.gz.{int(gone.stdout)}.tmp.nii.gz", out / f".case2.nii.gz.{os.getppid()}.tmp.nii.gz"
     dead.write_bytes(b"partial")
     live.write_bytes(b"being written")
+    for stale in (dead, live):  # a minute without a write: a writer on another machine writes steadily
+        os.utime(stale, (stale.stat().st_atime - 120, stale.stat().st_mtime - 120))
+    fresh = out / f".case2.nii.gz.{int(gone.stdout) + 1}.tmp.nii.gz"
+    fresh.write_bytes(b"another machine's, being written")
     capsys.readouterr()
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0
     assert "removed 1 temporary file(s) left in" in capsys.readouterr().err
-    assert not dead.exists() and live.exists()
+    assert not dead.exists() and live.exists() and fresh.exists()
 
 
 def test_cli_a_bad_case_in_a_batch_says_what_is_left(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

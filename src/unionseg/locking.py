@@ -36,6 +36,20 @@ except ImportError:  # pragma: no cover - Windows
 POLL_S = 0.2
 
 # "<pid>:<real path>" -> [file descriptor, nesting depth] of the locks this process holds
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine may still run (its temporary files must then stay). On
+    Windows the answer is always yes: there ``os.kill(pid, 0)`` would end the process rather than probe it."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (PermissionError), or no way to tell: alive
+        return True
+    return True
+
+
 _HELD: dict[str, list[int]] = {}
 
 

@@ -611,8 +611,9 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
 
     With ``classes`` (the project's class names), a value whose dataset.json name is the name of ANOTHER
     project class than the one it is mapped to (``1: spleen`` in dataset.json, ``1: liver`` in the project:
-    typically two dataset roots swapped) gives a :class:`~unionseg.errors.UnionsegWarning`; names that are
-    no project class ("cancer", "Tumor") are not judged.
+    typically two dataset roots swapped), or that dataset.json calls ``background``, gives a
+    :class:`~unionseg.errors.UnionsegWarning`; other names that are no project class ("cancer", "Tumor")
+    are not judged.
 
     ``declared=None`` (KiTS and folders layouts, which declare no labels) checks nothing here: ``prepare``
     then checks each label file's voxel values against the map (an unmapped value names the file), and a

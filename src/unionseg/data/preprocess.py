@@ -217,9 +217,10 @@ def _crop_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- images and labels
-#: the most voxels a prepared volume may have before the crop (2^30: 4 GiB as float32); a project's spacing
-#: typed in the wrong unit (0.0008 for 0.8 mm) would otherwise fill the memory or the disk
-MAX_PREPARED_VOXELS = 1 << 30
+#: the most voxels a prepared volume may have before the crop (2^32: 16 GiB as float32, more than any scan at a
+#: training spacing); a project's spacing typed in the wrong unit (0.0008 for 0.8 mm) would otherwise fill the
+#: memory or the disk
+MAX_PREPARED_VOXELS = 1 << 32
 
 
 def preprocess_image(array: np.ndarray, geometry: Geometry, spec: PreprocessSpec,
@@ -245,8 +246,8 @@ def preprocess_image(array: np.ndarray, geometry: Geometry, spec: PreprocessSpec
     new_shape = target_shape(ras.shape, ras.spacing, spec.spacing)
     if int(np.prod(new_shape, dtype=np.int64)) > MAX_PREPARED_VOXELS:
         raise DataError(f"resampled to the spacing {list(spec.spacing)} mm this image would have shape "
-                        f"{tuple(new_shape)}, {np.prod(new_shape, dtype=np.float64):.3g} voxels; is the "
-                        "preprocessing spacing in mm?", path)
+                        f"{tuple(new_shape)}, {np.prod(new_shape, dtype=np.float64):.3g} voxels, more than the "
+                        f"{MAX_PREPARED_VOXELS:.3g} unionseg resamples to; is the project's spacing in mm?", path)
     if spec.crop_to_body:
         start, stop = _body_box(ras_array, spec.body_threshold, new_shape)
     else:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import os
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -52,12 +51,15 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             found.append(series(path.parent))  # one file of a series stands for its folder
         else:
             found.append((image_key(path), path))
+    # nnU-Net's multi-channel inputs: several cases that each have _0000 and more 4-digit channels (one name
+    # with _0000, _0001, ... alone may be a numbered series of scans, and is predicted as such)
     channels = {name for name, path in found if path.is_file() and strip_suffix(path).endswith("_0000")}
-    for name, path in found:
-        base, _, tag = name.rpartition("_")
-        if base in channels and len(tag) == 4 and tag.isdigit():
-            raise UnionsegError(f"nnU-Net channel {tag} of case {base!r}: unionseg models read one CT channel, "
-                                f"the _0000 file; give only those (e.g. {base}_0000{suffix_of(path)})", path)
+    extra = [(name.rpartition("_")[0], name.rpartition("_")[2], path) for name, path in found]
+    extra = [(base, tag, path) for base, tag, path in extra if base in channels and len(tag) == 4 and tag.isdigit()]
+    if len({base for base, _, _ in extra}) >= 2:
+        base, tag, path = extra[0]
+        raise UnionsegError(f"nnU-Net channel {tag} of case {base!r}: unionseg models read one CT channel, "
+                            f"the _0000 file; give only those (e.g. {base}_0000{suffix_of(path)})", path)
     seen: dict[str, Path] = {}
     for name, path in found:
         if name in seen and seen[name].resolve() != path.resolve():
@@ -92,9 +94,19 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+#: seconds a temporary file must have stood unchanged before a later predict removes it: a writer on another
+#: machine (whose process id means nothing here) writes its file steadily, so a minute of silence is a death
+STALE_AFTER_S = 60.0
+
+
 def remove_stale_temporaries(output: Path, names: Sequence[str], probabilities: bool) -> int:
     """Remove the temporary files (``.<file>.<pid>.tmp...``) that a killed predict (SIGKILL, power cut) left
-    beside the outputs of these cases, when their process is gone; returns how many were removed."""
+    beside the outputs of these cases: their process is gone and they have not changed for
+    :data:`STALE_AFTER_S`. Returns how many were removed."""
+    import time
+
+    from unionseg.locking import process_alive
+
     if not output.is_dir():
         return 0
     removed = 0
@@ -102,20 +114,14 @@ def remove_stale_temporaries(output: Path, names: Sequence[str], probabilities: 
         for file in output_files(name, probabilities):
             for tmp in output.glob(f".{glob.escape(file)}.*.tmp*"):
                 pid = tmp.name[len(file) + 2:].split(".", 1)[0]
-                if pid.isdigit() and not _alive(int(pid)):
+                try:
+                    idle = time.time() - tmp.stat().st_mtime
+                except OSError:  # gone meanwhile
+                    continue
+                if pid.isdigit() and idle > STALE_AFTER_S and not process_alive(int(pid)):
                     tmp.unlink(missing_ok=True)
                     removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def output_files(name: str, probabilities: bool) -> list[str]:
@@ -413,8 +419,9 @@ def register(app: typer.Typer) -> None:
                 except DataError as exc:
                     if len(cases) == 1:
                         raise
+                    again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
                     raise DataError(f"{exc.message}; {rest} ({k - 1} written): fix or remove it, then run the "
-                                    "same command with --skip-existing", exc.path) from None
+                                    f"same command {again}", exc.path) from None
                 bar.remove_task(task)
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""

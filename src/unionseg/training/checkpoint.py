@@ -20,6 +20,7 @@ import torch
 
 from unionseg.errors import CheckpointError
 from unionseg.faults import fault_point
+from unionseg.locking import process_alive
 
 CHECKPOINT_FORMAT = "unionseg-checkpoint"
 
@@ -33,21 +34,11 @@ def _fault(point: str) -> None:
     fault_point(point)  # UNIONSEG_FAULT_POINT=mid_write[@n] / before_rename[@n]: SIGKILL here
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def _remove_stale_temporaries(path: Path) -> None:
     """Delete ``.<name>.<pid>.tmp`` files of ``path`` left by writers that were killed (process gone)."""
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         pid = stale.name[len(path.name) + 2: -len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not _process_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             stale.unlink(missing_ok=True)
 
 
