@@ -50,6 +50,25 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+def remove_dead_temporaries(path: Path, min_idle_s: float = 0.0) -> int:
+    """Delete the temporary files ``.<name>.<pid>.tmp...`` of ``path`` whose writer (``pid``) is gone and which
+    have not changed for ``min_idle_s`` seconds (a writer on another machine, whose pid means nothing here,
+    keeps its file changing); returns how many were deleted."""
+    import glob
+
+    removed = 0
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+        try:
+            idle = time.time() - stale.stat().st_mtime
+        except OSError:  # gone meanwhile
+            continue
+        if pid.isdigit() and int(pid) != os.getpid() and idle >= min_idle_s and not process_alive(int(pid)):
+            stale.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
 _HELD: dict[str, list[int]] = {}
 
 

@@ -225,11 +225,10 @@ def print_run_info(run: Path) -> dict[str, Any]:
         last = f", last validated at step {history[-1]['step']}" if history else ", not validated yet"
         if (run / "last.pt").is_file():
             step = checkpoint_step(run / "last.pt")
-            ckpt = f"a checkpoint (last.pt{'' if step is None else f', step {step}'}) to resume from"
+            print(f"{run}: an unfinished run{last}; a checkpoint (last.pt{'' if step is None else f', step {step}'}) "
+                  "to resume from")
         else:
-            ckpt = "no checkpoint of its own yet"
-        print(f"{run}: an unfinished run{last}; {ckpt}")
-        if not (run / "last.pt").is_file():
+            print(f"{run}: an unfinished run{last}; no checkpoint of its own yet")
             _print_shared_stages(run)
     if model is None:
         print("no model file yet")

@@ -338,12 +338,17 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
-    others = [p for p in sorted(images_dir.iterdir()) if _is_image_file(p) and not p.name.endswith(ending)]
-    if not out and others:
+    others = _other_endings(images_dir, ending) if not out else []
+    if others:
         raise DataError(f"file_ending is {ending!r}, but the images in imagesTr end otherwise ({_listed(others)}); "
                         "set file_ending to their ending", json_path)
     _warn_nnunet_leftovers(root, data, ending, out, json_path)
     return out
+
+
+def _other_endings(images_dir: Path, ending: str) -> list[Path]:
+    """The images of an nnU-Net imagesTr folder that do not end in its ``file_ending``."""
+    return [p for p in sorted(images_dir.iterdir()) if _is_image_file(p) and not p.name.endswith(ending)]
 
 
 def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cases: _RawCases,
@@ -356,8 +361,7 @@ def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cas
         warnings.warn(message, UnionsegWarning, stacklevel=4)
 
     images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
-    others = [p for p in sorted(images_dir.iterdir())
-              if _is_image_file(p) and not p.name.endswith(ending)]
+    others = _other_endings(images_dir, ending)
     if others:
         tell(f"{images_dir}: {len(others)} image(s) do not end in file_ending {ending!r} and are left out: "
              f"{_listed(others)}")

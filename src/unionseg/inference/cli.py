@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import glob
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -54,8 +53,8 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     # nnU-Net's multi-channel inputs: several cases that each have _0000 and more 4-digit channels (one name
     # with _0000, _0001, ... alone may be a numbered series of scans, and is predicted as such)
     channels = {name for name, path in found if path.is_file() and strip_suffix(path).endswith("_0000")}
-    extra = [(name.rpartition("_")[0], name.rpartition("_")[2], path) for name, path in found]
-    extra = [(base, tag, path) for base, tag, path in extra if base in channels and len(tag) == 4 and tag.isdigit()]
+    extra = [(base, tag, path) for name, path in found for base, _, tag in [name.rpartition("_")]
+             if base in channels and len(tag) == 4 and tag.isdigit()]
     if len({base for base, _, _ in extra}) >= 2:
         base, tag, path = extra[0]
         raise UnionsegError(f"nnU-Net channel {tag} of case {base!r}: unionseg models read one CT channel, "
@@ -103,25 +102,12 @@ def remove_stale_temporaries(output: Path, names: Sequence[str], probabilities: 
     """Remove the temporary files (``.<file>.<pid>.tmp...``) that a killed predict (SIGKILL, power cut) left
     beside the outputs of these cases: their process is gone and they have not changed for
     :data:`STALE_AFTER_S`. Returns how many were removed."""
-    import time
-
-    from unionseg.locking import process_alive
+    from unionseg.locking import remove_dead_temporaries
 
     if not output.is_dir():
         return 0
-    removed = 0
-    for name in names:
-        for file in output_files(name, probabilities):
-            for tmp in output.glob(f".{glob.escape(file)}.*.tmp*"):
-                pid = tmp.name[len(file) + 2:].split(".", 1)[0]
-                try:
-                    idle = time.time() - tmp.stat().st_mtime
-                except OSError:  # gone meanwhile
-                    continue
-                if pid.isdigit() and idle > STALE_AFTER_S and not process_alive(int(pid)):
-                    tmp.unlink(missing_ok=True)
-                    removed += 1
-    return removed
+    return sum(remove_dead_temporaries(output / file, STALE_AFTER_S)
+               for name in names for file in output_files(name, probabilities))
 
 
 def output_files(name: str, probabilities: bool) -> list[str]:

@@ -7,7 +7,6 @@ a truncated file. Loading refuses anything that is not a complete unionseg check
 
 from __future__ import annotations
 
-import glob
 import os
 import pickle
 import random
@@ -20,7 +19,7 @@ import torch
 
 from unionseg.errors import CheckpointError
 from unionseg.faults import fault_point
-from unionseg.locking import process_alive
+from unionseg.locking import remove_dead_temporaries
 
 CHECKPOINT_FORMAT = "unionseg-checkpoint"
 
@@ -34,19 +33,11 @@ def _fault(point: str) -> None:
     fault_point(point)  # UNIONSEG_FAULT_POINT=mid_write[@n] / before_rename[@n]: SIGKILL here
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete ``.<name>.<pid>.tmp`` files of ``path`` left by writers that were killed (process gone)."""
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = stale.name[len(path.name) + 2: -len(".tmp")]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            stale.unlink(missing_ok=True)
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename); removes temporaries of killed writers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path)
+    remove_dead_temporaries(path)  # left by writers that were killed
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as fh:

@@ -75,10 +75,10 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
     cfg = ctx.cfg
     cases = validation_cases(ctx, datasets)
     mine: list[tuple[int, dict[str, float]]] = []
-    share = range(dist.rank(), len(cases), dist.world_size())
+    my_cases = range(dist.rank(), len(cases), dist.world_size())
     if on_case is not None:
-        on_case(0, len(share))
-    for i in share:
+        on_case(0, len(my_cases))
+    for i in my_cases:
         case = cases[i]
         probs = predict_volume(deployed.module, case.image(), cfg.roi_size, cfg.inference.overlap,
                                cfg.inference.sw_batch_size, ctx.device, deployed.output_form, cfg.inference.blend)
@@ -89,7 +89,7 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
         annotated = case.annotated if deployed.predictable is None else case.annotated & deployed.predictable
         mine.append((i, dice_scores(pred, np.asarray(case.label()), annotated, ctx.space)))
         if on_case is not None:
-            on_case(len(mine), len(share))
+            on_case(len(mine), len(my_cases))
     per_class: dict[str, list[float]] = {}
     for _, scores in sorted((item for share in dist.gather_objects(mine) for item in share), key=lambda t: t[0]):
         for key, value in scores.items():
