@@ -499,3 +499,42 @@ def test_a_method_has_one_colour_in_every_figure(tmp_path: Path, monkeypatch: py
     colours = report.method_colours(agg)
     assert drawn == {"oracle": colours["oracle"], "naive": colours["naive"]}
     assert len(set(colours.values())) == 3  # the bars' colours, one per row
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals are forwarded on POSIX only")
+def test_a_stopped_benchmark_forwards_its_signal_to_the_run_it_waits_for() -> None:
+    """SIGTERM to the benchmark (``kill``, a scheduler) used to end it where it stood while its run trained on
+    in another process with nobody waiting; now the run gets the same signal as the benchmark did, so it
+    checkpoints its step, and the exit status says which signal it was (143 SIGTERM, 130 Ctrl-C)."""
+    import signal
+
+    from unionseg import benchmark
+    from unionseg.stopping import Terminated, exit_code, interruption
+
+    class Run:
+        def __init__(self) -> None:
+            self.signals: list[int] = []
+            self.killed = False
+
+        def send_signal(self, sig: int) -> None:
+            self.signals.append(sig)
+
+        def wait(self) -> int:
+            return 0
+
+        def kill(self) -> None:
+            self.killed = True
+
+    for terminated, sig in ((True, signal.SIGTERM), (False, signal.SIGINT)):
+        proc = Run()
+        benchmark._stop_run(proc, terminated=terminated)  # type: ignore[arg-type]
+        assert proc.signals == [sig] and not proc.killed
+    try:
+        try:
+            raise Terminated
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("wrapped, as click wraps it in Abort") from exc
+    except RuntimeError as wrapped:
+        assert isinstance(interruption(wrapped), Terminated) and exit_code(wrapped) == 143
+    assert exit_code(KeyboardInterrupt()) == 130 and exit_code(ValueError()) == 130
+    assert interruption(ValueError()) is None

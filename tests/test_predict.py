@@ -638,8 +638,8 @@ def _three_cases(tmp_path: Path) -> Path:
 def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """SIGTERM (kill, a scheduler's time limit) while case1 is being written: it ended the process where it
-    stood, leaving a partial temporary file. Now it stops as Ctrl-C does (exit 130, no temporary, case0
-    kept). Temporaries of a process that is gone (SIGKILL) are removed by the next run; a live one's stay."""
+    stood, leaving a partial temporary file. Now it stops as Ctrl-C does (no temporary, case0
+    kept), with exit 143 and "terminated" (130 is Ctrl-C's). Temporaries of a process that is gone (SIGKILL) are removed by the next run; a live one's stay."""
     import signal
     import subprocess
     import sys
@@ -657,7 +657,8 @@ def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
 
     monkeypatch.setattr(io, "fsync_file", killed_while_writing)
     before = signal.getsignal(signal.SIGTERM)
-    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 130
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 143
+    assert capsys.readouterr().err.rstrip().endswith("terminated")
     assert signal.getsignal(signal.SIGTERM) is before
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
     monkeypatch.setattr(io, "fsync_file", real_fsync)

@@ -345,6 +345,33 @@ def test_ctrl_c_in_a_terminal_stops_train_with_a_checkpoint(phantom_project: Pat
     assert f"stopped at step {step}; the checkpoint" in err and "Traceback" not in err
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM delivered to oneself is POSIX")
+def test_sigterm_stops_train_with_a_checkpoint_and_exit_143(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``kill`` / a scheduler's time limit during training: the step finishes, its checkpoint is written, and
+    the CLI says "terminated" and exits 143 (it exited 130, as for Ctrl-C, so a wrapper could not tell them
+    apart); the handler of before comes back."""
+    import signal
+
+    from unionseg.cli import run
+    from unionseg.training import trainer
+
+    def terminate_at_two(step: int) -> None:
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "_test_kill_hook", terminate_at_two)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    code = run(["train", str(phantom_project), "-m", "naive", "-o", str(out), "--quiet", *TINY, "steps=6",
+                "val_every=100", "ckpt_every=100", "device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 143, err
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert safe_torch_load(out / "last.pt", "unionseg-checkpoint")["step"] == 2
+    assert "stopped at step 2; the checkpoint" in err and err.rstrip().endswith("terminated")
+
+
 def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
         phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``-c configs/marginal.yaml`` trains marginal (it trained naive: --method's default overrode the

@@ -24,6 +24,7 @@ import typer
 
 from unionseg.config import from_dict, load_yaml
 from unionseg.errors import ConfigError, UnionsegError
+from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
 
 EXPERT_METHODS = ("individual", "cotraining", "mskd")
 
@@ -478,22 +479,24 @@ def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out
     proc = subprocess.Popen(cmd, env=env)
     try:
         code = proc.wait()
-    except KeyboardInterrupt:
-        _stop_run(proc)
+    except KeyboardInterrupt as exc:
+        _stop_run(proc, terminated=isinstance(exc, Terminated))
         raise
     if code != 0:
         raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {code}); see its run folder",
                           out / "runs" / name / f"seed{seed}")
 
 
-def _stop_run(proc: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C while a run trains in its own process: let it finish its step and write its checkpoint
-    (``subprocess.run`` would kill it a quarter of a second later). The Ctrl-C is forwarded, for a signal sent
+def _stop_run(proc: subprocess.Popen[bytes], terminated: bool = False) -> None:
+    """Ctrl-C (or SIGTERM: ``terminated``) while a run trains in its own process: let it finish its step and
+    write its checkpoint (``subprocess.run`` would kill it a quarter of a second later; left alone after a
+    SIGTERM to this process, it trained on with nobody waiting). The signal is forwarded, for a signal sent
     to this process alone (from a terminal the run got it too, and takes the two as one request); a second
-    Ctrl-C stops the run at once, a third kills it."""
+    one stops the run at once, a third kills it."""
     import signal
 
-    stops = [lambda: proc.send_signal(signal.SIGINT)] * (2 if os.name == "posix" else 0) + [proc.kill]
+    sig = signal.SIGTERM if terminated else signal.SIGINT
+    stops = [lambda: proc.send_signal(sig)] * (2 if os.name == "posix" else 0) + [proc.kill]
     for stop in stops:
         stop()
         try:
@@ -555,6 +558,7 @@ def register(app: typer.Typer) -> None:
 
 if __name__ == "__main__":
     try:
-        _isolated_main(sys.argv[1:])
-    except KeyboardInterrupt:  # the trainer said where the run stopped; the benchmark says "interrupted"
-        sys.exit(130)
+        with sigterm_as_interrupt():
+            _isolated_main(sys.argv[1:])
+    except KeyboardInterrupt as exc:  # the trainer said where the run stopped; the benchmark says "interrupted"
+        sys.exit(exit_code(exc))

@@ -17,6 +17,14 @@ from typing import Annotated, Any, Optional
 import typer
 
 from unionseg.errors import UnionsegError, UnionsegWarning
+from unionseg.stopping import (
+    EXIT_INTERRUPTED,
+    EXIT_TERMINATED,
+    exit_code,
+    interruption,
+    sigterm_as_interrupt,
+    terminated,
+)
 
 app = typer.Typer(
     name="unionseg",
@@ -171,7 +179,8 @@ def run(argv: list[str]) -> int:
             from unionseg.progress import line_interval
 
             line_interval()  # a bad UNIONSEG_PROGRESS_SECONDS is named before any work, not hours in
-            result = app(args=argv, standalone_mode=False, prog_name="unionseg")
+            with sigterm_as_interrupt():  # kill / a scheduler's limit: the clean-up of Ctrl-C, exit 143
+                result = app(args=argv, standalone_mode=False, prog_name="unionseg")
     except UnionsegError as exc:
         if debug:
             raise
@@ -201,12 +210,14 @@ def run(argv: list[str]) -> int:
         return 2
     except _EXIT as exc:
         code = int(getattr(exc, "exit_code", 0) or 0)
-        if code == 130:  # typer's answer to Ctrl-C
-            typer.echo("interrupted", err=True)
+        if code == EXIT_INTERRUPTED:  # typer's answer to Ctrl-C
+            return _interrupted(exc)
         return code
-    except _ABORT:
+    except _ABORT as exc:
+        if interruption(exc) is not None:  # click turns KeyboardInterrupt into Abort
+            return _interrupted(exc)
         typer.echo("aborted", err=True)
-        return 130
+        return EXIT_INTERRUPTED
     except _USAGE as exc:
         show = getattr(exc, "show", None)
         if callable(show):
@@ -214,12 +225,18 @@ def run(argv: list[str]) -> int:
         else:
             typer.echo(f"error: {exc}", err=True)
         return 2
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        return 130
-    if result == 130:  # typer returns Ctrl-C's exit code (outside standalone mode) instead of raising
-        typer.echo("interrupted", err=True)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+    if result == EXIT_INTERRUPTED:  # typer returns Ctrl-C's exit code (outside standalone mode) instead of raising
+        return _interrupted(None)
     return int(result) if isinstance(result, int) else 0
+
+
+def _interrupted(exc: BaseException | None) -> int:
+    """One line and the exit status for a stop by Ctrl-C (130) or SIGTERM (143)."""
+    code = EXIT_TERMINATED if terminated() else exit_code(exc)
+    typer.echo("terminated" if code == EXIT_TERMINATED else "interrupted", err=True)
+    return code
 
 
 def main() -> None:

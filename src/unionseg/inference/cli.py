@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -69,28 +68,6 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     for name, path in found:
         unique.setdefault(name, path)
     return list(unique.items())
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (``kill``, a batch scheduler's time limit) stops predict as Ctrl-C does: the case being written
-    removes its temporary files, and the finished cases stay. It used to end the process where it stood,
-    leaving a partial temporary file (up to the size of a probability map) in the output folder."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 #: seconds a temporary file must have stood unchanged before a later predict removes it: a writer on another
@@ -376,7 +353,7 @@ def register(app: typer.Typer) -> None:
                        err=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
-        with make_progress(*columns, console=console, transient=True) as bar, _sigterm_as_interrupt():
+        with make_progress(*columns, console=console, transient=True) as bar:
             begun = time.perf_counter()
             for k, (name, path) in enumerate(cases, 1):
                 task = bar.add_task(f"{name} (windows)", total=None)

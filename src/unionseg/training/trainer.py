@@ -31,6 +31,7 @@ from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
 from unionseg.networks.layout import set_layout
+from unionseg.stopping import Terminated
 from unionseg.training import distributed as dist
 from unionseg.training.checkpoint import atomic_torch_save, rng_state, safe_torch_load, set_rng_state
 from unionseg.training.config import TrainConfig
@@ -578,7 +579,7 @@ class Trainer:
                 if stop.requested is None:
                     raise
                 # a loader worker ended by the same signal; the state is still that of a finished step
-                self._checkpoint_and_stop()
+                self._checkpoint_and_stop(stop)
             t_data = time.perf_counter() - t_last
             batch = _to_device(batch, self.ctx.device)
             terms = self.train_step(batch)
@@ -605,14 +606,14 @@ class Trainer:
                 t_last = time.perf_counter()
             _test_kill_hook(self.step)
             if dist.any_rank(stop.requested is not None, self.ctx.device):
-                self._checkpoint_and_stop()
+                self._checkpoint_and_stop(stop)
             if self.step >= cfg.steps or stopping:
                 break
 
-    def _checkpoint_and_stop(self) -> NoReturn:
+    def _checkpoint_and_stop(self, stop: _StopRequest) -> NoReturn:
         if self.saved_step != self.step:
             self.save_checkpoint()
-        raise KeyboardInterrupt
+        raise Terminated if stop.requested == "SIGTERM" else KeyboardInterrupt
 
     # ------------------------------------------------------------------ validation and the model file
     def validate(self) -> None:
@@ -734,7 +735,7 @@ class _StopRequest:
         if self.requested is not None:
             if time.monotonic() - self._at < self.REPEAT_WINDOW:
                 return
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         self._at = time.monotonic()
         print(f"\n{self.requested}: stopping after this step to write a checkpoint (press Ctrl-C again to stop "
