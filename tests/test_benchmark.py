@@ -213,6 +213,12 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
                 scores.setdefault(key, []).append(1.0 if denom == 0 else 2.0 * np.logical_and(p, g).sum() / denom)
         for key, values in scores.items():
             assert run["per_class"][key]["dice"] == pytest.approx(float(np.mean(values)), abs=1e-9), (run["name"], key)
+            # how many test cases the class was scored on, and how many values the empty-mask rules decided
+            # (the counts were read as a metric and written null)
+            assert run["per_class"][key]["n_cases"] == len(values)
+            assert set(run["per_class"][key]["empty_rule_cases"]) >= {"both_empty", "pred_empty"}
+    # strict JSON, as jq, pandas and browsers parse it: no bare NaN (the ci suite's gap closures are NaN)
+    json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
     # the report and its figures exist and are not trivial
     report = (out / "report.md").read_text()
     assert "| oracle |" in report and "Provenance" in report

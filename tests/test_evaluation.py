@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from unionseg.errors import ConfigError, DataError
+from unionseg.errors import ConfigError, DataError, OutputExistsError
 from unionseg.evaluation.evaluate import evaluate_case, evaluate_folder, markdown_table, validation_dice
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
@@ -309,12 +309,69 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
                              None, root / "eval_serial", figures=False)
     assert serial["cases"] == summary["cases"]
     assert not (root / "eval_serial" / "figures").exists()
+    # an earlier evaluation's reports are replaced only with overwrite (they were replaced silently), and
+    # the refusal comes before any case is scored
+    before = (out / "summary.json").read_bytes()
+    with pytest.raises(OutputExistsError, match="earlier evaluation .*--overwrite"):
+        evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, out,
+                        figures=False)
+    assert (out / "summary.json").read_bytes() == before
     # --no-figures into the first run's folder removes its figures, which would show the old predictions
     # beside the new tables; a file of the user's in figures/ stays
     (out / "figures" / "mine.txt").write_text("keep")
     evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, out,
-                    figures=False)
+                    figures=False, overwrite=True)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["mine.txt"]
+    # no folder: nothing written, the summary returned (it wrote ./evaluation)
+    unwritten = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml")
+    assert unwritten["cases"] == summary["cases"] and unwritten["files"] == {}
+
+
+def test_evaluate_never_replaces_a_run_summary_and_names_a_file_given_as_folder(
+        tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``-o`` naming a training run replaced the run's summary.json (``info`` then read the run as
+    unfinished), even without any flag; now refused, with --overwrite too. ``-o`` naming a file was found
+    only after every case was scored."""
+    from unionseg.cli import run
+
+    root = tiny_project
+    run_dir = root / "runs" / "dodnet"
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text('{"method": "dodnet", "steps": 10}')
+    args = ["evaluate", str(root / "preds"), str(root / "datasets" / "test" / "labelsTr"), "-p",
+            str(root / "project.yaml"), "--no-figures", "--quiet"]
+    for extra in ([], ["--overwrite"]):
+        assert run([*args, "-o", str(run_dir), *extra]) == 2
+        assert "not an evaluation's summary" in capsys.readouterr().err
+    assert (run_dir / "summary.json").read_text() == '{"method": "dodnet", "steps": 10}'
+    (root / "afile").write_text("x")
+    assert run([*args, "-o", str(root / "afile")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert run([*args, "-o", str(root / "ev")]) == 0
+    assert run([*args, "-o", str(root / "ev")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert run([*args, "-o", str(root / "ev"), "--overwrite"]) == 0
+
+
+def test_evaluate_refuses_a_dataset_it_cannot_score_and_writes_strict_json(tiny_project: Path) -> None:
+    """A dataset annotating an organ without its tumour has no class to score: evaluate exited 0 with an
+    empty table and ``NaN`` in summary.json, which is not JSON. Now an error names the dataset and why; and
+    a value without a number is written null."""
+    import yaml
+
+    from unionseg.jsonfile import dumps
+
+    root = tiny_project
+    raw = yaml.safe_load((root / "project.yaml").read_text())
+    for entry in raw["datasets"]:
+        if entry["name"] == "liver":
+            entry["annotated"], entry["labels"] = ["liver"], {1: "liver"}
+    (root / "noscore.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(DataError, match=r"no class of dataset 'liver' can be scored: .*annotated lists 'liver'"):
+        evaluate_folder(root / "preds", root / "datasets" / "liver" / "labelsTr", root / "noscore.yaml",
+                        "liver", root / "never")
+    assert not (root / "never").exists()
+    assert json.loads(dumps({"a": float("nan"), "b": [np.float32(0.5), float("inf")]})) == {"a": None, "b": [0.5, None]}
 
 
 def test_evaluate_folder_partial_truth_scores_annotated_only(tiny_project: Path) -> None:

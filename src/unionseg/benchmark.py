@@ -24,6 +24,7 @@ import typer
 
 from unionseg.config import from_dict, load_yaml
 from unionseg.errors import ConfigError, UnionsegError
+from unionseg.jsonfile import write_json
 from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
 
 EXPERT_METHODS = ("individual", "cotraining", "mskd")
@@ -216,13 +217,17 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     from unionseg.evaluation.evaluate import evaluate_folder
 
     evaluation = evaluate_folder(pred_dir, _labels_dir(test), project, dataset=test.name,
-                                 out_dir=run_dir / "evaluation", figures=False)
+                                 out_dir=run_dir / "evaluation", figures=False,
+                                 overwrite=True)  # the run's own folder: a re-run after a crash redoes it
     from unionseg.data.preprocess import PreparedIndex
 
     result = {
         "name": spec.name, "method": spec.method, "seed": seed, "options": spec.options,
         "resolved_options": summary.get("options", {}),  # defaults filled in: what the method ran
-        "per_class": {k: {m: v.get("mean") for m, v in stats.items() if isinstance(v, dict)}
+        # each metric's mean over the test cases, how many cases score the class and how many values an
+        # empty-mask rule decided (it read the rules' counts as a metric, writing null)
+        "per_class": {k: {**{m: stats[m]["mean"] for m in evaluation["metrics"] if m in stats},
+                          "n_cases": stats["n_cases"], "empty_rule_cases": stats["empty_rule_cases"]}
                       for k, stats in evaluation["classes"].items()},
         "best_val_mean_dice": summary["best_val_mean_dice"],
         "selected_on": summary.get("selected_on", "all"),
@@ -238,9 +243,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
                        "generator_version": project.raw.get("generator_version")},
         "pred_dir": str(pred_dir.relative_to(out)),
     }
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    tmp.replace(done)
+    write_json(done, result)
     return result
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from unionseg.jsonfile import write_json
 from unionseg.labels import REGION_PREFIX
 
 
@@ -22,6 +23,10 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     if arr.size == 0:
         return float("nan"), float("nan")
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def _number(value: Any) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
@@ -40,7 +45,9 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
                 entry[metric] = {"mean": mean, "std": std}
             classes[key] = entry
         regions = [k for k in keys if k.startswith(REGION_PREFIX)]
-        per_seed_region = [float(np.mean([r["per_class"][k]["dice"] for k in regions])) for r in runs] if regions else []
+        # a result.json read back holds null where a value was NaN
+        per_seed_region = [float(np.mean([_number(r["per_class"][k]["dice"]) for k in regions])) for r in runs] \
+            if regions else []
         mean_region, std_region = _mean_std(per_seed_region)
         methods[name] = {
             "method": runs[0]["method"], "options": runs[0].get("options", {}), "seeds": [r["seed"] for r in runs],
@@ -112,9 +119,7 @@ def print_table(agg: dict[str, Any]) -> None:
 
 def write_results(agg: dict[str, Any], out: Path) -> None:
     """``results.json``, atomically."""
-    tmp = Path(out) / "results.json.tmp"
-    tmp.write_text(json.dumps(agg, indent=2, default=float))
-    tmp.replace(Path(out) / "results.json")
+    write_json(Path(out) / "results.json", agg)
 
 
 def write_report(agg: dict[str, Any], out: Path) -> None:

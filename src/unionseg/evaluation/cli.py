@@ -25,6 +25,8 @@ def evaluate_command(
     root: Annotated[Optional[list[str]], typer.Option(
         "--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
 ) -> None:
     """Dice, HD95 (mm) and NSD per class on the classes the ground truth annotates; writes reports."""
     from rich.console import Console
@@ -35,7 +37,8 @@ def evaluate_command(
     from unionseg.evaluation.evaluate import evaluate_folder
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
-                              workers=workers, figures=figures, roots=parse_roots(root), progress=not quiet)
+                              workers=workers, figures=figures, roots=parse_roots(root), progress=not quiet,
+                              overwrite=overwrite)
     console = Console()
     console.print(f"[bold]{summary['dataset']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))

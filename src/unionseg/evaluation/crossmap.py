@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import fnmatch
-import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,6 +43,7 @@ import typer
 from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
+from unionseg.jsonfile import dumps
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
 CaseScores = dict[str, dict[str, float]]
@@ -349,6 +349,7 @@ def evaluate_cross(
     dropped: Mapping[str, str] | None = None,
     name: str = "evaluation",
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Score a folder of predictions on a dataset labelled in another label space (shared classes only).
 
@@ -368,6 +369,8 @@ def evaluate_cross(
         dropped: organ -> reason, for shared organs the model lacks (reported, not scored).
         name: the evaluation set's name (reports).
         progress: show a progress bar with an ETA on stderr (the CLI does).
+        overwrite: replace an earlier evaluation's reports in ``out_dir`` (else they are refused, as by
+            :func:`unionseg.evaluation.evaluate.check_output_folder`).
 
     Returns:
         A summary: ``cases`` (case -> class key -> metrics), ``classes`` (per class mean/sd/...), ``scored``
@@ -376,10 +379,13 @@ def evaluate_cross(
     Raises:
         DataError: missing folders or predictions, grid mismatches, values outside either label space.
         ConfigError: an empty map, a target the model lacks, bad metrics or tolerance.
+        OutputExistsError: earlier reports in ``out_dir`` without ``overwrite``.
     """
-    from unionseg.evaluation.evaluate import markdown_table, summarise
+    from unionseg.evaluation.evaluate import check_output_folder, markdown_table, summarise
 
     _check_gt_map(model_space, gt_map)
+    if out_dir is not None:
+        check_output_folder(Path(out_dir), overwrite)
     unknown_metrics = [m for m in metrics if m not in METRICS]
     if unknown_metrics or not metrics:
         raise ConfigError(f"unknown metric {unknown_metrics[0] if unknown_metrics else None!r}; "
@@ -445,7 +451,7 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     tmp.replace(files["metrics_csv"])
     body = {**summary, "files": {k: str(v) for k, v in files.items()}}
     tmp = files["summary_json"].with_name("summary.json.tmp")
-    tmp.write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(dumps(body) + "\n", encoding="utf-8")
     tmp.replace(files["summary_json"])
     shared = ", ".join(k[len(REGION_PREFIX):] if k.startswith(REGION_PREFIX) else k for k in summary["scored"])
     lines = [f"# Cross-label-space evaluation: {summary['evaluation_set']} ({summary['n_cases']} cases)", "",
@@ -492,6 +498,7 @@ def evaluate_with_map(
     tolerance_mm: float = 2.0,
     metrics: Sequence[str] = METRICS,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """:func:`evaluate_cross` with the value -> class map built from a cross map file for this model.
 
@@ -506,7 +513,8 @@ def evaluate_with_map(
                           f"({', '.join(model_space.names[1:])}): {'; '.join(dropped.values())}", cmap.path)
     return evaluate_cross(pred_dir, gt_dir, model_space, gt_map, out_dir=out_dir, gt_labels=cmap.labels,
                           layout=cmap.layout, exclude=cmap.exclude, tolerance_mm=tolerance_mm, metrics=metrics,
-                          dropped=dropped, name=cmap.name, progress=progress)
+                          dropped=dropped, name=cmap.name, progress=progress,
+                          overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -521,13 +529,16 @@ def evaluate_cross_command(
         "--model", "-m", help="Or the model file itself (its classes).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
 ) -> None:
     """Score a model on a dataset with another label space (e.g. BTCV), on the shared classes only."""
     from rich.console import Console
     from rich.markdown import Markdown
 
     space = model_space_from(project, model)
-    summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet)
+    summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet,
+                                overwrite=overwrite)
     console = Console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.errors import ConfigError, DataError, UnionsegError, and_more, listing
+from unionseg.errors import ConfigError, DataError, OutputExistsError, UnionsegError, and_more, listing
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
     EMPTY_RULES,
@@ -38,6 +38,7 @@ from unionseg.evaluation.metrics import (
     empty_rule,
     score_masks,
 )
+from unionseg.jsonfile import dumps
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
 if TYPE_CHECKING:
@@ -484,18 +485,57 @@ def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False)
         return out
 
 
+#: the reports an evaluation writes into its output folder (and ``figures/`` beside them)
+REPORT_FILES = ("metrics.csv", "summary.json", "summary.md")
+
+
+def check_output_folder(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any case is scored, an output folder whose reports would be replaced.
+
+    Earlier results are replaced only with ``overwrite``, and never a ``summary.json`` that no evaluation
+    wrote (a training run's: ``-o`` naming a run folder used to replace it, and ``info`` then read the run
+    as unfinished). ``evaluate`` used to replace both silently, and learnt of an ``-o`` naming a file only
+    after scoring every case.
+
+    Raises:
+        DataError: ``out_dir`` is a file.
+        OutputExistsError: reports exist and ``overwrite`` is false, or a foreign ``summary.json``.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError("the output folder (-o) is a file; give a folder", out_dir)
+    held = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if not held:
+        return
+    summary = out_dir / "summary.json"
+    if summary.exists() and not _is_evaluation_summary(summary):
+        raise OutputExistsError("not an evaluation's summary (a training run's?), and evaluate would replace "
+                                "it: give another output folder (-o)", summary)
+    if not overwrite:
+        raise OutputExistsError(f"holds the reports of an earlier evaluation ({', '.join(held)}); give --overwrite "
+                                "to replace them, or another output folder (-o)", out_dir)
+
+
+def _is_evaluation_summary(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"n_cases", "classes", "metrics", "cases"} <= set(data)
+
+
 def evaluate_folder(
     pred_dir: str | Path,
     gt_dir: str | Path,
     project: Project | str | Path,
     dataset: str | None = None,
-    out_dir: str | Path = "evaluation",
+    out_dir: str | Path | None = None,
     tolerance_mm: float = 2.0,
     metrics: Sequence[str] = METRICS,
     workers: int = 1,
     figures: bool = True,
     roots: Mapping[str, str | Path] | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a folder of predicted label maps against a folder of ground-truth label files.
 
@@ -506,20 +546,26 @@ def evaluate_folder(
         project: a loaded project or the path of its YAML file.
         dataset: the dataset the truth belongs to; by default the project dataset whose root contains
             ``gt_dir``. Only the classes it annotates are scored.
-        out_dir: where ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/`` go.
+        out_dir: where ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/`` go; None: nothing
+            is written (the summary is returned; ``figures`` is ignored).
         tolerance_mm: NSD tolerance in mm.
         metrics: any of ``dice``, ``hd95``, ``nsd``.
         workers: processes scoring cases in parallel (1: in this process).
         figures: write the PNG figures.
         roots: dataset root overrides when ``project`` is a path.
         progress: show a progress bar with an ETA on stderr (the CLI does).
+        overwrite: replace the reports of an earlier evaluation in ``out_dir`` (else they are refused).
 
     Returns:
-        The summary (as written to ``summary.json``) with ``markdown`` (the table) and ``files`` added.
+        The summary (as written to ``summary.json``; non-finite values are null there) with ``markdown``
+        (the table) and ``files`` added.
 
     Raises:
         DataError: a missing folder or prediction (naming the case), a grid mismatch (naming both files),
-            values outside the label space.
+            values outside the label space, no class of the dataset that the ground truth can score,
+            ``out_dir`` a file.
+        OutputExistsError: earlier reports in ``out_dir`` without ``overwrite`` (see
+            :func:`check_output_folder`).
         ConfigError: unknown dataset, none inferable, invalid tolerance/workers/metrics.
     """
     from unionseg.config import Project, load_project
@@ -534,7 +580,10 @@ def evaluate_folder(
         raise ConfigError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
-    pred_dir, gt_dir, out_dir = Path(pred_dir), Path(gt_dir), Path(out_dir)
+    pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        check_output_folder(out_dir, overwrite)
     if not gt_dir.is_dir():  # before the dataset is inferred from it: "no dataset root contains" misleads
         raise DataError("ground-truth folder not found", gt_dir)
     if not pred_dir.is_dir():
@@ -548,6 +597,10 @@ def evaluate_folder(
     else:
         lookup = space.local_lookup(spec.name)
         annotated = space.annotated_leaf_mask(spec.name)
+        if not space.scorable_keys(annotated):  # it scored nothing, exit 0, and wrote an empty table
+            reasons = space.unscored_organs(spec.name)
+            raise DataError(f"no class of dataset {spec.name!r} can be scored"
+                            + (f": {'; '.join(reasons)}" if reasons else ""), project.path)
         space.warn_unscored_organs(spec.name, project.path)
     truths = _label_files(gt_dir)
     if not truths:
@@ -567,14 +620,7 @@ def evaluate_folder(
     best = min(ranked, key=lambda item: (-item[0], item[1]))[1] if ranked else None
     worst = min(ranked)[1] if ranked else None
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"metrics_csv": out_dir / "metrics.csv", "summary_json": out_dir / "summary.json",
-             "summary_md": out_dir / "summary.md"}
     markdown = markdown_table(classes, metrics, tolerance_mm)
-    if figures and cases:
-        files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
-                                    lookup, space, spec, project))
-    _remove_stale_figures(out_dir / "figures", set(files.values()))
     summary: dict[str, Any] = {
         "project": str(project.path), "dataset": spec.name, "ground_truth": str(gt_dir.resolve()),
         "predictions": str(pred_dir.resolve()), "oracle_labels": oracle,
@@ -585,10 +631,19 @@ def evaluate_folder(
                          for key, row in scores.items()} for case, scores in cases.items()},
         "case_quality": quality, "best_case": best, "worst_case": worst,
         "unmatched_predictions": unmatched_predictions(preds, truths),
-        "files": {k: str(v) for k, v in files.items()},
     }
+    if out_dir is None:
+        return {**summary, "files": {}, "markdown": markdown}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"metrics_csv": out_dir / "metrics.csv", "summary_json": out_dir / "summary.json",
+             "summary_md": out_dir / "summary.md"}
+    if figures and cases:
+        files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
+                                    lookup, space, spec, project))
+    _remove_stale_figures(out_dir / "figures", set(files.values()))
+    summary["files"] = {k: str(v) for k, v in files.items()}
     _write_csv(files["metrics_csv"], cases, metrics)
-    _write_text(files["summary_json"], json.dumps(summary, indent=2, allow_nan=True) + "\n")
+    _write_text(files["summary_json"], dumps(summary) + "\n")
     notes = [f"# Evaluation: {spec.name} ({len(cases)} cases)", "",
              "Organs are scored as regions (organ + its parts); only classes the ground truth annotates are "
              f"scored. Mean ± sd over cases; NSD tolerance {tolerance_mm:g} mm.", "", markdown]

@@ -1,0 +1,46 @@
+"""JSON that every reader can parse: results and summaries a user loads in jq, pandas or a browser.
+
+Python's ``json`` writes a float NaN as the bare word ``NaN`` by default, which is not JSON: JavaScript's
+``JSON.parse`` and strict parsers refuse the file, and jq turns it into null silently. A metric without a
+value (a class no case holds, a gap closure whose oracle equals the baseline) is written as ``null`` here,
+and numpy scalars and arrays as plain numbers and lists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def plain(value: Any) -> Any:
+    """``value`` with NaN and infinities as None and numpy scalars/arrays as Python numbers/lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    tolist = getattr(value, "tolist", None)  # numpy scalars and arrays (and torch tensors)
+    if callable(tolist) and not isinstance(value, (str, bytes)):
+        return plain(tolist())
+    return value
+
+
+def dumps(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of ``value`` (see :func:`plain`); anything else unserialisable is written as str."""
+    return json.dumps(plain(value), indent=indent, allow_nan=False, default=str)
+
+
+def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
+    """Write :func:`dumps` of ``value`` through a temporary file and a rename: never half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(dumps(value, indent) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
