@@ -419,6 +419,18 @@ def test_evaluate_folder_errors(tiny_project: Path) -> None:
     with pytest.raises(DataError, match="grid differs") as info:
         evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
     assert "preds/case_1.nii.gz" in str(info.value) and "labelsTr/case_1.nii.gz" in str(info.value)
+    # the message says what differs: it printed both grids at 4 digits, two identical lines for a turn of
+    # 5 degrees or a shift of 0.02 mm
+    from unionseg.evaluation.evaluate import grid_difference
+
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(np.radians(5)), -np.sin(np.radians(5))], [np.sin(np.radians(5)), np.cos(np.radians(5))]]
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 0.02
+    said = grid_difference(Geometry(SHAPE, turn @ AFFINE), Geometry(SHAPE, AFFINE))
+    assert "an axis turned by 5 deg" in said and "shape" not in said and "spacing" not in said
+    said = grid_difference(Geometry(SHAPE, shifted), Geometry(SHAPE, AFFINE))
+    assert said == "origin (-9.98, 5, 30) vs (-10, 5, 30) mm (0.02 mm apart)"
     # a value outside the leaf ids is named, not the largest valid one (it said "holds value 3" for a -1)
     bad = np.zeros(SHAPE, np.int16)
     bad[0, 0, 0], bad[1, 1, 1] = -1, 3
