@@ -363,7 +363,7 @@ def test_a_subset_run_keeps_every_finished_row_in_the_report(tmp_path: Path, mon
     for name in ("write_results", "write_report"):
         monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
     bench.run_benchmark("ci", tmp_path, ["naive"], seeds=1, progress=False)
-    assert seen[-1] == ["naive", "oracle"]
+    assert seen[-1] == ["oracle", "naive"]  # the suite's order (this call's rows came first)
 
 
 @pytest.mark.slow
@@ -450,6 +450,20 @@ def test_report_says_what_each_row_ran_and_marks_fewer_seeds() -> None:
     assert "| dodnet_linear_head | `dodnet` | `cross_task_weight: 0.25`, `head_widths: []` | 0 |" in rows
     # every row with the same seeds: no mark
     assert "seed)" not in markdown_table(aggregate(results[:1] + results[2:], "ablations"))
+
+
+def test_a_report_rendered_without_its_run_folders_says_what_it_leaves_out(tmp_path: Path) -> None:
+    """A report written again from a copied results.json dropped the tumour and site tables and the run
+    figures without a word; now a section names the runs whose folders are missing."""
+    from unionseg.report import missing_runs_note
+
+    agg = {"runs": [{"name": "oracle", "seed": 0, "pred_dir": "runs/oracle/seed0/test_pred"},
+                    {"name": "naive", "seed": 0, "pred_dir": "runs/naive/seed0/test_pred"}]}
+    (tmp_path / "runs" / "oracle" / "seed0").mkdir(parents=True)
+    note = "\n".join(missing_runs_note(agg, tmp_path))
+    assert note.startswith("## Left out") and "1 of 2 runs" in note and "(naive seed 0)" in note
+    (tmp_path / "runs" / "naive" / "seed0").mkdir(parents=True)
+    assert missing_runs_note(agg, tmp_path) == []
 
 
 def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(

@@ -425,7 +425,10 @@ def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]
             done = out / "runs" / row.name / f"seed{seed}" / "result.json"
             if (row.name, seed) not in ran and done.is_file():
                 extra.append(json.loads(done.read_text(encoding="utf-8")))
-    return [*results, *extra]
+    # in the suite's row order, whichever rows this call ran (they came first: `--methods naive` after a
+    # run of the whole suite put naive above the oracle)
+    order = {row.name: i for i, row in enumerate(suite.runs())}
+    return sorted([*results, *extra], key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
 
 
 def suite_eta(to_train: int, trained: list[float], recorded: list[float], stages: int = 0,

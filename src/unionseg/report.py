@@ -146,6 +146,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
     lines += tumour_section(agg, out)
     lines += site_section(agg, out)
+    lines += missing_runs_note(agg, out)
     for title, rel in made:
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
     lines += ["## Provenance", "", "| run | seed | code commit | data fingerprint | config hash | phantom |",
@@ -157,6 +158,21 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
         lines.append(f"| {r['name']} | {r['seed']} | `{commit}` | `{p['data_fingerprint']}` | "
                      f"`{p['config_hash']}` | {p.get('generator_version')} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def missing_runs_note(agg: dict[str, Any], out: Path) -> list[str]:
+    """Report lines saying which sections are left out because run folders are not beside ``results.json``
+    (a report rendered again from a copied ``results.json`` lost them without a word)."""
+    missing = [f"{r['name']} seed {r['seed']}" for r in agg["runs"]
+               if not (Path(out) / Path(r["pred_dir"]).parent).is_dir()]
+    if not missing:
+        return []
+    return ["## Left out", "",
+            f"The run folders of {len(missing)} of {len(agg['runs'])} runs are not beside this report "
+            f"({', '.join(missing[:6])}{', ...' if len(missing) > 6 else ''}), so the sections and figures "
+            "that read them (per-case tumour and site tables, loss curves, pseudo-label quality, the overlay "
+            "montage) leave those runs out, or are missing. Render the report in the benchmark folder itself "
+            "(running the same `unionseg benchmark` command again re-renders it in seconds) to have them.", ""]
 
 
 def rows_section(agg: dict[str, Any]) -> list[str]:
