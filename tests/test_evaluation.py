@@ -374,6 +374,25 @@ def test_evaluate_refuses_a_dataset_it_cannot_score_and_writes_strict_json(tiny_
     assert json.loads(dumps({"a": float("nan"), "b": [np.float32(0.5), float("inf")]})) == {"a": None, "b": [0.5, None]}
 
 
+def test_an_external_test_set_is_scored_from_a_project_without_training_data(tiny_project: Path) -> None:
+    """Scoring a hospital's test set needs its label map and the classes, not a training dataset: a project
+    holding only a ``role: test`` dataset was refused ("at least one dataset needs role: train"); prepare and
+    train still refuse it."""
+    import yaml
+
+    from unionseg.config import load_project
+
+    root = tiny_project
+    raw = yaml.safe_load((root / "project.yaml").read_text())
+    raw["datasets"] = [d for d in raw["datasets"] if d.get("role") == "test"]
+    (root / "external.yaml").write_text(yaml.safe_dump(raw))
+    summary = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "external.yaml")
+    reference = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml")
+    assert summary["cases"] == reference["cases"] and summary["n_cases"] == 3
+    with pytest.raises(ConfigError, match="at least one dataset needs role: train"):
+        load_project(root / "external.yaml")
+
+
 def test_evaluate_folder_partial_truth_scores_annotated_only(tiny_project: Path) -> None:
     root = tiny_project
     summary = evaluate_folder(root / "preds", root / "datasets" / "liver" / "labelsTr", root / "project.yaml",

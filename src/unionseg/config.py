@@ -519,7 +519,8 @@ def _read_roots_file(value: Any, base: Path, source: str) -> tuple[dict[str, Pat
     return out, (path.parent / Path(cache).expanduser()).resolve() if cache else None, hint
 
 
-def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None) -> Project:
+def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None,
+                 require_train: bool = True) -> Project:
     """Load and validate a project file.
 
     Args:
@@ -527,6 +528,8 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
         roots: optional ``dataset name -> folder`` overrides (``--root NAME=DIR`` on the command line).
             They win over the project's optional ``roots_file`` (a user YAML file, see
             :func:`_read_roots_file`; it may also move ``cache_dir``), which wins over each dataset's ``root``.
+        require_train: refuse a project without a training dataset; ``evaluate`` needs only the label
+            space and an evaluation set, so an external test set can be scored from a project of its own.
 
     Raises:
         ConfigError: naming the file and the key at fault.
@@ -558,7 +561,7 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
         [DatasetLabels(d.name, d.labels, d.annotated, d.fully_labelled) for d in datasets],
         source=source,
     )
-    if not any(d.role == "train" for d in datasets):
+    if require_train and not any(d.role == "train" for d in datasets):
         raise ConfigError("datasets: at least one dataset needs role: train", path)
     pre = from_dict(PreprocessSpec, raw.get("preprocessing") or {}, source=source, where="preprocessing")
     cache = raw.get("cache_dir", "prepared")

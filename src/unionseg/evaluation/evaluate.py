@@ -591,7 +591,7 @@ def evaluate_folder(
     from unionseg.config import Project, load_project
 
     if not isinstance(project, Project):
-        project = load_project(project, roots=roots)
+        project = load_project(project, roots=roots, require_train=False)
     try:
         metrics = _check_metrics(metrics)
     except ValueError as exc:
