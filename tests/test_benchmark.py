@@ -433,7 +433,7 @@ def test_pseudo_label_figure_shows_seed_0(tmp_path: Path, monkeypatch: pytest.Mo
 def test_report_says_what_each_row_ran_and_marks_fewer_seeds() -> None:
     """An ablation row's options and every row's seeds are in the report; a row with fewer seeds than the
     others is marked in the table, since its mean is not comparable to a mean over more seeds."""
-    from unionseg.report import aggregate, markdown_table, rows_section
+    from unionseg.report import aggregate, markdown_table, rows_section, surface_table
 
     def result(name: str, method: str, seed: int, dice: float, options: dict | None = None) -> dict:
         return {"name": name, "method": method, "seed": seed, "options": options or {},
@@ -450,6 +450,12 @@ def test_report_says_what_each_row_ran_and_marks_fewer_seeds() -> None:
     assert "| dodnet_linear_head | `dodnet` | `cross_task_weight: 0.25`, `head_widths: []` | 0 |" in rows
     # every row with the same seeds: no mark
     assert "seed)" not in markdown_table(aggregate(results[:1] + results[2:], "ablations"))
+    # HD95 and NSD per region beside the Dice table (results.json held them; the report showed Dice only)
+    for r, hd95 in zip(results, (10.0, 20.0, 5.0), strict=True):
+        r["per_class"]["region:liver"].update(hd95=hd95, nsd=0.5)
+    surface = "\n".join(surface_table(aggregate(results, "ablations")))
+    assert "| method | liver HD95 | liver NSD |" in surface
+    assert "| dodnet | 15.0 | 0.500 |" in surface and "| dodnet_linear_head | 5.0 | 0.500 |" in surface
 
 
 def test_a_report_rendered_without_its_run_folders_says_what_it_leaves_out(tmp_path: Path) -> None:

@@ -106,6 +106,26 @@ def markdown_table(agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def surface_table(agg: dict[str, Any]) -> list[str]:
+    """Report lines: HD95 (mm) and NSD per organ region, mean over seeds, for every method (the table above
+    is Dice only; both are in ``results.json``)."""
+    methods = agg["methods"]
+    regions = sorted({k for m in methods.values() for k in m["classes"] if k.startswith(REGION_PREFIX)})
+    if not regions:
+        return []
+    names = [k[len(REGION_PREFIX):] for k in regions]
+    lines = ["## Surface distances per organ region", "",
+             "HD95 in mm (lower is better) and NSD at 2 mm (higher is better), test-set means over seeds; a case "
+             "whose prediction misses an organ scores the grid's diagonal as its HD95 (docs/evaluation.md).", "",
+             "| method | " + " | ".join(f"{n} HD95" for n in names) + " | " + " | ".join(f"{n} NSD" for n in names) + " |",
+             "|---|" + "---|" * (2 * len(regions))]
+    for name, m in methods.items():
+        hd = [_fmt(m["classes"].get(k, {}).get("hd95", {}).get("mean"), 1) for k in regions]
+        nsd = [_fmt(m["classes"].get(k, {}).get("nsd", {}).get("mean")) for k in regions]
+        lines.append(f"| {name} | " + " | ".join(hd + nsd) + " |")
+    return [*lines, ""]
+
+
 def print_table(agg: dict[str, Any]) -> None:
     """The comparison table on the terminal, then what the suite's figures mean (its ``about``)."""
     from rich.console import Console
@@ -141,6 +161,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              "detections. \"train s\" is the run's own training; \"(+N)\" the shared experts it reused (with, "
              "for co-training and MS-KD, their probability maps and pseudo labels), computed once per seed.",
              "", markdown_table(agg), "",
+             *surface_table(agg),
              *rows_section(agg),
              "## Budget (identical for every method and the shared experts)", "", "```json",
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
