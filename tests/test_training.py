@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
 def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: Path, tmp_path: Path) -> None:
     """The checkpoint is checked before config.yaml is written and before the method's stages run: a resume
     as another method (cotraining, whose stages train experts) is refused at once, the folder untouched."""
-    from unionseg.errors import CheckpointError
+    from unionseg.errors import CheckpointError, UnionsegWarning
 
     run = tmp_path / "run"
     train(phantom_project, _cfg("naive", 2), run, progress=False)
@@ -151,8 +152,15 @@ def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: P
     with pytest.raises(CheckpointError, match="method: 'naive' -> 'cotraining'"):
         train(phantom_project, _cfg("cotraining", 2), run, resume=True, progress=False)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
-    # cut during the stages (no checkpoint yet): --resume continues only the same method
+    # a finished run whose last.pt was removed (to save space): --resume has nothing to continue; it trained
+    # again from step 0 over the model file without a word
     (run / "last.pt").unlink()
+    with pytest.raises(CheckpointError, match="this run finished, and its checkpoint .* is gone"):
+        train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)
+    # cut during the stages (no checkpoint, no model yet): --resume continues only the same method
+    for name in ("summary.json", "model.pt", "validation.json"):
+        (run / name).unlink()
+    kept = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     with pytest.raises(CheckpointError, match="holds a 'naive' run; --resume continues it only as 'naive'"):
         train(phantom_project, _cfg("mskd", 2), run, resume=True, progress=False)
     assert not (run / "stages.json").exists()
@@ -160,9 +168,82 @@ def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: P
     # train), so this is where a resume with other overrides would build other experts over its model file
     with pytest.raises(CheckpointError, match="another configuration .*steps: 2 -> 3"):
         train(phantom_project, _cfg("naive", 3), run, resume=True, progress=False)
-    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == {
-        k: v for k, v in before.items() if k != "last.pt"}
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == kept
     train(phantom_project, _cfg("naive", 2, "log_every=2"), run, resume=True, progress=False)  # a run setting
+    # killed before its first checkpoint, with a model file: it starts again, and says so
+    (run / "last.pt").unlink()
+    (run / "summary.json").unlink()
+    with pytest.warns(UnionsegWarning, match="no checkpoint .*starts again from step 0.*model.pt will be replaced"):
+        train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="advisory locks (fcntl) are POSIX")
+def test_a_second_training_into_a_busy_run_folder_is_refused_and_dead_temporaries_go(
+        phantom_project: Path, tmp_path: Path) -> None:
+    """``--resume`` while another process still trains into the folder (a scheduler's requeue) ran beside
+    it, interleaving log.csv and writing over its checkpoints; now it stops at once, naming the holder. With
+    the folder to itself, a training removes the temporaries of killed writers (``.model.pt.<pid>.tmp`` were
+    never removed); a folder made for a refused run is not left behind."""
+    from unionseg.errors import CheckpointError, UnionsegError
+    from unionseg.training.trainer import RUN_LOCK
+
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 2), run, progress=False)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom unionseg.locking import FileLock\n"
+        f"FileLock({str(run / RUN_LOCK)!r}, 'x').acquire()\nprint('held', flush=True)\ntime.sleep(120)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        with pytest.raises(UnionsegError, match=rf"run folder .* is in use by pid {holder.pid}.*another --out"):
+            train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = run / f".model.pt.{int(gone.stdout)}.tmp"
+    dead.write_bytes(b"half a model")
+    train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)
+    assert not dead.exists()
+    with pytest.raises(CheckpointError):  # refused before anything is written: no folder left
+        train(phantom_project, _cfg("naive", 2, "init_from=" + str(tmp_path / "missing.pt")), tmp_path / "new",
+              progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """torch reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``
+    (the OSError only in its context), so a full disk during a checkpoint printed a 60-line traceback; now
+    the CLI prints its one line for a full disk, and no temporary is left."""
+    import errno
+    import io
+
+    from unionseg.cli import run
+
+    real_open = Path.open
+
+    class Full(io.BufferedWriter):
+        def write(self, data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "wb" and self.name.startswith(".last.pt."):
+            return Full(io.FileIO(str(self), "wb"))
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_open)
+    out = tmp_path / "run"
+    code = run(["train", str(phantom_project), "-m", "naive", "-o", str(out), "--quiet", *TINY, "steps=2",
+                "val_every=2", "ckpt_every=2", "device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    # (the file's own close fails too on a full disk, and its error, without a file name, is the one shown)
+    assert err.strip().splitlines()[-1].startswith("error: No space left on device: free space")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".last.pt.")]
 
 
 def test_resume_refuses_other_data(phantom_project: Path, tmp_path: Path) -> None:

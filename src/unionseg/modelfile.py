@@ -170,7 +170,7 @@ def save_model(path: str | Path, payload: Mapping[str, Any]) -> Path:
     Raises:
         CheckpointError: the payload is not a unionseg model payload.
     """
-    import torch
+    from unionseg.training.checkpoint import torch_save
 
     path = Path(path)
     missing = [k for k in REQUIRED_KEYS if k not in payload]
@@ -180,7 +180,7 @@ def save_model(path: str | Path, payload: Mapping[str, Any]) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as fh:
-            torch.save(dict(payload), fh)
+            torch_save(dict(payload), fh, path)
             fh.flush()
             os.fsync(fh.fileno())
         tmp.replace(path)

@@ -33,6 +33,19 @@ def _fault(point: str) -> None:
     fault_point(point)  # UNIONSEG_FAULT_POINT=mid_write[@n] / before_rename[@n]: SIGKILL here
 
 
+def torch_save(obj: Any, fh: Any, path: Path) -> None:
+    """``torch.save(obj, fh)``, raising the file system's own error: torch reports a failed write (a full disk,
+    a quota) as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``, with the OSError only
+    in its context, so the CLI printed a 60-line traceback instead of its one line naming the disk."""
+    try:
+        torch.save(obj, fh)
+    except RuntimeError as exc:
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
+        raise
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename); removes temporaries of killed writers."""
     path = Path(path)
@@ -41,7 +54,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as fh:
-            torch.save(obj, fh)
+            torch_save(obj, fh, path)
             _fault("mid_write")
             fh.flush()
             os.fsync(fh.fileno())

@@ -8,6 +8,7 @@ checkpoints) and ``on_train_end`` (the model file). Multi-GPU through Distribute
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -50,7 +51,7 @@ def _comparable_network(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(inner, dict) or "backbone" not in inner:
         return spec
     resolved = resolve_spec(inner)
-    for key in ("zero_bias_init", "fan_in_init"):
+    for key in ("zero_bias_init", "fan_in_init", "output_prior"):
         resolved["head"].pop(key, None)
     return {**spec, "network": resolved} if inner is not spec else resolved
 
@@ -207,6 +208,7 @@ class Trainer:
             self._check_same_data(resume_state, self.run_dir / "last.pt")
         elif self.resume:
             self._check_same_method()
+            self._check_restart()
         from unionseg.training.data import check_training_data
 
         check_training_data(self.method, ctx)  # before config.yaml: a refused run leaves no folder to resume
@@ -299,6 +301,24 @@ class Trainer:
             raise CheckpointError(f"init_from: its weights do not fit the network ({str(exc).splitlines()[0]})",
                                   path) from None
         return payload
+
+    def _check_restart(self) -> None:
+        """``--resume`` without a checkpoint for a method that trains a network: it trained again from step 0
+        without a word and replaced the folder's model.pt. A finished run (its ``summary.json``) whose last.pt
+        was removed to save space is refused; an unfinished one with a model file (killed before its first
+        checkpoint) restarts with a warning. A run cut during its stages (no model file yet) goes on quietly."""
+        from unionseg.errors import CheckpointError, UnionsegWarning
+
+        if "train" not in self.method.stages:  # `individual`: nothing of its own to train, nothing to lose
+            return
+        if (self.run_dir / "summary.json").is_file():
+            raise CheckpointError("this run finished, and its checkpoint (last.pt) is gone: --resume has nothing "
+                                  "to continue and would train again from step 0 over its model.pt; to train "
+                                  "again, give another --out", self.run_dir / "summary.json")
+        if (self.run_dir / "model.pt").is_file():
+            warnings.warn(f"{self.run_dir}: no checkpoint (last.pt) to resume from; training starts again from "
+                          "step 0, and the run's model.pt will be replaced by this run's", UnionsegWarning,
+                          stacklevel=2)
 
     def _check_same_method(self) -> None:
         """A resume without a checkpoint (cut during the stages, or a method with nothing of its own to train,
@@ -892,12 +912,57 @@ def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path
     return ctx
 
 
+#: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
+RUN_LOCK = ".lock"
+#: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
+_RUN_WRITES = ("last.pt", "model.pt", "summary.json", "validation.json", "config.yaml")
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
+    """Hold the run folder's lock for a training (``take``: the main rank; other DDP ranks write nothing).
+
+    A second ``train`` into the same folder, ``--resume`` while the first still runs (a batch scheduler's
+    requeue, say), used to run beside it: both wrote ``last.pt``, ``model.pt`` and ``log.csv`` (whose steps
+    came out interleaved). Now it stops at once, naming the process that trains there. Holding the lock, the
+    training also removes the temporaries of writers killed in this folder (``.model.pt.<pid>.tmp``, as large
+    as a model). A folder this call created for nothing (a refused run) is removed again.
+
+    Raises:
+        UnionsegError: another process holds the folder.
+    """
+    from unionseg.locking import FileLock, remove_dead_temporaries
+
+    if not take:
+        yield
+        return
+    created = not run_dir.exists()
+    lock = FileLock(run_dir / RUN_LOCK, f"the run folder {run_dir}")
+    try:
+        lock.acquire(timeout=0, hint="two trainings in one run folder would write over each other's checkpoints "
+                                     "and logs: wait for it to end, or train into another --out")
+        for name in _RUN_WRITES:
+            remove_dead_temporaries(run_dir / name)
+        yield
+    finally:
+        lock.release()
+        if created and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+            (run_dir / RUN_LOCK).unlink(missing_ok=True)  # a refused run leaves no folder behind
+            run_dir.rmdir()
+
+
 def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Python entry point of ``unionseg train``."""
+    """Python entry point of ``unionseg train``.
+
+    Raises:
+        UnionsegError: another process trains into ``run_dir`` (see :func:`run_folder_lock`); the errors of
+            the run itself.
+    """
     ctx = make_context(project_path, cfg, run_dir, roots, progress)
     try:
-        result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
+        with run_folder_lock(ctx.run_dir, take=ctx.is_main):
+            result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
         # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
         # teardown seen once under load: its partner had already left); not on errors, where it could hang
         dist.barrier()
