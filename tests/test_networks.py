@@ -293,30 +293,6 @@ def test_fan_in_init_gives_each_task_its_own_kaiming_head() -> None:
     assert not torch.allclose(params[0], params[1], atol=1e-6)
 
 
-def test_output_prior_starts_every_task_near_the_prior_and_keeps_the_rest_of_the_init() -> None:
-    """output_prior=pi: every generated last-layer bias is logit(pi) for any image and task, so the outputs
-    start near pi (the last layer's generated weights are PyTorch's draw, as without the option); every other
-    controller row is the draw of the same seed without the option; 0.5 and above are refused."""
-    import math
-
-    spec = {"name": "dynamic", "n_tasks": N_TASKS, "out_channels": 2}
-    torch.manual_seed(0)
-    plain = make_net(BACKBONES[0], spec).eval()
-    torch.manual_seed(0)
-    net = make_net(BACKBONES[0], {**spec, "output_prior": 0.01}).eval()
-    head = net.head
-    every = head.controller_params(net.backbone(image()).bottleneck, None)  # (B, T, n_params)
-    last_bias = head.split_params(every.reshape(-1, head.n_params))[-1][1]
-    assert torch.allclose(last_bias, torch.full_like(last_bias, math.log(0.01 / 0.99)), atol=1e-6)
-    probs = torch.sigmoid(net(image(), None))
-    assert 0.002 < probs.min().item() and probs.max().item() < 0.05 and abs(probs.mean().item() - 0.01) < 0.005
-    rows = head.controller.bias.shape[0] - 2
-    assert torch.equal(head.controller.weight[:rows], plain.head.controller.weight[:rows])
-    assert torch.equal(head.controller.bias[:rows], plain.head.controller.bias[:rows])
-    with pytest.raises(ConfigError, match=r"output_prior must be a number in \[0, 0.5\), got 0.5"):
-        make_net(BACKBONES[0], {**spec, "output_prior": 0.5})
-
-
 def test_leaky_head_passes_negative_inputs() -> None:
     """negative_slope > 0: the hidden layers pass negative inputs scaled by the slope (the head then differs
     from the ReLU twin with the same weights); 0 is DoDNet's ReLU; out-of-range slopes are refused."""

@@ -65,8 +65,6 @@ class DoDNetOptions:
     # Adam step of the task-specific part of the generated head as a multiple of the budget's lr: the gain of the
     # controller's task-code columns (DynamicHead.task_gain; 1 = DoDNet)
     task_lr_scale: float = 1.0
-    # every task's outputs start at this probability (0 = PyTorch's init, as the official code; DynamicHead)
-    output_prior: float = 0.0
     # slope of the dynamic head's hidden activations for negative inputs: 0 = ReLU (the paper's head)
     negative_slope: float = 0.0
     # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
@@ -177,8 +175,7 @@ class DoDNetMethod(TaskMethod):
                 "fan_in_init": self.options.fan_in_init,
                 "negative_slope": float(self.options.negative_slope),
                 "image_gain": float(self.options.image_lr_scale),
-                "task_gain": float(self.options.task_lr_scale),
-                "output_prior": float(self.options.output_prior)}
+                "task_gain": float(self.options.task_lr_scale)}
 
     def lr_scales(self) -> dict[str, float]:
         """The controller's learning-rate multiplier (``controller_lr_scale``, on top of ``lr_scale``).

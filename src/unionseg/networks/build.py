@@ -35,14 +35,13 @@ HEAD_KEYS: dict[str, dict[str, Any]] = {
     "conditional": {"n_tasks": None, "out_channels": None},
     "dynamic": {"n_tasks": None, "out_channels": None, "feature_channels": 8, "head_widths": [8, 8],
                 "equalized_controller": False, "zero_bias_init": False, "negative_slope": 0.0,
-                "image_gain": 1.0, "fan_in_init": False, "task_gain": 1.0, "output_prior": 0.0},
+                "image_gain": 1.0, "fan_in_init": False, "task_gain": 1.0},
 }
 # the interval of every float head key: (how an error names it, the test)
 _FLOAT_RANGES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "negative_slope": ("[0, 1)", lambda v: 0 <= v < 1),
     "image_gain": ("(0, 1]", lambda v: 0 < v <= 1),
     "task_gain": ("(0, 64]", lambda v: 0 < v <= 64),
-    "output_prior": ("[0, 0.5)", lambda v: 0 <= v < 0.5),
 }
 
 

@@ -17,7 +17,6 @@ The backbones' pre-activation outputs are raw residual sums, so heads start with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -259,13 +258,6 @@ class DynamicHead(Head):
         task_gain: the gain of the task-code columns, as ``image_gain`` for the pooled features (1 = DoDNet;
             in (0, 64]): with Adam the task-specific part of every generated parameter moves by about
             ``lr * task_gain`` per step, while the controller's bias, shared by all tasks, keeps ``lr``.
-        output_prior: 0 (default: PyTorch's init, as the official code) or a probability pi in (0, 0.5):
-            every task's output channels start at sigmoid(logit) = pi on every voxel. The controller rows that
-            generate the LAST layer's biases start with zero weights and the bias log(pi / (1 - pi)), so the
-            head begins by predicting the rare foreground as rare (the prior-probability start of RetinaNet's
-            focal loss). From an output near 0.5, the BCE on the background voxels, 99 % of a patch, first
-            drives every output down, which it does fastest by switching hidden ReLUs off (our reading of
-            the dead units in docs/methods.md).
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
@@ -287,7 +279,6 @@ class DynamicHead(Head):
         image_gain: float = 1.0,
         fan_in_init: bool = False,
         task_gain: float = 1.0,
-        output_prior: float = 0.0,
     ) -> None:
         super().__init__()
         if min(in_channels, bottleneck_channels, n_tasks, out_channels, feature_channels) < 1:
@@ -314,13 +305,6 @@ class DynamicHead(Head):
         self.fan_in_init = bool(fan_in_init)
         if fan_in_init:
             self._init_fan_in(bottleneck_channels)
-        if not 0.0 <= output_prior < 0.5:
-            raise ValueError(f"output_prior must be 0 (off) or in (0, 0.5), got {output_prior}")
-        if output_prior > 0:
-            last_bias = self.controller.bias.shape[0] - out_channels  # the last layer's biases come last
-            with torch.no_grad():
-                self.controller.weight[last_bias:].zero_()
-                self.controller.bias[last_bias:].fill_(math.log(output_prior / (1.0 - output_prior)))
         if not 0.0 <= negative_slope < 1.0:
             raise ValueError(f"negative_slope must be in [0, 1), got {negative_slope}")
         self.negative_slope = float(negative_slope)
