@@ -51,7 +51,7 @@ def _comparable_network(spec: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(inner, dict) or "backbone" not in inner:
         return spec
     resolved = resolve_spec(inner)
-    for key in ("zero_bias_init", "fan_in_init", "output_prior"):
+    for key in ("zero_bias_init", "fan_in_init"):
         resolved["head"].pop(key, None)
     return {**spec, "network": resolved} if inner is not spec else resolved
 
