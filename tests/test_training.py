@@ -1053,3 +1053,22 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     assert f"{run / 'model.pt'}: a naive model" in out
     assert cli(["info", str(tmp_path)]) == 2
     assert "not a run folder (no config.yaml)" in capsys.readouterr().err
+    # a truncated checkpoint is said to be unreadable (it was offered "to resume from"); a broken record is
+    # one error naming it (a traceback), and a broken model file no longer hides how far the run got
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "summary.json").unlink()
+    with (broken / "last.pt").open("r+b") as fh:
+        fh.truncate(1000)
+    assert cli(["info", str(broken)]) == 0
+    assert "its checkpoint (last.pt) cannot be read (truncated or corrupt): --resume refuses it" in \
+        capsys.readouterr().out
+    (broken / "validation.json").write_text('[{"step": 1, "model/')
+    assert cli(["info", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {broken / 'validation.json'}: not a readable record" in err and "Traceback" not in err
+    shutil.copy(run / "summary.json", broken / "summary.json")
+    (broken / "model.pt").write_bytes(b"PK\x03\x04 cut short")
+    assert cli(["info", str(broken)]) == 2
+    out, err = capsys.readouterr()
+    assert f"{broken}: a finished naive run of 2 steps" in out and f"{broken / 'model.pt'}" in err

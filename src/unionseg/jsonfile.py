@@ -35,6 +35,22 @@ def dumps(value: Any, indent: int | None = 2) -> str:
     return json.dumps(plain(value), indent=indent, allow_nan=False, default=str)
 
 
+def read_record(path: str | Path) -> Any:
+    """A JSON file a unionseg command wrote whole (a run's summary, validations, stages); a file that is
+    not JSON is one error naming it, not a traceback: only a bad copy or a failing disk breaks one.
+
+    Raises:
+        CheckpointError: the file is not JSON.
+    """
+    from unionseg.errors import CheckpointError
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"not a readable record (unionseg writes it whole, so a copy or the disk broke "
+                              f"it): {exc}; move it away, or the run folder", path) from None
+
+
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
     """Write :func:`dumps` of ``value`` through a temporary file and a rename: never half a file."""
     path = Path(path)

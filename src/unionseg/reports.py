@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from unionseg.jsonfile import read_record
 from unionseg.labels import REGION_PREFIX
 
 
@@ -166,7 +167,6 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
 def _print_shared_stages(run: Path) -> None:
     """For a run cut during its stages: which stages it finished and how far each shared expert got (their
     checkpoints live with the shared artefacts, where `--resume` picks them up)."""
-    import json
 
     from unionseg.training.checkpoint import checkpoint_step
     from unionseg.training.trainer import SHARED_KEY
@@ -174,7 +174,7 @@ def _print_shared_stages(run: Path) -> None:
     path = run / "stages.json"
     if not path.is_file():
         return
-    stages = json.loads(path.read_text())
+    stages = read_record(path)
     finished = [s for s in stages if s != SHARED_KEY]
     if finished:
         print(f"stages finished: {', '.join(finished)}")
@@ -200,7 +200,6 @@ def print_run_info(run: Path) -> dict[str, Any]:
     Raises:
         CheckpointError: a folder that holds no run (no ``config.yaml``).
     """
-    import json
 
     from unionseg.errors import CheckpointError
 
@@ -209,9 +208,15 @@ def print_run_info(run: Path) -> dict[str, Any]:
                               "folder of `unionseg train`", run)
     summary_path = run / "summary.json"
     history_path = run / "validation.json"
-    model = model_summary(run / "model.pt") if (run / "model.pt").is_file() else None
+    model: dict[str, Any] | None = None
+    unreadable: CheckpointError | None = None
+    if (run / "model.pt").is_file():
+        try:
+            model = model_summary(run / "model.pt")
+        except CheckpointError as exc:  # raised after the run's state is said: a broken model hid it
+            unreadable = exc
     if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+        summary = read_record(summary_path)
         step = summary.get("selected_at_step")
         if step is None and model is not None:  # a summary written before it recorded the step
             step = model["provenance"].get("selected_at_step")
@@ -221,16 +226,23 @@ def print_run_info(run: Path) -> dict[str, Any]:
     else:
         from unionseg.training.checkpoint import checkpoint_step
 
-        history = json.loads(history_path.read_text()) if history_path.is_file() else []
+        history = read_record(history_path) if history_path.is_file() else []
         last = f", last validated at step {history[-1]['step']}" if history else ", not validated yet"
         if (run / "last.pt").is_file():
             step = checkpoint_step(run / "last.pt")
-            print(f"{run}: an unfinished run{last}; a checkpoint (last.pt{'' if step is None else f', step {step}'}) "
-                  "to resume from")
+            if step is None:  # it said "to resume from", and --resume then refused the file
+                print(f"{run}: an unfinished run{last}; its checkpoint (last.pt) cannot be read (truncated or "
+                      "corrupt): --resume refuses it; delete it to train again from step 0, or train into "
+                      "another --out")
+            else:
+                print(f"{run}: an unfinished run{last}; a checkpoint (last.pt, step {step}) to resume from")
         else:
             print(f"{run}: an unfinished run{last}; no checkpoint of its own yet")
             _print_shared_stages(run)
+    if unreadable is not None:
+        raise unreadable
     if model is None:
         print("no model file yet")
         return {"run": str(run)}
     return {"run": str(run), **print_model_info(run / "model.pt", model)}
+

@@ -29,6 +29,7 @@ from torch import nn
 
 from unionseg.config import config_hash, describe_changes, option_changes, to_dict
 from unionseg.errors import ConfigError
+from unionseg.jsonfile import read_record, write_json
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
 from unionseg.networks.layout import set_layout
@@ -350,13 +351,11 @@ class Trainer:
 
     def _run_stages(self) -> None:
         path = self.run_dir / "stages.json"
-        done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        done: dict[str, Any] = read_record(path) if path.exists() else {}
 
         def record() -> None:
             if self.ctx.is_main:
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(done, indent=2))
-                tmp.replace(path)
+                write_json(path, done)
 
         todo = [s for s in self.method.stages if s != "train" and s not in done]
         if todo and self.ctx.artifacts is not None and SHARED_KEY not in done:
