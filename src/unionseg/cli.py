@@ -8,6 +8,7 @@ stderr and exit code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -235,7 +236,8 @@ def run(argv: list[str]) -> int:
 def _interrupted(exc: BaseException | None) -> int:
     """One line and the exit status for a stop by Ctrl-C (130) or SIGTERM (143)."""
     code = EXIT_TERMINATED if terminated() else exit_code(exc)
-    typer.echo("terminated" if code == EXIT_TERMINATED else "interrupted", err=True)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 alone says it, as it reports the rest
+        typer.echo("terminated" if code == EXIT_TERMINATED else "interrupted", err=True)
     return code
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -50,6 +51,15 @@ def wrap(model: nn.Module, device: torch.device, unused_parameters: bool = False
     """
     if not is_distributed() or not any(p.requires_grad for p in model.parameters()):
         return model
+    from unionseg.networks.layout import channels_last_for
+
+    if channels_last_for(device):
+        # a 1x1x1 kernel is stored with channels-last strides (networks/layout.py, so that its convolution
+        # keeps the layout), but its gradient comes back with the contiguous ones, which hold the same bytes:
+        # DDP copies those few hundred numbers into its bucket and warned on every rank ("Grad strides do not
+        # match bucket view strides ... may impair performance"); bench_layout measures the layout's gain
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides",
+                                category=UserWarning)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=unused_parameters)
 

@@ -757,8 +757,9 @@ class _StopRequest:
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         self.requested = signal.Signals(signum).name
         self._at = time.monotonic()
-        print(f"\n{self.requested}: stopping after this step to write a checkpoint (press Ctrl-C again to stop "
-              "at once)", file=sys.stderr)
+        if dist.is_main():  # under torchrun every rank gets the signal; one says so
+            print(f"\n{self.requested}: stopping after this step to write a checkpoint (press Ctrl-C again to stop "
+                  "at once)", file=sys.stderr)
 
 
 def _test_kill_hook(step: int) -> None:
