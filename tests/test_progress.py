@@ -12,6 +12,12 @@ from unionseg.errors import ConfigError
 from unionseg.progress import LineProgress, line_interval, make_progress, track
 
 
+@pytest.fixture(autouse=True)
+def _no_earlier_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a process that has printed no line yet (the record is process-wide)."""
+    monkeypatch.setattr("unionseg.progress._LAST_LINE", [float("inf")])
+
+
 def _console() -> tuple[Console, io.StringIO]:
     out = io.StringIO()
     return Console(file=out, force_terminal=False, width=200), out
@@ -55,6 +61,34 @@ def test_an_interrupted_task_says_where_it_stopped(monkeypatch: pytest.MonkeyPat
         bar.update(done, completed=5)
         bar.update(cut, completed=2)
     assert out.getvalue() == ""
+
+
+def test_a_chain_of_short_tasks_is_never_silent_for_more_than_an_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Co-training's stages on a small project: experts, probability maps and pseudo labels, each under 30 s,
+    printed nothing for minutes off a terminal. Once the process has been quiet for an interval, the task
+    that moves prints its line, however young it is; a task that does not move stays quiet."""
+    now = [0.0]
+    monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("unionseg.progress._LAST_LINE", [0.0])
+    console, out = _console()
+    with LineProgress(console, interval=30) as bar:
+        liver = bar.add_task("expert liver", total=4)
+        for _ in range(4):  # 20 s, quiet
+            now[0] += 5
+            bar.update(liver, advance=1)
+        kidney = bar.add_task("expert kidney", total=4)
+        now[0] += 5
+        bar.update(kidney, advance=1)  # 25 s of silence: still quiet
+        assert out.getvalue() == ""
+        probs = bar.add_task("probabilities", total=4)
+        now[0] += 5
+        bar.update(probs, completed=0)  # 30 s of silence, but this task has not moved: quiet
+        assert out.getvalue() == ""
+        bar.update(kidney, advance=1)  # 30 s of silence and the 10-second-old task moved: it speaks
+        assert out.getvalue().splitlines() == ["expert kidney: 2/4 (50%), 0:00:10 elapsed, ETA 0:00:10"]
+        now[0] += 5
+        bar.update(kidney, advance=1)  # the process spoke 5 s ago: quiet again
+        assert len(out.getvalue().splitlines()) == 1
 
 
 def test_make_progress_draws_a_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,6 +155,6 @@ def test_quiet_prepare_and_evaluate_print_no_progress(monkeypatch: pytest.Monkey
     shutil.copytree(truth, pred)  # the truth scored against itself
     for flags, lines in (([], True), (["--quiet"], False)):
         assert run(["evaluate", str(pred), str(truth), "--project", str(quiet), "-o", str(tmp_path / "eval"),
-                    "--no-figures", *flags]) == 0
+                    "--no-figures", "--overwrite", *flags]) == 0
         err = capsys.readouterr().err
         assert ("evaluate test_000: 1/2 (50%)" in err) is lines, err

@@ -7,7 +7,10 @@ and shows nothing until the work ends, so a user who tails the log cannot tell a
 - at most every ``UNIONSEG_PROGRESS_SECONDS`` seconds (default 30), with the count, the elapsed time and the
   ETA;
 - and, if it printed any, a last line when the task completes or stops. Work that ends within one interval
-  prints nothing, as a transient bar leaves nothing behind.
+  prints nothing, as a transient bar leaves nothing behind;
+- but the process is never silent for longer than one interval while work moves: a chain of short tasks
+  (co-training's experts, probability maps and pseudo labels on a small project, each under 30 s) printed
+  nothing for minutes; the task that moves when the process has been quiet for an interval prints its line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from unionseg.errors import ConfigError
 
 T = TypeVar("T")
 INTERVAL_VARIABLE = "UNIONSEG_PROGRESS_SECONDS"
+# when this process last printed a progress line (any task, any LineProgress)
+_LAST_LINE = [time.monotonic()]
 
 
 def line_interval() -> float:
@@ -131,9 +136,16 @@ class LineProgress:
             task.finished = True
             if task.lines:  # work done within one interval stays quiet, as a transient bar leaves no trace
                 self._print(task)
-        elif (not done or fields) and time.monotonic() - task.printed_at >= self.interval:
+        elif (not done or fields) and self._due(task):
             # a finished count still prints news of its fields (training's last validation, after its last step)
             self._print(task)
+
+    def _due(self, task: _Task) -> bool:
+        """One interval since the task's last line, or since the process's last line with the task moved."""
+        now = time.monotonic()
+        if now - task.printed_at >= self.interval:
+            return True
+        return now - _LAST_LINE[0] >= self.interval and task.completed != task.printed_count
 
     def line(self, task: _Task) -> str:
         """``label description: 40/2000 (2%), 0:00:20 elapsed, ETA 0:16:20, fields``."""
@@ -153,7 +165,7 @@ class LineProgress:
     def _print(self, task: _Task) -> None:
         self.console.print(self.line(task), markup=False, highlight=False, soft_wrap=True)
         self.console.file.flush()
-        task.printed_at = time.monotonic()
+        task.printed_at = _LAST_LINE[0] = time.monotonic()
         task.printed_count = task.completed
         task.lines += 1
 
