@@ -428,7 +428,7 @@ def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]
     # in the suite's row order, whichever rows this call ran (they came first: `--methods naive` after a
     # run of the whole suite put naive above the oracle)
     order = {row.name: i for i, row in enumerate(suite.runs())}
-    return sorted([*results, *extra], key=lambda r: (order.get(r["name"], len(order)), r["seed"]))
+    return sorted([*results, *extra], key=lambda r: (order.get(r.get("name"), len(order)), r.get("seed", 0)))
 
 
 def suite_eta(to_train: int, trained: list[float], recorded: list[float], stages: int = 0,
