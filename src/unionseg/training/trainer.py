@@ -58,10 +58,11 @@ def _comparable_network(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"data.patch_size": ..., "select_on": ...}``, for naming what changed."""
+    """A nested config dict as ``{"data.patch_size": ..., "select_on": ...}``, for naming what changed (maps
+    of names, ``options`` and ``data.dataset_weights``, stay whole: `{} -> {'liver': 2}`, not two changes)."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "options":
+        if isinstance(value, dict) and value and key not in ("options", "dataset_weights"):
             flat.update(_flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
