@@ -213,6 +213,18 @@ def test_a_second_training_into_a_busy_run_folder_is_refused_and_dead_temporarie
     assert not (tmp_path / "new").exists()
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(
+        phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--resume of a finished run did no work and said nothing; now it says so, and keeps the model file."""
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 2), run, progress=False)
+    model = (run / "model.pt").read_bytes()
+    capsys.readouterr()
+    train(phantom_project, _cfg("naive", 2), run, resume=True, progress=True)
+    assert f"{run}: the run had finished (step 2 of 2); nothing to train" in capsys.readouterr().err
+    assert (run / "model.pt").read_bytes() == model
+
+
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
         phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -548,6 +548,9 @@ class Trainer:
         if not self.trainable:
             self.step = cfg.steps
             self.validate()
+        elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
+            print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, its "
+                  "model file is kept", file=sys.stderr)
         elif self.step < cfg.steps:
             loader = build_loader(self.method, self.ctx, start_step=self.step)
             progress = _Progress(cfg.steps, self.step, self.method.label(),
