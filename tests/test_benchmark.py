@@ -270,7 +270,7 @@ def test_site_section_splits_region_dice_by_the_case_site(tmp_path: Path) -> Non
     cases = [{"case": "c0", "site": "kidney"}, {"case": "c1", "site": "liver"}, {"case": "c2", "site": "liver"}]
     (tmp_path / "data" / "generator.json").write_text(json.dumps({"cases": cases}))
     text = "\n".join(site_section(agg, tmp_path))
-    assert "| method | organ | kidney | liver |" in text
+    assert "| method | organ | site: kidney | site: liver |" in text
     assert "| a | kidney | **0.80** | 0.30 |" in text  # own site bold; the liver site averages its two cases
     assert "tumour" not in text.split("|---|")[-1]
 

@@ -274,7 +274,8 @@ def site_section(agg: dict[str, Any], out: Path) -> list[str]:
              "Each training set comes from its own site, so every organ's labels are seen under one protocol. "
              "A cell is the region Dice over the test cases acquired at that site (all seeds pooled); **bold** "
              "marks the site whose training set labels the organ.", "",
-             "| method | organ | " + " | ".join(sites) + " |", "|---|---|" + "---|" * len(sites)]
+             "| method | organ | " + " | ".join(f"site: {s}" for s in sites) + " |",
+             "|---|---|" + "---|" * len(sites)]
     for name in agg["methods"]:
         for organ in organs:
             row_cells = []
@@ -323,11 +324,13 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         fig.savefig(figures / "region_dice.png", dpi=100)
         plt.close(fig)
         made.append(("Region Dice per method", "figures/region_dice.png"))
-    keys = sorted({k for m in methods.values() for k in m["classes"]})
+    # the table's column order: organ regions first, then the tumours
+    keys = sorted({k for m in methods.values() for k in m["classes"]}, key=lambda k: (not k.startswith(REGION_PREFIX), k))
     if keys and names:
         grid = np.array([[methods[n]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in keys]
                          for n in names], dtype=float)
-        fig, ax = plt.subplots(figsize=(1 + 0.9 * len(keys), 1 + 0.45 * len(names)))
+        # at least 2.6 inches high: one row (a subset run) squeezed its tick labels and colour bar
+        fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(keys), max(2.6, 1.4 + 0.45 * len(names))))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in keys], rotation=45, ha="right")
@@ -336,9 +339,9 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         for (i, j), v in np.ndenumerate(grid):
             if np.isfinite(v):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < 0.6 else "k")
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03, label="Dice")
         fig.tight_layout()
-        fig.savefig(figures / "class_dice_heatmap.png", dpi=100)
+        fig.savefig(figures / "class_dice_heatmap.png", dpi=100, bbox_inches="tight")  # rotated labels kept whole
         plt.close(fig)
         made.append(("Per-class Dice heat map", "figures/class_dice_heatmap.png"))
     curves = _loss_curves(agg, out, figures, plt)
@@ -382,9 +385,14 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
     if not drawn:
         plt.close(fig)
         return None
+    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+
     ax.set_xlabel("step")
     ax.set_ylabel("total loss (each method's own; log scale)")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5
+    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.3, not 3x10^-1
+        axis(FormatStrFormatter("%g"))
     # the totals are not on one scale: co-training's sums its two networks, marginal's adds exclusion
     ax.set_title("Seed 0; a method's own loss, for its convergence, not to compare levels", fontsize=8)
     ax.legend(fontsize=7, ncol=2)
