@@ -901,16 +901,21 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
     # spawn: workers start clean (no inherited torch/OpenMP state from the caller)
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_run_case, job): job for job in jobs}
-        for fut in as_completed(futures):
-            try:
-                result = fut.result()
-            except BrokenProcessPool:
-                job = futures[fut]
-                raise UnionsegError(
-                    f"a prepare worker died (killed, or out of memory) while cases such as {job.dataset}/{job.case_id} "
-                    "were being prepared; run prepare again (finished cases are kept), with --workers 1 if memory "
-                    "is short", job.out_dir) from None
-            on_done(futures[fut], result)
+        try:
+            for fut in as_completed(futures):
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    job = futures[fut]
+                    raise UnionsegError(
+                        f"a prepare worker died (killed, or out of memory) while cases such as {job.dataset}/"
+                        f"{job.case_id} were being prepared; run prepare again (finished cases are kept), with "
+                        "--workers 1 if memory is short", job.out_dir) from None
+                on_done(futures[fut], result)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (unionseg.stopping): the cases being prepared finish,
+            for fut in futures:    # the queued ones are dropped (the pool's exit waited for every one of them)
+                fut.cancel()
+            raise
 
 
 def prepare_project(

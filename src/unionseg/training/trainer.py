@@ -57,6 +57,11 @@ def _comparable_network(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "network": resolved} if inner is not spec else resolved
 
 
+def _weighted(weights: dict[str, Any]) -> dict[str, Any]:
+    """Dataset weights without those of 1, the default: what decides the sampling."""
+    return {name: w for name, w in weights.items() if w != 1}
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """A nested config dict as ``{"data.patch_size": ..., "select_on": ...}``, for naming what changed (maps
     of names, ``options`` and ``data.dataset_weights``, stay whole: `{} -> {'liver': 2}`, not two changes)."""
@@ -317,7 +322,7 @@ class Trainer:
             raise CheckpointError("this run finished, and its checkpoint (last.pt) is gone: --resume has nothing "
                                   "to continue and would train again from step 0 over its model.pt; to train "
                                   "again, give another --out", self.run_dir / "summary.json")
-        if (self.run_dir / "model.pt").is_file():
+        if (self.run_dir / "model.pt").is_file() and self.ctx.is_main:  # one warning, not one per rank
             warnings.warn(f"{self.run_dir}: no checkpoint (last.pt) to resume from; training starts again from "
                           "step 0, and the run's model.pt will be replaced by this run's", UnionsegWarning,
                           stacklevel=2)
@@ -462,7 +467,8 @@ class Trainer:
 
     def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
         """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
-        in the device, the logging interval or the loader workers."""
+        in the device, the logging interval, the loader workers, or in dataset weights of 1 given or left out
+        (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``)."""
         import dataclasses
 
         if recorded_hash == config_hash(self.cfg):
@@ -470,10 +476,13 @@ class Trainer:
         if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
             return False
         try:
+            weights = dict(recorded["data"].get("dataset_weights") or {})
+            if _weighted(weights) != _weighted(self.cfg.data.dataset_weights):
+                return False
             same = dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
-                                       data=dataclasses.replace(self.cfg.data,
+                                       data=dataclasses.replace(self.cfg.data, dataset_weights=weights,
                                                                 num_workers=recorded["data"]["num_workers"]))
-        except (KeyError, TypeError, ValueError):
+        except (AttributeError, KeyError, TypeError, ValueError):
             return False
         return bool(config_hash(same) == recorded_hash)
 
@@ -919,40 +928,53 @@ def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path
 #: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
 RUN_LOCK = ".lock"
 #: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
-_RUN_WRITES = ("last.pt", "model.pt", "summary.json", "validation.json", "config.yaml")
+_RUN_WRITES = ("last.pt", "model.pt", "summary.json", "validation.json", "config.yaml", "stages.json")
 
 
 @contextlib.contextmanager
-def run_folder_lock(run_dir: Path, take: bool = True) -> Iterator[None]:
-    """Hold the run folder's lock for a training (``take``: the main rank; other DDP ranks write nothing).
+def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterator[None]:
+    """Hold the run folder's lock for a training (the main rank takes it; under torchrun every rank learns
+    whether it got it, so a refusal stops them all rather than leaving the others in their first collective).
 
     A second ``train`` into the same folder, ``--resume`` while the first still runs (a batch scheduler's
     requeue, say), used to run beside it: both wrote ``last.pt``, ``model.pt`` and ``log.csv`` (whose steps
     came out interleaved). Now it stops at once, naming the process that trains there. Holding the lock, the
     training also removes the temporaries of writers killed in this folder (``.model.pt.<pid>.tmp``, as large
-    as a model). A folder this call created for nothing (a refused run) is removed again.
+    as a model). A folder this call created and then wrote nothing into (a refused run) is removed again,
+    by the holder only and before it lets go (a refused second process must not delete the holder's lock).
+    Without ``fcntl`` (Windows) the lock is a no-op, as every lock of :mod:`unionseg.locking`.
 
     Raises:
         UnionsegError: another process holds the folder.
     """
+    from unionseg.errors import UnionsegError
     from unionseg.locking import FileLock, remove_dead_temporaries
 
-    if not take:
-        yield
-        return
-    created = not run_dir.exists()
+    main = dist.is_main()
     lock = FileLock(run_dir / RUN_LOCK, f"the run folder {run_dir}")
+    created = main and not run_dir.exists()
+    refusal: UnionsegError | None = None
+    if main:
+        try:
+            lock.acquire(timeout=0, hint="two trainings in one run folder would write over each other's "
+                                         "checkpoints and logs: wait for it to end, or train into another --out")
+        except UnionsegError as exc:
+            refusal = exc
+    if dist.any_rank(refusal is not None, device or torch.device("cpu")):
+        raise refusal or UnionsegError("rank 0 could not take the run folder's lock; see its message", run_dir)
     try:
-        lock.acquire(timeout=0, hint="two trainings in one run folder would write over each other's checkpoints "
-                                     "and logs: wait for it to end, or train into another --out")
-        for name in _RUN_WRITES:
-            remove_dead_temporaries(run_dir / name)
+        if main:
+            for name in _RUN_WRITES:
+                remove_dead_temporaries(run_dir / name)
         yield
     finally:
-        lock.release()
         if created and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
-            (run_dir / RUN_LOCK).unlink(missing_ok=True)  # a refused run leaves no folder behind
-            run_dir.rmdir()
+            try:  # a refused run leaves no folder behind
+                (run_dir / RUN_LOCK).unlink()
+                run_dir.rmdir()
+            except OSError:  # an NFS placeholder, a file appearing meanwhile: the folder stays, harmless
+                pass
+        lock.release()
 
 
 def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
@@ -965,7 +987,7 @@ def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resum
     """
     ctx = make_context(project_path, cfg, run_dir, roots, progress)
     try:
-        with run_folder_lock(ctx.run_dir, take=ctx.is_main):
+        with run_folder_lock(ctx.run_dir, ctx.device):
             result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
         # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
         # teardown seen once under load: its partner had already left); not on errors, where it could hang
