@@ -133,9 +133,15 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
     assert "steps: 2 -> 3" in str(refused.value) and "val_every: 2 -> 3" in str(refused.value)
     with pytest.raises(CheckpointError, match="select_on: 'all' -> 'regions'"):
         train(phantom_project, _cfg("naive", 2, "select_on=regions"), run, resume=True, progress=False)
-    # where it runs, how often it logs and how many loader workers it has are no change to the run
+    # where it runs, how often it logs and how many loader workers it has are no change to the run; nor is a
+    # dataset weight of 1 (the default) given or left out; another weight is
     stopped = tmp_path / "stopped"
     train(phantom_project, _cfg("naive", 3, "ckpt_every=1"), stopped, progress=False, stop_after=1)
+    with pytest.raises(CheckpointError, match=r"data.dataset_weights: \{\} -> \{'liver': 2\}"):
+        train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "data.dataset_weights={liver: 2}"), stopped,
+              resume=True, progress=False)
+    train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "data.dataset_weights={liver: 1}"), stopped,
+          resume=True, progress=False, stop_after=2)
     summary = train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "device=auto", "log_every=2",
                                           "data.num_workers=1"), stopped, resume=True, progress=False)
     assert summary["steps"] == 3
@@ -230,31 +236,31 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
         capsys: pytest.CaptureFixture[str]) -> None:
     """torch reports a failed write as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``
     (the OSError only in its context), so a full disk during a checkpoint printed a 60-line traceback; now
-    the CLI prints its one line for a full disk, and no temporary is left."""
+    the CLI prints its one line for a full disk, naming the checkpoint, and no temporary is left."""
     import errno
-    import io
 
+    import unionseg.training.checkpoint as checkpoint
     from unionseg.cli import run
 
-    real_open = Path.open
+    real_save = checkpoint.torch.save
 
-    class Full(io.BufferedWriter):
-        def write(self, data: Any) -> int:
+    def full_save(obj: Any, fh: Any, *args: Any, **kwargs: Any) -> None:
+        if not Path(getattr(fh, "name", "")).name.startswith(".last.pt."):
+            return real_save(obj, fh, *args, **kwargs)
+        try:  # what torch does when its writer's OSError meets its C++ stream
             raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0") from None
 
-    def full_open(self: Path, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
-        if mode == "wb" and self.name.startswith(".last.pt."):
-            return Full(io.FileIO(str(self), "wb"))
-        return real_open(self, mode, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "open", full_open)
+    monkeypatch.setattr(checkpoint.torch, "save", full_save)
     out = tmp_path / "run"
     code = run(["train", str(phantom_project), "-m", "naive", "-o", str(out), "--quiet", *TINY, "steps=2",
                 "val_every=2", "ckpt_every=2", "device=cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    # (the file's own close fails too on a full disk, and its error, without a file name, is the one shown)
-    assert err.strip().splitlines()[-1].startswith("error: No space left on device: free space")
+    assert code == 2 and "Traceback" not in err and "enforce fail" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last == f"error: {out / 'last.pt'}: No space left on device: free space (or raise the quota) and run " \
+                   "the command again; finished outputs are kept", err
     assert not [p.name for p in out.iterdir() if p.name.startswith(".last.pt.")]
 
 

@@ -195,12 +195,12 @@ def run(argv: list[str]) -> int:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         if debug or (exc.filename is None and not full):
             raise
+        hint = ": free space (or raise the quota) and run the command again; finished outputs are kept" if full else ""
         if exc.filename is None:
-            typer.echo(f"error: {exc.strerror or exc}: free space (or raise the quota) and run the command again; "
-                       "finished outputs are kept", err=True)
+            typer.echo(f"error: {exc.strerror or exc}{hint}", err=True)
             return 2
         named = exc.filename2 if exc.filename2 is not None else exc.filename
-        typer.echo(f"error: {named}: {exc.strerror or exc}", err=True)
+        typer.echo(f"error: {named}: {exc.strerror or exc}{hint}", err=True)
         return 2
     except (MemoryError, RuntimeError) as exc:
         # out of memory (host, or torch.cuda.OutOfMemoryError, a RuntimeError): one line with what to lower

@@ -84,13 +84,6 @@ class DataConfig:
     # training dataset name -> integer weight (default 1): its share of the patches is weight / sum of weights
     dataset_weights: dict[str, int] = field(default_factory=dict, metadata=HASH_OMITS_DEFAULT)
 
-    def __post_init__(self) -> None:
-        # a weight of 1 is the default: `{liver: 1}` is the run of `{}` (its resume was refused as another
-        # configuration)
-        weights = {k: v for k, v in self.dataset_weights.items() if v != 1}
-        if weights != self.dataset_weights:
-            object.__setattr__(self, "dataset_weights", weights)
-
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError("batch_size: must be >= 1")
