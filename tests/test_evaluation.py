@@ -424,6 +424,16 @@ def test_evaluate_folder_accepts_a_prediction_stored_in_another_orientation(tiny
     assert "".join(nib.aff2axcodes(nib.load(str(root / "preds" / "case_1.nii.gz")).affine)) == "LPS"
     moved = evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e1", figures=False)
     assert moved["cases"] == reference["cases"]
+    # stored LPS AND shifted by 2 mm: refused, and the message names the shift of the reoriented grid, not
+    # the shape and axes that differ only in how the file stores them
+    shifted = affine.copy()
+    shifted[2, 3] += 2.0
+    write_image(root / "preds" / "case_1.nii.gz", np.ascontiguousarray(lps), Geometry(lps.shape, shifted))
+    with pytest.raises(DataError, match="grid differs") as refused:
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
+    said = str(refused.value)
+    assert f"stored LPS, and once reoriented to {geom.orientation()}: origin" in said, said
+    assert "(2 mm apart)" in said and "shape" not in said and "axis directions" not in said, said
 
 
 def test_evaluate_folder_errors(tiny_project: Path) -> None:

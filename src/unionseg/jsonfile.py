@@ -53,10 +53,16 @@ def read_record(path: str | Path) -> Any:
 
 def write_json(path: str | Path, value: Any, indent: int | None = 2) -> None:
     """Write :func:`dumps` of ``value`` through a temporary file and a rename: never half a file."""
+    write_text(path, dumps(value, indent) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) through a temporary file and a rename: never half a file, and no temporary left
+    behind when the write fails (a full disk) or is interrupted."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(dumps(value, indent) + "\n", encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8", newline="")
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

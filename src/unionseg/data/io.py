@@ -667,6 +667,18 @@ def reorient_view(array: np.ndarray, geometry: Geometry, target: Geometry) -> np
     return nib.orientations.apply_orientation(array, transform)  # type: ignore[no-any-return]
 
 
+def reoriented_geometry(geometry: Geometry, target: Geometry) -> Geometry:
+    """The geometry of ``geometry``'s voxels once :func:`reorient_like` has put them on ``target``'s axes:
+    the same world grid, stored in ``target``'s axis order and directions (itself when they already agree)."""
+    import nibabel as nib
+
+    transform = _axis_transform(geometry.affine, target.affine)
+    shape = [0, 0, 0]
+    for axis, (new_axis, _) in enumerate(transform):  # input axis -> (output axis, flip)
+        shape[int(new_axis)] = int(geometry.shape[axis])
+    return Geometry((shape[0], shape[1], shape[2]), geometry.affine @ nib.orientations.inv_ornt_aff(transform, geometry.shape))
+
+
 def _axis_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The nibabel orientation transform from ``source``'s voxel axes to ``target``'s (see
     :func:`reorient_like`)."""
@@ -712,13 +724,9 @@ def align_label_to_image(
     if label_geom.same_grid(image_geom, atol=atol):
         return label
     moved = reorient_like(label, label_geom, image_geom)
-    if moved.shape == tuple(image_geom.shape):
-        import nibabel as nib
-
-        transform = _axis_transform(label_geom.affine, image_geom.affine)
-        aff = label_geom.affine @ nib.orientations.inv_ornt_aff(transform, label_geom.shape)
-        if np.allclose(aff, image_geom.affine, atol=atol):
-            return moved
+    if moved.shape == tuple(image_geom.shape) and np.allclose(
+            reoriented_geometry(label_geom, image_geom).affine, image_geom.affine, atol=atol):
+        return moved
     if tuple(label_geom.shape) != tuple(image_geom.shape) and sorted(label_geom.shape) != sorted(image_geom.shape):
         raise DataError(f"label shape {label_geom.shape} differs from image shape {image_geom.shape} "
                         f"({image_path.name})", label_path)

@@ -28,7 +28,6 @@ Metrics and empty-mask rules are those of :mod:`unionseg.evaluation.metrics` (ne
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import math
 import warnings
@@ -41,9 +40,9 @@ import numpy as np
 import typer
 
 from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
-from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid
+from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid, write_metrics_csv
 from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
-from unionseg.jsonfile import dumps
+from unionseg.jsonfile import write_json, write_text
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
 CaseScores = dict[str, dict[str, float]]
@@ -440,27 +439,14 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     out.mkdir(parents=True, exist_ok=True)
     files = {"metrics_csv": out / "metrics.csv", "summary_json": out / "summary.json",
              "summary_md": out / "summary.md"}
-    tmp = files["metrics_csv"].with_name("metrics.csv.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case", "class", *metrics, "pred_voxels", "gt_voxels", "empty_rule"])
-        for case, rows in scores.items():
-            for key, row in rows.items():
-                writer.writerow([case, key, *(repr(float(row[m])) for m in metrics), int(row["pred_voxels"]),
-                                 int(row["gt_voxels"]), empty_rule(row["pred_voxels"], row["gt_voxels"]) or ""])
-    tmp.replace(files["metrics_csv"])
-    body = {**summary, "files": {k: str(v) for k, v in files.items()}}
-    tmp = files["summary_json"].with_name("summary.json.tmp")
-    tmp.write_text(dumps(body) + "\n", encoding="utf-8")
-    tmp.replace(files["summary_json"])
+    write_metrics_csv(files["metrics_csv"], scores, metrics)
+    write_json(files["summary_json"], {**summary, "files": {k: str(v) for k, v in files.items()}})
     shared = ", ".join(k[len(REGION_PREFIX):] if k.startswith(REGION_PREFIX) else k for k in summary["scored"])
     lines = [f"# Cross-label-space evaluation: {summary['evaluation_set']} ({summary['n_cases']} cases)", "",
              f"Scored on the shared classes only: {shared}. Organs are regions (organ + its parts).", ""]
     if summary["not_scored"]:
         lines += ["Not scored: " + "; ".join(f"{o} ({r})" for o, r in summary["not_scored"].items()), ""]
-    tmp = files["summary_md"].with_name("summary.md.tmp")
-    tmp.write_text("\n".join(lines) + markdown, encoding="utf-8")
-    tmp.replace(files["summary_md"])
+    write_text(files["summary_md"], "\n".join(lines) + markdown)
     return {k: str(v) for k, v in files.items()}
 
 

@@ -38,7 +38,7 @@ from unionseg.evaluation.metrics import (
     empty_rule,
     score_masks,
 )
-from unionseg.jsonfile import dumps
+from unionseg.jsonfile import write_json, write_text
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
 if TYPE_CHECKING:
@@ -284,15 +284,21 @@ def on_truth_grid(pred: np.ndarray, pred_geom: Geometry, gt_geom: Geometry, pred
     Raises:
         DataError: any other grid difference, naming both files and both geometries.
     """
-    from unionseg.data.io import align_label_to_image
+    from unionseg.data.io import align_label_to_image, reoriented_geometry
 
     if pred_geom.same_grid(gt_geom, atol=GRID_ATOL_MM):
         return pred
     try:
         return align_label_to_image(pred, pred_geom, gt_geom, pred_path, gt_path, atol=GRID_ATOL_MM)
     except DataError:
-        raise DataError(f"prediction grid differs from ground truth {gt_path}: {grid_difference(pred_geom, gt_geom)}"
-                        "; predictions must keep the input's exact geometry", pred_path) from None
+        # a prediction stored in another orientation is compared once reoriented (what would be scored):
+        # compared as stored, its shape and axes all differ, which hides a shift of a few millimetres
+        turned = reoriented_geometry(pred_geom, gt_geom)
+        what = grid_difference(turned, gt_geom)
+        if pred_geom.orientation() != turned.orientation():
+            what = f"stored {pred_geom.orientation()}, and once reoriented to {turned.orientation()}: {what}"
+        raise DataError(f"prediction grid differs from ground truth {gt_path}: {what}; predictions must keep the "
+                        "input's exact geometry", pred_path) from None
 
 
 def _evaluate_pair(job: tuple[str, Path, Path, np.ndarray, np.ndarray, LabelSpace, str, float, tuple[str, ...]]
@@ -428,22 +434,19 @@ def markdown_table(classes: Mapping[str, Any], metrics: Sequence[str], tolerance
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, cases: Mapping[str, CaseScores], metrics: Sequence[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["case", "class", *metrics, "pred_voxels", "gt_voxels", "empty_rule"])
-        for case, scores in cases.items():
-            for key, row in scores.items():
-                writer.writerow([case, key, *(repr(float(row[m])) for m in metrics), int(row["pred_voxels"]),
-                                 int(row["gt_voxels"]), empty_rule(row["pred_voxels"], row["gt_voxels"]) or ""])
-    tmp.replace(path)
+def write_metrics_csv(path: Path, cases: Mapping[str, CaseScores], metrics: Sequence[str]) -> None:
+    """``metrics.csv``: one row per case and class, each metric at full precision, the voxel counts, and the
+    empty-mask rule that decided the row's values (if one did)."""
+    import io
 
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["case", "class", *metrics, "pred_voxels", "gt_voxels", "empty_rule"])
+    for case, scores in cases.items():
+        for key, row in scores.items():
+            writer.writerow([case, key, *(repr(float(row[m])) for m in metrics), int(row["pred_voxels"]),
+                             int(row["gt_voxels"]), empty_rule(row["pred_voxels"], row["gt_voxels"]) or ""])
+    write_text(path, buffer.getvalue())
 
 
 def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
@@ -662,15 +665,15 @@ def evaluate_folder(
                                     lookup, space, spec, project))
     _remove_stale_figures(out_dir / "figures", set(files.values()))
     summary["files"] = {k: str(v) for k, v in files.items()}
-    _write_csv(files["metrics_csv"], cases, metrics)
-    _write_text(files["summary_json"], dumps(summary) + "\n")
+    write_metrics_csv(files["metrics_csv"], cases, metrics)
+    write_json(files["summary_json"], summary)
     notes = [f"# Evaluation: {spec.name} ({len(cases)} cases)", "",
              "Organs are scored as regions (organ + its parts); only classes the ground truth annotates are "
              f"scored. Mean ± sd over cases; NSD tolerance {tolerance_mm:g} mm.", "", markdown]
     rule_total = sum(sum(e["empty_rule_cases"].values()) for e in classes.values())
     notes.append(f"Values decided by an empty-mask rule: {rule_total} ("
                  + "; ".join(EMPTY_RULE_TEXT.values()) + ").\n")
-    _write_text(files["summary_md"], "\n".join(notes))
+    write_text(files["summary_md"], "\n".join(notes))
     return {**summary, "markdown": markdown}
 
 
