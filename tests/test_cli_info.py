@@ -174,17 +174,19 @@ def test_an_organ_annotated_without_its_tumour_is_named(tmp_path: Path, capsys: 
     assert "warning" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["train", "predict", "prepare", "evaluate", "benchmark"])
-def test_help_shows_flags_without_a_value(command: str) -> None:
+@pytest.mark.parametrize("command", [[], ["train"], ["predict"], ["prepare"], ["evaluate"], ["evaluate-cross"],
+                                     ["benchmark"], ["phantom"], ["info"], ["demo"]])
+def test_help_shows_flags_without_a_value(command: list[str]) -> None:
     """typer 0.29 printed ``--resume <bool>``, as if the flag took a value (``--resume true`` then read
-    ``true`` as an override); flags show no value type, and ``--root`` shows the NAME=DIR it takes."""
+    ``true`` as an override), and ``--help <bool>`` on every screen; flags show no value type, and
+    ``--root`` shows the NAME=DIR it takes."""
     from typer.testing import CliRunner
 
     from unionseg.cli import app
 
-    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "160"})
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
-    options = [line for line in result.output.splitlines() if "--" in line and "--help" not in line]
-    assert any("--quiet" in line for line in options)  # typer's own --help still shows <bool> (typer 0.29)
+    options = [line for line in result.output.splitlines() if "--" in line]
+    assert any("--help" in line for line in options)
     assert all("<bool>" not in line for line in options), [line for line in options if "<bool>" in line]
     assert all("<list[str]>" not in line for line in result.output.splitlines() if "--root" in line)

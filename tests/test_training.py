@@ -802,6 +802,33 @@ def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="the run folder's lock is fcntl's")
+def test_a_busy_run_folder_stops_every_torchrun_rank(phantom_project: Path, tmp_path: Path) -> None:
+    """Under torchrun rank 0 takes the run folder's lock; when another process holds it, the training stops
+    with rank 0's one message and writes nothing. (Every rank learns of the refusal and raises, rather than
+    waiting in its first collective for a rank 0 that has left: torchrun's agent stops it anyway, but a
+    launcher without one would not; whether rank 1 prints before the agent's SIGTERM is a race.)"""
+    from unionseg.locking import FileLock
+    from unionseg.training.trainer import RUN_LOCK
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    lock = FileLock(run / RUN_LOCK, "the test's hold")
+    lock.acquire()
+    try:
+        cmd = [str(console_script("torchrun")), "--standalone", "--nproc_per_node=2",
+               str(console_script("unionseg")), "train", str(phantom_project), "--method", "naive", "-o", str(run),
+               "--quiet", *TINY, "steps=2", "val_every=2", "ckpt_every=2", "device=cpu"]
+        proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=180)
+    finally:
+        lock.release()
+    assert proc.returncode != 0
+    assert proc.stderr.count(f"is in use by pid {os.getpid()}") == 1, proc.stderr[-3000:]  # rank 0's message
+    assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]  # nothing written
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
 def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(phantom_project: Path, tmp_path: Path) -> None:
     """The terminal's Ctrl-C and torchrun's forwarded one are one request; the ranks agree on the step."""

@@ -27,7 +27,34 @@ from unionseg.stopping import (
     terminated,
 )
 
-app = typer.Typer(
+
+class _PlainHelp:
+    """``--help`` without a value type (typer 0.29 lists it as ``--help <bool>``)."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_PlainHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, typer.core.TyperGroup):
+    pass
+
+
+class _App(typer.Typer):
+    """The application: every command it registers is a :class:`_Command`."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     name="unionseg",
     help="Train ONE multi-organ CT segmenter from several partially labelled datasets.",
     no_args_is_help=True,
