@@ -299,6 +299,9 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     assert kidney["empty_rule_cases"][PRED_EMPTY] == 1 and kidney["dice"]["n"] == 3
     assert kidney["dice"]["mean"] == pytest.approx(2 / 3)
     assert saved["cases"]["case_0"]["region:liver"]["dice"] == 1.0
+    counts = [row[k] for case in saved["cases"].values() for row in case.values() for k in ("pred_voxels", "gt_voxels")]
+    assert counts and all(type(n) is int for n in counts)  # voxel counts, not 384.0
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary left
     assert saved["best_case"] == "case_0" and saved["worst_case"] == "case_2"
     assert saved["unmatched_predictions"] == ["liver_0"]
     md = (out / "summary.md").read_text()

@@ -40,8 +40,14 @@ import numpy as np
 import typer
 
 from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
-from unionseg.evaluation.evaluate import case_progress, check_not_the_truth, on_truth_grid, write_metrics_csv
-from unionseg.evaluation.metrics import METRICS, empty_rule, score_masks
+from unionseg.evaluation.evaluate import (
+    case_progress,
+    case_records,
+    check_not_the_truth,
+    on_truth_grid,
+    write_metrics_csv,
+)
+from unionseg.evaluation.metrics import METRICS, score_masks
 from unionseg.jsonfile import write_json, write_text
 from unionseg.labels import REGION_PREFIX, LabelSpace
 
@@ -425,8 +431,7 @@ def evaluate_cross(
         "gt_map": {int(v): k for v, k in sorted(gt_map.items())}, "scored": keys,
         "not_scored": dict(dropped or {}), "metrics": list(metrics), "tolerance_mm": float(tolerance_mm),
         "classes": classes,
-        "cases": {case: {key: {**row, "empty_rule": empty_rule(row["pred_voxels"], row["gt_voxels"])}
-                         for key, row in rows.items()} for case, rows in scores.items()},
+        "cases": case_records(scores),
         "unmatched_predictions": unmatched, "excluded": excluded, "files": {},
     }
     if out_dir is not None:

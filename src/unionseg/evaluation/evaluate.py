@@ -434,6 +434,14 @@ def markdown_table(classes: Mapping[str, Any], metrics: Sequence[str], tolerance
     return "\n".join(lines) + "\n"
 
 
+def case_records(cases: Mapping[str, CaseScores]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per case and class, the scores as summary.json holds them: voxel counts as integers, and the
+    empty-mask rule that decided the values (None where none did)."""
+    return {case: {key: {**row, "pred_voxels": int(row["pred_voxels"]), "gt_voxels": int(row["gt_voxels"]),
+                         "empty_rule": empty_rule(row["pred_voxels"], row["gt_voxels"])}
+                   for key, row in scores.items()} for case, scores in cases.items()}
+
+
 def write_metrics_csv(path: Path, cases: Mapping[str, CaseScores], metrics: Sequence[str]) -> None:
     """``metrics.csv``: one row per case and class, each metric at full precision, the voxel counts, and the
     empty-mask rule that decided the row's values (if one did)."""
@@ -650,8 +658,7 @@ def evaluate_folder(
         "annotated_classes": [space.names[i] for i in np.flatnonzero(annotated) if i > 0],
         "metrics": list(metrics), "tolerance_mm": float(tolerance_mm), "hd95_percentile": 95.0,
         "empty_rules": EMPTY_RULE_TEXT, "n_cases": len(cases), "classes": classes,
-        "cases": {case: {key: {**row, "empty_rule": empty_rule(row["pred_voxels"], row["gt_voxels"])}
-                         for key, row in scores.items()} for case, scores in cases.items()},
+        "cases": case_records(cases),
         "case_quality": quality, "best_case": best, "worst_case": worst,
         "unmatched_predictions": unmatched_predictions(preds, truths),
     }
