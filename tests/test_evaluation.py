@@ -7,6 +7,7 @@ import csv
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -301,7 +302,6 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     assert saved["cases"]["case_0"]["region:liver"]["dice"] == 1.0
     counts = [row[k] for case in saved["cases"].values() for row in case.values() for k in ("pred_voxels", "gt_voxels")]
     assert counts and all(type(n) is int for n in counts)  # voxel counts, not 384.0
-    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no temporary left
     assert saved["best_case"] == "case_0" and saved["worst_case"] == "case_2"
     assert saved["unmatched_predictions"] == ["liver_0"]
     md = (out / "summary.md").read_text()
@@ -375,6 +375,35 @@ def test_evaluate_refuses_a_dataset_it_cannot_score_and_writes_strict_json(tiny_
                         "liver", root / "never")
     assert not (root / "never").exists()
     assert json.loads(dumps({"a": float("nan"), "b": [np.float32(0.5), float("inf")]})) == {"a": None, "b": [0.5, None]}
+
+
+@pytest.mark.parametrize("fails", ["write", "rename"])
+def test_reports_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 fails: str) -> None:
+    """metrics.csv and the summaries go through jsonfile.write_text: a failed write (a full disk, which names
+    no file) names the report, a failed rename keeps the earlier file, and neither leaves a temporary."""
+    import errno
+
+    from unionseg.jsonfile import write_text
+
+    target = tmp_path / "summary.md"
+    target.write_text("earlier")
+    broken = "write_text" if fails == "write" else "replace"
+    real = getattr(Path, broken)
+
+    def fail(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name.startswith(".summary.md."):
+            if fails == "write":
+                real(self, "half")  # a part written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, broken, fail)
+    with pytest.raises(OSError) as failed:
+        write_text(target, "new")
+    assert failed.value.errno == errno.ENOSPC
+    assert failed.value.filename == (str(target) if fails == "write" else None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.md"] and target.read_text() == "earlier"
 
 
 def test_an_external_test_set_is_scored_from_a_project_without_training_data(tiny_project: Path) -> None:

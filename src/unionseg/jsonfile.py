@@ -62,7 +62,12 @@ def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8", newline="")
+        try:
+            tmp.write_text(text, encoding="utf-8", newline="")
+        except OSError as exc:  # a full disk names no file: name the one being written
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+            raise
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)

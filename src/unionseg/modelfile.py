@@ -21,7 +21,6 @@ The network's ``forward(x: (B, 1, X, Y, Z))`` returns logits (B, len(channels), 
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -170,23 +169,15 @@ def save_model(path: str | Path, payload: Mapping[str, Any]) -> Path:
     Raises:
         CheckpointError: the payload is not a unionseg model payload.
     """
-    from unionseg.training.checkpoint import torch_save
+    from unionseg.training.checkpoint import torch_save, written_atomically
 
     path = Path(path)
     missing = [k for k in REQUIRED_KEYS if k not in payload]
     if missing or payload.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"not a unionseg model payload (missing {missing}); build it with make_payload", path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            torch_save(dict(payload), fh, path)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with written_atomically(path) as fh:
+        torch_save(dict(payload), fh, path)
     return path
 
 

@@ -7,12 +7,14 @@ a truncated file. Loading refuses anything that is not a complete unionseg check
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -46,19 +48,31 @@ def torch_save(obj: Any, fh: Any, path: Path) -> None:
         raise
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` atomically (temp file + fsync + rename); removes temporaries of killed writers."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(path)  # left by writers that were killed
+@contextlib.contextmanager
+def written_atomically(path: Path, faults: bool = False) -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temporary in the same folder, flushed to disk, renamed
+    over ``path`` when the block ends without an error, and removed otherwise (``faults``: the checkpoint
+    writer's fault-injection points, for the fault tests).
+
+    A failed write names ``path`` (``OSError.filename``): a full disk shows first inside ``torch.save`` and
+    then again when the file is closed and its buffer flushed, and that second error, which names no file,
+    was the one the CLI printed.
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("wb") as fh:
-            torch_save(obj, fh, path)
-            _fault("mid_write")
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fault("before_rename")
+        try:
+            with tmp.open("wb") as fh:
+                yield fh
+                if faults:
+                    _fault("mid_write")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:
+                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+            raise
+        if faults:
+            _fault("before_rename")
         tmp.replace(path)
         try:
             dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -69,8 +83,16 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         except OSError:
             pass
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` atomically (temp file + fsync + rename); removes temporaries of killed writers."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(path)  # left by writers that were killed
+    with written_atomically(path, faults=True) as fh:
+        torch_save(obj, fh, path)
     return path
 
 
