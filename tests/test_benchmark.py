@@ -527,6 +527,41 @@ def test_a_method_has_one_colour_in_every_figure(tmp_path: Path, monkeypatch: py
     assert len(set(colours.values())) == 3  # the bars' colours, one per row
 
 
+@pytest.mark.parametrize("losses,minor", [((3.0, 0.02), []), ((0.6, 0.3), ["0.3", "0.4", "0.5", "0.6"])])
+def test_loss_curve_labels_stay_readable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         losses: tuple[float, float], minor: list[str]) -> None:
+    """A loss falling over two decades had every minor tick labelled (24 labels drawn over each other);
+    minor labels appear only where the axis spans less than a decade, written plainly (0.3, not 3e-01)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unionseg import report
+
+    agg = {"methods": {"naive": {}}, "runs": [{"name": "naive", "seed": 0, "method": "naive"}]}
+    log = tmp_path / "runs" / "naive" / "seed0" / "log.csv"
+    log.parent.mkdir(parents=True)
+    steps = np.arange(1, 101)
+    values = np.geomspace(*losses, len(steps))
+    log.write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in zip(steps, values, strict=True)))
+    seen: list[list[str]] = []
+    real_close = plt.close
+
+    def close(fig: object = None) -> None:
+        fig.canvas.draw()  # type: ignore[union-attr]
+        (ax,) = fig.axes  # type: ignore[union-attr]
+        low, high = ax.get_ylim()
+        seen.append([t.get_text() for t, loc in zip(ax.yaxis.get_minorticklabels(), ax.yaxis.get_minorticklocs(), strict=True)
+                     if t.get_text() and low <= loc <= high])
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", close)
+    (tmp_path / "figures").mkdir()
+    assert report._loss_curves(agg, tmp_path, tmp_path / "figures", plt) == "figures/loss_curves.png"
+    assert seen == [minor]
+
+
 @pytest.mark.skipif(os.name != "posix", reason="signals are forwarded on POSIX only")
 def test_a_stopped_benchmark_forwards_its_signal_to_the_run_it_waits_for() -> None:
     """SIGTERM to the benchmark (``kill``, a scheduler) used to end it where it stood while its run trained on

@@ -385,14 +385,20 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
     if not drawn:
         plt.close(fig)
         return None
-    from matplotlib.ticker import FormatStrFormatter, MaxNLocator
+    from matplotlib.ticker import FormatStrFormatter, LogFormatter, MaxNLocator
 
     ax.set_xlabel("step")
     ax.set_ylabel("total loss (each method's own; log scale)")
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5
-    for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 0.3, not 3x10^-1
-        axis(FormatStrFormatter("%g"))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))  # 0.1, not 10^-1
+    # minor ticks labelled (as 0.3, not 3x10^-1) only where the axis spans a decade or less: a loss falling
+    # from 3 to 0.02 had all 24 labelled, drawn over each other
+    class Plain(LogFormatter):  # matplotlib's choice of minor ticks to label, written plainly
+        def __call__(self, x: float, pos: Any = None) -> str:
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     # the totals are not on one scale: co-training's sums its two networks, marginal's adds exclusion
     ax.set_title("Seed 0; a method's own loss, for its convergence, not to compare levels", fontsize=8)
     ax.legend(fontsize=7, ncol=2)
