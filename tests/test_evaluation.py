@@ -347,6 +347,17 @@ def test_evaluate_never_replaces_a_run_summary_and_names_a_file_given_as_folder(
         assert run([*args, "-o", str(run_dir), *extra]) == 2
         assert "not an evaluation's summary" in capsys.readouterr().err
     assert (run_dir / "summary.json").read_text() == '{"method": "dodnet", "steps": 10}'
+    # an unfinished run (no summary.json yet): its folder would have gained an evaluation's summary.json,
+    # which `info` and `--resume` read as the run's own ("finished")
+    running = root / "runs" / "naive"
+    running.mkdir()
+    (running / "config.yaml").write_text("method: naive\n")
+    (running / "last.pt").write_bytes(b"checkpoint")
+    for extra in ([], ["--overwrite"]):
+        assert run([*args, "-o", str(running), *extra]) == 2
+        assert "is a training run folder (last.pt, config.yaml); write the evaluation into a folder of its own" \
+            in capsys.readouterr().err
+    assert sorted(p.name for p in running.iterdir()) == ["config.yaml", "last.pt"]
     (root / "afile").write_text("x")
     assert run([*args, "-o", str(root / "afile")]) == 2
     assert "is a file" in capsys.readouterr().err

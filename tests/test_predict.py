@@ -235,6 +235,16 @@ def test_model_file_round_trip_predicts_identically(tmp_path: Path) -> None:
     over = Predictor.from_checkpoint(path, device="cpu", overlap=0.25, sw_batch_size=5)
     assert over.inference["overlap"] == 0.25 and over.inference["sw_batch_size"] == 5
     assert isinstance(build_from_payload(loaded), nn.Module)
+    # a caller's bad setting is the caller's error (it read as a corrupt model file), and a misspelt one is
+    # named with what there is (it was a bare TypeError)
+    from unionseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"overlap must be in \[0, 1\), got 1.0") as bad:
+        Predictor.from_checkpoint(path, device="cpu", overlap=1.0)
+    assert not isinstance(bad.value, CheckpointError)
+    with pytest.raises(ConfigError, match=r"no setting 'overlapp' \(settings: blend, overlap, roi_size, "
+                                          r"sw_batch_size, threshold; options: accumulate, amp, decision"):
+        Predictor.from_checkpoint(path, device="cpu", overlapp=0.25)
 
 
 def test_load_model_refuses_bad_files(tmp_path: Path) -> None:

@@ -446,6 +446,28 @@ def test_prepare_in_parallel_workers(project_dir: Path) -> None:
     assert rec.prepared.same_grid(ref.record.prepared)
 
 
+def test_a_script_without_the_main_guard_fails_at_once(project_dir: Path) -> None:
+    """prepare_project from a script without `if __name__ == "__main__":` (its path, not a Project: both are
+    taken): each spawned worker imported the script, called prepare_project again and waited on the cache's
+    lock, which the script held, for the default hour. Now the workers refuse, naming the guard, and the
+    script fails in seconds."""
+    script = project_dir / "prepare_no_guard.py"
+    script.write_text("from unionseg.data.preprocess import prepare_project\n"
+                      "prepare_project('project.yaml', workers=2, progress=False)\n")
+    proc = subprocess.run([sys.executable, script.name], cwd=project_dir, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0
+    assert 'must call prepare_project under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]
+    assert "waiting: " not in proc.stderr  # the lock wait's line
+    guarded = project_dir / "prepare_guarded.py"
+    guarded.write_text("from unionseg.data.preprocess import prepare_project\n"
+                       "if __name__ == '__main__':\n"
+                       "    print(len(prepare_project('project.yaml', workers=2, progress=False).summary.prepared))\n")
+    proc = subprocess.run([sys.executable, guarded.name], cwd=project_dir, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip() == "6", proc.stderr[-2000:]
+
+
 def test_source_change_makes_the_index_stale(project_dir: Path) -> None:
     project = load_project(project_dir / "project.yaml")
     prepare_project(project, workers=0, progress=False)

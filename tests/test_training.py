@@ -185,7 +185,7 @@ def test_a_refused_resume_changes_nothing_and_trains_no_stage(phantom_project: P
 
 @pytest.mark.skipif(sys.platform == "win32", reason="advisory locks (fcntl) are POSIX")
 def test_a_second_training_into_a_busy_run_folder_is_refused_and_dead_temporaries_go(
-        phantom_project: Path, tmp_path: Path) -> None:
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--resume`` while another process still trains into the folder (a scheduler's requeue) ran beside
     it, interleaving log.csv and writing over its checkpoints; now it stops at once, naming the holder. With
     the folder to itself, a training removes the temporaries of killed writers (``.model.pt.<pid>.tmp`` were
@@ -213,10 +213,22 @@ def test_a_second_training_into_a_busy_run_folder_is_refused_and_dead_temporarie
     dead.write_bytes(b"half a model")
     train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)
     assert not dead.exists()
-    with pytest.raises(CheckpointError):  # refused before anything is written: no folder left
-        train(phantom_project, _cfg("naive", 2, "init_from=" + str(tmp_path / "missing.pt")), tmp_path / "new",
-              progress=False)
+    with pytest.raises(CheckpointError):  # refused before anything is written: no folder left, nor its parents
+        train(phantom_project, _cfg("naive", 2, "init_from=" + str(tmp_path / "missing.pt")),
+              tmp_path / "new" / "deeper", progress=False)
     assert not (tmp_path / "new").exists()
+    # a failure between taking the lock and training (the ranks' agreement, here) lets the lock go
+    import unionseg.training.distributed as distributed
+
+    def broken(flag: bool, device: torch.device) -> bool:
+        raise RuntimeError("a rank died")
+
+    monkeypatch.setattr(distributed, "any_rank", broken)
+    with pytest.raises(RuntimeError, match="a rank died"):
+        train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)
+    taken = subprocess.run([sys.executable, "-c", "from unionseg.locking import FileLock\n"
+                            f"FileLock({str(run / RUN_LOCK)!r}, 'x').acquire(timeout=0)"], capture_output=True, text=True)
+    assert taken.returncode == 0, taken.stderr
 
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(
@@ -420,6 +432,32 @@ def test_a_second_ctrl_c_stops_at_once(phantom_project: Path, tmp_path: Path, mo
     assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"] == 2
 
 
+def test_the_ranks_agree_on_the_strongest_stop_request(monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Under DDP a SIGTERM sent to one worker (``kill`` of rank 1's pid) stopped every rank at one step but
+    rank 0, which had not received it, exited 130 ("interrupted") and nobody said why; now every rank takes
+    the strongest request of any (SIGTERM over SIGINT), and rank 0 says that another rank received it."""
+    from unionseg.training import distributed
+    from unionseg.training.trainer import _StopRequest
+
+    cpu = torch.device("cpu")
+    alone = _StopRequest()
+    assert not alone.agreed(cpu) and alone.requested is None  # one process, nothing asked
+    alone.requested = "SIGINT"
+    assert alone.agreed(cpu) and alone.requested == "SIGINT"
+    others: list[int] = [2]  # what the other ranks hold: SIGTERM
+    monkeypatch.setattr(distributed, "max_rank", lambda value, device: max([value, *others]))
+    rank0 = _StopRequest()
+    assert rank0.agreed(cpu) and rank0.requested == "SIGTERM"
+    assert "SIGTERM (to another rank): stopping at this step" in capsys.readouterr().err
+    pressed = _StopRequest()
+    pressed.requested = "SIGINT"  # Ctrl-C here, SIGTERM there: the ranks exit as terminated, alike
+    assert pressed.agreed(cpu) and pressed.requested == "SIGTERM"
+    assert capsys.readouterr().err == ""  # rank 0 already said it was stopping
+    others[0] = 0
+    assert not _StopRequest().agreed(cpu)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform == "win32", reason="process groups and SIGINT are POSIX")
 def test_ctrl_c_in_a_terminal_stops_train_with_a_checkpoint(phantom_project: Path, tmp_path: Path) -> None:
@@ -496,9 +534,23 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
     assert run(["train", str(phantom_project), "-m", "naive", "-o", str(ind), *tiny]) == 2
     assert "run folder already holds a run" in capsys.readouterr().err
     assert (ind / "model.pt").read_bytes() == model
+    # the same from Python: train() itself refuses (only the CLI did; a second train() replaced the run),
+    # and takes the loaded project as well as its path
+    from unionseg.config import load_project
+    from unionseg.errors import ConfigError, UnionsegError
+    from unionseg.training.config import load_train_config
+    from unionseg.training.recipes import default_recipe
+
+    with pytest.raises(UnionsegError, match=r"already holds a run \(model.pt, summary.json, .*nothing was overwritten"):
+        train(load_project(phantom_project), _cfg("naive", 1), ind, progress=False)
+    assert (ind / "model.pt").read_bytes() == model
+    with pytest.raises(ConfigError, match="the recipe says 'marginal', the call says 'dodnet'"):
+        load_train_config(recipe, method="dodnet")
+    with pytest.raises(ConfigError, match="unknown method 'cotrainig'; available: conditional, cotraining"):
+        default_recipe("cotrainig")
     (tmp_path / "afile").write_text("keep")
     assert run(["train", str(phantom_project), "-o", str(tmp_path / "afile"), *tiny]) == 2
-    assert "--out exists and is not a folder" in capsys.readouterr().err
+    assert "the run folder (--out) exists and is not a folder" in capsys.readouterr().err
     # a recipe of a few lines sits on the method's own: the learning rate it leaves out is the marginal
     # recipe's 0.02, not TrainConfig's bare 0.003
     partial = tmp_path / "mine.yaml"
@@ -1059,6 +1111,8 @@ def test_cli_records_init_from_as_an_absolute_path(phantom_project: Path, tmp_pa
     assert run(["train", str(phantom_project), "-m", "naive", "-o", "b", "init_from=a/model.pt", *tiny]) == 0
     recorded = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())["init_from"]
     assert recorded == str((tmp_path / "a" / "model.pt").resolve())
+    train(phantom_project, _cfg("naive", 1, "init_from=a/model.pt"), "c", progress=False)  # and from Python
+    assert yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["init_from"] == recorded
 
 
 def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,

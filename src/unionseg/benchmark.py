@@ -193,7 +193,7 @@ def finished_result(suite: SuiteConfig, spec: RunSpec, seed: int, out: Path) -> 
 def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
     from unionseg.config import config_hash, load_project
-    from unionseg.training.trainer import train
+    from unionseg.training.trainer import RUN_FILES, train
 
     run_dir = out / "runs" / spec.name / f"seed{seed}"
     done = run_dir / "result.json"
@@ -201,7 +201,9 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         return finished_result(suite, spec, seed, out)
     cfg = _run_config(suite, spec, seed)
     t0 = time.perf_counter()
-    summary = train(project_path, cfg, run_dir, resume=(run_dir / "last.pt").exists(), progress=progress)
+    # a run folder with anything of a run in it (a checkpoint, or only its stages' record) goes on from there
+    summary = train(project_path, cfg, run_dir, resume=any((run_dir / n).exists() for n in RUN_FILES),
+                    progress=progress)
     # the shared artefacts (experts, their probabilities, pseudo labels) built inside this run are reported
     # once, as expert_seconds; train_seconds is the method's own wall time, so no row counts them twice
     # (this process's stage time: a resumed run's summary also counts the stages of the process it resumes)

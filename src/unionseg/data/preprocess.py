@@ -910,7 +910,8 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
                     raise UnionsegError(
                         f"a prepare worker died (killed, or out of memory) while cases such as {job.dataset}/"
                         f"{job.case_id} were being prepared; run prepare again (finished cases are kept), with "
-                        "--workers 1 if memory is short", job.out_dir) from None
+                        "--workers 1 if memory is short (from a Python script: call prepare_project under "
+                        "`if __name__ == \"__main__\":`)", job.out_dir) from None
                 on_done(futures[fut], result)
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (unionseg.stopping): the cases being prepared finish,
             for fut in futures:    # the queued ones are dropped (the pool's exit waited for every one of them)
@@ -919,10 +920,14 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
 
 
 def prepare_project(
-    project: Project, workers: int = 2, force: bool = False, progress: bool = True,
+    project: Project | str | Path, workers: int = 2, force: bool = False, progress: bool = True,
     wait_s: float | None = PREPARE_WAIT_S,
 ) -> PreparedIndex:
     """Validate and cache every case of a project; incremental, parallel, atomic per case.
+
+    With ``workers`` > 1 the cases are prepared in worker processes started by ``spawn``: a script that
+    calls this must do so under ``if __name__ == "__main__":``, as any script using multiprocessing (each
+    worker imports the script; without the guard it would prepare the project again).
 
     Writes ``<cache_dir>/<dataset>/<case>.image.npy`` (float32 X, Y, Z), ``.label.npy`` (uint8 codes),
     ``.oracle.npy`` (uint8 leaf ids, when the dataset has oracle labels), ``.json`` (record, sources,
@@ -932,6 +937,7 @@ def prepare_project(
     label file or its dataset's label map (labels only), its oracle file (oracle only).
 
     Args:
+        project: the project, or its project file (YAML).
         workers: worker processes; 0 or 1 runs in this process.
         force: redo every case.
         progress: show a progress bar and print a summary.
@@ -946,10 +952,25 @@ def prepare_project(
         DataError: the first failing case (in project order), naming its file and the problem, and the other
             failing cases, all listed in ``<cache_dir>/prepare_errors.txt`` when there are several (the
             other cases still finish; a failing case leaves no cache entry and no index is written).
-        UnionsegError: another process still holds the cache after ``wait_s`` seconds.
+        UnionsegError: another process still holds the cache after ``wait_s`` seconds; called while a
+            worker process imports the calling script (the ``__main__`` guard is missing).
+
+    Returns:
+        The index of the prepared cases (what ``<cache_dir>/index.json`` holds).
     """
+    import multiprocessing as mp
+
     from unionseg.locking import hold_lock
 
+    if getattr(mp.current_process(), "_inheriting", False):  # a spawned worker importing the user's script
+        raise UnionsegError("prepare_project was called while a worker process was starting: the worker imports "
+                            "the script that started it, so a script must call prepare_project under "
+                            "`if __name__ == \"__main__\":` (without it every worker would prepare the project "
+                            "again, waiting on the cache's lock)")
+    from unionseg.config import Project, load_project
+
+    if not isinstance(project, Project):
+        project = load_project(project)
     with hold_lock(project.cache_dir / CACHE_LOCK, "the prepared cache", timeout=wait_s,
                    hint="run prepare again once it has finished, or wait longer with --wait SECONDS"):
         return _prepare_locked(project, workers, force, progress)

@@ -323,8 +323,8 @@ def resolve_dataset(project: Project, gt_dir: Path, dataset: str | None = None) 
         matches = [d for d in project.datasets if gt.is_relative_to(Path(d.root).resolve())]
         if not matches:
             names = ", ".join(d.name for d in project.datasets)
-            raise ConfigError(f"no dataset root contains the ground truth folder {gt}; pass --dataset NAME "
-                              f"(one of {names})", project.path)
+            raise ConfigError(f"no dataset root contains the ground truth folder {gt}; name the dataset "
+                              f"(--dataset NAME, dataset=NAME: one of {names})", project.path)
         spec = max(matches, key=lambda d: len(Path(d.root).resolve().parts))
     oracle = spec.oracle_labels is not None and Path(spec.oracle_labels).resolve() == gt
     return spec, oracle
@@ -530,10 +530,15 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
 
     Raises:
         DataError: ``out_dir`` is a file.
-        OutputExistsError: reports exist and ``overwrite`` is false, or a foreign ``summary.json``.
+        OutputExistsError: reports exist and ``overwrite`` is false, a foreign ``summary.json``, or
+            ``out_dir`` is a training run folder (even with ``overwrite``).
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError("the output folder (-o) is a file; give a folder", out_dir)
+    run = [name for name in _RUN_MARKS if (out_dir / name).exists()]
+    if run:  # its summary.json, written here, would read as the run's (info; --resume "finished")
+        raise OutputExistsError(f"is a training run folder ({', '.join(run)}); write the evaluation into a "
+                                "folder of its own, such as RUN/evaluation (-o, out_dir)", out_dir)
     held = [name for name in REPORT_FILES if (out_dir / name).exists()]
     if not held:
         return
@@ -543,7 +548,11 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
                                 "it: give another output folder (-o)", summary)
     if not overwrite:
         raise OutputExistsError(f"holds the reports of an earlier evaluation ({', '.join(held)}); give --overwrite "
-                                "to replace them, or another output folder (-o)", out_dir)
+                                "(overwrite=True) to replace them, or another output folder (-o, out_dir)", out_dir)
+
+
+#: files only a training run folder holds (its summary.json an evaluation would replace, or stand beside)
+_RUN_MARKS = ("last.pt", "model.pt", "config.yaml", "stages.json", "log.csv", ".lock")
 
 
 def _is_evaluation_summary(path: Path) -> bool:

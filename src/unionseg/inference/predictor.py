@@ -91,7 +91,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnionsegError("--device cuda requested but no CUDA device is available (use --device cpu)")
+        raise UnionsegError(f"device {device!r} requested but no CUDA device is available (use the CPU: "
+                            "--device cpu, device='cpu')")
     return dev
 
 
@@ -380,16 +381,37 @@ class Predictor:
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any], device: str | torch.device = "auto",
                      model: nn.Module | None = None, **overrides: Any) -> Predictor:
-        """Build from a loaded model payload; ``overrides`` may change inference settings
-        (``overlap``, ``sw_batch_size``, ``roi_size``, ``threshold``) or constructor options."""
-        from unionseg.modelfile import build_from_payload
+        """Build from a loaded model payload.
 
+        ``overrides``: the model file's sliding-window settings (``roi_size``, ``overlap``, ``sw_batch_size``,
+        ``blend``, ``threshold``; None keeps the file's) and the constructor's options (``stitch_device``,
+        ``decision``, ``amp``, ``accumulate``, ``slab_budget_mib``, ``decision_threads``).
+
+        Raises:
+            ConfigError: an override this predictor does not have, or a setting out of range.
+            CheckpointError: the payload's own settings are invalid.
+            ValueError: a constructor option the model cannot take (``decision='argmax'`` on a sigmoid model).
+        """
+        import inspect
+
+        from unionseg.errors import ConfigError
+        from unionseg.modelfile import DEFAULT_INFERENCE, build_from_payload
+
+        options = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "label_space",
+                                                                      "preprocessing", "output_form", "channels",
+                                                                      "inference", "device"}
+        unknown = sorted(set(overrides) - options - set(DEFAULT_INFERENCE))
+        if unknown:
+            raise ConfigError(f"the predictor has no setting {', '.join(map(repr, unknown))} (settings: "
+                              f"{', '.join(sorted(DEFAULT_INFERENCE))}; options: {', '.join(sorted(options))})")
         inference = dict(payload["inference"])
-        for key in list(overrides):
-            if key in inference:
-                value = overrides.pop(key)
-                if value is not None:
-                    inference[key] = value
+        given = {k: overrides.pop(k) for k in list(overrides) if k in DEFAULT_INFERENCE}
+        given = {k: v for k, v in given.items() if v is not None}
+        try:
+            check_inference(given)
+        except CheckpointError as exc:  # the caller's value, not the model file's
+            raise ConfigError(exc.message) from None
+        inference.update(given)
         try:
             space = LabelSpace.from_dict(payload["label_space"], source="<model file>")
         except UnionsegError as exc:
@@ -400,10 +422,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", **overrides: Any) -> Predictor:
-        """Load a model file (see :mod:`unionseg.modelfile`) and build its predictor.
+        """Load a model file (see :mod:`unionseg.modelfile`) and build its predictor (``overrides``: see
+        :meth:`from_payload`).
 
         Raises:
             CheckpointError: the file is missing, corrupt, unsafe or not a unionseg model.
+            ConfigError: an unknown override, or a setting out of range.
         """
         from unionseg.modelfile import load_model, model_id
 

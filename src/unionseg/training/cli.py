@@ -10,7 +10,6 @@ import typer
 
 #: what a run folder holds once a run has started (the stages write stages.json before any checkpoint;
 #: `individual`, which trains nothing of its own, writes no last.pt)
-RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml")
 
 
 def resolve_method(method: str | None, recipe: Path | None) -> str:
@@ -49,7 +48,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train METHOD on a prepared project: shared artefacts, stages, the loop, validation, model file."""
         from unionseg.cli import _parse_roots
-        from unionseg.errors import UnionsegError
         from unionseg.training.config import load_train_config
         from unionseg.training.recipes import default_recipe
         from unionseg.training.trainer import train as run_train
@@ -59,18 +57,6 @@ def register(app: typer.Typer) -> None:
             cfg = load_train_config(default_recipe(method), overrides or [], method=method)
         else:  # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
             cfg = load_train_config(config, overrides or [], base=default_recipe(method), method=method)
-        if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
-        if out.exists() and not out.is_dir():
-            raise UnionsegError("--out exists and is not a folder; it names the run folder", out)
-        held = [name for name in RUN_FILES if (out / name).exists()]
-        if held and not resume:
-            raise UnionsegError(f"run folder already holds a run ({', '.join(held)}); pass --resume to continue it "
-                                "or choose another --out (nothing was overwritten)", out)
-        if resume and not held:
-            typer.echo(f"note: nothing to resume in {out}; starting a new run", err=True)
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports

@@ -172,12 +172,20 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
                       base: str | Path | None = None, **fixed: Any) -> TrainConfig:
     """A recipe (YAML) plus ``key=value`` overrides; ``fixed`` keys (e.g. method) override both.
 
+    The values are checked for their type and range here; what depends on the project or the machine (a
+    dataset name, the device, a patch size the network cannot halve) is checked when training starts,
+    before anything is written.
+
     Args:
         path: the recipe; ``None``: the bare defaults of :class:`TrainConfig`.
         overrides: ``key=value`` strings applied last.
         base: a recipe underneath ``path`` (the method's built-in one, for ``train -c``): what ``path``
             leaves out keeps ``base``'s value, mappings merged key by key (``optim: {lr: 0.01}`` keeps
             ``base``'s optimiser and schedule).
+
+    Raises:
+        ConfigError: an unreadable recipe, an unknown key or a bad value; ``method`` given that differs from
+            the one ``path`` names.
     """
     data: dict[str, Any] = {}
     source = "<defaults>"
@@ -189,6 +197,12 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
             from unionseg.errors import ConfigError
 
             raise ConfigError("expected a mapping at the top level", recipe)
+        written = (raw or {}).get("method")
+        if recipe is path and "method" in fixed and written is not None and written != fixed["method"]:
+            from unionseg.errors import ConfigError
+
+            raise ConfigError(f"method: the recipe says {written!r}, the call says {fixed['method']!r}; give one of "
+                              "them", recipe)
         data = _merged(data, dict(raw or {}))
         source = str(recipe)
     data.update(fixed)

@@ -66,11 +66,16 @@ def wrap(model: nn.Module, device: torch.device, unused_parameters: bool = False
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any (one small all-reduce; the flag itself in one process)."""
+    return bool(max_rank(1 if flag else 0, device))
+
+
+def max_rank(value: int, device: torch.device) -> int:
+    """The largest of every rank's ``value``, on every rank (``value`` itself in one process)."""
     if not is_distributed():
-        return flag
-    value = torch.tensor([1 if flag else 0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+        return value
+    found = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX)
+    return int(found.item())
 
 
 def gather_objects(obj: Any) -> list[Any]:

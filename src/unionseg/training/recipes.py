@@ -11,5 +11,19 @@ def recipe_dir() -> Path:
 
 
 def default_recipe(method: str) -> Path | None:
+    """The recipe built into unionseg for ``method`` (its budget, optimiser and options), or None for a
+    registered method that ships none (then :class:`~unionseg.training.config.TrainConfig`'s defaults apply).
+
+    Raises:
+        ConfigError: ``method`` is no method of unionseg (a misspelt name gave the bare defaults silently).
+    """
+    from unionseg.methods.base import available_methods
+
     path = recipe_dir() / f"{method}.yaml"
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    if method not in available_methods():
+        from unionseg.errors import ConfigError
+
+        raise ConfigError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
+    return None

@@ -637,7 +637,7 @@ class Trainer:
                 self.save_checkpoint()
                 t_last = time.perf_counter()
             _test_kill_hook(self.step)
-            if dist.any_rank(stop.requested is not None, self.ctx.device):
+            if stop.agreed(self.ctx.device):
                 self._checkpoint_and_stop(stop)
             if self.step >= cfg.steps or stopping:
                 break
@@ -773,6 +773,20 @@ class _StopRequest:
         if dist.is_main():  # under torchrun every rank gets the signal; one says so
             print(f"\n{self.requested}: stopping after this step to write a checkpoint (press Ctrl-C again to stop "
                   "at once)", file=sys.stderr)
+
+    #: a request's rank among the ranks' (the ranks stop as the strongest asks: SIGTERM's exit status wins)
+    _ORDER = (None, "SIGINT", "SIGTERM")
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (one all-reduce under DDP); every rank then holds the same
+        request, and rank 0 says so when the signal reached only another rank (``kill`` of one worker)."""
+        wanted = self._ORDER[dist.max_rank(self._ORDER.index(self.requested), device)]
+        if wanted is None:
+            return False
+        if self.requested is None and dist.is_main():
+            print(f"\n{wanted} (to another rank): stopping at this step to write a checkpoint", file=sys.stderr)
+        self.requested = wanted
+        return True
 
 
 def _test_kill_hook(step: int) -> None:
@@ -925,6 +939,8 @@ def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path
     return ctx
 
 
+#: the files whose presence says that a folder holds a run (``train`` without ``resume`` refuses it)
+RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml")
 #: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
 RUN_LOCK = ".lock"
 #: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
@@ -946,45 +962,82 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
 
     Raises:
         UnionsegError: another process holds the folder.
+        OSError: the killed writers' temporaries could not be removed (on every rank, raised on rank 0).
     """
     from unionseg.errors import UnionsegError
     from unionseg.locking import FileLock, remove_dead_temporaries
 
     main = dist.is_main()
     lock = FileLock(run_dir / RUN_LOCK, f"the run folder {run_dir}")
-    created = main and not run_dir.exists()
-    refusal: UnionsegError | None = None
-    if main:
-        try:
-            lock.acquire(timeout=0, hint="two trainings in one run folder would write over each other's "
-                                         "checkpoints and logs: wait for it to end, or train into another --out")
-        except UnionsegError as exc:
-            refusal = exc
-    if dist.any_rank(refusal is not None, device or torch.device("cpu")):
-        raise refusal or UnionsegError("rank 0 could not take the run folder's lock; see its message", run_dir)
+    made: list[Path] = []  # the folders taking the lock creates: run_dir and any missing parents, innermost first
+    folder = Path(os.path.abspath(run_dir))
+    while main and not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    acquired = False
     try:
+        refusal: Exception | None = None
         if main:
-            for name in _RUN_WRITES:
-                remove_dead_temporaries(run_dir / name)
+            try:
+                lock.acquire(timeout=0, hint="two trainings in one run folder would write over each other's "
+                                             "checkpoints and logs: wait for it to end, or train into another --out")
+                acquired = True
+                for name in _RUN_WRITES:
+                    remove_dead_temporaries(run_dir / name)
+            except (UnionsegError, OSError) as exc:  # every rank stops, not rank 0 alone
+                refusal = exc
+        if dist.any_rank(refusal is not None, device or torch.device("cpu")):
+            raise refusal or UnionsegError("rank 0 could not take the run folder's lock; see its message", run_dir)
         yield
     finally:
-        if created and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
-            try:  # a refused run leaves no folder behind
-                (run_dir / RUN_LOCK).unlink()
-                run_dir.rmdir()
-            except OSError:  # an NFS placeholder, a file appearing meanwhile: the folder stays, harmless
-                pass
-        lock.release()
+        if acquired:
+            if made and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+                try:  # a refused run leaves no folder behind (nor the parents it created)
+                    (run_dir / RUN_LOCK).unlink()
+                    for empty in made:
+                        empty.rmdir()
+                except OSError:  # an NFS placeholder, a file appearing meanwhile: the folder stays, harmless
+                    pass
+            lock.release()
 
 
 def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
-    """Python entry point of ``unionseg train``.
+    """Python entry point of ``unionseg train``: train ``cfg`` on the prepared project into ``run_dir``.
+
+    Without ``resume`` a folder that already holds a run is refused (nothing is overwritten); with it, an
+    empty or new folder starts a new run (with a note). A relative ``cfg.init_from`` is taken from the
+    working folder and recorded absolute, so the run's ``config.yaml`` replays it from anywhere.
+
+    Args:
+        project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project`.
+        stop_after: stop (with a checkpoint) after this many steps of this call, as Ctrl-C would.
+
+    Returns:
+        The run's summary (what ``RUN/summary.json`` holds).
 
     Raises:
-        UnionsegError: another process trains into ``run_dir`` (see :func:`run_folder_lock`); the errors of
-            the run itself.
+        UnionsegError: ``run_dir`` holds a run and ``resume`` is False, or is a file; another process trains
+            into it (see :func:`run_folder_lock`); the errors of the run itself.
     """
+    from unionseg.config import Project
+    from unionseg.errors import UnionsegError
+
+    if isinstance(project_path, Project):
+        project_path = project_path.path
+    run_dir = Path(run_dir)
+    if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UnionsegError("the run folder (--out) exists and is not a folder", run_dir)
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held and not resume:
+        raise UnionsegError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
+                            "resume=True) or train into another folder (nothing was overwritten)", run_dir)
+    if resume and not held and int(os.environ.get("RANK", "0")) == 0:  # before the process group: its env
+        print(f"note: nothing to resume in {run_dir}; starting a new run", file=sys.stderr)
     ctx = make_context(project_path, cfg, run_dir, roots, progress)
     try:
         with run_folder_lock(ctx.run_dir, ctx.device):
