@@ -77,8 +77,8 @@ class MaskScores:
     gt_voxels: int = 0
 
     def as_dict(self) -> dict[str, float]:
-        """The metric values plus ``pred_voxels`` and ``gt_voxels`` (as floats; the empty rule follows from them)."""
-        return {**self.values, "pred_voxels": float(self.pred_voxels), "gt_voxels": float(self.gt_voxels)}
+        """The metric values plus ``pred_voxels`` and ``gt_voxels`` (integers; the empty rule follows from them)."""
+        return {**self.values, "pred_voxels": int(self.pred_voxels), "gt_voxels": int(self.gt_voxels)}
 
 
 def empty_rule(pred_voxels: int | float, gt_voxels: int | float) -> str | None:
