@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -89,6 +90,50 @@ def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pyt
     assert lines[2].endswith("marginal seed 0, suite ETA ~5 min")  # still no row trained by this call
     assert lines[3].startswith("[4/4] multihead seed 0, suite ETA ")
     assert "~" not in lines[3]  # now this call's own (here instant) run time
+
+
+def test_a_stopped_suite_reports_its_finished_rows_and_every_seed_stays(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C during a row left results.json but no report.md (it was written only at the end); now the
+    report of the finished rows is written on the way out. A folder's finished seed 1, from an earlier
+    `--seeds 2`, stays in the report of a later call without --seeds (it was dropped without a word). A row
+    with a checkpoint says it resumes, and from which step."""
+    from dataclasses import replace
+
+    import unionseg.benchmark as bench
+    import unionseg.report as report
+
+    suite = replace(load_suite("ci"), isolate=False)
+    (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
+    earlier = tmp_path / "runs" / "oracle" / "seed1" / "result.json"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text(json.dumps({"name": "oracle", "seed": 1}))
+    half = tmp_path / "runs" / "naive" / "seed0"
+    half.mkdir(parents=True)
+    (half / "last.pt").write_bytes(b"x")
+    import unionseg.training.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "checkpoint_step", lambda path: 3)
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
+    monkeypatch.setattr(bench, "_count_experts", lambda project: 0)
+    monkeypatch.setattr(bench, "finished_result", lambda suite, row, seed, out: {"name": row.name, "seed": seed})
+
+    def run_one(project: Path, suite: object, row: Any, seed: int, out: Path, progress: bool) -> dict[str, Any]:
+        if row.name == "naive":
+            raise KeyboardInterrupt
+        return {"name": row.name, "seed": seed, "train_seconds": 1.0}
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    reported: list[list[tuple[str, int]]] = []
+    monkeypatch.setattr(report, "aggregate", lambda results, suite: {"rows": [(r["name"], r["seed"]) for r in results]})
+    monkeypatch.setattr(report, "write_results", lambda agg, out: None)
+    monkeypatch.setattr(report, "write_report", lambda agg, out: reported.append(agg["rows"]))
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_benchmark("ci", tmp_path, ["oracle", "naive"], progress=False)
+    assert reported == [[("oracle", 0), ("oracle", 1)]]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
+    assert lines[1].startswith("[2/2] naive seed 0 (resuming: step 3)"), lines
 
 
 def test_suite_eta_counts_the_experts_a_later_row_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -599,3 +644,21 @@ def test_a_stopped_benchmark_forwards_its_signal_to_the_run_it_waits_for() -> No
         assert isinstance(interruption(wrapped), Terminated) and exit_code(wrapped) == 143
     assert exit_code(KeyboardInterrupt()) == 130 and exit_code(ValueError()) == 130
     assert interruption(ValueError()) is None
+
+
+def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--help` showed `--methods <list[str]>`, and `--methods oracle,naive` was refused as one row name."""
+    from typer.testing import CliRunner
+
+    import unionseg.benchmark as bench
+    import unionseg.report as report
+    from unionseg.cli import app
+
+    given: list[object] = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda suite, out, methods, seeds, progress: given.append(methods))
+    monkeypatch.setattr(report, "print_table", lambda results: None)
+    runner = CliRunner()
+    for args in (["--methods", "oracle,naive"], ["--methods", "oracle", "--methods", " naive"], []):
+        result = runner.invoke(app, ["benchmark", "--suite", "ci", "-o", "unused", "--quiet", *args])
+        assert result.exit_code == 0, result.output
+    assert given == [["oracle", "naive"], ["oracle", "naive"], None]

@@ -112,7 +112,7 @@ def test_training_off_a_terminal_prints_timed_lines(phantom_project: Path, tmp_p
     with the count, the ETA and the loss terms, before the run ends."""
     monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
     train(phantom_project, _cfg("naive", 3), tmp_path / "run", progress=True)
-    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("naive: ")]
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("naive: ")]  # stderr, as all progress
     steps = [x for x in lines if "validating" not in x]
     assert [x.split(",")[0] for x in steps] == ["naive: 1/3 (33%)", "naive: 2/3 (67%)", "naive: 3/3 (100%)"]
     assert "ETA" in steps[0] and "loss=" in steps[0] and "ETA" not in steps[-1]

@@ -275,17 +275,24 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------- the suite
-def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
-    """Generate (or reuse) the phantom and prepare it once."""
-    from unionseg.config import load_project
+def ensure_phantom(suite: SuiteConfig, out: Path) -> Path:
+    """Generate (or reuse) the suite's phantom in ``out/data``; returns its project file."""
     from unionseg.data.phantom import generate_phantom
-    from unionseg.data.preprocess import prepare_project
 
     data = out / "data"
     project_path = data / "project.yaml"
     if not project_path.exists():
         generate_phantom(data, size=suite.phantom_size, seed=suite.phantom_seed, suite=suite.phantom_suite,
                          cases=suite.phantom_cases)
+    return project_path
+
+
+def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
+    """Generate (or reuse) the phantom and prepare it once."""
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import prepare_project
+
+    project_path = ensure_phantom(suite, out)
     prepare_project(load_project(project_path), workers=suite.prepare_workers, progress=progress)
     return project_path
 
@@ -302,7 +309,8 @@ def check_out(out: Path, suite: SuiteConfig) -> None:
         UnionsegError: naming the folder and the problem; nothing is written.
     """
     if out.exists() and not out.is_dir():
-        raise UnionsegError("exists and is not a folder; -o names the benchmark folder", out)
+        raise UnionsegError("exists and is not a folder; give a folder for the benchmark's data, runs and report",
+                            out)
     marker = out / MARKER
     if marker.is_file():
         try:
@@ -365,8 +373,10 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
                   progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
 
-    The report covers every finished row of the suite in ``out`` (up to ``seeds`` seeds), not only the rows
-    this call ran: ``--methods`` adds rows to a report, never shrinks it.
+    The report covers every finished row and seed of the suite in ``out``, not only the rows this call ran:
+    ``--methods`` and ``--seeds`` add rows and seeds to a report, never shrink it. ``results.json`` is
+    rewritten after every finished row; ``report.md`` at the end, and when the suite stops early (Ctrl-C,
+    SIGTERM, a failing row) for the rows finished so far.
     """
     from rich.console import Console
 
@@ -393,39 +403,64 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     n_experts = _count_experts(project_path)
     aggregated: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
-    for i, (row, seed) in enumerate(plan):
-        recorded = [float(r.get("train_seconds") or 0) for r in results]
-        to_build = {s for (r, s), d in zip(plan[i:], done[i:], strict=True) if not d and r.method in EXPERT_METHODS} - built
-        eta = suite_eta(sum(not d for d in done[i:]), trained, recorded, len(to_build), _stage_seconds(results),
-                        n_experts)
-        console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}"
-                      f"{' (done, reused)' if done[i] else ''}{', suite ETA ' + eta if eta else ''}")
-        started = time.perf_counter()
-        if suite.isolate and not done[i]:
-            _run_isolated(project_path, suite_name, row.name, seed, out)
-        results.append(run_one(project_path, suite, row, seed, out, progress))
-        if not done[i]:
-            trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
-        if row.method in EXPERT_METHODS:
-            built.add(seed)
-        # after every run: an interrupted suite keeps its numbers
-        aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
-        write_results(aggregated, out)
+    try:
+        for i, (row, seed) in enumerate(plan):
+            recorded = [float(r.get("train_seconds") or 0) for r in results]
+            to_build = {s for (r, s), d in zip(plan[i:], done[i:], strict=True)
+                        if not d and r.method in EXPERT_METHODS} - built
+            eta = suite_eta(sum(not d for d in done[i:]), trained, recorded, len(to_build), _stage_seconds(results),
+                            n_experts)
+            resumed = None if done[i] else _resumed_at(out / "runs" / row.name / f"seed{seed}")
+            state = " (done, reused)" if done[i] else "" if resumed is None else f" (resuming: {resumed})"
+            console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}{state}"
+                          f"{', suite ETA ' + eta if eta else ''}")
+            started = time.perf_counter()
+            if suite.isolate and not done[i]:
+                _run_isolated(project_path, suite_name, row.name, seed, out)
+            results.append(run_one(project_path, suite, row, seed, out, progress))
+            if not done[i] and resumed is None:  # a resumed run's time is part of a run: no mean of whole runs
+                trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
+            if row.method in EXPERT_METHODS:
+                built.add(seed)
+            # after every run: an interrupted suite keeps its numbers
+            aggregated = aggregate(_with_finished(results, plan, suite, out), suite)
+            write_results(aggregated, out)
+    except BaseException:  # Ctrl-C, SIGTERM, a failed row: the report of the rows finished so far
+        if aggregated is not None:
+            try:
+                write_report(aggregated, out)
+            except Exception as exc:  # noqa: BLE001 - the stop (or the row's error) is what the user must see
+                console.print(f"note: the report of the finished rows could not be written ({exc})")
+        raise
     if aggregated is None:  # nothing in the plan: the report of the rows already finished
-        aggregated = aggregate(_with_finished(results, plan, suite, out, n_seeds), suite)
+        aggregated = aggregate(_with_finished(results, plan, suite, out), suite)
     write_report(aggregated, out)
     return aggregated
 
 
-def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]], suite: SuiteConfig, out: Path,
-                   n_seeds: int) -> list[dict[str, Any]]:
-    """``results`` (of this call's ``plan``) plus the finished rows of the suite outside the plan."""
+def _resumed_at(run_dir: Path) -> str | None:
+    """How far an unfinished run folder got (``step N of its checkpoint``, ``its shared stages``), or None
+    when it holds no run yet: what the progress line says a row resumes from."""
+    from unionseg.training.checkpoint import checkpoint_step
+
+    if (run_dir / "last.pt").is_file():
+        step = checkpoint_step(run_dir / "last.pt")
+        return "its checkpoint" if step is None else f"step {step}"
+    if (run_dir / "stages.json").is_file() or (run_dir / "config.yaml").is_file():
+        return "its shared stages"
+    return None
+
+
+def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]], suite: SuiteConfig,
+                   out: Path) -> list[dict[str, Any]]:
+    """``results`` (of this call's ``plan``) plus the finished rows of the suite outside the plan, every seed
+    of them found in ``out`` (a call with fewer ``--seeds`` than an earlier one dropped the others silently)."""
     ran = {(row.name, seed) for row, seed in plan}
     extra = []
-    for seed in range(n_seeds):
-        for row in suite.runs():
-            done = out / "runs" / row.name / f"seed{seed}" / "result.json"
-            if (row.name, seed) not in ran and done.is_file():
+    for row in suite.runs():
+        for done in sorted((out / "runs" / row.name).glob("seed*/result.json")):
+            seed_name = done.parent.name[len("seed"):]
+            if seed_name.isdigit() and (row.name, int(seed_name)) not in ran:
                 extra.append(json.loads(done.read_text(encoding="utf-8")))
     # in the suite's row order, whichever rows this call ran (they came first: `--methods naive` after a
     # run of the whole suite put naive above the oracle)
@@ -533,14 +568,15 @@ def register(app: typer.Typer) -> None:
     def benchmark(
         out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark folder (resumable).")] = Path("bench_out"),
         suite: Annotated[str, typer.Option("--suite", help=f"A built-in suite ({_built_in_suites()}) or a suite YAML.")] = "ci",
-        methods: Annotated[Optional[list[str]], typer.Option("--methods", help="Only these rows (repeatable).")] = None,
+        methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="ROW[,ROW...]", help="Only these rows: `--methods oracle,naive` or the flag repeated.")] = None,
         seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report."""
         from unionseg.report import print_table
 
-        results = run_benchmark(suite, out, methods, seeds, progress=not quiet)
+        rows = None if methods is None else [n.strip() for given in methods for n in given.split(",") if n.strip()]
+        results = run_benchmark(suite, out, rows, seeds, progress=not quiet)
         print_table(results)
         typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
 
@@ -556,10 +592,11 @@ def register(app: typer.Typer) -> None:
 
         suite = load_suite("ci")
         check_out(out.resolve(), suite)
-        project_path = ensure_data(suite, out.resolve(), progress=not quiet)
+        project_path = ensure_phantom(suite, out.resolve())
         difficulty_report(project_path.parent)
+        typer.echo(f"phantom: {project_path} (difficulty certificate: {project_path.parent / 'certificate.json'})")
         print_project_info(project_path)
-        results = run_benchmark("ci", out, progress=not quiet)
+        results = run_benchmark("ci", out, progress=not quiet)  # prepares the phantom, then trains every row
         print_table(results)
         typer.echo(f"report: {out.resolve() / 'report.md'}")
 

@@ -172,8 +172,9 @@ class LineProgress:
 
 def make_progress(*columns: Any, console: Console | None = None, transient: bool = False,
                   label: str = "") -> Any:
-    """A ``rich.progress.Progress`` on a terminal (or in Jupyter), else a :class:`LineProgress`."""
-    console = console or Console()
+    """A ``rich.progress.Progress`` on a terminal (or in Jupyter), else a :class:`LineProgress`; on stderr
+    unless ``console`` says otherwise (stdout holds a command's results)."""
+    console = console or Console(stderr=True)
     if console.is_terminal or console.is_jupyter:
         from rich.progress import Progress
 

@@ -370,7 +370,16 @@ class Trainer:
             done[SHARED_KEY] = str(self.ctx.artifacts.root)
             record()
         for stage in todo:
-            summary = self.method.run_stage(stage)
+            try:
+                summary = self.method.run_stage(stage)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the shared artefacts are made: say what is kept
+                if self.ctx.is_main:
+                    kept = "" if self.ctx.artifacts is None else f" ({self.ctx.artifacts.root})"
+                    print(f"stopped in the stage {stage!r}: the shared artefacts finished so far are kept{kept}, and "
+                          "an expert being trained keeps its last checkpoint there; `unionseg train` with the same "
+                          "arguments and --resume, or the same `unionseg benchmark` command, goes on from there",
+                          file=sys.stderr)
+                raise
             dist.barrier()
             done[stage] = summary
             record()
@@ -771,8 +780,9 @@ class _StopRequest:
         self.requested = signal.Signals(signum).name
         self._at = time.monotonic()
         if dist.is_main():  # under torchrun every rank gets the signal; one says so
-            print(f"\n{self.requested}: stopping after this step to write a checkpoint (press Ctrl-C again to stop "
-                  "at once)", file=sys.stderr)
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "a second signal stops"
+            print(f"\n{self.requested}: stopping after this step to write a checkpoint ({again} to stop at once)",
+                  file=sys.stderr)
 
     #: a request's rank among the ranks' (the ranks stop as the strongest asks: SIGTERM's exit status wins)
     _ORDER = (None, "SIGINT", "SIGTERM")
@@ -889,13 +899,16 @@ class _Progress:
         self.enabled = enabled
         if not enabled:
             return
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         from unionseg.progress import make_progress
 
-        # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms
+        # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms; on stderr as
+        # every command's progress, so that stdout holds the results (`benchmark ... > table.txt`)
         self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
+                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False,
+                                      console=Console(stderr=True))
         self.progress.start()
         self.task = self.progress.add_task(label, total=total, completed=start, terms="")
 
