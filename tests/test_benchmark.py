@@ -517,6 +517,18 @@ def test_a_report_rendered_without_its_run_folders_says_what_it_leaves_out(tmp_p
     assert missing_runs_note(agg, tmp_path) == []
 
 
+def test_the_report_says_why_gap_closure_is_missing() -> None:
+    """In the `ci` suite oracle and naive tie (both 0), so every gap closure read n/a and nothing said why."""
+    from unionseg.report import _gap_note
+
+    def row(dice: float) -> dict[str, Any]:
+        return {"mean_region_dice": {"mean": dice}}
+
+    assert "same mean region Dice (0.000)" in _gap_note({"methods": {"oracle": row(0.0), "naive": row(0.0)}})[0]
+    assert _gap_note({"methods": {"oracle": row(0.9), "naive": row(0.5)}}) == []
+    assert "needs the `oracle` and `naive` rows" in _gap_note({"methods": {"naive": row(0.5)}})[0]
+
+
 def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check ran when the loop reached the row: after training every row before it (an hour into a

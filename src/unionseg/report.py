@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unionseg.jsonfile import write_json
+from unionseg.jsonfile import write_json, write_text
 from unionseg.labels import REGION_PREFIX
 
 
@@ -161,6 +161,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              "detections. \"train s\" is the run's own training; \"(+N)\" the shared experts it reused (with, "
              "for co-training and MS-KD, their probability maps and pseudo labels), computed once per seed.",
              "", markdown_table(agg), "",
+             *_gap_note(agg),
              *surface_table(agg),
              *rows_section(agg),
              "## Budget (identical for every method and the shared experts)", "", "```json",
@@ -178,7 +179,26 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
         commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")  # code not committed: said so
         lines.append(f"| {r['name']} | {r['seed']} | `{commit}` | `{p['data_fingerprint']}` | "
                      f"`{p['config_hash']}` | {p.get('generator_version')} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    commits = {str(r["provenance"]["code_commit"]) for r in agg["runs"]}
+    dirty = sum(str(r["provenance"]["code_commit"]).endswith("-dirty") for r in agg["runs"])
+    if len(commits) > 1 or dirty:
+        lines += ["", f"The runs come from {len(commits)} code state{'s' if len(commits) > 1 else ''}"
+                  + (f", {dirty} of them with uncommitted changes (`-dirty`)" if dirty else "")
+                  + ": rows trained by different code may differ by more than the method."]
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def _gap_note(agg: dict[str, Any]) -> list[str]:
+    """Report lines saying why the gap closure column reads n/a, when it does."""
+    methods = agg["methods"]
+    oracle, naive = methods.get("oracle"), methods.get("naive")
+    if not (oracle and naive):
+        return ["Gap closure needs the `oracle` and `naive` rows; without both it reads n/a.", ""]
+    lo, hi = naive["mean_region_dice"]["mean"], oracle["mean_region_dice"]["mean"]
+    if abs(hi - lo) > 1e-9:
+        return []
+    return [f"Gap closure reads n/a: the oracle and naive score the same mean region Dice ({_fmt(hi)}), so there is "
+            "no gap to close (a budget too small for either to learn an organ, as the `ci` suite's).", ""]
 
 
 def missing_runs_note(agg: dict[str, Any], out: Path) -> list[str]:
