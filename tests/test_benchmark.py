@@ -105,9 +105,10 @@ def test_a_stopped_suite_reports_its_finished_rows_and_every_seed_stays(
 
     suite = replace(load_suite("ci"), isolate=False)
     (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
-    earlier = tmp_path / "runs" / "oracle" / "seed1" / "result.json"
-    earlier.parent.mkdir(parents=True)
-    earlier.write_text(json.dumps({"name": "oracle", "seed": 1}))
+    for seed in (1, 2):  # seed 1: finished, later in this call's plan; seed 2: outside it (an earlier --seeds 3)
+        earlier = tmp_path / "runs" / "oracle" / f"seed{seed}" / "result.json"
+        earlier.parent.mkdir(parents=True)
+        earlier.write_text(json.dumps({"name": "oracle", "seed": seed}))
     half = tmp_path / "runs" / "naive" / "seed0"
     half.mkdir(parents=True)
     (half / "last.pt").write_bytes(b"x")
@@ -130,10 +131,10 @@ def test_a_stopped_suite_reports_its_finished_rows_and_every_seed_stays(
     monkeypatch.setattr(report, "write_results", lambda agg, out: None)
     monkeypatch.setattr(report, "write_report", lambda agg, out: reported.append(agg["rows"]))
     with pytest.raises(KeyboardInterrupt):
-        bench.run_benchmark("ci", tmp_path, ["oracle", "naive"], progress=False)
-    assert reported == [[("oracle", 0), ("oracle", 1)]]
+        bench.run_benchmark("ci", tmp_path, ["oracle", "naive"], seeds=2, progress=False)
+    assert reported == [[("oracle", 0), ("oracle", 1), ("oracle", 2)]]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
-    assert lines[1].startswith("[2/2] naive seed 0 (resuming: step 3)"), lines
+    assert lines[1].startswith("[2/4] naive seed 0 (resuming: step 3)"), lines
 
 
 def test_suite_eta_counts_the_experts_a_later_row_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -527,6 +528,7 @@ def test_the_report_says_why_gap_closure_is_missing() -> None:
     assert "same mean region Dice (0.000)" in _gap_note({"methods": {"oracle": row(0.0), "naive": row(0.0)}})[0]
     assert _gap_note({"methods": {"oracle": row(0.9), "naive": row(0.5)}}) == []
     assert "needs the `oracle` and `naive` rows" in _gap_note({"methods": {"naive": row(0.5)}})[0]
+    assert "is missing" in _gap_note({"methods": {"oracle": row(float("nan")), "naive": row(0.4)}})[0]
 
 
 def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(
@@ -674,3 +676,6 @@ def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.Monk
         result = runner.invoke(app, ["benchmark", "--suite", "ci", "-o", "unused", "--quiet", *args])
         assert result.exit_code == 0, result.output
     assert given == [["oracle", "naive"], ["oracle", "naive"], None]
+    empty = runner.invoke(app, ["benchmark", "--suite", "ci", "-o", "unused", "--quiet", "--methods", ""])
+    assert "--methods names no row" in str(empty.exception)  # not the whole suite (the CLI: one line, exit 2)
+    assert len(given) == 3

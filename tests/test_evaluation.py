@@ -355,7 +355,7 @@ def test_evaluate_never_replaces_a_run_summary_and_names_a_file_given_as_folder(
     (running / "last.pt").write_bytes(b"checkpoint")
     for extra in ([], ["--overwrite"]):
         assert run([*args, "-o", str(running), *extra]) == 2
-        assert "is a training run folder (last.pt, config.yaml); write the evaluation into a folder of its own" \
+        assert "is a training run folder (last.pt); write the evaluation into a folder of its own" \
             in capsys.readouterr().err
     assert sorted(p.name for p in running.iterdir()) == ["config.yaml", "last.pt"]
     (root / "afile").write_text("x")

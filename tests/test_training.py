@@ -450,6 +450,10 @@ def test_the_ranks_agree_on_the_strongest_stop_request(monkeypatch: pytest.Monke
     rank0 = _StopRequest()
     assert rank0.agreed(cpu) and rank0.requested == "SIGTERM"
     assert "SIGTERM (to another rank): stopping at this step" in capsys.readouterr().err
+    import signal
+
+    rank0._handle(signal.SIGTERM, None)  # its own copy, forwarded a moment later: the same request, no raise
+    assert rank0.requested == "SIGTERM"
     pressed = _StopRequest()
     pressed.requested = "SIGINT"  # Ctrl-C here, SIGTERM there: the ranks exit as terminated, alike
     assert pressed.agreed(cpu) and pressed.requested == "SIGTERM"
@@ -543,6 +547,9 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
 
     with pytest.raises(UnionsegError, match=r"already holds a run \(model.pt, summary.json, .*nothing was overwritten"):
         train(load_project(phantom_project), _cfg("naive", 1), ind, progress=False)
+    with pytest.raises(ConfigError, match=r"roots= with a loaded project: give them to load_project"):
+        train(load_project(phantom_project), _cfg("naive", 1), tmp_path / "roots", roots={"liver": "x"},
+              progress=False)
     assert (ind / "model.pt").read_bytes() == model
     with pytest.raises(ConfigError, match="the recipe says 'marginal', the call says 'dodnet'"):
         load_train_config(recipe, method="dodnet")

@@ -455,7 +455,7 @@ def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]
                    out: Path) -> list[dict[str, Any]]:
     """``results`` (of this call's ``plan``) plus the finished rows of the suite outside the plan, every seed
     of them found in ``out`` (a call with fewer ``--seeds`` than an earlier one dropped the others silently)."""
-    ran = {(row.name, seed) for row, seed in plan}
+    ran = {(r.get("name"), r.get("seed")) for r in results}  # a stopped call has not reached all of its plan
     extra = []
     for row in suite.runs():
         for done in sorted((out / "runs" / row.name).glob("seed*/result.json")):
@@ -576,6 +576,8 @@ def register(app: typer.Typer) -> None:
         from unionseg.report import print_table
 
         rows = None if methods is None else [n.strip() for given in methods for n in given.split(",") if n.strip()]
+        if rows == []:  # `--methods "$ROWS"` with ROWS unset would otherwise run the whole suite
+            raise ConfigError("--methods names no row; leave it out to run every row of the suite")
         results = run_benchmark(suite, out, rows, seeds, progress=not quiet)
         print_table(results)
         typer.echo(f"report: {Path(out).resolve() / 'report.md'}")

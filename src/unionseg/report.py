@@ -195,6 +195,9 @@ def _gap_note(agg: dict[str, Any]) -> list[str]:
     if not (oracle and naive):
         return ["Gap closure needs the `oracle` and `naive` rows; without both it reads n/a.", ""]
     lo, hi = naive["mean_region_dice"]["mean"], oracle["mean_region_dice"]["mean"]
+    if not (lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)):
+        return ["Gap closure reads n/a: the oracle's or naive's mean region Dice is missing (a run without a "
+                "score for an organ).", ""]
     if abs(hi - lo) > 1e-9:
         return []
     return [f"Gap closure reads n/a: the oracle and naive score the same mean region Dice ({_fmt(hi)}), so there is "

@@ -552,7 +552,7 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
 
 
 #: files only a training run folder holds (its summary.json an evaluation would replace, or stand beside)
-_RUN_MARKS = ("last.pt", "model.pt", "config.yaml", "stages.json", "log.csv", ".lock")
+_RUN_MARKS = ("last.pt", "model.pt", "stages.json", "log.csv", ".lock")  # not config.yaml: a user's own file
 
 
 def _is_evaluation_summary(path: Path) -> bool:

@@ -8,9 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-#: what a run folder holds once a run has started (the stages write stages.json before any checkpoint;
-#: `individual`, which trains nothing of its own, writes no last.pt)
-
 
 def resolve_method(method: str | None, recipe: Path | None) -> str:
     """The method to train: ``--method``, else the recipe's own ``method:``, else ``naive``.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unionseg.config import config_hash, describe_changes, option_changes, to_dict
+from unionseg.config import Project, config_hash, describe_changes, option_changes, to_dict
 from unionseg.errors import ConfigError
 from unionseg.jsonfile import read_record, write_json
 from unionseg.labels import LabelSpace
@@ -476,8 +476,9 @@ class Trainer:
 
     def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
         """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
-        in the device, the logging interval, the loader workers, or in dataset weights of 1 given or left out
-        (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``)."""
+        in the device, the logging interval, the loader workers, in dataset weights of 1 given or left out
+        (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from``
+        recorded relative that names the same file from the working folder."""
         import dataclasses
 
         if recorded_hash == config_hash(self.cfg):
@@ -488,7 +489,14 @@ class Trainer:
             weights = dict(recorded["data"].get("dataset_weights") or {})
             if _weighted(weights) != _weighted(self.cfg.data.dataset_weights):
                 return False
+            start = recorded.get("init_from")  # relative when a Python call before session 27 started the run
+            if start is not None and self.cfg.init_from is not None and not Path(start).is_absolute() and \
+                    str(Path(start).expanduser().resolve()) == self.cfg.init_from:
+                start_as = start
+            else:
+                start_as = self.cfg.init_from
             same = dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
+                                       init_from=start_as,
                                        data=dataclasses.replace(self.cfg.data, dataset_weights=weights,
                                                                 num_workers=recorded["data"]["num_workers"]))
         except (AttributeError, KeyError, TypeError, ValueError):
@@ -793,8 +801,10 @@ class _StopRequest:
         wanted = self._ORDER[dist.max_rank(self._ORDER.index(self.requested), device)]
         if wanted is None:
             return False
-        if self.requested is None and dist.is_main():
-            print(f"\n{wanted} (to another rank): stopping at this step to write a checkpoint", file=sys.stderr)
+        if self.requested is None:  # this rank's own copy of the signal, if it comes, is the same request
+            self._at = time.monotonic()
+            if dist.is_main():
+                print(f"\n{wanted} (to another rank): stopping at this step to write a checkpoint", file=sys.stderr)
         self.requested = wanted
         return True
 
@@ -933,15 +943,26 @@ class _Progress:
             self.progress.stop()
 
 
-def make_context(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, roots: dict[str, str] | None = None,
-                 progress: bool = True) -> RunContext:
-    """Load the project and its prepared data and build the run context (device, DDP rank, artefacts)."""
+def make_context(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | Path,
+                 roots: dict[str, str] | None = None, progress: bool = True) -> RunContext:
+    """Load the project (or take the loaded one, its dataset roots as it holds them) and its prepared data,
+    and build the run context (device, DDP rank, artefacts).
+
+    Raises:
+        ConfigError: ``roots`` given with a loaded project (give them to ``load_project``).
+    """
     from unionseg.artifacts import ArtifactCache
-    from unionseg.config import load_project
+    from unionseg.config import Project, load_project
     from unionseg.data.preprocess import PreparedIndex
 
     check_sizes(cfg)
-    project = load_project(project_path, roots=roots)
+    if isinstance(project_path, Project):
+        if roots:
+            raise ConfigError("roots= with a loaded project: give them to load_project(path, roots=...)",
+                              project_path.path)
+        project = project_path
+    else:
+        project = load_project(project_path, roots=roots)
     index = PreparedIndex.load(project)
     device = dist.setup(resolve_device(cfg.device))
     space: LabelSpace = project.label_space
@@ -1014,7 +1035,7 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
             lock.release()
 
 
-def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
           roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
     """Python entry point of ``unionseg train``: train ``cfg`` on the prepared project into ``run_dir``.
 
@@ -1023,7 +1044,8 @@ def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resum
     working folder and recorded absolute, so the run's ``config.yaml`` replays it from anywhere.
 
     Args:
-        project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project`.
+        project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project` (with the
+            dataset roots it was loaded with; ``roots`` is then refused).
         stop_after: stop (with a checkpoint) after this many steps of this call, as Ctrl-C would.
 
     Returns:
@@ -1033,11 +1055,8 @@ def train(project_path: str | Path, cfg: TrainConfig, run_dir: str | Path, resum
         UnionsegError: ``run_dir`` holds a run and ``resume`` is False, or is a file; another process trains
             into it (see :func:`run_folder_lock`); the errors of the run itself.
     """
-    from unionseg.config import Project
     from unionseg.errors import UnionsegError
 
-    if isinstance(project_path, Project):
-        project_path = project_path.path
     run_dir = Path(run_dir)
     if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
         import dataclasses
