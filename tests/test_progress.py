@@ -16,6 +16,7 @@ from unionseg.progress import LineProgress, line_interval, make_progress, track
 def _no_earlier_line(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test starts as a process that has printed no line yet (the record is process-wide)."""
     monkeypatch.setattr("unionseg.progress._LAST_LINE", [float("inf")])
+    monkeypatch.setattr("unionseg.progress._LAST_ACTIVITY", [float("-inf")])
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -89,6 +90,25 @@ def test_a_chain_of_short_tasks_is_never_silent_for_more_than_an_interval(monkey
         now[0] += 5
         bar.update(kidney, advance=1)  # the process spoke 5 s ago: quiet again
         assert len(out.getvalue().splitlines()) == 1
+
+
+def test_a_progress_after_a_quiet_spell_waits_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The silence clock is shared by a chain of progress objects, not by every one a process ever makes:
+    a prepare started minutes after the process's last line (a notebook, a test session) printed a line at
+    its first case, and its one-line error came with two progress lines above it."""
+    now = [1000.0]
+    monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: now[0])
+    monkeypatch.setattr("unionseg.progress._LAST_LINE", [0.0])  # the last line, long ago
+    monkeypatch.setattr("unionseg.progress._LAST_ACTIVITY", [0.0])
+    console, out = _console()
+    with LineProgress(console, interval=30) as bar:
+        task = bar.add_task("case", total=9)
+        now[0] += 1
+        bar.update(task, advance=1)
+        assert out.getvalue() == ""  # 1 s into this progress: quiet
+        now[0] += 30
+        bar.update(task, advance=1)
+        assert out.getvalue().splitlines() == ["case: 2/9 (22%), 0:00:31 elapsed, ETA 0:01:48"]
 
 
 def test_make_progress_draws_a_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,6 +29,10 @@ T = TypeVar("T")
 INTERVAL_VARIABLE = "UNIONSEG_PROGRESS_SECONDS"
 # when this process last printed a progress line (any task, any LineProgress)
 _LAST_LINE = [time.monotonic()]
+# when a LineProgress of this process last had news (an update, a stop): a chain of short progress objects
+# (co-training's stages) shares one silence clock; a progress object starting after a quiet spell (a new
+# command in a notebook or a test session, or the first of the process) starts it anew
+_LAST_ACTIVITY = [float("-inf")]
 
 
 def line_interval() -> float:
@@ -91,6 +95,10 @@ class LineProgress:
         self.interval = line_interval() if interval is None else interval
         self.tasks: dict[int, _Task] = {}
         self._next_id = 0
+        now = time.monotonic()
+        if now - _LAST_ACTIVITY[0] > self.interval:  # no progress moved lately: its silence is not this one's
+            _LAST_LINE[0] = now
+        _LAST_ACTIVITY[0] = now
 
     def __enter__(self) -> LineProgress:
         return self
@@ -103,6 +111,7 @@ class LineProgress:
 
     def stop(self) -> None:
         """A last line for each task that moved since its last line and did not complete (an interruption)."""
+        _LAST_ACTIVITY[0] = time.monotonic()
         for task in self.tasks.values():
             if not task.finished and task.lines and task.completed != task.printed_count:
                 self._print(task)
@@ -122,6 +131,7 @@ class LineProgress:
     def update(self, task_id: int, *, completed: float | None = None, total: float | None = None,
                advance: float | None = None, description: str | None = None, **fields: Any) -> None:
         task = self.tasks[task_id]
+        _LAST_ACTIVITY[0] = time.monotonic()
         if total is not None:
             task.total = total
         if completed is not None:
