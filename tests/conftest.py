@@ -14,6 +14,17 @@ from unionseg.labels import DatasetLabels, LabelSpace, Leaf
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
+@pytest.fixture(autouse=True)
+def _progress_starts_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with the progress lines' silence clock of a fresh process. It is process-wide (a
+    chain of progress objects is never silent past an interval), so in one test session a command run 30 s
+    after the last progress line printed one at its first step, above the one line a test expected."""
+    import time
+
+    monkeypatch.setattr("unionseg.progress._LAST_LINE", [time.monotonic()])
+    monkeypatch.setattr("unionseg.progress._LAST_ACTIVITY", [float("-inf")])
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The shared real CT files; the test is skipped when the folder is absent."""
