@@ -952,7 +952,7 @@ def make_context(project_path: str | Path | Project, cfg: TrainConfig, run_dir: 
         ConfigError: ``roots`` given with a loaded project (give them to ``load_project``).
     """
     from unionseg.artifacts import ArtifactCache
-    from unionseg.config import Project, load_project
+    from unionseg.config import load_project
     from unionseg.data.preprocess import PreparedIndex
 
     check_sizes(cfg)
