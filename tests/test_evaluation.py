@@ -394,18 +394,24 @@ def test_reports_are_written_whole_or_not_at_all(tmp_path: Path, monkeypatch: py
     """metrics.csv and the summaries go through jsonfile.write_text: a failed write (a full disk, which names
     no file) names the report, a failed rename keeps the earlier file, and neither leaves a temporary."""
     import errno
+    import io
 
     from unionseg.jsonfile import write_text
 
     target = tmp_path / "summary.md"
     target.write_text("earlier")
-    broken = "write_text" if fails == "write" else "replace"
+    broken = "open" if fails == "write" else "replace"
     real = getattr(Path, broken)
+
+    class Full(io.FileIO):
+        def write(self, data: Any) -> int:
+            super().write(b"half")  # a part written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
 
     def fail(self: Path, *args: Any, **kwargs: Any) -> Any:
         if self.name.startswith(".summary.md."):
             if fails == "write":
-                real(self, "half")  # a part written, then the disk is full
+                return Full(str(self), "wb")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *args, **kwargs)
 

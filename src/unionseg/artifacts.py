@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unionseg.config import config_hash, to_dict
+from unionseg.jsonfile import write_text
 from unionseg.locking import print_waiting
 
 if TYPE_CHECKING:
@@ -113,9 +114,7 @@ class ArtifactCache:
             data = json.loads(path.read_text()) if path.exists() else {}
             data[key] = data.get(key, 0.0) + seconds
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".compute.json.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=2))
-            tmp.replace(path)
+            write_text(path, json.dumps(data, indent=2))
 
     def compute_seconds(self) -> dict[str, float]:
         path = self.root / "compute.json"

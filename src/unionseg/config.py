@@ -78,11 +78,11 @@ def load_yaml(path: str | Path) -> Any:
 
 
 def dump_yaml(data: Any, path: str | Path) -> None:
-    """Write YAML atomically (temp file then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-    tmp.replace(path)
+    """Write YAML atomically (:func:`unionseg.jsonfile.write_text`: a ``.<name>.<pid>.tmp`` temporary, which
+    the run folder's lock clears when its writer was killed, then a rename)."""
+    from unionseg.jsonfile import write_text
+
+    write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 # ---------------------------------------------------------------------- dataclass <-> dict

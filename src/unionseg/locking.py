@@ -35,7 +35,6 @@ except ImportError:  # pragma: no cover - Windows
 #: seconds between two attempts to take a busy lock
 POLL_S = 0.2
 
-# "<pid>:<real path>" -> [file descriptor, nesting depth] of the locks this process holds
 def process_alive(pid: int) -> bool:
     """Whether process ``pid`` of this machine may still run (its temporary files must then stay). On
     Windows the answer is always yes: there ``os.kill(pid, 0)`` would end the process rather than probe it."""
@@ -69,6 +68,7 @@ def remove_dead_temporaries(path: Path, min_idle_s: float = 0.0) -> int:
     return removed
 
 
+# "<pid>:<real path>" -> [file descriptor, nesting depth] of the locks this process holds
 _HELD: dict[str, list[int]] = {}
 
 

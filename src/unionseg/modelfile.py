@@ -169,7 +169,8 @@ def save_model(path: str | Path, payload: Mapping[str, Any]) -> Path:
     Raises:
         CheckpointError: the payload is not a unionseg model payload.
     """
-    from unionseg.training.checkpoint import torch_save, written_atomically
+    from unionseg.jsonfile import written_atomically
+    from unionseg.training.checkpoint import torch_save
 
     path = Path(path)
     missing = [k for k in REQUIRED_KEYS if k not in payload]

@@ -43,6 +43,7 @@ from unionseg.data.io import (
 )
 from unionseg.errors import DataError, UnionsegError, UnionsegWarning, and_more
 from unionseg.faults import fault_point
+from unionseg.jsonfile import write_text
 
 if TYPE_CHECKING:
     from unionseg.config import PreprocessSpec, Project
@@ -1090,9 +1091,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
              "settings": settings, "settings_fingerprint": _settings_hash(settings), "splits": splits,
              "fingerprint": fingerprint, "sources": sources, "cases": entries}
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_name(f".index.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-    tmp.replace(index_path)
+    write_text(index_path, json.dumps(index, indent=1))
     summary = PrepareSummary(tuple(prepared), tuple(relabelled), skipped, tuple(notes))
     if progress:
         console.print(f"{project.name}: {summary.describe()} -> {cache}", soft_wrap=True)  # one line in a log

@@ -7,20 +7,18 @@ a truncated file. Loading refuses anything that is not a complete unionseg check
 
 from __future__ import annotations
 
-import contextlib
-import os
 import pickle
 import random
 import re
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import torch
 
 from unionseg.errors import CheckpointError
 from unionseg.faults import fault_point
+from unionseg.jsonfile import written_atomically
 from unionseg.locking import remove_dead_temporaries
 
 CHECKPOINT_FORMAT = "unionseg-checkpoint"
@@ -48,50 +46,12 @@ def torch_save(obj: Any, fh: Any, path: Path) -> None:
         raise
 
 
-@contextlib.contextmanager
-def written_atomically(path: Path, faults: bool = False) -> Iterator[BinaryIO]:
-    """A binary file to write ``path`` through: a temporary in the same folder, flushed to disk, renamed
-    over ``path`` when the block ends without an error, and removed otherwise (``faults``: the checkpoint
-    writer's fault-injection points, for the fault tests).
-
-    A failed write names ``path`` (``OSError.filename``): a full disk shows first inside ``torch.save`` and
-    then again when the file is closed and its buffer flushed, and that second error, which names no file,
-    was the one the CLI printed.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        try:
-            with tmp.open("wb") as fh:
-                yield fh
-                if faults:
-                    _fault("mid_write")
-                fh.flush()
-                os.fsync(fh.fileno())
-        except OSError as exc:
-            if exc.filename is None and exc.errno is not None:
-                raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-            raise
-        if faults:
-            _fault("before_rename")
-        tmp.replace(path)
-        try:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to ``path`` atomically (temp file + fsync + rename); removes temporaries of killed writers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_dead_temporaries(path)  # left by writers that were killed
-    with written_atomically(path, faults=True) as fh:
+    with written_atomically(path, at=_fault) as fh:
         torch_save(obj, fh, path)
     return path
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from unionseg.config import Project, config_hash, describe_changes, option_changes, to_dict
 from unionseg.errors import ConfigError
-from unionseg.jsonfile import read_record, write_json
+from unionseg.jsonfile import read_record, write_json, write_text
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
 from unionseg.networks.layout import set_layout
@@ -822,10 +822,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    tmp.replace(path)
+    """Write JSON (NaN kept as such, as these files always held it) through a temporary file and a rename:
+    readers never see a half-written file."""
+    write_text(path, json.dumps(data, indent=2, default=float))
 
 
 class _Logger:
@@ -909,16 +908,14 @@ class _Progress:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 
         from unionseg.progress import make_progress
 
-        # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms; on stderr as
-        # every command's progress, so that stdout holds the results (`benchmark ... > table.txt`)
+        # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms (on stderr, as
+        # every progress of make_progress: stdout holds the results)
         self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False,
-                                      console=Console(stderr=True))
+                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
         self.progress.start()
         self.task = self.progress.add_task(label, total=total, completed=start, terms="")
 
