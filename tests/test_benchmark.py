@@ -531,6 +531,33 @@ def test_the_report_says_why_gap_closure_is_missing() -> None:
     assert "is missing" in _gap_note({"methods": {"oracle": row(float("nan")), "naive": row(0.4)}})[0]
 
 
+def test_gap_closure_compares_a_row_with_the_references_on_the_seeds_all_three_have() -> None:
+    """Every finished seed stays in the report, so rows may have different seeds. A row of seed 0 alone was set
+    against the oracle's and naive's means over seeds 0 and 1: the gap mixed seed sets."""
+    from unionseg.report import _gap_note, aggregate
+
+    def result(name: str, seed: int, dice: float) -> dict[str, Any]:
+        return {"name": name, "method": name, "seed": seed, "per_class": {"region:liver": {"dice": dice}},
+                "train_seconds": 1.0, "predict_seconds_per_case": 0.1}
+
+    results = [result("oracle", 0, 0.9), result("oracle", 1, 0.8), result("naive", 0, 0.5),
+               result("naive", 1, 0.3), result("dodnet", 0, 0.7), result("mskd", 0, 0.7), result("mskd", 1, 0.6),
+               result("marginal", 2, 0.9)]
+    methods = aggregate(results, "standard")["methods"]
+    dodnet = methods["dodnet"]["gap_closure"]
+    assert dodnet["seeds"] == [0]
+    assert dodnet["mean_region"] == pytest.approx((0.7 - 0.5) / (0.9 - 0.5))  # seed 0's references: 0.5
+    assert dodnet["per_region"]["region:liver"] == pytest.approx(0.5)  # (mixed, it read (0.7-0.4)/(0.85-0.4))
+    assert methods["dodnet"]["vs_oracle"]["region:liver"] == pytest.approx(0.7 / 0.9)
+    mskd = methods["mskd"]["gap_closure"]  # the same seeds as the references: their means over both
+    assert mskd["seeds"] == [0, 1] and mskd["mean_region"] == pytest.approx((0.65 - 0.4) / (0.85 - 0.4))
+    assert methods["marginal"]["gap_closure"]["seeds"] == [] and np.isnan(methods["marginal"]["gap_closure"]["mean_region"])
+    note = " ".join(_gap_note({"methods": methods}))
+    assert "Gap closure of `dodnet` sets it against the oracle and naive on seed 0 only" in note
+    assert "`dodnet` has 0; the oracle and naive both have 0, 1" in note
+    assert "Gap closure of `marginal` reads n/a: it shares no seed" in note and "`mskd`" not in note
+
+
 def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check ran when the loop reached the row: after training every row before it (an hour into a

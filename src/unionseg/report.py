@@ -1,7 +1,8 @@
 """Benchmark aggregation and the report: ``results.json``, ``report.md`` and its figures.
 
 Numbers come only from the runs' ``result.json`` files, which come from the public evaluation of saved
-predictions. Gap closure per organ region is ``(method - naive) / (oracle - naive)`` on seed means.
+predictions. Gap closure per organ region is ``(method - naive) / (oracle - naive)`` on seed means, each
+row set against the oracle and naive over the seeds all three share (``gap_closure["seeds"]``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
+
+
+def _region_means(runs: list[dict[str, Any]], seeds: set[int]) -> dict[str, Any]:
+    """Seed means of one row's organ-region Dice over ``seeds``: per region, and of the per-seed mean over
+    regions (the table's "mean region Dice")."""
+    chosen = [r for r in runs if r["seed"] in seeds]
+    regions = sorted({k for r in chosen for k in r["per_class"] if k.startswith(REGION_PREFIX)})
+    per_region = {k: _mean_std([r["per_class"].get(k, {}).get("dice") for r in chosen])[0] for k in regions}
+    per_seed = [float(np.mean([_number(r["per_class"].get(k, {}).get("dice")) for k in regions])) for r in chosen] \
+        if regions else []
+    return {"per_region": per_region, "mean": _mean_std(per_seed)[0]}
 
 
 def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
@@ -60,19 +72,26 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
         }
     oracle, naive = methods.get("oracle"), methods.get("naive")
     if oracle and naive:
-        for entry in methods.values():
+        for name, entry in methods.items():
+            # on the seeds the row shares with both references: a row with fewer seeds (or others) set against
+            # references averaged over more would mix seed sets, which the seed spread shows is not small
+            common = set(entry["seeds"]) & set(oracle["seeds"]) & set(naive["seeds"])
+            if not common:
+                entry["gap_closure"] = {"mean_region": float("nan"), "per_region": {}, "seeds": []}
+                entry["vs_oracle"] = {}
+                continue
+            row, hi_ref, lo_ref = (_region_means(by_name[n], common) for n in (name, "oracle", "naive"))
             gaps = {}
-            for key, stats in entry["classes"].items():
-                if not key.startswith(REGION_PREFIX) or key not in oracle["classes"] or key not in naive["classes"]:
+            for key, value in row["per_region"].items():
+                if key not in hi_ref["per_region"] or key not in lo_ref["per_region"]:
                     continue
-                lo, hi = naive["classes"][key]["dice"]["mean"], oracle["classes"][key]["dice"]["mean"]
-                gaps[key] = (stats["dice"]["mean"] - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else float("nan")
-            lo, hi = naive["mean_region_dice"]["mean"], oracle["mean_region_dice"]["mean"]
-            gap_mean = (entry["mean_region_dice"]["mean"] - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else float("nan")
-            ratio = {k: stats["dice"]["mean"] / oracle["classes"][k]["dice"]["mean"]
-                     for k, stats in entry["classes"].items()
-                     if k.startswith(REGION_PREFIX) and k in oracle["classes"] and oracle["classes"][k]["dice"]["mean"] > 0}
-            entry["gap_closure"] = {"mean_region": gap_mean, "per_region": gaps}
+                lo, hi = lo_ref["per_region"][key], hi_ref["per_region"][key]
+                gaps[key] = (value - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else float("nan")
+            lo, hi = lo_ref["mean"], hi_ref["mean"]
+            gap_mean = (row["mean"] - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else float("nan")
+            ratio = {k: v / hi_ref["per_region"][k] for k, v in row["per_region"].items()
+                     if k in hi_ref["per_region"] and hi_ref["per_region"][k] > 0}
+            entry["gap_closure"] = {"mean_region": gap_mean, "per_region": gaps, "seeds": sorted(common)}
             entry["vs_oracle"] = ratio
     return {"suite": getattr(suite, "name", str(suite)), "about": getattr(suite, "about", ""),
             "budget": getattr(suite, "budget", {}), "methods": methods, "runs": results}
@@ -189,19 +208,40 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
 
 
 def _gap_note(agg: dict[str, Any]) -> list[str]:
-    """Report lines saying why the gap closure column reads n/a, when it does."""
+    """Report lines saying why the gap closure column reads n/a, when it does, and which rows it compares on
+    fewer seeds than the row or the references have."""
     methods = agg["methods"]
     oracle, naive = methods.get("oracle"), methods.get("naive")
     if not (oracle and naive):
         return ["Gap closure needs the `oracle` and `naive` rows; without both it reads n/a.", ""]
+    lines = []
+    references = set(oracle.get("seeds", ())) & set(naive.get("seeds", ()))
+    for name, m in methods.items():
+        shared = m.get("gap_closure", {}).get("seeds")
+        if shared is None or name in ("oracle", "naive") or set(shared) == set(m["seeds"]) == references:
+            continue
+        if not shared:
+            lines.append(f"Gap closure of `{name}` reads n/a: it shares no seed with both the oracle and naive "
+                         f"(its seeds {_seed_list(m['seeds'])}; theirs {_seed_list(references)}).")
+        else:
+            lines.append(f"Gap closure of `{name}` sets it against the oracle and naive on seed"
+                         f"{'s' if len(shared) > 1 else ''} {_seed_list(shared)} only, the seeds all three have "
+                         f"(`{name}` has {_seed_list(m['seeds'])}; the oracle and naive both have "
+                         f"{_seed_list(references)}).")
+    if lines:
+        lines.append("")
     lo, hi = naive["mean_region_dice"]["mean"], oracle["mean_region_dice"]["mean"]
     if not (lo is not None and hi is not None and np.isfinite(lo) and np.isfinite(hi)):
-        return ["Gap closure reads n/a: the oracle's or naive's mean region Dice is missing (a run without a "
+        return [*lines, "Gap closure reads n/a: the oracle's or naive's mean region Dice is missing (a run without a "
                 "score for an organ).", ""]
     if abs(hi - lo) > 1e-9:
-        return []
-    return [f"Gap closure reads n/a: the oracle and naive score the same mean region Dice ({_fmt(hi)}), so there is "
+        return lines
+    return [*lines, f"Gap closure reads n/a: the oracle and naive score the same mean region Dice ({_fmt(hi)}), so there is "
             "no gap to close (a budget too small for either to learn an organ, as the `ci` suite's).", ""]
+
+
+def _seed_list(seeds: Any) -> str:
+    return ", ".join(str(s) for s in sorted(seeds))
 
 
 def missing_runs_note(agg: dict[str, Any], out: Path) -> list[str]:
