@@ -835,6 +835,38 @@ def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) 
     assert set(state["averages"]) == {"avg_A", "avg_B"}
 
 
+_MEAN_RANK = r"""
+import json, sys
+import torch.distributed as tdist
+from unionseg.training import distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+mine = {"loss": 1.0, "dice": 0.5} if rank == 0 else {"loss": 3.0, "dice": 0.25, "cross_task": 2.0}
+print(json.dumps(dist.mean_over_ranks(mine)))
+tdist.destroy_process_group()
+"""
+
+
+def test_the_logged_terms_are_the_mean_over_the_ranks() -> None:
+    """log.csv held rank 0's loss alone under torchrun: one process's batch, not the step's. A term one rank
+    lacks is the mean over the ranks that have it, and every rank gets the same row."""
+    import socket
+
+    from unionseg.training.distributed import mean_over_ranks
+
+    assert mean_over_ranks({"loss": 2.0}) == {"loss": 2.0}  # one process: its own values
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _MEAN_RANK, str(r), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outs]
+    rows = [json.loads(out.splitlines()[-1]) for out, _ in outs]
+    assert rows[0] == rows[1] == {"loss": 2.0, "dice": 0.375, "cross_task": 2.0}
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"

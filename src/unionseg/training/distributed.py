@@ -87,6 +87,21 @@ def gather_objects(obj: Any) -> list[Any]:
     return found
 
 
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each key's mean over the ranks that report it, on every rank (``values`` itself in one process).
+
+    Logged losses are each process's own batch; their mean is the loss of the whole step's batch. Through
+    ``all_gather_object``, so ranks whose keys differ (a term one rank's batch lacks) still agree.
+    """
+    if not is_distributed():
+        return values
+    keys = list(values)
+    found = gather_objects(values)
+    for other in found:
+        keys += [k for k in other if k not in keys]
+    return {k: sum(v[k] for v in found if k in v) / sum(1 for v in found if k in v) for k in keys}
+
+
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()

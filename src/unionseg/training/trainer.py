@@ -642,8 +642,10 @@ class Trainer:
 
                 raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                # under torchrun the mean over the ranks' batches (every rank logs at the same steps)
                 row = {"step": self.step, "lr": self.step_lr,
-                       "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]), **terms}
+                       "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]),
+                       **dist.mean_over_ranks(terms)}
                 logger.log(row)
             progress.update(self.step, terms)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
