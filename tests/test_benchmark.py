@@ -137,6 +137,40 @@ def test_a_stopped_suite_reports_its_finished_rows_and_every_seed_stays(
     assert lines[1].startswith("[2/4] naive seed 0 (resuming: step 3)"), lines
 
 
+def test_a_second_stop_while_the_report_is_written_keeps_the_first_stops_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A SIGTERM stopped the suite (exit 143); a Ctrl-C while it wrote the report of the finished rows replaced
+    the SIGTERM, and the command exited 130 as if the user had pressed Ctrl-C first."""
+    from dataclasses import replace
+
+    import unionseg.benchmark as bench
+    import unionseg.report as report
+    from unionseg.stopping import Terminated, exit_code
+
+    suite = replace(load_suite("ci"), isolate=False)
+    (tmp_path / "benchmark.json").write_text(json.dumps({"phantom": suite.phantom()}))
+    monkeypatch.setattr(bench, "load_suite", lambda name: suite)
+    monkeypatch.setattr(bench, "ensure_data", lambda suite, out, progress: out / "project.yaml")
+    monkeypatch.setattr(bench, "_count_experts", lambda project: 0)
+
+    def run_one(project: Path, suite: object, row: Any, seed: int, out: Path, progress: bool) -> dict[str, Any]:
+        if row.name == "naive":
+            raise Terminated
+        return {"name": row.name, "seed": seed, "train_seconds": 1.0}
+
+    def write_report(agg: object, out: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "run_one", run_one)
+    monkeypatch.setattr(report, "aggregate", lambda results, suite: {})
+    monkeypatch.setattr(report, "write_results", lambda agg, out: None)
+    monkeypatch.setattr(report, "write_report", write_report)
+    with pytest.raises(Terminated) as stopped:
+        bench.run_benchmark("ci", tmp_path, ["oracle", "naive"], seeds=1, progress=False)
+    assert exit_code(stopped.value) == 143
+    assert "the report was not written (stopped again while writing it)" in capsys.readouterr().err
+
+
 def test_suite_eta_counts_the_experts_a_later_row_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """The first row that needs the shared experts trains them first (one per training dataset, each under

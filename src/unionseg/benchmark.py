@@ -429,6 +429,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
         if aggregated is not None:
             try:
                 write_report(aggregated, out)
+            except KeyboardInterrupt:  # stopped again while writing: the first stop (its exit status) stands
+                console.print(f"note: the report was not written (stopped again while writing it); "
+                              f"{out / 'results.json'} holds the finished rows")
             except Exception as exc:  # noqa: BLE001 - the stop (or the row's error) is what the user must see
                 console.print(f"note: the report of the finished rows could not be written ({exc})")
         raise
