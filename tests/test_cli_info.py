@@ -190,3 +190,16 @@ def test_help_shows_flags_without_a_value(command: list[str]) -> None:
     assert any("--help" in line for line in options)
     assert all("<bool>" not in line for line in options), [line for line in options if "<bool>" in line]
     assert all("<list[str]>" not in line for line in result.output.splitlines() if "--root" in line)
+
+
+def test_every_command_help_paragraph_is_one_line() -> None:
+    """The help keeps a docstring's line breaks: `info`'s three-line first paragraph broke mid-sentence in
+    the command list and on its own screen ("for a model file, what" / "it segments, ...")."""
+    import typer
+
+    from unionseg.cli import app
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    for name, command in commands.items():
+        for paragraph in (command.help or "").strip().split("\n\n"):
+            assert "\n" not in paragraph.strip(), (name, paragraph)

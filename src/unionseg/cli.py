@@ -103,9 +103,13 @@ def info(
                                                  "describe.")],
     root: RootOpt = None,
 ) -> None:
-    """Print the taxonomy, each dataset's annotated classes and case counts per split; for a model file, what
-    it segments, what its inputs go through and where it comes from; for a run folder, its model file and how
-    far the run got."""
+    """Describe a project, a model file or a run folder.
+
+    A project: the taxonomy, each dataset's annotated classes and case counts per split.
+
+    A model file: what it segments, what its inputs go through and where it comes from.
+
+    A run folder: its model file and how far the run got."""
     from unionseg.reports import print_model_info, print_project_info, print_run_info
 
     if project.is_dir():
