@@ -257,8 +257,24 @@ def test_empty_and_missing_dataset_folders(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no training cases"):
         scan_dataset("ds", root)
     shutil.rmtree(root / "imagesTr")
-    with pytest.raises(DataError, match="no imagesTr folder"):
+    with pytest.raises(DataError, match="no imagesTr folder, nor imagesTs"):
         scan_dataset("ds", root)
+
+
+def test_an_nnunet_test_set_with_its_labels_is_read_from_imagests_and_labelsts(tmp_path: Path) -> None:
+    """A fully labelled test set kept as nnU-Net keeps one (imagesTs + labelsTs beside its dataset.json) failed
+    with "no imagesTr folder", naming no way out; it is read with the same naming rules, and its dataset.json
+    still checks the recipe's label values."""
+    root = write_nnunet_dataset(tmp_path / "nn", 2)
+    (root / "imagesTr").rename(root / "imagesTs")
+    with pytest.raises(DataError, match=r"imagesTs/ is here, but no labelsTs/ beside it") as refused:
+        scan_dataset("ds", root)
+    assert "'folders:IMAGES,LABELS'" in str(refused.value)
+    (root / "labelsTr").rename(root / "labelsTs")
+    info = scan_dataset("ds", root)
+    assert (info.layout, info.declared_labels) == ("nnunet", {0: "background", 1: "organ", 2: "tumour"})
+    assert [(c.case_id, c.image.parent.name, c.label.parent.name if c.label else None) for c in info.cases] == [
+        ("case_000", "imagesTs", "labelsTs"), ("case_001", "imagesTs", "labelsTs")]
 
 
 @pytest.mark.parametrize("change,message", [

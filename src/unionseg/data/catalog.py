@@ -325,10 +325,7 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
     channels = data.get("channel_names")
     if not isinstance(channels, Mapping) or len(channels) != 1:
         raise DataError("channel_names: exactly one channel (CT) is supported", json_path)
-    images_dir = root / "imagesTr"
-    labels_dir = root / "labelsTr"
-    if not images_dir.is_dir():
-        raise DataError("no imagesTr folder", root)
+    images_dir, labels_dir = _nnunet_folders(root)
     out: _RawCases = []
     for image in sorted(images_dir.iterdir()):
         if not image.name.endswith(ending) or image.name.startswith("."):
@@ -340,10 +337,25 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
         out.append((case, image, labels_dir / f"{case}{ending}"))
     others = _other_endings(images_dir, ending) if not out else []
     if others:
-        raise DataError(f"file_ending is {ending!r}, but the images in imagesTr end otherwise ({_listed(others)}); "
+        raise DataError(f"file_ending is {ending!r}, but the images in {images_dir.name} end otherwise "
+                        f"({_listed(others)}); "
                         "set file_ending to their ending", json_path)
     _warn_nnunet_leftovers(root, data, ending, out, json_path)
     return out
+
+
+def _nnunet_folders(root: Path) -> tuple[Path, Path]:
+    """The (images, labels) folders of an nnU-Net v2 dataset: ``imagesTr`` + ``labelsTr``; in a folder with
+    no ``imagesTr`` but ``imagesTs`` + ``labelsTs`` (a test set with its labels, as users keep one), those,
+    read by the same naming rules and checked against the same ``dataset.json`` labels."""
+    if (root / "imagesTr").is_dir():
+        return root / "imagesTr", root / "labelsTr"
+    if (root / "imagesTs").is_dir() and (root / "labelsTs").is_dir():
+        return root / "imagesTs", root / "labelsTs"
+    found = " (imagesTs/ is here, but no labelsTs/ beside it holds its labels)" if (root / "imagesTs").is_dir() else ""
+    raise DataError(f"no imagesTr folder, nor imagesTs + labelsTs (nnU-Net v2 layout: its dataset.json has "
+                    f"'channel_names'/'file_ending'){found}; point the root at the dataset folder, or set the "
+                    "dataset's layout to 'folders:IMAGES,LABELS'", root)
 
 
 def _other_endings(images_dir: Path, ending: str) -> list[Path]:
@@ -360,7 +372,7 @@ def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cas
     def tell(message: str) -> None:
         warnings.warn(message, UnionsegWarning, stacklevel=4)
 
-    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    images_dir, labels_dir = _nnunet_folders(root)
     others = _other_endings(images_dir, ending)
     if others:
         tell(f"{images_dir}: {len(others)} image(s) do not end in file_ending {ending!r} and are left out: "
@@ -370,11 +382,12 @@ def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cas
         orphans = [p for p in sorted(labels_dir.iterdir())
                    if _is_image_file(p) and p.name not in wanted]
         if orphans:
-            tell(f"{labels_dir}: {len(orphans)} label file(s) have no image in imagesTr and are left out: "
+            tell(f"{labels_dir}: {len(orphans)} label file(s) have no image in {images_dir.name} and are left out: "
                  f"{_listed(orphans)}")
     stated = data.get("numTraining")
     if isinstance(stated, int) and not isinstance(stated, bool) and stated != len(cases):
-        tell(f"{json_path}: numTraining is {stated} but imagesTr holds {len(cases)} case(s) ending in {ending!r}")
+        if images_dir.name == "imagesTr":  # numTraining counts the training cases, not a test set's
+            tell(f"{json_path}: numTraining is {stated} but imagesTr holds {len(cases)} case(s) ending in {ending!r}")
 
 
 def _cases_kits(root: Path) -> tuple[_RawCases, list[str]]:
