@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import write_msd_dataset, write_nnunet_dataset, write_tiny_case
 from unionseg.data.catalog import check_label_map, list_image_files, scan_dataset
-from unionseg.errors import DataError
+from unionseg.errors import DataError, UnionsegWarning
 
 
 def _edit_json(root: Path, **changes: Any) -> Path:
@@ -275,6 +276,20 @@ def test_an_nnunet_test_set_with_its_labels_is_read_from_imagests_and_labelsts(t
     assert (info.layout, info.declared_labels) == ("nnunet", {0: "background", 1: "organ", 2: "tumour"})
     assert [(c.case_id, c.image.parent.name, c.label.parent.name if c.label else None) for c in info.cases] == [
         ("case_000", "imagesTs", "labelsTs"), ("case_001", "imagesTs", "labelsTs")]
+
+
+def test_check_label_map_warns_of_a_declared_value_the_project_leaves_unmapped(tmp_path: Path) -> None:
+    """`labels: {1: liver}` on the MSD liver set passed `info` without a word although its dataset.json
+    declares 2 "cancer": prepare then failed every case, suggesting '2: background', which teaches that a
+    lesion inside the liver is not liver. Now info names it by its dataset.json name and the right fixes."""
+    json_path = tmp_path / "dataset.json"
+    with pytest.warns(UnionsegWarning, match=r"declares 2 \('cancer'\), which the project does not map for "
+                                             r"dataset 'liver': prepare fails every case that holds it") as caught:
+        check_label_map("liver", {0: "background", 1: "liver", 2: "cancer"}, {1: "liver"}, json_path)
+    assert "'2: liver_tumour' or '2: liver'" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every value mapped (background, 0, needs no entry)
+        check_label_map("liver", {0: "background", 1: "liver", 2: "cancer"}, {1: "liver", 2: "liver"}, json_path)
 
 
 @pytest.mark.parametrize("change,message", [
