@@ -419,6 +419,85 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu", "--skip-existing"]) == 2
 
 
+def test_cli_skip_existing_never_mistakes_one_output_kind_for_another(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Case c's probability map goes to c_probs.nii.gz, the label map of an input named c_probs. Predicted in
+    separate runs, --skip-existing took c_probs's label map for c's probability map (and replaced it with one),
+    and took c's probability map for c_probs's finished label map. Each output now must be its own kind."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for name, seed in (("c", 0), ("c_probs", 1)):
+        write_image(inputs / f"{name}.nii.gz", _ct((16, 16, 12), seed).astype(np.int16), Geometry.identity((16, 16, 12)))
+    out = tmp_path / "pred"
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 0  # two label maps
+    labels = (out / "c_probs.nii.gz").read_bytes()
+    capsys.readouterr()
+    assert run(["predict", str(model), str(inputs / "c.nii.gz"), "-o", str(out), "--device", "cpu", "--probabilities",
+                "--skip-existing"]) == 2
+    assert (out / "c_probs.nii.gz").read_bytes() == labels and not (out / "c_probs.json").exists()
+    err = capsys.readouterr().err
+    assert ("already holds c_probs.nii.gz, where this run would write a probability map, but it is predict's label "
+            "map") in err, err
+    other = tmp_path / "other"
+    assert run(["predict", str(model), str(inputs / "c.nii.gz"), "-o", str(other), "--device", "cpu",
+                "--probabilities"]) == 0
+    probs = (other / "c_probs.nii.gz").read_bytes()
+    assert run(["predict", str(model), str(inputs / "c_probs.nii.gz"), "-o", str(other), "--device", "cpu",
+                "--skip-existing"]) == 2  # it read "skipping 1 case(s)": a probability map as a finished case
+    assert (other / "c_probs.nii.gz").read_bytes() == probs
+    err = capsys.readouterr().err
+    assert "where this run would write a label map, but it is predict's probability map" in err, err
+
+
+def test_cli_skip_existing_checks_the_model_of_probability_maps(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--overwrite without --probabilities replaced the label maps and left the first model's probability maps;
+    --skip-existing --probabilities then took the folder as finished, two models mixed. A run that leaves
+    earlier probability maps beside new label maps says so, and the maps' channel lists record their model."""
+    import json
+
+    from unionseg.cli import run
+    from unionseg.modelfile import model_id
+
+    first = _model_file(tmp_path / "a")
+    second = _model_file(tmp_path / "b", spacing=3.0)
+    image = tmp_path / "cts" / "case0.nii.gz"
+    write_image(image, _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
+    out = tmp_path / "pred"
+    assert run(["predict", str(first), str(image), "-o", str(out), "--device", "cpu", "--probabilities"]) == 0
+    assert json.loads((out / "case0_probs.json").read_text())["model"] == model_id(first)
+    capsys.readouterr()
+    assert run(["predict", str(second), str(image), "-o", str(out), "--device", "cpu", "--overwrite"]) == 0
+    assert ("holds probability maps of an earlier predict for cases this run writes label maps of "
+            "(case0_probs.nii.gz, case0_probs.json); they are left as they are") in capsys.readouterr().err
+    assert run(["predict", str(second), str(image), "-o", str(out), "--device", "cpu", "--probabilities",
+                "--skip-existing"]) == 2
+    err = capsys.readouterr().err
+    assert f"--skip-existing: case0_probs.json was written by model {model_id(first)}, not by {second}" in err, err
+
+
+def test_cli_prints_one_line_per_case_off_a_terminal(tmp_path: Path) -> None:
+    """Off a terminal rich wrapped the per-case line at 80 columns: a long case name broke it over four lines of
+    a job's log (and grep for a case found half of it)."""
+    import subprocess
+
+    from conftest import console_script
+
+    model = _model_file(tmp_path)
+    name = "patient_0001_abdomen_portal_venous_phase_series_4_reconstruction_B30f"
+    image = tmp_path / "cts" / f"{name}.nii.gz"
+    write_image(image, _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([str(console_script("unionseg")), "predict", str(model), str(image), "-o",
+                           str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[1/1]")]
+    assert len(lines) == 1 and lines[0].endswith(" s)"), proc.stderr
+
+
 def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Each label map's mark names the model file that wrote it: ``--skip-existing`` with another model
     refuses (it would leave a folder of two models' maps, or replace one of the other's), names the file and

@@ -178,3 +178,14 @@ def test_quiet_prepare_and_evaluate_print_no_progress(monkeypatch: pytest.Monkey
                     "--no-figures", "--overwrite", *flags]) == 0
         err = capsys.readouterr().err
         assert ("evaluate test_000: 1/2 (50%)" in err) is lines, err
+
+
+def test_results_are_printed_wide_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate's table, piped to a file or a job log, wrapped its "mean ± sd" cells at rich's 80 columns;
+    off a terminal the results console is 200 wide, unless COLUMNS says otherwise."""
+    from unionseg.progress import results_console
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert results_console().width == 200  # pytest captures stdout: not a terminal
+    monkeypatch.setenv("COLUMNS", "100")
+    assert results_console().width == 100

@@ -180,6 +180,16 @@ class LineProgress:
         task.lines += 1
 
 
+def results_console() -> Console:
+    """The console a command prints its results on (stdout). Off a terminal, where rich assumes 80 columns,
+    it is 200 wide unless ``COLUMNS`` says otherwise: a table piped to a file or a job log keeps each row on
+    one line instead of wrapping its cells."""
+    console = Console()
+    if console.is_terminal or console.is_jupyter or "COLUMNS" in os.environ:
+        return console
+    return Console(width=200)
+
+
 def make_progress(*columns: Any, console: Console | None = None, transient: bool = False,
                   label: str = "") -> Any:
     """A ``rich.progress.Progress`` on a terminal (or in Jupyter), else a :class:`LineProgress`; on stderr

@@ -29,17 +29,17 @@ def evaluate_command(
         "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
 ) -> None:
     """Dice, HD95 (mm) and NSD per class on the classes the ground truth annotates; writes reports."""
-    from rich.console import Console
     from rich.markdown import Markdown
 
     from unionseg.cli import _parse_roots as parse_roots
     from unionseg.errors import listing
     from unionseg.evaluation.evaluate import evaluate_folder
+    from unionseg.progress import results_console
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
                               workers=workers, figures=figures, roots=parse_roots(root), progress=not quiet,
                               overwrite=overwrite)
-    console = Console()
+    console = results_console()
     console.print(f"[bold]{summary['dataset']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))
     if summary["unmatched_predictions"]:

@@ -524,13 +524,14 @@ def evaluate_cross_command(
         "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
 ) -> None:
     """Score a model on a dataset with another label space (e.g. BTCV), on the shared classes only."""
-    from rich.console import Console
     from rich.markdown import Markdown
+
+    from unionseg.progress import results_console
 
     space = model_space_from(project, model)
     summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet,
                                 overwrite=overwrite)
-    console = Console()
+    console = results_console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
     console.print(Markdown(summary["markdown"]))
     for organ, reason in summary["not_scored"].items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -92,34 +92,61 @@ def output_files(name: str, probabilities: bool) -> list[str]:
     return [f"{name}.nii.gz", *([f"{name}_probs.nii.gz", f"{name}_probs.json"] if probabilities else [])]
 
 
-def written_by_predict(path: Path, check_voxels: bool = False) -> bool:
+#: what each of a case's output files is, in :func:`output_files` order
+OUTPUT_KINDS = ("labels", "probabilities", "channels")
+
+
+_KIND_WORDS = {"labels": "label map", "probabilities": "probability map", "channels": "probability map's channel list"}
+
+
+def predict_kind(path: Path) -> str | None:
+    """Which of predict's outputs ``path`` is by its mark: ``labels`` (a label map: the mark with its CRC-32, or
+    the bare mark of an older release on a 3D grid), ``probabilities`` (the bare mark on a 4D grid),
+    ``channels`` (a probability map's ``.json`` channel list), or None (no mark: not a file predict wrote)."""
+    import json
+
+    import nibabel as nib
+
+    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description, parse_prediction_description
+
+    if path.name.endswith(".json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return "channels" if record.get("written_by") == PREDICTION_DESCRIPTION else None
+        except (OSError, ValueError, AttributeError):
+            return None
+    description = nifti_description(path) or ""
+    if parse_prediction_description(description) is not None:
+        return "labels"
+    if description != PREDICTION_DESCRIPTION:
+        return None
+    try:
+        image: Any = nib.load(str(path))
+        dims = len(image.shape)
+    except Exception:  # noqa: BLE001 - nifti_description read the header; a shape it cannot give: not ours
+        return None
+    return "probabilities" if dims == 4 else "labels"
+
+
+def written_by_predict(path: Path, check_voxels: bool = False, kind: str | None = None) -> bool:
     """Whether ``path`` is a file ``unionseg predict`` wrote (its NIfTI header description, or the
     ``written_by`` of a probability map's channel list): ``--skip-existing`` passes only those as done, so
     that ``-o labelsTr`` never takes ground truth of the same name for a finished prediction.
 
+    ``kind``: the file must be that output (:data:`OUTPUT_KINDS`): where case ``x`` puts its probability
+    map, ``x_probs.nii.gz``, the label map of an input named ``x_probs`` is predict's too, but not ``x``'s.
     ``check_voxels``: a label map must also hold the voxels its mark's CRC-32 names, i.e. not have been
     edited since (a viewer that re-saves a corrected map keeps the description); asked before a file is
     replaced.
     """
-    import json
+    from unionseg.data.io import labels_crc32, nifti_description, parse_prediction_description, read_image
 
-    from unionseg.data.io import (
-        PREDICTION_DESCRIPTION,
-        labels_crc32,
-        nifti_description,
-        parse_prediction_description,
-        read_image,
-    )
-
-    if path.name.endswith(".json"):
-        try:
-            return json.loads(path.read_text(encoding="utf-8")).get("written_by") == PREDICTION_DESCRIPTION
-        except (OSError, ValueError, AttributeError):
-            return False
-    description = nifti_description(path) or ""
-    mark = parse_prediction_description(description)
-    if not check_voxels:
-        return mark is not None or description == PREDICTION_DESCRIPTION
+    found = predict_kind(path)
+    if found is None or (kind is not None and found != kind):
+        return False
+    if not check_voxels or found != "labels":
+        return True
+    mark = parse_prediction_description(nifti_description(path) or "")
     if mark is None:
         return False
     try:
@@ -135,6 +162,24 @@ def model_of(path: Path) -> str | None:
 
     mark = parse_prediction_description(nifti_description(path) or "")
     return None if mark is None else mark.get("model")
+
+
+def _model_of_channels(path: Path) -> str | None:
+    """The model id a probability map's channel list records (None: none recorded, or unreadable)."""
+    import json
+
+    try:
+        model = json.loads(path.read_text(encoding="utf-8")).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) else None
+
+
+def stale_probabilities(output: Path, names: Sequence[str]) -> list[str]:
+    """The probability maps (and channel lists) predict wrote earlier for ``names`` in ``output``: a run without
+    ``--probabilities`` that writes those cases' label maps leaves them beside maps they may not match."""
+    return [f for name in names for f, kind in zip(output_files(name, True)[1:], OUTPUT_KINDS[1:], strict=True)
+            if (output / f).exists() and predict_kind(output / f) == kind]
 
 
 def check_same_model(output: Path, model: Path, names: Sequence[str], probabilities: bool) -> None:
@@ -161,6 +206,10 @@ def check_same_model(output: Path, model: Path, names: Sequence[str], probabilit
 
     maps = [output / output_files(name, probabilities)[0] for name in names]
     recorded = {path: model_of(path) for path in maps if path.exists()}
+    # a probability map's channel list records its model too (since it did): a map beside another model's
+    # label map (an --overwrite without --probabilities left it) is not the finished case it looks like
+    lists = [output / output_files(name, True)[2] for name in names] if probabilities else []
+    recorded.update((path, who) for path in lists if path.exists() and (who := _model_of_channels(path)))
     unnamed = [path for path, who in recorded.items() if who is None]
     if unnamed:  # marks of a release that did not record the model: taken as this model's, said once
         warnings.warn(f"{output}: {first(unnamed)} carries no model id (an earlier unionseg wrote it), so "
@@ -216,9 +265,22 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
     if existing:
         shown = listing(existing)
         if skip_existing:
-            raise UnionsegError(f"the output folder already holds {shown}, not recognised as predict's unedited "
-                                "outputs (no 'unionseg predict' mark, or voxels changed since: ground truth, "
-                                "another tool's files, a map corrected in a viewer, or outputs of an older "
+            kinds = {f: kind for name, _ in cases for f, kind in zip(output_files(name, probabilities), OUTPUT_KINDS,
+                                                                     strict=False)}
+            found = {f: predict_kind(out / f) for f in existing}
+            misplaced = [f for f in existing if found[f] is not None and found[f] != kinds[f]]
+            unknown = [f for f in existing if f not in misplaced
+                       and not written_by_predict(out / f, check_voxels=True, kind=kinds[f])] or existing
+            if misplaced:
+                f = misplaced[0]
+                raise UnionsegError(f"the output folder already holds {f}, where this run would write a "
+                                    f"{_KIND_WORDS[kinds[f]]}, but it is predict's {_KIND_WORDS[found[f] or '']} "
+                                    "(another input's output of that name: inputs x and x_probs with "
+                                    "--probabilities?); nothing was written: predict those inputs into different "
+                                    "output folders", outdir)
+            raise UnionsegError(f"the output folder already holds {listing(unknown)}, not recognised as predict's "
+                                "unedited outputs (no 'unionseg predict' mark, or voxels changed since: ground "
+                                "truth, another tool's files, a map corrected in a viewer, or outputs of an older "
                                 "unionseg, which did not mark them); nothing was written: pass --overwrite to "
                                 "replace them, or choose another -o", outdir)
         if not any(written_by_predict(out / f) for f in existing):  # ground truth, as in a labelsTr folder
@@ -316,8 +378,11 @@ def register(app: typer.Typer) -> None:
                 complete = len(present) == len(files)
                 # a file predict did not write (ground truth of the same name) is never replaced, nor a
                 # label map edited since (its voxels checked against its mark when it would be replaced)
-                if not present or not all(written_by_predict(f, check_voxels=not complete and f == files[0])
-                                          for f in present):
+                # each file must be predict's output of its own kind: x_probs.nii.gz, where x's probability map
+                # goes, may be the label map of an input named x_probs, which x must never take or replace
+                if not present or not all(written_by_predict(f, check_voxels=not complete and f == files[0],
+                                                             kind=kind)
+                                          for f, kind in zip(files, OUTPUT_KINDS, strict=False) if f in present):
                     continue
                 # the label map is written first, the probabilities after it: a case cut between the two (or
                 # predicted before without --probabilities) is predicted again, its label map replaced
@@ -347,6 +412,13 @@ def register(app: typer.Typer) -> None:
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True, quiet=quiet)
         output.mkdir(parents=True, exist_ok=True)
+        if not probabilities:
+            stale = stale_probabilities(output, [name for name, _ in cases])
+            if stale:
+                typer.echo(f"warning: {output} holds probability maps of an earlier predict for cases this run "
+                           f"writes label maps of ({listing(stale, 4)}); they are left as they are, and may not "
+                           "match the new label maps: pass --probabilities to write them again, or remove them",
+                           err=True)
         removed = remove_stale_temporaries(output, [name for name, _ in cases], probabilities)
         if removed:
             typer.echo(f"removed {removed} temporary file(s) left in {output} by an earlier predict that was killed",
@@ -389,5 +461,6 @@ def register(app: typer.Typer) -> None:
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
                 also = f" and {names[1]}" if probabilities else ""
+                # one line per case, however long (off a terminal rich wrapped it at 80 columns, breaking logs)
                 console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
-                              markup=False)
+                              markup=False, highlight=False, soft_wrap=True)

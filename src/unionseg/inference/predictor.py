@@ -704,7 +704,7 @@ class Predictor:
         write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id),
                     replace=overwrite)
         write_probabilities(probs_path, probs, geom, self.probability_names, self.probability_meanings,
-                            replace=overwrite)
+                            replace=overwrite, model=self.model_id)
         return out_path
 
 
@@ -715,10 +715,12 @@ def probabilities_sidecar(path: str | Path) -> Path:
 
 
 def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str],
-                        meanings: Mapping[str, str] | None = None, replace: bool = True) -> Path:
+                        meanings: Mapping[str, str] | None = None, replace: bool = True,
+                        model: str | None = None) -> Path:
     """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list
     (and what each channel holds, ``meanings``), atomically (``replace=False``: never over an existing file,
-    :func:`~unionseg.data.io.place_file`); both carry predict's mark (header description, ``written_by``).
+    :func:`~unionseg.data.io.place_file`); both carry predict's mark (header description, ``written_by``),
+    and the ``.json`` the id of the ``model`` that wrote them, when given (``--skip-existing`` checks it).
 
     The voxels are streamed one channel at a time (NIfTI stores the last axis slowest, so a channel is one
     block of the file): beside ``probs`` only one channel is held as float32. Converting the whole map
@@ -764,6 +766,8 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
     tmp_json = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
     try:
         record: dict[str, Any] = {"channels": list(names), "written_by": PREDICTION_DESCRIPTION}
+        if model:
+            record["model"] = model
         if meanings:
             record["meaning"] = {n: meanings[n] for n in names if n in meanings}
         tmp_json.write_text(json.dumps(record, indent=1), encoding="utf-8")
