@@ -730,6 +730,17 @@ def align_label_to_image(
     if tuple(label_geom.shape) != tuple(image_geom.shape) and sorted(label_geom.shape) != sorted(image_geom.shape):
         raise DataError(f"label shape {label_geom.shape} differs from image shape {image_geom.shape} "
                         f"({image_path.name})", label_path)
+    # how far apart the two grids put the same voxel: the largest shift over the grid's corners (an affine map
+    # is largest at one of them), in mm and in voxels, against the tolerance on the affines' entries
+    on_image = reoriented_geometry(label_geom, image_geom).affine if moved.shape == tuple(image_geom.shape) \
+        else label_geom.affine
+    corners = np.array([[i, j, k, 1.0] for i in (0, image_geom.shape[0] - 1) for j in (0, image_geom.shape[1] - 1)
+                        for k in (0, image_geom.shape[2] - 1)]).T
+    shift = float(np.abs((on_image - image_geom.affine) @ corners)[:3].max())
+    voxel = float(min(image_geom.spacing))
     raise DataError(
-        f"label grid does not match image {image_path.name}: label affine\n{np.round(label_geom.affine, 4)}\n"
-        f"vs image affine\n{np.round(image_geom.affine, 4)}".replace("\n", " "), label_path)
+        f"label grid does not match image {image_path.name}: the two grids place a voxel up to {shift:.3g} mm "
+        f"({shift / voxel:.2g} voxel) apart (tolerance {atol:g} on the affines' entries): label affine\n"
+        f"{np.round(label_geom.affine, 4)}\nvs image affine\n{np.round(image_geom.affine, 4)}".replace("\n", " ")
+        + "; if the label was drawn on this image, give it the image's header (SimpleITK's CopyInformation, or "
+        "nibabel with the image's affine)", label_path)
