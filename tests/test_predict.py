@@ -498,6 +498,36 @@ def test_cli_prints_one_line_per_case_off_a_terminal(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].endswith(" s)"), proc.stderr
 
 
+def test_cli_refuses_an_output_file_name_outputs_as_inputs_and_hints_at_sub_folders(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """-o x.nii.gz made a folder named x.nii.gz; a folder of label maps predict wrote was read as CT (a
+    warning about the intensity range, and a map of background); a folder per patient said only "no images in
+    this folder". Each is one clear error now."""
+    from unionseg.cli import run
+
+    model = _model_file(tmp_path)
+    image = tmp_path / "cts" / "case0.nii.gz"
+    write_image(image, _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
+    capsys.readouterr()
+    assert run(["predict", str(model), str(image), "-o", str(tmp_path / "seg.nii.gz"), "--device", "cpu"]) == 2
+    assert not (tmp_path / "seg.nii.gz").exists()
+    assert "-o takes a folder" in capsys.readouterr().err
+    out = tmp_path / "pred"
+    assert run(["predict", str(model), str(image), "-o", str(out), "--device", "cpu", "--probabilities"]) == 0
+    capsys.readouterr()
+    assert run(["predict", str(model), str(out), "-o", str(tmp_path / "again"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "case0.nii.gz: a label map that unionseg predict wrote, not a CT image" in err, err
+    assert not (tmp_path / "again").exists()
+    nest = tmp_path / "nest"
+    for patient in ("p1", "p2"):
+        write_image(nest / patient / "ct.nii.gz", _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
+    assert run(["predict", str(model), str(nest), "-o", str(tmp_path / "n"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"2 of its sub-folders hold images (p1, p2), and predict reads one folder level: pass them, e.g. {nest}/*" \
+        in err, err
+
+
 def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Each label map's mark names the model file that wrote it: ``--skip-existing`` with another model
     refuses (it would leave a folder of two models' maps, or replace one of the other's), names the file and

@@ -41,7 +41,7 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
             if not files:
                 inside = [d for d in ("imagesTs", "imagesTr") if (path / d).is_dir()]
                 hint = f"; a dataset root? its images are in {' or '.join(str(path / d) for d in inside)}" if inside \
-                    else ""
+                    else _subfolder_hint(path)
                 raise UnionsegError(f"no images in this folder ({', '.join(IMAGE_SUFFIXES)} or a DICOM series){hint}",
                                     path)
             found.extend(series(p) if p.is_dir() else (image_key(p), p) for p in files)
@@ -68,6 +68,23 @@ def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
     for name, path in found:
         unique.setdefault(name, path)
     return list(unique.items())
+
+
+def _subfolder_hint(folder: Path) -> str:
+    """What to say when ``folder`` holds no image but its sub-folders do (a folder per patient or series):
+    predict reads one level, so name them."""
+    from unionseg.data.catalog import list_image_files
+
+    try:
+        held = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
+                and list_image_files(d)]
+    except OSError:
+        return ""
+    if not held:
+        return ""
+    shown = ", ".join(d.name for d in held[:3]) + (", ..." if len(held) > 3 else "")
+    return (f"; {len(held)} of its sub-folders hold images ({shown}), and predict reads one folder level: pass "
+            f"them, e.g. {folder}/*")
 
 
 #: seconds a temporary file must have stood unchanged before a later predict removes it: a writer on another
@@ -357,6 +374,7 @@ def register(app: typer.Typer) -> None:
         )
 
         from unionseg.config import is_device_name
+        from unionseg.data.io import IMAGE_SUFFIXES, suffix_of
         from unionseg.progress import clock, make_progress
 
         if not is_device_name(device):
@@ -368,7 +386,15 @@ def register(app: typer.Typer) -> None:
             raise UnionsegError(f"--sw-batch must be at least 1, got {sw_batch}")
         if overwrite and skip_existing:
             raise UnionsegError("--overwrite and --skip-existing exclude each other")
+        if not output.exists() and suffix_of(output) in IMAGE_SUFFIXES:  # it would become a folder of that name
+            raise UnionsegError(f"-o takes a folder, where each input's label map is written under its case name; "
+                                f"{output.name} looks like a file name: give its folder (-o {output.parent})", output)
         cases = collect_inputs(inputs)
+        for _, path in cases:  # predict's own outputs given back as inputs (-o of a run as the next run's input)
+            kind = predict_kind(path) if path.is_file() else None
+            if kind is not None:
+                raise UnionsegError(f"a {_KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
+                                    "reads the scans themselves", path)
         done: set[str] = set()
         partial: list[str] = []
         if skip_existing and output.is_dir():
