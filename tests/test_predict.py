@@ -777,7 +777,9 @@ def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
     monkeypatch.setattr(io, "fsync_file", killed_while_writing)
     before = signal.getsignal(signal.SIGTERM)
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 143
-    assert capsys.readouterr().err.rstrip().endswith("terminated")
+    err = capsys.readouterr().err.rstrip()
+    assert err.endswith("stopped during case 'case1': 1 of 3 case(s) written, each whole, and nothing of this one; "
+                        "run the same command with --skip-existing to finish\nterminated"), err
     assert signal.getsignal(signal.SIGTERM) is before
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
     monkeypatch.setattr(io, "fsync_file", real_fsync)

@@ -477,6 +477,11 @@ def register(app: typer.Typer) -> None:
                     raise UnionsegError(f"appeared in the output folder while this predict ran (another predict "
                                         f"writing to {output}?) and was left as it is; {rest}: give each predict "
                                         "its own -o, or run again with --skip-existing", exc.path) from None
+                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done, and how to go on (cli says which)
+                    again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
+                    typer.echo(f"stopped during case {name!r}: {k - 1} of {len(cases)} case(s) written, each whole, "
+                               f"and nothing of this one; run the same command {again} to finish", err=True)
+                    raise
                 except DataError as exc:
                     if len(cases) == 1:
                         raise
