@@ -29,6 +29,22 @@ def test_info_prints_taxonomy_annotated_classes_and_split_counts(tiny_project: P
     assert re.search(r"\b0\W+background\W", out), out
 
 
+def test_info_describes_an_evaluation_only_project(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A project of one test set, which `evaluate -p` takes (docs/evaluation.md), was refused by `info` ("at
+    least one dataset needs role: train"): the up-front check docs/datasets.md recommends could not run."""
+    text = tiny_project.read_text()
+    only_test = text[:text.index("  - name: liver")] + text[text.index("  - name: test"):]
+    path = tiny_project.with_name("eval.yaml")
+    path.write_text(only_test)
+    assert run(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "test 2" in out and "can score predictions (`unionseg evaluate -p`) but not train" in out, out
+    assert run(["prepare", str(path)]) == 2  # training's own commands still need a training set
+    assert "at least one dataset needs role: train" in capsys.readouterr().err
+    assert run(["info", str(tiny_project)]) == 0
+    assert "but not train" not in capsys.readouterr().out
+
+
 def test_info_with_root_override(tiny_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     other = write_tiny_project(tmp_path / "copy").parent / "datasets" / "liver"
     assert run(["info", str(tiny_project), "--root", f"liver={other}"]) == 0

@@ -28,7 +28,8 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
     from unionseg.config import load_project, split_cases
     from unionseg.data.catalog import check_label_map, scan_dataset, warn_shared_images
 
-    project = load_project(project_path, roots=roots)
+    # an evaluation-only project (one test set, for `evaluate -p`) is described too; it says it cannot train
+    project = load_project(project_path, roots=roots, require_train=False)
     space = project.label_space
     datasets = []
     scans = []
@@ -87,6 +88,9 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
     console.print(table)
     pre = summary["preprocessing"]
     console.print(f"preprocessing: spacing {pre['spacing']} mm, window {pre['window']} HU")
+    if not any(d["role"] == "train" for d in summary["datasets"]):
+        console.print("no dataset has role: train, so this project can score predictions (`unionseg evaluate "
+                      "-p`) but not train", markup=False, highlight=False, soft_wrap=True)
     return summary
 
 
