@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from unionseg.config import PreprocessSpec, load_project, split_cases
-from unionseg.data.io import Geometry, read_image
+from unionseg.data.io import Geometry, read_image, write_image
 from unionseg.data.preprocess import (
     IntensityWarning,
     PreparedIndex,
@@ -469,8 +469,11 @@ def test_a_script_without_the_main_guard_fails_at_once(project_dir: Path) -> Non
 
 
 def test_source_change_makes_the_index_stale(project_dir: Path) -> None:
+    """A source whose date changed makes the index stale; prepare then reads its bytes. The same bytes (a
+    `touch`, a `git checkout`, `cp` without -a) keep the prepared case and the data fingerprint, and so the
+    shared experts keyed by it, which a touch used to throw away; other bytes redo the case."""
     project = load_project(project_dir / "project.yaml")
-    prepare_project(project, workers=0, progress=False)
+    first = prepare_project(project, workers=0, progress=False)
     PreparedIndex.load(project)
     label = project_dir / "liver/labelsTr/case_001.nii.gz"
     st = label.stat()
@@ -478,7 +481,44 @@ def test_source_change_makes_the_index_stale(project_dir: Path) -> None:
     with pytest.raises(DataError, match="case_001.*changed|changed.*case_001"):
         PreparedIndex.load(project)
     index = prepare_project(project, workers=0, progress=False)
-    assert index.summary.relabelled == ("liver/case_001",)
+    assert (index.summary.prepared, index.summary.relabelled, index.summary.renewed) == ((), (), ("liver/case_001",))
+    assert "(1 of them with source files whose dates changed but not their bytes)" in index.summary.describe()
+    assert index.fingerprint == first.fingerprint
+    assert PreparedIndex.load(project).fingerprint == first.fingerprint  # no longer stale
+    again = prepare_project(project, workers=0, progress=False)
+    assert again.summary.renewed == () and again.fingerprint == first.fingerprint
+    label.write_bytes(read_bytes_changed(label))  # the same size, other bytes
+    changed = prepare_project(project, workers=0, progress=False)
+    assert changed.summary.relabelled == ("liver/case_001",) and changed.fingerprint != first.fingerprint
+
+
+def read_bytes_changed(path: Path) -> bytes:
+    """The bytes of a NIfTI label map with one label voxel changed, recompressed: other content (the size
+    may differ; either way it is a change)."""
+    array, geom = read_image(path)
+    array = array.copy()
+    array.flat[0] = 1 if array.flat[0] != 1 else 0
+    out = path.with_name("changed.nii.gz")
+    write_image(out, array, geom)
+    data = out.read_bytes()
+    out.unlink()
+    return data
+
+
+def test_a_record_from_before_hashes_keeps_the_prepared_cases(project_dir: Path) -> None:
+    """Caches prepared before the sources' bytes were hashed: the first prepare hashes them once, redoes
+    nothing and keeps the fingerprint (the experts of a project prepared by an earlier release stay)."""
+    project = load_project(project_dir / "project.yaml")
+    first = prepare_project(project, workers=0, progress=False)
+    for meta in (project_dir / "prepared").glob("*/*.json"):
+        record = json.loads(meta.read_text())
+        record["sources"] = {k: v[:3] for k, v in record["sources"].items()}  # [path, size, mtime]
+        meta.write_text(json.dumps(record))
+    index = prepare_project(project, workers=0, progress=False)
+    assert (index.summary.prepared, index.summary.relabelled, index.summary.renewed) == ((), (), ())
+    assert index.fingerprint == first.fingerprint
+    meta = json.loads((project_dir / "prepared" / "liver" / "case_001.json").read_text())
+    assert len(meta["sources"]["image"]) == 5  # hashed now
 
 
 def test_not_prepared_says_run_prepare(project_dir: Path) -> None:

@@ -442,6 +442,45 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
+def _content_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex, 16 characters): what tells a touched or copied file from a changed one."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _source_identity(path: Path, root: Path, recorded: Sequence[Any] | None) -> tuple[list[Any], list[Any]]:
+    """A source file's identity for the fingerprints, and the record a case's meta keeps of it.
+
+    The identity is :func:`_stat` of the file as it was first prepared: ``[relative path, size, mtime]``. The
+    record adds the SHA-256 of its bytes and the modification time last seen, ``[path, size, mtime, sha,
+    seen]``. A file whose time changed but whose bytes did not (``touch``, a ``git checkout``, ``cp`` without
+    ``-a``, a restore from a backup) keeps its identity, so its prepared files, the data fingerprint and the
+    shared experts keyed by it stay valid; only the record's time is renewed. The bytes are read when the time
+    differs from the one last seen, and once for a record from before hashes were kept.
+    """
+    st = path.stat()
+    rel, size, mtime = _relative(path, root), int(st.st_size), int(st.st_mtime_ns)
+    if recorded is not None and len(recorded) >= 3 and recorded[0] == rel and int(recorded[1]) == size:
+        first = int(recorded[2])
+        seen = int(recorded[4]) if len(recorded) >= 5 else first
+        sha = str(recorded[3]) if len(recorded) >= 4 else None
+        if mtime == seen:
+            return [rel, size, first], [rel, size, first, sha or _content_hash(path), mtime]
+        if sha is not None and _content_hash(path) == sha:
+            return [rel, size, first], [rel, size, first, sha, mtime]
+    return [rel, size, mtime], [rel, size, mtime, _content_hash(path), mtime]
+
+
+def _last_seen(recorded: Sequence[Any] | None) -> int | None:
+    """The modification time a meta's source record last saw (None: no record)."""
+    if recorded is None or len(recorded) < 3:
+        return None
+    return int(recorded[4]) if len(recorded) >= 5 else int(recorded[2])
+
+
 def _stat(path: Path, root: Path) -> list[Any]:
     """A source file's identity: its path relative to the dataset root, size and mtime.
 
@@ -476,6 +515,8 @@ class _CaseJob:
     do_oracle: bool
     record: dict[str, Any] | None
     meta: dict[str, Any]
+    refresh_only: bool = False  # nothing to compute: the meta's record of its sources alone is renewed
+    redated: bool = False  # a source's modification time changed since the last prepare (its bytes may not)
 
 
 def _case_files(out_dir: Path, case_id: str) -> dict[str, Path]:
@@ -639,10 +680,14 @@ class PrepareSummary:
     relabelled: tuple[str, ...]
     skipped: tuple[str, ...]
     warnings: tuple[str, ...]
+    # up to date, their source files' times changed but not their bytes (a touch, a copy): among ``skipped``
+    renewed: tuple[str, ...] = ()
 
     def describe(self) -> str:
+        renewed = (f" ({len(self.renewed)} of them with source files whose dates changed but not their bytes)"
+                   if self.renewed else "")
         return (f"prepared {len(self.prepared)} case(s), re-did labels of {len(self.relabelled)}, "
-                f"skipped {len(self.skipped)} up-to-date case(s)")
+                f"skipped {len(self.skipped)} up-to-date case(s){renewed}")
 
 
 def _settings(project: Project) -> dict[str, Any]:
@@ -830,16 +875,20 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
         out_dir = project.cache_dir / ds.name
         for case in info.cases:
             assert case.label is not None
-            image_stat, label_stat = _stat(case.image, ds.root), _stat(case.label, ds.root)
-            oracle_stat = _stat(case.oracle_label, ds.root) if case.oracle_label is not None else None
-            sources.extend([ds.name, *s] for s in (image_stat, label_stat, oracle_stat) if s is not None)
+            files = _case_files(out_dir, case.case_id)
+            old = None if force else _read_meta(files["meta"])
+            kept = (old or {}).get("sources") or {}
+            image_stat, image_rec = _source_identity(case.image, ds.root, kept.get("image"))
+            label_stat, label_rec = _source_identity(case.label, ds.root, kept.get("label"))
+            oracle_stat, oracle_rec = _source_identity(case.oracle_label, ds.root, kept.get("oracle")) \
+                if case.oracle_label is not None else (None, None)
+            # the index's staleness check compares the times last seen
+            sources.extend([ds.name, r[0], r[1], r[4]] for r in (image_rec, label_rec, oracle_rec) if r is not None)
             fp_image = _hash({"v": PREPROCESS_VERSION, "spec": spec_dict, "file": image_stat})
             fp_label = _hash({"image": fp_image, "file": label_stat, "lookup": lookup})
             fp_oracle = (_hash({"image": fp_image, "file": oracle_stat, "n_leaves": space.n_leaves})
                          if oracle_stat is not None else None)
             fingerprints = {"image": fp_image, "label": fp_label, **({"oracle": fp_oracle} if fp_oracle else {})}
-            files = _case_files(out_dir, case.case_id)
-            old = None if force else _read_meta(files["meta"])
             old_fp = (old or {}).get("fingerprints", {})
             do_image = old is None or old_fp.get("image") != fp_image or not files["image"].is_file()
             do_label = do_image or old_fp.get("label") != fp_label or not files["label"].is_file()
@@ -848,20 +897,27 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
             labelled = None if do_label else (old or {}).get("labelled")
             meta = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role,
                     "split": split_of[case.case_id], **({"labelled": labelled} if labelled is not None else {}),
-                    "sources": {"image": image_stat, "label": label_stat,
-                                **({"oracle": oracle_stat} if oracle_stat else {})}}
+                    "sources": {"image": image_rec, "label": label_rec,
+                                **({"oracle": oracle_rec} if oracle_rec else {})}}
             entry = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role, "split": split_of[case.case_id],
                      "has_oracle": fp_oracle is not None, "fingerprints": fingerprints,
                      "record": (old or {}).get("record"), "labelled": labelled}
             entries.append(entry)
             drop_oracle = fp_oracle is None and files["oracle"].exists()
-            if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"]:
+            # only the record of its sources renewed (a touched file, or a record from before hashes): the
+            # prepared arrays stay, the case's meta is written again
+            refresh = kept != meta["sources"]
+            if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"] \
+                    or refresh:
                 jobs.append(_CaseJob(
                     dataset=ds.name, case_id=case.case_id, out_dir=str(out_dir), image=str(case.image),
                     label=str(case.label), oracle=str(case.oracle_label) if case.oracle_label else None,
                     spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
                     do_image=do_image, do_label=do_label, do_oracle=do_oracle,
-                    record=None if do_image else (old or {}).get("record"), meta=meta))
+                    record=None if do_image else (old or {}).get("record"), meta=meta,
+                    refresh_only=not (do_image or do_label or do_oracle or drop_oracle)
+                    and (old or {}).get("split") == meta["split"],
+                    redated=any(_last_seen(kept.get(k)) not in (None, r[4]) for k, r in meta["sources"].items())))
     warn_shared_images(scans, project.path)
     return jobs, entries, splits, sources
 
@@ -995,7 +1051,7 @@ def _refuse_to_replace_another_projects_cases(project: Project, index_path: Path
         return  # no index (or an unreadable one): nothing anybody could still use
     if not isinstance(other, str) or other == project.path.name:
         return
-    touched = [f"{j.dataset}/{j.case_id}" for j in jobs if (j.dataset, j.case_id) in listed]
+    touched = [f"{j.dataset}/{j.case_id}" for j in jobs if (j.dataset, j.case_id) in listed and not j.refresh_only]
     if not touched:
         return
     current = _settings(project)
@@ -1020,6 +1076,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
         index_path.unlink()  # the index is valid again only once every case is done
     prepared: list[str] = []
     relabelled: list[str] = []
+    renewed: list[str] = []
     notes: list[str] = []
     errors: list[tuple[int, str, str, str | None]] = []  # (project order, case, message, file)
     order = {f"{job.dataset}/{job.case_id}": i for i, job in enumerate(jobs)}
@@ -1057,6 +1114,8 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
                 prepared.append(key)
             elif job.do_label or job.do_oracle:
                 relabelled.append(key)
+            elif job.refresh_only and job.redated:
+                renewed.append(key)
             for note in result["warnings"]:
                 notes.append(note)
                 log.info(note)  # shown once, through the warning (the CLI prints `warning: <note>`)
@@ -1093,7 +1152,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
              "fingerprint": fingerprint, "sources": sources, "cases": entries}
     cache.mkdir(parents=True, exist_ok=True)
     write_text(index_path, json.dumps(index, indent=1))
-    summary = PrepareSummary(tuple(prepared), tuple(relabelled), skipped, tuple(notes))
+    summary = PrepareSummary(tuple(prepared), tuple(relabelled), skipped, tuple(notes), tuple(renewed))
     if progress:
         console.print(f"{project.name}: {summary.describe()} -> {cache}", soft_wrap=True)  # one line in a log
     log.info("%s: %s", project.name, summary.describe())

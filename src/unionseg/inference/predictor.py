@@ -496,6 +496,8 @@ class Predictor:
         else:
             path = None
             array = np.asarray(image)
+            while array.ndim > 3 and array.shape[-1] == 1:  # (X, Y, Z, 1), as a file of that shape is read
+                array = array[..., 0]
             if geometry is None:
                 warnings.warn("Predictor.predict got an array without geometry=: taken as 1 mm voxels at the "
                               "origin (pass the scan's Geometry, e.g. from unionseg.data.io.read_image, or a path)",
