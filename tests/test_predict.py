@@ -811,8 +811,26 @@ def test_cli_a_bad_case_in_a_batch_says_what_is_left(tmp_path: Path, capsys: pyt
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {inputs / 'case1.nii.gz'}: not a gzip-compressed file, although its name ends in .gz (is it an "
         "image at all?); case 'case1' and the 1 after it were not predicted (1 written): fix or remove it, then "
-        "run the same command with --skip-existing")
+        "run the same command with --skip-existing (--keep-going goes past such inputs)")
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
+
+
+def test_cli_keep_going_predicts_past_an_unreadable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An overnight batch of hundreds of scans stopped at its first corrupt file; with --keep-going the others
+    are written, each unreadable input is named in its line and again at the end, and the command fails."""
+    from unionseg.cli import run
+
+    model, inputs, out = _model_file(tmp_path), _three_cases(tmp_path), tmp_path / "pred"
+    (inputs / "case1.nii.gz").write_bytes(b"not an image")
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--keep-going"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case2.nii.gz"]
+    assert any(line.startswith("[2/3] case1: FAILED, left out: ") for line in err), err
+    assert err[-2].startswith(f"failed: {inputs / 'case1.nii.gz'}: not a gzip-compressed file")
+    assert err[-1] == (f"error: {out}: 1 of 3 input(s) could not be read and were left out (case1); the other 2 "
+                       "were written: fix or remove those, then run the same command with --skip-existing")
+    (inputs / "case1.nii.gz").unlink()  # removed: the same command with --skip-existing finishes
+    assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0
 
 
 def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(

@@ -359,6 +359,10 @@ def register(app: typer.Typer) -> None:
                                                     "outputs are written whole or not at all).", metavar="")] = False,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no line per case (warnings and "
                                                             "errors still show).", metavar="")] = False,
+        keep_going: Annotated[bool, typer.Option("--keep-going", help="An input that cannot be read (a corrupt or "
+                                                 "truncated file, not 3D, NaN values) is reported and the batch "
+                                                 "goes on; the command fails at the end, naming each such input.",
+                                                 metavar="")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
         import time
@@ -451,6 +455,7 @@ def register(app: typer.Typer) -> None:
                        err=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
+        failed: list[tuple[str, DataError]] = []  # --keep-going: the inputs that could not be read
         with make_progress(*columns, console=console, transient=True) as bar:
             begun = time.perf_counter()
             for k, (name, path) in enumerate(cases, 1):
@@ -483,11 +488,17 @@ def register(app: typer.Typer) -> None:
                                f"and nothing of this one; run the same command {again} to finish", err=True)
                     raise
                 except DataError as exc:
+                    if keep_going:  # said now, in the case's line, and again at the end
+                        bar.remove_task(task)
+                        failed.append((name, exc))
+                        console.print(f"[{k}/{len(cases)}] {name}: FAILED, left out: {exc}", markup=False,
+                                      highlight=False, soft_wrap=True)
+                        continue
                     if len(cases) == 1:
                         raise
                     again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
                     raise DataError(f"{exc.message}; {rest} ({k - 1} written): fix or remove it, then run the "
-                                    f"same command {again}", exc.path) from None
+                                    f"same command {again} (--keep-going goes past such inputs)", exc.path) from None
                 bar.remove_task(task)
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
@@ -495,3 +506,10 @@ def register(app: typer.Typer) -> None:
                 # one line per case, however long (off a terminal rich wrapped it at 80 columns, breaking logs)
                 console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
                               markup=False, highlight=False, soft_wrap=True)
+        if failed:
+            for _, exc in failed:  # one line each, above the error, whether or not --quiet hid the case lines
+                typer.echo(f"failed: {exc}", err=True)
+            again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
+            raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be read and were left out "
+                                f"({listing([n for n, _ in failed], 5)}); the other {len(cases) - len(failed)} were "
+                                f"written: fix or remove those, then run the same command {again}", output)
