@@ -507,8 +507,8 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
                               markup=False, highlight=False, soft_wrap=True)
         if failed:
-            for _, exc in failed:  # one line each, above the error, whether or not --quiet hid the case lines
-                typer.echo(f"failed: {exc}", err=True)
+            for _, problem in failed:  # one line each, above the error, whether or not --quiet hid the case lines
+                typer.echo(f"failed: {problem}", err=True)
             again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
             raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be read and were left out "
                                 f"({listing([n for n, _ in failed], 5)}); the other {len(cases) - len(failed)} were "
