@@ -639,3 +639,27 @@ def test_axial_view_is_radiological_whatever_the_files_orientation(stored: str) 
     rows, cols = np.nonzero(view)
     assert view.shape == (8, 10)
     assert rows.max() < 4 and cols.max() < 5  # top (anterior) and left (the patient's right)
+
+
+def test_a_wrong_dataset_for_a_copied_ground_truth_folder_is_warned_about(tmp_path: Path) -> None:
+    """Ground truth copied out of every dataset root needs --dataset; naming the wrong one read the kidney
+    labels through the liver's map and scored them (Dice 0) without a word. A folder holding none of the named
+    dataset's case files is said, with the dataset whose files they are."""
+    import shutil
+    import warnings
+
+    from conftest import write_tiny_project
+    from unionseg.errors import UnionsegWarning
+
+    project = write_tiny_project(tmp_path / "p")
+    gt = tmp_path / "gtcopy"
+    shutil.copytree(tmp_path / "p" / "datasets" / "kidney" / "labelsTr", gt)
+    preds = tmp_path / "preds"
+    shutil.copytree(gt, preds)  # copies, not the truth files themselves
+    with pytest.warns(UnionsegWarning, match=r"gtcopy: none of its 3 label file\(s\) is a case of dataset 'liver' "
+                                             r"\(whose map \{1: 'liver', 2: 'liver_tumour'\} reads their values\); "
+                                             r"they are case files of dataset 'kidney': pass --dataset kidney"):
+        evaluate_folder(preds, gt, project, "liver", tmp_path / "e1", figures=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)
+        evaluate_folder(preds, gt, project, "kidney", tmp_path / "e2", figures=False)

@@ -212,8 +212,9 @@ def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: s
         bad = sorted(int(v) for v in np.unique(arr[codes < 0]))
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
         raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps {mapped}); "
-                        f"fix datasets.{dataset}.labels ('{bad[0]}: background' for a structure no class stands "
-                        "for), pass the right --dataset, or score a set with a label space of its own with "
+                        f"fix datasets.{dataset}.labels (each value to the class it belongs to, a lesion to its organ's "
+                        f"tumour or organ; '{bad[0]}: background' only for a structure no class stands for), pass "
+                        "the right --dataset, or score a set with a label space of its own with "
                         "`unionseg evaluate-cross`", path)
     return codes.astype(np.uint8)
 
@@ -457,6 +458,25 @@ def write_metrics_csv(path: Path, cases: Mapping[str, CaseScores], metrics: Sequ
     write_text(path, buffer.getvalue())
 
 
+def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str, Path], gt_dir: Path) -> None:
+    """Warn when a ground-truth folder outside the named dataset's root holds none of its cases' label files:
+    a wrong ``--dataset`` reads every label value through another dataset's map (kidney labels scored as
+    liver, Dice 0) without a word. Said only when the dataset's own folder can be scanned; when another
+    dataset of the project holds those files, the warning names it."""
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
+    own = _image_lookup(spec)
+    names = {path.name for path in truths.values()}
+    if not own or names & set(own):
+        return
+    owner = next((d.name for d in project.datasets if d.name != spec.name and names & set(_image_lookup(d))), None)
+    hint = f"; they are case files of dataset {owner!r}: pass --dataset {owner}" if owner else ""
+    warnings.warn(f"{gt_dir}: none of its {len(names)} label file(s) is a case of dataset {spec.name!r} (whose map "
+                  f"{dict(sorted(spec.labels.items()))} reads their values){hint}", UnionsegWarning, stacklevel=3)
+
+
 def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
     """Label file name -> image path, from a scan of the dataset in its layout (empty if it cannot be read)."""
     from unionseg.data.catalog import scan_dataset
@@ -645,6 +665,8 @@ def evaluate_folder(
     truths = _label_files(gt_dir)
     if not truths:
         raise DataError("no label files (.nii.gz, .nii, .nrrd, .mha) in the ground-truth folder", gt_dir)
+    if dataset is not None and not oracle and not gt_dir.resolve().is_relative_to(Path(spec.root).resolve()):
+        _warn_foreign_cases(project, spec, truths, gt_dir)
     preds = _label_files(pred_dir)
     check_not_the_truth(preds, truths, pred_dir)
     missing = [case for case in truths if case not in preds]
