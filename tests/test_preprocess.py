@@ -506,20 +506,57 @@ def read_bytes_changed(path: Path) -> bytes:
 
 
 def test_a_record_from_before_hashes_keeps_the_prepared_cases(project_dir: Path) -> None:
-    """Caches prepared before the sources' bytes were hashed: the first prepare hashes them once, redoes
-    nothing and keeps the fingerprint (the experts of a project prepared by an earlier release stay)."""
+    """Caches prepared before the sources' bytes were hashed recorded [path, size, mtime] and fingerprinted
+    that: the first prepare now hashes the files once, redoes nothing and keeps those fingerprints (the
+    experts of a project prepared by an earlier release stay). A damaged record is taken as none."""
+    from unionseg.config import to_dict
+    from unionseg.data.preprocess import PREPROCESS_VERSION, _hash
+
     project = load_project(project_dir / "project.yaml")
-    first = prepare_project(project, workers=0, progress=False)
-    for meta in (project_dir / "prepared").glob("*/*.json"):
-        record = json.loads(meta.read_text())
-        record["sources"] = {k: v[:3] for k, v in record["sources"].items()}  # [path, size, mtime]
-        meta.write_text(json.dumps(record))
+    prepare_project(project, workers=0, progress=False)
+    spec = to_dict(project.preprocessing)
+    legacy = {}
+    for meta_path in sorted((project_dir / "prepared").glob("*/*.json")):
+        meta = json.loads(meta_path.read_text())
+        meta["sources"] = {k: v[:2] + [v[4]] for k, v in meta["sources"].items()}  # [path, size, mtime]
+        lookup = project.label_space.local_lookup(meta["dataset"]).tolist()
+        image = _hash({"v": PREPROCESS_VERSION, "spec": spec, "file": meta["sources"]["image"]})
+        meta["fingerprints"] = {"image": image,
+                                "label": _hash({"image": image, "file": meta["sources"]["label"], "lookup": lookup})}
+        if "oracle" in meta["sources"]:  # the phantom-style fully labelled truth beside some cases
+            meta["fingerprints"]["oracle"] = _hash({"image": image, "file": meta["sources"]["oracle"],
+                                                    "n_leaves": project.label_space.n_leaves})
+        legacy[meta_path.name, meta["dataset"]] = meta["fingerprints"]
+        meta_path.write_text(json.dumps(meta))
     index = prepare_project(project, workers=0, progress=False)
     assert (index.summary.prepared, index.summary.relabelled, index.summary.renewed) == ((), (), ())
-    assert index.fingerprint == first.fingerprint
-    meta = json.loads((project_dir / "prepared" / "liver" / "case_001.json").read_text())
-    assert len(meta["sources"]["image"]) == 5  # hashed now
+    for meta_path in sorted((project_dir / "prepared").glob("*/*.json")):
+        meta = json.loads(meta_path.read_text())
+        assert meta["fingerprints"] == legacy[meta_path.name, meta["dataset"]]
+        assert len(meta["sources"]["image"]) == 5 and isinstance(meta["sources"]["image"][2], int)  # hashed now
+    damaged = project_dir / "prepared" / "liver" / "case_001.json"
+    meta = json.loads(damaged.read_text())
+    meta["sources"] = {"image": ["x", "not a size"], "label": "?"}
+    damaged.write_text(json.dumps(meta))
+    again = prepare_project(project, workers=0, progress=False)  # it raised ValueError on the record
+    assert again.summary.prepared == ("liver/case_001",)
 
+
+def test_the_same_bytes_keep_their_identity_through_force_and_a_round_trip(project_dir: Path) -> None:
+    """The identity is the bytes' hash: --force after a touch, and a file changed and changed back (a git
+    checkout of another branch and back, with a prepare between), end at the first fingerprint."""
+    project = load_project(project_dir / "project.yaml")
+    first = prepare_project(project, workers=2, progress=False).fingerprint
+    label = project_dir / "liver/labelsTr/case_001.nii.gz"
+    original = label.read_bytes()
+    st = label.stat()
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert prepare_project(project, workers=0, force=True, progress=False).fingerprint == first
+    label.write_bytes(read_bytes_changed(label))
+    assert prepare_project(project, workers=0, progress=False).fingerprint != first
+    label.write_bytes(original)
+    back = prepare_project(project, workers=0, progress=False)
+    assert back.fingerprint == first and back.summary.relabelled == ("liver/case_001",)
 
 def test_not_prepared_says_run_prepare(project_dir: Path) -> None:
     with pytest.raises(DataError, match="unionseg prepare"):

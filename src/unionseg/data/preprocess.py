@@ -451,34 +451,102 @@ def _content_hash(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _source_identity(path: Path, root: Path, recorded: Sequence[Any] | None) -> tuple[list[Any], list[Any]]:
+def _source_record(recorded: Any) -> list[Any] | None:
+    """A meta's record of one source, checked: ``[path, size, key, sha, seen]``, or the ``[path, size,
+    mtime]`` of a release before hashes; None for anything else (a hand-edited or damaged meta)."""
+    if not isinstance(recorded, (list, tuple)) or len(recorded) not in (3, 5):
+        return None
+    try:
+        rel, size = str(recorded[0]), int(recorded[1])
+        if len(recorded) == 3:
+            return [rel, size, int(recorded[2])]
+        key = recorded[2] if isinstance(recorded[2], str) else int(recorded[2])
+        return [rel, size, key, str(recorded[3]), int(recorded[4])]
+    except (TypeError, ValueError):
+        return None
+
+
+def _needs_hash(path: Path, root: Path, recorded: Any) -> bool:
+    """Whether :func:`_source_identity` will read ``path``'s bytes (so that they can be hashed in parallel
+    first): a file without a usable record, or whose date is not the one last seen, or a record from before
+    hashes."""
+    record = _source_record(recorded)
+    st = path.stat()
+    if record is None or record[0] != _relative(path, root) or record[1] != int(st.st_size):
+        return True
+    return len(record) == 3 or record[4] != int(st.st_mtime_ns)
+
+
+def _source_identity(path: Path, root: Path, recorded: Any,
+                     sha_of: Callable[[Path], str]) -> tuple[list[Any], list[Any]]:
     """A source file's identity for the fingerprints, and the record a case's meta keeps of it.
 
-    The identity is :func:`_stat` of the file as it was first prepared: ``[relative path, size, mtime]``. The
-    record adds the SHA-256 of its bytes and the modification time last seen, ``[path, size, mtime, sha,
-    seen]``. A file whose time changed but whose bytes did not (``touch``, a ``git checkout``, ``cp`` without
-    ``-a``, a restore from a backup) keeps its identity, so its prepared files, the data fingerprint and the
-    shared experts keyed by it stay valid; only the record's time is renewed. The bytes are read when the time
-    differs from the one last seen, and once for a record from before hashes were kept.
+    The identity is ``[relative path, size, key]`` with ``key`` the SHA-256 of the file's bytes (16 hex
+    characters), so the same bytes keep one identity whatever their file's date: a ``touch``, a ``git
+    checkout``, ``cp`` without ``-a``, a restore from a backup, or bytes changed and changed back, leave the
+    prepared case, the data fingerprint and the shared experts keyed by it valid. The record, ``[path, size,
+    key, sha, seen]``, adds the hash and the modification time last seen: bytes are read (``sha_of``) only
+    when the date differs from it. A record from a release before hashes, ``[path, size, mtime]``, keeps its
+    mtime as the key while the date is unchanged (a cache prepared then stays valid); its hash is taken once.
     """
     st = path.stat()
     rel, size, mtime = _relative(path, root), int(st.st_size), int(st.st_mtime_ns)
-    if recorded is not None and len(recorded) >= 3 and recorded[0] == rel and int(recorded[1]) == size:
-        first = int(recorded[2])
-        seen = int(recorded[4]) if len(recorded) >= 5 else first
-        sha = str(recorded[3]) if len(recorded) >= 4 else None
-        if mtime == seen:
-            return [rel, size, first], [rel, size, first, sha or _content_hash(path), mtime]
-        if sha is not None and _content_hash(path) == sha:
-            return [rel, size, first], [rel, size, first, sha, mtime]
-    return [rel, size, mtime], [rel, size, mtime, _content_hash(path), mtime]
+    record = _source_record(recorded)
+    if record is not None and record[0] == rel and record[1] == size:
+        if len(record) == 3:
+            if record[2] == mtime:
+                return [rel, size, mtime], [rel, size, mtime, sha_of(path), mtime]
+        elif record[4] == mtime:
+            return [rel, size, record[2]], [rel, size, record[2], record[3], mtime]
+        elif sha_of(path) == record[3]:
+            return [rel, size, record[2]], [rel, size, record[2], record[3], mtime]
+    sha = sha_of(path)
+    return [rel, size, sha], [rel, size, sha, sha, mtime]
 
 
-def _last_seen(recorded: Sequence[Any] | None) -> int | None:
-    """The modification time a meta's source record last saw (None: no record)."""
-    if recorded is None or len(recorded) < 3:
-        return None
-    return int(recorded[4]) if len(recorded) >= 5 else int(recorded[2])
+def _last_seen(recorded: Any) -> int | None:
+    """The modification time a meta's source record last saw (None: no usable record)."""
+    record = _source_record(recorded)
+    return None if record is None else record[2] if len(record) == 3 else record[4]
+
+
+def _hash_sources(paths: Sequence[Path], workers: int, progress: bool, console: Any) -> dict[Path, str]:
+    """:func:`_content_hash` of every path, on ``workers`` threads (hashlib releases the GIL while it
+    digests), with a progress bar when there are many: a first prepare of a large collection reads every
+    file once here."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    if not paths:
+        return {}
+    out: dict[Path, str] = {}
+    bar = None
+    if progress and len(paths) > 1:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        from unionseg.progress import make_progress
+
+        bar = make_progress(TextColumn("reading sources (SHA-256)"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                            label="hash")
+        bar.start()
+        task = bar.add_task("", total=len(paths))
+    try:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = {pool.submit(_content_hash, path): path for path in paths}
+            for future in as_completed(futures):
+                out[futures[future]] = future.result()
+                if bar is not None:
+                    bar.update(task, advance=1)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return out
 
 
 def _stat(path: Path, root: Path) -> list[Any]:
@@ -844,8 +912,10 @@ def _source_unchanged(path: Path, size: int, mtime_ns: int) -> bool:
 
 
 # ---------------------------------------------------------------------- prepare a project
-def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str, Any]], dict[str, Any], list[list[Any]]]:
-    """Scan every dataset and decide, per case, what is up to date."""
+def _plan(project: Project, force: bool, workers: int = 1, progress: bool = False, console: Any = None,
+          ) -> tuple[list[_CaseJob], list[dict[str, Any]], dict[str, Any], list[list[Any]]]:
+    """Scan every dataset and decide, per case, what is up to date (the source files whose bytes must be
+    read are hashed first, in parallel)."""
     from unionseg.config import split_cases, to_dict
     from unionseg.data.catalog import check_label_map, scan_dataset, warn_shared_images
 
@@ -856,6 +926,7 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
     splits: dict[str, Any] = {}
     sources: list[list[Any]] = []
     scans = []
+    planned = []
     for ds in project.datasets:
         info = scan_dataset(ds.name, ds.root, ds.layout, ds.oracle_labels)
         scans.append((ds.name, ds.role, info))
@@ -871,53 +942,66 @@ def _plan(project: Project, force: bool) -> tuple[list[_CaseJob], list[dict[str,
             split = {ds.role: sorted(ids)}
         splits[ds.name] = split
         split_of = {cid: s for s, members in split.items() for cid in members}
-        lookup = space.local_lookup(ds.name).tolist()
-        out_dir = project.cache_dir / ds.name
         for case in info.cases:
             assert case.label is not None
-            files = _case_files(out_dir, case.case_id)
-            old = None if force else _read_meta(files["meta"])
-            kept = (old or {}).get("sources") or {}
-            image_stat, image_rec = _source_identity(case.image, ds.root, kept.get("image"))
-            label_stat, label_rec = _source_identity(case.label, ds.root, kept.get("label"))
-            oracle_stat, oracle_rec = _source_identity(case.oracle_label, ds.root, kept.get("oracle")) \
-                if case.oracle_label is not None else (None, None)
-            # the index's staleness check compares the times last seen
-            sources.extend([ds.name, r[0], r[1], r[4]] for r in (image_rec, label_rec, oracle_rec) if r is not None)
-            fp_image = _hash({"v": PREPROCESS_VERSION, "spec": spec_dict, "file": image_stat})
-            fp_label = _hash({"image": fp_image, "file": label_stat, "lookup": lookup})
-            fp_oracle = (_hash({"image": fp_image, "file": oracle_stat, "n_leaves": space.n_leaves})
-                         if oracle_stat is not None else None)
-            fingerprints = {"image": fp_image, "label": fp_label, **({"oracle": fp_oracle} if fp_oracle else {})}
-            old_fp = (old or {}).get("fingerprints", {})
-            do_image = old is None or old_fp.get("image") != fp_image or not files["image"].is_file()
-            do_label = do_image or old_fp.get("label") != fp_label or not files["label"].is_file()
-            do_oracle = fp_oracle is not None and (
-                do_image or old_fp.get("oracle") != fp_oracle or not files["oracle"].is_file())
-            labelled = None if do_label else (old or {}).get("labelled")
-            meta = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role,
-                    "split": split_of[case.case_id], **({"labelled": labelled} if labelled is not None else {}),
-                    "sources": {"image": image_rec, "label": label_rec,
-                                **({"oracle": oracle_rec} if oracle_rec else {})}}
-            entry = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role, "split": split_of[case.case_id],
-                     "has_oracle": fp_oracle is not None, "fingerprints": fingerprints,
-                     "record": (old or {}).get("record"), "labelled": labelled}
-            entries.append(entry)
-            drop_oracle = fp_oracle is None and files["oracle"].exists()
-            # only the record of its sources renewed (a touched file, or a record from before hashes): the
-            # prepared arrays stay, the case's meta is written again
-            refresh = kept != meta["sources"]
-            if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"] \
-                    or refresh:
-                jobs.append(_CaseJob(
-                    dataset=ds.name, case_id=case.case_id, out_dir=str(out_dir), image=str(case.image),
-                    label=str(case.label), oracle=str(case.oracle_label) if case.oracle_label else None,
-                    spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
-                    do_image=do_image, do_label=do_label, do_oracle=do_oracle,
-                    record=None if do_image else (old or {}).get("record"), meta=meta,
-                    refresh_only=not (do_image or do_label or do_oracle or drop_oracle)
-                    and (old or {}).get("split") == meta["split"],
-                    redated=any(_last_seen(kept.get(k)) not in (None, r[4]) for k, r in meta["sources"].items())))
+            files = _case_files(project.cache_dir / ds.name, case.case_id)
+            recorded = _read_meta(files["meta"])  # read under --force too: its sources keep their identities
+            kept = (recorded or {}).get("sources")
+            planned.append((ds, split_of, case, files, None if force else recorded,
+                            kept if isinstance(kept, dict) else {}))
+    hashes = _hash_sources(sorted({path for ds, _, case, _, _, kept in planned
+                                   for key, path in (("image", case.image), ("label", case.label),
+                                                     ("oracle", case.oracle_label))
+                                   if path is not None and _needs_hash(path, ds.root, kept.get(key))}),
+                           workers, progress, console)
+
+    def sha_of(path: Path) -> str:
+        return hashes[path] if path in hashes else _content_hash(path)
+
+    for ds, split_of, case, files, old, kept in planned:
+        assert case.label is not None
+        lookup = space.local_lookup(ds.name).tolist()
+        out_dir = project.cache_dir / ds.name
+        image_stat, image_rec = _source_identity(case.image, ds.root, kept.get("image"), sha_of)
+        label_stat, label_rec = _source_identity(case.label, ds.root, kept.get("label"), sha_of)
+        oracle_stat, oracle_rec = _source_identity(case.oracle_label, ds.root, kept.get("oracle"), sha_of) \
+            if case.oracle_label is not None else (None, None)
+        # the index's staleness check compares the times last seen
+        sources.extend([ds.name, r[0], r[1], r[4]] for r in (image_rec, label_rec, oracle_rec) if r is not None)
+        fp_image = _hash({"v": PREPROCESS_VERSION, "spec": spec_dict, "file": image_stat})
+        fp_label = _hash({"image": fp_image, "file": label_stat, "lookup": lookup})
+        fp_oracle = (_hash({"image": fp_image, "file": oracle_stat, "n_leaves": space.n_leaves})
+                     if oracle_stat is not None else None)
+        fingerprints = {"image": fp_image, "label": fp_label, **({"oracle": fp_oracle} if fp_oracle else {})}
+        old_fp = (old or {}).get("fingerprints", {})
+        do_image = old is None or old_fp.get("image") != fp_image or not files["image"].is_file()
+        do_label = do_image or old_fp.get("label") != fp_label or not files["label"].is_file()
+        do_oracle = fp_oracle is not None and (
+            do_image or old_fp.get("oracle") != fp_oracle or not files["oracle"].is_file())
+        labelled = None if do_label else (old or {}).get("labelled")
+        meta = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role,
+                "split": split_of[case.case_id], **({"labelled": labelled} if labelled is not None else {}),
+                "sources": {"image": image_rec, "label": label_rec,
+                            **({"oracle": oracle_rec} if oracle_rec else {})}}
+        entry = {"dataset": ds.name, "case_id": case.case_id, "role": ds.role, "split": split_of[case.case_id],
+                 "has_oracle": fp_oracle is not None, "fingerprints": fingerprints,
+                 "record": (old or {}).get("record"), "labelled": labelled}
+        entries.append(entry)
+        drop_oracle = fp_oracle is None and files["oracle"].exists()
+        # only the record of its sources renewed (a touched file, or a record from before hashes): the
+        # prepared arrays stay, the case's meta is written again
+        refresh = kept != meta["sources"]
+        if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"] \
+                or refresh:
+            jobs.append(_CaseJob(
+                dataset=ds.name, case_id=case.case_id, out_dir=str(out_dir), image=str(case.image),
+                label=str(case.label), oracle=str(case.oracle_label) if case.oracle_label else None,
+                spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
+                do_image=do_image, do_label=do_label, do_oracle=do_oracle,
+                record=None if do_image else (old or {}).get("record"), meta=meta,
+                refresh_only=not (do_image or do_label or do_oracle or drop_oracle)
+                and (old or {}).get("split") == meta["split"],
+                redated=any(_last_seen(kept.get(k)) not in (None, r[4]) for k, r in meta["sources"].items())))
     warn_shared_images(scans, project.path)
     return jobs, entries, splits, sources
 
@@ -1069,7 +1153,7 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     console = Console(stderr=True)
     cache = project.cache_dir
     index_path = cache / "index.json"
-    jobs, entries, splits, sources = _plan(project, force)
+    jobs, entries, splits, sources = _plan(project, force, workers, progress, console)
     if not force:
         _refuse_to_replace_another_projects_cases(project, index_path, jobs)
     if jobs and index_path.exists():

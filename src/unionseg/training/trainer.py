@@ -431,7 +431,7 @@ class Trainer:
     @functools.cached_property
     def _data_identity(self) -> dict[str, Any]:
         """What the run learns from: the project file, its label space, the cases of each split, and the
-        fingerprint of the prepared sources (path, size and time of every file). Only what training reads:
+        fingerprint of the prepared sources (path, size and bytes' hash of every file). Only what training reads:
         a test set may be added or changed without touching a run. Fixed for the run: computed once."""
         index, space = self.ctx.index, self.ctx.space.to_dict()
         used = {c.dataset for c in index if c.split in ("train", "val")}  # a role: val set included
