@@ -527,8 +527,14 @@ def test_cli_refuses_an_output_file_name_outputs_as_inputs_and_hints_at_sub_fold
         write_image(nest / patient / "ct.nii.gz", _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
     assert run(["predict", str(model), str(nest), "-o", str(tmp_path / "n"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert f"2 of its sub-folders hold images (p1, p2), and predict reads one folder level: pass them, e.g. {nest}/*" \
-        in err, err
+    assert (f"2 of its sub-folders hold images (p1, p2), with the same file names, and predict reads one folder level "
+            f"and names outputs by file: predict each into an output folder of its own, e.g. for d in {nest}/*/; do "
+            'unionseg predict MODEL "$d" -o "OUT/$(basename "$d")"; done') in err, err
+    (nest / "p2" / "ct.nii.gz").rename(nest / "p2" / "ct2.nii.gz")  # other names: pass them all, as the hint says
+    assert run(["predict", str(model), str(nest), "-o", str(tmp_path / "n"), "--device", "cpu"]) == 2
+    assert f"pass them, e.g. {nest}/*" in capsys.readouterr().err
+    assert run(["predict", str(model), *map(str, sorted(nest.iterdir())), "-o", str(tmp_path / "n"),
+                "--device", "cpu"]) == 0
 
 
 def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -781,8 +787,8 @@ def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
     before = signal.getsignal(signal.SIGTERM)
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]) == 143
     err = capsys.readouterr().err.rstrip()
-    assert err.endswith("stopped during case 'case1': 1 of 3 case(s) written, each whole, and nothing of this one; "
-                        "run the same command with --skip-existing to finish\nterminated"), err
+    assert err.endswith("stopped during case 'case1': 1 of 3 case(s) written, each whole; 'case1' is to be "
+                        "predicted again; run the same command with --skip-existing to finish\nterminated"), err
     assert signal.getsignal(signal.SIGTERM) is before
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
     monkeypatch.setattr(io, "fsync_file", real_fsync)
@@ -811,7 +817,7 @@ def test_cli_a_bad_case_in_a_batch_says_what_is_left(tmp_path: Path, capsys: pyt
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"error: {inputs / 'case1.nii.gz'}: not a gzip-compressed file, although its name ends in .gz (is it an "
         "image at all?); case 'case1' and the 1 after it were not predicted (1 written): fix or remove it, then "
-        "run the same command with --skip-existing (--keep-going goes past such inputs)")
+        "run the same command with --skip-existing to finish (--keep-going goes past such inputs)")
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
 
 
@@ -828,9 +834,21 @@ def test_cli_keep_going_predicts_past_an_unreadable_input(tmp_path: Path, capsys
     assert any(line.startswith("[2/3] case1: FAILED, left out: ") for line in err), err
     assert err[-2].startswith(f"failed: {inputs / 'case1.nii.gz'}: not a gzip-compressed file")
     assert err[-1] == (f"error: {out}: 1 of 3 input(s) could not be read and were left out (case1); the other 2 "
-                       "were written: fix or remove those, then run the same command with --skip-existing")
+                       "were written: fix or remove those, then run the same command with --skip-existing to finish")
     (inputs / "case1.nii.gz").unlink()  # removed: the same command with --skip-existing finishes
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0
+    # under --overwrite (another model's outputs replaced), --skip-existing is no way to finish: the failed
+    # case's earlier map would be taken for done, or refused as the other model's
+    second = _model_file(tmp_path / "b", spacing=3.0)
+    (inputs / "case1.nii.gz").write_bytes(b"not an image")
+    capsys.readouterr()
+    assert run(["predict", str(second), str(inputs), "-o", str(out), "--device", "cpu", "--keep-going",
+                "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith("(case1) (their earlier outputs in -o, if any, are left as they were); the other 2 were "
+                        "written: fix or remove those, then predict the case(s) left (case1) again with --overwrite "
+                        "(or run the same command again, which writes every case anew); --skip-existing would take "
+                        "their earlier outputs for finished ones"), err
 
 
 def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(

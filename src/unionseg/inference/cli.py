@@ -82,9 +82,17 @@ def _subfolder_hint(folder: Path) -> str:
         return ""
     if not held:
         return ""
+    from unionseg.data.catalog import image_key
+
     shown = ", ".join(d.name for d in held[:3]) + (", ..." if len(held) > 3 else "")
-    return (f"; {len(held)} of its sub-folders hold images ({shown}), and predict reads one folder level: pass "
-            f"them, e.g. {folder}/*")
+    names = [image_key(f) if f.is_file() else f.name for d in held for f in list_image_files(d)]
+    if len(set(names)) == len(names):
+        return (f"; {len(held)} of its sub-folders hold images ({shown}), and predict reads one folder level: pass "
+                f"them, e.g. {folder}/*")
+    # a folder per patient with the same file names (ct.nii.gz): one output folder per sub-folder
+    return (f"; {len(held)} of its sub-folders hold images ({shown}), with the same file names, and predict reads "
+            f"one folder level and names outputs by file: predict each into an output folder of its own, e.g. "
+            f"for d in {folder}/*/; do unionseg predict MODEL \"$d\" -o \"OUT/$(basename \"$d\")\"; done")
 
 
 #: seconds a temporary file must have stood unchanged before a later predict removes it: a writer on another
@@ -456,6 +464,17 @@ def register(app: typer.Typer) -> None:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TimeRemainingColumn())
         failed: list[tuple[str, DataError]] = []  # --keep-going: the inputs that could not be read
+        written = 0
+
+        def finish(left: Sequence[str]) -> str:
+            """How to go on with the cases ``left``: under --overwrite, --skip-existing would take their earlier
+            outputs (another model's, as a rule) for finished ones, or refuse them."""
+            if not overwrite:
+                return "run the same command with --skip-existing to finish"
+            return (f"predict the case(s) left ({listing(list(left), 5)}) again with --overwrite (or run the same "
+                    "command again, which writes every case anew); --skip-existing would take their earlier "
+                    "outputs for finished ones")
+
         with make_progress(*columns, console=console, transient=True) as bar:
             begun = time.perf_counter()
             for k, (name, path) in enumerate(cases, 1):
@@ -483,9 +502,12 @@ def register(app: typer.Typer) -> None:
                                         f"writing to {output}?) and was left as it is; {rest}: give each predict "
                                         "its own -o, or run again with --skip-existing", exc.path) from None
                 except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done, and how to go on (cli says which)
-                    again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
-                    typer.echo(f"stopped during case {name!r}: {k - 1} of {len(cases)} case(s) written, each whole, "
-                               f"and nothing of this one; run the same command {again} to finish", err=True)
+                    for _, problem in failed:
+                        typer.echo(f"failed: {problem}", err=True)
+                    left = [n for n, _ in failed] + [n for n, _ in cases[k - 1:]]
+                    typer.echo(f"stopped during case {name!r}: {written} of {len(cases)} case(s) written, each "
+                               f"whole{f', {len(failed)} could not be read' if failed else ''}; {name!r} is to be "
+                               f"predicted again; {finish(left)}", err=True)
                     raise
                 except DataError as exc:
                     if keep_going:  # said now, in the case's line, and again at the end
@@ -496,10 +518,11 @@ def register(app: typer.Typer) -> None:
                         continue
                     if len(cases) == 1:
                         raise
-                    again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
-                    raise DataError(f"{exc.message}; {rest} ({k - 1} written): fix or remove it, then run the "
-                                    f"same command {again} (--keep-going goes past such inputs)", exc.path) from None
+                    left = [n for n, _ in cases[k - 1:]]
+                    raise DataError(f"{exc.message}; {rest} ({written} written): fix or remove it, then "
+                                    f"{finish(left)} (--keep-going goes past such inputs)", exc.path) from None
                 bar.remove_task(task)
+                written += 1
                 now = time.perf_counter()
                 eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
                 also = f" and {names[1]}" if probabilities else ""
@@ -509,7 +532,7 @@ def register(app: typer.Typer) -> None:
         if failed:
             for _, problem in failed:  # one line each, above the error, whether or not --quiet hid the case lines
                 typer.echo(f"failed: {problem}", err=True)
-            again = "with --skip-existing in place of --overwrite" if overwrite else "with --skip-existing"
+            kept = " (their earlier outputs in -o, if any, are left as they were)" if overwrite else ""
             raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be read and were left out "
-                                f"({listing([n for n, _ in failed], 5)}); the other {len(cases) - len(failed)} were "
-                                f"written: fix or remove those, then run the same command {again}", output)
+                                f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
+                                f"fix or remove those, then {finish([n for n, _ in failed])}", output)
