@@ -222,7 +222,9 @@ def test_label_on_another_grid_is_refused_naming_both_files(tmp_path: Path, shif
     assert "case_7_label.nii.gz" in message and "case_7_image.nii.gz" in message
     assert "\n" not in message
     if transpose != "crop":  # how far apart, against what tolerance, and the usual fix
-        assert "place a voxel up to 1 mm (1.2 voxel) apart (tolerance 0.001 on the affines' entries)" in message
+        # a shift of 1 mm on each axis: 1.7 mm, and 1.2 voxels along the axis of 0.8 mm voxels
+        assert "place a voxel up to 1.7 mm (1.2 voxels along an axis) apart (tolerance 0.001 on the affines' " \
+            "entries)" in message, message
         assert message.endswith("give it the image's header (SimpleITK's CopyInformation, or nibabel with the "
                                 "image's affine)")
     # twin: the unshifted grid is accepted

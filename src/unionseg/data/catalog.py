@@ -656,11 +656,13 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     unmapped = [v for v in sorted(declared) if v != 0 and v not in mapped]
     if unmapped:  # prepare then fails every case that holds one: said up front, by its dataset.json name
         shown = ", ".join(f"{v} ({declared[v]!r})" for v in unmapped[:4]) + (", ..." if len(unmapped) > 4 else "")
+        targets = list(dict.fromkeys(t for _, t in sorted(mapped.items())))[::-1][:2]  # parts come last
+        example = " or ".join(f"'{unmapped[0]}: {t}'" for t in targets) or f"'{unmapped[0]}: ORGAN'"
         warnings.warn(f"{json_path}: dataset.json declares {shown}, which the project does not map for dataset "
                       f"{dataset!r}: prepare fails every case that holds {'it' if len(unmapped) == 1 else 'one'}. Map "
                       f"each under the dataset's 'labels' to the class it belongs to (a lesion inside an organ is "
-                      f"part of it: '{unmapped[0]}: liver_tumour' or '{unmapped[0]}: liver', say), or to background "
-                      "only for a structure no class stands for", UnionsegWarning, stacklevel=2)
+                      f"part of it: {example}, say), or to background only for a structure no class stands for",
+                      UnionsegWarning, stacklevel=2)
     known = {_class_key(c) for c in classes}
     for value, target in sorted(mapped.items()):
         name = _class_key(declared[value])

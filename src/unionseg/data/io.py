@@ -736,11 +736,14 @@ def align_label_to_image(
         else label_geom.affine
     corners = np.array([[i, j, k, 1.0] for i in (0, image_geom.shape[0] - 1) for j in (0, image_geom.shape[1] - 1)
                         for k in (0, image_geom.shape[2] - 1)]).T
-    shift = float(np.abs((on_image - image_geom.affine) @ corners)[:3].max())
-    voxel = float(min(image_geom.spacing))
+    shift = float(np.linalg.norm(((on_image - image_geom.affine) @ corners)[:3], axis=0).max())
+    # the same shift in the image's voxels, per axis (on an anisotropic grid a shift along z is fewer voxels)
+    voxels = float(np.abs((np.linalg.inv(image_geom.affine) @ on_image @ corners - corners)[:3]).max())
+    mm = f"{shift:.3f}" if shift < 1 else f"{shift:.1f}"
+    count = f"{voxels:.2g}" if voxels < 10 else f"{voxels:.0f}"
     raise DataError(
-        f"label grid does not match image {image_path.name}: the two grids place a voxel up to {shift:.3g} mm "
-        f"({shift / voxel:.2g} voxel) apart (tolerance {atol:g} on the affines' entries): label affine\n"
+        f"label grid does not match image {image_path.name}: the two grids place a voxel up to {mm} mm "
+        f"({count} voxels along an axis) apart (tolerance {atol:g} on the affines' entries): label affine\n"
         f"{np.round(label_geom.affine, 4)}\nvs image affine\n{np.round(image_geom.affine, 4)}".replace("\n", " ")
         + "; if the label was drawn on this image, give it the image's header (SimpleITK's CopyInformation, or "
         "nibabel with the image's affine)", label_path)

@@ -426,8 +426,8 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
                             f"'255: ...' in place of '{mapped[0]}: ...'), and in its dataset.json if it has one", path)
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
                         f"(mapped: {mapped}); map each under the dataset's 'labels' in the project file to the class it "
-                        f"belongs to (a lesion inside an organ is part of it: '{unmapped[0]}: liver_tumour' or "
-                        f"'{unmapped[0]}: liver', say), or to background only for a structure no class stands for; "
+                        f"belongs to (a lesion inside an organ is part of it: its tumour class, or the organ), or to "
+                        f"background only for a structure no class stands for ('{unmapped[0]}: background'); "
                         "declare them in its dataset.json if it has one: it must name every value the project maps", path)
     table = np.where(lookup >= 0, lookup, 0).astype(np.uint8)
     return table[small]
