@@ -45,6 +45,18 @@ def test_info_describes_an_evaluation_only_project(tiny_project: Path, capsys: p
     assert "but not train" not in capsys.readouterr().out
 
 
+def test_a_training_set_read_from_an_nnunet_test_folder_is_said(tiny_project: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """imagesTs + labelsTs are read when imagesTr is missing (a labelled test set); for a training dataset that
+    more likely means a partial download, and it is said."""
+    kidney = tiny_project.parent / "datasets" / "kidney"
+    (kidney / "imagesTr").rename(kidney / "imagesTs")
+    (kidney / "labelsTr").rename(kidney / "labelsTs")
+    assert run(["info", str(tiny_project)]) == 0
+    err = capsys.readouterr().err
+    assert "training dataset 'kidney' has no imagesTr/, so its 3 case(s) are read from imagesTs/ + labelsTs/" in err
+
+
 def test_info_with_root_override(tiny_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     other = write_tiny_project(tmp_path / "copy").parent / "datasets" / "liver"
     assert run(["info", str(tiny_project), "--root", f"liver={other}"]) == 0

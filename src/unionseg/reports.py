@@ -26,7 +26,12 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         DataError: an unusable dataset folder (names the file at fault).
     """
     from unionseg.config import load_project, split_cases
-    from unionseg.data.catalog import check_label_map, scan_dataset, warn_shared_images
+    from unionseg.data.catalog import (
+        check_label_map,
+        scan_dataset,
+        warn_shared_images,
+        warn_training_on_test_folders,
+    )
 
     # an evaluation-only project (one test set, for `evaluate -p`) is described too; it says it cannot train
     project = load_project(project_path, roots=roots, require_train=False)
@@ -37,6 +42,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
         scans.append((spec.name, spec.role, info))
         check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
+        warn_training_on_test_folders(spec.name, spec.role, spec.root, info)
         space.warn_unscored_organs(spec.name, project.path)
         ids = [c.case_id for c in info.cases]
         if spec.role == "train":

@@ -673,6 +673,16 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
                           "label map belong together", UnionsegWarning, stacklevel=2)
 
 
+def warn_training_on_test_folders(name: str, role: str, root: Path, info: DatasetInfo) -> None:
+    """Warn when a training dataset's cases come from an nnU-Net folder's ``imagesTs`` + ``labelsTs`` (its
+    ``imagesTr`` missing): read so for a labelled test set, but for training it more likely means a partial
+    download or a root pointing at the wrong copy."""
+    if role == "train" and info.layout == "nnunet" and info.cases and info.cases[0].image.parent.name == "imagesTs":
+        warnings.warn(f"{root}: training dataset {name!r} has no imagesTr/, so its {len(info.cases)} case(s) are read "
+                      "from imagesTs/ + labelsTs/, where nnU-Net keeps a test set; check the root (a partial "
+                      "download?) if these are not meant for training", UnionsegWarning, stacklevel=2)
+
+
 def warn_shared_images(datasets: Sequence[tuple[str, str, DatasetInfo]], project_path: Path) -> None:
     """Warn when an evaluation set (``role`` val or test) holds image files that a training dataset holds too
     (two datasets on one root, say): its scores would come from cases the model trained on.

@@ -917,7 +917,12 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
     """Scan every dataset and decide, per case, what is up to date (the source files whose bytes must be
     read are hashed first, in parallel)."""
     from unionseg.config import split_cases, to_dict
-    from unionseg.data.catalog import check_label_map, scan_dataset, warn_shared_images
+    from unionseg.data.catalog import (
+        check_label_map,
+        scan_dataset,
+        warn_shared_images,
+        warn_training_on_test_folders,
+    )
 
     space = project.label_space
     spec_dict = to_dict(project.preprocessing)
@@ -932,6 +937,7 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
         scans.append((ds.name, ds.role, info))
         json_path = ds.root / "dataset.json"
         check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
+        warn_training_on_test_folders(ds.name, ds.role, ds.root, info)
         space.warn_unscored_organs(ds.name, project.path)
         if json_path.is_file():  # KiTS and image/label-folder layouts have none
             sources.append([ds.name, *_stat(json_path, ds.root)])
