@@ -514,7 +514,7 @@ def test_cli_refuses_an_output_file_name_outputs_as_inputs_and_hints_at_sub_fold
     capsys.readouterr()
     assert run(["predict", str(model), str(image), "-o", str(tmp_path / "seg.nii.gz"), "--device", "cpu"]) == 2
     assert not (tmp_path / "seg.nii.gz").exists()
-    assert "-o takes a folder" in capsys.readouterr().err
+    assert f"looks like a file name: give a folder (-o {tmp_path / 'seg'}, say)" in capsys.readouterr().err
     out = tmp_path / "pred"
     assert run(["predict", str(model), str(image), "-o", str(out), "--device", "cpu", "--probabilities"]) == 0
     capsys.readouterr()

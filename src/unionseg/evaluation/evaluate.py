@@ -467,11 +467,14 @@ def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str
 
     from unionseg.errors import UnionsegWarning
 
-    own = _image_lookup(spec)
-    names = {path.name for path in truths.values()}
-    if not own or names & set(own):
-        return
-    owner = next((d.name for d in project.datasets if d.name != spec.name and names & set(_image_lookup(d))), None)
+    with warnings.catch_warnings():  # the scans' own warnings (left-out files, ...) are not this command's
+        warnings.simplefilter("ignore", UnionsegWarning)
+        own = _image_lookup(spec)
+        names = {path.name for path in truths.values()}
+        if not own or names & set(own):
+            return
+        owner = next((d.name for d in project.datasets if d.name != spec.name and names & set(_image_lookup(d))),
+                     None)
     hint = f"; they are case files of dataset {owner!r}: pass --dataset {owner}" if owner else ""
     warnings.warn(f"{gt_dir}: none of its {len(names)} label file(s) is a case of dataset {spec.name!r} (whose map "
                   f"{dict(sorted(spec.labels.items()))} reads their values){hint}", UnionsegWarning, stacklevel=3)

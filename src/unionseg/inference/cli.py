@@ -386,7 +386,7 @@ def register(app: typer.Typer) -> None:
         )
 
         from unionseg.config import is_device_name
-        from unionseg.data.io import IMAGE_SUFFIXES, suffix_of
+        from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
         from unionseg.progress import clock, make_progress
 
         if not is_device_name(device):
@@ -400,7 +400,8 @@ def register(app: typer.Typer) -> None:
             raise UnionsegError("--overwrite and --skip-existing exclude each other")
         if not output.exists() and suffix_of(output) in IMAGE_SUFFIXES:  # it would become a folder of that name
             raise UnionsegError(f"-o takes a folder, where each input's label map is written under its case name; "
-                                f"{output.name} looks like a file name: give its folder (-o {output.parent})", output)
+                                f"{output.name} looks like a file name: give a folder (-o {output.parent / strip_suffix(output)}, "
+                                "say)", output)
         cases = collect_inputs(inputs)
         for _, path in cases:  # predict's own outputs given back as inputs (-o of a run as the next run's input)
             kind = predict_kind(path) if path.is_file() else None
