@@ -1210,3 +1210,17 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     assert cli(["info", str(broken)]) == 2
     out, err = capsys.readouterr()
     assert f"{broken}: a finished naive run of 2 steps" in out and f"{broken / 'model.pt'}" in err
+
+
+def test_prepare_counts_the_held_out_cases_apart_from_the_validation_set(phantom_project: Path) -> None:
+    """prepare printed "val 6" for the phantom, whose validation uses its role: val set alone; the cases held
+    out of the training sets are neither trained nor validated on, and the count says so."""
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import PreparedIndex, case_counts
+
+    index = PreparedIndex.load(load_project(phantom_project))
+    own = [c for c in index.cases(split="val") if c.role == "val"]
+    held = [c for c in index.cases(split="val") if c.role != "val"]
+    assert own and held  # the phantom has both
+    assert f"val {len(own)} (the role: val set; {len(held)} more held out of the training sets, unused)" in \
+        case_counts(index)

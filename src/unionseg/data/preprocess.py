@@ -740,6 +740,17 @@ class PreparedCase:
         return self.paths.meta.with_name(f"{self.case_id}.{name}.npy")
 
 
+def case_counts(index: PreparedIndex) -> str:
+    """``train N, val N, test N``; with a ``role: val`` dataset, validation uses its cases alone, and the
+    cases held out of the training datasets are counted apart (they are neither trained nor validated on)."""
+    val = index.cases(split="val")
+    own = sum(c.role == "val" for c in val)
+    held = len(val) - own
+    shown = f"val {len(val)}" if not own or not held else \
+        f"val {own} (the role: val set; {held} more held out of the training sets, unused)"
+    return f"train {len(index.cases(split='train'))}, {shown}, test {len(index.cases(split='test'))}"
+
+
 @dataclass(frozen=True)
 class PrepareSummary:
     """What one ``prepare`` run did (case keys ``dataset/case``)."""
@@ -1271,5 +1282,4 @@ def register(app: typer.Typer) -> None:
 
         proj = load_project(project, roots=_parse_roots(root))
         index = prepare_project(proj, workers=workers, force=force, progress=not quiet, wait_s=wait)
-        counts = ", ".join(f"{s} {len(index.cases(split=s))}" for s in ("train", "val", "test"))
-        typer.echo(f"cases: {counts}; data fingerprint {index.fingerprint}")
+        typer.echo(f"cases: {case_counts(index)}; data fingerprint {index.fingerprint}")

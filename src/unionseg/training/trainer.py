@@ -790,7 +790,7 @@ class _StopRequest:
         self.requested = signal.Signals(signum).name
         self._at = time.monotonic()
         if dist.is_main():  # under torchrun every rank gets the signal; one says so
-            again = "press Ctrl-C again" if signum == signal.SIGINT else "a second signal stops"
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
             print(f"\n{self.requested}: stopping after this step to write a checkpoint ({again} to stop at once)",
                   file=sys.stderr)
 
