@@ -278,6 +278,17 @@ def tiny_project(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_the_summary_names_its_files_by_absolute_paths(tiny_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """summary.json gave "predictions" and "ground_truth" as absolute paths but its own files relative to the
+    folder evaluate ran in, which a reader elsewhere could not open."""
+    monkeypatch.chdir(tiny_project)
+    summary = evaluate_folder(Path("preds"), Path("datasets/test/labelsTr"), Path("project.yaml"), None,
+                              Path("eval"), figures=False)
+    saved = json.loads((tiny_project / "eval" / "summary.json").read_text())
+    for files in (summary["files"], saved["files"]):
+        assert files and all(Path(f).is_absolute() and Path(f).is_file() for f in files.values()), files
+
+
 def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     import nibabel as nib
 

@@ -444,6 +444,7 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     out.mkdir(parents=True, exist_ok=True)
     files = {"metrics_csv": out / "metrics.csv", "summary_json": out / "summary.json",
              "summary_md": out / "summary.md"}
+    files = {k: v.resolve() for k, v in files.items()}  # absolute, as the summary's other paths
     write_metrics_csv(files["metrics_csv"], scores, metrics)
     write_json(files["summary_json"], {**summary, "files": {k: str(v) for k, v in files.items()}})
     shared = ", ".join(k[len(REGION_PREFIX):] if k.startswith(REGION_PREFIX) else k for k in summary["scored"])

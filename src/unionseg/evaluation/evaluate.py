@@ -705,7 +705,7 @@ def evaluate_folder(
         files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
                                     lookup, space, spec, project))
     _remove_stale_figures(out_dir / "figures", set(files.values()))
-    summary["files"] = {k: str(v) for k, v in files.items()}
+    summary["files"] = {k: str(Path(v).resolve()) for k, v in files.items()}  # as "predictions" and "ground_truth"
     write_metrics_csv(files["metrics_csv"], cases, metrics)
     write_json(files["summary_json"], summary)
     notes = [f"# Evaluation: {spec.name} ({len(cases)} cases)", "",
