@@ -1212,6 +1212,27 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     assert f"{broken}: a finished naive run of 2 steps" in out and f"{broken / 'model.pt'}" in err
 
 
+def test_the_trainer_logs_the_terms_through_the_mean_over_the_ranks(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """log.csv's terms go through distributed.mean_over_ranks (in one process their own values): the trainer's
+    side of the DDP change, which the two-process test of the function alone does not see."""
+    import csv
+
+    from unionseg.training import distributed
+
+    seen: list[dict[str, float]] = []
+
+    def marked(values: dict[str, float]) -> dict[str, float]:
+        seen.append(dict(values))
+        return {k: v + 1000.0 for k, v in values.items()}
+
+    monkeypatch.setattr(distributed, "mean_over_ranks", marked)
+    train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "log.csv").open()))
+    assert len(seen) == len(rows) == 2
+    assert [float(r["loss"]) for r in rows] == pytest.approx([v["loss"] + 1000.0 for v in seen])
+
+
 def test_prepare_counts_the_held_out_cases_apart_from_the_validation_set(phantom_project: Path) -> None:
     """prepare printed "val 6" for the phantom, whose validation uses its role: val set alone; the cases held
     out of the training sets are neither trained nor validated on, and the count says so."""
