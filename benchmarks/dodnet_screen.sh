@@ -10,9 +10,9 @@
 # Every run uses the standard suite's budget unless an override says otherwise; METHOD=multihead (or
 # conditional) screens another member of the family.
 set -u
-# the project's own venv first, so that python3 and unionseg are the ones it installed
-venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
-[ -d "$venv" ] && PATH="$venv:$PATH"
+# the project's own venv first, so that python3 and unionseg are the ones it installed (unless one is active)
+venv="$(CDPATH= cd -- "$(dirname "$0")/.." && pwd)/.venv/bin"
+[ -z "${VIRTUAL_ENV:-}" ] && [ -d "$venv" ] && PATH="$venv:$PATH"
 project=$1; out=$2; shift 2
 mkdir -p "$out"
 # the standard suite's budget itself, so the screen cannot drift from the comparison it feeds

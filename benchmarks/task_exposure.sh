@@ -14,9 +14,9 @@
 # it has one (the phantom's 6 cases, the same for every subset and for the full project), else the held-out
 # cases of the chosen datasets, which differ between subsets: then compare runs with the same DATASETS.
 set -u
-# the project's own venv first, so that python3 and unionseg are the ones it installed
-venv="$(cd "$(dirname "$0")/.." && pwd)/.venv/bin"
-[ -d "$venv" ] && PATH="$venv:$PATH"
+# the project's own venv first, so that python3 and unionseg are the ones it installed (unless one is active)
+venv="$(CDPATH= cd -- "$(dirname "$0")/.." && pwd)/.venv/bin"
+[ -z "${VIRTUAL_ENV:-}" ] && [ -d "$venv" ] && PATH="$venv:$PATH"
 project=$1; out=$2; organ=$3; shift 3
 mkdir -p "$out"
 python3 -c 'import sys, yaml; from unionseg.benchmark import load_suite

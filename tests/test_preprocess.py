@@ -673,3 +673,78 @@ def test_prepare_cli_does_not_import_torch(project_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code, str(project_dir / "project.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "case_000" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_file_changed_while_it_is_hashed_is_read_again_next_time(project_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The date recorded beside a hash is the one from before the read: a file rewritten during the hash pass
+    keeps a newer date, so the next prepare reads it again and sees the change (the date after the read was
+    recorded with the older bytes' hash, and the new bytes were never checked)."""
+    import unionseg.data.preprocess as pre
+
+    project = load_project(project_dir / "project.yaml")
+    first = prepare_project(project, workers=0, progress=False)
+    label = project_dir / "liver/labelsTr/case_001.nii.gz"
+    st = label.stat()
+    os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # read again by the next prepare
+    changed = read_bytes_changed(label)
+    real = pre._content_hash
+
+    def rewritten_while_read(path: Path) -> str:
+        digest = real(path)
+        if path == label and label.read_bytes() != changed:
+            label.write_bytes(changed)  # an export finishing while prepare reads the old bytes
+            later = label.stat()
+            os.utime(label, ns=(later.st_atime_ns, st.st_mtime_ns + 2 * 10**9))
+        return digest
+
+    monkeypatch.setattr(pre, "_content_hash", rewritten_while_read)
+    prepare_project(project, workers=0, progress=False)
+    monkeypatch.setattr(pre, "_content_hash", real)
+    again = prepare_project(project, workers=0, progress=False)
+    assert again.summary.relabelled == ("liver/case_001",) and again.fingerprint != first.fingerprint
+
+
+def test_force_checks_every_files_bytes_against_its_record(project_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--force rebuilt every case but took a file of the recorded size and date for the recorded bytes: a key
+    left wrong could not be repaired by the escape hatch. It reads and checks every file."""
+    import unionseg.data.preprocess as pre
+
+    project = load_project(project_dir / "project.yaml")
+    first = prepare_project(project, workers=0, progress=False).fingerprint
+    label = project_dir / "liver/labelsTr/case_001.nii.gz"
+    real = pre._content_hash
+    monkeypatch.setattr(pre, "_content_hash", lambda path: "0" * 16 if path == label else real(path))
+    assert prepare_project(project, workers=0, progress=False).fingerprint == first  # same size and date: trusted
+    assert prepare_project(project, workers=0, force=True, progress=False).fingerprint != first  # read: other bytes
+
+
+def test_a_failure_in_the_hash_pass_cancels_the_files_not_started(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or an unreadable file) during the hash pass waited for every queued file to be read: minutes on
+    a large collection, past a scheduler's grace period. The files not started are cancelled."""
+    import threading
+    import time
+
+    import unionseg.data.preprocess as pre
+
+    paths = []
+    for i in range(40):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(b"x")
+    read: list[Path] = []
+    lock = threading.Lock()
+
+    def slow(path: Path) -> str:
+        if path == paths[0]:
+            raise KeyboardInterrupt
+        time.sleep(0.05)
+        with lock:
+            read.append(path)
+        return "h"
+
+    monkeypatch.setattr(pre, "_content_hash", slow)
+    with pytest.raises(KeyboardInterrupt):
+        pre._hash_sources(paths, 2, False, None)
+    time.sleep(0.2)  # the one file another thread had started finishes
+    assert len(read) < 10, len(read)

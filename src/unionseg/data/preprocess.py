@@ -466,41 +466,51 @@ def _source_record(recorded: Any) -> list[Any] | None:
         return None
 
 
-def _needs_hash(path: Path, root: Path, recorded: Any) -> bool:
-    """Whether :func:`_source_identity` will read ``path``'s bytes (so that they can be hashed in parallel
-    first): a file without a usable record, or whose date is not the one last seen, or a record from before
-    hashes."""
-    record = _source_record(recorded)
+def _read_source(path: Path) -> tuple[str, int, int]:
+    """``(sha, size, mtime_ns)`` of a file, the date and size taken BEFORE its bytes are read: a file that
+    changes while it is read keeps a newer date than the one recorded, so the next prepare reads it again."""
     st = path.stat()
-    if record is None or record[0] != _relative(path, root) or record[1] != int(st.st_size):
+    return _content_hash(path), int(st.st_size), int(st.st_mtime_ns)
+
+
+def _needs_hash(path: Path, root: Path, recorded: Any, force: bool = False) -> bool:
+    """Whether :func:`_source_identity` will read ``path``'s bytes (so that they can be hashed in parallel
+    first): under ``force`` always; else a file without a usable record, whose size or date is not the one
+    last seen, or a record from before hashes."""
+    record = _source_record(recorded)
+    if force or record is None or len(record) == 3 or record[0] != _relative(path, root):
         return True
-    return len(record) == 3 or record[4] != int(st.st_mtime_ns)
+    st = path.stat()
+    return record[1] != int(st.st_size) or record[4] != int(st.st_mtime_ns)
 
 
-def _source_identity(path: Path, root: Path, recorded: Any,
-                     sha_of: Callable[[Path], str]) -> tuple[list[Any], list[Any]]:
+def _source_identity(path: Path, root: Path, recorded: Any, read: Callable[[Path], tuple[str, int, int]],
+                     force: bool = False) -> tuple[list[Any], list[Any]]:
     """A source file's identity for the fingerprints, and the record a case's meta keeps of it.
 
     The identity is ``[relative path, size, key]`` with ``key`` the SHA-256 of the file's bytes (16 hex
     characters), so the same bytes keep one identity whatever their file's date: a ``touch``, a ``git
     checkout``, ``cp`` without ``-a``, a restore from a backup, or bytes changed and changed back, leave the
     prepared case, the data fingerprint and the shared experts keyed by it valid. The record, ``[path, size,
-    key, sha, seen]``, adds the hash and the modification time last seen: bytes are read (``sha_of``) only
-    when the date differs from it. A record from a release before hashes, ``[path, size, mtime]``, keeps its
-    mtime as the key while the date is unchanged (a cache prepared then stays valid); its hash is taken once.
+    key, sha, seen]``, adds the hash and the modification time last seen: bytes are read (``read``: hash,
+    size and date) only when the size or date differs from it, and always under ``force``, which checks
+    every file's bytes against its record. A record from a release before hashes, ``[path, size, mtime]``,
+    keeps its mtime as the key while the date is unchanged (a cache prepared then stays valid) and ``force``
+    is not given; its hash is taken once.
     """
-    st = path.stat()
-    rel, size, mtime = _relative(path, root), int(st.st_size), int(st.st_mtime_ns)
+    rel = _relative(path, root)
     record = _source_record(recorded)
+    if not force and record is not None and len(record) == 5 and record[0] == rel:
+        st = path.stat()
+        if record[1] == int(st.st_size) and record[4] == int(st.st_mtime_ns):
+            return [rel, record[1], record[2]], list(record)
+    sha, size, mtime = read(path)
     if record is not None and record[0] == rel and record[1] == size:
         if len(record) == 3:
-            if record[2] == mtime:
-                return [rel, size, mtime], [rel, size, mtime, sha_of(path), mtime]
-        elif record[4] == mtime:
-            return [rel, size, record[2]], [rel, size, record[2], record[3], mtime]
-        elif sha_of(path) == record[3]:
-            return [rel, size, record[2]], [rel, size, record[2], record[3], mtime]
-    sha = sha_of(path)
+            if record[2] == mtime and not force:
+                return [rel, size, mtime], [rel, size, mtime, sha, mtime]
+        elif sha == record[3]:
+            return [rel, size, record[2]], [rel, size, record[2], sha, mtime]
     return [rel, size, sha], [rel, size, sha, sha, mtime]
 
 
@@ -510,15 +520,16 @@ def _last_seen(recorded: Any) -> int | None:
     return None if record is None else record[2] if len(record) == 3 else record[4]
 
 
-def _hash_sources(paths: Sequence[Path], workers: int, progress: bool, console: Any) -> dict[Path, str]:
-    """:func:`_content_hash` of every path, on ``workers`` threads (hashlib releases the GIL while it
+def _hash_sources(paths: Sequence[Path], workers: int, progress: bool, console: Any
+                  ) -> dict[Path, tuple[str, int, int]]:
+    """:func:`_read_source` of every path, on ``workers`` threads (hashlib releases the GIL while it
     digests), with a progress bar when there are many: a first prepare of a large collection reads every
-    file once here."""
+    file once here. A failure (an unreadable file, Ctrl-C) cancels the files not started."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
     if not paths:
         return {}
-    out: dict[Path, str] = {}
+    out: dict[Path, tuple[str, int, int]] = {}
     bar = None
     if progress and len(paths) > 1:
         from rich.progress import (
@@ -533,19 +544,23 @@ def _hash_sources(paths: Sequence[Path], workers: int, progress: bool, console: 
 
         bar = make_progress(TextColumn("reading sources (SHA-256)"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
-                            label="hash")
+                            label="prepare: reading sources (SHA-256)")
         bar.start()
         task = bar.add_task("", total=len(paths))
+    pool = ThreadPoolExecutor(max(1, workers))
     try:
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            futures = {pool.submit(_content_hash, path): path for path in paths}
-            for future in as_completed(futures):
-                out[futures[future]] = future.result()
-                if bar is not None:
-                    bar.update(task, advance=1)
+        futures = {pool.submit(_read_source, path): path for path in paths}
+        for future in as_completed(futures):
+            out[futures[future]] = future.result()
+            if bar is not None:
+                bar.update(task, advance=1)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)  # the files being read finish; no other starts
+        raise
     finally:
         if bar is not None:
             bar.stop()
+    pool.shutdown()
     return out
 
 
@@ -969,19 +984,20 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
     hashes = _hash_sources(sorted({path for ds, _, case, _, _, kept in planned
                                    for key, path in (("image", case.image), ("label", case.label),
                                                      ("oracle", case.oracle_label))
-                                   if path is not None and _needs_hash(path, ds.root, kept.get(key))}),
+                                   if path is not None and _needs_hash(path, ds.root, kept.get(key), force)}),
                            workers, progress, console)
 
-    def sha_of(path: Path) -> str:
-        return hashes[path] if path in hashes else _content_hash(path)
+    def sha_of(path: Path) -> tuple[str, int, int]:
+        return hashes[path] if path in hashes else _read_source(path)
 
     for ds, split_of, case, files, old, kept in planned:
         assert case.label is not None
         lookup = space.local_lookup(ds.name).tolist()
         out_dir = project.cache_dir / ds.name
-        image_stat, image_rec = _source_identity(case.image, ds.root, kept.get("image"), sha_of)
-        label_stat, label_rec = _source_identity(case.label, ds.root, kept.get("label"), sha_of)
-        oracle_stat, oracle_rec = _source_identity(case.oracle_label, ds.root, kept.get("oracle"), sha_of) \
+        image_stat, image_rec = _source_identity(case.image, ds.root, kept.get("image"), sha_of, force)
+        label_stat, label_rec = _source_identity(case.label, ds.root, kept.get("label"), sha_of, force)
+        oracle_stat, oracle_rec = _source_identity(case.oracle_label, ds.root, kept.get("oracle"), sha_of,
+                                                        force) \
             if case.oracle_label is not None else (None, None)
         # the index's staleness check compares the times last seen
         sources.extend([ds.name, r[0], r[1], r[4]] for r in (image_rec, label_rec, oracle_rec) if r is not None)

@@ -82,6 +82,8 @@ def _subfolder_hint(folder: Path) -> str:
         return ""
     if not held:
         return ""
+    import shlex
+
     from unionseg.data.catalog import image_key
 
     shown = ", ".join(d.name for d in held[:3]) + (", ..." if len(held) > 3 else "")
@@ -92,7 +94,8 @@ def _subfolder_hint(folder: Path) -> str:
     # a folder per patient with the same file names (ct.nii.gz): one output folder per sub-folder
     return (f"; {len(held)} of its sub-folders hold images ({shown}), with the same file names, and predict reads "
             f"one folder level and names outputs by file: predict each into an output folder of its own, e.g. "
-            f"for d in {folder}/*/; do unionseg predict MODEL \"$d\" -o \"OUT/$(basename \"$d\")\"; done")
+            f"for d in {shlex.quote(str(folder))}/*/; do unionseg predict MODEL \"$d\" -o \"OUT/$(basename \"$d\")\"; "
+            "done")
 
 
 #: seconds a temporary file must have stood unchanged before a later predict removes it: a writer on another
