@@ -466,26 +466,34 @@ def _source_record(recorded: Any) -> list[Any] | None:
         return None
 
 
+def _size_and_date(path: Path) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of a file: one ``stat``."""
+    st = path.stat()
+    return int(st.st_size), int(st.st_mtime_ns)
+
+
 def _read_source(path: Path) -> tuple[str, int, int]:
     """``(sha, size, mtime_ns)`` of a file, the date and size taken BEFORE its bytes are read: a file that
     changes while it is read keeps a newer date than the one recorded, so the next prepare reads it again."""
-    st = path.stat()
-    return _content_hash(path), int(st.st_size), int(st.st_mtime_ns)
+    size, mtime = _size_and_date(path)
+    return _content_hash(path), size, mtime
 
 
-def _needs_hash(path: Path, root: Path, recorded: Any, force: bool = False) -> bool:
+def _unchanged(record: list[Any] | None, rel: str, current: tuple[int, int]) -> bool:
+    """Whether a hashed record (``[path, size, key, sha, seen]``) still describes the file at ``rel`` whose
+    ``(size, mtime_ns)`` is ``current``: then its bytes need not be read."""
+    return record is not None and len(record) == 5 and record[0] == rel and (record[1], record[4]) == current
+
+
+def _needs_hash(path: Path, root: Path, recorded: Any, current: tuple[int, int], force: bool = False) -> bool:
     """Whether :func:`_source_identity` will read ``path``'s bytes (so that they can be hashed in parallel
-    first): under ``force`` always; else a file without a usable record, whose size or date is not the one
-    last seen, or a record from before hashes."""
-    record = _source_record(recorded)
-    if force or record is None or len(record) == 3 or record[0] != _relative(path, root):
-        return True
-    st = path.stat()
-    return record[1] != int(st.st_size) or record[4] != int(st.st_mtime_ns)
+    first): under ``force`` always; else a file without a usable hashed record, or whose size or date
+    (``current``) is not the one last seen."""
+    return force or not _unchanged(_source_record(recorded), _relative(path, root), current)
 
 
 def _source_identity(path: Path, root: Path, recorded: Any, read: Callable[[Path], tuple[str, int, int]],
-                     force: bool = False) -> tuple[list[Any], list[Any]]:
+                     current: tuple[int, int], force: bool = False) -> tuple[list[Any], list[Any]]:
     """A source file's identity for the fingerprints, and the record a case's meta keeps of it.
 
     The identity is ``[relative path, size, key]`` with ``key`` the SHA-256 of the file's bytes (16 hex
@@ -493,17 +501,16 @@ def _source_identity(path: Path, root: Path, recorded: Any, read: Callable[[Path
     checkout``, ``cp`` without ``-a``, a restore from a backup, or bytes changed and changed back, leave the
     prepared case, the data fingerprint and the shared experts keyed by it valid. The record, ``[path, size,
     key, sha, seen]``, adds the hash and the modification time last seen: bytes are read (``read``: hash,
-    size and date) only when the size or date differs from it, and always under ``force``, which checks
+    size and date) only when the size or date (``current``, the planning's one ``stat`` of the file) differs
+    from it, and always under ``force``, which checks
     every file's bytes against its record. A record from a release before hashes, ``[path, size, mtime]``,
     keeps its mtime as the key while the date is unchanged (a cache prepared then stays valid) and ``force``
     is not given; its hash is taken once.
     """
     rel = _relative(path, root)
     record = _source_record(recorded)
-    if not force and record is not None and len(record) == 5 and record[0] == rel:
-        st = path.stat()
-        if record[1] == int(st.st_size) and record[4] == int(st.st_mtime_ns):
-            return [rel, record[1], record[2]], list(record)
+    if not force and record is not None and _unchanged(record, rel, current):  # (None: for the type checker)
+        return [rel, record[1], record[2]], list(record)
     sha, size, mtime = read(path)
     if record is not None and record[0] == rel and record[1] == size:
         if len(record) == 3:
@@ -974,30 +981,34 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
             split = {ds.role: sorted(ids)}
         splits[ds.name] = split
         split_of = {cid: s for s, members in split.items() for cid in members}
-        for case in info.cases:
-            assert case.label is not None
-            files = _case_files(project.cache_dir / ds.name, case.case_id)
-            recorded = _read_meta(files["meta"])  # read under --force too: its sources keep their identities
-            kept = (recorded or {}).get("sources")
-            planned.append((ds, split_of, case, files, None if force else recorded,
-                            kept if isinstance(kept, dict) else {}))
-    hashes = _hash_sources(sorted({path for ds, _, case, _, _, kept in planned
-                                   for key, path in (("image", case.image), ("label", case.label),
-                                                     ("oracle", case.oracle_label))
-                                   if path is not None and _needs_hash(path, ds.root, kept.get(key), force)}),
-                           workers, progress, console)
-
-    def sha_of(path: Path) -> tuple[str, int, int]:
-        return hashes[path] if path in hashes else _read_source(path)
-
-    for ds, split_of, case, files, old, kept in planned:
-        assert case.label is not None
         lookup = space.local_lookup(ds.name).tolist()
         out_dir = project.cache_dir / ds.name
-        image_stat, image_rec = _source_identity(case.image, ds.root, kept.get("image"), sha_of, force)
-        label_stat, label_rec = _source_identity(case.label, ds.root, kept.get("label"), sha_of, force)
-        oracle_stat, oracle_rec = _source_identity(case.oracle_label, ds.root, kept.get("oracle"), sha_of,
-                                                        force) \
+        for case in info.cases:
+            assert case.label is not None
+            files = _case_files(out_dir, case.case_id)
+            recorded = _read_meta(files["meta"])  # read under --force too: its sources keep their identities
+            kept = (recorded or {}).get("sources")
+            planned.append((ds, split_of, lookup, out_dir, case, files, None if force else recorded,
+                            kept if isinstance(kept, dict) else {}))
+    # one stat per source file, shared by the choice of what to hash and the identities
+    current = {path: _size_and_date(path) for *_, case, _, _, _ in planned
+               for path in (case.image, case.label, case.oracle_label) if path is not None}
+    hashes = _hash_sources(sorted({path for ds, *_, case, _, _, kept in planned
+                                   for key, path in (("image", case.image), ("label", case.label),
+                                                     ("oracle", case.oracle_label))
+                                   if path is not None
+                                   and _needs_hash(path, ds.root, kept.get(key), current[path], force)}),
+                           workers, progress, console)
+
+    def identity(path: Path, root: Path, recorded: Any) -> tuple[list[Any], list[Any]]:
+        return _source_identity(path, root, recorded, lambda p: hashes[p] if p in hashes else _read_source(p),
+                                current[path], force)
+
+    for ds, split_of, lookup, out_dir, case, files, old, kept in planned:
+        assert case.label is not None
+        image_stat, image_rec = identity(case.image, ds.root, kept.get("image"))
+        label_stat, label_rec = identity(case.label, ds.root, kept.get("label"))
+        oracle_stat, oracle_rec = identity(case.oracle_label, ds.root, kept.get("oracle")) \
             if case.oracle_label is not None else (None, None)
         # the index's staleness check compares the times last seen
         sources.extend([ds.name, r[0], r[1], r[4]] for r in (image_rec, label_rec, oracle_rec) if r is not None)
