@@ -31,14 +31,16 @@ def _number(value: Any) -> float:
 
 
 def _region_means(runs: list[dict[str, Any]], seeds: set[int]) -> dict[str, Any]:
-    """Seed means of one row's organ-region Dice over ``seeds``: per region, and of the per-seed mean over
-    regions (the table's "mean region Dice")."""
+    """Seed means of one row's organ-region Dice over ``seeds``: per region, and the mean and sample spread of
+    the per-seed mean over regions (the table's "mean region Dice"; a run read back holds null where a value
+    was NaN)."""
     chosen = [r for r in runs if r["seed"] in seeds]
     regions = sorted({k for r in chosen for k in r["per_class"] if k.startswith(REGION_PREFIX)})
     per_region = {k: _mean_std([r["per_class"].get(k, {}).get("dice") for r in chosen])[0] for k in regions}
     per_seed = [float(np.mean([_number(r["per_class"].get(k, {}).get("dice")) for k in regions])) for r in chosen] \
         if regions else []
-    return {"per_region": per_region, "mean": _mean_std(per_seed)[0]}
+    mean, std = _mean_std(per_seed)
+    return {"per_region": per_region, "mean": mean, "std": std}
 
 
 def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
@@ -56,14 +58,10 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
                 mean, std = _mean_std([r["per_class"].get(key, {}).get(metric) for r in runs])
                 entry[metric] = {"mean": mean, "std": std}
             classes[key] = entry
-        regions = [k for k in keys if k.startswith(REGION_PREFIX)]
-        # a result.json read back holds null where a value was NaN
-        per_seed_region = [float(np.mean([_number(r["per_class"][k]["dice"]) for k in regions])) for r in runs] \
-            if regions else []
-        mean_region, std_region = _mean_std(per_seed_region)
+        region = _region_means(runs, {r["seed"] for r in runs})
         methods[name] = {
             "method": runs[0]["method"], "options": runs[0].get("options", {}), "seeds": [r["seed"] for r in runs],
-            "classes": classes, "mean_region_dice": {"mean": mean_region, "std": std_region},
+            "classes": classes, "mean_region_dice": {"mean": region["mean"], "std": region["std"]},
             "train_seconds": _mean_std([r["train_seconds"] for r in runs])[0],
             "expert_seconds": _mean_std([r.get("expert_seconds", 0.0) for r in runs])[0],
             "predict_seconds_per_case": _mean_std([r["predict_seconds_per_case"] for r in runs])[0],
