@@ -340,7 +340,7 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
         raise DataError(f"file_ending is {ending!r}, but the images in {images_dir.name} end otherwise "
                         f"({_listed(others)}); "
                         "set file_ending to their ending", json_path)
-    _warn_nnunet_leftovers(root, data, ending, out, json_path)
+    _warn_nnunet_leftovers(images_dir, labels_dir, data, ending, out, json_path)
     return out
 
 
@@ -363,8 +363,8 @@ def _other_endings(images_dir: Path, ending: str) -> list[Path]:
     return [p for p in sorted(images_dir.iterdir()) if _is_image_file(p) and not p.name.endswith(ending)]
 
 
-def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cases: _RawCases,
-                           json_path: Path) -> None:
+def _warn_nnunet_leftovers(images_dir: Path, labels_dir: Path, data: Mapping[str, Any], ending: str,
+                           cases: _RawCases, json_path: Path) -> None:
     """Warn about what an nnU-Net folder holds that the scan leaves out, so that a half-converted dataset
     is not trained on quietly: images of another ending, label files without an image, and a
     ``numTraining`` that disagrees with the cases found."""
@@ -372,7 +372,6 @@ def _warn_nnunet_leftovers(root: Path, data: Mapping[str, Any], ending: str, cas
     def tell(message: str) -> None:
         warnings.warn(message, UnionsegWarning, stacklevel=4)
 
-    images_dir, labels_dir = _nnunet_folders(root)
     others = _other_endings(images_dir, ending)
     if others:
         tell(f"{images_dir}: {len(others)} image(s) do not end in file_ending {ending!r} and are left out: "
