@@ -1245,3 +1245,25 @@ def test_prepare_counts_the_held_out_cases_apart_from_the_validation_set(phantom
     assert own and held  # the phantom has both
     assert f"val {len(own)} (the role: val set; {len(held)} more held out of the training sets, unused)" in \
         case_counts(index)
+
+
+def test_checkpoint_step_reads_a_file_that_cannot_be_memory_mapped(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``info RUN`` and the benchmark read a checkpoint's step through a memory map; where mapping fails (a
+    file system without mmap, an old serialisation format) the step is read from the whole file instead of
+    the run being reported as holding a corrupt checkpoint. A truncated file still gives None."""
+    from unionseg.training import checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"format": "unionseg-checkpoint", "step": 37}, path)
+    real_load = torch.load
+
+    def no_mmap(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("mmap"):
+            raise RuntimeError("mmap: operation not supported")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", no_mmap)
+    assert checkpoint.checkpoint_step(path) == 37
+    path.write_bytes(path.read_bytes()[:40])
+    assert checkpoint.checkpoint_step(path) is None

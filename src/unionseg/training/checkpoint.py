@@ -85,13 +85,16 @@ def safe_torch_load(path: str | Path, expected_format: str | None = None) -> dic
 
 
 def checkpoint_step(path: str | Path) -> int | None:
-    """The step a ``last.pt`` holds, read through a memory map (only the bytes it needs); None when the file
+    """The step a ``last.pt`` holds, read through a memory map (only the bytes it needs), or read whole where
+    the file cannot be mapped (a file system without mmap, an old serialisation format); None when the file
     cannot tell."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return int(obj["step"])
-    except Exception:  # a truncated, foreign or older file: nothing to report
-        return None
+    for mmap in (True, False):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return int(obj["step"])
+        except Exception:  # a truncated, foreign or older file: nothing to report
+            continue
+    return None
 
 
 def rng_state() -> dict[str, Any]:
