@@ -11,16 +11,19 @@ names the evaluation set's label values and sends the organs both sides know to 
       spleen: region:spleen
       right_kidney: region:kidney    # many-to-one: left + right kidney are scored as one kidney
       left_kidney: region:kidney
-      liver: region:liver
+      liver: [region:liver, hepatic_vessel]   # a union: what the model keeps apart, the set labels as one
       pancreas: region:pancreas
     exclude: []                      # glob patterns of case ids to leave out (AMOS: its MRI cases)
 
 Only the SHARED classes are scored: for a model class ``k`` the truth is the union of the evaluation
 values mapped to ``k`` (or to a class inside ``k``: a region also collects values mapped to its leaves) and
 the prediction is every voxel whose leaf lies in ``k``. Organs the model lacks (gallbladder, aorta, ...)
-and model classes the evaluation set does not label (tumours, hepatic vessels) are not scored; their
-voxels simply count as "not this class". A shared entry whose model class this model does not have is
-dropped and reported, so one map serves several recipes. Evaluation sets are fully labelled for their
+and model classes the evaluation set does not label (tumours) are not scored; their voxels simply count as
+"not this class". A shared entry may name several model classes (a list, or their keys joined by ``+``):
+it is scored as their union, for a set that labels as one organ what the model keeps apart (BTCV's liver
+holds the vessels inside it, which a MOTS model predicts as ``hepatic_vessel``). A shared entry whose model
+class this model does not have is dropped and reported, so one map serves several recipes; of a union, the
+members the model has are scored (the whole entry is dropped only when it has none). Evaluation sets are fully labelled for their
 organs, so a zero is trusted: a predicted liver on the BTCV gallbladder is a false positive.
 
 Metrics and empty-mask rules are those of :mod:`unionseg.evaluation.metrics` (never NaN). No torch here.
@@ -65,7 +68,8 @@ class CrossMap:
     Attributes:
         name: the evaluation set (``btcv``).
         labels: its label value -> organ name (0 is background and is not listed).
-        shared: its organ name -> model class key (a leaf name or ``region:<organ>``).
+        shared: its organ name -> model class key (a leaf name or ``region:<organ>``, or several joined by
+            ``+``: their union).
         layout: catalog layout used when the ground truth is given as a dataset root.
         exclude: glob patterns of case ids left out of the evaluation.
         path: the map file (for error messages).
@@ -91,20 +95,43 @@ class CrossMap:
         for value, organ in self.labels.items():
             value_of.setdefault(organ, []).append(value)
         for organ, key in self.shared.items():
-            if not has_class(space, key):
-                near = nearest_class(space, key)
-                dropped[organ] = f"the model has no class {key!r}" + (f"; did you mean {near!r}?" if near else "")
+            members = class_members(key)
+            present = [m for m in members if has_class(space, m)]
+            for member in members:
+                near = None if member in present else nearest_class(space, member)
                 if near:  # a map may name classes some models lack, but this one looks like a typo
-                    warnings.warn(f"{self.path or self.name}: shared.{organ}: {key!r} is not a class of the model, "
-                                  f"so {organ} is not scored; did you mean {near!r}?", UnionsegWarning, stacklevel=2)
+                    scored = f"so {organ} is not scored" if not present else f"so {organ} is scored without it"
+                    warnings.warn(f"{self.path or self.name}: shared.{organ}: {member!r} is not a class of the "
+                                  f"model, {scored}; did you mean {near!r}?", UnionsegWarning, stacklevel=2)
+            if not present:
+                what = f"class {key!r}" if len(members) == 1 else f"class of {', '.join(map(repr, members))}"
+                near = nearest_class(space, members[0]) if len(members) == 1 else None
+                dropped[organ] = f"the model has no {what}" + (f"; did you mean {near!r}?" if near else "")
                 continue
             for value in value_of[organ]:
-                kept[value] = key
+                kept[value] = UNION.join(present)
         return kept, dropped
 
 
+UNION = "+"
+"""Joins the model classes of a shared entry scored as their union (``region:liver+hepatic_vessel``)."""
+
+
+def class_members(key: str) -> list[str]:
+    """The model classes a class key names: one, or the members of a union joined by ``+``."""
+    return [m.strip() for m in key.split(UNION)]
+
+
+def class_leaves(space: LabelSpace, key: str) -> list[int]:
+    """Leaf ids a class key covers: a leaf, a region's leaves, or the union of its members' leaves."""
+    return sorted({leaf for member in class_members(key) for leaf in space.leaves_of(member)})
+
+
 def has_class(space: LabelSpace, key: str) -> bool:
-    """Whether ``key`` (a leaf name or ``region:<organ>``) names a class of ``space`` (not background)."""
+    """Whether ``key`` (a leaf name or ``region:<organ>``, or several joined by ``+``) names classes of
+    ``space`` (not background)."""
+    if UNION in key:
+        return all(has_class(space, member) for member in class_members(key))
     if key.startswith(REGION_PREFIX):
         return key[len(REGION_PREFIX):] in {g.name for g in space.groups}
     return key in space.names[1:]
@@ -160,10 +187,15 @@ def load_cross_map(path: str | Path) -> CrossMap:
     for organ, key in shared_raw.items():
         if organ not in organs:
             raise ConfigError(f"shared.{organ}: not an organ of 'labels' (known: {', '.join(sorted(organs))})", path)
-        if not isinstance(key, str) or not key or key in ("background", REGION_PREFIX):
-            raise ConfigError(f"shared.{organ}: expected a model class (a leaf or region:<organ>), got {key!r}",
-                              path)
-        shared[str(organ)] = key
+        members = key if isinstance(key, list) else class_members(key) if isinstance(key, str) else [key]
+        if not members or not all(isinstance(m, str) and m.strip() and m.strip() not in ("background", REGION_PREFIX)
+                                  for m in members):
+            raise ConfigError(f"shared.{organ}: expected a model class (a leaf or region:<organ>) or a list of them, "
+                              f"got {key!r}", path)
+        members = list(dict.fromkeys(m.strip() for m in members))
+        if any(UNION in m for m in members):
+            raise ConfigError(f"shared.{organ}: a list's entries are single classes, got {key!r}", path)
+        shared[str(organ)] = UNION.join(members)
     layout = raw.get("layout", "auto")
     if not isinstance(layout, str) or not layout:
         raise ConfigError("layout: expected a layout name", path)
@@ -176,10 +208,10 @@ def load_cross_map(path: str | Path) -> CrossMap:
 
 # ---------------------------------------------------------------------- one case
 def scored_keys(model_space: LabelSpace, gt_map: Mapping[int, str]) -> list[str]:
-    """The shared classes, in the model's evaluation order (regions, then parts, then other leaves)."""
-    targets = set(gt_map.values())
-    order = model_space.evaluation_keys() + list(model_space.names[1:])
-    return [k for k in dict.fromkeys(order) if k in targets]
+    """The shared classes, in the model's evaluation order (regions, then parts, then other leaves; a union
+    where its first member stands)."""
+    order = list(dict.fromkeys(model_space.evaluation_keys() + list(model_space.names[1:])))
+    return sorted(set(gt_map.values()), key=lambda k: (order.index(class_members(k)[0]), k))
 
 
 def _check_gt_map(model_space: LabelSpace, gt_map: Mapping[int, str]) -> None:
@@ -190,13 +222,14 @@ def _check_gt_map(model_space: LabelSpace, gt_map: Mapping[int, str]) -> None:
             raise ConfigError(f"gt_map: label value {value!r} must be an integer in 1..255")
         if not has_class(model_space, key):
             raise ConfigError(f"gt_map.{value}: {key!r} is not a class of the model "
-                              f"(known: {', '.join(model_space.names[1:])} and their region:<organ>)")
+                              f"(known: {', '.join(model_space.names[1:])} and their region:<organ>, or several "
+                              "joined by '+')")
 
 
 def gt_values_of(model_space: LabelSpace, gt_map: Mapping[int, str], key: str) -> list[int]:
     """Evaluation values whose class lies inside ``key`` (a region collects the values of its leaves)."""
-    leaves = set(model_space.leaves_of(key))
-    return sorted(v for v, k in gt_map.items() if set(model_space.leaves_of(k)) <= leaves)
+    leaves = set(class_leaves(model_space, key))
+    return sorted(v for v, k in gt_map.items() if set(class_leaves(model_space, k)) <= leaves)
 
 
 def evaluate_cross_case(
@@ -214,8 +247,9 @@ def evaluate_cross_case(
         pred: (X, Y, Z) integer leaf ids of ``model_space``.
         gt: (X, Y, Z) integer label values of the evaluation set (its own space).
         model_space: the model's label space.
-        gt_map: evaluation value -> model class key (leaf or ``region:<organ>``); values not listed are
-            organs the model does not know (they count as "not this class").
+        gt_map: evaluation value -> model class key (leaf or ``region:<organ>``, or several joined by ``+``:
+            their union); values not listed are organs the model does not know (they count as "not this
+            class").
         spacing: voxel size in mm along X, Y, Z.
         tolerance_mm: NSD tolerance.
         metrics: any of ``dice``, ``hd95``, ``nsd``.
@@ -237,7 +271,7 @@ def evaluate_cross_case(
     out: CaseScores = {}
     for key in scored_keys(model_space, gt_map):
         truth = np.isin(gt, gt_values_of(model_space, gt_map, key))
-        predicted = np.isin(pred, list(model_space.leaves_of(key)))
+        predicted = np.isin(pred, class_leaves(model_space, key))
         out[key] = score_masks(predicted, truth, spacing, metrics, tolerance_mm).as_dict()
     return out
 
@@ -362,7 +396,7 @@ def evaluate_cross(
         pred_dir: predictions ``<case>.nii.gz`` in the model's global leaf ids (the input's geometry).
         gt_dir: a folder of ground-truth label files, or a dataset root (read with ``layout``).
         model_space: the label space the model predicts (its project's).
-        gt_map: evaluation value -> model class key (leaf or ``region:<organ>``), e.g. from
+        gt_map: evaluation value -> model class key (leaf or ``region:<organ>``, or a union joined by ``+``), e.g. from
             :meth:`CrossMap.gt_map`; only the classes named here are scored.
         out_dir: if given, ``metrics.csv``, ``summary.json`` and ``summary.md`` are written there.
         gt_labels: the evaluation set's declared values; any other value in a truth is an error. None: not
