@@ -674,3 +674,30 @@ def test_a_wrong_dataset_for_a_copied_ground_truth_folder_is_warned_about(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnionsegWarning)
         evaluate_folder(preds, gt, project, "kidney", tmp_path / "e2", figures=False)
+
+
+def test_a_ground_truth_folder_in_the_root_of_two_datasets_that_read_it_differently_needs_dataset(
+        tiny_project: Path) -> None:
+    """Two datasets may share a root (a liver-only training view and the full test set of one folder).
+    Evaluate took the first one listed without a word, and scored the liver alone, dropping the kidney;
+    now it asks which one is meant. Where both read the labels the same way, the scores do not depend on
+    the choice and it goes on."""
+    import yaml
+
+    root = tiny_project
+    raw = yaml.safe_load((root / "project.yaml").read_text())
+    view = {"name": "liver_view", "root": "datasets/test", "labels": {1: "liver", 2: "liver_tumour"},
+            "annotated": ["liver", "liver_tumour"]}
+    raw["datasets"].insert(0, view)
+    (root / "shared.yaml").write_text(yaml.safe_dump(raw))
+    gt = root / "datasets" / "test" / "labelsTr"
+    with pytest.raises(ConfigError, match=r"lies in the root of datasets liver_view, test .*map or annotate their "
+                                          r"labels differently; name the dataset \(--dataset NAME"):
+        evaluate_folder(root / "preds", gt, root / "shared.yaml")
+    named = evaluate_folder(root / "preds", gt, root / "shared.yaml", "test")
+    assert named["dataset"] == "test" and "region:kidney" in named["cases"]["case_0"]
+    # the twin: a view that reads the labels as the test set does is taken without asking
+    view.update(labels={1: "liver", 2: "liver_tumour", 3: "kidney"}, annotated=["liver", "liver_tumour", "kidney"])
+    (root / "shared.yaml").write_text(yaml.safe_dump(raw))
+    same = evaluate_folder(root / "preds", gt, root / "shared.yaml")
+    assert same["cases"] == named["cases"]

@@ -326,7 +326,16 @@ def resolve_dataset(project: Project, gt_dir: Path, dataset: str | None = None) 
             names = ", ".join(d.name for d in project.datasets)
             raise ConfigError(f"no dataset root contains the ground truth folder {gt}; name the dataset "
                               f"(--dataset NAME, dataset=NAME: one of {names})", project.path)
-        spec = max(matches, key=lambda d: len(Path(d.root).resolve().parts))
+        deepest = max(len(Path(d.root).resolve().parts) for d in matches)
+        tied = [d for d in matches if len(Path(d.root).resolve().parts) == deepest]
+        oracle_of = [d for d in tied if d.oracle_labels is not None and Path(d.oracle_labels).resolve() == gt]
+        spec = (oracle_of or tied)[0]
+        if not oracle_of and len({(tuple(sorted(d.labels.items())), tuple(sorted(d.annotated))) for d in tied}) > 1:
+            # they read the same label values differently: taking the first listed scored the wrong classes
+            names = ", ".join(d.name for d in tied)
+            raise ConfigError(f"the ground truth folder {gt} lies in the root of datasets {names} "
+                              f"({tied[0].root}), which map or annotate their labels differently; name the "
+                              f"dataset (--dataset NAME, dataset=NAME: one of {names})", project.path)
     oracle = spec.oracle_labels is not None and Path(spec.oracle_labels).resolve() == gt
     return spec, oracle
 
