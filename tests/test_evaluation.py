@@ -314,6 +314,8 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     counts = [row[k] for case in saved["cases"].values() for row in case.values() for k in ("pred_voxels", "gt_voxels")]
     assert counts and all(type(n) is int for n in counts)  # voxel counts, not 384.0
     assert saved["best_case"] == "case_0" and saved["worst_case"] == "case_2"
+    assert saved["case_quality_measure"] == "mean dice over the case's classes (higher is better)"
+    assert saved["case_quality"]["case_0"] > saved["case_quality"]["case_2"]
     assert saved["unmatched_predictions"] == ["liver_0"]
     md = (out / "summary.md").read_text()
     assert "| class | Dice | HD95 (mm) | NSD (2 mm) |" in md and "| kidney | 0.667 ± 0.471 |" in md

@@ -421,6 +421,16 @@ def _case_quality(scores: CaseScores, metrics: Sequence[str]) -> float:
     return math.nan
 
 
+def _case_quality_measure(metrics: Sequence[str]) -> str:
+    """What ``case_quality`` holds, for readers of ``summary.json``."""
+    for metric in ("dice", "nsd"):
+        if metric in metrics:
+            return f"mean {metric} over the case's classes (higher is better)"
+    if "hd95" in metrics:
+        return "minus the mean hd95 (mm) over the case's classes (higher is better)"
+    return "none"
+
+
 def _display_key(key: str) -> str:
     return key[len(REGION_PREFIX):] if key.startswith(REGION_PREFIX) else key
 
@@ -702,7 +712,8 @@ def evaluate_folder(
         "metrics": list(metrics), "tolerance_mm": float(tolerance_mm), "hd95_percentile": 95.0,
         "empty_rules": EMPTY_RULE_TEXT, "n_cases": len(cases), "classes": classes,
         "cases": case_records(cases),
-        "case_quality": quality, "best_case": best, "worst_case": worst,
+        "case_quality": quality, "case_quality_measure": _case_quality_measure(metrics),
+        "best_case": best, "worst_case": worst,
         "unmatched_predictions": unmatched_predictions(preds, truths),
     }
     if out_dir is None:
