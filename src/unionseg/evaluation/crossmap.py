@@ -432,7 +432,10 @@ def evaluate_cross(
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ConfigError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
     every = ground_truth_cases(Path(gt_dir), layout)
-    unused = [p for p in exclude if not any(fnmatch.fnmatchcase(c, p) for c in every)]
+    # a pattern of the ids' form that matches none of them is harmless (AMOS's MRI ids are spread over its
+    # splits, so one split holds none of a range); one of another form is most likely a mistake
+    unused = [p for p in exclude if not any(fnmatch.fnmatchcase(c, p) for c in every)
+              and not any(fnmatch.fnmatchcase(c, _id_form(p)) for c in every)]
     if unused and every:
         warnings.warn(f"exclude pattern {unused[0]!r} matches no case id of {gt_dir} (they look like "
                       f"{next(iter(every))!r})", UnionsegWarning, stacklevel=2)
@@ -471,6 +474,14 @@ def evaluate_cross(
     if out_dir is not None:
         summary["files"] = _write_reports(Path(out_dir), summary, scores, metrics, markdown)
     return {**summary, "markdown": markdown}
+
+
+def _id_form(pattern: str) -> str:
+    """An exclude pattern with each digit and each bracket expression made a one-character wildcard:
+    ``amos_05[1-9][0-9]`` -> ``amos_????``, the form of the case ids it is meant for."""
+    import re
+
+    return re.sub(r"\d", "?", re.sub(r"\[[^\]]*\]", "?", pattern))
 
 
 def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, CaseScores],
