@@ -1267,3 +1267,51 @@ def test_checkpoint_step_reads_a_file_that_cannot_be_memory_mapped(tmp_path: Pat
     assert checkpoint.checkpoint_step(path) == 37
     path.write_bytes(path.read_bytes()[:40])
     assert checkpoint.checkpoint_step(path) is None
+
+
+def test_train_leaves_the_callers_random_streams_and_flags_as_they_were(phantom_project: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """From a notebook: ``train`` reseeded the global NumPy and torch streams and left torch's deterministic
+    flag on for every later run of the process (a ``deterministic=false`` run trained deterministically);
+    a run that failed left its progress bar and log writer open. Now the streams and flags are put back,
+    and a failure closes both."""
+    import random
+
+    import numpy as np
+
+    from unionseg.errors import ConfigError
+    from unionseg.training import trainer
+
+    np.random.seed(123)
+    random.seed(123)
+    torch.manual_seed(123)
+    expected = (np.random.random(), random.random(), torch.rand(1).item())
+    np.random.seed(123)
+    random.seed(123)
+    torch.manual_seed(123)
+    was = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    train(phantom_project, _cfg("naive", 1, "deterministic=true"), tmp_path / "det", progress=False)
+    assert (np.random.random(), random.random(), torch.rand(1).item()) == expected
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == was
+
+    closed: list[str] = []
+    for cls in (trainer._Logger, trainer._Progress):
+        original = cls.close
+
+        def recording(self: Any, original: Any = original, name: str = cls.__name__) -> None:
+            closed.append(name)
+            original(self)
+
+        monkeypatch.setattr(cls, "close", recording)
+
+    def broken(self: Any, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("validation failed")
+
+    monkeypatch.setattr(trainer.Trainer, "validate", broken)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        train(phantom_project, _cfg("naive", 2, "val_every=1", "deterministic=true"), tmp_path / "fails",
+              progress=True)
+    assert {"_Logger", "_Progress"} <= set(closed)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == was
+    with pytest.raises(ConfigError, match="expected a TrainConfig, got dict; build one with"):
+        train(phantom_project, {"method": "naive"}, tmp_path / "dict", progress=False)  # type: ignore[arg-type]

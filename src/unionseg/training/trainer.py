@@ -230,11 +230,9 @@ class Trainer:
             dump_yaml(to_dict(cfg), self.run_dir / "config.yaml")
         torch.manual_seed(cfg.seed + 1000 * dist.rank())
         np.random.seed(cfg.seed)
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
-        else:
-            torch.backends.cudnn.benchmark = True
+        # both ways: an earlier deterministic run in this process must not leave this one deterministic
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
         started = time.perf_counter()
         self._run_stages()
         self.timings["stages"] = time.perf_counter() - started
@@ -571,31 +569,33 @@ class Trainer:
         cfg = self.cfg
         logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0, resumed_at=self.step)
         self.logger = logger
-        if not self.trainable:
-            self.step = cfg.steps
-            self.validate()
-        elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
-            print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, its "
-                  "model file is kept", file=sys.stderr)
-        elif self.step < cfg.steps:
-            loader = build_loader(self.method, self.ctx, start_step=self.step)
-            progress = _Progress(cfg.steps, self.step, self.method.label(),
-                                 enabled=self.ctx.is_main and self.ctx.progress)
-            self.bar = progress
-            try:
-                with _StopRequest() as stop:
-                    self._loop(loader, logger, progress, stop_after, stop)
-            except KeyboardInterrupt:
-                progress.close()
-                logger.close()
-                if self.ctx.is_main:
-                    print(self._interrupted_message(), file=sys.stderr)
-                raise
-            finally:
-                self.bar = None
-            progress.close()
-        logger.close()
-        self.logger = None
+        try:  # any failure (a non-finite loss, a validation error) closes the bar and the log writer too
+            if not self.trainable:
+                self.step = cfg.steps
+                self.validate()
+            elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
+                print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, "
+                      "its model file is kept", file=sys.stderr)
+            elif self.step < cfg.steps:
+                loader = build_loader(self.method, self.ctx, start_step=self.step)
+                progress = _Progress(cfg.steps, self.step, self.method.label(),
+                                     enabled=self.ctx.is_main and self.ctx.progress)
+                self.bar = progress
+                try:
+                    with _StopRequest() as stop:
+                        self._loop(loader, logger, progress, stop_after, stop)
+                except KeyboardInterrupt:
+                    progress.close()
+                    logger.close()
+                    if self.ctx.is_main:
+                        print(self._interrupted_message(), file=sys.stderr)
+                    raise
+                finally:
+                    progress.close()  # a second close does nothing
+                    self.bar = None
+        finally:
+            logger.close()
+            self.logger = None
         if stop_after is not None and self.step < cfg.steps:
             return {"stopped_at": self.step}
         return self.on_train_end()
@@ -1042,20 +1042,36 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
     empty or new folder starts a new run (with a note). A relative ``cfg.init_from`` is taken from the
     working folder and recorded absolute, so the run's ``config.yaml`` replays it from anywhere.
 
+    The process's random streams (Python, NumPy, torch), torch's deterministic-algorithms flag and cuDNN's
+    benchmark flag are set for the run and put back as they were when it returns or fails, so a notebook's
+    own draws and later runs are not changed by it.
+
     Args:
         project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project` (with the
             dataset roots it was loaded with; ``roots`` is then refused).
-        stop_after: stop (with a checkpoint) after this many steps of this call, as Ctrl-C would.
+        cfg: the run's configuration, from :func:`~unionseg.training.config.load_train_config`.
+        run_dir: the run folder (``--out``).
+        resume: go on from the run in ``run_dir`` (its checkpoint, or its finished shared stages).
+        roots: dataset name -> root folder, for a project file that leaves roots out (``--root``).
+        progress: progress bar and notes on stderr (False: silent but for warnings).
+        stop_after: stop (with a checkpoint) after this many steps of this call, as Ctrl-C would, but
+            returning ``{"stopped_at": step}`` instead of raising; ``resume=True`` goes on from there.
 
     Returns:
-        The run's summary (what ``RUN/summary.json`` holds).
+        The run's summary (what ``RUN/summary.json`` holds), or ``{"stopped_at": step}`` after ``stop_after``.
 
     Raises:
+        ConfigError: ``cfg`` is not a TrainConfig (a dict, say).
         UnionsegError: ``run_dir`` holds a run and ``resume`` is False, or is a file; another process trains
             into it (see :func:`run_folder_lock`); the errors of the run itself.
+        KeyboardInterrupt: Ctrl-C, after the step's checkpoint is written.
     """
-    from unionseg.errors import UnionsegError
+    from unionseg.errors import ConfigError, UnionsegError
+    from unionseg.training.config import TrainConfig
 
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}; build one with "
+                          "unionseg.training.config.load_train_config(recipe, overrides, method=...)")
     run_dir = Path(run_dir)
     if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
         import dataclasses
@@ -1069,13 +1085,22 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
                             "resume=True) or train into another folder (nothing was overwritten)", run_dir)
     if resume and not held and int(os.environ.get("RANK", "0")) == 0:  # before the process group: its env
         print(f"note: nothing to resume in {run_dir}; starting a new run", file=sys.stderr)
-    ctx = make_context(project_path, cfg, run_dir, roots, progress)
+    from unionseg.training.checkpoint import rng_state, set_rng_state
+
+    before = (rng_state(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
     try:
-        with run_folder_lock(ctx.run_dir, ctx.device):
-            result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
-        # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
-        # teardown seen once under load: its partner had already left); not on errors, where it could hang
-        dist.barrier()
-        return result
-    finally:
-        dist.cleanup()
+        ctx = make_context(project_path, cfg, run_dir, roots, progress)
+        try:
+            with run_folder_lock(ctx.run_dir, ctx.device):
+                result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
+            # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
+            # teardown seen once under load: its partner had already left); not on errors, where it could hang
+            dist.barrier()
+            return result
+        finally:
+            dist.cleanup()
+    finally:  # the caller's random streams and flags, as they were
+        set_rng_state(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.cudnn.benchmark = before[3]
