@@ -703,3 +703,26 @@ def test_a_ground_truth_folder_in_the_root_of_two_datasets_that_read_it_differen
     (root / "shared.yaml").write_text(yaml.safe_dump(raw))
     same = evaluate_folder(root / "preds", gt, root / "shared.yaml")
     assert same["cases"] == named["cases"]
+
+
+def test_evaluate_with_workers_from_a_script_without_the_main_guard_names_the_guard(tiny_project: Path) -> None:
+    """evaluate_folder(workers=2) from a script without `if __name__ == "__main__":` failed with a raw
+    BrokenProcessPool; now its workers refuse at once, naming the guard, and the call says a worker died
+    and why. One worker needs no guard."""
+    import subprocess
+    import sys
+
+    call = "evaluate_folder('preds', 'datasets/test/labelsTr', 'project.yaml', workers={})\n"
+    script = tiny_project / "no_guard.py"
+    script.write_text("from unionseg.evaluation.evaluate import evaluate_folder\n" + call.format(2))
+    proc = subprocess.run([sys.executable, script.name], cwd=tiny_project, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode != 0
+    assert 'must call evaluate_folder with workers > 1 under `if __name__ == "__main__":`' in proc.stderr, \
+        proc.stderr[-2000:]
+    assert "a worker process died while cases were being scored" in proc.stderr, proc.stderr[-2000:]
+    script.write_text("from unionseg.evaluation.evaluate import evaluate_folder\n"
+                      "print(" + call.format(1).strip() + "['n_cases'])\n")
+    proc = subprocess.run([sys.executable, script.name], cwd=tiny_project, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]

@@ -294,3 +294,41 @@ def test_suites_are_valid_and_unknown_ones_rejected(tmp_path: Path) -> None:
         spec.validate()
     with pytest.raises(ConfigError, match="unknown phantom suite"):
         generate_phantom(tmp_path / "x", suite="nope")
+
+
+def test_a_script_without_the_main_guard_gets_one_clear_error_and_no_leftover(tmp_path: Path) -> None:
+    """generate_phantom with worker processes from a script without `if __name__ == "__main__":` failed with
+    a raw BrokenProcessPool (each worker imports the script and ran generate_phantom again) and left a
+    `.phantom.partial-*` folder; now the workers refuse at once, naming the guard, the script's error says
+    a worker died and why, and nothing is left beside the output."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text("from unionseg.data.phantom import generate_phantom\n"
+                      "generate_phantom('phantom', size='tiny', seed=0, workers=2, cases=(2, 1, 1))\n")
+    proc = subprocess.run([sys.executable, script.name], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert 'must call generate_phantom under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]
+    assert "a worker process died while the phantom's cases were being made" in proc.stderr, proc.stderr[-2000:]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".phantom.partial")]
+
+
+def test_the_montage_leaves_the_callers_matplotlib_backend_alone(tiny: Path, tmp_path: Path) -> None:
+    """save_montage switched matplotlib to Agg, so a notebook's inline plots stopped showing after it; it
+    now draws on a canvas of its own. The picture is a real one (several colours, not a blank page)."""
+    import matplotlib
+    from matplotlib.image import imread
+
+    from unionseg.data.phantom import save_montage
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        png = save_montage(tiny, tmp_path / "montage.png")
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    pixels = imread(png)
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 300
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[-1])[:, :3], axis=0)) > 50

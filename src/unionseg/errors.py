@@ -49,3 +49,28 @@ def and_more(count: int, shown: int) -> str:
 def listing(items: Sequence[object], shown: int = 3) -> str:
     """The first ``shown`` items, comma-separated, then how many more: ``a.nii.gz, b.nii.gz and 4 more``."""
     return ", ".join(str(item) for item in items[:shown]) + and_more(len(items), shown)
+
+
+MAIN_GUARD = "`if __name__ == \"__main__\":`"
+
+
+def refuse_in_starting_worker(call: str) -> None:
+    """Raise when called while a spawned worker process imports the user's script: a script that starts
+    worker processes (prepare, the phantom, evaluate with several workers) must make its calls under the
+    ``__main__`` guard, or every worker would make them again.
+
+    Raises:
+        UnionsegError: naming ``call`` and the guard.
+    """
+    import multiprocessing as mp
+
+    if getattr(mp.current_process(), "_inheriting", False):
+        raise UnionsegError(f"{call} was called while a worker process was starting: the worker imports the "
+                            f"script that started it, so a script must call {call} under {MAIN_GUARD}")
+
+
+def worker_died(what: str, where: str | Path | None = None) -> UnionsegError:
+    """The error for a process pool whose worker died: killed, out of memory, or a script without the
+    ``__main__`` guard (its workers fail while importing it)."""
+    return UnionsegError(f"a worker process died while {what} (killed, or out of memory; from a Python script, "
+                         f"also when the call is not under {MAIN_GUARD})", where)

@@ -353,11 +353,9 @@ def site_section(agg: dict[str, Any], out: Path) -> list[str]:
 
 
 def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, str]]:
-    import matplotlib
+    from unionseg.evaluation.figures import AggPlots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = AggPlots()  # pyplot's calls without pyplot: the caller's backend stays as it is
     made: list[tuple[str, str]] = []
     methods = agg["methods"]
     regions = sorted({k for m in methods.values() for k in m["classes"] if k.startswith(REGION_PREFIX)})

@@ -49,7 +49,7 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, UnionsegError, listing
+from unionseg.errors import ConfigError, UnionsegError, listing, refuse_in_starting_worker, worker_died
 
 GENERATOR_VERSION = "phantom-1.0"
 """Bump whenever the generated voxels can change: it is recorded in every file the phantom writes."""
@@ -1104,10 +1104,13 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         The path of ``out/project.yaml``.
 
     Raises:
-        ConfigError: unknown size or suite, invalid spec. UnionsegError: ``out`` is an unrelated folder.
+        ConfigError: unknown size or suite, invalid spec. UnionsegError: ``out`` is an unrelated folder; a
+            worker died; called while a worker process imports the calling script (a script must call it
+            under ``if __name__ == "__main__":``).
     """
     from unionseg.config import dump_yaml
 
+    refuse_in_starting_worker("generate_phantom")  # before its folders: a worker would write them again
     if size not in SIZES:
         raise ConfigError(f"unknown phantom size {size!r}; known: {', '.join(SIZES)}")
     size_spec = SIZES[size]
@@ -1190,10 +1193,14 @@ def _run_tasks(tasks: Sequence[_CaseTask], workers: int) -> list[dict[str, Any]]
         return [_make_case(t) for t in tasks]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the caller may already run torch/OpenMP threads, which a forked child can inherit locked
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_make_case, tasks, chunksize=1))
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(_make_case, tasks, chunksize=1))
+    except BrokenProcessPool:
+        raise worker_died("the phantom's cases were being made") from None
 
 
 # ====================================================================== difficulty certificate
@@ -1352,12 +1359,14 @@ def print_certificate(cert: Mapping[str, Any]) -> None:
 def save_montage(out: Path | str, png: Path | str) -> Path:
     """One axial and one coronal slice of the first case of every training site, with label contours.
 
-    Radiological display: patient right on the image left, anterior up. Needs matplotlib (Agg).
+    Radiological display: patient right on the image left, anterior up. Needs matplotlib; drawn on an Agg
+    canvas of its own, so the caller's backend (a notebook's inline plots) is left as it is.
     """
-    import matplotlib
+    from matplotlib.lines import Line2D
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from unionseg.evaluation.figures import AggPlots
+
+    plt = AggPlots()
 
     from unionseg.data.io import read_image, reorient_to_ras
 
@@ -1391,7 +1400,7 @@ def save_montage(out: Path | str, png: Path | str) -> Path:
         axes[0, col].set_title(f"{name}: {proto['phase']}, {proto['orientation']} on disk\n"
                                f"{proto['spacing'][0]:.2f} x {proto['spacing'][1]:.2f} x "
                                f"{proto['spacing'][2]:.2f} mm", fontsize=9)
-    handles = [plt.Line2D([0], [0], color=colours(i), lw=2) for i in range(1, len(classes))]
+    handles = [Line2D([0], [0], color=colours(i), lw=2) for i in range(1, len(classes))]
     fig.legend(handles, classes[1:], loc="lower center", ncol=len(classes) - 1, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     png.parent.mkdir(parents=True, exist_ok=True)

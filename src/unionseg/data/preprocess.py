@@ -41,7 +41,7 @@ from unionseg.data.io import (
     reorient_like,
     reorient_to_ras,
 )
-from unionseg.errors import DataError, UnionsegError, UnionsegWarning, and_more
+from unionseg.errors import DataError, UnionsegError, UnionsegWarning, and_more, refuse_in_starting_worker
 from unionseg.faults import fault_point
 from unionseg.jsonfile import write_text
 
@@ -1144,15 +1144,9 @@ def prepare_project(
     Returns:
         The index of the prepared cases (what ``<cache_dir>/index.json`` holds).
     """
-    import multiprocessing as mp
-
     from unionseg.locking import hold_lock
 
-    if getattr(mp.current_process(), "_inheriting", False):  # a spawned worker importing the user's script
-        raise UnionsegError("prepare_project was called while a worker process was starting: the worker imports "
-                            "the script that started it, so a script must call prepare_project under "
-                            "`if __name__ == \"__main__\":` (without it every worker would prepare the project "
-                            "again, waiting on the cache's lock)")
+    refuse_in_starting_worker("prepare_project")  # its workers would prepare the project again
     from unionseg.config import Project, load_project
 
     if not isinstance(project, Project):

@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.errors import ConfigError, DataError, OutputExistsError, UnionsegError, and_more, listing
+from unionseg.errors import (
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    UnionsegError,
+    and_more,
+    listing,
+    refuse_in_starting_worker,
+    worker_died,
+)
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
     EMPTY_RULES,
@@ -551,10 +560,15 @@ def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False)
             pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
                                                            mp_context=multiprocessing.get_context("spawn")))
             results = pool.map(_evaluate_pair, jobs)  # in order, each once it and those before are done
+        from concurrent.futures.process import BrokenProcessPool
+
         out = []
-        for result in results:
-            out.append(result)
-            done(result[0])
+        try:
+            for result in results:
+                out.append(result)
+                done(result[0])
+        except BrokenProcessPool:
+            raise worker_died(f"cases were being scored ({len(out)} of {len(jobs)} done)") from None
         return out
 
 
@@ -662,6 +676,8 @@ def evaluate_folder(
         raise ConfigError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
+    if workers > 1:
+        refuse_in_starting_worker("evaluate_folder with workers > 1")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if out_dir is not None:
         out_dir = Path(out_dir)

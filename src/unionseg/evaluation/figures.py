@@ -28,6 +28,21 @@ def _figure(width: float, height: float) -> Any:
     return fig
 
 
+class AggPlots:
+    """pyplot's ``subplots`` and ``close``, on Agg canvases of their own: drawing a report never switches the
+    caller's matplotlib backend (a notebook's inline plots) nor touches pyplot's figure list."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], squeeze: bool = True,
+                 **kwargs: Any) -> tuple[Any, Any]:
+        fig = _figure(*figsize)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze, **kwargs)
+
+    @staticmethod
+    def close(fig: Any) -> None:
+        """Nothing to release: the figure is not registered with pyplot and goes with its last reference."""
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.png")
