@@ -262,7 +262,7 @@ def test_from_dict_errors_name_the_source() -> None:
     with pytest.raises(ConfigError, match="amp: expected true/false"):
         from_dict(_Recipe, {"amp": "maybe"})
     with pytest.raises(ConfigError, match="expected a mapping"):
-        from_dict(_Recipe, [1, 2])  # type: ignore[arg-type]
+        from_dict(_Recipe, [1, 2])
     with pytest.raises(ConfigError, match="inner: expected a mapping"):
         from_dict(_Recipe, {"inner": 3})
     with pytest.raises(ConfigError, match="output: expected a path"):
@@ -367,3 +367,12 @@ def test_every_method_has_a_built_in_recipe_with_the_shared_budget() -> None:
         budgets[method] = {k: cfg[k] for k in ("network", "data", "optim", "steps")}
     assert "expert" in budgets and budgets["expert"]["optim"]["lr"] == 0.02
     assert all(b == budgets["naive"] for b in budgets.values())
+
+
+def test_one_override_string_alone_is_one_override() -> None:
+    """``load_train_config(recipe, "steps=3")`` was read one character at a time ("override 's' must look
+    like key=value"); one string alone is now one override."""
+    from unionseg.training.config import load_train_config
+
+    assert load_train_config(None, "steps=3", method="naive").steps == 3
+    assert load_train_config(None, ["steps=3", "seed=4"], method="naive").seed == 4

@@ -726,3 +726,16 @@ def test_evaluate_with_workers_from_a_script_without_the_main_guard_names_the_gu
     proc = subprocess.run([sys.executable, script.name], cwd=tiny_project, capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0 and proc.stdout.strip() == "3", proc.stderr[-2000:]
+
+
+def test_one_metric_name_alone_is_one_metric(tiny_project: Path) -> None:
+    """``metrics="dice"`` was read one character at a time ("unknown metric 'd'"), in evaluate_folder and
+    evaluate_cross alike; one name alone now means that metric."""
+    root = tiny_project
+    summary = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
+                              metrics="dice")
+    assert summary["metrics"] == ["dice"] and set(summary["cases"]["case_0"]["region:liver"]) >= {"dice"}
+    assert "hd95" not in summary["cases"]["case_0"]["region:liver"]
+    with pytest.raises(ConfigError, match="unknown metric 'dise'"):
+        evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
+                        metrics="dise")

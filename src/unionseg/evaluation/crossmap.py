@@ -46,6 +46,7 @@ from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, l
 from unionseg.evaluation.evaluate import (
     case_progress,
     case_records,
+    check_metrics,
     check_not_the_truth,
     on_truth_grid,
     write_metrics_csv,
@@ -425,10 +426,10 @@ def evaluate_cross(
     _check_gt_map(model_space, gt_map)
     if out_dir is not None:
         check_output_folder(Path(out_dir), overwrite)
-    unknown_metrics = [m for m in metrics if m not in METRICS]
-    if unknown_metrics or not metrics:
-        raise ConfigError(f"unknown metric {unknown_metrics[0] if unknown_metrics else None!r}; "
-                          f"known: {', '.join(METRICS)}")
+    try:
+        metrics = check_metrics(metrics)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ConfigError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
     every = ground_truth_cases(Path(gt_dir), layout)

@@ -67,7 +67,10 @@ GRID_ATOL_MM = 1e-3
 
 
 # ---------------------------------------------------------------------- one case
-def _check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
+    """The metric names as a tuple (one name alone is one metric); ValueError for an unknown one or none."""
+    if isinstance(metrics, str):  # "dice" was read one character at a time ("unknown metric 'd'")
+        metrics = (metrics,)
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown metric {unknown[0] if unknown else None!r}; known: {', '.join(METRICS)}")
@@ -137,7 +140,7 @@ def evaluate_case(
     Raises:
         ValueError: shape mismatch, values outside the label space, bad annotated mask or metric.
     """
-    metrics = _check_metrics(metrics)
+    metrics = check_metrics(metrics)
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     mask = _check_inputs(pred, gt, annotated, space)
@@ -669,7 +672,7 @@ def evaluate_folder(
     if not isinstance(project, Project):
         project = load_project(project, roots=roots, require_train=False)
     try:
-        metrics = _check_metrics(metrics)
+        metrics = check_metrics(metrics)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:

@@ -168,7 +168,7 @@ class TrainConfig:
         return self.inference.roi_size or self.data.patch_size
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | None = None,
+def load_train_config(path: str | Path | None = None, overrides: list[str] | str | None = None,
                       base: str | Path | None = None, **fixed: Any) -> TrainConfig:
     """A recipe (YAML) plus ``key=value`` overrides; ``fixed`` keys (e.g. method) override both.
 
@@ -178,7 +178,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
 
     Args:
         path: the recipe; ``None``: the bare defaults of :class:`TrainConfig`.
-        overrides: ``key=value`` strings applied last.
+        overrides: ``key=value`` strings applied last (one string alone is one override).
         base: a recipe underneath ``path`` (the method's built-in one, for ``train -c``): what ``path``
             leaves out keeps ``base``'s value, mappings merged key by key (``optim: {lr: 0.01}`` keeps
             ``base``'s optimiser and schedule).
@@ -207,6 +207,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | Non
         source = str(recipe)
     data.update(fixed)
     cfg = from_dict(TrainConfig, data, source=source)
+    if isinstance(overrides, str):  # "steps=3" was read one character at a time ("override 's' ...")
+        overrides = [overrides]
     if overrides:
         # the method validates option names, build_loader the dataset names
         cfg = apply_overrides(cfg, overrides, open_maps=("options", "data.dataset_weights"))
