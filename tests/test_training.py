@@ -397,7 +397,7 @@ def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Pat
     assert signal.getsignal(signal.SIGINT) is before
     err = capsys.readouterr().err
     assert "SIGINT: stopping after this step to write a checkpoint" in err
-    assert "stopped at step 4; the checkpoint" in err and "--resume" in err
+    assert "stopped at step 4; the checkpoint" in err and "--resume" in err and "train(..., resume=True) in Python" in err
     assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", real)
     train(phantom_project, cfg, run, resume=True, progress=False)

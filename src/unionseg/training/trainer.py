@@ -602,8 +602,8 @@ class Trainer:
 
     def _interrupted_message(self) -> str:
         last = self.run_dir / "last.pt"
-        goes_on = ("`unionseg train` with the same arguments and --resume, or the same `unionseg benchmark` command, "
-                   "goes on from there")
+        goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python), or "
+                   "the same `unionseg benchmark` command, goes on from there")
         if self.saved_step and self.saved_step == self.step:
             return f"stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
         if self.saved_step:
