@@ -714,6 +714,16 @@ def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_pa
         train(phantom_project, _cfg(method, 1, "options.cross_task_weight=-1"), tmp_path / "bad", progress=False)
     with pytest.raises(ConfigError, match="cross_task_wieght"):  # a misspelt option is named, not ignored
         train(phantom_project, _cfg(method, 1, "options.cross_task_wieght=1"), tmp_path / "typo", progress=False)
+    # the dynamic head's own options are DoDNet's: multihead has nothing they could change, and took them
+    # without a word (its summary listing them as the run's options)
+    dynamic = ("options.head_widths=[]", "options.fan_in_init=true", "options.controller_lr_scale=4")
+    if method == "multihead":
+        for option in dynamic:
+            with pytest.raises(ConfigError, match=option.split("=")[0].split(".")[1] + ": unknown key"):
+                train(phantom_project, _cfg(method, 1, option), tmp_path / "dyn", progress=False)
+            assert not (tmp_path / "dyn").exists()
+    else:
+        train(phantom_project, _cfg(method, 1, *dynamic), tmp_path / "dyn", progress=False)
 
 
 def test_dataset_weights_reach_the_sampler_by_name(phantom_project: Path, tmp_path: Path,

@@ -49,7 +49,29 @@ class ChannelSelect(nn.Module):
 
 
 @dataclass(frozen=True)
-class DoDNetOptions:
+class TaskOptions:
+    """The options of every task-conditioned method (DoDNet, multihead, conditional): the loss and the
+    learning rate. The dynamic head's own options are :class:`DoDNetOptions`'s; the static baselines refuse
+    them (they have nothing they could change)."""
+
+    # learning-rate multiplier of the whole network (1 = the budget's lr): the budget stays one object shared by
+    # every method, and a task-conditioned run may still train slower (docs/methods.md, the learning-rate screen)
+    lr_scale: float = 1.0
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
+    # trains through the all-tasks forward (conditional: one backbone pass per task, T times the step)
+    cross_task_weight: float = 0.0
+
+    def validate(self) -> None:
+        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
+            raise ValueError("loss weights must be >= 0")
+        if not self.lr_scale > 0:
+            raise ValueError("lr_scale must be > 0")
+
+
+@dataclass(frozen=True)
+class DoDNetOptions(TaskOptions):
     feature_channels: int = 8
     head_widths: tuple[int, ...] = (8, 8)
     # off = DoDNet's controller; on = our Adam-motivated variant (see DynamicHead). On the standard suite it did
@@ -69,31 +91,22 @@ class DoDNetOptions:
     negative_slope: float = 0.0
     # learning-rate multiplier of the controller (1 = the budget's lr): see DoDNetMethod.lr_scales
     controller_lr_scale: float = 1.0
-    # learning-rate multiplier of the whole network (1 = the budget's lr): the budget stays one object shared by
-    # every method, and a task-conditioned run may still train slower (docs/methods.md, the learning-rate screen)
-    lr_scale: float = 1.0
-    dice_weight: float = 1.0
-    bce_weight: float = 1.0
-    # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
-    # trains through the all-tasks forward (conditional: one backbone pass per task, T times the step)
-    cross_task_weight: float = 0.0
 
     def validate(self) -> None:
-        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
-            raise ValueError("loss weights must be >= 0")
+        super().validate()
         if not 0 < self.image_lr_scale <= 1:
             raise ValueError("image_lr_scale must lie in (0, 1]")
         if not 0 < self.task_lr_scale <= 64:
             raise ValueError("task_lr_scale must lie in (0, 64]")
-        if not (self.lr_scale > 0 and self.controller_lr_scale > 0):
-            raise ValueError("lr_scale and controller_lr_scale must be > 0")
+        if not self.controller_lr_scale > 0:
+            raise ValueError("controller_lr_scale must be > 0")
 
 
 class TaskMethod(Method):
     """One shared backbone with a task-conditioned head; sigmoid per channel, masked Dice + BCE."""
 
     head_name: ClassVar[str] = ""
-    Options = DoDNetOptions
+    Options: ClassVar[type] = TaskOptions
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -166,6 +179,7 @@ class DoDNetMethod(TaskMethod):
                "task")
 
     head_name = "dynamic"
+    Options = DoDNetOptions
 
     def head_spec(self) -> dict[str, Any]:
         return {**super().head_spec(), "feature_channels": self.options.feature_channels,
