@@ -517,6 +517,15 @@ def test_cross_evaluation_scores_the_liver_with_the_vessels_a_mots_model_keeps_a
         assert typo.gt_map(mots) == ({6: "region:liver"}, {})
     assert CrossMap("b", {6: "liver", 1: "spleen"}, {"liver": "aorta+vein", "spleen": "region:spleen"}).gt_map(
         mots)[1] == {"liver": "the model has no class of 'aorta', 'vein'"}
+    # tables leave out "region:" per member; a class name cannot hold the '+' that joins a union
+    from unionseg.evaluation.evaluate import display_key
+
+    assert display_key("region:kidney+region:liver") == "kidney+liver"
+    assert evaluate_cross_case(pred, gt, mots, {6: "region:liver+hepatic_vessel"}, (1.0, 1.0, 1.0),
+                               metrics="dice") == {"region:liver+hepatic_vessel": {
+                                   "dice": 1.0, "pred_voxels": len(liver), "gt_voxels": len(liver)}}
+    with pytest.raises(ConfigError, match=r"invalid class name 'a\+b' .*no '\+'"):
+        LabelSpace([Leaf("a+b"), Leaf("c")])
     # the file: a list or a '+' string; a list entry holding '+', or an empty list, is refused
     for entry, ok in (("[region:liver, hepatic_vessel]", True), ("region:liver + hepatic_vessel", True),
                       ("[region:liver+hepatic_vessel]", False), ("[]", False), ("[region:liver, 3]", False)):

@@ -1300,9 +1300,12 @@ def test_train_leaves_the_callers_random_streams_and_flags_as_they_were(phantom_
     random.seed(123)
     torch.manual_seed(123)
     was = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    assert was == (False, False)  # each run below sets one of them
     train(phantom_project, _cfg("naive", 1, "deterministic=true"), tmp_path / "det", progress=False)
     assert (np.random.random(), random.random(), torch.rand(1).item()) == expected
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == was
+    train(phantom_project, _cfg("naive", 1, "deterministic=false"), tmp_path / "fast", progress=False)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == was  # it sets True
 
     closed: list[str] = []
     for cls in (trainer._Logger, trainer._Progress):

@@ -101,8 +101,11 @@ class LabelSpace:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ConfigError(f"classes: duplicate class names {dup} (background is implicit, id 0)", source)
         for leaf in leaves:
-            if not leaf.name or leaf.name.startswith(REGION_PREFIX) or leaf.name != leaf.name.strip():
-                raise ConfigError(f"classes: invalid class name {leaf.name!r}", source)
+            # "+" joins the classes of a union in an evaluation map (region:liver+hepatic_vessel)
+            if (not leaf.name or leaf.name.startswith(REGION_PREFIX) or leaf.name != leaf.name.strip()
+                    or "+" in leaf.name):
+                raise ConfigError(f"classes: invalid class name {leaf.name!r} (not empty, no 'region:' prefix, "
+                                  "no '+', no spaces around it)", source)
         self.leaves: tuple[Leaf, ...] = (Leaf(BACKGROUND), *leaves)
         self.names: tuple[str, ...] = tuple(names)
         self._id = {n: i for i, n in enumerate(names)}

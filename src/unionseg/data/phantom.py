@@ -1199,8 +1199,8 @@ def _run_tasks(tasks: Sequence[_CaseTask], workers: int) -> list[dict[str, Any]]
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             return list(pool.map(_make_case, tasks, chunksize=1))
-    except BrokenProcessPool:
-        raise worker_died("the phantom's cases were being made") from None
+    except BrokenProcessPool as exc:  # its cause, where the pool gives one, stays attached
+        raise worker_died("the phantom's cases were being made") from exc
 
 
 # ====================================================================== difficulty certificate

@@ -48,6 +48,7 @@ from unionseg.evaluation.evaluate import (
     case_records,
     check_metrics,
     check_not_the_truth,
+    display_key,
     on_truth_grid,
     write_metrics_csv,
 )
@@ -263,6 +264,7 @@ def evaluate_cross_case(
         ConfigError: an empty map or a target the model does not have.
     """
     _check_gt_map(model_space, gt_map)
+    metrics = check_metrics(metrics)
     pred, gt = np.asarray(pred), np.asarray(gt)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
@@ -493,7 +495,7 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     files = {k: v.resolve() for k, v in files.items()}  # absolute, as the summary's other paths
     write_metrics_csv(files["metrics_csv"], scores, metrics)
     write_json(files["summary_json"], {**summary, "files": {k: str(v) for k, v in files.items()}})
-    shared = ", ".join(k[len(REGION_PREFIX):] if k.startswith(REGION_PREFIX) else k for k in summary["scored"])
+    shared = ", ".join(display_key(k) for k in summary["scored"])
     lines = [f"# Cross-label-space evaluation: {summary['evaluation_set']} ({summary['n_cases']} cases)", "",
              f"Scored on the shared classes only: {shared}. Organs are regions (organ + its parts).", ""]
     if summary["not_scored"]:

@@ -443,8 +443,9 @@ def _case_quality_measure(metrics: Sequence[str]) -> str:
     return "none"
 
 
-def _display_key(key: str) -> str:
-    return key[len(REGION_PREFIX):] if key.startswith(REGION_PREFIX) else key
+def display_key(key: str) -> str:
+    """A class key as tables show it: ``region:`` left out, per member of a union (``liver+hepatic_vessel``)."""
+    return "+".join(m[len(REGION_PREFIX):] if m.startswith(REGION_PREFIX) else m for m in key.split("+"))
 
 
 def _fmt(metric: str, stat: Mapping[str, Any]) -> str:
@@ -461,7 +462,7 @@ def markdown_table(classes: Mapping[str, Any], metrics: Sequence[str], tolerance
              "|---|" + "---|" * len(metrics) + "---|---|"]
     for key, entry in classes.items():
         cells = [_fmt(m, entry[m]) for m in metrics]
-        lines.append(f"| {_display_key(key)} | " + " | ".join(cells) +
+        lines.append(f"| {display_key(key)} | " + " | ".join(cells) +
                      f" | {entry['n_cases']} | {sum(entry['empty_rule_cases'].values())} |")
     return "\n".join(lines) + "\n"
 
@@ -554,24 +555,23 @@ def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator
 def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False) -> list[tuple[str, CaseScores]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
+    out: list[tuple[str, CaseScores]] = []
     with case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack:
         results: Iterator[tuple[str, CaseScores]]
-        if workers <= 1 or len(jobs) <= 1:
-            results = map(_evaluate_pair, jobs)  # type: ignore[arg-type]
-        else:  # spawn: safe even when the caller (trainer, benchmark) already runs threads
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
-                                                           mp_context=multiprocessing.get_context("spawn")))
-            results = pool.map(_evaluate_pair, jobs)  # in order, each once it and those before are done
-        from concurrent.futures.process import BrokenProcessPool
-
-        out = []
         try:
+            if workers <= 1 or len(jobs) <= 1:
+                results = map(_evaluate_pair, jobs)  # type: ignore[arg-type]
+            else:  # spawn: safe even when the caller (trainer, benchmark) already runs threads
+                pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
+                                                               mp_context=multiprocessing.get_context("spawn")))
+                results = pool.map(_evaluate_pair, jobs)  # in order, each once it and those before are done
             for result in results:
                 out.append(result)
                 done(result[0])
-        except BrokenProcessPool:
-            raise worker_died(f"cases were being scored ({len(out)} of {len(jobs)} done)") from None
+        except BrokenProcessPool as exc:  # its cause, where the pool gives one, stays attached
+            raise worker_died(f"cases were being scored ({len(out)} of {len(jobs)} done)") from exc
         return out
 
 

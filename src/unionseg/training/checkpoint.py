@@ -91,9 +91,12 @@ def checkpoint_step(path: str | Path) -> int | None:
     for mmap in (True, False):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            return int(obj["step"])
-        except Exception:  # a truncated, foreign or older file: nothing to report
+        except Exception:  # not mappable (then read whole), or truncated or foreign: nothing to report
             continue
+        try:
+            return int(obj["step"])
+        except Exception:  # read, but holds no step
+            return None
     return None
 
 

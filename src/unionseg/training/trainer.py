@@ -1042,9 +1042,10 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
     empty or new folder starts a new run (with a note). A relative ``cfg.init_from`` is taken from the
     working folder and recorded absolute, so the run's ``config.yaml`` replays it from anywhere.
 
-    The process's random streams (Python, NumPy, torch), torch's deterministic-algorithms flag and cuDNN's
-    benchmark flag are set for the run and put back as they were when it returns or fails, so a notebook's
-    own draws and later runs are not changed by it.
+    The process's random streams (Python, NumPy, torch's CPU stream, and the current GPU's where CUDA was
+    already in use), torch's deterministic-algorithms flag and cuDNN's benchmark flag are set for the run
+    and put back as they were when it returns or fails, so a notebook's own draws and later runs are not
+    changed by it.
 
     Args:
         project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project` (with the
@@ -1100,7 +1101,10 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
             return result
         finally:
             dist.cleanup()
-    finally:  # the caller's random streams and flags, as they were
-        set_rng_state(before[0])
+    finally:  # the caller's flags and random streams, as they were
         torch.use_deterministic_algorithms(before[1], warn_only=before[2])
         torch.backends.cudnn.benchmark = before[3]
+        try:
+            set_rng_state(before[0])
+        except RuntimeError:  # a GPU left unusable by the run's own error: that error is the one to see
+            pass
