@@ -1328,3 +1328,60 @@ def test_train_leaves_the_callers_random_streams_and_flags_as_they_were(phantom_
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == was
     with pytest.raises(ConfigError, match="expected a TrainConfig, got dict; build one with"):
         train(phantom_project, {"method": "naive"}, tmp_path / "dict", progress=False)  # type: ignore[arg-type]
+
+
+def test_a_resumed_run_with_dropout_has_the_weights_of_one_never_stopped(phantom_project: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The paper's network has dropout, whose masks come from torch's global stream. A resumed run restored
+    that stream from its checkpoint, then building the loader drew one number from it, which a run never
+    stopped had drawn at step 0: every later mask differed (the tests' networks have no dropout, which hid
+    it). Now the loader leaves the stream alone."""
+    from unionseg.networks import resunet
+
+    monkeypatch.setitem(resunet.RESUNET_PRESETS, "tiny", {**resunet.RESUNET_PRESETS["tiny"], "dropout": 0.5})
+    cfg = _cfg("naive", 4, "deterministic=true", "ckpt_every=1")
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    train(phantom_project, cfg, straight, progress=False)
+    assert train(phantom_project, cfg, halves, progress=False, stop_after=2) == {"stopped_at": 2}
+    train(phantom_project, cfg, halves, resume=True, progress=False)
+    a, b = _weights(straight), _weights(halves)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the twin: dropout is on (another run without it ends elsewhere), so the equality is not vacuous
+    monkeypatch.setitem(resunet.RESUNET_PRESETS, "tiny", {**resunet.RESUNET_PRESETS["tiny"], "dropout": 0.0})
+    train(phantom_project, cfg, tmp_path / "plain", progress=False)
+    c = _weights(tmp_path / "plain")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+_DDP_DROPOUT_RESUME = r"""
+import sys
+from unionseg.networks import resunet
+from unionseg.training.config import load_train_config
+from unionseg.training.trainer import train
+resunet.RESUNET_PRESETS["tiny"] = {**resunet.RESUNET_PRESETS["tiny"], "dropout": 0.5}
+project, run, call, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+cfg = load_train_config(None, overrides, method="naive")
+train(project, cfg, run, progress=False, resume=call == "resume", stop_after=2 if call == "stop" else None)
+"""
+
+
+@pytest.mark.slow
+def test_a_resumed_torchrun_run_with_dropout_has_the_weights_of_one_never_stopped(phantom_project: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Under torchrun a checkpoint holds rank 0's random stream; on resume the other ranks were reseeded
+    from the resumed step, where a run never stopped had seeded them once at step 0, so their dropout
+    masks (and through the averaged gradients, the weights) differed. Every rank but 0 now seeds its
+    stream from (seed, rank, step) before each step."""
+    torchrun = console_script("torchrun")
+    script = tmp_path / "ddp_resume.py"
+    script.write_text(_DDP_DROPOUT_RESUME)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    overrides = [*TINY, "steps=4", "val_every=4", "ckpt_every=1", "deterministic=true", "device=cpu"]
+    # one torchrun a call: a process group is set up once per process
+    for run, call in (("straight", "whole"), ("halves", "stop"), ("halves", "resume")):
+        cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(phantom_project),
+               str(tmp_path / run), call, *overrides]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "halves")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

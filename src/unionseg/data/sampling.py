@@ -644,7 +644,11 @@ def make_loader(
         persistent_workers=num_workers > 0,
         worker_init_fn=_ignore_interrupt if num_workers > 0 else None,
     )
-    return iter(loader)
+    # the iterator draws its workers' base seed from torch's global stream; the batches do not depend on it
+    # (each step seeds its own draw), but the network's dropout does: a run resumed from a checkpoint's
+    # stream must not see it shifted by a draw a run never stopped made at step 0
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
 
 
 def _ignore_interrupt(worker_id: int) -> None:

@@ -533,7 +533,9 @@ class Trainer:
 
     def _seed_rank(self, step: int) -> None:
         """Under DDP, give every rank but 0 a torch random stream of its own (seed, rank, step): the same
-        stream on every GPU drops the same channels everywhere. One process keeps its stream unchanged."""
+        stream on every GPU drops the same channels everywhere. Called before every step, so that a resumed
+        run's ranks draw what they drew in a run never stopped (the checkpoint holds rank 0's stream only).
+        One process keeps its stream unchanged."""
         if dist.is_distributed() and dist.rank() > 0:
             torch.manual_seed(self.cfg.seed + 1000 * dist.rank() + 7919 * step)
 
@@ -631,6 +633,7 @@ class Trainer:
                 self._checkpoint_and_stop(stop)
             t_data = time.perf_counter() - t_last
             batch = _to_device(batch, self.ctx.device)
+            self._seed_rank(self.step)
             terms = self.train_step(batch)
             self.step += 1
             t_now = time.perf_counter()
