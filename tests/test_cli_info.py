@@ -231,3 +231,28 @@ def test_every_command_help_paragraph_is_one_line() -> None:
     for name, command in commands.items():
         for paragraph in (command.help or "").strip().split("\n\n"):
             assert "\n" not in paragraph.strip(), (name, paragraph)
+
+
+def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tiny_project: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank parses the same arguments and reads the same checkpoint, so each printed the same
+    refusal: two interleaved `error:` lines for one mistake. Ranks above 0 now leave those to rank 0 (the
+    exit code stays 2); their other errors say which rank they come from."""
+    from unionseg.errors import UnionsegError
+
+    args = ["train", str(tiny_project), "--method", "naive", "-o", str(tmp_path / "run"), "steps=abc"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, printed in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        assert run(args) == 2
+        err = capsys.readouterr().err
+        assert ("error: <command line>: steps: expected an integer, got 'abc'" in err) is printed, err
+    assert not (tmp_path / "run").exists()
+
+    def other(*args: object, **kwargs: object) -> None:
+        raise UnionsegError("a problem of this rank alone")
+
+    monkeypatch.setattr("unionseg.training.trainer.train", other)
+    assert run(["train", str(tiny_project), "--method", "naive", "-o", str(tmp_path / "run")]) == 2
+    assert "error (rank 1): a problem of this rank alone" in capsys.readouterr().err

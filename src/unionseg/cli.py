@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from unionseg.errors import UnionsegError, UnionsegWarning
+from unionseg.errors import CheckpointError, ConfigError, UnionsegError, UnionsegWarning
 from unionseg.stopping import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -193,6 +193,17 @@ def _out_of_memory_message(argv: list[str], exc: BaseException) -> str:
     return f"out of {where} memory{f' in {command}' if command else ''}: {hint}"
 
 
+def _other_rank() -> int | None:
+    """This process's rank under torchrun when it is not rank 0 (None in one process and on rank 0)."""
+    import os
+
+    try:
+        rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return None
+    return rank if world > 1 and rank > 0 else None
+
+
 def run(argv: list[str]) -> int:
     """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
 
@@ -216,7 +227,10 @@ def run(argv: list[str]) -> int:
     except UnionsegError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        rank = _other_rank()
+        if rank is not None and isinstance(exc, (ConfigError, CheckpointError)):
+            return 2  # every rank refuses the same arguments or checkpoint: rank 0 says it once
+        typer.echo(f"error{f' (rank {rank})' if rank is not None else ''}: {exc}", err=True)
         return 2
     except OSError as exc:
         # an OSError that names a path (-o naming a file, a folder without write permission): the same
