@@ -23,8 +23,9 @@ and model classes the evaluation set does not label (tumours) are not scored; th
 it is scored as their union, for a set that labels as one organ what the model keeps apart (BTCV's liver
 holds the vessels inside it, which a MOTS model predicts as ``hepatic_vessel``). A shared entry whose model
 class this model does not have is dropped and reported, so one map serves several recipes; of a union, the
-members the model has are scored (the whole entry is dropped only when it has none). Evaluation sets are fully labelled for their
-organs, so a zero is trusted: a predicted liver on the BTCV gallbladder is a false positive.
+members the model has are scored (the whole entry is dropped only when it has none). Evaluation sets are
+fully labelled for their organs, so a zero is trusted: a predicted liver on the BTCV gallbladder is a false
+positive.
 
 Metrics and empty-mask rules are those of :mod:`unionseg.evaluation.metrics` (never NaN). No torch here.
 """
