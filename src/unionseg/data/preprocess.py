@@ -578,8 +578,7 @@ def _stat(path: Path, root: Path) -> list[Any]:
     or pointed to another copy of a dataset by ``--root``, stays prepared, its data fingerprint and shared
     experts included.
     """
-    st = path.stat()
-    return [_relative(path, root), int(st.st_size), int(st.st_mtime_ns)]
+    return [_relative(path, root), *_size_and_date(path)]
 
 
 def _hash(data: Any) -> str:
@@ -938,10 +937,9 @@ class PreparedIndex:
 
 def _source_unchanged(path: Path, size: int, mtime_ns: int) -> bool:
     try:
-        st = path.stat()
+        return _size_and_date(path) == (int(size), int(mtime_ns))
     except OSError:
         return False
-    return int(st.st_size) == int(size) and int(st.st_mtime_ns) == int(mtime_ns)
 
 
 # ---------------------------------------------------------------------- prepare a project
@@ -1032,19 +1030,17 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
                  "record": (old or {}).get("record"), "labelled": labelled}
         entries.append(entry)
         drop_oracle = fp_oracle is None and files["oracle"].exists()
-        # only the record of its sources renewed (a touched file, or a record from before hashes): the
+        changed = do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"]
+        # or only the record of its sources renewed (a touched file, or a record from before hashes): the
         # prepared arrays stay, the case's meta is written again
-        refresh = kept != meta["sources"]
-        if do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"] \
-                or refresh:
+        if changed or kept != meta["sources"]:
             jobs.append(_CaseJob(
                 dataset=ds.name, case_id=case.case_id, out_dir=str(out_dir), image=str(case.image),
                 label=str(case.label), oracle=str(case.oracle_label) if case.oracle_label else None,
                 spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
                 do_image=do_image, do_label=do_label, do_oracle=do_oracle,
                 record=None if do_image else (old or {}).get("record"), meta=meta,
-                refresh_only=not (do_image or do_label or do_oracle or drop_oracle)
-                and (old or {}).get("split") == meta["split"],
+                refresh_only=not changed,
                 redated=any(_last_seen(kept.get(k)) not in (None, r[4]) for k, r in meta["sources"].items())))
     warn_shared_images(scans, project.path)
     return jobs, entries, splits, sources

@@ -479,6 +479,12 @@ def register(app: typer.Typer) -> None:
                     "command again, which writes every case anew); --skip-existing would take their earlier "
                     "outputs for finished ones")
 
+        def say_failed() -> None:
+            """One line per unreadable input (--keep-going), above the stop's or the end's error, whether or
+            not --quiet hid the case lines."""
+            for _, problem in failed:
+                typer.echo(f"failed: {problem}", err=True)
+
         with make_progress(*columns, console=console, transient=True) as bar:
             begun = time.perf_counter()
             for k, (name, path) in enumerate(cases, 1):
@@ -506,8 +512,7 @@ def register(app: typer.Typer) -> None:
                                         f"writing to {output}?) and was left as it is; {rest}: give each predict "
                                         "its own -o, or run again with --skip-existing", exc.path) from None
                 except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done, and how to go on (cli says which)
-                    for _, problem in failed:
-                        typer.echo(f"failed: {problem}", err=True)
+                    say_failed()
                     left = [n for n, _ in failed] + [n for n, _ in cases[k - 1:]]
                     typer.echo(f"stopped during case {name!r}: {written} of {len(cases)} case(s) written, each "
                                f"whole{f', {len(failed)} could not be read' if failed else ''}; {name!r} is to be "
@@ -534,8 +539,7 @@ def register(app: typer.Typer) -> None:
                 console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
                               markup=False, highlight=False, soft_wrap=True)
         if failed:
-            for _, problem in failed:  # one line each, above the error, whether or not --quiet hid the case lines
-                typer.echo(f"failed: {problem}", err=True)
+            say_failed()
             kept = " (their earlier outputs in -o, if any, are left as they were)" if overwrite else ""
             raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be read and were left out "
                                 f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
