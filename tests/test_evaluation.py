@@ -739,3 +739,29 @@ def test_one_metric_name_alone_is_one_metric(tiny_project: Path) -> None:
     with pytest.raises(ConfigError, match="unknown metric 'dise'"):
         evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
                         metrics="dise")
+
+
+def test_overlays_draw_pixels_at_their_in_plane_spacing(space: LabelSpace, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The overlays drew every pixel square: a grid of 2 mm (left-right) x 0.5 mm (antero-posterior) pixels,
+    40 mm wide and 20 mm deep, came out twice as deep as wide. Stored in another axis order (ASL) too."""
+    from unionseg.data.io import Geometry
+    from unionseg.evaluation import figures
+
+    drawn: list[Any] = []
+    monkeypatch.setattr(figures, "_save", lambda fig, path: drawn.append(fig) or path)
+    labels = np.zeros((20, 40, 3), np.int16)
+    labels[5:15, 10:30, 1] = 1
+    ras = np.diag([2.0, 0.5, 3.0, 1.0])
+    # the same world grid stored A, S, L: file axes (y, z, x reversed)
+    asl = np.array([[0, 0, -2.0, 0], [0.5, 0, 0, 0], [0, 3.0, 0, 0], [0, 0, 0, 1]])
+    stored = labels.transpose(1, 2, 0)[:, :, ::-1]
+    for volume, affine in ((labels, ras), (stored, asl)):
+        geometry = Geometry(volume.shape, affine)
+        assert figures.axial_aspect(geometry) == pytest.approx(0.25)
+        figures.overlay(volume, volume, space, geometry, tmp_path / "o.png", image=volume.astype(np.float32))
+        fig = drawn.pop()
+        fig.canvas.draw()
+        for ax in fig.axes:
+            box = ax.get_window_extent()
+            assert box.width / box.height == pytest.approx(2.0, rel=0.02)

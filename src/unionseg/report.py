@@ -517,7 +517,7 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
 
     from unionseg.config import load_project
     from unionseg.data.io import read_image
-    from unionseg.evaluation.figures import _rgba, axial_view, leaf_colours, mark_sides, to_ras
+    from unionseg.evaluation.figures import _rgba, axial_aspect, axial_view, leaf_colours, mark_sides, to_ras
 
     runs = [r for r in agg["runs"] if r["seed"] == 0]
     if not runs:
@@ -532,6 +532,7 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     if not image_path.exists() or not truth_path.exists():
         return None
     image, geometry = read_image(image_path)
+    aspect = axial_aspect(geometry)
     image = to_ras(image, geometry)  # the test images are stored in several orientations
     truth = to_ras(read_image(truth_path)[0], geometry)
     z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
@@ -546,9 +547,9 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.95 * rows + 0.5), squeeze=False)
     present: set[int] = set()
     for ax, (title, lab) in zip(axes.ravel(), panels, strict=False):
-        ax.imshow(np.clip(axial_view(image, z), -200, 300), cmap="gray")
+        ax.imshow(np.clip(axial_view(image, z), -200, 300), cmap="gray", aspect=aspect)
         codes = axial_view(lab, z).astype(np.int64)
-        ax.imshow(_rgba(codes, space, colours, 0.55), interpolation="nearest")
+        ax.imshow(_rgba(codes, space, colours, 0.55), interpolation="nearest", aspect=aspect)
         present.update(int(c) for c in np.unique(codes) if 0 < c < space.n_leaves)
         ax.set_title(title, fontsize=8)
         mark_sides(ax)

@@ -90,6 +90,24 @@ def to_ras(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
     return reorient_to_ras(volume, geometry)[0]
 
 
+def ras_spacing(geometry: Geometry) -> tuple[float, float, float]:
+    """Voxel spacing (mm) along the axes of :func:`to_ras`'s volume (the file's spacing, permuted)."""
+    import nibabel as nib
+
+    out = [0.0, 0.0, 0.0]
+    for axis, (ras_axis, _) in enumerate(nib.orientations.io_orientation(geometry.affine)):
+        out[int(ras_axis)] = geometry.spacing[axis]
+    return out[0], out[1], out[2]
+
+
+def axial_aspect(geometry: Geometry) -> float:
+    """The height / width of one pixel of :func:`axial_view` on ``geometry``'s grid (antero-posterior over
+    left-right spacing), for ``imshow(aspect=...)``: a grid of 0.7 x 1.4 mm pixels is drawn twice as tall as
+    wide, as a viewer shows it, not square."""
+    sx, sy, _ = ras_spacing(geometry)
+    return sy / sx
+
+
 def axial_view(ras: np.ndarray, k: int) -> np.ndarray:
     """Axial slice ``k`` of a RAS+ volume as radiologists view it: anterior at the top, the patient's right on
     the left of the image (row 0 at the top, as ``imshow`` draws by default)."""
@@ -134,7 +152,8 @@ def overlay(
     alpha: float = 0.45,
 ) -> Path:
     """Truth and prediction on the axial slice through the largest ground-truth extent, in the radiological
-    convention (anterior up, the patient's right on the left), whatever the file's orientation.
+    convention (anterior up, the patient's right on the left), whatever the file's orientation, each pixel
+    drawn at its in-plane spacing's proportions.
 
     Args:
         pred: (X, Y, Z) leaf ids.
@@ -152,6 +171,7 @@ def overlay(
     gt, pred = to_ras(gt, geometry), to_ras(pred, geometry)
     ct = None if image is None else to_ras(image, geometry)
     index = largest_slice(gt > 0, 2) if np.any(gt) else largest_slice(pred > 0, 2)
+    aspect = axial_aspect(geometry)
     colours = leaf_colours(space)
     fig = _figure(9.0, 4.8)
     present: set[int] = set()
@@ -160,10 +180,10 @@ def overlay(
         sl = axial_view(labels, index)
         if ct is not None:
             ax.imshow(axial_view(ct, index), cmap="gray", vmin=window[0], vmax=window[1],
-                      interpolation="nearest")
+                      interpolation="nearest", aspect=aspect)
         else:
-            ax.imshow(np.zeros(sl.shape), cmap="gray", vmin=0, vmax=1)
-        ax.imshow(_rgba(sl, space, colours, alpha), interpolation="nearest")
+            ax.imshow(np.zeros(sl.shape), cmap="gray", vmin=0, vmax=1, aspect=aspect)
+        ax.imshow(_rgba(sl, space, colours, alpha), interpolation="nearest", aspect=aspect)
         ax.set_title(f"{name} (axial slice {index + 1} of {labels.shape[2]}, from the feet)", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
