@@ -1394,3 +1394,42 @@ def test_a_resumed_torchrun_run_with_dropout_has_the_weights_of_one_never_stoppe
                 proc.stderr[-3000:]
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "halves")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_interrupted_experts_time_counts_in_the_compute_record(phantom_project: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """compute.json's expert time held only the process that finished the expert: the time before a Ctrl-C
+    was lost, so a resumed benchmark under-reported what the shared experts cost."""
+    import time
+
+    from unionseg.training import trainer as trainer_module
+    from unionseg.training.trainer import make_context
+
+    calls: list[float] = []
+
+    class FakeTrainer:
+        def __init__(self, ctx: Any, resume: bool) -> None:
+            self.run_dir = Path(ctx.run_dir)
+
+        def fit(self) -> dict[str, Any]:
+            time.sleep(0.3)
+            calls.append(0.3)
+            if len(calls) == 1:
+                raise KeyboardInterrupt
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "summary.json").write_text("{}")
+            return {}
+
+    monkeypatch.setattr(trainer_module, "Trainer", FakeTrainer)
+    ctx = make_context(phantom_project, _cfg("cotraining", 1, "seed=7301"), tmp_path / "run", progress=False)
+    artifacts = ctx.artifacts
+    artifacts.root = tmp_path / "artifacts"  # not the project's shared cache: these experts are fakes
+    dataset = ctx.train_datasets[0]
+    with pytest.raises(KeyboardInterrupt):
+        artifacts.ensure_experts([dataset])
+    first = artifacts.compute_seconds()[f"expert:{dataset}"]
+    assert 0.3 <= first < 5
+    artifacts.ensure_experts([dataset])
+    assert artifacts.compute_seconds()[f"expert:{dataset}"] >= first + 0.3
+    artifacts.ensure_experts([dataset])  # finished: not trained again, nothing added
+    assert len(calls) == 2

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +116,19 @@ class ArtifactCache:
             self.root.mkdir(parents=True, exist_ok=True)
             write_text(path, json.dumps(data, indent=2))
 
+    @contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        """Add the block's wall time to compute.json's ``key`` however the block ends: an expert stopped by
+        Ctrl-C and finished by a later process costs the time of both (only the finishing one's counted)."""
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            with suppress(Exception):  # the block's own error is the one to see
+                self._record(key, time.perf_counter() - started)
+            raise
+        self._record(key, time.perf_counter() - started)
+
     def compute_seconds(self) -> dict[str, float]:
         path = self.root / "compute.json"
         return json.loads(path.read_text()) if path.exists() else {}
@@ -136,9 +149,8 @@ class ArtifactCache:
                 if not (run_dir / "summary.json").exists():
                     cfg = dataclasses.replace(self.expert_cfg, options={"dataset": name})
                     sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
-                    t0 = time.perf_counter()
-                    Trainer(sub, resume=True).fit()
-                    self._record(f"expert:{name}", time.perf_counter() - t0)
+                    with self._timed(f"expert:{name}"):
+                        Trainer(sub, resume=True).fit()
             out[name] = model
         return out
 
@@ -178,14 +190,14 @@ class ArtifactCache:
                 if not todo:
                     continue
                 module, _, _ = self.load_expert(name)
-                t0 = time.perf_counter()
                 mine = self._my_share(todo)  # each DDP rank predicts and writes its own cases
-                for case in _progress(mine, f"expert {name}: probabilities", self.ctx.progress and self.ctx.is_main):
-                    probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
-                                           cfg.inference.sw_batch_size, self.ctx.device, "softmax",
-                                           cfg.inference.blend)
-                    _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
-                self._record(f"probs:{name}", time.perf_counter() - t0)
+                with self._timed(f"probs:{name}"):
+                    for case in _progress(mine, f"expert {name}: probabilities",
+                                          self.ctx.progress and self.ctx.is_main):
+                        probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
+                                               cfg.inference.sw_batch_size, self.ctx.device, "softmax",
+                                               cfg.inference.blend)
+                        _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
             # (leaving the lock is a collective: no rank reads the probabilities before every share is written)
 
     def load_probs(self, expert: str, case: PreparedCase) -> np.ndarray:
@@ -203,13 +215,11 @@ class ArtifactCache:
         """Pseudo labels for every training case: merge over the OTHER datasets' experts, ground truth wins."""
         self.ensure_probs()
         with self._exclusive("pseudo"):
-            t0 = time.perf_counter()
             todo = [case for case in self.training_cases() if not self.pseudo_path(case).exists()]
             made = len(todo)
-            for case in self._my_share(todo):  # each DDP rank makes and writes its own cases
-                _atomic_save_npy(self.pseudo_path(case), self.make_pseudo_labels(case))
-            if made:
-                self._record("pseudo_labels", time.perf_counter() - t0)
+            with self._timed("pseudo_labels") if made else nullcontext():
+                for case in self._my_share(todo):  # each DDP rank makes and writes its own cases
+                    _atomic_save_npy(self.pseudo_path(case), self.make_pseudo_labels(case))
             self._rank0_decides(True)  # every rank's share written before rank 0 reads them all for the score
             quality = self.pseudo_label_quality() if self.ctx.is_main else {}
             if quality and self.ctx.is_main:
