@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -892,6 +893,7 @@ def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["ddp"] == {"world_size": 2, "in_sync": True}
+    assert summary["processes"] == [{"from_step": 0, "world_size": 2}]
     assert len(list(run.glob("*.pt"))) == 2  # one last.pt and one model.pt, written by rank 0 only
     assert len(list(run.glob("log*.csv"))) == 1
     # the 1x1x1 kernels' channels-last strides made DDP warn on every rank on the CPU (same bytes; silenced)
@@ -1433,3 +1435,30 @@ def test_an_interrupted_experts_time_counts_in_the_compute_record(phantom_projec
     assert artifacts.compute_seconds()[f"expert:{dataset}"] >= first + 0.3
     artifacts.ensure_experts([dataset])  # finished: not trained again, nothing added
     assert len(calls) == 2
+
+
+def test_the_summary_records_the_processes_of_every_session(phantom_project: Path, tmp_path: Path) -> None:
+    """summary.json's ddp entry held the last session's world size only: a run begun on two processes and
+    finished on one did not say that its effective batch changed. Each session's count is now recorded, and
+    a resume that changes it warns."""
+    from unionseg.training.checkpoint import atomic_torch_save
+
+    run = tmp_path / "run"
+    cfg = _cfg("naive", 3, "ckpt_every=1")
+    train(phantom_project, cfg, run, progress=False, stop_after=2)
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    assert state["world_sizes"] == [[0, 1]]
+    state["world_sizes"] = [[0, 2]]  # as a torchrun session of two processes writes it
+    atomic_torch_save(state, run / "last.pt")
+    with pytest.warns(UserWarning, match=r"resumed at step 2 with 1 process\(es\), where the run's steps so far "
+                                         r"had 2: the effective batch changes from 2 x 2 to 1 x 2"):
+        train(phantom_project, cfg, run, resume=True, progress=False)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["processes"] == [{"from_step": 0, "world_size": 2}, {"from_step": 2, "world_size": 1}]
+    assert "ddp" not in summary  # this session ran one process
+
+    whole = tmp_path / "whole"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # twin: no resume, no warning
+        train(phantom_project, cfg, whole, progress=False)
+    assert json.loads((whole / "summary.json").read_text())["processes"] == [{"from_step": 0, "world_size": 1}]

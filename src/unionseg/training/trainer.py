@@ -202,6 +202,8 @@ class Trainer:
         self.timings = {"data": 0.0, "total": 0.0, "stages": 0.0, "run": 0.0}
         self.run_seconds_earlier = 0.0  # the processes' before this one (a resumed run)
         self._run_started: float | None = None
+        # [step, number of processes] from each session on (a resume with another --nproc_per_node adds one)
+        self.world_sizes: list[list[int]] = []
 
     # ------------------------------------------------------------------ setup
     def on_train_start(self) -> None:
@@ -259,7 +261,21 @@ class Trainer:
             if "run" not in resume_state.get("timings", {}):  # before session 24: its steps' time, the closest
                 self.timings["run"] = self.timings["total"]
         self.run_seconds_earlier = self.timings["run"]
+        self._note_world_size()
         self._run_started = time.perf_counter()
+
+    def _note_world_size(self) -> None:
+        """Start a new entry of ``world_sizes`` when this session runs another number of processes than the
+        last (always for a new run); warn on a resume that changes it, since the effective batch changes."""
+        size = dist.world_size()
+        if self.world_sizes and self.world_sizes[-1][1] != size and self.ctx.is_main:
+            before = self.world_sizes[-1][1]
+            warnings.warn(f"{self.run_dir}: resumed at step {self.step} with {size} process(es), where the run's "
+                          f"steps so far had {before}: the effective batch changes from {before} x "
+                          f"{self.cfg.data.batch_size} to {size} x {self.cfg.data.batch_size} patches per step "
+                          f"(summary.json's processes record it)", stacklevel=2)
+        if not self.world_sizes or self.world_sizes[-1][1] != size:
+            self.world_sizes.append([self.step, size])
 
     def _run_seconds(self) -> float:
         """The run's wall time after its stages, this process's included."""
@@ -395,6 +411,7 @@ class Trainer:
             "best_metric": self.best_metric, "best_name": self.best_name, "best_step": self.best_step,
             "history": self.history, "data": self._data_identity,
             "timings": {**self.timings, "run": self._run_seconds()},  # a resumed run's summary times the whole run
+            "world_sizes": self.world_sizes,
         }
 
     def save_checkpoint(self) -> None:
@@ -521,6 +538,8 @@ class Trainer:
         self.best_name = str(state["best_name"])
         self.best_step = int(state.get("best_step", 0)) or self._model_file_step()  # absent before session 24
         self.history = list(state["history"])
+        # absent before session 30: the processes of the steps before are unknown
+        self.world_sizes = [[int(a), int(b)] for a, b in state.get("world_sizes", [])]
 
     def _model_file_step(self) -> int:
         """The step the run folder's model file was taken at, from its provenance (0: unknown)."""
@@ -735,6 +754,8 @@ class Trainer:
                    "stage_seconds_this_process": self.stage_seconds_here,
                    "run_seconds": self._run_seconds(), "run_seconds_earlier": self.run_seconds_earlier,
                    "model": str(self.run_dir / "model.pt")}
+        # the processes (world size) from each step on; a resume with another count adds an entry
+        summary["processes"] = [{"from_step": step, "world_size": size} for step, size in self.world_sizes]
         if dist.is_distributed():
             summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
         if self.ctx.artifacts is not None and "experts" in self.method.stages:
