@@ -462,8 +462,11 @@ def test_evaluate_folder_partial_truth_scores_annotated_only(tiny_project: Path)
     assert summary["dataset"] == "liver"
     assert list(summary["cases"]["liver_0"]) == ["region:liver", "liver_tumour"]  # the predicted kidney is ignored
     # twin: declaring the truth as the fully labelled test set would score the kidney (and punish it)
-    forced = evaluate_folder(root / "preds", root / "datasets" / "liver" / "labelsTr", root / "project.yaml",
-                             "test", root / "eval_forced", figures=False)
+    from unionseg.errors import UnionsegWarning
+
+    with pytest.warns(UnionsegWarning, match="they are case files of dataset 'liver': pass --dataset liver"):
+        forced = evaluate_folder(root / "preds", root / "datasets" / "liver" / "labelsTr", root / "project.yaml",
+                                 "test", root / "eval_forced", figures=False)
     assert forced["cases"]["liver_0"]["region:kidney"]["empty_rule"] == GT_EMPTY
 
 
