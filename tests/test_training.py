@@ -1462,3 +1462,46 @@ def test_the_summary_records_the_processes_of_every_session(phantom_project: Pat
         warnings.simplefilter("error")  # twin: no resume, no warning
         train(phantom_project, cfg, whole, progress=False)
     assert json.loads((whole / "summary.json").read_text())["processes"] == [{"from_step": 0, "world_size": 1}]
+
+
+def test_a_run_without_validation_cases_deploys_its_last_weights_and_claims_no_score(
+    phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every validation split empty (val_fraction 0, one-case datasets) the first validation's "Dice 0"
+    kept the first checkpoint as model.pt, silently, and the run reported a best validation Dice of 0."""
+    from typer.testing import CliRunner
+
+    from unionseg.cli import app
+    from unionseg.modelfile import load_model
+    from unionseg.training import trainer as trainer_module
+    from unionseg.training import validation
+
+    monkeypatch.setattr(validation, "validation_cases", lambda ctx, datasets=None: [])
+    monkeypatch.setattr(trainer_module, "validation_cases", lambda ctx, datasets=None: [])
+    run = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"no validation case for this run .*/model\.pt holds the last step's "
+                                         r"weights, not validated"):
+        summary = train(phantom_project, _cfg("naive", 3, "val_every=1"), run, progress=False)
+    assert summary["best_val_mean_dice"] is None and summary["selected_on"] == "none"
+    assert summary["selected_at_step"] == 3
+    assert json.loads((run / "validation.json").read_text()) == [{"step": s, "cases": 0} for s in (1, 2, 3)]
+    deployed = load_model(run / "model.pt")
+    assert deployed["provenance"]["selected_at_step"] == 3
+    last = _weights(run)
+    assert all(torch.equal(v, last[f"net.{k}"]) for k, v in deployed["state_dict"].items())
+    shown = CliRunner().invoke(app, ["info", str(run)])
+    assert "not validated (no validation case): the last step's weights" in shown.output, shown.output
+
+
+def test_val_max_cases_takes_the_datasets_in_turn() -> None:
+    """val_max_cases=N kept the first N cases in dataset order, so a recipe's later datasets were never
+    validated nor used to select the model."""
+    from types import SimpleNamespace
+
+    from unionseg.training.validation import _round_robin
+
+    cases = [SimpleNamespace(dataset=d, case_id=f"{d}{i}") for d, n in (("liver", 3), ("kidney", 1), ("spleen", 2))
+             for i in range(n)]
+    assert [c.case_id for c in _round_robin(cases)] == ["liver0", "kidney0", "spleen0", "liver1", "spleen1", "liver2"]
+    one = [c for c in cases if c.dataset == "liver"]  # one dataset (a role: val set): its own order
+    assert _round_robin(one) == one

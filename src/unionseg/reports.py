@@ -230,9 +230,11 @@ def print_run_info(run: Path) -> dict[str, Any]:
         step = summary.get("selected_at_step")
         if step is None and model is not None:  # a summary written before it recorded the step
             step = model["provenance"].get("selected_at_step")
+        score = summary.get("best_val_mean_dice", float("nan"))
+        chosen = (f"best validation mean Dice {score:.4f} (over {summary.get('selected_on', 'all')})"
+                  if score is not None else "not validated (no validation case): the last step's weights")
         print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
-              f"taken at step {step}, best validation mean Dice "
-              f"{summary.get('best_val_mean_dice', float('nan')):.4f} (over {summary.get('selected_on', 'all')})")
+              f"taken at step {step}, {chosen}")
     else:
         from unionseg.training.checkpoint import checkpoint_step
 

@@ -59,8 +59,10 @@ def register(app: typer.Typer) -> None:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
             step = summary.get("selected_at_step")
             at = f" (step {step} of {summary['steps']})" if step else ""
+            score = summary["best_val_mean_dice"]
             typer.echo(f"model: {summary['model']}{at}  "
-                       f"best validation mean Dice over {over}: {summary['best_val_mean_dice']:.4f}")
+                       + (f"best validation mean Dice over {over}: {score:.4f}" if score is not None
+                          else "not validated (no validation case): the last step's weights"))
 
     @app.command()
     def methods() -> None:

@@ -37,7 +37,7 @@ from unionseg.stopping import Terminated
 from unionseg.training import distributed as dist
 from unionseg.training.checkpoint import atomic_torch_save, rng_state, safe_torch_load, set_rng_state
 from unionseg.training.config import TrainConfig
-from unionseg.training.validation import selection_score, validate_deployed
+from unionseg.training.validation import selection_score, validate_deployed, validation_cases
 
 CKPT_FORMAT = "unionseg-checkpoint"
 
@@ -221,6 +221,11 @@ class Trainer:
         from unionseg.training.data import check_training_data
 
         check_training_data(self.method, ctx)  # before config.yaml: a refused run leaves no folder to resume
+        if ctx.is_main and not validation_cases(ctx, self.method.datasets()):
+            warnings.warn(f"{ctx.project.path}: no validation case for this run (every validation split is empty: "
+                          f"val_fraction 0, or one-case datasets): no checkpoint can be selected, so {self.run_dir}"
+                          f"/model.pt holds the last step's weights, not validated; hold out cases (split: "
+                          f"val_fraction or val_cases) or add a role: val dataset to select on", stacklevel=2)
         # a resume takes the checkpoint's weights; a model file that cannot start this run is refused here,
         # before any file is written or any shared expert trained
         start = (self._start_model(Path(cfg.init_from).expanduser())
@@ -697,6 +702,19 @@ class Trainer:
         for name, deployed in candidates.items():
             shown = None if self.bar is None else self.bar.validating(name if len(candidates) > 1 else "")
             results[name] = validate_deployed(deployed, self.ctx, self.method.datasets(), on_case=shown)
+        if all(r["n_cases"] == 0 for r in results.values()):
+            # nothing to select on (no validation case): the model file follows the weights, so it ends with
+            # the last step's, and no score is claimed (a Dice of 0 kept the first validation's weights)
+            self.history.append({"step": self.step, "cases": 0})
+            if self.ctx.is_main:
+                _write_json_atomic(self.run_dir / "validation.json", self.history)
+            name = next(iter(candidates))
+            self.best_name, self.best_step = name, self.step
+            self.method.select(name)
+            if self.ctx.is_main:
+                self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
+            dist.barrier()
+            return
         score = {n: selection_score(r, self.cfg.select_on) for n, r in results.items()}
         name = max(results, key=lambda n: score[n])
         entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
@@ -741,10 +759,12 @@ class Trainer:
 
     def on_train_end(self) -> dict[str, Any]:
         # best_val_mean_dice: the selection score of the chosen model (the mean named by selected_on)
-        summary = {"method": self.cfg.method, "steps": self.step, "best_val_mean_dice": self.best_metric,
+        validated = math.isfinite(self.best_metric)  # no validation case: the last step's weights, no score
+        summary = {"method": self.cfg.method, "steps": self.step,
+                   "best_val_mean_dice": self.best_metric if validated else None,
                    # the rule that ran: "regions" falls back to "all" when no validation scored a region
-                   "selected_on": self.cfg.select_on if any(k.endswith("/region_mean") for h in self.history
-                                                             for k in h) else "all",
+                   "selected_on": "none" if not validated else self.cfg.select_on
+                   if any(k.endswith("/region_mean") for h in self.history for k in h) else "all",
                    "best_candidate": self.best_name, "selected_at_step": self.best_step or None,
                    "project": str(self.ctx.project.path), "data_fingerprint": self.ctx.index.fingerprint,
                    "config_hash": config_hash(self.cfg), "history": self.history,

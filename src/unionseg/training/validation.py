@@ -56,8 +56,22 @@ def validation_cases(ctx: RunContext, datasets: list[str] | None = None) -> list
     names = ctx.train_datasets if datasets is None else datasets
     chosen = full if full else [c for c in cases if c.dataset in names]
     if ctx.cfg.val_max_cases is not None:
-        chosen = chosen[: ctx.cfg.val_max_cases]
+        chosen = _round_robin(chosen)[: ctx.cfg.val_max_cases]
     return chosen
+
+
+def _round_robin(cases: list[Any]) -> list[Any]:
+    """The cases taken one dataset at a time, in turn (each dataset's in their order): the first N of them
+    validate every dataset once N reaches the number of datasets (the first N in dataset order left a
+    seven-dataset recipe's later datasets unvalidated under ``val_max_cases=2``)."""
+    by_dataset: dict[str, list[Any]] = {}
+    for case in cases:
+        by_dataset.setdefault(case.dataset, []).append(case)
+    turns = [iter(group) for group in by_dataset.values()]
+    out: list[Any] = []
+    while len(out) < len(cases):
+        out.extend(case for turn in turns if (case := next(turn, None)) is not None)
+    return out
 
 
 def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] | None = None,
@@ -96,7 +110,7 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
             per_class.setdefault(key, []).append(value)
     means = {k: float(np.mean(v)) for k, v in per_class.items()}
     return {"per_class": means, "mean_dice": float(np.mean(list(means.values()))) if means else 0.0,
-            "region_mean": region_mean(means)}
+            "region_mean": region_mean(means), "n_cases": len(cases)}
 
 
 def region_mean(per_class: dict[str, float]) -> float | None:
