@@ -768,3 +768,35 @@ def test_overlays_draw_pixels_at_their_in_plane_spacing(space: LabelSpace, tmp_p
         for ax in fig.axes:
             box = ax.get_window_extent()
             assert box.width / box.height == pytest.approx(2.0, rel=0.02)
+
+
+def test_predictions_of_a_model_with_other_class_values_are_refused(tiny_project: Path) -> None:
+    """A project listing the model's classes in another order read the kidney's value as the spleen's and
+    scored both wrong, silently: predict now records its values' classes in the NIfTI header, and evaluate
+    refuses a project that reads them otherwise. Files without the record (other tools) are scored as before."""
+    import nibabel as nib
+
+    from unionseg.config import load_project
+    from unionseg.data.io import nifti_label_names, read_image, write_image
+
+    root = tiny_project
+    reference = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
+                                figures=False)
+    names = list(load_project(root / "project.yaml").label_space.names)
+    marked = root / "marked"
+    for path in sorted((root / "preds").glob("case_*.nii.gz")):
+        labels, geometry = read_image(path)
+        write_image(marked / path.name, labels, geometry, label_names=names)
+    assert nifti_label_names(marked / "case_0.nii.gz") == names
+    same = evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)
+    assert same["cases"] == reference["cases"]  # the model's own order: scored as before
+
+    swapped = names[:1] + names[1:][::-1]
+    for path in sorted(marked.glob("case_*.nii.gz")):
+        labels, geometry = read_image(path)
+        write_image(path, labels, geometry, label_names=swapped)
+    with pytest.raises(ConfigError, match=r"case_\d\.nii\.gz was written by a model whose label values mean "
+                                          r"\{1: kidney, .*but this project reads them as \{1: liver"):
+        evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)
+    assert nib.load(str(marked / "case_0.nii.gz")).header.extensions  # twin of the plain files: no record there
+    assert nifti_label_names(root / "preds" / "case_0.nii.gz") is None

@@ -553,6 +553,11 @@ def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys
     out = tmp_path / "pred"
     assert run(["predict", str(first), str(inputs / "case0.nii.gz"), "-o", str(out), "--device", "cpu"]) == 0
     assert nifti_description(out / "case0.nii.gz").endswith(f" model={model_id(first)}")
+    from unionseg.data.io import nifti_label_names
+    from unionseg.modelfile import load_model
+
+    space = load_model(first)["label_space"]
+    assert nifti_label_names(out / "case0.nii.gz") == ["background", *[c["name"] for c in space["classes"]]]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
     assert run(["predict", str(second), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 2

@@ -8,9 +8,11 @@ reading and back on writing, so a file written with a source's geometry reproduc
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import warnings
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -515,6 +517,42 @@ def nifti_description(path: str | Path) -> str | None:
         return None
 
 
+#: a NIfTI header extension of code 6 (a comment, ignored by viewers) whose text is this key's JSON: what each
+#: value of a label map ``predict`` wrote means ({"0": "background", "1": "liver", ...}), so that a project
+#: that reads the values otherwise (its classes in another order) is refused rather than scored wrong
+LABEL_NAMES_KEY = "unionseg_label_values"
+
+
+def label_names_extension(names: Sequence[str]) -> Any:
+    """The NIfTI extension that records a label map's value names (``names[v]`` is value v's class)."""
+    import nibabel as nib
+
+    text = json.dumps({LABEL_NAMES_KEY: {str(v): name for v, name in enumerate(names)}}, separators=(",", ":"))
+    return nib.nifti1.Nifti1Extension(6, text.encode("utf-8"))
+
+
+def nifti_label_names(path: str | Path) -> list[str] | None:
+    """The value names ``predict`` recorded in a NIfTI label map's header (read without its voxels); None
+    when the file holds none (another tool's, an older release's), is not NIfTI or cannot be read."""
+    import nibabel as nib
+
+    path = Path(path)
+    if suffix_of(path) not in NIFTI_SUFFIXES or not path.is_file():
+        return None
+    try:
+        header: Any = nib.load(str(path)).header
+        for ext in header.extensions:
+            if ext.get_code() != 6:
+                continue
+            content = ext.get_content()
+            if isinstance(content, bytes) and LABEL_NAMES_KEY.encode() in content:
+                values = json.loads(content.decode("utf-8"))[LABEL_NAMES_KEY]
+                return [str(values[str(v)]) for v in range(len(values))]
+    except Exception:  # a damaged header or extension: as if it held none
+        return None
+    return None
+
+
 def place_file(tmp: Path, path: Path, replace: bool = True) -> None:
     """Move a finished temporary file to its name. ``replace=False`` never replaces a file there: the move is
     a hard link, which fails atomically where the name exists (two processes writing one folder cannot
@@ -539,14 +577,15 @@ def place_file(tmp: Path, path: Path, replace: bool = True) -> None:
 
 
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, description: str | None = None,
-                replace: bool = True) -> Path:
+                replace: bool = True, label_names: Sequence[str] | None = None) -> Path:
     """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename; with
     ``replace=False`` never over an existing file, :func:`place_file`).
 
     The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK). The dtype is kept,
     except that bool is stored as uint8 and float16 as float32 (neither format stores them). NIfTI keeps
     the affine in float32 (about 1e-7 relative); NRRD/MHA keep it in float64. ``description`` goes into a
-    NIfTI header's ``descrip`` field (80 characters at most).
+    NIfTI header's ``descrip`` field (80 characters at most); ``label_names`` (the class of each value) into
+    a header extension, :func:`nifti_label_names`.
 
     Raises:
         DataError: when the array's shape does not match the geometry.
@@ -571,6 +610,8 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
             nifti.header.set_xyzt_units("mm")
             if description is not None:
                 nifti.header["descrip"] = description.encode("ascii", "replace")[:79]
+            if label_names is not None:
+                nifti.header.extensions.append(label_names_extension(label_names))
             nib.save(nifti, str(tmp))
         elif suf in SITK_SUFFIXES:
             _write_sitk(tmp, array, geometry)

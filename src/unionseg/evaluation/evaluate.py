@@ -622,6 +622,29 @@ def _is_evaluation_summary(path: Path) -> bool:
     return isinstance(data, dict) and {"n_cases", "classes", "metrics", "cases"} <= set(data)
 
 
+def check_label_names(preds: dict[str, Path], space: LabelSpace, project_path: Path | str) -> None:
+    """Refuse predictions whose recorded value names (``predict`` writes them in the NIfTI header) the
+    project reads otherwise: a project listing its classes in another order than the model's scored the
+    kidney as the spleen, silently. Files without the record (other tools, older releases) are not checked.
+
+    Raises:
+        ConfigError: naming the prediction, the model's classes and the project's.
+    """
+    from unionseg.data.io import nifti_label_names
+
+    ours = list(space.names)
+    for path in preds.values():
+        names = nifti_label_names(path)
+        if names is not None and ours[: len(names)] != names:
+            raise ConfigError(f"{path} was written by a model whose label values mean {_value_list(names)}, "
+                              f"but this project reads them as {_value_list(ours)}: evaluate with the project the "
+                              f"model was trained on, or list the classes in the model's order", project_path)
+
+
+def _value_list(names: list[str]) -> str:
+    return "{" + ", ".join(f"{v}: {n}" for v, n in enumerate(names) if v) + "}"
+
+
 def evaluate_folder(
     pred_dir: str | Path,
     gt_dir: str | Path,
@@ -714,6 +737,7 @@ def evaluate_folder(
     if missing:
         raise DataError(f"no prediction for case {missing[0]!r}{and_more(len(missing), 1)} (expected {missing[0]}.nii.gz for "
                         f"{truths[missing[0]]})", pred_dir)
+    check_label_names({case: preds[case] for case in truths}, space, project.path)
     jobs = [(case, preds[case], path, lookup, annotated, space, spec.name, float(tolerance_mm), metrics)
             for case, path in truths.items()]
     cases = dict(_run_jobs(jobs, workers, progress))

@@ -699,12 +699,12 @@ class Predictor:
         if probs_path is None:
             labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
             write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id),
-                    replace=overwrite)
+                    replace=overwrite, label_names=self.space.names)
             return out_path
         labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
                                            progress=progress)
         write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id),
-                    replace=overwrite)
+                    replace=overwrite, label_names=self.space.names)
         write_probabilities(probs_path, probs, geom, self.probability_names, self.probability_meanings,
                             replace=overwrite, model=self.model_id)
         return out_path
