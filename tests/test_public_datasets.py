@@ -302,9 +302,14 @@ def test_folders_layout_matches_btcv_names_by_number(public: dict[str, Path], tm
     (root / "img" / "img0002.nii.gz").unlink()
     assert len(scan_dataset("btcv", root).cases) == 2
     shutil.copy(root / "label" / "label0001.nii.gz", root / "label" / "label0099.nii.gz")
-    with pytest.raises(DataError, match="label file matches no image") as exc:
+    with pytest.raises(DataError, match=r"label file matches no image in img/ \(by name or number\)$") as exc:
         scan_dataset("btcv", root)
     assert exc.value.path == root / "label" / "label0099.nii.gz"
+    # a DICOM series as a case's image: a folder, which datasets do not read; the message says so
+    (root / "img" / "img0099").mkdir()
+    with pytest.raises(DataError, match=r"img/ holds folders \(img0099\), which datasets do not read: one image "
+                                        r"file per case .*convert a DICOM series first"):
+        scan_dataset("btcv", root)
 
 
 def test_match_by_name_exact_first_then_unambiguous_numbers() -> None:
