@@ -60,7 +60,11 @@ def test_a_training_set_read_from_an_nnunet_test_folder_is_said(tiny_project: Pa
 def test_info_with_root_override(tiny_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     other = write_tiny_project(tmp_path / "copy").parent / "datasets" / "liver"
     assert run(["info", str(tiny_project), "--root", f"liver={other}"]) == 0
-    assert "train 3, val 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "train 3, val 1" in out
+    # where each dataset was read: the override, and the project's own root for the others
+    roots = next(line for line in out.splitlines() if line.startswith("roots (NAME=DIR, as --root takes them): "))
+    assert f"liver={other}" in roots and f"kidney={tiny_project.parent / 'datasets' / 'kidney'}" in roots
     assert run(["info", str(tiny_project), "--root", "liver"]) == 2
     assert capsys.readouterr().err.strip() == "error: --root 'liver' must look like NAME=DIR"
 

@@ -52,7 +52,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
             counts = {spec.role: len(ids)}
         datasets.append({"name": spec.name, "role": spec.role, "layout": info.layout,
                          "labels": {int(k): v for k, v in spec.labels.items()},
-                         "annotated": list(spec.annotated), "counts": counts})
+                         "annotated": list(spec.annotated), "counts": counts, "root": str(spec.root)})
     warn_shared_images(scans, project.path)
     classes = [{"id": i, "name": leaf.name, "part_of": leaf.part_of} for i, leaf in enumerate(space.leaves)]
     return {"project": project.name, "path": str(project.path), "classes": classes,
@@ -92,6 +92,9 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
                       ", ".join(d["annotated"]),
                       ", ".join(f"{k} {v}" for k, v in d["counts"].items()))
     console.print(table)
+    # where each dataset was read (after the roots file and --root): the table has no room for paths
+    console.print("roots (NAME=DIR, as --root takes them): " + "; ".join(f"{d['name']}={d['root']}" for d in summary["datasets"]),
+                  markup=False, highlight=False, soft_wrap=True)
     pre = summary["preprocessing"]
     console.print(f"preprocessing: spacing {pre['spacing']} mm, window {pre['window']} HU")
     if not any(d["role"] == "train" for d in summary["datasets"]):
