@@ -702,7 +702,7 @@ class Trainer:
         for name, deployed in candidates.items():
             shown = None if self.bar is None else self.bar.validating(name if len(candidates) > 1 else "")
             results[name] = validate_deployed(deployed, self.ctx, self.method.datasets(), on_case=shown)
-        if all(r["n_cases"] == 0 for r in results.values()):
+        if all(r.get("n_cases") == 0 for r in results.values()):
             # nothing to select on (no validation case): the model file follows the weights, so it ends with
             # the last step's, and no score is claimed (a Dice of 0 kept the first validation's weights)
             self.history.append({"step": self.step, "cases": 0})
