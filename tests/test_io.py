@@ -21,6 +21,7 @@ from unionseg.data.io import (
     reoriented_geometry,
     strip_suffix,
     suffix_of,
+    warn_if_uncoded,
     write_image,
 )
 from unionseg.errors import DataError, OutputExistsError, UnionsegWarning
@@ -385,9 +386,10 @@ def test_written_nifti_keeps_the_source_qform_and_sform(tmp_path: Path, qform_co
     src.set_sform(sform, code=2)
     src.set_qform(qform, code=qform_code)
     nib.save(src, str(tmp_path / "image.nii.gz"))
+    _, geom = read_image(tmp_path / "image.nii.gz")
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a coded sform: read without the warning of an uncoded file (below)
-        _, geom = read_image(tmp_path / "image.nii.gz")
+        warnings.simplefilter("error")  # a coded sform: no warning of an uncoded file (below)
+        warn_if_uncoded(tmp_path / "image.nii.gz", geom)
     write_image(tmp_path / "label.nii.gz", np.ones(geom.shape, np.uint8), geom)
     out = nib.load(str(tmp_path / "label.nii.gz")).header
     assert (int(out["qform_code"]), int(out["sform_code"])) == (qform_code, 2)
@@ -413,10 +415,11 @@ def test_nifti_without_transform_codes_gets_none_back(tmp_path: Path) -> None:
     src.set_qform(None, code=0)
     src.set_sform(None, code=0)
     nib.save(src, str(tmp_path / "image.nii.gz"))
-    # the reader says the orientation is a guess (it was read silently)
+    _, geom = read_image(tmp_path / "image.nii.gz")
+    # predict says the orientation of such an input is a guess (it was read silently)
     with pytest.warns(UnionsegWarning, match=r"image\.nii\.gz: neither its qform nor its sform is set \(both codes "
                                              r"0\).*axes taken as LAS, centred on the volume"):
-        _, geom = read_image(tmp_path / "image.nii.gz")
+        warn_if_uncoded(tmp_path / "image.nii.gz", geom)
     write_image(tmp_path / "label.nii.gz", np.ones(geom.shape, np.uint8), geom)
     out = nib.load(str(tmp_path / "label.nii.gz"))
     assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 0)

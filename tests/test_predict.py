@@ -1066,3 +1066,26 @@ def test_case_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None
     # those systems map letters one to one: "straße" and "strasse" are two files there (casefold would merge)
     check_output_dir(tmp_path / "out", [("straße", tmp_path / "a" / "straße.nii.gz"),
                                         ("strasse", tmp_path / "b" / "strasse.nii.gz")])
+
+
+def test_predict_warns_that_an_uncoded_input_is_placed_by_guess(tmp_path: Path) -> None:
+    """An input whose qform and sform codes are both 0 does not say where its axes lie; predict read it
+    silently, and the label map is only as well placed as the input."""
+    import warnings
+
+    import nibabel as nib
+
+    from unionseg.errors import UnionsegWarning
+
+    predictor = Predictor.from_checkpoint(_model_file(tmp_path), device="cpu")
+    image = nib.Nifti1Image(_ct((20, 16, 12)).astype(np.int16), np.diag([2.0, 2.0, 3.0, 1.0]))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    nib.save(image, str(tmp_path / "uncoded.nii.gz"))
+    with pytest.warns(UnionsegWarning, match=r"uncoded\.nii\.gz: neither its qform nor its sform is set"):
+        predictor.predict(tmp_path / "uncoded.nii.gz")
+    image.set_sform(np.diag([2.0, 2.0, 3.0, 1.0]), code=1)
+    nib.save(image, str(tmp_path / "coded.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)  # twin: a coded sform predicts quietly
+        predictor.predict(tmp_path / "coded.nii.gz")

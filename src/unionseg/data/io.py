@@ -332,12 +332,18 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     except Exception as exc:  # a damaged header makes nibabel raise more types (HeaderDataError, struct.error, ...)
         raise DataError(f"not a readable NIfTI image ({type(exc).__name__}: {exc})", path) from None
     array = _as_3d(np.asarray(array), path)
-    forms = NiftiForms.of(img.header)
+    return array, Geometry(array.shape, nifti_affine_mm(img, path), NiftiForms.of(img.header))
+
+
+def warn_if_uncoded(path: Path, geometry: Geometry) -> None:
+    """Warn that a NIfTI whose qform and sform codes are both 0 does not say how its axes lie in the patient
+    (``predict`` calls it on its inputs: the output is only as well placed as the input)."""
+    forms = geometry.nifti_forms
     if forms is not None and forms.qform_code == 0 and forms.sform_code == 0:
         warnings.warn(f"{path}: neither its qform nor its sform is set (both codes 0), so the file does not say "
                       "how its axes lie in the patient; it is read with nibabel's fallback (voxel sizes only, axes "
-                      "taken as LAS, centred on the volume), which viewers may not share: check the orientation", UnionsegWarning, stacklevel=2)
-    return array, Geometry(array.shape, nifti_affine_mm(img, path), forms)
+                      "taken as LAS, centred on the volume), which viewers may not share: check the orientation",
+                      UnionsegWarning, stacklevel=2)
 
 
 def _sitk_to_geometry(img: Any, shape: tuple[int, ...]) -> Geometry:
