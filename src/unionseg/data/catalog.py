@@ -531,7 +531,7 @@ def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
         key = lonely_labels[0]
         series = sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
         hint = (f"; {images_dir.name}/ holds folders ({', '.join(series[:3])}{' ...' if len(series) > 3 else ''}), "
-                f"which datasets do not read: one image file per case (.nii.gz, .nii, .nrrd, .mha); convert a "
+                f"which datasets do not read: one image file per case ({', '.join(IMAGE_SUFFIXES)}); convert a "
                 f"DICOM series first (predict reads DICOM folders)" if series else "")
         raise DataError(f"label file matches no image in {images_dir.name}/ (by name or number){hint}",
                         labels[key])
