@@ -1450,7 +1450,9 @@ def test_the_summary_records_the_processes_of_every_session(phantom_project: Pat
     assert state["world_sizes"] == [[0, 1]]
     state["world_sizes"] = [[0, 2]]  # as a torchrun session of two processes writes it
     atomic_torch_save(state, run / "last.pt")
-    with pytest.warns(UserWarning, match=r"resumed at step 2 with 1 process\(es\), where the run's steps so far "
+    from unionseg.errors import UnionsegWarning
+
+    with pytest.warns(UnionsegWarning, match=r"resumed at step 2 with 1 process\(es\), where the run's steps so far "
                                          r"had 2: the effective batch changes from 2 x 2 to 1 x 2"):
         train(phantom_project, cfg, run, resume=True, progress=False)
     summary = json.loads((run / "summary.json").read_text())
@@ -1478,10 +1480,21 @@ def test_a_run_without_validation_cases_deploys_its_last_weights_and_claims_no_s
 
     monkeypatch.setattr(validation, "validation_cases", lambda ctx, datasets=None: [])
     monkeypatch.setattr(trainer_module, "validation_cases", lambda ctx, datasets=None: [])
+    from unionseg.errors import UnionsegWarning
+    from unionseg.training.checkpoint import atomic_torch_save
+
     run = tmp_path / "run"
-    with pytest.warns(UserWarning, match=r"no validation case for this run .*/model\.pt holds the last step's "
-                                         r"weights, not validated"):
-        summary = train(phantom_project, _cfg("naive", 3, "val_every=1"), run, progress=False)
+    cfg = _cfg("naive", 3, "val_every=1", "ckpt_every=1")
+    with pytest.warns(UnionsegWarning, match=r"no validation case for this run .*/model\.pt holds the last step's "
+                                             r"weights, not validated"):
+        train(phantom_project, cfg, run, progress=False, stop_after=2)
+    shown = CliRunner().invoke(app, ["info", str(run)])
+    assert "an unfinished run, not validated (no validation case)" in shown.output, shown.output
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    state["best_metric"] = 0.0  # as an older release stored the "Dice 0" of no case
+    atomic_torch_save(state, run / "last.pt")
+    with pytest.warns(UnionsegWarning, match="no validation case for this run"):
+        summary = train(phantom_project, cfg, run, resume=True, progress=False)
     assert summary["best_val_mean_dice"] is None and summary["selected_on"] == "none"
     assert summary["selected_at_step"] == 3
     assert json.loads((run / "validation.json").read_text()) == [{"step": s, "cases": 0} for s in (1, 2, 3)]
@@ -1498,10 +1511,19 @@ def test_val_max_cases_takes_the_datasets_in_turn() -> None:
     validated nor used to select the model."""
     from types import SimpleNamespace
 
-    from unionseg.training.validation import _round_robin
+    from unionseg.training.validation import validation_cases
 
-    cases = [SimpleNamespace(dataset=d, case_id=f"{d}{i}") for d, n in (("liver", 3), ("kidney", 1), ("spleen", 2))
-             for i in range(n)]
-    assert [c.case_id for c in _round_robin(cases)] == ["liver0", "kidney0", "spleen0", "liver1", "spleen1", "liver2"]
-    one = [c for c in cases if c.dataset == "liver"]  # one dataset (a role: val set): its own order
-    assert _round_robin(one) == one
+    cases = [SimpleNamespace(dataset=d, case_id=f"{d}{i}", role="train")
+             for d, n in (("liver", 3), ("kidney", 1), ("spleen", 2)) for i in range(n)]
+
+    def ctx(max_cases: int | None, found: list[Any]) -> Any:
+        index = SimpleNamespace(cases=lambda split: found)
+        return SimpleNamespace(index=index, train_datasets=["liver", "kidney", "spleen"],
+                               cfg=SimpleNamespace(val_max_cases=max_cases))
+
+    assert [c.case_id for c in validation_cases(ctx(2, cases))] == ["liver0", "kidney0"]
+    assert [c.case_id for c in validation_cases(ctx(6, cases))] == ["liver0", "kidney0", "spleen0", "liver1",
+                                                                     "spleen1", "liver2"]
+    assert validation_cases(ctx(None, cases)) == cases  # no cap: every case, in their order
+    full = [SimpleNamespace(dataset="val", case_id=f"val{i}", role="val") for i in range(3)]
+    assert validation_cases(ctx(2, cases + full)) == full[:2]  # one dataset (a role: val set): its own order

@@ -242,7 +242,9 @@ def print_run_info(run: Path) -> dict[str, Any]:
         from unionseg.training.checkpoint import checkpoint_step
 
         history = read_record(history_path) if history_path.is_file() else []
-        last = f", last validated at step {history[-1]['step']}" if history else ", not validated yet"
+        last = (", not validated yet" if not history
+                else ", not validated (no validation case)" if history[-1].get("cases") == 0
+                else f", last validated at step {history[-1]['step']}")
         if (run / "last.pt").is_file():
             step = checkpoint_step(run / "last.pt")
             if step is None:  # it said "to resume from", and --resume then refused the file

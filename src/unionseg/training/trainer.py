@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from unionseg.config import Project, config_hash, describe_changes, option_changes, to_dict
-from unionseg.errors import ConfigError
+from unionseg.errors import ConfigError, UnionsegWarning
 from unionseg.jsonfile import read_record, write_json, write_text
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
@@ -225,7 +225,8 @@ class Trainer:
             warnings.warn(f"{ctx.project.path}: no validation case for this run (every validation split is empty: "
                           f"val_fraction 0, or one-case datasets): no checkpoint can be selected, so {self.run_dir}"
                           f"/model.pt holds the last step's weights, not validated; hold out cases (split: "
-                          f"val_fraction or val_cases) or add a role: val dataset to select on", stacklevel=2)
+                          f"val_fraction or val_cases) or add a role: val dataset to select on",
+                          UnionsegWarning, stacklevel=2)
         # a resume takes the checkpoint's weights; a model file that cannot start this run is refused here,
         # before any file is written or any shared expert trained
         start = (self._start_model(Path(cfg.init_from).expanduser())
@@ -273,12 +274,14 @@ class Trainer:
         """Start a new entry of ``world_sizes`` when this session runs another number of processes than the
         last (always for a new run); warn on a resume that changes it, since the effective batch changes."""
         size = dist.world_size()
+        if self.step >= self.cfg.steps and self.world_sizes:  # a finished run resumed again: no step to come
+            return
         if self.world_sizes and self.world_sizes[-1][1] != size and self.ctx.is_main:
             before = self.world_sizes[-1][1]
             warnings.warn(f"{self.run_dir}: resumed at step {self.step} with {size} process(es), where the run's "
                           f"steps so far had {before}: the effective batch changes from {before} x "
                           f"{self.cfg.data.batch_size} to {size} x {self.cfg.data.batch_size} patches per step "
-                          f"(summary.json's processes record it)", stacklevel=2)
+                          f"(summary.json's processes record it)", UnionsegWarning, stacklevel=2)
         if not self.world_sizes or self.world_sizes[-1][1] != size:
             self.world_sizes.append([self.step, size])
 
@@ -709,7 +712,8 @@ class Trainer:
             if self.ctx.is_main:
                 _write_json_atomic(self.run_dir / "validation.json", self.history)
             name = next(iter(candidates))
-            self.best_name, self.best_step = name, self.step
+            # -inf: no score, also where an older release's checkpoint stored its "Dice 0" of no case
+            self.best_metric, self.best_name, self.best_step = -math.inf, name, self.step
             self.method.select(name)
             if self.ctx.is_main:
                 self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
