@@ -571,6 +571,17 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
         summary = evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map,
                                  exclude=["label0021", "label05[1-9][0-9]", "label0600"])
     assert summary["excluded"] == ["label0021"]
+    # maps whose recorded value names the model's space reads otherwise (classes in another order): refused;
+    # in the model's order they score as the plain maps do
+    marked = tmp_path / "marked"
+    for n in (1, 2, 21):
+        write_image(marked / f"img{n:04d}.nii.gz", np.zeros(gt.shape, np.uint8), geom, label_names=space.names)
+    assert evaluate_cross(marked, public["btcv"] / "label", space, gt_map)["classes"] == \
+        evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map)["classes"]
+    write_image(marked / "img0002.nii.gz", np.zeros(gt.shape, np.uint8), geom,
+                label_names=[space.names[0], *space.names[1:][::-1]])
+    with pytest.raises(ConfigError, match=r"img0002\.nii\.gz was written by a model whose label values mean"):
+        evaluate_cross(marked, public["btcv"] / "label", space, gt_map)
     # the ground truth given as the predictions would score a perfect 1: refused
     with pytest.raises(DataError, match="is the ground-truth file"):
         evaluate_cross(public["btcv"] / "label", public["btcv"] / "label", space, gt_map)

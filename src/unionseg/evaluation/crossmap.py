@@ -457,6 +457,9 @@ def evaluate_cross(
     numbers_out = {name_numbers(n) for n in names_out} - kept_numbers - {None}
     unmatched = [u for u in unmatched if u not in names_out and name_numbers(u) not in numbers_out]
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
+    from unionseg.evaluation.evaluate import check_label_names
+
+    check_label_names({case: preds[case] for case in cases}, model_space, model_space.source)
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
     with case_progress(len(cases), progress, "evaluate-cross") as done:
