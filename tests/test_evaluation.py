@@ -790,6 +790,11 @@ def test_predictions_of_a_model_with_other_class_values_are_refused(tiny_project
     assert nifti_label_names(marked / "case_0.nii.gz") == names
     same = evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)
     assert same["cases"] == reference["cases"]  # the model's own order: scored as before
+    for path in sorted(marked.glob("case_*.nii.gz")):  # a model with one more class than the project lists
+        labels, geometry = read_image(path)
+        write_image(path, labels, geometry, label_names=[*names, "stomach"])
+    more = evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)
+    assert more["cases"] == reference["cases"]  # the shared values agree; a stomach value would be refused as unknown
 
     swapped = names[:1] + names[1:][::-1]
     for path in sorted(marked.glob("case_*.nii.gz")):

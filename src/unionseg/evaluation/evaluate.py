@@ -635,10 +635,13 @@ def check_label_names(preds: dict[str, Path], space: LabelSpace, project_path: P
     ours = list(space.names)
     for path in preds.values():
         names = nifti_label_names(path)
-        if names is not None and ours[: len(names)] != names:
+        if names is None:
+            continue
+        shared = min(len(names), len(ours))  # values beyond either list: the value checks of scoring apply
+        if ours[:shared] != names[:shared]:
             raise ConfigError(f"{path} was written by a model whose label values mean {_value_list(names)}, "
                               f"but this project reads them as {_value_list(ours)}: evaluate with the project the "
-                              f"model was trained on, or list the classes in the model's order", project_path)
+                              f"model was trained on, or list and name the classes as the model does", project_path)
 
 
 def _value_list(names: list[str]) -> str:
