@@ -516,15 +516,26 @@ def set_nifti_transforms(nifti: Any, geometry: Geometry) -> None:
 def nifti_description(path: str | Path) -> str | None:
     """The ``descrip`` field of a NIfTI file's header (read without its voxels), or None when the file is
     missing, not NIfTI or unreadable."""
+    header = _nifti_header(path)
+    if header is None:
+        return None
+    try:
+        return bytes(header["descrip"]).split(b"\0", 1)[0].decode("ascii", "replace").strip()
+    except Exception:  # a damaged header: not a file predict wrote
+        return None
+
+
+def _nifti_header(path: str | Path) -> Any:
+    """A NIfTI file's header, read without its voxels; None when the file is missing, not NIfTI or its header
+    cannot be read."""
     import nibabel as nib
 
     path = Path(path)
     if suffix_of(path) not in NIFTI_SUFFIXES or not path.is_file():
         return None
     try:
-        header: Any = nib.load(str(path)).header
-        return bytes(header["descrip"]).split(b"\0", 1)[0].decode("ascii", "replace").strip()
-    except Exception:  # a damaged header: not a file predict wrote
+        return nib.load(str(path)).header
+    except Exception:  # a damaged header: nibabel raises several types
         return None
 
 
@@ -545,13 +556,10 @@ def label_names_extension(names: Sequence[str]) -> Any:
 def nifti_label_names(path: str | Path) -> list[str] | None:
     """The value names ``predict`` recorded in a NIfTI label map's header (read without its voxels); None
     when the file holds none (another tool's, an older release's), is not NIfTI or cannot be read."""
-    import nibabel as nib
-
-    path = Path(path)
-    if suffix_of(path) not in NIFTI_SUFFIXES or not path.is_file():
+    header = _nifti_header(path)
+    if header is None:
         return None
     try:
-        header: Any = nib.load(str(path)).header
         for ext in header.extensions:
             if ext.get_code() != 6:
                 continue
