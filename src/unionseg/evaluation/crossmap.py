@@ -47,6 +47,7 @@ from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, l
 from unionseg.evaluation.evaluate import (
     case_progress,
     case_records,
+    check_label_names,
     check_metrics,
     check_not_the_truth,
     display_key,
@@ -457,8 +458,6 @@ def evaluate_cross(
     numbers_out = {name_numbers(n) for n in names_out} - kept_numbers - {None}
     unmatched = [u for u in unmatched if u not in names_out and name_numbers(u) not in numbers_out]
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
-    from unionseg.evaluation.evaluate import check_label_names
-
     check_label_names({case: preds[case] for case in cases}, model_space, model_space.source)
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
