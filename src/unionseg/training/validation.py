@@ -64,14 +64,12 @@ def _round_robin(cases: list[Any]) -> list[Any]:
     """The cases taken one dataset at a time, in turn (each dataset's in their order): the first N of them
     validate every dataset once N reaches the number of datasets (the first N in dataset order left a
     seven-dataset recipe's later datasets unvalidated under ``val_max_cases=2``)."""
+    from itertools import zip_longest
+
     by_dataset: dict[str, list[Any]] = {}
     for case in cases:
         by_dataset.setdefault(case.dataset, []).append(case)
-    turns = [iter(group) for group in by_dataset.values()]
-    out: list[Any] = []
-    while len(out) < len(cases):
-        out.extend(case for turn in turns if (case := next(turn, None)) is not None)
-    return out
+    return [case for turn in zip_longest(*by_dataset.values()) for case in turn if case is not None]
 
 
 def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] | None = None,
