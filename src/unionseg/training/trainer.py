@@ -614,8 +614,7 @@ class Trainer:
                     with _StopRequest() as stop:
                         self._loop(loader, logger, progress, stop_after, stop)
                 except KeyboardInterrupt:
-                    progress.close()
-                    logger.close()
+                    progress.close()  # before the message: the bar must not draw over it
                     if self.ctx.is_main:
                         print(self._interrupted_message(), file=sys.stderr)
                     raise
