@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 from unionseg.errors import ConfigError
-from unionseg.progress import LineProgress, line_interval, make_progress, track
+from unionseg.progress import LineProgress, Rate, line_interval, make_progress, track
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,8 @@ def test_lines_give_the_count_the_eta_and_a_last_line(monkeypatch: pytest.Monkey
     bar.update(task, advance=2)  # 10 s after the start: under the interval, no line yet
     assert out.getvalue() == ""
     now[0] += 30
-    bar.update(task, advance=2, terms="loss=0.4")  # 4 of 10 in 40 s: 60 s to go
-    assert out.getvalue().splitlines() == ["prepare liver: 4/10 (40%), 0:00:40 elapsed, ETA 0:01:00, loss=0.4"]
+    bar.update(task, advance=2, terms="loss=0.4")  # 2 more in 30 s since the first move: 6 to go, 90 s
+    assert out.getvalue().splitlines() == ["prepare liver: 4/10 (40%), 0:00:40 elapsed, ETA 0:01:30, loss=0.4"]
     now[0] += 5
     bar.update(task, completed=10)  # the last line comes at once, without an ETA
     assert out.getvalue().splitlines()[-1] == "prepare liver: 10/10 (100%), 0:00:45 elapsed, loss=0.4"
@@ -108,7 +108,44 @@ def test_a_progress_after_a_quiet_spell_waits_its_interval(monkeypatch: pytest.M
         assert out.getvalue() == ""  # 1 s into this progress: quiet
         now[0] += 30
         bar.update(task, advance=1)
-        assert out.getvalue().splitlines() == ["case: 2/9 (22%), 0:00:31 elapsed, ETA 0:01:48"]
+        assert out.getvalue().splitlines() == ["case: 2/9 (22%), 0:00:31 elapsed, ETA 0:03:30"]  # 30 s a case
+
+
+def test_the_eta_leaves_the_warm_up_of_the_first_step_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first step of a run carries the loader's start and the first allocations: taking the rate from the
+    start made a 44-second run announce 2:26 (helper-67, off a terminal). Once the task has moved twice, the
+    rate runs from its first move; with one move only, from its start."""
+    now = [0.0]
+    monkeypatch.setattr("unionseg.progress.time.monotonic", lambda: now[0])
+    console, out = _console()
+    with LineProgress(console, interval=30) as bar:
+        task = bar.add_task("naive", total=1000)
+        now[0] += 20
+        bar.update(task, advance=1)  # step 1 ends after 20 s of warm-up: under the interval, no line
+        now[0] += 20
+        bar.update(task, advance=200)  # then 0.1 s a step: 799 steps to go, 80 s (not 799 x 40 / 201 = 159 s)
+        assert out.getvalue().splitlines() == ["naive: 201/1000 (20%), 0:00:40 elapsed, ETA 0:01:20"]
+    console, out = _console()
+    with LineProgress(console, interval=0) as bar:
+        task = bar.add_task("case", total=4)
+        now[0] += 40
+        bar.update(task, advance=1)  # one move: the rate from the start (40 s a case)
+        assert out.getvalue().splitlines() == ["case: 1/4 (25%), 0:00:40 elapsed, ETA 0:02:00"]
+
+
+def test_a_rate_runs_from_the_first_move_once_there_is_a_second() -> None:
+    """predict's batch ETA (one case a move) and the progress lines share it."""
+    rate = Rate(count=0, now=0.0)
+    assert rate.eta(0, 10, now=5.0) is None  # nothing moved
+    rate.moved(1, now=60.0)  # the first case: 60 s, the model's warm-up in it
+    assert rate.eta(1, 10, now=60.0) == 540.0  # one move: the rate from the start
+    rate.moved(2, now=70.0)
+    rate.moved(3, now=80.0)  # 10 s a case since
+    assert rate.eta(3, 10, now=80.0) == 70.0
+    assert rate.eta(10, 10, now=150.0) is None  # done
+    resumed = Rate(count=500, now=0.0)  # a resumed run: its count starts at 500
+    resumed.moved(500, now=30.0)  # no move
+    assert resumed.first is None and resumed.eta(500, 1000, now=30.0) is None
 
 
 def test_make_progress_draws_a_bar_only_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

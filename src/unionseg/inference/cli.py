@@ -390,7 +390,7 @@ def register(app: typer.Typer) -> None:
 
         from unionseg.config import is_device_name
         from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
-        from unionseg.progress import clock, make_progress
+        from unionseg.progress import Rate, clock, make_progress
 
         if not is_device_name(device):
             raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
@@ -486,7 +486,7 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"failed: {problem}", err=True)
 
         with make_progress(*columns, console=console, transient=True) as bar:
-            begun = time.perf_counter()
+            rate = Rate()  # the batch's, the first case's warm-up left out once a second is written
             for k, (name, path) in enumerate(cases, 1):
                 task = bar.add_task(f"{name} (windows)", total=None)
 
@@ -533,7 +533,9 @@ def register(app: typer.Typer) -> None:
                 bar.remove_task(task)
                 written += 1
                 now = time.perf_counter()
-                eta = f", ETA {clock((now - begun) / k * (len(cases) - k))}" if k < len(cases) else ""
+                rate.moved(k)
+                seconds = rate.eta(k, len(cases))
+                eta = f", ETA {clock(seconds)}" if seconds is not None else ""
                 also = f" and {names[1]}" if probabilities else ""
                 # one line per case, however long (off a terminal rich wrapped it at 80 columns, breaking logs)
                 console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
