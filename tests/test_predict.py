@@ -515,6 +515,9 @@ def test_cli_refuses_an_output_file_name_outputs_as_inputs_and_hints_at_sub_fold
     assert run(["predict", str(model), str(image), "-o", str(tmp_path / "seg.nii.gz"), "--device", "cpu"]) == 2
     assert not (tmp_path / "seg.nii.gz").exists()
     assert f"looks like a file name: give a folder (-o {tmp_path / 'seg'}, say)" in capsys.readouterr().err
+    spaced = tmp_path / "my scans" / "seg.nii.gz"  # the advice is a command: a path with a space is quoted
+    assert run(["predict", str(model), str(image), "-o", str(spaced), "--device", "cpu"]) == 2
+    assert f"(-o '{spaced.parent / 'seg'}', say)" in capsys.readouterr().err
     out = tmp_path / "pred"
     assert run(["predict", str(model), str(image), "-o", str(out), "--device", "cpu", "--probabilities"]) == 0
     capsys.readouterr()

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -871,7 +872,7 @@ class PreparedIndex:
             DataError: not prepared, or stale (settings or sources changed): run ``unionseg prepare``.
         """
         path = project.cache_dir / "index.json"
-        hint = f"run `unionseg prepare {project.path}`"
+        hint = f"run `unionseg prepare {shlex.quote(str(project.path))}`"
         if not path.is_file():
             raise DataError(f"project is not prepared; {hint}", project.cache_dir)
         try:
@@ -898,7 +899,8 @@ class PreparedIndex:
                     # not the fix (a project moved with its data finds its sources through the new root)
                     raise DataError(f"dataset {name!r} was prepared from {before}, and the project now points to "
                                     f"{roots[name]}, where {rel} is missing or differs; to use what was prepared, "
-                                    f"pass --root {name}={before} (as prepare was given, perhaps); to use the data "
+                                    f"pass --root {shlex.quote(f'{name}={before}')} (as prepare was given, "
+                                    "perhaps); to use the data "
                                     f"at {roots[name]}, {hint}", path)
                 what = "changed" if source.exists() else "is gone"
                 raise DataError(f"prepared data is stale: {source} {what} since prepare; {hint}", path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -82,8 +83,6 @@ def _subfolder_hint(folder: Path) -> str:
         return ""
     if not held:
         return ""
-    import shlex
-
     from unionseg.data.catalog import image_key
 
     shown = ", ".join(d.name for d in held[:3]) + (", ..." if len(held) > 3 else "")
@@ -403,7 +402,8 @@ def register(app: typer.Typer) -> None:
             raise UnionsegError("--overwrite and --skip-existing exclude each other")
         if not output.exists() and suffix_of(output) in IMAGE_SUFFIXES:  # it would become a folder of that name
             raise UnionsegError(f"-o takes a folder, where each input's label map is written under its case name; "
-                                f"{output.name} looks like a file name: give a folder (-o {output.parent / strip_suffix(output)}, "
+                                f"{output.name} looks like a file name: give a folder "
+                                f"(-o {shlex.quote(str(output.parent / strip_suffix(output)))}, "
                                 "say)", output)
         cases = collect_inputs(inputs)
         for _, path in cases:  # predict's own outputs given back as inputs (-o of a run as the next run's input)

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -374,7 +375,8 @@ class Trainer:
         if not self._same_but_run_settings(to_dict(before), config_hash(before)):
             changed = describe_changes(_flatten(to_dict(before)), _flatten(to_dict(self.cfg)))
             raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
-                                  f"resume with the same recipe and overrides (`-c {recorded}` gives the "
+                                  "resume with the same recipe and overrides "
+                                  f"(`-c {shlex.quote(str(recorded))}` gives the "
                                   "configuration it was started with), or start a new run folder", recorded)
 
     def _run_stages(self) -> None:
@@ -439,7 +441,8 @@ class Trainer:
             changed = "" if recorded is None else describe_changes(_flatten(recorded), _flatten(to_dict(self.cfg)))
             raise CheckpointError("checkpoint was written with a different configuration"
                                   + (f" ({changed})" if changed else "")
-                                  + f"; resume with the same recipe and overrides (`-c {self.run_dir / 'config.yaml'}` "
+                                  + "; resume with the same recipe and overrides "
+                                  + f"(`-c {shlex.quote(str(self.run_dir / 'config.yaml'))}` "
                                   "gives the configuration it was started with), or start a new run folder", path)
         saved = state.get("options")  # absent in checkpoints written before options were recorded
         changed = "" if saved is None else option_changes(saved, self.method_options(),
