@@ -680,6 +680,8 @@ def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path,
                              f"{n_params:,} parameters")
     network = next(line for line in lines if line.startswith("network: "))
     assert "resunet" in network and "tiny" in network
+    # the target spacing; an image's own is within one voxel's rounding of it (a whole number of voxels)
+    assert any(line.startswith("inputs are resampled to about [") for line in lines)
     assert any(line.startswith("provenance: taken at step 2,") for line in lines)
     payload = load_model(run / "model.pt")
     assert payload["method"] == method

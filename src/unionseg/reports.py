@@ -156,7 +156,9 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
         out(f"network: {json.dumps(network.get('backbone', {}))}"
             + (f", head {head.get('name')}" if isinstance(head, dict) and head else ""))
     pre = s["preprocessing"]
-    out(f"inputs are resampled to {pre.get('spacing')} mm and windowed to {pre.get('window')} HU"
+    # the grid holds a whole number of voxels per axis, so an image's own spacing is close to the target
+    # (5.948 mm for a 6 mm target), not equal to it: prepare records each case's
+    out(f"inputs are resampled to about {pre.get('spacing')} mm and windowed to {pre.get('window')} HU"
         + (", cropped to the body" if pre.get("crop_to_body") else "") + "; predictions go back to the input's grid")
     inf = s["inference"]
     out(f"sliding window: {inf.get('roi_size')} voxels, overlap {inf.get('overlap')}, {inf.get('sw_batch_size')} "
