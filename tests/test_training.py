@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import console_script, wait_for_log_rows
+from unionseg.errors import ConfigError
 from unionseg.training.checkpoint import safe_torch_load
 from unionseg.training.config import load_train_config
 from unionseg.training.trainer import make_context, train
@@ -583,6 +584,27 @@ def test_a_user_recipe_merges_into_the_method_recipe(tmp_path: Path) -> None:
     assert cfg.data.patch_size == (32, 32, 32) and cfg.data.fg_prob == 0.9
     bare = load_train_config(mine, method="dodnet")  # without a base: the dataclass defaults fill the rest
     assert (bare.optim.name, bare.optim.warmup_steps) == ("adamw", 0)
+    with pytest.raises(ConfigError, match="the recipe says 'dodnet', the call says 'naive'"):
+        load_train_config(mine, base=base, method="naive")  # base's method counts too (it was accepted)
+
+
+def test_train_config_is_what_the_cli_trains_with(tmp_path: Path) -> None:
+    """From Python, load_train_config("mine.yaml") started from TrainConfig's bare defaults (lr 0.003) where
+    `train -c mine.yaml` lays the file over the method's built-in recipe (lr 0.02): the same file trained
+    another run (helper-70). train_config builds the CLI's configuration."""
+    from unionseg.training.recipes import default_recipe, train_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("method: dodnet\nsteps: 40\n")
+    cfg = train_config(recipe=mine, overrides="seed=3")  # the method from the recipe
+    builtin = load_train_config(default_recipe("dodnet"), method="dodnet")
+    assert (cfg.method, cfg.steps, cfg.seed) == ("dodnet", 40, 3)
+    assert cfg.optim == builtin.optim and cfg.options == builtin.options and cfg.data == builtin.data
+    assert load_train_config(mine).optim.lr != builtin.optim.lr  # the low-level loader: bare defaults
+    assert train_config("marginal").optim.lr == load_train_config(default_recipe("marginal")).optim.lr
+    assert train_config().method == "naive"
+    with pytest.raises(ConfigError, match="the recipe says 'dodnet', the call says 'naive'"):
+        train_config("naive", mine)
 
 
 @pytest.mark.parametrize(("override", "problem"), [

@@ -9,27 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 
-def resolve_method(method: str | None, recipe: Path | None) -> str:
-    """The method to train: ``--method``, else the recipe's own ``method:``, else ``naive``.
-
-    Raises:
-        ConfigError: ``--method`` and the recipe name different methods.
-    """
-    from unionseg.config import load_yaml
-    from unionseg.errors import ConfigError
-
-    written = None
-    if recipe is not None:
-        raw = load_yaml(recipe)
-        written = raw.get("method") if isinstance(raw, dict) else None
-        if written is not None and not isinstance(written, str):
-            raise ConfigError(f"method: expected a method name, got {written!r}", recipe)
-    if method is not None and written is not None and written != method:
-        raise ConfigError(f"method: the recipe says {written!r}, --method says {method!r}; give one of them",
-                          recipe)
-    return method or written or "naive"
-
-
 def register(app: typer.Typer) -> None:
     @app.command(context_settings={"allow_extra_args": False})
     def train(
@@ -45,15 +24,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train METHOD on a prepared project: shared artefacts, stages, the loop, validation, model file."""
         from unionseg.cli import _parse_roots
-        from unionseg.training.config import load_train_config
-        from unionseg.training.recipes import default_recipe
+        from unionseg.training.recipes import resolve_method, train_config
         from unionseg.training.trainer import train as run_train
 
-        method = resolve_method(method, config)
-        if config is None:
-            cfg = load_train_config(default_recipe(method), overrides or [], method=method)
-        else:  # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
-            cfg = load_train_config(config, overrides or [], base=default_recipe(method), method=method)
+        # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
+        cfg = train_config(resolve_method(method, config, given_as="--method"), config, overrides)
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports

@@ -176,8 +176,13 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | str
     dataset name, the device, a patch size the network cannot halve) is checked when training starts,
     before anything is written.
 
+    This is the low-level loader: it starts from the bare defaults of :class:`TrainConfig` (a learning rate
+    of 0.003, which trains the built-in budgets far more slowly) unless ``base`` says otherwise.
+    :func:`unionseg.training.recipes.train_config` builds what ``unionseg train`` trains with (the method's
+    built-in recipe underneath).
+
     Args:
-        path: the recipe; ``None``: the bare defaults of :class:`TrainConfig`.
+        path: the recipe; ``None``: the bare defaults of :class:`TrainConfig` (under ``base``, if given).
         overrides: ``key=value`` strings applied last (one string alone is one override).
         base: a recipe underneath ``path`` (the method's built-in one, for ``train -c``): what ``path``
             leaves out keeps ``base``'s value, mappings merged key by key (``optim: {lr: 0.01}`` keeps
@@ -185,7 +190,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | str
 
     Raises:
         ConfigError: an unreadable recipe, an unknown key or a bad value; ``method`` given that differs from
-            the one ``path`` names.
+            the one ``path`` or ``base`` names.
     """
     data: dict[str, Any] = {}
     source = "<defaults>"
@@ -198,7 +203,7 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | str
 
             raise ConfigError("expected a mapping at the top level", recipe)
         written = (raw or {}).get("method")
-        if recipe is path and "method" in fixed and written is not None and written != fixed["method"]:
+        if "method" in fixed and written is not None and written != fixed["method"]:  # path's or base's
             from unionseg.errors import ConfigError
 
             raise ConfigError(f"method: the recipe says {written!r}, the call says {fixed['method']!r}; give one of "

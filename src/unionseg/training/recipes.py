@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unionseg.training.config import TrainConfig
 
 
 def recipe_dir() -> Path:
@@ -27,3 +31,52 @@ def default_recipe(method: str) -> Path | None:
 
         raise ConfigError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
     return None
+
+
+def resolve_method(method: str | None, recipe: str | Path | None, given_as: str = "the call") -> str:
+    """The method to train: ``method`` (``--method``), else the recipe's own ``method:``, else ``naive``.
+
+    ``given_as`` names where ``method`` came from in the message (``--method`` for the CLI).
+
+    Raises:
+        ConfigError: ``method`` and the recipe name different methods, or the recipe's is not a name.
+    """
+    from unionseg.config import load_yaml
+    from unionseg.errors import ConfigError
+
+    written = None
+    if recipe is not None:
+        raw = load_yaml(recipe)
+        written = raw.get("method") if isinstance(raw, dict) else None
+        if written is not None and not isinstance(written, str):
+            raise ConfigError(f"method: expected a method name, got {written!r}", recipe)
+    if method is not None and written is not None and written != method:
+        raise ConfigError(f"method: the recipe says {written!r}, {given_as} says {method!r}; give one of them",
+                          recipe)
+    return method or written or "naive"
+
+
+def train_config(method: str | None = None, recipe: str | Path | None = None,
+                 overrides: list[str] | str | None = None) -> TrainConfig:
+    """The configuration ``unionseg train [--method METHOD] [-c RECIPE] [OVERRIDES]`` trains with.
+
+    The method's recipe built into unionseg (its budget, optimiser and options), then ``recipe`` on top of
+    it (what the file leaves out keeps the built-in value, mappings merged key by key), then the
+    ``key=value`` overrides. :func:`~unionseg.training.config.load_train_config` alone starts from the bare
+    defaults of :class:`~unionseg.training.config.TrainConfig` instead (a learning rate of 0.003, which
+    trains the built-in budgets far more slowly): the same recipe file gave another run from Python than
+    from the command line.
+
+    Args:
+        method: the method (``unionseg methods``); default: the recipe's ``method:``, else ``naive``.
+        recipe: a recipe YAML on top of the method's; a run folder's ``config.yaml`` repeats that run.
+        overrides: ``key=value`` strings (``"steps=1500"``, ``"options.cross_task_weight=0.25"``).
+
+    Raises:
+        ConfigError: an unknown method, ``method`` differing from the recipe's, an unreadable recipe, an
+            unknown key or a bad value.
+    """
+    from unionseg.training.config import load_train_config
+
+    method = resolve_method(method, recipe)
+    return load_train_config(recipe, overrides or [], base=default_recipe(method), method=method)

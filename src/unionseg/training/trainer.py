@@ -1100,7 +1100,8 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
     Args:
         project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project` (with the
             dataset roots it was loaded with; ``roots`` is then refused).
-        cfg: the run's configuration, from :func:`~unionseg.training.config.load_train_config`.
+        cfg: the run's configuration, from :func:`~unionseg.training.recipes.train_config` (what
+            ``unionseg train`` trains with) or :func:`~unionseg.training.config.load_train_config`.
         run_dir: the run folder (``--out``).
         resume: go on from the run in ``run_dir`` (its checkpoint, or its finished shared stages).
         roots: dataset name -> root folder, for a project file that leaves roots out (``--root``).
@@ -1122,7 +1123,7 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
 
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}; build one with "
-                          "unionseg.training.config.load_train_config(recipe, overrides, method=...)")
+                          "unionseg.training.recipes.train_config(method, recipe, overrides)")
     run_dir = Path(run_dir)
     if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
         import dataclasses
