@@ -71,7 +71,7 @@ def setup(work: Path, shape: tuple[int, int, int], spacing: tuple[float, float, 
 
     work.mkdir(parents=True, exist_ok=True)
     geom = Geometry(shape, np.diag([-spacing[0], -spacing[1], spacing[2], 1.0]))  # LPS-like, as DICOM-born CTs
-    write_image(work / "ct.nii.gz", synthetic_ct(shape), geom)
+    write_image(work / "ct.nii.gz", synthetic_ct(shape), geom, replace=True)
     space = LabelSpace([Leaf(n, p) for n, p in LEAVES])
     spec = PreprocessSpec(spacing=spacing)
     network = {"backbone": {"name": "resunet", "preset": preset}, "head": {"name": "softmax", "out_channels": space.n_leaves}}

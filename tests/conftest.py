@@ -65,12 +65,12 @@ def write_tiny_case(image_path: Path, label_path: Path | None, seed: int = 0, va
 
     rng = np.random.default_rng(seed)
     geom = Geometry.identity(shape, (2.0, 2.0, 3.0))
-    write_image(image_path, rng.integers(-1000, 400, shape).astype(np.int16), geom)
+    write_image(image_path, rng.integers(-1000, 400, shape).astype(np.int16), geom, replace=True)
     if label_path is not None:
         label = np.zeros(shape, dtype=np.uint8)
         for k, value in enumerate(values):
             label[1 + k, 1:3, 1:3] = value
-        write_image(label_path, label, geom)
+        write_image(label_path, label, geom, replace=True)
 
 
 def write_msd_dataset(root: Path, n_cases: int = 3, labels: dict[int, str] | None = None,

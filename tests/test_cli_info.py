@@ -132,7 +132,7 @@ def test_a_dataset_of_empty_label_maps_is_warned_about(tmp_path: Path, capsys: p
     labels = sorted((tmp_path / "datasets" / "kidney" / "labelsTr").iterdir())
     for path in labels:
         array, geom = read_image(path)
-        write_image(path, np.zeros_like(array), geom)
+        write_image(path, np.zeros_like(array), geom, replace=True)
     message = (f"warning: {project}: dataset 'kidney': none of its 3 label map(s) holds a value the project maps "
                "to a class")
     for _ in range(2):
@@ -140,7 +140,7 @@ def test_a_dataset_of_empty_label_maps_is_warned_about(tmp_path: Path, capsys: p
         assert message in capsys.readouterr().err
     array, geom = read_image(labels[0])
     array[2, 2, 2] = 1
-    write_image(labels[0], array, geom)
+    write_image(labels[0], array, geom, replace=True)
     assert run(["prepare", str(project), "--workers", "0"]) == 0
     assert "none of its" not in capsys.readouterr().err
 

@@ -485,7 +485,7 @@ def test_evaluate_folder_accepts_a_prediction_stored_in_another_orientation(tiny
     ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(geom.affine), flip)
     lps = nib.orientations.apply_orientation(pred, ornt)
     affine = geom.affine @ nib.orientations.inv_ornt_aff(ornt, geom.shape)
-    write_image(root / "preds" / "case_1.nii.gz", np.ascontiguousarray(lps), Geometry(lps.shape, affine))
+    write_image(root / "preds" / "case_1.nii.gz", np.ascontiguousarray(lps), Geometry(lps.shape, affine), replace=True)
     assert "".join(nib.aff2axcodes(nib.load(str(root / "preds" / "case_1.nii.gz")).affine)) == "LPS"
     moved = evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e1", figures=False)
     assert moved["cases"] == reference["cases"]
@@ -493,7 +493,7 @@ def test_evaluate_folder_accepts_a_prediction_stored_in_another_orientation(tiny
     # the shape and axes that differ only in how the file stores them
     shifted = affine.copy()
     shifted[2, 3] += 2.0
-    write_image(root / "preds" / "case_1.nii.gz", np.ascontiguousarray(lps), Geometry(lps.shape, shifted))
+    write_image(root / "preds" / "case_1.nii.gz", np.ascontiguousarray(lps), Geometry(lps.shape, shifted), replace=True)
     with pytest.raises(DataError, match="grid differs") as refused:
         evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
     said = str(refused.value)
@@ -528,7 +528,7 @@ def test_evaluate_folder_errors(tiny_project: Path) -> None:
     # a value outside the leaf ids is named, not the largest valid one (it said "holds value 3" for a -1)
     bad = np.zeros(SHAPE, np.int16)
     bad[0, 0, 0], bad[1, 1, 1] = -1, 3
-    write_image(root / "preds" / "case_1.nii.gz", bad, Geometry(SHAPE, AFFINE))
+    write_image(root / "preds" / "case_1.nii.gz", bad, Geometry(SHAPE, AFFINE), replace=True)
     with pytest.raises(DataError, match=r"prediction holds value\(s\) -1 outside the leaf ids of this project "
                                         r"\(0\.\.3\)"):
         evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, root / "e2", figures=False)
@@ -590,7 +590,7 @@ def test_cli_evaluate(tiny_project: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "liver_tumour" in printed and "Dice" in printed
     assert json.loads((root / "cli_out" / "summary.json").read_text())["tolerance_mm"] == 1.5
 
-    write_image(root / "preds" / "case_0.nii.gz", np.zeros((16, 14, 9), np.uint8), Geometry((16, 14, 9), AFFINE))
+    write_image(root / "preds" / "case_0.nii.gz", np.zeros((16, 14, 9), np.uint8), Geometry((16, 14, 9), AFFINE), replace=True)
     assert run([*args, "-o", str(root / "cli_bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "case_0.nii.gz" in err[0] and "labelsTr" in err[0] and "grid differs" in err[0]
@@ -792,14 +792,14 @@ def test_predictions_of_a_model_with_other_class_values_are_refused(tiny_project
     assert same["cases"] == reference["cases"]  # the model's own order: scored as before
     for path in sorted(marked.glob("case_*.nii.gz")):  # a model with one more class than the project lists
         labels, geometry = read_image(path)
-        write_image(path, labels, geometry, label_names=[*names, "stomach"])
+        write_image(path, labels, geometry, label_names=[*names, "stomach"], replace=True)
     more = evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)
     assert more["cases"] == reference["cases"]  # the shared values agree; a stomach value would be refused as unknown
 
     swapped = names[:1] + names[1:][::-1]
     for path in sorted(marked.glob("case_*.nii.gz")):
         labels, geometry = read_image(path)
-        write_image(path, labels, geometry, label_names=swapped)
+        write_image(path, labels, geometry, label_names=swapped, replace=True)
     with pytest.raises(ConfigError, match=r"case_\d\.nii\.gz was written by a model whose label values mean "
                                           r"\{1: kidney, .*but this project reads them as \{1: liver"):
         evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)

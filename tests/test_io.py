@@ -315,6 +315,14 @@ def test_write_is_atomic_and_checks_the_shape(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["a.nii.gz"]  # no temporary file left behind
     with pytest.raises(DataError, match="unsupported output type"):
         write_image(tmp_path / "a.png", np.zeros((2, 3, 4)), geom)
+    # an existing file (a ground truth the user saves a prediction over, by a slip) is refused unless asked
+    # for: write_image replaced any file, where predict_file refuses one (helper-70)
+    with pytest.raises(OutputExistsError, match=r"a\.nii\.gz: already exists; nothing was written over it "
+                                                 r"\(replace=True writes over it\)"):
+        write_image(tmp_path / "a.nii.gz", np.ones((2, 3, 4), np.uint8), geom)
+    assert read_image(tmp_path / "a.nii.gz")[0].max() == 0
+    write_image(tmp_path / "a.nii.gz", np.ones((2, 3, 4), np.uint8), geom, replace=True)
+    assert read_image(tmp_path / "a.nii.gz")[0].max() == 1
 
 
 def test_read_errors_name_the_file_and_twins_read(tmp_path: Path) -> None:

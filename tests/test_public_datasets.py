@@ -439,7 +439,7 @@ def test_cross_evaluation_scores_the_four_shared_organs_only(public: dict[str, P
     flipped = np.ascontiguousarray(half[::-1, ::-1, :])
     lps = geom.affine @ np.array([[-1, 0, 0, gt.shape[0] - 1], [0, -1, 0, gt.shape[1] - 1], [0, 0, 1, 0],
                                   [0, 0, 0, 1]], dtype=float)
-    write_image(pred_dir / "img0021.nii.gz", flipped, Geometry(gt.shape, lps))
+    write_image(pred_dir / "img0021.nii.gz", flipped, Geometry(gt.shape, lps), replace=True)
     moved = evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=tmp_path / "eval_lps")
     assert moved["cases"] == summary["cases"]
 
@@ -557,7 +557,7 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
     with pytest.raises(DataError, match="prediction grid differs") as exc:
         evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map)
     assert exc.value.path == pred_dir / "img0021.nii.gz"
-    write_image(pred_dir / "img0021.nii.gz", np.zeros(gt.shape, np.uint8), geom)
+    write_image(pred_dir / "img0021.nii.gz", np.zeros(gt.shape, np.uint8), geom, replace=True)
     summary = evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map, exclude=["label0021"])
     assert summary["n_cases"] == 2 and summary["excluded"] == ["label0021"]
     assert summary["unmatched_predictions"] == []  # the excluded case's prediction is not "unmatched"
@@ -579,7 +579,7 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
     assert evaluate_cross(marked, public["btcv"] / "label", space, gt_map)["classes"] == \
         evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map)["classes"]
     write_image(marked / "img0002.nii.gz", np.zeros(gt.shape, np.uint8), geom,
-                label_names=[space.names[0], *space.names[1:][::-1]])
+                label_names=[space.names[0], *space.names[1:][::-1]], replace=True)
     with pytest.raises(ConfigError, match=r"img0002\.nii\.gz was written by a model whose label values mean"):
         evaluate_cross(marked, public["btcv"] / "label", space, gt_map)
     # the ground truth given as the predictions would score a perfect 1: refused
@@ -590,7 +590,7 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
     shutil.copytree(public["btcv"] / "label", labels)
     odd = gt.copy()
     odd[0, 0, 0] = 14
-    write_image(labels / "label0002.nii.gz", odd, geom)
+    write_image(labels / "label0002.nii.gz", odd, geom, replace=True)
     with pytest.raises(DataError, match=r"label values \[14\] are not in the evaluation set's labels") as exc:
         evaluate_cross(pred_dir, labels, space, gt_map, gt_labels=BTCV_ORGANS)
     assert exc.value.path == labels / "label0002.nii.gz"

@@ -108,7 +108,7 @@ def bad_second_project_file_shares_the_cache(folder: Path) -> Bad:
 
 @bad_input("label map shape differs from its image")
 def bad_shape_mismatch(folder: Path) -> Bad:
-    write_image(folder / LIVER_LABEL, np.zeros((6, 5, 5), np.uint8), _geom((6, 5, 5)))
+    write_image(folder / LIVER_LABEL, np.zeros((6, 5, 5), np.uint8), _geom((6, 5, 5)), replace=True)
     return _prepare(folder, folder / LIVER_LABEL, "label shape (6, 5, 5) differs from image shape (6, 5, 4)")
 
 
@@ -117,7 +117,7 @@ def bad_affine_mismatch(folder: Path) -> Bad:
     geom = _geom()
     moved = geom.affine.copy()
     moved[0, 3] += 10.0
-    write_image(folder / LIVER_LABEL, np.zeros((6, 5, 4), np.uint8), Geometry((6, 5, 4), moved))
+    write_image(folder / LIVER_LABEL, np.zeros((6, 5, 4), np.uint8), Geometry((6, 5, 4), moved), replace=True)
     return _prepare(folder, folder / LIVER_LABEL, "label grid does not match image liver_000.nii.gz")
 
 
@@ -695,7 +695,7 @@ def test_non_ct_intensities_warn_with_a_clear_text(tmp_path: Path, tiny_model: P
     capsys.readouterr()
     assert run(["prepare", str(folder / "project.yaml"), "--workers", "0"]) == 0
     assert "does not look like CT" not in capsys.readouterr().err  # twin: CT-like input, no warning
-    write_image(image, np.random.default_rng(0).uniform(0, 1, (6, 5, 4)).astype(np.float32), _geom())
+    write_image(image, np.random.default_rng(0).uniform(0, 1, (6, 5, 4)).astype(np.float32), _geom(), replace=True)
     assert run(["prepare", str(folder / "project.yaml"), "--workers", "0"]) == 0
     err = capsys.readouterr().err
     text = "does not look like CT in Hounsfield units (expected air near -1000 and bone above 100); check the image"

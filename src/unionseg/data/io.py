@@ -596,9 +596,10 @@ def place_file(tmp: Path, path: Path, replace: bool = True) -> None:
 
 
 def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, description: str | None = None,
-                replace: bool = True, label_names: Sequence[str] | None = None) -> Path:
-    """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename; with
-    ``replace=False`` never over an existing file, :func:`place_file`).
+                replace: bool = False, label_names: Sequence[str] | None = None) -> Path:
+    """Write ``array`` with ``geometry`` atomically (temp name in the same folder, then rename), never over
+    an existing file unless ``replace=True`` (:func:`place_file`; the default replaced any file, a ground
+    truth too, where ``predict_file`` refuses one).
 
     The format follows the suffix (.nii.gz/.nii via nibabel; .nrrd/.mha via SimpleITK). The dtype is kept,
     except that bool is stored as uint8 and float16 as float32 (neither format stores them). NIfTI keeps
@@ -613,6 +614,8 @@ def write_image(path: str | Path, array: np.ndarray, geometry: Geometry, descrip
     path = Path(path)
     if tuple(array.shape) != tuple(geometry.shape):
         raise DataError(f"array shape {tuple(array.shape)} differs from geometry shape {geometry.shape}", path)
+    if not replace and (path.exists() or path.is_symlink()):  # refused before the work; place_file keeps a race out
+        raise OutputExistsError("already exists; nothing was written over it (replace=True writes over it)", path)
     array = _storable(np.asarray(array))
     path.parent.mkdir(parents=True, exist_ok=True)
     suf = suffix_of(path)

@@ -954,13 +954,13 @@ def _make_case(task: _CaseTask) -> dict[str, Any]:
     geom = Geometry((shape[0], shape[1], shape[2]), affine)
     folder = Path(task.folder)
     name = f"{task.case_id}.nii.gz"
-    write_image(folder / "imagesTr" / name, np.ascontiguousarray(image), geom)
+    write_image(folder / "imagesTr" / name, np.ascontiguousarray(image), geom, replace=True)
     if task.local_lut is not None:
         local = np.asarray(task.local_lut, dtype=np.uint8)[full]
-        write_image(folder / "labelsTr" / name, np.ascontiguousarray(local), geom)
-        write_image(folder / "fullTr" / name, np.ascontiguousarray(full), geom)
+        write_image(folder / "labelsTr" / name, np.ascontiguousarray(local), geom, replace=True)
+        write_image(folder / "fullTr" / name, np.ascontiguousarray(full), geom, replace=True)
     else:
-        write_image(folder / "labelsTr" / name, np.ascontiguousarray(full), geom)
+        write_image(folder / "labelsTr" / name, np.ascontiguousarray(full), geom, replace=True)
     counts = np.bincount(full.ravel(), minlength=max(task.leaf_of_tissue) + 1)
     return {"case": task.case_id, "dataset": task.dataset, "site": task.site.name, "shape": list(shape),
             "orientation": task.site.orientation, "leaf_voxels": [int(c) for c in counts],
