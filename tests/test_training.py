@@ -329,9 +329,12 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     atomic_torch_save(state, run / "last.pt")
     trained_before = state["timings"]["total"]
     assert trained_before > 0
+    with (run / "log.csv").open("a") as fh:  # and killed while appending a row: log.csv is appended in place
+        fh.write("2,0.5")
     summary = train(phantom_project, cfg, run, resume=True, progress=False)
-    steps = [int(line.split(",")[0]) for line in (run / "log.csv").read_text().splitlines()[1:]]
-    assert steps == [1, 2, 3, 4]
+    lines = (run / "log.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in lines[1:]] == [1, 2, 3, 4]
+    assert {line.count(",") for line in lines} == {lines[0].count(",")}  # no torn row, none run together
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tb"))

@@ -223,7 +223,7 @@ class ArtifactCache:
             self._rank0_decides(True)  # every rank's share written before rank 0 reads them all for the score
             quality = self.pseudo_label_quality() if self.ctx.is_main else {}
             if quality and self.ctx.is_main:
-                (self.root / "pseudo_quality.json").write_text(json.dumps(quality, indent=2))
+                write_text(self.root / "pseudo_quality.json", json.dumps(quality, indent=2))
         return {"pseudo_labels": made, "root": str(self.root), "quality": quality}
 
     def pseudo_label_quality(self) -> dict[str, float]:

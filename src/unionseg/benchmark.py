@@ -337,7 +337,7 @@ def check_out(out: Path, suite: SuiteConfig) -> None:
             raise UnionsegError(f"holds the data of another phantom (data/generator.json) than suite {suite.name!r} "
                                 "asks for: benchmark into a new folder", out)
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"phantom": suite.phantom()}, indent=1), encoding="utf-8")
+    write_json(marker, {"phantom": suite.phantom()}, indent=1)
 
 
 def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:

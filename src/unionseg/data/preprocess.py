@@ -1254,8 +1254,8 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
         more = ""
         if len(errors) > 1:  # every failure at once, so that one run shows all there is to fix
             cache.mkdir(parents=True, exist_ok=True)
-            report.write_text("".join(f"{case}: {f'{file}: ' if file else ''}{text}\n"
-                                      for _, case, text, file in errors), encoding="utf-8")
+            write_text(report, "".join(f"{case}: {f'{file}: ' if file else ''}{text}\n"
+                                       for _, case, text, file in errors))
             others = ", ".join(case for _, case, _, _ in errors[1:4]) + (" ..." if len(errors) > 4 else "")
             more = f" ({len(errors) - 1} more case(s) failed: {others}; every failure is listed in {report})"
         raise DataError(message + more, path)

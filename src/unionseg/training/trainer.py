@@ -907,13 +907,15 @@ class _Logger:
 
     def _truncate_after(self, step: int) -> None:
         """Drop the rows logged after the checkpoint a resumed run goes on from: they are trained again, and
-        would otherwise appear twice (an interruption between two checkpoints)."""
+        would otherwise appear twice (an interruption between two checkpoints). A row cut short by a kill
+        during its append (the file is appended in place) is dropped too: the next row would have run on
+        from it."""
         with self.path.open(newline="") as fh:
             rows = list(csv.reader(fh))
         if not rows or "step" not in rows[0]:
             return
-        column = rows[0].index("step")
-        kept = [rows[0], *(r for r in rows[1:] if len(r) > column and r[column].isdigit() and int(r[column]) <= step)]
+        column, width = rows[0].index("step"), len(rows[0])
+        kept = [rows[0], *(r for r in rows[1:] if len(r) == width and r[column].isdigit() and int(r[column]) <= step)]
         if len(kept) == len(rows):
             return
         tmp = self.path.with_name(f".{self.path.name}.tmp")
