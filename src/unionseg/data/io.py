@@ -7,12 +7,14 @@ reading and back on writing, so a file written with a source's geometry reproduc
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
 import warnings
 import zlib
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -282,38 +284,63 @@ def _voxels(img: Any) -> np.ndarray:
     return out
 
 
-def _refuse_zero_voxel_size(path: Path) -> None:
-    """Refuse a NIfTI-1 header whose voxel size (``pixdim``) is 0 on a spatial axis while no sform places the
-    image: nibabel would take 1 mm (printing a note) and the prediction would land on a made-up grid. Read
-    from the raw header, before nibabel repairs it; files that cannot be read this way are left to the reader."""
+def _raw_voxel_sizes(path: Path) -> tuple[np.ndarray, int] | None:
+    """A NIfTI-1 file's spatial ``pixdim`` entries and its sform code as stored, read from the raw header
+    before nibabel repairs them (it takes the absolute value of a negative size, 1 for a zero one); None for
+    a file that cannot be read this way (NIfTI-2, damaged: nibabel's own checks apply)."""
     try:
         with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else path.open("rb")) as fh:
             head = fh.read(348)
     except (OSError, EOFError, zlib.error):
-        return
+        return None
     if len(head) < 348:
-        return
+        return None
     for order in ("<", ">"):
         if np.frombuffer(head, dtype=f"{order}i4", count=1)[0] == 348:
             break
     else:
-        return  # not NIfTI-1 (NIfTI-2, or damaged): nibabel's checks apply
+        return None
     rank = int(np.frombuffer(head, dtype=f"{order}i2", count=1, offset=40)[0])
     pixdim = np.frombuffer(head, dtype=f"{order}f4", count=8, offset=76)
     sform_code = int(np.frombuffer(head, dtype=f"{order}i2", count=1, offset=254)[0])
-    spatial = pixdim[1:1 + min(max(rank, 0), 3)]
+    return pixdim[1:1 + min(max(rank, 0), 3)].astype(np.float64), sform_code
+
+
+def _check_voxel_size(path: Path) -> bool:
+    """Refuse a NIfTI-1 header whose voxel size (``pixdim``) is 0 on a spatial axis while no sform places the
+    image: nibabel would take 1 mm (printing a note) and the prediction would land on a made-up grid.
+
+    Returns:
+        Whether a spatial voxel size is negative (see :func:`warn_about_placement`): the caller then reads
+        the file without nibabel's unattributed note about it.
+    """
+    found = _raw_voxel_sizes(path)
+    if found is None:
+        return False
+    spatial, sform_code = found
     if sform_code == 0 and spatial.size and np.any(spatial == 0):
         shown = ", ".join(f"{v:g}" for v in spatial)
         raise DataError(f"the header gives a voxel size of 0 (pixdim {shown}) and no sform: where the voxels lie "
                         "is unknown (nibabel would assume 1 mm); fix the header's voxel size", path)
+    return bool(np.any(spatial < 0))
+
+
+def _quiet_nibabel(quiet: bool) -> AbstractContextManager:
+    """nibabel's header notes (printed to stderr without the file's name) held back when ``quiet``."""
+    if not quiet:
+        return contextlib.nullcontext()
+    import nibabel as nib
+
+    return nib.imageglobals.LoggingOutputSuppressor()
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     import nibabel as nib
 
-    _refuse_zero_voxel_size(path)
+    negative = _check_voxel_size(path)
     try:
-        img, array = _load_nifti(path)
+        with _quiet_nibabel(negative):
+            img, array = _load_nifti(path)
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         if str(exc).startswith("Not a gzipped file"):
             raise DataError(_gzip_problem(path) or f"not a gzip-compressed file ({exc})", path) from None
@@ -335,14 +362,30 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, Geometry(array.shape, nifti_affine_mm(img, path), NiftiForms.of(img.header))
 
 
-def warn_if_uncoded(path: Path, geometry: Geometry) -> None:
-    """Warn that a NIfTI whose qform and sform codes are both 0 does not say how its axes lie in the patient
-    (``predict`` calls it on its inputs: the output is only as well placed as the input)."""
+def warn_about_placement(path: Path, geometry: Geometry) -> None:
+    """Warn when a NIfTI input does not say unambiguously where its voxels lie in the patient (``predict``
+    calls it on its inputs: the output is only as well placed as the input):
+
+    - its qform and sform codes are both 0: it is read with nibabel's fallback orientation;
+    - a voxel size (``pixdim``) is negative, which NIfTI does not allow: nibabel takes its absolute value,
+      ITK-based viewers may mirror the axis instead, so they can show the label map (written with positive
+      sizes) mirrored on the image. Left and right are at stake, so it is said; nibabel's own note named
+      no file.
+    """
     forms = geometry.nifti_forms
     if forms is not None and forms.qform_code == 0 and forms.sform_code == 0:
         warnings.warn(f"{path}: neither its qform nor its sform is set (both codes 0), so the file does not say "
                       "how its axes lie in the patient; it is read with nibabel's fallback (voxel sizes only, axes "
                       "taken as LAS, centred on the volume), which viewers may not share: check the orientation",
+                      UnionsegWarning, stacklevel=2)
+    found = _raw_voxel_sizes(path) if suffix_of(path) in NIFTI_SUFFIXES and path.is_file() else None
+    if found is not None and np.any(found[0] < 0):
+        shown = ", ".join(f"{v:g}" for v in found[0])
+        warnings.warn(f"{path}: its header gives a negative voxel size (pixdim {shown}), which NIfTI does not "
+                      "allow, and readers disagree on such a file: nibabel, and so unionseg, takes the absolute "
+                      "value, while ITK-based viewers (3D Slicer, ITK-SNAP) may mirror that axis, so there the "
+                      "label map (written with positive sizes) can show mirrored on the image; fix the header "
+                      "(positive voxel sizes, the orientation in the qform/sform) and check the patient's side",
                       UnionsegWarning, stacklevel=2)
 
 
@@ -475,9 +518,10 @@ def read_header(path: str | Path) -> Geometry:
     if suffix_of(path) in NIFTI_SUFFIXES:
         import nibabel as nib
 
-        _refuse_zero_voxel_size(path)
+        negative = _check_voxel_size(path)
         try:
-            img: Any = nib.load(str(path))
+            with _quiet_nibabel(negative):
+                img: Any = nib.load(str(path))
         except Exception as exc:  # nibabel raises several types for bad headers
             raise DataError(f"not a readable NIfTI image ({exc})", path) from None
         shape = tuple(img.shape)

@@ -57,7 +57,7 @@ from unionseg.data.io import (
     set_nifti_transforms,
     strip_suffix,
     suffix_of,
-    warn_if_uncoded,
+    warn_about_placement,
     write_image,
 )
 from unionseg.data.preprocess import (
@@ -494,7 +494,7 @@ class Predictor:
             if geometry is not None:
                 raise UnionsegError("geometry= is for arrays: a file is segmented on its own geometry", path)
             array, geometry = read_image(path)
-            warn_if_uncoded(path, geometry)
+            warn_about_placement(path, geometry)
         else:
             path = None
             array = np.asarray(image)
