@@ -659,6 +659,14 @@ def test_intensity_warning_for_non_ct_images(project_dir: Path) -> None:
     with pytest.warns(IntensityWarning, match="case_000"):
         index = prepare_project(project, workers=0, progress=False)
     assert len(index.summary.warnings) == 1
+    # a CT scaled by 1000 has air and bone where they should be, at values no scanner gives (helper-71)
+    from unionseg.data.preprocess import intensity_warning
+
+    ct = np.random.default_rng(0).uniform(-1000, 1500, (8, 8, 8))
+    assert intensity_warning(ct, Path("ct.nii.gz")) is None
+    assert intensity_warning(np.where(ct < 0, -32768, ct), Path("padded.nii.gz")) is None  # padding: CT still
+    scaled = intensity_warning(ct * 1000, Path("ct1000.nii.gz")) or ""
+    assert "ct1000.nii.gz: intensity range [-9.992e+05, 1.493e+06]" in scaled
 
 
 def test_prepare_cli_does_not_import_torch(project_dir: Path) -> None:

@@ -380,9 +380,11 @@ def _check_finite(array: np.ndarray, path: Path) -> None:
 
 
 def intensity_warning(array: np.ndarray, path: Path) -> str | None:
-    """A message when the intensity range is not CT-like (max < 100 HU or min > -200 HU), else None."""
+    """A message when the intensity range is not CT-like, else None: max < 100 HU or min > -200 HU (an MRI,
+    a scaled image), or a value beyond +-100000, which no scanner's HU reach (an image scaled by 1000, say;
+    padding of -32768 or metal near 30000 stays within)."""
     lo, hi = float(np.min(array)), float(np.max(array))
-    if hi < 100 or lo > -200:
+    if hi < 100 or lo > -200 or lo < -1e5 or hi > 1e5:
         return (f"{path}: intensity range [{lo:.4g}, {hi:.4g}] does not look like CT in Hounsfield units "
                 "(expected air near -1000 and bone above 100); check the image")
     return None
