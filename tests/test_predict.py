@@ -745,14 +745,14 @@ def test_cli_never_writes_over_a_file_that_appears_while_it_runs(
                     Geometry.identity((16, 16, 8), (2, 2, 3)))
     theirs = (tmp_path / "theirs.nii.gz")
     write_image(theirs, np.ones((16, 16, 8), np.uint8), Geometry.identity((16, 16, 8), (2, 2, 3)))
-    real = Predictor.predict
+    real = Predictor._predict
 
     def meanwhile(self: Predictor, image: Any, *args: Any, **kwargs: Any) -> Any:
         if Path(image).name == "case0.nii.gz":  # the other process finishes case0 first
             (out / "case0.nii.gz").write_bytes(theirs.read_bytes())
         return real(self, image, *args, **kwargs)
 
-    monkeypatch.setattr(Predictor, "predict", meanwhile)
+    monkeypatch.setattr(Predictor, "_predict", meanwhile)
     flags = ["--probabilities"] if probabilities else []
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -1092,3 +1092,52 @@ def test_predict_warns_that_an_uncoded_input_is_placed_by_guess(tmp_path: Path) 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnionsegWarning)  # twin: a coded sform predicts quietly
         predictor.predict(tmp_path / "coded.nii.gz")
+
+
+def test_predict_from_python_names_what_is_wrong(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a notebook user tried (helper-70, helper-71): each gave a bare Python error, a misleading one, or
+    a silent result. progress=True draws the windows' progress as train(progress=True) does."""
+    import warnings
+
+    from unionseg.data.preprocess import IntensityWarning
+
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")  # a line at every window
+    predictor = Predictor.from_checkpoint(_model_file(tmp_path), device="cpu")
+    geom = Geometry((40, 32, 24), np.diag([2.0, 2.0, 3.0, 1.0]))  # several windows
+    scan = write_image(tmp_path / "scans" / "ct.nii.gz", _ct(geom.shape).astype(np.int16), geom)
+    out = predictor.predict_file(scan, tmp_path / "seg" / "ct.nii.gz", progress=True)  # was: 'bool' not callable
+    assert "ct.nii.gz (windows)" in capsys.readouterr().err  # off a terminal: the lines of LineProgress
+    with pytest.raises(UnionsegError, match="progress= takes True, False or a function"):
+        predictor.predict(scan, progress="yes")  # type: ignore[arg-type]
+    # predict's own output given back as a scan: the CLI refused it, Python segmented it
+    with pytest.raises(UnionsegError, match=r"ct\.nii\.gz: a label map that unionseg predict wrote, not a CT image"):
+        predictor.predict_file(out, tmp_path / "again.nii.gz")
+    # a folder where a file name belongs, and a folder of images where one image belongs
+    with pytest.raises(UnionsegError, match=r"seg: out_path names the label map's file .*not a folder"):
+        predictor.predict_file(scan, tmp_path / "seg")
+    with pytest.raises(DataError, match=r"scans: a folder of 1 image file\(s\) \(ct\.nii\.gz\): predict_file reads "
+                                        r"one image"):
+        predictor.predict_file(tmp_path / "scans", tmp_path / "x.nii.gz")
+    assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "again.nii.gz").exists()
+    # arrays: a wrong geometry type, no voxels, NaN counted
+    with pytest.raises(UnionsegError, match="geometry= must be a unionseg.data.io.Geometry .*got tuple"):
+        predictor.predict(np.zeros((8, 8, 8), np.int16), geometry=(2.0, 2.0, 3.0))  # type: ignore[arg-type]
+    with pytest.raises(DataError, match=r"the image holds no voxels \(shape \(0, 4, 4\)\)"):
+        predictor.predict(np.zeros((0, 4, 4), np.int16), geometry=Geometry.identity((0, 4, 4)))
+    nan = _ct(geom.shape).astype(np.float32)
+    nan[0, 0, :2] = np.nan
+    with pytest.raises(DataError, match=r"image holds 2 non-finite \(NaN/inf\) voxels"):
+        predictor.predict(nan, geometry=geom)
+    # a slice or two of a 3D network's input: predicted, and said; the warning points at the caller's line
+    thin = Geometry((20, 16, 1), np.diag([2.0, 2.0, 3.0, 1.0]))
+    with pytest.warns(UnionsegWarning, match=r"<array>: only 1 voxel\(s\) along an axis") as caught:
+        predictor.predict(_ct(thin.shape).astype(np.int16), geometry=thin)
+    assert all(w.filename == __file__ for w in caught)
+    write_image(tmp_path / "mri.nii.gz", np.full(geom.shape, 40, np.int16), geom)
+    with pytest.warns(IntensityWarning) as caught:
+        predictor.predict_file(tmp_path / "mri.nii.gz", tmp_path / "mri_seg.nii.gz")
+    assert [w.filename for w in caught] == [__file__]  # it named predictor.py's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # twin: a volume of CT predicts without a word
+        predictor.predict(scan)

@@ -854,3 +854,32 @@ def align_label_to_image(
         f"{np.round(label_geom.affine, 4)}\nvs image affine\n{np.round(image_geom.affine, 4)}".replace("\n", " ")
         + "; if the label was drawn on this image, give it the image's header (SimpleITK's CopyInformation, or "
         "nibabel with the image's affine)", label_path)
+
+
+#: what each of predict's output kinds is, in words
+KIND_WORDS = {"labels": "label map", "probabilities": "probability map", "channels": "probability map's channel list"}
+
+
+def predict_kind(path: Path) -> str | None:
+    """Which of predict's outputs ``path`` is by its mark: ``labels`` (a label map: the mark with its CRC-32, or
+    the bare mark of an older release on a 3D grid), ``probabilities`` (the bare mark on a 4D grid),
+    ``channels`` (a probability map's ``.json`` channel list), or None (no mark: not a file predict wrote)."""
+    import nibabel as nib
+
+    if path.name.endswith(".json"):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return "channels" if record.get("written_by") == PREDICTION_DESCRIPTION else None
+        except (OSError, ValueError, AttributeError):
+            return None
+    description = nifti_description(path) or ""
+    if parse_prediction_description(description) is not None:
+        return "labels"
+    if description != PREDICTION_DESCRIPTION:
+        return None
+    try:
+        image: Any = nib.load(str(path))
+        dims = len(image.shape)
+    except Exception:  # noqa: BLE001 - nifti_description read the header; a shape it cannot give: not ours
+        return None
+    return "probabilities" if dims == 4 else "labels"

@@ -373,7 +373,8 @@ def check_spacing(geometry: Geometry, path: Path | None) -> None:
                     "affine and units field (xyzt_units) in the unit they claim?", path)
 
 
-def _check_finite(array: np.ndarray, path: Path) -> None:
+def check_finite(array: np.ndarray, path: Path | None) -> None:
+    """Refuse an image with NaN or infinite voxels, counting them and naming the file."""
     if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
         bad = int(np.count_nonzero(~np.isfinite(array)))
         raise DataError(f"image holds {bad} non-finite (NaN/inf) voxels", path)
@@ -647,7 +648,7 @@ def _run_case(job: _CaseJob) -> dict[str, Any]:
         if job.do_image:
             array, geom = read_image(image_path)
             check_spacing(geom, image_path)
-            _check_finite(array, image_path)
+            check_finite(array, image_path)
             note = intensity_warning(array, image_path)
             if note:
                 messages.append(note)

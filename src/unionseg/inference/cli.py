@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -123,38 +123,6 @@ def output_files(name: str, probabilities: bool) -> list[str]:
 OUTPUT_KINDS = ("labels", "probabilities", "channels")
 
 
-_KIND_WORDS = {"labels": "label map", "probabilities": "probability map", "channels": "probability map's channel list"}
-
-
-def predict_kind(path: Path) -> str | None:
-    """Which of predict's outputs ``path`` is by its mark: ``labels`` (a label map: the mark with its CRC-32, or
-    the bare mark of an older release on a 3D grid), ``probabilities`` (the bare mark on a 4D grid),
-    ``channels`` (a probability map's ``.json`` channel list), or None (no mark: not a file predict wrote)."""
-    import json
-
-    import nibabel as nib
-
-    from unionseg.data.io import PREDICTION_DESCRIPTION, nifti_description, parse_prediction_description
-
-    if path.name.endswith(".json"):
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-            return "channels" if record.get("written_by") == PREDICTION_DESCRIPTION else None
-        except (OSError, ValueError, AttributeError):
-            return None
-    description = nifti_description(path) or ""
-    if parse_prediction_description(description) is not None:
-        return "labels"
-    if description != PREDICTION_DESCRIPTION:
-        return None
-    try:
-        image: Any = nib.load(str(path))
-        dims = len(image.shape)
-    except Exception:  # noqa: BLE001 - nifti_description read the header; a shape it cannot give: not ours
-        return None
-    return "probabilities" if dims == 4 else "labels"
-
-
 def written_by_predict(path: Path, check_voxels: bool = False, kind: str | None = None) -> bool:
     """Whether ``path`` is a file ``unionseg predict`` wrote (its NIfTI header description, or the
     ``written_by`` of a probability map's channel list): ``--skip-existing`` passes only those as done, so
@@ -166,7 +134,13 @@ def written_by_predict(path: Path, check_voxels: bool = False, kind: str | None 
     edited since (a viewer that re-saves a corrected map keeps the description); asked before a file is
     replaced.
     """
-    from unionseg.data.io import labels_crc32, nifti_description, parse_prediction_description, read_image
+    from unionseg.data.io import (
+        labels_crc32,
+        nifti_description,
+        parse_prediction_description,
+        predict_kind,
+        read_image,
+    )
 
     found = predict_kind(path)
     if found is None or (kind is not None and found != kind):
@@ -205,6 +179,8 @@ def _model_of_channels(path: Path) -> str | None:
 def stale_probabilities(output: Path, names: Sequence[str]) -> list[str]:
     """The probability maps (and channel lists) predict wrote earlier for ``names`` in ``output``: a run without
     ``--probabilities`` that writes those cases' label maps leaves them beside maps they may not match."""
+    from unionseg.data.io import predict_kind
+
     return [f for name in names for f, kind in zip(output_files(name, True)[1:], OUTPUT_KINDS[1:], strict=True)
             if (output / f).exists() and predict_kind(output / f) == kind]
 
@@ -259,6 +235,8 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
     Raises:
         UnionsegError: naming the output folder and the input or files at risk.
     """
+    from unionseg.data.io import KIND_WORDS, predict_kind
+
     if outdir.exists() and not outdir.is_dir():
         raise UnionsegError("output exists and is not a folder; -o takes a folder", outdir)
     out = outdir.resolve()
@@ -301,7 +279,7 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
             if misplaced:
                 f = misplaced[0]
                 raise UnionsegError(f"the output folder already holds {f}, where this run would write a "
-                                    f"{_KIND_WORDS[kinds[f]]}, but it is predict's {_KIND_WORDS[found[f] or '']} "
+                                    f"{KIND_WORDS[kinds[f]]}, but it is predict's {KIND_WORDS[found[f] or '']} "
                                     "(another input's output of that name: inputs x and x_probs with "
                                     "--probabilities?); nothing was written: predict those inputs into different "
                                     "output folders", outdir)
@@ -388,7 +366,7 @@ def register(app: typer.Typer) -> None:
         )
 
         from unionseg.config import is_device_name
-        from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
+        from unionseg.data.io import IMAGE_SUFFIXES, KIND_WORDS, predict_kind, strip_suffix, suffix_of
         from unionseg.progress import Rate, clock, make_progress
 
         if not is_device_name(device):
@@ -409,7 +387,7 @@ def register(app: typer.Typer) -> None:
         for _, path in cases:  # predict's own outputs given back as inputs (-o of a run as the next run's input)
             kind = predict_kind(path) if path.is_file() else None
             if kind is not None:
-                raise UnionsegError(f"a {_KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
+                raise UnionsegError(f"a {KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
                                     "reads the scans themselves", path)
         done: set[str] = set()
         partial: list[str] = []

@@ -32,8 +32,8 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,13 @@ from torch import nn
 from unionseg.config import PreprocessSpec, from_dict
 from unionseg.data.io import (
     IMAGE_SUFFIXES,
+    KIND_WORDS,
     NIFTI_SUFFIXES,
     PREDICTION_DESCRIPTION,
     Geometry,
     fsync_file,
     place_file,
+    predict_kind,
     prediction_description,
     read_image,
     reorient_like,
@@ -63,6 +65,7 @@ from unionseg.data.io import (
 from unionseg.data.preprocess import (
     IntensityWarning,
     PreprocessRecord,
+    check_finite,
     check_spacing,
     intensity_warning,
     preprocess_image,
@@ -468,7 +471,7 @@ class Predictor:
         geometry: Geometry | None = None,
         tta: bool = False,
         return_probs: bool = False,
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | bool | None = None,
     ) -> tuple[np.ndarray, Geometry] | tuple[np.ndarray, Geometry, np.ndarray]:
         """Segment one CT volume.
 
@@ -481,18 +484,31 @@ class Predictor:
                 :attr:`probability_names` (memory: C x 2 bytes per input voxel). The array may be a strided
                 view (flipped or transposed axes, no copy); ``np.ascontiguousarray`` it before
                 ``torch.from_numpy``.
-            progress: called with ``(windows_done, windows_total)``.
+            progress: ``True`` for a progress bar of the windows (timed lines off a terminal), or a function
+                called with ``(windows_done, windows_total)``.
 
         Returns:
             ``(labels, geometry[, probs])``: (X, Y, Z) uint8 leaf ids on the input grid and that grid.
 
         Raises:
-            DataError: unreadable input, not 3D, non-finite values.
+            DataError: unreadable input, not 3D, empty, non-finite values.
+            UnionsegError: ``geometry`` with a path, or not a :class:`Geometry`; a label or probability map
+                that ``predict`` wrote given as the image.
         """
+        return self._predict(image, geometry, tta, return_probs, progress, stacklevel=3)
+
+    def _predict(self, image: str | Path | np.ndarray, geometry: Geometry | None, tta: bool, return_probs: bool,
+                 progress: ProgressFn | bool | None, stacklevel: int) -> Any:
+        """:meth:`predict`; its warnings point ``stacklevel`` frames up (the user's call of predict or
+        predict_file)."""
         if isinstance(image, (str, Path)):
             path = Path(image)
             if geometry is not None:
                 raise UnionsegError("geometry= is for arrays: a file is segmented on its own geometry", path)
+            kind = predict_kind(path) if path.is_file() else None
+            if kind is not None:  # the CLI refused these before; from Python one was segmented as a scan
+                raise UnionsegError(f"a {KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
+                                    "reads the scans themselves", path)
             array, geometry = read_image(path)
             warn_about_placement(path, geometry)
         else:
@@ -503,20 +519,30 @@ class Predictor:
             if geometry is None:
                 warnings.warn("Predictor.predict got an array without geometry=: taken as 1 mm voxels at the "
                               "origin (pass the scan's Geometry, e.g. from unionseg.data.io.read_image, or a path)",
-                              UnionsegWarning, stacklevel=2)
+                              UnionsegWarning, stacklevel=stacklevel)
                 geometry = Geometry.identity(array.shape)
+            elif not isinstance(geometry, Geometry):
+                raise UnionsegError(f"geometry= must be a unionseg.data.io.Geometry (read_image gives one with the "
+                                    f"array), got {type(geometry).__name__}")
         if array.ndim != 3:
             raise DataError(f"expected a 3D volume, got shape {array.shape}", path)
+        if array.size == 0:
+            raise DataError(f"the image holds no voxels (shape {array.shape})", path)
         check_spacing(geometry, path)
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            raise DataError("image holds non-finite (NaN/inf) values", path)
-        note = intensity_warning(array, path if path is not None else Path("<array>"))
+        check_finite(array, path)
+        where = path if path is not None else Path("<array>")
+        if min(array.shape) < 3:  # the network is 3D: a slice or two has nearly no context along that axis
+            warnings.warn(f"{where}: only {min(array.shape)} voxel(s) along an axis (shape {array.shape}); the "
+                          "network segments volumes, and its output on a slab this thin is unreliable",
+                          UnionsegWarning, stacklevel=stacklevel)
+        note = intensity_warning(array, where)
         if note is not None:  # e.g. an MRI: predicted anyway, but the user is told
-            warnings.warn(note, IntensityWarning, stacklevel=2)
+            warnings.warn(note, IntensityWarning, stacklevel=stacklevel)
         prepared, record = preprocess_image(array, geometry, self.spec, path)
         del array
-        labels, probs = self.predict_prepared(prepared, record, tta=tta, return_probs=return_probs,
-                                              progress=progress)
+        with _window_progress(progress, where.name) as report:
+            labels, probs = self.predict_prepared(prepared, record, tta=tta, return_probs=return_probs,
+                                                  progress=report)
         if return_probs:
             assert probs is not None
             return labels, geometry, probs
@@ -663,27 +689,49 @@ class Predictor:
         out_path: str | Path,
         tta: bool = False,
         probs_path: str | Path | None = None,
-        progress: ProgressFn | None = None,
+        progress: ProgressFn | bool | None = None,
         overwrite: bool = False,
     ) -> Path:
-        """Predict one image file (or DICOM folder) and write a uint8 label map with its exact geometry.
+        """Predict one image file (or DICOM series folder) and write a uint8 label map with its exact geometry.
+
+        For a folder of image files, one per case, ``unionseg predict FOLDER -o OUT`` predicts them all.
 
         Args:
+            in_path: the image (NIfTI, NRRD, MHA) or a folder holding one DICOM series.
+            out_path: the label map's file name (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``).
+            tta: average the 8 mirror images of every window (8x slower).
             probs_path: also write the probabilities as a 4D NIfTI (X, Y, Z, C) float32 plus a
                 ``.json`` sidecar naming the channels.
+            progress: ``True`` for a progress bar of the windows, or a function of
+                ``(windows_done, windows_total)``.
             overwrite: replace ``out_path`` (and ``probs_path``) when they exist; by default an existing file
                 (ground truth of the same name, an edited map) is refused before anything is computed, and
                 a file that appears meanwhile (another process) is never written over.
 
+        Returns:
+            ``out_path``.
+
         Raises:
             OutputExistsError: an existing file without ``overwrite`` (a :class:`UnionsegError`).
-            UnionsegError: the output would overwrite the input, or a name that cannot be written.
-            DataError: unreadable input.
+            UnionsegError: the output would overwrite the input, or a name that cannot be written (a
+                folder); the input is a label or probability map predict wrote.
+            DataError: unreadable input, a folder of image files.
         """
         in_path, out_path = Path(in_path), Path(out_path)
         if out_path.resolve() == in_path.resolve() or (in_path.is_dir() and out_path.resolve().is_relative_to(
                 in_path.resolve())):
             raise UnionsegError("refusing to write the prediction over or inside its input", out_path)
+        if out_path.is_dir() or (suffix_of(out_path) == "" and not out_path.exists()):
+            raise UnionsegError("out_path names the label map's file (case.nii.gz, say), not a folder: "
+                                "predict_file writes one image's map (unionseg predict ... -o FOLDER writes "
+                                "a folder of them)", out_path)
+        if in_path.is_dir():
+            held = sorted(p.name for p in in_path.iterdir() if suffix_of(p) in IMAGE_SUFFIXES)
+            if held:
+                raise DataError(f"a folder of {len(held)} image file(s) ({', '.join(held[:3])}"
+                                f"{', ...' if len(held) > 3 else ''}): predict_file reads one image, a file or a "
+                                "DICOM series folder; give each file, or run unionseg predict FOLDER -o OUT",
+                                in_path)
         if suffix_of(out_path) not in IMAGE_SUFFIXES:
             raise UnionsegError(f"unsupported output type {suffix_of(out_path)!r} (use {', '.join(IMAGE_SUFFIXES)})",
                                 out_path)
@@ -699,17 +747,42 @@ class Predictor:
                     raise OutputExistsError("already exists; nothing was written: pass overwrite=True to replace "
                                             "it", path)
         if probs_path is None:
-            labels, geom = self.predict(in_path, tta=tta, progress=progress)  # type: ignore[misc]
+            labels, geom = self._predict(in_path, None, tta, False, progress, stacklevel=3)
             write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id),
                     replace=overwrite, label_names=self.space.names)
             return out_path
-        labels, geom, probs = self.predict(in_path, tta=tta, return_probs=True,  # type: ignore[misc]
-                                           progress=progress)
+        labels, geom, probs = self._predict(in_path, None, tta, True, progress, stacklevel=3)
         write_image(out_path, labels, geom, description=prediction_description(labels, self.model_id),
                     replace=overwrite, label_names=self.space.names)
         write_probabilities(probs_path, probs, geom, self.probability_names, self.probability_meanings,
                             replace=overwrite, model=self.model_id)
         return out_path
+
+
+@contextmanager
+def _window_progress(progress: ProgressFn | bool | None, name: str) -> Iterator[ProgressFn | None]:
+    """The window callback of ``progress=``: ``True`` draws a bar of the windows (timed lines off a
+    terminal), a function is called as it is, ``False``/``None`` reports nothing.
+
+    Raises:
+        UnionsegError: anything else (``progress="yes"`` failed deep in the sliding window).
+    """
+    if progress is None or progress is False:
+        yield None
+    elif progress is True:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from unionseg.progress import make_progress
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with make_progress(*columns, transient=True, label="predict") as bar:
+            task = bar.add_task(f"{name} (windows)", total=None)
+            yield lambda done, total: bar.update(task, completed=done, total=total)
+    elif callable(progress):
+        yield progress
+    else:
+        raise UnionsegError(f"progress= takes True, False or a function of (windows_done, windows_total), got "
+                            f"{progress!r}")
 
 
 def probabilities_sidecar(path: str | Path) -> Path:
