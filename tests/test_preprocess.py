@@ -669,6 +669,19 @@ def test_intensity_warning_for_non_ct_images(project_dir: Path) -> None:
     assert "ct1000.nii.gz: intensity range [-9.992e+05, 1.493e+06]" in scaled
 
 
+def test_a_script_read_from_stdin_prepares_in_one_process(project_dir: Path) -> None:
+    """``python - <<EOF`` with prepare_project(workers=2): each spawned worker tried to import "<stdin>" and
+    died, and prepare said a worker was killed or out of memory (helper-70). It prepares in the one process,
+    saying why."""
+    script = ("import sys\nfrom unionseg.data.preprocess import prepare_project\n"
+              f"index = prepare_project({str(project_dir / 'project.yaml')!r}, workers=2, progress=False)\n"
+              "print('prepared', len(index.summary.prepared))\n")
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "prepared 6" in proc.stdout
+    assert "<stdin>:3: UnionsegWarning: the main script (<stdin>) cannot be imported again by worker processes" in proc.stderr
+
+
 def test_prepare_cli_does_not_import_torch(project_dir: Path) -> None:
     code = ("import sys; from unionseg.cli import run; rc = run(['prepare', sys.argv[1], '--workers', '0']); "
             "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")

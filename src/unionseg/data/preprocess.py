@@ -1076,8 +1076,23 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and "record" in data else None
 
 
+def _workers_can_start() -> bool:
+    """Whether spawned workers can import the main script again, as spawn does; warns when not. A script read
+    from stdin (``python - <<EOF``) has ``__file__ == "<stdin>"``, which no worker can read: every worker died,
+    and prepare said a worker was killed or out of memory."""
+    import sys
+
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if main_file is None or Path(main_file).is_file():  # python -c, a notebook, or a script file
+        return True
+    warnings.warn(f"the main script ({main_file}) cannot be imported again by worker processes; the cases are "
+                  "prepared in this process alone (run a script file to use workers)", UnionsegWarning,
+                  stacklevel=5)  # the caller of prepare_project
+    return False
+
+
 def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob, dict[str, Any]], None]) -> None:
-    if workers <= 1 or len(jobs) <= 1:
+    if workers <= 1 or len(jobs) <= 1 or not _workers_can_start():
         for job in jobs:
             on_done(job, _run_case(job))
         return
