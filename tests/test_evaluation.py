@@ -174,6 +174,23 @@ def test_partially_labelled_truth_scored_only_on_annotated_classes(space: LabelS
     assert full["region:spleen"] == {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "pred_voxels": 0.0, "gt_voxels": 0.0}
 
 
+def test_evaluate_case_takes_a_geometry_and_names_a_bad_spacing_or_mask(space: LabelSpace) -> None:
+    """From Python, spacing=geometry failed inside float(), and annotated="liver" read as a shape () mask
+    (helper-70): a Geometry gives its spacing, the rest is named."""
+    from unionseg.data.io import Geometry
+
+    pred, gt = _case(space)
+    by_numbers = evaluate_case(pred, gt, space.full_mask(), space, SPACING)
+    geometry = Geometry(gt.shape, np.diag([*SPACING, 1.0]))
+    assert evaluate_case(pred, gt, space.full_mask(), space, geometry) == by_numbers
+    for bad in ((1.0, 1.0), (1.0, 0.0, 2.0), "1mm", None):
+        with pytest.raises(ValueError, match="spacing: expected the voxel size in mm along X, Y, Z"):
+            evaluate_case(pred, gt, space.full_mask(), space, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"annotated: the truth's annotated-leaf mask, not a name "
+                                         r"\(space.annotated_leaf_mask\('liver'\)"):
+        evaluate_case(pred, gt, "liver", space, SPACING)  # type: ignore[arg-type]
+
+
 def test_region_masks_include_parts_and_region_codes(space: LabelSpace) -> None:
     kidney, tumour = space.leaf_id("kidney"), space.leaf_id("kidney_tumour")
     region_code = space.code("region:kidney")

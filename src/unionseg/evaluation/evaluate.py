@@ -81,6 +81,9 @@ def _check_inputs(pred: np.ndarray, gt: np.ndarray, annotated: np.ndarray | Sequ
                   space: LabelSpace) -> np.ndarray:
     if pred.shape != gt.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {gt.shape}")
+    if isinstance(annotated, str):  # a dataset's name: np.asarray made it one True
+        raise ValueError(f"annotated: the truth's annotated-leaf mask, not a name (space.annotated_leaf_mask"
+                         f"({annotated!r}), or space.full_mask() for a fully labelled set)")
     mask = np.asarray(annotated, dtype=bool)
     if mask.shape != (space.n_leaves,):
         raise ValueError(f"annotated must be ({space.n_leaves},) bool, got shape {mask.shape}")
@@ -91,6 +94,27 @@ def _check_inputs(pred: np.ndarray, gt: np.ndarray, annotated: np.ndarray | Sequ
         raise ValueError(f"ground-truth values must be codes 0..{space.n_codes - 1}, "
                          f"got {int(gt.min())}..{int(gt.max())}")
     return mask
+
+
+def _voxel_size(spacing: Any) -> tuple[float, float, float]:
+    """``spacing`` as three positive mm; a :class:`Geometry` gives its own (``spacing=geometry`` failed inside
+    float()).
+
+    Raises:
+        ValueError: anything but three positive finite numbers.
+    """
+    from unionseg.data.io import Geometry
+
+    if isinstance(spacing, Geometry):
+        return spacing.spacing
+    try:
+        values = tuple(float(v) for v in spacing)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"spacing: expected the voxel size in mm along X, Y, Z (three positive numbers, such as "
+                         f"geometry.spacing), got {spacing!r}")
+    return values  # type: ignore[return-value]
 
 
 def _scored_keys(space: LabelSpace, annotated: np.ndarray, gt_code_counts: np.ndarray) -> list[str]:
@@ -144,6 +168,7 @@ def evaluate_case(
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     mask = _check_inputs(pred, gt, annotated, space)
+    spacing = _voxel_size(spacing)
     counts = np.bincount(gt.reshape(-1).astype(np.intp, copy=False), minlength=space.n_codes)
     out: CaseScores = {}
     for key in _scored_keys(space, mask, counts):
