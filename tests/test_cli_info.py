@@ -251,7 +251,7 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tiny_project:
         monkeypatch.setenv("RANK", rank)
         assert run(args) == 2
         err = capsys.readouterr().err
-        assert ("error: <command line>: steps: expected an integer, got 'abc'" in err) is printed, err
+        assert ("error: <overrides>: steps: expected an integer, got 'abc'" in err) is printed, err
     assert not (tmp_path / "run").exists()
 
     def other(*args: object, **kwargs: object) -> None:

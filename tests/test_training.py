@@ -606,6 +606,13 @@ def test_train_config_is_what_the_cli_trains_with(tmp_path: Path) -> None:
     assert load_train_config(mine).optim.lr != builtin.optim.lr  # the low-level loader: bare defaults
     assert train_config("marginal").optim.lr == load_train_config(default_recipe("marginal")).optim.lr
     assert train_config().method == "naive"
+    # overrides from Python: a mapping of Python values (it was "override 'steps' must look like key=value")
+    mapped = train_config("dodnet", overrides={"steps": 7, "optim.lr": 0.01, "options.cross_task_weight": 0.25})
+    assert (mapped.steps, mapped.optim.lr, mapped.options["cross_task_weight"]) == (7, 0.01, 0.25)
+    with pytest.raises(ConfigError, match=r"<overrides>: override 'stepz': unknown key 'stepz'"):
+        train_config("dodnet", overrides={"stepz": 7})
+    with pytest.raises(ConfigError, match=r"override 3 must look like key=value \(or give a mapping"):
+        train_config("dodnet", overrides=[3])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="the recipe says 'dodnet', the call says 'naive'"):
         train_config("naive", mine)
 

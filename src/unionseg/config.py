@@ -218,22 +218,31 @@ def to_dict(obj: Any, *, hashed: bool = False) -> Any:
 
 
 def apply_overrides(
-    obj: T, overrides: Sequence[str], source: str = "<command line>", open_maps: Sequence[str] = ()
+    obj: T, overrides: Sequence[str] | Mapping[str, Any], source: str = "<overrides>",
+    open_maps: Sequence[str] = (),
 ) -> T:
-    """Return a copy of a dataclass tree with ``a.b=value`` overrides applied (values parsed as YAML).
+    """Return a copy of a dataclass tree with overrides applied: ``a.b=value`` strings (values parsed as
+    YAML, as on the command line), or a mapping ``{"a.b": value}`` of Python values (from Python).
 
     A key must already exist, except directly under the dotted paths in ``open_maps``: free-form mappings
     whose keys are checked by their consumer (a method's ``options``, validated by its Options class).
     """
     data = to_dict(obj)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value", source)
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+    pairs: list[tuple[str, Any]] = []
+    if isinstance(overrides, Mapping):
+        pairs = [(str(key), value) for key, value in overrides.items()]
+    else:
+        for item in overrides:
+            if not isinstance(item, str) or "=" not in item:
+                raise ConfigError(f"override {item!r} must look like key=value (or give a mapping "
+                                  "{key: value})", source)
+            key, raw = item.split("=", 1)
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError:
+                value = raw
+            pairs.append((key, value))
+    for key, value in pairs:
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:

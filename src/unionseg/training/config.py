@@ -8,6 +8,7 @@ in the same object; method-specific knobs go to ``options`` and are validated by
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -168,7 +169,8 @@ class TrainConfig:
         return self.inference.roi_size or self.data.patch_size
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | str | None = None,
+def load_train_config(path: str | Path | None = None,
+                      overrides: Sequence[str] | Mapping[str, Any] | str | None = None,
                       base: str | Path | None = None, **fixed: Any) -> TrainConfig:
     """A recipe (YAML) plus ``key=value`` overrides; ``fixed`` keys (e.g. method) override both.
 
@@ -183,7 +185,8 @@ def load_train_config(path: str | Path | None = None, overrides: list[str] | str
 
     Args:
         path: the recipe; ``None``: the bare defaults of :class:`TrainConfig` (under ``base``, if given).
-        overrides: ``key=value`` strings applied last (one string alone is one override).
+        overrides: ``key=value`` strings applied last (one string alone is one override), or a mapping
+            ``{"steps": 1500, "optim.lr": 0.01}`` of Python values.
         base: a recipe underneath ``path`` (the method's built-in one, for ``train -c``): what ``path``
             leaves out keeps ``base``'s value, mappings merged key by key (``optim: {lr: 0.01}`` keeps
             ``base``'s optimiser and schedule).

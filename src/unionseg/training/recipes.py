@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from unionseg.training.config import TrainConfig
@@ -57,7 +58,7 @@ def resolve_method(method: str | None, recipe: str | Path | None, given_as: str 
 
 
 def train_config(method: str | None = None, recipe: str | Path | None = None,
-                 overrides: list[str] | str | None = None) -> TrainConfig:
+                 overrides: Sequence[str] | Mapping[str, Any] | str | None = None) -> TrainConfig:
     """The configuration ``unionseg train [--method METHOD] [-c RECIPE] [OVERRIDES]`` trains with.
 
     The method's recipe built into unionseg (its budget, optimiser and options), then ``recipe`` on top of
@@ -70,7 +71,8 @@ def train_config(method: str | None = None, recipe: str | Path | None = None,
     Args:
         method: the method (``unionseg methods``); default: the recipe's ``method:``, else ``naive``.
         recipe: a recipe YAML on top of the method's; a run folder's ``config.yaml`` repeats that run.
-        overrides: ``key=value`` strings (``"steps=1500"``, ``"options.cross_task_weight=0.25"``).
+        overrides: ``key=value`` strings (``"steps=1500"``, ``"options.cross_task_weight=0.25"``), or a
+            mapping of Python values (``{"steps": 1500}``).
 
     Raises:
         ConfigError: an unknown method, ``method`` differing from the recipe's, an unreadable recipe, an
