@@ -553,6 +553,13 @@ def test_evaluate_folder_errors(tiny_project: Path) -> None:
     outside.mkdir()
     with pytest.raises(ConfigError, match="--dataset"):
         evaluate_folder(root / "preds", outside, root / "project.yaml", None, root / "e3", figures=False)
+    # CT images given as the truth: their values are named, with what they look like (helper-71)
+    from unionseg.evaluation.evaluate import label_range_problem
+
+    assert label_range_problem(0, 255) is None
+    assert label_range_problem(-1024, 1500) == ("label value -1024 is outside 0..255; negative values are a CT "
+                                                "image's: is this the image folder, not the labels?")
+    assert label_range_problem(0, 300) == "label value 300 is outside 0..255"
 
 
 def test_the_ground_truth_given_as_predictions_is_refused_not_scored_perfect(tiny_project: Path) -> None:

@@ -841,7 +841,7 @@ def test_cli_keep_going_predicts_past_an_unreadable_input(tmp_path: Path, capsys
     assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case2.nii.gz"]
     assert any(line.startswith("[2/3] case1: FAILED, left out: ") for line in err), err
     assert err[-2].startswith(f"failed: {inputs / 'case1.nii.gz'}: not a gzip-compressed file")
-    assert err[-1] == (f"error: {out}: 1 of 3 input(s) could not be read and were left out (case1); the other 2 "
+    assert err[-1] == (f"error: {out}: 1 of 3 input(s) could not be predicted (unreadable, or refused) and were left out (case1); the other 2 "
                        "were written: fix or remove those, then run the same command with --skip-existing to finish")
     (inputs / "case1.nii.gz").unlink()  # removed: the same command with --skip-existing finishes
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--skip-existing"]) == 0

@@ -51,6 +51,7 @@ from unionseg.evaluation.evaluate import (
     check_metrics,
     check_not_the_truth,
     display_key,
+    label_range_problem,
     on_truth_grid,
     write_metrics_csv,
 )
@@ -367,8 +368,9 @@ def _read_pair(pred_path: Path, gt_path: Path, model_space: LabelSpace, labels: 
         raise DataError(f"prediction holds values outside the model's leaf ids 0..{model_space.n_leaves - 1}",
                         pred_path)
     pred = on_truth_grid(pred, pred_geom, gt_geom, pred_path, gt_path)
-    if gt.size and (gt.min() < 0 or gt.max() > 255):
-        raise DataError(f"label value {int(gt.min()) if gt.min() < 0 else int(gt.max())} is outside 0..255", gt_path)
+    problem = label_range_problem(int(gt.min()), int(gt.max())) if gt.size else None
+    if problem is not None:
+        raise DataError(problem, gt_path)
     gt = gt.astype(np.uint8)
     if labels is not None and gt.size:
         present = np.flatnonzero(np.bincount(gt.reshape(-1), minlength=256))

@@ -234,6 +234,15 @@ def _integer_array(arr: np.ndarray, path: Path, what: str) -> np.ndarray:
     return arr
 
 
+def label_range_problem(lo: int, hi: int) -> str | None:
+    """What is wrong with a label map whose values run from ``lo`` to ``hi`` (None: within 0..255). Negative
+    values are a CT image's, given where its label map belongs (``evaluate PRED imagesTr``)."""
+    if 0 <= lo and hi <= 255:
+        return None
+    hint = "; negative values are a CT image's: is this the image folder, not the labels?" if lo < 0 else ""
+    return f"label value {lo if lo < 0 else hi} is outside 0..255{hint}"
+
+
 def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: str) -> np.ndarray:
     """Local label values -> (X, Y, Z) uint8 global codes through ``lookup`` ((256,) int, -1 = unmapped).
 
@@ -242,8 +251,9 @@ def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: s
     """
     arr = _integer_array(np.asarray(arr), path, "label map")
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
-    if lo < 0 or hi > 255:
-        raise DataError(f"label value {lo if lo < 0 else hi} is outside 0..255", path)
+    problem = label_range_problem(lo, hi)
+    if problem is not None:
+        raise DataError(problem, path)
     codes = lookup.astype(np.int16)[arr.astype(np.uint8)]
     if np.any(codes < 0):
         bad = sorted(int(v) for v in np.unique(arr[codes < 0]))
@@ -756,7 +766,9 @@ def evaluate_folder(
         space.warn_unscored_organs(spec.name, project.path)
     truths = _label_files(gt_dir)
     if not truths:
-        raise DataError("no label files (.nii.gz, .nii, .nrrd, .mha) in the ground-truth folder", gt_dir)
+        from unionseg.data.io import IMAGE_SUFFIXES
+
+        raise DataError(f"no label files ({', '.join(IMAGE_SUFFIXES)}) in the ground-truth folder", gt_dir)
     if dataset is not None and not oracle and not gt_dir.resolve().is_relative_to(Path(spec.root).resolve()):
         _warn_foreign_cases(project, spec, truths, gt_dir)
     preds = _label_files(pred_dir)

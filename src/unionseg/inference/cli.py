@@ -493,7 +493,7 @@ def register(app: typer.Typer) -> None:
                     say_failed()
                     left = [n for n, _ in failed] + [n for n, _ in cases[k - 1:]]
                     typer.echo(f"stopped during case {name!r}: {written} of {len(cases)} case(s) written, each "
-                               f"whole{f', {len(failed)} could not be read' if failed else ''}; {name!r} is to be "
+                               f"whole{f', {len(failed)} could not be predicted' if failed else ''}; {name!r} is to be "
                                f"predicted again; {finish(left)}", err=True)
                     raise
                 except DataError as exc:
@@ -521,6 +521,7 @@ def register(app: typer.Typer) -> None:
         if failed:
             say_failed()
             kept = " (their earlier outputs in -o, if any, are left as they were)" if overwrite else ""
-            raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be read and were left out "
+            raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be predicted (unreadable, or "
+                                f"refused) and were left out "
                                 f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
                                 f"fix or remove those, then {finish([n for n, _ in failed])}", output)
