@@ -1085,8 +1085,9 @@ def test_predict_warns_that_an_uncoded_input_is_placed_by_guess(tmp_path: Path) 
     image.set_qform(None, code=0)
     image.set_sform(None, code=0)
     nib.save(image, str(tmp_path / "uncoded.nii.gz"))
-    with pytest.warns(UnionsegWarning, match=r"uncoded\.nii\.gz: neither its qform nor its sform is set"):
+    with pytest.warns(UnionsegWarning, match=r"uncoded\.nii\.gz: neither its qform nor its sform is set") as caught:
         predictor.predict(tmp_path / "uncoded.nii.gz")
+    assert [w.filename for w in caught] == [__file__]  # the caller's line, not predictor.py's
     image.set_sform(np.diag([2.0, 2.0, 3.0, 1.0]), code=1)
     nib.save(image, str(tmp_path / "coded.nii.gz"))
     with warnings.catch_warnings():
@@ -1134,6 +1135,13 @@ def test_predict_from_python_names_what_is_wrong(tmp_path: Path, capsys: pytest.
     with pytest.warns(UnionsegWarning, match=r"<array>: only 1 voxel\(s\) along an axis") as caught:
         predictor.predict(_ct(thin.shape).astype(np.int16), geometry=thin)
     assert all(w.filename == __file__ for w in caught)
+    with pytest.raises(UnionsegError, match="progress= takes True"):  # refused before the file is even read
+        predictor.predict(tmp_path / "missing.nii.gz", progress="yes")  # type: ignore[arg-type]
+    # a DICOM series whose folder also holds a converted copy is still a series (helper-73)
+    write_dicom_series(tmp_path / "series")
+    write_image(tmp_path / "series" / "converted.nii.gz", _ct((16, 16, 6)).astype(np.int16),
+                Geometry.identity((16, 16, 6), (2, 2, 3)))
+    assert predictor.predict_file(tmp_path / "series", tmp_path / "series_seg.nii.gz").is_file()
     write_image(tmp_path / "mri.nii.gz", np.full(geom.shape, 40, np.int16), geom)
     with pytest.warns(IntensityWarning) as caught:
         predictor.predict_file(tmp_path / "mri.nii.gz", tmp_path / "mri_seg.nii.gz")

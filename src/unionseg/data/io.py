@@ -10,11 +10,11 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import logging
 import os
 import warnings
 import zlib
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,13 +325,24 @@ def _check_voxel_size(path: Path) -> bool:
     return bool(np.any(spatial < 0))
 
 
-def _quiet_nibabel(quiet: bool) -> AbstractContextManager:
-    """nibabel's header notes (printed to stderr without the file's name) held back when ``quiet``."""
+@contextlib.contextmanager
+def _quiet_nibabel(quiet: bool = True) -> Iterator[None]:
+    """nibabel's header notes (logged at WARNING and printed to stderr without the file's name) held back
+    while ``quiet``: its logger's level is raised for the block and put back after. (nibabel's own
+    ``LoggingOutputSuppressor`` restores its handlers from the list it emptied, which leaves the logger
+    without one, so Python's last-resort handler prints the note anyway, and every later one too.)"""
     if not quiet:
-        return contextlib.nullcontext()
+        yield
+        return
     import nibabel as nib
 
-    return nib.imageglobals.LoggingOutputSuppressor()
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
@@ -362,7 +373,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, Geometry]:
     return array, Geometry(array.shape, nifti_affine_mm(img, path), NiftiForms.of(img.header))
 
 
-def warn_about_placement(path: Path, geometry: Geometry) -> None:
+def warn_about_placement(path: Path, geometry: Geometry, stacklevel: int = 2) -> None:
     """Warn when a NIfTI input does not say unambiguously where its voxels lie in the patient (``predict``
     calls it on its inputs: the output is only as well placed as the input):
 
@@ -377,7 +388,7 @@ def warn_about_placement(path: Path, geometry: Geometry) -> None:
         warnings.warn(f"{path}: neither its qform nor its sform is set (both codes 0), so the file does not say "
                       "how its axes lie in the patient; it is read with nibabel's fallback (voxel sizes only, axes "
                       "taken as LAS, centred on the volume), which viewers may not share: check the orientation",
-                      UnionsegWarning, stacklevel=2)
+                      UnionsegWarning, stacklevel=stacklevel)
     found = _raw_voxel_sizes(path) if suffix_of(path) in NIFTI_SUFFIXES and path.is_file() else None
     if found is not None and np.any(found[0] < 0):
         shown = ", ".join(f"{v:g}" for v in found[0])
@@ -386,7 +397,7 @@ def warn_about_placement(path: Path, geometry: Geometry) -> None:
                       "value, while ITK-based viewers (3D Slicer, ITK-SNAP) may mirror that axis, so there the "
                       "label map (written with positive sizes) can show mirrored on the image; fix the header "
                       "(positive voxel sizes, the orientation in the qform/sform) and check the patient's side",
-                      UnionsegWarning, stacklevel=2)
+                      UnionsegWarning, stacklevel=stacklevel)
 
 
 def _sitk_to_geometry(img: Any, shape: tuple[int, ...]) -> Geometry:
@@ -578,7 +589,8 @@ def _nifti_header(path: str | Path) -> Any:
     if suffix_of(path) not in NIFTI_SUFFIXES or not path.is_file():
         return None
     try:
-        return nib.load(str(path)).header
+        with _quiet_nibabel():  # a glance at the header: the image's own read says what is wrong with it
+            return nib.load(str(path)).header
     except Exception:  # a damaged header: nibabel raises several types
         return None
 
@@ -878,7 +890,8 @@ def predict_kind(path: Path) -> str | None:
     if description != PREDICTION_DESCRIPTION:
         return None
     try:
-        image: Any = nib.load(str(path))
+        with _quiet_nibabel():
+            image: Any = nib.load(str(path))
         dims = len(image.shape)
     except Exception:  # noqa: BLE001 - nifti_description read the header; a shape it cannot give: not ours
         return None

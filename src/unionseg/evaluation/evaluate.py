@@ -106,7 +106,7 @@ def _voxel_size(spacing: Any) -> tuple[float, float, float]:
     from unionseg.data.io import Geometry
 
     if isinstance(spacing, Geometry):
-        return spacing.spacing
+        spacing = spacing.spacing
     try:
         values = tuple(float(v) for v in spacing)
     except (TypeError, ValueError):
@@ -153,7 +153,8 @@ def evaluate_case(
         annotated: (L,) bool annotated-leaf mask of the truth (``space.annotated_leaf_mask(dataset)``;
             ``space.full_mask()`` for fully labelled sets).
         space: the project's label space.
-        spacing: voxel size in mm along X, Y, Z.
+        spacing: voxel size in mm along X, Y, Z (three positive numbers), or the truth's
+            :class:`~unionseg.data.io.Geometry`.
         tolerance_mm: NSD tolerance.
         metrics: any of ``dice``, ``hd95``, ``nsd``.
 
@@ -162,7 +163,8 @@ def evaluate_case(
         order, only the scorable ones. Values follow the metrics module's empty-mask rules (never NaN).
 
     Raises:
-        ValueError: shape mismatch, values outside the label space, bad annotated mask or metric.
+        ValueError: shape mismatch, values outside the label space, bad annotated mask (a dataset's name
+            given instead, say), spacing or metric.
     """
     metrics = check_metrics(metrics)
     pred = np.asarray(pred)

@@ -50,6 +50,7 @@ from unionseg.data.io import (
     PREDICTION_DESCRIPTION,
     Geometry,
     fsync_file,
+    is_dicom_file,
     place_file,
     predict_kind,
     prediction_description,
@@ -501,6 +502,9 @@ class Predictor:
                  progress: ProgressFn | bool | None, stacklevel: int) -> Any:
         """:meth:`predict`; its warnings point ``stacklevel`` frames up (the user's call of predict or
         predict_file)."""
+        if not (progress is None or isinstance(progress, bool) or callable(progress)):  # before the work
+            raise UnionsegError(f"progress= takes True, False or a function of (windows_done, windows_total), got "
+                                f"{progress!r}")
         if isinstance(image, (str, Path)):
             path = Path(image)
             if geometry is not None:
@@ -510,7 +514,7 @@ class Predictor:
                 raise UnionsegError(f"a {KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
                                     "reads the scans themselves", path)
             array, geometry = read_image(path)
-            warn_about_placement(path, geometry)
+            warn_about_placement(path, geometry, stacklevel=stacklevel + 1)
         else:
             path = None
             array = np.asarray(image)
@@ -725,9 +729,9 @@ class Predictor:
             raise UnionsegError("out_path names the label map's file (case.nii.gz, say), not a folder: "
                                 "predict_file writes one image's map (unionseg predict ... -o FOLDER writes "
                                 "a folder of them)", out_path)
-        if in_path.is_dir():
+        if in_path.is_dir() and not any(is_dicom_file(p) for p in in_path.iterdir() if p.is_file()):
             held = sorted(p.name for p in in_path.iterdir() if suffix_of(p) in IMAGE_SUFFIXES)
-            if held:
+            if held:  # a folder of cases, not a series (a series folder may hold a converted copy beside it)
                 raise DataError(f"a folder of {len(held)} image file(s) ({', '.join(held[:3])}"
                                 f"{', ...' if len(held) > 3 else ''}): predict_file reads one image, a file or a "
                                 "DICOM series folder; give each file, or run unionseg predict FOLDER -o OUT",
@@ -764,8 +768,6 @@ def _window_progress(progress: ProgressFn | bool | None, name: str) -> Iterator[
     """The window callback of ``progress=``: ``True`` draws a bar of the windows (timed lines off a
     terminal), a function is called as it is, ``False``/``None`` reports nothing.
 
-    Raises:
-        UnionsegError: anything else (``progress="yes"`` failed deep in the sliding window).
     """
     if progress is None or progress is False:
         yield None
@@ -778,11 +780,8 @@ def _window_progress(progress: ProgressFn | bool | None, name: str) -> Iterator[
         with make_progress(*columns, transient=True, label="predict") as bar:
             task = bar.add_task(f"{name} (windows)", total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)
-    elif callable(progress):
+    else:  # a function (Predictor._predict refused anything else before the work)
         yield progress
-    else:
-        raise UnionsegError(f"progress= takes True, False or a function of (windows_done, windows_total), got "
-                            f"{progress!r}")
 
 
 def probabilities_sidecar(path: str | Path) -> Path:
@@ -792,11 +791,11 @@ def probabilities_sidecar(path: str | Path) -> Path:
 
 
 def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry, names: Sequence[str],
-                        meanings: Mapping[str, str] | None = None, replace: bool = True,
+                        meanings: Mapping[str, str] | None = None, replace: bool = False,
                         model: str | None = None) -> Path:
     """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list
-    (and what each channel holds, ``meanings``), atomically (``replace=False``: never over an existing file,
-    :func:`~unionseg.data.io.place_file`); both carry predict's mark (header description, ``written_by``),
+    (and what each channel holds, ``meanings``), atomically, and never over an existing file unless
+    ``replace=True`` (:func:`~unionseg.data.io.place_file`; as :func:`~unionseg.data.io.write_image`); both carry predict's mark (header description, ``written_by``),
     and the ``.json`` the id of the ``model`` that wrote them, when given (``--skip-existing`` checks it).
 
     The voxels are streamed one channel at a time (NIfTI stores the last axis slowest, so a channel is one
