@@ -336,6 +336,9 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     assert saved["unmatched_predictions"] == ["liver_0"]
     md = (out / "summary.md").read_text()
     assert "| class | Dice | HD95 (mm) | NSD (2 mm) |" in md and "| kidney | 0.667 ± 0.471 |" in md
+    # HD95 with its median: a missed organ's penalty (the image diagonal) rules the mean (helper-71)
+    hd = saved["classes"]["region:kidney"]["hd95"]
+    assert f"| {hd['mean']:.2f} ± {hd['std']:.2f} (median {hd['median']:.2f}) |" in md
 
     # serial run gives the same numbers (parallel path, with the progress bar, above)
     serial = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
