@@ -224,6 +224,29 @@ def test_help_shows_flags_without_a_value(command: list[str]) -> None:
     assert all("<list[str]>" not in line for line in result.output.splitlines() if "--root" in line)
 
 
+def test_version_short_help_and_usage_lines_read_as_names(capsys: pytest.CaptureFixture[str]) -> None:
+    """No --version (needed for bug reports), no -h, and usage lines such as `info [OPTIONS] {project}` and
+    `inputs... <list[Path]>`, typer's own rendering (helper-75)."""
+    from typer.testing import CliRunner
+
+    from unionseg import __version__
+    from unionseg.cli import app
+
+    runner = CliRunner()
+    for flag in ("--version", "-V"):
+        result = runner.invoke(app, [flag])
+        assert (result.exit_code, result.output) == (0, f"unionseg {__version__}\n")
+    usage = {cmd: runner.invoke(app, [cmd, "-h"], env={"COLUMNS": "160"}).output for cmd in ("predict", "train", "info")}
+    assert "Usage: unionseg predict [OPTIONS] MODEL INPUTS..." in usage["predict"]
+    assert "Usage: unionseg train [OPTIONS] PROJECT [OVERRIDES]..." in usage["train"]
+    assert "Usage: unionseg info [OPTIONS] PROJECT|MODEL|RUN" in usage["info"]
+    assert "<list[" not in usage["predict"] + usage["train"] and "{" not in usage["predict"]
+    assert "--out,--output" in usage["predict"].replace(" ", "") and "--out,--output" in usage["train"].replace(" ", "")
+    # train --device is the override device=...: refused the same way, before anything is made
+    assert run(["train", "nowhere.yaml", "--device", "gpu", "--quiet"]) == 2
+    assert "device: 'gpu' is not one of auto, cpu, cuda, cuda:N" in capsys.readouterr().err
+
+
 def test_every_command_help_paragraph_is_one_line() -> None:
     """The help keeps a docstring's line breaks: `info`'s three-line first paragraph broke mid-sentence in
     the command list and on its own screen ("for a model file, what" / "it segments, ...")."""

@@ -119,6 +119,9 @@ def test_refuses_a_foreign_folder_but_regenerates_a_phantom(tmp_path: Path) -> N
     assert json.loads((out / "generator.json").read_text())["seed"] == 4
     with pytest.raises(ConfigError, match="seed"):
         generate_phantom(tmp_path / "neg", seed=-1)
+    with pytest.raises(ConfigError, match=r"--workers must be an integer >= 1, got 0"):  # ran one silently
+        generate_phantom(tmp_path / "none", workers=0)
+    assert not (tmp_path / "neg").exists() and not (tmp_path / "none").exists()
 
 
 # ---------------------------------------------------------------------- project file and layout

@@ -679,6 +679,11 @@ def test_a_script_read_from_stdin_prepares_in_one_process(project_dir: Path) -> 
     proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "prepared 6" in proc.stdout
+    # a negative worker count ran in-process silently (helper-75)
+    from unionseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"--workers must be an integer >= 0 \(0 or 1: in this process\), got -1"):
+        prepare_project(project_dir / "project.yaml", workers=-1, progress=False)
     assert "<stdin>:3: UnionsegWarning: the main script (<stdin>) cannot be imported again by worker processes" in proc.stderr
 
 

@@ -195,6 +195,12 @@ def test_every_recipe_loads_and_has_no_absolute_or_missing_roots(public: dict[st
     assert abdomen.label_space.region_keys() == ["region:liver", "region:kidney", "region:pancreas", "region:spleen"]
     btcv = load_cross_map(RECIPES / "btcv_eval.yaml")
     assert btcv.labels == BTCV_ORGANS
+    # a built-in map by its name (evaluate-cross --map btcv_eval said "file not found"; helper-75)
+    named = load_cross_map("btcv_eval")
+    assert named.path.samefile(btcv.path) and (named.labels, named.shared) == (btcv.labels, btcv.shared)
+    with pytest.raises(ConfigError, match=r"btcv: no such file, and no cross map of that name is built in "
+                                          r"\(amos_eval, btcv_eval, word_eval\)"):
+        load_cross_map("btcv")
     gt_map, dropped = btcv.gt_map(abdomen.label_space)
     assert gt_map == {1: "region:spleen", 2: "region:kidney", 3: "region:kidney", 6: "region:liver",
                       11: "region:pancreas"} and dropped == {}

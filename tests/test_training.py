@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -1236,7 +1237,9 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     assert f"{run}: a finished naive run of 2 steps; the model file was taken at step 2," in out
     assert f"{run / 'model.pt'}: a naive model" in out
     assert cli(["info", str(tmp_path)]) == 2
-    assert "not a run folder (no config.yaml)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a run folder (no config.yaml)" in err
+    assert re.search(r"; it holds run folders \([^)]*\brun\b[^)]*\): give one", err), err  # where the runs are
     # a truncated checkpoint is said to be unreadable (it was offered "to resume from"); a broken record is
     # one error naming it (a traceback), and a broken model file no longer hides how far the run got
     broken = tmp_path / "broken"
@@ -1289,7 +1292,8 @@ def test_prepare_counts_the_held_out_cases_apart_from_the_validation_set(phantom
     own = [c for c in index.cases(split="val") if c.role == "val"]
     held = [c for c in index.cases(split="val") if c.role != "val"]
     assert own and held  # the phantom has both
-    assert f"val {len(own)} (the role: val set; {len(held)} more held out of the training sets, unused)" in \
+    assert f"val {len(own)} (from the dataset with role: val; {len(held)} more held out of the training datasets, " \
+           "unused)" in \
         case_counts(index)
 
 

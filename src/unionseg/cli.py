@@ -39,7 +39,30 @@ class _PlainHelp:
 
 
 class _Command(_PlainHelp, typer.core.TyperCommand):
-    pass
+    """A command whose arguments read as NAMES in the usage line and the help table (typer 0.29 shows
+    ``{project}`` and a Python type such as ``<list[Path]>``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, typer.core.TyperArgument) and param.name:
+                param.metavar = param.metavar or param.name.upper()
+                param._usage_display_name = _usage_name.__get__(param)  # type: ignore[method-assign]
+                param.display_type_rich = _element_type.__get__(param)  # type: ignore[method-assign]
+
+
+def _usage_name(param: Any) -> str:
+    """``MODEL INPUTS...``, ``[OVERRIDES]...``: typer wraps a required argument in braces."""
+    name = param.metavar if param.required else f"[{param.metavar}]"
+    return name + ("..." if param.nargs != 1 else "")
+
+
+def _element_type(param: Any, ctx: Any) -> str | None:
+    """``<path>`` for a list of paths too (typer shows ``<list[Path]>``)."""
+    shown = typer.core.TyperArgument.display_type_rich(param, ctx)
+    if shown and shown.startswith("<list[") and shown.endswith("]>"):
+        return f"<{shown[6:-2].lower()}>"
+    return shown
 
 
 class _Group(_PlainHelp, typer.core.TyperGroup):
@@ -60,6 +83,7 @@ app = _App(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 _STATE = {"debug": False}
@@ -79,8 +103,18 @@ except ImportError:  # pragma: no cover
     _USAGE = (typer.exceptions.TyperException,)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from unionseg import __version__
+
+        typer.echo(f"unionseg {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", metavar="")] = False) -> None:
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", metavar="")] = False,
+          version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.", metavar="",
+                                                callback=_print_version, is_eager=True)] = False) -> None:
     _STATE["debug"] = debug
 
 
@@ -100,7 +134,7 @@ RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset ro
 @app.command()
 def info(
     project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt) or a run folder to "
-                                                 "describe.")],
+                                                 "describe.", metavar="PROJECT|MODEL|RUN")],
     root: RootOpt = None,
 ) -> None:
     """Describe a project, a model file or a run folder.

@@ -162,12 +162,12 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
         + (", cropped to the body" if pre.get("crop_to_body") else "") + "; predictions go back to the input's grid")
     inf = s["inference"]
     out(f"sliding window: {inf.get('roi_size')} voxels, overlap {inf.get('overlap')}, {inf.get('sw_batch_size')} "
-        f"windows per call, {inf.get('blend')} blending, threshold {inf.get('threshold')}")
+        f"window(s) per call, {inf.get('blend')} blending, threshold {inf.get('threshold')}")
     train = s["training"]
     if train:
         optim = train.get("optim") or {}
         out(f"training: {train.get('steps')} steps, seed {train.get('seed')}, {optim.get('name')} lr {optim.get('lr')} "
-            f"({optim.get('schedule')}), selected on {train.get('select_on', 'all')}"
+            f"({optim.get('schedule')}), checkpoint selected on {_selection_words(train.get('select_on'))}"
             + (f", shared experts {train['expert_steps']} steps" if train.get("expert_steps") else "")
             + (f", started from {train['init_from']}" if train.get("init_from") else ""))
     prov = s["provenance"]
@@ -177,6 +177,11 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
         if prov.get("options"):
             out(f"method options: {json.dumps(prov['options'], sort_keys=True)}")
     return s
+
+
+def _selection_words(select_on: str | None) -> str:
+    """What a run's ``select_on`` compares, in words (``train`` says the same)."""
+    return "the organ regions" if select_on == "regions" else "every class, tumours included"
 
 
 def _print_shared_stages(run: Path) -> None:
@@ -219,8 +224,13 @@ def print_run_info(run: Path) -> dict[str, Any]:
     from unionseg.errors import CheckpointError
 
     if not (run / "config.yaml").is_file():
+        # a benchmark's row folder (seed0/, ...) or its -o (runs/NAME/seedN/), a phantom's folder
+        runs = sorted(str(p.parent.relative_to(run)) for p in [*run.glob("*/config.yaml"), *run.glob("*/*/config.yaml")])
+        projects = sorted(p.name for p in run.glob("*.yaml"))
+        hint = (f"; it holds run folders ({', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}): give one"
+                if runs else f"; it holds {', '.join(projects[:3])}: give the project file" if projects else "")
         raise CheckpointError("not a run folder (no config.yaml); give a project file, a model file or the -o "
-                              "folder of `unionseg train`", run)
+                              f"folder of `unionseg train`{hint}", run)
     summary_path = run / "summary.json"
     history_path = run / "validation.json"
     model: dict[str, Any] | None = None
@@ -236,7 +246,7 @@ def print_run_info(run: Path) -> dict[str, Any]:
         if step is None and model is not None:  # a summary written before it recorded the step
             step = model["provenance"].get("selected_at_step")
         score = summary.get("best_val_mean_dice", float("nan"))
-        chosen = (f"best validation mean Dice {score:.4f} (over {summary.get('selected_on', 'all')})"
+        chosen = (f"best validation mean Dice {score:.4f} (over {_selection_words(summary.get('selected_on'))})"
                   if score is not None else "not validated (no validation case): the last step's weights")
         print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
               f"taken at step {step}, {chosen}")

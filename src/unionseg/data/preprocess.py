@@ -772,7 +772,7 @@ def case_counts(index: PreparedIndex) -> str:
     own = sum(c.role == "val" for c in val)
     held = len(val) - own
     shown = f"val {len(val)}" if not own or not held else \
-        f"val {own} (the role: val set; {held} more held out of the training sets, unused)"
+        f"val {own} (from the dataset with role: val; {held} more held out of the training datasets, unused)"
     return f"train {len(index.cases(split='train'))}, {shown}, test {len(index.cases(split='test'))}"
 
 
@@ -1156,6 +1156,7 @@ def prepare_project(
             other cases still finish; a failing case leaves no cache entry and no index is written).
         UnionsegError: another process still holds the cache after ``wait_s`` seconds; called while a
             worker process imports the calling script (the ``__main__`` guard is missing).
+        ConfigError: ``workers`` is not an integer >= 0.
 
     Returns:
         The index of the prepared cases (what ``<cache_dir>/index.json`` holds).
@@ -1164,6 +1165,10 @@ def prepare_project(
 
     refuse_in_starting_worker("prepare_project")  # its workers would prepare the project again
     from unionseg.config import Project, load_project
+    from unionseg.errors import ConfigError
+
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:  # -1 ran in-process silently
+        raise ConfigError(f"--workers must be an integer >= 0 (0 or 1: in this process), got {workers!r}")
 
     if not isinstance(project, Project):
         project = load_project(project)

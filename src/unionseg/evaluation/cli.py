@@ -16,7 +16,7 @@ def evaluate_command(
     pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz (global leaf ids).")],
     gt: Annotated[Path, typer.Argument(help="Folder of ground-truth label files, e.g. datasets/test/labelsTr.")],
     project: Annotated[Path, typer.Option("--project", "-p", help="Project file (YAML).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for metrics.csv, summary.*, figures/.")],
+    out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder for metrics.csv, summary.*, figures/.")],
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", help="Dataset the ground truth belongs to (default: the one whose root contains GT).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,

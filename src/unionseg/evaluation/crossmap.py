@@ -154,8 +154,16 @@ def nearest_class(space: LabelSpace, key: str) -> str | None:
     return None if not hits else (REGION_PREFIX + hits[0] if is_region else hits[0])
 
 
+def builtin_maps() -> dict[str, Path]:
+    """The cross maps shipped inside unionseg (``configs/projects/*_eval.yaml``), by name."""
+    from unionseg.training.recipes import recipe_dir
+
+    return {p.stem: p for p in sorted((recipe_dir() / "projects").glob("*_eval.yaml"))}
+
+
 def load_cross_map(path: str | Path) -> CrossMap:
-    """Read and validate a cross map file (see the module docstring for its keys).
+    """Read and validate a cross map file (see the module docstring for its keys), or a map built into
+    unionseg named as such (``btcv_eval``, see :func:`builtin_maps`) when no such file exists.
 
     Raises:
         ConfigError: naming the file and the key: unknown keys, a value outside 1..255, a shared organ the
@@ -164,6 +172,11 @@ def load_cross_map(path: str | Path) -> CrossMap:
     from unionseg.config import load_yaml
 
     path = Path(path)
+    if not path.exists() and not path.suffix:  # a name
+        if str(path) not in builtin_maps():
+            raise ConfigError(f"no such file, and no cross map of that name is built in ({', '.join(builtin_maps())})",
+                              path)
+        path = builtin_maps()[str(path)]
     raw = load_yaml(path)
     if not isinstance(raw, Mapping):
         raise ConfigError("expected a mapping with 'labels' and 'shared'", path)
@@ -566,12 +579,13 @@ def evaluate_with_map(
 def evaluate_cross_command(
     pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps (the model's leaf ids).")],
     gt: Annotated[Path, typer.Argument(help="Folder of ground-truth label files, or the dataset root.")],
-    map_file: Annotated[Path, typer.Option("--map", help="Cross map, e.g. configs/projects/btcv_eval.yaml.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for metrics.csv and summary.*.")],
+    map_file: Annotated[Path, typer.Option("--map", help="Cross map file, or the name of one built into unionseg: "
+                                                         "btcv_eval, amos_eval, word_eval.")],
+    out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder for metrics.csv and summary.*.")],
     project: Annotated[Optional[Path], typer.Option(
         "--project", "-p", help="The project file the model was trained on (its classes; roots not needed).")] = None,
     model: Annotated[Optional[Path], typer.Option(
-        "--model", "-m", help="Or the model file itself (its classes).")] = None,
+        "--model", help="Or the model file itself (its classes).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option(

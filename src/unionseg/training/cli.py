@@ -17,18 +17,26 @@ def register(app: typer.Typer) -> None:
         method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
                                                       "default: the recipe's, else naive).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML, on top of the method's recipe built into unionseg: keys it leaves out keep that recipe's values (default: the built-in recipe alone, not a file of the working folder).")] = None,
-        out: Annotated[Path, typer.Option("--out", "-o", help="Run folder.")] = Path("runs/run"),
+        out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Run folder.")] = Path("runs/run"),
         resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.", metavar="")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
+        device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (the override "
+                                                      "device=...; default: the recipe's, auto).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
-        """Train METHOD on a prepared project: shared artefacts, stages, the loop, validation, model file."""
+        """Train one network with a method (--method) on a prepared project; OUT/model.pt is what `unionseg predict` reads.
+
+        The run folder OUT gets the resolved configuration, checkpoints (last.pt), logs and the model file; a folder that holds a run is refused unless --resume goes on from its checkpoint.
+
+        Example: `unionseg train data/project.yaml -m cotraining -o runs/cot steps=1500`.
+        """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
         from unionseg.cli import _parse_roots
         from unionseg.training.recipes import resolve_method, train_config
         from unionseg.training.trainer import train as run_train
 
         # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
-        cfg = train_config(resolve_method(method, config, given_as="--method"), config, overrides)
+        given = [*(overrides or []), *([f"device={device}"] if device is not None else [])]
+        cfg = train_config(resolve_method(method, config, given_as="--method"), config, given)
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
