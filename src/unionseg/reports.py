@@ -85,11 +85,11 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
     console.print(regions)
     table = Table(title="datasets")
     for col in ("dataset", "role", "layout", "local -> global", "annotated", "cases"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a narrow terminal wraps a name, never cuts it ("liver_tumo…")
     for d in summary["datasets"]:
         table.add_row(d["name"], d["role"], d["layout"],
-                      ", ".join(f"{k}->{v}" for k, v in d["labels"].items()),
-                      ", ".join(d["annotated"]),
+                      "\n".join(f"{k}->{v}" for k, v in d["labels"].items()),  # one per line: never cut
+                      "\n".join(d["annotated"]),
                       ", ".join(f"{k} {v}" for k, v in d["counts"].items()))
     console.print(table)
     # where each dataset was read (after the roots file and --root): the table has no room for paths
