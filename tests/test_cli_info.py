@@ -20,7 +20,7 @@ def test_info_prints_taxonomy_annotated_classes_and_split_counts(tiny_project: P
     assert run(["info", str(tiny_project)]) == 0
     out = capsys.readouterr().out
     for text in ("tiny", "liver_tumour", "kidney_tumour", "regions", "liver, liver_tumour",
-                 "region:liver, region:kidney", "train 3, val 1", "train 2, val 1", "test 2", "msd", "nnunet",
+                 "region:liver", "region:kidney", "train 3, val 1", "train 2, val 1", "test 2", "msd", "nnunet",
                  "1->liver", "2->liver_tumour", "[3.0, 3.0, 3.0]"):
         assert text in out, (text, out)
     # the taxonomy lists every leaf with its id and its parent
