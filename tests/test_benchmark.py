@@ -82,7 +82,7 @@ def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pyt
                         {"name": row.name, "train_seconds": 150.0})
     for name in ("aggregate", "write_results", "write_report"):
         monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
-    bench.run_benchmark("ci", tmp_path, ["oracle", "naive", "marginal", "multihead"], seeds=1, progress=False)
+    bench.run_benchmark("ci", tmp_path, ["oracle", "naive", "marginal", "multihead"], seeds=1, progress=True)  # the [k/N] lines are progress: --quiet drops them
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert len(lines) == 4
     assert lines[0] == "[1/4] oracle seed 0 (done, reused)"  # nothing to go on yet
@@ -131,7 +131,7 @@ def test_a_stopped_suite_reports_its_finished_rows_and_every_seed_stays(
     monkeypatch.setattr(report, "write_results", lambda agg, out: None)
     monkeypatch.setattr(report, "write_report", lambda agg, out: reported.append(agg["rows"]))
     with pytest.raises(KeyboardInterrupt):
-        bench.run_benchmark("ci", tmp_path, ["oracle", "naive"], seeds=2, progress=False)
+        bench.run_benchmark("ci", tmp_path, ["oracle", "naive"], seeds=2, progress=True)
     assert reported == [[("oracle", 0), ("oracle", 1), ("oracle", 2)]]
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert lines[1].startswith("[2/4] naive seed 0 (resuming: step 3)"), lines
@@ -194,7 +194,7 @@ def test_suite_eta_counts_the_experts_a_later_row_builds(tmp_path: Path, monkeyp
                          "stage_seconds": 600.0 if row.name == "individual" else 0.0})
     for name in ("aggregate", "write_results", "write_report"):
         monkeypatch.setattr(report, name, lambda *args, **kwargs: {})
-    bench.run_benchmark("ci", tmp_path, names, seeds=1, progress=False)
+    bench.run_benchmark("ci", tmp_path, names, seeds=1, progress=True)
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
     assert lines[2] == "[3/4] individual seed 0, suite ETA ~15 min"  # 2 runs + 4 experts, 150 s each
     assert lines[3] == "[4/4] mskd seed 0, suite ETA 0 s"  # the experts are built: this call's own run time
@@ -270,6 +270,8 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
         prov = run["provenance"]
         for key in ("code_commit", "config_hash", "data_fingerprint", "seed", "generator_version"):
             assert prov.get(key) not in (None, ""), key
+        # the machine, so that timings can be set against another one's (helper-74)
+        assert prov["machine"]["cpu_count"] >= 1 and prov["machine"]["torch"] and prov["machine"]["cpu"]
         assert isinstance(run["resolved_options"], dict)  # the options as run, defaults filled in
         if run["method"] == "cotraining":
             assert run["resolved_options"]["focal_weights"] == "none"
@@ -307,6 +309,11 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
     assert "the empty-mask rule" in report and '"(+N)" the shared experts' in report
     assert "## Pseudo-label quality (Dice vs hidden truth, unannotated classes only; seed 0)" in report
     assert "## One test case, every method (seed 0)" in report
+    # what each method costs, per seed, with its size, the memory note and the machine (helper-74)
+    assert "## Compute per method" in report and "Measured on: " in report
+    assert f"| individual | {results['methods']['individual']['parameters']:,} |" in report
+    assert "Peak memory is measured only where each run has a process of its own" in report  # ci: one process
+    assert saved["units"]["hd95"] == "mm" and "s" in saved["units"]["train_seconds"]
     for png in ("region_dice.png", "class_dice_heatmap.png", "loss_curves.png", "montage.png"):
         assert (out / "figures" / png).stat().st_size > 5000, png
     # resumable: a second call reuses every finished run (no retraining)

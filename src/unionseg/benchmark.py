@@ -140,6 +140,26 @@ def code_commit() -> str:
         return "unknown"
 
 
+def machine_info() -> dict[str, Any]:
+    """What ran a benchmark row, so that its timings can be set against another machine's: the CPU, its
+    core count, torch's threads and version, and the GPU when one is used."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu, "platform": platform.platform()}
+
+
 # ---------------------------------------------------------------------- one run
 def resolved_options(spec: RunSpec) -> dict[str, Any]:
     """The options a row's method runs with today: the row's own, defaults filled in."""
@@ -200,6 +220,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     if done.exists():
         return finished_result(suite, spec, seed, out)
     cfg = _run_config(suite, spec, seed)
+    commit = code_commit()  # the code at the run's start, not the tree's state when it ends
     t0 = time.perf_counter()
     # a run folder with anything of a run in it (a checkpoint, or only its stages' record) goes on from there
     summary = train(project_path, cfg, run_dir, resume=any((run_dir / n).exists() for n in RUN_FILES),
@@ -240,7 +261,8 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         "parameters": n_params,
         "data_wait_share": summary.get("data_wait_share"),
         "peak_rss_mb": _peak_rss_mb() if suite.isolate else None,
-        "provenance": {"code_commit": code_commit(), "config_hash": config_hash(cfg), "seed": seed,
+        "provenance": {"code_commit": commit, "config_hash": config_hash(cfg), "seed": seed,
+                       "machine": machine_info(),
                        "data_fingerprint": PreparedIndex.load(project).fingerprint,
                        "generator_version": project.raw.get("generator_version")},
         "pred_dir": str(pred_dir.relative_to(out)),
@@ -412,8 +434,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
                             n_experts)
             resumed = None if done[i] else _resumed_at(out / "runs" / row.name / f"seed{seed}")
             state = " (done, reused)" if done[i] else "" if resumed is None else f" (resuming: {resumed})"
-            console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}{state}"
-                          f"{', suite ETA ' + eta if eta else ''}")
+            if progress:  # --quiet: no progress at all (these lines were printed anyway)
+                console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}{state}"
+                              f"{', suite ETA ' + eta if eta else ''}")
             started = time.perf_counter()
             if suite.isolate and not done[i]:
                 _run_isolated(project_path, suite_name, row.name, seed, out)
@@ -571,7 +594,7 @@ def register(app: typer.Typer) -> None:
     def benchmark(
         out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Benchmark folder (resumable).")] = Path("bench_out"),
         suite: Annotated[str, typer.Option("--suite", help=f"A built-in suite ({_built_in_suites()}) or a suite YAML.")] = "ci",
-        methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="ROW[,ROW...]", help="Only these rows: `--methods oracle,naive` or the flag repeated.")] = None,
+        methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="ROW[,ROW...]", help="Train only these rows: `--methods oracle,naive` or the flag repeated (the report still lists every finished row of the suite in -o).")] = None,
         seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:

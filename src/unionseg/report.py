@@ -65,8 +65,11 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             "train_seconds": _mean_std([r["train_seconds"] for r in runs])[0],
             "expert_seconds": _mean_std([r.get("expert_seconds", 0.0) for r in runs])[0],
             "predict_seconds_per_case": _mean_std([r["predict_seconds_per_case"] for r in runs])[0],
-            "parameters": runs[0].get("parameters"),
-            "peak_rss_mb": runs[0].get("peak_rss_mb"),
+            # the largest over the seeds (the first seed's alone before); None where nothing was measured
+            "parameters": max((r["parameters"] for r in runs if r.get("parameters") is not None), default=None),
+            "peak_rss_mb": max((r["peak_rss_mb"] for r in runs if r.get("peak_rss_mb") is not None), default=None),
+            "per_seed": {"train_seconds": [r["train_seconds"] for r in runs],
+                         "predict_seconds_per_case": [r["predict_seconds_per_case"] for r in runs]},
         }
     oracle, naive = methods.get("oracle"), methods.get("naive")
     if oracle and naive:
@@ -92,7 +95,15 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             entry["gap_closure"] = {"mean_region": gap_mean, "per_region": gaps, "seeds": sorted(common)}
             entry["vs_oracle"] = ratio
     return {"suite": getattr(suite, "name", str(suite)), "about": getattr(suite, "about", ""),
-            "budget": getattr(suite, "budget", {}), "methods": methods, "runs": results}
+            "budget": getattr(suite, "budget", {}), "units": UNITS, "methods": methods, "runs": results}
+
+
+#: what results.json's numbers are measured in (its keys name most units; this says them all)
+UNITS = {"dice": "fraction in [0, 1]", "nsd": "fraction in [0, 1], tolerance 2 mm", "hd95": "mm",
+         "gap_closure": "fraction (naive 0, oracle 1)", "train_seconds": "s (wall time)",
+         "expert_seconds": "s (wall time)", "stage_seconds": "s (wall time)",
+         "predict_seconds_per_case": "s (wall time)", "peak_rss_mb": "MiB (peak resident memory of the run's process)",
+         "parameters": "count of the deployed model's weights"}
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -123,6 +134,41 @@ def markdown_table(agg: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def compute_section(agg: dict[str, Any]) -> list[str]:
+    """Report lines: what each method costs, per seed (the main table gives the seed means alone), with the
+    model's size and the peak memory, and the machine the runs were measured on."""
+    methods = agg["methods"]
+    if not methods:
+        return []
+    lines = ["## Compute per method", "",
+             "Wall-clock seconds per seed (training without the shared experts; prediction per test case), the "
+             "deployed model's parameters (for `individual`, its experts together) and the peak resident memory "
+             "of the run's process.", "",
+             "| method | parameters | train s per seed | predict s/case per seed | peak memory (MiB) |",
+             "|---|---|---|---|---|"]
+    for name, m in methods.items():
+        seeds = m.get("per_seed", {})
+        train = ", ".join(f"{v:.0f}" for v in seeds.get("train_seconds", [])) or f"{m['train_seconds']:.0f}"
+        predict = ", ".join(f"{v:.2f}" for v in seeds.get("predict_seconds_per_case", [])) or \
+            _fmt(m["predict_seconds_per_case"], 2)
+        params = f"{m['parameters']:,}" if m.get("parameters") is not None else "n/a"
+        memory = _fmt(m.get("peak_rss_mb"), 0)
+        lines.append(f"| {name} | {params} | {train} | {predict} | {memory} |")
+    lines.append("")
+    if any(m.get("peak_rss_mb") is None for m in methods.values()):
+        lines += ["Peak memory is measured only where each run has a process of its own (a suite with "
+                  "`isolate: true`: standard, ablations, large); this suite trains its rows in one process, whose "
+                  "peak would be the largest row's.", ""]
+    machines = {json.dumps(r.get("provenance", {}).get("machine"), sort_keys=True) for r in agg.get("runs", [])
+                if r.get("provenance", {}).get("machine")}
+    for machine in sorted(machines):
+        info = json.loads(machine)
+        lines.append(f"Measured on: {info.get('cpu')} ({info.get('cpu_count')} cores, torch {info.get('torch')} "
+                     f"with {info.get('torch_threads')} threads"
+                     + (f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU") + f"; {info.get('platform')}).")
+    return [*lines, ""] if machines else lines
+
+
 def surface_table(agg: dict[str, Any]) -> list[str]:
     """Report lines: HD95 (mm) and NSD per organ region, mean over seeds, for every method (the table above
     is Dice only; both are in ``results.json``)."""
@@ -145,10 +191,11 @@ def surface_table(agg: dict[str, Any]) -> list[str]:
 
 def print_table(agg: dict[str, Any]) -> None:
     """The comparison table on the terminal, then what the suite's figures mean (its ``about``)."""
-    from rich.console import Console
     from rich.markdown import Markdown
 
-    console = Console(width=200)
+    from unionseg.progress import results_console
+
+    console = results_console()  # the terminal's width; 200 columns off a terminal (a log keeps rows whole)
     console.print(Markdown(markdown_table(agg)))
     if agg.get("about"):
         console.print(agg["about"], markup=False, highlight=False, soft_wrap=True)  # one line, as written
@@ -180,6 +227,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
              "", markdown_table(agg), "",
              *_gap_note(agg),
              *surface_table(agg),
+             *compute_section(agg),
              *rows_section(agg),
              "## Budget (identical for every method and the shared experts)", "", "```json",
              json.dumps(agg.get("budget", {}), indent=2), "```", ""]
@@ -198,10 +246,14 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
                      f"`{p['config_hash']}` | {p.get('generator_version')} |")
     commits = {str(r["provenance"]["code_commit"]) for r in agg["runs"]}
     dirty = sum(str(r["provenance"]["code_commit"]).endswith("-dirty") for r in agg["runs"])
-    if len(commits) > 1 or dirty:
-        lines += ["", f"The runs come from {len(commits)} code state{'s' if len(commits) > 1 else ''}"
-                  + (f", {dirty} of them with uncommitted changes (`-dirty`)" if dirty else "")
-                  + ": rows trained by different code may differ by more than the method."]
+    # the runs are counted apart from the states ("3 code states, 11 of them with uncommitted changes")
+    unsaved = (f"{dirty} of the {len(agg['runs'])} runs had uncommitted changes (`-dirty`, which records no hash of "
+               "them), which their commit alone does not reproduce")
+    if len(commits) > 1:
+        lines += ["", f"The runs come from {len(commits)} code states: rows trained by different code may differ by "
+                  "more than the method." + (f" {unsaved[0].upper()}{unsaved[1:]}." if dirty else "")]
+    elif dirty:
+        lines += ["", f"{unsaved[0].upper()}{unsaved[1:]}."]
     write_text(out / "report.md", "\n".join(lines) + "\n")
 
 
@@ -361,7 +413,8 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
     regions = sorted({k for m in methods.values() for k in m["classes"] if k.startswith(REGION_PREFIX)})
     names = list(methods)
     if regions and names:
-        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(regions) / 2), 4))
+        # at most 12 inches: 9 methods x 4 organs made a 21.6-inch figure, unreadable at a page's width
+        fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 1.2 * len(names) * len(regions) / 2)), 4))
         width = 0.8 / max(1, len(names))
         colours = method_colours(agg)
         for i, name in enumerate(names):
@@ -375,7 +428,8 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
                 for j, k in enumerate(regions):
                     v = methods[ref]["classes"].get(k, {}).get("dice", {}).get("mean")
                     if v is not None:
-                        ax.hlines(v, j - 0.1, j + 0.9, colors="k", linestyles=style)
+                        # over the organ's own bars only (from j - 0.1 to j + 0.9 the organs' lines joined)
+                        ax.hlines(v, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles=style)
         ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2)
         ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in regions])
         ax.set_ylabel("test Dice (-- oracle, .. naive)")
