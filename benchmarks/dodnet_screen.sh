@@ -1,7 +1,7 @@
 #!/bin/bash
 # Screen task-conditioned settings on validation: several `unionseg train` runs at once (one GPU holds many of
 # these small runs), then each run's validation region Dice per step. Used for the session-8 DoDNet screen in
-# docs/methods.md.
+# docs/dodnet_investigation.md.
 #
 #   benchmarks/dodnet_screen.sh PROJECT OUT_DIR "NAME STEPS OVERRIDES..." ["NAME STEPS OVERRIDES..." ...]
 #

@@ -3,7 +3,7 @@
 # SUBSET projects of a phantom project (some training datasets, the same val/test sets, roots pointing
 # back at the phantom's folders, so its files are read in place and never copied), prepares each into OUT, trains one method on it
 # under the standard suite's budget, and prints the validation curve of one organ region. Used for the
-# session-12 exposure analysis of DoDNet and the marginal baseline in docs/methods.md.
+# session-12 exposure analysis of DoDNet and the marginal baseline in docs/dodnet_investigation.md.
 #
 #   benchmarks/task_exposure.sh PROJECT OUT ORGAN "NAME METHOD DATASETS STEPS [OVERRIDES...]" ...
 #

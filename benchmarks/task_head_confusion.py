@@ -19,7 +19,7 @@ blobs, as against a boundary that is a voxel too wide).
 
 A task head trained only on its own dataset's images can fire on organs labelled in other datasets (a site
 or contrast shift makes them look unlike the negatives it saw); the merge then hands those voxels to the
-most confident head. This is the diagnosis behind ``options.cross_task_weight`` (docs/methods.md).
+most confident head. This is the diagnosis behind ``options.cross_task_weight`` (docs/dodnet_investigation.md).
 
 ``--per-case`` adds one row per case: the case's acquisition site (read from the phantom's ``generator.json``
 beside the project file, when there is one) and, per organ, its own head's mean probability inside it and

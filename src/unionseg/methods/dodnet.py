@@ -55,7 +55,7 @@ class TaskOptions:
     them (they have nothing they could change)."""
 
     # learning-rate multiplier of the whole network (1 = the budget's lr): the budget stays one object shared by
-    # every method, and a task-conditioned run may still train slower (docs/methods.md, the learning-rate screen)
+    # every method, and a task-conditioned run may still train slower (docs/dodnet_investigation.md, the learning-rate screen)
     lr_scale: float = 1.0
     dice_weight: float = 1.0
     bce_weight: float = 1.0
@@ -75,7 +75,7 @@ class DoDNetOptions(TaskOptions):
     feature_channels: int = 8
     head_widths: tuple[int, ...] = (8, 8)
     # off = DoDNet's controller; on = our Adam-motivated variant (see DynamicHead). On the standard suite it did
-    # not rescue DoDNet at 1,000 steps (docs/methods.md has the figures), so the paper's form is the default.
+    # not rescue DoDNet at 1,000 steps (docs/dodnet_investigation.md has the figures), so the paper's form is the default.
     equalized_controller: bool = False
     # Adam step of the image-dependent part of the generated head as a multiple of the budget's lr per pooled
     # feature: the gain of the controller's pooled-feature columns (DynamicHead.image_gain; 1 = DoDNet)
@@ -196,7 +196,7 @@ class DoDNetMethod(TaskMethod):
 
         An option for Adam-type optimisers (DoDNet trains with SGD): one generated head parameter is a sum
         over the controller's Cb + T + 1 inputs, and Adam moves each of those weights by about lr per step.
-        Measured (docs/methods.md): 0.05 did not stop the head's hidden units from dying, so the recipe
+        Measured (docs/dodnet_investigation.md): 0.05 did not stop the head's hidden units from dying, so the recipe
         keeps 1.
         """
         scales = super().lr_scales()

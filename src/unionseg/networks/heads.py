@@ -227,22 +227,22 @@ class DynamicHead(Head):
             mean of a ReLU of unit-variance input), while the task's own column moves
             it by ``lr``: every task's step then rewrites every task's head.
             An option for Adam-type optimisers (DoDNet trains with SGD), off by default and in the DoDNet
-            recipe: see docs/methods.md for what it changed on the standard suite.
+            recipe: see docs/dodnet_investigation.md for what it changed on the standard suite.
         zero_bias_init: start the controller rows that generate the head's BIASES at zero (weights and bias of
             those rows), so every generated bias starts at 0. With PyTorch's default init (False, the default
             here, as in the official code) the generated biases are as large as the generated weights while
             the hidden activations shrink layer by layer, so many hidden ReLUs are off for every voxel from
             the start: 23 of the 64 hidden units of the 4-task `cpu` network at initialisation (2 with this
             option). An option, not the default: under AdamW at lr 0.02 training kills units either way
-            (44 of 64 after 100 steps with it, 26 without; docs/methods.md).
+            (44 of 64 after 100 steps with it, 26 without; docs/dodnet_investigation.md).
         negative_slope: slope of the hidden activations below zero; 0 (default) is DoDNet's ReLU, a positive
             value a leaky ReLU, so that a unit that is off everywhere still passes gradient. An option: it
-            did not make DoDNet learn faster in a 300-step probe (docs/methods.md).
+            did not make DoDNet learn faster in a 300-step probe (docs/dodnet_investigation.md).
         image_gain: the general form of ``equalized_controller``: the gain of the pooled-feature columns (1 =
             DoDNet; ``equalized_controller`` is ``Cb ** -0.5``; the two cannot be combined). With Adam each
             stored weight moves by about lr per step, so the image-dependent part of a generated parameter
             moves by about ``lr * gain * sum(pooled)``; ``1 / Cb`` brings that to ``lr * mean(pooled)``, the
-            step of a static head's weight. Measured (docs/methods.md, session 12): on one task it does not
+            step of a static head's weight. Measured (docs/dodnet_investigation.md, session 12): on one task it does not
             remove the three-layer head's late start, but with a linear head (``head_widths=()``) it removes
             that head's collapse; with four tasks it helps the paper's loss, not the cross-task recipe.
         fan_in_init: start every TASK from its own fan-in-scaled head (our option; False = PyTorch's default
@@ -254,7 +254,7 @@ class DynamicHead(Head):
             large as the weights; 0 to 7 of the 16 second-layer units of a two-sample batch are off at every
             voxel (0 or 1 with this option; the 4-task `cpu` network, eight seeds). It combines with
             ``image_gain`` (the same initial head, a smaller Adam step on the image part), but that
-            combination trained worse on the standard phantom (docs/methods.md, session 14).
+            combination trained worse on the standard phantom (docs/dodnet_investigation.md, session 14).
         task_gain: the gain of the task-code columns, as ``image_gain`` for the pooled features (1 = DoDNet;
             in (0, 64]): with Adam the task-specific part of every generated parameter moves by about
             ``lr * task_gain`` per step, while the controller's bias, shared by all tasks, keeps ``lr``.
