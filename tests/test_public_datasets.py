@@ -241,17 +241,27 @@ def test_roots_file_gives_roots_and_cache_and_command_line_wins(public: dict[str
 def test_info_lists_the_seven_mots_datasets(public: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["info", str(RECIPES / "mots.yaml"), *_root_args(public, MOTS_NAMES)]) == 0
     out = capsys.readouterr().out
-    rows = {line.split("│")[1].strip(): line for line in out.splitlines()
-            if line.count("│") >= 6 and line.split("│")[1].strip() in MOTS_NAMES}
+    rows: dict[str, list[list[str]]] = {}  # a dataset's row, with the lines its cells continue on
+    current: list[list[str]] | None = None
+    for line in out.splitlines():
+        if line.count("│") < 7:
+            current = None
+            continue
+        cells = [c.strip() for c in line.split("│")]
+        if cells[1] in MOTS_NAMES:
+            current = rows.setdefault(cells[1], [])
+        if current is not None:
+            current.append(cells)
     assert sorted(rows) == sorted(MOTS_NAMES), out
     expected = {"liver": ("msd", "liver, liver_tumour"), "kidney": ("kits", "kidney, kidney_tumour"),
                 "hepatic_vessel": ("msd", "hepatic_vessel, liver_tumour"),
                 "pancreas": ("msd", "pancreas, pancreas_tumour"), "colon": ("msd", "colon_tumour"),
                 "lung": ("msd", "lung_tumour"), "spleen": ("msd", "spleen")}
     for name, (layout, annotated) in expected.items():
-        cells = [c.strip() for c in rows[name].split("│")]
-        assert cells[3] == layout and cells[5] == annotated, cells
-        assert cells[6] == "train 4, val 1", cells  # 5 cases, 80/20; the KiTS test case 00210 is skipped
+        lines = rows[name]
+        assert lines[0][3] == layout, lines
+        assert ", ".join(c[5] for c in lines if c[5]) == annotated, lines  # one class per line
+        assert lines[0][6] == "train 4, val 1", lines  # 5 cases, 80/20; the KiTS test case 00210 is skipped
 
 
 # ---------------------------------------------------------------------- layouts
