@@ -468,7 +468,7 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         made.append(("Pseudo-label quality (Dice vs hidden truth, unannotated classes only; seed 0)", pseudo))
     montage = _montage(agg, out, figures, plt)
     if montage:
-        made.append(("One test case, every method (seed 0)", montage))
+        made.append((f"One test case, every method (seed 0): {montage[1]}", montage[0]))
     return made
 
 
@@ -566,7 +566,8 @@ def _artifact_seed(folder: Path) -> int | None:
     return None
 
 
-def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | None:
+def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[str, str] | None:
+    """The montage's path and which case and slice it shows (the figure did not say)."""
     from matplotlib.patches import Patch
 
     from unionseg.config import load_project
@@ -615,4 +616,5 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str | N
     fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     fig.savefig(figures / "montage.png", dpi=90)
     plt.close(fig)
-    return "figures/montage.png"
+    return "figures/montage.png", (f"test case {case.removesuffix('.nii.gz')}, axial slice {z} of {truth.shape[2]}, "
+                                   "counted in RAS order, the one with the most labelled voxels")
