@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,9 @@ def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pyt
     assert lines[2].endswith("marginal seed 0, suite ETA ~5 min")  # still no row trained by this call
     assert lines[3].startswith("[4/4] multihead seed 0, suite ETA ")
     assert "~" not in lines[3]  # now this call's own (here instant) run time
+    # --quiet (progress=False): no [k/N] line either (they were printed anyway; helper-74)
+    bench.run_benchmark("ci", tmp_path, ["oracle", "naive", "marginal", "multihead"], seeds=1, progress=False)
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")]
 
 
 def test_a_stopped_suite_reports_its_finished_rows_and_every_seed_stays(
@@ -313,7 +317,10 @@ def test_ci_suite_end_to_end_and_dice_recomputed(tmp_path: Path) -> None:
     assert "## Compute per method" in report and "Measured on: " in report
     assert f"| individual | {results['methods']['individual']['parameters']:,} |" in report
     assert "Peak memory is measured only where each run has a process of its own" in report  # ci: one process
-    assert saved["units"]["hd95"] == "mm" and "s" in saved["units"]["train_seconds"]
+    assert saved["units"]["hd95"] == "mm" and saved["units"]["train_seconds"] == "s (wall time)"
+    times = ", ".join(f"{r['train_seconds']:.0f}" for r in saved["runs"] if r["name"] == "naive")
+    assert f"| naive | {results['methods']['naive']['parameters']:,} | {times} |" in report  # per seed, not the mean
+    assert re.search(r"## One test case, every method \(seed 0\): test case test_\d+, axial slice \d+ of \d+", report)
     for png in ("region_dice.png", "class_dice_heatmap.png", "loss_curves.png", "montage.png"):
         assert (out / "figures" / png).stat().st_size > 5000, png
     # resumable: a second call reuses every finished run (no retraining)
@@ -752,3 +759,28 @@ def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.Monk
     empty = runner.invoke(app, ["benchmark", "--suite", "ci", "-o", "unused", "--quiet", "--methods", ""])
     assert "--methods names no row" in str(empty.exception)  # not the whole suite (the CLI: one line, exit 2)
     assert len(given) == 3
+
+
+def test_the_results_table_never_cuts_a_value_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """At 80 columns the table printed "orac…" and "0.9…": the console is as wide as the table needs
+    (helper-76), and the per-seed compute lines come from the runs themselves."""
+    from unionseg.report import compute_section, print_table
+
+    monkeypatch.setenv("COLUMNS", "80")
+    classes = {f"region:{organ}": {"dice": {"mean": 0.912345, "std": 0.0}} for organ in
+               ("liver", "kidney", "pancreas", "spleen")}
+    classes.update({f"{organ}_tumour": {"dice": {"mean": 0.5, "std": 0.0}} for organ in ("liver", "kidney")})
+    row = {"method": "cotraining", "seeds": [0, 1], "classes": classes,
+           "mean_region_dice": {"mean": 0.912345, "std": 0.01}, "gap_closure": {"mean_region": 0.98},
+           "train_seconds": 1234.0, "expert_seconds": 789.0, "predict_seconds_per_case": 1.5, "parameters": 36360,
+           "peak_rss_mb": None}
+    runs = [{"name": "cotraining_long_row_name", "seed": s, "train_seconds": t, "predict_seconds_per_case": p}
+            for s, t, p in ((0, 1200.0, 1.4), (1, 1268.0, 1.6))]
+    agg = {"methods": {"cotraining_long_row_name": row}, "runs": runs, "isolate": True}
+    print_table(agg)
+    out = capsys.readouterr().out
+    assert "…" not in out and "cotraining_long_row_name" in out and "0.912" in out and "kidney_tumour" in out
+    lines = compute_section(agg)
+    assert "| cotraining_long_row_name | 36,360 | 1200, 1268 | 1.40, 1.60 | n/a |" in lines
+    assert any("rows without it were run before it was recorded" in line for line in lines)  # an isolated suite

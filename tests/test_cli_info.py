@@ -238,9 +238,10 @@ def test_version_short_help_and_usage_lines_read_as_names(capsys: pytest.Capture
         assert (result.exit_code, result.output) == (0, f"unionseg {__version__}\n")
     usage = {cmd: runner.invoke(app, [cmd, "-h"], env={"COLUMNS": "160"}).output for cmd in ("predict", "train", "info")}
     assert "Usage: unionseg predict [OPTIONS] MODEL INPUTS..." in usage["predict"]
-    assert "Usage: unionseg train [OPTIONS] PROJECT [OVERRIDES]..." in usage["train"]
+    assert "Usage: unionseg train [OPTIONS] PROJECT [OVERRIDES...]" in usage["train"]
     assert "Usage: unionseg info [OPTIONS] PROJECT|MODEL|RUN" in usage["info"]
     assert "<list[" not in usage["predict"] + usage["train"] and "{" not in usage["predict"]
+    assert re.search(r"INPUTS\.\.\.\s+<path>", usage["predict"])  # the table says it takes several too
     assert "--out,--output" in usage["predict"].replace(" ", "") and "--out,--output" in usage["train"].replace(" ", "")
     # train --device is the override device=...: refused the same way, before anything is made
     assert run(["train", "nowhere.yaml", "--device", "gpu", "--quiet"]) == 2

@@ -119,8 +119,8 @@ def test_refuses_a_foreign_folder_but_regenerates_a_phantom(tmp_path: Path) -> N
     assert json.loads((out / "generator.json").read_text())["seed"] == 4
     with pytest.raises(ConfigError, match="seed"):
         generate_phantom(tmp_path / "neg", seed=-1)
-    with pytest.raises(ConfigError, match=r"--workers must be an integer >= 1, got 0"):  # ran one silently
-        generate_phantom(tmp_path / "none", workers=0)
+    with pytest.raises(ConfigError, match=r"--workers must be an integer >= 0 \(0 or 1: one process\), got -1"):
+        generate_phantom(tmp_path / "none", workers=-1)  # it ran one process silently
     assert not (tmp_path / "neg").exists() and not (tmp_path / "none").exists()
 
 

@@ -198,6 +198,7 @@ def test_every_recipe_loads_and_has_no_absolute_or_missing_roots(public: dict[st
     # a built-in map by its name (evaluate-cross --map btcv_eval said "file not found"; helper-75)
     named = load_cross_map("btcv_eval")
     assert named.path.samefile(btcv.path) and (named.labels, named.shared) == (btcv.labels, btcv.shared)
+    assert load_cross_map("btcv_eval.yaml").labels == btcv.labels  # the file's name, where no such file is here
     with pytest.raises(ConfigError, match=r"btcv: no such file, and no cross map of that name is built in "
                                           r"\(amos_eval, btcv_eval, word_eval\)"):
         load_cross_map("btcv")

@@ -1240,6 +1240,10 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert "not a run folder (no config.yaml)" in err
     assert re.search(r"; it holds run folders \([^)]*\brun\b[^)]*\): give one", err), err  # where the runs are
+    (tmp_path / "bench" / "runs" / "naive" / "seed0").mkdir(parents=True)  # a benchmark's -o: 3 levels down
+    (tmp_path / "bench" / "runs" / "naive" / "seed0" / "config.yaml").write_text("method: naive\n")
+    assert cli(["info", str(tmp_path / "bench")]) == 2
+    assert "it holds run folders (runs/naive/seed0): give one" in capsys.readouterr().err
     # a truncated checkpoint is said to be unreadable (it was offered "to resume from"); a broken record is
     # one error naming it (a traceback), and a broken model file no longer hides how far the run got
     broken = tmp_path / "broken"

@@ -140,9 +140,10 @@ def code_commit() -> str:
         return "unknown"
 
 
-def machine_info() -> dict[str, Any]:
-    """What ran a benchmark row, so that its timings can be set against another machine's: the CPU, its
-    core count, torch's threads and version, and the GPU when one is used."""
+def machine_info(device: str = "auto") -> dict[str, Any]:
+    """What ran a benchmark row, so that its timings can be set against another machine's: the CPU, the
+    cores this process may use, torch's threads and version, and the GPU of ``device`` (the run's
+    ``device`` setting) when it is one."""
     import platform
 
     import torch
@@ -155,8 +156,17 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    gpu = None
+    if device != "cpu" and torch.cuda.is_available():
+        try:  # the device the run used ("auto" and "cuda" take the current one)
+            gpu = torch.cuda.get_device_name(torch.device(device) if device.startswith("cuda:") else None)
+        except (RuntimeError, AssertionError, ValueError):  # a record, not a reason to lose the run's result
+            gpu = None
+    try:
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use, not the host's
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return {"cpu": cpu, "cpu_count": cores, "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "gpu": gpu, "platform": platform.platform()}
 
 
@@ -262,7 +272,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         "data_wait_share": summary.get("data_wait_share"),
         "peak_rss_mb": _peak_rss_mb() if suite.isolate else None,
         "provenance": {"code_commit": commit, "config_hash": config_hash(cfg), "seed": seed,
-                       "machine": machine_info(),
+                       "machine": machine_info(cfg.device),
                        "data_fingerprint": PreparedIndex.load(project).fingerprint,
                        "generator_version": project.raw.get("generator_version")},
         "pred_dir": str(pred_dir.relative_to(out)),
@@ -600,7 +610,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report.
 
-        Suites: `ci` (every method end to end in about 90 s, figures near 0 by design), `standard` (the methods compared on 2 CPU cores, about 90 minutes a seed), `ablations`, `large` (the GPU recipe). A finished method and seed is reused when the command runs again.
+        Suites: `ci` (every method end to end in about 90 s, figures near 0 by design), `standard` (the methods compared on 2 CPU cores, under 90 minutes a seed), `ablations`, `large` (the GPU recipe). A finished method and seed is reused when the command runs again.
         """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
         from unionseg.report import print_table
 

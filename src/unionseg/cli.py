@@ -46,15 +46,16 @@ class _Command(_PlainHelp, typer.core.TyperCommand):
         super().__init__(*args, **kwargs)
         for param in self.params:
             if isinstance(param, typer.core.TyperArgument) and param.name:
-                param.metavar = param.metavar or param.name.upper()
+                name = param.metavar or param.name.upper()
+                # typer adds "..." to an argument of several values only when it has no metavar
+                param.metavar = name + ("..." if param.nargs != 1 and not name.endswith("...") else "")
                 param._usage_display_name = _usage_name.__get__(param)  # type: ignore[method-assign]
                 param.display_type_rich = _element_type.__get__(param)  # type: ignore[method-assign]
 
 
 def _usage_name(param: Any) -> str:
-    """``MODEL INPUTS...``, ``[OVERRIDES]...``: typer wraps a required argument in braces."""
-    name = param.metavar if param.required else f"[{param.metavar}]"
-    return name + ("..." if param.nargs != 1 else "")
+    """``MODEL INPUTS...``, ``[OVERRIDES...]``: typer wraps a required argument in braces."""
+    return param.metavar if param.required else f"[{param.metavar}]"
 
 
 def _element_type(param: Any, ctx: Any) -> str | None:

@@ -68,8 +68,6 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             # the largest over the seeds (the first seed's alone before); None where nothing was measured
             "parameters": max((r["parameters"] for r in runs if r.get("parameters") is not None), default=None),
             "peak_rss_mb": max((r["peak_rss_mb"] for r in runs if r.get("peak_rss_mb") is not None), default=None),
-            "per_seed": {"train_seconds": [r["train_seconds"] for r in runs],
-                         "predict_seconds_per_case": [r["predict_seconds_per_case"] for r in runs]},
         }
     oracle, naive = methods.get("oracle"), methods.get("naive")
     if oracle and naive:
@@ -95,7 +93,8 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             entry["gap_closure"] = {"mean_region": gap_mean, "per_region": gaps, "seeds": sorted(common)}
             entry["vs_oracle"] = ratio
     return {"suite": getattr(suite, "name", str(suite)), "about": getattr(suite, "about", ""),
-            "budget": getattr(suite, "budget", {}), "units": UNITS, "methods": methods, "runs": results}
+            "budget": getattr(suite, "budget", {}), "isolate": bool(getattr(suite, "isolate", False)), "units": UNITS,
+            "methods": methods, "runs": results}
 
 
 #: what results.json's numbers are measured in (its keys name most units; this says them all)
@@ -147,18 +146,20 @@ def compute_section(agg: dict[str, Any]) -> list[str]:
              "| method | parameters | train s per seed | predict s/case per seed | peak memory (MiB) |",
              "|---|---|---|---|---|"]
     for name, m in methods.items():
-        seeds = m.get("per_seed", {})
-        train = ", ".join(f"{v:.0f}" for v in seeds.get("train_seconds", [])) or f"{m['train_seconds']:.0f}"
-        predict = ", ".join(f"{v:.2f}" for v in seeds.get("predict_seconds_per_case", [])) or \
-            _fmt(m["predict_seconds_per_case"], 2)
+        runs = sorted((r for r in agg.get("runs", []) if r.get("name") == name), key=lambda r: r.get("seed", 0))
+        train = ", ".join(f"{float(r['train_seconds']):.0f}" for r in runs if r.get("train_seconds") is not None)
+        predict = ", ".join(f"{float(r['predict_seconds_per_case']):.2f}" for r in runs
+                            if r.get("predict_seconds_per_case") is not None)
         params = f"{m['parameters']:,}" if m.get("parameters") is not None else "n/a"
         memory = _fmt(m.get("peak_rss_mb"), 0)
         lines.append(f"| {name} | {params} | {train} | {predict} | {memory} |")
     lines.append("")
     if any(m.get("peak_rss_mb") is None for m in methods.values()):
-        lines += ["Peak memory is measured only where each run has a process of its own (a suite with "
-                  "`isolate: true`: standard, ablations, large); this suite trains its rows in one process, whose "
-                  "peak would be the largest row's.", ""]
+        lines += [("Peak memory is measured where each run has a process of its own; rows without it were run "
+                   "before it was recorded." if agg.get("isolate") else
+                   "Peak memory is measured only where each run has a process of its own (a suite with `isolate: "
+                   "true`, as `standard`, `ablations` and `large`); this suite trains its rows in one process, "
+                   "whose peak would be the largest row's."), ""]
     machines = {json.dumps(r.get("provenance", {}).get("machine"), sort_keys=True) for r in agg.get("runs", [])
                 if r.get("provenance", {}).get("machine")}
     for machine in sorted(machines):
@@ -191,12 +192,19 @@ def surface_table(agg: dict[str, Any]) -> list[str]:
 
 def print_table(agg: dict[str, Any]) -> None:
     """The comparison table on the terminal, then what the suite's figures mean (its ``about``)."""
+    from rich.console import Console
     from rich.markdown import Markdown
 
     from unionseg.progress import results_console
 
-    console = results_console()  # the terminal's width; 200 columns off a terminal (a log keeps rows whole)
-    console.print(Markdown(markdown_table(agg)))
+    table = markdown_table(agg)
+    # the terminal's width when the table fits it; wider otherwise (the terminal wraps the lines), since a
+    # console narrower than the table cuts its cells ("orac…", "0.9…"); 200 columns off a terminal
+    console = results_console()
+    natural = max(len(line) for line in table.splitlines()) + 4
+    if console.width < natural:
+        console = Console(width=natural)
+    console.print(Markdown(table))
     if agg.get("about"):
         console.print(agg["about"], markup=False, highlight=False, soft_wrap=True)  # one line, as written
 
@@ -616,5 +624,5 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[s
     fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     fig.savefig(figures / "montage.png", dpi=90)
     plt.close(fig)
-    return "figures/montage.png", (f"test case {case.removesuffix('.nii.gz')}, axial slice {z} of {truth.shape[2]}, "
+    return "figures/montage.png", (f"test case {case.removesuffix('.nii.gz')}, axial slice {z + 1} of {truth.shape[2]}, "
                                    "counted in RAS order, the one with the most labelled voxels")

@@ -225,7 +225,8 @@ def print_run_info(run: Path) -> dict[str, Any]:
 
     if not (run / "config.yaml").is_file():
         # a benchmark's row folder (seed0/, ...) or its -o (runs/NAME/seedN/), a phantom's folder
-        runs = sorted(str(p.parent.relative_to(run)) for p in [*run.glob("*/config.yaml"), *run.glob("*/*/config.yaml")])
+        runs = sorted(str(p.parent.relative_to(run)) for depth in ("*", "*/*", "*/*/*")
+                      for p in run.glob(f"{depth}/config.yaml"))
         projects = sorted(p.name for p in run.glob("*.yaml"))
         hint = (f"; it holds run folders ({', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}): give one"
                 if runs else f"; it holds {', '.join(projects[:3])}: give the project file" if projects else "")

@@ -1120,8 +1120,8 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         size_spec = replace(size_spec, n_train=int(cases[0]), n_val=int(cases[1]), n_test=int(cases[2]))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ConfigError(f"--workers must be an integer >= 1, got {workers!r}")  # 0 and -1 ran one silently
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"--workers must be an integer >= 0 (0 or 1: one process), got {workers!r}")  # -1 ran
     spec = _resolve_suite(suite)
     out = Path(out).resolve()
     _prepare_out(out)

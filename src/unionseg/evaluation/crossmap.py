@@ -172,11 +172,13 @@ def load_cross_map(path: str | Path) -> CrossMap:
     from unionseg.config import load_yaml
 
     path = Path(path)
-    if not path.exists() and not path.suffix:  # a name
-        if str(path) not in builtin_maps():
+    name = path.name.removesuffix(".yaml").removesuffix(".yml")
+    if not path.is_file() and path.parent == Path("."):  # a bare name (or NAME.yaml) that is no file here
+        if name in builtin_maps():
+            path = builtin_maps()[name]
+        elif not path.suffix:
             raise ConfigError(f"no such file, and no cross map of that name is built in ({', '.join(builtin_maps())})",
                               path)
-        path = builtin_maps()[str(path)]
     raw = load_yaml(path)
     if not isinstance(raw, Mapping):
         raise ConfigError("expected a mapping with 'labels' and 'shared'", path)
