@@ -524,7 +524,11 @@ def _loss_curves(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> str
 
     ax.yaxis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     # the totals are not on one scale: co-training's sums its two networks, marginal's adds exclusion
-    ax.set_title("Seed 0; a method's own loss, for its convergence, not to compare levels", fontsize=8)
+    missing = sorted({r["name"] for r in agg["runs"] if r["seed"] == 0}
+                     - {r["name"] for r in agg["runs"] if (out / "runs" / r["name"] / "seed0" / "log.csv").exists()})
+    ax.set_title("Seed 0; a method's own loss, for its convergence, not to compare levels"
+                 + (f"\nno curve of its own: {', '.join(missing)} (it trains only the shared experts)"
+                    if missing else ""), fontsize=8)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(figures / "loss_curves.png", dpi=100)
