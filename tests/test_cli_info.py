@@ -206,6 +206,20 @@ def test_an_organ_annotated_without_its_tumour_is_named(tmp_path: Path, capsys: 
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_training_set_annotating_a_class_it_never_labels_is_named(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """A kidney set given the test set's annotations ([region:liver, region:kidney]) was accepted silently: its
+    label maps would teach "no liver" on every image, undoing partial-label training (helper-78)."""
+    path = write_tiny_project(tmp_path / "p", TINY_PROJECT_YAML.replace(
+        "annotated: [kidney, kidney_tumour]", "annotated: [region:liver, kidney, kidney_tumour]"))
+    assert run(["info", str(path)]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: ")]
+    assert len(lines) == 1, lines
+    for text in (str(path.resolve()), "datasets.kidney.annotated lists 'region:liver', but no label value of "
+                 "'kidney' maps to it", "remove 'region:liver' from annotated"):
+        assert text in lines[0], (text, lines[0])
+
+
 @pytest.mark.parametrize("command", [[], ["train"], ["predict"], ["prepare"], ["evaluate"], ["evaluate-cross"],
                                      ["benchmark"], ["phantom"], ["info"], ["demo"]])
 def test_help_shows_flags_without_a_value(command: list[str]) -> None:

@@ -253,13 +253,32 @@ class LabelSpace:
         return keys
 
     def warn_unscored_organs(self, dataset: str, source: object) -> None:
-        """Each message of :meth:`unscored_organs` as a warning naming ``source`` (the project file)."""
+        """Each message of :meth:`unscored_organs` and :meth:`unlabelled_annotations` as a warning naming
+        ``source`` (the project file)."""
         import warnings
 
         from unionseg.errors import UnionsegWarning
 
-        for message in self.unscored_organs(dataset):
+        for message in [*self.unscored_organs(dataset), *self.unlabelled_annotations(dataset)]:
             warnings.warn(f"{source}: {message}", UnionsegWarning, stacklevel=3)
+
+    def unlabelled_annotations(self, dataset: str) -> list[str]:
+        """One message per class a training ``dataset`` annotates while none of its label values maps to it (helper-78:
+        a spleen set given the test set's ``annotated: [liver, spleen, kidney]``, accepted silently). Its
+        label maps then say "no liver" on every voxel, which teaches the model that the organ is absent from
+        all the dataset's images and undoes partial-label training, unless they truly show none."""
+        spec = self.dataset(dataset)
+        if spec.fully_labelled:  # a val or test set: it annotates every class, whether its cases show it or not
+            return []
+        mapped = {leaf for key in spec.local_to_global.values() if key != BACKGROUND for leaf in self.leaves_of(key)}
+        found = []
+        for key in spec.annotated:
+            if not set(self.leaves_of(key)) & mapped:
+                found.append(f"datasets.{dataset}.annotated lists {key!r}, but no label value of {dataset!r} maps to "
+                              f"it: its label maps then say that {key!r} is absent from every image, and the model "
+                              f"is trained so; remove {key!r} from annotated unless the images truly show none (a "
+                              "partially labelled dataset annotates only what it labels)")
+        return found
 
     def unscored_organs(self, dataset: str) -> list[str]:
         """One message per organ whose leaf ``dataset`` annotates without all its parts: no case of the
