@@ -436,6 +436,16 @@ def test_nnunet_layout_on_an_msd_folder_points_to_the_layout(tmp_path: Path) -> 
                                         r"object, value -> name: set the dataset's layout to msd\)"):
         scan_dataset("liver", root, layout="nnunet")
     assert len(scan_dataset("liver", root, layout="msd").cases) == 2  # twin: the right layout reads it
+    # an nnU-Net dataset whose dataset.json was written the MSD way: no 'training' list, so setting the layout
+    # to msd only led to "missing key 'training'"; the message shows the nnU-Net form instead (helper-78)
+    nnunet = tmp_path / "Dataset005_Kidney"
+    write_nnunet_dataset(nnunet, 2, {"background": 0, "kidney": 1})
+    (nnunet / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "kidney"}, "numTraining": 2,
+                                                     "file_ending": ".nii.gz", "channel_names": {"0": "CT"}}))
+    with pytest.raises(DataError, match=r"labels\.0: expected an integer value, got 'background' \(this is MSD's "
+                                        r"form, value -> name; nnU-Net v2's maps name -> value: \{\"0\": "
+                                        r"\"background\"\} becomes \{\"background\": 0\}\)"):
+        scan_dataset("kidney", nnunet, layout="nnunet")
 
 
 def test_messages_name_a_few_items_and_count_the_rest() -> None:

@@ -262,8 +262,12 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
         values = v if isinstance(v, list) else [v]
         for value in values:
             if isinstance(value, bool) or not isinstance(value, int):
-                msd = " (an MSD 'labels' object, value -> name: set the dataset's layout to msd)" if \
-                    str(name).strip().isdigit() else ""
+                # value -> name is MSD's form; nnU-Net v2 maps name -> value. Only a file with MSD's 'training'
+                # list is an MSD dataset: the layout hint alone led to "missing key 'training'" (helper-78)
+                msd = "" if not str(name).strip().isdigit() else (
+                    " (an MSD 'labels' object, value -> name: set the dataset's layout to msd)" if "training" in data
+                    else f" (this is MSD's form, value -> name; nnU-Net v2's maps name -> value: "
+                         f"{{\"{name}\": \"{value}\"}} becomes {{\"{value}\": {int(name)}}})")
                 raise DataError(f"labels.{name}: expected an integer value, got {value!r}{msd}", json_path)
             if not isinstance(v, list):
                 if value in single:
