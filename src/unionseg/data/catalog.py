@@ -577,8 +577,9 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
                         root)
     if not root.is_dir():
         what = "a file, not a folder" if root.exists() else "not found"
-        raise DataError(f"folder of dataset {name!r} {what} (check the dataset's root: in the project file, a "
-                        "roots file or --root)", root)
+        raise DataError(f"folder of dataset {name!r} {what} (check the dataset's root: one in the project file is "
+                        "relative to the project file's folder, one in a roots file to the roots file's; --root "
+                        "DIR is relative to the working folder)", root)
     if not any(p for p in root.iterdir() if not p.name.startswith(".")):
         raise DataError("dataset folder is empty: no dataset.json, no case folders, no images + labels folders; "
                         "point the root at the folder that holds the data", root)
