@@ -134,8 +134,15 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
         train(phantom_project, _cfg("naive", 3), run, resume=True, progress=False)
     # the message names what changed (steps, and val_every / ckpt_every that _cfg ties to it)
     assert "steps: 2 -> 3" in str(refused.value) and "val_every: 2 -> 3" in str(refused.value)
-    with pytest.raises(CheckpointError, match="select_on: 'all' -> 'regions'"):
-        train(phantom_project, _cfg("naive", 2, "select_on=regions"), run, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="select_on: 'all' -> 'regions'") as refused:
+        train(phantom_project, _cfg("naive", 2, "select_on=regions", "log_every=2", "data.num_workers=1"), run,
+              resume=True, progress=False)
+    # the settings a resume may change are not listed as the reason: the user undid them for nothing (helper-77)
+    assert "log_every" not in str(refused.value) and "num_workers" not in str(refused.value)
+    # a longer run alone says how to get one
+    with pytest.raises(CheckpointError, match=r"steps: 2 -> 5; to train on, start a new run from this one's "
+                                              r"weights \(init_from=RUN/model.pt\)"):
+        train(phantom_project, _cfg("naive", 2, "steps=5"), run, resume=True, progress=False)
     # where it runs, how often it logs and how many loader workers it has are no change to the run; nor is a
     # dataset weight of 1 (the default) given or left out; another weight is
     stopped = tmp_path / "stopped"
@@ -630,6 +637,7 @@ def test_train_config_is_what_the_cli_trains_with(tmp_path: Path) -> None:
     ("optim.lr=.nan", "lr: must be a positive number"),
     ("optim.poly_power=-1", "poly_power: must be positive"),
     ("val_max_cases=0", "val_max_cases: must be >= 1"),
+    ("ckpt_every=0", "ckpt_every: must be >= 1, got 0"),  # each named: the three were named together
 ])
 def test_cli_train_refuses_bad_overrides_before_any_work(
         phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str,
@@ -825,6 +833,13 @@ def test_experts_ignore_dataset_weights(phantom_project: Path, tmp_path: Path) -
     assert config_hash(plain) != config_hash(weighted)
     assert ArtifactCache._expert_config(weighted).data.dataset_weights == {}
     assert config_hash(ArtifactCache._expert_config(weighted)) == config_hash(ArtifactCache._expert_config(plain))
+    # the settings a resume may change key the same experts: `--resume log_every=5` (or device=cpu after a GPU
+    # ran out of memory) retrained every shared expert in a new cache folder, silently (helper-77)
+    root = make_context(phantom_project, plain, tmp_path / "a", progress=False).artifacts.root
+    moved = _cfg("cotraining", 1, "log_every=5", "device=cpu", "data.num_workers=1")
+    assert make_context(phantom_project, moved, tmp_path / "b", progress=False).artifacts.root == root
+    longer = _cfg("cotraining", 1, "expert_steps=3")  # what an expert learns: other experts
+    assert make_context(phantom_project, longer, tmp_path / "c", progress=False).artifacts.root != root
 
 
 def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_path: Path) -> None:
@@ -1569,3 +1584,27 @@ def test_val_max_cases_takes_the_datasets_in_turn() -> None:
     assert validation_cases(ctx(None, cases)) == cases  # no cap: every case, in their order
     full = [SimpleNamespace(dataset="val", case_id=f"val{i}", role="val") for i in range(3)]
     assert validation_cases(ctx(2, cases + full)) == full[:2]  # one dataset (a role: val set): its own order
+
+
+def test_info_says_a_run_is_in_progress(phantom_project: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`info RUN` during a run read as a stopped one ("a checkpoint to resume from", "--resume goes on from
+    there"): it names the process that holds the run folder, from /proc/locks, without taking the lock
+    (helper-77)."""
+    from unionseg.cli import run as cli
+
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 3, "ckpt_every=1"), run, progress=False, stop_after=1)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; fh = open(sys.argv[1], 'a'); "
+                               "fcntl.flock(fh, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                               str(run / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert cli(["info", str(run)]) == 0
+        out = capsys.readouterr().out
+        assert f"{run}: a run in progress, in pid {holder.pid}" in out, out
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli(["info", str(run)]) == 0
+    assert "in progress" not in capsys.readouterr().out  # stopped: nobody holds it

@@ -53,7 +53,7 @@ class ArtifactCache:
     def __init__(self, ctx: RunContext) -> None:
         self.ctx = ctx
         self.expert_cfg = self._expert_config(ctx.cfg)
-        key = {"data": ctx.index.fingerprint, "recipe": config_hash(self.expert_cfg), "seed": ctx.cfg.seed}
+        key = {"data": ctx.index.fingerprint, "recipe": config_hash(self._keyed(self.expert_cfg)), "seed": ctx.cfg.seed}
         self.fingerprint = config_hash(key)
         self.root = Path(ctx.project.cache_dir) / "artifacts" / self.fingerprint
         self._experts: dict[str, Any] = {}
@@ -68,6 +68,16 @@ class ArtifactCache:
         """
         return dataclasses.replace(cfg, method="expert", options={}, steps=cfg.expert_steps or cfg.steps,
                                    device=cfg.device, init_from=None, data=dataclasses.replace(cfg.data, dataset_weights={}))
+
+    @staticmethod
+    def _keyed(cfg: TrainConfig) -> TrainConfig:
+        """The expert recipe as the cache's key sees it: without the settings a run may change on resume (the
+        device, the logging interval, the loader workers), which change nothing an expert learns. With them
+        in the key, `--resume device=cpu` after a GPU ran out of memory, or another `log_every`, trained
+        every shared expert again in a new cache folder, silently, and an MS-KD run with another
+        `log_every` did not share a co-training run's experts (helper-77). The experts' own resume accepts
+        the same changes."""
+        return dataclasses.replace(cfg, device="auto", log_every=1, data=dataclasses.replace(cfg.data, num_workers=0))
 
     # ------------------------------------------------------------------ bookkeeping
     @contextmanager

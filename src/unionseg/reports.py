@@ -252,8 +252,13 @@ def print_run_info(run: Path) -> dict[str, Any]:
         print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
               f"taken at step {step}, {chosen}")
     else:
+        from unionseg.locking import FileLock
         from unionseg.training.checkpoint import checkpoint_step
 
+        lock = run / ".lock"
+        holder = FileLock(lock, "the run folder").holder() if lock.is_file() else ""
+        if holder.startswith("pid "):  # read from /proc/locks, without taking the lock: info writes nothing
+            print(f"{run}: a run in progress, in {holder}; what follows is where it stood at its last record")
         history = read_record(history_path) if history_path.is_file() else []
         last = (", not validated yet" if not history
                 else ", not validated (no validation case)" if history[-1].get("cases") == 0

@@ -153,8 +153,9 @@ class TrainConfig:
     def validate(self) -> None:
         if self.steps < 1:
             raise ValueError("steps: must be >= 1")
-        if self.val_every < 1 or self.ckpt_every < 1 or self.log_every < 1:
-            raise ValueError("val_every, ckpt_every and log_every must be >= 1")
+        for key in ("val_every", "ckpt_every", "log_every"):  # each named (the three were named together)
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: must be in [0, 2**32), got {self.seed}")
         if self.val_max_cases is not None and self.val_max_cases < 1:

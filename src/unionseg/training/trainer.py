@@ -373,7 +373,7 @@ class Trainer:
         except Exception:  # a record this version cannot read back: nothing to compare
             return
         if not self._same_but_run_settings(to_dict(before), config_hash(before)):
-            changed = describe_changes(_flatten(to_dict(before)), _flatten(to_dict(self.cfg)))
+            changed = self._changes(to_dict(before))
             raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
                                   "resume with the same recipe and overrides "
                                   f"(`-c {shlex.quote(str(recorded))}` gives the "
@@ -438,7 +438,7 @@ class Trainer:
             from unionseg.errors import CheckpointError
 
             recorded = state.get("config")  # the full recipe the run was started with
-            changed = "" if recorded is None else describe_changes(_flatten(recorded), _flatten(to_dict(self.cfg)))
+            changed = "" if recorded is None else self._changes(recorded)
             raise CheckpointError("checkpoint was written with a different configuration"
                                   + (f" ({changed})" if changed else "")
                                   + "; resume with the same recipe and overrides "
@@ -505,29 +505,45 @@ class Trainer:
         in the device, the logging interval, the loader workers, in dataset weights of 1 given or left out
         (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from``
         recorded relative that names the same file from the working folder."""
-        import dataclasses
 
         if recorded_hash == config_hash(self.cfg):
             return True
+        same = self._as_recorded(recorded)
+        return same is not None and config_hash(same) == recorded_hash
+
+    def _as_recorded(self, recorded: Any) -> TrainConfig | None:
+        """This run's configuration with the settings a resume may change (see :meth:`_same_but_run_settings`)
+        taken from ``recorded``; None when ``recorded`` cannot say them (an older record)."""
+        import dataclasses
+
         if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
-            return False
+            return None
         try:
             weights = dict(recorded["data"].get("dataset_weights") or {})
             if _weighted(weights) != _weighted(self.cfg.data.dataset_weights):
-                return False
+                weights = dict(self.cfg.data.dataset_weights)  # a change that matters: kept, so that it shows
             start = recorded.get("init_from")  # relative when a Python call before session 27 started the run
             if start is not None and self.cfg.init_from is not None and not Path(start).is_absolute() and \
                     str(Path(start).expanduser().resolve()) == self.cfg.init_from:
                 start_as = start
             else:
                 start_as = self.cfg.init_from
-            same = dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
+            return dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
                                        init_from=start_as,
                                        data=dataclasses.replace(self.cfg.data, dataset_weights=weights,
                                                                 num_workers=recorded["data"]["num_workers"]))
         except (AttributeError, KeyError, TypeError, ValueError):
-            return False
-        return bool(config_hash(same) == recorded_hash)
+            return None
+
+    def _changes(self, recorded: dict[str, Any]) -> str:
+        """What differs from ``recorded`` among the settings a resume may NOT change: the refusal listed the
+        device, the logging interval and the workers too, which are allowed (helper-77). A longer run says
+        how to get one (a new run from this one's weights)."""
+        changed = describe_changes(_flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg)))
+        if changed.startswith("steps: ") and ", " not in changed:
+            changed += ("; to train on, start a new run from this one's weights (init_from=RUN/model.pt): a "
+                        "run's schedule is set by its steps")
+        return changed
 
     def _load_state(self, state: dict[str, Any]) -> None:
         for k, m in self.method.raw_models.items():
@@ -779,7 +795,7 @@ class Trainer:
                    "train_seconds": self.timings["total"], "stage_seconds": self.timings["stages"],
                    "stage_seconds_this_process": self.stage_seconds_here,
                    "run_seconds": self._run_seconds(), "run_seconds_earlier": self.run_seconds_earlier,
-                   "model": str(self.run_dir / "model.pt")}
+                   "model": str((self.run_dir / "model.pt").absolute())}  # absolute, as "project" is
         # the processes (world size) from each step on; a resume with another count adds an entry
         summary["processes"] = [{"from_step": step, "world_size": size} for step, size in self.world_sizes]
         if dist.is_distributed():
