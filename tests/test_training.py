@@ -141,7 +141,7 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
     assert "log_every" not in str(refused.value) and "num_workers" not in str(refused.value)
     # a longer run alone says how to get one
     with pytest.raises(CheckpointError, match=r"steps: 2 -> 5; to train on, start a new run from this one's "
-                                              r"weights \(init_from=RUN/model.pt\)"):
+                                              rf"weights \(init_from={re.escape(str(run / 'model.pt'))}\)"):
         train(phantom_project, _cfg("naive", 2, "steps=5"), run, resume=True, progress=False)
     # where it runs, how often it logs and how many loader workers it has are no change to the run; nor is a
     # dataset weight of 1 (the default) given or left out; another weight is

@@ -541,8 +541,9 @@ class Trainer:
         how to get one (a new run from this one's weights)."""
         changed = describe_changes(_flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg)))
         if changed.startswith("steps: ") and ", " not in changed:
-            changed += ("; to train on, start a new run from this one's weights (init_from=RUN/model.pt): a "
-                        "run's schedule is set by its steps")
+            changed += ("; to train on, start a new run from this one's weights "
+                        f"(init_from={shlex.quote(str((self.run_dir / 'model.pt').absolute()))}): a run's schedule "
+                        "is set by its steps")
         return changed
 
     def _load_state(self, state: dict[str, Any]) -> None:
