@@ -505,7 +505,6 @@ class Trainer:
         in the device, the logging interval, the loader workers, in dataset weights of 1 given or left out
         (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from``
         recorded relative that names the same file from the working folder."""
-
         if recorded_hash == config_hash(self.cfg):
             return True
         same = self._as_recorded(recorded)
