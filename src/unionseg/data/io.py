@@ -572,8 +572,11 @@ def nifti_description(path: str | Path) -> str | None:
     """The ``descrip`` field of a NIfTI file's header (read without its voxels), or None when the file is
     missing, not NIfTI or unreadable."""
     header = _nifti_header(path)
-    if header is None:
-        return None
+    return None if header is None else _description_of(header)
+
+
+def _description_of(header: Any) -> str | None:
+    """A NIfTI header's ``descrip`` field as text; None for a damaged header."""
     try:
         return bytes(header["descrip"]).split(b"\0", 1)[0].decode("ascii", "replace").strip()
     except Exception:  # a damaged header: not a file predict wrote
@@ -876,23 +879,20 @@ def predict_kind(path: Path) -> str | None:
     """Which of predict's outputs ``path`` is by its mark: ``labels`` (a label map: the mark with its CRC-32, or
     the bare mark of an older release on a 3D grid), ``probabilities`` (the bare mark on a 4D grid),
     ``channels`` (a probability map's ``.json`` channel list), or None (no mark: not a file predict wrote)."""
-    import nibabel as nib
-
     if path.name.endswith(".json"):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             return "channels" if record.get("written_by") == PREDICTION_DESCRIPTION else None
         except (OSError, ValueError, AttributeError):
             return None
-    description = nifti_description(path) or ""
+    header = _nifti_header(path)  # read once: the description and the shape are both in it
+    description = (_description_of(header) or "") if header is not None else ""
     if parse_prediction_description(description) is not None:
         return "labels"
     if description != PREDICTION_DESCRIPTION:
         return None
     try:
-        with _quiet_nibabel():
-            image: Any = nib.load(str(path))
-        dims = len(image.shape)
-    except Exception:  # noqa: BLE001 - nifti_description read the header; a shape it cannot give: not ours
+        dims = len(header.get_data_shape())
+    except Exception:  # noqa: BLE001 - a shape the header cannot give: not ours
         return None
     return "probabilities" if dims == 4 else "labels"
