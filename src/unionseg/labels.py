@@ -252,7 +252,7 @@ class LabelSpace:
         keys += [self.names[i] for i in self.part_ids if mask[i]]
         return keys
 
-    def warn_unscored_organs(self, dataset: str, source: object) -> None:
+    def warn_annotations(self, dataset: str, source: object) -> None:
         """Each message of :meth:`unscored_organs` and :meth:`unlabelled_annotations` as a warning naming
         ``source`` (the project file)."""
         import warnings
@@ -263,8 +263,8 @@ class LabelSpace:
             warnings.warn(f"{source}: {message}", UnionsegWarning, stacklevel=3)
 
     def unlabelled_annotations(self, dataset: str) -> list[str]:
-        """One message per class a training ``dataset`` annotates while none of its label values maps to it (helper-78:
-        a spleen set given the test set's ``annotated: [liver, spleen, kidney]``, accepted silently). Its
+        """One message per class a training ``dataset`` annotates while none of its label values maps to it
+        (helper-78: a spleen set given the test set's ``annotated: [liver, spleen, kidney]``, accepted silently). Its
         label maps then say "no liver" on every voxel, which teaches the model that the organ is absent from
         all the dataset's images and undoes partial-label training, unless they truly show none."""
         spec = self.dataset(dataset)

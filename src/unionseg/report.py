@@ -256,12 +256,12 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     dirty = sum(str(r["provenance"]["code_commit"]).endswith("-dirty") for r in agg["runs"])
     # the runs are counted apart from the states ("3 code states, 11 of them with uncommitted changes")
     unsaved = (f"{dirty} of the {len(agg['runs'])} runs had uncommitted changes (`-dirty`, which records no hash of "
-               "them), which their commit alone does not reproduce")
+               "them), which their commit alone does not reproduce.")
     if len(commits) > 1:
         lines += ["", f"The runs come from {len(commits)} code states: rows trained by different code may differ by "
-                  "more than the method." + (f" {unsaved[0].upper()}{unsaved[1:]}." if dirty else "")]
+                  "more than the method." + (f" {unsaved}" if dirty else "")]
     elif dirty:
-        lines += ["", f"{unsaved[0].upper()}{unsaved[1:]}."]
+        lines += ["", unsaved]
     write_text(out / "report.md", "\n".join(lines) + "\n")
 
 

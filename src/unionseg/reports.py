@@ -43,7 +43,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         scans.append((spec.name, spec.role, info))
         check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
         warn_training_on_test_folders(spec.name, spec.role, spec.root, info)
-        space.warn_unscored_organs(spec.name, project.path)
+        space.warn_annotations(spec.name, project.path)
         ids = [c.case_id for c in info.cases]
         if spec.role == "train":
             split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.", source=project.path)
@@ -180,7 +180,7 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
 
 
 def _selection_words(select_on: str | None) -> str:
-    """What a run's ``select_on`` compares, in words (``train`` says the same)."""
+    """What a run's ``select_on`` compares, in words (``train`` prints "classes" / "organ regions")."""
     return "the organ regions" if select_on == "regions" else "every class, tumours included"
 
 

@@ -974,7 +974,7 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
         json_path = ds.root / "dataset.json"
         check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
         warn_training_on_test_folders(ds.name, ds.role, ds.root, info)
-        space.warn_unscored_organs(ds.name, project.path)
+        space.warn_annotations(ds.name, project.path)
         if json_path.is_file():  # KiTS and image/label-folder layouts have none
             sources.append([ds.name, *_stat(json_path, ds.root)])
         ids = [c.case_id for c in info.cases]

@@ -174,10 +174,11 @@ def load_cross_map(path: str | Path) -> CrossMap:
     path = Path(path)
     name = path.name.removesuffix(".yaml").removesuffix(".yml")
     if not path.is_file() and path.parent == Path("."):  # a bare name (or NAME.yaml) that is no file here
-        if name in builtin_maps():
-            path = builtin_maps()[name]
+        shipped = builtin_maps()
+        if name in shipped:
+            path = shipped[name]
         elif not path.suffix:
-            raise ConfigError(f"no such file, and no cross map of that name is built in ({', '.join(builtin_maps())})",
+            raise ConfigError(f"no such file, and no cross map of that name is built in ({', '.join(shipped)})",
                               path)
     raw = load_yaml(path)
     if not isinstance(raw, Mapping):

@@ -771,7 +771,7 @@ def evaluate_folder(
             reasons = space.unscored_organs(spec.name)
             raise DataError(f"no class of dataset {spec.name!r} can be scored"
                             + (f": {'; '.join(reasons)}" if reasons else ""), project.path)
-        space.warn_unscored_organs(spec.name, project.path)
+        space.warn_annotations(spec.name, project.path)
     truths = _label_files(gt_dir)
     if not truths:
         from unionseg.data.io import IMAGE_SUFFIXES

@@ -766,9 +766,7 @@ class Predictor:
 @contextmanager
 def _window_progress(progress: ProgressFn | bool | None, name: str) -> Iterator[ProgressFn | None]:
     """The window callback of ``progress=``: ``True`` draws a bar of the windows (timed lines off a
-    terminal), a function is called as it is, ``False``/``None`` reports nothing.
-
-    """
+    terminal), a function is called as it is, ``False``/``None`` reports nothing."""
     if progress is None or progress is False:
         yield None
     elif progress is True:
@@ -795,8 +793,9 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
                         model: str | None = None) -> Path:
     """Write (C, X, Y, Z) probabilities as a 4D NIfTI (X, Y, Z, C) float32 with a ``.json`` channel list
     (and what each channel holds, ``meanings``), atomically, and never over an existing file unless
-    ``replace=True`` (:func:`~unionseg.data.io.place_file`; as :func:`~unionseg.data.io.write_image`); both carry predict's mark (header description, ``written_by``),
-    and the ``.json`` the id of the ``model`` that wrote them, when given (``--skip-existing`` checks it).
+    ``replace=True`` (:func:`~unionseg.data.io.place_file`; as :func:`~unionseg.data.io.write_image`); both
+    carry predict's mark (header description, ``written_by``), and the ``.json`` the id of the ``model``
+    that wrote them, when given (``--skip-existing`` checks it).
 
     The voxels are streamed one channel at a time (NIfTI stores the last axis slowest, so a channel is one
     block of the file): beside ``probs`` only one channel is held as float32. Converting the whole map

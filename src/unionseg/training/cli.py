@@ -31,12 +31,12 @@ def register(app: typer.Typer) -> None:
         Example: `unionseg train data/project.yaml -m cotraining -o runs/cot steps=1500`.
         """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
         from unionseg.cli import _parse_roots
-        from unionseg.training.recipes import resolve_method, train_config
+        from unionseg.training.recipes import train_config
         from unionseg.training.trainer import train as run_train
 
         # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
         given = [*(overrides or []), *([f"device={device}"] if device is not None else [])]
-        cfg = train_config(resolve_method(method, config, given_as="--method"), config, given)
+        cfg = train_config(method, config, given, given_as="--method")
         summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
         over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports

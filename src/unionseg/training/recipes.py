@@ -58,7 +58,8 @@ def resolve_method(method: str | None, recipe: str | Path | None, given_as: str 
 
 
 def train_config(method: str | None = None, recipe: str | Path | None = None,
-                 overrides: Sequence[str] | Mapping[str, Any] | str | None = None) -> TrainConfig:
+                 overrides: Sequence[str] | Mapping[str, Any] | str | None = None,
+                 given_as: str = "the call") -> TrainConfig:
     """The configuration ``unionseg train [--method METHOD] [-c RECIPE] [OVERRIDES]`` trains with.
 
     The method's recipe built into unionseg (its budget, optimiser and options), then ``recipe`` on top of
@@ -73,6 +74,7 @@ def train_config(method: str | None = None, recipe: str | Path | None = None,
         recipe: a recipe YAML on top of the method's; a run folder's ``config.yaml`` repeats that run.
         overrides: ``key=value`` strings (``"steps=1500"``, ``"options.cross_task_weight=0.25"``), or a
             mapping of Python values (``{"steps": 1500}``).
+        given_as: where ``method`` came from, for the message when the recipe names another (``--method``).
 
     Raises:
         ConfigError: an unknown method, ``method`` differing from the recipe's, an unreadable recipe, an
@@ -80,5 +82,5 @@ def train_config(method: str | None = None, recipe: str | Path | None = None,
     """
     from unionseg.training.config import load_train_config
 
-    method = resolve_method(method, recipe)
+    method = resolve_method(method, recipe, given_as)
     return load_train_config(recipe, overrides or [], base=default_recipe(method), method=method)

@@ -538,8 +538,9 @@ class Trainer:
         """What differs from ``recorded`` among the settings a resume may NOT change: the refusal listed the
         device, the logging interval and the workers too, which are allowed (helper-77). A longer run says
         how to get one (a new run from this one's weights)."""
-        changed = describe_changes(_flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg)))
-        if changed.startswith("steps: ") and ", " not in changed:
+        before, after = _flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg))
+        changed = describe_changes(before, after)
+        if {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} == {"steps"}:
             changed += ("; to train on, start a new run from this one's weights "
                         f"(init_from={shlex.quote(str((self.run_dir / 'model.pt').absolute()))}): a run's schedule "
                         "is set by its steps")
