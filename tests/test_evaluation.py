@@ -316,8 +316,8 @@ def test_evaluate_folder_end_to_end(tiny_project: Path) -> None:
     summary = evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml",
                               None, out, tolerance_mm=2.0, workers=2, progress=True)
     assert summary["dataset"] == "test" and summary["n_cases"] == 3
-    for name in ("metrics.csv", "summary.json", "summary.md", "figures/dice_boxplot.png",
-                 "figures/overlay_best.png", "figures/overlay_worst.png"):
+    for name in ("metrics.csv", "summary.json", "summary.md", "figures/dice_boxplot.png", "figures/hd95_boxplot.png",
+                 "figures/nsd_boxplot.png", "figures/overlay_best.png", "figures/overlay_worst.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert len(rows) == 3 * 3  # cases x (region:liver, region:kidney, liver_tumour)
@@ -624,9 +624,13 @@ def test_cli_evaluate(tiny_project: Path, capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_markdown_table_reports_empty_rule_counts() -> None:
-    classes = {"region:liver": {"n_cases": 2, "empty_rule_cases": {BOTH_EMPTY: 0, PRED_EMPTY: 1, GT_EMPTY: 0},
-                                "dice": {"mean": 0.5, "std": 0.5, "n": 2}}}
-    assert "| liver | 0.500 ± 0.500 | 2 | 1 |" in markdown_table(classes, ["dice"], 2.0)
+    """Each rule counted on its own: a both-empty case adds a perfect score to the mean, a missed one the
+    worst, and one total could not tell them apart (helper-81)."""
+    classes = {"region:liver": {"n_cases": 4, "empty_rule_cases": {BOTH_EMPTY: 2, PRED_EMPTY: 1, GT_EMPTY: 0},
+                                "dice": {"mean": 0.5, "std": 0.5, "n": 4}}}
+    table = markdown_table(classes, ["dice"], 2.0)
+    assert "| cases | rule cases: both empty / missed / spurious |" in table
+    assert "| liver | 0.500 ± 0.500 | 4 | 2 / 1 / 0 |" in table
 
 
 def test_evaluation_never_imports_torch() -> None:
@@ -832,3 +836,45 @@ def test_predictions_of_a_model_with_other_class_values_are_refused(tiny_project
         evaluate_folder(marked, root / "datasets" / "test" / "labelsTr", root / "project.yaml", figures=False)
     assert nib.load(str(marked / "case_0.nii.gz")).header.extensions  # twin of the plain files: no record there
     assert nifti_label_names(root / "preds" / "case_0.nii.gz") is None
+
+
+def _has_colour(png: Path, rgb: tuple[int, int, int], tol: int = 12) -> bool:
+    from matplotlib.image import imread
+
+    pixels = (imread(str(png))[..., :3] * 255).round()
+    return bool((np.abs(pixels - np.array(rgb)).max(axis=-1) <= tol).any())
+
+
+@pytest.mark.parametrize("metric", ["dice", "hd95"])
+def test_score_boxplot_marks_the_values_an_empty_mask_rule_decided(tmp_path: Path, metric: str) -> None:
+    """A missed organ's Dice 0 or HD95 penalty is drawn as a rule value (red, with a legend entry), not as a
+    measurement among the others (helper-81); HD95 gets a box plot too."""
+    from unionseg.evaluation.figures import score_boxplot
+
+    measured = {"dice": 0.8, "hd95": 3.0, "nsd": 0.9, "pred_voxels": 50, "gt_voxels": 60}
+    missed = {"dice": 0.0, "hd95": 500.0, "nsd": 0.0, "pred_voxels": 0, "gt_voxels": 60}
+    red = (214, 39, 40)  # matplotlib's tab:red, the missed marker's colour
+    plain = score_boxplot({"a": {"region:liver": measured}, "b": {"region:liver": measured}}, ["region:liver"],
+                          metric, tmp_path / "plain.png")
+    marked = score_boxplot({"a": {"region:liver": measured}, "b": {"region:liver": missed}}, ["region:liver"],
+                           metric, tmp_path / "marked.png")
+    assert not _has_colour(plain, red) and _has_colour(marked, red)
+    with pytest.raises(ValueError, match="unknown metric"):
+        score_boxplot({}, [], "volume", tmp_path / "x.png")
+
+
+def test_one_case_gets_one_overlay(tiny_project: Path) -> None:
+    """With one case the best and the worst are the same: one picture, titled as the only case, and the
+    summary says "1 case"."""
+    import shutil
+
+    root = tiny_project
+    gt = root / "one_gt"
+    gt.mkdir()
+    shutil.copy(root / "datasets" / "test" / "labelsTr" / "case_0.nii.gz", gt / "case_0.nii.gz")
+    out = root / "eval_one"
+    summary = evaluate_folder(root / "preds", gt, root / "project.yaml", "test", out, progress=False)
+    assert summary["best_case"] == summary["worst_case"] == "case_0"
+    assert (out / "figures" / "overlay_best.png").is_file()
+    assert not (out / "figures" / "overlay_worst.png").exists()
+    assert (out / "summary.md").read_text().startswith("# Evaluation: test (1 case)")

@@ -40,6 +40,12 @@ def region_name(organ: str) -> str:
     return f"{REGION_PREFIX}{organ}"
 
 
+def display_key(key: str) -> str:
+    """A class key as tables and figures show it: ``region:`` left out, per member of a union
+    (``liver+hepatic_vessel``)."""
+    return "+".join(m[len(REGION_PREFIX):] if m.startswith(REGION_PREFIX) else m for m in key.split("+"))
+
+
 @dataclass(frozen=True)
 class Leaf:
     """One global class. ``part_of`` names the organ leaf this leaf lies inside (tumours)."""

@@ -40,7 +40,8 @@ def evaluate_command(
                               workers=workers, figures=figures, roots=parse_roots(root), progress=not quiet,
                               overwrite=overwrite)
     console = results_console()
-    console.print(f"[bold]{summary['dataset']}[/bold]: {summary['n_cases']} cases -> {out}")
+    n = summary["n_cases"]
+    console.print(f"[bold]{summary['dataset']}[/bold]: {n} case{'' if n == 1 else 's'} -> {out}")
     console.print(Markdown(summary["markdown"]))
     if summary["unmatched_predictions"]:
         console.print(f"note: {len(summary['unmatched_predictions'])} predictions have no ground truth "

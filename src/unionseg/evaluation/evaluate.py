@@ -48,7 +48,7 @@ from unionseg.evaluation.metrics import (
     score_masks,
 )
 from unionseg.jsonfile import write_json, write_text
-from unionseg.labels import REGION_PREFIX, LabelSpace
+from unionseg.labels import REGION_PREFIX, LabelSpace, display_key
 
 if TYPE_CHECKING:
     from unionseg.config import DatasetSpec, Project
@@ -480,11 +480,6 @@ def _case_quality_measure(metrics: Sequence[str]) -> str:
     return "none"
 
 
-def display_key(key: str) -> str:
-    """A class key as tables show it: ``region:`` left out, per member of a union (``liver+hepatic_vessel``)."""
-    return "+".join(m[len(REGION_PREFIX):] if m.startswith(REGION_PREFIX) else m for m in key.split("+"))
-
-
 def _fmt(metric: str, stat: Mapping[str, Any]) -> str:
     if stat["n"] == 0:
         return "n/a"
@@ -498,15 +493,17 @@ def _fmt(metric: str, stat: Mapping[str, Any]) -> str:
 
 
 def markdown_table(classes: Mapping[str, Any], metrics: Sequence[str], tolerance_mm: float) -> str:
-    """Rows = classes, columns = metrics (mean ± sd; HD95 with its median), case count and empty-rule
-    count."""
+    """Rows = classes, columns = metrics (mean ± sd; HD95 with its median), case count, and how many cases
+    each empty-mask rule decided (both empty / missed / spurious: a both-empty case adds a perfect score to
+    the mean, the other two the worst one)."""
     titles = [METRIC_TITLES[m] if m != "nsd" else f"NSD ({tolerance_mm:g} mm)" for m in metrics]
-    lines = ["| class | " + " | ".join(titles) + " | cases | empty-rule cases |",
+    lines = ["| class | " + " | ".join(titles) + " | cases | rule cases: both empty / missed / spurious |",
              "|---|" + "---|" * len(metrics) + "---|---|"]
     for key, entry in classes.items():
         cells = [_fmt(m, entry[m]) for m in metrics]
-        lines.append(f"| {display_key(key)} | " + " | ".join(cells) +
-                     f" | {entry['n_cases']} | {sum(entry['empty_rule_cases'].values())} |")
+        rules = entry["empty_rule_cases"]
+        lines.append(f"| {display_key(key)} | " + " | ".join(cells) + f" | {entry['n_cases']} | "
+                     f"{rules[BOTH_EMPTY]} / {rules[PRED_EMPTY]} / {rules[GT_EMPTY]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -814,12 +811,12 @@ def evaluate_folder(
              "summary_md": out_dir / "summary.md"}
     if figures and cases:
         files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
-                                    lookup, space, spec, project))
+                                    lookup, space, spec, project, tolerance_mm))
     _remove_stale_figures(out_dir / "figures", set(files.values()))
     summary["files"] = {k: str(Path(v).resolve()) for k, v in files.items()}  # as "predictions" and "ground_truth"
     write_metrics_csv(files["metrics_csv"], cases, metrics)
     write_json(files["summary_json"], summary)
-    notes = [f"# Evaluation: {spec.name} ({len(cases)} cases)", "",
+    notes = [f"# Evaluation: {spec.name} ({len(cases)} case{'' if len(cases) == 1 else 's'})", "",
              "Organs are scored as regions (organ + its parts); only classes the ground truth annotates are "
              f"scored. Mean ± sd over cases (HD95 with its median: a missed organ scores the image diagonal); NSD "
              f"tolerance {tolerance_mm:g} mm.", "", markdown]
@@ -832,7 +829,7 @@ def evaluate_folder(
 
 #: the figures evaluate writes: one left from an earlier run into the same -o that this run does not write
 #: (--no-figures, a metric or case fewer) is removed, so that no picture disagrees with the tables beside it
-FIGURE_FILES = ("dice_boxplot.png", "overlay_best.png", "overlay_worst.png")
+FIGURE_FILES = ("dice_boxplot.png", "hd95_boxplot.png", "nsd_boxplot.png", "overlay_best.png", "overlay_worst.png")
 
 
 def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
@@ -847,17 +844,18 @@ def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
 def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mapping[str, Any],
                    metrics: Sequence[str], best: str | None, worst: str | None, truths: Mapping[str, Path],
                    preds: Mapping[str, Path], lookup: np.ndarray, space: LabelSpace, spec: DatasetSpec,
-                   project: Project) -> dict[str, Path]:
+                   project: Project, tolerance_mm: float) -> dict[str, Path]:
     from unionseg.data.io import read_image
     from unionseg.evaluation import figures as figs
 
     folder.mkdir(parents=True, exist_ok=True)
     out: dict[str, Path] = {}
-    if "dice" in metrics:
-        out["dice_boxplot"] = figs.dice_boxplot(cases, list(classes), folder / "dice_boxplot.png")
+    for metric in metrics:
+        out[f"{metric}_boxplot"] = figs.score_boxplot(cases, list(classes), metric, folder / f"{metric}_boxplot.png",
+                                                      tolerance_mm=tolerance_mm)
     images = _image_lookup(spec)
     for tag, case in (("best", best), ("worst", worst)):
-        if case is None:
+        if case is None or (tag == "worst" and case == best):  # one case (or one scored): one picture
             continue
         pred, gt, geom = load_pair(preds[case], truths[case], lookup, space, spec.name)
         image = None
@@ -870,7 +868,8 @@ def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mappi
             if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
                 image = arr.astype(np.float32)
         measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
-        title = f"{tag} case: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \
+        which = "the only scored case" if best == worst else f"{tag} case"
+        title = f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \
                 f"{abs(_case_quality(cases[case], metrics)):.3f})"
         out[f"overlay_{tag}"] = figs.overlay(pred, gt, space, geom, folder / f"overlay_{tag}.png", title=title,
                                              image=image, window=project.preprocessing.window)

@@ -1,6 +1,7 @@
 """Evaluation figures (matplotlib, Agg canvas; pyplot and its global state are never touched).
 
-* :func:`dice_boxplot`: per-class Dice over cases, box plot with the individual cases as points.
+* :func:`score_boxplot`: one metric (Dice, HD95, NSD) per class over cases, box plot with the individual
+  cases as points, values decided by an empty-mask rule marked as such.
 * :func:`overlay`: one axial slice (the one with the most ground-truth foreground) of a case, truth and
   prediction side by side, one colour per class over the CT (or over black when no image is found).
 """
@@ -13,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.labels import REGION_PREFIX, LabelSpace
+from unionseg.evaluation.metrics import BOTH_EMPTY, GT_EMPTY, PRED_EMPTY
+from unionseg.labels import LabelSpace, display_key
 
 if TYPE_CHECKING:
     from unionseg.data.io import Geometry
@@ -52,7 +54,8 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def leaf_colours(space: LabelSpace) -> np.ndarray:
-    """(L, 3) RGB in [0, 1]: one colour per leaf (background black); a part gets a lighter shade."""
+    """(L, 3) RGB in [0, 1]: one colour per leaf (background black), from matplotlib's tab10 (tab20 beyond
+    ten leaves) in leaf order."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab10"] if space.n_leaves <= 11 else colormaps["tab20"]
@@ -62,24 +65,87 @@ def leaf_colours(space: LabelSpace) -> np.ndarray:
     return colours
 
 
-def dice_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str], path: Path) -> Path:
-    """Box plot of per-case Dice for every class in ``keys`` (those scored in at least one case)."""
+#: how each empty-mask rule's points are drawn in :func:`score_boxplot`: (marker, colour, legend text)
+RULE_MARKERS = {
+    BOTH_EMPTY: ("o", "tab:green", "both empty (rule value)"),
+    PRED_EMPTY: ("v", "tab:red", "missed: prediction empty (rule value)"),
+    GT_EMPTY: ("^", "tab:orange", "spurious: truth empty (rule value)"),
+}
+BOX_METRICS = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
+
+
+def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str], metric: str,
+                  path: Path, tolerance_mm: float | None = None) -> Path:
+    """Box plot of one metric per class over cases (those of ``keys`` scored in at least one case).
+
+    The boxes summarise every value the tables average; each case is a point, and a value decided by an
+    empty-mask rule (no organ in the prediction, in the truth, or in either) is drawn with its own marker and
+    colour, not as a measurement. HD95 is drawn on a symmetric-log axis (linear below 1 mm), so that the
+    penalty of a missed organ (the image diagonal, hundreds of mm) and real distances of a few mm both stay
+    readable. Each tick label carries the class's case count.
+
+    Args:
+        cases: case -> class key -> {metric: value, "pred_voxels": n, "gt_voxels": n}.
+        keys: class keys in the order to draw them.
+        metric: ``"dice"``, ``"hd95"`` or ``"nsd"``.
+        path: PNG to write.
+        tolerance_mm: the NSD tolerance, for its axis label.
+    """
+    from matplotlib.lines import Line2D
+
+    from unionseg.evaluation.metrics import empty_rule
+
+    if metric not in BOX_METRICS:
+        raise ValueError(f"unknown metric {metric!r} (one of {', '.join(BOX_METRICS)})")
     keys = [k for k in keys if any(k in scores for scores in cases.values())]
-    fig = _figure(max(4.0, 1.1 * len(keys) + 1.5), 4.0)
+    fig = _figure(max(4.5, 1.1 * len(keys) + 2.0), 4.2)
     ax = fig.add_subplot(1, 1, 1)
-    data = [[float(scores[k]["dice"]) for scores in cases.values() if k in scores] for k in keys]
-    labels = [k[len(REGION_PREFIX):] if k.startswith(REGION_PREFIX) else k for k in keys]
+    rows = [[scores[k] for scores in cases.values() if k in scores] for k in keys]
+    data = [[float(row[metric]) for row in class_rows] for class_rows in rows]
+    labels = [f"{display_key(k)}\nn={len(values)}" for k, values in zip(keys, data, strict=True)]
+    used: set[str] = set()
     if data:
         ax.boxplot(data, showfliers=False)
         rng = np.random.default_rng(0)
-        for i, values in enumerate(data, start=1):
-            ax.scatter(i + rng.uniform(-0.12, 0.12, len(values)), values, s=12, color="black", alpha=0.6, zorder=3)
-        ax.set_xticks(range(1, len(keys) + 1), labels, rotation=30, ha="right")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_ylabel("Dice")
-    ax.set_title(f"Dice per class ({len(cases)} cases)")
+        for i, class_rows in enumerate(rows, start=1):
+            for row in class_rows:
+                rule = empty_rule(row["pred_voxels"], row["gt_voxels"])
+                x = i + rng.uniform(-0.12, 0.12)
+                if rule is None:
+                    ax.scatter(x, float(row[metric]), s=12, color="black", alpha=0.6, zorder=3)
+                else:
+                    marker, colour, _ = RULE_MARKERS[rule]
+                    ax.scatter(x, float(row[metric]), s=30, marker=marker, facecolors="none", edgecolors=colour,
+                               linewidths=1.2, zorder=4)
+                    used.add(rule)
+        if len(keys) <= 6:
+            ax.set_xticks(range(1, len(keys) + 1), labels)
+        else:
+            ax.set_xticks(range(1, len(keys) + 1), labels, rotation=30, ha="right")
+    title = BOX_METRICS[metric]
+    if metric == "hd95":
+        ax.set_yscale("symlog", linthresh=1.0)
+        top = max((v for values in data for v in values), default=1.0)
+        ax.set_ylim(0, max(top, 1.0) * 1.6)  # room above the largest value (a penalty marker is not cut)
+        ax.set_ylabel("HD95 (mm, log scale above 1 mm; lower is better)")
+    else:
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel(title if metric == "dice" or tolerance_mm is None else f"NSD at {tolerance_mm:g} mm")
+    n = len(cases)
+    ax.set_title(f"{title} per class over {n} case{'' if n == 1 else 's'}")
     ax.grid(axis="y", alpha=0.3)
+    handles = [Line2D([], [], linestyle="none", marker="o", color="black", alpha=0.6, markersize=4,
+                      label="a case (measured)")]
+    handles += [Line2D([], [], linestyle="none", marker=RULE_MARKERS[r][0], markerfacecolor="none",
+                       markeredgecolor=RULE_MARKERS[r][1], markersize=6, label=RULE_MARKERS[r][2])
+                for r in RULE_MARKERS if r in used]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, path)
+
+
+def dice_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str], path: Path) -> Path:
+    """:func:`score_boxplot` of Dice."""
+    return score_boxplot(cases, keys, "dice", path)
 
 
 def to_ras(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
