@@ -552,6 +552,32 @@ def test_report_says_what_each_row_ran_and_marks_fewer_seeds() -> None:
     assert "| dodnet | 15.0 | 0.500 |" in surface and "| dodnet_linear_head | 5.0 | 0.500 |" in surface
 
 
+def test_report_keeps_the_label_space_order_and_counts_hd95_penalties() -> None:
+    """The benchmark's tables listed organs alphabetically (kidney first) while evaluate lists them as the
+    project does (liver first); and a mean HD95 ruled by one missed organ's penalty said nothing of it
+    (helper-81)."""
+    from unionseg.report import aggregate, class_order, markdown_table, surface_table
+
+    def per_class(missed: int) -> dict:
+        rules = {"both_empty": 0, "pred_empty": missed, "gt_empty": 0}
+        return {"region:liver": {"dice": 0.9, "hd95": 4.0, "nsd": 0.9, "n_cases": 3,
+                                 "empty_rule_cases": dict.fromkeys(rules, 0)},
+                "region:kidney": {"dice": 0.5, "hd95": 200.0, "nsd": 0.5, "n_cases": 3, "empty_rule_cases": rules},
+                "liver_tumour": {"dice": 0.4, "hd95": 9.0, "nsd": 0.4, "n_cases": 3,
+                                 "empty_rule_cases": dict.fromkeys(rules, 0)}}
+
+    results = [{"name": "naive", "method": "naive", "seed": seed, "options": {}, "per_class": per_class(seed),
+                "train_seconds": 1.0, "predict_seconds_per_case": 0.1} for seed in (0, 1, 2)]
+    agg = aggregate(results, "standard")
+    assert list(agg["methods"]["naive"]["classes"]) == ["region:liver", "region:kidney", "liver_tumour"]
+    assert "| method | mean region Dice | gap closure | liver | kidney | liver_tumour |" in markdown_table(agg)
+    surface = "\n".join(surface_table(agg))
+    assert "| method | liver HD95 | kidney HD95 | liver NSD | kidney NSD |" in surface
+    assert "| naive | 4.0 | 200.0 (3 penalties) | 0.900 | 0.500 |" in surface  # 0 + 1 + 2 over the seeds
+    assert class_order([["liver_tumour", "region:spleen"], ["region:liver", "region:spleen"]]) == [
+        "region:spleen", "region:liver", "liver_tumour"]
+
+
 def test_a_report_rendered_without_its_run_folders_says_what_it_leaves_out(tmp_path: Path) -> None:
     """A report written again from a copied results.json dropped the tumour and site tables and the run
     figures without a word; now a section names the runs whose folders are missing."""

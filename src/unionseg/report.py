@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +30,26 @@ def _number(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
+def class_order(key_lists: Iterable[Iterable[str]]) -> list[str]:
+    """Class keys in the order the runs scored them, first seen first, the organ regions before the rest.
+
+    Evaluation writes its classes in the label space's order (organs as the project lists them, then the
+    tumours), so every table and figure of the report keeps that order: sorting them put the kidney before
+    the liver in the benchmark and after it in ``unionseg evaluate``'s own tables.
+    """
+    seen: dict[str, None] = {}
+    for keys in key_lists:
+        for key in keys:
+            seen.setdefault(key, None)
+    return sorted(seen, key=lambda k: not k.startswith(REGION_PREFIX))  # stable: the order within each kind stays
+
+
 def _region_means(runs: list[dict[str, Any]], seeds: set[int]) -> dict[str, Any]:
     """Seed means of one row's organ-region Dice over ``seeds``: per region, and the mean and sample spread of
     the per-seed mean over regions (the table's "mean region Dice"; a run read back holds null where a value
     was NaN)."""
     chosen = [r for r in runs if r["seed"] in seeds]
-    regions = sorted({k for r in chosen for k in r["per_class"] if k.startswith(REGION_PREFIX)})
+    regions = [k for k in class_order(r["per_class"] for r in chosen) if k.startswith(REGION_PREFIX)]
     per_region = {k: _mean_std([r["per_class"].get(k, {}).get("dice") for r in chosen])[0] for k in regions}
     per_seed = [float(np.mean([_number(r["per_class"].get(k, {}).get("dice")) for k in regions])) for r in chosen] \
         if regions else []
@@ -50,13 +64,18 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
         by_name.setdefault(r["name"], []).append(r)
     methods: dict[str, Any] = {}
     for name, runs in by_name.items():
-        keys = sorted({k for r in runs for k in r["per_class"]})
+        keys = class_order(r["per_class"] for r in runs)
         classes = {}
         for key in keys:
             entry = {}
             for metric in ("dice", "hd95", "nsd"):
                 mean, std = _mean_std([r["per_class"].get(key, {}).get(metric) for r in runs])
                 entry[metric] = {"mean": mean, "std": std}
+            scored = [r["per_class"][key] for r in runs if "empty_rule_cases" in r["per_class"].get(key, {})]
+            if scored:  # over all seeds: how many test cases an HD95 penalty (the grid's diagonal) decided
+                entry["penalty_cases"] = sum(int(c["empty_rule_cases"].get("pred_empty", 0))
+                                             + int(c["empty_rule_cases"].get("gt_empty", 0)) for c in scored)
+                entry["cases"] = sum(int(c.get("n_cases", 0)) for c in scored)
             classes[key] = entry
         region = _region_means(runs, {r["seed"] for r in runs})
         methods[name] = {
@@ -113,7 +132,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 
 def markdown_table(agg: dict[str, Any]) -> str:
     methods = agg["methods"]
-    keys = sorted({k for m in methods.values() for k in m["classes"]}, key=lambda k: (not k.startswith(REGION_PREFIX), k))
+    keys = class_order(m["classes"] for m in methods.values())
     head = ["method", "mean region Dice", "gap closure"] + [k.replace(REGION_PREFIX, "") for k in keys] + \
         ["train s (+shared experts)", "predict s/case"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -174,20 +193,29 @@ def surface_table(agg: dict[str, Any]) -> list[str]:
     """Report lines: HD95 (mm) and NSD per organ region, mean over seeds, for every method (the table above
     is Dice only; both are in ``results.json``)."""
     methods = agg["methods"]
-    regions = sorted({k for m in methods.values() for k in m["classes"] if k.startswith(REGION_PREFIX)})
+    regions = [k for k in class_order(m["classes"] for m in methods.values()) if k.startswith(REGION_PREFIX)]
     if not regions:
         return []
     names = [k[len(REGION_PREFIX):] for k in regions]
     lines = ["## Surface distances per organ region", "",
              "HD95 in mm (lower is better) and NSD at 2 mm (higher is better), test-set means over seeds; a case "
-             "whose prediction misses an organ scores the grid's diagonal as its HD95 (docs/evaluation.md).", "",
+             "whose prediction misses an organ (or has one the truth lacks) scores the grid's diagonal as its HD95 "
+             "(docs/evaluation.md), and one such case rules a mean: \"(k penalties)\" counts them, all seeds "
+             "together.", "",
              "| method | " + " | ".join(f"{n} HD95" for n in names) + " | " + " | ".join(f"{n} NSD" for n in names) + " |",
              "|---|" + "---|" * (2 * len(regions))]
     for name, m in methods.items():
-        hd = [_fmt(m["classes"].get(k, {}).get("hd95", {}).get("mean"), 1) for k in regions]
+        hd = [_fmt(m["classes"].get(k, {}).get("hd95", {}).get("mean"), 1) + _penalties(m["classes"].get(k, {}))
+              for k in regions]
         nsd = [_fmt(m["classes"].get(k, {}).get("nsd", {}).get("mean")) for k in regions]
         lines.append(f"| {name} | " + " | ".join(hd + nsd) + " |")
     return [*lines, ""]
+
+
+def _penalties(entry: dict[str, Any]) -> str:
+    """`` (k penalties)`` for a class whose HD95 mean holds k penalty cases, else ``""``."""
+    count = entry.get("penalty_cases") or 0
+    return f" ({count} penalt{'y' if count == 1 else 'ies'})" if count else ""
 
 
 def print_table(agg: dict[str, Any]) -> None:
@@ -357,7 +385,7 @@ def tumour_section(agg: dict[str, Any], out: Path) -> list[str]:
             (float(row["dice"]), int(row["pred_voxels"]) > 0))
     if not rows:
         return []
-    classes = sorted({c for per in rows.values() for c in per})
+    classes = class_order(rows.values())
     lines = ["## Tumours, on the test cases that contain one", "",
              "Dice averaged over the cases whose ground truth has the tumour (all seeds pooled), and detected / "
              "cases: how many of them got any predicted voxel of it.", "",
@@ -392,8 +420,9 @@ def site_section(agg: dict[str, Any], out: Path) -> list[str]:
             cells.setdefault((name, organ, site_of[row["case"]]), []).append(float(row["dice"]))
     if not cells:
         return []
-    organs = sorted({o for _, o, _ in cells})
-    sites = sorted({s for _, _, s in cells})
+    organs = list(dict.fromkeys(o for _, o, _ in cells))  # metrics.csv's order: the label space's
+    found = {s for _, _, s in cells}  # sites are named after the organ their training set labels
+    sites = [o for o in organs if o in found] + sorted(found - set(organs))
     lines = ["## Organ Dice by the test case's acquisition site (phantom)", "",
              "Each training set comes from its own site, so every organ's labels are seen under one protocol. "
              "A cell is the region Dice over the test cases acquired at that site (all seeds pooled); **bold** "
@@ -413,12 +442,14 @@ def site_section(agg: dict[str, Any], out: Path) -> list[str]:
 
 
 def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, str]]:
+    from matplotlib.lines import Line2D
+
     from unionseg.evaluation.figures import AggPlots
 
     plt = AggPlots()  # pyplot's calls without pyplot: the caller's backend stays as it is
     made: list[tuple[str, str]] = []
     methods = agg["methods"]
-    regions = sorted({k for m in methods.values() for k in m["classes"] if k.startswith(REGION_PREFIX)})
+    regions = [k for k in class_order(m["classes"] for m in methods.values()) if k.startswith(REGION_PREFIX)]
     names = list(methods)
     if regions and names:
         # at most 12 inches: 9 methods x 4 organs made a 21.6-inch figure, unreadable at a page's width
@@ -426,10 +457,14 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         width = 0.8 / max(1, len(names))
         colours = method_colours(agg)
         for i, name in enumerate(names):
-            vals = [methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in regions]
+            vals = np.array([methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan)
+                             for k in regions], dtype=float)
             errs = [methods[name]["classes"].get(k, {}).get("dice", {}).get("std", 0.0) for k in regions]
-            ax.bar(np.arange(len(regions)) + i * width, vals, width, yerr=errs, label=name,
-                   color=colours[name])
+            x = np.arange(len(regions)) + i * width
+            ax.bar(x, vals, width, yerr=errs, label=name, color=colours[name])
+            for xi in x[~np.isfinite(vals)]:  # a class the row did not score is not a Dice of 0
+                ax.text(xi, 0.01, "n/a", rotation=90, ha="center", va="bottom", fontsize=6)
+        handles, _ = ax.get_legend_handles_labels()
         refs: tuple[tuple[str, Any], ...] = (("oracle", "--"), ("naive", ":"))
         for ref, style in refs:
             if ref in methods:
@@ -438,18 +473,22 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
                     if v is not None:
                         # over the organ's own bars only (from j - 0.1 to j + 0.9 the organs' lines joined)
                         ax.hlines(v, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles=style)
+                handles.append(Line2D([], [], color="k", linestyle=style, label=f"{ref}'s level"))
         ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2)
         ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in regions])
-        ax.set_ylabel("test Dice (-- oracle, .. naive)")
+        ax.set_ylabel("test Dice, mean over seeds")
         ax.set_ylim(0, 1)
+        most = max(len(m["seeds"]) for m in methods.values())
+        ax.set_title("error bars: sample standard deviation over seeds" if most > 1 else
+                     "one seed: no error bars", fontsize=8)
         # outside the axes, to the right: inside, it covers the bars that reach the top
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.005, 1.0), borderaxespad=0.0)
         fig.tight_layout()
         fig.savefig(figures / "region_dice.png", dpi=100)
         plt.close(fig)
         made.append(("Region Dice per method", "figures/region_dice.png"))
     # the table's column order: organ regions first, then the tumours
-    keys = sorted({k for m in methods.values() for k in m["classes"]}, key=lambda k: (not k.startswith(REGION_PREFIX), k))
+    keys = class_order(m["classes"] for m in methods.values())
     if keys and names:
         grid = np.array([[methods[n]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan) for k in keys]
                          for n in names], dtype=float)
@@ -546,7 +585,7 @@ def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> 
     quality = json.loads(chosen[0].read_text())
     if not quality:
         return None
-    keys = sorted(quality)
+    keys = class_order([quality])
     fig, ax = plt.subplots(figsize=(1 + 0.9 * len(keys), 3.5))
     ax.bar(range(len(keys)), [quality[k] for k in keys])
     ax.set_xticks(range(len(keys)))
