@@ -67,7 +67,7 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
         keys = class_order(r["per_class"] for r in runs)
         classes = {}
         for key in keys:
-            entry = {}
+            entry: dict[str, Any] = {}
             for metric in ("dice", "hd95", "nsd"):
                 mean, std = _mean_std([r["per_class"].get(key, {}).get(metric) for r in runs])
                 entry[metric] = {"mean": mean, "std": std}
