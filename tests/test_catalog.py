@@ -192,6 +192,40 @@ def test_folders_layout_keys(tmp_path: Path) -> None:
         assert [c.case_id for c in scan_dataset("ds", root).cases] == ids
 
 
+def test_an_image_without_the_channel_tag_among_tagged_ones_is_named(tmp_path: Path) -> None:
+    """One image of a folders dataset saved without _0000 kept the tag in every case id, and the error blamed
+    the first TAGGED image for a missing label; the untagged file is the one to name (helper-80)."""
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for i, name in enumerate(("a", "b", "c", "d")):
+        tag = "" if name == "c" else "_0000"
+        write_tiny_case(root / "imagesTr" / f"{name}{tag}.nii.gz", root / "labelsTr" / f"{name}.nii.gz", seed=i)
+    with pytest.raises(DataError, match="image name lacks the channel suffix _0000 that 3 other image") as info:
+        scan_dataset("ds", root)
+    assert info.value.path is not None and info.value.path.name == "c.nii.gz"
+    assert "rename it c_0000.nii.gz" in str(info.value)
+    (root / "imagesTr" / "c.nii.gz").rename(root / "imagesTr" / "c_0000.nii.gz")
+    assert [c.case_id for c in scan_dataset("ds", root).cases] == ["a", "b", "c", "d"]
+
+
+def test_a_missing_file_that_is_there_with_another_ending_is_pointed_at(tmp_path: Path) -> None:
+    """dataset.json lists case_000.nii.gz and the disk holds case_000.nii: the error names both."""
+    import nibabel as nib
+
+    root = write_msd_dataset(tmp_path / "ds", 2)
+    for sub in ("imagesTr", "labelsTr"):
+        gz = root / sub / "case_000.nii.gz"
+        nib.save(nib.load(str(gz)), str(gz.with_name("case_000.nii")))
+        gz.unlink()
+        with pytest.raises(DataError, match="is missing; case_000.nii is there: dataset.json must name the file "
+                                            "as it is on disk"):
+            scan_dataset("ds", root)
+        gz.with_name("case_000.nii").rename(gz.with_name("keep.nii"))
+        nib.save(nib.load(str(gz.with_name("keep.nii"))), str(gz))
+        gz.with_name("keep.nii").unlink()
+
+
 @pytest.mark.skipif(os.name == "nt", reason="symlinks need privileges on Windows")
 def test_a_broken_link_is_an_error_not_a_case_left_out(tmp_path: Path) -> None:
     store = write_nnunet_dataset(tmp_path / "store", 3)

@@ -234,6 +234,20 @@ def test_label_remap_to_region_codes_and_unmapped_values(space) -> None:
         remap_labels(np.array([0, 255, 255]), space.local_lookup("btcv_gb"), Path("b.nii.gz"))
 
 
+def test_a_value_dataset_json_does_not_declare_is_called_a_stray_value(space) -> None:
+    """A label value the dataset's own dataset.json does not declare is most likely a stray voxel value of
+    that file: the message says so first. It advised mapping it in the project, which the next check then
+    refused ("dataset.json declares only [0, 1]"; helper-80)."""
+    local = np.array([0, 1, 7])
+    with pytest.raises(DataError, match=r"values \[7\] that its dataset\.json does not declare \(it declares "
+                                        r"\[0, 1, 2\]\): stray values in this file\?"):
+        remap_labels(local, space.local_lookup("liver"), Path("l.nii.gz"), declared=[0, 1, 2])
+    # declared but unmapped (or no dataset.json): the project's map is what lacks it
+    for declared in ([0, 1, 2, 7], None):
+        with pytest.raises(DataError, match=r"values \[7\] that are not in the project's label map"):
+            remap_labels(local, space.local_lookup("liver"), Path("l.nii.gz"), declared=declared)
+
+
 def test_float_labels_integer_valued_accepted_fractional_refused(space) -> None:
     ok = remap_labels(np.array([0.0, 1.0, 2.0]), space.local_lookup("liver"), Path("l.nii.gz"))
     assert ok.tolist() == [0, 1, 2]
@@ -667,6 +681,31 @@ def test_intensity_warning_for_non_ct_images(project_dir: Path) -> None:
     assert intensity_warning(np.where(ct < 0, -32768, ct), Path("padded.nii.gz")) is None  # padding: CT still
     scaled = intensity_warning(ct * 1000, Path("ct1000.nii.gz")) or ""
     assert "ct1000.nii.gz: intensity range [-9.992e+05, 1.493e+06]" in scaled
+
+
+def test_a_spacing_that_multiplies_the_voxels_is_warned_once_per_dataset(project_dir: Path) -> None:
+    """The default spacing on 3 mm data made a cache some 30 times the inputs' voxels without a word
+    (helper-80): prepare says so, once per dataset it prepares, naming a file and the factor; a prepared
+    cache is not warned about again, and a spacing near the data's is not warned about at all."""
+    from unionseg.errors import UnionsegWarning
+
+    project = load_project(project_dir / "project.yaml")  # 2 x 2 x 3 mm for 1.5 x 1.5 x 2.5 mm data: fewer voxels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)
+        prepare_project(project, workers=0, progress=False)
+    data = _project_dict()
+    data["preprocessing"]["spacing"] = [0.5, 0.5, 1.0]  # 22.5 times the voxels
+    _write_project(project_dir, data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)
+    said = [str(w.message) for w in caught if "resamples to about" in str(w.message)]
+    assert len(said) == 3, said  # liver, kidney, test
+    assert any("case_000" in m and "dataset 'liver' has 1.5 x 1.5 x 2.5 mm voxels, which the project's spacing "
+               "0.5 x 0.5 x 1 mm resamples to about 22 times as many" in m for m in said), said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)
+        prepare_project(load_project(project_dir / "project.yaml"), workers=0, progress=False)  # nothing to do
 
 
 def test_a_script_read_from_stdin_prepares_in_one_process(project_dir: Path) -> None:

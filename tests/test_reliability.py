@@ -121,10 +121,10 @@ def bad_affine_mismatch(folder: Path) -> Bad:
     return _prepare(folder, folder / LIVER_LABEL, "label grid does not match image liver_000.nii.gz")
 
 
-@bad_input("label values not in the project's label map")
+@bad_input("label values its dataset.json does not declare")
 def bad_unmapped_label_values(folder: Path) -> Bad:
     write_tiny_case(folder / LIVER_IMAGE, folder / LIVER_LABEL, values=(1, 2, 7))
-    return _prepare(folder, folder / LIVER_LABEL, "holds values [7] that are not in the project's label map")
+    return _prepare(folder, folder / LIVER_LABEL, "holds values [7] that its dataset.json does not declare")
 
 
 @bad_input("float label map with non-integer values")

@@ -181,7 +181,7 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
 
 def _selection_words(select_on: str | None) -> str:
     """What a run's ``select_on`` compares, in words (``train`` prints "classes" / "organ regions")."""
-    return "the organ regions" if select_on == "regions" else "every class, tumours included"
+    return "the organ regions" if select_on == "regions" else "every class, not only the organ regions"
 
 
 def _print_shared_stages(run: Path) -> None:

@@ -511,6 +511,30 @@ def _refuse_dangling_links(folder: Path) -> None:
             _exists(path)
 
 
+def _other_ending(path: Path, listed: bool) -> str:
+    """``; x.nii is there ...`` when the missing ``path`` exists with another image ending, else ``""``."""
+    for ending in IMAGE_SUFFIXES:
+        other = path.with_name(strip_suffix(path) + ending)
+        if ending != suffix_of(path) and _exists(other):
+            where = "dataset.json must name the file as it is on disk" if listed else "rename one of them"
+            return f"; {other.name} is there: {where}"
+    return ""
+
+
+def _refuse_mixed_channel_tags(images: Mapping[str, Path], images_dir: Path) -> None:
+    """An images folder where most names carry nnU-Net's channel tag and a few do not: the tag is then kept
+    in every case id (it is dropped only when all carry it), so every image misses its label and the first
+    tagged one was blamed. Name the untagged files instead."""
+    untagged = [p for p in images.values() if not strip_suffix(p).endswith(_CHANNEL_SUFFIX)]
+    tagged = len(images) - len(untagged)
+    if untagged and tagged >= len(untagged):
+        first = untagged[0]
+        also = f" (also untagged: {listing([p.name for p in untagged[1:]])})" if len(untagged) > 1 else ""
+        raise DataError(f"image name lacks the channel suffix {_CHANNEL_SUFFIX} that {tagged} other image(s) in "
+                        f"{images_dir.name}/ carry{also}; rename it "
+                        f"{strip_suffix(first)}{_CHANNEL_SUFFIX}{suffix_of(first)}", first)
+
+
 def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
     explicit = parse_folders_layout(layout, root)
     pair = explicit if explicit is not None else find_folder_pair(root)
@@ -527,8 +551,9 @@ def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
     images, labels = image_files(images_dir, channel_tags="all"), image_files(labels_dir, channel_tags="none")
     pairs, lonely_images, lonely_labels = match_by_name(images, labels)
     if lonely_images:
+        _refuse_mixed_channel_tags(images, images_dir)
         key = lonely_images[0]
-        more = f" ({len(lonely_images) - 1} more)" if len(lonely_images) > 1 else ""
+        more = f" (also {listing([images[k].name for k in lonely_images[1:]])})" if len(lonely_images) > 1 else ""
         raise DataError(f"label file for case {key!r} is missing: no file in {labels_dir.name}/ matches "
                         f"{images[key].name} by name or number{more}", images[key])
     if lonely_labels:
@@ -611,12 +636,13 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
         seen[case_id] = image
         if not _exists(image):
             tagged = image.with_name(f"{strip_suffix(image)}{_CHANNEL_SUFFIX}{suffix_of(image)}")
-            v1 = (f"; {tagged.name} is there: an nnU-Net v1 task folder, which layout 'folders' reads"
-                  if layout == "msd" and _exists(tagged) else "")
+            hint = (f"; {tagged.name} is there: an nnU-Net v1 task folder, which layout 'folders' reads"
+                    if layout == "msd" and _exists(tagged) else _other_ending(image, declared is not None))
             raise DataError(("image file listed in dataset.json is missing" if declared is not None
-                             else "image file is missing") + v1, image)
+                             else "image file is missing") + hint, image)
         if label is None or not _exists(label):
-            raise DataError(f"label file for case {case_id!r} is missing", label or image)
+            hint = "" if label is None else _other_ending(label, declared is not None)
+            raise DataError(f"label file for case {case_id!r} is missing{hint}", label or image)
         oracle = None
         if oracle_dir is not None:
             oracle = oracle_dir / (f"{case_id}{suffix_of(label)}" if layout == "kits" else label.name)

@@ -407,8 +407,14 @@ def _integer_labels(label: np.ndarray, path: Path) -> np.ndarray:
     return label
 
 
-def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = "label map") -> np.ndarray:
+def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = "label map",
+                 declared: Sequence[int] | None = None) -> np.ndarray:
     """Local label values -> codes through a (256,) table (-1 = unmapped).
+
+    Args:
+        declared: the values the dataset's dataset.json declares, if it has one: a value outside them is
+            more likely a stray voxel value of this file than a class the project forgot to map, and the
+            error says so first.
 
     Raises:
         DataError: naming the file and the values that are not in the map.
@@ -428,6 +434,12 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
             raise DataError(f"{what} holds 0 and 255 only, none of the mapped values {mapped}: a mask saved as "
                             f"0/255? Map 255 to its class in the dataset's 'labels' in the project file (e.g. "
                             f"'255: ...' in place of '{mapped[0]}: ...'), and in its dataset.json if it has one", path)
+        stray = [v for v in unmapped if declared is not None and v not in declared]
+        if stray:
+            raise DataError(f"{what} holds values {stray} that its dataset.json does not declare (it declares "
+                            f"{sorted(declared or [])}): stray values in this file? Fix the file; or, if they are "
+                            f"a class, declare them in dataset.json and map them under the dataset's 'labels' in "
+                            f"the project file", path)
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
                         f"(mapped: {mapped}); map each under the dataset's 'labels' in the project file to the class it "
                         f"belongs to (a lesion inside an organ is part of it: its tumour class, or the organ), or to "
@@ -609,6 +621,7 @@ class _CaseJob:
     record: dict[str, Any] | None
     meta: dict[str, Any]
     refresh_only: bool = False  # nothing to compute: the meta's record of its sources alone is renewed
+    declared: list[int] | None = None  # the label values the dataset's dataset.json declares (None: no such file)
     redated: bool = False  # a source's modification time changed since the last prepare (its bytes may not)
 
 
@@ -668,7 +681,7 @@ def _run_case(job: _CaseJob) -> dict[str, Any]:
             label_path = Path(job.label)
             raw, lgeom = read_image(label_path)
             raw = align_label_to_image(raw, lgeom, geom, label_path, image_path)
-            codes = remap_labels(raw, np.asarray(job.lookup, dtype=np.int64), label_path)
+            codes = remap_labels(raw, np.asarray(job.lookup, dtype=np.int64), label_path, declared=job.declared)
             labels_out["label"] = preprocess_label(codes, geom, record)
         if job.do_oracle and job.oracle is not None:
             oracle_path = Path(job.oracle)
@@ -968,9 +981,11 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
     sources: list[list[Any]] = []
     scans = []
     planned = []
+    declared_of: dict[str, list[int] | None] = {}
     for ds in project.datasets:
         info = scan_dataset(ds.name, ds.root, ds.layout, ds.oracle_labels)
         scans.append((ds.name, ds.role, info))
+        declared_of[ds.name] = None if info.declared_labels is None else sorted(info.declared_labels)
         json_path = ds.root / "dataset.json"
         check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
         warn_training_on_test_folders(ds.name, ds.role, ds.root, info)
@@ -1045,10 +1060,40 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
                 spec=spec_dict, lookup=lookup, n_leaves=space.n_leaves, fingerprints=fingerprints,
                 do_image=do_image, do_label=do_label, do_oracle=do_oracle,
                 record=None if do_image else (old or {}).get("record"), meta=meta,
-                refresh_only=not changed,
+                refresh_only=not changed, declared=declared_of[ds.name],
                 redated=any(_last_seen(kept.get(k)) not in (None, r[4]) for k, r in meta["sources"].items())))
     warn_shared_images(scans, project.path)
+    _warn_upsampling(jobs, project)
     return jobs, entries, splits, sources
+
+
+#: a prepared grid with this many times a dataset's own voxels is worth a word before prepare writes it
+UPSAMPLING_WARNING = 4.0
+
+
+def _warn_upsampling(jobs: Sequence[_CaseJob], project: Project) -> None:
+    """Warn, once per dataset with images to prepare, when the project's spacing resamples its first such
+    image to more than :data:`UPSAMPLING_WARNING` times its voxels: the default spacing (0.8 x 0.8 x 1.5 mm)
+    on 3 mm data makes a cache some 30 times the inputs' voxels, and every training step and prediction
+    pays for it, with no detail to gain. Unreadable headers are left to the case's own error."""
+    first: dict[str, str] = {}
+    for job in jobs:
+        if job.do_image:
+            first.setdefault(job.dataset, job.image)
+    target = project.preprocessing.spacing
+    for dataset, image in first.items():
+        try:
+            spacing = read_header(image).spacing
+        except UnionsegError:
+            continue
+        factor = float(np.prod(spacing)) / float(np.prod(target))
+        if factor > UPSAMPLING_WARNING:
+            shown = " x ".join(f"{s:g}" for s in spacing)
+            warnings.warn(f"{image}: dataset {dataset!r} has {shown} mm voxels, which the project's spacing "
+                          f"{' x '.join(f'{s:g}' for s in target)} mm resamples to about {factor:.0f} times as many "
+                          f"(cache size, training and prediction time grow with them, the detail does not); set "
+                          f"preprocessing.spacing in {project.path.name} near the data's own if that is not meant",
+                          UnionsegWarning, stacklevel=2)
 
 
 def _warn_empty_datasets(project: Project, entries: Sequence[dict[str, Any]]) -> None:
