@@ -420,6 +420,42 @@ def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Pat
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_run_killed_during_a_validation_keeps_its_step_and_validates_it_on_resume(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A stop waits for a running validation, and torchrun kills the ranks after its shutdown grace: every step
+    since the last checkpoint was lost (helper-79). A validation step is checkpointed first, its validation
+    marked as to do; --resume runs that validation first, and the run ends as an uninterrupted one."""
+    from unionseg.training.trainer import Trainer
+
+    cfg = _cfg("naive", 6, "deterministic=true", "val_every=3", "ckpt_every=100")
+    straight = tmp_path / "straight"
+    train(phantom_project, cfg, straight, progress=False)
+    real = Trainer.validate
+
+    def killed(self: Trainer) -> None:
+        if self.step == 3:  # what a SIGKILL mid-validation leaves: nothing after this point runs
+            raise SystemExit(137)
+        real(self)
+
+    monkeypatch.setattr(Trainer, "validate", killed)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        train(phantom_project, cfg, run, progress=False)
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    assert state["step"] == 3 and state["validation_pending"] is True and state["history"] == []
+    monkeypatch.setattr(Trainer, "validate", real)
+    capsys.readouterr()
+    train(phantom_project, cfg, run, resume=True, progress=True)
+    assert "resuming at step 3 of 6 (first its validation, which the stop interrupted)" in capsys.readouterr().err
+    a, b = _weights(straight), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ours, theirs = (json.loads((r / "validation.json").read_text()) for r in (run, straight))
+    assert [h["step"] for h in ours] == [h["step"] for h in theirs] == [3, 6]
+    assert ours == theirs
+    assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["validation_pending"] is False
+
+
 def test_a_second_ctrl_c_stops_at_once(phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     import signal

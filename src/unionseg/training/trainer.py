@@ -190,6 +190,9 @@ class Trainer:
         self.method: Method = get_method(self.cfg.method)(ctx)
         self.step = 0
         self.saved_step = 0  # the step of the last checkpoint written or resumed from
+        # the current step's validation is still to run (set while it runs, and in a checkpoint written then)
+        self.validation_pending = False
+        self.saved_pending = False  # whether the last checkpoint written holds its step's validation as to do
         self.stage_seconds_here = 0.0
         self.best_metric = -math.inf
         self.best_name = ""
@@ -422,12 +425,14 @@ class Trainer:
             "history": self.history, "data": self._data_identity,
             "timings": {**self.timings, "run": self._run_seconds()},  # a resumed run's summary times the whole run
             "world_sizes": self.world_sizes,
+            "validation_pending": self.validation_pending,
         }
 
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
             atomic_torch_save(self._state(), self.run_dir / "last.pt")
         self.saved_step = self.step
+        self.saved_pending = self.validation_pending
         dist.barrier()
 
     def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
@@ -560,6 +565,8 @@ class Trainer:
         self._seed_rank(int(state["step"]))
         self.step = int(state["step"])
         self.saved_step = self.step
+        # a stop (or a kill) during a validation: --resume runs it first (absent before session 32: none)
+        self.validation_pending = self.saved_pending = bool(state.get("validation_pending", False))
         # the time of the steps (and stages) before the checkpoint; absent in checkpoints of older versions
         self.timings.update({k: float(v) for k, v in state.get("timings", {}).items() if k in self.timings})
         self.best_metric = float(state["best_metric"])
@@ -622,10 +629,16 @@ class Trainer:
             if not self.trainable:
                 self.step = cfg.steps
                 self.validate()
+            elif self.step >= cfg.steps and self.validation_pending:
+                self._validate_pending()  # stopped after the last step, during its validation
             elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
                 print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, "
                       "its model file is kept", file=sys.stderr)
             elif self.step < cfg.steps:
+                if self.step > 0 and self.ctx.is_main and self.ctx.progress:
+                    print(f"{self.run_dir}: resuming at step {self.step} of {cfg.steps}"
+                          + (" (first its validation, which the stop interrupted)" if self.validation_pending else ""),
+                          file=sys.stderr)
                 loader = build_loader(self.method, self.ctx, start_step=self.step)
                 progress = _Progress(cfg.steps, self.step, self.method.label(),
                                      enabled=self.ctx.is_main and self.ctx.progress)
@@ -665,6 +678,7 @@ class Trainer:
         the same one, with a checkpoint of that step; it then raises KeyboardInterrupt.
         """
         cfg = self.cfg
+        self._validate_pending()
         t_last = time.perf_counter()
         batches = iter(loader)
         while True:
@@ -698,7 +712,12 @@ class Trainer:
                 logger.log(row)
             progress.update(self.step, terms)
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
-                self.validate()
+                # first a checkpoint of the step, its validation marked as to do: a validation takes long, a stop
+                # waits for it, and torchrun kills the ranks after its shutdown grace (30 s), which lost every
+                # step since the last checkpoint (helper-79); --resume runs the validation first
+                self.validation_pending = True
+                self.save_checkpoint()
+                self._validate_pending()
                 t_last = time.perf_counter()
             stopping = stop_after is not None and self.step >= stop_after
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
@@ -710,8 +729,14 @@ class Trainer:
             if self.step >= cfg.steps or stopping:
                 break
 
+    def _validate_pending(self) -> None:
+        """Run the validation of the current step if it is still to do (see ``validation_pending``)."""
+        if self.validation_pending:
+            self.validate()
+            self.validation_pending = False
+
     def _checkpoint_and_stop(self, stop: _StopRequest) -> NoReturn:
-        if self.saved_step != self.step:
+        if self.saved_step != self.step or self.saved_pending != self.validation_pending:
             self.save_checkpoint()
         raise Terminated if stop.requested == "SIGTERM" else KeyboardInterrupt
 
