@@ -480,3 +480,31 @@ def test_ddp_ranks_wait_for_an_artefact_lock_together_and_rank_0_holds_it(comman
     assert all(r["entered"] >= released for r in results)  # both ranks waited for the other run
     assert results[1]["holder"].startswith(f"pid {pid0} ")  # inside, rank 0 holds the lock for both
     assert results[1]["left"] >= results[0]["entered"] + 0.3  # the closing broadcast kept rank 1 inside
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="reads /proc")
+def test_the_lock_holder_is_named_by_its_script_not_the_interpreters_options(tmp_path: Path) -> None:
+    """torchrun starts `python -u SCRIPT ...`: the holder read `(-u /venv/bin/unionseg train ...)`, the
+    basename taken of `-u` (helper-79). The interpreter's options go; `-m` keeps its module."""
+    import subprocess
+    import sys
+    import time
+
+    from unionseg.locking import _command_of
+
+    script = tmp_path / "sleeper.py"
+    script.write_text("import time\ntime.sleep(30)\n")
+    commands = {
+        " (sleeper.py train RUN)": [sys.executable, "-u", "-W", "ignore", str(script), "train", "RUN"],
+        " (python -m sleeper train RUN)": [sys.executable, "-u", "-m", "sleeper", "train", "RUN"],
+    }
+    for expected, cmd in commands.items():
+        proc = subprocess.Popen(cmd, cwd=tmp_path)
+        try:
+            deadline = time.monotonic() + 10
+            while _command_of(proc.pid) != expected and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _command_of(proc.pid) == expected
+        finally:
+            proc.kill()
+            proc.wait()

@@ -1002,8 +1002,9 @@ def test_a_busy_run_folder_stops_every_torchrun_rank(phantom_project: Path, tmp_
     lock = FileLock(run / RUN_LOCK, "the test's hold")
     lock.acquire()
     try:
+        # `-m unionseg` (src/unionseg/__main__.py): a job script need not have the venv's bin on its PATH
         cmd = [str(console_script("torchrun")), "--standalone", "--nproc_per_node=2",
-               str(console_script("unionseg")), "train", str(phantom_project), "--method", "naive", "-o", str(run),
+               "-m", "unionseg", "train", str(phantom_project), "--method", "naive", "-o", str(run),
                "--quiet", *TINY, "steps=2", "val_every=2", "ckpt_every=2", "device=cpu"]
         proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                               timeout=180)
@@ -1011,6 +1012,7 @@ def test_a_busy_run_folder_stops_every_torchrun_rank(phantom_project: Path, tmp_
         lock.release()
     assert proc.returncode != 0
     assert proc.stderr.count(f"is in use by pid {os.getpid()}") == 1, proc.stderr[-3000:]  # rank 0's message
+    assert "error (rank 1)" not in proc.stderr  # rank 1 refuses silently (it printed a second message)
     assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]  # nothing written
 
 

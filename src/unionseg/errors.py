@@ -36,6 +36,11 @@ class CheckpointError(UnionsegError):
     """A model or checkpoint file is missing, truncated, or unsafe to load."""
 
 
+class RankZeroSaysIt(UnionsegError):
+    """Under torchrun: the error another rank raises for a refusal rank 0 met and printed (a run folder in
+    use); the command line exits 2 on that rank without printing it again."""
+
+
 class UnionsegWarning(UserWarning):
     """A user-facing warning (e.g. an image that does not look like CT): the CLI prints ``warning: <message>``
     on one line and goes on."""

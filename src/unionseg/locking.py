@@ -238,6 +238,11 @@ def _command_of(pid: int) -> str:
     words = [w.decode(errors="replace") for w in raw.split(b"\0") if w]
     if words and Path(words[0]).name.startswith("python"):
         words = words[1:]
+        # the interpreter's own options (torchrun starts `python -u SCRIPT`): the script comes after them
+        while words and words[0].startswith("-") and words[0] not in ("-m", "-c"):
+            words = words[2:] if words[0] in ("-W", "-X") else words[1:]  # those two take a value
+        if words[:1] == ["-m"]:
+            words = [f"python -m {words[1]}", *words[2:]] if len(words) > 1 else words
     text = " ".join(" ".join(Path(w).name if i == 0 else w for i, w in enumerate(words)).split())
     return f" ({text[:120]}{'...' if len(text) > 120 else ''})" if text else ""
 

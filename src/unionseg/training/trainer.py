@@ -1091,7 +1091,7 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
         UnionsegError: another process holds the folder.
         OSError: the killed writers' temporaries could not be removed (on every rank, raised on rank 0).
     """
-    from unionseg.errors import UnionsegError
+    from unionseg.errors import RankZeroSaysIt, UnionsegError
     from unionseg.locking import FileLock, remove_dead_temporaries
 
     main = dist.is_main()
@@ -1114,7 +1114,7 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
             except (UnionsegError, OSError) as exc:  # every rank stops, not rank 0 alone
                 refusal = exc
         if dist.any_rank(refusal is not None, device or torch.device("cpu")):
-            raise refusal or UnionsegError("rank 0 could not take the run folder's lock; see its message", run_dir)
+            raise refusal or RankZeroSaysIt("rank 0 could not take the run folder's lock; see its message", run_dir)
         yield
     finally:
         if acquired:
