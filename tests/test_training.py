@@ -1646,3 +1646,29 @@ def test_info_says_a_run_is_in_progress(phantom_project: Path, tmp_path: Path,
         holder.wait()
     assert cli(["info", str(run)]) == 0
     assert "in progress" not in capsys.readouterr().out  # stopped: nobody holds it
+
+
+def test_a_shared_expert_of_another_process_count_is_reused_with_a_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts' cache key leaves the number of processes out (it may change on resume, as the device), so
+    an MS-KD run on one process reused experts a torchrun run trained on two, at twice the batch, without a
+    word (helper-79). It says so; the same count, or an expert that records none, says nothing."""
+    import warnings
+
+    from unionseg.artifacts import _warn_other_processes
+    from unionseg.errors import UnionsegWarning
+    from unionseg.training import distributed as dist
+
+    run = tmp_path / "experts" / "liver"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"processes": [{"from_step": 0, "world_size": 2}]}))
+    with pytest.warns(UnionsegWarning, match=r"shared expert 'liver' was trained on 2 process\(es\) and this run "
+                                             r"uses 1: it is reused as it is"):
+        _warn_other_processes("liver", run)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    (run / "old").mkdir()
+    (run / "old" / "summary.json").write_text(json.dumps({"steps": 4}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)
+        _warn_other_processes("liver", run)
+        _warn_other_processes("liver", run / "old")

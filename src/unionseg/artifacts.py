@@ -161,6 +161,8 @@ class ArtifactCache:
                     sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
                     with self._timed(f"expert:{name}"):
                         Trainer(sub, resume=True).fit()
+                elif self.ctx.is_main:
+                    _warn_other_processes(name, run_dir)
             out[name] = model
         return out
 
@@ -284,6 +286,29 @@ class ArtifactCache:
     def summary(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "root": str(self.root), "recipe": to_dict(self.expert_cfg),
                 "compute_seconds": self.compute_seconds()}
+
+
+def _warn_other_processes(name: str, run_dir: Path) -> None:
+    """A reused expert trained under another number of processes (torchrun) had another effective batch
+    (``data.batch_size`` is per process), which its cache key leaves out, as it leaves out the device: the
+    number may change on resume too. Reusing it is right, but not silent (helper-79)."""
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+    from unionseg.training import distributed as dist
+
+    try:
+        processes = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("processes") or []
+        sizes = sorted({int(p["world_size"]) for p in processes})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return  # an expert of an older release records none: nothing to compare
+    here = dist.world_size()
+    if sizes and sizes != [here]:
+        counts = " and ".join(str(n) for n in sizes)
+        warnings.warn(f"{run_dir}: shared expert {name!r} was trained on {counts} process(es) and this run uses "
+                      f"{here}: it is reused as it is, trained on {counts} time(s) data.batch_size patches a step "
+                      f"where this run draws {here} time(s) (its summary.json lists them)", UnionsegWarning,
+                      stacklevel=2)
 
 
 def combine_with_ground_truth(pseudo: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> np.ndarray:
