@@ -207,6 +207,16 @@ def test_an_image_without_the_channel_tag_among_tagged_ones_is_named(tmp_path: P
     assert "rename it c_0000.nii.gz" in str(info.value)
     (root / "imagesTr" / "c.nii.gz").rename(root / "imagesTr" / "c_0000.nii.gz")
     assert [c.case_id for c in scan_dataset("ds", root).cases] == ["a", "b", "c", "d"]
+    # two channels per case (_0000, _0001): no advice to rename a_0001 to a_0001_0000 (helper-82)
+    two = tmp_path / "two"
+    (two / "imagesTr").mkdir(parents=True)
+    (two / "labelsTr").mkdir()
+    for i, name in enumerate(("a", "b")):
+        write_tiny_case(two / "imagesTr" / f"{name}_0000.nii.gz", two / "labelsTr" / f"{name}.nii.gz", seed=i)
+        shutil.copy(two / "imagesTr" / f"{name}_0000.nii.gz", two / "imagesTr" / f"{name}_0001.nii.gz")
+    with pytest.raises(DataError) as info:
+        scan_dataset("ds", two)
+    assert "rename it" not in str(info.value) and "lacks the channel suffix" not in str(info.value)
 
 
 def test_a_missing_file_that_is_there_with_another_ending_is_pointed_at(tmp_path: Path) -> None:

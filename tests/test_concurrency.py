@@ -497,6 +497,7 @@ def test_the_lock_holder_is_named_by_its_script_not_the_interpreters_options(tmp
     commands = {
         " (sleeper.py train RUN)": [sys.executable, "-u", "-W", "ignore", str(script), "train", "RUN"],
         " (python -m sleeper train RUN)": [sys.executable, "-u", "-m", "sleeper", "train", "RUN"],
+        " (python -m sleeper train RUN2)": [sys.executable, "-msleeper", "train", "RUN2"],
     }
     for expected, cmd in commands.items():
         proc = subprocess.Popen(cmd, cwd=tmp_path)

@@ -853,12 +853,16 @@ def test_score_boxplot_marks_the_values_an_empty_mask_rule_decided(tmp_path: Pat
 
     measured = {"dice": 0.8, "hd95": 3.0, "nsd": 0.9, "pred_voxels": 50, "gt_voxels": 60}
     missed = {"dice": 0.0, "hd95": 500.0, "nsd": 0.0, "pred_voxels": 0, "gt_voxels": 60}
-    red = (214, 39, 40)  # matplotlib's tab:red, the missed marker's colour
+    spurious = {"dice": 0.0, "hd95": 500.0, "nsd": 0.0, "pred_voxels": 9, "gt_voxels": 0}
+    both = {"dice": 1.0, "hd95": 0.0, "nsd": 1.0, "pred_voxels": 0, "gt_voxels": 0}
+    colours = {"missed": (214, 39, 40), "spurious": (148, 103, 189), "both": (44, 160, 44)}  # tab: red, purple, green
     plain = score_boxplot({"a": {"region:liver": measured}, "b": {"region:liver": measured}}, ["region:liver"],
                           metric, tmp_path / "plain.png")
-    marked = score_boxplot({"a": {"region:liver": measured}, "b": {"region:liver": missed}}, ["region:liver"],
-                           metric, tmp_path / "marked.png")
-    assert not _has_colour(plain, red) and _has_colour(marked, red)
+    assert not any(_has_colour(plain, rgb) for rgb in colours.values())
+    for name, row in (("missed", missed), ("spurious", spurious), ("both", both)):
+        marked = score_boxplot({"a": {"region:liver": measured}, "b": {"region:tumour": row}},
+                               ["region:liver", "region:tumour"], metric, tmp_path / f"{name}.png")
+        assert [n for n, rgb in colours.items() if _has_colour(marked, rgb)] == [name]
     with pytest.raises(ValueError, match="unknown metric"):
         score_boxplot({}, [], "volume", tmp_path / "x.png")
 

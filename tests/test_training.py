@@ -456,6 +456,55 @@ def test_a_run_killed_during_a_validation_keeps_its_step_and_validates_it_on_res
     assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["validation_pending"] is False
 
 
+@pytest.mark.parametrize("at", [3, 6])
+def test_a_stop_asked_at_a_validation_step_does_not_wait_for_the_validation(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], at: int) -> None:
+    """Ctrl-C during the step before a validation stops without validating (the checkpoint holds it as to do:
+    a stop no longer waits for a validation it can skip); --resume validates first, also after the last step,
+    and a further --resume has nothing left to run (helper-82)."""
+    import signal
+
+    from unionseg.training.trainer import Trainer
+
+    cfg = _cfg("naive", 6, "deterministic=true", "val_every=3", "ckpt_every=100")
+    straight = tmp_path / "straight"
+    train(phantom_project, cfg, straight, progress=False)
+    real, validated = Trainer.train_step, []
+    real_validate = Trainer.validate
+
+    def step(self: Trainer, batch: dict) -> dict[str, float]:
+        if self.step == at - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, batch)
+
+    def validate(self: Trainer) -> None:
+        validated.append(self.step)
+        real_validate(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "validate", validate)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(phantom_project, cfg, run, progress=False)
+    assert validated == ([] if at == 3 else [3])
+    state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
+    assert state["step"] == at and state["validation_pending"] is True
+    monkeypatch.setattr(Trainer, "train_step", real)
+    capsys.readouterr()
+    train(phantom_project, cfg, run, resume=True, progress=True)
+    err = capsys.readouterr().err
+    assert validated == [3, 6]
+    assert ("resuming at step 3 of 6 (first its validation" in err if at == 3 else
+            "its last validation, which the stop interrupted, runs now" in err)
+    a, b = _weights(straight), _weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((run / "validation.json").read_text()) == json.loads((straight / "validation.json").read_text())
+    assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["validation_pending"] is False
+    train(phantom_project, cfg, run, resume=True, progress=True)
+    assert validated == [3, 6] and "nothing to train" in capsys.readouterr().err
+
+
 def test_a_second_ctrl_c_stops_at_once(phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     import signal
@@ -1652,23 +1701,26 @@ def test_a_shared_expert_of_another_process_count_is_reused_with_a_warning(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The experts' cache key leaves the number of processes out (it may change on resume, as the device), so
     an MS-KD run on one process reused experts a torchrun run trained on two, at twice the batch, without a
-    word (helper-79). It says so; the same count, or an expert that records none, says nothing."""
+    word (helper-79). One warning says so for all of them; the same count, or an expert that records none,
+    says nothing."""
     import warnings
 
     from unionseg.artifacts import _warn_other_processes
     from unionseg.errors import UnionsegWarning
     from unionseg.training import distributed as dist
 
-    run = tmp_path / "experts" / "liver"
-    run.mkdir(parents=True)
-    (run / "summary.json").write_text(json.dumps({"processes": [{"from_step": 0, "world_size": 2}]}))
-    with pytest.warns(UnionsegWarning, match=r"shared expert 'liver' was trained on 2 process\(es\) and this run "
-                                             r"uses 1: it is reused as it is"):
-        _warn_other_processes("liver", run)
+    experts = tmp_path / "experts"
+    for name, record in (("liver", {"processes": [{"from_step": 0, "world_size": 2}]}), ("kidney", {"steps": 4}),
+                         ("spleen", {"processes": [{"from_step": 0, "world_size": 1}]})):
+        (experts / name).mkdir(parents=True)
+        (experts / name / "summary.json").write_text(json.dumps(record))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _warn_other_processes(experts, ["liver", "kidney", "spleen"], 2)
+    (said,) = [str(w.message) for w in caught]
+    assert "reused as they are, but some were trained on another number of processes than this run's 1 (liver " \
+           "on 2): an effective batch of that many x 2 patches a step, where this run's is 1 x 2" in said
     monkeypatch.setattr(dist, "world_size", lambda: 2)
-    (run / "old").mkdir()
-    (run / "old" / "summary.json").write_text(json.dumps({"steps": 4}))
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnionsegWarning)
-        _warn_other_processes("liver", run)
-        _warn_other_processes("liver", run / "old")
+        _warn_other_processes(experts, ["liver", "kidney"], 2)

@@ -152,6 +152,7 @@ class ArtifactCache:
         from unionseg.training.trainer import Trainer
 
         out = {}
+        reused = []
         for name in datasets or self.ctx.train_datasets:
             run_dir = self.expert_dir(name)
             model = run_dir / "model.pt"
@@ -161,9 +162,11 @@ class ArtifactCache:
                     sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
                     with self._timed(f"expert:{name}"):
                         Trainer(sub, resume=True).fit()
-                elif self.ctx.is_main:
-                    _warn_other_processes(name, run_dir)
+                else:
+                    reused.append(name)
             out[name] = model
+        if self.ctx.is_main and reused:
+            _warn_other_processes(self.root / "experts", reused, self.expert_cfg.data.batch_size)
         return out
 
     def load_expert(self, dataset: str) -> tuple[torch.nn.Module, list[int], dict[str, Any]]:
@@ -288,27 +291,31 @@ class ArtifactCache:
                 "compute_seconds": self.compute_seconds()}
 
 
-def _warn_other_processes(name: str, run_dir: Path) -> None:
-    """A reused expert trained under another number of processes (torchrun) had another effective batch
-    (``data.batch_size`` is per process), which its cache key leaves out, as it leaves out the device: the
-    number may change on resume too. Reusing it is right, but not silent (helper-79)."""
+def _warn_other_processes(folder: Path, names: list[str], batch: int) -> None:
+    """One warning for the reused experts (``folder/<name>``) trained under another number of processes
+    (torchrun): another effective batch (``data.batch_size`` is per process), which the cache key leaves out,
+    as it leaves out the device, since the number may change on resume too. Reusing them is right, but not
+    silent (helper-79). Experts of an older release record no number: nothing to compare."""
     import warnings
 
     from unionseg.errors import UnionsegWarning
     from unionseg.training import distributed as dist
 
-    try:
-        processes = json.loads((run_dir / "summary.json").read_text(encoding="utf-8")).get("processes") or []
-        sizes = sorted({int(p["world_size"]) for p in processes})
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return  # an expert of an older release records none: nothing to compare
     here = dist.world_size()
-    if sizes and sizes != [here]:
-        counts = " and ".join(str(n) for n in sizes)
-        warnings.warn(f"{run_dir}: shared expert {name!r} was trained on {counts} process(es) and this run uses "
-                      f"{here}: it is reused as it is, trained on {counts} time(s) data.batch_size patches a step "
-                      f"where this run draws {here} time(s) (its summary.json lists them)", UnionsegWarning,
-                      stacklevel=2)
+    other: dict[str, list[int]] = {}
+    for name in names:
+        try:
+            summary = json.loads((folder / name / "summary.json").read_text(encoding="utf-8"))
+            sizes = sorted({int(p["world_size"]) for p in summary.get("processes") or []})
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+        if sizes and sizes != [here]:
+            other[name] = sizes
+    if other:
+        shown = ", ".join(f"{name} on {' and '.join(map(str, sizes))}" for name, sizes in other.items())
+        warnings.warn(f"{folder}: the shared experts are reused as they are, but some were trained on another number "
+                      f"of processes than this run's {here} ({shown}): an effective batch of that many x {batch} "
+                      f"patches a step, where this run's is {here} x {batch}", UnionsegWarning, stacklevel=2)
 
 
 def combine_with_ground_truth(pseudo: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> np.ndarray:

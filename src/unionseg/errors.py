@@ -36,9 +36,9 @@ class CheckpointError(UnionsegError):
     """A model or checkpoint file is missing, truncated, or unsafe to load."""
 
 
-class RankZeroSaysIt(UnionsegError):
+class RankZeroRefusedError(UnionsegError):
     """Under torchrun: the error another rank raises for a refusal rank 0 met and printed (a run folder in
-    use); the command line exits 2 on that rank without printing it again."""
+    use, or one it could not clean); the command line exits 2 on that rank without printing it again."""
 
 
 class UnionsegWarning(UserWarning):

@@ -239,10 +239,13 @@ def _command_of(pid: int) -> str:
     if words and Path(words[0]).name.startswith("python"):
         words = words[1:]
         # the interpreter's own options (torchrun starts `python -u SCRIPT`): the script comes after them
-        while words and words[0].startswith("-") and words[0] not in ("-m", "-c"):
+        while words and words[0].startswith("-") and words[0] != "-" and not words[0].startswith(("-m", "-c")):
             words = words[2:] if words[0] in ("-W", "-X") else words[1:]  # those two take a value
-        if words[:1] == ["-m"]:
-            words = [f"python -m {words[1]}", *words[2:]] if len(words) > 1 else words
+        if words and words[0].startswith("-m"):  # `-m MODULE` or `-mMODULE`
+            if len(words[0]) > 2:
+                words = [f"python -m {words[0][2:]}", *words[1:]]
+            elif len(words) > 1:
+                words = [f"python -m {words[1]}", *words[2:]]
     text = " ".join(" ".join(Path(w).name if i == 0 else w for i, w in enumerate(words)).split())
     return f" ({text[:120]}{'...' if len(text) > 120 else ''})" if text else ""
 

@@ -31,11 +31,12 @@ def _number(value: Any) -> float:
 
 
 def class_order(key_lists: Iterable[Iterable[str]]) -> list[str]:
-    """Class keys in the order the runs scored them, first seen first, the organ regions before the rest.
+    """Class keys in the order the runs list them (first seen first), the organ regions before the rest.
 
     Evaluation writes its classes in the label space's order (organs as the project lists them, then the
-    tumours), so every table and figure of the report keeps that order: sorting them put the kidney before
-    the liver in the benchmark and after it in ``unionseg evaluate``'s own tables.
+    tumours), and every run of a suite scores the same classes, so every table and figure of the report
+    keeps that order: sorting them put the kidney before the liver in the benchmark and after it in
+    ``unionseg evaluate``'s own tables. (A class only a later run scored comes after the others of its kind.)
     """
     seen: dict[str, None] = {}
     for keys in key_lists:
@@ -75,7 +76,6 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             if scored:  # over all seeds: how many test cases an HD95 penalty (the grid's diagonal) decided
                 entry["penalty_cases"] = sum(int(c["empty_rule_cases"].get("pred_empty", 0))
                                              + int(c["empty_rule_cases"].get("gt_empty", 0)) for c in scored)
-                entry["cases"] = sum(int(c.get("n_cases", 0)) for c in scored)
             classes[key] = entry
         region = _region_means(runs, {r["seed"] for r in runs})
         methods[name] = {

@@ -60,6 +60,7 @@ KITS_LABELS = ("segmentation.nii.gz", "aggregated_MAJ_seg.nii.gz")
 
 _KITS_CASE = re.compile(r"^case_\d{5}$")
 _CHANNEL_SUFFIX = "_0000"
+_ANY_CHANNEL = re.compile(r"_\d{4}$")  # nnU-Net's channel tags: _0000 for the first (CT), _0001 ...
 
 
 @dataclass(frozen=True)
@@ -511,12 +512,14 @@ def _refuse_dangling_links(folder: Path) -> None:
             _exists(path)
 
 
-def _other_ending(path: Path, listed: bool) -> str:
+def _other_ending(path: Path, layout: str) -> str:
     """``; x.nii is there ...`` when the missing ``path`` exists with another image ending, else ``""``."""
     for ending in IMAGE_SUFFIXES:
         other = path.with_name(strip_suffix(path) + ending)
         if ending != suffix_of(path) and _exists(other):
-            where = "dataset.json must name the file as it is on disk" if listed else "rename one of them"
+            where = ("dataset.json must name the file as it is on disk" if layout == "msd" else
+                     f"dataset.json's file_ending is {suffix_of(path)!r}, which every image and label must end in"
+                     if layout == "nnunet" else f"rename it {path.name}")
             return f"; {other.name} is there: {where}"
     return ""
 
@@ -524,8 +527,12 @@ def _other_ending(path: Path, listed: bool) -> str:
 def _refuse_mixed_channel_tags(images: Mapping[str, Path], images_dir: Path) -> None:
     """An images folder where most names carry nnU-Net's channel tag and a few do not: the tag is then kept
     in every case id (it is dropped only when all carry it), so every image misses its label and the first
-    tagged one was blamed. Name the untagged files instead."""
-    untagged = [p for p in images.values() if not strip_suffix(p).endswith(_CHANNEL_SUFFIX)]
+    tagged one was blamed. Name the untagged files instead. A folder with other channels (``_0001``) is not
+    judged here: its images miss their labels as they are, and the error says so."""
+    stems = {key: strip_suffix(path) for key, path in images.items()}
+    if any(_ANY_CHANNEL.search(stem) and not stem.endswith(_CHANNEL_SUFFIX) for stem in stems.values()):
+        return
+    untagged = [images[key] for key, stem in stems.items() if not stem.endswith(_CHANNEL_SUFFIX)]
     tagged = len(images) - len(untagged)
     if untagged and tagged >= len(untagged):
         first = untagged[0]
@@ -637,11 +644,11 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
         if not _exists(image):
             tagged = image.with_name(f"{strip_suffix(image)}{_CHANNEL_SUFFIX}{suffix_of(image)}")
             hint = (f"; {tagged.name} is there: an nnU-Net v1 task folder, which layout 'folders' reads"
-                    if layout == "msd" and _exists(tagged) else _other_ending(image, declared is not None))
+                    if layout == "msd" and _exists(tagged) else _other_ending(image, layout))
             raise DataError(("image file listed in dataset.json is missing" if declared is not None
                              else "image file is missing") + hint, image)
         if label is None or not _exists(label):
-            hint = "" if label is None else _other_ending(label, declared is not None)
+            hint = "" if label is None else _other_ending(label, layout)
             raise DataError(f"label file for case {case_id!r} is missing{hint}", label or image)
         oracle = None
         if oracle_dir is not None:

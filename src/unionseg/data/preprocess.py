@@ -1067,20 +1067,22 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
     return jobs, entries, splits, sources
 
 
-#: a prepared grid with this many times a dataset's own voxels is worth a word before prepare writes it
-UPSAMPLING_WARNING = 4.0
+#: a prepared grid with more than this many times a dataset's own voxels is worth a word before prepare
+#: writes it (the default spacing on 3 mm data: about 30; one scanner's slices against another's: 2 to 5)
+UPSAMPLING_WARNING = 8.0
 
 
 def _warn_upsampling(jobs: Sequence[_CaseJob], project: Project) -> None:
-    """Warn, once per dataset with images to prepare, when the project's spacing resamples its first such
-    image to more than :data:`UPSAMPLING_WARNING` times its voxels: the default spacing (0.8 x 0.8 x 1.5 mm)
-    on 3 mm data makes a cache some 30 times the inputs' voxels, and every training step and prediction
-    pays for it, with no detail to gain. Unreadable headers are left to the case's own error."""
+    """One warning, when the project's spacing resamples the first image to prepare of one dataset or more
+    to more than :data:`UPSAMPLING_WARNING` times its voxels: the default spacing (0.8 x 0.8 x 1.5 mm) on
+    3 mm data makes a cache some 30 times the inputs' voxels, and every training step and prediction pays
+    for it, with no detail to gain. Unreadable headers are left to the case's own error."""
     first: dict[str, str] = {}
     for job in jobs:
         if job.do_image:
             first.setdefault(job.dataset, job.image)
     target = project.preprocessing.spacing
+    found = []
     for dataset, image in first.items():
         try:
             spacing = read_header(image).spacing
@@ -1088,12 +1090,13 @@ def _warn_upsampling(jobs: Sequence[_CaseJob], project: Project) -> None:
             continue
         factor = float(np.prod(spacing)) / float(np.prod(target))
         if factor > UPSAMPLING_WARNING:
-            shown = " x ".join(f"{s:g}" for s in spacing)
-            warnings.warn(f"{image}: dataset {dataset!r} has {shown} mm voxels, which the project's spacing "
-                          f"{' x '.join(f'{s:g}' for s in target)} mm resamples to about {factor:.0f} times as many "
-                          f"(cache size, training and prediction time grow with them, the detail does not); set "
-                          f"preprocessing.spacing in {project.path.name} near the data's own if that is not meant",
-                          UnionsegWarning, stacklevel=2)
+            found.append(f"{dataset} ({' x '.join(f'{s:g}' for s in spacing)} mm voxels, {factor:.1f} times as many; "
+                         f"e.g. {image})")
+    if found:
+        warnings.warn(f"{project.path}: the spacing {' x '.join(f'{s:g}' for s in target)} mm resamples the images "
+                      f"of {'; '.join(found)}: the cache, the training and the prediction time grow with the voxels, "
+                      "the detail does not; set preprocessing.spacing near the data's own if that is not meant",
+                      UnionsegWarning, stacklevel=2)
 
 
 def _warn_empty_datasets(project: Project, entries: Sequence[dict[str, Any]]) -> None:

@@ -42,6 +42,7 @@ from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
     EMPTY_RULES,
     GT_EMPTY,
+    METRIC_TITLES,
     METRICS,
     PRED_EMPTY,
     empty_rule,
@@ -62,7 +63,6 @@ EMPTY_RULE_TEXT = {
     PRED_EMPTY: "prediction empty, truth not: Dice 0, NSD 0, HD95 = image diagonal (mm)",
     GT_EMPTY: "truth empty, prediction not: Dice 0, NSD 0, HD95 = image diagonal (mm)",
 }
-METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 GRID_ATOL_MM = 1e-3
 
 
@@ -788,9 +788,10 @@ def evaluate_folder(
     cases = dict(_run_jobs(jobs, workers, progress))
     classes = summarise(cases, space.evaluation_keys(), metrics)
     quality = {case: _case_quality(scores, metrics) for case, scores in cases.items()}
-    ranked = [(q, case) for case, q in quality.items() if math.isfinite(q)]
-    best = min(ranked, key=lambda item: (-item[0], item[1]))[1] if ranked else None
-    worst = min(ranked)[1] if ranked else None
+    # best first; a tie keeps the case ids' order, so that tied cases still give two pictures
+    ranked = sorted(((q, case) for case, q in quality.items() if math.isfinite(q)), key=lambda item: (-item[0], item[1]))
+    best = ranked[0][1] if ranked else None
+    worst = ranked[-1][1] if ranked else None
 
     markdown = markdown_table(classes, metrics, tolerance_mm)
     summary: dict[str, Any] = {
@@ -868,7 +869,7 @@ def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mappi
             if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
                 image = arr.astype(np.float32)
         measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
-        which = "the only scored case" if best == worst else f"{tag} case"
+        which = "the only scored case" if best == worst else f"{tag} case"  # one case scored: one picture
         title = f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \
                 f"{abs(_case_quality(cases[case], metrics)):.3f})"
         out[f"overlay_{tag}"] = figs.overlay(pred, gt, space, geom, folder / f"overlay_{tag}.png", title=title,

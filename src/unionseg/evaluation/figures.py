@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from unionseg.evaluation.metrics import BOTH_EMPTY, GT_EMPTY, PRED_EMPTY
+from unionseg.evaluation.metrics import BOTH_EMPTY, GT_EMPTY, METRIC_TITLES, PRED_EMPTY
 from unionseg.labels import LabelSpace, display_key
 
 if TYPE_CHECKING:
@@ -69,9 +69,8 @@ def leaf_colours(space: LabelSpace) -> np.ndarray:
 RULE_MARKERS = {
     BOTH_EMPTY: ("o", "tab:green", "both empty (rule value)"),
     PRED_EMPTY: ("v", "tab:red", "missed: prediction empty (rule value)"),
-    GT_EMPTY: ("^", "tab:orange", "spurious: truth empty (rule value)"),
+    GT_EMPTY: ("^", "tab:purple", "spurious: truth empty (rule value)"),  # not orange: the median line is
 }
-BOX_METRICS = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 
 
 def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str], metric: str,
@@ -95,8 +94,8 @@ def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: 
 
     from unionseg.evaluation.metrics import empty_rule
 
-    if metric not in BOX_METRICS:
-        raise ValueError(f"unknown metric {metric!r} (one of {', '.join(BOX_METRICS)})")
+    if metric not in METRIC_TITLES:
+        raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRIC_TITLES)})")
     keys = [k for k in keys if any(k in scores for scores in cases.values())]
     fig = _figure(max(4.5, 1.1 * len(keys) + 2.0), 4.2)
     ax = fig.add_subplot(1, 1, 1)
@@ -122,7 +121,7 @@ def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: 
             ax.set_xticks(range(1, len(keys) + 1), labels)
         else:
             ax.set_xticks(range(1, len(keys) + 1), labels, rotation=30, ha="right")
-    title = BOX_METRICS[metric]
+    title = METRIC_TITLES[metric]
     if metric == "hd95":
         ax.set_yscale("symlog", linthresh=1.0)
         top = max((v for values in data for v in values), default=1.0)
@@ -141,11 +140,6 @@ def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: 
                 for r in RULE_MARKERS if r in used]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return _save(fig, path)
-
-
-def dice_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: Sequence[str], path: Path) -> Path:
-    """:func:`score_boxplot` of Dice."""
-    return score_boxplot(cases, keys, "dice", path)
 
 
 def to_ras(volume: np.ndarray, geometry: Geometry) -> np.ndarray:

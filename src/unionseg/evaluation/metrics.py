@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 METRICS: tuple[str, ...] = ("dice", "hd95", "nsd")
+#: how tables and figures title each metric
+METRIC_TITLES = {"dice": "Dice", "hd95": "HD95 (mm)", "nsd": "NSD"}
 BOTH_EMPTY = "both_empty"
 PRED_EMPTY = "pred_empty"
 GT_EMPTY = "gt_empty"

@@ -630,7 +630,12 @@ class Trainer:
                 self.step = cfg.steps
                 self.validate()
             elif self.step >= cfg.steps and self.validation_pending:
-                self._validate_pending()  # stopped after the last step, during its validation
+                # stopped after the last step, before or during its validation
+                if self.ctx.is_main and self.ctx.progress:
+                    print(f"{self.run_dir}: the run had trained its {cfg.steps} steps; its last validation, which "
+                          "the stop interrupted, runs now", file=sys.stderr)
+                self._validate_pending()
+                self.save_checkpoint()  # no longer to do: a later --resume has nothing to run again
             elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
                 print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, "
                       "its model file is kept", file=sys.stderr)
@@ -717,6 +722,8 @@ class Trainer:
                 # step since the last checkpoint (helper-79); --resume runs the validation first
                 self.validation_pending = True
                 self.save_checkpoint()
+                if stop.agreed(self.ctx.device):  # asked to stop already: the checkpoint holds the validation to do
+                    self._checkpoint_and_stop(stop)
                 self._validate_pending()
                 t_last = time.perf_counter()
             stopping = stop_after is not None and self.step >= stop_after
@@ -1091,7 +1098,7 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
         UnionsegError: another process holds the folder.
         OSError: the killed writers' temporaries could not be removed (on every rank, raised on rank 0).
     """
-    from unionseg.errors import RankZeroSaysIt, UnionsegError
+    from unionseg.errors import RankZeroRefusedError, UnionsegError
     from unionseg.locking import FileLock, remove_dead_temporaries
 
     main = dist.is_main()
@@ -1114,7 +1121,8 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
             except (UnionsegError, OSError) as exc:  # every rank stops, not rank 0 alone
                 refusal = exc
         if dist.any_rank(refusal is not None, device or torch.device("cpu")):
-            raise refusal or RankZeroSaysIt("rank 0 could not take the run folder's lock; see its message", run_dir)
+            raise refusal or RankZeroRefusedError("rank 0 could not start the run in this folder; see its message",
+                                                  run_dir)
         yield
     finally:
         if acquired:
