@@ -1724,3 +1724,21 @@ def test_a_shared_expert_of_another_process_count_is_reused_with_a_warning(
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnionsegWarning)
         _warn_other_processes(experts, ["liver", "kidney"], 2)
+
+
+def test_the_validation_count_says_it_is_this_processs_share_under_torchrun(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun rank 0's bar counted its own share of the validation cases, "case 1/1" of a 2-case
+    validation (helper-79); it says whose count it is. One process: the count alone."""
+    from unionseg.training import distributed as dist
+    from unionseg.training.trainer import _Progress
+
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
+    for size, tail in ((1, "validating: case 1/1"), (2, "validating: case 1/1 (this process's share; 2 processes)")):
+        monkeypatch.setattr(dist, "world_size", lambda size=size: size)
+        bar = _Progress(4, 0, "naive", enabled=True)
+        bar.validating("")(1, 1)
+        bar.update(1, {"loss": 1.0})
+        bar.close()
+        lines = capsys.readouterr().err.splitlines()
+        assert any(line.endswith(tail) for line in lines), lines

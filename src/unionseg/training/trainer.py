@@ -1031,10 +1031,13 @@ class _Progress:
         """A ``validate_deployed`` ``on_case`` that shows validation's cases where the loss terms go (a long
         validation showed nothing and looked like a hang)."""
         what = f"validating {candidate}" if candidate else "validating"
+        # under torchrun each process validates its share, and rank 0's bar counts its own: say so, or 1/1
+        # of a 2-case validation looks as if a case were skipped (helper-79)
+        share = f" (this process's share; {dist.world_size()} processes)" if dist.world_size() > 1 else ""
 
         def show(done: int, total: int) -> None:
             if self.enabled:
-                self.progress.update(self.task, terms=f"{what}: case {done}/{total}")
+                self.progress.update(self.task, terms=f"{what}: case {done}/{total}{share}")
 
         return show
 

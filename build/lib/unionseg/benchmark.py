@@ -1,0 +1,653 @@
+"""``unionseg benchmark``: every method on the same data and budget, evaluated once on the test set.
+
+A suite (``configs/suites/<name>.yaml``) names the phantom, the methods, the seeds and ONE budget
+(backbone, patch, batch, steps, optimiser) shared by every method and by the shared experts. For each
+method and seed the runner trains (checkpoint selection on validation only), predicts the fully labelled
+test set with the public predictor, evaluates it with the public evaluation, and records timings and
+provenance. A finished method/seed is never retrained (``result.json`` marks it done); experts and pseudo
+labels come from the artefact cache. ``results.json`` and ``report.md`` (with figures) are rewritten
+from all finished runs after each one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from unionseg.config import from_dict, load_yaml
+from unionseg.errors import ConfigError, UnionsegError
+from unionseg.jsonfile import write_json
+from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
+
+EXPERT_METHODS = ("individual", "cotraining", "mskd")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One row of a suite: a name, the method, and its options (ablations share a method)."""
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    name: str
+    phantom_size: str = "tiny"
+    phantom_seed: int = 0
+    phantom_suite: str = "default"
+    phantom_cases: tuple[int, int, int] | None = None  # (train per set, val, test); None: the size's default
+    methods: tuple[str, ...] = ("oracle", "naive", "individual", "marginal", "multihead", "conditional",
+                                "cotraining", "dodnet", "mskd")
+    ablations: tuple[RunSpec, ...] = ()
+    seeds: int = 1
+    budget: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    isolate: bool = False  # each run in its own process (clean peak-memory figures)
+    prepare_workers: int = 2
+    about: str = ""  # what the suite's figures mean: printed under its table and at the top of its report
+
+    def validate(self) -> None:
+        from unionseg.data.phantom import SIZES, SUITES
+
+        if self.seeds < 1:
+            raise ValueError(f"seeds: must be >= 1, got {self.seeds}")
+        if self.phantom_size not in SIZES:
+            raise ValueError(f"phantom_size: {self.phantom_size!r} is not a phantom size ({', '.join(SIZES)})")
+        if self.phantom_suite not in SUITES:
+            raise ValueError(f"phantom_suite: {self.phantom_suite!r} is not a phantom suite ({', '.join(SUITES)})")
+        if self.phantom_cases is not None and min(self.phantom_cases) < 1:
+            raise ValueError(f"phantom_cases: (train per set, val, test) must each be >= 1, got "
+                             f"{list(self.phantom_cases)}")
+        names = [*self.methods, *(r.name for r in self.ablations)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"methods/ablations: the row name {twice[0]!r} is given twice")
+
+    def phantom(self) -> dict[str, Any]:
+        """What decides the suite's data: a benchmark folder holds one phantom, and reuses rows only on it."""
+        cases = list(self.phantom_cases) if self.phantom_cases is not None else None
+        return {"size": self.phantom_size, "seed": self.phantom_seed, "suite": self.phantom_suite, "cases": cases}
+
+    def runs(self, methods: list[str] | None = None) -> list[RunSpec]:
+        rows = [RunSpec(m, m, dict(self.options.get(m, {}))) for m in self.methods]
+        rows += list(self.ablations)
+        if methods:
+            unknown = sorted(set(methods) - {r.name for r in rows})
+            if unknown:
+                raise ConfigError(f"--methods: {unknown[0]!r} is not in suite {self.name!r} "
+                                  f"({', '.join(r.name for r in rows)})")
+            rows = [r for r in rows if r.name in methods]
+        return rows
+
+
+def suite_path(name: str) -> Path:
+    from unionseg.training.recipes import recipe_dir
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError("suite file not found", path)
+        return path
+    path = recipe_dir() / "suites" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (recipe_dir() / "suites").glob("*.yaml"))
+        raise ConfigError(f"unknown suite {name!r}; known: {', '.join(known)}")
+    return path
+
+
+def load_suite(name: str, _seen: tuple[str, ...] = ()) -> SuiteConfig:
+    """A suite from its name or YAML path. ``budget_from: OTHER`` starts from suite OTHER's budget (so an
+    ablation suite cannot drift from the comparison it ablates); the suite's own ``budget`` keys override."""
+    path = suite_path(name)
+    raw = load_yaml(path)
+    if not isinstance(raw, dict):
+        raise ConfigError("expected a mapping", path)
+    base = raw.pop("budget_from", None)
+    if base is not None:
+        if not isinstance(base, str) or str(base) in _seen:
+            raise ConfigError(f"budget_from: {base!r} must name another suite, without cycles", path)
+        try:
+            inherited = load_suite(base, (*_seen, name)).budget
+        except ConfigError as exc:
+            if exc.path is not None:  # the error lies in that suite's own file, which it names
+                raise
+            raise ConfigError(f"budget_from: {exc.message}", path) from None
+        raw["budget"] = {**inherited, **(raw.get("budget") or {})}
+    return from_dict(SuiteConfig, raw, source=str(path))
+
+
+# ---------------------------------------------------------------------- provenance
+def code_commit() -> str:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def machine_info(device: str = "auto") -> dict[str, Any]:
+    """What ran a benchmark row, so that its timings can be set against another machine's: the CPU, the
+    cores this process may use, torch's threads and version, and the GPU of ``device`` (the run's
+    ``device`` setting) when it is one."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the model; platform.processor() is often empty there
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = None
+    if device != "cpu" and torch.cuda.is_available():
+        try:  # the device the run used ("auto" and "cuda" take the current one)
+            gpu = torch.cuda.get_device_name(torch.device(device) if device.startswith("cuda:") else None)
+        except (RuntimeError, AssertionError, ValueError):  # a record, not a reason to lose the run's result
+            gpu = None
+    try:
+        cores = len(os.sched_getaffinity(0))  # the CPUs this process may use, not the host's
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return {"cpu": cpu, "cpu_count": cores, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": gpu, "platform": platform.platform()}
+
+
+# ---------------------------------------------------------------------- one run
+def resolved_options(spec: RunSpec) -> dict[str, Any]:
+    """The options a row's method runs with today: the row's own, defaults filled in."""
+    from unionseg.config import from_dict, to_dict
+    from unionseg.methods.base import get_method
+
+    return to_dict(from_dict(get_method(spec.method).Options, spec.options or {},
+                             source=f"options of {spec.name!r}"))
+
+
+def option_defaults(spec: RunSpec) -> dict[str, Any]:
+    """The defaults of a row's method options."""
+    from unionseg.config import to_dict
+    from unionseg.methods.base import get_method
+
+    return to_dict(get_method(spec.method).Options())
+
+
+def _run_config(suite: SuiteConfig, spec: RunSpec, seed: int) -> Any:
+    from unionseg.training.config import load_train_config
+
+    return load_train_config(None, [], **{**suite.budget, "method": spec.method, "seed": seed, "options": spec.options})
+
+
+def finished_result(suite: SuiteConfig, spec: RunSpec, seed: int, out: Path) -> dict[str, Any]:
+    """A finished run's ``result.json``, refused when it ran under another budget, other options or other
+    method defaults than the suite gives today (its results are kept, never replaced).
+
+    Raises:
+        ConfigError: naming the run's ``result.json``.
+    """
+    from unionseg.config import config_hash, option_changes
+
+    done = out / "runs" / spec.name / f"seed{seed}" / "result.json"
+    cfg = _run_config(suite, spec, seed)
+    finished: dict[str, Any] = json.loads(done.read_text())
+    recorded = finished.get("provenance", {}).get("config_hash")
+    if recorded is not None and recorded != config_hash(cfg):
+        raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options (config hash "
+                          f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
+                          "benchmark into a new output folder, or move that run folder away to redo it", done)
+    ran = finished.get("resolved_options")  # absent in results written before options were recorded
+    changed = "" if ran is None else option_changes(ran, resolved_options(spec), option_defaults(spec))
+    if changed:
+        raise ConfigError(f"{spec.name} seed {seed} ran with other method defaults ({changed}); its results "
+                          "are kept: benchmark into a new output folder, or move that run folder away to "
+                          "redo it", done)
+    return finished
+
+
+def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
+    """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
+    from unionseg.config import config_hash, load_project
+    from unionseg.training.trainer import RUN_FILES, train
+
+    run_dir = out / "runs" / spec.name / f"seed{seed}"
+    done = run_dir / "result.json"
+    if done.exists():
+        return finished_result(suite, spec, seed, out)
+    cfg = _run_config(suite, spec, seed)
+    commit = code_commit()  # the code at the run's start, not the tree's state when it ends
+    t0 = time.perf_counter()
+    # a run folder with anything of a run in it (a checkpoint, or only its stages' record) goes on from there
+    summary = train(project_path, cfg, run_dir, resume=any((run_dir / n).exists() for n in RUN_FILES),
+                    progress=progress)
+    # the shared artefacts (experts, their probabilities, pseudo labels) built inside this run are reported
+    # once, as expert_seconds; train_seconds is the method's own wall time, so no row counts them twice
+    # (this process's stage time: a resumed run's summary also counts the stages of the process it resumes)
+    stage_seconds = float(summary.get("stage_seconds_this_process", summary.get("stage_seconds", 0.0)))
+    # a run resumed from an earlier (interrupted) process adds that process's time up to its last checkpoint
+    train_seconds = time.perf_counter() - t0 - stage_seconds + float(summary.get("run_seconds_earlier", 0.0))
+    project = load_project(project_path)
+    test = project.eval_dataset("test")
+    if test is None:
+        raise ConfigError("the benchmark needs a fully labelled test set (a dataset with role: test)", project_path)
+    pred_dir = run_dir / "test_pred"
+    predict_seconds, n_params = predict_test_set(run_dir / "model.pt", test, pred_dir, progress)
+    from unionseg.evaluation.evaluate import evaluate_folder
+
+    evaluation = evaluate_folder(pred_dir, _labels_dir(test), project, dataset=test.name,
+                                 out_dir=run_dir / "evaluation", figures=False,
+                                 overwrite=True)  # the run's own folder: a re-run after a crash redoes it
+    from unionseg.data.preprocess import PreparedIndex
+
+    result = {
+        "name": spec.name, "method": spec.method, "seed": seed, "options": spec.options,
+        "resolved_options": summary.get("options", {}),  # defaults filled in: what the method ran
+        # each metric's mean over the test cases, how many cases score the class and how many values an
+        # empty-mask rule decided (it read the rules' counts as a metric, writing null)
+        "per_class": {k: {**{m: stats[m]["mean"] for m in evaluation["metrics"] if m in stats},
+                          "n_cases": stats["n_cases"], "empty_rule_cases": stats["empty_rule_cases"]}
+                      for k, stats in evaluation["classes"].items()},
+        "best_val_mean_dice": summary["best_val_mean_dice"],
+        "selected_on": summary.get("selected_on", "all"),
+        "train_seconds": train_seconds,
+        "stage_seconds": stage_seconds,  # wall time spent building shared artefacts in this run
+        "expert_seconds": summary.get("expert_seconds", 0.0) if spec.method in EXPERT_METHODS else 0.0,
+        "predict_seconds_per_case": predict_seconds,
+        "parameters": n_params,
+        "data_wait_share": summary.get("data_wait_share"),
+        "peak_rss_mb": _peak_rss_mb() if suite.isolate else None,
+        "provenance": {"code_commit": commit, "config_hash": config_hash(cfg), "seed": seed,
+                       "machine": machine_info(cfg.device),
+                       "data_fingerprint": PreparedIndex.load(project).fingerprint,
+                       "generator_version": project.raw.get("generator_version")},
+        "pred_dir": str(pred_dir.relative_to(out)),
+    }
+    write_json(done, result)
+    return result
+
+
+def _labels_dir(spec: Any) -> Path:
+    return Path(spec.root) / "labelsTr"
+
+
+def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool) -> tuple[float, int]:
+    """Predict every test image with the public predictor; returns (seconds per case, parameter count)."""
+    from unionseg.data.catalog import scan_dataset
+    from unionseg.inference.predictor import Predictor
+
+    predictor = Predictor.from_checkpoint(model_path, device="auto")
+    cases = scan_dataset(test.name, test.root, test.layout).cases
+    t0 = time.perf_counter()
+    for case in cases:
+        # the run's own folder: a prediction an interrupted attempt left there is replaced
+        predictor.predict_file(case.image, pred_dir / f"{case.case_id}.nii.gz", overwrite=True)
+    n_params = sum(p.numel() for p in predictor.model.parameters())
+    return (time.perf_counter() - t0) / max(1, len(cases)), int(n_params)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024.0
+
+
+# ---------------------------------------------------------------------- the suite
+def ensure_phantom(suite: SuiteConfig, out: Path) -> Path:
+    """Generate (or reuse) the suite's phantom in ``out/data``; returns its project file."""
+    from unionseg.data.phantom import generate_phantom
+
+    data = out / "data"
+    project_path = data / "project.yaml"
+    if not project_path.exists():
+        generate_phantom(data, size=suite.phantom_size, seed=suite.phantom_seed, suite=suite.phantom_suite,
+                         cases=suite.phantom_cases)
+    return project_path
+
+
+def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
+    """Generate (or reuse) the phantom and prepare it once."""
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import prepare_project
+
+    project_path = ensure_phantom(suite, out)
+    prepare_project(load_project(project_path), workers=suite.prepare_workers, progress=progress)
+    return project_path
+
+
+MARKER = "benchmark.json"
+
+
+def check_out(out: Path, suite: SuiteConfig) -> None:
+    """Refuse a benchmark folder that is a file, holds files that are not a benchmark's (the report would
+    replace them), or holds the benchmark of another phantom (its data and finished rows would be reused
+    for this suite); mark a new or earlier (unmarked) benchmark folder with this suite's phantom.
+
+    Raises:
+        UnionsegError: naming the folder and the problem; nothing is written.
+    """
+    if out.exists() and not out.is_dir():
+        raise UnionsegError("exists and is not a folder; give a folder for the benchmark's data, runs and report",
+                            out)
+    marker = out / MARKER
+    if marker.is_file():
+        try:
+            recorded = json.loads(marker.read_text(encoding="utf-8")).get("phantom")
+        except (OSError, ValueError, AttributeError):
+            raise UnionsegError(f"unreadable {MARKER}; benchmark into a new folder", out) from None
+        if recorded != suite.phantom():
+            raise UnionsegError(f"holds the benchmark of another phantom ({recorded}; suite {suite.name!r} asks for "
+                                f"{suite.phantom()}): its data and finished rows are not this suite's; benchmark "
+                                "into a new folder", out)
+        return
+    if out.is_dir() and any(out.iterdir()):
+        generator = out / "data" / "generator.json"
+        if not generator.is_file():
+            raise UnionsegError(f"folder is not empty and holds no benchmark ({MARKER} or data/generator.json); the "
+                                "report would replace its files: choose an empty or new folder", out)
+        try:  # a benchmark folder from before the marker: its phantom must be this suite's
+            gen = json.loads(generator.read_text(encoding="utf-8"))
+            same = (gen.get("seed"), gen.get("size"), gen.get("suite")) == (
+                suite.phantom_seed, suite.phantom_size, suite.phantom_suite)
+        except (OSError, ValueError, AttributeError):
+            same = False
+        if not same:
+            raise UnionsegError(f"holds the data of another phantom (data/generator.json) than suite {suite.name!r} "
+                                "asks for: benchmark into a new folder", out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"phantom": suite.phantom()}, indent=1)
+
+
+def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
+    """Build every row's training configuration and options now, so that a typo in the suite's budget or a
+    row's options is refused at once, naming the suite file, rather than when that row starts (hours into
+    a ``standard`` suite).
+
+    Raises:
+        ConfigError: naming the suite file, the row and the problem.
+    """
+    from unionseg.methods.base import get_method
+    from unionseg.training.config import load_train_config
+    from unionseg.training.trainer import check_sizes
+
+    try:
+        check_sizes(load_train_config(None, [], **suite.budget))
+    except ConfigError as exc:
+        raise ConfigError(f"budget: {exc.message}", path) from None
+    for name in suite.options:  # options of a method the suite does not run would be dropped silently
+        if name not in suite.methods:
+            raise ConfigError(f"options.{name}: no row of this suite is named {name!r} (rows: "
+                              f"{', '.join(sorted(suite.methods))})", path)
+    for row in rows:
+        try:
+            get_method(row.method)
+            resolved_options(row)
+            load_train_config(None, [], **{**suite.budget, "method": row.method, "options": row.options})
+        except ConfigError as exc:
+            raise ConfigError(f"row {row.name!r} (method {row.method!r}): {exc.message}", path) from None
+
+
+def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = None, seeds: int | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
+
+    The report covers every finished row and seed of the suite in ``out``, not only the rows this call ran:
+    ``--methods`` and ``--seeds`` add rows and seeds to a report, never shrink it. ``results.json`` is
+    rewritten after every finished row; ``report.md`` at the end, and when the suite stops early (Ctrl-C,
+    SIGTERM, a failing row) for the rows finished so far.
+    """
+    from rich.console import Console
+
+    from unionseg.report import aggregate, write_report, write_results
+
+    console = Console(stderr=True)
+    suite = load_suite(suite_name)
+    if seeds is not None and seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {seeds}")
+    rows = suite.runs(methods)  # an unknown --methods row or method is refused before any data is made
+    check_rows(suite, rows, suite_path(suite_name))
+    out = Path(out).resolve()
+    check_out(out, suite)
+    project_path = ensure_data(suite, out, progress)
+    n_seeds = seeds if seeds is not None else suite.seeds
+    plan = [(row, seed) for seed in range(n_seeds) for row in rows]
+    done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
+    for (row, seed), finished in zip(plan, done, strict=True):  # every reuse checked before anything trains
+        if finished:
+            finished_result(suite, row, seed, out)
+    trained: list[float] = []  # wall seconds of the runs trained by this call, shared stages left out
+    # seeds whose shared experts a finished row built (or reused); a later row of another seed builds its own
+    built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and row.method in EXPERT_METHODS}
+    n_experts = _count_experts(project_path)
+    aggregated: dict[str, Any] | None = None
+    results: list[dict[str, Any]] = []
+    try:
+        for i, (row, seed) in enumerate(plan):
+            recorded = [float(r.get("train_seconds") or 0) for r in results]
+            to_build = {s for (r, s), d in zip(plan[i:], done[i:], strict=True)
+                        if not d and r.method in EXPERT_METHODS} - built
+            eta = suite_eta(sum(not d for d in done[i:]), trained, recorded, len(to_build), _stage_seconds(results),
+                            n_experts)
+            resumed = None if done[i] else _resumed_at(out / "runs" / row.name / f"seed{seed}")
+            state = " (done, reused)" if done[i] else "" if resumed is None else f" (resuming: {resumed})"
+            if progress:  # --quiet: no progress at all (these lines were printed anyway)
+                console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}{state}"
+                              f"{', suite ETA ' + eta if eta else ''}")
+            started = time.perf_counter()
+            if suite.isolate and not done[i]:
+                _run_isolated(project_path, suite_name, row.name, seed, out)
+            results.append(run_one(project_path, suite, row, seed, out, progress))
+            if not done[i] and resumed is None:  # a resumed run's time is part of a run: no mean of whole runs
+                trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
+            if row.method in EXPERT_METHODS:
+                built.add(seed)
+            # after every run: an interrupted suite keeps its numbers
+            aggregated = aggregate(_with_finished(results, plan, suite, out), suite)
+            write_results(aggregated, out)
+    except BaseException:  # Ctrl-C, SIGTERM, a failed row: the report of the rows finished so far
+        if aggregated is not None:
+            try:
+                write_report(aggregated, out)
+            except KeyboardInterrupt:  # stopped again while writing: the first stop (its exit status) stands
+                console.print(f"note: the report was not written (stopped again while writing it); "
+                              f"{out / 'results.json'} holds the finished rows")
+            except Exception as exc:  # noqa: BLE001 - the stop (or the row's error) is what the user must see
+                console.print(f"note: the report of the finished rows could not be written ({exc})")
+        raise
+    if aggregated is None:  # nothing in the plan: the report of the rows already finished
+        aggregated = aggregate(_with_finished(results, plan, suite, out), suite)
+    write_report(aggregated, out)
+    return aggregated
+
+
+def _resumed_at(run_dir: Path) -> str | None:
+    """How far an unfinished run folder got (``step N of its checkpoint``, ``its shared stages``), or None
+    when it holds no run yet: what the progress line says a row resumes from."""
+    from unionseg.training.checkpoint import checkpoint_step
+
+    if (run_dir / "last.pt").is_file():
+        step = checkpoint_step(run_dir / "last.pt")
+        return "its checkpoint" if step is None else f"step {step}"
+    if (run_dir / "stages.json").is_file() or (run_dir / "config.yaml").is_file():
+        return "its shared stages"
+    return None
+
+
+def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]], suite: SuiteConfig,
+                   out: Path) -> list[dict[str, Any]]:
+    """``results`` (of this call's ``plan``) plus the finished rows of the suite outside the plan, every seed
+    of them found in ``out`` (a call with fewer ``--seeds`` than an earlier one dropped the others silently)."""
+    ran = {(r.get("name"), r.get("seed")) for r in results}  # a stopped call has not reached all of its plan
+    extra = []
+    for row in suite.runs():
+        for done in sorted((out / "runs" / row.name).glob("seed*/result.json")):
+            seed_name = done.parent.name[len("seed"):]
+            if seed_name.isdigit() and (row.name, int(seed_name)) not in ran:
+                extra.append(json.loads(done.read_text(encoding="utf-8")))
+    # in the suite's row order, whichever rows this call ran (they came first: `--methods naive` after a
+    # run of the whole suite put naive above the oracle)
+    order = {row.name: i for i, row in enumerate(suite.runs())}
+    return sorted([*results, *extra], key=lambda r: (order.get(r.get("name"), len(order)), r.get("seed", 0)))
+
+
+def suite_eta(to_train: int, trained: list[float], recorded: list[float], stages: int = 0,
+              stage_seconds: float | None = None, stage_runs: int = 0) -> str:
+    """The suite's remaining time, for the progress line; ``""`` when there is nothing to go on.
+
+    Runs already done are reused in seconds, so they must not count as progress: the estimate is the number
+    of runs still to train (``to_train``, the current one included) times the mean wall time of the runs this
+    call trained (``trained``: training, prediction and evaluation, shared stages left out), or, before the
+    first of them ends, the mean recorded training time of the reused runs (``recorded``, marked ``~``: it
+    leaves out prediction, and the next rows may be other methods). Then, for each of ``stages`` seeds whose
+    shared experts a later row must build first, one build: ``stage_seconds`` as measured on an earlier
+    seed, else ``stage_runs`` (the number of experts) run times, since an expert trains under the same budget.
+    """
+    if to_train == 0:
+        return "0 s"
+    if trained:
+        per_run, mark = sum(trained) / len(trained), ""
+    else:
+        recorded = [s for s in recorded if s and s > 0]
+        if not recorded:
+            return ""
+        per_run, mark = sum(recorded) / len(recorded), "~"
+    build = stage_seconds if stage_seconds is not None else stage_runs * per_run
+    return mark + _duration(to_train * per_run + stages * build)
+
+
+def _stage_seconds(results: list[dict[str, Any]]) -> float | None:
+    """The measured time of one seed's shared stages (experts, their maps, pseudo labels), if a run has one."""
+    times = [float(r.get("stage_seconds") or 0) for r in results]
+    times = [t for t in times if t > 0] or [float(r.get("expert_seconds") or 0) for r in results
+                                            if float(r.get("expert_seconds") or 0) > 0]
+    return max(times) if times else None
+
+
+def _count_experts(project_path: Path) -> int:
+    """How many shared experts a seed trains (one per training dataset); 0 when the project cannot be read."""
+    from unionseg.config import load_project
+
+    try:
+        return len(load_project(project_path).train_datasets)
+    except (UnionsegError, OSError):
+        return 0
+
+
+def _duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+
+
+def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path) -> None:
+    cmd = [sys.executable, "-m", "unionseg.benchmark", suite_name, str(out), name, str(seed)]
+    env = dict(os.environ)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt as exc:
+        _stop_run(proc, terminated=isinstance(exc, Terminated))
+        raise
+    if code != 0:
+        raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {code}); see its run folder",
+                          out / "runs" / name / f"seed{seed}")
+
+
+def _stop_run(proc: subprocess.Popen[bytes], terminated: bool = False) -> None:
+    """Ctrl-C (or SIGTERM: ``terminated``) while a run trains in its own process: let it finish its step and
+    write its checkpoint (``subprocess.run`` would kill it a quarter of a second later; left alone after a
+    SIGTERM to this process, it trained on with nobody waiting). The signal is forwarded, for a signal sent
+    to this process alone (from a terminal the run got it too, and takes the two as one request); a second
+    one stops the run at once, a third kills it."""
+    import signal
+
+    sig = signal.SIGTERM if terminated else signal.SIGINT
+    stops = [lambda: proc.send_signal(sig)] * (2 if os.name == "posix" else 0) + [proc.kill]
+    for stop in stops:
+        stop()
+        try:
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            continue
+    proc.wait()
+
+
+def _isolated_main(argv: list[str]) -> None:
+    suite_name, out, name, seed = argv
+    suite = load_suite(suite_name)
+    spec = next(r for r in suite.runs() if r.name == name)
+    run_one(Path(out) / "data" / "project.yaml", suite, spec, int(seed), Path(out), progress=False)
+
+
+def _built_in_suites() -> str:
+    from unionseg.training.recipes import recipe_dir
+
+    return ", ".join(sorted(p.stem for p in (recipe_dir() / "suites").glob("*.yaml")))
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def benchmark(
+        out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Benchmark folder (resumable).")] = Path("bench_out"),
+        suite: Annotated[str, typer.Option("--suite", help=f"A built-in suite ({_built_in_suites()}) or a suite YAML.")] = "ci",
+        methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="ROW[,ROW...]", help="Train only these rows: `--methods oracle,naive` or the flag repeated (the report still lists every finished row of the suite in -o).")] = None,
+        seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
+    ) -> None:
+        """Train every method of a suite under one budget, evaluate the test set once, write the report.
+
+        Suites: `ci` (every method end to end in about 90 s, figures near 0 by design), `standard` (the methods compared on 2 CPU cores, under 90 minutes a seed), `ablations`, `large` (the GPU recipe). A finished method and seed is reused when the command runs again.
+        """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
+        from unionseg.report import print_table
+
+        rows = None if methods is None else [n.strip() for given in methods for n in given.split(",") if n.strip()]
+        if rows == []:  # `--methods "$ROWS"` with ROWS unset would otherwise run the whole suite
+            raise ConfigError("--methods names no row; leave it out to run every row of the suite")
+        results = run_benchmark(suite, out, rows, seeds, progress=not quiet)
+        print_table(results)
+        typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
+
+    @app.command()
+    def demo(
+        out: Annotated[Path, typer.Argument(help="Folder for the demo's data, runs and report.")] = Path("demo_out"),
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
+    ) -> None:
+        """Show the whole pipeline on built-in synthetic CT: phantom -> prepare -> every method trained, predicted and evaluated (the `ci` suite) -> table and report.
+
+        It writes into OUT (default ./demo_out) and takes a minute or two on a laptop CPU. Its networks train for 8 steps, so their Dice is near 0 by design: the demo shows that every stage runs; `unionseg benchmark --suite standard` compares the methods.
+        """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
+        from unionseg.data.phantom import difficulty_report
+        from unionseg.report import print_table
+        from unionseg.reports import print_project_info
+
+        suite = load_suite("ci")
+        check_out(out.resolve(), suite)
+        project_path = ensure_phantom(suite, out.resolve())
+        difficulty_report(project_path.parent)
+        typer.echo(f"phantom: {project_path} (difficulty certificate: {project_path.parent / 'certificate.json'})")
+        print_project_info(project_path)
+        results = run_benchmark("ci", out, progress=not quiet)  # prepares the phantom, then trains every row
+        print_table(results)
+        typer.echo(f"report: {out.resolve() / 'report.md'}")
+
+
+if __name__ == "__main__":
+    try:
+        with sigterm_as_interrupt():
+            _isolated_main(sys.argv[1:])
+    except KeyboardInterrupt as exc:  # the trainer said where the run stopped; the benchmark says "interrupted"
+        sys.exit(exit_code(exc))

@@ -1,0 +1,1 @@
+"""Data: IO, catalog, phantom, preprocessing, sampling."""

@@ -1,0 +1,50 @@
+"""Small helpers shared by the loss modules: argument checks and a float32 island for AMP."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor
+
+
+def float32_island(tensor: Tensor) -> AbstractContextManager:
+    """A context in which autocast is off, so matmuls/einsums inside a loss run in float32.
+
+    Elementwise ops and reductions are never down-cast by autocast; ``bmm``/``einsum`` are, and a Dice sum
+    over 10^6 voxels in float16 loses digits. Every loss converts its inputs with ``.float()`` as well.
+    """
+    return torch.autocast(device_type=tensor.device.type, enabled=False)
+
+
+def check_channels_first(name: str, tensor: Tensor, min_dim: int = 3) -> None:
+    """Raise ValueError unless ``tensor`` is (B, C, *S) with at least one spatial dimension."""
+    if tensor.dim() < min_dim:
+        raise ValueError(f"{name} must be (B, C, *S) with at least one spatial dimension, got shape "
+                         f"{tuple(tensor.shape)}")
+
+
+def check_spatial(name: str, tensor: Tensor, reference: Tensor) -> None:
+    """Raise ValueError unless ``tensor`` is (B, *S) matching the batch and spatial shape of ``reference``
+    (B, C, *S)."""
+    expected = (reference.shape[0], *reference.shape[2:])
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"{name} must have shape (B, *S) = {expected}, got {tuple(tensor.shape)}")
+
+
+def check_batch_mask(name: str, mask: Tensor, reference: Tensor) -> None:
+    """Raise ValueError unless ``mask`` is (B, C) matching ``reference`` (B, C, *S)."""
+    expected = tuple(reference.shape[:2])
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"{name} must have shape (B, C) = {expected}, got {tuple(mask.shape)}")
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise ValueError unless ``value`` is > 0 (or >= 0 with ``allow_zero``)."""
+    if not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def zero_with_graph(tensor: Tensor) -> Tensor:
+    """A float32 scalar 0 attached to ``tensor``'s graph (so ``backward()`` works and every gradient is 0)."""
+    return tensor.float().sum() * 0.0

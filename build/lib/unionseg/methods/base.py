@@ -1,0 +1,221 @@
+"""The method interface and its registry.
+
+A method is one file under ``methods/``: a :class:`Method` subclass decorated with
+``@register_method("name")``. It declares its stages, builds its trainable networks, computes the named
+loss terms of one training step, and says which network to deploy and in what output form (contract 4).
+Everything else (data, loop, AMP, averages' checkpointing, validation, DDP, logging) is the trainer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from unionseg.config import from_dict
+from unionseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from unionseg.artifacts import ArtifactCache
+    from unionseg.config import Project
+    from unionseg.data.preprocess import PreparedCase, PreparedIndex
+    from unionseg.labels import LabelSpace
+    from unionseg.training.config import TrainConfig
+    from unionseg.training.ema import WeightAverage
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a method available as ``unionseg train --method NAME``."""
+
+    def wrap(cls: type[Method]) -> type[Method]:
+        if name in METHODS and METHODS[name] is not cls:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+
+    for module in ("expert", "baselines", "cotraining", "dodnet", "multihead", "conditional", "mskd"):
+        try:
+            importlib.import_module(f"unionseg.methods.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"unionseg.methods.{module}":
+                raise
+
+
+def get_method(name: str) -> type[Method]:
+    _load_builtin_methods()
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+
+
+def available_methods() -> list[str]:
+    _load_builtin_methods()
+    return sorted(METHODS)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A method without options."""
+
+
+@dataclass
+class Deployed:
+    """What a finished method hands to the model file: one module, its output form and channel keys."""
+
+    module: nn.Module
+    network_spec: dict[str, Any]
+    output_form: str
+    channels: list[str]
+    #: the label space the channels refer to (default: the project's)
+    label_space: LabelSpace | None = None
+    #: (L_sub,) uint8 map from ``label_space`` leaf ids to the project's leaf ids (default: identity)
+    to_global: np.ndarray | None = None
+    #: (L,) bool: project leaves this model can predict (validation scores only those)
+    predictable: np.ndarray | None = None
+
+
+@dataclass
+class RunContext:
+    """Everything a method may read: the project, prepared data, the label space, the config."""
+
+    project: Project
+    index: PreparedIndex
+    space: LabelSpace
+    cfg: TrainConfig
+    device: torch.device
+    run_dir: Any
+    artifacts: ArtifactCache | None = None
+    train_datasets: list[str] = field(default_factory=list)
+    is_main: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ExtraSpec:
+    """An aligned extra per training case (contract 7): its kind and how to load it for a case."""
+
+    kind: Literal["label", "prob"]  # nearest or linear interpolation
+    load: Callable[[PreparedCase], np.ndarray]
+
+
+class Method:
+    """Base class. Subclasses set ``stages``, ``Options`` and implement :meth:`build`,
+    :meth:`training_step` and :meth:`deploy`.
+
+    Attributes set by the trainer: ``models`` (possibly DDP-wrapped, for the forward/backward pass) and
+    ``raw_models`` (the plain modules, for averages and deployment).
+    """
+
+    name: ClassVar[str] = ""
+    #: one line for `unionseg methods`: what the method is, and its paper
+    summary: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    #: stages run before training (e.g. "experts", "pseudo_labels"); "train" is the trainer's loop
+    stages: ClassVar[tuple[str, ...]] = ("train",)
+    #: "label" (partial ground truth) or "oracle" (the phantom's hidden full truth)
+    label_source: ClassVar[str] = "label"
+    #: True when some trainable parameter can miss a step's loss (a head of a task absent from the batch):
+    #: DDP must then search the autograd graph for them every step. Every method here uses all of its
+    #: parameters in every step (tests/test_training.py checks it), so DDP skips that search.
+    unused_parameters: ClassVar[bool] = False
+    #: why ``init_from`` (a model file's weights as the start) makes no sense for the method ("": it does; the
+    #: deployed module is then the network it trains)
+    cannot_start_from_a_model: ClassVar[str] = ""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.space = ctx.space
+        self.options: Any = from_dict(self.Options, ctx.cfg.options, source=f"options of method {self.name!r}")
+        self.models: dict[str, nn.Module] = {}
+        self.raw_models: dict[str, nn.Module] = {}
+
+    # ------------------------------------------------------------------ stages and data
+    def run_stage(self, stage: str) -> dict[str, Any]:
+        """Run a non-training stage; returns a JSON-able summary recorded in the run folder.
+
+        The shared-artefact stages (contract 6) are handled here for every method that declares them:
+        ``experts``, ``teacher_probabilities`` (the experts' cached probabilities) and ``pseudo_labels``.
+        """
+        art = self.ctx.artifacts
+        if art is not None and stage == "experts":
+            models = art.ensure_experts()
+            return {"experts": {k: str(v) for k, v in models.items()}, **art.summary()}
+        if art is not None and stage == "teacher_probabilities":
+            art.ensure_probs()
+            return art.summary()
+        if art is not None and stage == "pseudo_labels":
+            return art.ensure_pseudo_labels()
+        raise NotImplementedError(f"method {self.name!r} declares stage {stage!r} but does not implement it")
+
+    def label(self) -> str:
+        """How progress lines name this training (default: the method's name)."""
+        return str(self.ctx.cfg.method)
+
+    def datasets(self) -> list[str]:
+        """Training datasets this method samples from (default: all)."""
+        return list(self.ctx.train_datasets)
+
+    def extras(self) -> dict[str, ExtraSpec]:
+        """Aligned extras the sampler must carry with every patch."""
+        return {}
+
+    def annotated(self, case: PreparedCase) -> np.ndarray:
+        """The sample's annotated-leaf mask (the oracle's hidden truth annotates everything)."""
+        return self.space.full_mask() if self.label_source == "oracle" else case.annotated
+
+    # ------------------------------------------------------------------ training
+    def build(self) -> dict[str, nn.Module]:
+        """Create the trainable networks (name -> module)."""
+        raise NotImplementedError
+
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name prefix (``"<model>.<parameter path>"``, e.g.
+        ``"net.head.controller"``); the longest matching prefix wins, other parameters keep 1. The
+        schedule scales every group alike."""
+        return {}
+
+    def averages(self) -> dict[str, WeightAverage]:
+        """Weight averages to checkpoint and restore (name -> average)."""
+        return {}
+
+    def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """Named loss terms for one batch; ``"loss"`` is the total that is back-propagated."""
+        raise NotImplementedError
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimiser step (update averages here)."""
+
+    # ------------------------------------------------------------------ deployment
+    def deploy(self) -> Deployed:
+        """The network to validate and ship, with its output form and channel keys."""
+        raise NotImplementedError
+
+    def candidates(self) -> dict[str, Deployed]:
+        """Networks validation should compare (default: the deployed one). Co-training offers both
+        averages; the trainer keeps the better-validating one."""
+        return {"model": self.deploy()}
+
+    def select(self, name: str) -> None:
+        """Validation picked candidate ``name`` (see :meth:`candidates`)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra method state to checkpoint (besides models, averages and optimiser)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

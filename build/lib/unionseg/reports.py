@@ -1,0 +1,283 @@
+"""Text reports for the terminal (rich tables). No torch here."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from unionseg.jsonfile import read_record
+from unionseg.labels import REGION_PREFIX
+
+
+def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Taxonomy, annotated classes and case counts per split, as plain data.
+
+    Loads the project, scans every dataset folder (structure only, no voxels) and splits the training
+    datasets as training will.
+
+    Args:
+        project_path: the project file.
+        roots: optional ``dataset name -> folder`` overrides.
+
+    Raises:
+        ConfigError: an invalid project file (names the file and the key).
+        DataError: an unusable dataset folder (names the file at fault).
+    """
+    from unionseg.config import load_project, split_cases
+    from unionseg.data.catalog import (
+        check_label_map,
+        scan_dataset,
+        warn_shared_images,
+        warn_training_on_test_folders,
+    )
+
+    # an evaluation-only project (one test set, for `evaluate -p`) is described too; it says it cannot train
+    project = load_project(project_path, roots=roots, require_train=False)
+    space = project.label_space
+    datasets = []
+    scans = []
+    for spec in project.datasets:
+        info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
+        scans.append((spec.name, spec.role, info))
+        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
+        warn_training_on_test_folders(spec.name, spec.role, spec.root, info)
+        space.warn_annotations(spec.name, project.path)
+        ids = [c.case_id for c in info.cases]
+        if spec.role == "train":
+            split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.", source=project.path)
+            counts = {"train": len(split["train"]), "val": len(split["val"])}
+        else:
+            counts = {spec.role: len(ids)}
+        datasets.append({"name": spec.name, "role": spec.role, "layout": info.layout,
+                         "labels": {int(k): v for k, v in spec.labels.items()},
+                         "annotated": list(spec.annotated), "counts": counts, "root": str(spec.root)})
+    warn_shared_images(scans, project.path)
+    classes = [{"id": i, "name": leaf.name, "part_of": leaf.part_of} for i, leaf in enumerate(space.leaves)]
+    return {"project": project.name, "path": str(project.path), "classes": classes,
+            "regions": {k: [space.names[i] for i in space.leaves_of(k)] for k in space.region_keys()},
+            "datasets": datasets,
+            "preprocessing": {"spacing": list(project.preprocessing.spacing),
+                              "window": list(project.preprocessing.window)}}
+
+
+def print_project_info(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Print :func:`project_summary` as tables on stdout and return it (``unionseg info``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    summary = project_summary(project_path, roots)
+    # piped or captured output gets a wide console so that names are never cut to fit 80 columns
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(f"[bold]{summary['project']}[/bold]  ({summary['path']})")
+    taxonomy = Table(title="classes (leaves)")
+    for col in ("id", "leaf", "part of"):
+        taxonomy.add_column(col)
+    for c in summary["classes"]:
+        taxonomy.add_row(str(c["id"]), c["name"], c["part_of"] or "")
+    console.print(taxonomy)
+    regions = Table(title="regions (scored as organs)")
+    regions.add_column("region")
+    regions.add_column("leaves")
+    for key, leaves in summary["regions"].items():
+        regions.add_row(key[len(REGION_PREFIX):], ", ".join(leaves))
+    console.print(regions)
+    table = Table(title="datasets")
+    for col in ("dataset", "role", "layout", "local -> global", "annotated", "cases"):
+        table.add_column(col, overflow="fold")  # a narrow terminal wraps a name, never cuts it ("liver_tumo…")
+    for d in summary["datasets"]:
+        table.add_row(d["name"], d["role"], d["layout"],
+                      "\n".join(f"{k}->{v}" for k, v in d["labels"].items()),  # one per line: never cut
+                      "\n".join(d["annotated"]),
+                      ", ".join(f"{k} {v}" for k, v in d["counts"].items()))
+    console.print(table)
+    # where each dataset was read (after the roots file and --root): the table has no room for paths
+    console.print("roots (NAME=DIR, as --root takes them): " + "; ".join(f"{d['name']}={d['root']}" for d in summary["datasets"]),
+                  markup=False, highlight=False, soft_wrap=True)
+    pre = summary["preprocessing"]
+    console.print(f"preprocessing: spacing {pre['spacing']} mm, window {pre['window']} HU")
+    if not any(d["role"] == "train" for d in summary["datasets"]):
+        console.print("no dataset has role: train, so this project can score predictions (`unionseg evaluate "
+                      "-p`) but not train", markup=False, highlight=False, soft_wrap=True)
+    return summary
+
+
+def model_summary(path: Path) -> dict[str, Any]:
+    """What a model file holds and expects: method, classes and output channels, network and parameter count,
+    the preprocessing its inputs get, the sliding-window settings, and where it comes from (``unionseg info
+    MODEL.pt``)."""
+    from unionseg.modelfile import load_model
+
+    payload = load_model(path)
+    config = payload.get("config") or {}
+    provenance = payload.get("provenance") or {}
+    network = payload["network"]
+    while isinstance(network.get("network"), dict):  # a wrapper (channel selection) around the network
+        network = network["network"]
+    return {
+        "path": str(path), "method": payload["method"], "output_form": payload["output_form"],
+        "channels": list(payload["channels"]),
+        "classes": [{"name": c["name"], "part_of": c.get("part_of")} for c in payload["label_space"]["classes"]],
+        "project_datasets": [d["name"] for d in payload["label_space"].get("datasets", [])],
+        "network": network, "parameters": int(sum(t.numel() for t in payload["state_dict"].values())),
+        "preprocessing": payload["preprocessing"], "inference": payload["inference"],
+        "training": {k: config.get(k) for k in ("steps", "expert_steps", "seed", "optim", "data", "select_on",
+                                                "init_from")
+                     if k in config},
+        "provenance": provenance,
+    }
+
+
+def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Print :func:`model_summary` (``summary``, when already read) on stdout and return it."""
+    import json
+
+    from rich.console import Console
+
+    s = summary if summary is not None else model_summary(path)
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    out = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
+    article = "an" if s["method"][:1] in "aeiou" else "a"
+    out(f"{s['path']}: {article} {s['method']} model ({s['output_form']} outputs), {s['parameters']:,} parameters")
+    parts = {c["name"]: [d["name"] for d in s["classes"] if d["part_of"] == c["name"]] for c in s["classes"]
+             if not c["part_of"]}
+    out("classes: " + "; ".join(f"{organ}" + (f" (with {', '.join(p)})" if p else "") for organ, p in parts.items()))
+    out(f"output channels: {', '.join(s['channels'])}")
+    if s["project_datasets"]:
+        out(f"datasets of its project: {', '.join(s['project_datasets'])}")
+    network = s["network"]
+    if network.get("kind") == "ensemble":
+        experts = network.get("experts", [])
+        first = experts[0].get("backbone", {}) if experts else {}
+        out(f"network: an ensemble of {len(experts)} experts, each {json.dumps(first)}")
+    else:
+        head = network.get("head", {})
+        out(f"network: {json.dumps(network.get('backbone', {}))}"
+            + (f", head {head.get('name')}" if isinstance(head, dict) and head else ""))
+    pre = s["preprocessing"]
+    # the grid holds a whole number of voxels per axis, so an image's own spacing is close to the target
+    # (5.948 mm for a 6 mm target), not equal to it: prepare records each case's
+    out(f"inputs are resampled to about {pre.get('spacing')} mm and windowed to {pre.get('window')} HU"
+        + (", cropped to the body" if pre.get("crop_to_body") else "") + "; predictions go back to the input's grid")
+    inf = s["inference"]
+    out(f"sliding window: {inf.get('roi_size')} voxels, overlap {inf.get('overlap')}, {inf.get('sw_batch_size')} "
+        f"window(s) per call, {inf.get('blend')} blending, threshold {inf.get('threshold')}")
+    train = s["training"]
+    if train:
+        optim = train.get("optim") or {}
+        out(f"training: {train.get('steps')} steps, seed {train.get('seed')}, {optim.get('name')} lr {optim.get('lr')} "
+            f"({optim.get('schedule')}), checkpoint selected on {_selection_words(train.get('select_on'))}"
+            + (f", shared experts {train['expert_steps']} steps" if train.get("expert_steps") else "")
+            + (f", started from {train['init_from']}" if train.get("init_from") else ""))
+    prov = s["provenance"]
+    if prov:
+        out(f"provenance: taken at step {prov.get('selected_at_step')}, config hash {prov.get('config_hash')}, "
+            f"data fingerprint {prov.get('data_fingerprint')}")
+        if prov.get("options"):
+            out(f"method options: {json.dumps(prov['options'], sort_keys=True)}")
+    return s
+
+
+def _selection_words(select_on: str | None) -> str:
+    """What a run's ``select_on`` compares, in words (``train`` prints "classes" / "organ regions")."""
+    return "the organ regions" if select_on == "regions" else "every class, not only the organ regions"
+
+
+def _print_shared_stages(run: Path) -> None:
+    """For a run cut during its stages: which stages it finished and how far each shared expert got (their
+    checkpoints live with the shared artefacts, where `--resume` picks them up)."""
+
+    from unionseg.training.checkpoint import checkpoint_step
+    from unionseg.training.trainer import SHARED_KEY
+
+    path = run / "stages.json"
+    if not path.is_file():
+        return
+    stages = read_record(path)
+    finished = [s for s in stages if s != SHARED_KEY]
+    if finished:
+        print(f"stages finished: {', '.join(finished)}")
+    shared = Path(stages.get(SHARED_KEY, "")) / "experts"
+    if SHARED_KEY not in stages or not shared.is_dir():
+        return
+    for expert in sorted(p for p in shared.iterdir() if p.is_dir()):
+        if (expert / "summary.json").is_file():
+            state = "trained"
+        elif (expert / "last.pt").is_file():
+            step = checkpoint_step(expert / "last.pt")
+            state = f"cut at step {step}, resumes from {expert / 'last.pt'}" if step is not None else \
+                f"resumes from {expert / 'last.pt'}"
+        else:
+            state = "started, no checkpoint yet"
+        print(f"shared expert {expert.name}: {state}")
+    print("`unionseg train` with the same arguments and --resume goes on from there")
+
+
+def print_run_info(run: Path) -> dict[str, Any]:
+    """A run folder (``unionseg info RUN``): how far it got, then its model file as :func:`print_model_info`.
+
+    Raises:
+        CheckpointError: a folder that holds no run (no ``config.yaml``).
+    """
+
+    from unionseg.errors import CheckpointError
+
+    if not (run / "config.yaml").is_file():
+        # a benchmark's row folder (seed0/, ...) or its -o (runs/NAME/seedN/), a phantom's folder
+        runs = sorted(str(p.parent.relative_to(run)) for depth in ("*", "*/*", "*/*/*")
+                      for p in run.glob(f"{depth}/config.yaml"))
+        projects = sorted(p.name for p in run.glob("*.yaml"))
+        hint = (f"; it holds run folders ({', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}): give one"
+                if runs else f"; it holds {', '.join(projects[:3])}: give the project file" if projects else "")
+        raise CheckpointError("not a run folder (no config.yaml); give a project file, a model file or the -o "
+                              f"folder of `unionseg train`{hint}", run)
+    summary_path = run / "summary.json"
+    history_path = run / "validation.json"
+    model: dict[str, Any] | None = None
+    unreadable: CheckpointError | None = None
+    if (run / "model.pt").is_file():
+        try:
+            model = model_summary(run / "model.pt")
+        except CheckpointError as exc:  # raised after the run's state is said: a broken model hid it
+            unreadable = exc
+    if summary_path.is_file():
+        summary = read_record(summary_path)
+        step = summary.get("selected_at_step")
+        if step is None and model is not None:  # a summary written before it recorded the step
+            step = model["provenance"].get("selected_at_step")
+        score = summary.get("best_val_mean_dice", float("nan"))
+        chosen = (f"best validation mean Dice {score:.4f} (over {_selection_words(summary.get('selected_on'))})"
+                  if score is not None else "not validated (no validation case): the last step's weights")
+        print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
+              f"taken at step {step}, {chosen}")
+    else:
+        from unionseg.locking import FileLock
+        from unionseg.training.checkpoint import checkpoint_step
+
+        lock = run / ".lock"
+        holder = FileLock(lock, "the run folder").holder() if lock.is_file() else ""
+        if holder.startswith("pid "):  # read from /proc/locks, without taking the lock: info writes nothing
+            print(f"{run}: a run in progress, in {holder}; what follows is where it stood at its last record")
+        history = read_record(history_path) if history_path.is_file() else []
+        last = (", not validated yet" if not history
+                else ", not validated (no validation case)" if history[-1].get("cases") == 0
+                else f", last validated at step {history[-1]['step']}")
+        if (run / "last.pt").is_file():
+            step = checkpoint_step(run / "last.pt")
+            if step is None:  # it said "to resume from", and --resume then refused the file
+                print(f"{run}: an unfinished run{last}; its checkpoint (last.pt) cannot be read (truncated or "
+                      "corrupt): --resume refuses it; delete it to train again from step 0, or train into "
+                      "another --out")
+            else:
+                print(f"{run}: an unfinished run{last}; a checkpoint (last.pt, step {step}) to resume from")
+        else:
+            print(f"{run}: an unfinished run{last}; no checkpoint of its own yet")
+            _print_shared_stages(run)
+    if unreadable is not None:
+        raise unreadable
+    if model is None:
+        print("no model file yet")
+        return {"run": str(run)}
+    return {"run": str(run), **print_model_info(run / "model.pt", model)}
+

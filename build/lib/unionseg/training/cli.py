@@ -1,0 +1,58 @@
+"""``unionseg train``: run every stage of a method and write a model file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command(context_settings={"allow_extra_args": False})
+    def train(
+        project: Annotated[Path, typer.Argument(help="Project file (YAML), prepared with `unionseg prepare`.")],
+        overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options; init_from=MODEL.pt: start from a model file's weights; docs/training.md)")] = None,
+        method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
+                                                      "default: the recipe's, else naive).")] = None,
+        config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML, on top of the method's recipe built into unionseg: keys it leaves out keep that recipe's values (default: the built-in recipe alone, not a file of the working folder).")] = None,
+        out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Run folder.")] = Path("runs/run"),
+        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.", metavar="")] = False,
+        root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
+        device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (the override "
+                                                      "device=...; default: the recipe's, auto).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
+    ) -> None:
+        """Train one network with a method (--method) on a prepared project; OUT/model.pt is what `unionseg predict` reads.
+
+        The run folder OUT gets the resolved configuration, checkpoints (last.pt), logs and the model file; a folder that holds a run is refused unless --resume goes on from its checkpoint.
+
+        Example: `unionseg train data/project.yaml -m cotraining -o runs/cot steps=1500`.
+        """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
+        from unionseg.cli import _parse_roots
+        from unionseg.training.recipes import train_config
+        from unionseg.training.trainer import train as run_train
+
+        # the user's recipe on top of the method's: what it leaves out keeps the method's recipe value
+        given = [*(overrides or []), *([f"device={device}"] if device is not None else [])]
+        cfg = train_config(method, config, given, given_as="--method")
+        summary = run_train(project, cfg, out, resume=resume, roots=_parse_roots(root), progress=not quiet)
+        over = "organ regions" if summary.get("selected_on") == "regions" else "classes"
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone reports
+            step = summary.get("selected_at_step")
+            at = f" (step {step} of {summary['steps']})" if step else ""
+            score = summary["best_val_mean_dice"]
+            typer.echo(f"model: {summary['model']}{at}  "
+                       + (f"best validation mean Dice over {over}: {score:.4f}" if score is not None
+                          else "not validated (no validation case): the last step's weights"))
+
+    @app.command()
+    def methods() -> None:
+        """List the available methods."""
+        from unionseg.methods.base import available_methods, get_method
+
+        names = available_methods()
+        width = max(len(n) for n in names)
+        for name in names:
+            typer.echo(f"{name:<{width}}  {get_method(name).summary}".rstrip())

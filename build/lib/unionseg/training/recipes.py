@@ -1,0 +1,86 @@
+"""Built-in recipes: ``configs/<method>.yaml`` shipped inside the package."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from unionseg.training.config import TrainConfig
+
+
+def recipe_dir() -> Path:
+    return Path(str(resources.files("unionseg") / "configs"))
+
+
+def default_recipe(method: str) -> Path | None:
+    """The recipe built into unionseg for ``method`` (its budget, optimiser and options), or None for a
+    registered method that ships none (then :class:`~unionseg.training.config.TrainConfig`'s defaults apply).
+
+    Raises:
+        ConfigError: ``method`` is no method of unionseg (a misspelt name gave the bare defaults silently).
+    """
+    from unionseg.methods.base import available_methods
+
+    path = recipe_dir() / f"{method}.yaml"
+    if path.is_file():
+        return path
+    if method not in available_methods():
+        from unionseg.errors import ConfigError
+
+        raise ConfigError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
+    return None
+
+
+def resolve_method(method: str | None, recipe: str | Path | None, given_as: str = "the call") -> str:
+    """The method to train: ``method`` (``--method``), else the recipe's own ``method:``, else ``naive``.
+
+    ``given_as`` names where ``method`` came from in the message (``--method`` for the CLI).
+
+    Raises:
+        ConfigError: ``method`` and the recipe name different methods, or the recipe's is not a name.
+    """
+    from unionseg.config import load_yaml
+    from unionseg.errors import ConfigError
+
+    written = None
+    if recipe is not None:
+        raw = load_yaml(recipe)
+        written = raw.get("method") if isinstance(raw, dict) else None
+        if written is not None and not isinstance(written, str):
+            raise ConfigError(f"method: expected a method name, got {written!r}", recipe)
+    if method is not None and written is not None and written != method:
+        raise ConfigError(f"method: the recipe says {written!r}, {given_as} says {method!r}; give one of them",
+                          recipe)
+    return method or written or "naive"
+
+
+def train_config(method: str | None = None, recipe: str | Path | None = None,
+                 overrides: Sequence[str] | Mapping[str, Any] | str | None = None,
+                 given_as: str = "the call") -> TrainConfig:
+    """The configuration ``unionseg train [--method METHOD] [-c RECIPE] [OVERRIDES]`` trains with.
+
+    The method's recipe built into unionseg (its budget, optimiser and options), then ``recipe`` on top of
+    it (what the file leaves out keeps the built-in value, mappings merged key by key), then the
+    ``key=value`` overrides. :func:`~unionseg.training.config.load_train_config` alone starts from the bare
+    defaults of :class:`~unionseg.training.config.TrainConfig` instead (a learning rate of 0.003, which
+    trains the built-in budgets far more slowly): the same recipe file gave another run from Python than
+    from the command line.
+
+    Args:
+        method: the method (``unionseg methods``); default: the recipe's ``method:``, else ``naive``.
+        recipe: a recipe YAML on top of the method's; a run folder's ``config.yaml`` repeats that run.
+        overrides: ``key=value`` strings (``"steps=1500"``, ``"options.cross_task_weight=0.25"``), or a
+            mapping of Python values (``{"steps": 1500}``).
+        given_as: where ``method`` came from, for the message when the recipe names another (``--method``).
+
+    Raises:
+        ConfigError: an unknown method, ``method`` differing from the recipe's, an unreadable recipe, an
+            unknown key or a bad value.
+    """
+    from unionseg.training.config import load_train_config
+
+    method = resolve_method(method, recipe, given_as)
+    return load_train_config(recipe, overrides or [], base=default_recipe(method), method=method)

@@ -1,0 +1,1213 @@
+"""The one trainer every method plugs into.
+
+Hooks follow nnU-Net's readable skeleton: ``on_train_start`` (stages, models, optimiser, resume),
+``train_step`` (the method's loss terms, AMP, clipping), ``on_step_end`` (averages, logging, validation,
+checkpoints) and ``on_train_end`` (the model file). Multi-GPU through DistributedDataParallel under
+``torchrun``: every rank draws different patches and validates its share of the cases; rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import json
+import math
+import os
+import shlex
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from torch import nn
+
+from unionseg.config import Project, config_hash, describe_changes, option_changes, to_dict
+from unionseg.errors import ConfigError, UnionsegWarning
+from unionseg.jsonfile import read_record, write_json, write_text
+from unionseg.labels import LabelSpace
+from unionseg.methods.base import Deployed, Method, RunContext, get_method
+from unionseg.networks.layout import set_layout
+from unionseg.stopping import Terminated
+from unionseg.training import distributed as dist
+from unionseg.training.checkpoint import atomic_torch_save, rng_state, safe_torch_load, set_rng_state
+from unionseg.training.config import TrainConfig
+from unionseg.training.validation import selection_score, validate_deployed, validation_cases
+
+CKPT_FORMAT = "unionseg-checkpoint"
+
+
+def _comparable_network(spec: dict[str, Any]) -> dict[str, Any]:
+    """A deployed network spec with its defaults filled in, less the head keys that only choose the random
+    starting draw (they mean nothing to a run that starts from a model file's weights)."""
+    from unionseg.networks.build import resolve_spec
+
+    spec = json.loads(json.dumps(spec))  # as a model file stores it: tuples as lists
+    inner = spec.get("network") if spec.get("kind") == "select" else spec
+    if not isinstance(inner, dict) or "backbone" not in inner:
+        return spec
+    resolved = resolve_spec(inner)
+    for key in ("zero_bias_init", "fan_in_init"):
+        resolved["head"].pop(key, None)
+    return {**spec, "network": resolved} if inner is not spec else resolved
+
+
+def _weighted(weights: dict[str, Any]) -> dict[str, Any]:
+    """Dataset weights without those of 1, the default: what decides the sampling."""
+    return {name: w for name, w in weights.items() if w != 1}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"data.patch_size": ..., "select_on": ...}``, for naming what changed (maps
+    of names, ``options`` and ``data.dataset_weights``, stay whole: `{} -> {'liver': 2}`, not two changes)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key not in ("options", "dataset_weights"):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: CUDA asked for on a machine without it.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from unionseg.errors import ConfigError
+
+        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device (device=cpu or auto)")
+    return device
+
+
+def check_sizes(cfg: TrainConfig) -> None:
+    """Refuse a patch or sliding-window size the backbone cannot take (each axis a multiple of its
+    downsampling factor) before any stage runs: otherwise the first step, or the first validation, fails
+    after the shared experts are trained.
+
+    Raises:
+        ConfigError: naming the key, the size and the nearest sizes that fit.
+    """
+    from unionseg.errors import ConfigError
+    from unionseg.networks.build import build_network
+
+    with torch.device("meta"):  # the architecture only: no memory for weights
+        net = build_network({"backbone": cfg.network.backbone_spec(), "head": {"name": "softmax", "out_channels": 2}})
+    divisor = net.divisor
+    for key, size in (("data.patch_size", cfg.data.patch_size), ("inference.roi_size", cfg.roi_size)):
+        if any(n % d for n, d in zip(size, divisor, strict=True)):
+            fit = [max(d, round(n / d) * d) for n, d in zip(size, divisor, strict=True)]
+            raise ConfigError(f"{key}: {list(size)} does not fit the {cfg.network.backbone} backbone, whose inputs must "
+                              f"be multiples of {list(divisor)} on each axis (e.g. {fit})")
+
+
+def param_groups(
+    models: dict[str, nn.Module], lr: float, scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters of ``models`` as optimiser groups, one per learning-rate multiplier.
+
+    Args:
+        models: name -> module; a parameter's key is ``"<name>.<parameter path>"``.
+        lr: the base learning rate.
+        scales: multipliers by key prefix (the longest matching prefix wins; the rest keep 1).
+
+    Raises:
+        ConfigError: a prefix that matches no trainable parameter, or a multiplier that is not positive.
+    """
+    scales = dict(scales or {})
+    for prefix, scale in scales.items():
+        if not scale > 0:
+            raise ConfigError(f"learning-rate multiplier for {prefix!r} must be positive, got {scale}")
+    groups: dict[float, list[nn.Parameter]] = {}
+    used: set[str] = set()
+    for model_name, module in models.items():
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            key = f"{model_name}.{name}"
+            match = max((q for q in scales if key == q or key.startswith(q + ".")), key=len, default=None)
+            if match is not None:
+                used.add(match)
+            groups.setdefault(scales[match] if match is not None else 1.0, []).append(p)
+    unused = sorted(set(scales) - used)
+    if unused:
+        raise ConfigError(f"learning-rate multiplier for {unused[0]!r} matches no trainable parameter")
+    return [{"params": ps, "lr": lr * scale, "lr_scale": scale} for scale, ps in groups.items()]
+
+
+def build_optimizer(params: list[nn.Parameter] | list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over ``params`` (tensors, or groups from :func:`param_groups` with their own lr)."""
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    o, total = cfg.optim, cfg.steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = min(step, total) / max(1, total)
+        if o.schedule == "poly":
+            return (1.0 - t) ** o.poly_power
+        if o.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * t))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+#: the key of ``stages.json`` that names the shared artefacts' folder (no stage is named so)
+SHARED_KEY = "_shared_artifacts"
+
+
+class Trainer:
+    """Runs a method's stages and training loop into ``run_dir``.
+
+    Files written (rank 0): ``config.yaml``, ``stages.json``, ``last.pt`` (complete resumable state),
+    ``model.pt`` (the best-validating deployed model, a model file), ``log.csv``, ``tb/`` (TensorBoard),
+    ``validation.json`` (every validation so far, per class), ``summary.json``.
+    """
+
+    def __init__(self, ctx: RunContext, resume: bool = False) -> None:
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+        self.run_dir = Path(ctx.run_dir)
+        self.resume = resume
+        self.method: Method = get_method(self.cfg.method)(ctx)
+        self.step = 0
+        self.saved_step = 0  # the step of the last checkpoint written or resumed from
+        # the current step's validation is still to run (set while it runs, and in a checkpoint written then)
+        self.validation_pending = False
+        self.saved_pending = False  # whether the last checkpoint written holds its step's validation as to do
+        self.stage_seconds_here = 0.0
+        self.best_metric = -math.inf
+        self.best_name = ""
+        self.best_step = 0  # the step model.pt was taken at
+        self.step_lr = 0.0  # the learning rate of the last step trained (group 0's)
+        self.logger: _Logger | None = None  # fit's, while it runs
+        self.bar: _Progress | None = None  # fit's progress bar, while it runs (validation reports its cases there)
+        self.history: list[dict[str, Any]] = []
+        # stages: shared artefacts built; run: the wall time after the stages (steps, validations, checkpoints),
+        # over every process of a resumed run up to its last checkpoint
+        self.timings = {"data": 0.0, "total": 0.0, "stages": 0.0, "run": 0.0}
+        self.run_seconds_earlier = 0.0  # the processes' before this one (a resumed run)
+        self._run_started: float | None = None
+        # [step, number of processes] from each session on (a resume with another --nproc_per_node adds one)
+        self.world_sizes: list[list[int]] = []
+
+    # ------------------------------------------------------------------ setup
+    def on_train_start(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        resume_state = None
+        if self.resume and (self.run_dir / "last.pt").exists():
+            # checked before config.yaml is written and before any stage runs: a refused resume must change
+            # nothing in the run folder and cost no shared-expert training
+            resume_state = safe_torch_load(self.run_dir / "last.pt", CKPT_FORMAT)
+            self._check_resumable(resume_state, self.run_dir / "last.pt")
+            self._check_same_data(resume_state, self.run_dir / "last.pt")
+        elif self.resume:
+            self._check_same_method()
+            self._check_restart()
+        from unionseg.training.data import check_training_data
+
+        check_training_data(self.method, ctx)  # before config.yaml: a refused run leaves no folder to resume
+        if ctx.is_main and not validation_cases(ctx, self.method.datasets()):
+            warnings.warn(f"{ctx.project.path}: no validation case for this run (every validation split is empty: "
+                          f"val_fraction 0, or one-case datasets): no checkpoint can be selected, so {self.run_dir}"
+                          f"/model.pt holds the last step's weights, not validated; hold out cases (split: "
+                          f"val_fraction or val_cases) or add a role: val dataset to select on",
+                          UnionsegWarning, stacklevel=2)
+        # a resume takes the checkpoint's weights; a model file that cannot start this run is refused here,
+        # before any file is written or any shared expert trained
+        start = (self._start_model(Path(cfg.init_from).expanduser())
+                 if cfg.init_from is not None and resume_state is None else None)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            from unionseg.config import dump_yaml
+
+            dump_yaml(to_dict(cfg), self.run_dir / "config.yaml")
+        torch.manual_seed(cfg.seed + 1000 * dist.rank())
+        np.random.seed(cfg.seed)
+        # both ways: an earlier deterministic run in this process must not leave this one deterministic
+        torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not cfg.deterministic
+        started = time.perf_counter()
+        self._run_stages()
+        self.timings["stages"] = time.perf_counter() - started
+        self.stage_seconds_here = self.timings["stages"]  # this process's, even after a resume restores the run's
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
+        self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
+        for average in self.method.averages().values():
+            set_layout(average.to(ctx.device), ctx.device)
+        if start is not None:
+            self.method.deploy().module.load_state_dict(start["state_dict"])
+        self._seed_rank(0)  # each rank its own dropout masks from here (the initialisation above is shared)
+        self.method.models = {k: dist.wrap(m, ctx.device, self.method.unused_parameters)
+                              for k, m in self.method.raw_models.items()}
+        groups = param_groups(self.method.raw_models, cfg.optim.lr, self.method.lr_scales())
+        self.trainable = bool(groups)
+        if not groups:  # e.g. `individual`: only shared experts, nothing of its own to train
+            groups = [{"params": [nn.Parameter(torch.zeros(1))]}]
+        self.optimizer = build_optimizer(groups, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.use_amp = cfg.amp and ctx.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        if resume_state is not None:
+            self._load_state(resume_state)
+            if "run" not in resume_state.get("timings", {}):  # before session 24: its steps' time, the closest
+                self.timings["run"] = self.timings["total"]
+        self.run_seconds_earlier = self.timings["run"]
+        self._note_world_size()
+        self._run_started = time.perf_counter()
+
+    def _note_world_size(self) -> None:
+        """Start a new entry of ``world_sizes`` when this session runs another number of processes than the
+        last (always for a new run); warn on a resume that changes it, since the effective batch changes."""
+        size = dist.world_size()
+        if self.step >= self.cfg.steps and self.world_sizes:  # a finished run resumed again: no step to come
+            return
+        if self.world_sizes and self.world_sizes[-1][1] != size and self.ctx.is_main:
+            before = self.world_sizes[-1][1]
+            warnings.warn(f"{self.run_dir}: resumed at step {self.step} with {size} process(es), where the run's "
+                          f"steps so far had {before}: the effective batch changes from {before} x "
+                          f"{self.cfg.data.batch_size} to {size} x {self.cfg.data.batch_size} patches per step "
+                          f"(summary.json's processes record it)", UnionsegWarning, stacklevel=2)
+        if not self.world_sizes or self.world_sizes[-1][1] != size:
+            self.world_sizes.append([self.step, size])
+
+    def _run_seconds(self) -> float:
+        """The run's wall time after its stages, this process's included."""
+        if self._run_started is None:
+            return self.timings["run"]
+        return self.run_seconds_earlier + time.perf_counter() - self._run_started
+
+    def _start_model(self, path: Path) -> dict[str, Any]:
+        """The model file ``init_from`` names, checked against the network this run builds (a probe built
+        outside the run's random stream); refused, naming the difference, when it holds another method,
+        another network or other output channels."""
+        from unionseg.errors import listing
+        from unionseg.modelfile import load_model
+
+        cfg = self.cfg
+        if self.method.cannot_start_from_a_model:
+            raise ConfigError(f"init_from: {cfg.method!r} cannot start from a model file: "
+                              f"{self.method.cannot_start_from_a_model}")
+        payload = load_model(path)  # a missing or unreadable file: a CheckpointError naming it
+        with torch.random.fork_rng(devices=[]):
+            probe = get_method(cfg.method)(self.ctx)
+            probe.raw_models = probe.build()
+        if not probe.raw_models:
+            raise ConfigError(f"init_from: {cfg.method!r} trains no network of its own to start from a model file")
+        deployed = probe.deploy()
+        if payload["method"] != cfg.method:
+            raise ConfigError(f"init_from: {path} holds a {payload['method']!r} model, and this run trains "
+                              f"{cfg.method!r}; start from a model of the same method")
+        # compared with defaults filled in (a file of an earlier version lacks later keys at their defaults)
+        theirs, ours = _comparable_network(payload["network"]), _comparable_network(deployed.network_spec)
+        if theirs != ours:
+            changed = describe_changes(_flatten(theirs), _flatten(ours))
+            raise ConfigError(f"init_from: {path} holds another network ({changed}); give the same network.* "
+                              "settings as the run that wrote it")
+        if list(payload["channels"]) != list(deployed.channels):
+            raise ConfigError(f"init_from: {path} predicts other classes ({listing(payload['channels'], 6)}; this "
+                              f"project's: {listing(deployed.channels, 6)}); start from a model of the same label "
+                              "space")
+        try:
+            deployed.module.load_state_dict(payload["state_dict"])  # the weights fit the network, checked now
+        except RuntimeError as exc:
+            from unionseg.errors import CheckpointError
+
+            raise CheckpointError(f"init_from: its weights do not fit the network ({str(exc).splitlines()[0]})",
+                                  path) from None
+        return payload
+
+    def _check_restart(self) -> None:
+        """``--resume`` without a checkpoint for a method that trains a network: it trained again from step 0
+        without a word and replaced the folder's model.pt. A finished run (its ``summary.json``) whose last.pt
+        was removed to save space is refused; an unfinished one with a model file (killed before its first
+        checkpoint) restarts with a warning. A run cut during its stages (no model file yet) goes on quietly."""
+        from unionseg.errors import CheckpointError, UnionsegWarning
+
+        if "train" not in self.method.stages:  # `individual`: nothing of its own to train, nothing to lose
+            return
+        if (self.run_dir / "summary.json").is_file():
+            raise CheckpointError("this run finished, and its checkpoint (last.pt) is gone: --resume has nothing "
+                                  "to continue and would train again from step 0 over its model.pt; to train "
+                                  "again, give another --out", self.run_dir / "summary.json")
+        if (self.run_dir / "model.pt").is_file() and self.ctx.is_main:  # one warning, not one per rank
+            warnings.warn(f"{self.run_dir}: no checkpoint (last.pt) to resume from; training starts again from "
+                          "step 0, and the run's model.pt will be replaced by this run's", UnionsegWarning,
+                          stacklevel=2)
+
+    def _check_same_method(self) -> None:
+        """A resume without a checkpoint (cut during the stages, or a method with nothing of its own to train,
+        such as ``individual``) continues only the same method's run, with the same configuration: else it
+        would build other experts and replace the folder's model file with theirs."""
+        from unionseg.config import load_yaml
+        from unionseg.errors import CheckpointError
+        from unionseg.training.config import load_train_config
+
+        recorded = self.run_dir / "config.yaml"
+        if not recorded.is_file():
+            return
+        try:
+            method = (load_yaml(recorded) or {}).get("method")
+        except Exception:  # an unreadable record: nothing to compare
+            return
+        if method is not None and method != self.cfg.method:
+            raise CheckpointError(f"this run folder holds a {method!r} run; --resume continues it only as "
+                                  f"{method!r} (asked: {self.cfg.method!r}); choose another --out", recorded)
+        try:
+            before = load_train_config(recorded)
+        except Exception:  # a record this version cannot read back: nothing to compare
+            return
+        if not self._same_but_run_settings(to_dict(before), config_hash(before)):
+            changed = self._changes(to_dict(before))
+            raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
+                                  "resume with the same recipe and overrides "
+                                  f"(`-c {shlex.quote(str(recorded))}` gives the "
+                                  "configuration it was started with), or start a new run folder", recorded)
+
+    def _run_stages(self) -> None:
+        path = self.run_dir / "stages.json"
+        done: dict[str, Any] = read_record(path) if path.exists() else {}
+
+        def record() -> None:
+            if self.ctx.is_main:
+                write_json(path, done)
+
+        todo = [s for s in self.method.stages if s != "train" and s not in done]
+        if todo and self.ctx.artifacts is not None and SHARED_KEY not in done:
+            # where the shared artefacts are made, so that `unionseg info RUN` can tell how far a run cut
+            # during its stages got (its experts' checkpoints are there, not in the run folder)
+            done[SHARED_KEY] = str(self.ctx.artifacts.root)
+            record()
+        for stage in todo:
+            try:
+                summary = self.method.run_stage(stage)
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM while the shared artefacts are made: say what is kept
+                if self.ctx.is_main:
+                    kept = "" if self.ctx.artifacts is None else f" ({self.ctx.artifacts.root})"
+                    print(f"stopped in the stage {stage!r}: the shared artefacts finished so far are kept{kept}, and "
+                          "an expert being trained keeps its last checkpoint there; `unionseg train` with the same "
+                          "arguments and --resume, or the same `unionseg benchmark` command, goes on from there",
+                          file=sys.stderr)
+                raise
+            dist.barrier()
+            done[stage] = summary
+            record()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CKPT_FORMAT, "step": self.step, "method": self.cfg.method,
+            "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg), "options": self.method_options(),
+            "models": {k: m.state_dict() for k, m in self.method.raw_models.items()},
+            "averages": {k: a.state_dict() for k, a in self.method.averages().items()},
+            "method_state": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": rng_state(),
+            "best_metric": self.best_metric, "best_name": self.best_name, "best_step": self.best_step,
+            "history": self.history, "data": self._data_identity,
+            "timings": {**self.timings, "run": self._run_seconds()},  # a resumed run's summary times the whole run
+            "world_sizes": self.world_sizes,
+            "validation_pending": self.validation_pending,
+        }
+
+    def save_checkpoint(self) -> None:
+        if self.ctx.is_main:
+            atomic_torch_save(self._state(), self.run_dir / "last.pt")
+        self.saved_step = self.step
+        self.saved_pending = self.validation_pending
+        dist.barrier()
+
+    def _check_resumable(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another configuration or of other method defaults. Where the run goes on
+        (``device``), how often it logs and how many loader workers it uses may differ: they leave the
+        trained weights alone, and a run stopped on one GPU (out of memory) may go on on another."""
+        if not self._same_but_run_settings(state.get("config"), state["config_hash"]):
+            from unionseg.errors import CheckpointError
+
+            recorded = state.get("config")  # the full recipe the run was started with
+            changed = "" if recorded is None else self._changes(recorded)
+            raise CheckpointError("checkpoint was written with a different configuration"
+                                  + (f" ({changed})" if changed else "")
+                                  + "; resume with the same recipe and overrides "
+                                  + f"(`-c {shlex.quote(str(self.run_dir / 'config.yaml'))}` "
+                                  "gives the configuration it was started with), or start a new run folder", path)
+        saved = state.get("options")  # absent in checkpoints written before options were recorded
+        changed = "" if saved is None else option_changes(saved, self.method_options(),
+                                                          to_dict(type(self.method.options)()))
+        if changed:
+            from unionseg.errors import CheckpointError
+
+            raise CheckpointError(f"the method's options changed since this checkpoint ({changed}): this unionseg's "
+                                  "defaults differ from those of the version that wrote it; resume with that "
+                                  "version, or start a new run folder", path)
+
+    @functools.cached_property
+    def _data_identity(self) -> dict[str, Any]:
+        """What the run learns from: the project file, its label space, the cases of each split, and the
+        fingerprint of the prepared sources (path, size and bytes' hash of every file). Only what training reads:
+        a test set may be added or changed without touching a run. Fixed for the run: computed once."""
+        index, space = self.ctx.index, self.ctx.space.to_dict()
+        used = {c.dataset for c in index if c.split in ("train", "val")}  # a role: val set included
+        space["datasets"] = [d for d in space["datasets"] if d["name"] in used]
+        return {"project": str(self.ctx.project.path), "label_space": space,
+                "cases": {split: [f"{c.dataset}/{c.case_id}" for c in index.cases(split=split)]
+                          for split in ("train", "val")},
+                "fingerprint": index.split_fingerprint(("train", "val"))}
+
+    def _check_same_data(self, state: dict[str, Any], path: Path) -> None:
+        """Refuse a checkpoint of another label space or other training/validation cases (another project,
+        or one whose datasets changed); warn when the same cases' files changed since (edited or copied)."""
+        recorded = state.get("data")
+        if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
+            return
+        from unionseg.errors import CheckpointError, listing
+
+        now = self._data_identity
+        since = ("" if recorded.get("project") == now["project"] else
+                 f"; the checkpoint was written for {recorded.get('project')}, and this run reads {now['project']}")
+        if recorded.get("label_space") != now["label_space"]:
+            before, after = recorded.get("label_space") or {}, now["label_space"]
+            names = [[c["name"] for c in space.get("classes", [])] for space in (before, after)]
+            what = (f"classes {names[0]} -> {names[1]}" if names[0] != names[1]
+                    else "the datasets' label maps or annotated classes differ")
+            raise CheckpointError(f"the project's label space changed since this checkpoint ({what}){since}. "
+                                  "Resume with the project it was started with, or start a new run folder", path)
+        for split, cases in now["cases"].items():
+            old = set(recorded.get("cases", {}).get(split, []))
+            if old != set(cases):
+                gone, new = sorted(old - set(cases)), sorted(set(cases) - old)
+                parts = ([f"{len(gone)} no longer there ({listing(gone, 3)})"] if gone else []) + (
+                    [f"{len(new)} new ({listing(new, 3)})"] if new else [])
+                raise CheckpointError(f"the {split} cases changed since this checkpoint: {'; '.join(parts)}{since}. "
+                                      "Resume with the data it was started with, or start a new run folder", path)
+        if recorded.get("fingerprint") != now["fingerprint"] and self.ctx.is_main:
+            from unionseg.errors import UnionsegWarning
+
+            warnings.warn(f"{path}: the same cases' prepared files changed since this checkpoint (edited, "
+                          "re-prepared or copied without their times); training goes on with them as they are now",
+                          UnionsegWarning, stacklevel=2)
+
+    def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
+        """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
+        in the device, the logging interval, the loader workers, in dataset weights of 1 given or left out
+        (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from``
+        recorded relative that names the same file from the working folder."""
+        if recorded_hash == config_hash(self.cfg):
+            return True
+        same = self._as_recorded(recorded)
+        return same is not None and config_hash(same) == recorded_hash
+
+    def _as_recorded(self, recorded: Any) -> TrainConfig | None:
+        """This run's configuration with the settings a resume may change (see :meth:`_same_but_run_settings`)
+        taken from ``recorded``; None when ``recorded`` cannot say them (an older record)."""
+        import dataclasses
+
+        if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
+            return None
+        try:
+            weights = dict(recorded["data"].get("dataset_weights") or {})
+            if _weighted(weights) != _weighted(self.cfg.data.dataset_weights):
+                weights = dict(self.cfg.data.dataset_weights)  # a change that matters: kept, so that it shows
+            start = recorded.get("init_from")  # relative when a Python call before session 27 started the run
+            if start is not None and self.cfg.init_from is not None and not Path(start).is_absolute() and \
+                    str(Path(start).expanduser().resolve()) == self.cfg.init_from:
+                start_as = start
+            else:
+                start_as = self.cfg.init_from
+            return dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
+                                       init_from=start_as,
+                                       data=dataclasses.replace(self.cfg.data, dataset_weights=weights,
+                                                                num_workers=recorded["data"]["num_workers"]))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+    def _changes(self, recorded: dict[str, Any]) -> str:
+        """What differs from ``recorded`` among the settings a resume may NOT change: the refusal listed the
+        device, the logging interval and the workers too, which are allowed (helper-77). A longer run says
+        how to get one (a new run from this one's weights)."""
+        before, after = _flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg))
+        changed = describe_changes(before, after)
+        if {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} == {"steps"}:
+            changed += ("; to train on, start a new run from this one's weights "
+                        f"(init_from={shlex.quote(str((self.run_dir / 'model.pt').absolute()))}): a run's schedule "
+                        "is set by its steps")
+        return changed
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        for k, m in self.method.raw_models.items():
+            m.load_state_dict(state["models"][k])
+        for k, a in self.method.averages().items():
+            a.load_state_dict(state["averages"][k])
+        self.method.load_state_dict(state["method_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"] and self.scaler.is_enabled():  # a CPU run saves an empty one; a GPU resume starts anew
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])  # rank 0's, which rank 0 wrote
+        self._seed_rank(int(state["step"]))
+        self.step = int(state["step"])
+        self.saved_step = self.step
+        # a stop (or a kill) during a validation: --resume runs it first (absent before session 32: none)
+        self.validation_pending = self.saved_pending = bool(state.get("validation_pending", False))
+        # the time of the steps (and stages) before the checkpoint; absent in checkpoints of older versions
+        self.timings.update({k: float(v) for k, v in state.get("timings", {}).items() if k in self.timings})
+        self.best_metric = float(state["best_metric"])
+        self.best_name = str(state["best_name"])
+        self.best_step = int(state.get("best_step", 0)) or self._model_file_step()  # absent before session 24
+        self.history = list(state["history"])
+        # absent before session 30: the processes of the steps before are unknown
+        self.world_sizes = [[int(a), int(b)] for a, b in state.get("world_sizes", [])]
+
+    def _model_file_step(self) -> int:
+        """The step the run folder's model file was taken at, from its provenance (0: unknown)."""
+        try:
+            from unionseg.modelfile import load_model
+
+            return int(load_model(self.run_dir / "model.pt")["provenance"].get("selected_at_step") or 0)
+        except Exception:  # no model file yet, or one this version cannot read: nothing better to say
+            return 0
+
+    def _seed_rank(self, step: int) -> None:
+        """Under DDP, give every rank but 0 a torch random stream of its own (seed, rank, step): the same
+        stream on every GPU drops the same channels everywhere. Called before every step, so that a resumed
+        run's ranks draw what they drew in a run never stopped (the checkpoint holds rank 0's stream only).
+        One process keeps its stream unchanged."""
+        if dist.is_distributed() and dist.rank() > 0:
+            torch.manual_seed(self.cfg.seed + 1000 * dist.rank() + 7919 * step)
+
+    # ------------------------------------------------------------------ the loop
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        for m in self.method.models.values():
+            m.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.ctx.device.type, dtype=torch.float16, enabled=self.use_amp):
+            terms = self.method.training_step(batch, self.step)
+        self.scaler.scale(terms["loss"]).backward()
+        if self.cfg.optim.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            for m in self.method.raw_models.values():
+                torch.nn.utils.clip_grad_norm_(m.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step_lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used; log.csv reports it
+        self.scheduler.step()
+        self.method.after_step(self.step)
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Run every stage, train to ``cfg.steps`` (resuming if asked), validate, write the model file.
+
+        Args:
+            stop_after: stop cleanly after this step (checkpoint written) as if interrupted; ``--resume``
+                continues to ``cfg.steps`` exactly as an uninterrupted run would.
+        """
+        from unionseg.training.data import build_loader
+
+        self.on_train_start()
+        cfg = self.cfg
+        logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0, resumed_at=self.step)
+        self.logger = logger
+        try:  # any failure (a non-finite loss, a validation error) closes the bar and the log writer too
+            if not self.trainable:
+                self.step = cfg.steps
+                self.validate()
+            elif self.step >= cfg.steps and self.validation_pending:
+                # stopped after the last step, before or during its validation
+                if self.ctx.is_main and self.ctx.progress:
+                    print(f"{self.run_dir}: the run had trained its {cfg.steps} steps; its last validation, which "
+                          "the stop interrupted, runs now", file=sys.stderr)
+                self._validate_pending()
+                self.save_checkpoint()  # no longer to do: a later --resume has nothing to run again
+            elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
+                print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, "
+                      "its model file is kept", file=sys.stderr)
+            elif self.step < cfg.steps:
+                if self.step > 0 and self.ctx.is_main and self.ctx.progress:
+                    print(f"{self.run_dir}: resuming at step {self.step} of {cfg.steps}"
+                          + (" (first its validation, which the stop interrupted)" if self.validation_pending else ""),
+                          file=sys.stderr)
+                loader = build_loader(self.method, self.ctx, start_step=self.step)
+                progress = _Progress(cfg.steps, self.step, self.method.label(),
+                                     enabled=self.ctx.is_main and self.ctx.progress)
+                self.bar = progress
+                try:
+                    with _StopRequest() as stop:
+                        self._loop(loader, logger, progress, stop_after, stop)
+                except KeyboardInterrupt:
+                    progress.close()  # before the message: the bar must not draw over it
+                    if self.ctx.is_main:
+                        print(self._interrupted_message(), file=sys.stderr)
+                    raise
+                finally:
+                    progress.close()  # a second close does nothing
+                    self.bar = None
+        finally:
+            logger.close()
+            self.logger = None
+        if stop_after is not None and self.step < cfg.steps:
+            return {"stopped_at": self.step}
+        return self.on_train_end()
+
+    def _interrupted_message(self) -> str:
+        last = self.run_dir / "last.pt"
+        goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python), or "
+                   "the same `unionseg benchmark` command, goes on from there")
+        if self.saved_step and self.saved_step == self.step:
+            return f"stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
+        if self.saved_step:
+            return f"interrupted at step {self.step}; the last checkpoint ({last}) holds step {self.saved_step}: {goes_on}"
+        return f"interrupted at step {self.step}, before the first checkpoint"
+
+    def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, stop: _StopRequest) -> None:
+        """The training steps from ``self.step`` to the budget (or ``stop_after``).
+
+        A stop request (``stop``: Ctrl-C or SIGTERM) ends the loop at the next step boundary, every rank at
+        the same one, with a checkpoint of that step; it then raises KeyboardInterrupt.
+        """
+        cfg = self.cfg
+        self._validate_pending()
+        t_last = time.perf_counter()
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception:
+                if stop.requested is None:
+                    raise
+                # a loader worker ended by the same signal; the state is still that of a finished step
+                self._checkpoint_and_stop(stop)
+            t_data = time.perf_counter() - t_last
+            batch = _to_device(batch, self.ctx.device)
+            self._seed_rank(self.step)
+            terms = self.train_step(batch)
+            self.step += 1
+            t_now = time.perf_counter()
+            self.timings["data"] += t_data
+            self.timings["total"] += t_now - t_last
+            t_last = t_now
+            if not all(math.isfinite(v) for v in terms.values()):
+                from unionseg.errors import UnionsegError
+
+                raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                # under torchrun the mean over the ranks' batches (every rank logs at the same steps)
+                row = {"step": self.step, "lr": self.step_lr,
+                       "data_wait": self.timings["data"] / max(1e-9, self.timings["total"]),
+                       **dist.mean_over_ranks(terms)}
+                logger.log(row)
+            progress.update(self.step, terms)
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                # first a checkpoint of the step, its validation marked as to do: a validation takes long, a stop
+                # waits for it, and torchrun kills the ranks after its shutdown grace (30 s), which lost every
+                # step since the last checkpoint (helper-79); --resume runs the validation first
+                self.validation_pending = True
+                self.save_checkpoint()
+                if stop.agreed(self.ctx.device):  # asked to stop already: the checkpoint holds the validation to do
+                    self._checkpoint_and_stop(stop)
+                self._validate_pending()
+                t_last = time.perf_counter()
+            stopping = stop_after is not None and self.step >= stop_after
+            if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or stopping:
+                self.save_checkpoint()
+                t_last = time.perf_counter()
+            _test_kill_hook(self.step)
+            if stop.agreed(self.ctx.device):
+                self._checkpoint_and_stop(stop)
+            if self.step >= cfg.steps or stopping:
+                break
+
+    def _validate_pending(self) -> None:
+        """Run the validation of the current step if it is still to do (see ``validation_pending``)."""
+        if self.validation_pending:
+            self.validate()
+            self.validation_pending = False
+
+    def _checkpoint_and_stop(self, stop: _StopRequest) -> NoReturn:
+        if self.saved_step != self.step or self.saved_pending != self.validation_pending:
+            self.save_checkpoint()
+        raise Terminated if stop.requested == "SIGTERM" else KeyboardInterrupt
+
+    # ------------------------------------------------------------------ validation and the model file
+    def validate(self) -> None:
+        """Every rank validates its share of the cases (validate_deployed gathers them) and takes the same
+        decision; rank 0 writes the curve and the model file."""
+        results = {}
+        candidates = self.method.candidates()
+        for name, deployed in candidates.items():
+            shown = None if self.bar is None else self.bar.validating(name if len(candidates) > 1 else "")
+            results[name] = validate_deployed(deployed, self.ctx, self.method.datasets(), on_case=shown)
+        if all(r.get("n_cases") == 0 for r in results.values()):
+            # nothing to select on (no validation case): the model file follows the weights, so it ends with
+            # the last step's, and no score is claimed (a Dice of 0 kept the first validation's weights)
+            self.history.append({"step": self.step, "cases": 0})
+            if self.ctx.is_main:
+                _write_json_atomic(self.run_dir / "validation.json", self.history)
+            name = next(iter(candidates))
+            # -inf: no score, also where an older release's checkpoint stored its "Dice 0" of no case
+            self.best_metric, self.best_name, self.best_step = -math.inf, name, self.step
+            self.method.select(name)
+            if self.ctx.is_main:
+                self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
+            dist.barrier()
+            return
+        score = {n: selection_score(r, self.cfg.select_on) for n, r in results.items()}
+        name = max(results, key=lambda n: score[n])
+        entry = {"step": self.step, **{f"{n}/{k}": v for n, r in results.items() for k, v in r["per_class"].items()},
+                 **{f"{n}/mean_dice": r["mean_dice"] for n, r in results.items()},
+                 **{f"{n}/region_mean": r["region_mean"] for n, r in results.items() if r["region_mean"] is not None}}
+        self.history.append(entry)
+        if self.logger is not None:
+            self.logger.log_validation(entry)
+        if self.ctx.is_main:
+            _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
+        if score[name] > self.best_metric:
+            self.best_metric = score[name]
+            self.best_name = name
+            self.best_step = self.step
+            self.method.select(name)
+            if self.ctx.is_main:
+                self.write_model(self.method.candidates()[name], self.run_dir / "model.pt", selected_at=self.step)
+        dist.barrier()
+
+    def write_model(self, deployed: Deployed, path: Path, selected_at: int) -> None:
+        from unionseg.modelfile import make_payload, save_model
+
+        payload = make_payload(
+            method=self.cfg.method, network=deployed.network_spec,
+            state_dict={k: v.detach().cpu() for k, v in deployed.module.state_dict().items()},
+            output_form=deployed.output_form, channels=deployed.channels,
+            label_space=deployed.label_space or self.ctx.space,
+            preprocessing=self.ctx.project.preprocessing,
+            inference={"roi_size": list(self.cfg.roi_size), "overlap": self.cfg.inference.overlap,
+                       "sw_batch_size": self.cfg.inference.sw_batch_size, "blend": self.cfg.inference.blend,
+                       "threshold": self.cfg.inference.threshold},
+            config=to_dict(self.cfg),
+            provenance={"config_hash": config_hash(self.cfg), "data_fingerprint": self.ctx.index.fingerprint,
+                        "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": self.best_name,
+                        "options": self.method_options()},
+        )
+        save_model(path, payload)
+
+    def method_options(self) -> dict[str, Any]:
+        """The method's options as it ran them, defaults filled in (the recipe lists only what it sets)."""
+        return to_dict(self.method.options)
+
+    def on_train_end(self) -> dict[str, Any]:
+        # best_val_mean_dice: the selection score of the chosen model (the mean named by selected_on)
+        validated = math.isfinite(self.best_metric)  # no validation case: the last step's weights, no score
+        summary = {"method": self.cfg.method, "steps": self.step,
+                   "best_val_mean_dice": self.best_metric if validated else None,
+                   # the rule that ran: "regions" falls back to "all" when no validation scored a region
+                   "selected_on": "none" if not validated else self.cfg.select_on
+                   if any(k.endswith("/region_mean") for h in self.history for k in h) else "all",
+                   "best_candidate": self.best_name, "selected_at_step": self.best_step or None,
+                   "project": str(self.ctx.project.path), "data_fingerprint": self.ctx.index.fingerprint,
+                   "config_hash": config_hash(self.cfg), "history": self.history,
+                   "options": self.method_options(),
+                   "data_wait_share": self.timings["data"] / max(1e-9, self.timings["total"]),
+                   "train_seconds": self.timings["total"], "stage_seconds": self.timings["stages"],
+                   "stage_seconds_this_process": self.stage_seconds_here,
+                   "run_seconds": self._run_seconds(), "run_seconds_earlier": self.run_seconds_earlier,
+                   "model": str((self.run_dir / "model.pt").absolute())}  # absolute, as "project" is
+        # the processes (world size) from each step on; a resume with another count adds an entry
+        summary["processes"] = [{"from_step": step, "world_size": size} for step, size in self.world_sizes]
+        if dist.is_distributed():
+            summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
+        if self.ctx.artifacts is not None and "experts" in self.method.stages:
+            compute = self.ctx.artifacts.compute_seconds()
+            summary["artifacts"] = self.ctx.artifacts.summary()
+            summary["expert_seconds"] = float(sum(compute.values()))
+        if self.ctx.is_main:  # atomic: an expert whose summary exists counts as finished
+            _write_json_atomic(self.run_dir / "summary.json", summary)
+        return summary
+
+
+    def _replicas_in_sync(self) -> bool:
+        """Every rank holds the same weights (DDP keeps them equal; this checks it)."""
+        flat = torch.cat([p.detach().float().flatten() for m in self.method.raw_models.values()
+                          for p in m.parameters()] or [torch.zeros(1)])
+        probe = torch.stack([flat.sum(), (flat * flat).sum(), flat.abs().max()]).to(self.ctx.device)
+        gathered = [torch.zeros_like(probe) for _ in range(dist.world_size())]
+        torch.distributed.all_gather(gathered, probe)
+        return all(torch.allclose(g, gathered[0], rtol=1e-6, atol=1e-6) for g in gathered)
+
+
+class _StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM during the training steps asks for a stop at the next step boundary.
+
+    The trainer then writes a checkpoint of that step and stops, so no finished step is lost (a batch
+    scheduler's SIGTERM before its kill included). A second signal stops at once, as Python's default
+    does: KeyboardInterrupt from wherever the step is, and ``--resume`` goes on from the last checkpoint.
+    Handlers can only be set in the main thread; elsewhere the defaults stay.
+    """
+
+    # a repeat within this many seconds is the same request: torchrun forwards the terminal's Ctrl-C to
+    # ranks that the terminal has already sent it to
+    REPEAT_WINDOW = 1.0
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._at = 0.0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            if time.monotonic() - self._at < self.REPEAT_WINDOW:
+                return
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self._at = time.monotonic()
+        if dist.is_main():  # under torchrun every rank gets the signal; one says so
+            again = "press Ctrl-C again" if signum == signal.SIGINT else "send it again"
+            print(f"\n{self.requested}: stopping after this step to write a checkpoint ({again} to stop at once)",
+                  file=sys.stderr)
+
+    #: a request's rank among the ranks' (the ranks stop as the strongest asks: SIGTERM's exit status wins)
+    _ORDER = (None, "SIGINT", "SIGTERM")
+
+    def agreed(self, device: torch.device) -> bool:
+        """Whether any rank was asked to stop (one all-reduce under DDP); every rank then holds the same
+        request, and rank 0 says so when the signal reached only another rank (``kill`` of one worker)."""
+        wanted = self._ORDER[dist.max_rank(self._ORDER.index(self.requested), device)]
+        if wanted is None:
+            return False
+        if self.requested is None:  # this rank's own copy of the signal, if it comes, is the same request
+            self._at = time.monotonic()
+            if dist.is_main():
+                print(f"\n{wanted} (to another rank): stopping at this step to write a checkpoint", file=sys.stderr)
+        self.requested = wanted
+        return True
+
+
+def _test_kill_hook(step: int) -> None:
+    """Fault-injection hook: ``UNIONSEG_KILL_AT_STEP=k`` SIGKILLs the process right after step k."""
+    kill_at = os.environ.get("UNIONSEG_KILL_AT_STEP")
+    if kill_at is not None and int(kill_at) == step:
+        os.kill(os.getpid(), 9)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    non_blocking = device.type == "cuda"
+    return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON (NaN kept as such, as these files always held it) through a temporary file and a rename:
+    readers never see a half-written file."""
+    write_text(path, json.dumps(data, indent=2, default=float))
+
+
+class _Logger:
+    """CSV + TensorBoard, every loss term in its own column."""
+
+    def __init__(self, run_dir: Path, enabled: bool, append: bool, resumed_at: int = 0) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "log.csv"
+        self.fields: list[str] | None = None
+        self.tb: Any = None
+        if not enabled:
+            return
+        if append and self.path.exists():
+            self._truncate_after(resumed_at)
+            with self.path.open() as fh:
+                header = fh.readline().strip()
+            self.fields = header.split(",") if header else None
+        elif self.path.exists():
+            self.path.unlink()
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # a resumed run trains the steps after its checkpoint again: TensorBoard drops their first points,
+            # as _truncate_after drops their log.csv rows
+            self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_at + 1)
+        except Exception:  # tensorboard missing or broken: CSV still works
+            self.tb = None
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop the rows logged after the checkpoint a resumed run goes on from: they are trained again, and
+        would otherwise appear twice (an interruption between two checkpoints). A row cut short by a kill
+        during its append (the file is appended in place) is dropped too: the next row would have run on
+        from it."""
+        with self.path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows or "step" not in rows[0]:
+            return
+        column, width = rows[0].index("step"), len(rows[0])
+        kept = [rows[0], *(r for r in rows[1:] if len(r) == width and r[column].isdigit() and int(r[column]) <= step)]
+        if len(kept) == len(rows):
+            return
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as fh:
+            csv.writer(fh).writerows(kept)
+        tmp.replace(self.path)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        new = self.fields is None
+        if new:
+            self.fields = list(row)
+        assert self.fields is not None
+        with self.path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def log_validation(self, entry: dict[str, Any]) -> None:
+        """One validation's Dice per candidate and class, under ``val/`` in TensorBoard (the CSV of every
+        validation is ``validation.json``)."""
+        if self.tb is None:
+            return
+        for k, v in entry.items():
+            if k != "step" and v is not None and math.isfinite(float(v)):
+                self.tb.add_scalar(f"val/{k}", float(v), entry["step"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class _Progress:
+    """A rich progress bar with ETA and the current loss terms (timed lines off a terminal)."""
+
+    def __init__(self, total: int, start: int, label: str, enabled: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+        from unionseg.progress import make_progress
+
+        # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms (on stderr, as
+        # every progress of make_progress: stdout holds the results)
+        self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task(label, total=total, completed=start, terms="")
+
+    def update(self, step: int, terms: dict[str, float]) -> None:
+        if self.enabled:
+            text = " ".join(f"{k}={v:.3f}" for k, v in terms.items())
+            self.progress.update(self.task, completed=step, terms=text)
+
+    def validating(self, candidate: str) -> Callable[[int, int], None]:
+        """A ``validate_deployed`` ``on_case`` that shows validation's cases where the loss terms go (a long
+        validation showed nothing and looked like a hang)."""
+        what = f"validating {candidate}" if candidate else "validating"
+
+        def show(done: int, total: int) -> None:
+            if self.enabled:
+                self.progress.update(self.task, terms=f"{what}: case {done}/{total}")
+
+        return show
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def make_context(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | Path,
+                 roots: dict[str, str] | None = None, progress: bool = True) -> RunContext:
+    """Load the project (or take the loaded one, its dataset roots as it holds them) and its prepared data,
+    and build the run context (device, DDP rank, artefacts).
+
+    Raises:
+        ConfigError: ``roots`` given with a loaded project (give them to ``load_project``).
+    """
+    from unionseg.artifacts import ArtifactCache
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import PreparedIndex
+
+    check_sizes(cfg)
+    if isinstance(project_path, Project):
+        if roots:
+            raise ConfigError("roots= with a loaded project: give them to load_project(path, roots=...)",
+                              project_path.path)
+        project = project_path
+    else:
+        project = load_project(project_path, roots=roots)
+    index = PreparedIndex.load(project)
+    device = dist.setup(resolve_device(cfg.device))
+    space: LabelSpace = project.label_space
+    ctx = RunContext(project=project, index=index, space=space, cfg=cfg, device=device, run_dir=Path(run_dir),
+                     train_datasets=[d.name for d in project.train_datasets], is_main=dist.is_main(),
+                     progress=progress)
+    ctx.artifacts = ArtifactCache(ctx)
+    return ctx
+
+
+#: the files whose presence says that a folder holds a run (``train`` without ``resume`` refuses it)
+RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml")
+#: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
+RUN_LOCK = ".lock"
+#: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
+_RUN_WRITES = ("last.pt", "model.pt", "summary.json", "validation.json", "config.yaml", "stages.json")
+
+
+@contextlib.contextmanager
+def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterator[None]:
+    """Hold the run folder's lock for a training (the main rank takes it; under torchrun every rank learns
+    whether it got it, so a refusal stops them all rather than leaving the others in their first collective).
+
+    A second ``train`` into the same folder, ``--resume`` while the first still runs (a batch scheduler's
+    requeue, say), used to run beside it: both wrote ``last.pt``, ``model.pt`` and ``log.csv`` (whose steps
+    came out interleaved). Now it stops at once, naming the process that trains there. Holding the lock, the
+    training also removes the temporaries of writers killed in this folder (``.model.pt.<pid>.tmp``, as large
+    as a model). A folder this call created and then wrote nothing into (a refused run) is removed again,
+    by the holder only and before it lets go (a refused second process must not delete the holder's lock).
+    Without ``fcntl`` (Windows) the lock is a no-op, as every lock of :mod:`unionseg.locking`.
+
+    Raises:
+        UnionsegError: another process holds the folder.
+        OSError: the killed writers' temporaries could not be removed (on every rank, raised on rank 0).
+    """
+    from unionseg.errors import RankZeroRefusedError, UnionsegError
+    from unionseg.locking import FileLock, remove_dead_temporaries
+
+    main = dist.is_main()
+    lock = FileLock(run_dir / RUN_LOCK, f"the run folder {run_dir}")
+    made: list[Path] = []  # the folders taking the lock creates: run_dir and any missing parents, innermost first
+    folder = Path(os.path.abspath(run_dir))
+    while main and not folder.exists() and folder != folder.parent:
+        made.append(folder)
+        folder = folder.parent
+    acquired = False
+    try:
+        refusal: Exception | None = None
+        if main:
+            try:
+                lock.acquire(timeout=0, hint="two trainings in one run folder would write over each other's "
+                                             "checkpoints and logs: wait for it to end, or train into another --out")
+                acquired = True
+                for name in _RUN_WRITES:
+                    remove_dead_temporaries(run_dir / name)
+            except (UnionsegError, OSError) as exc:  # every rank stops, not rank 0 alone
+                refusal = exc
+        if dist.any_rank(refusal is not None, device or torch.device("cpu")):
+            raise refusal or RankZeroRefusedError("rank 0 could not start the run in this folder; see its message",
+                                                  run_dir)
+        yield
+    finally:
+        if acquired:
+            if made and run_dir.is_dir() and [p.name for p in run_dir.iterdir()] == [RUN_LOCK]:
+                try:  # a refused run leaves no folder behind (nor the parents it created)
+                    (run_dir / RUN_LOCK).unlink()
+                    for empty in made:
+                        empty.rmdir()
+                except OSError:  # an NFS placeholder, a file appearing meanwhile: the folder stays, harmless
+                    pass
+            lock.release()
+
+
+def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
+          roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+    """Python entry point of ``unionseg train``: train ``cfg`` on the prepared project into ``run_dir``.
+
+    Without ``resume`` a folder that already holds a run is refused (nothing is overwritten); with it, an
+    empty or new folder starts a new run (with a note). A relative ``cfg.init_from`` is taken from the
+    working folder and recorded absolute, so the run's ``config.yaml`` replays it from anywhere.
+
+    The process's random streams (Python, NumPy, torch's CPU stream, and the current GPU's where CUDA was
+    already in use), torch's deterministic-algorithms flag and cuDNN's benchmark flag are set for the run
+    and put back as they were when it returns or fails, so a notebook's own draws and later runs are not
+    changed by it.
+
+    Args:
+        project_path: the project file (YAML), or its loaded :class:`~unionseg.config.Project` (with the
+            dataset roots it was loaded with; ``roots`` is then refused).
+        cfg: the run's configuration, from :func:`~unionseg.training.recipes.train_config` (what
+            ``unionseg train`` trains with) or :func:`~unionseg.training.config.load_train_config`.
+        run_dir: the run folder (``--out``).
+        resume: go on from the run in ``run_dir`` (its checkpoint, or its finished shared stages).
+        roots: dataset name -> root folder, for a project file that leaves roots out (``--root``).
+        progress: progress bar and notes on stderr (False: silent but for warnings).
+        stop_after: stop (with a checkpoint) after this many steps of this call, as Ctrl-C would, but
+            returning ``{"stopped_at": step}`` instead of raising; ``resume=True`` goes on from there.
+
+    Returns:
+        The run's summary (what ``RUN/summary.json`` holds), or ``{"stopped_at": step}`` after ``stop_after``.
+
+    Raises:
+        ConfigError: ``cfg`` is not a TrainConfig (a dict, say).
+        UnionsegError: ``run_dir`` holds a run and ``resume`` is False, or is a file; another process trains
+            into it (see :func:`run_folder_lock`); the errors of the run itself.
+        KeyboardInterrupt: Ctrl-C, after the step's checkpoint is written.
+    """
+    from unionseg.errors import ConfigError, UnionsegError
+    from unionseg.training.config import TrainConfig
+
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}; build one with "
+                          "unionseg.training.recipes.train_config(method, recipe, overrides)")
+    run_dir = Path(run_dir)
+    if cfg.init_from is not None:  # recorded absolute: the run's config.yaml replays from any folder
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UnionsegError("the run folder (--out) exists and is not a folder", run_dir)
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held and not resume:
+        raise UnionsegError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
+                            "resume=True) or train into another folder (nothing was overwritten)", run_dir)
+    if resume and not held and int(os.environ.get("RANK", "0")) == 0:  # before the process group: its env
+        print(f"note: nothing to resume in {run_dir}; starting a new run", file=sys.stderr)
+    from unionseg.training.checkpoint import rng_state, set_rng_state
+
+    before = (rng_state(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+    try:
+        ctx = make_context(project_path, cfg, run_dir, roots, progress)
+        try:
+            with run_folder_lock(ctx.run_dir, ctx.device):
+                result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
+            # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
+            # teardown seen once under load: its partner had already left); not on errors, where it could hang
+            dist.barrier()
+            return result
+        finally:
+            dist.cleanup()
+    finally:  # the caller's flags and random streams, as they were
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+        torch.backends.cudnn.benchmark = before[3]
+        try:
+            set_rng_state(before[0])
+        except RuntimeError:  # a GPU left unusable by the run's own error: that error is the one to see
+            pass
