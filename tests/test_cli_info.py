@@ -298,3 +298,17 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tiny_project:
     monkeypatch.setattr("unionseg.training.trainer.train", other)
     assert run(["train", str(tiny_project), "--method", "naive", "-o", str(tmp_path / "run")]) == 2
     assert "error (rank 1): a problem of this rank alone" in capsys.readouterr().err
+
+
+def test_info_says_how_many_processes_trained_a_run() -> None:
+    """A run trained under torchrun has data.batch_size times the processes as its batch, which its config
+    (and hash) does not show: info says so from the summary's record (helper-79); one process says nothing."""
+    from unionseg.reports import _processes_words
+
+    assert _processes_words([{"from_step": 0, "world_size": 1}]) == "" == _processes_words(None)
+    assert _processes_words([{"from_step": 0, "world_size": 2}]) == \
+        "trained on 2 processes (torchrun): an effective batch of 2 x data.batch_size"
+    assert _processes_words([{"from_step": 0, "world_size": 2}, {"from_step": 500, "world_size": 1}]) == \
+        "trained on processes (torchrun): 2 from step 0, 1 from step 500; the effective batch is " \
+        "data.batch_size times their number"
+    assert _processes_words([{"world_size": 2}]) == ""  # a record it cannot read: nothing claimed

@@ -214,6 +214,21 @@ def _print_shared_stages(run: Path) -> None:
     print("`unionseg train` with the same arguments and --resume goes on from there")
 
 
+def _processes_words(processes: Any) -> str:
+    """``trained on 2 processes (torchrun): ...`` from a summary's ``processes``, for a run that had more than
+    one (the effective batch is data.batch_size times their number); ``""`` for one process or no record."""
+    try:
+        entries = [(int(p["from_step"]), int(p["world_size"])) for p in processes or []]
+    except (KeyError, TypeError, ValueError):
+        return ""
+    if not entries or all(size == 1 for _, size in entries):
+        return ""
+    if len(entries) == 1:
+        return f"trained on {entries[0][1]} processes (torchrun): an effective batch of {entries[0][1]} x data.batch_size"
+    spans = ", ".join(f"{size} from step {step}" for step, size in entries)
+    return f"trained on processes (torchrun): {spans}; the effective batch is data.batch_size times their number"
+
+
 def print_run_info(run: Path) -> dict[str, Any]:
     """A run folder (``unionseg info RUN``): how far it got, then its model file as :func:`print_model_info`.
 
@@ -251,6 +266,9 @@ def print_run_info(run: Path) -> dict[str, Any]:
                   if score is not None else "not validated (no validation case): the last step's weights")
         print(f"{run}: a finished {summary.get('method')} run of {summary.get('steps')} steps; the model file was "
               f"taken at step {step}, {chosen}")
+        processes = _processes_words(summary.get("processes"))
+        if processes:
+            print(processes)
     else:
         from unionseg.locking import FileLock
         from unionseg.training.checkpoint import checkpoint_step
