@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/unionseg demo $(DEMO_DIR)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy src/unionseg

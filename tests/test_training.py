@@ -1742,3 +1742,50 @@ def test_the_validation_count_says_it_is_this_processs_share_under_torchrun(
         bar.close()
         lines = capsys.readouterr().err.splitlines()
         assert any(line.endswith(tail) for line in lines), lines
+
+
+EXAMPLE_PLUGINS = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+
+
+def test_a_plugin_method_lists_trains_and_predicts(phantom_project: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """examples/plugins/marginal_batch_dice.py, named by UNIONSEG_PLUGINS, is a method like the built-in ones
+    (docs/extending.md): `unionseg methods` lists it as a plugin, it trains under the run's budget with its
+    options, and its model file predicts without the plugin (the file holds the network, not the method)."""
+    import numpy as np
+
+    from unionseg.inference.predictor import Predictor
+    from unionseg.methods import base
+    from unionseg.training.recipes import train_config
+
+    env = {**os.environ, "UNIONSEG_PLUGINS": "marginal_batch_dice",
+           "PYTHONPATH": os.pathsep.join([str(EXAMPLE_PLUGINS), os.environ.get("PYTHONPATH", "")])}
+    listed = subprocess.run([str(console_script("unionseg")), "methods"], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert re.search(r"^marginal_batch_dice +example plugin: .* \[plugin: marginal_batch_dice\]$", listed.stdout, re.M)
+    bad = subprocess.run([str(console_script("unionseg")), "methods"], env={**env, "UNIONSEG_PLUGINS": "no_such_mod"},
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith(
+        "error: UNIONSEG_PLUGINS: cannot import module 'no_such_mod' (No module named 'no_such_mod')")
+
+    monkeypatch.syspath_prepend(str(EXAMPLE_PLUGINS))
+    monkeypatch.setenv("UNIONSEG_PLUGINS", "marginal_batch_dice")
+    try:
+        cfg = train_config("marginal_batch_dice", overrides=[*TINY, "steps=2", "val_every=2", "ckpt_every=2",
+                                                             "options.dice_weight=0.5"])
+        run = tmp_path / "run"
+        summary = train(phantom_project, cfg, run, progress=False)
+        assert summary["method"] == "marginal_batch_dice" and summary["options"] == {"dice_weight": 0.5}
+        bad = train_config("marginal_batch_dice", overrides=[*TINY, "steps=2", "options.exclusion_weight=1"])
+        with pytest.raises(ConfigError, match="options of method 'marginal_batch_dice'.*exclusion_weight"):
+            train(phantom_project, bad, tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists()
+    finally:
+        base.METHODS.pop("marginal_batch_dice", None)  # other tests list the built-in methods only
+        base._plugins_loaded.discard("marginal_batch_dice")
+        sys.modules.pop("marginal_batch_dice", None)
+    monkeypatch.delenv("UNIONSEG_PLUGINS")
+    image = next((phantom_project.parent / "datasets" / "test" / "imagesTr").glob("*.nii.gz"))
+    labels, _ = Predictor.from_checkpoint(run / "model.pt", device="cpu").predict(image)
+    assert labels.dtype == np.uint8 and labels.ndim == 3

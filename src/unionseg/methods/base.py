@@ -36,12 +36,21 @@ def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
 
     def wrap(cls: type[Method]) -> type[Method]:
         if name in METHODS and METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} registered twice")
+            taken = METHODS[name]
+            raise ValueError(f"method {name!r} registered twice (also {taken.__module__}.{taken.__qualname__})")
         cls.name = name
         METHODS[name] = cls
         return cls
 
     return wrap
+
+
+#: an environment variable naming modules to import for their methods (``UNIONSEG_PLUGINS=my_methods``):
+#: it reaches every process a command starts (torchrun's ranks, a benchmark's rows, prepare's workers)
+PLUGINS_ENV = "UNIONSEG_PLUGINS"
+#: the entry-point group an installed package registers its methods under (its modules are imported)
+PLUGINS_GROUP = "unionseg.methods"
+_plugins_loaded: set[str] = set()
 
 
 def _load_builtin_methods() -> None:
@@ -53,6 +62,43 @@ def _load_builtin_methods() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != f"unionseg.methods.{module}":
                 raise
+    _load_plugins()
+
+
+def plugin_modules() -> list[str]:
+    """The modules :data:`PLUGINS_ENV` names (comma- or space-separated), in its order."""
+    import os
+
+    return [m for m in os.environ.get(PLUGINS_ENV, "").replace(",", " ").split() if m]
+
+
+def _load_plugins() -> None:
+    """Import the plugin modules (:data:`PLUGINS_ENV`, then the packages registered under the entry-point
+    group :data:`PLUGINS_GROUP`), whose ``@register_method`` classes then join the built-in methods: ``unionseg
+    train --method NAME``, ``unionseg methods``, a suite's rows. Each module is imported once.
+
+    Raises:
+        ConfigError: a module that cannot be imported, or one registering a method name already taken,
+            named with where it was asked for.
+    """
+    import importlib
+    from importlib.metadata import entry_points
+
+    wanted = [(m, PLUGINS_ENV) for m in plugin_modules()]
+    wanted += [(ep.value.split(":")[0], f"entry point {ep.name!r} of group {PLUGINS_GROUP!r}")
+               for ep in entry_points(group=PLUGINS_GROUP)]
+    for module, source in wanted:
+        if module in _plugins_loaded:
+            continue
+        _plugins_loaded.add(module)  # once, even when it fails: the error is raised here, not at every lookup
+        try:
+            importlib.import_module(module)
+        except ValueError as exc:  # register_method: a name taken twice
+            raise ConfigError(f"{source}: module {module!r}: {exc}") from None
+        except ImportError as exc:
+            _plugins_loaded.discard(module)
+            raise ConfigError(f"{source}: cannot import module {module!r} ({exc}); is its folder on "
+                              "PYTHONPATH, or its package installed in this environment?") from None
 
 
 def get_method(name: str) -> type[Method]:

@@ -55,4 +55,6 @@ def register(app: typer.Typer) -> None:
         names = available_methods()
         width = max(len(n) for n in names)
         for name in names:
-            typer.echo(f"{name:<{width}}  {get_method(name).summary}".rstrip())
+            cls = get_method(name)
+            origin = "" if cls.__module__.startswith("unionseg.") else f" [plugin: {cls.__module__}]"
+            typer.echo(f"{name:<{width}}  {cls.summary}{origin}".rstrip())
