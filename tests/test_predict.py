@@ -365,6 +365,19 @@ def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
     for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
         labels, geom = read_image(outdir / f"case{i}.nii.gz")
         assert labels.shape == shape and labels.dtype == np.uint8
+    # every label value named for the viewers, in the overlays' colours (a viewer showed bare numbers)
+    from unionseg.evaluation.figures import leaf_colours
+    from unionseg.inference.predictor import Predictor
+
+    space = Predictor.from_checkpoint(model, device="cpu").space
+    itksnap = (outdir / "unionseg_labels.itksnap.txt").read_text().splitlines()
+    slicer = (outdir / "unionseg_labels.ctbl").read_text().splitlines()
+    rgb = [" ".join(str(round(c * 255)) for c in colour) for colour in leaf_colours(space)]
+    assert [line.split()[1:] for line in slicer[2:]] == [
+        [name, *rgb[v].split(), "0" if v == 0 else "255"] for v, name in enumerate(space.names)]
+    assert [line.split()[0] for line in slicer[2:]] == [str(v) for v in range(space.n_leaves)]
+    assert [line.split('"')[1] for line in itksnap[2:]] == ["Clear Label", *space.names[1:]]
+    assert itksnap[3].split()[:4] == ["1", *rgb[1].split()]
     before = sorted(p.name for p in inputs.iterdir())
     assert run(["predict", str(model), str(inputs), "-o", str(inputs), "--device", "cpu"]) == 2
     assert sorted(p.name for p in inputs.iterdir()) == before
@@ -1150,3 +1163,20 @@ def test_predict_from_python_names_what_is_wrong(tmp_path: Path, capsys: pytest.
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # twin: a volume of CT predicts without a word
         predictor.predict(scan)
+
+
+def test_a_label_table_unionseg_did_not_write_is_left_alone(tmp_path: Path) -> None:
+    """A user's own file of the tables' name is never replaced: a warning says the tables were not written;
+    the tables predict wrote itself are written again."""
+    from unionseg.errors import UnionsegWarning
+    from unionseg.inference.viewers import ITKSNAP_FILE, SLICER_FILE, write_label_tables
+    from unionseg.labels import LabelSpace
+
+    space = LabelSpace.from_dict({"classes": [{"name": "liver"}, {"name": "liver_tumour", "part_of": "liver"}]})
+    (tmp_path / ITKSNAP_FILE).write_text("my own notes\n")
+    with pytest.warns(UnionsegWarning, match="not written by unionseg predict; left as it is"):
+        written = write_label_tables(tmp_path, space)
+    assert written == [tmp_path / SLICER_FILE] and (tmp_path / ITKSNAP_FILE).read_text() == "my own notes\n"
+    (tmp_path / ITKSNAP_FILE).unlink()
+    assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]
+    assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]  # ours: again

@@ -432,6 +432,9 @@ def register(app: typer.Typer) -> None:
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True, quiet=quiet)
         output.mkdir(parents=True, exist_ok=True)
+        from unionseg.inference.viewers import write_label_tables
+
+        write_label_tables(output, predictor.space)  # class names and colours for ITK-SNAP and 3D Slicer
         if not probabilities:
             stale = stale_probabilities(output, [name for name, _ in cases])
             if stale:
