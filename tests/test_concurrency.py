@@ -359,7 +359,8 @@ def test_two_predicts_into_one_folder_write_complete_identical_files(commands: C
     for cmd in both:
         assert commands.wait(cmd).returncode == 0, cmd.stderr()
         assert _one_line(cmd.stderr()).count(": wrote ") == 6  # each process wrote every file
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in images)  # no temporaries left
+    tables = ["unionseg_labels.ctbl", "unionseg_labels.itksnap.txt"]  # the viewers' label tables
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in images), *tables])  # no temporaries
     for image in images:
         assert _complete_and_equal(out / image.name, reference / image.name)
     assert checked > 0

@@ -26,6 +26,9 @@ REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 ROI = {"roi_size": [16, 16, 16], "overlap": 0.5, "sw_batch_size": 3}
 
 
+#: the label tables for viewers predict writes into every output folder (unionseg.inference.viewers)
+TABLES = ["unionseg_labels.ctbl", "unionseg_labels.itksnap.txt"]
+
 def tiny_space() -> LabelSpace:
     return LabelSpace([Leaf("liver"), Leaf("liver_tumour", "liver"), Leaf("kidney")])
 
@@ -350,7 +353,7 @@ def test_cli_quiet_predict_prints_no_line_per_case(tmp_path: Path, capsys: pytes
     assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "quiet"), "--device", "cpu", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
-    assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == ["case0.nii.gz", "case1.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "quiet").iterdir()) == sorted(["case0.nii.gz", "case1.nii.gz", *TABLES])
 
 
 def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -721,7 +724,7 @@ def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path,
     out = tmp_path / "pred"
     assert run(["predict", str(model), str(inputs), str(tmp_path / "single_0000.nii.gz"), "-o", str(out),
                 "--device", "cpu"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["kid_001.nii.gz", "single.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["kid_001.nii.gz", "single.nii.gz", *TABLES])
     # a second channel of the cases (multi-modal nnU-Net inputs) is no CT scan of its own: refused, not
     # predicted as cases 'kid_001_0001', 'kid_002_0001'
     for name in ("kid_001_0001", "kid_002_0000", "kid_002_0001"):
@@ -740,7 +743,7 @@ def test_cli_predict_names_nnunet_inputs_after_their_cases(tmp_path: Path,
                     Geometry.identity((16, 16, 12), (2, 2, 3)))
     assert run(["predict", str(model), str(series), "-o", str(tmp_path / "numbered"), "--device", "cpu"]) == 0
     assert sorted(p.name for p in (tmp_path / "numbered").iterdir()) == \
-        ["scan.nii.gz", "scan_0001.nii.gz", "scan_0002.nii.gz"]
+        sorted(["scan.nii.gz", "scan_0001.nii.gz", "scan_0002.nii.gz", *TABLES])
 
 
 @pytest.mark.parametrize("probabilities", [False, True])
@@ -773,7 +776,7 @@ def test_cli_never_writes_over_a_file_that_appears_while_it_runs(
                    f"predict writing to {out}?) and was left as it is; case 'case0' and the 2 after it were not "
                    "predicted: give each predict its own -o, or run again with --skip-existing")
     assert (out / "case0.nii.gz").read_bytes() == theirs.read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]  # no temporary left, nothing else written
+    assert sorted(p.name for p in out.iterdir()) == sorted(["case0.nii.gz", *TABLES])  # no temporary left, nothing else
 
 
 def _three_cases(tmp_path: Path) -> Path:
@@ -811,7 +814,7 @@ def test_cli_sigterm_stops_like_ctrl_c_and_a_rerun_clears_killed_temporaries(
     assert err.endswith("stopped during case 'case1': 1 of 3 case(s) written, each whole; 'case1' is to be "
                         "predicted again; run the same command with --skip-existing to finish\nterminated"), err
     assert signal.getsignal(signal.SIGTERM) is before
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["case0.nii.gz", *TABLES])
     monkeypatch.setattr(io, "fsync_file", real_fsync)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead, live = out / f".case1.nii.gz.{int(gone.stdout)}.tmp.nii.gz", out / f".case2.nii.gz.{os.getppid()}.tmp.nii.gz"
@@ -839,7 +842,7 @@ def test_cli_a_bad_case_in_a_batch_says_what_is_left(tmp_path: Path, capsys: pyt
         f"error: {inputs / 'case1.nii.gz'}: not a gzip-compressed file, although its name ends in .gz (is it an "
         "image at all?); case 'case1' and the 1 after it were not predicted (1 written): fix or remove it, then "
         "run the same command with --skip-existing to finish (--keep-going goes past such inputs)")
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["case0.nii.gz", *TABLES])
 
 
 def test_cli_keep_going_predicts_past_an_unreadable_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -851,7 +854,7 @@ def test_cli_keep_going_predicts_past_an_unreadable_input(tmp_path: Path, capsys
     (inputs / "case1.nii.gz").write_bytes(b"not an image")
     assert run(["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu", "--keep-going"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case2.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["case0.nii.gz", "case2.nii.gz", *TABLES])
     assert any(line.startswith("[2/3] case1: FAILED, left out: ") for line in err), err
     assert err[-2].startswith(f"failed: {inputs / 'case1.nii.gz'}: not a gzip-compressed file")
     assert err[-1] == (f"error: {out}: 1 of 3 input(s) could not be predicted (unreadable, or refused) and were left out (case1); the other 2 "
@@ -975,10 +978,10 @@ def test_cli_predicts_dicom_files_without_a_suffix_and_names_the_series(
     labels, geom = read_image(tmp_path / "a" / "series7.nii.gz")
     assert labels.shape == (16, 16, 6) and geom.spacing == pytest.approx((2.0, 2.0, 3.0))
     assert run(["predict", str(model), str(series / "IM0002"), "-o", str(tmp_path / "b"), "--device", "cpu"]) == 0
-    assert [p.name for p in (tmp_path / "b").iterdir()] == ["series7.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(["series7.nii.gz", *TABLES])
     monkeypatch.chdir(series)
     assert run(["predict", str(model), ".", "-o", str(tmp_path / "c"), "--device", "cpu"]) == 0
-    assert [p.name for p in (tmp_path / "c").iterdir()] == ["series7.nii.gz"]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(["series7.nii.gz", *TABLES])
     # twin: a file without a suffix that is not DICOM is still refused
     (tmp_path / "notes").write_text("not an image")
     assert run(["predict", str(model), str(tmp_path / "notes"), "-o", str(tmp_path / "d"), "--device", "cpu"]) == 2

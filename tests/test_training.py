@@ -1789,3 +1789,84 @@ def test_a_plugin_method_lists_trains_and_predicts(phantom_project: Path, tmp_pa
     image = next((phantom_project.parent / "datasets" / "test" / "imagesTr").glob("*.nii.gz"))
     labels, _ = Predictor.from_checkpoint(run / "model.pt", device="cpu").predict(image)
     assert labels.dtype == np.uint8 and labels.ndim == 3
+
+
+def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin that raises on import (not an ImportError) was a raw traceback, and the next lookup skipped it
+    silently; one registering nothing passed without a word; a plugin without a recipe trained with the bare
+    defaults (lr 0.003) where the built-in methods share lr 0.02; `uses_experts` knew three names only; and
+    the isolated rows of a benchmark did not know a plugin imported by the calling script (helper-83)."""
+    from unionseg.benchmark import uses_experts
+    from unionseg.methods import base
+    from unionseg.training.recipes import BUDGET_RECIPE, default_recipe, recipe_dir, train_config
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "broken_plugin.py").write_text("raise RuntimeError('oops')\n")
+    (plugins / "empty_plugin.py").write_text("X = 1\n")
+    (plugins / "expert_plugin.py").write_text(
+        "from unionseg.methods.base import register_method\n"
+        "from unionseg.methods.baselines import NaiveMethod\n\n"
+        "@register_method('expert_plugin_method')\n"
+        "class M(NaiveMethod):\n    stages = ('experts', 'train')\n")
+    monkeypatch.syspath_prepend(str(plugins))
+    try:
+        monkeypatch.setenv("UNIONSEG_PLUGINS", "broken_plugin")
+        for _ in range(2):  # and again: a failing plugin is not skipped on the next lookup
+            with pytest.raises(ConfigError, match="UNIONSEG_PLUGINS: module 'broken_plugin' failed to import: "
+                                                  "RuntimeError: oops"):
+                base.available_methods()
+        monkeypatch.setenv("UNIONSEG_PLUGINS", "empty_plugin")
+        with pytest.warns(UserWarning, match="module 'empty_plugin' registers no method"):
+            base.available_methods()
+        monkeypatch.setenv("UNIONSEG_PLUGINS", "expert_plugin")
+        assert uses_experts("expert_plugin_method") and uses_experts("mskd") and not uses_experts("dodnet")
+        assert default_recipe("expert_plugin_method") == recipe_dir() / BUDGET_RECIPE
+        assert train_config("expert_plugin_method").optim.lr == train_config("naive").optim.lr == 0.02
+        monkeypatch.delenv("UNIONSEG_PLUGINS")  # as a script that imported the plugin itself
+        env = base.plugin_env({"PYTHONPATH": "/elsewhere"}, "expert_plugin_method")
+        assert env["UNIONSEG_PLUGINS"] == "expert_plugin"
+        assert env["PYTHONPATH"] == os.pathsep.join([str(plugins), "/elsewhere"])
+        assert base.plugin_env({"A": "1"}, "naive") == {"A": "1"}
+        with pytest.raises(ConfigError, match="unknown method 'nope'; known: .*a method of a plugin needs its "
+                                              "module named in UNIONSEG_PLUGINS"):
+            base.get_method("nope")
+    finally:
+        base.METHODS.pop("expert_plugin_method", None)
+        for name in ("broken_plugin", "empty_plugin", "expert_plugin"):
+            base._plugins_loaded.discard(name)
+            sys.modules.pop(name, None)
+
+
+def test_every_built_in_recipe_holds_the_shared_budget() -> None:
+    """configs/budget.yaml is what a plugin trains with; it must be the budget of the built-in recipes."""
+    import yaml
+
+    from unionseg.training.recipes import BUDGET_RECIPE, recipe_dir
+
+    budget = yaml.safe_load((recipe_dir() / BUDGET_RECIPE).read_text())
+    recipes = sorted(p for p in recipe_dir().glob("*.yaml") if p.name != BUDGET_RECIPE)
+    assert len(recipes) == 10
+    for recipe in recipes:
+        raw = yaml.safe_load(recipe.read_text())
+        assert {k: raw[k] for k in budget} == budget, recipe.name
+
+
+def test_a_deploy_a_model_file_cannot_hold_is_refused_before_training(phantom_project: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A method whose deploy() names a channel the label space lacks trained its whole budget before the
+    model file refused it (helper-83); it is refused before the first step, naming the method."""
+    from unionseg.methods.base import Deployed
+    from unionseg.methods.baselines import NaiveMethod
+    from unionseg.training.trainer import Trainer
+
+    def deploy(self: NaiveMethod) -> Deployed:
+        return Deployed(self.raw_models["net"], self.network_spec(), "sigmoid", ["background"])
+
+    monkeypatch.setattr(NaiveMethod, "deploy", deploy)
+    steps: list[int] = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: steps.append(self.step) or {})
+    with pytest.raises(ConfigError, match="method 'naive': what its deploy\\(\\) returns cannot be a model file: "
+                                          "sigmoid channel 'background' is neither a leaf nor a region"):
+        train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
+    assert steps == []

@@ -27,7 +27,14 @@ from unionseg.errors import ConfigError, UnionsegError
 from unionseg.jsonfile import write_json
 from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
 
-EXPERT_METHODS = ("individual", "cotraining", "mskd")
+
+def uses_experts(method: str) -> bool:
+    """Whether a method builds on the shared experts (its stages name them): individual, co-training, MS-KD,
+    and any plugin that declares the stage (a list of the three built-in names left a plugin's expert time
+    out of the report and the ETA; helper-83)."""
+    from unionseg.methods.base import get_method
+
+    return "experts" in get_method(method).stages
 
 
 @dataclass(frozen=True)
@@ -266,7 +273,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         "selected_on": summary.get("selected_on", "all"),
         "train_seconds": train_seconds,
         "stage_seconds": stage_seconds,  # wall time spent building shared artefacts in this run
-        "expert_seconds": summary.get("expert_seconds", 0.0) if spec.method in EXPERT_METHODS else 0.0,
+        "expert_seconds": summary.get("expert_seconds", 0.0) if uses_experts(spec.method) else 0.0,
         "predict_seconds_per_case": predict_seconds,
         "parameters": n_params,
         "data_wait_share": summary.get("data_wait_share"),
@@ -431,7 +438,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
             finished_result(suite, row, seed, out)
     trained: list[float] = []  # wall seconds of the runs trained by this call, shared stages left out
     # seeds whose shared experts a finished row built (or reused); a later row of another seed builds its own
-    built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and row.method in EXPERT_METHODS}
+    built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and uses_experts(row.method)}
     n_experts = _count_experts(project_path)
     aggregated: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
@@ -439,7 +446,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
         for i, (row, seed) in enumerate(plan):
             recorded = [float(r.get("train_seconds") or 0) for r in results]
             to_build = {s for (r, s), d in zip(plan[i:], done[i:], strict=True)
-                        if not d and r.method in EXPERT_METHODS} - built
+                        if not d and uses_experts(r.method)} - built
             eta = suite_eta(sum(not d for d in done[i:]), trained, recorded, len(to_build), _stage_seconds(results),
                             n_experts)
             resumed = None if done[i] else _resumed_at(out / "runs" / row.name / f"seed{seed}")
@@ -449,11 +456,11 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
                               f"{', suite ETA ' + eta if eta else ''}")
             started = time.perf_counter()
             if suite.isolate and not done[i]:
-                _run_isolated(project_path, suite_name, row.name, seed, out)
+                _run_isolated(project_path, suite_name, row.name, seed, out, row.method)
             results.append(run_one(project_path, suite, row, seed, out, progress))
             if not done[i] and resumed is None:  # a resumed run's time is part of a run: no mean of whole runs
                 trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
-            if row.method in EXPERT_METHODS:
+            if uses_experts(row.method):
                 built.add(seed)
             # after every run: an interrupted suite keeps its numbers
             aggregated = aggregate(_with_finished(results, plan, suite, out), suite)
@@ -552,9 +559,11 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
-def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path) -> None:
+def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path, method: str) -> None:
+    from unionseg.methods.base import plugin_env
+
     cmd = [sys.executable, "-m", "unionseg.benchmark", suite_name, str(out), name, str(seed)]
-    env = dict(os.environ)
+    env = plugin_env(dict(os.environ), method)  # a plugin imported by the calling script: the run imports it too
     proc = subprocess.Popen(cmd, env=env)
     try:
         code = proc.wait()
@@ -562,8 +571,10 @@ def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out
         _stop_run(proc, terminated=isinstance(exc, Terminated))
         raise
     if code != 0:
-        raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {code}); see its run folder",
-                          out / "runs" / name / f"seed{seed}")
+        folder = out / "runs" / name / f"seed{seed}"
+        raise ConfigError(f"benchmark run {name} seed {seed} failed (exit {code}); its own error is above"
+                          + ("; its run folder holds what it wrote" if folder.is_dir() else ""),
+                          folder if folder.is_dir() else out)
 
 
 def _stop_run(proc: subprocess.Popen[bytes], terminated: bool = False) -> None:

@@ -72,6 +72,40 @@ def plugin_modules() -> list[str]:
     return [m for m in os.environ.get(PLUGINS_ENV, "").replace(",", " ").split() if m]
 
 
+def plugin_env(env: dict[str, str], method: str) -> dict[str, str]:
+    """``env`` for a process of its own that must train ``method`` (a benchmark row with ``isolate: true``):
+    a plugin registered by an import in the calling script, not by :data:`PLUGINS_ENV`, was unknown there
+    (helper-83). Its module joins :data:`PLUGINS_ENV` and the folder it was imported from ``PYTHONPATH``.
+
+    Raises:
+        ConfigError: the method is defined in the running script itself (``__main__``), which another
+            process cannot import.
+    """
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    module = get_method(method).__module__
+    if module.startswith("unionseg."):
+        return env
+    if module == "__main__":
+        raise ConfigError(f"method {method!r} is defined in the script that runs the benchmark: a suite with "
+                          "isolate: true trains each row in a process of its own, which cannot import that script; "
+                          "put the method in a module of its own and import it (docs/extending.md)")
+    out = dict(env)
+    names = plugin_modules()
+    if module not in names:
+        out[PLUGINS_ENV] = ",".join([*names, module])
+    spec = importlib.util.find_spec(module.split(".")[0])
+    if spec is not None:
+        locations = list(spec.submodule_search_locations or [])
+        root = Path(locations[0]).parent if locations else Path(spec.origin or ".").parent
+        paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+        if str(root) not in paths:
+            out["PYTHONPATH"] = os.pathsep.join([str(root), *paths])
+    return out
+
+
 def _load_plugins() -> None:
     """Import the plugin modules (:data:`PLUGINS_ENV`, then the packages registered under the entry-point
     group :data:`PLUGINS_GROUP`), whose ``@register_method`` classes then join the built-in methods: ``unionseg
@@ -87,18 +121,25 @@ def _load_plugins() -> None:
     wanted = [(m, PLUGINS_ENV) for m in plugin_modules()]
     wanted += [(ep.value.split(":")[0], f"entry point {ep.name!r} of group {PLUGINS_GROUP!r}")
                for ep in entry_points(group=PLUGINS_GROUP)]
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
     for module, source in wanted:
         if module in _plugins_loaded:
             continue
-        _plugins_loaded.add(module)  # once, even when it fails: the error is raised here, not at every lookup
+        before = set(METHODS)
         try:
             importlib.import_module(module)
-        except ValueError as exc:  # register_method: a name taken twice
-            raise ConfigError(f"{source}: module {module!r}: {exc}") from None
         except ImportError as exc:
-            _plugins_loaded.discard(module)
             raise ConfigError(f"{source}: cannot import module {module!r} ({exc}); is its folder on "
                               "PYTHONPATH, or its package installed in this environment?") from None
+        except Exception as exc:  # noqa: BLE001 - a plugin's own failure (a name taken twice, a syntax error)
+            raise ConfigError(f"{source}: module {module!r} failed to import: {type(exc).__name__}: {exc}") from None
+        _plugins_loaded.add(module)  # only once it imported: a failing plugin fails at every lookup
+        if set(METHODS) == before and not any(c.__module__ == module for c in METHODS.values()):
+            warnings.warn(f"{source}: module {module!r} registers no method (@register_method(\"NAME\") on a "
+                          "Method subclass)", UnionsegWarning, stacklevel=3)
 
 
 def get_method(name: str) -> type[Method]:
@@ -106,7 +147,10 @@ def get_method(name: str) -> type[Method]:
     try:
         return METHODS[name]
     except KeyError:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}") from None
+        loaded = plugin_modules()
+        hint = (f" (plugins loaded from {PLUGINS_ENV}: {', '.join(loaded)})" if loaded else
+                f"; a method of a plugin needs its module named in {PLUGINS_ENV} (docs/extending.md)")
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}{hint}") from None
 
 
 def available_methods() -> list[str]:

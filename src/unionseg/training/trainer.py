@@ -253,6 +253,7 @@ class Trainer:
         self.method.raw_models = {k: set_layout(m.to(ctx.device), ctx.device) for k, m in self.method.build().items()}
         for average in self.method.averages().values():
             set_layout(average.to(ctx.device), ctx.device)
+        self._check_deployable()
         if start is not None:
             self.method.deploy().module.load_state_dict(start["state_dict"])
         self._seed_rank(0)  # each rank its own dropout masks from here (the initialisation above is shared)
@@ -273,6 +274,20 @@ class Trainer:
         self.run_seconds_earlier = self.timings["run"]
         self._note_world_size()
         self._run_started = time.perf_counter()
+
+    def _check_deployable(self) -> None:
+        """The deployed network's output form and channels, checked before the first step: a plugin whose
+        deploy() names a channel the label space lacks was refused when the model file was written, after
+        the whole budget had trained (helper-83)."""
+        from unionseg.errors import CheckpointError, ConfigError
+        from unionseg.modelfile import check_channels
+
+        deployed = self.method.deploy()
+        try:
+            check_channels(deployed.output_form, deployed.channels, deployed.label_space or self.ctx.space)
+        except CheckpointError as exc:
+            raise ConfigError(f"method {self.cfg.method!r}: what its deploy() returns cannot be a model file: "
+                              f"{exc.message}") from None
 
     def _note_world_size(self) -> None:
         """Start a new entry of ``world_sizes`` when this session runs another number of processes than the
