@@ -1,1 +1,0 @@
-"""Data: IO, catalog, phantom, preprocessing, sampling."""
