@@ -357,16 +357,19 @@ def test_every_method_has_a_built_in_recipe_with_the_shared_budget() -> None:
     from unionseg.config import to_dict
     from unionseg.methods.base import available_methods
     from unionseg.training.config import load_train_config
-    from unionseg.training.recipes import default_recipe
+    from unionseg.training.recipes import BUDGET_RECIPE, default_recipe, recipe_dir
 
     budgets = {}
     for method in available_methods():
         recipe = default_recipe(method)
-        assert recipe is not None, method
+        assert recipe is not None and recipe.name == f"{method}.yaml", method
         cfg = to_dict(load_train_config(recipe, method=method))
-        budgets[method] = {k: cfg[k] for k in ("network", "data", "optim", "steps")}
+        budgets[method] = {k: cfg[k] for k in ("network", "data", "optim", "steps", "val_every")}
     assert "expert" in budgets and budgets["expert"]["optim"]["lr"] == 0.02
     assert all(b == budgets["naive"] for b in budgets.values())
+    # what a method without a recipe (a plugin, docs/extending.md) trains with: the same budget
+    shared = to_dict(load_train_config(recipe_dir() / BUDGET_RECIPE))
+    assert {k: shared[k] for k in budgets["naive"]} == budgets["naive"]
 
 
 def test_one_override_string_alone_is_one_override() -> None:

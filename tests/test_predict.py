@@ -776,7 +776,7 @@ def test_cli_never_writes_over_a_file_that_appears_while_it_runs(
                    f"predict writing to {out}?) and was left as it is; case 'case0' and the 2 after it were not "
                    "predicted: give each predict its own -o, or run again with --skip-existing")
     assert (out / "case0.nii.gz").read_bytes() == theirs.read_bytes()
-    assert sorted(p.name for p in out.iterdir()) == sorted(["case0.nii.gz", *TABLES])  # no temporary left, nothing else
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz"]  # no temporary left, nothing else written
 
 
 def _three_cases(tmp_path: Path) -> Path:
@@ -1183,3 +1183,10 @@ def test_a_label_table_unionseg_did_not_write_is_left_alone(tmp_path: Path) -> N
     (tmp_path / ITKSNAP_FILE).unlink()
     assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]
     assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]  # ours: again
+    # another model's classes: written again, and said (the folder's earlier label maps read differently);
+    # a name with white space or quotes stays one field in both formats
+    other = LabelSpace.from_dict({"classes": [{"name": 'left "kidney"'}]})
+    with pytest.warns(UnionsegWarning, match="classes, which differ from those of the earlier predict"):
+        write_label_tables(tmp_path, other)
+    assert (tmp_path / SLICER_FILE).read_text().splitlines()[3].split()[:2] == ["1", "left_'kidney'"]
+    assert (tmp_path / ITKSNAP_FILE).read_text().splitlines()[3].endswith('"left_\'kidney\'"')

@@ -651,7 +651,7 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
     assert (ind / "model.pt").read_bytes() == model
     with pytest.raises(ConfigError, match="the recipe says 'marginal', the call says 'dodnet'"):
         load_train_config(recipe, method="dodnet")
-    with pytest.raises(ConfigError, match="unknown method 'cotrainig'; available: conditional, cotraining"):
+    with pytest.raises(ConfigError, match="unknown method 'cotrainig'; known: conditional, cotraining"):
         default_recipe("cotrainig")
     (tmp_path / "afile").write_text("keep")
     assert run(["train", str(phantom_project), "-o", str(tmp_path / "afile"), *tiny]) == 2
@@ -1802,7 +1802,18 @@ def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, m
 
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    (plugins / "broken_plugin.py").write_text("raise RuntimeError('oops')\n")
+    (plugins / "broken_plugin.py").write_text(  # registers a method, then fails: the same error every time
+        "from unionseg.methods.base import register_method\n"
+        "from unionseg.methods.baselines import NaiveMethod\n\n"
+        "@register_method('half_registered')\n"
+        "class M(NaiveMethod):\n    pass\n\n"
+        "raise RuntimeError('oops')\n")
+    (plugins / "asking_plugin.py").write_text(  # looks the methods up while it is imported
+        "from unionseg.methods.base import available_methods, register_method\n"
+        "from unionseg.methods.baselines import NaiveMethod\n\n"
+        "assert 'naive' in available_methods()\n\n"
+        "@register_method('asking_method')\n"
+        "class M(NaiveMethod):\n    pass\n")
     (plugins / "empty_plugin.py").write_text("X = 1\n")
     (plugins / "expert_plugin.py").write_text(
         "from unionseg.methods.base import register_method\n"
@@ -1816,9 +1827,14 @@ def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, m
             with pytest.raises(ConfigError, match="UNIONSEG_PLUGINS: module 'broken_plugin' failed to import: "
                                                   "RuntimeError: oops"):
                 base.available_methods()
+        assert "half_registered" not in base.METHODS
         monkeypatch.setenv("UNIONSEG_PLUGINS", "empty_plugin")
         with pytest.warns(UserWarning, match="module 'empty_plugin' registers no method"):
             base.available_methods()
+        monkeypatch.setenv("UNIONSEG_PLUGINS", "asking_plugin")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert "asking_method" in base.available_methods()
         monkeypatch.setenv("UNIONSEG_PLUGINS", "expert_plugin")
         assert uses_experts("expert_plugin_method") and uses_experts("mskd") and not uses_experts("dodnet")
         assert default_recipe("expert_plugin_method") == recipe_dir() / BUDGET_RECIPE
@@ -1832,24 +1848,11 @@ def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, m
                                               "module named in UNIONSEG_PLUGINS"):
             base.get_method("nope")
     finally:
-        base.METHODS.pop("expert_plugin_method", None)
-        for name in ("broken_plugin", "empty_plugin", "expert_plugin"):
+        for method in ("expert_plugin_method", "asking_method", "half_registered"):
+            base.METHODS.pop(method, None)
+        for name in ("broken_plugin", "empty_plugin", "expert_plugin", "asking_plugin"):
             base._plugins_loaded.discard(name)
             sys.modules.pop(name, None)
-
-
-def test_every_built_in_recipe_holds_the_shared_budget() -> None:
-    """configs/budget.yaml is what a plugin trains with; it must be the budget of the built-in recipes."""
-    import yaml
-
-    from unionseg.training.recipes import BUDGET_RECIPE, recipe_dir
-
-    budget = yaml.safe_load((recipe_dir() / BUDGET_RECIPE).read_text())
-    recipes = sorted(p for p in recipe_dir().glob("*.yaml") if p.name != BUDGET_RECIPE)
-    assert len(recipes) == 10
-    for recipe in recipes:
-        raw = yaml.safe_load(recipe.read_text())
-        assert {k: raw[k] for k in budget} == budget, recipe.name
 
 
 def test_a_deploy_a_model_file_cannot_hold_is_refused_before_training(phantom_project: Path, tmp_path: Path,
@@ -1866,7 +1869,7 @@ def test_a_deploy_a_model_file_cannot_hold_is_refused_before_training(phantom_pr
     monkeypatch.setattr(NaiveMethod, "deploy", deploy)
     steps: list[int] = []
     monkeypatch.setattr(Trainer, "train_step", lambda self, batch: steps.append(self.step) or {})
-    with pytest.raises(ConfigError, match="method 'naive': what its deploy\\(\\) returns cannot be a model file: "
+    with pytest.raises(ConfigError, match="method 'naive': its model file could not hold what it deploys \\(model\\): "
                                           "sigmoid channel 'background' is neither a leaf nor a region"):
         train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
     assert steps == []

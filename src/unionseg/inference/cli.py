@@ -432,9 +432,6 @@ def register(app: typer.Typer) -> None:
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True, quiet=quiet)
         output.mkdir(parents=True, exist_ok=True)
-        from unionseg.inference.viewers import write_label_tables
-
-        write_label_tables(output, predictor.space)  # class names and colours for ITK-SNAP and 3D Slicer
         if not probabilities:
             stale = stale_probabilities(output, [name for name, _ in cases])
             if stale:
@@ -513,6 +510,10 @@ def register(app: typer.Typer) -> None:
                                     f"{finish(left)} (--keep-going goes past such inputs)", exc.path) from None
                 bar.remove_task(task)
                 written += 1
+                if written == 1:  # with the first label map: class names and colours for ITK-SNAP and 3D Slicer
+                    from unionseg.inference.viewers import write_label_tables
+
+                    write_label_tables(output, predictor.space)
                 now = time.perf_counter()
                 rate.moved(k)
                 seconds = rate.eta(k, len(cases))

@@ -51,6 +51,7 @@ PLUGINS_ENV = "UNIONSEG_PLUGINS"
 #: the entry-point group an installed package registers its methods under (its modules are imported)
 PLUGINS_GROUP = "unionseg.methods"
 _plugins_loaded: set[str] = set()
+_plugins_loading: set[str] = set()
 
 
 def _load_builtin_methods() -> None:
@@ -72,10 +73,16 @@ def plugin_modules() -> list[str]:
     return [m for m in os.environ.get(PLUGINS_ENV, "").replace(",", " ").split() if m]
 
 
+def is_plugin(cls: type) -> bool:
+    """Whether a method class comes from outside unionseg (a plugin, docs/extending.md)."""
+    return not cls.__module__.startswith("unionseg.")
+
+
 def plugin_env(env: dict[str, str], method: str) -> dict[str, str]:
     """``env`` for a process of its own that must train ``method`` (a benchmark row with ``isolate: true``):
-    a plugin registered by an import in the calling script, not by :data:`PLUGINS_ENV`, was unknown there
-    (helper-83). Its module joins :data:`PLUGINS_ENV` and the folder it was imported from ``PYTHONPATH``.
+    a plugin registered by an import in the calling script, not by :data:`PLUGINS_ENV` nor by an installed
+    package's entry point, was unknown there (helper-83). Its module joins :data:`PLUGINS_ENV`, and the folder
+    it was imported from ``PYTHONPATH`` unless that folder is on the interpreter's own path already.
 
     Raises:
         ConfigError: the method is defined in the running script itself (``__main__``), which another
@@ -83,10 +90,13 @@ def plugin_env(env: dict[str, str], method: str) -> dict[str, str]:
     """
     import importlib.util
     import os
+    import site
+    import sysconfig
     from pathlib import Path
 
-    module = get_method(method).__module__
-    if module.startswith("unionseg."):
+    cls = get_method(method)
+    module = cls.__module__
+    if not is_plugin(cls) or module in _entry_point_modules():
         return env
     if module == "__main__":
         raise ConfigError(f"method {method!r} is defined in the script that runs the benchmark: a suite with "
@@ -100,46 +110,74 @@ def plugin_env(env: dict[str, str], method: str) -> dict[str, str]:
     if spec is not None:
         locations = list(spec.submodule_search_locations or [])
         root = Path(locations[0]).parent if locations else Path(spec.origin or ".").parent
+        # an installed package's folder (site-packages) is found anyway, and put first it would come before
+        # the standard library
+        standard = {Path(p).resolve() for p in [*site.getsitepackages(), *sysconfig.get_paths().values()]}
         paths = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
-        if str(root) not in paths:
+        if root.resolve() not in standard and str(root) not in paths:
             out["PYTHONPATH"] = os.pathsep.join([str(root), *paths])
     return out
 
 
+_entry_points: list[Any] | None = None
+
+
+def _entry_point_modules() -> dict[str, str]:
+    """Module -> entry-point name of the methods installed packages register (looked up once per process:
+    a lookup reads every installed package's metadata)."""
+    global _entry_points
+    if _entry_points is None:
+        from importlib.metadata import entry_points
+
+        _entry_points = list(entry_points(group=PLUGINS_GROUP))
+    return {ep.module: ep.name for ep in _entry_points}
+
+
 def _load_plugins() -> None:
     """Import the plugin modules (:data:`PLUGINS_ENV`, then the packages registered under the entry-point
-    group :data:`PLUGINS_GROUP`), whose ``@register_method`` classes then join the built-in methods: ``unionseg
-    train --method NAME``, ``unionseg methods``, a suite's rows. Each module is imported once.
+    group :data:`PLUGINS_GROUP`; an entry point's ``:attr`` is not used: its module registers the methods),
+    whose ``@register_method`` classes then join the built-in methods: ``unionseg train --method NAME``,
+    ``unionseg methods``, a suite's rows. Each module is imported once; one that fails fails again at the next
+    lookup, with the same error.
 
     Raises:
-        ConfigError: a module that cannot be imported, or one registering a method name already taken,
-            named with where it was asked for.
+        ConfigError: a module named in :data:`PLUGINS_ENV` that cannot be imported, or one registering a method
+            name already taken, named with where it was asked for. An installed package's entry point that
+            fails is a warning (it would stop every command, ``--method naive`` too), and its methods are
+            unknown.
     """
     import importlib
-    from importlib.metadata import entry_points
-
-    wanted = [(m, PLUGINS_ENV) for m in plugin_modules()]
-    wanted += [(ep.value.split(":")[0], f"entry point {ep.name!r} of group {PLUGINS_GROUP!r}")
-               for ep in entry_points(group=PLUGINS_GROUP)]
     import warnings
 
     from unionseg.errors import UnionsegWarning
 
+    wanted = [(m, PLUGINS_ENV) for m in plugin_modules()]
+    wanted += [(module, f"entry point {name!r} of group {PLUGINS_GROUP!r}")
+               for module, name in _entry_point_modules().items()]
     for module, source in wanted:
-        if module in _plugins_loaded:
-            continue
+        if module in _plugins_loaded or module in _plugins_loading:
+            continue  # loaded, or being loaded: a plugin whose import looks a method up comes back here
         before = set(METHODS)
+        _plugins_loading.add(module)
         try:
             importlib.import_module(module)
-        except ImportError as exc:
-            raise ConfigError(f"{source}: cannot import module {module!r} ({exc}); is its folder on "
-                              "PYTHONPATH, or its package installed in this environment?") from None
-        except Exception as exc:  # noqa: BLE001 - a plugin's own failure (a name taken twice, a syntax error)
-            raise ConfigError(f"{source}: module {module!r} failed to import: {type(exc).__name__}: {exc}") from None
-        _plugins_loaded.add(module)  # only once it imported: a failing plugin fails at every lookup
+        except Exception as exc:  # noqa: BLE001 - ImportError, or the plugin's own (a name taken twice, a typo)
+            for name in set(METHODS) - before:  # what it registered before it failed: the same error next time
+                del METHODS[name]
+            message = (f"{source}: cannot import module {module!r} ({exc}); is its folder on PYTHONPATH, or its "
+                       "package installed in this environment?" if isinstance(exc, ImportError) else
+                       f"{source}: module {module!r} failed to import: {type(exc).__name__}: {exc}")
+            if source == PLUGINS_ENV:
+                raise ConfigError(message) from None
+            warnings.warn(message + "; its methods are unknown", UnionsegWarning, stacklevel=2)
+            _plugins_loaded.add(module)  # said once: an installed package does not change within a run
+            continue
+        finally:
+            _plugins_loading.discard(module)
+        _plugins_loaded.add(module)
         if set(METHODS) == before and not any(c.__module__ == module for c in METHODS.values()):
             warnings.warn(f"{source}: module {module!r} registers no method (@register_method(\"NAME\") on a "
-                          "Method subclass)", UnionsegWarning, stacklevel=3)
+                          "Method subclass)", UnionsegWarning, stacklevel=2)
 
 
 def get_method(name: str) -> type[Method]:

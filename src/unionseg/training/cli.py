@@ -50,11 +50,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def methods() -> None:
         """List the available methods."""
-        from unionseg.methods.base import available_methods, get_method
+        from unionseg.methods.base import available_methods, get_method, is_plugin
 
         names = available_methods()
         width = max(len(n) for n in names)
         for name in names:
             cls = get_method(name)
-            origin = "" if cls.__module__.startswith("unionseg.") else f" [plugin: {cls.__module__}]"
+            origin = f" [plugin: {cls.__module__}]" if is_plugin(cls) else ""
             typer.echo(f"{name:<{width}}  {cls.summary}{origin}".rstrip())

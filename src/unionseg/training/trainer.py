@@ -276,18 +276,18 @@ class Trainer:
         self._run_started = time.perf_counter()
 
     def _check_deployable(self) -> None:
-        """The deployed network's output form and channels, checked before the first step: a plugin whose
-        deploy() names a channel the label space lacks was refused when the model file was written, after
-        the whole budget had trained (helper-83)."""
+        """Every candidate for the model file, checked as the model file will be (without its weights) before
+        the first step: a plugin whose deploy() names a channel the label space lacks, or whose network spec
+        is not plain data, was refused when the model file was written, after the whole budget had trained
+        (helper-83)."""
         from unionseg.errors import CheckpointError, ConfigError
-        from unionseg.modelfile import check_channels
 
-        deployed = self.method.deploy()
-        try:
-            check_channels(deployed.output_form, deployed.channels, deployed.label_space or self.ctx.space)
-        except CheckpointError as exc:
-            raise ConfigError(f"method {self.cfg.method!r}: what its deploy() returns cannot be a model file: "
-                              f"{exc.message}") from None
+        for name, deployed in self.method.candidates().items():
+            try:
+                self._payload(deployed, selected_at=0, name=name, weights=False)
+            except CheckpointError as exc:
+                raise ConfigError(f"method {self.cfg.method!r}: its model file could not hold what it deploys "
+                                  f"({name}): {exc.message}") from None
 
     def _note_world_size(self) -> None:
         """Start a new entry of ``world_sizes`` when this session runs another number of processes than the
@@ -805,11 +805,18 @@ class Trainer:
         dist.barrier()
 
     def write_model(self, deployed: Deployed, path: Path, selected_at: int) -> None:
-        from unionseg.modelfile import make_payload, save_model
+        from unionseg.modelfile import save_model
 
-        payload = make_payload(
+        save_model(path, self._payload(deployed, selected_at, self.best_name))
+
+    def _payload(self, deployed: Deployed, selected_at: int, name: str, weights: bool = True) -> dict[str, Any]:
+        """The model file's content for ``deployed`` (candidate ``name``), validated; ``weights=False`` leaves
+        the weights out (the check before training)."""
+        from unionseg.modelfile import make_payload
+
+        return make_payload(
             method=self.cfg.method, network=deployed.network_spec,
-            state_dict={k: v.detach().cpu() for k, v in deployed.module.state_dict().items()},
+            state_dict={k: v.detach().cpu() for k, v in deployed.module.state_dict().items()} if weights else {},
             output_form=deployed.output_form, channels=deployed.channels,
             label_space=deployed.label_space or self.ctx.space,
             preprocessing=self.ctx.project.preprocessing,
@@ -818,10 +825,9 @@ class Trainer:
                        "threshold": self.cfg.inference.threshold},
             config=to_dict(self.cfg),
             provenance={"config_hash": config_hash(self.cfg), "data_fingerprint": self.ctx.index.fingerprint,
-                        "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": self.best_name,
+                        "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": name,
                         "options": self.method_options()},
         )
-        save_model(path, payload)
 
     def method_options(self) -> dict[str, Any]:
         """The method's options as it ran them, defaults filled in (the recipe lists only what it sets)."""
