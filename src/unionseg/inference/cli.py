@@ -327,7 +327,7 @@ def register(app: typer.Typer) -> None:
         model: Annotated[Path, typer.Argument(help="Model file written by `unionseg train`.")],
         inputs: Annotated[list[Path], typer.Argument(help="Images (NIfTI, NRRD, MHA), folders of images, "
                                                           "or DICOM series folders.")],
-        output: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder (<case>.nii.gz, uint8).")],
+        output: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder (<case>.nii.gz, uint8; and the label tables for ITK-SNAP and 3D Slicer).")],
         device: Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto.")] = "auto",
         tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).", metavar="")] = False,
         probabilities: Annotated[bool, typer.Option("--probabilities",
