@@ -438,7 +438,8 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
             finished_result(suite, row, seed, out)
     trained: list[float] = []  # wall seconds of the runs trained by this call, shared stages left out
     # seeds whose shared experts a finished row built (or reused); a later row of another seed builds its own
-    built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and uses_experts(row.method)}
+    experts = {row.method: uses_experts(row.method) for row, _ in plan}  # looked up once per method
+    built = {seed for (row, seed), d in zip(plan, done, strict=True) if d and experts[row.method]}
     n_experts = _count_experts(project_path)
     aggregated: dict[str, Any] | None = None
     results: list[dict[str, Any]] = []
@@ -446,7 +447,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
         for i, (row, seed) in enumerate(plan):
             recorded = [float(r.get("train_seconds") or 0) for r in results]
             to_build = {s for (r, s), d in zip(plan[i:], done[i:], strict=True)
-                        if not d and uses_experts(r.method)} - built
+                        if not d and experts[r.method]} - built
             eta = suite_eta(sum(not d for d in done[i:]), trained, recorded, len(to_build), _stage_seconds(results),
                             n_experts)
             resumed = None if done[i] else _resumed_at(out / "runs" / row.name / f"seed{seed}")
@@ -460,7 +461,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
             results.append(run_one(project_path, suite, row, seed, out, progress))
             if not done[i] and resumed is None:  # a resumed run's time is part of a run: no mean of whole runs
                 trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
-            if uses_experts(row.method):
+            if experts[row.method]:
                 built.add(seed)
             # after every run: an interrupted suite keeps its numbers
             aggregated = aggregate(_with_finished(results, plan, suite, out), suite)
