@@ -34,7 +34,6 @@ from unionseg.losses.sigmoid import (
     masked_sigmoid_dice_bce,
     task_channel_tables,
     task_targets,
-    unlabelled_negative_table,
 )
 
 __all__ = [
@@ -44,7 +43,6 @@ __all__ = [
     "ce_dice_loss",
     "cross_task_negative_bce",
     "cross_task_negative_table",
-    "unlabelled_negative_table",
     "dice_from_sums",
     "downsample_mask",
     "exclusion_loss",

@@ -171,18 +171,6 @@ def cross_task_negative_table(channel_keys: Sequence[Sequence[str]], space: Labe
     return exists.unsqueeze(-1) & foreground & ~(positive | ambiguous)  # no leaf shared with the key
 
 
-def unlabelled_negative_table(channel_keys: Sequence[Sequence[str]], space: LabelSpace) -> Tensor:
-    """(T, C, n_codes) bool: the background codes, for every channel a task has.
-
-    Not a certain negative (a partially labelled sample's background may hide another task's organ): with
-    :func:`cross_task_negative_bce` and a small weight it says that most of another dataset's background is
-    not the channel's organ.
-    """
-    _, _, exists = task_channel_tables(channel_keys, space)
-    background = torch.as_tensor(space.code_leaf_matrix())[:, 0]
-    return exists.unsqueeze(-1) & background
-
-
 def cross_task_negative_bce(
     logits: Tensor,
     codes: Tensor,

@@ -62,13 +62,9 @@ class TaskOptions:
     # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
     # trains through the all-tasks forward (conditional: one backbone pass per task, T times the step)
     cross_task_weight: float = 0.0
-    # our extension, 0 = off: weight of BCE towards 0 for the other tasks' channels on a sample's BACKGROUND
-    # voxels (which may hide their unannotated organ: a small weight, a prior that most of it is background)
-    unlabelled_negative_weight: float = 0.0
 
     def validate(self) -> None:
-        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight,
-                                    self.unlabelled_negative_weight)):  # NaN too
+        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
             raise ValueError("loss weights must be >= 0")
         if not self.lr_scale > 0:
             raise ValueError("lr_scale must be > 0")
@@ -117,7 +113,6 @@ class TaskMethod(Method):
         self.task_keys = [task_channels(self.space, d) for d in self.datasets()]
         self.n_channels = max(len(k) for k in self.task_keys)
         self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
-        self._unlabelled: torch.Tensor | None = None  # unlabelled_negative_table, built on first use
 
     def lr_scales(self) -> dict[str, float]:
         """``lr_scale`` for every parameter of the network (empty at 1: the budget's lr)."""
@@ -140,7 +135,6 @@ class TaskMethod(Method):
             cross_task_negative_bce,
             cross_task_negative_table,
             masked_sigmoid_dice_bce,
-            unlabelled_negative_table,
             task_targets,
         )
 
@@ -148,8 +142,7 @@ class TaskMethod(Method):
         o = self.options
         net = self.models["net"]
         cross = None
-        extra: dict[str, torch.Tensor] = {}
-        if o.cross_task_weight > 0 or o.unlabelled_negative_weight > 0:
+        if o.cross_task_weight > 0:
             # every task's head on every sample: the sample's own task is supervised as usual, the others
             # learn what the sample's labels rule out
             every = net(batch["image"], None)
@@ -159,11 +152,6 @@ class TaskMethod(Method):
                 self._negatives = cross_task_negative_table(self.task_keys, self.space).to(every.device)
             cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space,
                                             table=self._negatives)
-            if o.unlabelled_negative_weight > 0:
-                if self._unlabelled is None or self._unlabelled.device != every.device:
-                    self._unlabelled = unlabelled_negative_table(self.task_keys, self.space).to(every.device)
-                extra["unlabelled"] = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys,
-                                                              self.space, table=self._unlabelled)
         else:
             logits = net(batch["image"], task_ids)
         targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
@@ -171,10 +159,7 @@ class TaskMethod(Method):
         loss = o.dice_weight * terms["dice"] + o.bce_weight * terms["bce"]
         if cross is None:
             return {"loss": loss, **terms}
-        loss = loss + o.cross_task_weight * cross
-        if extra:
-            loss = loss + o.unlabelled_negative_weight * extra["unlabelled"]
-        return {"loss": loss, **terms, "cross_task": cross, **extra}
+        return {"loss": loss + o.cross_task_weight * cross, **terms, "cross_task": cross}
 
     def deploy(self) -> Deployed:
         indices, channels = [], []
