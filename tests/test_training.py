@@ -1203,6 +1203,46 @@ def test_validation_shares_the_cases_between_ranks(phantom_project: Path, tmp_pa
     assert validation.validate_deployed(deployed, ctx) != alone
 
 
+def test_validation_stitches_a_large_volume_off_the_gpu_and_follows_the_runs_amp(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole CT's (C, X, Y, Z) output is stitched on the CPU, not on the GPU that runs the windows (a
+    512 x 512 x 600 CT at ~1 mm: over 10 GB beside training's state); a small one stays on the device. The
+    windows run under the run's amp: validation and the experts' maps ran float16 on a GPU with amp off."""
+    import monai.inferers
+
+    import unionseg.training.validation as validation
+    from unionseg.methods.base import get_method
+    from unionseg.training.trainer import make_context
+
+    cuda = torch.device("cuda", 1)
+    assert validation.stitch_device(cuda, (512, 512, 600)) == torch.device("cpu")
+    assert validation.stitch_device(cuda, (160, 160, 160)) == cuda
+    assert validation.stitch_device(torch.device("cpu"), (512, 512, 600)) == torch.device("cpu")
+
+    seen: list[dict[str, object]] = []
+
+    def spy(inputs: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        seen.append({**kwargs, "amp": torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")})
+        channels = kwargs["predictor"](inputs[:, :, :16, :16, :16]).shape[1]  # type: ignore[operator]
+        return torch.zeros(1, channels, *inputs.shape[2:])
+
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference", spy)
+    for amp in (True, False):
+        ctx = make_context(phantom_project, _cfg("naive", 1, f"amp={str(amp).lower()}"), tmp_path / f"r{amp}",
+                           progress=False)
+        method = get_method("naive")(ctx)
+        method.raw_models = method.build()
+        calls: list[bool] = []
+        real = validation.predict_volume
+        monkeypatch.setattr(validation, "predict_volume",
+                            lambda *a, calls=calls, real=real, **k: calls.append(k["amp"]) or real(*a, **k))
+        validation.validate_deployed(method.deploy(), ctx)
+        monkeypatch.setattr(validation, "predict_volume", real)
+        assert calls and set(calls) == {amp}
+    assert seen and all(s["sw_device"] == torch.device("cpu") and s["device"] == torch.device("cpu")
+                        and s["amp"] is False for s in seen)  # on the CPU: no autocast, stitched in place
+
+
 def test_selection_score_reads_the_named_mean() -> None:
     from unionseg.training.validation import selection_score
 

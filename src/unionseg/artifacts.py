@@ -211,7 +211,7 @@ class ArtifactCache:
                                           self.ctx.progress and self.ctx.is_main):
                         probs = predict_volume(module, case.image(), cfg.roi_size, cfg.inference.overlap,
                                                cfg.inference.sw_batch_size, self.ctx.device, "softmax",
-                                               cfg.inference.blend)
+                                               cfg.inference.blend, amp=cfg.amp)
                         _atomic_save_npy(self.probs_path(name, case), probs.numpy().astype(np.float16))
             # (leaving the lock is a collective: no rank reads the probabilities before every share is written)
 

@@ -15,24 +15,42 @@ import torch
 from unionseg.methods.base import Deployed, RunContext
 from unionseg.outputs import activate, decode_probs
 
+#: above this many voxels a volume's windows are stitched on the CPU, not on the GPU that runs them: the whole
+#: (C, X, Y, Z) float32 output and its activation stay off the device (a 512 x 512 x 600 CT prepared at about
+#: 1 mm holds ~10^8 voxels, over 10 GB with a dozen classes, on top of training's model and optimiser state)
+DEVICE_STITCH_VOXELS = 2**24
+
+
+def stitch_device(device: torch.device, shape: tuple[int, ...]) -> torch.device:
+    """Where :func:`predict_volume` stitches a volume of ``shape`` run on ``device``: the device itself up to
+    :data:`DEVICE_STITCH_VOXELS` voxels, else the CPU."""
+    voxels = int(np.prod(shape))
+    return device if device.type == "cpu" or voxels <= DEVICE_STITCH_VOXELS else torch.device("cpu")
+
 
 @torch.no_grad()
 def predict_volume(
     module: torch.nn.Module, image: np.ndarray | torch.Tensor, roi_size: tuple[int, int, int], overlap: float,
-    sw_batch_size: int, device: torch.device, output_form: str, blend: str = "gaussian",
+    sw_batch_size: int, device: torch.device, output_form: str, blend: str = "gaussian", amp: bool = True,
 ) -> torch.Tensor:
-    """(X, Y, Z) prepared image -> (C, X, Y, Z) float32 probabilities on the CPU."""
+    """(X, Y, Z) prepared image -> (C, X, Y, Z) float32 probabilities on the CPU.
+
+    The windows run on ``device`` (in float16 autocast on a GPU when ``amp``, the run's ``amp``: a run that
+    trains without it validates and makes its experts' maps without it too); a large volume is stitched on
+    the CPU (:func:`stitch_device`).
+    """
     from monai.inferers import sliding_window_inference
 
     was_training = module.training
     module.eval()
-    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None].to(device)  # a copy: memmaps are read-only
-    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+    stitch = stitch_device(device, tuple(image.shape))
+    x = torch.from_numpy(np.array(image, dtype=np.float32))[None, None].to(stitch)  # a copy: memmaps are read-only
+    with torch.autocast(device.type, dtype=torch.float16, enabled=amp and device.type == "cuda"):
         logits = sliding_window_inference(x, roi_size=roi_size, sw_batch_size=sw_batch_size, predictor=module,
-                                          overlap=overlap, mode=blend)
+                                          overlap=overlap, mode=blend, sw_device=device, device=stitch)
     module.train(was_training)
     assert isinstance(logits, torch.Tensor)
-    return activate(logits[0], output_form).cpu()
+    return activate(logits[0].float(), output_form).cpu()
 
 
 def dice_scores(pred: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> dict[str, float]:
@@ -93,7 +111,8 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
     for i in my_cases:
         case = cases[i]
         probs = predict_volume(deployed.module, case.image(), cfg.roi_size, cfg.inference.overlap,
-                               cfg.inference.sw_batch_size, ctx.device, deployed.output_form, cfg.inference.blend)
+                               cfg.inference.sw_batch_size, ctx.device, deployed.output_form, cfg.inference.blend,
+                               amp=cfg.amp)
         pred = decode_probs(probs, deployed.output_form, deployed.channels, deployed.label_space or ctx.space,
                             threshold=cfg.inference.threshold).numpy()
         if deployed.to_global is not None:
