@@ -637,6 +637,22 @@ def test_gap_closure_compares_a_row_with_the_references_on_the_seeds_all_three_h
     assert "Gap closure of `marginal` reads n/a: it shares no seed" in note and "`mskd`" not in note
 
 
+def test_the_report_reads_rows_written_before_the_empty_rule_counts() -> None:
+    """Rows of earlier releases store ``empty_rule_cases: null`` (docs/results/ holds some): the report, and
+    the README's figure script that reads them, crashed on them; such a row counts no HD95 penalty."""
+    from unionseg.report import aggregate
+
+    def result(seed: int, rules: dict[str, int] | None) -> dict[str, Any]:
+        return {"name": "oracle", "method": "oracle", "seed": seed, "train_seconds": 1.0,
+                "predict_seconds_per_case": 0.1,
+                "per_class": {"region:liver": {"dice": 0.9, "hd95": 5.0, "empty_rule_cases": rules}}}
+
+    old = aggregate([result(0, None)], "standard")["methods"]["oracle"]["classes"]["region:liver"]
+    assert "penalty_cases" not in old and old["dice"]["mean"] == pytest.approx(0.9)
+    mixed = aggregate([result(0, None), result(1, {"pred_empty": 1, "gt_empty": 2, "both_empty": 4})], "standard")
+    assert mixed["methods"]["oracle"]["classes"]["region:liver"]["penalty_cases"] == 3
+
+
 def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check ran when the loop reached the row: after training every row before it (an hour into a

@@ -72,7 +72,9 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             for metric in ("dice", "hd95", "nsd"):
                 mean, std = _mean_std([r["per_class"].get(key, {}).get(metric) for r in runs])
                 entry[metric] = {"mean": mean, "std": std}
-            scored = [r["per_class"][key] for r in runs if "empty_rule_cases" in r["per_class"].get(key, {})]
+            # (rows of earlier releases hold no counts, or null)
+            scored = [r["per_class"][key] for r in runs
+                      if isinstance(r["per_class"].get(key, {}).get("empty_rule_cases"), dict)]
             if scored:  # over all seeds: how many test cases an HD95 penalty (the grid's diagonal) decided
                 entry["penalty_cases"] = sum(int(c["empty_rule_cases"].get("pred_empty", 0))
                                              + int(c["empty_rule_cases"].get("gt_empty", 0)) for c in scored)
