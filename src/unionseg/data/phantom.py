@@ -1034,7 +1034,8 @@ def _project_dict(spec: PhantomSpec, size: SizeSpec, seed: int) -> dict[str, Any
     return {
         "name": f"phantom-{spec.name}-{size.name}",
         "generator_version": GENERATOR_VERSION,
-        "notes": f"unionseg phantom --size {size.name} --seed {seed} --suite {spec.name}",
+        "notes": f"made by unionseg phantom DIR --size {size.name} --seed {seed} --suite {spec.name} (DIR: this "
+                 "file's folder)",
         "classes": [name if parent is None else {"name": name, "part_of": parent} for name, parent in spec.classes],
         "datasets": datasets,
         "preprocessing": {"spacing": list(size.preprocess_spacing), "window": [-325.0, 325.0]},

@@ -698,7 +698,7 @@ class Predictor:
     ) -> Path:
         """Predict one image file (or DICOM series folder) and write a uint8 label map with its exact geometry.
 
-        For a folder of image files, one per case, ``unionseg predict FOLDER -o OUT`` predicts them all.
+        For a folder of image files, one per case, ``unionseg predict MODEL FOLDER -o OUT`` predicts them all.
 
         Args:
             in_path: the image (NIfTI, NRRD, MHA) or a folder holding one DICOM series.
@@ -734,7 +734,7 @@ class Predictor:
             if held:  # a folder of cases, not a series (a series folder may hold a converted copy beside it)
                 raise DataError(f"a folder of {len(held)} image file(s) ({', '.join(held[:3])}"
                                 f"{', ...' if len(held) > 3 else ''}): predict_file reads one image, a file or a "
-                                "DICOM series folder; give each file, or run unionseg predict FOLDER -o OUT",
+                                "DICOM series folder; give each file, or run unionseg predict MODEL FOLDER -o OUT",
                                 in_path)
         if suffix_of(out_path) not in IMAGE_SUFFIXES:
             raise UnionsegError(f"unsupported output type {suffix_of(out_path)!r} (use {', '.join(IMAGE_SUFFIXES)})",
