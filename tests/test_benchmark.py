@@ -637,6 +637,24 @@ def test_gap_closure_compares_a_row_with_the_references_on_the_seeds_all_three_h
     assert "Gap closure of `marginal` reads n/a: it shares no seed" in note and "`mskd`" not in note
 
 
+def test_the_test_set_is_predicted_on_the_budgets_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `device: cpu` budget on a GPU machine predicted on the GPU ("auto") and timed it, while the row's
+    machine record said no GPU."""
+    from unionseg.benchmark import predict_test_set
+    from unionseg.inference.predictor import Predictor
+
+    asked: list[str] = []
+
+    def from_checkpoint(path: Path, device: str = "auto", **kwargs: Any) -> Predictor:
+        asked.append(device)
+        raise RuntimeError("enough")
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", staticmethod(from_checkpoint))
+    with pytest.raises(RuntimeError, match="enough"):
+        predict_test_set(tmp_path / "model.pt", None, tmp_path / "pred", False, "cpu")
+    assert asked == ["cpu"]
+
+
 def test_the_report_reads_rows_written_before_the_empty_rule_counts() -> None:
     """Rows of earlier releases store ``empty_rule_cases: null`` (docs/results/ holds some): the report, and
     the README's figure script that reads them, crashed on them; such a row counts no HD95 penalty."""
@@ -826,3 +844,8 @@ def test_the_results_table_never_cuts_a_value_on_a_narrow_terminal(monkeypatch: 
     lines = compute_section(agg)
     assert "| cotraining_long_row_name | 36,360 | 1200, 1268 | 1.40, 1.60 | n/a |" in lines
     assert any("rows without it were run before it was recorded" in line for line in lines)  # an isolated suite
+    assert not any("GPU memory" in line for line in lines)  # no GPU column where no run used one
+    gpu = {**agg, "methods": {"cotraining_long_row_name": {**row, "peak_rss_mb": 2048.0, "peak_gpu_mb": 5120.4}}}
+    lines = compute_section(gpu)
+    assert "| cotraining_long_row_name | 36,360 | 1200, 1268 | 1.40, 1.60 | 2048 | 5120 |" in lines
+    assert any(line.endswith("peak GPU memory (MiB) |") for line in lines)

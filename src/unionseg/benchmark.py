@@ -253,7 +253,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     if test is None:
         raise ConfigError("the benchmark needs a fully labelled test set (a dataset with role: test)", project_path)
     pred_dir = run_dir / "test_pred"
-    predict_seconds, n_params = predict_test_set(run_dir / "model.pt", test, pred_dir, progress)
+    predict_seconds, n_params = predict_test_set(run_dir / "model.pt", test, pred_dir, progress, cfg.device)
     from unionseg.evaluation.evaluate import evaluate_folder
 
     evaluation = evaluate_folder(pred_dir, _labels_dir(test), project, dataset=test.name,
@@ -278,6 +278,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         "parameters": n_params,
         "data_wait_share": summary.get("data_wait_share"),
         "peak_rss_mb": _peak_rss_mb() if suite.isolate else None,
+        "peak_gpu_mb": _peak_gpu_mb() if suite.isolate else None,
         "provenance": {"code_commit": commit, "config_hash": config_hash(cfg), "seed": seed,
                        "machine": machine_info(cfg.device),
                        "data_fingerprint": PreparedIndex.load(project).fingerprint,
@@ -292,12 +293,14 @@ def _labels_dir(spec: Any) -> Path:
     return Path(spec.root) / "labelsTr"
 
 
-def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool) -> tuple[float, int]:
-    """Predict every test image with the public predictor; returns (seconds per case, parameter count)."""
+def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool,
+                     device: str = "auto") -> tuple[float, int]:
+    """Predict every test image with the public predictor on ``device`` (the budget's: a ``cpu`` budget on a
+    GPU machine timed the GPU, and recorded no GPU); returns (seconds per case, parameter count)."""
     from unionseg.data.catalog import scan_dataset
     from unionseg.inference.predictor import Predictor
 
-    predictor = Predictor.from_checkpoint(model_path, device="auto")
+    predictor = Predictor.from_checkpoint(model_path, device=device)
     cases = scan_dataset(test.name, test.root, test.layout).cases
     t0 = time.perf_counter()
     for case in cases:
@@ -305,6 +308,16 @@ def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool
         predictor.predict_file(case.image, pred_dir / f"{case.case_id}.nii.gz", overwrite=True)
     n_params = sum(p.numel() for p in predictor.model.parameters())
     return (time.perf_counter() - t0) / max(1, len(cases)), int(n_params)
+
+
+def _peak_gpu_mb() -> float | None:
+    """The run process's peak GPU memory held by tensors (PyTorch's allocator; the largest over its GPUs),
+    or None where it used no GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return max(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count())) / 2**20
 
 
 def _peak_rss_mb() -> float:

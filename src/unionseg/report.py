@@ -89,6 +89,7 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             # the largest over the seeds (the first seed's alone before); None where nothing was measured
             "parameters": max((r["parameters"] for r in runs if r.get("parameters") is not None), default=None),
             "peak_rss_mb": max((r["peak_rss_mb"] for r in runs if r.get("peak_rss_mb") is not None), default=None),
+            "peak_gpu_mb": max((r["peak_gpu_mb"] for r in runs if r.get("peak_gpu_mb") is not None), default=None),
         }
     oracle, naive = methods.get("oracle"), methods.get("naive")
     if oracle and naive:
@@ -123,6 +124,7 @@ UNITS = {"dice": "fraction in [0, 1]", "nsd": "fraction in [0, 1], tolerance 2 m
          "gap_closure": "fraction (naive 0, oracle 1)", "train_seconds": "s (wall time)",
          "expert_seconds": "s (wall time)", "stage_seconds": "s (wall time)",
          "predict_seconds_per_case": "s (wall time)", "peak_rss_mb": "MiB (peak resident memory of the run's process)",
+         "peak_gpu_mb": "MiB (peak GPU memory held by the run process's tensors; null without a GPU)",
          "parameters": "count of the deployed model's weights"}
 
 
@@ -160,12 +162,14 @@ def compute_section(agg: dict[str, Any]) -> list[str]:
     methods = agg["methods"]
     if not methods:
         return []
+    gpu = any(m.get("peak_gpu_mb") is not None for m in methods.values())  # a column only where a GPU was used
     lines = ["## Compute per method", "",
              "Wall-clock seconds per seed (training without the shared experts; prediction per test case), the "
              "deployed model's parameters (for `individual`, its experts together) and the peak resident memory "
              "of the run's process.", "",
-             "| method | parameters | train s per seed | predict s/case per seed | peak memory (MiB) |",
-             "|---|---|---|---|---|"]
+             "| method | parameters | train s per seed | predict s/case per seed | peak memory (MiB) |"
+             + (" peak GPU memory (MiB) |" if gpu else ""),
+             "|---|---|---|---|---|" + ("---|" if gpu else "")]
     for name, m in methods.items():
         runs = sorted((r for r in agg.get("runs", []) if r.get("name") == name), key=lambda r: r.get("seed", 0))
         train = ", ".join(f"{float(r['train_seconds']):.0f}" for r in runs if r.get("train_seconds") is not None)
@@ -173,7 +177,8 @@ def compute_section(agg: dict[str, Any]) -> list[str]:
                             if r.get("predict_seconds_per_case") is not None)
         params = f"{m['parameters']:,}" if m.get("parameters") is not None else "n/a"
         memory = _fmt(m.get("peak_rss_mb"), 0)
-        lines.append(f"| {name} | {params} | {train} | {predict} | {memory} |")
+        lines.append(f"| {name} | {params} | {train} | {predict} | {memory} |"
+                     + (f" {_fmt(m.get('peak_gpu_mb'), 0)} |" if gpu else ""))
     lines.append("")
     if any(m.get("peak_rss_mb") is None for m in methods.values()):
         lines += [("Peak memory is measured where each run has a process of its own; rows without it were run "
