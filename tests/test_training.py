@@ -890,6 +890,31 @@ def test_dataset_weights_reach_the_sampler_by_name(phantom_project: Path, tmp_pa
         train(phantom_project, _cfg("naive", 1, "data.dataset_weights={kidney: 0}"), tmp_path / "zero", progress=False)
 
 
+def test_batches_are_pinned_for_a_gpu_run_only_and_cuda_n_becomes_the_current_device(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU machine a CPU run (or a gloo rank) pinned every batch, opening a CUDA context on GPU 0; and a
+    one-process run on cuda:N left GPU 0 current, so its checkpoint held GPU 0's random state (helper-85)."""
+    import unionseg.data.sampling as sampling
+    from unionseg.methods.base import get_method
+    from unionseg.training import distributed as dist
+    from unionseg.training.data import build_loader
+    from unionseg.training.trainer import make_context
+
+    pinned: list[object] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sampling, "make_loader", lambda *a, **k: pinned.append(k.get("pin_memory")))
+    ctx = make_context(phantom_project, _cfg("naive", 1, "device=cpu"), tmp_path / "r", progress=False)
+    build_loader(get_method("naive")(ctx), ctx, 0)
+    assert pinned == [False]
+
+    current: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for device in (torch.device("cuda", 1), torch.device("cuda"), torch.device("cpu")):
+        assert dist.setup(device) == device
+    assert current == [torch.device("cuda", 1)]
+
+
 def test_the_oracle_without_full_truth_is_refused_before_the_run_folder(tmp_path: Path) -> None:
     """A project without oracle_labels: -m oracle is refused and writes nothing, so -m naive into the same
     folder then trains (it was refused as 'holds an oracle run', with --resume too)."""

@@ -18,10 +18,11 @@ takes ``locks/<artefact>.lock`` (:mod:`unionseg.locking`) makes it, the other wa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,21 @@ class ArtifactCache:
         torch.distributed.broadcast(value, src=0)
         return bool(value.item())
 
+    def _rank0_todo(self, cases: list[PreparedCase], path: Callable[[PreparedCase], Path]) -> list[PreparedCase]:
+        """The ``cases`` whose file (``path``) rank 0 does not find, on every DDP rank (a broadcast of their
+        positions): ranks that each looked at the files could disagree on a shared file system (one sees a
+        file another does not yet) and one skip a collective the others enter. In one process: those whose
+        file is missing."""
+        from unionseg.training import distributed as dist
+
+        if not dist.is_distributed():
+            return [c for c in cases if not path(c).exists()]
+        import torch
+
+        box = [[i for i, c in enumerate(cases) if not path(c).exists()] if dist.is_main() else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return [cases[i] for i in box[0] or []]
+
     def _my_share(self, todo: list[PreparedCase]) -> list[PreparedCase]:
         """This DDP rank's share of ``todo`` (all of it in one process). Every rank lists ``todo`` before
         any writes: a collective here, so the shares are cut from the same list."""
@@ -157,7 +173,7 @@ class ArtifactCache:
             run_dir = self.expert_dir(name)
             model = run_dir / "model.pt"
             with self._exclusive(f"expert-{name}"):  # checked under the lock: a concurrent run's expert is reused
-                if not (run_dir / "summary.json").exists():
+                if self._rank0_decides(not (run_dir / "summary.json").exists()):  # every rank trains, or none
                     cfg = dataclasses.replace(self.expert_cfg, options={"dataset": name})
                     sub = dataclasses.replace(self.ctx, cfg=cfg, run_dir=run_dir, artifacts=self)
                     with self._timed(f"expert:{name}"):
@@ -201,7 +217,7 @@ class ArtifactCache:
         cfg = self.ctx.cfg
         for name in experts or self.ctx.train_datasets:
             with self._exclusive(f"probs-{name}"):
-                todo = [c for c in self.training_cases() if not self.probs_path(name, c).exists()]
+                todo = self._rank0_todo(self.training_cases(), functools.partial(self.probs_path, name))
                 if not todo:
                     continue
                 module, _, _ = self.load_expert(name)
@@ -230,7 +246,7 @@ class ArtifactCache:
         """Pseudo labels for every training case: merge over the OTHER datasets' experts, ground truth wins."""
         self.ensure_probs()
         with self._exclusive("pseudo"):
-            todo = [case for case in self.training_cases() if not self.pseudo_path(case).exists()]
+            todo = self._rank0_todo(self.training_cases(), self.pseudo_path)
             made = len(todo)
             with self._timed("pseudo_labels") if made else nullcontext():
                 for case in self._my_share(todo):  # each DDP rank makes and writes its own cases

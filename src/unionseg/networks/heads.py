@@ -411,10 +411,12 @@ class DynamicHead(Head):
             layers.append((weight.reshape(rows, -1, weight.shape[2]).to(flat.dtype),
                            bias.reshape(rows, -1, 1).to(flat.dtype)))
         # voxel chunks keep the (T' * width, chunk) intermediates in cache: for all 7 tasks of a 64^3 window
-        # this is ~10x faster on a CPU than one pass over the whole window (memory-bound elementwise work)
+        # this is ~10x faster on a CPU than one pass over the whole window (memory-bound elementwise work); a
+        # GPU takes the window in one pass (chunks there only add kernel launches, ~5 per chunk)
+        chunk = self.VOXEL_CHUNK if flat.device.type == "cpu" else max(1, flat.shape[-1])
         chunks = []
-        for start in range(0, flat.shape[-1], self.VOXEL_CHUNK):
-            h = flat[:, :, start:start + self.VOXEL_CHUNK]
+        for start in range(0, flat.shape[-1], chunk):
+            h = flat[:, :, start:start + chunk]
             for index, (w, b) in enumerate(layers):
                 h = torch.baddbmm(b, w, h.reshape(w.shape[0], w.shape[2], -1))
                 if index < len(layers) - 1:

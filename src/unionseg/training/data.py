@@ -108,4 +108,7 @@ def build_loader(method: Method, ctx: RunContext, start_step: int) -> Iterator[d
     )
     if cfg.data.num_workers > 0:
         sampler.precompute()  # one foreground scan shared by the workers
-    return make_loader(sampler, start_step=start_step, total_steps=cfg.steps, num_workers=cfg.data.num_workers)
+    # pinned batches only for a GPU run (a CPU run, or a gloo rank, on a GPU machine pinned every batch and
+    # opened a CUDA context on GPU 0)
+    return make_loader(sampler, start_step=start_step, total_steps=cfg.steps, num_workers=cfg.data.num_workers,
+                       pin_memory=ctx.device.type == "cuda")

@@ -32,6 +32,10 @@ def setup(device: torch.device) -> torch.device:
     Backend: NCCL on CUDA, gloo on CPU. ``LOCAL_RANK`` selects the GPU on multi-GPU nodes.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        if device.type == "cuda" and device.index is not None and not is_distributed():
+            # cuda:N in one process: N becomes the current device, so what follows the current device (the
+            # checkpoint's CUDA random state, pinned-memory threads, kernels without a device) is on N, not on 0
+            torch.cuda.set_device(device)
         return device
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
