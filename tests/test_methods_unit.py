@@ -34,6 +34,23 @@ def test_average_update_matches_formula() -> None:
         assert torch.allclose(e, p, atol=1e-6)
 
 
+def test_a_loaded_average_goes_on_with_its_own_update_count() -> None:
+    """The count is kept on the host (reading the buffer waited for the GPU at every update): an average
+    loaded from a checkpoint must take the checkpoint's count, not the one it had before loading."""
+    net = nn.Linear(3, 2)
+    trained = WeightAverage(net, decay=0.99)
+    for _ in range(30):
+        trained.update(net)
+    fresh = WeightAverage(net, decay=0.99)
+    fresh.update(net)
+    assert fresh.current_decay() != trained.current_decay()
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.current_decay() == trained.current_decay() == min(0.99, 31 / 40)
+    fresh.update(net)
+    trained.update(net)
+    assert int(fresh.updates) == 31 and fresh.current_decay() == trained.current_decay()
+
+
 def test_average_forgets_initialisation_in_a_short_run() -> None:
     steps = 200
     avg = WeightAverage(nn.Linear(2, 2), decay=decay_from_half_life(0.05 * steps))

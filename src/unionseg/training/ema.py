@@ -44,21 +44,33 @@ class WeightAverage(nn.Module):
         self.warmup = warmup
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
         self.register_buffer("log_initial_weight", torch.zeros((), dtype=torch.float64))
+        # the update count on the host: reading the buffer on a GPU waited for it at every update
+        self._count: int | None = None
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self._count = None  # the loaded buffer holds the count now
+        super()._load_from_state_dict(*args, **kwargs)
 
     def current_decay(self) -> float:
-        t = int(self.updates)
+        if self._count is None:
+            self._count = int(self.updates)
+        t = self._count
         return min(self.decay, (1.0 + t) / (10.0 + t)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         d = self.current_decay()
         src = dict(model.named_parameters())
-        for name, p in self.module.named_parameters():
-            p.mul_(d).add_(src[name].detach().to(p.dtype), alpha=1.0 - d)
+        mine: list[torch.Tensor] = [p for _, p in self.module.named_parameters()]
+        theirs = [src[name].detach().to(p.dtype) for name, p in self.module.named_parameters()]
+        # the same arithmetic as p.mul_(d).add_(q, alpha=1 - d) per tensor, in a few kernels for all of them
+        torch._foreach_mul_(mine, d)
+        torch._foreach_add_(mine, theirs, alpha=1.0 - d)
         src_buffers = dict(model.named_buffers())
         for name, b in self.module.named_buffers():
             b.copy_(src_buffers[name])
         self.updates += 1
+        self._count = (self._count or 0) + 1
         self.log_initial_weight += math.log(d) if d > 0 else -math.inf
 
     def initial_weight(self) -> float:
