@@ -171,8 +171,8 @@ def find_folder_pair(root: Path) -> tuple[Path, Path] | None:
 def _no_layout_message() -> str:
     pairs = ", ".join(f"{i}/+{lab}/" for i, lab in FOLDER_PAIRS)
     return ("matches no known layout; looked for: no dataset.json (MSD, nnU-Net v2 raw); no "
-            f"case_XXXXX/{KITS_IMAGE} here or in data/ or dataset/ (KiTS19/21/23); no images + labels folder pair "
-            f"({pairs}). Point the root at the folder that holds them, or set the dataset's layout "
+            f"case_XXXXX/{KITS_IMAGE} here or in data/, dataset/ or kits21/data/ (KiTS19/21/23); no images + "
+            f"labels folder pair ({pairs}). Point the root at the folder that holds them, or set the dataset's layout "
             "(e.g. 'folders:IMAGES,LABELS')")
 
 
@@ -398,7 +398,8 @@ def _cases_kits(root: Path) -> tuple[_RawCases, list[str]]:
     """Labelled KiTS cases and the ids of case folders without a segmentation."""
     folder = kits_data_dir(root)
     if folder is None:
-        raise DataError(f"no case_XXXXX/{KITS_IMAGE} folders here or in data/ or dataset/ (KiTS layout)", root)
+        raise DataError(f"no case_XXXXX/{KITS_IMAGE} folders here or in data/, dataset/ or kits21/data/ (KiTS layout)",
+                        root)
     out: _RawCases = []
     skipped: list[str] = []
     for case_dir in _kits_case_dirs(folder):
