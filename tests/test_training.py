@@ -3,6 +3,7 @@ DDP with two gloo processes; the step-time floor of the loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +14,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -905,7 +907,8 @@ def test_batches_are_pinned_for_a_gpu_run_only_and_cuda_n_becomes_the_current_de
     monkeypatch.setattr(sampling, "make_loader", lambda *a, **k: pinned.append(k.get("pin_memory")))
     ctx = make_context(phantom_project, _cfg("naive", 1, "device=cpu"), tmp_path / "r", progress=False)
     build_loader(get_method("naive")(ctx), ctx, 0)
-    assert pinned == [False]
+    build_loader(get_method("naive")(ctx), dataclasses.replace(ctx, device=torch.device("cuda", 0)), 0)
+    assert pinned == [False, True]
 
     current: list[torch.device] = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
@@ -1193,6 +1196,40 @@ def test_select_on_names_the_mean_that_picks_the_model(phantom_project: Path, tm
         assert audit.pick(summary["history"], rule)[:2] == (step, "model")
 
 
+def test_under_ddp_a_rank_waits_for_an_artefact_it_does_not_see_instead_of_making_it_alone(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Making an artefact is a collective every rank enters together (the stages do). A rank that does not
+    see a file another rank wrote (a shared file system showing it late) made it alone and waited forever for
+    the others at the first collective: now it waits for the file and gives up naming it (helper-89). In one
+    process a missing artefact is made, as before."""
+    import threading
+
+    from unionseg.artifacts import ArtifactCache
+    from unionseg.errors import UnionsegError
+    from unionseg.training import distributed as dist
+    from unionseg.training.trainer import make_context
+
+    cache = ArtifactCache(make_context(phantom_project, _cfg("cotraining", 1), tmp_path / "r", progress=False))
+    made: list[str] = []
+    target = tmp_path / "artefact.npy"
+    cache._present_or_made(target, lambda: made.append("made") or target.write_bytes(b"x"))
+    assert made == ["made"] and target.exists()
+    cache._present_or_made(target, lambda: made.append("again"))
+    assert made == ["made"]  # present: nothing made
+
+    monkeypatch.setattr(dist, "is_distributed", lambda: True)
+    monkeypatch.setattr(ArtifactCache, "LAG_SECONDS", 0.6)
+    late = tmp_path / "late.npy"
+    writer = threading.Timer(0.2, late.write_bytes, (b"x",))
+    writer.start()
+    cache._present_or_made(late, lambda: made.append("alone"))
+    writer.join()
+    never = tmp_path / "never.npy"
+    with pytest.raises(UnionsegError, match="not there after 1 s") as info:
+        cache._present_or_made(never, lambda: made.append("alone"))
+    assert str(never) in str(info.value) and made == ["made"]
+
+
 def test_validation_shares_the_cases_between_ranks(phantom_project: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Under DDP each rank scores every second case; the gathered result equals the one-process result
@@ -1266,6 +1303,48 @@ def test_validation_stitches_a_large_volume_off_the_gpu_and_follows_the_runs_amp
         assert calls and set(calls) == {amp}
     assert seen and all(s["sw_device"] == torch.device("cpu") and s["device"] == torch.device("cpu")
                         and s["amp"] is False for s in seen)  # on the CPU: no autocast, stitched in place
+
+    # the GPU's side without a GPU: the windows named for cuda:0, the volume kept on the CPU (stitched there),
+    # and autocast asked for exactly when the run's amp is on (nothing reaches a device: the spy runs no net)
+    autocasts: list[tuple[str, bool]] = []
+
+    class Autocast:
+        def __init__(self, device_type: str, dtype: torch.dtype | None = None, enabled: bool = True) -> None:
+            autocasts.append((device_type, enabled))
+
+        def __enter__(self) -> None:
+            return None
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    seen.clear()
+    monkeypatch.setattr(monai.inferers, "sliding_window_inference",
+                        lambda inputs, **kwargs: seen.append({**kwargs, "on": inputs.device}) or torch.zeros(
+                            1, 2, *inputs.shape[2:]))
+    monkeypatch.setattr(torch, "autocast", Autocast)
+    monkeypatch.setattr(validation, "DEVICE_STITCH_VOXELS", 0)
+    for amp in (True, False):
+        probs = validation.predict_volume(torch.nn.Identity(), np.zeros((4, 4, 4), np.float32), (4, 4, 4), 0.5, 1,
+                                          torch.device("cuda", 0), "softmax", amp=amp)
+        assert probs.shape == (2, 4, 4, 4) and probs.device == torch.device("cpu")
+    assert autocasts == [("cuda", True), ("cuda", False)]
+    assert all(s["sw_device"] == torch.device("cuda", 0) and s["device"] == torch.device("cpu")
+               and s["on"] == torch.device("cpu") for s in seen) and len(seen) == 2
+
+
+def test_a_steps_terms_come_back_as_floats_in_their_order() -> None:
+    """One device-to-host copy for all terms: a Python number or a one-element tensor is taken as well as a
+    0-d tensor (co-training's ramp-up was made on the CPU beside terms on the GPU, which a stack refuses:
+    each goes to the loss's device first)."""
+    from unionseg.training.trainer import term_values
+
+    terms = {"loss": torch.tensor(1.5, requires_grad=True) * 2, "dice": torch.tensor([0.25]), "rampup": 0.5,
+             "count": torch.tensor(3)}
+    values = term_values(terms)
+    assert list(values) == ["loss", "dice", "rampup", "count"]
+    assert values == {"loss": 3.0, "dice": 0.25, "rampup": 0.5, "count": 3.0}
+    assert all(type(v) is float for v in values.values())
 
 
 def test_selection_score_reads_the_named_mean() -> None:

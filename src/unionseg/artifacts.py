@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unionseg.config import config_hash, to_dict
+from unionseg.errors import UnionsegError
 from unionseg.jsonfile import write_text
 from unionseg.locking import print_waiting
 
@@ -122,6 +123,30 @@ class ArtifactCache:
         torch.distributed.broadcast_object_list(box, src=0)
         return [cases[i] for i in box[0] or []]
 
+    #: how long a DDP rank waits for a shared artefact another rank wrote to show on its file system
+    LAG_SECONDS = 120.0
+
+    def _present_or_made(self, path: Path, make: Callable[[], Any]) -> None:
+        """``path`` exists after this call. In one process a missing artefact is made (``make``). Under DDP
+        making one is a collective every rank must enter together (the stages do, before anything loads), so
+        a rank that does not see a file another rank wrote, on a shared file system that shows it late, waits
+        for it, and gives up naming it after :attr:`LAG_SECONDS`: made by one rank alone, it would have waited
+        forever for the others at the first collective (helper-89)."""
+        from unionseg.training import distributed as dist
+
+        if path.exists():
+            return
+        if not dist.is_distributed():
+            make()
+            return
+        deadline = time.monotonic() + self.LAG_SECONDS
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise UnionsegError(f"a shared artefact another process of this torchrun job wrote is not there "
+                                    f"after {self.LAG_SECONDS:.0f} s (a file system that shows other nodes' "
+                                    "files late?); run again with --resume", path)
+            time.sleep(0.5)
+
     def _my_share(self, todo: list[PreparedCase]) -> list[PreparedCase]:
         """This DDP rank's share of ``todo`` (all of it in one process). Every rank lists ``todo`` before
         any writes: a collective here, so the shares are cut from the same list."""
@@ -193,8 +218,7 @@ class ArtifactCache:
             from unionseg.networks.layout import set_layout
 
             # no lock when it exists (the experts stage trained them before any validation)
-            if not (self.expert_dir(dataset) / "summary.json").exists():
-                self.ensure_experts([dataset])
+            self._present_or_made(self.expert_dir(dataset) / "summary.json", lambda: self.ensure_experts([dataset]))
             payload = load_model(self.expert_dir(dataset) / "model.pt")
             module = set_layout(build_from_payload(payload).to(self.ctx.device), self.ctx.device).eval()
             for p in module.parameters():
@@ -234,8 +258,8 @@ class ArtifactCache:
     def load_probs(self, expert: str, case: PreparedCase) -> np.ndarray:
         """(1 + K, X, Y, Z) float16, memory-mapped."""
         path = self.probs_path(expert, case)
-        if not path.exists():  # per-sample loads (data loader workers) take no lock once the file exists
-            self.ensure_probs([expert])
+        # per-sample loads (data loader workers) take no lock once the file exists
+        self._present_or_made(path, lambda: self.ensure_probs([expert]))
         return np.load(path, mmap_mode="r")
 
     # ------------------------------------------------------------------ pseudo labels
@@ -298,8 +322,7 @@ class ArtifactCache:
 
     def load_pseudo(self, case: PreparedCase) -> np.ndarray:
         path = self.pseudo_path(case)
-        if not path.exists():
-            self.ensure_pseudo_labels()
+        self._present_or_made(path, self.ensure_pseudo_labels)
         return np.load(path, mmap_mode="r")
 
     def summary(self) -> dict[str, Any]:

@@ -166,7 +166,7 @@ def compute_section(agg: dict[str, Any]) -> list[str]:
     lines = ["## Compute per method", "",
              "Wall-clock seconds per seed (training without the shared experts; prediction per test case), the "
              "deployed model's parameters (for `individual`, its experts together) and the peak resident memory "
-             "of the run's process.", "",
+             "of the run's process" + (" (and its peak GPU memory)" if gpu else "") + ".", "",
              "| method | parameters | train s per seed | predict s/case per seed | peak memory (MiB) |"
              + (" peak GPU memory (MiB) |" if gpu else ""),
              "|---|---|---|---|---|" + ("---|" if gpu else "")]

@@ -205,7 +205,7 @@ class DynamicHead(Head):
     * Head: 1x1x1 convs F -> head_widths... -> C, ReLU between, applied per (sample, task) pair. DoDNet
       uses grouped convolution; here the same per-voxel products are batched matrix products (the first
       layer emits all of a sample's tasks at once, later layers run one matrix per (sample, task) pair),
-      over chunks of :attr:`VOXEL_CHUNK` voxels. For ``task_ids=None`` all T tasks of every sample come
+      over chunks of :attr:`VOXEL_CHUNK` voxels (:attr:`CUDA_VOXEL_CHUNK` on a GPU). For ``task_ids=None`` all T tasks of every sample come
       out of the same calls, (B, T * C, D, H, W).
 
     Args:
@@ -261,6 +261,7 @@ class DynamicHead(Head):
     """
 
     VOXEL_CHUNK = 16384  # voxels per head pass (see apply_head)
+    CUDA_VOXEL_CHUNK = 2**20  # on a GPU: small chunks only add kernel launches; this bounds the no-grad peak
     _column_gain: torch.Tensor  # buffer: per controller input column, 1/sqrt(Cb) on pooled features, else 1
 
     def __init__(
@@ -412,8 +413,8 @@ class DynamicHead(Head):
                            bias.reshape(rows, -1, 1).to(flat.dtype)))
         # voxel chunks keep the (T' * width, chunk) intermediates in cache: for all 7 tasks of a 64^3 window
         # this is ~10x faster on a CPU than one pass over the whole window (memory-bound elementwise work); a
-        # GPU takes the window in one pass (chunks there only add kernel launches, ~5 per chunk)
-        chunk = self.VOXEL_CHUNK if flat.device.type == "cpu" else max(1, flat.shape[-1])
+        # GPU takes a 96^3 window in one pass (small chunks there only add kernel launches, ~5 per chunk)
+        chunk = self.CUDA_VOXEL_CHUNK if flat.device.type == "cuda" else self.VOXEL_CHUNK
         chunks = []
         for start in range(0, flat.shape[-1], chunk):
             h = flat[:, :, start:start + chunk]

@@ -243,8 +243,6 @@ class Trainer:
         torch.manual_seed(cfg.seed + 1000 * dist.rank())
         np.random.seed(cfg.seed)
         # both ways: an earlier deterministic run in this process must not leave this one deterministic
-        if cfg.deterministic:  # cuBLAS's deterministic workspace (read when cuBLAS starts in this process)
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not cfg.deterministic
         started = time.perf_counter()
@@ -627,9 +625,7 @@ class Trainer:
         self.step_lr = float(self.scheduler.get_last_lr()[0])  # the rate this step used; log.csv reports it
         self.scheduler.step()
         self.method.after_step(self.step)
-        # one device-to-host copy for every term (a float() each waited for the GPU once per term)
-        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()]).tolist()
-        return dict(zip(terms, values, strict=True))
+        return term_values(terms)
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Run every stage, train to ``cfg.steps`` (resuming if asked), validate, write the model file.
@@ -947,6 +943,18 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def term_values(terms: dict[str, Any]) -> dict[str, float]:
+    """A step's terms as floats, in one device-to-host copy (a float() each waited for the GPU once per
+    term). A term may be a Python number or a one-element tensor on any device (co-training's ramp-up is
+    made on the CPU, a plugin's may be too): each goes to the loss's device first, since a stack refuses
+    tensors of two devices."""
+    loss = terms.get("loss")
+    device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
+    values = torch.stack([torch.as_tensor(v).detach().to(device, torch.float32).reshape(())
+                          for v in terms.values()]).tolist()
+    return dict(zip(terms, values, strict=True))
+
+
 def _write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON (NaN kept as such, as these files always held it) through a temporary file and a rename:
     readers never see a half-written file."""
@@ -1092,6 +1100,8 @@ def make_context(project_path: str | Path | Project, cfg: TrainConfig, run_dir: 
     else:
         project = load_project(project_path, roots=roots)
     index = PreparedIndex.load(project)
+    if cfg.deterministic:  # cuBLAS's deterministic workspace, read when cuBLAS first starts in this process
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = dist.setup(resolve_device(cfg.device))
     space: LabelSpace = project.label_space
     ctx = RunContext(project=project, index=index, space=space, cfg=cfg, device=device, run_dir=Path(run_dir),
