@@ -178,6 +178,25 @@ def test_importing_the_cli_does_not_import_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_package_names_the_workflow_and_imports_each_part_when_used() -> None:
+    """`import unionseg` gives the workflow's functions (unionseg.train, unionseg.Predictor, ...) without
+    importing torch until one of them is used; each is the function its module defines, and a misspelt name
+    is an AttributeError naming it."""
+    code = ("import sys, unionseg; light = 'torch' not in sys.modules; "
+            "names = [n for n in unionseg.__all__ if n not in ('UnionsegError', '__version__')]; "
+            "import importlib; same = all(getattr(unionseg, n) is getattr(importlib.import_module("
+            "unionseg._PUBLIC[n]), n) for n in names); "
+            "print(light, same, sorted(names) == sorted(unionseg._PUBLIC), set(names) <= set(dir(unionseg)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True", "True"]
+    import unionseg
+
+    with pytest.raises(AttributeError, match="'Predicter'"):
+        unionseg.Predicter  # noqa: B018
+    assert {"train", "Predictor", "prepare_project", "evaluate_folder"} <= set(unionseg.__all__)
+
+
 def test_methods_lists_every_method_with_what_it_is(capsys: pytest.CaptureFixture[str]) -> None:
     """`unionseg methods` gives each method's line: `expert` says what it is for instead of standing bare."""
     from unionseg.methods.base import available_methods
