@@ -335,3 +335,9 @@ def test_the_montage_leaves_the_callers_matplotlib_backend_alone(tiny: Path, tmp
     pixels = imread(png)
     assert pixels.shape[0] > 300 and pixels.shape[1] > 300
     assert len(np.unique(pixels.reshape(-1, pixels.shape[-1])[:, :3], axis=0)) > 50
+    # the path written is the one returned (and printed): a name without a suffix got .png from matplotlib
+    # while `montage: NAME` was printed, and a folder's name got a .png beside it
+    assert save_montage(tiny, tmp_path / "bare") == tmp_path / "bare.png" and (tmp_path / "bare.png").is_file()
+    (tmp_path / "figs").mkdir()
+    assert save_montage(tiny, tmp_path / "figs") == tmp_path / "figs" / "montage.png"
+    assert (tmp_path / "figs" / "montage.png").is_file() and not (tmp_path / "figs.png").exists()

@@ -627,15 +627,15 @@ def _built_in_suites() -> str:
 def register(app: typer.Typer) -> None:
     @app.command()
     def benchmark(
-        out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Benchmark folder (resumable).")] = Path("bench_out"),
+        out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Benchmark folder (resumable; one folder per suite's phantom).")] = Path("bench_out"),
         suite: Annotated[str, typer.Option("--suite", help=f"A built-in suite ({_built_in_suites()}) or a suite YAML.")] = "ci",
         methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="ROW[,ROW...]", help="Train only these rows: `--methods oracle,naive` or the flag repeated (the report still lists every finished row of the suite in -o).")] = None,
-        seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's).")] = None,
+        seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's; the report keeps seeds finished earlier).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report.
 
-        Suites: `ci` (every method end to end in about 90 s, figures near 0 by design), `standard` (the methods compared on 2 CPU cores, under 90 minutes a seed), `ablations`, `large` (the GPU recipe). A finished method and seed is reused when the command runs again.
+        Suites: `ci` (every method end to end in about 90 s, scores near 0 by design), `standard` (the methods compared on 2 CPU cores, under 90 minutes a seed), `ablations`, `large` (the GPU recipe). A finished method and seed is reused when the command runs again.
         """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
         from unionseg.report import print_table
 

@@ -113,7 +113,8 @@ def _print_version(value: bool) -> None:
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.", metavar="")] = False,
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors (exit "
+                                                             "status 1 instead of 2).", metavar="")] = False,
           version: Annotated[bool, typer.Option("--version", "-V", help="Print the version and exit.", metavar="",
                                                 callback=_print_version, is_eager=True)] = False) -> None:
     _STATE["debug"] = debug
@@ -136,7 +137,8 @@ RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset ro
 def info(
     project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt) or a run folder to "
                                                  "describe.", metavar="PROJECT|MODEL|RUN")],
-    root: RootOpt = None,
+    root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR for a project "
+                                                      "(repeatable).", metavar="NAME=DIR")] = None,
 ) -> None:
     """Describe a project, a model file or a run folder.
 

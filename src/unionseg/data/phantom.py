@@ -1363,7 +1363,8 @@ def save_montage(out: Path | str, png: Path | str) -> Path:
     """One axial and one coronal slice of the first case of every training site, with label contours.
 
     Radiological display: patient right on the image left, anterior up. Needs matplotlib; drawn on an Agg
-    canvas of its own, so the caller's backend (a notebook's inline plots) is left as it is.
+    canvas of its own, so the caller's backend (a notebook's inline plots) is left as it is. ``png``: the
+    file (``.png`` added when it has no suffix), or a folder to hold ``montage.png``; returns the file written.
     """
     from matplotlib.lines import Line2D
 
@@ -1406,6 +1407,7 @@ def save_montage(out: Path | str, png: Path | str) -> Path:
     handles = [Line2D([0], [0], color=colours(i), lw=2) for i in range(1, len(classes))]
     fig.legend(handles, classes[1:], loc="lower center", ncol=len(classes) - 1, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    png = png / "montage.png" if png.is_dir() else png if png.suffix else png.with_suffix(".png")
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=90)
     plt.close(fig)
@@ -1418,14 +1420,17 @@ def register(app: typer.Typer) -> None:
 
     @app.command("phantom")
     def phantom_command(
-        out: Annotated[Path, typer.Argument(help="Output folder (new, empty, or an earlier phantom).")],
+        out: Annotated[Path, typer.Argument(help="Output folder (new, empty, or an earlier phantom, whose "
+                                                 "generated files are replaced).")],
         size: Annotated[str, typer.Option("--size", help=f"One of: {', '.join(SIZES)}.")] = "tiny",
         seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
         suite: Annotated[str, typer.Option("--suite", help=f"Dataset suite: {', '.join(SUITES)}.")] = "default",
-        report: Annotated[bool, typer.Option("--report", help="Measure and print the difficulty certificate.", metavar="")]
+        report: Annotated[bool, typer.Option("--report", help="Measure and print the difficulty certificate (also written "
+                                                "to OUT/certificate.json).", metavar="")]
         = False,
         workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: by size).")] = None,
-        montage: Annotated[Optional[Path], typer.Option("--montage", help="Also save a PNG montage here.")] = None,
+        montage: Annotated[Optional[Path], typer.Option("--montage", help="Also save a PNG montage to this file (.png added "
+                                                  "when it has none; a folder gets montage.png).")] = None,
     ) -> None:
         """Write a synthetic abdominal CT project: partially labelled training sets, val, test, project file."""
         start = time.perf_counter()

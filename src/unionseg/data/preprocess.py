@@ -1360,13 +1360,16 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[int, typer.Option("--workers", help="Worker processes (0 or 1: in-process).")] = 2,
         force: Annotated[bool, typer.Option("--force", help="Redo every case.", metavar="")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
-        wait: Annotated[float, typer.Option("--wait", min=0.0, help="Seconds to wait while another prepare "
-                                            "holds the same cache (0: refuse at once).")] = PREPARE_WAIT_S,
+        wait: Annotated[float, typer.Option("--wait", min=0.0, metavar="SECONDS", help="Seconds to wait while "
+                                            "another prepare holds the same cache (0: refuse at once).")]
+        = PREPARE_WAIT_S,
         quiet: Annotated[bool, typer.Option("--quiet", metavar="", help="No progress bar and no 'prepared N case(s)' "
                                             "line on stderr (the result, case counts and data fingerprint, still "
                                             "goes to stdout).")] = False,
     ) -> None:
-        """Validate, resample, normalise and cache every case of a project (incremental)."""
+        """Validate, resample, normalise and cache every case of a project (incremental).
+
+        The cache is prepared/ beside the project file, unless the project or its roots file sets cache_dir."""
         from unionseg.cli import _parse_roots
         from unionseg.config import load_project
 

@@ -13,7 +13,8 @@ import typer
 
 
 def evaluate_command(
-    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz (global leaf ids).")],
+    pred: Annotated[Path, typer.Argument(help="Folder of predicted label maps <case>.nii.gz (global leaf ids), one "
+                                                  "for every case in GT (other files are ignored).")],
     gt: Annotated[Path, typer.Argument(help="Folder of ground-truth label files, e.g. datasets/test/labelsTr.")],
     project: Annotated[Path, typer.Option("--project", "-p", help="Project file (YAML).")],
     out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder for metrics.csv, summary.*, figures/.")],

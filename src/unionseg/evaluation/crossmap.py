@@ -586,9 +586,11 @@ def evaluate_cross_command(
                                                          "btcv_eval, amos_eval, word_eval.")],
     out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder for metrics.csv and summary.*.")],
     project: Annotated[Optional[Path], typer.Option(
-        "--project", "-p", help="The project file the model was trained on (its classes; roots not needed).")] = None,
+        "--project", "-p", help="The project file the model was trained on (its classes; roots not needed). Exactly one "
+             "of --project or --model is required.")] = None,
     model: Annotated[Optional[Path], typer.Option(
-        "--model", help="Or the model file itself (its classes).")] = None,
+        "--model", help="Or the model file itself (its classes). Exactly one of --project or --model is "
+             "required.")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option(

@@ -345,8 +345,9 @@ def register(app: typer.Typer) -> None:
         skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave out the cases whose outputs are "
                                                     "already in the output folder (e.g. after an interruption: "
                                                     "outputs are written whole or not at all).", metavar="")] = False,
-        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no line per case (warnings and "
-                                                            "errors still show).", metavar="")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar and no line per case (notes on skipped "
+                                                            "or redone cases, warnings and errors still show).",
+                                            metavar="")] = False,
         keep_going: Annotated[bool, typer.Option("--keep-going", help="An input that cannot be read (a corrupt or "
                                                  "truncated file, not 3D, NaN values) is reported and the batch "
                                                  "goes on; the command fails at the end, naming each such input.",

@@ -15,10 +15,14 @@ def register(app: typer.Typer) -> None:
         project: Annotated[Path, typer.Argument(help="Project file (YAML), prepared with `unionseg prepare`.")],
         overrides: Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. steps=500 optim.lr=0.01 (options.NAME=VALUE: the method's options; init_from=MODEL.pt: start from a model file's weights; docs/training.md)")] = None,
         method: Annotated[Optional[str], typer.Option("--method", "-m", help="Method name (see `unionseg methods`; "
-                                                      "default: the recipe's, else naive).")] = None,
+                                                      "default: the -c file's method:, else naive; another "
+                                                      "method than the -c file's is refused).")] = None,
         config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe YAML, on top of the method's recipe built into unionseg: keys it leaves out keep that recipe's values (default: the built-in recipe alone, not a file of the working folder).")] = None,
         out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Run folder.")] = Path("runs/run"),
-        resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/last.pt.", metavar="")] = False,
+        resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint "
+                                                  "(last.pt), with the same method, recipe and overrides (the device, "
+                                                  "log_every and data.num_workers may change); with no run in OUT, a "
+                                                  "new one starts.", metavar="")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
         device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (the override "
                                                       "device=...; default: the recipe's, auto).")] = None,
