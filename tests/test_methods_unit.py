@@ -281,6 +281,9 @@ def test_param_groups_scale_by_the_longest_prefix() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(net.parameters()))  # each parameter once
     with pytest.raises(ConfigError, match="matches no trainable parameter"):
         param_groups(models, 0.02, {"net.head.contr": 0.1})  # a prefix is a whole path component
+    # a prefix without the network's name (a plugin's first try, helper-91) is told the form and the names
+    with pytest.raises(ConfigError, match=r"'<network>.<parameter path>', the networks here: net; e.g. 'net.head'"):
+        param_groups(models, 0.02, {"head": 2.0})
     with pytest.raises(ConfigError, match="must be positive"):
         param_groups(models, 0.02, {"net.head.controller": 0.0})
 

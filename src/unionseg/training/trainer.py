@@ -142,7 +142,9 @@ def param_groups(
             groups.setdefault(scales[match] if match is not None else 1.0, []).append(p)
     unused = sorted(set(scales) - used)
     if unused:
-        raise ConfigError(f"learning-rate multiplier for {unused[0]!r} matches no trainable parameter")
+        raise ConfigError(f"learning-rate multiplier for {unused[0]!r} matches no trainable parameter (a prefix "
+                          f"is '<network>.<parameter path>', the networks here: {', '.join(sorted(models))}; "
+                          f"e.g. '{next(iter(sorted(models)), 'net')}.head')")
     return [{"params": ps, "lr": lr * scale, "lr_scale": scale} for scale, ps in groups.items()]
 
 
