@@ -81,6 +81,8 @@ app = _App(
     cls=_Group,
     name="unionseg",
     help="Train ONE multi-organ CT segmenter from several partially labelled datasets.",
+    epilog="Exit status: 0 done; 2 an error (one line naming the file and the problem) or a usage error; 130 "
+           "stopped by Ctrl-C, 143 by SIGTERM (a training's checkpoint is written first: --resume goes on).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -332,12 +332,11 @@ def register(app: typer.Typer) -> None:
         tta: Annotated[bool, typer.Option("--tta", help="Mirror test-time augmentation (8x slower).", metavar="")] = False,
         probabilities: Annotated[bool, typer.Option("--probabilities",
                                                     help="Also write <case>_probs.nii.gz (4D float32) and "
-                                                    "<case>_probs.json naming its channels: one per class "
-                                                    "summing to 1 (softmax methods), or one independent "
-                                                    "probability per organ region, then per tumour "
-                                                    "(dodnet, multihead, conditional, individual; for "
-                                                    "individual a tumour's is given its organ: the JSON "
-                                                    "says what each channel holds).", metavar="")] = False,
+                                                    "<case>_probs.json, which says what each channel holds "
+                                                    "(softmax methods: one per class, summing to 1; dodnet, "
+                                                    "multihead, conditional, individual: one probability per "
+                                                    "organ region, then per tumour; docs/prediction.md).",
+                                                    metavar="")] = False,
         overlap: Annotated[Optional[float], typer.Option("--overlap", help="Window overlap in [0, 1) (default: the model file's).")] = None,
         sw_batch: Annotated[Optional[int], typer.Option("--sw-batch", help="Windows per network call (default: the model file's).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files of the same names already "
