@@ -205,8 +205,8 @@ class DynamicHead(Head):
     * Head: 1x1x1 convs F -> head_widths... -> C, ReLU between, applied per (sample, task) pair. DoDNet
       uses grouped convolution; here the same per-voxel products are batched matrix products (the first
       layer emits all of a sample's tasks at once, later layers run one matrix per (sample, task) pair),
-      over chunks of :attr:`VOXEL_CHUNK` voxels (:attr:`CUDA_VOXEL_CHUNK` on a GPU). For ``task_ids=None`` all T tasks of every sample come
-      out of the same calls, (B, T * C, D, H, W).
+      over chunks of :attr:`VOXEL_CHUNK` voxels (:attr:`CUDA_VOXEL_CHUNK` on a GPU). For ``task_ids=None``
+      all T tasks of every sample come out of the same calls, (B, T * C, D, H, W).
 
     Args:
         in_channels: channels of the decoder output.

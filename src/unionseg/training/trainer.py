@@ -947,9 +947,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def term_values(terms: dict[str, Any]) -> dict[str, float]:
     """A step's terms as floats, in one device-to-host copy (a float() each waited for the GPU once per
-    term). A term may be a Python number or a one-element tensor on any device (co-training's ramp-up is
-    made on the CPU, a plugin's may be too): each goes to the loss's device first, since a stack refuses
-    tensors of two devices."""
+    term). A term may be a Python number or a one-element tensor on any device (co-training's ramp-up was
+    made on the CPU beside GPU terms; a plugin's may be): each goes to the loss's device first, since a stack
+    refuses tensors of two devices."""
     loss = terms.get("loss")
     device = loss.device if isinstance(loss, torch.Tensor) else torch.device("cpu")
     values = torch.stack([torch.as_tensor(v).detach().to(device, torch.float32).reshape(())
