@@ -1428,7 +1428,7 @@ def register(app: typer.Typer) -> None:
         report: Annotated[bool, typer.Option("--report", help="Measure and print the difficulty certificate (also written "
                                                 "to OUT/certificate.json).", metavar="")]
         = False,
-        workers: Annotated[Optional[int], typer.Option("--workers", help="Processes (default: by size).")] = None,
+        workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Processes (default: by size).")] = None,
         montage: Annotated[Optional[Path], typer.Option("--montage", help="Also save a PNG montage to this file (.png added "
                                                   "when it has none; a folder gets montage.png).")] = None,
     ) -> None:

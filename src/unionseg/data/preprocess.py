@@ -1357,7 +1357,7 @@ def register(app: typer.Typer) -> None:
     @app.command("prepare")
     def prepare_command(
         project: Annotated[Path, typer.Argument(help="Project file (YAML).")],
-        workers: Annotated[int, typer.Option("--workers", help="Worker processes (0 or 1: in-process).")] = 2,
+        workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes (0 or 1: in-process).")] = 2,
         force: Annotated[bool, typer.Option("--force", help="Redo every case.", metavar="")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
         wait: Annotated[float, typer.Option("--wait", min=0.0, metavar="SECONDS", help="Seconds to wait while "
