@@ -132,8 +132,6 @@ def _parse_roots(roots: list[str] | None) -> dict[str, str]:
     return out
 
 
-RootOpt = Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")]
-
 
 @app.command()
 def info(

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from unionseg.evaluation.metrics import GT_EMPTY, PRED_EMPTY
 from unionseg.jsonfile import write_json, write_text
-from unionseg.labels import REGION_PREFIX
+from unionseg.labels import REGION_PREFIX, display_key
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -76,8 +77,8 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             scored = [r["per_class"][key] for r in runs
                       if isinstance(r["per_class"].get(key, {}).get("empty_rule_cases"), dict)]
             if scored:  # over all seeds: how many test cases an HD95 penalty (the grid's diagonal) decided
-                entry["penalty_cases"] = sum(int(c["empty_rule_cases"].get("pred_empty", 0))
-                                             + int(c["empty_rule_cases"].get("gt_empty", 0)) for c in scored)
+                entry["penalty_cases"] = sum(int(c["empty_rule_cases"].get(PRED_EMPTY, 0))
+                                             + int(c["empty_rule_cases"].get(GT_EMPTY, 0)) for c in scored)
             classes[key] = entry
         region = _region_means(runs, {r["seed"] for r in runs})
         methods[name] = {
@@ -137,7 +138,7 @@ def _fmt(x: Any, digits: int = 3) -> str:
 def markdown_table(agg: dict[str, Any]) -> str:
     methods = agg["methods"]
     keys = class_order(m["classes"] for m in methods.values())
-    head = ["method", "mean region Dice", "gap closure"] + [k.replace(REGION_PREFIX, "") for k in keys] + \
+    head = ["method", "mean region Dice", "gap closure"] + [display_key(k) for k in keys] + \
         ["train s (+shared experts)", "predict s/case"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     most = max((len(m["seeds"]) for m in methods.values()), default=0)
@@ -203,7 +204,7 @@ def surface_table(agg: dict[str, Any]) -> list[str]:
     regions = [k for k in class_order(m["classes"] for m in methods.values()) if k.startswith(REGION_PREFIX)]
     if not regions:
         return []
-    names = [k[len(REGION_PREFIX):] for k in regions]
+    names = [display_key(k) for k in regions]
     lines = ["## Surface distances per organ region", "",
              "HD95 in mm (lower is better) and NSD at 2 mm (higher is better), test-set means over seeds; a case "
              "whose prediction misses an organ (or has one the truth lacks) scores the grid's diagonal as its HD95 "
@@ -482,7 +483,7 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
                         ax.hlines(v, j - width / 2, j + 0.8 - width / 2, colors="k", linestyles=style)
                 handles.append(Line2D([], [], color="k", linestyle=style, label=f"{ref}'s level"))
         ax.set_xticks(np.arange(len(regions)) + 0.4 - width / 2)
-        ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in regions])
+        ax.set_xticklabels([display_key(k) for k in regions])
         ax.set_ylabel("test Dice, mean over seeds")
         ax.set_ylim(0, 1)
         most = max(len(m["seeds"]) for m in methods.values())
@@ -503,7 +504,7 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(keys), max(2.6, 1.4 + 0.45 * len(names))))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in keys], rotation=45, ha="right")
+        ax.set_xticklabels([display_key(k) for k in keys], rotation=45, ha="right")
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names)
         for (i, j), v in np.ndenumerate(grid):
@@ -596,7 +597,7 @@ def _pseudo_quality(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> 
     fig, ax = plt.subplots(figsize=(1 + 0.9 * len(keys), 3.5))
     ax.bar(range(len(keys)), [quality[k] for k in keys])
     ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels([k.replace(REGION_PREFIX, "") for k in keys], rotation=45, ha="right")
+    ax.set_xticklabels([display_key(k) for k in keys], rotation=45, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("pseudo-label Dice")
     seed = seeds[chosen[0]]
