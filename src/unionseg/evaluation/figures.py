@@ -106,15 +106,18 @@ def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: 
     if data:
         ax.boxplot(data, showfliers=False)
         rng = np.random.default_rng(0)
-        for i, class_rows in enumerate(rows, start=1):
-            for row in class_rows:
-                rule = empty_rule(row["pred_voxels"], row["gt_voxels"])
-                x = i + rng.uniform(-0.12, 0.12)
-                if rule is None:
-                    ax.scatter(x, float(row[metric]), s=12, color="black", alpha=0.6, zorder=3)
-                else:
-                    marker, colour, _ = RULE_MARKERS[rule]
-                    ax.scatter(x, float(row[metric]), s=30, marker=marker, facecolors="none", edgecolors=colour,
+        for i, (class_rows, values) in enumerate(zip(rows, data, strict=True), start=1):
+            xs = i + rng.uniform(-0.12, 0.12, len(values))
+            ys = np.asarray(values)
+            rules = np.array([empty_rule(row["pred_voxels"], row["gt_voxels"]) for row in class_rows], dtype=object)
+            # one scatter call per kind of point (one per case made a figure of many cases slow to draw)
+            measured = np.array([r is None for r in rules], dtype=bool)
+            if measured.any():
+                ax.scatter(xs[measured], ys[measured], s=12, color="black", alpha=0.6, zorder=3)
+            for rule, (marker, colour, _) in RULE_MARKERS.items():
+                mine = rules == rule
+                if mine.any():
+                    ax.scatter(xs[mine], ys[mine], s=30, marker=marker, facecolors="none", edgecolors=colour,
                                linewidths=1.2, zorder=4)
                     used.add(rule)
         if len(keys) <= 6:
