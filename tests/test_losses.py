@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unionseg.labels import LabelSpace, Leaf, admissible
+from unionseg.labels import LabelSpace, Leaf, admissible, merge
 from unionseg.losses import (
     FocalLoss,
     MarginalLoss,
@@ -31,6 +31,7 @@ from unionseg.losses import (
     one_hot,
     product_of_experts_background,
     region_affinity_loss,
+    sigmoid_leaf_logits,
     sigmoid_rampup,
     soft_ce,
     soft_dice_loss,
@@ -472,6 +473,40 @@ def test_cross_task_negatives_by_hand(space: LabelSpace) -> None:
     assert cross_task_negative_bce(logits, torch.zeros_like(codes), torch.tensor([0]), keys, space).item() == 0.0
     with pytest.raises(ValueError, match="T=3"):
         cross_task_negative_bce(logits[:, :2], codes, torch.tensor([0]), keys, space)
+
+
+def test_sigmoid_leaf_logits_decide_as_the_merge(space: LabelSpace) -> None:
+    """The softmax over the leaf logits puts the most mass on the group (or background) the merge picks, and
+    inside that group on the leaf the merge picks; a group's mass is e^z / (1 + sum e^z) of its largest
+    channel logit."""
+    from unionseg.outputs import sigmoid_to_groups
+
+    keys = ["region:liver", "liver_tumour", "region:kidney", "kidney_tumour", "region:kidney", "region:spleen"]
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(2, len(keys), 7, 6)
+    leaf = sigmoid_leaf_logits(logits, keys, space)
+    assert leaf.shape == (2, space.n_leaves, 7, 6) and leaf.dtype == torch.float32
+    probs = torch.softmax(leaf, 1)
+    group_of = torch.zeros(space.n_leaves, dtype=torch.long)  # 0 = background, 1 + g = group g
+    for grp in space.groups:
+        group_of[list(grp.leaf_ids)] = grp.index + 1
+    for b in range(2):
+        regions, parts = sigmoid_to_groups(torch.sigmoid(logits[b]), keys, space)
+        merged = merge(regions, parts, space, organ_leaf_probs=None, threshold=0.5)
+        mass = torch.zeros(1 + space.n_groups, 7, 6).index_add_(0, group_of, probs[b])
+        assert torch.equal(mass.argmax(0), group_of[merged.long()])
+        inside = torch.where(group_of[:, None, None] == group_of[merged.long()][None], probs[b], -1.0)
+        assert torch.equal(inside.argmax(0), merged.long())
+    z = torch.maximum(logits[:, 2], logits[:, 4]).maximum(logits[:, 3])  # kidney: its region channels and its tumour
+    liver = logits[:, :2].amax(1)
+    spleen = logits[:, 5]
+    expected = z.exp() / (1 + z.exp() + liver.exp() + spleen.exp())
+    kidney = space.groups[[g.name for g in space.groups].index("kidney")]
+    assert torch.allclose(probs[:, list(kidney.leaf_ids)].sum(1), expected, atol=1e-5)
+    pancreas = space.groups[[g.name for g in space.groups].index("pancreas")]
+    assert probs[:, list(pancreas.leaf_ids)].max() < 1e-30  # no channel: the merge gives it nothing
+    with pytest.raises(ValueError, match="keys name"):
+        sigmoid_leaf_logits(logits[:, :3], keys, space)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

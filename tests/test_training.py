@@ -821,6 +821,31 @@ def test_every_method_trains_and_predicts(phantom_project: Path, tmp_path: Path,
     assert read_header(out).same_grid(read_header(image))
 
 
+@pytest.mark.parametrize("method", ["dodnet", "conditional"])
+def test_merged_loss_trains_and_is_logged(phantom_project: Path, tmp_path: Path, method: str) -> None:
+    """options.merged_weight > 0 adds, weighted, the marginal CE + Dice of the merged leaf distribution (every
+    task's channels on every sample) and logs both terms, beside the cross-task negatives when both are on;
+    the paper's setting (0) has no such term."""
+    import csv
+
+    from unionseg.errors import ConfigError
+
+    run = tmp_path / "merged"
+    train(phantom_project, _cfg(method, 2, "options.merged_weight=0.5", "options.cross_task_weight=0.25",
+                                "data.fg_prob=1.0"), run, progress=False)
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    assert len(rows) == 2
+    for r in rows:
+        ce, dice, cross = float(r["merged_ce"]), float(r["merged_dice"]), float(r["cross_task"])
+        assert ce > 0 and 0 < dice <= 1
+        own = float(r["dice"]) + float(r["bce"])
+        assert float(r["loss"]) == pytest.approx(own + 0.25 * cross + 0.5 * (ce + dice), rel=1e-4)
+    header = (tmp_path / "merged" / "log.csv").read_text().splitlines()[0].split(",")
+    assert "merged_ce" in header
+    with pytest.raises(ConfigError, match="weights"):
+        train(phantom_project, _cfg(method, 1, "options.merged_weight=-1"), tmp_path / "bad", progress=False)
+
+
 @pytest.mark.parametrize("method", ["dodnet", "multihead"])
 def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_path: Path, method: str) -> None:
     """options.cross_task_weight > 0 trains through the all-tasks forward, logs the term and adds it, weighted,

@@ -32,6 +32,7 @@ from unionseg.losses.sigmoid import (
     cross_task_negative_bce,
     cross_task_negative_table,
     masked_sigmoid_dice_bce,
+    sigmoid_leaf_logits,
     task_channel_tables,
     task_targets,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "one_hot",
     "product_of_experts_background",
     "region_affinity_loss",
+    "sigmoid_leaf_logits",
     "sigmoid_rampup",
     "soft_ce",
     "soft_dice_loss",

@@ -231,6 +231,61 @@ def cross_task_negative_bce(
         return per_pair.sum() / pairs.sum().clamp_min(1).to(per_pair.dtype)
 
 
+def sigmoid_leaf_logits(logits: Tensor, channels: Sequence[str], space: LabelSpace) -> Tensor:
+    """Leaf logits whose softmax is the distribution the merge function reads off sigmoid channels.
+
+    The merge (:func:`unionseg.labels.merge` through :func:`unionseg.outputs.sigmoid_to_groups`) takes each
+    group's region probability as the largest sigmoid of its channels, the group with the highest one, and
+    background where that stays at or below 0.5; inside the group, a part where its sigmoid exceeds 0.5
+    and every other part's. The softmax over these leaf logits decides the same way:
+
+    * background: 0;
+    * organ leaf of group g: ``z_g - logsumexp(0, y_k for the parts k of g)``;
+    * part k of group g: ``z_g + y_k - logsumexp(0, y_j for the parts j of g)``;
+
+    with ``z_g`` the largest logit of the group's channels and ``y_k`` the largest of part k's. So
+    ``P(group g) = e^{z_g} / (1 + sum_h e^{z_h})``: a group beats background exactly where ``z_g > 0``
+    (sigmoid above 0.5), and within a group the organ's and parts' shares keep the sigmoids' order. A leaf
+    no channel covers gets a logit of -1e4 (probability 0, as the merge gives it).
+
+    Args:
+        logits: (B, K, *S) the sigmoid channels' logits.
+        channels: the K channel keys (region keys, leaf names; a key may repeat, one per task).
+        space: the label space.
+
+    Returns:
+        (B, L, *S) float32 leaf logits, in the label space's leaf order.
+
+    Raises:
+        ValueError: ``logits`` whose channel count is not ``len(channels)``.
+    """
+    from unionseg.outputs import sigmoid_sources
+
+    check_channels_first("logits", logits)
+    if logits.shape[1] != len(channels):
+        raise ValueError(f"logits have {logits.shape[1]} channels, the keys name {len(channels)}")
+    region_src, part_src = sigmoid_sources(channels, space)
+    with float32_island(logits):
+        x = logits.float()
+        absent = x.new_full((x.shape[0], *x.shape[2:]), -1e4)
+
+        def largest(sources: list[int]) -> Tensor:
+            return x[:, sources].amax(1) if sources else absent
+
+        part_row = {leaf: k for k, leaf in enumerate(space.part_ids)}
+        parts = [largest(src) for src in part_src]
+        leaves: list[Tensor | None] = [None] * space.n_leaves
+        leaves[0] = torch.zeros_like(absent)
+        for grp, src in zip(space.groups, region_src, strict=True):
+            z = largest(src)
+            own = [parts[part_row[p]] for p in grp.part_ids]
+            norm = torch.logsumexp(torch.stack([torch.zeros_like(z), *own]), 0) if own else torch.zeros_like(z)
+            leaves[grp.organ_id] = z - norm
+            for p, y in zip(grp.part_ids, own, strict=True):
+                leaves[p] = z + y - norm
+        return torch.stack([absent if leaf is None else leaf for leaf in leaves], 1)
+
+
 class MaskedSigmoidDiceBCE(nn.Module):
     """:func:`masked_sigmoid_dice_bce` as a module (DoDNet, Zhang et al., CVPR 2021).
 

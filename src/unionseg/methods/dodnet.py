@@ -62,9 +62,14 @@ class TaskOptions:
     # our extension, 0 = the paper: weight of the cross-task negatives (losses.cross_task_negative_bce); > 0
     # trains through the all-tasks forward (conditional: one backbone pass per task, T times the step)
     cross_task_weight: float = 0.0
+    # our extension, 0 = the paper: weight of the marginal loss (losses.marginal_loss, CE + Dice) on the leaf
+    # distribution the merge reads off every task's channels (losses.sigmoid_leaf_logits); > 0 trains through
+    # the all-tasks forward, as cross_task_weight does
+    merged_weight: float = 0.0
 
     def validate(self) -> None:
-        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight)):  # NaN too
+        if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight,
+                                    self.merged_weight)):  # NaN too
             raise ValueError("loss weights must be >= 0")
         if not self.lr_scale > 0:
             raise ValueError("lr_scale must be > 0")
@@ -134,39 +139,57 @@ class TaskMethod(Method):
         from unionseg.losses import (
             cross_task_negative_bce,
             cross_task_negative_table,
+            marginal_loss,
             masked_sigmoid_dice_bce,
+            sigmoid_leaf_logits,
             task_targets,
         )
 
         task_ids = batch["dataset_id"]
         o = self.options
         net = self.models["net"]
-        cross = None
-        if o.cross_task_weight > 0:
+        cross = merged = None
+        if o.cross_task_weight > 0 or o.merged_weight > 0:
             # every task's head on every sample: the sample's own task is supervised as usual, the others
             # learn what the sample's labels rule out
             every = net(batch["image"], None)
             every = every.reshape(every.shape[0], len(self.task_keys), self.n_channels, *every.shape[2:])
             logits = every[torch.arange(every.shape[0], device=every.device), task_ids.long().to(every.device)]
-            if self._negatives is None or self._negatives.device != every.device:
-                self._negatives = cross_task_negative_table(self.task_keys, self.space).to(every.device)
-            cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space,
-                                            table=self._negatives)
+            if o.cross_task_weight > 0:
+                if self._negatives is None or self._negatives.device != every.device:
+                    self._negatives = cross_task_negative_table(self.task_keys, self.space).to(every.device)
+                cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space,
+                                                table=self._negatives)
+            if o.merged_weight > 0:
+                indices, channels = self.deployed_channels()
+                flat = every.flatten(1, 2)[:, indices]
+                merged = marginal_loss(sigmoid_leaf_logits(flat, channels, self.space), batch["label"],
+                                       batch["annotated"], self.space)
         else:
             logits = net(batch["image"], task_ids)
         targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
         terms = masked_sigmoid_dice_bce(logits, targets, mask)
         loss = o.dice_weight * terms["dice"] + o.bce_weight * terms["bce"]
-        if cross is None:
-            return {"loss": loss, **terms}
-        return {"loss": loss + o.cross_task_weight * cross, **terms, "cross_task": cross}
+        out = dict(terms)
+        if cross is not None:
+            loss = loss + o.cross_task_weight * cross
+            out["cross_task"] = cross
+        if merged is not None:
+            loss = loss + o.merged_weight * (merged["ce"] + merged["dice"])
+            out["merged_ce"], out["merged_dice"] = merged["ce"], merged["dice"]
+        return {"loss": loss, **out}
 
-    def deploy(self) -> Deployed:
+    def deployed_channels(self) -> tuple[list[int], list[str]]:
+        """The meaningful channels of the all-tasks output: their indices (task-major) and their keys."""
         indices, channels = [], []
         for t, keys in enumerate(self.task_keys):
             for c, key in enumerate(keys):
                 indices.append(t * self.n_channels + c)
                 channels.append(key)
+        return indices, channels
+
+    def deploy(self) -> Deployed:
+        indices, channels = self.deployed_channels()
         module = ChannelSelect(self.raw_models["net"], indices)
         spec = {"kind": "select", "network": self.network_spec(), "indices": indices}
         return Deployed(module, spec, "sigmoid", channels)
