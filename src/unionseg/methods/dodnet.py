@@ -151,7 +151,8 @@ class TaskMethod(Method):
         cross = merged = None
         if o.cross_task_weight > 0 or o.merged_weight > 0:
             # every task's head on every sample: the sample's own task is supervised as usual, the others
-            # learn what the sample's labels rule out
+            # learn what the sample's labels rule out (cross-task negatives) and all of them compete as the
+            # merge makes them compete (the merged loss)
             every = net(batch["image"], None)
             every = every.reshape(every.shape[0], len(self.task_keys), self.n_channels, *every.shape[2:])
             logits = every[torch.arange(every.shape[0], device=every.device), task_ids.long().to(every.device)]
