@@ -475,38 +475,63 @@ def test_cross_task_negatives_by_hand(space: LabelSpace) -> None:
         cross_task_negative_bce(logits[:, :2], codes, torch.tensor([0]), keys, space)
 
 
-def test_sigmoid_leaf_logits_decide_as_the_merge(space: LabelSpace) -> None:
-    """The softmax over the leaf logits puts the most mass on the group (or background) the merge picks, and
-    inside that group on the leaf the merge picks; a group's mass is e^z / (1 + sum e^z) of its largest
-    channel logit."""
+def _merge_and_leaf_softmax_agree(logits: torch.Tensor, keys: list[str], space: LabelSpace) -> torch.Tensor:
+    """Assert that the leaf softmax's group mass, then its largest leaf inside that group, is the merge's
+    label at every voxel; return the softmax."""
     from unionseg.outputs import sigmoid_to_groups
 
-    keys = ["region:liver", "liver_tumour", "region:kidney", "kidney_tumour", "region:kidney", "region:spleen"]
-    torch.manual_seed(0)
-    logits = 3 * torch.randn(2, len(keys), 7, 6)
     leaf = sigmoid_leaf_logits(logits, keys, space)
-    assert leaf.shape == (2, space.n_leaves, 7, 6) and leaf.dtype == torch.float32
+    assert leaf.shape == (logits.shape[0], space.n_leaves, *logits.shape[2:]) and leaf.dtype == torch.float32
     probs = torch.softmax(leaf, 1)
     group_of = torch.zeros(space.n_leaves, dtype=torch.long)  # 0 = background, 1 + g = group g
     for grp in space.groups:
         group_of[list(grp.leaf_ids)] = grp.index + 1
-    for b in range(2):
+    for b in range(logits.shape[0]):
         regions, parts = sigmoid_to_groups(torch.sigmoid(logits[b]), keys, space)
-        merged = merge(regions, parts, space, organ_leaf_probs=None, threshold=0.5)
-        mass = torch.zeros(1 + space.n_groups, 7, 6).index_add_(0, group_of, probs[b])
-        assert torch.equal(mass.argmax(0), group_of[merged.long()])
-        inside = torch.where(group_of[:, None, None] == group_of[merged.long()][None], probs[b], -1.0)
-        assert torch.equal(inside.argmax(0), merged.long())
+        merged = merge(regions, parts, space, organ_leaf_probs=None, threshold=0.5).long()
+        mass = torch.zeros(1 + space.n_groups, *logits.shape[2:]).index_add_(0, group_of, probs[b])
+        assert torch.equal(mass.argmax(0), group_of[merged])
+        inside = torch.where(group_of.view(-1, 1, 1) == group_of[merged][None], probs[b], -1.0)
+        assert torch.equal(inside.argmax(0), merged)
+    return probs
+
+
+def test_sigmoid_leaf_logits_decide_as_the_merge(space: LabelSpace) -> None:
+    """The softmax over the leaf logits puts the most mass on the group (or background) the merge picks, and
+    inside that group on the leaf the merge picks; a group's mass is e^z / (1 + sum e^z) of its largest
+    channel logit, tumour channels included; a group no channel covers gets nothing."""
+    keys = ["region:liver", "liver_tumour", "region:kidney", "kidney_tumour", "region:kidney", "region:spleen"]
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(2, len(keys), 7, 6)
+    probs = _merge_and_leaf_softmax_agree(logits, keys, space)
     z = torch.maximum(logits[:, 2], logits[:, 4]).maximum(logits[:, 3])  # kidney: its region channels and its tumour
     liver = logits[:, :2].amax(1)
     spleen = logits[:, 5]
     expected = z.exp() / (1 + z.exp() + liver.exp() + spleen.exp())
     kidney = space.groups[[g.name for g in space.groups].index("kidney")]
     assert torch.allclose(probs[:, list(kidney.leaf_ids)].sum(1), expected, atol=1e-5)
+    # inside the kidney: organ : tumour = 1 : e^y
+    share = probs[:, kidney.part_ids[0]] / probs[:, list(kidney.leaf_ids)].sum(1)
+    assert torch.allclose(share, torch.sigmoid(logits[:, 3]), atol=1e-5)
     pancreas = space.groups[[g.name for g in space.groups].index("pancreas")]
     assert probs[:, list(pancreas.leaf_ids)].max() < 1e-30  # no channel: the merge gives it nothing
     with pytest.raises(ValueError, match="keys name"):
         sigmoid_leaf_logits(logits[:, :3], keys, space)
+
+
+def test_sigmoid_leaf_logits_with_two_parts_and_a_tumour_only_task() -> None:
+    """Several parts in one group (a key repeated by two tasks), and a task that has only a tumour channel:
+    the decision is still the merge's, and the leaf softmax has a gradient on every channel."""
+    space = LabelSpace([Leaf("organ"), Leaf("cyst", "organ"), Leaf("tumour", "organ"), Leaf("other")])
+    torch.manual_seed(1)
+    for keys in (["region:organ", "cyst", "tumour", "tumour", "region:other"], ["tumour"]):
+        logits = (3 * torch.randn(2, len(keys), 6, 5)).requires_grad_()
+        probs = _merge_and_leaf_softmax_agree(logits, keys, space)
+        (probs * torch.rand_like(probs)).sum().backward()
+        assert logits.grad is not None and (logits.grad.abs().flatten(2).sum(-1) > 0).all()
+    organ = space.groups[0]
+    assert probs[:, space.leaf_id("cyst")].max() < 1e-30  # the tumour-only task: no cyst channel
+    assert torch.allclose(probs[:, list(organ.leaf_ids)].sum(1), torch.sigmoid(logits[:, 0]), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

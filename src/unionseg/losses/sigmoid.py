@@ -232,21 +232,24 @@ def cross_task_negative_bce(
 
 
 def sigmoid_leaf_logits(logits: Tensor, channels: Sequence[str], space: LabelSpace) -> Tensor:
-    """Leaf logits whose softmax is the distribution the merge function reads off sigmoid channels.
+    """Leaf logits whose softmax holds the decision the merge function reads off sigmoid channels.
 
-    The merge (:func:`unionseg.labels.merge` through :func:`unionseg.outputs.sigmoid_to_groups`) takes each
-    group's region probability as the largest sigmoid of its channels, the group with the highest one, and
-    background where that stays at or below 0.5; inside the group, a part where its sigmoid exceeds 0.5
-    and every other part's. The softmax over these leaf logits decides the same way:
+    The merge (:func:`unionseg.labels.merge` through :func:`unionseg.outputs.sigmoid_to_groups`, at its
+    default threshold 0.5) takes each group's region probability as the largest sigmoid of its channels
+    (region channels and the group's tumour channels), the group with the highest one, and background where
+    that stays at or below 0.5; inside the group, the part with the largest sigmoid where it exceeds 0.5.
+    With ``z_g`` the largest logit of the group's channels and ``y_k`` the largest of part k's, the leaf
+    logits are:
 
     * background: 0;
-    * organ leaf of group g: ``z_g - logsumexp(0, y_k for the parts k of g)``;
-    * part k of group g: ``z_g + y_k - logsumexp(0, y_j for the parts j of g)``;
+    * organ leaf of group g: ``z_g - logsumexp(0, y_j for the parts j of g)``;
+    * part k of group g: ``z_g + y_k - logsumexp(0, y_j for the parts j of g)``.
 
-    with ``z_g`` the largest logit of the group's channels and ``y_k`` the largest of part k's. So
-    ``P(group g) = e^{z_g} / (1 + sum_h e^{z_h})``: a group beats background exactly where ``z_g > 0``
-    (sigmoid above 0.5), and within a group the organ's and parts' shares keep the sigmoids' order. A leaf
-    no channel covers gets a logit of -1e4 (probability 0, as the merge gives it).
+    Summed per group, the softmax gives ``P(group g) = e^{z_g} / (1 + sum_h e^{z_h})``: the largest group
+    mass is the merge's group, and a group beats background exactly where ``z_g > 0``. Inside a group the
+    leaves share its mass as ``1 : e^{y_1} : ...``, so the largest leaf there is the merge's leaf. (A
+    plain argmax over all leaves may differ: a group's mass can be split among its leaves.) A channel
+    that is missing counts as a logit of -1e4 (probability 0 in float32, as the merge gives it).
 
     Args:
         logits: (B, K, *S) the sigmoid channels' logits.
@@ -274,8 +277,7 @@ def sigmoid_leaf_logits(logits: Tensor, channels: Sequence[str], space: LabelSpa
 
         part_row = {leaf: k for k, leaf in enumerate(space.part_ids)}
         parts = [largest(src) for src in part_src]
-        leaves: list[Tensor | None] = [None] * space.n_leaves
-        leaves[0] = torch.zeros_like(absent)
+        leaves = [torch.zeros_like(absent)] * space.n_leaves  # background; every other leaf is set below
         for grp, src in zip(space.groups, region_src, strict=True):
             z = largest(src)
             own = [parts[part_row[p]] for p in grp.part_ids]
@@ -283,7 +285,7 @@ def sigmoid_leaf_logits(logits: Tensor, channels: Sequence[str], space: LabelSpa
             leaves[grp.organ_id] = z - norm
             for p, y in zip(grp.part_ids, own, strict=True):
                 leaves[p] = z + y - norm
-        return torch.stack([absent if leaf is None else leaf for leaf in leaves], 1)
+        return torch.stack(leaves, 1)
 
 
 class MaskedSigmoidDiceBCE(nn.Module):
