@@ -117,6 +117,9 @@ class TaskMethod(Method):
         super().__init__(ctx)
         self.task_keys = [task_channels(self.space, d) for d in self.datasets()]
         self.n_channels = max(len(k) for k in self.task_keys)
+        # the meaningful channels of the all-tasks output (B, T * C, ...): their indices (task-major) and keys
+        self.channel_indices = [t * self.n_channels + c for t, keys in enumerate(self.task_keys) for c in range(len(keys))]
+        self.channel_keys = [key for keys in self.task_keys for key in keys]
         self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
 
     def lr_scales(self) -> dict[str, float]:
@@ -162,9 +165,8 @@ class TaskMethod(Method):
                 cross = cross_task_negative_bce(every, batch["label"], task_ids, self.task_keys, self.space,
                                                 table=self._negatives)
             if o.merged_weight > 0:
-                indices, channels = self.deployed_channels()
-                flat = every.flatten(1, 2)[:, indices]
-                merged = marginal_loss(sigmoid_leaf_logits(flat, channels, self.space), batch["label"],
+                flat = every.flatten(1, 2)[:, self.channel_indices]
+                merged = marginal_loss(sigmoid_leaf_logits(flat, self.channel_keys, self.space), batch["label"],
                                        batch["annotated"], self.space)
         else:
             logits = net(batch["image"], task_ids)
@@ -180,20 +182,11 @@ class TaskMethod(Method):
             out["merged_ce"], out["merged_dice"] = merged["ce"], merged["dice"]
         return {"loss": loss, **out}
 
-    def deployed_channels(self) -> tuple[list[int], list[str]]:
-        """The meaningful channels of the all-tasks output: their indices (task-major) and their keys."""
-        indices, channels = [], []
-        for t, keys in enumerate(self.task_keys):
-            for c, key in enumerate(keys):
-                indices.append(t * self.n_channels + c)
-                channels.append(key)
-        return indices, channels
-
     def deploy(self) -> Deployed:
-        indices, channels = self.deployed_channels()
+        indices = list(self.channel_indices)
         module = ChannelSelect(self.raw_models["net"], indices)
         spec = {"kind": "select", "network": self.network_spec(), "indices": indices}
-        return Deployed(module, spec, "sigmoid", channels)
+        return Deployed(module, spec, "sigmoid", list(self.channel_keys))
 
 
 @register_method("dodnet")
