@@ -208,6 +208,19 @@ def test_val_cases_are_pinned() -> None:
         split_cases(["a", "b"], SplitSpec(val_cases=("a", "b")))
 
 
+def test_a_role_val_dataset_lets_the_training_sets_without_a_split_train_on_every_case(tmp_path: Path) -> None:
+    """Validation uses a role: val dataset alone, so a training dataset that leaves its split out holds
+    nothing back; one that writes its split keeps it, and without a role: val dataset the default holds 20 %."""
+    path = write_tiny_project(tmp_path / "p")
+    assert load_project(path).dataset("kidney").split == SplitSpec()  # no role: val dataset: 20 % held out
+    path.write_text(TINY_PROJECT_YAML.replace("role: test", "role: val"))
+    project = load_project(path)
+    assert project.dataset("kidney").split.val_fraction == 0.0
+    assert project.dataset("liver").split == SplitSpec(val_fraction=0.25, seed=0)  # written: kept
+    counts = {d["name"]: d.get("counts") for d in project_summary(path)["datasets"]}
+    assert counts["kidney"] == {"train": 3, "val": 0} and counts["liver"] == {"train": 3, "val": 1}
+
+
 def test_val_cases_in_the_project_file(tmp_path: Path) -> None:
     text = TINY_PROJECT_YAML.replace("split: {val_fraction: 0.25, seed: 0}", "split: {val_cases: [liver_002]}")
     path = write_tiny_project(tmp_path / "p", text)

@@ -561,6 +561,12 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     file_roots, cache_base, root_hint = _read_roots_file(raw.get("roots_file"), base, source)
     merged = {**file_roots, **root_over}  # --root wins over the roots file, which wins over a dataset's root
     datasets = tuple(_parse_dataset(d, i, base, source, merged, root_hint) for i, d in enumerate(ds_raw))
+    if any(d.role == "val" for d in datasets):
+        # validation uses the role: val dataset alone, so a training dataset whose split is left out holds
+        # nothing back (a held-out part would be neither trained nor validated on); a written split still holds
+        datasets = tuple(dataclasses.replace(d, split=SplitSpec(val_fraction=0.0))
+                         if d.role == "train" and r.get("split") is None else d
+                         for d, r in zip(datasets, ds_raw, strict=True))
     unknown_roots = set(root_over) - {d.name for d in datasets}
     if unknown_roots:
         raise ConfigError(f"--root names unknown dataset {sorted(unknown_roots)[0]!r} (the project's: "
