@@ -231,6 +231,77 @@ def cross_task_negative_bce(
         return per_pair.sum() / pairs.sum().clamp_min(1).to(per_pair.dtype)
 
 
+def self_training_dice_bce(
+    logits: Tensor,
+    teacher: Tensor,
+    codes: Tensor,
+    task_ids: Tensor,
+    exists: Tensor,
+    threshold: float = 0.9,
+    smooth: float = 1e-5,
+    negatives: bool = True,
+) -> dict[str, Tensor]:
+    """Dice + BCE of the OTHER tasks' channels towards a teacher's confident decisions (our extension).
+
+    Where sample b's ground truth says nothing (code 0: background of its dataset, which may hide an
+    organ another dataset labels), channel (t, c) of another task t gets the target ``q > 0.5`` from the
+    teacher's probability ``q``, on the voxels where the teacher is confident (``q >= threshold`` or
+    ``q <= 1 - threshold``); other voxels are skipped. Per (sample, other task, channel) pair with at least
+    one such voxel, BCE is the mean over those voxels, averaged over those pairs; Dice
+    ``1 - (2 sum(p t) + s) / (sum p + sum t + s)`` over the same voxels is averaged over the pairs whose
+    target there holds a positive voxel (a teacher sure of an organ). Each is 0 without such pairs.
+
+    Args:
+        logits: (B, T, C, *S) every task's logits for every sample.
+        teacher: (B, T, C, *S) the teacher's probabilities (no gradient flows into them).
+        codes: (B, *S) integer codes.
+        task_ids: (B,) each sample's own task (supervised by its labels, skipped here).
+        exists: (T, C) bool, the channels a task has.
+        threshold: confidence in (0.5, 1].
+        smooth: Dice smoothing (> 0).
+        negatives: also learn the teacher's confident negatives (False: its confident positives only).
+
+    Returns:
+        ``{"dice": ..., "bce": ...}`` float32 scalars.
+
+    Raises:
+        ValueError: shapes that do not match, a threshold outside (0.5, 1].
+    """
+    if logits.dim() < 4 or teacher.shape != logits.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and teacher {tuple(teacher.shape)} must both be (B, T, C, *S)")
+    if codes.shape != (logits.shape[0], *logits.shape[3:]):
+        raise ValueError(f"codes {tuple(codes.shape)} must be (B, *S) of logits {tuple(logits.shape)}")
+    if tuple(task_ids.shape) != (logits.shape[0],):
+        raise ValueError(f"task_ids must have shape ({logits.shape[0]},), got {tuple(task_ids.shape)}")
+    if tuple(exists.shape) != tuple(logits.shape[1:3]):
+        raise ValueError(f"exists must be (T, C) = {tuple(logits.shape[1:3])}, got {tuple(exists.shape)}")
+    if not 0.5 < threshold <= 1.0:
+        raise ValueError(f"threshold must lie in (0.5, 1], got {threshold}")
+    check_positive("smooth", smooth)
+    batch, n_tasks = logits.shape[:2]
+    device = logits.device
+    other = torch.arange(n_tasks, device=device)[None, :] != task_ids.long().to(device)[:, None]  # (B, T)
+    pair = other[:, :, None] & exists.to(device)[None]  # (B, T, C)
+    unlabelled = (codes.reshape(batch, -1) == 0).to(device)  # (B, V)
+    with float32_island(logits):
+        x = logits.float().flatten(3)
+        q = teacher.detach().float().flatten(3)
+        confident = (q >= threshold) | (q <= 1.0 - threshold) if negatives else q >= threshold
+        weight = (confident & unlabelled[:, None, None] & pair[..., None]).to(x.dtype)  # (B, T, C, V)
+        target = (q > 0.5).to(x.dtype)
+        count = weight.sum(-1)
+        counted = count > 0
+        n_pairs = counted.sum().clamp_min(1).to(x.dtype)
+        bce = (F.binary_cross_entropy_with_logits(x, target, reduction="none") * weight).sum(-1)
+        bce = (bce / count.clamp_min(1)).sum() / n_pairs
+        p = torch.sigmoid(x) * weight
+        t = target * weight
+        positive = t.sum(-1) > 0
+        dice = 1.0 - (2.0 * (p * t).sum(-1) + smooth) / (p.sum(-1) + t.sum(-1) + smooth)
+        dice = torch.where(positive, dice, torch.zeros_like(dice)).sum() / positive.sum().clamp_min(1).to(x.dtype)
+    return {"dice": dice, "bce": bce}
+
+
 def sigmoid_leaf_logits(logits: Tensor, channels: Sequence[str], space: LabelSpace) -> Tensor:
     """Leaf logits whose softmax holds the decision the merge function reads off sigmoid channels.
 
