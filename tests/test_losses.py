@@ -31,7 +31,6 @@ from unionseg.losses import (
     one_hot,
     product_of_experts_background,
     region_affinity_loss,
-    self_training_dice_bce,
     sigmoid_leaf_logits,
     sigmoid_rampup,
     soft_ce,
@@ -474,40 +473,6 @@ def test_cross_task_negatives_by_hand(space: LabelSpace) -> None:
     assert cross_task_negative_bce(logits, torch.zeros_like(codes), torch.tensor([0]), keys, space).item() == 0.0
     with pytest.raises(ValueError, match="T=3"):
         cross_task_negative_bce(logits[:, :2], codes, torch.tensor([0]), keys, space)
-
-
-def test_self_training_by_hand() -> None:
-    """Other tasks' channels learn the teacher's confident decisions where the sample's labels say nothing;
-    the own task, labelled voxels, unsure voxels and missing channels are never trained."""
-    exists = torch.tensor([[True, True], [True, False]])
-    codes = torch.tensor([[0, 0, 0, 5]])  # voxel 3 is labelled: never a self-training voxel
-    teacher = torch.full((1, 2, 2, 4), 0.5)
-    teacher[0, 1, 0] = torch.tensor([0.95, 0.02, 0.7, 0.99])  # task 1's channel: sure / sure / unsure / labelled
-    teacher[0, 1, 1] = 0.99  # task 1 has no second channel
-    teacher[0, 0] = 0.99  # the sample's own task
-    logits = torch.zeros(1, 2, 2, 4, requires_grad=True)
-    terms = self_training_dice_bce(logits, teacher, codes, torch.tensor([0]), exists, threshold=0.9)
-    # the one pair (task 1, channel 0) on voxels 0 (target 1) and 1 (target 0); p = 0.5 on both
-    assert terms["bce"].item() == pytest.approx(math.log(2.0), rel=1e-6)
-    assert terms["dice"].item() == pytest.approx(1.0 - (2 * 0.5 + 1e-5) / (1.0 + 1.0 + 1e-5), rel=1e-6)
-    (terms["bce"] + terms["dice"]).backward()
-    assert logits.grad is not None
-    trained = torch.zeros(1, 2, 2, 4, dtype=torch.bool)
-    trained[0, 1, 0, :2] = True
-    assert logits.grad[~trained].abs().sum() == 0
-    assert logits.grad[0, 1, 0, 0] < 0 < logits.grad[0, 1, 0, 1]  # up towards 1, down towards 0
-    # a teacher sure only of negatives: BCE, no Dice pair; nothing confident: both 0
-    negative = teacher.clone()
-    negative[0, 1, 0] = 0.01
-    terms = self_training_dice_bce(logits, negative, codes, torch.tensor([0]), exists)
-    assert terms["dice"].item() == 0.0 and terms["bce"].item() == pytest.approx(math.log(2.0), rel=1e-6)
-    unsure = torch.full_like(teacher, 0.6)
-    terms = self_training_dice_bce(logits, unsure, codes, torch.tensor([0]), exists)
-    assert terms["dice"].item() == 0.0 and terms["bce"].item() == 0.0
-    with pytest.raises(ValueError, match="threshold"):
-        self_training_dice_bce(logits, teacher, codes, torch.tensor([0]), exists, threshold=0.5)
-    with pytest.raises(ValueError, match="exists"):
-        self_training_dice_bce(logits, teacher, codes, torch.tensor([0]), exists[:1])
 
 
 def _merge_and_leaf_softmax_agree(logits: torch.Tensor, keys: list[str], space: LabelSpace) -> torch.Tensor:

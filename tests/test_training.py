@@ -849,30 +849,6 @@ def test_merged_loss_trains_and_is_logged(phantom_project: Path, tmp_path: Path,
         train(phantom_project, _cfg(method, 1, "options.merged_weight=-1"), tmp_path / "bad", progress=False)
 
 
-def test_self_training_trains_a_teacher_and_is_logged(phantom_project: Path, tmp_path: Path) -> None:
-    """options.self_training_weight > 0 keeps a weight average (checkpointed with the run), adds the ramped,
-    weighted self-training terms to the loss and logs them."""
-    import csv
-
-    from unionseg.errors import ConfigError
-
-    run = tmp_path / "self"
-    train(phantom_project, _cfg("dodnet", 2, "options.self_training_weight=2",
-                                "options.self_training_rampup_fraction=0", "options.self_training_threshold=0.51"),
-          run, progress=False)
-    rows = list(csv.DictReader((run / "log.csv").open()))
-    assert len(rows) == 2
-    for r in rows:
-        own = float(r["dice"]) + float(r["bce"])
-        self_terms = float(r["self_dice"]) + float(r["self_bce"])
-        assert float(r["self_bce"]) > 0
-        assert float(r["loss"]) == pytest.approx(own + 2 * self_terms, rel=1e-4)
-    assert set(safe_torch_load(run / "last.pt", "unionseg-checkpoint")["averages"]) == {"teacher"}
-    with pytest.raises(ConfigError, match="threshold"):
-        train(phantom_project, _cfg("dodnet", 1, "options.self_training_weight=1",
-                                    "options.self_training_threshold=0.4"), tmp_path / "bad", progress=False)
-
-
 @pytest.mark.parametrize("method", ["dodnet", "multihead"])
 def test_cross_task_negatives_train_and_are_logged(phantom_project: Path, tmp_path: Path, method: str) -> None:
     """options.cross_task_weight > 0 trains through the all-tasks forward, logs the term and adds it, weighted,

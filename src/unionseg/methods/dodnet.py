@@ -19,7 +19,6 @@ from torch import nn
 from unionseg.errors import ConfigError
 from unionseg.labels import LabelSpace, region_name
 from unionseg.methods.base import Deployed, Method, register_method
-from unionseg.training.ema import WeightAverage, decay_from_half_life
 
 
 def task_channels(space: LabelSpace, dataset: str) -> list[str]:
@@ -67,27 +66,13 @@ class TaskOptions:
     # distribution the merge reads off every task's channels (losses.sigmoid_leaf_logits); > 0 trains through
     # the all-tasks forward, as cross_task_weight does
     merged_weight: float = 0.0
-    # our extension, 0 = the paper: weight of self-training (losses.self_training_dice_bce): the other tasks'
-    # channels learn a weight average's confident decisions where the sample's labels say nothing; trains
-    # through the all-tasks forward, as cross_task_weight does, plus the average's all-tasks forward
-    self_training_weight: float = 0.0
-    self_training_threshold: float = 0.9
-    self_training_half_life_fraction: float = 0.05
-    self_training_rampup_fraction: float = 0.5
-    self_training_negatives: bool = True  # False: the teacher's confident positives only
 
     def validate(self) -> None:
         if not all(w >= 0 for w in (self.dice_weight, self.bce_weight, self.cross_task_weight,
-                                    self.merged_weight, self.self_training_weight)):  # NaN too
+                                    self.merged_weight)):  # NaN too
             raise ValueError("loss weights must be >= 0")
         if not self.lr_scale > 0:
             raise ValueError("lr_scale must be > 0")
-        if not 0.5 < self.self_training_threshold <= 1:
-            raise ValueError("self_training_threshold must lie in (0.5, 1]")
-        if not 0 < self.self_training_half_life_fraction <= 1:
-            raise ValueError("self_training_half_life_fraction must lie in (0, 1]")
-        if not 0 <= self.self_training_rampup_fraction <= 1:
-            raise ValueError("self_training_rampup_fraction must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -136,10 +121,6 @@ class TaskMethod(Method):
         self.channel_indices = [t * self.n_channels + c for t, keys in enumerate(self.task_keys) for c in range(len(keys))]
         self.channel_keys = [key for keys in self.task_keys for key in keys]
         self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
-        self._averages: dict[str, WeightAverage] = {}  # the self-training teacher, when that option is on
-        self._exists = torch.zeros(len(self.task_keys), self.n_channels, dtype=torch.bool)
-        for t, keys in enumerate(self.task_keys):
-            self._exists[t, :len(keys)] = True
 
     def lr_scales(self) -> dict[str, float]:
         """``lr_scale`` for every parameter of the network (empty at 1: the budget's lr)."""
@@ -155,18 +136,7 @@ class TaskMethod(Method):
     def build(self) -> dict[str, nn.Module]:
         from unionseg.networks import build_network
 
-        net = build_network(self.network_spec())
-        if self.options.self_training_weight > 0:
-            half_life = max(1.0, self.options.self_training_half_life_fraction * self.ctx.cfg.steps)
-            self._averages = {"teacher": WeightAverage(net, decay_from_half_life(half_life)).to(self.ctx.device)}
-        return {"net": net}
-
-    def averages(self) -> dict[str, WeightAverage]:
-        return self._averages
-
-    def after_step(self, step: int) -> None:
-        if self._averages:
-            self._averages["teacher"].update(self.raw_models["net"])
+        return {"net": build_network(self.network_spec())}
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from unionseg.losses import (
@@ -174,17 +144,15 @@ class TaskMethod(Method):
             cross_task_negative_table,
             marginal_loss,
             masked_sigmoid_dice_bce,
-            self_training_dice_bce,
             sigmoid_leaf_logits,
-            sigmoid_rampup,
             task_targets,
         )
 
         task_ids = batch["dataset_id"]
         o = self.options
         net = self.models["net"]
-        cross = merged = selftrain = None
-        if o.cross_task_weight > 0 or o.merged_weight > 0 or o.self_training_weight > 0:
+        cross = merged = None
+        if o.cross_task_weight > 0 or o.merged_weight > 0:
             # every task's head on every sample: the sample's own task is supervised as usual, the others
             # learn what the sample's labels rule out (cross-task negatives) and all of them compete as the
             # merge makes them compete (the merged loss)
@@ -200,13 +168,6 @@ class TaskMethod(Method):
                 flat = every.flatten(1, 2)[:, self.channel_indices]
                 merged = marginal_loss(sigmoid_leaf_logits(flat, self.channel_keys, self.space), batch["label"],
                                        batch["annotated"], self.space)
-            if o.self_training_weight > 0:
-                with torch.no_grad():
-                    teacher = torch.sigmoid(self._averages["teacher"](batch["image"], None).float())
-                teacher = teacher.reshape(every.shape)
-                selftrain = self_training_dice_bce(every, teacher, batch["label"], task_ids, self._exists,
-                                                   o.self_training_threshold,
-                                                   negatives=o.self_training_negatives)
         else:
             logits = net(batch["image"], task_ids)
         targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
@@ -219,10 +180,6 @@ class TaskMethod(Method):
         if merged is not None:
             loss = loss + o.merged_weight * (merged["ce"] + merged["dice"])
             out["merged_ce"], out["merged_dice"] = merged["ce"], merged["dice"]
-        if selftrain is not None:
-            ramp = sigmoid_rampup(step, int(o.self_training_rampup_fraction * self.ctx.cfg.steps))  # 0: no ramp
-            loss = loss + o.self_training_weight * ramp * (selftrain["dice"] + selftrain["bce"])
-            out["self_dice"], out["self_bce"] = selftrain["dice"], selftrain["bce"]
         return {"loss": loss, **out}
 
     def deploy(self) -> Deployed:
