@@ -1571,9 +1571,8 @@ def test_prepare_counts_the_held_out_cases_apart_from_the_validation_set(phantom
     own = [c for c in index.cases(split="val") if c.role == "val"]
     held = [c for c in index.cases(split="val") if c.role != "val"]
     assert own and held  # the phantom has both
-    assert f"val {len(own)} (from the dataset with role: val; {len(held)} more held out of the training datasets, " \
-           "unused)" in \
-        case_counts(index)
+    assert f"val {len(own)} (from the dataset with role: val; {len(held)} more held out by the training datasets' " \
+           "split keys, unused: leave split out to train on them)" in case_counts(index)
 
 
 def test_checkpoint_step_reads_a_file_that_cannot_be_memory_mapped(tmp_path: Path,

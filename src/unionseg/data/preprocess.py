@@ -780,12 +780,14 @@ class PreparedCase:
 
 def case_counts(index: PreparedIndex) -> str:
     """``train N, val N, test N``; with a ``role: val`` dataset, validation uses its cases alone, and the
-    cases held out of the training datasets are counted apart (they are neither trained nor validated on)."""
+    cases the training datasets' written splits hold out are counted apart (neither trained nor validated
+    on)."""
     val = index.cases(split="val")
     own = sum(c.role == "val" for c in val)
     held = len(val) - own
     shown = f"val {len(val)}" if not own or not held else \
-        f"val {own} (from the dataset with role: val; {held} more held out of the training datasets, unused)"
+        f"val {own} (from the dataset with role: val; {held} more held out by the training datasets' split keys, " \
+        "unused: leave split out to train on them)"
     return f"train {len(index.cases(split='train'))}, {shown}, test {len(index.cases(split='test'))}"
 
 
