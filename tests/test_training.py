@@ -2045,3 +2045,34 @@ def test_a_deploy_a_model_file_cannot_hold_is_refused_before_training(phantom_pr
                                           "sigmoid channel 'background' is neither a leaf nor a region"):
         train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
     assert steps == []
+
+
+def test_a_deploy_whose_network_returns_other_channels_is_refused_before_training(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deploy() whose channels the model file can hold, but whose network returns another number of them,
+    trained its whole budget and wrote a model.pt that predict refused (helper-94); it is refused before the
+    first step. The twin (the method's own deploy) trains, its network left in training mode."""
+    from unionseg.methods.base import Deployed
+    from unionseg.methods.baselines import NaiveMethod
+    from unionseg.training.trainer import Trainer
+
+    def deploy(self: NaiveMethod) -> Deployed:  # 7 sigmoid leaves from the 8-channel softmax network
+        return Deployed(self.raw_models["net"], self.network_spec(), "sigmoid", list(self.space.names)[1:])
+
+    steps: list[int] = []
+    modes: list[bool] = []
+
+    def step(self: Trainer, batch: dict) -> dict:
+        steps.append(self.step)
+        modes.append(self.method.raw_models["net"].training)
+        return {}
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with monkeypatch.context() as patched:
+        patched.setattr(NaiveMethod, "deploy", deploy)
+        with pytest.raises(ConfigError, match="method 'naive': the network it deploys \\(model\\) returns 8 channels "
+                                              "on a window, and deploy\\(\\) declares 7 \\(sigmoid: liver, "):
+            train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
+    assert steps == []
+    train(phantom_project, _cfg("naive", 1), tmp_path / "twin", progress=False)
+    assert steps == [0] and modes == [True]

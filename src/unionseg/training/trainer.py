@@ -290,6 +290,25 @@ class Trainer:
             except CheckpointError as exc:
                 raise ConfigError(f"method {self.cfg.method!r}: its model file could not hold what it deploys "
                                   f"({name}): {exc.message}") from None
+            returned = self._output_channels(deployed.module)
+            if returned != len(deployed.channels):  # predict refuses such a model file (helper-94)
+                raise ConfigError(f"method {self.cfg.method!r}: the network it deploys ({name}) returns {returned} "
+                                  f"channels on a window, and deploy() declares {len(deployed.channels)} "
+                                  f"({deployed.output_form}: {', '.join(deployed.channels)})")
+
+    def _output_channels(self, module: nn.Module) -> int:
+        """How many channels ``module`` returns on one empty inference window (as predict runs it: eval mode,
+        no gradient; the module's mode is restored)."""
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros(1, 1, *self.cfg.roi_size, device=self.ctx.device))
+        finally:
+            module.train(was_training)
+        if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output first, as predict reads it
+            out = out[0]
+        return int(out.shape[1])
 
     def _note_world_size(self) -> None:
         """Start a new entry of ``world_sizes`` when this session runs another number of processes than the
