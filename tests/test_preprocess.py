@@ -473,6 +473,9 @@ def test_a_script_without_the_main_guard_fails_at_once(project_dir: Path) -> Non
     assert proc.returncode != 0
     assert 'must call prepare_project under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]
     assert "waiting: " not in proc.stderr  # the lock wait's line
+    assert 'UnionsegError: prepare_project was called outside `if __name__ == "__main__":` in a script that ' \
+           "starts worker processes" in proc.stderr, proc.stderr[-2000:]
+    assert "out of memory" not in proc.stderr
     guarded = project_dir / "prepare_guarded.py"
     guarded.write_text("from unionseg.data.preprocess import prepare_project\n"
                        "if __name__ == '__main__':\n"

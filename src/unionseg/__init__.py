@@ -4,15 +4,16 @@ The whole workflow from Python, the commands' counterparts::
 
     import unionseg
 
-    unionseg.generate_phantom("data", size="tiny")             # unionseg phantom (or bring your own)
-    project = unionseg.load_project("data/project.yaml")
-    unionseg.prepare_project(project)                           # unionseg prepare
-    cfg = unionseg.train_config("cotraining", overrides=["steps=1500"])
-    unionseg.train("data/project.yaml", cfg, "runs/cotraining")  # unionseg train
-    predictor = unionseg.Predictor.from_checkpoint("runs/cotraining/model.pt")
-    predictor.predict_file("scan.nii.gz", "scan_seg.nii.gz")     # unionseg predict
-    unionseg.evaluate_folder("preds", "labels", project, out_dir="eval")  # unionseg evaluate
-    unionseg.run_benchmark("ci", "bench")                       # unionseg benchmark
+    if __name__ == "__main__":  # in a script: prepare and the phantom start worker processes, which import it
+        unionseg.generate_phantom("data", size="tiny")             # unionseg phantom (or bring your own)
+        project = unionseg.load_project("data/project.yaml")
+        unionseg.prepare_project(project)                           # unionseg prepare
+        cfg = unionseg.train_config("cotraining", overrides=["steps=1500"])
+        unionseg.train("data/project.yaml", cfg, "runs/cotraining")  # unionseg train
+        predictor = unionseg.Predictor.from_checkpoint("runs/cotraining/model.pt")
+        predictor.predict_file("scan.nii.gz", "scan_seg.nii.gz")     # unionseg predict
+        unionseg.evaluate_folder("preds", "labels", project, out_dir="eval")  # unionseg evaluate
+        unionseg.run_benchmark("ci", "bench")                       # unionseg benchmark
 
 Importing the package is cheap: torch, MONAI and the image libraries are imported by the modules that
 need them, never here; each name above imports its module the first time it is used.

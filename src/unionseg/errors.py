@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -59,10 +62,15 @@ def listing(items: Sequence[object], shown: int = 3) -> str:
 MAIN_GUARD = "`if __name__ == \"__main__\":`"
 
 
+#: while a spawn pool runs, the file its workers write a refused call's name to (see :func:`worker_report`)
+WORKER_REPORT_ENV = "UNIONSEG_WORKER_REPORT"
+
+
 def refuse_in_starting_worker(call: str) -> None:
     """Raise when called while a spawned worker process imports the user's script: a script that starts
     worker processes (prepare, the phantom, evaluate with several workers) must make its calls under the
-    ``__main__`` guard, or every worker would make them again.
+    ``__main__`` guard, or every worker would make them again. Inside :func:`worker_report`, the refusal is
+    also written where the calling process reads it back.
 
     Raises:
         UnionsegError: naming ``call`` and the guard.
@@ -70,12 +78,60 @@ def refuse_in_starting_worker(call: str) -> None:
     import multiprocessing as mp
 
     if getattr(mp.current_process(), "_inheriting", False):
+        report = os.environ.get(WORKER_REPORT_ENV)
+        if report:
+            with contextlib.suppress(OSError), open(report, "a", encoding="utf-8") as fh:
+                fh.write(call + "\n")
         raise UnionsegError(f"{call} was called while a worker process was starting: the worker imports the "
                             f"script that started it, so a script must call {call} under {MAIN_GUARD}")
 
 
+@contextlib.contextmanager
+def worker_report() -> Iterator[None]:
+    """Around a spawn process pool and its error handling: the workers it starts inherit the name of a
+    file where :func:`refuse_in_starting_worker` writes a refused call, and :func:`worker_died` reads it,
+    so the calling process names the missing ``__main__`` guard as the cause instead of guessing."""
+    fd, path = tempfile.mkstemp(prefix="unionseg-workers-", suffix=".txt")
+    os.close(fd)
+    before = os.environ.get(WORKER_REPORT_ENV)
+    os.environ[WORKER_REPORT_ENV] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(WORKER_REPORT_ENV, None)
+        else:
+            os.environ[WORKER_REPORT_ENV] = before
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+def refused_call() -> str | None:
+    """The call a worker of the current :func:`worker_report` refused (the guard was missing), if any."""
+    report = os.environ.get(WORKER_REPORT_ENV)
+    if not report:
+        return None
+    try:
+        calls = [c for c in Path(report).read_text(encoding="utf-8").splitlines() if c]
+    except OSError:
+        return None
+    return calls[0] if calls else None
+
+
+def unguarded(call: str) -> UnionsegError:
+    """The error for a script whose call to ``call`` is not under the ``__main__`` guard, in the calling
+    process (its workers refused to run the script's calls again)."""
+    return UnionsegError(f"{call} was called outside {MAIN_GUARD} in a script that starts worker processes: "
+                         f"each worker imports the script and refused to run {call} again; put the script's "
+                         f"calls under the guard (or ask for one worker)")
+
+
 def worker_died(what: str, where: str | Path | None = None) -> UnionsegError:
-    """The error for a process pool whose worker died: killed, out of memory, or a script without the
-    ``__main__`` guard (its workers fail while importing it)."""
+    """The error for a process pool whose worker died: a script without the ``__main__`` guard (its
+    workers refused, inside :func:`worker_report`), else killed or out of memory, or a guard missing
+    outside a report."""
+    call = refused_call()
+    if call is not None:
+        return unguarded(call)
     return UnionsegError(f"a worker process died while {what} (killed, or out of memory; from a Python script, "
                          f"also when the call is not under {MAIN_GUARD})", where)

@@ -49,7 +49,14 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, UnionsegError, listing, refuse_in_starting_worker, worker_died
+from unionseg.errors import (
+    ConfigError,
+    UnionsegError,
+    listing,
+    refuse_in_starting_worker,
+    worker_died,
+    worker_report,
+)
 
 GENERATOR_VERSION = "phantom-1.0"
 """Bump whenever the generated voxels can change: it is recorded in every file the phantom writes."""
@@ -1199,11 +1206,12 @@ def _run_tasks(tasks: Sequence[_CaseTask], workers: int) -> list[dict[str, Any]]
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn, not fork: the caller may already run torch/OpenMP threads, which a forked child can inherit locked
-    try:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(_make_case, tasks, chunksize=1))
-    except BrokenProcessPool as exc:  # its cause, where the pool gives one, stays attached
-        raise worker_died("the phantom's cases were being made") from exc
+    with worker_report():
+        try:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                return list(pool.map(_make_case, tasks, chunksize=1))
+        except BrokenProcessPool as exc:  # its cause, where the pool gives one, stays attached
+            raise worker_died("the phantom's cases were being made") from exc
 
 
 # ====================================================================== difficulty certificate

@@ -42,7 +42,16 @@ from unionseg.data.io import (
     reorient_like,
     reorient_to_ras,
 )
-from unionseg.errors import DataError, UnionsegError, UnionsegWarning, and_more, refuse_in_starting_worker
+from unionseg.errors import (
+    DataError,
+    UnionsegError,
+    UnionsegWarning,
+    and_more,
+    refuse_in_starting_worker,
+    refused_call,
+    unguarded,
+    worker_report,
+)
 from unionseg.faults import fault_point
 from unionseg.jsonfile import write_text
 
@@ -1151,7 +1160,8 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
     from concurrent.futures.process import BrokenProcessPool
 
     # spawn: workers start clean (no inherited torch/OpenMP state from the caller)
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+    with worker_report(), \
+            ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
         futures = {pool.submit(_run_case, job): job for job in jobs}
         try:
             for fut in as_completed(futures):
@@ -1159,6 +1169,8 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
                     result = fut.result()
                 except BrokenProcessPool:
                     job = futures[fut]
+                    if refused_call() is not None:
+                        raise unguarded(str(refused_call())) from None
                     raise UnionsegError(
                         f"a prepare worker died (killed, or out of memory) while cases such as {job.dataset}/"
                         f"{job.case_id} were being prepared; run prepare again (finished cases are kept), with "

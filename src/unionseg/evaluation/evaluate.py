@@ -37,6 +37,7 @@ from unionseg.errors import (
     listing,
     refuse_in_starting_worker,
     worker_died,
+    worker_report,
 )
 from unionseg.evaluation.metrics import (
     BOTH_EMPTY,
@@ -598,7 +599,7 @@ def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False)
     from concurrent.futures.process import BrokenProcessPool
 
     out: list[tuple[str, CaseScores]] = []
-    with case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack:
+    with case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack, worker_report():
         results: Iterator[tuple[str, CaseScores]]
         try:
             if workers <= 1 or len(jobs) <= 1:
