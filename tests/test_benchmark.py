@@ -849,3 +849,35 @@ def test_the_results_table_never_cuts_a_value_on_a_narrow_terminal(monkeypatch: 
     lines = compute_section(gpu)
     assert "| cotraining_long_row_name | 36,360 | 1200, 1268 | 1.40, 1.60 | 2048 | 5120 |" in lines
     assert any(line.endswith("peak GPU memory (MiB) |") for line in lines)
+
+
+def test_an_isolated_suite_refuses_a_method_of_the_calling_script_before_any_row(tmp_path: Path) -> None:
+    """A row whose method is defined in the script that runs an isolated suite was refused only when that row
+    started, after the phantom, the preparation and every earlier row (helper-94); the suite's rows are now
+    checked before anything is made. Twin: the same suite without isolate accepts it."""
+    from unionseg.benchmark import check_rows
+    from unionseg.errors import ConfigError
+    from unionseg.methods import base
+    from unionseg.methods.baselines import NaiveMethod
+
+    @base.register_method("in_script_naive")
+    class InScript(NaiveMethod):
+        pass
+
+    InScript.__module__ = "__main__"  # as a class defined in the running script
+    from dataclasses import replace
+
+    from unionseg.benchmark import run_benchmark
+    try:
+        suite = tmp_path / "mine.yaml"
+        suite.write_text("name: mine\nbudget_from: ci\nphantom_size: tiny\nisolate: true\n"
+                         "methods: [naive, in_script_naive]\n")
+        out = tmp_path / "bench"
+        with pytest.raises(ConfigError, match="row 'in_script_naive' \\(method 'in_script_naive'\\): method "
+                                              "'in_script_naive' is defined in the script that runs the benchmark"):
+            run_benchmark(str(suite), out, progress=False)
+        assert not out.exists()
+        shared = load_suite(str(suite))
+        check_rows(replace(shared, isolate=False), replace(shared, isolate=False).runs(None), suite)
+    finally:
+        base.METHODS.pop("in_script_naive", None)

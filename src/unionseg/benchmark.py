@@ -400,7 +400,9 @@ def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
     Raises:
         ConfigError: naming the suite file, the row and the problem.
     """
-    from unionseg.methods.base import get_method
+    import os
+
+    from unionseg.methods.base import get_method, plugin_env
     from unionseg.training.config import load_train_config
     from unionseg.training.trainer import check_sizes
 
@@ -415,6 +417,8 @@ def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
     for row in rows:
         try:
             get_method(row.method)
+            if suite.isolate:  # a method of the calling script itself is refused here, not when its row starts
+                plugin_env(dict(os.environ), row.method)
             resolved_options(row)
             load_train_config(None, [], **{**suite.budget, "method": row.method, "options": row.options})
         except ConfigError as exc:
