@@ -1190,3 +1190,16 @@ def test_a_label_table_unionseg_did_not_write_is_left_alone(tmp_path: Path) -> N
         write_label_tables(tmp_path, other)
     assert (tmp_path / SLICER_FILE).read_text().splitlines()[3].split()[:2] == ["1", "left_'kidney'"]
     assert (tmp_path / ITKSNAP_FILE).read_text().splitlines()[3].endswith('"left_\'kidney\'"')
+
+
+def test_a_device_name_torch_does_not_know_is_refused_with_the_names_that_work() -> None:
+    """Predictor(device="gpu") raised torch's own error, listing a dozen device types; it is refused with the
+    names unionseg takes, as training's device key is (helper-94). A torch.device and the CPU pass."""
+    from unionseg.errors import ConfigError
+    from unionseg.inference.predictor import resolve_device
+
+    for name in ("gpu", "cuda:x", "CPU", ""):
+        with pytest.raises(ConfigError, match=f"device: {name!r} is not one of auto, cpu, cuda, cuda:N"):
+            resolve_device(name)
+    assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda")

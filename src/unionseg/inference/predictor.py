@@ -72,7 +72,14 @@ from unionseg.data.preprocess import (
     preprocess_image,
     restore_axis_map,
 )
-from unionseg.errors import CheckpointError, DataError, OutputExistsError, UnionsegError, UnionsegWarning
+from unionseg.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    UnionsegError,
+    UnionsegWarning,
+)
 from unionseg.labels import LabelSpace, merge, merge_softmax
 from unionseg.modelfile import check_channels, check_inference
 from unionseg.networks.layout import set_layout
@@ -88,10 +95,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` -> CUDA when available, else CPU.
 
     Raises:
+        ConfigError: a name that is not one of ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
         UnionsegError: CUDA requested but not available.
     """
+    from unionseg.config import DEVICE_NAMES, is_device_name
+
     if isinstance(device, torch.device):
         return device
+    if not isinstance(device, str) or not is_device_name(device):  # torch's own error lists a dozen device types
+        raise ConfigError(f"device: {device!r} is not one of {DEVICE_NAMES}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -399,7 +411,6 @@ class Predictor:
         """
         import inspect
 
-        from unionseg.errors import ConfigError
         from unionseg.modelfile import DEFAULT_INFERENCE, build_from_payload
 
         options = set(inspect.signature(cls.__init__).parameters) - {"self", "model", "label_space",
