@@ -392,3 +392,15 @@ def test_one_override_string_alone_is_one_override() -> None:
 
     assert load_train_config(None, "steps=3", method="naive").steps == 3
     assert load_train_config(None, ["steps=3", "seed=4"], method="naive").seed == 4
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads `1e-2` as a string: a method option written so stayed a string in the
+    run's config, where `optim.lr=1e-3` became a float only through its typed field (helper-94). Files and
+    overrides now read it as YAML 1.2 does; words that only look alike stay strings."""
+    from unionseg.training.recipes import train_config
+
+    assert train_config("dodnet", overrides=["options.cross_task_weight=1e-2"]).options == {"cross_task_weight": 0.01}
+    path = tmp_path / "recipe.yaml"
+    path.write_text("a: 1e-3\nb: -2E+2\nc: .5e1\nd: case_1e5\ne: 1e\nf: [1e2, x]\n")
+    assert load_yaml(path) == {"a": 0.001, "b": -200.0, "c": 5.0, "d": "case_1e5", "e": "1e", "f": [100.0, "x"]}

@@ -59,6 +59,23 @@ def is_device_name(name: str) -> bool:
     return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 does (YAML 1.1 needs ``1.0e-3`` and
+    read ``1e-3`` as a string: a method option so written stayed a string in the run's config)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text to plain data, safely (never constructs Python objects); ``1e-3`` is a number."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> Any:
     """Read YAML safely (never constructs Python objects). Errors name the file."""
     path = Path(path)
@@ -70,7 +87,7 @@ def load_yaml(path: str | Path) -> Any:
         raise ConfigError("file not found", path)
     try:
         with path.open("r", encoding="utf-8") as fh:
-            return yaml.safe_load(fh)
+            return parse_yaml(fh.read())
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}".replace("\n", " "), path) from None
     except UnicodeDecodeError:
@@ -238,7 +255,7 @@ def apply_overrides(
                                   "{key: value})", source)
             key, raw = item.split("=", 1)
             try:
-                value = yaml.safe_load(raw) if raw != "" else ""
+                value = parse_yaml(raw) if raw != "" else ""
             except yaml.YAMLError:
                 value = raw
             pairs.append((key, value))
