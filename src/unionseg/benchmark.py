@@ -433,6 +433,22 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     ``--methods`` and ``--seeds`` add rows and seeds to a report, never shrink it. ``results.json`` is
     rewritten after every finished row; ``report.md`` at the end, and when the suite stops early (Ctrl-C,
     SIGTERM, a failing row) for the rows finished so far.
+
+    Args:
+        suite_name: a built-in suite (``ci``, ``standard``, ``ablations``, ``large``) or the path of a suite
+            YAML file of your own (docs/extending.md).
+        out: the benchmark folder: made, or an earlier benchmark of the same phantom to resume.
+        methods: the rows to train (names of the suite's rows); None: every row.
+        seeds: how many seeds (0 .. seeds-1); None: the suite's own number.
+        progress: progress bars and the per-row lines with the suite's ETA.
+
+    Returns:
+        What ``results.json`` holds: per row and seed the scores, times and provenance, and the means.
+
+    Raises:
+        ConfigError: an unknown suite or row, a bad budget or row option (naming the suite file), a seed
+            count below 1, a method the calling script defines in a suite with ``isolate: true``.
+        UnionsegError: ``out`` holds user files or another phantom's benchmark; a row that fails.
     """
     from rich.console import Console
 
