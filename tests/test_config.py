@@ -404,3 +404,9 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
     path = tmp_path / "recipe.yaml"
     path.write_text("a: 1e-3\nb: -2E+2\nc: .5e1\nd: case_1e5\ne: 1e\nf: [1e2, x]\n")
     assert load_yaml(path) == {"a": 0.001, "b": -200.0, "c": 5.0, "d": "case_1e5", "e": "1e", "f": [100.0, "x"]}
+
+
+def test_a_project_that_is_not_a_path_is_refused_by_name() -> None:
+    """load_project(123) raised a bare TypeError from pathlib (helper-94)."""
+    with pytest.raises(ConfigError, match="the project must be the path of its YAML file, got int 123"):
+        load_project(123)  # type: ignore[arg-type]

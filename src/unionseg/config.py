@@ -560,6 +560,8 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     Raises:
         ConfigError: naming the file and the key at fault.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"the project must be the path of its YAML file, got {type(path).__name__} {path!r}")
     path = Path(path).resolve()
     source = str(path)
     raw = load_yaml(path)
