@@ -31,7 +31,8 @@ def _results(entry: dict, candidate: str) -> dict:
 
 def pick(history: list[dict], rule: str) -> tuple[int, str, float | None] | None:
     """(step, candidate, region mean) of the model the trainer keeps under ``rule``; candidates in the order
-    the history lists them, a later validation replacing the kept one only when strictly better."""
+    the history lists them, a later validation replacing the kept one when at least as good (a tie keeps
+    the later step, as the trainer does)."""
     from unionseg.training.validation import selection_score
 
     best, kept = -np.inf, None
@@ -41,7 +42,7 @@ def pick(history: list[dict], rule: str) -> tuple[int, str, float | None] | None
         if not scored:
             continue
         name = max(scored, key=lambda c: scored[c])
-        if scored[name] > best:
+        if scored[name] >= best:
             best, kept = scored[name], (int(entry["step"]), name, _results(entry, name)["region_mean"])
     return kept
 

@@ -1225,6 +1225,56 @@ def test_select_on_names_the_mean_that_picks_the_model(phantom_project: Path, tm
         assert audit.pick(summary["history"], rule)[:2] == (step, "model")
 
 
+def test_a_tie_between_validations_keeps_the_later_weights(phantom_project: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validations that all score the same (every one 0 early in a run) kept the first one's weights, so a
+    run of 300 steps deployed its step-150 model (helper-93); a tie now keeps the later step, and the
+    selection audit replays the same rule. A better score still wins over a later, worse one."""
+    import importlib.util
+
+    import unionseg.training.trainer as trainer_module
+    from unionseg.modelfile import load_model
+
+    same = {"per_class": {"region:liver": 0.0}, "mean_dice": 0.0, "region_mean": 0.0}
+    better = {"per_class": {"region:liver": 0.5}, "mean_dice": 0.5, "region_mean": 0.5}
+    spec = importlib.util.spec_from_file_location("selection_audit",
+                                                  Path(__file__).parents[1] / "benchmarks" / "selection_audit.py")
+    assert spec is not None and spec.loader is not None
+    audit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(audit)
+    for scores, chosen in (([same, same, same], 3), ([same, better, same], 2)):
+        scripted = iter(scores)
+        monkeypatch.setattr(trainer_module, "validate_deployed", lambda *args, **kwargs: next(scripted))
+        run = tmp_path / f"run{chosen}"
+        summary = train(phantom_project, _cfg("naive", 3, "val_every=1"), run, progress=False)
+        assert load_model(run / "model.pt")["provenance"]["selected_at_step"] == chosen
+        assert summary["selected_at_step"] == chosen
+        assert audit.pick(summary["history"], "regions")[:2] == (chosen, "model")
+
+
+def test_resume_refuses_a_config_yaml_no_run_wrote_and_leaves_it(phantom_project: Path, tmp_path: Path) -> None:
+    """`train --resume` into a folder holding a config.yaml of the user's (notes, a recipe kept there) replaced
+    it with the run's configuration without a word (helper-93); it is refused, the file unchanged. The
+    twin: a run cut before its first checkpoint, whose config.yaml the run wrote, still resumes."""
+    from unionseg.errors import CheckpointError
+
+    for text, lacks in (("my notes\n", "data, inference, method"), ("a: 1\n", "data, inference, method"),
+                        ("method: naive\nsteps: 2\noptim: {lr: 0.003}\n", "data, inference, network")):
+        folder = tmp_path / f"mine{len(text)}"
+        folder.mkdir()
+        (folder / "config.yaml").write_text(text)
+        with pytest.raises(CheckpointError, match=f"config.yaml is not the record of a unionseg run \\(it lacks "
+                                                  f"{lacks}"):
+            train(phantom_project, _cfg("naive", 2), folder, resume=True, progress=False)
+        assert (folder / "config.yaml").read_text() == text
+        assert sorted(p.name for p in folder.iterdir()) == [".lock", "config.yaml"]  # the run folder's lock file
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 2), run, progress=False)
+    for name in ("last.pt", "summary.json", "model.pt", "validation.json"):
+        (run / name).unlink()
+    assert train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)["steps"] == 2
+
+
 def test_under_ddp_a_rank_waits_for_an_artefact_it_does_not_see_instead_of_making_it_alone(
         phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Making an artefact is a collective every rank enters together (the stages do). A rank that does not

@@ -401,9 +401,15 @@ class Trainer:
         if not recorded.is_file():
             return
         try:
-            method = (load_yaml(recorded) or {}).get("method")
+            data = load_yaml(recorded)
         except Exception:  # an unreadable record: nothing to compare
-            return
+            data = None
+        missing = sorted(RUN_RECORD_KEYS - set(data)) if isinstance(data, dict) else sorted(RUN_RECORD_KEYS)
+        if missing:  # a user's file (notes, a recipe kept there): the run would replace it (helper-93)
+            raise CheckpointError(f"this folder's config.yaml is not the record of a unionseg run (it lacks "
+                                  f"{', '.join(missing)}): --resume would replace it; move the file, or give "
+                                  "another --out", recorded)
+        method = data.get("method")
         if method is not None and method != self.cfg.method:
             raise CheckpointError(f"this run folder holds a {method!r} run; --resume continues it only as "
                                   f"{method!r} (asked: {self.cfg.method!r}); choose another --out", recorded)
@@ -816,7 +822,7 @@ class Trainer:
             self.logger.log_validation(entry)
         if self.ctx.is_main:
             _write_json_atomic(self.run_dir / "validation.json", self.history)  # the curve so far, readable mid-run
-        if score[name] > self.best_metric:
+        if score[name] >= self.best_metric:  # a tie goes to the later, longer-trained weights (helper-93)
             self.best_metric = score[name]
             self.best_name = name
             self.best_step = self.step
@@ -1134,6 +1140,8 @@ def make_context(project_path: str | Path | Project, cfg: TrainConfig, run_dir: 
 
 #: the files whose presence says that a folder holds a run (``train`` without ``resume`` refuses it)
 RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml")
+#: the keys every run's config.yaml has held (the whole configuration is written there)
+RUN_RECORD_KEYS = frozenset({"method", "steps", "seed", "network", "optim", "data", "inference", "options"})
 #: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
 RUN_LOCK = ".lock"
 #: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
