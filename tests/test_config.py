@@ -410,3 +410,20 @@ def test_a_project_that_is_not_a_path_is_refused_by_name() -> None:
     """load_project(123) raised a bare TypeError from pathlib (helper-94)."""
     with pytest.raises(ConfigError, match="the project must be the path of its YAML file, got int 123"):
         load_project(123)  # type: ignore[arg-type]
+
+
+def test_a_layout_typo_and_unknown_val_cases_are_named_with_what_would_work(tmp_path: Path) -> None:
+    """`layout: msdd` was refused naming the dataset's folder, not the project file and key; of several
+    unknown val_cases only the first was named, with no hint that ids carry no file suffix (helper-93)."""
+    path = write_tiny_project(tmp_path / "p", TINY_PROJECT_YAML.replace("    split: {val_fraction: 0.25, seed: 0}",
+                                                                       "    layout: msdd"))
+    with pytest.raises(ConfigError, match="datasets.liver.layout: unknown layout 'msdd'; known: auto, msd, "
+                                          "nnunet, kits, folders, folders:IMAGES,LABELS") as info:
+        load_project(path)
+    assert info.value.path == path.resolve()
+    path.write_text(TINY_PROJECT_YAML.replace("split: {val_fraction: 0.25, seed: 0}",
+                                              "split: {val_cases: [liver_9, liver_000.nii.gz]}"))
+    with pytest.raises(ConfigError, match="split.val_cases: unknown cases 'liver_000.nii.gz', 'liver_9'; a case id "
+                                          "has no file suffix \\('liver_000', not 'liver_000.nii.gz'\\); the "
+                                          "dataset's cases: liver_000, liver_001, liver_002 and 1 more"):
+        project_summary(path)

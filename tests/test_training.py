@@ -1244,7 +1244,7 @@ def test_a_tie_between_validations_keeps_the_later_weights(phantom_project: Path
     spec.loader.exec_module(audit)
     for scores, chosen in (([same, same, same], 3), ([same, better, same], 2)):
         scripted = iter(scores)
-        monkeypatch.setattr(trainer_module, "validate_deployed", lambda *args, **kwargs: next(scripted))
+        monkeypatch.setattr(trainer_module, "validate_deployed", lambda *args, _it=scripted, **kwargs: next(_it))
         run = tmp_path / f"run{chosen}"
         summary = train(phantom_project, _cfg("naive", 3, "val_every=1"), run, progress=False)
         assert load_model(run / "model.pt")["provenance"]["selected_at_step"] == chosen

@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from unionseg.errors import ConfigError
+from unionseg.errors import ConfigError, listing
 from unionseg.labels import DatasetLabels, LabelSpace, Leaf
 
 T = TypeVar("T")
@@ -52,6 +52,8 @@ T = TypeVar("T")
 # ---------------------------------------------------------------------- YAML
 #: how a device is named, in a training configuration (``device``) and for ``predict --device`` alike
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N"
+#: a dataset's ``layout`` values besides ``auto`` and ``folders:IMAGES,LABELS`` (docs/datasets.md, Layouts)
+LAYOUTS = ("msd", "nnunet", "kits", "folders")
 
 
 def is_device_name(name: str) -> bool:
@@ -488,6 +490,9 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
     layout = raw.get("layout", "auto")
     if not isinstance(layout, str):
         raise ConfigError(f"{where}.layout: expected a string", source)
+    if layout != "auto" and layout not in LAYOUTS and not layout.startswith("folders:"):
+        raise ConfigError(f"{where}.layout: unknown layout {layout!r}; known: auto, {', '.join(LAYOUTS)}, "
+                          "folders:IMAGES,LABELS", source)
     oracle = raw.get("oracle_labels")
     if oracle is not None:
         if not isinstance(oracle, str) or Path(oracle).is_absolute() or ".." in Path(oracle).parts:
@@ -632,7 +637,13 @@ def split_cases(
     if spec.val_cases is not None:
         missing = sorted(set(spec.val_cases) - set(ids))
         if missing:
-            raise ConfigError(f"{where}split.val_cases: unknown case {missing[0]!r}", source)
+            suffix = r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$"
+            suffixed = [m for m in missing if re.search(suffix, m)]
+            hint = (f"; a case id has no file suffix ({re.sub(suffix, '', suffixed[0])!r}, not {suffixed[0]!r})"
+                    if suffixed else "")
+            known = f"; the dataset's cases: {listing(ids)}" if ids else ""
+            raise ConfigError(f"{where}split.val_cases: unknown case{'s' if len(missing) > 1 else ''} "
+                              f"{listing([repr(m) for m in missing], 5)}{hint}{known}", source)
         val = sorted(set(spec.val_cases))
         if ids and len(val) == len(ids):
             raise ConfigError(f"{where}split.val_cases: every case is in val; leave at least one for training",

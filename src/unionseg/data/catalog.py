@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 from typing import Any
 
+from unionseg.config import LAYOUTS
 from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
 from unionseg.errors import DataError, UnionsegWarning, listing
 
-LAYOUTS = ("msd", "nnunet", "kits", "folders")
 """Layout names a dataset may declare (besides ``auto`` and ``folders:IMAGES,LABELS``)."""
 
 FOLDER_PAIRS: tuple[tuple[str, str], ...] = (
