@@ -226,3 +226,21 @@ def test_results_are_printed_wide_off_a_terminal(monkeypatch: pytest.MonkeyPatch
     assert results_console().width == 200  # pytest captures stdout: not a terminal
     monkeypatch.setenv("COLUMNS", "100")
     assert results_console().width == 100
+
+
+def test_a_bar_labels_its_times_as_the_lines_do() -> None:
+    """On a terminal the bars showed one or two unlabelled times (train: the time left; predict: elapsed and
+    left) where the lines off a terminal say "elapsed" and "ETA" (helper-93); every bar now says both."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+
+    from unionseg.progress import time_columns
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    bar = make_progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *time_columns(),
+                        console=console)
+    with bar:
+        task = bar.add_task("work", total=4)
+        bar.update(task, advance=1)
+        bar.refresh()
+    assert "work" in out.getvalue() and "elapsed, ETA" in out.getvalue()

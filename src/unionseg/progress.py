@@ -236,14 +236,22 @@ def make_progress(*columns: Any, console: Console | None = None, transient: bool
     return LineProgress(console, label)
 
 
+def time_columns() -> tuple[Any, ...]:
+    """Elapsed and remaining time on a bar, labelled as the timed lines off a terminal say them:
+    ``0:00:30 elapsed, ETA 0:10:09`` (unlabelled, one time or two read as a riddle; helper-93)."""
+    from rich.progress import TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return (TimeElapsedColumn(), TextColumn("elapsed, ETA"), TimeRemainingColumn())
+
+
 def track(items: Iterable[T], description: str, total: int | None = None,
           console: Console | None = None) -> Iterator[T]:
     """``rich.progress.track`` that becomes timed lines off a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
     items = list(items) if total is None else items
     count = len(items) if total is None else total  # type: ignore[arg-type]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *time_columns())
     with make_progress(*columns, console=console) as bar:
         task = bar.add_task(description, total=count)
         for item in items:

@@ -576,18 +576,11 @@ def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator
         yield lambda case: None
         return
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-    from unionseg.progress import make_progress
+    from unionseg.progress import make_progress, time_columns
 
-    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn(), TextColumn("{task.description}"))
+    columns = (TextColumn(what), BarColumn(), MofNCompleteColumn(), *time_columns(), TextColumn("{task.description}"))
     with make_progress(*columns, console=Console(stderr=True), transient=True, label=what) as bar:
         task = bar.add_task("", total=total)
         yield lambda case: bar.update(task, advance=1, description=case)

@@ -356,18 +356,11 @@ def register(app: typer.Typer) -> None:
         import time
 
         from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TaskID,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
 
         from unionseg.config import is_device_name
         from unionseg.data.io import IMAGE_SUFFIXES, KIND_WORDS, predict_kind, strip_suffix, suffix_of
-        from unionseg.progress import Rate, clock, make_progress
+        from unionseg.progress import Rate, clock, make_progress, time_columns
 
         if not is_device_name(device):
             raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
@@ -443,8 +436,7 @@ def register(app: typer.Typer) -> None:
         if removed:
             typer.echo(f"removed {removed} temporary file(s) left in {output} by an earlier predict that was killed",
                        err=True)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *time_columns())
         failed: list[tuple[str, DataError]] = []  # --keep-going: the inputs that could not be read
         written = 0
 

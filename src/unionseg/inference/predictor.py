@@ -781,11 +781,11 @@ def _window_progress(progress: ProgressFn | bool | None, name: str) -> Iterator[
     if progress is None or progress is False:
         yield None
     elif progress is True:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-        from unionseg.progress import make_progress
+        from unionseg.progress import make_progress, time_columns
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *time_columns())
         with make_progress(*columns, transient=True, label="predict") as bar:
             task = bar.add_task(f"{name} (windows)", total=None)
             yield lambda done, total: bar.update(task, completed=done, total=total)

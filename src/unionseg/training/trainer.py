@@ -1071,14 +1071,14 @@ class _Progress:
         self.enabled = enabled
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 
-        from unionseg.progress import make_progress
+        from unionseg.progress import make_progress, time_columns
 
         # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms (on stderr, as
         # every progress of make_progress: stdout holds the results)
         self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), transient=False)
+                                      *time_columns(), TextColumn("{task.fields[terms]}"), transient=False)
         self.progress.start()
         self.task = self.progress.add_task(label, total=total, completed=start, terms="")
 
