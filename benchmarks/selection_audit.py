@@ -1,7 +1,8 @@
 """Which checkpoint each selection rule picks, read from finished runs' validation histories.
 
 For every run folder (one holding ``summary.json``), the script replays the trainer's rule over the recorded
-validations: the first (step, candidate) whose score beats every earlier one, scored with the mean Dice
+validations: the last (step, candidate) whose score is at least that of every earlier one (a tie keeps the
+later step; runs trained before that rule, commit ff0de03, kept the earlier one), scored with the mean Dice
 over every class (``all``) and with the mean over the organ regions (``regions``,
 :func:`unionseg.training.validation.selection_score`). It prints the pick of each rule with the region mean
 of the picked validation, and flags the runs where the two rules disagree. Nothing is retrained: it says

@@ -402,8 +402,19 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path: Path) -> None:
 
     assert train_config("dodnet", overrides=["options.cross_task_weight=1e-2"]).options == {"cross_task_weight": 0.01}
     path = tmp_path / "recipe.yaml"
-    path.write_text("a: 1e-3\nb: -2E+2\nc: .5e1\nd: case_1e5\ne: 1e\nf: [1e2, x]\n")
-    assert load_yaml(path) == {"a": 0.001, "b": -200.0, "c": 5.0, "d": "case_1e5", "e": "1e", "f": [100.0, "x"]}
+    path.write_text("a: 1e-3\nb: -2E+2\nc: .5e1\nd: case_1e5\ne: 1e\nf: [1e2, x]\ng: ._e3\n")
+    assert load_yaml(path) == {"a": 0.001, "b": -200.0, "c": 5.0, "d": "case_1e5", "e": "1e", "f": [100.0, "x"],
+                               "g": "._e3"}
+    # a string that reads as such a number is written quoted, so a run's config.yaml gives back its configuration
+    data = {"tag": "1e3", "lr": 1e-5, "names": ["2E-1", "x"]}
+    dump_yaml(data, path)
+    assert load_yaml(path) == data
+    # a field that must be a string refuses such a number (str() gave "1000.0" for `1e3`) and says to quote it
+    from unionseg.config import SplitSpec as Split
+
+    with pytest.raises(ConfigError, match="val_cases.*expected a string, got the number 1000.0 \\(quote it"):
+        from_dict(Split, {"val_cases": [1e3]})
+    assert from_dict(Split, {"val_cases": [3, "1e3"]}).val_cases == ("3", "1e3")
 
 
 def test_a_project_that_is_not_a_path_is_refused_by_name() -> None:
@@ -426,4 +437,12 @@ def test_a_layout_typo_and_unknown_val_cases_are_named_with_what_would_work(tmp_
     with pytest.raises(ConfigError, match="split.val_cases: unknown cases 'liver_000.nii.gz', 'liver_9'; a case id "
                                           "has no file suffix \\('liver_000', not 'liver_000.nii.gz'\\); the "
                                           "dataset's cases: liver_000, liver_001, liver_002 and 1 more"):
+        project_summary(path)
+    path.write_text(TINY_PROJECT_YAML.replace("split: {val_fraction: 0.25, seed: 0}",
+                                              "split: {val_cases: [liver_001_0000.nii.gz]}"))
+    with pytest.raises(ConfigError, match="a case id has no file suffix \\('liver_001', not 'liver_001_0000.nii.gz'"):
+        project_summary(path)
+    path.write_text(TINY_PROJECT_YAML.replace("split: {val_fraction: 0.25, seed: 0}",
+                                              "split: {val_cases: [other_7.nii.gz]}"))
+    with pytest.raises(ConfigError, match="a case id is the file name without its suffix and without nnU-Net's _0000"):
         project_summary(path)

@@ -435,8 +435,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     SIGTERM, a failing row) for the rows finished so far.
 
     Args:
-        suite_name: a built-in suite (``ci``, ``standard``, ``ablations``, ``large``) or the path of a suite
-            YAML file of your own (docs/extending.md).
+        suite_name: a built-in suite (``unionseg benchmark --help`` lists them: ``ci``, ``standard``,
+            ``ablations``, ``large`` and their variants) or the path of a suite YAML file of your own
+            (docs/extending.md).
         out: the benchmark folder: made, or an earlier benchmark of the same phantom to resume.
         methods: the rows to train (names of the suite's rows); None: every row.
         seeds: how many seeds (0 .. seeds-1); None: the suite's own number.

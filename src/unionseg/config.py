@@ -66,11 +66,14 @@ class _Loader(yaml.SafeLoader):
     read ``1e-3`` as a string: a method option so written stayed a string in the run's config)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting a string such as ``"1e3"`` that :class:`_Loader` would read back as a
+    number (a run's config.yaml must give back the configuration it records)."""
+
+
+_EXPONENT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT, list("-+0123456789."))
 
 
 def parse_yaml(text: str) -> Any:
@@ -101,7 +104,7 @@ def dump_yaml(data: Any, path: str | Path) -> None:
     the run folder's lock clears when its writer was killed, then a rename)."""
     from unionseg.jsonfile import write_text
 
-    write_text(path, yaml.safe_dump(data, sort_keys=False))
+    write_text(path, yaml.dump(data, Dumper=_Dumper, sort_keys=False))
 
 
 # ---------------------------------------------------------------------- dataclass <-> dict
@@ -170,7 +173,9 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}", source) from None
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, float):  # YAML read `1e3` or `1.50` as a number: str() would not give it back
+            raise ConfigError(f"{where}: expected a string, got the number {value!r} (quote it: \"...\")", source)
+        if not isinstance(value, (str, int)) or isinstance(value, bool):
             raise ConfigError(f"{where}: expected a string, got {value!r}", source)
         return str(value)
     if isinstance(tp, type) and issubclass(tp, Path):
@@ -639,8 +644,12 @@ def split_cases(
         if missing:
             suffix = r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$"
             suffixed = [m for m in missing if re.search(suffix, m)]
-            hint = (f"; a case id has no file suffix ({re.sub(suffix, '', suffixed[0])!r}, not {suffixed[0]!r})"
-                    if suffixed else "")
+            hint = ""
+            if suffixed:  # a file name given: its case id drops the suffix and nnU-Net's channel _0000
+                stem = re.sub(suffix, "", suffixed[0])
+                case = next((c for c in (re.sub(r"_\d{4}$", "", stem), stem) if c in ids), None)
+                hint = (f"; a case id has no file suffix ({case!r}, not {suffixed[0]!r})" if case is not None
+                        else "; a case id is the file name without its suffix and without nnU-Net's _0000")
             known = f"; the dataset's cases: {listing(ids)}" if ids else ""
             raise ConfigError(f"{where}split.val_cases: unknown case{'s' if len(missing) > 1 else ''} "
                               f"{listing([repr(m) for m in missing], 5)}{hint}{known}", source)

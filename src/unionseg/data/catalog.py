@@ -41,8 +41,6 @@ from unionseg.config import LAYOUTS
 from unionseg.data.io import IMAGE_SUFFIXES, strip_suffix, suffix_of
 from unionseg.errors import DataError, UnionsegWarning, listing
 
-"""Layout names a dataset may declare (besides ``auto`` and ``folders:IMAGES,LABELS``)."""
-
 FOLDER_PAIRS: tuple[tuple[str, str], ...] = (
     ("imagesTr", "labelsTr"),
     ("images", "labels"),
