@@ -816,3 +816,32 @@ def test_a_failure_in_the_hash_pass_cancels_the_files_not_started(tmp_path: Path
         pre._hash_sources(paths, 2, False, None)
     time.sleep(0.2)  # the one file another thread had started finishes
     assert len(read) < 10, len(read)
+
+
+def test_the_worker_report_is_shared_while_open_and_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """worker_report contexts open at once (threads, nesting) share one file, removed with the last; a refused
+    call written there is what worker_died names; no temporary file to be had means no report, not an error
+    (helper-95)."""
+    import tempfile
+
+    from unionseg import errors
+
+    assert errors.WORKER_REPORT_ENV not in os.environ and errors.refused_call() is None
+    with errors.worker_report():
+        path = os.environ[errors.WORKER_REPORT_ENV]
+        with errors.worker_report():
+            assert os.environ[errors.WORKER_REPORT_ENV] == path
+            Path(path).write_text("prepare_project\n")
+        assert os.environ[errors.WORKER_REPORT_ENV] == path  # the inner exit leaves the outer's report
+        assert errors.refused_call() == "prepare_project"
+        assert "prepare_project was called outside" in str(errors.worker_died("cases were being made"))
+    assert errors.WORKER_REPORT_ENV not in os.environ and not Path(path).exists()
+
+    def no_temp(*args: object, **kwargs: object) -> None:
+        raise OSError("read-only")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_temp)
+    with errors.worker_report():
+        assert errors.WORKER_REPORT_ENV not in os.environ and errors.refused_call() is None
+        assert "a worker process died while cases were being made (killed, or out of memory" in str(
+            errors.worker_died("cases were being made"))

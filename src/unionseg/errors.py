@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -86,29 +87,44 @@ def refuse_in_starting_worker(call: str) -> None:
                             f"script that started it, so a script must call {call} under {MAIN_GUARD}")
 
 
+_REPORT_LOCK = threading.Lock()
+_REPORT_USERS = [0]  # the worker_report contexts open in this process (they share one file)
+
+
 @contextlib.contextmanager
 def worker_report() -> Iterator[None]:
     """Around a spawn process pool and its error handling: the workers it starts inherit the name of a
     file where :func:`refuse_in_starting_worker` writes a refused call, and :func:`worker_died` reads it,
-    so the calling process names the missing ``__main__`` guard as the cause instead of guessing."""
-    fd, path = tempfile.mkstemp(prefix="unionseg-workers-", suffix=".txt")
-    os.close(fd)
-    before = os.environ.get(WORKER_REPORT_ENV)
-    os.environ[WORKER_REPORT_ENV] = path
+    so the calling process names the missing ``__main__`` guard as the cause instead of guessing.
+
+    The contexts open at once in a process (threads, nesting) share one file, made by the first and removed
+    by the last: a missing guard concerns the whole script. Where no temporary file can be made, nothing is
+    reported and the pool runs as before.
+    """
+    with _REPORT_LOCK:
+        if _REPORT_USERS[0] == 0:
+            try:
+                fd, path = tempfile.mkstemp(prefix="unionseg-workers-", suffix=".txt")
+                os.close(fd)
+                os.environ[WORKER_REPORT_ENV] = path
+            except OSError:
+                os.environ.pop(WORKER_REPORT_ENV, None)
+        _REPORT_USERS[0] += 1
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(WORKER_REPORT_ENV, None)
-        else:
-            os.environ[WORKER_REPORT_ENV] = before
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        with _REPORT_LOCK:
+            _REPORT_USERS[0] -= 1
+            if _REPORT_USERS[0] == 0:
+                path = os.environ.pop(WORKER_REPORT_ENV, "")
+                if path:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
 
 
 def refused_call() -> str | None:
-    """The call a worker of the current :func:`worker_report` refused (the guard was missing), if any."""
-    report = os.environ.get(WORKER_REPORT_ENV)
+    """The call a worker started inside :func:`worker_report` refused (the guard was missing), if any."""
+    report = os.environ.get(WORKER_REPORT_ENV) if _REPORT_USERS[0] else None
     if not report:
         return None
     try:

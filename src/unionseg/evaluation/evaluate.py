@@ -592,7 +592,8 @@ def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False)
     from concurrent.futures.process import BrokenProcessPool
 
     out: list[tuple[str, CaseScores]] = []
-    with case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack, worker_report():
+    # the report outlives the pool (closed by the stack), so a worker still starting writes to a file that is there
+    with worker_report(), case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack:
         results: Iterator[tuple[str, CaseScores]]
         try:
             if workers <= 1 or len(jobs) <= 1:
