@@ -1254,9 +1254,10 @@ def test_a_tie_between_validations_keeps_the_later_weights(phantom_project: Path
 
 def test_resume_refuses_a_config_yaml_no_run_wrote_and_leaves_it(phantom_project: Path, tmp_path: Path) -> None:
     """`train --resume` into a folder holding a config.yaml of the user's (notes, a recipe kept there) replaced
-    it with the run's configuration without a word (helper-93); it is refused, the file unchanged. The
-    twin: a run cut before its first checkpoint, whose config.yaml the run wrote, still resumes."""
-    from unionseg.errors import CheckpointError
+    it with the run's configuration without a word (helper-93); it is refused, the file unchanged, and
+    without --resume the refusal no longer says "resume it". The twin: a run cut before its first
+    checkpoint, whose config.yaml the run wrote, still resumes."""
+    from unionseg.errors import CheckpointError, UnionsegError
 
     for text, lacks in (("my notes\n", "data, inference, method"), ("a: 1\n", "data, inference, method"),
                         ("method: naive\nsteps: 2\noptim: {lr: 0.003}\n", "data, inference, network")):
@@ -1268,10 +1269,14 @@ def test_resume_refuses_a_config_yaml_no_run_wrote_and_leaves_it(phantom_project
             train(phantom_project, _cfg("naive", 2), folder, resume=True, progress=False)
         assert (folder / "config.yaml").read_text() == text
         assert sorted(p.name for p in folder.iterdir()) == [".lock", "config.yaml"]  # the run folder's lock file
+        with pytest.raises(UnionsegError, match="holds a config.yaml no run wrote \\(notes, a recipe\\?\\): move it"):
+            train(phantom_project, _cfg("naive", 2), folder, progress=False)  # without --resume: not "resume it"
     run = tmp_path / "run"
     train(phantom_project, _cfg("naive", 2), run, progress=False)
     for name in ("last.pt", "summary.json", "model.pt", "validation.json"):
         (run / name).unlink()
+    with pytest.raises(UnionsegError, match="already holds a run \\(config.yaml\\); resume it"):
+        train(phantom_project, _cfg("naive", 2), run, progress=False)  # a run's own record: resume it
     assert train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)["steps"] == 2
 
 

@@ -92,7 +92,8 @@ PAD_VALUE = -1.0  # air after CT normalisation
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU.
+    """``auto`` -> CUDA when available, else CPU. A name is one of ``auto``, ``cpu``, ``cuda``, ``cuda:N``, as
+    training's ``device`` key; a ``torch.device`` (``mps``, ``xpu``, ...) is taken as it is.
 
     Raises:
         ConfigError: a name that is not one of ``auto``, ``cpu``, ``cuda``, ``cuda:N``.

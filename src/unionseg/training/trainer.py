@@ -298,14 +298,16 @@ class Trainer:
 
     def _output_channels(self, module: nn.Module) -> int:
         """How many channels ``module`` returns on one empty inference window (as predict runs it: eval mode,
-        no gradient; the module's mode is restored)."""
-        was_training = module.training
+        no gradient). Every submodule gets its own mode back, and the random streams are left as they were."""
+        modes = [(m, m.training) for m in module.modules()]
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 out = module(torch.zeros(1, 1, *self.cfg.roi_size, device=self.ctx.device))
         finally:
-            module.train(was_training)
+            for m, mode in modes:
+                m.training = mode
         if isinstance(out, (list, tuple)):  # deep supervision: the full-resolution output first, as predict reads it
             out = out[0]
         return int(out.shape[1])
@@ -400,16 +402,12 @@ class Trainer:
         recorded = self.run_dir / "config.yaml"
         if not recorded.is_file():
             return
-        try:
-            data = load_yaml(recorded)
-        except Exception:  # an unreadable record: nothing to compare
-            data = None
-        missing = sorted(RUN_RECORD_KEYS - set(data)) if isinstance(data, dict) else sorted(RUN_RECORD_KEYS)
+        missing = missing_record_keys(recorded)
         if missing:  # a user's file (notes, a recipe kept there): the run would replace it (helper-93)
             raise CheckpointError(f"this folder's config.yaml is not the record of a unionseg run (it lacks "
                                   f"{', '.join(missing)}): --resume would replace it; move the file, or give "
                                   "another --out", recorded)
-        method = data.get("method")
+        method = load_yaml(recorded).get("method")
         if method is not None and method != self.cfg.method:
             raise CheckpointError(f"this run folder holds a {method!r} run; --resume continues it only as "
                                   f"{method!r} (asked: {self.cfg.method!r}); choose another --out", recorded)
@@ -1142,6 +1140,18 @@ def make_context(project_path: str | Path | Project, cfg: TrainConfig, run_dir: 
 RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml")
 #: the keys every run's config.yaml has held (the whole configuration is written there)
 RUN_RECORD_KEYS = frozenset({"method", "steps", "seed", "network", "optim", "data", "inference", "options"})
+
+
+def missing_record_keys(path: Path) -> list[str]:
+    """The :data:`RUN_RECORD_KEYS` a ``config.yaml`` lacks (all of them when it is unreadable or not a
+    mapping): none for a file a run wrote."""
+    from unionseg.config import load_yaml
+
+    try:
+        data = load_yaml(path)
+    except Exception:  # unreadable: not a record
+        data = None
+    return sorted(RUN_RECORD_KEYS - set(data)) if isinstance(data, dict) else sorted(RUN_RECORD_KEYS)
 #: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
 RUN_LOCK = ".lock"
 #: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
@@ -1252,6 +1262,9 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         raise UnionsegError("the run folder (--out) exists and is not a folder", run_dir)
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if held and not resume:
+        if held == ["config.yaml"] and missing_record_keys(run_dir / "config.yaml"):
+            raise UnionsegError("run folder holds a config.yaml no run wrote (notes, a recipe?): move it, or train "
+                                "into another folder (nothing was overwritten)", run_dir)
         raise UnionsegError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
                             "resume=True) or train into another folder (nothing was overwritten)", run_dir)
     if resume and not held and int(os.environ.get("RANK", "0")) == 0:  # before the process group: its env
