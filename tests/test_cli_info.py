@@ -29,6 +29,20 @@ def test_info_prints_taxonomy_annotated_classes_and_split_counts(tiny_project: P
     assert re.search(r"\b0\W+background\W", out), out
 
 
+def test_info_keeps_the_regions_title_on_one_line_however_short_the_names(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With one-leaf organs the regions table was narrower than its title, which wrapped ("regions (scored
+    as" / "organs)", helper-93)."""
+
+    text = (TINY_PROJECT_YAML.replace("  - {name: liver_tumour, part_of: liver}\n", "")
+            .replace("  - {name: kidney_tumour, part_of: kidney}\n", "")
+            .replace("{1: liver, 2: liver_tumour}", "{1: liver}").replace("[liver, liver_tumour]", "[liver]")
+            .replace("{1: kidney, 2: kidney_tumour}", "{1: kidney}").replace("[kidney, kidney_tumour]", "[kidney]"))
+    path = write_tiny_project(tmp_path / "p", text)
+    assert run(["info", str(path)]) == 0
+    assert "regions (scored as organs)" in capsys.readouterr().out
+
+
 def test_info_describes_an_evaluation_only_project(tiny_project: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A project of one test set, which `evaluate -p` takes (docs/evaluation.md), was refused by `info` ("at
     least one dataset needs role: train"): the up-front check docs/datasets.md recommends could not run."""

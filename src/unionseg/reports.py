@@ -77,7 +77,7 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
     for c in summary["classes"]:
         taxonomy.add_row(str(c["id"]), c["name"], c["part_of"] or "")
     console.print(taxonomy)
-    regions = Table(title="regions (scored as organs)")
+    regions = Table(title="regions (scored as organs)", min_width=30)  # the title on one line
     regions.add_column("region")
     regions.add_column("leaves")
     for key, leaves in summary["regions"].items():
