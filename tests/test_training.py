@@ -245,14 +245,19 @@ def test_a_second_training_into_a_busy_run_folder_is_refused_and_dead_temporarie
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(
         phantom_project: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """--resume of a finished run did no work and said nothing; now it says so, and keeps the model file."""
+    """--resume of a finished run did no work and said nothing; now it says so, and keeps the model file and
+    the summary as the run wrote them (its times grew by each resume's start-up), returning that summary."""
     run = tmp_path / "run"
-    train(phantom_project, _cfg("naive", 2), run, progress=False)
-    model = (run / "model.pt").read_bytes()
+    first = train(phantom_project, _cfg("naive", 2), run, progress=False)
+    model, summary = (run / "model.pt").read_bytes(), (run / "summary.json").read_bytes()
     capsys.readouterr()
-    train(phantom_project, _cfg("naive", 2), run, resume=True, progress=True)
+    again = train(phantom_project, _cfg("naive", 2), run, resume=True, progress=True)
     assert f"{run}: the run had finished (step 2 of 2); nothing to train" in capsys.readouterr().err
-    assert (run / "model.pt").read_bytes() == model
+    assert (run / "model.pt").read_bytes() == model and (run / "summary.json").read_bytes() == summary
+    assert again == json.loads(summary) and again["run_seconds"] == first["run_seconds"]
+    (run / "summary.json").write_text("not json")  # a broken summary is written anew
+    assert train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)["steps"] == 2
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
 def test_a_full_disk_while_saving_a_checkpoint_is_one_line(

@@ -663,6 +663,10 @@ class Trainer:
 
         self.on_train_start()
         cfg = self.cfg
+        # a finished run resumed again (a batch script that always passes --resume): nothing to train, and its
+        # summary stays as the run wrote it (rewritten, its times grew by this process's start-up)
+        finished = (self.trainable and self.step >= cfg.steps and not self.validation_pending
+                    and (self.run_dir / "summary.json").is_file())
         logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0, resumed_at=self.step)
         self.logger = logger
         try:  # any failure (a non-finite loss, a validation error) closes the bar and the log writer too
@@ -704,6 +708,15 @@ class Trainer:
             self.logger = None
         if stop_after is not None and self.step < cfg.steps:
             return {"stopped_at": self.step}
+        if finished:
+            from unionseg.errors import CheckpointError
+
+            try:
+                recorded = read_record(self.run_dir / "summary.json")
+            except (OSError, CheckpointError):  # unreadable: written anew below
+                recorded = None
+            if isinstance(recorded, dict):
+                return recorded
         return self.on_train_end()
 
     def _interrupted_message(self) -> str:
