@@ -363,9 +363,10 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     earlier = state["timings"]["run"]
     assert summary["run_seconds_earlier"] == pytest.approx(earlier) and earlier > trained_before
     assert summary["run_seconds"] > earlier
-    again = train(phantom_project, cfg, run, resume=True, progress=False)
+    again = train(phantom_project, cfg, run, resume=True, progress=False)  # finished: the summary as written
     assert again["train_seconds"] == pytest.approx(summary["train_seconds"])
-    assert again["run_seconds_earlier"] == pytest.approx(summary["run_seconds"], rel=0.05)
+    assert again["run_seconds"] == pytest.approx(summary["run_seconds"])
+    assert again["run_seconds_earlier"] == pytest.approx(summary["run_seconds_earlier"])
     # the whole run's stage time is restored; the benchmark subtracts only this process's from its wall time
     assert summary["stage_seconds"] == pytest.approx(100.0) and summary["stage_seconds_this_process"] < 1.0
 
