@@ -1165,6 +1165,8 @@ def missing_record_keys(path: Path) -> list[str]:
     except Exception:  # unreadable: not a record
         data = None
     return sorted(RUN_RECORD_KEYS - set(data)) if isinstance(data, dict) else sorted(RUN_RECORD_KEYS)
+
+
 #: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
 RUN_LOCK = ".lock"
 #: the files of a run folder written through ``.<name>.<pid>.tmp`` temporaries
