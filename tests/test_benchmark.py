@@ -593,16 +593,28 @@ def test_a_report_rendered_without_its_run_folders_says_what_it_leaves_out(tmp_p
 
 
 def test_the_report_says_why_gap_closure_is_missing() -> None:
-    """In the `ci` suite oracle and naive tie (both 0), so every gap closure read n/a and nothing said why."""
-    from unionseg.report import _gap_note
+    """In the `ci` suite oracle and naive tie (both 0), so every gap closure read n/a and nothing said why. An
+    oracle behind naive, or ahead by less than report.MIN_GAP, gives n/a too (it gave 1.00 for a row at 0)."""
+    from unionseg.report import _gap_note, aggregate
 
     def row(dice: float) -> dict[str, Any]:
         return {"mean_region_dice": {"mean": dice}}
 
-    assert "same mean region Dice (0.000)" in _gap_note({"methods": {"oracle": row(0.0), "naive": row(0.0)}})[0]
+    assert "mean region Dice (0.000) does not beat naive's (0.000) by 0.01" in _gap_note(
+        {"methods": {"oracle": row(0.0), "naive": row(0.0)}})[0]
+    # the oracle a hair behind naive (helper-97: a row scoring 0 read 1.00): n/a too, and said why
+    assert "does not beat naive's" in _gap_note({"methods": {"oracle": row(0.0), "naive": row(0.000166)}})[0]
     assert _gap_note({"methods": {"oracle": row(0.9), "naive": row(0.5)}}) == []
     assert "needs the `oracle` and `naive` rows" in _gap_note({"methods": {"naive": row(0.5)}})[0]
     assert "is missing" in _gap_note({"methods": {"oracle": row(float("nan")), "naive": row(0.4)}})[0]
+
+    def result(name: str, dice: float) -> dict[str, Any]:
+        return {"name": name, "method": name, "seed": 0, "per_class": {"region:liver": {"dice": dice}},
+                "train_seconds": 1.0, "predict_seconds_per_case": 0.1}
+
+    agg = aggregate([result("oracle", 0.0), result("naive", 0.000166), result("marginal", 0.0)], "ci")
+    gap = agg["methods"]["marginal"]["gap_closure"]
+    assert np.isnan(gap["mean_region"]) and np.isnan(gap["per_region"]["region:liver"])
 
 
 def test_gap_closure_compares_a_row_with_the_references_on_the_seeds_all_three_have() -> None:
@@ -674,7 +686,8 @@ def test_the_report_reads_rows_written_before_the_empty_rule_counts() -> None:
 def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_training(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The check ran when the loop reached the row: after training every row before it (an hour into a
-    standard suite), and after printing "(done, reused)" for it. Now every finished row is checked first."""
+    standard suite), and after printing "(done, reused)" for it. Now every finished row is checked first,
+    those the call does not run too."""
     from dataclasses import replace
 
     import unionseg.benchmark as bench
@@ -692,6 +705,10 @@ def test_a_finished_row_that_cannot_be_reused_stops_the_suite_before_any_trainin
     monkeypatch.setattr(bench, "run_one", lambda project, suite, row, seed, out, progress: trained.append(row.name))
     with pytest.raises(ConfigError, match="naive seed 0 was run under another budget"):
         bench.run_benchmark("ci", tmp_path, ["naive", "oracle"], seeds=1, progress=False)
+    assert trained == []
+    # a row outside the call's --methods too: the report would list it under this suite's budget (helper-97)
+    with pytest.raises(ConfigError, match="naive seed 0 was run under another budget"):
+        bench.run_benchmark("ci", tmp_path, ["oracle"], seeds=1, progress=False)
     assert trained == []
 
 
