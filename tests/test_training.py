@@ -1126,6 +1126,13 @@ def test_a_busy_run_folder_stops_every_torchrun_rank(phantom_project: Path, tmp_
     assert proc.stderr.count(f"is in use by pid {os.getpid()}") == 1, proc.stderr[-3000:]  # rank 0's message
     assert "error (rank 1)" not in proc.stderr  # rank 1 refuses silently (it printed a second message)
     assert sorted(p.name for p in run.iterdir()) == [RUN_LOCK]  # nothing written
+    # a folder holding a run: every rank refuses alike, and rank 0 alone says so (each rank did; helper-96)
+    (run / "model.pt").write_bytes(b"mine")
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode != 0
+    assert proc.stderr.count("run folder already holds a run (model.pt)") == 1, proc.stderr[-3000:]
+    assert "error (rank 1)" not in proc.stderr and (run / "model.pt").read_bytes() == b"mine"
 
 
 @pytest.mark.slow
@@ -1146,6 +1153,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step(phantom_project: Pat
     step = safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"]
     assert 3 <= step < 400
     assert err.count(f"stopped at step {step}; the checkpoint") == 1  # rank 0 speaks
+    # ... and names the command that goes on with the same batch (a plain `unionseg train` halves it)
+    assert "the same torchrun command (2 processes) with --resume goes on from there" in err
     assert "interrupted at step" not in err
     assert err.count("SIGINT: stopping after this step") == 1 and err.count("\ninterrupted\n") <= 1
 

@@ -17,7 +17,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from unionseg.errors import CheckpointError, ConfigError, RankZeroRefusedError, UnionsegError, UnionsegWarning
+from unionseg.errors import (
+    CheckpointError,
+    ConfigError,
+    OutputExistsError,
+    RankZeroRefusedError,
+    UnionsegError,
+    UnionsegWarning,
+)
 from unionseg.stopping import (
     EXIT_INTERRUPTED,
     EXIT_TERMINATED,
@@ -265,7 +272,7 @@ def run(argv: list[str]) -> int:
         if debug:
             raise
         rank = _other_rank()
-        if rank is not None and isinstance(exc, (ConfigError, CheckpointError, RankZeroRefusedError)):
+        if rank is not None and isinstance(exc, (ConfigError, CheckpointError, OutputExistsError, RankZeroRefusedError)):
             return 2  # every rank refuses the same arguments or checkpoint: rank 0 says it once
         typer.echo(f"error{f' (rank {rank})' if rank is not None else ''}: {exc}", err=True)
         return 2

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from unionseg.config import Project, config_hash, describe_changes, option_changes, to_dict
-from unionseg.errors import ConfigError, UnionsegWarning
+from unionseg.errors import ConfigError, OutputExistsError, UnionsegWarning
 from unionseg.jsonfile import read_record, write_json, write_text
 from unionseg.labels import LabelSpace
 from unionseg.methods.base import Deployed, Method, RunContext, get_method
@@ -721,8 +721,13 @@ class Trainer:
 
     def _interrupted_message(self) -> str:
         last = self.run_dir / "last.pt"
-        goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python), or "
-                   "the same `unionseg benchmark` command, goes on from there")
+        size = dist.world_size()
+        if size > 1:  # a plain `unionseg train --resume` would go on with one process, half the batch (helper-96)
+            goes_on = (f"the same torchrun command ({size} processes) with --resume goes on from there; another "
+                       "number of processes changes the effective batch")
+        else:
+            goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python), or "
+                       "the same `unionseg benchmark` command, goes on from there")
         if self.saved_step and self.saved_step == self.step:
             return f"stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
         if self.saved_step:
@@ -1262,7 +1267,7 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
             into it (see :func:`run_folder_lock`); the errors of the run itself.
         KeyboardInterrupt: Ctrl-C, after the step's checkpoint is written.
     """
-    from unionseg.errors import ConfigError, UnionsegError
+    from unionseg.errors import ConfigError
     from unionseg.training.config import TrainConfig
 
     if not isinstance(cfg, TrainConfig):
@@ -1273,15 +1278,16 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         import dataclasses
 
         cfg = dataclasses.replace(cfg, init_from=str(Path(cfg.init_from).expanduser().resolve()))
+    # OutputExistsError: under torchrun every rank meets these alike, and rank 0 alone prints them (helper-96)
     if run_dir.exists() and not run_dir.is_dir():
-        raise UnionsegError("the run folder (--out) exists and is not a folder", run_dir)
+        raise OutputExistsError("the run folder (--out) exists and is not a folder", run_dir)
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if held and not resume:
         if held == ["config.yaml"] and missing_record_keys(run_dir / "config.yaml"):
-            raise UnionsegError("run folder holds a config.yaml no run wrote (notes, a recipe?): move it, or train "
-                                "into another folder (nothing was overwritten)", run_dir)
-        raise UnionsegError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
-                            "resume=True) or train into another folder (nothing was overwritten)", run_dir)
+            raise OutputExistsError("run folder holds a config.yaml no run wrote (notes, a recipe?): move it, or "
+                                    "train into another folder (nothing was overwritten)", run_dir)
+        raise OutputExistsError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
+                                "resume=True) or train into another folder (nothing was overwritten)", run_dir)
     if resume and not held and int(os.environ.get("RANK", "0")) == 0:  # before the process group: its env
         print(f"note: nothing to resume in {run_dir}; starting a new run", file=sys.stderr)
     from unionseg.training.checkpoint import rng_state, set_rng_state
