@@ -414,6 +414,10 @@ def test_benchmark_folder_guards_refuse_before_anything_is_written(tmp_path: Pat
     typo.write_text("name: typo\nbudget_from: ci\nmethods: [oracle, naive]\noptions: {naive: {nosuch: 1}}\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: row 'naive' \(method 'naive'\): nosuch: unknown key"):
         run_benchmark(str(typo), empty, progress=False)
+    typo.write_text("name: typo\nbudget_frm: ci\n")  # the list of keys names budget_from too (helper-97)
+    with pytest.raises(ConfigError, match=r"typo.yaml: budget_frm: unknown key \(known: ablations, about, budget, "
+                                          r"budget_from, isolate, methods"):
+        run_benchmark(str(typo), empty, progress=False)
     typo.write_text("name: typo\nbudget_from: ci\nmethods: [oracle, naive]\noptions: {naiv: {exclusion: 1}}\n")
     with pytest.raises(ConfigError, match=r"typo.yaml: options.naiv: no row of this suite is named 'naiv' "
                                           r"\(rows: naive, oracle\)"):

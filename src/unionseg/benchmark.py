@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -119,6 +119,10 @@ def load_suite(name: str, _seen: tuple[str, ...] = ()) -> SuiteConfig:
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping", path)
+    known = {f.name for f in fields(SuiteConfig)} | {"budget_from"}
+    unknown = sorted(str(k) for k in set(raw) - known)
+    if unknown:  # here, so that the list names budget_from too (from_dict knows the dataclass's fields alone)
+        raise ConfigError(f"{unknown[0]}: unknown key (known: {', '.join(sorted(known))})", path)
     base = raw.pop("budget_from", None)
     if base is not None:
         if not isinstance(base, str) or str(base) in _seen:
