@@ -250,8 +250,11 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(
     run = tmp_path / "run"
     first = train(phantom_project, _cfg("naive", 2), run, progress=False)
     model, summary = (run / "model.pt").read_bytes(), (run / "summary.json").read_bytes()
+    logs = sorted(p.name for p in run.rglob("*") if p.is_file() and p.parent.name in ("tb", run.name))
     capsys.readouterr()
     again = train(phantom_project, _cfg("naive", 2), run, resume=True, progress=True)
+    # no new file either (an empty TensorBoard events file each time; helper-96)
+    assert sorted(p.name for p in run.rglob("*") if p.is_file() and p.parent.name in ("tb", run.name)) == logs
     assert f"{run}: the run had finished (step 2 of 2); nothing to train" in capsys.readouterr().err
     assert (run / "model.pt").read_bytes() == model and (run / "summary.json").read_bytes() == summary
     assert again == json.loads(summary) and again["run_seconds"] == first["run_seconds"]

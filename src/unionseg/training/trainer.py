@@ -667,7 +667,9 @@ class Trainer:
         # summary stays as the run wrote it (rewritten, its times grew by this process's start-up)
         finished = (self.trainable and self.step >= cfg.steps and not self.validation_pending
                     and (self.run_dir / "summary.json").is_file())
-        logger = _Logger(self.run_dir, enabled=self.ctx.is_main, append=self.step > 0, resumed_at=self.step)
+        # (a finished run's resume logs nothing: it wrote an empty TensorBoard file each time; helper-96)
+        logger = _Logger(self.run_dir, enabled=self.ctx.is_main and not finished, append=self.step > 0,
+                         resumed_at=self.step)
         self.logger = logger
         try:  # any failure (a non-finite loss, a validation error) closes the bar and the log writer too
             if not self.trainable:
