@@ -342,6 +342,6 @@ def test_info_says_how_many_processes_trained_a_run() -> None:
     assert _processes_words([{"from_step": 0, "world_size": 2}]) == \
         "trained on 2 processes (torchrun): an effective batch of 2 x data.batch_size"
     assert _processes_words([{"from_step": 0, "world_size": 2}, {"from_step": 500, "world_size": 1}]) == \
-        "trained on processes (torchrun): 2 from step 0, 1 from step 500; the effective batch is " \
-        "data.batch_size times their number"
+        "trained on a number of processes that changed on resume: 2 from step 0, 1 from step 500 (torchrun " \
+        "where more than one); the effective batch is data.batch_size times their number"  # it lacked a word
     assert _processes_words([{"world_size": 2}]) == ""  # a record it cannot read: nothing claimed

@@ -226,7 +226,8 @@ def _processes_words(processes: Any) -> str:
     if len(entries) == 1:
         return f"trained on {entries[0][1]} processes (torchrun): an effective batch of {entries[0][1]} x data.batch_size"
     spans = ", ".join(f"{size} from step {step}" for step, size in entries)
-    return f"trained on processes (torchrun): {spans}; the effective batch is data.batch_size times their number"
+    return (f"trained on a number of processes that changed on resume: {spans} (torchrun where more than one); "
+            "the effective batch is data.batch_size times their number")
 
 
 def print_run_info(run: Path) -> dict[str, Any]:
