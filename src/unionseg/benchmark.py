@@ -474,9 +474,8 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     # every finished row of the suite is checked before anything trains, those outside this call's plan too:
     # the report lists them under this suite's budget (a row of another budget came in silently; helper-97)
     for row in suite.runs():
-        for finished in sorted((out / "runs" / row.name).glob("seed*/result.json")):
-            if finished.parent.name[len("seed"):].isdigit():
-                finished_result(suite, row, int(finished.parent.name[len("seed"):]), out)
+        for seed in finished_seeds(out, row.name):
+            finished_result(suite, row, seed, out)
     trained: list[float] = []  # wall seconds of the runs trained by this call, shared stages left out
     # seeds whose shared experts a finished row built (or reused); a later row of another seed builds its own
     experts = {row.method: uses_experts(row.method) for row, _ in plan}  # looked up once per method
@@ -536,6 +535,12 @@ def _resumed_at(run_dir: Path) -> str | None:
     return None
 
 
+def finished_seeds(out: Path, name: str) -> list[int]:
+    """The seeds of row ``name`` that have a ``result.json`` in the benchmark folder ``out``, in order."""
+    seeds = [done.parent.name[len("seed"):] for done in (out / "runs" / name).glob("seed*/result.json")]
+    return sorted(int(s) for s in seeds if s.isdigit())
+
+
 def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]], suite: SuiteConfig,
                    out: Path) -> list[dict[str, Any]]:
     """``results`` (of this call's ``plan``) plus the finished rows of the suite outside the plan, every seed
@@ -543,9 +548,9 @@ def _with_finished(results: list[dict[str, Any]], plan: list[tuple[RunSpec, int]
     ran = {(r.get("name"), r.get("seed")) for r in results}  # a stopped call has not reached all of its plan
     extra = []
     for row in suite.runs():
-        for done in sorted((out / "runs" / row.name).glob("seed*/result.json")):
-            seed_name = done.parent.name[len("seed"):]
-            if seed_name.isdigit() and (row.name, int(seed_name)) not in ran:
+        for seed in finished_seeds(out, row.name):
+            if (row.name, seed) not in ran:
+                done = out / "runs" / row.name / f"seed{seed}" / "result.json"
                 extra.append(json.loads(done.read_text(encoding="utf-8")))
     # in the suite's row order, whichever rows this call ran (they came first: `--methods naive` after a
     # run of the whole suite put naive above the oracle)

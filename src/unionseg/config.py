@@ -642,13 +642,14 @@ def split_cases(
     if spec.val_cases is not None:
         missing = sorted(set(spec.val_cases) - set(ids))
         if missing:
-            suffix = r"\.(nii(\.gz)?|nrrd|nhdr|mha|mhd)$"
-            suffixed = [m for m in missing if re.search(suffix, m)]
+            from unionseg.data.catalog import image_key
+            from unionseg.data.io import strip_suffix
+
+            files = [m for m in missing if strip_suffix(m) != m]
             hint = ""
-            if suffixed:  # a file name given: its case id drops the suffix and nnU-Net's channel _0000
-                stem = re.sub(suffix, "", suffixed[0])
-                case = next((c for c in (re.sub(r"_\d{4}$", "", stem), stem) if c in ids), None)
-                hint = (f"; a case id has no file suffix ({case!r}, not {suffixed[0]!r})" if case is not None
+            if files:  # a file name given: its case id drops the suffix and nnU-Net's channel _0000
+                case = next((c for c in (image_key(Path(files[0])), strip_suffix(files[0])) if c in ids), None)
+                hint = (f"; a case id has no file suffix ({case!r}, not {files[0]!r})" if case is not None
                         else "; a case id is the file name without its suffix and without nnU-Net's _0000")
             known = f"; the dataset's cases: {listing(ids)}" if ids else ""
             raise ConfigError(f"{where}split.val_cases: unknown case{'s' if len(missing) > 1 else ''} "

@@ -1169,8 +1169,9 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
                     result = fut.result()
                 except BrokenProcessPool:
                     job = futures[fut]
-                    if refused_call() is not None:
-                        raise unguarded(str(refused_call())) from None
+                    call = refused_call()
+                    if call is not None:
+                        raise unguarded(call) from None
                     raise UnionsegError(
                         f"a prepare worker died (killed, or out of memory) while cases such as {job.dataset}/"
                         f"{job.case_id} were being prepared; run prepare again (finished cases are kept), with "

@@ -395,19 +395,18 @@ class Trainer:
         """A resume without a checkpoint (cut during the stages, or a method with nothing of its own to train,
         such as ``individual``) continues only the same method's run, with the same configuration: else it
         would build other experts and replace the folder's model file with theirs."""
-        from unionseg.config import load_yaml
         from unionseg.errors import CheckpointError
         from unionseg.training.config import load_train_config
 
         recorded = self.run_dir / "config.yaml"
         if not recorded.is_file():
             return
-        missing = missing_record_keys(recorded)
+        data, missing = read_run_record(recorded)
         if missing:  # a user's file (notes, a recipe kept there): the run would replace it (helper-93)
             raise CheckpointError(f"this folder's config.yaml is not the record of a unionseg run (it lacks "
                                   f"{', '.join(missing)}): --resume would replace it; move the file, or give "
                                   "another --out", recorded)
-        method = load_yaml(recorded).get("method")
+        method = data.get("method")
         if method is not None and method != self.cfg.method:
             raise CheckpointError(f"this run folder holds a {method!r} run; --resume continues it only as "
                                   f"{method!r} (asked: {self.cfg.method!r}); choose another --out", recorded)
@@ -1162,16 +1161,16 @@ RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml"
 RUN_RECORD_KEYS = frozenset({"method", "steps", "seed", "network", "optim", "data", "inference", "options"})
 
 
-def missing_record_keys(path: Path) -> list[str]:
-    """The :data:`RUN_RECORD_KEYS` a ``config.yaml`` lacks (all of them when it is unreadable or not a
-    mapping): none for a file a run wrote."""
+def read_run_record(path: Path) -> tuple[Any, list[str]]:
+    """A ``config.yaml``'s content (None when unreadable) and the :data:`RUN_RECORD_KEYS` it lacks (all of
+    them when it is not a mapping): none for a file a run wrote."""
     from unionseg.config import load_yaml
 
     try:
         data = load_yaml(path)
     except Exception:  # unreadable: not a record
         data = None
-    return sorted(RUN_RECORD_KEYS - set(data)) if isinstance(data, dict) else sorted(RUN_RECORD_KEYS)
+    return data, sorted(RUN_RECORD_KEYS - set(data)) if isinstance(data, dict) else sorted(RUN_RECORD_KEYS)
 
 
 #: the advisory lock a training holds on its run folder (created once, never removed from a used folder)
@@ -1285,7 +1284,7 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         raise OutputExistsError("the run folder (--out) exists and is not a folder", run_dir)
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
     if held and not resume:
-        if held == ["config.yaml"] and missing_record_keys(run_dir / "config.yaml"):
+        if held == ["config.yaml"] and read_run_record(run_dir / "config.yaml")[1]:
             raise OutputExistsError("run folder holds a config.yaml no run wrote (notes, a recipe?): move it, or "
                                     "train into another folder (nothing was overwritten)", run_dir)
         raise OutputExistsError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
