@@ -1592,6 +1592,13 @@ def test_info_describes_a_run_folder(phantom_project: Path, tmp_path: Path,
     (tmp_path / "bench" / "runs" / "naive" / "seed0" / "config.yaml").write_text("method: naive\n")
     assert cli(["info", str(tmp_path / "bench")]) == 2
     assert "it holds run folders (runs/naive/seed0): give one" in capsys.readouterr().err
+    (tmp_path / "bench" / "benchmark.json").write_text("{}")  # a benchmark's folder points to its report
+    assert cli(["info", str(tmp_path / "bench")]) == 2
+    assert "it is a benchmark's folder, without a report yet" in capsys.readouterr().err
+    (tmp_path / "bench" / "report.md").write_text("# report\n")
+    assert cli(["info", str(tmp_path / "bench")]) == 2
+    assert f"it is a benchmark's folder, whose comparison is {tmp_path / 'bench' / 'report.md'}" in \
+        capsys.readouterr().err
     # a truncated checkpoint is said to be unreadable (it was offered "to resume from"); a broken record is
     # one error naming it (a traceback), and a broken model file no longer hides how far the run got
     broken = tmp_path / "broken"

@@ -246,6 +246,11 @@ def print_run_info(run: Path) -> dict[str, Any]:
         projects = sorted(p.name for p in run.glob("*.yaml"))
         hint = (f"; it holds run folders ({', '.join(runs[:4])}{', ...' if len(runs) > 4 else ''}): give one"
                 if runs else f"; it holds {', '.join(projects[:3])}: give the project file" if projects else "")
+        if (run / "benchmark.json").is_file():  # a benchmark's -o: its comparison is the report
+            report = run / "report.md"
+            hint += (f"; it is a benchmark's folder, whose comparison is {report}" if report.is_file() else
+                     "; it is a benchmark's folder, without a report yet (`unionseg benchmark` writes report.md "
+                     "when its rows are done)")
         raise CheckpointError("not a run folder (no config.yaml); give a project file, a model file or the -o "
                               f"folder of `unionseg train`{hint}", run)
     summary_path = run / "summary.json"
