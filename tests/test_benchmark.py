@@ -651,6 +651,12 @@ def test_gap_closure_compares_a_row_with_the_references_on_the_seeds_all_three_h
     assert "Gap closure of `mskd` sets it against the oracle and naive on seed 0 only" in " ".join(
         _gap_note({"methods": lopsided}))
     assert "Gap closure of `marginal` reads n/a: it shares no seed" in note and "`mskd`" not in note
+    # rows in the same case share one sentence (after `--seeds 2` on a few rows, one per row repeated it)
+    alike = aggregate([*results, result("cotraining", 0, 0.8)], "standard")["methods"]
+    lines = _gap_note({"methods": alike})
+    assert sum("sets" in line for line in lines) == 1, lines
+    assert ("Gap closure of `dodnet` and `cotraining` sets them against the oracle and naive on seed 0 only, the "
+            "seeds all three have (`dodnet` and `cotraining` have 0, the oracle 0, 1, naive 0, 1).") in lines
 
 
 def test_the_test_set_is_predicted_on_the_budgets_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -313,6 +313,9 @@ def _gap_note(agg: dict[str, Any]) -> list[str]:
         return ["Gap closure needs the `oracle` and `naive` rows; without both it reads n/a.", ""]
     lines = []
     references = set(oracle.get("seeds", ())) & set(naive.get("seeds", ()))
+    # rows in the same case (the same shared seeds, the same seeds of their own) share one line: after
+    # `--seeds 2` on a few rows, every other row of seed 0 alone would repeat the same sentence
+    groups: dict[tuple[tuple[int, ...], tuple[int, ...]], list[str]] = {}
     for name, m in methods.items():
         shared = m.get("gap_closure", {}).get("seeds")
         # the table shows every row's mean over its own seeds: a gap taken on fewer seeds than any of the three
@@ -320,14 +323,19 @@ def _gap_note(agg: dict[str, Any]) -> list[str]:
         every = (set(m.get("seeds", ())), set(oracle.get("seeds", ())), set(naive.get("seeds", ())))
         if shared is None or name in ("oracle", "naive") or all(set(shared) == seeds for seeds in every):
             continue
+        groups.setdefault((tuple(sorted(shared)), tuple(sorted(m["seeds"]))), []).append(name)
+    for (shared, own), names in groups.items():
+        several = len(names) > 1
+        rows = _name_list(names)
         if not shared:
-            lines.append(f"Gap closure of `{name}` reads n/a: it shares no seed with both the oracle and naive "
-                         f"(its seeds {_seed_list(m['seeds'])}; theirs {_seed_list(references)}).")
+            lines.append(f"Gap closure of {rows} reads n/a: {'they share' if several else 'it shares'} no seed with "
+                         f"both the oracle and naive ({'their' if several else 'its'} seeds {_seed_list(own)}; "
+                         f"theirs {_seed_list(references)}).")
         else:
-            lines.append(f"Gap closure of `{name}` sets it against the oracle and naive on seed"
-                         f"{'s' if len(shared) > 1 else ''} {_seed_list(shared)} only, the seeds all three have "
-                         f"(`{name}` has {_seed_list(m['seeds'])}, the oracle {_seed_list(oracle['seeds'])}, naive "
-                         f"{_seed_list(naive['seeds'])}).")
+            lines.append(f"Gap closure of {rows} sets {'them' if several else 'it'} against the oracle and naive on "
+                         f"seed{'s' if len(shared) > 1 else ''} {_seed_list(shared)} only, the seeds all three have "
+                         f"({rows} {'have' if several else 'has'} {_seed_list(own)}, the oracle "
+                         f"{_seed_list(oracle['seeds'])}, naive {_seed_list(naive['seeds'])}).")
     if lines:
         lines.append("")
     lo, hi = naive["mean_region_dice"]["mean"], oracle["mean_region_dice"]["mean"]
@@ -339,6 +347,11 @@ def _gap_note(agg: dict[str, Any]) -> list[str]:
     return [*lines, f"Gap closure reads n/a: the oracle's mean region Dice ({_fmt(hi)}) does not beat naive's "
             f"({_fmt(lo)}) by {MIN_GAP}, so there is no gap to close (a budget too small for either to learn an "
             "organ, as the `ci` suite's).", ""]
+
+
+def _name_list(names: list[str]) -> str:
+    quoted = [f"`{name}`" for name in names]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
 def _seed_list(seeds: Any) -> str:
