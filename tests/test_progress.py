@@ -228,6 +228,25 @@ def test_results_are_printed_wide_off_a_terminal(monkeypatch: pytest.MonkeyPatch
     assert results_console().width == 100
 
 
+def test_an_hd95_cell_with_its_median_stays_on_one_line() -> None:
+    """evaluate's table wrapped an HD95 cell ("484.25 ± 0.66 (median" / "484.25)") on a 100-column console;
+    a table is printed as wide as its rows need, as the benchmark's table was."""
+    from unionseg.evaluation.evaluate import markdown_table
+    from unionseg.progress import print_markdown_table
+
+    stat = {"mean": 484.25, "std": 0.66, "median": 484.25, "n": 3}
+    classes = {"region:kidney": {"dice": {**stat, "mean": 0.812, "std": 0.05}, "hd95": stat,
+                                 "nsd": {**stat, "mean": 0.7, "std": 0.1}, "n_cases": 3,
+                                 "empty_rule_cases": {"both_empty": 0, "pred_empty": 1, "gt_empty": 0}}}
+    table = markdown_table(classes, ["dice", "hd95", "nsd"], 2.0)
+    out = io.StringIO()
+    print_markdown_table(table, Console(file=out, width=100, color_system=None))
+    rows = [line for line in out.getvalue().splitlines() if "kidney" in line]
+    assert len(rows) == 1 and "484.25 ± 0.66 (median 484.25)" in rows[0], out.getvalue()
+    narrow = io.StringIO()  # a table that fits is printed at the console's own width
+    assert print_markdown_table("| a |\n|---|\n| 1 |\n", Console(file=narrow, width=100)).width == 100
+
+
 def test_a_bar_labels_its_times_as_the_lines_do() -> None:
     """On a terminal the bars showed one or two unlabelled times (train: the time left; predict: elapsed and
     left) where the lines off a terminal say "elapsed" and "ETA" (helper-93); every bar now says both."""

@@ -224,6 +224,44 @@ def results_console() -> Console:
     return Console(width=200)
 
 
+def print_markdown_table(table: str, console: Console | None = None) -> Console:
+    """A Markdown table (plain cells) on the results console, its value cells never wrapped: a console
+    narrower than the table cut them ("orac…") or wrapped them (an HD95 cell "484.25 ± 0.66 (median" over
+    "484.25)"), which reads worse than a line the terminal wraps. Where the table is wider than the console,
+    a header longer than its column's values is wrapped at word breaks, and the console is widened to what
+    the rest needs. Returns the console it printed on, for the lines after the table."""
+    import textwrap
+
+    from rich import box
+    from rich.table import Table
+
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()
+            if line.lstrip().startswith("|") and not set(line.strip()) <= set("|-: ")]
+    header, body = rows[0], rows[1:]
+    values = [max((len(row[i]) for row in body if i < len(row)), default=0) for i in range(len(header))]
+    # the narrowest a column can be without breaking a value or a word of its header
+    narrow = [max(value, *(len(word) for word in title.split())) for title, value in zip(header, values, strict=True)]
+    console = console or results_console()
+    padding = 2 * len(header) + 2
+    if sum(max(len(title), value) for title, value in zip(header, values, strict=True)) + padding > console.width:
+        spare = console.width - padding - sum(narrow)  # given to the wrapped headers, left to right
+        widths = []
+        for title, width in zip(header, narrow, strict=True):
+            more = min(max(spare, 0), len(title) - width) if len(title) > width else 0
+            widths.append(width + more)
+            spare -= more
+        header = [textwrap.fill(title, width) for title, width in zip(header, widths, strict=True)]
+        if sum(narrow) + padding > console.width:
+            console = Console(file=console.file, width=sum(narrow) + padding)
+    grid = Table(box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)
+    for title in header:
+        grid.add_column(title, no_wrap=True)
+    for row in body:
+        grid.add_row(*row)
+    console.print(grid)
+    return console
+
+
 def make_progress(*columns: Any, console: Console | None = None, transient: bool = False,
                   label: str = "") -> Any:
     """A ``rich.progress.Progress`` on a terminal (or in Jupyter), else a :class:`LineProgress`; on stderr

@@ -231,19 +231,9 @@ def _penalties(entry: dict[str, Any]) -> str:
 
 def print_table(agg: dict[str, Any]) -> None:
     """The comparison table on the terminal, then what the suite's figures mean (its ``about``)."""
-    from rich.console import Console
-    from rich.markdown import Markdown
+    from unionseg.progress import print_markdown_table
 
-    from unionseg.progress import results_console
-
-    table = markdown_table(agg)
-    # the terminal's width when the table fits it; wider otherwise (the terminal wraps the lines), since a
-    # console narrower than the table cuts its cells ("orac…", "0.9…"); 200 columns off a terminal
-    console = results_console()
-    natural = max(len(line) for line in table.splitlines()) + 4
-    if console.width < natural:
-        console = Console(width=natural)
-    console.print(Markdown(table))
+    console = print_markdown_table(markdown_table(agg))
     if agg.get("about"):
         console.print(agg["about"], markup=False, highlight=False, soft_wrap=True)  # one line, as written
 

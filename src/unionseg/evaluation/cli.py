@@ -30,12 +30,10 @@ def evaluate_command(
         "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
 ) -> None:
     """Dice, HD95 (mm) and NSD per class on the classes the ground truth annotates; writes reports."""
-    from rich.markdown import Markdown
-
     from unionseg.cli import _parse_roots as parse_roots
     from unionseg.errors import listing
     from unionseg.evaluation.evaluate import evaluate_folder
-    from unionseg.progress import results_console
+    from unionseg.progress import print_markdown_table, results_console
 
     summary = evaluate_folder(pred, gt, project, dataset=dataset, out_dir=out, tolerance_mm=tolerance,
                               workers=workers, figures=figures, roots=parse_roots(root), progress=not quiet,
@@ -43,7 +41,7 @@ def evaluate_command(
     console = results_console()
     n = summary["n_cases"]
     console.print(f"[bold]{summary['dataset']}[/bold]: {n} case{'' if n == 1 else 's'} -> {out}")
-    console.print(Markdown(summary["markdown"]))
+    console = print_markdown_table(summary["markdown"], console)  # an HD95 cell with its median stays on one line
     if summary["unmatched_predictions"]:
         console.print(f"note: {len(summary['unmatched_predictions'])} predictions have no ground truth "
                       f"and were ignored ({listing(summary['unmatched_predictions'], 5)})")

@@ -597,16 +597,14 @@ def evaluate_cross_command(
         "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
 ) -> None:
     """Score a model on a dataset with another label space (e.g. BTCV), on the shared classes only."""
-    from rich.markdown import Markdown
-
-    from unionseg.progress import results_console
+    from unionseg.progress import print_markdown_table, results_console
 
     space = model_space_from(project, model)
     summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet,
                                 overwrite=overwrite)
     console = results_console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
-    console.print(Markdown(summary["markdown"]))
+    console = print_markdown_table(summary["markdown"], console)
     for organ, reason in summary["not_scored"].items():
         console.print(f"not scored: {organ} ({reason})")
     if summary.get("excluded"):
