@@ -24,7 +24,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None], dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    # one value has no sample spread: NaN (null in results.json), not a 0 that reads as a measured one
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
 
 
 def _number(value: Any) -> float:
@@ -474,7 +475,8 @@ def _figures(agg: dict[str, Any], out: Path, figures: Path) -> list[tuple[str, s
         for i, name in enumerate(names):
             vals = np.array([methods[name]["classes"].get(k, {}).get("dice", {}).get("mean", np.nan)
                              for k in regions], dtype=float)
-            errs = [methods[name]["classes"].get(k, {}).get("dice", {}).get("std", 0.0) for k in regions]
+            errs = np.nan_to_num(np.array([methods[name]["classes"].get(k, {}).get("dice", {}).get("std", np.nan)
+                                           for k in regions], dtype=float))  # no bar where one seed gives no spread
             x = np.arange(len(regions)) + i * width
             ax.bar(x, vals, width, yerr=errs, label=name, color=colours[name])
             for xi in x[~np.isfinite(vals)]:  # a class the row did not score is not a Dice of 0
