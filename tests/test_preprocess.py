@@ -845,3 +845,15 @@ def test_the_worker_report_is_shared_while_open_and_optional(monkeypatch: pytest
         assert errors.WORKER_REPORT_ENV not in os.environ and errors.refused_call() is None
         assert "a worker process died while cases were being made (killed, or out of memory" in str(
             errors.worker_died("cases were being made"))
+
+
+def test_the_grid_does_not_depend_on_how_the_file_stores_its_spacing() -> None:
+    """NIfTI stores spacing as float32, MHA as float64: at 25 x 0.6 mm / 6 mm the ratio was 2.5000001 for one
+    and 2.5 for the other, so the same scan got 3 or 2 slices, and other labels, by its file format."""
+    from unionseg.data.preprocess import target_shape
+
+    as_float32 = float(np.float32(0.6))
+    assert 25 * as_float32 / 6 != 2.5  # the noise the rule must not see
+    assert target_shape((115, 95, 25), (0.6, 0.6, as_float32), (6, 6, 6)) == \
+        target_shape((115, 95, 25), (0.6, 0.6, 0.6), (6, 6, 6)) == (12, 10, 2)
+    assert target_shape((10, 10, 10), (1.26, 1.0, 0.3), (1.0, 1.0, 1.0)) == (13, 10, 3)  # plain rounding stays

@@ -193,8 +193,11 @@ def _resampled_affine(ras: Geometry, new_shape: Sequence[int]) -> np.ndarray:
 
 
 def target_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]) -> tuple[int, int, int]:
-    """``max(1, round(n * spacing / target))`` per axis."""
-    a, b, c = (max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target, strict=True))
+    """``max(1, round(n * spacing / target))`` per axis, the ratio first rounded to 4 decimals: NIfTI stores
+    spacing as float32, NRRD, MHA and DICOM as float64, and at a ratio of x.5 that difference (25 x 0.6 mm /
+    6 mm: 2.5000001 or 2.5) gave the same scan another grid, and other labels, by its file format. (``round``
+    takes an exact x.5 to the even neighbour.)"""
+    a, b, c = (max(1, int(round(round(n * s / t, 4)))) for n, s, t in zip(shape, spacing, target, strict=True))
     return a, b, c
 
 
