@@ -177,21 +177,23 @@ def wait_for_log_rows(proc: object, log: Path, rows: int, timeout: float = 180) 
 
 
 def write_dicom_series(folder: Path, shape: tuple[int, int, int] = (16, 16, 6), name: str = "IM{:04d}",
-                        slices: Sequence[int] | None = None) -> None:
+                        slices: Sequence[int] | None = None, shift: float = 0.0) -> None:
     """A CT series of one file per slice, named as scanners and PACS exports often do (no suffix);
-    ``slices``: the slice numbers written (all by default), 3 mm apart."""
+    ``slices``: the slice numbers written (all by default), 3 mm apart; ``shift``: how far (mm) each slice's
+    position moves along y from the one before (a tilted gantry)."""
     import locale
 
     import SimpleITK as sitk
 
     saved = locale.setlocale(locale.LC_ALL)  # GDCM's writer leaves the C locale behind (the reader does not)
     try:
-        _write_dicom_slices(sitk, folder, shape, name, range(shape[2]) if slices is None else slices)
+        _write_dicom_slices(sitk, folder, shape, name, range(shape[2]) if slices is None else slices, shift)
     finally:
         locale.setlocale(locale.LC_ALL, saved)
 
 
-def _write_dicom_slices(sitk: Any, folder: Path, shape: tuple[int, int, int], name: str, slices: Sequence[int]) -> None:
+def _write_dicom_slices(sitk: Any, folder: Path, shape: tuple[int, int, int], name: str, slices: Sequence[int],
+                        shift: float = 0.0) -> None:
     folder.mkdir(parents=True)
     x, y, _ = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
     ct = np.where((x / 0.8) ** 2 + (y / 0.7) ** 2 < 1, 50, -1000).astype(np.int16)
@@ -203,7 +205,7 @@ def _write_dicom_slices(sitk: Any, folder: Path, shape: tuple[int, int, int], na
         plane = volume[:, :, k]
         for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
                            ("0020|000e", "1.2.826.0.1.3680043.2.1125.2"), ("0020|0013", str(k + 1)),
-                           ("0020|0032", f"0\\0\\{3.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
+                           ("0020|0032", f"0\\{shift * k}\\{3.0 * k}"), ("0020|0037", "1\\0\\0\\0\\1\\0"),
                            ("0028|0030", "2\\2"), ("0018|0050", "3")):
             plane.SetMetaData(tag, value)
         writer.SetFileName(str(folder / "slice.dcm"))  # the writer picks its format by the suffix

@@ -764,7 +764,8 @@ def test_cli_never_writes_over_a_file_that_appears_while_it_runs(
     real = Predictor._predict
 
     def meanwhile(self: Predictor, image: Any, *args: Any, **kwargs: Any) -> Any:
-        if Path(image).name == "case0.nii.gz":  # the other process finishes case0 first
+        if Path(image).name == "case0.nii.gz":  # the other process finishes case0 first (making -o)
+            out.mkdir(exist_ok=True)
             (out / "case0.nii.gz").write_bytes(theirs.read_bytes())
         return real(self, image, *args, **kwargs)
 
@@ -1013,6 +1014,30 @@ def test_dicom_series_with_a_missing_slice_is_refused(tmp_path: Path) -> None:
     assert str(tmp_path / "gap") in str(info.value)
     write_dicom_series(tmp_path / "whole")
     assert read_image(tmp_path / "whole")[0].shape == (16, 16, 6)
+
+
+def test_a_series_folder_with_a_converted_copy_gives_both(tmp_path: Path) -> None:
+    """A series folder that also held an image file gave the file alone: the 6 DICOM files were left out
+    without a word, where Predictor.predict_file on the same folder reads the series (helper-98)."""
+    from unionseg.inference.cli import collect_inputs
+
+    series = tmp_path / "series7"
+    write_dicom_series(series)
+    write_image(series / "copy.nii.gz", np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), np.eye(4)))
+    assert collect_inputs([series]) == [("copy", series / "copy.nii.gz"), ("series7", series)]
+
+
+def test_a_tilted_dicom_series_is_refused(tmp_path: Path) -> None:
+    """Slices whose positions move 1.5 mm along y for every 3 mm step (a 27 degree gantry tilt) are evenly
+    spaced along their normal, so the series read as a straight stack: the last slice 7.5 mm from its place
+    in the patient, without a word (helper-98). Refused, naming the folder; positions rounded to 0.01 mm read."""
+    write_dicom_series(tmp_path / "tilted", shift=1.5)
+    with pytest.raises(DataError, match=r"DICOM slices shift 7.5 mm within their plane over the series "
+                                        r"\(26.6 degrees from the slice normal: a tilted gantry\?\)") as info:
+        read_image(tmp_path / "tilted")
+    assert str(tmp_path / "tilted") in str(info.value)
+    write_dicom_series(tmp_path / "rounded", shift=0.01)  # 0.05 mm in all: within half a 2 mm pixel
+    assert read_image(tmp_path / "rounded")[0].shape == (16, 16, 6)
 
 
 def test_cli_flag_values_are_named_as_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

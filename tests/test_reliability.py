@@ -468,7 +468,7 @@ def bad_predict_4d_image(folder: Path) -> Bad:
     image = folder / "scan.nii.gz"
     _nifti(image, np.zeros((6, 5, 4, 3), np.int16))
     return _predict(folder, folder / "model.pt", [image], folder / "out", image,
-                    "4D image of shape (6, 5, 4, 3); a 3D volume is required", ["out/scan*"])
+                    "4D image of shape (6, 5, 4, 3); a 3D volume is required", ["out"])  # not even an empty -o
 
 
 @bad_input("predict: DICOM series with a slice missing (the reader would spread the rest evenly)")
@@ -477,6 +477,14 @@ def bad_predict_dicom_slice_missing(folder: Path) -> Bad:
     write_dicom_series(series, slices=[0, 1, 2, 4, 5])
     return _predict(folder, folder / "model.pt", [series], folder / "out", series,
                     "DICOM slices are not evenly spaced: slices 3 and 4 (of 5) lie 6 mm apart", ["out/series*"])
+
+
+@bad_input("predict: DICOM series from a tilted gantry (read as a straight stack, its slices would be misplaced)")
+def bad_predict_dicom_tilted(folder: Path) -> Bad:
+    series = folder / "series"
+    write_dicom_series(series, shift=1.5)
+    return _predict(folder, folder / "model.pt", [series], folder / "out", series,
+                    "DICOM slices shift 7.5 mm within their plane over the series", ["out"])
 
 
 @bad_input("predict: NaN voxels in the input")

@@ -748,11 +748,13 @@ def warn_shared_images(datasets: Sequence[tuple[str, str, DatasetInfo]], project
 
 
 def list_image_files(folder: Path) -> list[Path]:
-    """Images in a folder (for ``predict`` on folders); a folder of DICOM files counts as one image."""
+    """Images in a folder (for ``predict`` on folders); its DICOM files count as one image, the folder (a
+    series folder that also holds an image file, a converted copy say, gives both: the files alone left the
+    series out without a word, where ``Predictor.predict_file`` on the folder reads the series)."""
     from unionseg.data.io import is_dicom_file
 
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) in IMAGE_SUFFIXES
              and not p.name.startswith(".")]
-    if not files and any(is_dicom_file(p) for p in folder.iterdir()):  # often named IM0001, no suffix
-        return [folder]
+    if any(is_dicom_file(p) for p in folder.iterdir() if p.is_file()):  # often named IM0001, no suffix
+        return [*files, folder]
     return files

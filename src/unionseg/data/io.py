@@ -443,13 +443,15 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, Geometry]:
 
 def _check_slice_positions(names: Any, folder: Path) -> None:
     """Refuse a DICOM series whose slices are not evenly spaced along their normal (a slice missing from
-    the export, two acquisitions in one folder): the series reader would spread them evenly and every
-    voxel after the gap would sit at the wrong place in the patient, without an error."""
+    the export, two acquisitions in one folder), or whose slices shift within their plane from one to the
+    next (a tilted gantry): the series reader would spread them evenly, or stack them straight, and voxels
+    would sit at the wrong place in the patient, without an error."""
     import SimpleITK as sitk
 
     if len(names) < 3:
         return
-    positions, normal = [], None
+    points: list[np.ndarray] = []
+    normal, pixel = None, 0.5
     for name in names:
         header = sitk.ImageFileReader()
         header.SetFileName(str(name))
@@ -458,13 +460,26 @@ def _check_slice_positions(names: Any, folder: Path) -> None:
         if "0020|0032" not in keys or "0020|0037" not in keys:
             return  # no positions to check (the reader places such slices by their order alone)
         try:
-            position = np.array([float(v) for v in header.GetMetaData("0020|0032").split("\\")])
+            points.append(np.array([float(v) for v in header.GetMetaData("0020|0032").split("\\")]))
             if normal is None:
                 cosines = np.array([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
                 normal = np.cross(cosines[:3], cosines[3:6])
+                if "0028|0030" in keys:
+                    pixel = min(float(v) for v in header.GetMetaData("0028|0030").split("\\"))
         except ValueError:
             return
-        positions.append(float(position @ normal))
+    if normal is None or any(p.shape != (3,) for p in points):
+        return
+    positions = [float(p @ normal) for p in points]
+    order = np.argsort(positions)
+    span = points[order[-1]] - points[order[0]]
+    drift = float(np.linalg.norm(span - (span @ normal) * normal))
+    if drift > max(0.5 * pixel, 1e-3):  # half a pixel over the whole series: rounded positions stay within it
+        angle = float(np.degrees(np.arctan2(drift, abs(span @ normal))))
+        raise DataError(f"DICOM slices shift {drift:.3g} mm within their plane over the series ({angle:.3g} degrees "
+                        "from the slice normal: a tilted gantry?); read as a stack they would sit up to that far "
+                        "from their place in the patient. Convert the series with a tool that corrects gantry "
+                        "tilt (dcm2niix does) and give the NIfTI", folder)
     steps = np.diff(np.sort(positions))
     step = float(np.median(steps))
     # a fifth of a step: positions stored rounded to 0.1 mm stay within it, a missing slice (twice the step) not

@@ -424,7 +424,7 @@ def register(app: typer.Typer) -> None:
         predictor = Predictor.from_checkpoint(model, device=resolve_device(device), overlap=overlap,
                                               sw_batch_size=sw_batch)
         console = Console(stderr=True, quiet=quiet)
-        output.mkdir(parents=True, exist_ok=True)
+        # -o is made by the first file written (write_image): an input that fails left an empty folder
         if not probabilities:
             stale = stale_probabilities(output, [name for name, _ in cases])
             if stale:
