@@ -345,3 +345,25 @@ def test_info_says_how_many_processes_trained_a_run() -> None:
         "trained on a number of processes that changed on resume: 2 from step 0, 1 from step 500 (torchrun " \
         "where more than one); the effective batch is data.batch_size times their number"  # it lacked a word
     assert _processes_words([{"world_size": 2}]) == ""  # a record it cannot read: nothing claimed
+
+
+def test_info_on_an_unfinished_torchrun_run_says_its_processes(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """An unfinished run's processes are in last.pt alone, which info read for the step only: a torchrun run
+    cut at step 5 read like a one-process run, whose plain --resume would halve the batch (helper-96)."""
+    import torch
+
+    from unionseg.cli import run
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("method: naive\n")
+    torch.save({"step": 5, "world_sizes": [[0, 2]]}, folder / "last.pt")
+    assert run(["info", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "a checkpoint (last.pt, step 5) to resume from" in out
+    assert ("trained on 2 processes (torchrun): an effective batch of 2 x data.batch_size; go on with the same "
+            "torchrun command (2 processes) and --resume") in out
+    torch.save({"step": 5, "world_sizes": [[0, 1]]}, folder / "last.pt")  # one process: nothing more is said
+    assert run(["info", str(folder)]) == 0
+    assert "processes" not in capsys.readouterr().out

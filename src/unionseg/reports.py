@@ -277,7 +277,7 @@ def print_run_info(run: Path) -> dict[str, Any]:
             print(processes)
     else:
         from unionseg.locking import FileLock
-        from unionseg.training.checkpoint import checkpoint_step
+        from unionseg.training.checkpoint import checkpoint_progress
 
         lock = run / ".lock"
         holder = FileLock(lock, "the run folder").holder() if lock.is_file() else ""
@@ -288,13 +288,20 @@ def print_run_info(run: Path) -> dict[str, Any]:
                 else ", not validated (no validation case)" if history[-1].get("cases") == 0
                 else f", last validated at step {history[-1]['step']}")
         if (run / "last.pt").is_file():
-            step = checkpoint_step(run / "last.pt")
+            step, sizes = checkpoint_progress(run / "last.pt")
             if step is None:  # it said "to resume from", and --resume then refused the file
                 print(f"{run}: an unfinished run{last}; its checkpoint (last.pt) cannot be read (truncated or "
                       "corrupt): --resume refuses it; delete it to train again from step 0, or train into "
                       "another --out")
             else:
                 print(f"{run}: an unfinished run{last}; a checkpoint (last.pt, step {step}) to resume from")
+                # a torchrun run resumed with plain `unionseg train` would halve its effective batch: say how
+                # many processes trained it (the summary says it for a finished run)
+                processes = _processes_words([{"from_step": a, "world_size": b} for a, b in sizes])
+                if processes:
+                    now = sizes[-1][1]
+                    print(processes + (f"; go on with the same torchrun command ({now} processes) and --resume"
+                                       if now > 1 else ""))
         else:
             print(f"{run}: an unfinished run{last}; no checkpoint of its own yet")
             _print_shared_stages(run)

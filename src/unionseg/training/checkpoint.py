@@ -88,16 +88,28 @@ def checkpoint_step(path: str | Path) -> int | None:
     """The step a ``last.pt`` holds, read through a memory map (only the bytes it needs), or read whole where
     the file cannot be mapped (a file system without mmap, an old serialisation format); None when the file
     cannot tell."""
+    return checkpoint_progress(path)[0]
+
+
+def checkpoint_progress(path: str | Path) -> tuple[int | None, list[list[int]]]:
+    """The step a ``last.pt`` holds and its ``world_sizes`` (``[step, number of processes]`` from each session
+    on; empty where the file has none), read as :func:`checkpoint_step` reads it; ``(None, [])`` when the
+    file cannot tell."""
     for mmap in (True, False):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception:  # not mappable (then read whole), or truncated or foreign: nothing to report
             continue
         try:
-            return int(obj["step"])
+            step = int(obj["step"])
         except Exception:  # read, but holds no step
-            return None
-    return None
+            return None, []
+        try:
+            sizes = [[int(a), int(b)] for a, b in obj.get("world_sizes", [])]
+        except Exception:  # a damaged record of processes: the step still stands
+            sizes = []
+        return step, sizes
+    return None, []
 
 
 def rng_state() -> dict[str, Any]:
