@@ -1096,6 +1096,10 @@ def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Pa
     assert summary["ddp"] == {"world_size": 2, "in_sync": True}
     assert summary["processes"] == [{"from_step": 0, "world_size": 2}]
     assert len(list(run.glob("*.pt"))) == 2  # one last.pt and one model.pt, written by rank 0 only
+    from unionseg.modelfile import load_model
+
+    # the model file says it too (its effective batch is 2 x data.batch_size; the config does not show it)
+    assert load_model(run / "model.pt")["provenance"]["processes"] == [{"from_step": 0, "world_size": 2}]
     assert len(list(run.glob("log*.csv"))) == 1
     # the 1x1x1 kernels' channels-last strides made DDP warn on every rank on the CPU (same bytes; silenced)
     assert "Grad strides do not match" not in proc.stderr

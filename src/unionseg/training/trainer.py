@@ -870,7 +870,9 @@ class Trainer:
             config=to_dict(self.cfg),
             provenance={"config_hash": config_hash(self.cfg), "data_fingerprint": self.ctx.index.fingerprint,
                         "selected_at_step": selected_at, "seed": self.cfg.seed, "candidate": name,
-                        "options": self.method_options()},
+                        "options": self.method_options(),
+                        # the effective batch is data.batch_size times these (torchrun), which config does not show
+                        "processes": [{"from_step": step, "world_size": size} for step, size in self.world_sizes]},
         )
 
     def method_options(self) -> dict[str, Any]:
