@@ -481,3 +481,47 @@ def test_recipe_and_override_with_a_python_tag_run_nothing(tmp_path: Path, capsy
     with pytest.raises(ConfigError, match="steps"):
         load_train_config(None, [f"steps={YAML_ATTACK.format(marker=str(marker))}"])
     assert not marker.exists()
+
+
+def test_a_shared_artefact_on_a_full_disk_is_named_and_leaves_no_temporary(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """An expert's probability map on a full disk was a traceback (numpy's short write carries no errno) and
+    left its temporary, never removed (hundreds of MB on real CT). Now ENOSPC names the file, the temporary
+    goes, and a temporary a killed writer left is removed when the file is written again (helper-99)."""
+    import errno
+
+    from unionseg.artifacts import _atomic_save_npy
+
+    target = tmp_path / "probs" / "liver" / "case.npy"
+    real_open = Path.open
+
+    class Full:  # a file that takes 100 bytes, then finds the disk full
+        def __init__(self, fh: object) -> None:
+            self.fh, self.left = fh, 100
+
+        def write(self, data: bytes) -> int:
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.fh.write(data)  # type: ignore[attr-defined, no-any-return]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.fh, name)
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.fh.close()  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Full(real_open(self, *a, **k)))
+    with pytest.raises(OSError) as failed:
+        _atomic_save_npy(target, np.zeros((64, 64, 8), np.float16))
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(target)
+    assert list(target.parent.iterdir()) == []  # neither the file nor its temporary
+    monkeypatch.undo()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = target.parent / f".{target.name}.{int(dead.stdout)}.tmp"  # what a killed writer leaves
+    left.write_bytes(b"\0" * 1000)
+    _atomic_save_npy(target, np.ones((4, 4, 4), np.float16))
+    assert np.load(target).sum() == 64 and sorted(target.parent.iterdir()) == [target]

@@ -636,7 +636,8 @@ def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
     monkeypatch.setattr(Predictor, "predict_file", fill_up)
     assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: No space left on device: free space") and "Traceback" not in "".join(err)
+    assert err[-1] == ("error: No space left on device: free space (or raise the quota) and run the same command "
+                       "with --skip-existing; finished outputs are kept") and "Traceback" not in "".join(err)
     assert read_image(tmp_path / "out" / "case0.nii.gz")[0].shape == (16, 16, 12)
     assert not (tmp_path / "out" / "case1.nii.gz").exists()
     monkeypatch.setattr(Predictor, "predict_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))

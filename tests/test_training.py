@@ -289,7 +289,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(
     assert code == 2 and "Traceback" not in err and "enforce fail" not in err, err
     last = err.strip().splitlines()[-1]
     assert last == f"error: {out / 'last.pt'}: No space left on device: free space (or raise the quota) and run " \
-                   "the command again; finished outputs are kept", err
+                   "the same command with --resume; finished outputs are kept", err  # the same: "already holds a run"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".last.pt.")]
 
 
@@ -569,6 +569,23 @@ def test_the_ranks_agree_on_the_strongest_stop_request(monkeypatch: pytest.Monke
     assert capsys.readouterr().err == ""  # rank 0 already said it was stopping
     others[0] = 0
     assert not _StopRequest().agreed(cpu)
+
+
+def test_a_signal_ignored_by_the_parent_stays_ignored_in_the_steps() -> None:
+    """`unionseg train ... &` in a script starts with SIGINT ignored: the stages ignored `kill -INT`, the
+    steps stopped on it (helper-99). The steps keep it ignored; SIGTERM is still theirs."""
+    import signal
+
+    from unionseg.training.trainer import _StopRequest
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _StopRequest() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 @pytest.mark.slow
@@ -1030,8 +1047,11 @@ def test_cotraining_networks_start_different(phantom_project: Path, tmp_path: Pa
     assert all(torch.equal(a[k], again[k]) for k in a)
 
 
-def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) -> None:
-    """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained."""
+def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained. Pseudo
+    labels removed since are made again before training, and said (they were made one at a time inside the
+    training loop, counted as its time; under torchrun the ranks waited for them and gave up: helper-99)."""
     run = tmp_path / "cot"
     cfg = _cfg("cotraining", 4, "ckpt_every=1")
     train(phantom_project, cfg, run, progress=False, stop_after=2)
@@ -1040,7 +1060,16 @@ def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path) 
     assert Path(stages["_shared_artifacts"]).parent == phantom_project.parent / "prepared" / "artifacts"
     expert_models = sorted(Path(phantom_project.parent / "prepared" / "artifacts").glob("*/experts/*/model.pt"))
     stamps = {p: p.stat().st_mtime_ns for p in expert_models}
+    pseudo = Path(stages["_shared_artifacts"]) / "pseudo"
+    made = sorted(pseudo.rglob("*.npy"))
+    assert made
+    shutil.rmtree(pseudo)
+    capsys.readouterr()
     summary = train(phantom_project, cfg, run, resume=True, progress=False)
+    assert "the shared artefacts of the stage pseudo_labels, recorded as done, are no longer all in" in \
+        capsys.readouterr().err
+    assert sorted(pseudo.rglob("*.npy")) == made
+    assert summary["stage_seconds_this_process"] > 0  # made as a stage, not inside the training loop
     assert summary["steps"] == 4
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")

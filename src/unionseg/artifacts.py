@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -42,11 +41,26 @@ if TYPE_CHECKING:
     from unionseg.training.config import TrainConfig
 
 
+class _Writes:
+    """A file seen by ``np.save`` as a plain writer. Given the file itself numpy writes with ``tofile``, whose
+    short write on a full disk raises an OSError without an errno ("342432 requested and 104384 written"),
+    which the CLI cannot tell from a bug; through ``write`` a full disk is ENOSPC, named and one line."""
+
+    def __init__(self, fh: Any) -> None:
+        self.write = fh.write
+
+
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary and a rename (:func:`written_atomically`): never half a file, and no
+    temporary left when the write fails or is interrupted; temporaries of the same file left by a killed
+    writer are removed first (probability maps are hundreds of MB each on real CT)."""
+    from unionseg.jsonfile import written_atomically
+    from unionseg.locking import remove_dead_temporaries
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    remove_dead_temporaries(path)
+    with written_atomically(path) as fh:
+        np.save(_Writes(fh), array)
 
 
 class ArtifactCache:
@@ -324,6 +338,26 @@ class ArtifactCache:
         path = self.pseudo_path(case)
         self._present_or_made(path, self.ensure_pseudo_labels)
         return np.load(path, mmap_mode="r")
+
+    #: the stages whose files live here, which a resumed run finds recorded as done in its stages.json
+    STAGES = ("experts", "teacher_probabilities", "pseudo_labels")
+
+    def incomplete(self, stage: str) -> bool:
+        """Whether a shared stage's files are not all here (a cache removed, or a project prepared anew since
+        the stage ran); rank 0's answer on every DDP rank, so that all of them make the stage again or none.
+        A resumed run that trusted its record made them one file at a time inside the training loop (in one
+        process, counted as training time), or, under torchrun, waited for them and gave up (helper-99)."""
+        cases = self.training_cases()
+        if stage == "experts":
+            gone = any(not (self.expert_dir(name) / f).exists() for name in self.ctx.train_datasets
+                       for f in ("summary.json", "model.pt"))
+        elif stage == "teacher_probabilities":
+            gone = any(not self.probs_path(name, case).exists() for name in self.ctx.train_datasets for case in cases)
+        elif stage == "pseudo_labels":
+            gone = any(not self.pseudo_path(case).exists() for case in cases)
+        else:
+            return False
+        return self._rank0_decides(gone)
 
     def summary(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "root": str(self.root), "recipe": to_dict(self.expert_cfg),

@@ -284,7 +284,11 @@ def run(argv: list[str]) -> int:
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         if debug or (exc.filename is None and not full):
             raise
-        hint = ": free space (or raise the quota) and run the command again; finished outputs are kept" if full else ""
+        # the same command again is refused where a run or outputs are there: say the flag that goes on
+        again = {"train": "the same command with --resume", "predict": "the same command with --skip-existing"}
+        command = next((a for a in argv[:end] if not a.startswith("-")), "")
+        hint = (f": free space (or raise the quota) and run {again.get(command, 'the command again')}; finished "
+                "outputs are kept") if full else ""
         if exc.filename is None:
             typer.echo(f"error: {exc.strerror or exc}{hint}", err=True)
             return 2

@@ -429,7 +429,16 @@ class Trainer:
             if self.ctx.is_main:
                 write_json(path, done)
 
-        todo = [s for s in self.method.stages if s != "train" and s not in done]
+        art = self.ctx.artifacts
+        # a shared stage recorded as done whose files are gone since (a cache removed, a project prepared anew)
+        # is made again here, before training, and said: ensure_* makes only what is missing
+        gone = [s for s in self.method.stages if s in done and art is not None and s in art.STAGES
+                and art.incomplete(s)]
+        if gone and art is not None and self.ctx.is_main:
+            print(f"the shared artefacts of the stage{'s' if len(gone) > 1 else ''} {', '.join(gone)}, recorded as "
+                  f"done, are no longer all in {art.root} (removed, or the project prepared anew?): they are made "
+                  "again before training goes on", file=sys.stderr)
+        todo = [s for s in self.method.stages if s != "train" and (s not in done or s in gone)]
         if todo and self.ctx.artifacts is not None and SHARED_KEY not in done:
             # where the shared artefacts are made, so that `unionseg info RUN` can tell how far a run cut
             # during its stages got (its experts' checkpoints are there, not in the run folder)
@@ -940,6 +949,10 @@ class _StopRequest:
     def __enter__(self) -> _StopRequest:
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    # ignored by whoever started us (`cmd &` in a script, nohup): ignored here too, as in the
+                    # stages, where a SIGINT that stopped the steps passed without effect (helper-99)
+                    continue
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
