@@ -137,14 +137,17 @@ def task_targets(
         ``(targets (B, C, *S) float32 in {0, 1}, mask (B, C) bool)`` on the codes' device.
 
     Raises:
-        ValueError: task ids out of range or not (B,); see :func:`task_channel_tables`.
+        ValueError: task ids out of range (where they are on the CPU) or not (B,); see :func:`task_channel_tables`.
     """
     if codes.dtype.is_floating_point or codes.dtype == torch.bool:
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
     if tuple(task_ids.shape) != (codes.shape[0],):
         raise ValueError(f"task_ids must have shape ({codes.shape[0]},), got {tuple(task_ids.shape)}")
     n_tasks = len(channel_keys)
-    if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
+    # checked where the ids are on the host: on a GPU the check would wait for the device every step (the
+    # trainer's ids come from its own sampler there; an id out of range still fails, in the gather below)
+    if task_ids.numel() and task_ids.device.type == "cpu" and \
+            (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
         raise ValueError(f"task_ids must lie in 0..{n_tasks - 1}, got {task_ids.tolist()}")
     positive, ambiguous, exists = (t.to(codes.device) for t in task_channel_tables(channel_keys, space))
     tasks = task_ids.long().to(codes.device)
