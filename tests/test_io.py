@@ -534,6 +534,17 @@ def test_spatial_units_other_than_mm_are_converted_alike_by_read_image_and_read_
     assert len(told) == (0 if factor == 1.0 else 2) and all("ct.nii.gz" in m and unit in m for m in told)
     np.testing.assert_allclose(geom.affine, affine, rtol=1e-6, atol=1e-5)
     assert geom.same_grid(header, atol=1e-9)
+    # a map written on that grid is in mm, its codes the source's (an aligned sform, code 2, became 1: helper-98)
+    img.set_qform(stored, code=1)
+    img.set_sform(stored, code=2)
+    nib.save(img, str(tmp_path / "aligned.nii.gz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        aligned = read_image(tmp_path / "aligned.nii.gz")[1]
+    write_image(tmp_path / "map.nii.gz", np.zeros((6, 5, 4), np.uint8), aligned)
+    written = nib.load(str(tmp_path / "map.nii.gz"))
+    assert (int(written.header["qform_code"]), int(written.header["sform_code"])) == (1, 2)
+    np.testing.assert_allclose(written.affine, affine, rtol=1e-6, atol=1e-4)
 
 
 def test_spacing_no_scanner_gives_is_refused_naming_the_file(tmp_path: Path) -> None:

@@ -572,15 +572,16 @@ def _storable(array: np.ndarray) -> np.ndarray:
 def set_nifti_transforms(nifti: Any, geometry: Geometry) -> None:
     """Give a nibabel image the qform and sform of ``geometry``'s source file when they still describe its
     affine (matrices and codes as read; both codes 0 when the source had none and the image's voxel sizes
-    and shape give the same base affine), else ``geometry.affine`` in both with code 1 (scanner)."""
+    and shape give the same base affine), else ``geometry.affine`` in both, with the source's codes where it
+    set them (a header in metres, read in mm, keeps its aligned sform's code 2) and else code 1 (scanner)."""
     forms = geometry.nifti_forms
     if forms is not None and forms.describes(geometry.affine):
         nifti.set_qform(forms.qform, code=forms.qform_code)
         nifti.set_sform(forms.sform, code=forms.sform_code)
         if forms.base is None or np.allclose(nifti.header.get_base_affine(), geometry.affine, atol=1e-4):
             return
-    nifti.set_qform(geometry.affine, code=1)
-    nifti.set_sform(geometry.affine, code=1)
+    nifti.set_qform(geometry.affine, code=forms.qform_code if forms is not None and forms.qform_code > 0 else 1)
+    nifti.set_sform(geometry.affine, code=forms.sform_code if forms is not None and forms.sform_code > 0 else 1)
 
 
 def nifti_description(path: str | Path) -> str | None:
