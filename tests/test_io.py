@@ -406,11 +406,12 @@ def test_written_nifti_keeps_the_source_qform_and_sform(tmp_path: Path, qform_co
     assert np.allclose(out.get_sform(), sform) and np.allclose(out.get_qform(), src.header.get_qform())
     assert np.allclose(sitk.ReadImage(str(tmp_path / "label.nii.gz")).GetOrigin(),
                        sitk.ReadImage(str(tmp_path / "image.nii.gz")).GetOrigin())
-    # a geometry that no longer matches the source's transforms (resampled, say) gets its own affine in both
+    # a geometry that no longer matches the source's transforms (resampled, say) gets its own affine in both,
+    # with the source's codes where set (the affine still maps into the space they name), else 1
     moved = Geometry(geom.shape, geom.affine @ np.diag([2.0, 2.0, 2.0, 1.0]), geom.nifti_forms)
     write_image(tmp_path / "moved.nii.gz", np.ones(moved.shape, np.uint8), moved)
     out = nib.load(str(tmp_path / "moved.nii.gz")).header
-    assert (int(out["qform_code"]), int(out["sform_code"])) == (1, 1)
+    assert (int(out["qform_code"]), int(out["sform_code"])) == (max(qform_code, 1), 2)
     assert np.allclose(out.get_sform(), moved.affine) and np.allclose(out.get_qform(), moved.affine)
 
 
