@@ -91,6 +91,11 @@ def test_region_mask_zero_exactly_on_annotated_ground_truth(space) -> None:
     mask = region_mask(codes, pseudo, annotated, space.n_leaves, "no_ground_truth")
     assert not mask[codes > 0].any()
     assert mask[codes == 0].all()  # twin: every voxel without ground truth is in the region
+    # a fully labelled dataset's sample beside it: its code 0 is known background, outside the region
+    full = torch.ones_like(annotated)
+    both = region_mask(codes.repeat(2, 1, 1, 1), pseudo.repeat(2, 1, 1, 1), torch.cat([annotated, full]),
+                       space.n_leaves, "no_ground_truth")
+    assert torch.equal(both[0], mask[0]) and not both[1].any()
 
 
 def test_region_mask_dilated_pseudo(space) -> None:

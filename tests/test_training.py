@@ -1047,6 +1047,36 @@ def test_cotraining_networks_start_different(phantom_project: Path, tmp_path: Pa
     assert all(torch.equal(a[k], again[k]) for k in a)
 
 
+def test_cotraining_soft_target_is_the_partners_average(phantom_project: Path, tmp_path: Path) -> None:
+    """A's soft target is B's weight average (Huang et al.), not A's own average or B's raw network; the
+    raw-network ablation runs its teacher in eval mode (no dropout) and leaves it in train mode after.
+    Nothing checked it: a swap would have trained on without a sign (helper-100)."""
+    from unionseg.methods.base import get_method
+    from unionseg.training.trainer import make_context
+
+    ctx = make_context(phantom_project, _cfg("cotraining", 1), tmp_path / "run", progress=False)
+    method = get_method("cotraining")(ctx)
+    method.raw_models = method.build()
+    method.models = dict(method.raw_models)
+    averages = method.averages()
+    with torch.no_grad():  # every average apart from its network, and from each other
+        for k, average in enumerate(averages.values()):
+            for p in average.module.parameters():
+                p.add_(0.05 * (k + 1))
+    x = torch.randn(1, 1, 16, 16, 16)
+    expected = {name: torch.softmax(average(x).float(), dim=1) for name, average in averages.items()}
+    assert not torch.allclose(expected["avg_A"], expected["avg_B"])
+    assert torch.allclose(method._teacher("A", "B", x), expected["avg_B"])
+    assert torch.allclose(method._teacher("B", "A", x), expected["avg_A"])
+    method.options = dataclasses.replace(method.options, use_average=False)
+    method.raw_models["B"].train()
+    raw = method._teacher("A", "B", x)
+    assert method.raw_models["B"].training  # left as the step had it
+    method.raw_models["B"].eval()
+    with torch.no_grad():
+        assert torch.allclose(raw, torch.softmax(method.raw_models["B"](x).float(), dim=1))
+
+
 def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     """A stop in stage 2 resumes there: the stages file is kept and the experts are not retrained. Pseudo

@@ -67,12 +67,15 @@ def region_mask(codes: torch.Tensor, pseudo: torch.Tensor, annotated: torch.Tens
                 dilation_voxels: tuple[int, int, int] = (0, 0, 0)) -> torch.Tensor:
     """(B, *S) bool: where the soft (partner) loss applies.
 
-    ``no_ground_truth``: voxels outside the annotated ground-truth foreground (code 0). ``dilated_pseudo``: a
-    dilation of the pseudo-labelled UNannotated organs, still outside the annotated ground truth.
+    ``no_ground_truth``: voxels outside the annotated ground-truth foreground (code 0) of a sample whose
+    dataset leaves some class unannotated: in a fully labelled dataset's sample code 0 is known background,
+    which the partner's soft target must not override (helper-100). ``dilated_pseudo``: a dilation of the
+    pseudo-labelled UNannotated organs, still outside the annotated ground truth.
     """
     outside_gt = codes == 0
     if mode == "no_ground_truth":
-        return outside_gt
+        partial = (~annotated[:, 1:].bool()).any(1)  # (B,): some class this sample's dataset does not label
+        return outside_gt & partial.view(-1, *([1] * (codes.dim() - 1)))
     unannotated = ~annotated.bool()  # (B, L)
     unannotated[:, 0] = False
     pseudo_organ = torch.gather(unannotated, 1, pseudo.long().flatten(1).clamp_max(n_leaves - 1)).view_as(pseudo)
@@ -126,8 +129,13 @@ class CotrainingMethod(SoftmaxMethod):
         with torch.no_grad():
             if self.options.use_average:
                 logits = self._averages[f"avg_{source}"](x)
-            else:
-                logits = self.models[source](x)
+            else:  # the raw network as a teacher (an ablation): in eval mode, as the averages are (no dropout)
+                net = self.raw_models[source]
+                net.eval()
+                try:
+                    logits = net(x)
+                finally:
+                    net.train()
             return torch.softmax(logits.float(), dim=1)
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
