@@ -243,6 +243,9 @@ def test_an_hd95_cell_with_its_median_stays_on_one_line() -> None:
     print_markdown_table(table, Console(file=out, width=100, color_system=None))
     rows = [line for line in out.getvalue().splitlines() if "kidney" in line]
     assert len(rows) == 1 and "484.25 ± 0.66 (median 484.25)" in rows[0], out.getvalue()
+    marked = io.StringIO()  # cells are text as written, not rich markup
+    print_markdown_table("| case | note |\n|---|---|\n| [bold]a[/bold] | [red] |\n", Console(file=marked, width=100))
+    assert "[bold]a[/bold]" in marked.getvalue() and "[red]" in marked.getvalue()
     narrow = io.StringIO()  # a table that fits is printed at the console's own width
     assert print_markdown_table("| a |\n|---|\n| 1 |\n", Console(file=narrow, width=100)).width == 100
 

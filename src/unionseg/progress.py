@@ -234,6 +234,7 @@ def print_markdown_table(table: str, console: Console | None = None) -> Console:
 
     from rich import box
     from rich.table import Table
+    from rich.text import Text
 
     rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()
             if line.lstrip().startswith("|") and not set(line.strip()) <= set("|-: ")]
@@ -255,9 +256,9 @@ def print_markdown_table(table: str, console: Console | None = None) -> Console:
             console = Console(file=console.file, width=sum(narrow) + padding)
     grid = Table(box=box.SIMPLE_HEAVY, pad_edge=False, collapse_padding=True)
     for title in header:
-        grid.add_column(title, no_wrap=True)
+        grid.add_column(Text(title), no_wrap=True)
     for row in body:
-        grid.add_row(*row)
+        grid.add_row(*(Text(cell) for cell in row))  # as written: "[x]" in a name is no rich markup
     console.print(grid)
     return console
 
