@@ -1093,6 +1093,7 @@ def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path,
     pseudo = Path(stages["_shared_artifacts"]) / "pseudo"
     made = sorted(pseudo.rglob("*.npy"))
     assert made
+    stages_before = safe_torch_load(run / "last.pt", "unionseg-checkpoint")["timings"]["stages"]
     shutil.rmtree(pseudo)
     capsys.readouterr()
     summary = train(phantom_project, cfg, run, resume=True, progress=False)
@@ -1100,6 +1101,7 @@ def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path,
         capsys.readouterr().err
     assert sorted(pseudo.rglob("*.npy")) == made
     assert summary["stage_seconds_this_process"] > 0  # made as a stage, not inside the training loop
+    assert summary["stage_seconds"] >= stages_before + summary["stage_seconds_this_process"] - 1e-6  # both counted
     assert summary["steps"] == 4
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")

@@ -273,6 +273,9 @@ class Trainer:
             self._load_state(resume_state)
             if "run" not in resume_state.get("timings", {}):  # before session 24: its steps' time, the closest
                 self.timings["run"] = self.timings["total"]
+            # the checkpoint holds the stages' time of the processes before; shared stages made again here
+            # (their files gone since) add theirs
+            self.timings["stages"] += self.stage_seconds_here
         self.run_seconds_earlier = self.timings["run"]
         self._note_world_size()
         self._run_started = time.perf_counter()
