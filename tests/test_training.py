@@ -391,6 +391,13 @@ def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: 
         train(phantom_project, _cfg("naive", 6, "ckpt_every=2"), tmp_path / "run", progress=False)
     err = capsys.readouterr().err
     assert "interrupted at step 3; the last checkpoint" in err and "holds step 2: `unionseg train` with" in err
+    # the resume, stopped while its loader starts (before the steps), says the same (only "interrupted")
+    import unionseg.training.data as data
+
+    monkeypatch.setattr(data, "build_loader", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(phantom_project, _cfg("naive", 6, "ckpt_every=2"), tmp_path / "run", resume=True, progress=False)
+    assert f"stopped at step 2; the checkpoint ({tmp_path / 'run' / 'last.pt'}) holds it" in capsys.readouterr().err
 
 
 def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Path, tmp_path: Path,

@@ -701,11 +701,13 @@ class Trainer:
                     print(f"{self.run_dir}: resuming at step {self.step} of {cfg.steps}"
                           + (" (first its validation, which the stop interrupted)" if self.validation_pending else ""),
                           file=sys.stderr)
-                loader = build_loader(self.method, self.ctx, start_step=self.step)
                 progress = _Progress(cfg.steps, self.step, self.method.label(),
                                      enabled=self.ctx.is_main and self.ctx.progress)
                 self.bar = progress
                 try:
+                    # inside: a Ctrl-C while the loader starts (its workers, a resume's skipped draws) says how
+                    # to go on, as one in the steps does (it printed only "interrupted"; helper-99)
+                    loader = build_loader(self.method, self.ctx, start_step=self.step)
                     with _StopRequest() as stop:
                         self._loop(loader, logger, progress, stop_after, stop)
                 except KeyboardInterrupt:
