@@ -62,6 +62,37 @@ def test_suite_eta_counts_only_runs_still_to_train() -> None:
     assert suite_eta(2, [], [60.0], stages=1, stage_runs=4) == "~6 min"
 
 
+def test_a_rows_training_bar_gives_the_suites_eta(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suite's ETA was said at each row's start only: a 20-minute row's lines gave its own ETA alone
+    (helper-97). The benchmark hands the row the suite's time after it, which its training bar adds to its
+    own ETA; an isolated row's process reads it from the environment."""
+    import time
+
+    from unionseg.benchmark import _suite_after, suite_seconds
+    from unionseg.progress import SUITE_AFTER_ENV, suite_after
+    from unionseg.training import trainer
+
+    assert suite_seconds(3, [60.0], []) == (180.0, True) and suite_seconds(2, [], [60.0]) == (120.0, False)
+    assert suite_seconds(4, [], []) is None
+    monkeypatch.delenv(SUITE_AFTER_ENV, raising=False)
+    with _suite_after(600.0):
+        assert suite_after() == 600.0
+    assert suite_after() is None and SUITE_AFTER_ENV not in os.environ  # restored
+    monkeypatch.setenv(SUITE_AFTER_ENV, "soon")
+    assert suite_after() is None  # not a number: nothing claimed
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    bar = trainer._Progress(100, 0, "naive", enabled=True, suite_after=600.0)
+    now[0] = 110.0
+    bar.update(10, {"loss": 1.0})  # 1 s a step: 90 s left in the row, then 600 s
+    assert bar.progress.tasks[bar.task].fields["suite"] == "suite ETA 0:11:30"
+    bar.close()
+    plain = trainer._Progress(100, 0, "expert", enabled=True)  # outside a benchmark: no such field
+    plain.update(10, {"loss": 1.0})
+    assert "suite" not in plain.progress.tasks[plain.task].fields
+    plain.close()
+
+
 def test_suite_progress_eta_ignores_reused_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     """The progress lines of run_benchmark: two reused rows, then two to train. Before the first trained

@@ -11,11 +11,13 @@ from all finished runs after each one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -25,6 +27,7 @@ import typer
 from unionseg.config import from_dict, load_yaml
 from unionseg.errors import ConfigError, UnionsegError
 from unionseg.jsonfile import write_json
+from unionseg.progress import SUITE_AFTER_ENV
 from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
 
 
@@ -495,10 +498,15 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
             if progress:  # --quiet: no progress at all (these lines were printed anyway)
                 console.print(f"[bold][{i + 1}/{len(plan)}][/bold] {row.name} seed {seed}{state}"
                               f"{', suite ETA ' + eta if eta else ''}")
+            # the rows after this one, for the suite's ETA in this row's training lines
+            later = to_build - ({seed} if not done[i] and experts[row.method] else set())
+            after = suite_seconds(sum(not d for d in done[i + 1:]), trained, recorded, len(later),
+                                  _stage_seconds(results), n_experts)
             started = time.perf_counter()
-            if suite.isolate and not done[i]:
-                _run_isolated(project_path, suite_name, row.name, seed, out, row.method)
-            results.append(run_one(project_path, suite, row, seed, out, progress))
+            with _suite_after(None if done[i] or after is None else after[0]):
+                if suite.isolate and not done[i]:
+                    _run_isolated(project_path, suite_name, row.name, seed, out, row.method)
+                results.append(run_one(project_path, suite, row, seed, out, progress))
             if not done[i] and resumed is None:  # a resumed run's time is part of a run: no mean of whole runs
                 trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
             if experts[row.method]:
@@ -570,17 +578,45 @@ def suite_eta(to_train: int, trained: list[float], recorded: list[float], stages
     shared experts a later row must build first, one build: ``stage_seconds`` as measured on an earlier
     seed, else ``stage_runs`` (the number of experts) run times, since an expert trains under the same budget.
     """
+    left = suite_seconds(to_train, trained, recorded, stages, stage_seconds, stage_runs)
+    if left is None:
+        return ""
+    seconds, measured = left
+    return ("" if measured else "~") + _duration(seconds)
+
+
+def suite_seconds(to_train: int, trained: list[float], recorded: list[float], stages: int = 0,
+                  stage_seconds: float | None = None, stage_runs: int = 0) -> tuple[float, bool] | None:
+    """:func:`suite_eta`'s estimate in seconds, and whether it rests on runs this call trained (else on the
+    recorded training times of reused runs); None when there is nothing to go on."""
     if to_train == 0:
-        return "0 s"
+        return 0.0, True
     if trained:
-        per_run, mark = sum(trained) / len(trained), ""
+        per_run, measured = sum(trained) / len(trained), True
     else:
         recorded = [s for s in recorded if s and s > 0]
         if not recorded:
-            return ""
-        per_run, mark = sum(recorded) / len(recorded), "~"
+            return None
+        per_run, measured = sum(recorded) / len(recorded), False
     build = stage_seconds if stage_seconds is not None else stage_runs * per_run
-    return mark + _duration(to_train * per_run + stages * build)
+    return to_train * per_run + stages * build, measured
+
+
+@contextlib.contextmanager
+def _suite_after(seconds: float | None) -> Iterator[None]:
+    """The suite's estimated time after the current row, for the row's training bar and lines to add to
+    their own ETA (:data:`SUITE_AFTER_ENV`; an environment variable, so that an isolated row's process
+    sees it too): the suite's ETA was said at each row's start only (helper-97)."""
+    saved = os.environ.get(SUITE_AFTER_ENV)
+    if seconds is not None:
+        os.environ[SUITE_AFTER_ENV] = f"{seconds:.0f}"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(SUITE_AFTER_ENV, None)
+        else:
+            os.environ[SUITE_AFTER_ENV] = saved
 
 
 def _stage_seconds(results: list[dict[str, Any]]) -> float | None:

@@ -52,6 +52,20 @@ def line_interval() -> float:
     return value
 
 
+#: set by ``unionseg benchmark`` while a row runs: the suite's estimated seconds after that row, which the
+#: row's training bar adds to its own ETA ("suite ETA 1:02:03")
+SUITE_AFTER_ENV = "UNIONSEG_SUITE_AFTER_S"
+
+
+def suite_after() -> float | None:
+    """The seconds :data:`SUITE_AFTER_ENV` holds, or None (not in a benchmark, or a value that is no number)."""
+    try:
+        value = float(os.environ[SUITE_AFTER_ENV])
+    except (KeyError, ValueError):
+        return None
+    return value if value >= 0 else None
+
+
 def clock(seconds: float) -> str:
     """``h:mm:ss``."""
     s = max(0, int(round(seconds)))

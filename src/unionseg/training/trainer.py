@@ -701,8 +701,13 @@ class Trainer:
                     print(f"{self.run_dir}: resuming at step {self.step} of {cfg.steps}"
                           + (" (first its validation, which the stop interrupted)" if self.validation_pending else ""),
                           file=sys.stderr)
+                from unionseg.progress import suite_after
+
+                # in a benchmark row the suite's ETA too (not in its shared experts' trainings, whose own ETA
+                # leaves out the rest of the row)
                 progress = _Progress(cfg.steps, self.step, self.method.label(),
-                                     enabled=self.ctx.is_main and self.ctx.progress)
+                                     enabled=self.ctx.is_main and self.ctx.progress,
+                                     suite_after=suite_after() if cfg.method != "expert" else None)
                 self.bar = progress
                 try:
                     # inside: a Ctrl-C while the loader starts (its workers, a resume's skipped draws) says how
@@ -1104,7 +1109,9 @@ class _Logger:
 class _Progress:
     """A rich progress bar with ETA and the current loss terms (timed lines off a terminal)."""
 
-    def __init__(self, total: int, start: int, label: str, enabled: bool) -> None:
+    def __init__(self, total: int, start: int, label: str, enabled: bool, suite_after: float | None = None) -> None:
+        """``suite_after``: in a benchmark, the suite's estimated seconds after this run, added to the run's
+        own ETA as the suite's (shown once a step of this process is timed)."""
         self.enabled = enabled
         if not enabled:
             return
@@ -1112,17 +1119,27 @@ class _Progress:
 
         from unionseg.progress import make_progress, time_columns
 
+        self.total, self.start, self.suite_after = total, start, suite_after
+        self.started = time.monotonic()
         # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms (on stderr, as
         # every progress of make_progress: stdout holds the results)
+        suite = (TextColumn("{task.fields[suite]}"),) if suite_after is not None else ()
         self.progress = make_progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      *time_columns(), TextColumn("{task.fields[terms]}"), transient=False)
+                                      *time_columns(), *suite, TextColumn("{task.fields[terms]}"), transient=False)
         self.progress.start()
-        self.task = self.progress.add_task(label, total=total, completed=start, terms="")
+        fields = {"suite": ""} if suite_after is not None else {}
+        self.task = self.progress.add_task(label, total=total, completed=start, terms="", **fields)
 
     def update(self, step: int, terms: dict[str, float]) -> None:
         if self.enabled:
             text = " ".join(f"{k}={v:.3f}" for k, v in terms.items())
-            self.progress.update(self.task, completed=step, terms=text)
+            fields = {}
+            if self.suite_after is not None and step > self.start:
+                from unionseg.progress import clock
+
+                left = (time.monotonic() - self.started) / (step - self.start) * max(0, self.total - step)
+                fields["suite"] = f"suite ETA {clock(left + self.suite_after)}"
+            self.progress.update(self.task, completed=step, terms=text, **fields)
 
     def validating(self, candidate: str) -> Callable[[int, int], None]:
         """A ``validate_deployed`` ``on_case`` that shows validation's cases where the loss terms go (a long
