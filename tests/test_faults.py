@@ -523,5 +523,8 @@ def test_a_shared_artefact_on_a_full_disk_is_named_and_leaves_no_temporary(tmp_p
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left = target.parent / f".{target.name}.{int(dead.stdout)}.tmp"  # what a killed writer leaves
     left.write_bytes(b"\0" * 1000)
+    import unionseg.artifacts as artifacts
+
+    monkeypatch.setattr(artifacts, "_SWEPT", set())  # a later process: it has swept no folder yet
     _atomic_save_npy(target, np.ones((4, 4, 4), np.float16))
     assert np.load(target).sum() == 64 and sorted(target.parent.iterdir()) == [target]

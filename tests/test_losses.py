@@ -35,6 +35,7 @@ from unionseg.losses import (
     sigmoid_rampup,
     soft_ce,
     soft_dice_loss,
+    task_channel_tables,
     task_targets,
 )
 
@@ -436,6 +437,9 @@ def test_task_targets(space: LabelSpace) -> None:
     assert mask.tolist() == [[True, True], [True, False], [True, False]]  # missing and ambiguous channels
     with pytest.raises(ValueError, match="task_ids"):
         task_targets(codes, torch.tensor([0, 2, 0]), keys, space)
+    kept = task_channel_tables(keys, space)  # tables a caller keeps (DoDNet, per device) give the same
+    again = task_targets(codes, torch.tensor([0, 1, 0]), keys, space, tables=kept)
+    assert torch.equal(again[0], targets) and torch.equal(again[1], mask)
 
 
 def test_cross_task_negatives_by_hand(space: LabelSpace) -> None:

@@ -640,6 +640,10 @@ def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
                        "with --skip-existing; finished outputs are kept") and "Traceback" not in "".join(err)
     assert read_image(tmp_path / "out" / "case0.nii.gz")[0].shape == (16, 16, 12)
     assert not (tmp_path / "out" / "case1.nii.gz").exists()
+    assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out"), "--device", "cpu",
+                "--overwrite"]) == 2  # --skip-existing is refused beside --overwrite: not offered
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "free space (or raise the quota) and run the command again; finished outputs are kept")
     monkeypatch.setattr(Predictor, "predict_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
     with pytest.raises(OSError):  # twin: another OSError without a file name keeps its traceback
         run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out2"), "--device", "cpu"])
@@ -1017,15 +1021,21 @@ def test_dicom_series_with_a_missing_slice_is_refused(tmp_path: Path) -> None:
     assert read_image(tmp_path / "whole")[0].shape == (16, 16, 6)
 
 
-def test_a_series_folder_with_a_converted_copy_gives_both(tmp_path: Path) -> None:
+def test_a_series_folder_with_a_converted_copy_says_the_series_is_left_out(tmp_path: Path) -> None:
     """A series folder that also held an image file gave the file alone: the 6 DICOM files were left out
-    without a word, where Predictor.predict_file on the same folder reads the series (helper-98)."""
+    without a word, where Predictor.predict_file on the same folder reads the series (helper-98). They are
+    still left out (listed as a series too, a stray DICOM report stopped a batch of NIfTIs: helper-101), and
+    a warning says how to predict them: one file of the series stands for it."""
+    from unionseg.errors import UnionsegWarning
     from unionseg.inference.cli import collect_inputs
 
     series = tmp_path / "series7"
     write_dicom_series(series)
-    write_image(series / "copy.nii.gz", np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), np.eye(4)))
-    assert collect_inputs([series]) == [("copy", series / "copy.nii.gz"), ("series7", series)]
+    write_image(series / "series7.nii.gz", np.zeros((4, 4, 4), np.int16), Geometry((4, 4, 4), np.eye(4)))
+    with pytest.warns(UnionsegWarning, match=r"its 6 DICOM file\(s\) are left out \(predict reads a folder's "
+                                             r"image files, here 1\); to predict their series, give one of its"):
+        assert collect_inputs([series]) == [("series7", series / "series7.nii.gz")]
+    assert collect_inputs([series / "IM0002"]) == [("series7", series)]  # the way to the series
 
 
 def test_a_tilted_dicom_series_is_refused(tmp_path: Path) -> None:

@@ -246,6 +246,12 @@ def test_an_hd95_cell_with_its_median_stays_on_one_line() -> None:
     marked = io.StringIO()  # cells are text as written, not rich markup
     print_markdown_table("| case | note |\n|---|---|\n| [bold]a[/bold] | [red] |\n", Console(file=marked, width=100))
     assert "[bold]a[/bold]" in marked.getvalue() and "[red]" in marked.getvalue()
+    edge = io.StringIO()  # a row of dashes is a row, an escaped bar stays in its cell, no table is the text
+    print_markdown_table("| a | b |\n|---|---|\n| - | x \\| y |\n", Console(file=edge, width=60))
+    assert [line.split() for line in edge.getvalue().splitlines() if line.strip()][-1] == ["-", "x", "|", "y"]
+    plain = io.StringIO()
+    print_markdown_table("no rows", Console(file=plain, width=60))
+    assert plain.getvalue() == "no rows\n"
     narrow = io.StringIO()  # a table that fits is printed at the console's own width
     assert print_markdown_table("| a |\n|---|\n| 1 |\n", Console(file=narrow, width=100)).width == 100
 

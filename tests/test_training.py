@@ -1110,6 +1110,13 @@ def test_cotraining_resumes_in_stage_two(phantom_project: Path, tmp_path: Path,
     assert summary["stage_seconds_this_process"] > 0  # made as a stage, not inside the training loop
     assert summary["stage_seconds"] >= stages_before + summary["stage_seconds_this_process"] - 1e-6  # both counted
     assert summary["steps"] == 4
+    # a finished run reads them no more: a resume after the cache was cleaned makes nothing again (helper-101)
+    shutil.rmtree(pseudo)
+    capsys.readouterr()
+    train(phantom_project, cfg, run, resume=True, progress=False)
+    assert "no longer all in" not in capsys.readouterr().err and not pseudo.exists()
+    train(phantom_project, cfg, tmp_path / "again", progress=False)  # the next run makes them (the cache is shared)
+    assert sorted(pseudo.rglob("*.npy")) == made
     assert stamps and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
     state = safe_torch_load(run / "last.pt", "unionseg-checkpoint")
     assert set(state["averages"]) == {"avg_A", "avg_B"}

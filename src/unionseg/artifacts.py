@@ -53,14 +53,20 @@ class _Writes:
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
     """``np.save`` through a temporary and a rename (:func:`written_atomically`): never half a file, and no
     temporary left when the write fails or is interrupted; temporaries of the same file left by a killed
-    writer are removed first (probability maps are hundreds of MB each on real CT)."""
+    writer in the same folder are removed first (probability maps are hundreds of MB each on real CT)."""
     from unionseg.jsonfile import written_atomically
-    from unionseg.locking import remove_dead_temporaries
+    from unionseg.locking import remove_dead_temporaries_in
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(path)
+    if path.parent not in _SWEPT:  # once per folder and process: a listing per file is N^2 for N files
+        remove_dead_temporaries_in(path.parent)
+        _SWEPT.add(path.parent)
     with written_atomically(path) as fh:
         np.save(_Writes(fh), array)
+
+
+#: the artefact folders whose dead temporaries this process removed (:func:`_atomic_save_npy`)
+_SWEPT: set[Path] = set()
 
 
 class ArtifactCache:

@@ -287,6 +287,8 @@ def run(argv: list[str]) -> int:
         # the same command again is refused where a run or outputs are there: say the flag that goes on
         again = {"train": "the same command with --resume", "predict": "the same command with --skip-existing"}
         command = next((a for a in argv[:end] if not a.startswith("-")), "")
+        if "--overwrite" in argv[:end]:  # predict refuses --skip-existing beside it: the same command writes anew
+            again.pop("predict")
         hint = (f": free space (or raise the quota) and run {again.get(command, 'the command again')}; finished "
                 "outputs are kept") if full else ""
         if exc.filename is None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -55,9 +55,22 @@ def remove_dead_temporaries(path: Path, min_idle_s: float = 0.0) -> int:
     keeps its file changing); returns how many were deleted."""
     import glob
 
+    return _remove_dead(path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"), min_idle_s)
+
+
+def remove_dead_temporaries_in(folder: Path, min_idle_s: float = 0.0) -> int:
+    """:func:`remove_dead_temporaries` for every file of ``folder`` at once (``.<name>.<pid>.tmp...``): one
+    listing of the folder, where one per file written reads it N times for N files."""
+    return _remove_dead(folder.glob(".*.tmp*"), min_idle_s)
+
+
+def _remove_dead(candidates: Iterable[Path], min_idle_s: float) -> int:
+    import re
+
     removed = 0
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
-        pid = stale.name[len(path.name) + 2:].split(".", 1)[0]
+    for stale in candidates:
+        found = re.findall(r"\.(\d+)\.tmp", stale.name)  # ".<name>.<pid>.tmp...": the last such part
+        pid = found[-1] if found else ""
         try:
             idle = time.time() - stale.stat().st_mtime
         except OSError:  # gone meanwhile

@@ -244,19 +244,27 @@ def print_markdown_table(table: str, console: Console | None = None) -> Console:
     "484.25)"), which reads worse than a line the terminal wraps. Where the table is wider than the console,
     a header longer than its column's values is wrapped at word breaks, and the console is widened to what
     the rest needs. Returns the console it printed on, for the lines after the table."""
+    import re
     import textwrap
 
     from rich import box
     from rich.table import Table
     from rich.text import Text
 
-    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table.splitlines()
-            if line.lstrip().startswith("|") and not set(line.strip()) <= set("|-: ")]
+    lines = [line.strip() for line in table.splitlines() if line.lstrip().startswith("|")]
+    if len(lines) > 1 and set(lines[1]) <= set("|-: "):  # the separator row, and only it
+        del lines[1]
+    # cells split at unescaped bars; "\|" is a bar inside a cell
+    rows = [[cell.strip().replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line[1:-1] if line.endswith("|")
+                                                                        else line[1:])] for line in lines]
+    console = console or results_console()
+    if not rows:  # no table: the text as it is
+        console.print(table, markup=False, highlight=False)
+        return console
     header, body = rows[0], rows[1:]
     values = [max((len(row[i]) for row in body if i < len(row)), default=0) for i in range(len(header))]
     # the narrowest a column can be without breaking a value or a word of its header
     narrow = [max(value, *(len(word) for word in title.split())) for title, value in zip(header, values, strict=True)]
-    console = console or results_console()
     padding = 2 * len(header) + 2
     if sum(max(len(title), value) for title, value in zip(header, values, strict=True)) + padding > console.width:
         spare = console.width - padding - sum(narrow)  # given to the wrapped headers, left to right

@@ -748,13 +748,23 @@ def warn_shared_images(datasets: Sequence[tuple[str, str, DatasetInfo]], project
 
 
 def list_image_files(folder: Path) -> list[Path]:
-    """Images in a folder (for ``predict`` on folders); its DICOM files count as one image, the folder (a
-    series folder that also holds an image file, a converted copy say, gives both: the files alone left the
-    series out without a word, where ``Predictor.predict_file`` on the folder reads the series)."""
+    """Images in a folder (for ``predict`` on folders); a folder of DICOM files counts as one image. A folder
+    that holds image files and DICOM files gives the image files, and warns that the DICOM files are left
+    out and how to predict their series (they were left out without a word; listing the folder as a series
+    too broke on a stray report or a one-slice file, and on a copy named after the folder)."""
+    import warnings
+
     from unionseg.data.io import is_dicom_file
+    from unionseg.errors import UnionsegWarning
 
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) in IMAGE_SUFFIXES
              and not p.name.startswith(".")]
-    if any(is_dicom_file(p) for p in folder.iterdir() if p.is_file()):  # often named IM0001, no suffix
-        return [*files, folder]
+    dicom = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) not in IMAGE_SUFFIXES
+             and not p.name.startswith(".") and is_dicom_file(p)]  # often named IM0001, no suffix
+    if not files and dicom:
+        return [folder]
+    if dicom:
+        warnings.warn(f"{folder}: its {len(dicom)} DICOM file(s) are left out (predict reads a folder's image "
+                      f"files, here {len(files)}); to predict their series, give one of its files "
+                      f"({dicom[0]}) or the series in a folder of its own", UnionsegWarning, stacklevel=2)
     return files

@@ -464,10 +464,14 @@ def _check_slice_positions(names: Any, folder: Path) -> None:
             if normal is None:
                 cosines = np.array([float(v) for v in header.GetMetaData("0020|0037").split("\\")])
                 normal = np.cross(cosines[:3], cosines[3:6])
-                if "0028|0030" in keys:
-                    pixel = min(float(v) for v in header.GetMetaData("0028|0030").split("\\"))
         except ValueError:
             return
+        if "0028|0030" in keys and name == names[0]:  # apart: a garbled pixel spacing keeps both checks on
+            try:
+                sizes = [float(v) for v in header.GetMetaData("0028|0030").split("\\")]
+                pixel = min(sizes) if sizes and min(sizes) > 0 else pixel
+            except ValueError:
+                pass
     if normal is None or any(p.shape != (3,) for p in points):
         return
     positions = [float(p @ normal) for p in points]

@@ -117,6 +117,7 @@ def task_targets(
     task_ids: Tensor,
     channel_keys: Sequence[Sequence[str]],
     space: LabelSpace,
+    tables: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sigmoid targets and channel mask of every sample from its codes and its task.
 
@@ -132,6 +133,8 @@ def task_targets(
         task_ids: (B,) integer task index per sample, in ``0..len(channel_keys)-1``.
         channel_keys: per task, its channel keys (at most C; C = the longest list).
         space: the label space.
+        tables: :func:`task_channel_tables` of ``channel_keys``, on the codes' device (a caller that keeps
+            them saves their build and the host-to-device copy, which waits for the GPU, at every step).
 
     Returns:
         ``(targets (B, C, *S) float32 in {0, 1}, mask (B, C) bool)`` on the codes' device.
@@ -149,7 +152,7 @@ def task_targets(
     if task_ids.numel() and task_ids.device.type == "cpu" and \
             (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
         raise ValueError(f"task_ids must lie in 0..{n_tasks - 1}, got {task_ids.tolist()}")
-    positive, ambiguous, exists = (t.to(codes.device) for t in task_channel_tables(channel_keys, space))
+    positive, ambiguous, exists = (t.to(codes.device) for t in tables or task_channel_tables(channel_keys, space))
     tasks = task_ids.long().to(codes.device)
     batch = codes.shape[0]
     flat = codes.reshape(batch, -1).long()

@@ -121,6 +121,7 @@ class TaskMethod(Method):
         self.channel_indices = [t * self.n_channels + c for t, keys in enumerate(self.task_keys) for c in range(len(keys))]
         self.channel_keys = [key for keys in self.task_keys for key in keys]
         self._negatives: torch.Tensor | None = None  # cross_task_negative_table, built on first use
+        self._tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # task_channel_tables, alike
 
     def lr_scales(self) -> dict[str, float]:
         """``lr_scale`` for every parameter of the network (empty at 1: the budget's lr)."""
@@ -145,6 +146,7 @@ class TaskMethod(Method):
             marginal_loss,
             masked_sigmoid_dice_bce,
             sigmoid_leaf_logits,
+            task_channel_tables,
             task_targets,
         )
 
@@ -170,7 +172,11 @@ class TaskMethod(Method):
                                        batch["annotated"], self.space)
         else:
             logits = net(batch["image"], task_ids)
-        targets, mask = task_targets(batch["label"], task_ids, self.task_keys, self.space)
+        codes = batch["label"]
+        if self._tables is None or self._tables[0].device != codes.device:  # built and moved once, not per step
+            positive, ambiguous, exists = task_channel_tables(self.task_keys, self.space)
+            self._tables = (positive.to(codes.device), ambiguous.to(codes.device), exists.to(codes.device))
+        targets, mask = task_targets(codes, task_ids, self.task_keys, self.space, tables=self._tables)
         terms = masked_sigmoid_dice_bce(logits, targets, mask)
         loss = o.dice_weight * terms["dice"] + o.bce_weight * terms["bce"]
         out = dict(terms)

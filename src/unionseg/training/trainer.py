@@ -248,7 +248,11 @@ class Trainer:
         torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not cfg.deterministic
         started = time.perf_counter()
-        self._run_stages()
+        # a run whose steps are all done (and validated) reads no shared artefact again: files of it removed
+        # since (a cache cleaned after training) are not made again for a resume that trains nothing
+        trained = (resume_state is not None and "train" in self.method.stages
+                   and int(resume_state.get("step", 0)) >= cfg.steps and not resume_state.get("validation_pending"))
+        self._run_stages(check_files=not trained)
         self.timings["stages"] = time.perf_counter() - started
         self.stage_seconds_here = self.timings["stages"]  # this process's, even after a resume restores the run's
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank, before DDP broadcasts anyway
@@ -424,7 +428,9 @@ class Trainer:
                                   f"(`-c {shlex.quote(str(recorded))}` gives the "
                                   "configuration it was started with), or start a new run folder", recorded)
 
-    def _run_stages(self) -> None:
+    def _run_stages(self, check_files: bool = True) -> None:
+        """The method's stages before training that ``stages.json`` does not record as done, and (where
+        ``check_files``) the shared ones it records whose files are gone."""
         path = self.run_dir / "stages.json"
         done: dict[str, Any] = read_record(path) if path.exists() else {}
 
@@ -435,7 +441,7 @@ class Trainer:
         art = self.ctx.artifacts
         # a shared stage recorded as done whose files are gone since (a cache removed, a project prepared anew)
         # is made again here, before training, and said: ensure_* makes only what is missing
-        gone = [s for s in self.method.stages if s in done and art is not None and s in art.STAGES
+        gone = [s for s in self.method.stages if check_files and s in done and art is not None and s in art.STAGES
                 and art.incomplete(s)]
         if gone and art is not None and self.ctx.is_main:
             print(f"the shared artefacts of the stage{'s' if len(gone) > 1 else ''} {', '.join(gone)}, recorded as "
