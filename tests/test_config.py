@@ -70,6 +70,20 @@ def test_root_overrides(tiny_project: Path, tmp_path: Path) -> None:
     assert project.dataset("liver").root == other.resolve()
     with pytest.raises(ConfigError, match="--root names unknown dataset 'lung'"):
         load_project(tiny_project, roots={"lung": other})
+    # `--root liver=$DIR` with DIR unset: the current folder was taken for the root (helper-102)
+    with pytest.raises(ConfigError, match=r"--root liver=: expected a folder after '=', got nothing"):
+        load_project(tiny_project, roots={"liver": ""})
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "a\\b"])
+def test_a_dataset_name_that_is_a_path_is_refused(tiny_project: Path, name: str) -> None:
+    """The cache keeps a folder per dataset name: ".." wrote cases beside the project file, "." one case's
+    meta over the cache's index.json (helper-102)."""
+    text = tiny_project.read_text()
+    bad = tiny_project.with_name("bad.yaml")
+    bad.write_text(text.replace("  - name: liver\n", f"  - name: '{name}'\n", 1))
+    with pytest.raises(ConfigError, match=r"\.name: expected a plain name"):
+        load_project(bad)
 
 
 def test_absolute_root_is_refused_and_relative_twin_accepted(tmp_path: Path) -> None:
@@ -446,3 +460,29 @@ def test_a_layout_typo_and_unknown_val_cases_are_named_with_what_would_work(tmp_
                                               "split: {val_cases: [other_7.nii.gz]}"))
     with pytest.raises(ConfigError, match="a case id is the file name without its suffix and without nnU-Net's _0000"):
         project_summary(path)
+
+
+def test_a_key_written_twice_is_refused(tmp_path: Path) -> None:
+    """PyYAML let the last of two equal keys win: `labels: {1: liver, 2: tumor, 1: spleen}` scored the liver as
+    spleen, exit 0 (helper-103). A key written twice is refused, naming both lines; a merge may override."""
+    import yaml
+
+    from unionseg.config import load_yaml, parse_yaml
+
+    bad = tmp_path / "map.yaml"
+    bad.write_text("labels:\n  1: liver\n  2: tumor\n  1: spleen\n")
+    with pytest.raises(ConfigError, match=r"map.yaml: invalid YAML: .*found the key 1 twice \(first on line 2\)"):
+        load_yaml(bad)
+    with pytest.raises(yaml.YAMLError, match="found the key 'a' twice"):
+        parse_yaml("{a: 1, b: 2, a: 3}")
+    assert parse_yaml("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 5\n")["d"] == {"x": 5, "y": 2}
+    assert parse_yaml("{1: x, '1': y}") == {1: "x", "1": "y"}  # two keys (a cross map refuses the pair itself)
+
+
+def test_a_cross_map_giving_one_value_twice_is_refused(tmp_path: Path) -> None:
+    from unionseg.evaluation.crossmap import load_cross_map
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("labels: {1: liver, '1': spleen}\nshared: {liver: region:liver}\n")
+    with pytest.raises(ConfigError, match=r"labels: value 1 is given twice \('liver' and 'spleen'\)"):
+        load_cross_map(path)

@@ -449,6 +449,11 @@ def test_cross_evaluation_scores_the_four_shared_organs_only(public: dict[str, P
     assert rows[0].startswith("case,class,dice,hd95,nsd") and len(rows) == 1 + 3 * 4
     assert not any(re.search(r"gallbladder|tumour|aorta", r) for r in rows)
     assert "Scored on the shared classes only: liver, kidney, pancreas, spleen" in (out / "summary.md").read_text()
+    # an earlier `evaluate`'s figures in this -o do not survive beside tables they do not show (helper-103)
+    (out / "figures").mkdir()
+    (out / "figures" / "dice_boxplot.png").write_bytes(b"an earlier evaluation's")
+    evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=out, overwrite=True)
+    assert not (out / "figures").exists()
     # the label folder itself works as ground truth too
     assert evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap)["n_cases"] == 3
     # a prediction holding the same voxels stored LPS (first two axes flipped, affine to match) is

@@ -63,7 +63,28 @@ def is_device_name(name: str) -> bool:
 
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-3`` as a number as YAML 1.2 does (YAML 1.1 needs ``1.0e-3`` and
-    read ``1e-3`` as a string: a method option so written stayed a string in the run's config)."""
+    read ``1e-3`` as a string: a method option so written stayed a string in the run's config), and refusing
+    a key written twice in one mapping, which PyYAML let the last one win (``labels: {1: liver, 1: spleen}``
+    scored the liver as spleen; helper-103). A key a merge (``<<: *base``) brings in may be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    repeated = key in seen
+                except TypeError:  # an unhashable key: the base class says so
+                    continue
+                if repeated:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found the key {key!r} twice (first on line {seen[key] + 1}); the later one would "
+                        "replace the first without a word", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -442,12 +463,17 @@ def _label_value(key: Any) -> int | None:
 _DATASET_KEYS = {"name", "root", "labels", "annotated", "layout", "role", "split", "oracle_labels"}
 
 
+def _path_like(name: str) -> bool:
+    """A dataset name that is no plain folder name: a path separator, ``.`` or ``..``."""
+    return "/" in name or "\\" in name or name.strip() in (".", "..")
+
+
 def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str, Path],
                    root_hint: str = "") -> DatasetSpec:
     where = f"datasets[{i}]"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping", source)
-    if isinstance(raw.get("name"), str) and raw["name"] and "/" not in raw["name"]:
+    if isinstance(raw.get("name"), str) and raw["name"] and not _path_like(raw["name"]):
         where = f"datasets.{raw['name']}"
     unknown = set(raw) - _DATASET_KEYS
     if unknown:
@@ -457,7 +483,8 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
         if key not in raw:
             raise ConfigError(f"{where}: missing key {key!r}", source)
     name = raw["name"]
-    if not isinstance(name, str) or not name or "/" in name:
+    if not isinstance(name, str) or not name or _path_like(name):
+        # a folder of the cache is named after it: "..", "." or "a/b" would put cases outside it (helper-102)
         raise ConfigError(f"{where}.name: expected a plain name, got {name!r}", source)
     where = f"datasets.{name}"
     if name in roots:
@@ -586,6 +613,10 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
     ds_raw = raw.get("datasets")
     if not isinstance(ds_raw, list) or not ds_raw:
         raise ConfigError("datasets: expected a non-empty list", path)
+    empty = sorted(k for k, v in (roots or {}).items() if not str(v).strip())
+    if empty:  # `--root spleen=$DIR` with DIR unset: Path("") is the current folder, taken for the root
+        raise ConfigError(f"--root {empty[0]}=: expected a folder after '=', got nothing (an unset shell "
+                          "variable?)", path)
     root_over = {k: Path(v).expanduser().resolve() for k, v in (roots or {}).items()}  # zsh leaves ~ after =
     file_roots, cache_base, root_hint = _read_roots_file(raw.get("roots_file"), base, source)
     merged = {**file_roots, **root_over}  # --root wins over the roots file, which wins over a dataset's root

@@ -45,6 +45,7 @@ import typer
 
 from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import (
+    _remove_stale_figures,
     case_progress,
     case_records,
     check_label_names,
@@ -199,6 +200,8 @@ def load_cross_map(path: str | Path) -> CrossMap:
             raise ConfigError(f"labels.{k}: label values are 1..255 (0 is background)", path)
         if not isinstance(v, str) or not v:
             raise ConfigError(f"labels.{k}: expected an organ name, got {v!r}", path)
+        if value in labels:  # 1 and "1": two keys, one value (the YAML loader refuses a key written twice)
+            raise ConfigError(f"labels: value {value} is given twice ({labels[value]!r} and {v!r})", path)
         labels[value] = v
     shared_raw = raw.get("shared")
     if not isinstance(shared_raw, Mapping) or not shared_raw:
@@ -514,6 +517,9 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     files = {"metrics_csv": out / "metrics.csv", "summary_json": out / "summary.json",
              "summary_md": out / "summary.md"}
     files = {k: v.resolve() for k, v in files.items()}  # absolute, as the summary's other paths
+    # evaluate-cross draws no figures: those of an earlier `evaluate` into this -o (--overwrite) would sit
+    # beside tables they do not show (helper-103)
+    _remove_stale_figures(out / "figures", set())
     write_metrics_csv(files["metrics_csv"], scores, metrics)
     write_json(files["summary_json"], {**summary, "files": {k: str(v) for k, v in files.items()}})
     shared = ", ".join(display_key(k) for k in summary["scored"])
