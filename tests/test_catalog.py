@@ -83,6 +83,10 @@ def test_nnunet_leftovers_are_warned_about_not_trained_on_quietly(tmp_path: Path
 def test_nnunet_region_labels_and_oracle_folder(tmp_path: Path) -> None:
     root = write_nnunet_dataset(tmp_path / "d", 1, {"background": 0, "organ": [1, 2]})
     assert scan_dataset("d", root).declared_labels == {0: "background", 1: "organ", 2: "organ"}
+    # a value given alone keeps its own name, whichever comes first (the region's name gave a false warning)
+    for labels in ({"background": 0, "tumour": 2, "organ": [1, 2]}, {"background": 0, "organ": [1, 2], "tumour": 2}):
+        again = write_nnunet_dataset(tmp_path / f"d{len(str(labels))}{list(labels)[1]}", 1, labels)
+        assert scan_dataset("d", again).declared_labels == {0: "background", 1: "organ", 2: "tumour"}
     oracle = tmp_path / "oracle"
     with pytest.raises(DataError, match="oracle label for case 'case_000' is missing"):
         scan_dataset("d", root, oracle_dir=oracle)

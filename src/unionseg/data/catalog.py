@@ -274,7 +274,10 @@ def _declared_nnunet(data: Mapping[str, Any], json_path: Path) -> dict[int, str]
                                     "each value one name", json_path)
                 single[value] = str(name)
             out[int(value)] = str(name)
-    return out
+    # a value given alone keeps that name: a region listing it too ("liver": [1, 2] after "liver_tumour": 2)
+    # named value 2 "liver", and the roots check then warned on every run that the project's liver_tumour
+    # disagreed (helper-102)
+    return {**out, **{int(value): name for value, name in single.items()}}
 
 
 _RawCases = list[tuple[str, Path, Path | None]]
