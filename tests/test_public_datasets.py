@@ -456,6 +456,16 @@ def test_cross_evaluation_scores_the_four_shared_organs_only(public: dict[str, P
     assert not (out / "figures").exists()
     # the label folder itself works as ground truth too
     assert evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap)["n_cases"] == 3
+    # a map whose pancreas value no file holds (another dataset's numbering): said, not silently Dice 0
+    # (WORD's map on BTCV read exit 0; helper-103)
+    import yaml
+
+    other = tmp_path / "other_numbering.yaml"
+    other.write_text(yaml.safe_dump({"labels": {**{k: v for k, v in cmap.labels.items() if k != 11}, 11: "duct",
+                                                14: "pancreas"}, "shared": dict(cmap.shared)}))
+    with pytest.warns(UnionsegWarning, match=r"none of its 3 label files holds the value 14 that the map reads as "
+                                             r"pancreas, so pancreas is scored against an empty truth in every case"):
+        evaluate_with_map(pred_dir, public["btcv"], space, load_cross_map(other))
     # a prediction holding the same voxels stored LPS (first two axes flipped, affine to match) is
     # reoriented onto the truth's grid and scores as before, not refused
     flipped = np.ascontiguousarray(half[::-1, ::-1, :])

@@ -482,11 +482,14 @@ def evaluate_cross(
     check_label_names({case: preds[case] for case in cases}, model_space, model_space.source)
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
+    present = np.zeros(256, dtype=bool)  # the label values some case's truth holds
     with case_progress(len(cases), progress, "evaluate-cross") as done:
         for case, (label_path, _) in cases.items():
             pred, gt, geom = _read_pair(preds[case], label_path, model_space, gt_labels)
+            present |= np.bincount(gt.reshape(-1), minlength=256)[:256] > 0
             scores[case] = evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics)
             done(case)
+    _warn_absent_organs(present, gt_map, len(scores), Path(gt_dir))
     classes = summarise(scores, keys, metrics)
     markdown = markdown_table(classes, metrics, tolerance_mm)
     summary: dict[str, Any] = {
@@ -501,6 +504,24 @@ def evaluate_cross(
     if out_dir is not None:
         summary["files"] = _write_reports(Path(out_dir), summary, scores, metrics, markdown)
     return {**summary, "markdown": markdown}
+
+
+def _warn_absent_organs(present: np.ndarray, gt_map: Mapping[int, str], n_cases: int, gt_dir: Path) -> None:
+    """Warn for a shared class whose label values no case's truth holds: over several cases that is almost
+    always another dataset's map, or another folder (BTCV scored with WORD's map read exit 0, every organ but
+    one at Dice 0 against an empty truth; helper-103)."""
+    if n_cases < 2:  # one case may lack an organ
+        return
+    by_key: dict[str, list[int]] = {}
+    for value, key in sorted(gt_map.items()):
+        by_key.setdefault(key, []).append(int(value))
+    for key, values in by_key.items():
+        if not present[values].any():
+            shown = ", ".join(map(str, values))
+            warnings.warn(f"{gt_dir}: none of its {n_cases} label files holds the value{'s' if len(values) > 1 else ''} "
+                          f"{shown} that the map reads as {display_key(key)}, so {display_key(key)} is scored "
+                          f"against an empty truth in every case: the wrong map, or the wrong folder?",
+                          UnionsegWarning, stacklevel=3)
 
 
 def _id_form(pattern: str) -> str:
