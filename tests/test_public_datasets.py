@@ -492,6 +492,10 @@ def test_cross_evaluation_twin_a_class_outside_the_shared_set_is_not_scored(tmp_
                                              r"is not scored; did you mean 'region:liver'\?"):
         assert typo.gt_map(space) == ({11: "pancreas"}, {"liver": "the model has no class 'region:livr'; did you "
                                                                    "mean 'region:liver'?"})
+    # a misspelt prefix too (it was compared with the leaf names whole, and got no hint; helper-103)
+    prefix = CrossMap("btcv", {6: "liver", 11: "pancreas"}, {"liver": "regoin:liver", "pancreas": "pancreas"})
+    with pytest.warns(UnionsegWarning, match=r"did you mean 'region:liver'\?"):
+        prefix.gt_map(space)
     assert 1 not in gt_map and gt_map[6] == "region:liver"
     gt = btcv_label()
     pred = np.zeros(gt.shape, dtype=np.uint8)

@@ -148,6 +148,12 @@ def nearest_class(space: LabelSpace, key: str) -> str | None:
     it is close enough to be the class a misspelt ``key`` meant; else None."""
     import difflib
 
+    head, colon, rest = key.partition(":")
+    # a misspelt or recased prefix ("regoin:kidney", "Region:liver") is still a region: compared to the leaf
+    # names as a whole it matched nothing, and the hint was lost (helper-103)
+    if colon and not key.startswith(REGION_PREFIX) and \
+            difflib.SequenceMatcher(None, head.lower(), REGION_PREFIX[:-1]).ratio() >= 0.6:
+        key = REGION_PREFIX + rest
     is_region = key.startswith(REGION_PREFIX)
     name = key[len(REGION_PREFIX):] if is_region else key
     names = [g.name for g in space.groups] if is_region else list(space.names[1:])
