@@ -47,7 +47,14 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         ids = [c.case_id for c in info.cases]
         if spec.role == "train":
             split = split_cases(ids, spec.split, where=f"datasets.{spec.name}.", source=project.path)
-            counts = {"train": len(split["train"]), "val": len(split["val"])}
+            # with a role: val dataset, validation uses it alone: a training dataset's held-out cases are
+            # neither trained nor validated on, which `val N` hid (prepare says "held out, unused"; helper-102)
+            if any(d.role == "val" for d in project.datasets):
+                counts = {"train": len(split["train"])}
+                if split["val"]:
+                    counts["held out (unused)"] = len(split["val"])
+            else:
+                counts = {"train": len(split["train"]), "val": len(split["val"])}
         else:
             counts = {spec.role: len(ids)}
         datasets.append({"name": spec.name, "role": spec.role, "layout": info.layout,
