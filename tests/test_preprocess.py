@@ -857,3 +857,23 @@ def test_the_grid_does_not_depend_on_how_the_file_stores_its_spacing() -> None:
     assert target_shape((115, 95, 25), (0.6, 0.6, as_float32), (6, 6, 6)) == \
         target_shape((115, 95, 25), (0.6, 0.6, 0.6), (6, 6, 6)) == (12, 10, 2)
     assert target_shape((10, 10, 10), (1.26, 1.0, 0.3), (1.0, 1.0, 1.0)) == (13, 10, 3)  # plain rounding stays
+
+
+def test_a_test_case_with_a_training_images_bytes_is_warned_about(project_dir: Path) -> None:
+    """Releases reuse other sets' scans under other names (AbdomenCT-1K holds LiTS, KiTS and MSD cases): only
+    the same file (a link) was seen, so a copy in the test set went unnoticed (helper-102). prepare compares
+    the bytes' hashes it takes anyway; the twin: distinct images say nothing."""
+    from unionseg.errors import UnionsegWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)  # distinct images: no such warning
+        prepare_project(project_dir / "project.yaml", progress=False)
+    index = json.loads((project_dir / "prepared" / "index.json").read_text())
+    trained = next(c["case_id"] for c in index["cases"] if c["dataset"] == "liver" and c["split"] == "train")
+    for folder in ("imagesTr", "labelsTr"):
+        (project_dir / "test" / folder / "case_000.nii.gz").write_bytes(
+            (project_dir / "liver" / folder / f"{trained}.nii.gz").read_bytes())
+    with pytest.warns(UnionsegWarning, match=rf"1 case\(s\) used for validation or test hold the same image bytes "
+                                             rf"as a case trained on \(e.g. test/case_000, test, and liver/{trained}, "
+                                             r"train\)"):
+        prepare_project(project_dir / "project.yaml", progress=False)

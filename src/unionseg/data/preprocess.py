@@ -992,6 +992,7 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
     jobs: list[_CaseJob] = []
     entries: list[dict[str, Any]] = []
     splits: dict[str, Any] = {}
+    same_bytes: dict[str, list[tuple[str, str, str, str]]] = {}  # image hash -> (dataset, case, role, split)
     sources: list[list[Any]] = []
     scans = []
     planned = []
@@ -1063,6 +1064,8 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
                  "has_oracle": fp_oracle is not None, "fingerprints": fingerprints,
                  "record": (old or {}).get("record"), "labelled": labelled}
         entries.append(entry)
+        if len(image_rec) > 3:  # the bytes' hash (a record from before hashes has none until it is read)
+            same_bytes.setdefault(image_rec[3], []).append((ds.name, case.case_id, ds.role, split_of[case.case_id]))
         drop_oracle = fp_oracle is None and files["oracle"].exists()
         changed = do_image or do_label or do_oracle or drop_oracle or (old or {}).get("split") != meta["split"]
         # or only the record of its sources renewed (a touched file, or a record from before hashes): the
@@ -1077,8 +1080,29 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
                 refresh_only=not changed, declared=declared_of[ds.name],
                 redated=any(_last_seen(kept.get(k)) not in (None, r[4]) for k, r in meta["sources"].items())))
     warn_shared_images(scans, project.path)
+    _warn_evaluated_training_bytes(same_bytes, project.path)
     _warn_upsampling(jobs, project)
     return jobs, entries, splits, sources
+
+
+def _warn_evaluated_training_bytes(same_bytes: Mapping[str, list[tuple[str, str, str, str]]],
+                                   project_path: Path) -> None:
+    """Warn when a case validated or tested on holds the same image bytes as a case trained on, under another
+    name or in another dataset. Public releases reuse other sets' scans (AbdomenCT-1K holds LiTS, KiTS and
+    MSD cases), and copies were missed: only the same file (a link) was seen, and only between an evaluation
+    set and a training set, not across two training sets' splits (helper-102)."""
+    pairs = []
+    for cases in same_bytes.values():
+        trained = [c for c in cases if c[2] == "train" and c[3] == "train"]
+        evaluated = [c for c in cases if c[3] in ("val", "test")]
+        if trained and evaluated:
+            pairs.append((evaluated[0], trained[0]))
+    if pairs:
+        (ev_ds, ev_case, _, ev_split), (tr_ds, tr_case, _, _) = pairs[0]
+        warnings.warn(f"{project_path}: {len(pairs)} case(s) used for validation or test hold the same image bytes "
+                      f"as a case trained on (e.g. {ev_ds}/{ev_case}, {ev_split}, and {tr_ds}/{tr_case}, train): "
+                      "their scores would come from images the model trained on; give such a case one use "
+                      "(`val_cases`, or leave it out of one dataset)", UnionsegWarning, stacklevel=3)
 
 
 #: a prepared grid with more than this many times a dataset's own voxels is worth a word before prepare
