@@ -73,6 +73,14 @@ def write_tiny_case(image_path: Path, label_path: Path | None, seed: int = 0, va
         write_image(label_path, label, geom, replace=True)
 
 
+def _case_seed(prefix: str, i: int) -> int:
+    """Case ``i`` of a dataset whose ids start with ``prefix``: datasets of other prefixes get other images
+    (the same seed gave liver_000 and kidney_000 the same bytes, which prepare warns about as a shared image)."""
+    import zlib
+
+    return i if prefix == "case" else i + 1000 * (zlib.crc32(prefix.encode()) % 997 + 1)
+
+
 def write_msd_dataset(root: Path, n_cases: int = 3, labels: dict[int, str] | None = None,
                       prefix: str = "case", values: tuple[int, ...] = (1, 2)) -> Path:
     """A Medical Segmentation Decathlon folder: ``dataset.json`` + ``imagesTr/`` + ``labelsTr/``."""
@@ -82,7 +90,7 @@ def write_msd_dataset(root: Path, n_cases: int = 3, labels: dict[int, str] | Non
     training = []
     for i in range(n_cases):
         name = f"{prefix}_{i:03d}.nii.gz"
-        write_tiny_case(root / "imagesTr" / name, root / "labelsTr" / name, seed=i, values=values)
+        write_tiny_case(root / "imagesTr" / name, root / "labelsTr" / name, seed=_case_seed(prefix, i), values=values)
         training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
     data = {"name": root.name, "labels": {str(k): v for k, v in labels.items()}, "numTraining": n_cases,
             "training": training, "test": []}
@@ -99,7 +107,7 @@ def write_nnunet_dataset(root: Path, n_cases: int = 3, labels: dict[str, int] | 
     for i in range(n_cases):
         case = f"{prefix}_{i:03d}"
         write_tiny_case(root / "imagesTr" / f"{case}_0000.nii.gz", root / "labelsTr" / f"{case}.nii.gz",
-                        seed=i, values=values)
+                        seed=_case_seed(prefix, i), values=values)
     data = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n_cases, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(data, indent=1))
     return root
