@@ -503,3 +503,22 @@ def test_messages_name_a_few_items_and_count_the_rest() -> None:
     assert listing(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
     assert listing([1, 2, 3, 4, 5, 6], 5) == "1, 2, 3, 4, 5 and 1 more"
     assert and_more(1, 1) == "" and and_more(4, 1) == " and 3 more"
+
+
+def test_a_stray_second_channel_is_named(tmp_path: Path) -> None:
+    """A `_0001` file beside a case's `_0000` image was "lacks the channel suffix _0000" (nnU-Net) or, in a
+    folder without dataset.json, a missing label blamed on every case (helper-102). It is named as a second
+    channel; scans numbered ct_0000, ct_0001 with labels of those names stay cases."""
+    root = write_nnunet_dataset(tmp_path / "nn", 2, {"background": 0, "organ": 1}, prefix="liver")
+    write_tiny_case(root / "imagesTr" / "liver_001_0001.nii.gz", None)
+    with pytest.raises(DataError, match=r"image 'liver_001_0001.nii.gz' is channel 0001 of case 'liver_001': "
+                                        r"unionseg reads one CT channel"):
+        scan_dataset("nn", root)
+    (root / "dataset.json").unlink()  # the same folder read as a folder pair
+    with pytest.raises(DataError, match=r"image 'liver_001_0001.nii.gz' is channel 0001 of a case whose _0000 "
+                                        r"image is here"):
+        scan_dataset("nn", root)
+    numbered = tmp_path / "numbered"
+    for n in range(2):
+        write_tiny_case(numbered / "imagesTr" / f"ct_{n:04d}.nii.gz", numbered / "labelsTr" / f"ct_{n:04d}.nii.gz")
+    assert [c.case_id for c in scan_dataset("numbered", numbered).cases] == ["ct_0000", "ct_0001"]

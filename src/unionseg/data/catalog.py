@@ -338,6 +338,10 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
             continue
         stem = image.name[: -len(ending)]
         if not stem.endswith(_CHANNEL_SUFFIX):
+            if _ANY_CHANNEL.search(stem):  # _0001: a second channel, which one CT channel rules out
+                raise DataError(f"image {image.name!r} is channel {stem[-4:]} of case {stem[:-5]!r}: unionseg reads "
+                                "one CT channel (channel_names has one), the _0000 file; move the other channels "
+                                "out of imagesTr", image)
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
@@ -526,12 +530,23 @@ def _other_ending(path: Path, layout: str) -> str:
     return ""
 
 
-def _refuse_mixed_channel_tags(images: Mapping[str, Path], images_dir: Path) -> None:
+def _refuse_mixed_channel_tags(images: Mapping[str, Path], images_dir: Path,
+                               labels: Mapping[str, Path] | None = None) -> None:
     """An images folder where most names carry nnU-Net's channel tag and a few do not: the tag is then kept
     in every case id (it is dropped only when all carry it), so every image misses its label and the first
     tagged one was blamed. Name the untagged files instead. A folder with other channels (``_0001``) is not
     judged here: its images miss their labels as they are, and the error says so."""
     stems = {key: strip_suffix(path) for key, path in images.items()}
+    # case_001_0001 beside case_001_0000 and a label case_001: a second channel, blamed on every case as a
+    # missing label (scans numbered ct_0000, ct_0001 have labels of those names, not a label ct)
+    extra = [images[key] for key, stem in stems.items() if _ANY_CHANNEL.search(stem)
+             and not stem.endswith(_CHANNEL_SUFFIX) and f"{stem[:-5]}{_CHANNEL_SUFFIX}" in stems.values()
+             and stem[:-5] in (labels or {})]
+    if extra:
+        raise DataError(f"image {extra[0].name!r} is channel {strip_suffix(extra[0])[-4:]} of a case whose "
+                        f"{_CHANNEL_SUFFIX} image is here: unionseg reads one CT channel, the {_CHANNEL_SUFFIX} "
+                        f"file; move the other channels out of {images_dir.name}/"
+                        + (f" (also {listing([p.name for p in extra[1:]])})" if len(extra) > 1 else ""), extra[0])
     if any(_ANY_CHANNEL.search(stem) and not stem.endswith(_CHANNEL_SUFFIX) for stem in stems.values()):
         return
     untagged = [images[key] for key, stem in stems.items() if not stem.endswith(_CHANNEL_SUFFIX)]
@@ -560,7 +575,7 @@ def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
     images, labels = image_files(images_dir, channel_tags="all"), image_files(labels_dir, channel_tags="none")
     pairs, lonely_images, lonely_labels = match_by_name(images, labels)
     if lonely_images:
-        _refuse_mixed_channel_tags(images, images_dir)
+        _refuse_mixed_channel_tags(images, images_dir, labels)
         key = lonely_images[0]
         more = f" (also {listing([images[k].name for k in lonely_images[1:]])})" if len(lonely_images) > 1 else ""
         raise DataError(f"label file for case {key!r} is missing: no file in {labels_dir.name}/ matches "
