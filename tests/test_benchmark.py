@@ -64,8 +64,9 @@ def test_suite_eta_counts_only_runs_still_to_train() -> None:
 
 def test_a_rows_training_bar_gives_the_suites_eta(monkeypatch: pytest.MonkeyPatch) -> None:
     """The suite's ETA was said at each row's start only: a 20-minute row's lines gave its own ETA alone
-    (helper-97). The benchmark hands the row the suite's time after it, which its training bar adds to its
-    own ETA; an isolated row's process reads it from the environment."""
+    (helper-97). The benchmark hands the row the suite's time after it (an environment variable), which its
+    training bar adds to its own remaining steps, timed from the first step it shows (a loader's start or a
+    pending validation before it would skew the rate; helper-104)."""
     import time
 
     from unionseg.benchmark import _suite_after, suite_seconds
@@ -83,9 +84,12 @@ def test_a_rows_training_bar_gives_the_suites_eta(monkeypatch: pytest.MonkeyPatc
     now = [100.0]
     monkeypatch.setattr(time, "monotonic", lambda: now[0])
     bar = trainer._Progress(100, 0, "naive", enabled=True, suite_after=600.0)
-    now[0] = 110.0
-    bar.update(10, {"loss": 1.0})  # 1 s a step: 90 s left in the row, then 600 s
-    assert bar.progress.tasks[bar.task].fields["suite"] == "suite ETA 0:11:30"
+    now[0] = 400.0  # a slow start (the loader, a pending validation): not in the rate
+    bar.update(1, {"loss": 1.0})
+    assert bar.progress.tasks[bar.task].fields["suite"] == ""
+    now[0] = 410.0
+    bar.update(11, {"loss": 1.0})  # 1 s a step: 89 s left in the row, then 600 s
+    assert bar.progress.tasks[bar.task].fields["suite"] == "suite ETA 0:11:29"
     bar.close()
     plain = trainer._Progress(100, 0, "expert", enabled=True)  # outside a benchmark: no such field
     plain.update(10, {"loss": 1.0})

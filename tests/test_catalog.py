@@ -518,6 +518,10 @@ def test_a_stray_second_channel_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"image 'liver_001_0001.nii.gz' is channel 0001 of a case whose _0000 "
                                         r"image is here"):
         scan_dataset("nn", root)
+    untagged = write_nnunet_dataset(tmp_path / "untagged", 1, {"background": 0, "organ": 1}, prefix="ct")
+    (untagged / "imagesTr" / "ct_000_0000.nii.gz").rename(untagged / "imagesTr" / "ct_0001.nii.gz")
+    with pytest.raises(DataError, match=r"image name 'ct_0001.nii.gz' lacks the channel suffix _0000"):
+        scan_dataset("untagged", untagged)  # no ct_0000 beside it: a scan without its tag, not a channel
     numbered = tmp_path / "numbered"
     for n in range(2):
         write_tiny_case(numbered / "imagesTr" / f"ct_{n:04d}.nii.gz", numbered / "labelsTr" / f"ct_{n:04d}.nii.gz")

@@ -473,11 +473,15 @@ def test_a_key_written_twice_is_refused(tmp_path: Path) -> None:
 
     bad = tmp_path / "map.yaml"
     bad.write_text("labels:\n  1: liver\n  2: tumor\n  1: spleen\n")
-    with pytest.raises(ConfigError, match=r"map.yaml: invalid YAML: .*found the key 1 twice \(first on line 2\)"):
+    with pytest.raises(ConfigError, match=r"map.yaml: invalid YAML: found the key 1 twice \(first on line 2, again on "
+                                          r"line 4\)"):
         load_yaml(bad)
     with pytest.raises(yaml.YAMLError, match="found the key 'a' twice"):
         parse_yaml("{a: 1, b: 2, a: 3}")
     assert parse_yaml("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 5\n")["d"] == {"x": 5, "y": 2}
+    # a merged node merged again, deeper in the file than its user: PyYAML merges in place (helper-104)
+    nested = "c: &c {steps: 8, v: 8}\nb:\n  e: &s\n    <<: *c\n    steps: 4\nlong:\n  <<: *s\n  v: 16\n"
+    assert parse_yaml(nested)["long"] == {"steps": 4, "v": 16}
     assert parse_yaml("{1: x, '1': y}") == {1: "x", "1": "y"}  # two keys (a cross map refuses the pair itself)
 
 

@@ -523,6 +523,7 @@ def test_a_shared_artefact_on_a_full_disk_is_named_and_leaves_no_temporary(tmp_p
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left = target.parent / f".{target.name}.{int(dead.stdout)}.tmp"  # what a killed writer leaves
     left.write_bytes(b"\0" * 1000)
+    os.utime(left, (0, 0))  # long unchanged: a live writer on another node keeps its file changing
     import unionseg.artifacts as artifacts
 
     monkeypatch.setattr(artifacts, "_SWEPT", set())  # a later process: it has swept no folder yet

@@ -890,7 +890,8 @@ def test_a_renamed_case_leaves_its_cache_files_named(project_dir: Path) -> None:
         (project_dir / "kidney" / folder / "case_001.nii.gz").rename(project_dir / "kidney" / folder / "case_009.nii.gz")
     meta["training"][1] = {"image": "./imagesTr/case_009.nii.gz", "label": "./labelsTr/case_009.nii.gz"}
     (project_dir / "kidney" / "dataset.json").write_text(json.dumps(meta))
-    with pytest.warns(UnionsegWarning, match=r"1 prepared case\(s\) belong to no case of the project now \(renamed or "
-                                             r"removed: kidney/case_001\); they are never read: delete their files"):
+    with pytest.warns(UnionsegWarning, match=r"1 prepared case\(s\) are no case of project.yaml \(renamed or "
+                                             r"removed: kidney/case_001\); unless another project file shares this "
+                                             r"cache, they are never read: delete their files"):
         prepare_project(project_dir / "project.yaml", progress=False)
     assert (project_dir / "prepared" / "kidney" / "case_001.image.npy").is_file()  # named, not deleted

@@ -59,7 +59,8 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.parent not in _SWEPT:  # once per folder and process: a listing per file is N^2 for N files
-        remove_dead_temporaries_in(path.parent)
+        # idle for a while too: under multi-node DDP another node's live writer has a pid unknown here
+        remove_dead_temporaries_in(path.parent, min_idle_s=_STALE_AFTER_S)
         _SWEPT.add(path.parent)
     with written_atomically(path) as fh:
         np.save(_Writes(fh), array)
@@ -67,6 +68,8 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
 
 #: the artefact folders whose dead temporaries this process removed (:func:`_atomic_save_npy`)
 _SWEPT: set[Path] = set()
+#: how long a temporary must have been left unchanged before a sweep takes its writer for dead
+_STALE_AFTER_S = 600.0
 
 
 class ArtifactCache:

@@ -605,8 +605,8 @@ def suite_seconds(to_train: int, trained: list[float], recorded: list[float], st
 @contextlib.contextmanager
 def _suite_after(seconds: float | None) -> Iterator[None]:
     """The suite's estimated time after the current row, for the row's training bar and lines to add to
-    their own ETA (:data:`SUITE_AFTER_ENV`; an environment variable, so that an isolated row's process
-    sees it too): the suite's ETA was said at each row's start only (helper-97)."""
+    their own ETA (:data:`SUITE_AFTER_ENV`, read where the bar is made): the suite's ETA was said at each
+    row's start only (helper-97). An isolated row's process shows no bar, so only its start line has it."""
     saved = os.environ.get(SUITE_AFTER_ENV)
     if seconds is not None:
         os.environ[SUITE_AFTER_ENV] = f"{seconds:.0f}"

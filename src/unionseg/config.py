@@ -67,24 +67,28 @@ class _Loader(yaml.SafeLoader):
     a key written twice in one mapping, which PyYAML let the last one win (``labels: {1: liver, 1: spleen}``
     scored the liver as spleen; helper-103). A key a merge (``<<: *base``) brings in may be overridden."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        # every mapping node is flattened (merged) before its entries are read, as itself or as a merge's
+        # source, and PyYAML merges in place: its own keys are checked here, once, before that
+        checked: set[int] = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) not in checked:
+            checked.add(id(node))
             seen: dict[Any, int] = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue
-                key = self.construct_object(key_node, deep=deep)
+                key = self.construct_object(key_node, deep=False)
                 try:
                     repeated = key in seen
-                except TypeError:  # an unhashable key: the base class says so
+                except TypeError:  # an unhashable key: PyYAML says so
                     continue
                 if repeated:
                     raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f"found the key {key!r} twice (first on line {seen[key] + 1}); the later one would "
-                        "replace the first without a word", key_node.start_mark)
+                        None, None, f"found the key {key!r} twice (first on line {seen[key] + 1}, again on line "
+                        f"{key_node.start_mark.line + 1}); the later one would replace the first without a word",
+                        None)
                 seen[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep=deep)
+        super().flatten_mapping(node)
 
 
 class _Dumper(yaml.SafeDumper):

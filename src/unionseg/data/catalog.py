@@ -338,10 +338,11 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
             continue
         stem = image.name[: -len(ending)]
         if not stem.endswith(_CHANNEL_SUFFIX):
-            if _ANY_CHANNEL.search(stem):  # _0001: a second channel, which one CT channel rules out
+            if _ANY_CHANNEL.search(stem) and (images_dir / f"{stem[:-5]}{_CHANNEL_SUFFIX}{ending}").exists():
+                # _0001 beside the case's _0000: a second channel, which one CT channel rules out
                 raise DataError(f"image {image.name!r} is channel {stem[-4:]} of case {stem[:-5]!r}: unionseg reads "
                                 "one CT channel (channel_names has one), the _0000 file; move the other channels "
-                                "out of imagesTr", image)
+                                f"out of {images_dir.name}/", image)
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
@@ -765,24 +766,25 @@ def warn_shared_images(datasets: Sequence[tuple[str, str, DatasetInfo]], project
                           "from cases the model trained on", UnionsegWarning, stacklevel=2)
 
 
-def list_image_files(folder: Path) -> list[Path]:
+def list_image_files(folder: Path, warn: bool = True) -> list[Path]:
     """Images in a folder (for ``predict`` on folders); a folder of DICOM files counts as one image. A folder
-    that holds image files and DICOM files gives the image files, and warns that the DICOM files are left
-    out and how to predict their series (they were left out without a word; listing the folder as a series
-    too broke on a stray report or a one-slice file, and on a copy named after the folder)."""
+    that holds image files and DICOM files gives the image files, and (``warn``) a warning that the DICOM
+    files are left out and how to predict their series (they were left out without a word; listing the
+    folder as a series too broke on a stray report or a one-slice file, and on a copy named after the
+    folder). A caller that only builds a hint passes ``warn=False``: it reads no DICOM header then."""
     import warnings
 
     from unionseg.data.io import is_dicom_file
     from unionseg.errors import UnionsegWarning
 
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) in IMAGE_SUFFIXES
-             and not p.name.startswith(".")]
-    dicom = [p for p in sorted(folder.iterdir()) if p.is_file() and suffix_of(p) not in IMAGE_SUFFIXES
-             and not p.name.startswith(".") and is_dicom_file(p)]  # often named IM0001, no suffix
-    if not files and dicom:
-        return [folder]
-    if dicom:
-        warnings.warn(f"{folder}: its {len(dicom)} DICOM file(s) are left out (predict reads a folder's image "
-                      f"files, here {len(files)}); to predict their series, give one of its files "
-                      f"({dicom[0]}) or the series in a folder of its own", UnionsegWarning, stacklevel=2)
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if p.is_file() and suffix_of(p) in IMAGE_SUFFIXES and not p.name.startswith(".")]
+    others = (p for p in entries if p.is_file() and suffix_of(p) not in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not files:  # often named IM0001, no suffix: the first DICOM file decides
+        return [folder] if any(is_dicom_file(p) for p in others) else []
+    first = next((p for p in others if is_dicom_file(p)), None) if warn else None
+    if first is not None:
+        warnings.warn(f"{folder}: its DICOM files are left out (predict reads a folder's image files, here "
+                      f"{len(files)}); to predict their series, give one of its files ({first}) or the series in a "
+                      "folder of its own", UnionsegWarning, stacklevel=2)
     return files

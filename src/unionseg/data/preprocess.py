@@ -1092,11 +1092,14 @@ def _warn_evaluated_training_bytes(same_bytes: Mapping[str, list[tuple[str, str,
     MSD cases), and copies were missed: only the same file (a link) was seen, and only between an evaluation
     set and a training set, not across two training sets' splits (helper-102)."""
     pairs = []
+    # with a role: val dataset, a training dataset's val split is used for nothing (validation reads that
+    # dataset alone): only the evaluation datasets' cases are evaluated then
+    role_val = any(c[2] == "val" for cases in same_bytes.values() for c in cases)
     for cases in same_bytes.values():
         trained = [c for c in cases if c[2] == "train" and c[3] == "train"]
-        evaluated = [c for c in cases if c[3] in ("val", "test")]
+        evaluated = [c for c in cases if c[3] in ("val", "test") and not (role_val and c[2] == "train")]
         if trained and evaluated:
-            pairs.append((evaluated[0], trained[0]))
+            pairs += [(c, trained[0]) for c in evaluated]
     if pairs:
         (ev_ds, ev_case, _, ev_split), (tr_ds, tr_case, _, _) = pairs[0]
         warnings.warn(f"{project_path}: {len(pairs)} case(s) used for validation or test hold the same image bytes "
@@ -1409,10 +1412,10 @@ def _warn_orphans(cache: Path, project: Project, entries: Sequence[Mapping[str, 
                  if f.is_file()]
         size = sum(f.stat().st_size for f in files) / 2**20
         shown = ", ".join(f"{m.parent.name}/{m.name[:-len('.json')]}" for m in orphans[:4])
-        warnings.warn(f"{cache}: {len(orphans)} prepared case(s) belong to no case of the project now (renamed or "
-                      f"removed: {shown}{' ...' if len(orphans) > 4 else ''}); they are never read: delete their "
-                      f"files (<case>.json, .image.npy, .label.npy, .oracle.npy; {size:.0f} MB) to free the space",
-                      UnionsegWarning, stacklevel=3)
+        warnings.warn(f"{cache}: {len(orphans)} prepared case(s) are no case of {project.path.name} (renamed or "
+                      f"removed: {shown}{' ...' if len(orphans) > 4 else ''}); unless another project file shares "
+                      f"this cache, they are never read: delete their files (<case>.json, .image.npy, .label.npy, "
+                      f".oracle.npy; {size:.0f} MB) to free the space", UnionsegWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------- CLI

@@ -78,7 +78,7 @@ def _subfolder_hint(folder: Path) -> str:
 
     try:
         held = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
-                and list_image_files(d)]
+                and list_image_files(d, warn=False)]
     except OSError:
         return ""
     if not held:
@@ -86,7 +86,7 @@ def _subfolder_hint(folder: Path) -> str:
     from unionseg.data.catalog import image_key
 
     shown = ", ".join(d.name for d in held[:3]) + (", ..." if len(held) > 3 else "")
-    names = [image_key(f) if f.is_file() else f.name for d in held for f in list_image_files(d)]
+    names = [image_key(f) if f.is_file() else f.name for d in held for f in list_image_files(d, warn=False)]
     if len(set(names)) == len(names):
         return (f"; {len(held)} of its sub-folders hold images ({shown}), and predict reads one folder level: pass "
                 f"them, e.g. {folder}/*")

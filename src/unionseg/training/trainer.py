@@ -279,7 +279,8 @@ class Trainer:
                 self.timings["run"] = self.timings["total"]
             # the checkpoint holds the stages' time of the processes before; shared stages made again here
             # (their files gone since) add theirs
-            self.timings["stages"] += self.stage_seconds_here
+            self.timings["stages"] = (float(resume_state.get("timings", {}).get("stages", 0.0))
+                                      + self.stage_seconds_here)  # (a checkpoint without it: this process's)
         self.run_seconds_earlier = self.timings["run"]
         self._note_world_size()
         self._run_started = time.perf_counter()
@@ -1126,7 +1127,8 @@ class _Progress:
         from unionseg.progress import make_progress, time_columns
 
         self.total, self.start, self.suite_after = total, start, suite_after
-        self.started = time.monotonic()
+        self.timed_from: tuple[float, int] | None = None  # (time, step) of the first step shown: the clock of
+        # the suite's ETA starts there, after the loader's start and a resume's pending validation
         # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms (on stderr, as
         # every progress of make_progress: stdout holds the results)
         suite = (TextColumn("{task.fields[suite]}"),) if suite_after is not None else ()
@@ -1140,11 +1142,15 @@ class _Progress:
         if self.enabled:
             text = " ".join(f"{k}={v:.3f}" for k, v in terms.items())
             fields = {}
-            if self.suite_after is not None and step > self.start:
-                from unionseg.progress import clock
+            if self.suite_after is not None:
+                now = time.monotonic()
+                if self.timed_from is None:
+                    self.timed_from = (now, step)
+                elif step > self.timed_from[1]:
+                    from unionseg.progress import clock
 
-                left = (time.monotonic() - self.started) / (step - self.start) * max(0, self.total - step)
-                fields["suite"] = f"suite ETA {clock(left + self.suite_after)}"
+                    rate = (now - self.timed_from[0]) / (step - self.timed_from[1])
+                    fields["suite"] = f"suite ETA {clock(rate * max(0, self.total - step) + self.suite_after)}"
             self.progress.update(self.task, completed=step, terms=text, **fields)
 
     def validating(self, candidate: str) -> Callable[[int, int], None]:
