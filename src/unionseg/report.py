@@ -121,10 +121,10 @@ def aggregate(results: list[dict[str, Any]], suite: Any) -> dict[str, Any]:
             "methods": methods, "runs": results}
 
 
-#: what results.json's numbers are measured in (its keys name most units; this says them all)
 #: the least lead of the oracle over naive (Dice) for a gap closure to be computed: below it (or with the
 #: oracle behind) the ratio divides by noise (helper-97: 1.00 for a row scoring 0, the oracle 0.000 behind naive)
 MIN_GAP = 0.01
+#: what results.json's numbers are measured in (its keys name most units; this says them all)
 UNITS = {"dice": "fraction in [0, 1]", "nsd": "fraction in [0, 1], tolerance 2 mm", "hd95": "mm",
          "gap_closure": "fraction (naive 0, oracle 1)", "train_seconds": "s (wall time)",
          "expert_seconds": "s (wall time)", "stage_seconds": "s (wall time)",

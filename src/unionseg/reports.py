@@ -183,8 +183,9 @@ def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[
             f"data fingerprint {prov.get('data_fingerprint')}")
         if prov.get("options"):
             out(f"method options: {json.dumps(prov['options'], sort_keys=True)}")
-        if _processes_words(prov.get("processes")):  # absent from model files before session 36: nothing said
-            out(_processes_words(prov.get("processes")))
+        processes = _processes_words(prov.get("processes"))  # absent from model files before session 36
+        if processes:
+            out(processes)
     return s
 
 

@@ -1401,17 +1401,13 @@ def _warn_orphans(cache: Path, project: Project, entries: Sequence[Mapping[str, 
     removed from the dataset): they are never read, and stayed, unnamed, at 150-400 MB each on real CT
     (helper-102). Named, not deleted: the cache is the user's folder."""
     cases = {(e["dataset"], e["case_id"]) for e in entries}
-    orphans: list[Path] = []
-    for ds in project.datasets:
-        folder = cache / ds.name
-        if folder.is_dir():
-            orphans += [meta for meta in sorted(folder.glob("*.json"))
-                        if not meta.name.startswith(".") and (ds.name, meta.name[:-len(".json")]) not in cases]
+    orphans = [(cache / ds.name, meta.stem) for ds in project.datasets if (cache / ds.name).is_dir()
+               for meta in sorted((cache / ds.name).glob("*.json"))
+               if not meta.name.startswith(".") and (ds.name, meta.stem) not in cases]
     if orphans:
-        files = [f for meta in orphans for f in _case_files(meta.parent, meta.name[:-len(".json")]).values()
-                 if f.is_file()]
+        files = [f for folder, case in orphans for f in _case_files(folder, case).values() if f.is_file()]
         size = sum(f.stat().st_size for f in files) / 2**20
-        shown = ", ".join(f"{m.parent.name}/{m.name[:-len('.json')]}" for m in orphans[:4])
+        shown = ", ".join(f"{folder.name}/{case}" for folder, case in orphans[:4])
         warnings.warn(f"{cache}: {len(orphans)} prepared case(s) are no case of {project.path.name} (renamed or "
                       f"removed: {shown}{' ...' if len(orphans) > 4 else ''}); unless another project file shares "
                       f"this cache, they are never read: delete their files (<case>.json, .image.npy, .label.npy, "

@@ -45,7 +45,6 @@ import typer
 
 from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import (
-    _remove_stale_figures,
     case_progress,
     case_records,
     check_label_names,
@@ -54,6 +53,7 @@ from unionseg.evaluation.evaluate import (
     display_key,
     label_range_problem,
     on_truth_grid,
+    remove_stale_figures,
     write_metrics_csv,
 )
 from unionseg.evaluation.metrics import METRICS, score_masks
@@ -380,7 +380,9 @@ def pair_predictions(pred_dir: Path, cases: Mapping[str, tuple[Path, tuple[str, 
 
 
 def _read_pair(pred_path: Path, gt_path: Path, model_space: LabelSpace, labels: Mapping[int, str] | None
-               ) -> tuple[np.ndarray, np.ndarray, Any]:
+               ) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+    """The prediction on the truth's grid, the truth (uint8), its geometry, and which of the 256 label values
+    the truth holds."""
     from unionseg.data.io import read_image
 
     pred, pred_geom = read_image(pred_path)
@@ -397,13 +399,13 @@ def _read_pair(pred_path: Path, gt_path: Path, model_space: LabelSpace, labels: 
     if problem is not None:
         raise DataError(problem, gt_path)
     gt = gt.astype(np.uint8)
-    if labels is not None and gt.size:
-        present = np.flatnonzero(np.bincount(gt.reshape(-1), minlength=256))
-        unknown = [int(v) for v in present if v != 0 and int(v) not in labels]
+    present = np.bincount(gt.reshape(-1), minlength=256) > 0
+    if labels is not None:
+        unknown = [int(v) for v in np.flatnonzero(present) if v != 0 and int(v) not in labels]
         if unknown:
             raise DataError(f"label values {unknown} are not in the evaluation set's labels "
                             f"({sorted(labels)}); check the map file or the folder", gt_path)
-    return pred.astype(np.uint8), gt, gt_geom
+    return pred.astype(np.uint8), gt, gt_geom, present
 
 
 def evaluate_cross(
@@ -491,8 +493,8 @@ def evaluate_cross(
     present = np.zeros(256, dtype=bool)  # the label values some case's truth holds
     with case_progress(len(cases), progress, "evaluate-cross") as done:
         for case, (label_path, _) in cases.items():
-            pred, gt, geom = _read_pair(preds[case], label_path, model_space, gt_labels)
-            present |= np.bincount(gt.reshape(-1), minlength=256)[:256] > 0
+            pred, gt, geom, holds = _read_pair(preds[case], label_path, model_space, gt_labels)
+            present |= holds
             scores[case] = evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics)
             done(case)
     _warn_absent_organs(present, gt_map, len(scores), Path(gt_dir))
@@ -546,7 +548,7 @@ def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, C
     files = {k: v.resolve() for k, v in files.items()}  # absolute, as the summary's other paths
     # evaluate-cross draws no figures: those of an earlier `evaluate` into this -o (--overwrite) would sit
     # beside tables they do not show (helper-103)
-    _remove_stale_figures(out / "figures", set())
+    remove_stale_figures(out / "figures", set())
     write_metrics_csv(files["metrics_csv"], scores, metrics)
     write_json(files["summary_json"], {**summary, "files": {k: str(v) for k, v in files.items()}})
     shared = ", ".join(display_key(k) for k in summary["scored"])

@@ -808,7 +808,7 @@ def evaluate_folder(
     if figures and cases:
         files.update(_write_figures(out_dir / "figures", cases, classes, metrics, best, worst, truths, preds,
                                     lookup, space, spec, project, tolerance_mm))
-    _remove_stale_figures(out_dir / "figures", set(files.values()))
+    remove_stale_figures(out_dir / "figures", set(files.values()))
     summary["files"] = {k: str(Path(v).resolve()) for k, v in files.items()}  # as "predictions" and "ground_truth"
     write_metrics_csv(files["metrics_csv"], cases, metrics)
     write_json(files["summary_json"], summary)
@@ -828,7 +828,9 @@ def evaluate_folder(
 FIGURE_FILES = ("dice_boxplot.png", "hd95_boxplot.png", "nsd_boxplot.png", "overlay_best.png", "overlay_worst.png")
 
 
-def _remove_stale_figures(folder: Path, written: set[Path]) -> None:
+def remove_stale_figures(folder: Path, written: set[Path]) -> None:
+    """Delete the :data:`FIGURE_FILES` in ``folder`` that are not in ``written``, and the folder when that
+    leaves it empty (evaluate-cross, which draws none, passes an empty set)."""
     for name in FIGURE_FILES:
         stale = folder / name
         if stale not in written and stale.is_file():

@@ -1126,7 +1126,7 @@ class _Progress:
 
         from unionseg.progress import make_progress, time_columns
 
-        self.total, self.start, self.suite_after = total, start, suite_after
+        self.total, self.suite_after = total, suite_after
         self.timed_from: tuple[float, int] | None = None  # (time, step) of the first step shown: the clock of
         # the suite's ETA starts there, after the loader's start and a resume's pending validation
         # off a terminal (nohup, SLURM): a timed line with the step, the ETA and the loss terms (on stderr, as
