@@ -1239,3 +1239,6 @@ def test_a_device_name_torch_does_not_know_is_refused_with_the_names_that_work()
             resolve_device(name)
     assert resolve_device("cpu") == resolve_device(torch.device("cpu")) == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda")
+    if not torch.cuda.is_available():  # the same error as training's device key (one resolver for both)
+        with pytest.raises(ConfigError, match=r"device: 'cuda:0' asked for, but this machine has no CUDA device"):
+            resolve_device("cuda:0")

@@ -39,12 +39,15 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
 from unionseg.errors import ConfigError, listing
 from unionseg.labels import DatasetLabels, LabelSpace, Leaf
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -59,6 +62,29 @@ LAYOUTS = ("msd", "nnunet", "kits", "folders")
 def is_device_name(name: str) -> bool:
     """Whether ``name`` is one of :data:`DEVICE_NAMES` (N a GPU index)."""
     return name in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", name) is not None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """The torch device for training's ``device`` key and predict's ``--device``: ``auto`` is CUDA when
+    available, else the CPU; a ``torch.device`` (``mps``, ``xpu``, ...) is taken as it is.
+
+    Raises:
+        ConfigError: a name that is not one of :data:`DEVICE_NAMES` (torch's own error lists a dozen device
+            types), or CUDA asked for on a machine without it.
+    """
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str) or not is_device_name(device):
+        raise ConfigError(f"device: {device!r} is not one of {DEVICE_NAMES}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {device!r} asked for, but this machine has no CUDA device (use the CPU: "
+                          "device=cpu or auto in a recipe, --device cpu for predict)")
+    return resolved
 
 
 class _Loader(yaml.SafeLoader):

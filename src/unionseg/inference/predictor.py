@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unionseg.config import PreprocessSpec, from_dict
+from unionseg.config import PreprocessSpec, from_dict, resolve_device
 from unionseg.data.io import (
     IMAGE_SUFFIXES,
     KIND_WORDS,
@@ -89,29 +89,6 @@ ProgressFn = Callable[[int, int], None]
 DECISIONS = ("merge", "argmax")
 ACCUMULATE = ("auto", "float32", "float16")
 PAD_VALUE = -1.0  # air after CT normalisation
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU. A name is one of ``auto``, ``cpu``, ``cuda``, ``cuda:N``, as
-    training's ``device`` key; a ``torch.device`` (``mps``, ``xpu``, ...) is taken as it is.
-
-    Raises:
-        ConfigError: a name that is not one of ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
-        UnionsegError: CUDA requested but not available.
-    """
-    from unionseg.config import DEVICE_NAMES, is_device_name
-
-    if isinstance(device, torch.device):
-        return device
-    if not isinstance(device, str) or not is_device_name(device):  # torch's own error lists a dozen device types
-        raise ConfigError(f"device: {device!r} is not one of {DEVICE_NAMES}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnionsegError(f"device {device!r} requested but no CUDA device is available (use the CPU: "
-                            "--device cpu, device='cpu')")
-    return dev
 
 
 def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:

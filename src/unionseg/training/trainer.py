@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unionseg.config import Project, config_hash, describe_changes, option_changes, to_dict
+from unionseg.config import Project, config_hash, describe_changes, option_changes, resolve_device, to_dict
 from unionseg.errors import ConfigError, OutputExistsError, UnionsegWarning
 from unionseg.jsonfile import read_record, write_json, write_text
 from unionseg.labels import LabelSpace
@@ -73,22 +73,6 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU.
-
-    Raises:
-        ConfigError: CUDA asked for on a machine without it.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from unionseg.errors import ConfigError
-
-        raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA device (device=cpu or auto)")
-    return device
 
 
 def check_sizes(cfg: TrainConfig) -> None:
