@@ -324,6 +324,11 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tiny_project:
         err = capsys.readouterr().err
         assert ("error: <overrides>: steps: expected an integer, got 'abc'" in err) is printed, err
     assert not (tmp_path / "run").exists()
+    for rank, printed in (("0", True), ("1", False)):  # a usage error (an unknown flag) too
+        monkeypatch.setenv("RANK", rank)
+        assert run(["train", str(tiny_project), "--methd", "naive"]) == 2
+        err = capsys.readouterr().err
+        assert ("No such option: --methd" in err) is printed, err
 
     def other(*args: object, **kwargs: object) -> None:
         raise UnionsegError("a problem of this rank alone")

@@ -315,6 +315,8 @@ def run(argv: list[str]) -> int:
         typer.echo("aborted", err=True)
         return EXIT_INTERRUPTED
     except _USAGE as exc:
+        if _other_rank() is not None:  # every rank parses the same arguments: rank 0 shows the usage once
+            return 2
         show = getattr(exc, "show", None)
         if callable(show):
             show()
