@@ -449,10 +449,31 @@ def test_cross_evaluation_scores_the_four_shared_organs_only(public: dict[str, P
     assert rows[0].startswith("case,class,dice,hd95,nsd") and len(rows) == 1 + 3 * 4
     assert not any(re.search(r"gallbladder|tumour|aorta", r) for r in rows)
     assert "Scored on the shared classes only: liver, kidney, pancreas, spleen" in (out / "summary.md").read_text()
-    # an earlier `evaluate`'s figures in this -o do not survive beside tables they do not show (helper-103)
-    (out / "figures").mkdir()
-    (out / "figures" / "dice_boxplot.png").write_bytes(b"an earlier evaluation's")
-    evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=out, overwrite=True)
+    # evaluate's figures and case ranking (they were missing): the half kidney is the worst case, and the
+    # pictures show the truth in the model's classes (BTCV's two kidneys as the kidney, its gallbladder not
+    # at all) over the CT, which the dataset root gives
+    assert summary["best_case"] == "img0001" and summary["worst_case"] == "img0021"
+    assert summary["case_quality"]["img0021"] < summary["case_quality"]["img0001"]
+    drawn = {"dice_boxplot", "hd95_boxplot", "nsd_boxplot", "overlay_best", "overlay_worst"}
+    assert drawn <= set(summary["files"])
+    assert all(Path(summary["files"][k]).read_bytes()[:4] == b"\x89PNG" for k in drawn)
+    shown: dict[str, tuple[np.ndarray, np.ndarray, object]] = {}
+
+    def capture(pred: np.ndarray, truth: np.ndarray, space: object, geometry: object, path: Path,
+                title: str = "", image: object = None, **kwargs: object) -> Path:
+        shown[path.stem] = (pred, truth, image)
+        return path
+
+    from unittest import mock
+
+    with mock.patch("unionseg.evaluation.figures.overlay", capture):
+        evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=out, overwrite=True)
+    _, truth, image = shown["overlay_worst"]
+    kidney = space.code("region:kidney")
+    assert np.array_equal(truth == kidney, np.isin(gt, [2, 3])) and not truth[gt == 4].any()
+    assert np.array_equal(truth == space.code("region:liver"), gt == 6) and image is not None
+    # without figures, none is left from the run before beside tables they do not show (helper-103)
+    evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=out, overwrite=True, figures=False)
     assert not (out / "figures").exists()
     # the label folder itself works as ground truth too
     assert evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap)["n_cases"] == 3

@@ -43,9 +43,11 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
+from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import (
     case_progress,
+    case_quality,
+    case_quality_measure,
     case_records,
     check_label_names,
     check_metrics,
@@ -53,6 +55,7 @@ from unionseg.evaluation.evaluate import (
     display_key,
     label_range_problem,
     on_truth_grid,
+    rank_cases,
     remove_stale_figures,
     write_metrics_csv,
 )
@@ -323,24 +326,31 @@ def ground_truth_cases(gt: Path, layout: str = "auto") -> dict[str, tuple[Path, 
     Raises:
         DataError: a missing folder, no label files, or an unreadable dataset root.
     """
+    return _ground_truth(Path(gt), layout)[0]
+
+
+def _ground_truth(gt: Path, layout: str) -> tuple[dict[str, tuple[Path, tuple[str, ...]]], dict[str, Path]]:
+    """:func:`ground_truth_cases`, and each case's image where ``gt`` is a dataset root (a folder of label
+    files names none): the figures draw the truth over it."""
     from unionseg.data.catalog import image_key, scan_dataset
 
-    gt = Path(gt)
     if not gt.is_dir():
         raise DataError("ground-truth folder not found", gt)
     direct = _label_folder_cases(gt)
     if direct:
-        return direct
+        return direct, {}
     try:
         info = scan_dataset("evaluation", gt, layout)
     except DataError as exc:
         raise DataError(f"no label files here, and not a dataset root either ({exc.message})", gt) from None
     out: dict[str, tuple[Path, tuple[str, ...]]] = {}
+    images: dict[str, Path] = {}
     for case in info.cases:
         assert case.label is not None
         names = tuple(dict.fromkeys((case.case_id, image_key(case.image), image_key(case.label))))
         out[case.case_id] = (case.label, names)
-    return out
+        images[case.case_id] = case.image
+    return out, images
 
 
 def pair_predictions(pred_dir: Path, cases: Mapping[str, tuple[Path, tuple[str, ...]]]
@@ -423,6 +433,7 @@ def evaluate_cross(
     name: str = "evaluation",
     progress: bool = False,
     overwrite: bool = False,
+    figures: bool = True,
 ) -> dict[str, Any]:
     """Score a folder of predictions on a dataset labelled in another label space (shared classes only).
 
@@ -432,7 +443,7 @@ def evaluate_cross(
         model_space: the label space the model predicts (its project's).
         gt_map: evaluation value -> model class key (leaf or ``region:<organ>``, or a union joined by ``+``), e.g. from
             :meth:`CrossMap.gt_map`; only the classes named here are scored.
-        out_dir: if given, ``metrics.csv``, ``summary.json`` and ``summary.md`` are written there.
+        out_dir: if given, ``metrics.csv``, ``summary.json``, ``summary.md`` and ``figures/`` are written there.
         gt_labels: the evaluation set's declared values; any other value in a truth is an error. None: not
             checked (unmapped values are organs the model does not know).
         layout: catalog layout of ``gt_dir`` when it is a dataset root.
@@ -444,10 +455,13 @@ def evaluate_cross(
         progress: show a progress bar with an ETA on stderr (the CLI does).
         overwrite: replace an earlier evaluation's reports in ``out_dir`` (else they are refused, as by
             :func:`unionseg.evaluation.evaluate.check_output_folder`).
+        figures: with ``out_dir``, draw ``evaluate``'s figures: a box plot per metric, and the best and the
+            worst case on the shared classes (over the CT when ``gt_dir`` is a dataset root).
 
     Returns:
         A summary: ``cases`` (case -> class key -> metrics), ``classes`` (per class mean/sd/...), ``scored``
-        (the shared class keys), ``not_scored`` (dropped organs), ``markdown`` (a table) and ``files``.
+        (the shared class keys), ``not_scored`` (dropped organs), ``case_quality`` with ``best_case`` and
+        ``worst_case`` (as ``evaluate``'s), ``markdown`` (a table) and ``files``.
 
     Raises:
         DataError: missing folders or predictions, grid mismatches, values outside either label space.
@@ -465,7 +479,7 @@ def evaluate_cross(
         raise ConfigError(str(exc)) from None
     if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ConfigError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
-    every = ground_truth_cases(Path(gt_dir), layout)
+    every, images = _ground_truth(Path(gt_dir), layout)
     # a pattern of the ids' form that matches none of them is harmless (AMOS's MRI ids are spread over its
     # splits, so one split holds none of a range); one of another form is most likely a mistake
     unused = [p for p in exclude if not any(fnmatch.fnmatchcase(c, p) for c in every)
@@ -499,6 +513,7 @@ def evaluate_cross(
             done(case)
     _warn_absent_organs(present, gt_map, len(scores), Path(gt_dir))
     classes = summarise(scores, keys, metrics)
+    quality, best, worst = rank_cases(scores, metrics)
     markdown = markdown_table(classes, metrics, tolerance_mm)
     summary: dict[str, Any] = {
         "evaluation_set": name, "ground_truth": str(Path(gt_dir).resolve()),
@@ -507,10 +522,17 @@ def evaluate_cross(
         "not_scored": dict(dropped or {}), "metrics": list(metrics), "tolerance_mm": float(tolerance_mm),
         "classes": classes,
         "cases": case_records(scores),
+        "case_quality": quality, "case_quality_measure": case_quality_measure(metrics),
+        "best_case": best, "worst_case": worst,
         "unmatched_predictions": unmatched, "excluded": excluded, "files": {},
     }
     if out_dir is not None:
-        summary["files"] = _write_reports(Path(out_dir), summary, scores, metrics, markdown)
+        drawn: dict[str, Path] = {}
+        if figures and scores:
+            drawn = _write_figures(Path(out_dir) / "figures", scores, keys, metrics, tolerance_mm, best, worst,
+                                   {case: (preds[case], cases[case][0], images.get(case)) for case in (best, worst)
+                                    if case is not None}, model_space, gt_map, gt_labels)
+        summary["files"] = _write_reports(Path(out_dir), summary, scores, metrics, markdown, drawn)
     return {**summary, "markdown": markdown}
 
 
@@ -540,15 +562,60 @@ def _id_form(pattern: str) -> str:
     return re.sub(r"\d", "?", re.sub(r"\[[^\]]*\]", "?", pattern))
 
 
+def _write_figures(folder: Path, scores: Mapping[str, CaseScores], keys: Sequence[str], metrics: Sequence[str],
+                   tolerance_mm: float, best: str | None, worst: str | None,
+                   files: Mapping[str, tuple[Path, Path, Path | None]], model_space: LabelSpace,
+                   gt_map: Mapping[int, str], gt_labels: Mapping[int, str] | None) -> dict[str, Path]:
+    """``evaluate``'s figures for the shared classes: a box plot per metric, and truth and prediction of the
+    best and the worst case (``files``: case -> (prediction, label file, image or None)). The truth is drawn
+    in the model's classes (an evaluation value as the class the map sends it to; a union as its first
+    member), the prediction on the shared classes only, so that the two pictures show what was scored."""
+    from unionseg.data.io import read_image
+    from unionseg.evaluation import figures as figs
+    from unionseg.evaluation.evaluate import GRID_ATOL_MM, METRIC_TITLES
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for metric in metrics:
+        out[f"{metric}_boxplot"] = figs.score_boxplot(scores, list(keys), metric, folder / f"{metric}_boxplot.png",
+                                                      tolerance_mm=tolerance_mm)
+    lookup = np.zeros(256, dtype=np.int64)  # evaluation value -> model code (0: an organ the model lacks)
+    for value, key in gt_map.items():
+        lookup[int(value)] = model_space.code(class_members(key)[0])
+    shown = np.zeros(model_space.n_leaves, dtype=bool)
+    shown[[leaf for key in keys for leaf in class_leaves(model_space, key)]] = True
+    measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
+    for tag, case in (("best", best), ("worst", worst)):
+        if case is None or (tag == "worst" and case == best):  # one case (or one scored): one picture
+            continue
+        pred_path, label_path, image_path = files[case]
+        pred, gt, geom, _ = _read_pair(pred_path, label_path, model_space, gt_labels)
+        pred = np.where(shown[pred], pred, 0)
+        image = None
+        if image_path is not None and image_path.is_file():
+            try:
+                arr, img_geom = read_image(image_path)
+            except UnionsegError:  # no CT under the labels, rather than no figure
+                arr, img_geom = None, None
+            if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
+                image = arr.astype(np.float32)
+        which = "the only scored case" if best == worst else f"{tag} case"
+        title = (f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over the shared classes "
+                 f"{abs(case_quality(scores[case], metrics)):.3f})")
+        out[f"overlay_{tag}"] = figs.overlay(pred, lookup[gt], model_space, geom, folder / f"overlay_{tag}.png",
+                                             title=title, image=image)
+    return out
+
+
 def _write_reports(out: Path, summary: Mapping[str, Any], scores: Mapping[str, CaseScores],
-                   metrics: Sequence[str], markdown: str) -> dict[str, str]:
+                   metrics: Sequence[str], markdown: str, figures: Mapping[str, Path]) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     files = {"metrics_csv": out / "metrics.csv", "summary_json": out / "summary.json",
-             "summary_md": out / "summary.md"}
+             "summary_md": out / "summary.md", **figures}
     files = {k: v.resolve() for k, v in files.items()}  # absolute, as the summary's other paths
-    # evaluate-cross draws no figures: those of an earlier `evaluate` into this -o (--overwrite) would sit
+    # figures of an earlier evaluation into this -o (--overwrite) that this one did not draw would sit
     # beside tables they do not show (helper-103)
-    remove_stale_figures(out / "figures", set())
+    remove_stale_figures(out / "figures", set(figures.values()))
     write_metrics_csv(files["metrics_csv"], scores, metrics)
     write_json(files["summary_json"], {**summary, "files": {k: str(v) for k, v in files.items()}})
     shared = ", ".join(display_key(k) for k in summary["scored"])
@@ -595,6 +662,7 @@ def evaluate_with_map(
     metrics: Sequence[str] = METRICS,
     progress: bool = False,
     overwrite: bool = False,
+    figures: bool = True,
 ) -> dict[str, Any]:
     """:func:`evaluate_cross` with the value -> class map built from a cross map file for this model.
 
@@ -610,7 +678,7 @@ def evaluate_with_map(
     return evaluate_cross(pred_dir, gt_dir, model_space, gt_map, out_dir=out_dir, gt_labels=cmap.labels,
                           layout=cmap.layout, exclude=cmap.exclude, tolerance_mm=tolerance_mm, metrics=metrics,
                           dropped=dropped, name=cmap.name, progress=progress,
-                          overwrite=overwrite)
+                          overwrite=overwrite, figures=figures)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -619,7 +687,7 @@ def evaluate_cross_command(
     gt: Annotated[Path, typer.Argument(help="Folder of ground-truth label files, or the dataset root.")],
     map_file: Annotated[Path, typer.Option("--map", help="Cross map file, or the name of one built into unionseg: "
                                                          "btcv_eval, amos_eval, word_eval.")],
-    out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder for metrics.csv and summary.*.")],
+    out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Output folder for metrics.csv, summary.*, figures/.")],
     project: Annotated[Optional[Path], typer.Option(
         "--project", "-p", help="The project file the model was trained on (its classes; roots not needed). Exactly one "
              "of --project or --model is required.")] = None,
@@ -627,6 +695,7 @@ def evaluate_cross_command(
         "--model", help="Or the model file itself (its classes). Exactly one of --project or --model is "
              "required.")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.", metavar="")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
@@ -636,7 +705,7 @@ def evaluate_cross_command(
 
     space = model_space_from(project, model)
     summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet,
-                                overwrite=overwrite)
+                                overwrite=overwrite, figures=figures)
     console = results_console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
     console = print_markdown_table(summary["markdown"], console)

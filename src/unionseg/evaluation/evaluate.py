@@ -461,7 +461,7 @@ def summarise(cases: Mapping[str, CaseScores], keys: Sequence[str], metrics: Seq
     return classes
 
 
-def _case_quality(scores: CaseScores, metrics: Sequence[str]) -> float:
+def case_quality(scores: CaseScores, metrics: Sequence[str]) -> float:
     """One number per case for picking the best/worst case: mean Dice (else mean NSD, else -mean HD95)."""
     if not scores:
         return math.nan
@@ -471,7 +471,16 @@ def _case_quality(scores: CaseScores, metrics: Sequence[str]) -> float:
     return math.nan
 
 
-def _case_quality_measure(metrics: Sequence[str]) -> str:
+def rank_cases(cases: Mapping[str, CaseScores], metrics: Sequence[str]
+               ) -> tuple[dict[str, float], str | None, str | None]:
+    """Each case's :func:`case_quality`, and the best and the worst case (None when no case scored a class).
+    A tie keeps the case ids' order, so that tied cases still give two pictures."""
+    quality = {case: case_quality(scores, metrics) for case, scores in cases.items()}
+    ranked = sorted(((q, case) for case, q in quality.items() if math.isfinite(q)), key=lambda item: (-item[0], item[1]))
+    return quality, (ranked[0][1] if ranked else None), (ranked[-1][1] if ranked else None)
+
+
+def case_quality_measure(metrics: Sequence[str]) -> str:
     """What ``case_quality`` holds, for readers of ``summary.json``."""
     for metric in ("dice", "nsd"):
         if metric in metrics:
@@ -782,11 +791,7 @@ def evaluate_folder(
             for case, path in truths.items()]
     cases = dict(_run_jobs(jobs, workers, progress))
     classes = summarise(cases, space.evaluation_keys(), metrics)
-    quality = {case: _case_quality(scores, metrics) for case, scores in cases.items()}
-    # best first; a tie keeps the case ids' order, so that tied cases still give two pictures
-    ranked = sorted(((q, case) for case, q in quality.items() if math.isfinite(q)), key=lambda item: (-item[0], item[1]))
-    best = ranked[0][1] if ranked else None
-    worst = ranked[-1][1] if ranked else None
+    quality, best, worst = rank_cases(cases, metrics)
 
     markdown = markdown_table(classes, metrics, tolerance_mm)
     summary: dict[str, Any] = {
@@ -796,7 +801,7 @@ def evaluate_folder(
         "metrics": list(metrics), "tolerance_mm": float(tolerance_mm), "hd95_percentile": 95.0,
         "empty_rules": EMPTY_RULE_TEXT, "n_cases": len(cases), "classes": classes,
         "cases": case_records(cases),
-        "case_quality": quality, "case_quality_measure": _case_quality_measure(metrics),
+        "case_quality": quality, "case_quality_measure": case_quality_measure(metrics),
         "best_case": best, "worst_case": worst,
         "unmatched_predictions": unmatched_predictions(preds, truths),
     }
@@ -830,7 +835,7 @@ FIGURE_FILES = ("dice_boxplot.png", "hd95_boxplot.png", "nsd_boxplot.png", "over
 
 def remove_stale_figures(folder: Path, written: set[Path]) -> None:
     """Delete the :data:`FIGURE_FILES` in ``folder`` that are not in ``written``, and the folder when that
-    leaves it empty (evaluate-cross, which draws none, passes an empty set)."""
+    leaves it empty (an evaluation without figures passes an empty set)."""
     for name in FIGURE_FILES:
         stale = folder / name
         if stale not in written and stale.is_file():
@@ -868,7 +873,7 @@ def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mappi
         measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
         which = "the only scored case" if best == worst else f"{tag} case"  # one case scored: one picture
         title = f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \
-                f"{abs(_case_quality(cases[case], metrics)):.3f})"
+                f"{abs(case_quality(cases[case], metrics)):.3f})"
         out[f"overlay_{tag}"] = figs.overlay(pred, gt, space, geom, folder / f"overlay_{tag}.png", title=title,
                                              image=image, window=project.preprocessing.window)
     return out
