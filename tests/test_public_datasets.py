@@ -610,6 +610,15 @@ def test_cross_evaluation_errors_name_the_file(public: dict[str, Path], tmp_path
         write_image(pred_dir / f"img{n:04d}.nii.gz", np.zeros(gt.shape, np.uint8), geom)
     with pytest.raises(DataError, match=r"no prediction for case 'label0021'"):
         evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map, gt_labels=BTCV_ORGANS)
+    # two predictions that carry its number: said, not "no prediction" alone (helper-103)
+    for name in ("scan_21", "ct21"):
+        write_image(pred_dir / f"{name}.nii.gz", np.zeros(gt.shape, np.uint8), geom)
+    with pytest.raises(DataError, match=r"no prediction for case 'label0021' .*: 2 predictions carry its number "
+                                        r"\(ct21, scan_21\), so none is paired by number; name the right one "
+                                        r"label0021.nii.gz"):
+        evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map)
+    for name in ("scan_21", "ct21"):
+        (pred_dir / f"{name}.nii.gz").unlink()
     write_image(pred_dir / "img0021.nii.gz", np.zeros((4, 4, 4), np.uint8), geom.with_shape((4, 4, 4)))
     with pytest.raises(DataError, match="prediction grid differs") as exc:
         evaluate_cross(pred_dir, public["btcv"] / "label", space, gt_map)
@@ -710,3 +719,16 @@ def test_mots_miniature_prepares_and_trains_a_few_dodnet_steps(public: dict[str,
     space = model_space_from(model=out / "model.pt")
     assert space.names == load_project(work / "mots.yaml").label_space.names
     assert load_cross_map(RECIPES / "btcv_eval.yaml").gt_map(space)[1] == {}
+
+
+def test_two_cases_that_carry_one_number_are_named_when_no_prediction_pairs(tmp_path: Path) -> None:
+    """Cases ``a_1`` and ``b_1`` and one prediction ``x_1``: pairing by number is ambiguous, which the error
+    says (it said only "no prediction for case")."""
+    from unionseg.evaluation.crossmap import pair_predictions
+
+    geom = Geometry.identity((2, 2, 2), (1.0, 1.0, 1.0))
+    write_image(tmp_path / "pred" / "x_1.nii.gz", np.zeros((2, 2, 2), np.uint8), geom)
+    cases = {c: (tmp_path / f"{c}.nii.gz", (c,)) for c in ("a_1", "b_1")}
+    with pytest.raises(DataError, match=r"no prediction for case 'a_1' and 1 more .*: the cases a_1, b_1 carry the "
+                                        r"same number, so no prediction is paired with them by number"):
+        pair_predictions(tmp_path / "pred", cases)

@@ -364,7 +364,7 @@ def pair_predictions(pred_dir: Path, cases: Mapping[str, tuple[Path, tuple[str, 
     Raises:
         DataError: the folder is missing, or a case has no prediction (naming the case and its label file).
     """
-    from unionseg.data.catalog import image_files, match_by_name
+    from unionseg.data.catalog import image_files, match_by_name, name_numbers
 
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
@@ -384,8 +384,21 @@ def pair_predictions(pred_dir: Path, cases: Mapping[str, tuple[Path, tuple[str, 
     for case, key in pairs.items():
         by_name[case] = free[key]
     if missing:
-        raise DataError(f"no prediction for case {missing[0]!r}{and_more(len(missing), 1)} (ground truth {cases[missing[0]][0]}); "
-                        "predictions are matched by name or by the numbers in the name", pred_dir)
+        case = missing[0]
+        numbers = name_numbers(case)
+        # numbers that pair nothing because they are not unique said "no prediction" alone (helper-103)
+        rivals = sorted(k for k in free if numbers is not None and name_numbers(k) == numbers)
+        twins = [c for c in rest if numbers is not None and name_numbers(c) == numbers]
+        if len(rivals) > 1:
+            why = (f": {len(rivals)} predictions carry its number ({listing(rivals)}), so none is paired by number; "
+                   f"name the right one {case}.nii.gz")
+        elif len(twins) > 1:
+            why = (f": the cases {listing(twins)} carry the same number, so no prediction is paired with them by "
+                   f"number; name each prediction after its case ({case}.nii.gz)")
+        else:
+            why = "; predictions are matched by name or by the numbers in the name"
+        raise DataError(f"no prediction for case {case!r}{and_more(len(missing), 1)} (ground truth {cases[case][0]})"
+                        + why, pred_dir)
     return {case: by_name[case] for case in cases}, sorted(unmatched)
 
 
