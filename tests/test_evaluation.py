@@ -545,6 +545,14 @@ def test_evaluate_folder_errors(tiny_project: Path) -> None:
     assert "an axis turned by 5 deg" in said and "shape" not in said and "spacing" not in said
     said = grid_difference(Geometry(SHAPE, shifted), Geometry(SHAPE, AFFINE))
     assert said == "origin (-9.98, 5, 30) vs (-10, 5, 30) mm (0.02 mm apart)"
+    # a spacing within the tolerance that adds up to 0.66 voxel over 512 voxels: refused (it was scored as if
+    # on the truth's grid, a prediction one voxel off at the far end scoring Dice 1; helper-107)
+    from unionseg.evaluation.evaluate import on_truth_grid
+
+    long_gt, long_pred = Geometry.identity((512, 4, 3), (0.7, 0.7, 5.0)), Geometry.identity((512, 4, 3), (0.7009, 0.7, 5.0))
+    with pytest.raises(DataError, match=r"spacing \(0.7009, 0.7, 5\) vs \(0.7, 0.7, 5\) mm; a voxel placed up to 0.46 mm "
+                                        r"\(0.66 voxels\) apart at the grid's corners \(at most 0.1 voxel passes\)"):
+        on_truth_grid(np.zeros((512, 4, 3), np.uint8), long_pred, long_gt, Path("p.nii.gz"), Path("g.nii.gz"))
     # a value outside the leaf ids is named, not the largest valid one (it said "holds value 3" for a -1)
     bad = np.zeros(SHAPE, np.int16)
     bad[0, 0, 0], bad[1, 1, 1] = -1, 3

@@ -227,7 +227,7 @@ def test_label_on_another_grid_is_refused_naming_both_files(tmp_path: Path, shif
     if transpose != "crop":  # how far apart, against what tolerance, and the usual fix
         # a shift of 1 mm on each axis: 1.7 mm, and 1.2 voxels along the axis of 0.8 mm voxels
         assert "place a voxel up to 1.7 mm (1.2 voxels along an axis) apart (tolerance 0.001 on the affines' " \
-            "entries)" in message, message
+            "entries and 0.1 voxel at the grid's corners)" in message, message
         assert message.endswith("give it the image's header (SimpleITK's CopyInformation, or nibabel with the "
                                 "image's affine)")
     # twin: the unshifted grid is accepted
@@ -556,3 +556,23 @@ def test_spacing_no_scanner_gives_is_refused_naming_the_file(tmp_path: Path) -> 
     with pytest.raises(DataError, match="outside"):
         check_spacing(Geometry.identity((4, 4, 4), (1.0, 1.0, 500.0)), None)
     check_spacing(Geometry.identity((4, 4, 4), (0.5, 0.5, 5.0)), None)  # twin: a thick-slice CT passes
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_a_label_whose_spacing_drifts_along_a_long_axis_is_refused(tmp_path: Path, transpose: bool) -> None:
+    """Affines within 0.001 entry by entry passed as one grid, while a spacing of 0.7009 against 0.7 mm puts
+    voxel 511 0.46 mm (two thirds of a voxel) away: the label was read as drawn on the image, and evaluate
+    scored a shifted prediction Dice 1 (helper-107). A drift under 0.1 voxel still passes, stored in
+    another orientation too."""
+    image_geom = Geometry.identity((512, 4, 3), (0.7, 0.7, 5.0))
+    label = np.zeros((512, 4, 3), np.uint8)
+    label[400:420] = 1
+    for spacing, refused in ((0.7009, True), (0.70005, False)):
+        geom = Geometry.identity((512, 4, 3), (spacing, 0.7, 5.0))
+        stored, stored_geom = _flip_transpose(label, geom) if transpose else (label, geom)
+        if refused:
+            with pytest.raises(DataError, match=r"place a voxel up to 0.46\d* mm \(0.66 voxels along an axis\)"):
+                align_label_to_image(stored, stored_geom, image_geom, tmp_path / "l.nii.gz", tmp_path / "i.nii.gz")
+        else:
+            out = align_label_to_image(stored, stored_geom, image_geom, tmp_path / "l.nii.gz", tmp_path / "i.nii.gz")
+            assert np.array_equal(out, label)
