@@ -893,3 +893,29 @@ def test_one_case_gets_one_overlay(tiny_project: Path) -> None:
     assert (out / "figures" / "overlay_best.png").is_file()
     assert not (out / "figures" / "overlay_worst.png").exists()
     assert (out / "summary.md").read_text().startswith("# Evaluation: test (1 case)")
+
+
+def test_a_sheared_truth_grid_is_warned_about(tiny_project: Path) -> None:
+    """Surface distances take the voxel axes as perpendicular; on a grid kept tilted (a gantry tilt in the
+    affine) HD95 read 5.32 mm where the true distance was 5.0, without a word (helper-107). One warning per
+    evaluation names the most skewed case; a perpendicular grid says nothing."""
+    import warnings
+
+    from unionseg.data.io import Geometry, read_image, write_image
+    from unionseg.errors import UnionsegWarning
+
+    assert Geometry(SHAPE, AFFINE).skew_degrees() == pytest.approx(0.0, abs=1e-9)
+    tilt = AFFINE.copy()
+    tilt[1, 2] = AFFINE[2, 2] * np.tan(np.radians(20))  # the slice axis leans 20 degrees towards y
+    assert Geometry(SHAPE, tilt).skew_degrees() == pytest.approx(20.0)
+    root = tiny_project
+    gt_dir = root / "datasets" / "test" / "labelsTr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnionsegWarning)
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, None, figures=False)
+    for path in (gt_dir / "case_1.nii.gz", root / "preds" / "case_1.nii.gz"):
+        array, _ = read_image(path)
+        write_image(path, array, Geometry(SHAPE, tilt), replace=True)
+    with pytest.warns(UnionsegWarning, match=r"labelsTr: 1 ground-truth grid is sheared \(case_1: voxel axes 20.0 deg "
+                                             r"from perpendicular.*HD95 and NSD take the axes as perpendicular"):
+        evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, None, figures=False)

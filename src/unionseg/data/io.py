@@ -141,6 +141,13 @@ class Geometry:
         """3 x 3 matrix whose columns are the unit axis directions (RAS)."""
         return self.affine[:3, :3] / np.asarray(self.spacing)[None, :]
 
+    def skew_degrees(self) -> float:
+        """How far the voxel axes are from perpendicular: the largest of ``|90 - angle|`` over the pairs of
+        axes, in degrees (0 for every grid ITK can store; a tilted-gantry scan kept tilted in its affine)."""
+        axes = self.direction
+        cosines = [abs(float(axes[:, a] @ axes[:, b])) for a, b in ((0, 1), (0, 2), (1, 2))]
+        return float(np.degrees(np.arcsin(min(1.0, max(cosines)))))
+
     def orientation(self) -> str:
         """Axis codes such as ``RAS`` or ``LPS``."""
         import nibabel as nib

@@ -57,6 +57,7 @@ from unionseg.evaluation.evaluate import (
     on_truth_grid,
     rank_cases,
     remove_stale_figures,
+    warn_skewed,
     write_metrics_csv,
 )
 from unionseg.evaluation.metrics import METRICS, score_masks
@@ -518,13 +519,16 @@ def evaluate_cross(
     keys = scored_keys(model_space, gt_map)
     scores: dict[str, CaseScores] = {}
     present = np.zeros(256, dtype=bool)  # the label values some case's truth holds
+    skews: dict[str, float] = {}
     with case_progress(len(cases), progress, "evaluate-cross") as done:
         for case, (label_path, _) in cases.items():
             pred, gt, geom, holds = _read_pair(preds[case], label_path, model_space, gt_labels)
             present |= holds
+            skews[case] = geom.skew_degrees()
             scores[case] = evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics)
             done(case)
     _warn_absent_organs(present, gt_map, len(scores), Path(gt_dir))
+    warn_skewed(skews, Path(gt_dir))
     classes = summarise(scores, keys, metrics)
     quality, best, worst = rank_cases(scores, metrics)
     markdown = markdown_table(classes, metrics, tolerance_mm)

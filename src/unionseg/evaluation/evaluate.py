@@ -361,10 +361,30 @@ def on_truth_grid(pred: np.ndarray, pred_geom: Geometry, gt_geom: Geometry, pred
 
 
 def _evaluate_pair(job: tuple[str, Path, Path, np.ndarray, np.ndarray, LabelSpace, str, float, tuple[str, ...]]
-                   ) -> tuple[str, CaseScores]:
+                   ) -> tuple[str, CaseScores, float]:
+    """``(case, scores, the truth grid's skew in degrees)``."""
     case, pred_path, gt_path, lookup, annotated, space, dataset, tolerance_mm, metrics = job
     pred, gt, geom = load_pair(pred_path, gt_path, lookup, space, dataset)
-    return case, evaluate_case(pred, gt, annotated, space, geom.spacing, tolerance_mm, metrics)
+    return case, evaluate_case(pred, gt, annotated, space, geom.spacing, tolerance_mm, metrics), geom.skew_degrees()
+
+
+#: a truth grid whose voxel axes are further than this from perpendicular gets a warning: surface distances
+#: take them as perpendicular (a 20 degree tilt reads the slice spacing 6 % long; helper-107)
+MAX_SKEW_DEGREES = 1.0
+
+
+def warn_skewed(skews: Mapping[str, float], where: Path) -> None:
+    """One warning for the cases whose truth grid is skewed (``skews``: case -> degrees)."""
+    import warnings
+
+    from unionseg.errors import UnionsegWarning
+
+    skewed = sorted((case for case, angle in skews.items() if angle > MAX_SKEW_DEGREES), key=lambda c: -skews[c])
+    if skewed:
+        warnings.warn(f"{where}: {len(skewed)} ground-truth grid{'s are' if len(skewed) > 1 else ' is'} sheared "
+                      f"({skewed[0]}: voxel axes {skews[skewed[0]]:.1f} deg from perpendicular, a tilted-gantry scan "
+                      "kept tilted); HD95 and NSD take the axes as perpendicular and are approximate there "
+                      "(docs/evaluation.md, Metrics)", UnionsegWarning, stacklevel=3)
 
 
 # ---------------------------------------------------------------------- folders
@@ -603,15 +623,16 @@ def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator
         yield lambda case: bar.update(task, advance=1, description=case)
 
 
-def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False) -> list[tuple[str, CaseScores]]:
+def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False
+              ) -> list[tuple[str, CaseScores, float]]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    out: list[tuple[str, CaseScores]] = []
+    out: list[tuple[str, CaseScores, float]] = []
     # the report outlives the pool (closed by the stack), so a worker still starting writes to a file that is there
     with worker_report(), case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack:
-        results: Iterator[tuple[str, CaseScores]]
+        results: Iterator[tuple[str, CaseScores, float]]
         try:
             if workers <= 1 or len(jobs) <= 1:
                 results = map(_evaluate_pair, jobs)  # type: ignore[arg-type]
@@ -797,7 +818,9 @@ def evaluate_folder(
     check_label_names({case: preds[case] for case in truths}, space, project.path)
     jobs = [(case, preds[case], path, lookup, annotated, space, spec.name, float(tolerance_mm), metrics)
             for case, path in truths.items()]
-    cases = dict(_run_jobs(jobs, workers, progress))
+    scored = _run_jobs(jobs, workers, progress)
+    cases = {case: scores for case, scores, _ in scored}
+    warn_skewed({case: skew for case, _, skew in scored}, gt_dir)
     classes = summarise(cases, space.evaluation_keys(), metrics)
     quality, best, worst = rank_cases(cases, metrics)
 
