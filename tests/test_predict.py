@@ -241,6 +241,12 @@ def test_model_file_round_trip_predicts_identically(tmp_path: Path) -> None:
     over = Predictor.from_checkpoint(path, device="cpu", overlap=0.25, sw_batch_size=5)
     assert over.inference["overlap"] == 0.25 and over.inference["sw_batch_size"] == 5
     assert isinstance(build_from_payload(loaded), nn.Module)
+    # weights that do not fit say which (torch's first line alone, "Error(s) in loading state_dict", did not)
+    lacking = {**loaded, "state_dict": {k: v for k, v in loaded["state_dict"].items() if k != "head.conv.bias"}}
+    with pytest.raises(CheckpointError, match=r"weights do not fit the network spec \(Error\(s\) in loading "
+                                              r"state_dict for SegmentationNet: Missing key\(s\) in state_dict: "
+                                              r"\"head.conv.bias\""):
+        build_from_payload(lacking)
     # a caller's bad setting is the caller's error (it read as a corrupt model file), and a misspelt one is
     # named with what there is (it was a bare TypeError)
     from unionseg.errors import ConfigError

@@ -2235,3 +2235,31 @@ def test_a_deploy_whose_network_returns_other_channels_is_refused_before_trainin
     assert steps == []
     train(phantom_project, _cfg("naive", 1), tmp_path / "twin", progress=False)
     assert steps == [0] and modes == [True]
+
+
+def test_a_deployed_network_its_spec_does_not_build_is_refused_before_training(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin whose build() makes a network of its own trained its whole budget into a model.pt that
+    predict could not load, the reason cut to "Error(s) in loading state_dict" (helper-106). It is refused
+    before the first step, naming the weights that differ."""
+    from torch import nn
+
+    from unionseg.methods.baselines import NaiveMethod
+    from unionseg.training.trainer import Trainer
+
+    class Tiny(nn.Module):
+        def __init__(self, n: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, n, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    steps: list[int] = []
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch: steps.append(self.step) or {})
+    monkeypatch.setattr(NaiveMethod, "build", lambda self: {"net": Tiny(self.space.n_leaves)})
+    with pytest.raises(ConfigError, match=r"method 'naive': the network it deploys \(model\) is not the one its network "
+                                          r"spec builds, so predict could not load its model file: its network lacks "
+                                          r"\S+, \S+, \S+ and \d+ more; has weights the spec does not conv.bias, conv.weight"):
+        train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
+    assert steps == []

@@ -263,5 +263,7 @@ def build_from_payload(payload: Mapping[str, Any]) -> nn.Module:
     try:
         net.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
-        raise CheckpointError(f"weights do not fit the network spec ({str(exc).splitlines()[0]})") from None
+        # torch's first line says only "Error(s) in loading state_dict": the lines after it name the weights
+        said = " ".join(line.strip() for line in str(exc).splitlines()[:4] if line.strip())
+        raise CheckpointError(f"weights do not fit the network spec ({said[:600]})") from None
     return net.eval()

@@ -282,11 +282,38 @@ class Trainer:
             except CheckpointError as exc:
                 raise ConfigError(f"method {self.cfg.method!r}: its model file could not hold what it deploys "
                                   f"({name}): {exc.message}") from None
+            self._check_rebuildable(name, deployed)
             returned = self._output_channels(deployed.module)
             if returned != len(deployed.channels):  # predict refuses such a model file (helper-94)
                 raise ConfigError(f"method {self.cfg.method!r}: the network it deploys ({name}) returns {returned} "
                                   f"channels on a window, and deploy() declares {len(deployed.channels)} "
                                   f"({deployed.output_form}: {', '.join(deployed.channels)})")
+
+    def _check_rebuildable(self, name: str, deployed: Deployed) -> None:
+        """Predict rebuilds the deployed network from its spec and loads its weights: a plugin deploying a
+        network of its own (not :func:`unionseg.networks.build_network`'s) trained its whole budget into a model
+        file that no one could load (helper-106). Refused before the first step, naming the weights that
+        differ."""
+        from unionseg.ensemble import build_deployed
+        from unionseg.errors import ConfigError
+
+        try:
+            rebuilt = build_deployed(dict(deployed.network_spec), deployed.label_space or self.ctx.space)
+        except Exception as exc:  # a spec the builder cannot read: said with the method's name
+            raise ConfigError(f"method {self.cfg.method!r}: the network spec it deploys ({name}) cannot be built "
+                              f"again, as predict builds it ({exc})") from None
+        mine = {k: tuple(v.shape) for k, v in deployed.module.state_dict().items()}
+        spec = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+        if mine != spec:
+            from unionseg.errors import listing
+
+            missing, extra = sorted(set(spec) - set(mine)), sorted(set(mine) - set(spec))
+            shapes = sorted(k for k in set(mine) & set(spec) if mine[k] != spec[k])
+            found = [f"{what} {listing(keys)}" for what, keys in (("its network lacks", missing),
+                     ("has weights the spec does not", extra), ("has other shapes for", shapes)) if keys]
+            raise ConfigError(f"method {self.cfg.method!r}: the network it deploys ({name}) is not the one its network "
+                              f"spec builds, so predict could not load its model file: {'; '.join(found)} (build "
+                              "deployed networks with unionseg.networks.build_network; docs/extending.md)")
 
     def _output_channels(self, module: nn.Module) -> int:
         """How many channels ``module`` returns on one empty inference window (as predict runs it: eval mode,
