@@ -2263,3 +2263,28 @@ def test_a_deployed_network_its_spec_does_not_build_is_refused_before_training(
                                           r"\S+, \S+, \S+ and \d+ more; has weights the spec does not conv.bias, conv.weight"):
         train(phantom_project, _cfg("naive", 2), tmp_path / "run", progress=False)
     assert steps == []
+
+
+def test_a_plugins_bad_declarations_are_refused_before_the_run_folder_is_written(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage nothing runs, or an extra named like a batch key, was a bare Python exception after config.yaml
+    was written, so the corrected command was refused as a second run (helper-106). Both are refused first,
+    and nothing is written; a training_step without 'loss' says what it must return (a KeyError before)."""
+    from unionseg.methods.base import ExtraSpec
+    from unionseg.methods.baselines import NaiveMethod
+
+    with monkeypatch.context() as patched:
+        patched.setattr(NaiveMethod, "stages", ("pseudo_label", "train"))
+        with pytest.raises(ConfigError, match=r"method 'naive' declares stage 'pseudo_label', which is neither 'train' "
+                                              r"nor a shared stage .* did you mean 'pseudo_labels'\?"):
+            train(phantom_project, _cfg("naive", 1), tmp_path / "stage", progress=False)
+    with monkeypatch.context() as patched:
+        patched.setattr(NaiveMethod, "extras", lambda self: {"label": ExtraSpec("label", lambda case: None)})
+        with pytest.raises(ConfigError, match=r"method 'naive': extra name 'label' is reserved for the batch"):
+            train(phantom_project, _cfg("naive", 1), tmp_path / "extra", progress=False)
+    assert not (tmp_path / "stage").exists() and not (tmp_path / "extra").exists()
+    step = NaiveMethod.training_step
+    monkeypatch.setattr(NaiveMethod, "training_step", lambda self, batch, i: {"total": step(self, batch, i)["loss"]})
+    with pytest.raises(ConfigError, match=r"method 'naive': training_step returned total; it must return the total "
+                                          r"loss under 'loss'"):
+        train(phantom_project, _cfg("naive", 1), tmp_path / "loss", progress=False)

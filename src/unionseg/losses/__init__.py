@@ -5,6 +5,7 @@ a thin ``nn.Module`` wrapper that validates its options in ``__init__``. Each mo
 paper; choices the papers leave open are marked "our interpretation".
 """
 
+from unionseg.losses._common import float32_island
 from unionseg.losses.cotraining import sigmoid_rampup, soft_ce
 from unionseg.losses.dice import ce_dice_loss, dice_from_sums, one_hot, soft_dice_loss
 from unionseg.losses.distillation import (
@@ -47,6 +48,7 @@ __all__ = [
     "dice_from_sums",
     "downsample_mask",
     "exclusion_loss",
+    "float32_island",
     "focal_loss",
     "inverse_frequency_weights",
     "kd_kl",

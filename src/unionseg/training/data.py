@@ -68,11 +68,49 @@ def check_training_data(method: Method, ctx: RunContext) -> None:
         DataError: a case without the hidden full truth the oracle trains on.
     """
     _check_weight_names(ctx)
+    check_declarations(method)
     if method.label_source == "oracle":
         names = method.datasets()
         for case in ctx.index.cases(split="train"):
             if case.dataset in names and case.paths.oracle is None:
                 raise _no_full_truth(case)
+
+
+#: the stages :meth:`unionseg.methods.base.Method.run_stage` runs for every method that declares them
+SHARED_STAGES = ("experts", "teacher_probabilities", "pseudo_labels")
+
+
+def check_declarations(method: Method) -> None:
+    """A method's declarations (a plugin's, in practice) checked before the run folder is written: a stage
+    nothing runs, or an extra the batch cannot carry, was a bare Python exception (with a traceback) after
+    the folder and its config were written, so the corrected command was refused as a second run
+    (helper-106).
+
+    Raises:
+        ConfigError: a stage that is not ``train`` or a shared stage while the method does not override
+            ``run_stage`` (with the nearest known stage), or an extra with a reserved name or another kind.
+    """
+    import difflib
+
+    from unionseg.data.sampling import _EXTRA_KINDS, RESERVED_KEYS
+    from unionseg.errors import ConfigError
+    from unionseg.methods.base import Method
+
+    known = (*SHARED_STAGES, "train")
+    if type(method).run_stage is Method.run_stage:
+        for stage in method.stages:
+            if stage not in known:
+                close = difflib.get_close_matches(stage, known, n=1)
+                raise ConfigError(f"method {method.name!r} declares stage {stage!r}, which is neither 'train' nor a "
+                                  f"shared stage ({', '.join(SHARED_STAGES)}), and does not override run_stage to run "
+                                  "it" + (f": did you mean {close[0]!r}?" if close else ""))
+    for name, spec in method.extras().items():
+        if name in RESERVED_KEYS:
+            raise ConfigError(f"method {method.name!r}: extra name {name!r} is reserved for the batch "
+                              f"({', '.join(sorted(RESERVED_KEYS))}); name it otherwise")
+        if spec.kind not in _EXTRA_KINDS:
+            raise ConfigError(f"method {method.name!r}: extra {name!r} has kind {spec.kind!r}; it must be one of "
+                              f"{', '.join(_EXTRA_KINDS)}")
 
 
 def _dataset_weights(method: Method, ctx: RunContext, present: set[int]) -> dict[int, int]:

@@ -669,6 +669,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.ctx.device.type, dtype=torch.float16, enabled=self.use_amp):
             terms = self.method.training_step(batch, self.step)
+        if "loss" not in terms:  # a plugin's training_step: a bare KeyError (helper-106)
+            raise ConfigError(f"method {self.cfg.method!r}: training_step returned {', '.join(sorted(terms)) or 'nothing'}; "
+                              "it must return the total loss under 'loss'")
         self.scaler.scale(terms["loss"]).backward()
         if self.cfg.optim.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
