@@ -1248,3 +1248,17 @@ def test_a_device_name_torch_does_not_know_is_refused_with_the_names_that_work()
     if not torch.cuda.is_available():  # the same error as training's device key (one resolver for both)
         with pytest.raises(ConfigError, match=r"device: 'cuda:0' asked for, but this machine has no CUDA device"):
             resolve_device("cuda:0")
+
+
+def test_the_two_documented_calls_of_predict_type_check(tmp_path: Path) -> None:
+    """``labels, geometry = p.predict(x)`` and ``labels, geometry, probs = p.predict(x, return_probs=True)``:
+    the package ships py.typed, and mypy refused both (one union return type; helper-106)."""
+    from mypy import api
+
+    code = tmp_path / "use_predict.py"
+    code.write_text("from unionseg import Predictor\n\n\ndef f(p: Predictor) -> None:\n"
+                    "    labels, geometry = p.predict('scan.nii.gz')\n"
+                    "    labels, geometry, probs = p.predict('scan.nii.gz', return_probs=True)\n"
+                    "    reveal_type(probs)\n")
+    out, err, status = api.run([str(code), "--no-error-summary"])
+    assert status == 0 and "Revealed type is \"numpy.ndarray" in out, out + err

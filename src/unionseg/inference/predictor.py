@@ -35,7 +35,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -455,6 +455,21 @@ class Predictor:
                 else part for n in self.probability_names}
 
     # ------------------------------------------------------------------ prediction
+    @overload
+    def predict(self, image: str | Path | np.ndarray, geometry: Geometry | None = None, tta: bool = False,
+                return_probs: Literal[False] = False, progress: ProgressFn | bool | None = None,
+                ) -> tuple[np.ndarray, Geometry]: ...
+
+    @overload
+    def predict(self, image: str | Path | np.ndarray, geometry: Geometry | None = None, tta: bool = False, *,
+                return_probs: Literal[True], progress: ProgressFn | bool | None = None,
+                ) -> tuple[np.ndarray, Geometry, np.ndarray]: ...
+
+    @overload
+    def predict(self, image: str | Path | np.ndarray, geometry: Geometry | None = None, tta: bool = False,
+                return_probs: bool = False, progress: ProgressFn | bool | None = None,
+                ) -> tuple[np.ndarray, Geometry] | tuple[np.ndarray, Geometry, np.ndarray]: ...
+
     def predict(
         self,
         image: str | Path | np.ndarray,
