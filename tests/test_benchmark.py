@@ -443,6 +443,9 @@ def test_benchmark_folder_guards_refuse_before_anything_is_written(tmp_path: Pat
         run_benchmark("ci", empty, seeds=0, progress=False)
     with pytest.raises(ConfigError, match="--methods: 'nosuch' is not in suite"):
         run_benchmark("ci", empty, methods=["nosuch"], progress=False)
+    # one string is row names, as --methods takes them, not letters ("'a' is not in suite"; helper-106)
+    with pytest.raises(ConfigError, match="--methods: 'nosuch' is not in suite"):
+        run_benchmark("ci", empty, methods="naive, nosuch", progress=False)
     assert not empty.exists()
     typo = tmp_path / "typo.yaml"  # found when its row would start, hours into a suite; now at once
     typo.write_text("name: typo\nbudget_from: ci\nbudget: {stpes: 3}\n")

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -432,8 +432,8 @@ def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
             raise ConfigError(f"row {row.name!r} (method {row.method!r}): {exc.message}", path) from None
 
 
-def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = None, seeds: int | None = None,
-                  progress: bool = True) -> dict[str, Any]:
+def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str | None = None,
+                  seeds: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
 
     The report covers every finished row and seed of the suite in ``out``, not only the rows this call ran:
@@ -446,7 +446,8 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
             ``ablations``, ``large`` and their variants) or the path of a suite YAML file of your own
             (docs/extending.md).
         out: the benchmark folder: made, or an earlier benchmark of the same phantom to resume.
-        methods: the rows to train (names of the suite's rows); None: every row.
+        methods: the rows to train (names of the suite's rows: a list, or one string as ``--methods`` takes
+            them, ``"naive,dodnet"``); None: every row.
         seeds: how many seeds (0 .. seeds-1); None: the suite's own number.
         progress: progress bars and the per-row lines with the suite's ETA.
 
@@ -466,7 +467,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: list[str] | None = 
     suite = load_suite(suite_name)
     if seeds is not None and seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {seeds}")
-    rows = suite.runs(methods)  # an unknown --methods row or method is refused before any data is made
+    if isinstance(methods, str):  # one name was split into its letters ('a' is not in suite ...; helper-106)
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    rows = suite.runs(list(methods) if methods is not None else None)  # an unknown row is refused before any data
     check_rows(suite, rows, suite_path(suite_name))
     out = Path(out).resolve()
     check_out(out, suite)
