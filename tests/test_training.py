@@ -743,6 +743,9 @@ def test_train_config_is_what_the_cli_trains_with(tmp_path: Path) -> None:
         train_config("dodnet", overrides=[3])  # type: ignore[list-item]
     with pytest.raises(ConfigError, match="the recipe says 'dodnet', the call says 'naive'"):
         train_config("naive", mine)
+    # the method's options are checked here as well, as its docstring says (only train() refused them; helper-106)
+    with pytest.raises(ConfigError, match=r"options of method 'marginal': .*nope"):
+        train_config("marginal", overrides=["options.nope=1"])
 
 
 @pytest.mark.parametrize(("override", "problem"), [

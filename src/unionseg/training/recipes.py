@@ -81,7 +81,12 @@ def train_config(method: str | None = None, recipe: str | Path | None = None,
         ConfigError: an unknown method, ``method`` differing from the recipe's, an unreadable recipe, an
             unknown key or a bad value.
     """
+    from unionseg.config import from_dict
+    from unionseg.methods.base import get_method
     from unionseg.training.config import load_train_config
 
     method = resolve_method(method, recipe, given_as)
-    return load_train_config(recipe, overrides or [], base=default_recipe(method), method=method)
+    cfg = load_train_config(recipe, overrides or [], base=default_recipe(method), method=method)
+    # the method's options too, as the run checks them: an unknown one was refused only by train() (helper-106)
+    from_dict(get_method(cfg.method).Options, cfg.options, source=f"options of method {cfg.method!r}")
+    return cfg
