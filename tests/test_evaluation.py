@@ -919,3 +919,18 @@ def test_a_sheared_truth_grid_is_warned_about(tiny_project: Path) -> None:
     with pytest.warns(UnionsegWarning, match=r"labelsTr: 1 ground-truth grid is sheared \(case_1: voxel axes 20.0 deg "
                                              r"from perpendicular.*HD95 and NSD take the axes as perpendicular"):
         evaluate_folder(root / "preds", gt_dir, root / "project.yaml", None, None, figures=False)
+
+
+@pytest.mark.parametrize(("kwargs", "said"), [
+    ({"workers": "2"}, r"--workers \(workers=\) must be an integer >= 1, got '2'"),
+    ({"workers": 0}, r"--workers \(workers=\) must be an integer >= 1, got 0"),
+    ({"tolerance_mm": "2"}, r"--tolerance \(tolerance_mm=\) must be a number >= 0 mm, got '2'"),
+    ({"tolerance_mm": -1.0}, r"--tolerance \(tolerance_mm=\) must be a number >= 0 mm, got -1.0"),
+])
+def test_evaluate_folder_refuses_a_bad_worker_count_or_tolerance_by_name(tiny_project: Path, kwargs: dict,
+                                                                          said: str) -> None:
+    """A string was a bare TypeError from a comparison (helper-106); each is named in both its forms."""
+    root = tiny_project
+    with pytest.raises(ConfigError, match=said):
+        evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, None,
+                        **kwargs)

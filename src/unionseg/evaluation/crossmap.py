@@ -33,7 +33,6 @@ Metrics and empty-mask rules are those of :mod:`unionseg.evaluation.metrics` (ne
 from __future__ import annotations
 
 import fnmatch
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ from unionseg.evaluation.evaluate import (
     check_label_names,
     check_metrics,
     check_not_the_truth,
+    check_tolerance,
     display_key,
     label_range_problem,
     on_truth_grid,
@@ -491,8 +491,7 @@ def evaluate_cross(
         metrics = check_metrics(metrics)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
-        raise ConfigError(f"tolerance must be >= 0 mm, got {tolerance_mm}")
+    check_tolerance(tolerance_mm)
     every, images = _ground_truth(Path(gt_dir), layout)
     # a pattern of the ids' form that matches none of them is harmless (AMOS's MRI ids are spread over its
     # splits, so one split holds none of a range); one of another form is most likely a mistake

@@ -68,6 +68,17 @@ GRID_ATOL_MM = 1e-3
 
 
 # ---------------------------------------------------------------------- one case
+def check_tolerance(tolerance_mm: float) -> None:
+    """Refuse an NSD tolerance that is not a number >= 0 mm (a string was a bare TypeError; helper-106).
+
+    Raises:
+        ConfigError: naming the option and the argument.
+    """
+    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, (int, float)) \
+            or not math.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise ConfigError(f"--tolerance (tolerance_mm=) must be a number >= 0 mm, got {tolerance_mm!r}")
+
+
 def check_metrics(metrics: Sequence[str]) -> tuple[str, ...]:
     """The metric names as a tuple (one name alone is one metric); ValueError for an unknown one or none."""
     if isinstance(metrics, str):  # "dice" was read one character at a time ("unknown metric 'd'")
@@ -774,10 +785,9 @@ def evaluate_folder(
         metrics = check_metrics(metrics)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
-        raise ConfigError(f"--tolerance must be >= 0 mm, got {tolerance_mm}")
-    if workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {workers}")
+    check_tolerance(tolerance_mm)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:  # "2" was a bare TypeError
+        raise ConfigError(f"--workers (workers=) must be an integer >= 1, got {workers!r}")
     if workers > 1:
         refuse_in_starting_worker("evaluate_folder with workers > 1")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
