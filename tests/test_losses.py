@@ -732,3 +732,29 @@ def test_downsample_mask_modes_and_feature_loss() -> None:
     feats = [torch.randn(1, 3, 2, 2, 2), torch.randn(1, 7, 2, 2, 2)]
     loss = ms_kd_feature_loss(student_feat, feats, regions, background, mode="max")
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_the_batched_feature_term_equals_the_loop_over_teachers() -> None:
+    """ms_kd_feature_loss stacks the teachers of one width (the student's affinities to every region once):
+    the same value and gradient as the sum of region_affinity_loss over teachers, empty regions included;
+    teachers of different widths take the loop."""
+    torch.manual_seed(0)
+    size = (4, 4, 4)
+    for shift in (0.0, -30.0):  # -30: every teacher says background, so every R_j is empty
+        teachers = [torch.softmax(torch.randn(2, k + 1, 8, 8, 8) * 3 + shift * (torch.arange(k + 1) > 0).view(1, -1, 1, 1, 1), 1)
+                    for k in (2, 2, 1)]
+        regions, background = kd_regions(teachers)
+        assert any(bool(r.any()) for r in regions) is (shift == 0.0)
+        student = torch.randn(2, 5, *size, requires_grad=True)
+        feats = [torch.randn(2, 6, *size) for _ in teachers]
+        fused = ms_kd_feature_loss(student, feats, regions, background)
+        (fused_grad,) = torch.autograd.grad(fused, student)
+        loop = sum(region_affinity_loss(student, f, [downsample_mask(r, size), downsample_mask(background, size)])
+                   for f, r in zip(feats, regions, strict=True))
+        (loop_grad,) = torch.autograd.grad(loop, student)
+        assert fused.item() == pytest.approx(float(loop), rel=1e-5) and fused.item() > 0
+        torch.testing.assert_close(fused_grad, loop_grad, rtol=1e-4, atol=1e-7)
+    mixed = [torch.randn(2, 6, *size), torch.randn(2, 3, *size), torch.randn(2, 6, *size)]
+    assert ms_kd_feature_loss(student, mixed, regions, background).item() == pytest.approx(
+        sum(float(region_affinity_loss(student, f, [downsample_mask(r, size), downsample_mask(background, size)]))
+            for f, r in zip(mixed, regions, strict=True)), rel=1e-5)

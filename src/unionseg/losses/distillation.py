@@ -482,8 +482,41 @@ def ms_kd_feature_loss(
         raise ValueError("teacher_feats and regions must have one entry per teacher")
     size = student_feat.shape[2:]
     background_small = downsample_mask(background, size, mode)
-    total = torch.zeros((), device=student_feat.device)
-    for feat, region in zip(teacher_feats, regions, strict=True):
-        total = total + region_affinity_loss(student_feat, feat,
-                                             [downsample_mask(region, size, mode), background_small])
-    return total
+    small = [downsample_mask(region, size, mode) for region in regions]
+    widths = {feat.shape[1] for feat in teacher_feats}
+    if len(widths) != 1 or any(feat.shape[0] != student_feat.shape[0] or feat.shape[2:] != size
+                               for feat in teacher_feats):  # teachers of other widths: one at a time
+        total = torch.zeros((), device=student_feat.device)
+        for feat, region in zip(teacher_feats, small, strict=True):
+            total = total + region_affinity_loss(student_feat, feat, [region, background_small])
+        return total
+    return _fused_affinity_loss(student_feat, teacher_feats, small, background_small)
+
+
+def _fused_affinity_loss(student_feat: Tensor, teacher_feats: Sequence[Tensor], regions: Sequence[Tensor],
+                         background: Tensor, eps: float = 1e-8) -> Tensor:
+    """``sum_j region_affinity_loss(student, teacher_j, [R_j, R_bg])`` for teachers of one width, in a few
+    batched operations: the student's affinities to the J + 1 regions once (the loop made its R_bg affinity
+    J times) and every teacher's in one stacked computation. Same value as the loop."""
+    check_channels_first("student_feat", student_feat)
+    for k, region in enumerate([*regions, background]):
+        check_spatial(f"regions[{k}]", region, student_feat)
+    n = len(teacher_feats)
+    with float32_island(student_feat):
+        weights = torch.stack([r.reshape(r.shape[0], -1) for r in [*regions, background]], dim=1).float()  # (B, J+1, V)
+        counts = weights.sum(-1)  # (B, J+1)
+        student = _affinity(student_feat.float().flatten(2), weights, counts, eps)  # (B, J+1, V)
+        teachers = torch.stack([f.detach().float().flatten(2) for f in teacher_feats])  # (J, B, Ct, V)
+        # teacher j's two regions, R_j and R_bg: (J, B, 2, V) weights and (J, B, 2) counts
+        pair_weights = torch.stack([weights[:, :n].transpose(0, 1),
+                                    weights[:, n].unsqueeze(0).expand(n, -1, -1)], dim=2)
+        pair_counts = pair_weights.sum(-1)
+        mean = torch.einsum("jbcv,jbrv->jbrc", teachers, pair_weights) / pair_counts.clamp_min(1).unsqueeze(-1)
+        dot = torch.einsum("jbcv,jbrc->jbrv", teachers, mean)
+        norms = (teachers * teachers).sum(2).unsqueeze(2) * (mean * mean).sum(-1).unsqueeze(-1)
+        teacher = dot / norms.clamp_min(eps * eps).sqrt()  # (J, B, 2, V)
+        student_pairs = torch.stack([student[:, :n].transpose(0, 1),
+                                     student[:, n].unsqueeze(0).expand(n, -1, -1)], dim=2)
+        per_pair = ((student_pairs - teacher) ** 2 * pair_weights).sum(-1) / pair_counts.clamp_min(1)  # (J, B, 2)
+        used = (pair_counts > 0).flatten(1).sum(1).clamp_min(1).to(per_pair.dtype)  # per teacher
+        return (per_pair.flatten(1).sum(1) / used).sum()
