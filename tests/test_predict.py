@@ -1111,7 +1111,7 @@ def test_probability_channels_say_what_they_hold(tmp_path: Path) -> None:
     write_probabilities(tmp_path / "p_probs.nii.gz", np.zeros((len(names), 2, 2, 2), np.float32),
                         Geometry.identity((2, 2, 2)), names, sigmoid.probability_meanings)
     record = json.loads((tmp_path / "p_probs.json").read_text())
-    assert record["channels"] == names and record["meaning"]["liver_tumour"].startswith("probability of this part GIVEN")
+    assert record["channels"] == names and record["meaning"]["liver_tumour"].startswith("min(P(part | region), P(region)): the part's probability GIVEN")
 
 
 def test_case_names_that_differ_only_in_case_are_refused(tmp_path: Path) -> None:

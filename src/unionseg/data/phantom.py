@@ -1372,7 +1372,8 @@ def save_montage(out: Path | str, png: Path | str) -> Path:
 
     Radiological display: patient right on the image left, anterior up. Needs matplotlib; drawn on an Agg
     canvas of its own, so the caller's backend (a notebook's inline plots) is left as it is. ``png``: the
-    file (``.png`` added when it has no suffix), or a folder to hold ``montage.png``; returns the file written.
+    file (``.png`` added when it has no suffix; relative to the working folder, not to ``out``), or an
+    existing folder to hold ``montage.png``; returns the file written.
     """
     from matplotlib.lines import Line2D
 
@@ -1438,7 +1439,7 @@ def register(app: typer.Typer) -> None:
         = False,
         workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Processes (default: by size).")] = None,
         montage: Annotated[Optional[Path], typer.Option("--montage", help="Also save a PNG montage to this file (.png added "
-                                                  "when it has none; a folder gets montage.png).")] = None,
+                                                  "when it has none; an existing folder gets montage.png).")] = None,
     ) -> None:
         """Write a synthetic abdominal CT project: partially labelled training sets, val, test, project file."""
         start = time.perf_counter()

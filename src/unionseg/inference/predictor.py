@@ -448,8 +448,9 @@ class Predictor:
         """What each probability channel holds, in words (written beside the map, ``_probs.json``)."""
         if self.output_form == "softmax":
             return {n: "probability of this class; the channels sum to 1" for n in self.probability_names}
-        part = ("probability of this part GIVEN its organ region, at most the region's probability (the "
-                "experts' share of the organ: above 0.5 inside the organ, the part is decided)"
+        part = ("min(P(part | region), P(region)): the part's probability GIVEN its organ region, capped at the "
+                "region's probability, a value for the merge rule (above 0.5 inside the organ, the part is "
+                "decided); where the cap applies it is not the conditional, so times P(region) it is not P(part)"
                 if self.conditional_parts else "probability of this part")
         return {n: "probability of this organ region (the organ and its parts)" if n.startswith("region:")
                 else part for n in self.probability_names}
