@@ -948,3 +948,30 @@ def test_an_isolated_suite_refuses_a_method_of_the_calling_script_before_any_row
         check_rows(replace(shared, isolate=False), replace(shared, isolate=False).runs(None), suite)
     finally:
         base.METHODS.pop("in_script_naive", None)
+
+
+def test_an_isolated_row_shows_its_training_progress_unless_quiet(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The suites that train each row in a process of its own (standard, ablations) ran it with progress
+    off: nothing for the minutes of a row but its start line. The row's process now gets the flag (and the
+    suite's ETA in the environment it inherits)."""
+    from unionseg import benchmark
+
+    commands: list[list[str]] = []
+
+    class Done:
+        def __init__(self, cmd: list[str], env: dict) -> None:
+            commands.append(cmd)
+
+        def wait(self) -> int:
+            return 0
+
+    monkeypatch.setattr(benchmark.subprocess, "Popen", Done)
+    for shown in (True, False):
+        benchmark._run_isolated(tmp_path / "project.yaml", "ci", "naive", 0, tmp_path, "naive", shown)
+    assert [c[-1] for c in commands] == ["progress", "quiet"]
+    calls: list[bool] = []
+    monkeypatch.setattr(benchmark, "run_one", lambda *args, progress: calls.append(progress) or {})
+    for cmd in commands:
+        benchmark._isolated_main(cmd[cmd.index("unionseg.benchmark") + 1:])
+    assert calls == [True, False]

@@ -508,7 +508,7 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
             started = time.perf_counter()
             with _suite_after(None if done[i] or after is None else after[0]):
                 if suite.isolate and not done[i]:
-                    _run_isolated(project_path, suite_name, row.name, seed, out, row.method)
+                    _run_isolated(project_path, suite_name, row.name, seed, out, row.method, progress)
                 results.append(run_one(project_path, suite, row, seed, out, progress))
             if not done[i] and resumed is None:  # a resumed run's time is part of a run: no mean of whole runs
                 trained.append(max(0.0, time.perf_counter() - started - float(results[-1].get("stage_seconds") or 0)))
@@ -609,7 +609,7 @@ def suite_seconds(to_train: int, trained: list[float], recorded: list[float], st
 def _suite_after(seconds: float | None) -> Iterator[None]:
     """The suite's estimated time after the current row, for the row's training bar and lines to add to
     their own ETA (:data:`SUITE_AFTER_ENV`, read where the bar is made): the suite's ETA was said at each
-    row's start only (helper-97). An isolated row's process shows no bar, so only its start line has it."""
+    row's start only (helper-97). An isolated row's process inherits it with the environment."""
     saved = os.environ.get(SUITE_AFTER_ENV)
     if seconds is not None:
         os.environ[SUITE_AFTER_ENV] = f"{seconds:.0f}"
@@ -645,10 +645,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{minutes} min" if minutes < 90 else f"{minutes / 60:.1f} h"
 
 
-def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path, method: str) -> None:
+def _run_isolated(project_path: Path, suite_name: str, name: str, seed: int, out: Path, method: str,
+                  progress: bool = False) -> None:
+    """Train and score one row in a process of its own, with its training bar and lines (and the suite's ETA
+    after the row, which it inherits in :data:`SUITE_AFTER_ENV`) when ``progress``: the suites that isolate
+    their rows (``standard``, ``ablations``) said nothing for the minutes of each row (helper-97's note)."""
     from unionseg.methods.base import plugin_env
 
-    cmd = [sys.executable, "-m", "unionseg.benchmark", suite_name, str(out), name, str(seed)]
+    cmd = [sys.executable, "-m", "unionseg.benchmark", suite_name, str(out), name, str(seed),
+           "progress" if progress else "quiet"]
     env = plugin_env(dict(os.environ), method)  # a plugin imported by the calling script: the run imports it too
     proc = subprocess.Popen(cmd, env=env)
     try:
@@ -684,10 +689,10 @@ def _stop_run(proc: subprocess.Popen[bytes], terminated: bool = False) -> None:
 
 
 def _isolated_main(argv: list[str]) -> None:
-    suite_name, out, name, seed = argv
+    suite_name, out, name, seed, shown = argv
     suite = load_suite(suite_name)
     spec = next(r for r in suite.runs() if r.name == name)
-    run_one(Path(out) / "data" / "project.yaml", suite, spec, int(seed), Path(out), progress=False)
+    run_one(Path(out) / "data" / "project.yaml", suite, spec, int(seed), Path(out), progress=shown == "progress")
 
 
 def _built_in_suites() -> str:
