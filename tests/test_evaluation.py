@@ -934,3 +934,37 @@ def test_evaluate_folder_refuses_a_bad_worker_count_or_tolerance_by_name(tiny_pr
     with pytest.raises(ConfigError, match=said):
         evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, None,
                         **kwargs)
+
+
+def test_surface_distances_with_stray_voxels_far_away_match_a_distance_transform() -> None:
+    """Two stray predicted voxels in opposite corners made the distance transforms span the whole volume
+    (4.5 GB for one class of a 512 x 512 x 300 scan; helper-108). The k-d tree over surface voxels gives the
+    same distances as the transform of the whole volume, organs on the volume's edge included."""
+    from unionseg.evaluation.metrics import surface_distances
+
+    zz, yy, xx = np.meshgrid(np.arange(40), np.arange(36), np.arange(20), indexing="ij")
+    gt = ((zz - 20) / 9) ** 2 + ((yy - 17) / 8) ** 2 + ((xx - 9) / 5) ** 2 < 1
+    gt[39, 10:14, 4:8] = True  # on the volume's edge
+    pred = ((zz - 21) / 8) ** 2 + ((yy - 16) / 9) ** 2 + ((xx - 10) / 5) ** 2 < 1
+    pred[0, 0, 0] = pred[39, 35, 19] = True
+    spacing = (0.75, 0.8, 2.5)
+    edge_pred = pred & ~ndimage.binary_erosion(pred, border_value=0)
+    edge_gt = gt & ~ndimage.binary_erosion(gt, border_value=0)
+    to_gt = ndimage.distance_transform_edt(~edge_gt, sampling=spacing)[edge_pred]
+    to_pred = ndimage.distance_transform_edt(~edge_pred, sampling=spacing)[edge_gt]
+    got = surface_distances(pred, gt, spacing)
+    np.testing.assert_allclose(got[0], to_gt, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(got[1], to_pred, rtol=0, atol=1e-9)
+    assert got[0].max() > 20  # the strays are there, far from the organ
+
+
+def test_evaluate_case_scores_fortran_ordered_arrays_as_c_ordered_ones(space: LabelSpace) -> None:
+    """NIfTI arrays come Fortran-ordered; the class masks are now table lookups that keep that order
+    (np.isin copied the whole volume per class; helper-108): the scores do not depend on it."""
+    rng = np.random.default_rng(3)
+    gt = rng.integers(0, space.n_codes, (12, 10, 8)).astype(np.uint8)
+    pred = rng.integers(0, space.n_leaves, (12, 10, 8)).astype(np.uint8)
+    full = space.full_mask()
+    c_order = evaluate_case(pred, gt, full, space, (1.0, 1.5, 2.0))
+    f_order = evaluate_case(np.asfortranarray(pred), np.asfortranarray(gt), full, space, (1.0, 1.5, 2.0))
+    assert c_order == f_order and c_order

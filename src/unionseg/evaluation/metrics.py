@@ -156,20 +156,32 @@ def surface_distances(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]
     Raises:
         ValueError: shapes differ, invalid spacing, or an empty mask.
     """
-    from scipy import ndimage
+    from scipy.spatial import cKDTree
 
     pred, gt = _check(pred, gt, spacing)
     if not pred.any() or not gt.any():
         raise ValueError("surface distances need two non-empty masks")
-    box = _bounding_box(pred | gt)
-    pred, gt = pred[box], gt[box]
-    sampling = tuple(float(s) for s in spacing)
-    # border_value=0: voxels on the crop edge are surface, exactly as if the outside were background
-    edge_pred = pred & ~ndimage.binary_erosion(pred, border_value=0)
-    edge_gt = gt & ~ndimage.binary_erosion(gt, border_value=0)
-    to_gt = ndimage.distance_transform_edt(~edge_gt, sampling=sampling)
-    to_pred = ndimage.distance_transform_edt(~edge_pred, sampling=sampling)
-    return np.asarray(to_gt[edge_pred], dtype=np.float64), np.asarray(to_pred[edge_gt], dtype=np.float64)
+    sampling = np.asarray(spacing, dtype=np.float64)
+    # nearest surface points by a k-d tree, not a distance transform over the two masks' common box: a few
+    # stray voxels far from the organ made that box the whole volume (4.5 GB and 44 s for one class of a
+    # 512 x 512 x 300 scan; helper-108). The distances are the same, voxel centre to voxel centre in mm.
+    on_pred, on_gt = _surface_points(pred, sampling), _surface_points(gt, sampling)
+    to_gt = cKDTree(on_gt).query(on_pred)[0]
+    to_pred = cKDTree(on_pred).query(on_gt)[0]
+    return np.asarray(to_gt, dtype=np.float64), np.asarray(to_pred, dtype=np.float64)
+
+
+def _surface_points(mask: np.ndarray, sampling: np.ndarray) -> np.ndarray:
+    """(N, D) positions in mm of a non-empty mask's surface voxels (those with a background face neighbour),
+    in C order of their indices. Eroded within the mask's own box: a voxel on the box's edge has background
+    beyond it (the box is tight), and ``border_value=0`` says so, as it does at the volume's edge."""
+    from scipy import ndimage
+
+    box = _bounding_box(mask)
+    crop = mask[box]
+    edge = crop & ~ndimage.binary_erosion(crop, border_value=0)
+    offset = np.array([b.start for b in box], dtype=np.float64)
+    return (np.argwhere(edge) + offset) * sampling
 
 
 def _hd_from(distances: tuple[np.ndarray, np.ndarray], percentile: float) -> float:
