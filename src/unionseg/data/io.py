@@ -782,8 +782,9 @@ def _write_detached(path: Path, array: np.ndarray, geometry: Geometry, replace: 
 
 
 # ---------------------------------------------------------------------- orientation
-def reorient_to_ras(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, Geometry]:
-    """Permute/flip axes so that the array is closest to RAS+; exact (no interpolation)."""
+def reorient_to_ras(array: np.ndarray, geometry: Geometry, contiguous: bool = True) -> tuple[np.ndarray, Geometry]:
+    """Permute/flip axes so that the array is closest to RAS+; exact (no interpolation). ``contiguous=False``
+    returns a view where it can (no copy of the whole volume, for a caller that only reads from it)."""
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(geometry.affine)
@@ -791,7 +792,7 @@ def reorient_to_ras(array: np.ndarray, geometry: Geometry) -> tuple[np.ndarray, 
     transform = nib.orientations.ornt_transform(ornt, target)
     out = nib.orientations.apply_orientation(array, transform)
     aff = geometry.affine @ nib.orientations.inv_ornt_aff(transform, geometry.shape)
-    return np.ascontiguousarray(out), Geometry(out.shape, aff)
+    return (np.ascontiguousarray(out) if contiguous else out), Geometry(out.shape, aff)
 
 
 def reorient_like(array: np.ndarray, geometry: Geometry, target: Geometry) -> np.ndarray:
