@@ -614,7 +614,7 @@ def _write_figures(folder: Path, scores: Mapping[str, CaseScores], keys: Sequenc
             except UnionsegError:  # no CT under the labels, rather than no figure
                 arr, img_geom = None, None
             if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
-                image = arr.astype(np.float32)
+                image = arr  # as read: the figure draws one slice of it
         which = "the only scored case" if best == worst else f"{tag} case"
         title = (f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over the shared classes "
                  f"{abs(case_quality(scores[case], metrics)):.3f})")

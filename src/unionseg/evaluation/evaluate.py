@@ -924,7 +924,7 @@ def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mappi
             except UnionsegError:
                 arr, img_geom = None, None
             if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
-                image = arr.astype(np.float32)
+                image = arr  # as read: the figure draws one slice of it
         measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
         which = "the only scored case" if best == worst else f"{tag} case"  # one case scored: one picture
         title = f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \

@@ -147,10 +147,11 @@ def score_boxplot(cases: Mapping[str, Mapping[str, Mapping[str, float]]], keys: 
 
 def to_ras(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
     """``volume`` with its axes permuted and flipped to the nearest RAS+ order (exact, no resampling), so that
-    slices drawn with :func:`axial_view` look the same whatever orientation the file was stored in."""
+    slices drawn with :func:`axial_view` look the same whatever orientation the file was stored in. A view, not
+    a copy: a figure draws a slice of it (a CT's reoriented float copy cost 315 MB for one picture)."""
     from unionseg.data.io import reorient_to_ras
 
-    return reorient_to_ras(volume, geometry)[0]
+    return reorient_to_ras(volume, geometry, contiguous=False)[0]
 
 
 def ras_spacing(geometry: Geometry) -> tuple[float, float, float]:
@@ -225,7 +226,7 @@ def overlay(
         geometry: the grid, to find the axial axis.
         path: PNG to write.
         title: figure title.
-        image: optional (X, Y, Z) CT on the same grid, drawn in grey with ``window`` (HU).
+        image: optional (X, Y, Z) CT on the same grid (any numeric dtype), drawn in grey with ``window`` (HU).
         window: display window (low, high).
         alpha: label opacity.
     """
