@@ -922,3 +922,21 @@ def test_an_integer_scan_is_resampled_without_a_float_copy_of_itself() -> None:
     assert peak < 3 * scan.nbytes, peak / scan.nbytes
     as_float, _ = preprocess_image(scan.astype(np.float32), geometry, spec)
     assert np.array_equal(prepared, as_float) and prepared.dtype == np.float32 and prepared.flags.c_contiguous
+
+
+def test_prepare_that_cannot_write_a_cache_folder_changes_nothing(project_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a shared cache whose liver folder belongs to another user, `prepare --force` deleted index.json,
+    then failed on its first case: the cache was unprepared for everyone (helper-109). The folder is checked
+    first, named, and the index stays."""
+    project = load_project(project_dir / "project.yaml")
+    prepare_project(project, workers=0, progress=False)
+    index = project.cache_dir / "index.json"
+    before = index.read_bytes()
+    real_access = os.access
+    liver = project.cache_dir / "liver"
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != liver and real_access(path, mode))
+    with pytest.raises(DataError, match=r"cannot write into this folder of the prepared cache.*nothing was changed") as info:
+        prepare_project(project, workers=0, force=True, progress=False)
+    assert info.value.path == liver
+    assert index.read_bytes() == before

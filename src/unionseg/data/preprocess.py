@@ -1301,6 +1301,31 @@ def _refuse_to_replace_another_projects_cases(project: Project, index_path: Path
                     "pass --force to replace them", project.cache_dir)
 
 
+def _check_writable(folders: set[Path]) -> None:
+    """Refuse, before anything in the cache changes, a folder of it (or the nearest one that exists) that this
+    process cannot write into: another user's dataset folder in a shared cache.
+
+    Raises:
+        DataError: naming the folder, its owner where it can be read, and what to do.
+    """
+    import os
+
+    for folder in sorted(folders):
+        there = folder
+        while not there.exists() and there != there.parent:
+            there = there.parent
+        if not os.access(there, os.W_OK | os.X_OK):
+            try:
+                import pwd
+
+                owner = f", owned by {pwd.getpwuid(there.stat().st_uid).pw_name}"
+            except (KeyError, OSError, ImportError):  # a user id without a name, or no such database
+                owner = ""
+            raise DataError(f"cannot write into this folder of the prepared cache{owner}: nothing was changed; ask "
+                            "its owner to prepare, or give the project a cache of its own (cache_dir: in a roots "
+                            "file, docs/datasets.md)", there)
+
+
 def _prepare_locked(project: Project, workers: int, force: bool, progress: bool) -> PreparedIndex:
     """The body of :func:`prepare_project`, run while this process holds the cache lock."""
     from rich.console import Console
@@ -1311,6 +1336,8 @@ def _prepare_locked(project: Project, workers: int, force: bool, progress: bool)
     jobs, entries, splits, sources = _plan(project, force, workers, progress, console)
     if not force:
         _refuse_to_replace_another_projects_cases(project, index_path, jobs)
+    if jobs:  # before the index goes: a run that cannot write left a shared cache unprepared for all (helper-109)
+        _check_writable({cache, *(Path(job.out_dir) for job in jobs)})
     if jobs and index_path.exists():
         index_path.unlink()  # the index is valid again only once every case is done
     prepared: list[str] = []
