@@ -968,3 +968,21 @@ def test_evaluate_case_scores_fortran_ordered_arrays_as_c_ordered_ones(space: La
     c_order = evaluate_case(pred, gt, full, space, (1.0, 1.5, 2.0))
     f_order = evaluate_case(np.asfortranarray(pred), np.asfortranarray(gt), full, space, (1.0, 1.5, 2.0))
     assert c_order == f_order and c_order
+
+
+def test_an_output_folder_evaluate_cannot_write_is_refused_before_any_case(tiny_project: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal came at the first write, after every case was scored (helper-109)."""
+    import os
+
+    from unionseg.errors import UnionsegError
+    from unionseg.evaluation import evaluate as ev
+
+    root = tiny_project
+    out = root / "locked"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and real_access(path, mode))
+    monkeypatch.setattr(ev, "_run_jobs", lambda *args, **kwargs: pytest.fail("cases scored before the refusal"))
+    with pytest.raises(UnionsegError, match="output folder not writable by this user"):
+        evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, out)

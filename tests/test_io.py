@@ -576,3 +576,36 @@ def test_a_label_whose_spacing_drifts_along_a_long_axis_is_refused(tmp_path: Pat
         else:
             out = align_label_to_image(stored, stored_geom, image_geom, tmp_path / "l.nii.gz", tmp_path / "i.nii.gz")
             assert np.array_equal(out, label)
+
+
+def test_a_write_that_cannot_open_its_temporary_names_the_file_meant(tmp_path: Path) -> None:
+    """The error named the hidden temporary (``.benchmark.json.11228.tmp: Permission denied``; helper-109)."""
+    from unionseg.jsonfile import write_text
+
+    with pytest.raises(OSError) as info:
+        write_text(tmp_path / "gone" / "summary.json", "{}")
+    assert info.value.filename == str(tmp_path / "gone" / "summary.json")
+
+
+def test_another_users_file_in_a_sticky_folder_is_refused_before_the_work(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a shared sticky folder no write permission lets a user replace another's file: an evaluation
+    replaced its figures and then failed on its tables (helper-109). check_writable names the file first;
+    the owner of the folder, or of the file, passes."""
+    import os
+
+    from unionseg.errors import UnionsegError
+    from unionseg.jsonfile import check_writable
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "metrics.csv").write_text("a colleague's\n")
+    shared.chmod(0o1777)
+    me = os.stat(shared / "metrics.csv").st_uid + 4242  # someone else than the files' owner
+    monkeypatch.setattr(os, "geteuid", lambda: me)
+    with pytest.raises(UnionsegError, match="another user's file in a shared \\(sticky\\) folder") as info:
+        check_writable(shared, [shared / "metrics.csv", shared / "summary.json"])
+    assert info.value.path == shared / "metrics.csv"
+    check_writable(shared, [shared / "summary.json"])  # not there: nothing to replace
+    shared.chmod(0o777)
+    check_writable(shared, [shared / "metrics.csv"])  # not sticky: write permission is enough

@@ -1225,6 +1225,12 @@ def test_a_label_table_unionseg_did_not_write_is_left_alone(tmp_path: Path) -> N
     (tmp_path / ITKSNAP_FILE).unlink()
     assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]
     assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]  # ours: again
+    # the same tables are not written again: in a shared folder a colleague's could not be, and predict
+    # stopped after its first case (helper-109)
+    from unittest import mock
+
+    with mock.patch("unionseg.inference.viewers.write_text", side_effect=PermissionError(1, "Operation not permitted")):
+        assert write_label_tables(tmp_path, space) == [tmp_path / ITKSNAP_FILE, tmp_path / SLICER_FILE]
     # another model's classes: written again, and said (the folder's earlier label maps read differently);
     # a name with white space or quotes stays one field in both formats
     other = LabelSpace.from_dict({"classes": [{"name": 'left "kidney"'}]})

@@ -2111,7 +2111,10 @@ def test_a_plugin_method_lists_trains_and_predicts(phantom_project: Path, tmp_pa
         run = tmp_path / "run"
         summary = train(phantom_project, cfg, run, progress=False)
         assert summary["method"] == "marginal_batch_dice" and summary["options"] == {"dice_weight": 0.5}
-        bad = train_config("marginal_batch_dice", overrides=[*TINY, "steps=2", "options.exclusion_weight=1"])
+        with pytest.raises(ConfigError, match="options of method 'marginal_batch_dice'.*exclusion_weight"):
+            train_config("marginal_batch_dice", overrides=[*TINY, "steps=2", "options.exclusion_weight=1"])
+        # a configuration built otherwise is refused by train() too, before its folder is made
+        bad = dataclasses.replace(cfg, options={"exclusion_weight": 1})
         with pytest.raises(ConfigError, match="options of method 'marginal_batch_dice'.*exclusion_weight"):
             train(phantom_project, bad, tmp_path / "bad", progress=False)
         assert not (tmp_path / "bad").exists()

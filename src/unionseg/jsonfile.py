@@ -15,7 +15,7 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -87,7 +87,9 @@ def written_atomically(path: Path, at: Callable[[str], None] | None = None) -> I
                 fh.flush()
                 os.fsync(fh.fileno())
         except OSError as exc:
-            if exc.filename is None and exc.errno is not None:
+            # a full disk names no file; a folder this user cannot write names the hidden temporary: both
+            # are said of the file meant (helper-109)
+            if exc.errno is not None and exc.filename in (None, str(tmp)):
                 raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
             raise
         if at is not None:
@@ -103,3 +105,41 @@ def written_atomically(path: Path, at: Callable[[str], None] | None = None) -> I
             pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(outdir: Path, replacing: Iterable[Path] = ()) -> None:
+    """Refuse an output folder this user cannot write to (or create), before the work: otherwise the refusal
+    would come minutes later, at the first write. ``replacing``: files of it the work will replace, refused
+    when the folder is sticky (a shared ``/tmp``-like folder) and another user owns them, which no write
+    permission allows (an evaluation replaced its figures, then failed on its tables; helper-109).
+
+    Raises:
+        UnionsegError: naming the folder, the nearest existing folder above it, or the file.
+    """
+    import stat
+
+    from unionseg.errors import UnionsegError
+
+    target = outdir.absolute()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    if target.exists() and not target.is_dir():
+        raise UnionsegError(f"cannot create {outdir}: this is a file, not a folder; choose another -o", target)
+    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        what = "output folder" if target == outdir.absolute() else f"cannot create {outdir} in this folder:"
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+        why = "on a read-only file system" if read_only else "not writable by this user (permission denied)"
+        raise UnionsegError(f"{what} {why}; choose another -o", target)
+    if target != outdir.absolute() or not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return
+    folder = target.stat()
+    if not folder.st_mode & stat.S_ISVTX or folder.st_uid == os.geteuid():
+        return
+    for path in replacing:
+        try:
+            owner = path.stat().st_uid
+        except OSError:  # not there: nothing to replace
+            continue
+        if owner != os.geteuid():
+            raise UnionsegError("another user's file in a shared (sticky) folder, which this user cannot replace; "
+                                "choose another -o", path)

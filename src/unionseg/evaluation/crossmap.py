@@ -482,11 +482,17 @@ def evaluate_cross(
         ConfigError: an empty map, a target the model lacks, bad metrics or tolerance.
         OutputExistsError: earlier reports in ``out_dir`` without ``overwrite``.
     """
-    from unionseg.evaluation.evaluate import check_output_folder, markdown_table, summarise
+    from unionseg.evaluation.evaluate import (
+        check_output_folder,
+        check_report_folder,
+        markdown_table,
+        summarise,
+    )
 
     _check_gt_map(model_space, gt_map)
     if out_dir is not None:
         check_output_folder(Path(out_dir), overwrite)
+        check_report_folder(Path(out_dir))
     try:
         metrics = check_metrics(metrics)
     except ValueError as exc:

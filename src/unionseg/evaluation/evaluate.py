@@ -712,6 +712,16 @@ def check_output_folder(out_dir: Path, overwrite: bool) -> None:
 _RUN_MARKS = ("last.pt", "model.pt", "stages.json", "log.csv", ".lock")  # not config.yaml: a user's own file
 
 
+def check_report_folder(out_dir: Path) -> None:
+    """Refuse, before any case is scored, an output folder this user cannot write, or whose reports and
+    figures another user owns in a shared (sticky) folder: the refusal came after every case was scored, or
+    after the figures were replaced and before the tables (helper-109)."""
+    from unionseg.jsonfile import check_writable
+
+    check_writable(out_dir, [out_dir / name for name in REPORT_FILES])
+    check_writable(out_dir / "figures", [out_dir / "figures" / name for name in FIGURE_FILES])
+
+
 def _is_evaluation_summary(path: Path) -> bool:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -808,6 +818,7 @@ def evaluate_folder(
     if out_dir is not None:
         out_dir = Path(out_dir)
         check_output_folder(out_dir, overwrite)
+        check_report_folder(out_dir)
     if not gt_dir.is_dir():  # before the dataset is inferred from it: "no dataset root contains" misleads
         raise DataError("ground-truth folder not found", gt_dir)
     if not pred_dir.is_dir():

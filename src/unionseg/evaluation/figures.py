@@ -46,10 +46,13 @@ class AggPlots:
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """Write the PNG through a temporary of this process's own, removed if the write fails (a fixed name was
+    shared by two processes, and left behind by a failed write; helper-109)."""
+    from unionseg.jsonfile import written_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, format="png", bbox_inches="tight")
-    tmp.replace(path)
+    with written_atomically(path) as fh:
+        fig.savefig(fh, format="png", bbox_inches="tight")
     return path
 
 

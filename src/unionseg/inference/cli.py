@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from unionseg.errors import DataError, OutputExistsError, UnionsegError, and_more, listing
+from unionseg.jsonfile import check_writable
 
 
 def collect_inputs(inputs: Sequence[Path]) -> list[tuple[str, Path]]:
@@ -296,27 +297,6 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
         raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "
                             "another -o", outdir)
-
-
-def check_writable(outdir: Path) -> None:
-    """Refuse an output folder this user cannot write to (or create), before the model is loaded and the
-    first case predicted: otherwise the refusal would come minutes later, at the first write.
-
-    Raises:
-        UnionsegError: naming the folder, or the nearest existing folder above it.
-    """
-    import os
-
-    target = outdir.absolute()
-    while not target.exists() and target != target.parent:
-        target = target.parent
-    if target.exists() and not target.is_dir():
-        raise UnionsegError(f"cannot create {outdir}: this is a file, not a folder; choose another -o", target)
-    if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
-        what = "output folder" if target == outdir.absolute() else f"cannot create {outdir} in this folder:"
-        read_only = hasattr(os, "statvfs") and bool(os.statvfs(target).f_flag & os.ST_RDONLY)
-        why = "on a read-only file system" if read_only else "not writable by this user (permission denied)"
-        raise UnionsegError(f"{what} {why}; choose another -o", target)
 
 
 def register(app: typer.Typer) -> None:

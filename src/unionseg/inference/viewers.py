@@ -73,6 +73,9 @@ def write_label_tables(folder: str | Path, space: LabelSpace) -> list[Path]:
                               "colours for viewers were not written)", UnionsegWarning, stacklevel=2)
                 continue
             changed = changed or before != text
+            if before == text:  # the same tables: not rewritten (another user's, in a shared folder, could not be)
+                written.append(path)
+                continue
         write_text(path, text)
         written.append(path)
     if changed:
