@@ -609,3 +609,27 @@ def test_another_users_file_in_a_sticky_folder_is_refused_before_the_work(tmp_pa
     check_writable(shared, [shared / "summary.json"])  # not there: nothing to replace
     shared.chmod(0o777)
     check_writable(shared, [shared / "metrics.csv"])  # not sticky: write permission is enough
+
+
+def test_a_lock_file_that_cannot_be_opened_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every permission problem read "cannot create the lock file" (helper-109): a lock file another user
+    left unwritable and a folder this user cannot write are told apart, each with what to do."""
+    import os
+
+    from unionseg.errors import UnionsegError
+    from unionseg.locking import FileLock
+
+    def denied(*args: object, **kwargs: object) -> int:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "open", denied)
+    lock = tmp_path / "cache" / ".lock"
+    with pytest.raises(UnionsegError, match=r"cannot create the lock file for the prepared cache: .* is not writable "
+                                            r"by this user \(Permission denied\); work on a copy") as info:
+        FileLock(lock, "the prepared cache").try_acquire()
+    assert info.value.path == lock
+    lock.parent.mkdir(exist_ok=True)
+    lock.write_text("")
+    with pytest.raises(UnionsegError, match=r"the lock file for the prepared cache exists but is not writable by this "
+                                            r"user.*chmod g\+w"):
+        FileLock(lock, "the prepared cache").try_acquire()

@@ -131,8 +131,7 @@ class FileLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
-            raise UnionsegError(f"cannot create the lock file for {self.what} ({exc.strerror or exc})",
-                                self.path) from None
+            raise UnionsegError(self._cannot_open(exc), self.path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -144,6 +143,30 @@ class FileLock:
         _HELD[key] = [fd, 1]
         self._key = key
         return True
+
+    def _cannot_open(self, exc: OSError) -> str:
+        """Why the lock file could not be opened, in words a user can act on: a lock file another user left
+        unwritable, or a folder this user cannot write (all were "cannot create the lock file"; helper-109)."""
+        import errno
+
+        why = exc.strerror or str(exc)
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"cannot create the lock file for {self.what} ({why})"
+        if self.path.exists():
+            try:
+                import pwd
+
+                info = self.path.stat()
+                owner = f" (owner {pwd.getpwuid(info.st_uid).pw_name}, mode {info.st_mode & 0o777:o})"
+            except (KeyError, OSError, ImportError):
+                owner = ""
+            return (f"the lock file for {self.what} exists but is not writable by this user{owner}: ask its owner "
+                    "to make it group-writable (chmod g+w), or remove it if no one is working there")
+        folder = self.path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return (f"cannot create the lock file for {self.what}: {folder} is not writable by this user ({why}); "
+                "work on a copy, or in a folder of your own (a prepared cache: cache_dir in a roots file)")
 
     def acquire(
         self,
