@@ -2294,3 +2294,20 @@ def test_a_plugins_bad_declarations_are_refused_before_the_run_folder_is_written
     with pytest.raises(ConfigError, match=r"method 'naive': training_step returned total; it must return the total "
                                           r"loss under 'loss'"):
         train(phantom_project, _cfg("naive", 1), tmp_path / "loss", progress=False)
+
+
+def test_a_method_with_shared_experts_on_a_cache_it_cannot_write_is_refused_before_its_folder(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The experts live in the prepared cache and lock there even when built: on a read-only shared cache
+    `individual` failed at its first stage after writing config.yaml and stages.json, so the same command
+    was then refused as a second run (helper-109). naive, which reads the cache only, trains."""
+    from unionseg.config import load_project
+
+    cache = load_project(phantom_project).cache_dir
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not Path(path).is_relative_to(cache) and real_access(path, mode))
+    with pytest.raises(ConfigError, match="this method's shared experts live in the prepared cache, and this user "
+                                          "cannot write there"):
+        train(phantom_project, _cfg("individual", 1), tmp_path / "ind", progress=False)
+    assert not (tmp_path / "ind").exists()
+    train(phantom_project, _cfg("naive", 1), tmp_path / "naive", progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,8 @@ def check_training_data(method: Method, ctx: RunContext) -> None:
     """
     _check_weight_names(ctx)
     check_declarations(method)
+    if ctx.artifacts is not None and set(method.stages) & set(SHARED_STAGES):
+        _check_artifacts_writable(Path(ctx.artifacts.root))
     if method.label_source == "oracle":
         names = method.datasets()
         for case in ctx.index.cases(split="train"):
@@ -111,6 +114,27 @@ def check_declarations(method: Method) -> None:
         if spec.kind not in _EXTRA_KINDS:
             raise ConfigError(f"method {method.name!r}: extra {name!r} has kind {spec.kind!r}; it must be one of "
                               f"{', '.join(_EXTRA_KINDS)}")
+
+
+def _check_artifacts_writable(root: Path) -> None:
+    """The shared artefacts (experts, their maps, pseudo labels) live in the prepared cache and take a lock
+    there, built or not: a cache this user cannot write failed at the first stage, after the run folder was
+    written, so the corrected command was refused as a second run (helper-109).
+
+    Raises:
+        ConfigError: naming the folder, and the way out (a cache of one's own).
+    """
+    import os
+
+    from unionseg.errors import ConfigError
+
+    there = root
+    while not there.exists() and there != there.parent:
+        there = there.parent
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise ConfigError("this method's shared experts live in the prepared cache, and this user cannot write "
+                          "there (they take a lock even when built); give the project a cache of its own "
+                          "(cache_dir: in a roots file, docs/datasets.md) and prepare it", there)
 
 
 def _dataset_weights(method: Method, ctx: RunContext, present: set[int]) -> dict[int, int]:
