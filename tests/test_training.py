@@ -2311,3 +2311,17 @@ def test_a_method_with_shared_experts_on_a_cache_it_cannot_write_is_refused_befo
         train(phantom_project, _cfg("individual", 1), tmp_path / "ind", progress=False)
     assert not (tmp_path / "ind").exists()
     train(phantom_project, _cfg("naive", 1), tmp_path / "naive", progress=False)
+
+
+def test_a_resume_whose_log_it_cannot_append_to_is_refused_before_training(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """log.csv is appended in place: another user's log failed the resume at its first log row (helper-109)."""
+    from unionseg.errors import UnionsegError
+
+    run = tmp_path / "run"
+    train(phantom_project, _cfg("naive", 4), run, progress=False, stop_after=2)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != run / "log.csv" and real_access(path, mode))
+    with pytest.raises(UnionsegError, match="the run's log is not writable by this user") as info:
+        train(phantom_project, _cfg("naive", 4), run, resume=True, progress=False)
+    assert info.value.path == run / "log.csv"

@@ -204,6 +204,12 @@ class Trainer:
             # nothing in the run folder and cost no shared-expert training
             resume_state = safe_torch_load(self.run_dir / "last.pt", CKPT_FORMAT)
             self._check_resumable(resume_state, self.run_dir / "last.pt")
+            log = self.run_dir / "log.csv"
+            if ctx.is_main and log.is_file() and not os.access(log, os.W_OK):  # appended to, not replaced
+                from unionseg.errors import UnionsegError
+
+                raise UnionsegError("the run's log is not writable by this user (another user's run?), and "
+                                        "--resume appends to it; resume a copy of the run folder of your own", log)
             self._check_same_data(resume_state, self.run_dir / "last.pt")
         elif self.resume:
             self._check_same_method()
