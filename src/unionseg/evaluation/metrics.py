@@ -5,10 +5,11 @@ Definitions (masks are arrays of any rank, usually (X, Y, Z); ``spacing`` is mm 
 * **Dice** ``2 |P & G| / (|P| + |G|)``.
 * **Surfaces** are the boundary voxels of a mask: ``mask & ~binary_erosion(mask)`` with the 6-connected
   (face) structuring element, everything outside the array counting as background (as MONAI's
-  ``get_mask_edges``). Distances are Euclidean in mm between voxel centres, from
-  ``scipy.ndimage.distance_transform_edt(..., sampling=spacing)``, computed only on the bounding box of
-  ``P | G``: every surface voxel lies inside it and erosion treats the outside as background, so the crop
-  changes nothing but the cost (no margin is needed).
+  ``get_mask_edges``). Distances are Euclidean in mm between voxel centres: nearest-neighbour queries of a
+  k-d tree (``scipy.spatial.cKDTree``) over the other mask's surface voxels, each mask eroded on its own
+  bounding box (erosion treats the outside as background, so the crop changes nothing but the cost). A
+  distance transform over the box of ``P | G`` gives the same values, at the cost of the whole volume when a
+  few stray voxels lie far from the organ.
 * **HD95** the larger of the two directed 95th percentiles of surface distances (pred -> truth and
   truth -> pred; linear interpolation), in mm: MONAI's ``compute_hausdorff_distance(percentile=95)``
   (equal to float32 rounding). DeepMind's ``surface-distance`` package takes the larger direction too, but
