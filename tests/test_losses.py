@@ -578,8 +578,8 @@ def test_kd_kl_matches_kl_after_mapping() -> None:
     logits = torch.randn(1, 4, 5)
     teacher = torch.softmax(torch.randn(1, 2, 5), 1)
     region = torch.tensor([[True, True, False, True, False]])
-    # a float16 cache whose channels no longer sum to 1: tau = 1 takes a shortcut (renormalise) and tau > 1
-    # another (the powers renormalised) that must agree
+    # a float16 cache whose channels no longer sum to 1: tau = 1 takes a shortcut (renormalise) and tau = 2
+    # another (the square roots renormalised) that must agree
     cached = (teacher * 0.97).half()
     cached[0, 1, 3] = 0.0  # inside the region; float16 caches underflow to 0: the eps floor (1e-8) applies
     for probs, tau in ((teacher, 2.0), (teacher, 1.0), (cached, 1.0), (cached, 0.5), (cached, 2.0), (cached, 3.0)):

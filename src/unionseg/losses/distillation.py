@@ -100,16 +100,17 @@ def _teacher_target(probs: Tensor, tau: float, eps: float) -> tuple[Tensor, Tens
     """``(t, log t)`` with ``t = softmax(log(max(p, eps)) / tau)`` over dim 1, float32, no graph.
 
     At ``tau = 1`` that is the floored probabilities renormalised, ``log t = log p - log sum p``: the same
-    value without the softmax's exp and second pass (this runs per teacher and step); above 1, ``p^(1/tau)``
-    renormalised.
+    value without the softmax's exp and second pass (this runs per teacher and step); at ``tau = 2``,
+    ``sqrt(p)`` renormalised.
     """
     floored = probs.detach().float().clamp_min(eps)
-    if tau > 1.0:
-        # p^(1/tau) >= p >= eps cannot underflow: one power and one sum instead of the softmax's passes
-        powered = floored.pow_(1.0 / tau)
+    if tau == 2.0:
+        # MS-KD's default: sqrt(p) >= p >= eps cannot underflow, and one square root and one sum replace the
+        # softmax's passes (a general power is slower than they are on the CPU)
+        powered = floored.sqrt_()
         target = powered.div_(powered.sum(1, keepdim=True))
         return target, target.log()
-    if tau != 1.0:  # tau < 1: p^(1/tau) may underflow, the log-sum-exp does not
+    if tau != 1.0:
         log_t = F.log_softmax(floored.log_() / tau, dim=1)
         return log_t.exp(), log_t
     total = floored.sum(1, keepdim=True)
