@@ -929,7 +929,12 @@ def test_a_sheared_truth_grid_is_warned_about(tiny_project: Path) -> None:
 ])
 def test_evaluate_folder_refuses_a_bad_worker_count_or_tolerance_by_name(tiny_project: Path, kwargs: dict,
                                                                           said: str) -> None:
-    """A string was a bare TypeError from a comparison (helper-106); each is named in both its forms."""
+    """A string was a bare TypeError from a comparison (helper-106); each is named in both its forms. NumPy
+    numbers are numbers (helper-110)."""
+    from unionseg.evaluation.evaluate import check_tolerance
+
+    check_tolerance(np.float32(2.0))
+    check_tolerance(np.int64(2))
     root = tiny_project
     with pytest.raises(ConfigError, match=said):
         evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, None,
@@ -968,6 +973,13 @@ def test_evaluate_case_scores_fortran_ordered_arrays_as_c_ordered_ones(space: La
     c_order = evaluate_case(pred, gt, full, space, (1.0, 1.5, 2.0))
     f_order = evaluate_case(np.asfortranarray(pred), np.asfortranarray(gt), full, space, (1.0, 1.5, 2.0))
     assert c_order == f_order and c_order
+    # a float or bool array, as another tool's file reads, scores as its integer values (the lookups indexed
+    # with it; helper-110)
+    assert evaluate_case(pred.astype(np.float64), gt.astype(np.float32), full, space, (1.0, 1.5, 2.0)) == c_order
+    one = LabelSpace.from_dict({"classes": [{"name": "liver"}]})
+    as_bool = evaluate_case(pred > 3, gt > 3, one.full_mask(), one, (1.0, 1.0, 1.0))
+    assert as_bool == evaluate_case((pred > 3).astype(np.uint8), (gt > 3).astype(np.uint8), one.full_mask(), one,
+                                    (1.0, 1.0, 1.0))
 
 
 def test_an_output_folder_evaluate_cannot_write_is_refused_before_any_case(tiny_project: Path,

@@ -630,6 +630,14 @@ def test_a_lock_file_that_cannot_be_opened_says_why(tmp_path: Path, monkeypatch:
     assert info.value.path == lock
     lock.parent.mkdir(exist_ok=True)
     lock.write_text("")
-    with pytest.raises(UnionsegError, match=r"the lock file for the prepared cache exists but is not writable by this "
-                                            r"user.*chmod g\+w"):
+    with pytest.raises(UnionsegError, match=r"the lock file for the prepared cache exists but cannot be opened for "
+                                            r"writing by this user.*Permission denied; .*chmod g\+w"):
+        FileLock(lock, "the prepared cache").try_acquire()
+
+    def read_only(*args: object, **kwargs: object) -> int:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "open", read_only)  # no owner can make it writable there (helper-110)
+    with pytest.raises(UnionsegError, match=r"cannot create the lock file for the prepared cache: it is on a read-only "
+                                            r"file system \(Read-only file system\); work on a copy"):
         FileLock(lock, "the prepared cache").try_acquire()

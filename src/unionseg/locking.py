@@ -150,7 +150,10 @@ class FileLock:
         import errno
 
         why = exc.strerror or str(exc)
-        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        if exc.errno == errno.EROFS:
+            return (f"cannot create the lock file for {self.what}: it is on a read-only file system ({why}); work "
+                    "on a copy, or in a folder of your own (a prepared cache: cache_dir in a roots file)")
+        if exc.errno not in (errno.EACCES, errno.EPERM):
             return f"cannot create the lock file for {self.what} ({why})"
         if self.path.exists():
             try:
@@ -160,8 +163,9 @@ class FileLock:
                 owner = f" (owner {pwd.getpwuid(info.st_uid).pw_name}, mode {info.st_mode & 0o777:o})"
             except (KeyError, OSError, ImportError):
                 owner = ""
-            return (f"the lock file for {self.what} exists but is not writable by this user{owner}: ask its owner "
-                    "to make it group-writable (chmod g+w), or remove it if no one is working there")
+            return (f"the lock file for {self.what} exists but cannot be opened for writing by this user{owner}: "
+                    f"{why}; ask its owner to make it group-writable (chmod g+w), or remove it if no one is working "
+                    "there")
         folder = self.path.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent

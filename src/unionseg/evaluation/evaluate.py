@@ -21,6 +21,7 @@ import contextlib
 import csv
 import json
 import math
+import numbers
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -74,7 +75,7 @@ def check_tolerance(tolerance_mm: float) -> None:
     Raises:
         ConfigError: naming the option and the argument.
     """
-    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, (int, float)) \
+    if isinstance(tolerance_mm, bool) or not isinstance(tolerance_mm, numbers.Real) \
             or not math.isfinite(tolerance_mm) or tolerance_mm < 0:
         raise ConfigError(f"--tolerance (tolerance_mm=) must be a number >= 0 mm, got {tolerance_mm!r}")
 
@@ -182,6 +183,9 @@ def evaluate_case(
     pred = np.asarray(pred)
     gt = np.asarray(gt)
     mask = _check_inputs(pred, gt, annotated, space)
+    # integer codes for the table lookups below (a float or bool array, as read from another tool's file,
+    # would index otherwise; helper-110); the ranges were checked
+    pred, gt = (a if a.dtype.kind in "ui" else a.astype(np.uint8) for a in (pred, gt))
     spacing = _voxel_size(spacing)
     counts = value_counts(gt, space.n_codes)
     out: CaseScores = {}
@@ -810,7 +814,7 @@ def evaluate_folder(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_tolerance(tolerance_mm)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:  # "2" was a bare TypeError
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:  # "2": a TypeError
         raise ConfigError(f"--workers (workers=) must be an integer >= 1, got {workers!r}")
     if workers > 1:
         refuse_in_starting_worker("evaluate_folder with workers > 1")
