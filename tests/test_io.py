@@ -641,3 +641,26 @@ def test_a_lock_file_that_cannot_be_opened_says_why(tmp_path: Path, monkeypatch:
     with pytest.raises(UnionsegError, match=r"cannot create the lock file for the prepared cache: it is on a read-only "
                                             r"file system \(Read-only file system\); work on a copy"):
         FileLock(lock, "the prepared cache").try_acquire()
+
+
+def test_another_users_writable_lock_file_in_a_sticky_folder_is_opened_without_create(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux's protected_regular refuses O_CREAT on another user's file in a sticky folder even when the file
+    is writable: the lock opens it without O_CREAT then (helper-110)."""
+    import os
+
+    from unionseg.locking import FileLock
+
+    lock = tmp_path / ".lock"
+    lock.write_text("")
+    real_open = os.open
+
+    def protected(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", protected)
+    held = FileLock(lock, "the prepared cache")
+    assert held.try_acquire()
+    held.release()

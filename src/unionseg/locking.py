@@ -129,7 +129,14 @@ class FileLock:
             return True
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except PermissionError:
+                if not self.path.exists():
+                    raise
+                # another user's lock file in a sticky folder: Linux's protected_regular refuses O_CREAT on it
+                # even where the file itself is writable (helper-110)
+                fd = os.open(self.path, os.O_RDWR)
         except OSError as exc:
             raise UnionsegError(self._cannot_open(exc), self.path) from None
         try:
