@@ -2325,3 +2325,38 @@ def test_a_resume_whose_log_it_cannot_append_to_is_refused_before_training(
     with pytest.raises(UnionsegError, match="the run's log is not writable by this user") as info:
         train(phantom_project, _cfg("naive", 4), run, resume=True, progress=False)
     assert info.value.path == run / "log.csv"
+
+
+def test_a_resumed_optimiser_state_takes_its_parameters_memory_layout() -> None:
+    """load_state_dict keeps the checkpoint's layout: a run resumed on another device (channels-last kernels
+    on the CPU, contiguous on CUDA) kept AdamW's state in the other one (helper-111)."""
+    from unionseg.training.trainer import _match_state_layouts
+
+    saved = torch.nn.Parameter(torch.randn(4, 3, 3, 3, 3).contiguous(memory_format=torch.channels_last_3d))
+    opt = torch.optim.AdamW([saved], lr=0.1)
+    saved.grad = torch.ones_like(saved)
+    opt.step()
+    resumed = torch.nn.Parameter(saved.detach().contiguous())
+    again = torch.optim.AdamW([resumed], lr=0.1)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[resumed]["exp_avg"].stride() != resumed.stride()  # what load_state_dict leaves
+    before = {k: v.clone() for k, v in again.state[resumed].items()}
+    _match_state_layouts(again)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert again.state[resumed][key].stride() == resumed.stride()
+        assert torch.equal(again.state[resumed][key], before[key])
+
+
+def test_every_backend_waits_the_same_time_for_the_other_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL's watchdog aborted after 10 minutes where gloo waits 30, while the other ranks wait for rank 0
+    writing a checkpoint (helper-111): the process group gets one timeout, and CUDA ranks their device."""
+    import datetime
+
+    from unionseg.training import distributed as dist_module
+
+    seen: list[dict] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist_module, "is_distributed", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kwargs: seen.append(kwargs))
+    assert dist_module.setup(torch.device("cpu")) == torch.device("cpu")
+    assert seen == [{"backend": "gloo", "timeout": datetime.timedelta(minutes=30), "device_id": None}]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 from typing import Any
@@ -26,6 +27,10 @@ def is_main() -> bool:
     return rank() == 0
 
 
+#: how long a rank waits in a collective for the others (rank 0 alone writes checkpoints and model files)
+DDP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def setup(device: torch.device) -> torch.device:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); pick this rank's device.
 
@@ -42,7 +47,10 @@ def setup(device: torch.device) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    torch.distributed.init_process_group(backend=backend)
+    # one timeout for both backends: NCCL's watchdog aborted after 10 minutes where gloo waits 30, while
+    # the other ranks wait in a collective for rank 0 writing a checkpoint or a model file (helper-111)
+    torch.distributed.init_process_group(backend=backend, timeout=DDP_TIMEOUT,
+                                         device_id=device if device.type == "cuda" else None)
     return device
 
 

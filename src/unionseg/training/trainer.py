@@ -75,6 +75,20 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Lay each optimiser state tensor out like its parameter: ``load_state_dict`` moves the state to the
+    parameter's device and dtype but keeps the checkpoint's memory layout, so a run resumed on another device
+    (channels-last kernels on the CPU, contiguous on CUDA) kept the other layout, and AdamW's fused and
+    multi-tensor paths want them alike (helper-111)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if (isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() > 1
+                        and value.stride() != param.stride()):
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def check_sizes(cfg: TrainConfig) -> None:
     """Refuse a patch or sliding-window size the backbone cannot take (each axis a multiple of its
     downsampling factor) before any stage runs: otherwise the first step, or the first validation, fails
@@ -633,6 +647,7 @@ class Trainer:
             a.load_state_dict(state["averages"][k])
         self.method.load_state_dict(state["method_state"])
         self.optimizer.load_state_dict(state["optimizer"])
+        _match_state_layouts(self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] and self.scaler.is_enabled():  # a CPU run saves an empty one; a GPU resume starts anew
             self.scaler.load_state_dict(state["scaler"])
