@@ -1268,3 +1268,20 @@ def test_the_two_documented_calls_of_predict_type_check(tmp_path: Path) -> None:
                     "    reveal_type(probs)\n")
     out, err, status = api.run([str(code), "--no-error-summary"])
     assert status == 0 and "Revealed type is \"numpy.ndarray" in out, out + err
+
+
+def test_prediction_on_cuda_runs_with_cudnns_autotuner_and_gives_the_setting_back() -> None:
+    """Every window has one shape, so cuDNN's autotuner pays off; only training turned it on (helper-111).
+    The CPU leaves it alone, and the caller's setting comes back."""
+    from unionseg.inference.predictor import cudnn_autotune
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with cudnn_autotune(torch.device("cpu")):
+            assert torch.backends.cudnn.benchmark is False
+        with cudnn_autotune(torch.device("cuda")):
+            assert torch.backends.cudnn.benchmark is True
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

@@ -91,6 +91,21 @@ ACCUMULATE = ("auto", "float32", "float16")
 PAD_VALUE = -1.0  # air after CT normalisation
 
 
+@contextmanager
+def cudnn_autotune(device: torch.device) -> Iterator[None]:
+    """cuDNN's autotuner on for a prediction on CUDA (every window has one shape, so the fastest convolution
+    algorithm is chosen once), the caller's setting back afterwards; only training turned it on (helper-111)."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def scan_interval(image_size: Sequence[int], roi: Sequence[int], overlap: float) -> tuple[int, ...]:
     """MONAI's window step per axis: ``int(roi * (1 - overlap))`` (at least 1; the roi when it fills the axis)."""
     out = []
@@ -566,7 +581,7 @@ class Predictor:
         x = torch.from_numpy(np.ascontiguousarray(prepared, dtype=np.float32))
         threads = torch.get_num_threads()
         single = self.decision_threads is not None and self.stitch_device.type == "cpu"
-        with torch.inference_mode():
+        with torch.inference_mode(), cudnn_autotune(self.device):
             for start, logits in self._stitch(x, tta=tta, progress=progress):
                 if single:
                     torch.set_num_threads(self.decision_threads)  # type: ignore[arg-type]
@@ -581,7 +596,7 @@ class Predictor:
         """The whole averaged-logit volume (C, X', Y', Z') float32 on the stitch device (tests, small volumes)."""
         x = torch.as_tensor(prepared, dtype=torch.float32)
         parts = []
-        with torch.inference_mode():
+        with torch.inference_mode(), cudnn_autotune(self.device):
             for _, logits in self._stitch(x, tta=tta):
                 parts.append(logits.float())
         return torch.cat(parts, dim=1)
