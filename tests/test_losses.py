@@ -759,3 +759,25 @@ def test_the_batched_feature_term_equals_the_loop_over_teachers() -> None:
     assert ms_kd_feature_loss(student, mixed, regions, background).item() == pytest.approx(
         sum(float(region_affinity_loss(student, f, [downsample_mask(r, size), downsample_mask(background, size)]))
             for f, r in zip(mixed, regions, strict=True)), rel=1e-5)
+
+
+def test_the_marginal_losss_tables_are_made_once_per_device_and_outlive_inference_mode() -> None:
+    """The label space's tables were built from host lists at every call: on a GPU, each was a copy that made
+    the CPU wait for the GPU mid-step (helper-111). They are made once per space and device, and a first
+    call under inference_mode does not leave inference tensors that a training step cannot use."""
+    from conftest import make_space
+    from unionseg.losses.partial import _device_tables
+
+    space = make_space()
+    torch.manual_seed(0)
+    codes = torch.randint(0, space.n_codes, (2, 4, 4, 4))
+    annotated = torch.zeros(2, space.n_leaves, dtype=torch.bool)
+    annotated[:, :3] = True
+    with torch.inference_mode():
+        marginal_loss(torch.randn(2, space.n_leaves, 4, 4, 4), codes, annotated, space)
+    tables = _device_tables(space, torch.device("cpu"))
+    assert tables is _device_tables(space, torch.device("cpu")) and not tables["code_leaf"].is_inference()
+    logits = torch.randn(2, space.n_leaves, 4, 4, 4, requires_grad=True)
+    terms = marginal_loss(logits, codes, annotated, space)
+    (terms["ce"] + terms["dice"]).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
