@@ -781,3 +781,14 @@ def test_the_marginal_losss_tables_are_made_once_per_device_and_outlive_inferenc
     terms = marginal_loss(logits, codes, annotated, space)
     (terms["ce"] + terms["dice"]).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_constant_index_tensors_are_made_once_per_device() -> None:
+    """MS-KD's regions and logit term indexed with Python lists: a host-to-GPU copy per teacher and step
+    (helper-111). The index tensors are made once, outside inference mode, and read only."""
+    from unionseg.losses._common import index_tensor
+
+    with torch.inference_mode():
+        first = index_tensor([1, 2], torch.device("cpu"))
+    assert first is index_tensor((1, 2), torch.device("cpu")) and not first.is_inference()
+    assert first.tolist() == [1, 2] and first.dtype == torch.long

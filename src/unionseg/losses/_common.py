@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 
 import torch
@@ -48,3 +50,16 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
 def zero_with_graph(tensor: Tensor) -> Tensor:
     """A float32 scalar 0 attached to ``tensor``'s graph (so ``backward()`` works and every gradient is 0)."""
     return tensor.float().sum() * 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _index_on(values: tuple[int, ...], device: str) -> Tensor:
+    with torch.inference_mode(False):  # reused across calls: never an inference tensor
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+
+def index_tensor(values: Iterable[int], device: torch.device) -> Tensor:
+    """A constant (N,) long index tensor on ``device``, made once per values and device: indexing a GPU tensor
+    with a Python list copies the list to the GPU at each call, which makes the CPU wait for the GPU in the
+    middle of a step (helper-111). Read only."""
+    return _index_on(tuple(int(v) for v in values), str(device))

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from unionseg.losses._common import check_channels_first, check_positive, check_spatial, float32_island
+from unionseg.losses._common import (
+    check_channels_first,
+    check_positive,
+    check_spatial,
+    float32_island,
+    index_tensor,
+)
 
 DOWNSAMPLE_MODES = ("nearest", "max")
 
@@ -183,7 +189,7 @@ def _fused_kd_kl(student_log_probs: Tensor, student_probs: Tensor, targets: Sequ
                 leaf_weight[:, leaf].add_(target[:, 1 + k] * w)
             merged_weight.append(target[:, 0] * w)
             region_weight.append(w)
-            others[j, leaves] = 0
+            others[j].index_fill_(0, index_tensor(leaves, others.device), 0)
         merged_w = torch.stack(merged_weight, dim=1).flatten(2)  # (B, J, V)
     flat_probs = student_probs.reshape(batch, n_leaves, -1)
     mass = torch.matmul(others, flat_probs)  # (B, J, V)
@@ -276,7 +282,7 @@ def kd_regions(teacher_probs: Sequence[Tensor],
         p = probs.detach().float()
         groups = teacher_groups[j] if teacher_groups is not None else [range(1, p.shape[1])]
         # the merge function's foreground: the best group's probability above 0.5 (at 0.5, background)
-        claim = torch.stack([p[:, list(g)].sum(1) for g in groups]).amax(0) > 0.5
+        claim = torch.stack([p.index_select(1, index_tensor(g, p.device)).sum(1) for g in groups]).amax(0) > 0.5
         claims.append(claim)
         confidences.append(torch.where(claim, 1.0 - p[:, 0], torch.full_like(p[:, 0], -1.0)))
     winner = torch.zeros(shape, dtype=torch.long, device=teacher_probs[0].device)
