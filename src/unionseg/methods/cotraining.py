@@ -172,7 +172,7 @@ class CotrainingMethod(SoftmaxMethod):
                 loss = loss + o.w_s * ramp * soft
                 terms[f"{own}/soft"] = soft.detach()
             total = total + loss
-        terms["rampup"] = torch.tensor(float(ramp), device=total.device)
+        terms["rampup"] = torch.full((), float(ramp), device=total.device)  # filled there: no host copy
         terms["region_fraction"] = region.float().mean().detach()
         return {"loss": total, **terms}
 

@@ -82,9 +82,11 @@ class ExpertMethod(Method):
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
         from unionseg.losses import marginal_loss
 
-        codes = self.lut.to(batch["label"].device)[batch["label"]]
+        if self.lut.device != batch["label"].device:  # once: a copy each step made the CPU wait for the GPU
+            self.lut, self.full = self.lut.to(batch["label"].device), self.full.to(batch["label"].device)
+        codes = self.lut[batch["label"]]
         logits = self.models["net"](batch["image"])
-        annotated = self.full.to(codes.device).expand(codes.shape[0], -1)
+        annotated = self.full.expand(codes.shape[0], -1)
         terms = marginal_loss(logits, codes, annotated, self.sub)
         return {"loss": terms["ce"] + terms["dice"], **terms}
 
