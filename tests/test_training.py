@@ -1479,12 +1479,16 @@ def test_validation_stitches_a_large_volume_off_the_gpu_and_follows_the_runs_amp
         method = get_method("naive")(ctx)
         method.raw_models = method.build()
         calls: list[bool] = []
+        kept: list[bool] = []
         real = validation.predict_volume
         monkeypatch.setattr(validation, "predict_volume",
-                            lambda *a, calls=calls, real=real, **k: calls.append(k["amp"]) or real(*a, **k))
+                            lambda *a, calls=calls, kept=kept, real=real, **k: calls.append(k["amp"]) or kept.append(
+                                k.get("to_cpu", True)) or real(*a, **k))
         validation.validate_deployed(method.deploy(), ctx)
         monkeypatch.setattr(validation, "predict_volume", real)
         assert calls and set(calls) == {amp}
+        # decided where stitched: the probability maps stay there, only the labels go to the host (helper-111)
+        assert set(kept) == {False}
     assert seen and all(s["sw_device"] == torch.device("cpu") and s["device"] == torch.device("cpu")
                         and s["amp"] is False for s in seen)  # on the CPU: no autocast, stitched in place
 

@@ -32,8 +32,10 @@ def stitch_device(device: torch.device, shape: tuple[int, ...]) -> torch.device:
 def predict_volume(
     module: torch.nn.Module, image: np.ndarray | torch.Tensor, roi_size: tuple[int, int, int], overlap: float,
     sw_batch_size: int, device: torch.device, output_form: str, blend: str = "gaussian", amp: bool = True,
+    to_cpu: bool = True,
 ) -> torch.Tensor:
-    """(X, Y, Z) prepared image -> (C, X, Y, Z) float32 probabilities on the CPU.
+    """(X, Y, Z) prepared image -> (C, X, Y, Z) float32 probabilities on the CPU (``to_cpu=False``: where they
+    were stitched, for a caller that decides there and copies only the labels).
 
     The windows run on ``device`` (in float16 autocast on a GPU when ``amp``, the run's ``amp``: a run that
     trains without it validates and makes its experts' maps without it too); a large volume is stitched on
@@ -50,7 +52,8 @@ def predict_volume(
                                           overlap=overlap, mode=blend, sw_device=device, device=stitch)
     module.train(was_training)
     assert isinstance(logits, torch.Tensor)
-    return activate(logits[0].float(), output_form).cpu()
+    probs = activate(logits[0].float(), output_form)
+    return probs.cpu() if to_cpu else probs
 
 
 def dice_scores(pred: np.ndarray, codes: np.ndarray, annotated: np.ndarray, space: Any) -> dict[str, float]:
@@ -112,9 +115,11 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
         case = cases[i]
         probs = predict_volume(deployed.module, case.image(), cfg.roi_size, cfg.inference.overlap,
                                cfg.inference.sw_batch_size, ctx.device, deployed.output_form, cfg.inference.blend,
-                               amp=cfg.amp)
+                               amp=cfg.amp, to_cpu=False)
+        # decided where the volume was stitched: on a GPU, the uint8 labels cross to the host, not the C
+        # float32 probability maps (helper-111)
         pred = decode_probs(probs, deployed.output_form, deployed.channels, deployed.label_space or ctx.space,
-                            threshold=cfg.inference.threshold).numpy()
+                            threshold=cfg.inference.threshold).cpu().numpy()
         if deployed.to_global is not None:
             pred = deployed.to_global[pred]
         annotated = case.annotated if deployed.predictable is None else case.annotated & deployed.predictable
