@@ -318,7 +318,8 @@ class Trainer:
         from unionseg.errors import ConfigError
 
         try:
-            rebuilt = build_deployed(dict(deployed.network_spec), deployed.label_space or self.ctx.space)
+            with torch.random.fork_rng(devices=[]):  # its random initial weights leave the run's stream alone
+                rebuilt = build_deployed(dict(deployed.network_spec), deployed.label_space or self.ctx.space)
         except Exception as exc:  # a spec the builder cannot read: said with the method's name
             raise ConfigError(f"method {self.cfg.method!r}: the network spec it deploys ({name}) cannot be built "
                               f"again, as predict builds it ({exc})") from None
