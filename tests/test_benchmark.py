@@ -538,6 +538,7 @@ def test_ctrl_c_lets_an_isolated_run_write_its_checkpoint(tmp_path: Path) -> Non
     step = safe_torch_load(log.parent / "last.pt", "unionseg-checkpoint")["step"]
     assert 3 <= step < 400
     assert f"stopped at step {step}; the checkpoint" in err and "Traceback" not in err
+    assert "the same `unionseg benchmark` command goes on from there" in err and "--resume" not in err
 
 
 def test_pseudo_label_figure_shows_seed_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -429,6 +429,7 @@ def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Pat
     err = capsys.readouterr().err
     assert "SIGINT: stopping after this step to write a checkpoint" in err
     assert "stopped at step 4; the checkpoint" in err and "--resume" in err and "train(..., resume=True) in Python" in err
+    assert "benchmark" not in err  # a plain train was told of the benchmark command too (helper-112)
     assert safe_torch_load(run / "last.pt", "unionseg-checkpoint")["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", real)
     train(phantom_project, cfg, run, resume=True, progress=False)

@@ -788,9 +788,11 @@ class Trainer:
         if size > 1:  # a plain `unionseg train --resume` would go on with one process, half the batch (helper-96)
             goes_on = (f"the same torchrun command ({size} processes) with --resume goes on from there; another "
                        "number of processes changes the effective batch")
-        else:
-            goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python), or "
-                       "the same `unionseg benchmark` command, goes on from there")
+        elif (self.run_dir.parent.parent.parent / "benchmark.json").is_file():  # runs/<row>/seed<N> of a suite
+            goes_on = "the same `unionseg benchmark` command goes on from there"
+        else:  # the benchmark was named to every run (helper-112)
+            goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python) "
+                       "goes on from there")
         if self.saved_step and self.saved_step == self.step:
             return f"stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
         if self.saved_step:
