@@ -372,3 +372,18 @@ def test_info_on_an_unfinished_torchrun_run_says_its_processes(tmp_path: Path,
     torch.save({"step": 5, "world_sizes": [[0, 1]]}, folder / "last.pt")  # one process: nothing more is said
     assert run(["info", str(folder)]) == 0
     assert "processes" not in capsys.readouterr().out
+
+
+def test_a_usage_error_is_one_error_line_naming_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """typer's usage errors were a four-line block (Usage, Try, a blank line, Error) that a log filter on
+    `^error:` missed, beside every other error's one line (helper-112). No arguments still shows the help."""
+    for argv, said in ((["train", "--methd", "x"], "error: No such option: --methd (Possible options: --method) "
+                                                    "(see 'unionseg train -h')"),
+                       (["evalute"], "error: No such command 'evalute'. Did you mean 'evaluate'"),
+                       (["benchmark", "--seeds", "0"], "error: Invalid value for '--seeds'")):
+        assert run(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(said) and len(err.strip().splitlines()) == 1, err
+    run([])
+    captured = capsys.readouterr()
+    assert "Usage: unionseg" in captured.out + captured.err and "error:" not in captured.out + captured.err

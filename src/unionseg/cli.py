@@ -317,6 +317,14 @@ def run(argv: list[str]) -> int:
     except _USAGE as exc:
         if _other_rank() is not None:  # every rank parses the same arguments: rank 0 shows the usage once
             return 2
+        message = getattr(exc, "format_message", None)
+        if callable(message) and type(exc).__name__ != "NoArgsIsHelpError":  # that one's message is the help
+            # one line, as every other error (a four-line usage block escaped a log filter on `^error:`;
+            # helper-112), with where the help is
+            ctx = getattr(exc, "ctx", None)
+            command = getattr(ctx, "command_path", None) or "unionseg"
+            typer.echo(f"error: {message()} (see '{command} -h')", err=True)
+            return 2
         show = getattr(exc, "show", None)
         if callable(show):
             show()
