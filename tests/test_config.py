@@ -162,7 +162,7 @@ def test_project_errors_name_the_file_and_the_key(tmp_path: Path, old: str, new:
 @pytest.mark.parametrize("text,problem", [
     ("", "expected a mapping at the top level"),
     ("[1, 2]", "expected a mapping at the top level"),
-    ("classes: [liver\n", "invalid YAML"),
+    ("classes: [liver\n", r"invalid YAML: line 2, column 1: expected ',' or '\]', but got '<stream end>'"),
     ("classes: []\ndatasets: []", "classes: expected a non-empty list"),
     ("classes: [liver]\ndatasets: []", "datasets: expected a non-empty list"),
     ("classes: [liver]\ndatasets: [{root: d, labels: {1: liver}, annotated: [liver]}]",

@@ -145,9 +145,27 @@ def load_yaml(path: str | Path) -> Any:
         with path.open("r", encoding="utf-8") as fh:
             return parse_yaml(fh.read())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}".replace("\n", " "), path) from None
+        raise ConfigError(f"invalid YAML: {yaml_problem(exc)}", path) from None
     except UnicodeDecodeError:
         raise ConfigError("not a text (UTF-8) YAML file", path) from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: ``line N, column M: <problem>`` and the offending line, without PyYAML's
+    ``in "<unicode string>"`` and its caret on a line of its own (they read as noise once joined; helper-112)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    context = getattr(exc, "context", None)
+    text = getattr(mark, "buffer", None)
+    shown = ""
+    if isinstance(text, str):
+        lines = text.rstrip("\0").splitlines()
+        if 0 <= mark.line < len(lines) and lines[mark.line].strip():
+            shown = f" (the line reads {lines[mark.line].strip()[:80]!r})"
+    return f"{where}: {problem}{f' ({context})' if context else ''}{shown}"
 
 
 def dump_yaml(data: Any, path: str | Path) -> None:
