@@ -922,8 +922,8 @@ def test_a_sheared_truth_grid_is_warned_about(tiny_project: Path) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "said"), [
-    ({"workers": "2"}, r"--workers \(workers=\) must be an integer >= 1, got '2'"),
-    ({"workers": 0}, r"--workers \(workers=\) must be an integer >= 1, got 0"),
+    ({"workers": "2"}, r"--workers \(workers=\) must be an integer >= 0 \(0 or 1: in this process\), got '2'"),
+    ({"workers": -1}, r"--workers \(workers=\) must be an integer >= 0 \(0 or 1: in this process\), got -1"),
     ({"tolerance_mm": "2"}, r"--tolerance \(tolerance_mm=\) must be a number >= 0 mm, got '2'"),
     ({"tolerance_mm": -1.0}, r"--tolerance \(tolerance_mm=\) must be a number >= 0 mm, got -1.0"),
 ])
@@ -936,6 +936,9 @@ def test_evaluate_folder_refuses_a_bad_worker_count_or_tolerance_by_name(tiny_pr
     check_tolerance(np.float32(2.0))
     check_tolerance(np.int64(2))
     root = tiny_project
+    # 0 is "in this process", as prepare counts its workers (it was refused; helper-112)
+    assert evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None,
+                           None, workers=0)["n_cases"] > 0
     with pytest.raises(ConfigError, match=said):
         evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, None,
                         **kwargs)

@@ -21,7 +21,7 @@ def evaluate_command(
     dataset: Annotated[Optional[str], typer.Option(
         "--dataset", help="Dataset the ground truth belongs to (default: the one whose root contains GT).")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
-    workers: Annotated[int, typer.Option("--workers", "-j", help="Cases scored in parallel processes.")] = 1,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes scoring cases (0 or 1: in this process).")] = 1,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.", metavar="")] = True,
     root: Annotated[Optional[list[str]], typer.Option(
         "--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,

@@ -787,7 +787,7 @@ def evaluate_folder(
             is written (the summary is returned; ``figures`` is ignored).
         tolerance_mm: NSD tolerance in mm.
         metrics: any of ``dice``, ``hd95``, ``nsd``.
-        workers: processes scoring cases in parallel (1: in this process).
+        workers: processes scoring cases in parallel (0 or 1: in this process, as ``prepare`` counts them).
         figures: write the PNG figures.
         roots: dataset root overrides when ``project`` is a path.
         progress: show a progress bar with an ETA on stderr (the CLI does).
@@ -814,8 +814,8 @@ def evaluate_folder(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_tolerance(tolerance_mm)
-    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 1:  # "2": a TypeError
-        raise ConfigError(f"--workers (workers=) must be an integer >= 1, got {workers!r}")
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0:  # "2": a TypeError
+        raise ConfigError(f"--workers (workers=) must be an integer >= 0 (0 or 1: in this process), got {workers!r}")
     if workers > 1:
         refuse_in_starting_worker("evaluate_folder with workers > 1")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
