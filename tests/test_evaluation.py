@@ -998,6 +998,6 @@ def test_an_output_folder_evaluate_cannot_write_is_refused_before_any_case(tiny_
     out.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and real_access(path, mode))
-    monkeypatch.setattr(ev, "_run_jobs", lambda *args, **kwargs: pytest.fail("cases scored before the refusal"))
+    monkeypatch.setattr(ev, "run_case_jobs", lambda *args, **kwargs: pytest.fail("cases scored before the refusal"))
     with pytest.raises(UnionsegError, match="output folder not writable by this user"):
         evaluate_folder(root / "preds", root / "datasets" / "test" / "labelsTr", root / "project.yaml", None, out)

@@ -475,8 +475,12 @@ def test_cross_evaluation_scores_the_four_shared_organs_only(public: dict[str, P
     # without figures, none is left from the run before beside tables they do not show (helper-103)
     evaluate_with_map(pred_dir, public["btcv"], space, cmap, out_dir=out, overwrite=True, figures=False)
     assert not (out / "figures").exists()
-    # the label folder itself works as ground truth too
-    assert evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap)["n_cases"] == 3
+    # the label folder itself works as ground truth too; cases scored in worker processes score the same
+    # (evaluate-cross had no --workers, on sets of hundreds of cases; helper-112)
+    one = evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap)
+    assert one["n_cases"] == 3
+    two = evaluate_with_map(pred_dir, public["btcv"] / "label", space, cmap, workers=2)
+    assert two["cases"] == one["cases"] and two["best_case"] == one["best_case"]
     # a map whose pancreas value no file holds (another dataset's numbering): said, not silently Dice 0
     # (WORD's map on BTCV read exit 0; helper-103)
     import yaml

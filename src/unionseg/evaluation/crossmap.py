@@ -44,7 +44,6 @@ import typer
 
 from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import (
-    case_progress,
     case_quality,
     case_quality_measure,
     case_records,
@@ -52,11 +51,13 @@ from unionseg.evaluation.evaluate import (
     check_metrics,
     check_not_the_truth,
     check_tolerance,
+    check_workers,
     display_key,
     label_range_problem,
     on_truth_grid,
     rank_cases,
     remove_stale_figures,
+    run_case_jobs,
     warn_skewed,
     write_metrics_csv,
 )
@@ -448,6 +449,7 @@ def evaluate_cross(
     progress: bool = False,
     overwrite: bool = False,
     figures: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Score a folder of predictions on a dataset labelled in another label space (shared classes only).
 
@@ -471,6 +473,8 @@ def evaluate_cross(
             :func:`unionseg.evaluation.evaluate.check_output_folder`).
         figures: with ``out_dir``, draw ``evaluate``'s figures: a box plot per metric, and the best and the
             worst case on the shared classes (over the CT when ``gt_dir`` is a dataset root).
+        workers: processes scoring cases in parallel (0 or 1: in this process; a script that passes more
+            calls this under ``if __name__ == "__main__":``, as for ``evaluate_folder``).
 
     Returns:
         A summary: ``cases`` (case -> class key -> metrics), ``classes`` (per class mean/sd/...), ``scored``
@@ -498,6 +502,7 @@ def evaluate_cross(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_tolerance(tolerance_mm)
+    check_workers(workers, "evaluate_cross")
     every, images = _ground_truth(Path(gt_dir), layout)
     # a pattern of the ids' form that matches none of them is harmless (AMOS's MRI ids are spread over its
     # splits, so one split holds none of a range); one of another form is most likely a mistake
@@ -522,16 +527,14 @@ def evaluate_cross(
     check_not_the_truth(preds, {case: label for case, (label, _) in cases.items()}, Path(pred_dir))
     check_label_names({case: preds[case] for case in cases}, model_space, model_space.source)
     keys = scored_keys(model_space, gt_map)
+    jobs = [(case, preds[case], label_path, model_space, dict(gt_labels) if gt_labels is not None else None,
+             dict(gt_map), float(tolerance_mm), tuple(metrics)) for case, (label_path, _) in cases.items()]
     scores: dict[str, CaseScores] = {}
     present = np.zeros(256, dtype=bool)  # the label values some case's truth holds
     skews: dict[str, float] = {}
-    with case_progress(len(cases), progress, "evaluate-cross") as done:
-        for case, (label_path, _) in cases.items():
-            pred, gt, geom, holds = _read_pair(preds[case], label_path, model_space, gt_labels)
-            present |= holds
-            skews[case] = geom.skew_degrees()
-            scores[case] = evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics)
-            done(case)
+    for case, case_scores, skew, holds in run_case_jobs(jobs, workers, progress, _score_cross_pair, "evaluate-cross"):
+        scores[case], skews[case] = case_scores, skew
+        present |= holds
     _warn_absent_organs(present, gt_map, len(scores), Path(gt_dir))
     warn_skewed(skews, Path(gt_dir))
     classes = summarise(scores, keys, metrics)
@@ -556,6 +559,15 @@ def evaluate_cross(
                                     if case is not None}, model_space, gt_map, gt_labels)
         summary["files"] = _write_reports(Path(out_dir), summary, scores, metrics, markdown, drawn)
     return {**summary, "markdown": markdown}
+
+
+def _score_cross_pair(job: tuple[Any, ...]) -> tuple[str, CaseScores, float, np.ndarray]:
+    """One case of :func:`evaluate_cross` (module level: worker processes run it): ``(case, scores, the truth
+    grid's skew in degrees, which label values the truth holds)``."""
+    case, pred_path, label_path, model_space, gt_labels, gt_map, tolerance_mm, metrics = job
+    pred, gt, geom, holds = _read_pair(pred_path, label_path, model_space, gt_labels)
+    return (case, evaluate_cross_case(pred, gt, model_space, gt_map, geom.spacing, tolerance_mm, metrics),
+            geom.skew_degrees(), holds)
 
 
 def _warn_absent_organs(present: np.ndarray, gt_map: Mapping[int, str], n_cases: int, gt_dir: Path) -> None:
@@ -685,6 +697,7 @@ def evaluate_with_map(
     progress: bool = False,
     overwrite: bool = False,
     figures: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """:func:`evaluate_cross` with the value -> class map built from a cross map file for this model.
 
@@ -700,7 +713,7 @@ def evaluate_with_map(
     return evaluate_cross(pred_dir, gt_dir, model_space, gt_map, out_dir=out_dir, gt_labels=cmap.labels,
                           layout=cmap.layout, exclude=cmap.exclude, tolerance_mm=tolerance_mm, metrics=metrics,
                           dropped=dropped, name=cmap.name, progress=progress,
-                          overwrite=overwrite, figures=figures)
+                          overwrite=overwrite, figures=figures, workers=workers)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -718,6 +731,8 @@ def evaluate_cross_command(
              "required.")] = None,
     tolerance: Annotated[float, typer.Option("--tolerance", help="NSD tolerance in mm.")] = 2.0,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.", metavar="")] = True,
+    workers: Annotated[int, typer.Option("--workers", "-j", help="Worker processes scoring cases (0 or 1: in this "
+                                                                  "process).")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the reports of an earlier evaluation in -o.", metavar="")] = False,
@@ -727,7 +742,7 @@ def evaluate_cross_command(
 
     space = model_space_from(project, model)
     summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet,
-                                overwrite=overwrite, figures=figures)
+                                overwrite=overwrite, figures=figures, workers=workers)
     console = results_console()
     console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
     console = print_markdown_table(summary["markdown"], console)

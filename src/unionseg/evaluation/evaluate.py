@@ -69,6 +69,19 @@ GRID_ATOL_MM = 1e-3
 
 
 # ---------------------------------------------------------------------- one case
+def check_workers(workers: int, caller: str) -> None:
+    """Refuse a worker count that is not an integer >= 0 (0 or 1: in this process), and workers started from
+    a script without its ``__main__`` guard.
+
+    Raises:
+        ConfigError: naming the option and the argument.
+    """
+    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0:  # "2": a TypeError
+        raise ConfigError(f"--workers (workers=) must be an integer >= 0 (0 or 1: in this process), got {workers!r}")
+    if workers > 1:
+        refuse_in_starting_worker(f"{caller} with workers > 1")
+
+
 def check_tolerance(tolerance_mm: float) -> None:
     """Refuse an NSD tolerance that is not a number >= 0 mm (a string was a bare TypeError; helper-106).
 
@@ -652,23 +665,27 @@ def case_progress(total: int, enabled: bool, what: str = "evaluate") -> Iterator
         yield lambda case: bar.update(task, advance=1, description=case)
 
 
-def _run_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False
-              ) -> list[tuple[str, CaseScores, float]]:
+def run_case_jobs(jobs: list[tuple[Any, ...]], workers: int, progress: bool = False,
+                  score: Callable[[Any], tuple[Any, ...]] | None = None, what: str = "evaluate") -> list[tuple[Any, ...]]:
+    """``score(job)`` for every job (default: ``evaluate``'s pair scoring), in this process or in ``workers``
+    spawned processes, in order, with a progress bar of the cases (each result's first item names its case).
+    ``score`` must be a module-level function (the workers import it)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    out: list[tuple[str, CaseScores, float]] = []
+    scorer: Callable[[Any], tuple[Any, ...]] = score if score is not None else _evaluate_pair
+    out: list[tuple[Any, ...]] = []
     # the report outlives the pool (closed by the stack), so a worker still starting writes to a file that is there
-    with worker_report(), case_progress(len(jobs), progress) as done, contextlib.ExitStack() as stack:
-        results: Iterator[tuple[str, CaseScores, float]]
+    with worker_report(), case_progress(len(jobs), progress, what) as done, contextlib.ExitStack() as stack:
+        results: Iterator[tuple[Any, ...]]
         try:
             if workers <= 1 or len(jobs) <= 1:
-                results = map(_evaluate_pair, jobs)  # type: ignore[arg-type]
+                results = map(scorer, jobs)
             else:  # spawn: safe even when the caller (trainer, benchmark) already runs threads
                 pool = stack.enter_context(ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
                                                                mp_context=multiprocessing.get_context("spawn")))
-                results = pool.map(_evaluate_pair, jobs)  # in order, each once it and those before are done
+                results = pool.map(scorer, jobs)  # in order, each once it and those before are done
             for result in results:
                 out.append(result)
                 done(result[0])
@@ -814,10 +831,7 @@ def evaluate_folder(
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     check_tolerance(tolerance_mm)
-    if isinstance(workers, bool) or not isinstance(workers, numbers.Integral) or workers < 0:  # "2": a TypeError
-        raise ConfigError(f"--workers (workers=) must be an integer >= 0 (0 or 1: in this process), got {workers!r}")
-    if workers > 1:
-        refuse_in_starting_worker("evaluate_folder with workers > 1")
+    check_workers(workers, "evaluate_folder")
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     if out_dir is not None:
         out_dir = Path(out_dir)
@@ -857,7 +871,7 @@ def evaluate_folder(
     check_label_names({case: preds[case] for case in truths}, space, project.path)
     jobs = [(case, preds[case], path, lookup, annotated, space, spec.name, float(tolerance_mm), metrics)
             for case, path in truths.items()]
-    scored = _run_jobs(jobs, workers, progress)
+    scored = run_case_jobs(jobs, workers, progress)
     cases = {case: scores for case, scores, _ in scored}
     warn_skewed({case: skew for case, _, skew in scored}, gt_dir)
     classes = summarise(cases, space.evaluation_keys(), metrics)
