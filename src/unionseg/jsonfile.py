@@ -107,6 +107,24 @@ def written_atomically(path: Path, at: Callable[[str], None] | None = None) -> I
         tmp.unlink(missing_ok=True)
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else the nearest folder above it that does (what a write there would create in)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def owner_name(path: Path) -> str | None:
+    """The user name owning ``path``; None where it cannot be told (a user id without a name, no such file,
+    no user database)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(path.stat().st_uid).pw_name
+    except (KeyError, OSError, ImportError):
+        return None
+
+
 def check_writable(outdir: Path, replacing: Iterable[Path] = ()) -> None:
     """Refuse an output folder this user cannot write to (or create), before the work: otherwise the refusal
     would come minutes later, at the first write. ``replacing``: files of it the work will replace, refused
@@ -120,9 +138,7 @@ def check_writable(outdir: Path, replacing: Iterable[Path] = ()) -> None:
 
     from unionseg.errors import UnionsegError
 
-    target = outdir.absolute()
-    while not target.exists() and target != target.parent:
-        target = target.parent
+    target = nearest_existing(outdir.absolute())
     if target.exists() and not target.is_dir():
         raise UnionsegError(f"cannot create {outdir}: this is a file, not a folder; choose another -o", target)
     if target.is_dir() and not os.access(target, os.W_OK | os.X_OK):

@@ -162,20 +162,20 @@ class FileLock:
                     "on a copy, or in a folder of your own (a prepared cache: cache_dir in a roots file)")
         if exc.errno not in (errno.EACCES, errno.EPERM):
             return f"cannot create the lock file for {self.what} ({why})"
+        from unionseg.jsonfile import nearest_existing, owner_name
+
         if self.path.exists():
             try:
-                import pwd
-
-                info = self.path.stat()
-                owner = f" (owner {pwd.getpwuid(info.st_uid).pw_name}, mode {info.st_mode & 0o777:o})"
-            except (KeyError, OSError, ImportError):
-                owner = ""
+                mode = f"mode {self.path.stat().st_mode & 0o777:o}"
+            except OSError:
+                mode = ""
+            name = owner_name(self.path)
+            said = ", ".join(w for w in (f"owner {name}" if name else "", mode) if w)
+            owner = f" ({said})" if said else ""
             return (f"the lock file for {self.what} exists but cannot be opened for writing by this user{owner}: "
                     f"{why}; ask its owner to make it group-writable (chmod g+w), or remove it if no one is working "
                     "there")
-        folder = self.path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
+        folder = nearest_existing(self.path.parent)
         return (f"cannot create the lock file for {self.what}: {folder} is not writable by this user ({why}); "
                 "work on a copy, or in a folder of your own (a prepared cache: cache_dir in a roots file)")
 

@@ -1310,17 +1310,13 @@ def _check_writable(folders: set[Path]) -> None:
     """
     import os
 
-    for folder in sorted(folders):
-        there = folder
-        while not there.exists() and there != there.parent:
-            there = there.parent
-        if not os.access(there, os.W_OK | os.X_OK):
-            try:
-                import pwd
+    from unionseg.jsonfile import nearest_existing, owner_name
 
-                owner = f", owned by {pwd.getpwuid(there.stat().st_uid).pw_name}"
-            except (KeyError, OSError, ImportError):  # a user id without a name, or no such database
-                owner = ""
+    for folder in sorted(folders):
+        there = nearest_existing(folder)
+        if not os.access(there, os.W_OK | os.X_OK):
+            name = owner_name(there)
+            owner = f", owned by {name}" if name else ""
             raise DataError(f"cannot write into this folder of the prepared cache{owner}: nothing was changed; ask "
                             "its owner to prepare, or give the project a cache of its own (cache_dir: in a roots "
                             "file, docs/datasets.md)", there)

@@ -127,10 +127,9 @@ def _check_artifacts_writable(root: Path) -> None:
     import os
 
     from unionseg.errors import ConfigError
+    from unionseg.jsonfile import nearest_existing
 
-    there = root
-    while not there.exists() and there != there.parent:
-        there = there.parent
+    there = nearest_existing(root)
     if not os.access(there, os.W_OK | os.X_OK):
         raise ConfigError("this method's shared experts live in the prepared cache, and this user cannot write "
                           "there (they take a lock even when built); give the project a cache of its own "
