@@ -42,9 +42,8 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from unionseg.errors import ConfigError, DataError, UnionsegError, UnionsegWarning, and_more, listing
+from unionseg.errors import ConfigError, DataError, UnionsegWarning, and_more, listing
 from unionseg.evaluation.evaluate import (
-    case_quality,
     case_quality_measure,
     case_records,
     check_label_names,
@@ -604,40 +603,22 @@ def _write_figures(folder: Path, scores: Mapping[str, CaseScores], keys: Sequenc
     best and the worst case (``files``: case -> (prediction, label file, image or None)). The truth is drawn
     in the model's classes (an evaluation value as the class the map sends it to; a union as its first
     member), the prediction on the shared classes only, so that the two pictures show what was scored."""
-    from unionseg.data.io import read_image
     from unionseg.evaluation import figures as figs
-    from unionseg.evaluation.evaluate import GRID_ATOL_MM, METRIC_TITLES
+    from unionseg.evaluation.evaluate import ct_under, draw_boxplots, overlay_cases, overlay_title
 
-    folder.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Path] = {}
-    for metric in metrics:
-        out[f"{metric}_boxplot"] = figs.score_boxplot(scores, list(keys), metric, folder / f"{metric}_boxplot.png",
-                                                      tolerance_mm=tolerance_mm)
+    out = draw_boxplots(folder, scores, keys, metrics, tolerance_mm)
     lookup = np.zeros(256, dtype=np.int64)  # evaluation value -> model code (0: an organ the model lacks)
     for value, key in gt_map.items():
         lookup[int(value)] = model_space.code(class_members(key)[0])
     shown = np.zeros(model_space.n_leaves, dtype=bool)
     shown[[leaf for key in keys for leaf in class_leaves(model_space, key)]] = True
-    measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
-    for tag, case in (("best", best), ("worst", worst)):
-        if case is None or (tag == "worst" and case == best):  # one case (or one scored): one picture
-            continue
+    for tag, case in overlay_cases(best, worst):
         pred_path, label_path, image_path = files[case]
         pred, gt, geom, _ = _read_pair(pred_path, label_path, model_space, gt_labels)
-        pred = np.where(shown[pred], pred, 0)
-        image = None
-        if image_path is not None and image_path.is_file():
-            try:
-                arr, img_geom = read_image(image_path)
-            except UnionsegError:  # no CT under the labels, rather than no figure
-                arr, img_geom = None, None
-            if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
-                image = arr  # as read: the figure draws one slice of it
-        which = "the only scored case" if best == worst else f"{tag} case"
-        title = (f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over the shared classes "
-                 f"{abs(case_quality(scores[case], metrics)):.3f})")
-        out[f"overlay_{tag}"] = figs.overlay(pred, lookup[gt], model_space, geom, folder / f"overlay_{tag}.png",
-                                             title=title, image=image)
+        title = overlay_title(tag, case, best, worst, scores[case], metrics, over="the shared classes")
+        out[f"overlay_{tag}"] = figs.overlay(np.where(shown[pred], pred, 0), lookup[gt], model_space, geom,
+                                             folder / f"overlay_{tag}.png", title=title,
+                                             image=ct_under(image_path, geom))
     return out
 
 

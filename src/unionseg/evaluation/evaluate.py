@@ -928,36 +928,57 @@ def remove_stale_figures(folder: Path, written: set[Path]) -> None:
         folder.rmdir()
 
 
+def draw_boxplots(folder: Path, cases: Mapping[str, CaseScores], keys: Sequence[str], metrics: Sequence[str],
+                  tolerance_mm: float) -> dict[str, Path]:
+    """A box plot per metric in ``folder`` (made), keyed ``<metric>_boxplot``."""
+    from unionseg.evaluation import figures as figs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {f"{metric}_boxplot": figs.score_boxplot(cases, list(keys), metric, folder / f"{metric}_boxplot.png",
+                                                    tolerance_mm=tolerance_mm) for metric in metrics}
+
+
+def overlay_cases(best: str | None, worst: str | None) -> list[tuple[str, str]]:
+    """``(tag, case)`` of the overlays to draw: the best and the worst case, one picture when they are one."""
+    return [(tag, case) for tag, case in (("best", best), ("worst", worst))
+            if case is not None and not (tag == "worst" and case == best)]
+
+
+def overlay_title(tag: str, case: str, best: str | None, worst: str | None, scores: CaseScores,
+                  metrics: Sequence[str], over: str = "classes") -> str:
+    """An overlay's title: which case, and its mean of the first of Dice, NSD, HD95 scored ``over`` classes."""
+    measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
+    which = "the only scored case" if best == worst else f"{tag} case"  # one case scored: one picture
+    return f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over {over} " \
+           f"{abs(case_quality(scores, metrics)):.3f})"
+
+
+def ct_under(image_path: Path | None, geometry: Geometry) -> np.ndarray | None:
+    """The CT an overlay is drawn over: the image as read (the figure draws one slice of it) when it reads and
+    lies on ``geometry``'s grid, else None (no CT under the labels, rather than no figure)."""
+    from unionseg.data.io import read_image
+
+    if image_path is None or not image_path.is_file():
+        return None
+    try:
+        arr, image_geometry = read_image(image_path)
+    except UnionsegError:
+        return None
+    return arr if image_geometry.same_grid(geometry, atol=GRID_ATOL_MM) else None
+
+
 def _write_figures(folder: Path, cases: Mapping[str, CaseScores], classes: Mapping[str, Any],
                    metrics: Sequence[str], best: str | None, worst: str | None, truths: Mapping[str, Path],
                    preds: Mapping[str, Path], lookup: np.ndarray, space: LabelSpace, spec: DatasetSpec,
                    project: Project, tolerance_mm: float) -> dict[str, Path]:
-    from unionseg.data.io import read_image
     from unionseg.evaluation import figures as figs
 
-    folder.mkdir(parents=True, exist_ok=True)
-    out: dict[str, Path] = {}
-    for metric in metrics:
-        out[f"{metric}_boxplot"] = figs.score_boxplot(cases, list(classes), metric, folder / f"{metric}_boxplot.png",
-                                                      tolerance_mm=tolerance_mm)
+    out = draw_boxplots(folder, cases, list(classes), metrics, tolerance_mm)
     images = _image_lookup(spec)
-    for tag, case in (("best", best), ("worst", worst)):
-        if case is None or (tag == "worst" and case == best):  # one case (or one scored): one picture
-            continue
+    for tag, case in overlay_cases(best, worst):
         pred, gt, geom = load_pair(preds[case], truths[case], lookup, space, spec.name)
-        image = None
-        image_path = images.get(truths[case].name)
-        if image_path is not None and image_path.exists():
-            try:
-                arr, img_geom = read_image(image_path)
-            except UnionsegError:
-                arr, img_geom = None, None
-            if arr is not None and img_geom is not None and img_geom.same_grid(geom, atol=GRID_ATOL_MM):
-                image = arr  # as read: the figure draws one slice of it
-        measure = next((m for m in ("dice", "nsd", "hd95") if m in metrics), "quality")
-        which = "the only scored case" if best == worst else f"{tag} case"  # one case scored: one picture
-        title = f"{which}: {case} (mean {METRIC_TITLES.get(measure, measure)} over classes " \
-                f"{abs(case_quality(cases[case], metrics)):.3f})"
+        title = overlay_title(tag, case, best, worst, cases[case], metrics)
         out[f"overlay_{tag}"] = figs.overlay(pred, gt, space, geom, folder / f"overlay_{tag}.png", title=title,
-                                             image=image, window=project.preprocessing.window)
+                                             image=ct_under(images.get(truths[case].name), geom),
+                                             window=project.preprocessing.window)
     return out
