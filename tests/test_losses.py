@@ -766,7 +766,7 @@ def test_the_marginal_losss_tables_are_made_once_per_device_and_outlive_inferenc
     the CPU wait for the GPU mid-step (helper-111). They are made once per space and device, and a first
     call under inference_mode does not leave inference tensors that a training step cannot use."""
     from conftest import make_space
-    from unionseg.losses.partial import _device_tables
+    from unionseg.losses.partial import _code_leaf
 
     space = make_space()
     torch.manual_seed(0)
@@ -775,8 +775,8 @@ def test_the_marginal_losss_tables_are_made_once_per_device_and_outlive_inferenc
     annotated[:, :3] = True
     with torch.inference_mode():
         marginal_loss(torch.randn(2, space.n_leaves, 4, 4, 4), codes, annotated, space)
-    tables = _device_tables(space, torch.device("cpu"))
-    assert tables is _device_tables(space, torch.device("cpu")) and not tables["code_leaf"].is_inference()
+    table = _code_leaf(space, torch.device("cpu"))
+    assert table is _code_leaf(space, torch.device("cpu")) and not table.is_inference()
     logits = torch.randn(2, space.n_leaves, 4, 4, 4, requires_grad=True)
     terms = marginal_loss(logits, codes, annotated, space)
     (terms["ce"] + terms["dice"]).backward()

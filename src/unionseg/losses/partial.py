@@ -14,7 +14,6 @@ fact: a leaf that is not admissible at a voxel must not be predicted there.
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from unionseg.losses._common import (
     check_positive,
     check_spatial,
     float32_island,
+    index_tensor,
 )
 from unionseg.losses.dice import dice_from_sums
 
@@ -42,36 +42,20 @@ def _check_partial_inputs(logits: Tensor, codes: Tensor, annotated: Tensor, spac
         raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
 
 
-#: per label space and device, the constant tables of the marginal loss (weak keys: a space that goes drops them)
-_TABLES: weakref.WeakKeyDictionary[LabelSpace, dict[str, dict[str, Any]]] = weakref.WeakKeyDictionary()
+#: per label space and device, its code-leaf matrix (weak keys: a space that goes drops its matrices)
+_CODE_LEAF: weakref.WeakKeyDictionary[LabelSpace, dict[str, Tensor]] = weakref.WeakKeyDictionary()
 
 
-def _device_tables(space: LabelSpace, device: torch.device) -> dict[str, Any]:
-    """The label space's constant tables on ``device``, made once per device: built from host lists on every
-    call, each was a host-to-GPU copy that made the CPU wait for the GPU in the middle of a step, eight times
-    a step with four organ groups (helper-111)."""
-    per_device = _TABLES.setdefault(space, {})
+def _code_leaf(space: LabelSpace, device: torch.device) -> Tensor:
+    """``space.code_leaf_matrix()`` on ``device``, made once per device: built from the host array at every
+    call, it was a host-to-GPU copy that made the CPU wait for the GPU in the middle of a step (helper-111);
+    the loss's index vectors come from :func:`~unionseg.losses._common.index_tensor` for the same reason."""
+    per_device = _CODE_LEAF.setdefault(space, {})
     key = str(device)
     if key not in per_device:
-        with torch.inference_mode(False):  # kept across calls: never an inference tensor, whoever makes them
-            per_device[key] = _make_tables(space, device)
+        with torch.inference_mode(False):  # kept across calls: never an inference tensor, whoever makes it
+            per_device[key] = torch.as_tensor(space.code_leaf_matrix(), device=device)
     return per_device[key]
-
-
-def _make_tables(space: LabelSpace, device: torch.device) -> dict[str, Any]:
-    """The tables of :func:`_device_tables`, built on ``device``."""
-    multi_rows = [0, *range(space.n_leaves, space.n_codes)]  # the codes that can stand for several leaves
-    row_of_code = torch.zeros(space.n_codes, dtype=torch.long)
-    row_of_code[multi_rows] = torch.arange(len(multi_rows))
-    return {
-        "code_leaf": torch.as_tensor(space.code_leaf_matrix(), device=device),
-        "representative": torch.as_tensor(list(range(space.n_leaves)) + [grp.organ_id for grp in space.groups],
-                                          dtype=torch.long, device=device),
-        "multi_rows": torch.as_tensor(multi_rows, dtype=torch.long, device=device),
-        "row_of_code": row_of_code.to(device),
-        "group_leaves": [torch.as_tensor(list(grp.leaf_ids), dtype=torch.long, device=device)
-                         for grp in space.groups],
-    }
 
 
 def merged_channels(annotated: Tensor, space: LabelSpace) -> Tensor:
@@ -88,7 +72,7 @@ def merged_channels(annotated: Tensor, space: LabelSpace) -> Tensor:
     Returns:
         (B, n_codes, L) bool membership, ``n_codes = L + G``.
     """
-    table = _device_tables(space, annotated.device)["code_leaf"].unsqueeze(0).repeat(annotated.shape[0], 1, 1)
+    table = _code_leaf(space, annotated.device).unsqueeze(0).repeat(annotated.shape[0], 1, 1)
     table[:, 0, :] |= ~annotated.bool()
     return table
 
@@ -143,17 +127,16 @@ def marginal_channels(codes: Tensor, annotated: Tensor, space: LabelSpace) -> tu
     candidate = torch.zeros(batch, sets.shape[1], dtype=torch.bool, device=codes.device)
     candidate[:, 0] = True
     candidate[:, 1:n_leaves] = annotated[:, 1:].bool()
-    group_leaves = _device_tables(space, codes.device)["group_leaves"]
     for grp in space.groups:
         candidate[:, n_leaves + grp.index] = present[:, n_leaves + grp.index] & \
-            annotated.index_select(1, group_leaves[grp.index].to(annotated.device)).bool().all(-1)
+            annotated.index_select(1, index_tensor(grp.leaf_ids, annotated.device)).bool().all(-1)
     counted = candidate & ~(ambiguous & present.unsqueeze(-1)).any(1)
     return sets, inside, counted
 
 
 def _representative_leaf(space: LabelSpace, device: torch.device) -> Tensor:
     """(n_codes,) long: a leaf inside each code's admissible set (0, the leaf itself, the organ leaf)."""
-    return _device_tables(space, device)["representative"]
+    return index_tensor([*range(space.n_leaves), *(grp.organ_id for grp in space.groups)], device)
 
 
 # Below this merged probability the marginal CE of a voxel falls back to -log p of one admissible leaf.
@@ -213,9 +196,12 @@ def marginal_loss(
         nll = F.cross_entropy(x, representative.reshape(codes.shape), reduction="none").reshape(batch, -1)
         several = (sets.sum(-1) > 1).gather(1, flat)  # channel k == code k
         # only code 0 and the region codes can have several leaves: merge just those (1 + G rows)
-        tables = _device_tables(space, codes.device)
-        row_of_code = tables["row_of_code"]
-        merged = torch.bmm(sets.index_select(1, tables["multi_rows"]).float(), probs)  # (B, 1 + G, V)
+        multi_rows = [0, *range(space.n_leaves, space.n_codes)]
+        rows = [0] * space.n_codes  # each of those codes' row in ``merged`` (the others are never read there)
+        for row, code in enumerate(multi_rows):
+            rows[code] = row
+        merged = torch.bmm(sets.index_select(1, index_tensor(multi_rows, codes.device)).float(), probs)  # (B, 1+G, V)
+        row_of_code = index_tensor(rows, codes.device)
         merged_at_code = merged.gather(1, row_of_code[flat].unsqueeze(1)).squeeze(1)  # (B, V)
         use_merged = several & (merged_at_code > _TINY)
         ce = torch.where(use_merged, -merged_at_code.clamp_min(_TINY).log(), nll).mean()
