@@ -14,10 +14,11 @@ fact: a leaf that is not admissible at a voxel must not be predicted there.
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from unionseg.labels import LabelSpace
 from unionseg.losses._common import (
@@ -77,23 +78,6 @@ def merged_channels(annotated: Tensor, space: LabelSpace) -> Tensor:
     return table
 
 
-def _per_code_sums(probs: Tensor, codes: Tensor, n_codes: int) -> tuple[Tensor, Tensor]:
-    """Sum probabilities and count voxels per code.
-
-    Args:
-        probs: (B, L, V) float32.
-        codes: (B, V) long.
-
-    Returns:
-        ``(sums (B, L, n_codes), counts (B, n_codes))``.
-    """
-    batch, n_leaves, _ = probs.shape
-    sums = probs.new_zeros(batch, n_leaves, n_codes).scatter_add(
-        2, codes.unsqueeze(1).expand(-1, n_leaves, -1), probs)
-    counts = probs.new_zeros(batch, n_codes).scatter_add_(1, codes, torch.ones_like(codes, dtype=probs.dtype))
-    return sums, counts
-
-
 def marginal_channels(codes: Tensor, annotated: Tensor, space: LabelSpace) -> tuple[Tensor, Tensor, Tensor]:
     """Channel sets, per-code targets and counted pairs of the marginal Dice.
 
@@ -143,6 +127,84 @@ def _representative_leaf(space: LabelSpace, device: torch.device) -> Tensor:
 _TINY = 1e-30
 
 
+class _SoftmaxCodeSums(torch.autograd.Function):
+    """The softmax over the leaves, its sums per (sample, code) and, given the codes' admissible sets, the
+    marginal CE, with the gradient written out.
+
+    ``apply(logits (B, L, *S) float, flat_codes (B, V) long, n_codes, admissible (B, n_codes, L) bool or None,
+    representative (n_codes,) long or None)`` returns ``(ce, sums (B, L, n_codes), counts (B, n_codes))``:
+    ``sums[b, l, c]`` adds ``softmax(logits)[b, l]`` over the voxels of code c, ``counts`` counts them (no
+    gradient), ``ce`` is the mean over all voxels of ``-log`` of the probability of the voxel's admissible
+    set, or, where that probability is below ``_TINY``, ``-log p`` of the code's representative leaf from the
+    log-softmax; 0 without ``admissible``.
+
+    Every voxel-sized quantity is computed once, leaves last (a view of channels-last logits), and the
+    backward pass is the closed form (see :meth:`backward`). Autograd through the same steps kept about ten
+    voxel-sized intermediates and took about twice as long on the CPU (docs/benchmarks.md, "Training step").
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: Tensor, flat_codes: Tensor, n_codes: int, admissible: Tensor | None,
+                representative: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        batch, n_leaves = logits.shape[:2]
+        # leaves last: a view of the channels-last logits the networks return (one copy otherwise), so that the
+        # softmax and the per-voxel sums over the leaves run over contiguous memory
+        z = logits.movedim(1, -1).reshape(batch, -1, n_leaves)  # (B, V, L)
+        log_p = torch.log_softmax(z, dim=-1)
+        p = log_p.exp()
+        sums = p.new_zeros(batch, n_leaves, n_codes).scatter_add_(
+            2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2))
+        offsets = torch.arange(batch, device=flat_codes.device).mul_(n_codes).unsqueeze(1)
+        rows = (flat_codes + offsets).reshape(-1)  # (B * V,): each voxel's (sample, code) row
+        counts = torch.bincount(rows, minlength=batch * n_codes).to(p.dtype).reshape(batch, n_codes)
+        ce = p.new_zeros(())
+        merged = rep = None
+        if admissible is not None:
+            assert representative is not None
+            table = admissible.reshape(-1, n_leaves).to(p.dtype)
+            merged = (p * table.index_select(0, rows).reshape(p.shape)).sum(-1)  # (B, V): P(admissible set)
+            # where that underflows, -log p of the code's representative leaf from the log-softmax: exact for a
+            # one-leaf set, an upper bound that keeps a gradient otherwise
+            rep = representative.index_select(0, flat_codes.reshape(-1)).reshape(batch, -1, 1)
+            nll = log_p.gather(-1, rep).squeeze(-1).neg_()
+            ce = torch.where(merged > _TINY, merged.clamp_min(_TINY).log().neg_(), nll).mean()
+        ctx.save_for_backward(p, rows, admissible, merged, rep)
+        ctx.spatial = logits.shape[2:]
+        ctx.mark_non_differentiable(counts)
+        ctx.set_materialize_grads(False)
+        return ce, sums, counts
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_ce: Tensor | None, grad_sums: Tensor | None,
+                 _grad_counts: Tensor | None) -> tuple[Tensor | None, None, None, None, None]:
+        p, rows, admissible, merged, rep = ctx.saved_tensors
+        batch, _, n_leaves = p.shape
+        with_ce = grad_ce is not None and merged is not None
+        if grad_sums is None and not with_ce:
+            return None, None, None, None, None
+        # d/dz of the sums' part: p * (g - <p, g>), g the incoming gradient of the voxel's (sample, code) row;
+        # of the CE: c * (p - r), c = grad / N, r = p * adm / P(adm), or the representative's one-hot where
+        # the CE fell back to it. Together: p * (g - <p, g> + c - k * adm) - c * [fallback] * onehot(rep), with
+        # k = c / P(adm) (0 at a fallback voxel). No step depends on a value read back to the host.
+        u = None
+        if grad_sums is not None:
+            u = grad_sums.transpose(1, 2).reshape(-1, n_leaves).index_select(0, rows).reshape(p.shape)
+            u.sub_((p * u).sum(-1, keepdim=True))
+        if with_ce:
+            c = grad_ce / merged.numel()
+            fallback = merged <= _TINY
+            k = torch.where(fallback, torch.zeros_like(merged), c / merged.clamp_min(_TINY))
+            adm = admissible.reshape(-1, n_leaves).to(p.dtype).index_select(0, rows).reshape(p.shape)
+            ce_part = adm.mul_(k.unsqueeze(-1).neg()).add_(c)
+            u = ce_part if u is None else u.add_(ce_part)
+        assert u is not None
+        grad = u.mul_(p)
+        if with_ce:
+            grad.scatter_add_(-1, rep, torch.where(fallback, -c, torch.zeros_like(c)).unsqueeze(-1).expand_as(rep))
+        return grad.reshape(batch, *ctx.spatial, n_leaves).movedim(-1, 1), None, None, None, None
+
+
 def marginal_loss(
     logits: Tensor,
     codes: Tensor,
@@ -157,10 +219,11 @@ def marginal_loss(
 
     CE: for every voxel, ``-log sum_{c in adm} p_c`` (the probability of its merged class), mean over all
     voxels; ``adm`` is :func:`unionseg.labels.admissible` (code 0 -> background plus the sample's
-    unannotated leaves; a leaf code -> that leaf; a region code -> the group's leaves). Single-leaf codes
-    use the fused cross-entropy kernel (exact); multi-leaf codes use the merged probability, and where it
-    underflows (< 1e-30, a loss above 69) the exact value is replaced by its upper bound ``-log p`` of one
-    admissible leaf, so the loss stays finite and keeps a gradient.
+    unannotated leaves; a leaf code -> that leaf; a region code -> the group's leaves). Where that
+    probability underflows (< 1e-30, a loss above 69) the value is ``-log p`` of one admissible leaf from the
+    log-softmax: exact for a single-leaf code, an upper bound otherwise, so the loss stays finite and keeps a
+    gradient. Forward and backward go through one fused step with a hand-written gradient (tested against
+    plain autograd).
     Dice: soft Dice between merged probabilities (sum over a channel's leaves) and the channel's mask, over
     the merged background, each annotated leaf and each region present as a region code; see
     :func:`marginal_channels` for which channels count. With every leaf annotated this is exactly
@@ -187,26 +250,12 @@ def marginal_loss(
     check_positive("smooth", smooth)
     batch = logits.shape[0]
     with float32_island(logits):
-        x = logits.float()
         flat = codes.reshape(batch, -1).long()  # (B, V)
         sets, inside, counted = marginal_channels(codes, annotated, space)
-        probs = torch.softmax(x, dim=1).flatten(2)  # (B, L, V)
-        # CE: exact fused kernel at a representative leaf; merged probability where the code has several leaves
-        representative = _representative_leaf(space, codes.device)[flat]
-        nll = F.cross_entropy(x, representative.reshape(codes.shape), reduction="none").reshape(batch, -1)
-        several = (sets.sum(-1) > 1).gather(1, flat)  # channel k == code k
-        # only code 0 and the region codes can have several leaves: merge just those (1 + G rows)
-        multi_rows = [0, *range(space.n_leaves, space.n_codes)]
-        rows = [0] * space.n_codes  # each of those codes' row in ``merged`` (the others are never read there)
-        for row, code in enumerate(multi_rows):
-            rows[code] = row
-        merged = torch.bmm(sets.index_select(1, index_tensor(multi_rows, codes.device)).float(), probs)  # (B, 1+G, V)
-        row_of_code = index_tensor(rows, codes.device)
-        merged_at_code = merged.gather(1, row_of_code[flat].unsqueeze(1)).squeeze(1)  # (B, V)
-        use_merged = several & (merged_at_code > _TINY)
-        ce = torch.where(use_merged, -merged_at_code.clamp_min(_TINY).log(), nll).mean()
-        # Dice from per-code sums: every voxel of a code shares its targets
-        sums, counts = _per_code_sums(probs, flat, space.n_codes)  # (B, L, n_codes), (B, n_codes)
+        # CE, and the per-code sums of the probabilities that the Dice is made of (every voxel of a code shares
+        # its targets); channel k's leaf set is code k's admissible set
+        ce, sums, counts = _SoftmaxCodeSums.apply(logits.float(), flat, space.n_codes, sets,
+                                                  _representative_leaf(space, codes.device))
         merged_sums = torch.bmm(sets.float(), sums)  # (B, K, n_codes)
         inside_f = inside.transpose(1, 2).float()  # (B, K, n_codes)
         intersection = (merged_sums * inside_f).sum(-1)
@@ -250,8 +299,8 @@ def exclusion_loss(
     check_positive("smooth", smooth)
     batch = logits.shape[0]
     with float32_island(logits):
-        probs = torch.softmax(logits.float(), dim=1).flatten(2)  # (B, L, V)
-        sums, counts = _per_code_sums(probs, codes.reshape(batch, -1).long(), space.n_codes)
+        _, sums, counts = _SoftmaxCodeSums.apply(logits.float(), codes.reshape(batch, -1).long(), space.n_codes,
+                                                 None, None)
         excluded = (~merged_channels(annotated, space)).transpose(1, 2).float()  # (B, L, n_codes)
         overlap_mass = (sums * excluded).sum(-1)  # (B, L)
         size = (excluded * counts.unsqueeze(1)).sum(-1)
