@@ -266,6 +266,83 @@ def test_marginal_gradient_and_shapes(space: LabelSpace) -> None:
         marginal_loss(logits, codes, annotated[:, :5], space)
 
 
+def _reference_marginal(logits: torch.Tensor, codes: torch.Tensor, annotated: torch.Tensor,
+                         space: LabelSpace) -> torch.Tensor:
+    """CE + Dice of the marginal loss and the exclusion loss through plain autograd, from explicit volumes."""
+    adm = admissible(codes, annotated, space)
+    ce = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~adm, -torch.inf), 1)).mean()
+    sets, _, counted = marginal_channels(codes, annotated, space)
+    probs = torch.softmax(logits, 1)
+    merged = torch.einsum("bkl,bl...->bk...", sets.to(probs.dtype), probs)
+    inside = ~torch.einsum("bl...,bkl->bk...", adm.to(probs.dtype), (~sets).to(probs.dtype)).bool()
+    dice = soft_dice_loss(merged, inside.to(probs.dtype), mask=counted)
+    # exclusion: the unannotated leaves' overlap with the annotated foreground
+    foreground = (codes > 0).to(probs.dtype)  # every code but 0 is annotated foreground
+    unannotated = ~annotated.bool()
+    unannotated[:, 0] = False
+    overlap = 2 * (probs * foreground.unsqueeze(1)).flatten(2).sum(-1) / (
+        foreground.flatten(1).sum(-1, keepdim=True) + probs.flatten(2).sum(-1) + SMOOTH)
+    pairs = unannotated & (foreground.flatten(1).sum(-1, keepdim=True) > 0)
+    exclusion = (overlap * pairs).sum() / pairs.sum().clamp_min(1)
+    return ce + dice + exclusion
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_marginal_gradient_matches_plain_autograd(space: LabelSpace, channels_last: bool) -> None:
+    # the marginal and exclusion losses share a hand-written backward pass; plain autograd over the same
+    # formulas must give the same gradient, whatever the logits' memory layout
+    torch.manual_seed(5)
+    logits = torch.randn(3, space.n_leaves, 4, 5, 6) * 3
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    codes = torch.randint(0, space.n_leaves, (3, 4, 5, 6))
+    codes[0][codes[0] > 2] = 0
+    codes[1][(codes[1] > 0) & (codes[1] < 3) | (codes[1] > 4)] = 0
+    codes[2][(codes[2] > 2) & (codes[2] < space.n_leaves)] = 0
+    codes[2, 0] = space.code("region:liver")
+    annotated = torch.stack([torch.as_tensor(space.annotated_leaf_mask(n)) for n in ("liver", "kidney", "liver")])
+    fused = logits.clone().requires_grad_(True)
+    terms = marginal_loss(fused, codes, annotated, space)
+    (terms["ce"] + terms["dice"] + exclusion_loss(fused, codes, annotated, space)).backward()
+    plain = logits.clone().requires_grad_(True)
+    _reference_marginal(plain, codes, annotated, space).backward()
+    assert fused.grad is not None and plain.grad is not None
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-7)
+    assert fused.grad.abs().sum() > 0
+
+
+def test_softmax_code_sums_passes_gradcheck(space: LabelSpace) -> None:
+    from unionseg.losses.partial import _representative_leaf, _SoftmaxCodeSums
+
+    torch.manual_seed(6)
+    logits = torch.randn(2, space.n_leaves, 2, 3, 3, dtype=torch.float64)
+    codes = torch.randint(0, space.n_leaves, (2, 2, 3, 3))
+    codes[0, 0, 0, 0] = space.code("region:kidney")
+    logits[1, :, 0, 0, 0] = -50.0
+    logits[1, space.leaf_id("liver"), 0, 0, 0] = 50.0  # P(code 0's set) = e^-100: the CE falls back
+    codes[1, 0, 0, 0] = 0
+    annotated = torch.stack([torch.ones(space.n_leaves, dtype=torch.bool),
+                             torch.as_tensor(space.annotated_leaf_mask("liver"))])
+    sets, _, _ = marginal_channels(codes, annotated, space)
+    flat = codes.reshape(2, -1)
+    representative = _representative_leaf(space, codes.device)
+    logits.requires_grad_(True)
+
+    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ce, sums, _ = _SoftmaxCodeSums.apply(x, flat, space.n_codes, sets, representative)
+        return ce, sums
+
+    assert torch.autograd.gradcheck(both, (logits,))
+    assert torch.autograd.gradcheck(lambda x: _SoftmaxCodeSums.apply(x, flat, space.n_codes, None, None)[1], (logits,))
+    # the fallback voxel's CE is -log p of the background leaf (code 0's representative), about 100
+    ce, _ = both(logits)
+    log_p = torch.log_softmax(logits.detach(), 1)
+    adm = admissible(codes, annotated, space)
+    reference = (torch.logsumexp(logits.detach(), 1) - torch.logsumexp(logits.detach().masked_fill(~adm, -torch.inf), 1))
+    reference[1, 0, 0, 0] = -log_p[1, 0, 0, 0, 0]
+    assert ce.item() == pytest.approx(reference.mean().item(), rel=1e-9)
+
+
 def test_marginal_is_float32_under_autocast(space: LabelSpace) -> None:
     torch.manual_seed(2)
     logits = torch.randn(1, space.n_leaves, 4, 4, 4)
@@ -676,6 +753,34 @@ def test_logit_loss_is_the_sum_of_per_teacher_kl_terms() -> None:
     tied = torch.tensor([[0.5, 0.5], [0.4, 0.6]]).T.reshape(1, 2, 2)
     (region,), bg = kd_regions([tied])
     assert region[0].tolist() == [False, True] and bg[0].tolist() == [True, False]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_logit_loss_gradient_where_the_merged_mass_underflows(channels_last: bool) -> None:
+    """The fused term's hand-written gradient equals autograd through the per-teacher definition, also where
+    a teacher's merged "everything else" mass underflows (there the loss reads log q_0 instead)."""
+    torch.manual_seed(12)
+    leaves = [[1, 2], [3], [4, 5]]
+    teachers = [torch.softmax(2 * torch.randn(2, 1 + len(k), 4, 3, 3), 1) for k in leaves]
+    for teacher in teachers:  # every teacher says background at the first voxel: all of them supervise it
+        teacher[0, :, 0, 0, 0] = 0.0
+        teacher[0, 0, 0, 0, 0] = 1.0
+    logits = torch.randn(2, 6, 4, 3, 3)
+    logits[0, :, 0, 0, 0] = -60.0
+    logits[0, 3, 0, 0, 0] = 60.0  # teacher 1's leaf holds everything: its merged mass is e^-120
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last_3d)
+    logits.requires_grad_(True)
+    regions, background = kd_regions(teachers)
+    for tau in (1.0, 2.0, 0.5):
+        expected = sum(kd_kl(logits, t, k, r | background, tau=tau)
+                       for t, k, r in zip(teachers, leaves, regions, strict=True))
+        fused = ms_kd_logit_loss(logits, teachers, leaves, tau=tau)
+        assert fused.item() == pytest.approx(float(expected.detach()), rel=1e-5)
+        (g_expected,) = torch.autograd.grad(expected, logits)
+        (g_fused,) = torch.autograd.grad(fused, logits)
+        torch.testing.assert_close(g_fused, g_expected, rtol=1e-4, atol=1e-8)
+        assert g_fused[0, 0, 0, 0, 0] != 0  # the underflowing teacher's merged term lands on leaf 0
 
 
 @pytest.mark.parametrize("tau", [0.01, 0.05])
