@@ -217,6 +217,20 @@ def test_quiet_prepare_and_evaluate_print_no_progress(monkeypatch: pytest.Monkey
         assert ("evaluate test_000: 1/2 (50%)" in err) is lines, err
 
 
+def test_the_phantom_shows_its_cases_unless_quiet(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`unionseg phantom` made its cases in silence (a minute for `standard`, minutes for `large`); it now
+    counts them on stderr like prepare, and `--quiet` turns that off."""
+    from unionseg.cli import run
+
+    monkeypatch.setenv("UNIONSEG_PROGRESS_SECONDS", "0")
+    for flags, lines in (([], True), (["--quiet"], False)):
+        assert run(["phantom", str(tmp_path / f"ph{len(flags)}"), "-j", "1", *flags]) == 0
+        out = capsys.readouterr()
+        assert ("phantom cases: 1/20 (5%)" in out.err and "phantom cases: 20/20 (100%)" in out.err) is lines, out.err
+        assert "project file:" in out.out
+
+
 def test_results_are_printed_wide_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
     """evaluate's table, piped to a file or a job log, wrapped its "mean ± sd" cells at rich's 80 columns;
     off a terminal the results console is 200 wide, unless COLUMNS says otherwise."""

@@ -334,7 +334,7 @@ def _peak_rss_mb() -> float:
 
 
 # ---------------------------------------------------------------------- the suite
-def ensure_phantom(suite: SuiteConfig, out: Path) -> Path:
+def ensure_phantom(suite: SuiteConfig, out: Path, progress: bool = False) -> Path:
     """Generate (or reuse) the suite's phantom in ``out/data``; returns its project file."""
     from unionseg.data.phantom import generate_phantom
 
@@ -342,7 +342,7 @@ def ensure_phantom(suite: SuiteConfig, out: Path) -> Path:
     project_path = data / "project.yaml"
     if not project_path.exists():
         generate_phantom(data, size=suite.phantom_size, seed=suite.phantom_seed, suite=suite.phantom_suite,
-                         cases=suite.phantom_cases)
+                         cases=suite.phantom_cases, progress=progress)
     return project_path
 
 
@@ -351,7 +351,7 @@ def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
     from unionseg.config import load_project
     from unionseg.data.preprocess import prepare_project
 
-    project_path = ensure_phantom(suite, out)
+    project_path = ensure_phantom(suite, out, progress)
     prepare_project(load_project(project_path), workers=suite.prepare_workers, progress=progress)
     return project_path
 
@@ -739,7 +739,7 @@ def register(app: typer.Typer) -> None:
 
         suite = load_suite("ci")
         check_out(out.resolve(), suite)
-        project_path = ensure_phantom(suite, out.resolve())
+        project_path = ensure_phantom(suite, out.resolve(), not quiet)
         difficulty_report(project_path.parent)
         typer.echo(f"phantom: {project_path} (difficulty certificate: {project_path.parent / 'certificate.json'})")
         print_project_info(project_path)

@@ -41,7 +41,7 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -1097,7 +1097,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: str | PhantomSpec = "default",
-                     workers: Optional[int] = None, cases: Optional[tuple[int, int, int]] = None) -> Path:
+                     workers: Optional[int] = None, cases: Optional[tuple[int, int, int]] = None,
+                     progress: bool = False) -> Path:
     """Write a phantom project (training sets, val, test, hidden full truth, project file) under ``out``.
 
     Args:
@@ -1107,6 +1108,7 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
         suite: a name in :data:`SUITES` or a :class:`PhantomSpec`.
         workers: processes (default: the size's, capped by the CPU count); the output does not depend on it.
         cases: override the size's ``(training cases per set, val cases, test cases)`` (tests use it).
+        progress: show a progress bar over the cases (timed lines off a terminal), on stderr.
 
     Returns:
         The path of ``out/project.yaml``.
@@ -1154,7 +1156,7 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
                 tasks.append(_CaseTask(seed, role, i, f"{role}_{i:03d}", site, size_spec, leaf_of_tissue, None,
                                        tumour_organs, str(partial / "datasets" / role)))
         n_workers = workers if workers is not None else min(size_spec.workers, os.cpu_count() or 1)
-        records = _run_tasks(tasks, max(1, n_workers))
+        records = _run_tasks(tasks, max(1, n_workers), progress)
 
         by_set: dict[str, list[dict[str, Any]]] = {}
         for rec in records:
@@ -1198,9 +1200,16 @@ def generate_phantom(out: Path | str, size: str = "tiny", seed: int = 0, suite: 
     return out / "project.yaml"
 
 
-def _run_tasks(tasks: Sequence[_CaseTask], workers: int) -> list[dict[str, Any]]:
+def _run_tasks(tasks: Sequence[_CaseTask], workers: int, progress: bool = False) -> list[dict[str, Any]]:
+    def shown(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not progress:
+            return list(records)
+        from unionseg.progress import track
+
+        return list(track(records, "phantom cases", total=len(tasks)))
+
     if workers <= 1 or len(tasks) <= 1:
-        return [_make_case(t) for t in tasks]
+        return shown(_make_case(t) for t in tasks)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
@@ -1209,7 +1218,7 @@ def _run_tasks(tasks: Sequence[_CaseTask], workers: int) -> list[dict[str, Any]]
     with worker_report():
         try:
             with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                return list(pool.map(_make_case, tasks, chunksize=1))
+                return shown(pool.map(_make_case, tasks, chunksize=1))  # in order, as each case is made
         except BrokenProcessPool as exc:  # its cause, where the pool gives one, stays attached
             raise worker_died("the phantom's cases were being made") from exc
 
@@ -1440,10 +1449,11 @@ def register(app: typer.Typer) -> None:
         workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Processes (default: by size).")] = None,
         montage: Annotated[Optional[Path], typer.Option("--montage", help="Also save a PNG montage to this file (.png added "
                                                   "when it has none; an existing folder gets montage.png).")] = None,
+        quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
     ) -> None:
         """Write a synthetic abdominal CT project: partially labelled training sets, val, test, project file."""
         start = time.perf_counter()
-        project = generate_phantom(out, size=size, seed=seed, suite=suite, workers=workers)
+        project = generate_phantom(out, size=size, seed=seed, suite=suite, workers=workers, progress=not quiet)
         spec = SIZES[size]
         typer.echo(f"phantom {GENERATOR_VERSION} ({size}, seed {seed}, suite {suite}) written in "
                    f"{time.perf_counter() - start:.1f} s: {spec.n_train} cases per training set, "
