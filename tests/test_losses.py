@@ -343,6 +343,36 @@ def test_softmax_code_sums_passes_gradcheck(space: LabelSpace) -> None:
     assert ce.item() == pytest.approx(reference.mean().item(), rel=1e-9)
 
 
+def test_hand_written_gradients_refuse_a_second_derivative_and_keep_the_layout(space: LabelSpace) -> None:
+    """The marginal loss and MS-KD's logit term compute their gradient in closed form: a second derivative
+    through them (create_graph=True) would be silently wrong, so it is refused; the gradient comes back in
+    the logits' memory layout; without grad mode the logit term computes none."""
+    torch.manual_seed(13)
+    codes = torch.randint(0, space.n_leaves, (1, 3, 4, 5))
+    annotated = torch.ones(1, space.n_leaves, dtype=torch.bool)
+    leaves = [[1, 2], [3]]
+    teachers = [torch.softmax(torch.randn(1, 1 + len(k), 3, 4, 5), 1) for k in leaves]
+    for channels_last in (False, True):
+        x = torch.randn(1, space.n_leaves, 3, 4, 5)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x.requires_grad_(True)
+        marginal = marginal_loss(x, codes, annotated, space)["ce"]
+        kd = ms_kd_logit_loss(x[:, :4], teachers, leaves, tau=2.0)
+        for loss in (marginal, kd):
+            with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+                torch.autograd.grad(loss + (x ** 3).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(marginal, x)
+        assert g.is_contiguous(memory_format=torch.channels_last_3d) is channels_last
+        assert g.is_contiguous() is not channels_last
+    with torch.no_grad():  # value only: the same number
+        assert ms_kd_logit_loss(x[:, :4], teachers, leaves, tau=2.0).item() == pytest.approx(kd.item(), rel=1e-6)
+    # a single voxel: fewer voxels than codes
+    one = marginal_loss(torch.randn(2, space.n_leaves, 1, requires_grad=True), torch.tensor([[3], [0]]),
+                        annotated.expand(2, -1), space)
+    assert torch.isfinite(one["ce"]) and torch.isfinite(one["dice"])
+
+
 def test_marginal_is_float32_under_autocast(space: LabelSpace) -> None:
     torch.manual_seed(2)
     logits = torch.randn(1, space.n_leaves, 4, 4, 4)

@@ -47,6 +47,23 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
+def memory_format_of(tensor: Tensor) -> torch.memory_format:
+    """``channels_last_3d`` for a 5-D tensor stored channels-last (and not also contiguous), else
+    ``contiguous_format``: the layout a hand-written gradient is returned in, as its input's."""
+    if tensor.dim() == 5 and not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def refuse_double_backward(what: str) -> None:
+    """Raise in a hand-written backward that runs with grad mode on, i.e. under ``create_graph=True``: its
+    gradient is computed in closed form without a graph of its own, so a second derivative through it would be
+    silently wrong (``once_differentiable`` catches that only when the incoming gradient needs grad)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: the gradient is computed in closed form and cannot be differentiated twice "
+                           "(create_graph=True)")
+
+
 def zero_with_graph(tensor: Tensor) -> Tensor:
     """A float32 scalar 0 attached to ``tensor``'s graph (so ``backward()`` works and every gradient is 0)."""
     return tensor.float().sum() * 0.0

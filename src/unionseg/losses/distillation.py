@@ -19,7 +19,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from unionseg.losses._common import (
     check_channels_first,
@@ -27,6 +26,8 @@ from unionseg.losses._common import (
     check_spatial,
     float32_island,
     index_tensor,
+    memory_format_of,
+    refuse_double_backward,
 )
 
 DOWNSAMPLE_MODES = ("nearest", "max")
@@ -180,7 +181,7 @@ class _FusedKdKl(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, teachers: tuple[tuple[Tensor, Tensor, Tensor, list[int]], ...],
-                tau: float) -> Tensor:
+                tau: float, need_grad: bool) -> Tensor:
         batch, n_leaves = logits.shape[:2]
         # channel-major, so that every leaf below is one (B, V) block, read in place
         log_q = F.log_softmax(logits, dim=1).contiguous().reshape(batch, n_leaves, -1)
@@ -189,7 +190,7 @@ class _FusedKdKl(torch.autograd.Function):
         for j, (_, _, _, leaves) in enumerate(teachers):
             others[j].index_fill_(0, index_tensor(leaves, q.device), 0.0)
         masses = torch.matmul(others, q)  # (B, J, V): every teacher's merged mass M_j at once
-        grad = torch.zeros_like(q)
+        grad = torch.zeros_like(q) if need_grad else q
         merged_terms = []
         total = q.new_zeros(())
         for j, (target, log_target, weight, leaves) in enumerate(teachers):
@@ -207,28 +208,31 @@ class _FusedKdKl(torch.autograd.Function):
                 norm += power
             log_norm = norm.log().add_(shift)  # log sum_k exp(a_k / tau)
             kl = torch.zeros_like(mass)
-            for k, (channel, power) in enumerate(zip(scaled, powers, strict=True)):
+            for k, channel in enumerate(scaled):
                 t = target[:, k]
                 kl += t * (log_target[:, k] - channel + log_norm)  # t (log t - log r)
-                g = (power / norm).sub_(t).mul_(weight).mul_(tau)  # d loss / d a_k: tau w (r_k - t_k)
+            total += (kl * weight).sum()
+            if not need_grad:
+                continue
+            for k, power in enumerate(powers):
+                g = (power / norm).sub_(target[:, k]).mul_(weight).mul_(tau)  # d loss / d a_k: tau w (r_k - t_k)
                 if k == 0:
                     zero = torch.zeros_like(g)
                     grad[:, 0] += torch.where(fallback, g, zero)
                     merged_terms.append(torch.where(fallback, zero, g / mass.clamp_min(_TINY)))
                 else:
                     grad[:, leaves[k - 1]] += g
-            total += (kl * weight).sum()
-        # the merged channels' terms, each spread over its teacher's other leaves in proportion to q
-        grad += q * torch.matmul(others.t(), torch.stack(merged_terms, dim=1))
-        ctx.save_for_backward(grad)
-        ctx.shape = logits.shape
+        if need_grad:
+            # the merged channels' terms, each spread over its teacher's other leaves in proportion to q
+            grad += q * torch.matmul(others.t(), torch.stack(merged_terms, dim=1))
+            ctx.save_for_backward(grad.reshape(logits.shape).contiguous(memory_format=memory_format_of(logits)))
         return total * tau ** 2
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None]:
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+        refuse_double_backward("MS-KD's logit term")
         (grad,) = ctx.saved_tensors
-        return (grad * grad_output).reshape(ctx.shape), None, None
+        return grad * grad_output, None, None, None
 
 
 def _fused_kd_kl(student_logits: Tensor, targets: Sequence[Tensor], teacher_leaves: Sequence[list[int]],
@@ -241,7 +245,9 @@ def _fused_kd_kl(student_logits: Tensor, targets: Sequence[Tensor], teacher_leav
             inside = region.to(target.dtype)
             weight = (inside / inside.sum().clamp_min(1)).reshape(inside.shape[0], -1)
             teachers.append((target.flatten(2), log_t.flatten(2), weight, list(leaves)))
-    return _FusedKdKl.apply(student_logits, tuple(teachers), tau)
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad  # else no gradient is computed
+    return _FusedKdKl.apply(student_logits, tuple(teachers), tau, need_grad)
+
 
 
 def kd_kl(

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from unionseg.labels import LabelSpace
 from unionseg.losses._common import (
@@ -27,6 +26,8 @@ from unionseg.losses._common import (
     check_spatial,
     float32_island,
     index_tensor,
+    memory_format_of,
+    refuse_double_backward,
 )
 from unionseg.losses.dice import dice_from_sums
 
@@ -123,8 +124,15 @@ def _representative_leaf(space: LabelSpace, device: torch.device) -> Tensor:
     return index_tensor([*range(space.n_leaves), *(grp.organ_id for grp in space.groups)], device)
 
 
-# Below this merged probability the marginal CE of a voxel falls back to -log p of one admissible leaf.
+# At or below this merged probability the marginal CE of a voxel falls back to -log p of one admissible leaf.
 _TINY = 1e-30
+
+
+def _code_rows(flat_codes: Tensor, n_codes: int) -> Tensor:
+    """(B * V,) long: each voxel's (sample, code) row, ``b * n_codes + code``."""
+    offsets = torch.arange(flat_codes.shape[0], device=flat_codes.device).mul_(n_codes).unsqueeze(1)
+    return (flat_codes + offsets).reshape(-1)
+
 
 
 class _SoftmaxCodeSums(torch.autograd.Function):
@@ -135,12 +143,15 @@ class _SoftmaxCodeSums(torch.autograd.Function):
     representative (n_codes,) long or None)`` returns ``(ce, sums (B, L, n_codes), counts (B, n_codes))``:
     ``sums[b, l, c]`` adds ``softmax(logits)[b, l]`` over the voxels of code c, ``counts`` counts them (no
     gradient), ``ce`` is the mean over all voxels of ``-log`` of the probability of the voxel's admissible
-    set, or, where that probability is below ``_TINY``, ``-log p`` of the code's representative leaf from the
-    log-softmax; 0 without ``admissible``.
+    set, or, where that probability is at or below ``_TINY``, ``-log p`` of the code's representative leaf
+    from the log-softmax; 0 without ``admissible``.
 
-    Every voxel-sized quantity is computed once, leaves last (a view of channels-last logits), and the
-    backward pass is the closed form (see :meth:`backward`). Autograd through the same steps kept about ten
-    voxel-sized intermediates and took about twice as long on the CPU (docs/benchmarks.md, "Training step").
+    Every voxel-sized quantity is computed once, leaves last (a view of channels-last logits, as the networks
+    return them on a CPU; one copy of channels-first ones), and the backward pass is the closed form (see
+    :meth:`backward`), its gradient in the logits' own memory layout. Autograd through the same steps kept
+    about ten voxel-sized intermediates and was slower (docs/benchmarks.md, "Training step"). Nothing in either
+    pass waits for a value read back from a GPU. Not twice differentiable: a second backward pass (autograd's
+    ``create_graph=True``) is refused.
     """
 
     @staticmethod
@@ -154,11 +165,12 @@ class _SoftmaxCodeSums(torch.autograd.Function):
         p = log_p.exp()
         sums = p.new_zeros(batch, n_leaves, n_codes).scatter_add_(
             2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2))
-        offsets = torch.arange(batch, device=flat_codes.device).mul_(n_codes).unsqueeze(1)
-        rows = (flat_codes + offsets).reshape(-1)  # (B * V,): each voxel's (sample, code) row
-        counts = torch.bincount(rows, minlength=batch * n_codes).to(p.dtype).reshape(batch, n_codes)
+        rows = _code_rows(flat_codes, n_codes)
+        # scatter_add_, not bincount: bincount reads its input's range back from a GPU to size its output
+        counts = torch.zeros(batch * n_codes, dtype=rows.dtype, device=rows.device).scatter_add_(
+            0, rows, torch.ones_like(rows)).to(p.dtype).reshape(batch, n_codes)
         ce = p.new_zeros(())
-        merged = rep = None
+        merged = None
         if admissible is not None:
             assert representative is not None
             table = admissible.reshape(-1, n_leaves).to(p.dtype)
@@ -168,25 +180,29 @@ class _SoftmaxCodeSums(torch.autograd.Function):
             rep = representative.index_select(0, flat_codes.reshape(-1)).reshape(batch, -1, 1)
             nll = log_p.gather(-1, rep).squeeze(-1).neg_()
             ce = torch.where(merged > _TINY, merged.clamp_min(_TINY).log().neg_(), nll).mean()
-        ctx.save_for_backward(p, rows, admissible, merged, rep)
+        # the codes rather than their rows and representatives (two more (B, V) int64 tensors held until backward)
+        ctx.save_for_backward(p, flat_codes, admissible, representative, merged)
+        ctx.n_codes = n_codes
         ctx.spatial = logits.shape[2:]
+        ctx.memory_format = memory_format_of(logits)
         ctx.mark_non_differentiable(counts)
         ctx.set_materialize_grads(False)
         return ce, sums, counts
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_ce: Tensor | None, grad_sums: Tensor | None,
                  _grad_counts: Tensor | None) -> tuple[Tensor | None, None, None, None, None]:
-        p, rows, admissible, merged, rep = ctx.saved_tensors
+        refuse_double_backward("the marginal and exclusion losses")
+        p, flat_codes, admissible, representative, merged = ctx.saved_tensors
         batch, _, n_leaves = p.shape
+        rows = _code_rows(flat_codes, ctx.n_codes)
         with_ce = grad_ce is not None and merged is not None
         if grad_sums is None and not with_ce:
             return None, None, None, None, None
         # d/dz of the sums' part: p * (g - <p, g>), g the incoming gradient of the voxel's (sample, code) row;
         # of the CE: c * (p - r), c = grad / N, r = p * adm / P(adm), or the representative's one-hot where
         # the CE fell back to it. Together: p * (g - <p, g> + c - k * adm) - c * [fallback] * onehot(rep), with
-        # k = c / P(adm) (0 at a fallback voxel). No step depends on a value read back to the host.
+        # k = c / P(adm) (0 at a fallback voxel).
         u = None
         if grad_sums is not None:
             u = grad_sums.transpose(1, 2).reshape(-1, n_leaves).index_select(0, rows).reshape(p.shape)
@@ -200,9 +216,14 @@ class _SoftmaxCodeSums(torch.autograd.Function):
             u = ce_part if u is None else u.add_(ce_part)
         assert u is not None
         grad = u.mul_(p)
-        if with_ce:
-            grad.scatter_add_(-1, rep, torch.where(fallback, -c, torch.zeros_like(c)).unsqueeze(-1).expand_as(rep))
-        return grad.reshape(batch, *ctx.spatial, n_leaves).movedim(-1, 1), None, None, None, None
+        # (on a GPU without asking whether any voxel fell back: that answer is a read-back)
+        if with_ce and (p.is_cuda or bool(fallback.any())):
+            # elementwise rather than a scatter: deterministic and fast on a GPU under deterministic algorithms
+            rep = representative.index_select(0, flat_codes.reshape(-1)).reshape(batch, -1, 1)
+            leaves = torch.arange(n_leaves, device=p.device)
+            grad.sub_((leaves == rep).to(p.dtype).mul_(torch.where(fallback, c, torch.zeros_like(c)).unsqueeze(-1)))
+        grad = grad.reshape(batch, *ctx.spatial, n_leaves).movedim(-1, 1)
+        return grad.contiguous(memory_format=ctx.memory_format), None, None, None, None
 
 
 def marginal_loss(
