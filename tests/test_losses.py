@@ -309,6 +309,14 @@ def test_marginal_gradient_matches_plain_autograd(space: LabelSpace, channels_la
     assert fused.grad is not None and plain.grad is not None
     torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-4, atol=1e-7)
     assert fused.grad.abs().sum() > 0
+    # the exclusion term from the marginal loss's own softmax: the same value and gradient
+    shared = logits.clone().requires_grad_(True)
+    both = marginal_loss(shared, codes, annotated, space, exclusion_weight=0.5)
+    assert both["exclusion"].item() == pytest.approx(0.5 * exclusion_loss(logits, codes, annotated, space).item(),
+                                                     rel=1e-6)
+    (both["ce"] + both["dice"] + 2 * both["exclusion"]).backward()
+    assert shared.grad is not None
+    torch.testing.assert_close(shared.grad, plain.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_softmax_code_sums_passes_gradcheck(space: LabelSpace) -> None:

@@ -235,8 +235,9 @@ def marginal_loss(
     ce_weight: float = 1.0,
     smooth: float = 1e-5,
     batch_dice: bool = False,
+    exclusion_weight: float = 0.0,
 ) -> dict[str, Tensor]:
-    """Marginal cross-entropy + marginal Dice (Shi et al., MedIA 2021).
+    """Marginal cross-entropy + marginal Dice (Shi et al., MedIA 2021), and optionally the exclusion loss.
 
     CE: for every voxel, ``-log sum_{c in adm} p_c`` (the probability of its merged class), mean over all
     voxels; ``adm`` is :func:`unionseg.labels.admissible` (code 0 -> background plus the sample's
@@ -258,9 +259,11 @@ def marginal_loss(
         dice_weight, ce_weight: multipliers (>= 0) applied to the returned terms.
         smooth: Dice smoothing (> 0); empty channels behave as in :func:`unionseg.losses.soft_dice_loss`.
         batch_dice: pool Dice sums over the batch per channel.
+        exclusion_weight: > 0 adds ``"exclusion"``, this weight times :func:`exclusion_loss` (same
+            ``smooth``), from the same softmax and sums (calling both functions computes them twice).
 
     Returns:
-        ``{"ce": ..., "dice": ...}``, float32 scalars already multiplied by their weights.
+        ``{"ce": ..., "dice": ...}`` (and ``"exclusion"``), float32 scalars already multiplied by their weights.
 
     Raises:
         ValueError: shapes that do not match each other or the label space; negative weights.
@@ -268,6 +271,7 @@ def marginal_loss(
     _check_partial_inputs(logits, codes, annotated, space)
     check_positive("ce_weight", ce_weight, allow_zero=True)
     check_positive("dice_weight", dice_weight, allow_zero=True)
+    check_positive("exclusion_weight", exclusion_weight, allow_zero=True)
     check_positive("smooth", smooth)
     batch = logits.shape[0]
     with float32_island(logits):
@@ -282,7 +286,10 @@ def marginal_loss(
         intersection = (merged_sums * inside_f).sum(-1)
         denominator = merged_sums.sum(-1) + (inside_f * counts.unsqueeze(1)).sum(-1)
         dice = dice_from_sums(intersection, denominator, counted, smooth, batch_dice)
-    return {"ce": ce_weight * ce, "dice": dice_weight * dice}
+        terms = {"ce": ce_weight * ce, "dice": dice_weight * dice}
+        if exclusion_weight > 0:
+            terms["exclusion"] = exclusion_weight * _exclusion_from_sums(sums, counts, annotated, space, smooth)
+    return terms
 
 
 def exclusion_loss(
@@ -322,15 +329,20 @@ def exclusion_loss(
     with float32_island(logits):
         _, sums, counts = _SoftmaxCodeSums.apply(logits.float(), codes.reshape(batch, -1).long(), space.n_codes,
                                                  None, None)
-        excluded = (~merged_channels(annotated, space)).transpose(1, 2).float()  # (B, L, n_codes)
-        overlap_mass = (sums * excluded).sum(-1)  # (B, L)
-        size = (excluded * counts.unsqueeze(1)).sum(-1)
-        pairs = ~annotated.bool()
-        pairs[:, 0] = False
-        pairs = pairs & (size > 0)
-        overlap = 2.0 * overlap_mass / (size + sums.sum(-1) + smooth)
-        overlap = torch.where(pairs, overlap, torch.zeros_like(overlap))
-        return overlap.sum() / pairs.sum().clamp_min(1).to(overlap.dtype)
+        return _exclusion_from_sums(sums, counts, annotated, space, smooth)
+
+
+def _exclusion_from_sums(sums: Tensor, counts: Tensor, annotated: Tensor, space: LabelSpace, smooth: float) -> Tensor:
+    """:func:`exclusion_loss` from the per-code probability sums (B, L, n_codes) and voxel counts (B, n_codes)."""
+    excluded = (~merged_channels(annotated, space)).transpose(1, 2).float()  # (B, L, n_codes)
+    overlap_mass = (sums * excluded).sum(-1)  # (B, L)
+    size = (excluded * counts.unsqueeze(1)).sum(-1)
+    pairs = ~annotated.bool()
+    pairs[:, 0] = False
+    pairs = pairs & (size > 0)
+    overlap = 2.0 * overlap_mass / (size + sums.sum(-1) + smooth)
+    overlap = torch.where(pairs, overlap, torch.zeros_like(overlap))
+    return overlap.sum() / pairs.sum().clamp_min(1).to(overlap.dtype)
 
 
 class MarginalLoss(nn.Module):
@@ -373,12 +385,9 @@ class MarginalLoss(nn.Module):
     def forward(self, logits: Tensor, codes: Tensor, annotated: Tensor) -> dict[str, Tensor]:
         """(B, L, *S) logits, (B, *S) codes, (B, L) annotated -> weighted terms ``ce``, ``dice`` and, when
         enabled, ``exclusion``; the loss is the sum of the values."""
-        terms = marginal_loss(logits, codes, annotated, self.space, dice_weight=self.dice_weight,
-                              ce_weight=self.ce_weight, smooth=self.smooth, batch_dice=self.batch_dice)
-        if self.exclusion_weight > 0:
-            terms["exclusion"] = self.exclusion_weight * exclusion_loss(logits, codes, annotated, self.space,
-                                                                        smooth=self.smooth)
-        return terms
+        return marginal_loss(logits, codes, annotated, self.space, dice_weight=self.dice_weight,
+                             ce_weight=self.ce_weight, smooth=self.smooth, batch_dice=self.batch_dice,
+                             exclusion_weight=self.exclusion_weight)
 
 
 __all__ = ["MarginalLoss", "exclusion_loss", "marginal_channels", "marginal_loss", "merged_channels"]

@@ -75,13 +75,14 @@ class MarginalMethod(SoftmaxMethod):
     Options = MarginalOptions
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from unionseg.losses import exclusion_loss, marginal_loss
+        from unionseg.losses import marginal_loss
 
         logits = self.models["net"](batch["image"])
-        terms = marginal_loss(logits, batch["label"], batch["annotated"], self.space)
-        excl = exclusion_loss(logits, batch["label"], batch["annotated"], self.space)
-        loss = terms["ce"] + self.options.dice_weight * terms["dice"] + self.options.exclusion_weight * excl
-        return {"loss": loss, **terms, "exclusion": excl}
+        # the exclusion term from the same softmax (weight 1 here: the option weighs it in the loss, and the
+        # logged term stays the unweighted one, as before)
+        terms = marginal_loss(logits, batch["label"], batch["annotated"], self.space, exclusion_weight=1.0)
+        loss = terms["ce"] + self.options.dice_weight * terms["dice"] + self.options.exclusion_weight * terms["exclusion"]
+        return {"loss": loss, **terms}
 
 
 @register_method("individual")
