@@ -940,3 +940,55 @@ def test_prepare_that_cannot_write_a_cache_folder_changes_nothing(project_dir: P
         prepare_project(project, workers=0, force=True, progress=False)
     assert info.value.path == liver
     assert index.read_bytes() == before
+
+
+# ---------------------------------------------------------------------- labels: {..., other: background}
+OTHER_PROJECT = """\
+name: other
+classes: [liver, {name: liver_tumour, part_of: liver}, spleen]
+datasets:
+  - name: liver
+    root: datasets/liver
+    labels: LABELS
+    annotated: [liver, liver_tumour]
+    split: {val_fraction: 0.25, seed: 0}
+preprocessing: {spacing: [3.0, 3.0, 3.0], window: [-325, 325]}
+"""
+
+
+def test_other_background_sends_every_unlisted_value_to_background(tmp_path: Path) -> None:
+    """A multi-class label file used for one organ (TotalSegmentator's, say) needed every other value mapped to
+    background one by one; `other: background` stands for them all. A swept value that dataset.json names as
+    a class of the project is named in one warning; the info table folds the values sent to background."""
+    from conftest import write_msd_dataset
+    from unionseg.reports import _label_map_lines
+
+    write_msd_dataset(tmp_path / "datasets" / "liver", 4, {0: "background", 1: "liver", 2: "liver tumour",
+                                                           3: "spleen", 4: "gallbladder", 5: "stomach"},
+                      prefix="liver", values=(1, 2, 3, 4, 5))
+    path = tmp_path / "project.yaml"
+    path.write_text(OTHER_PROJECT.replace("LABELS", "{1: liver, 2: liver_tumour}"))
+    with pytest.warns(UserWarning, match="declares 3 .'spleen'., 4 .'gallbladder'., 5 .'stomach'., which the "
+                                         "project does not map"), pytest.raises(DataError, match="other: background"):
+        prepare_project(load_project(path), workers=0, progress=False)
+    path.write_text(OTHER_PROJECT.replace("LABELS", "{1: liver, 2: liver_tumour, other: background}"))
+    project = load_project(path)
+    assert project.label_space.local_lookup("liver")[:7].tolist() == [0, 1, 2, 0, 0, 0, 0]
+    with pytest.warns(UserWarning, match=r"declares 3 \('spleen'\), a class of this project, which the dataset "
+                                         r"'liver''s 'other: background' sends to background") as caught:
+        index = prepare_project(project, workers=0, progress=False)
+    assert not any("gallbladder" in str(w.message) for w in caught)  # no class of the project: not named
+    assert all(set(np.unique(c.label())) <= {0, 1, 2} for c in index.cases())
+    source = np.asarray(nib.load(tmp_path / "datasets" / "liver" / "labelsTr" / "liver_000.nii.gz").dataobj)
+    assert {3, 4, 5} <= set(np.unique(source).tolist())  # the swept values were there
+    again = load_project(path).label_space
+    assert again.to_dict()["datasets"][0]["other"] == "background"
+    assert type(again).from_dict(again.to_dict()).local_lookup("liver")[5] == 0  # a model file keeps it
+    assert _label_map_lines({1: "liver", 2: "background", 3: "background", 4: "background", 6: "background",
+                             7: "background"}, "background").splitlines() == ["1->liver", "2-4, 6, 7->background",
+                                                                              "other->background"]
+    for bad, message in (("{1: liver, other: spleen}", "only 'background' can stand for every value"),
+                         ("{other: background}", "maps no value to a class")):
+        path.write_text(OTHER_PROJECT.replace("LABELS", bad))
+        with pytest.raises(ConfigError, match=message):
+            load_project(path)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import yaml
 
 from unionseg.errors import ConfigError, listing
-from unionseg.labels import DatasetLabels, LabelSpace, Leaf
+from unionseg.labels import BACKGROUND, OTHER_LABELS, DatasetLabels, LabelSpace, Leaf
 
 if TYPE_CHECKING:
     import torch
@@ -441,6 +441,7 @@ class DatasetSpec:
     role: str = "train"
     split: SplitSpec = field(default_factory=SplitSpec)
     oracle_labels: Path | None = None  # folder of FULL label maps in global leaf ids (phantom only)
+    other: str | None = None  # ``labels: {..., other: background}``: every value ``labels`` does not list
 
     @property
     def fully_labelled(self) -> bool:
@@ -550,7 +551,14 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
     if not isinstance(labels, Mapping) or not labels:
         raise ConfigError(f"{where}.labels: expected a mapping local value -> class", source)
     local: dict[int, str] = {}
+    other = None
     for k, v in labels.items():
+        if k == OTHER_LABELS:  # every value the map does not list, e.g. a multi-class file used for one organ
+            if v != BACKGROUND:
+                raise ConfigError(f"{where}.labels.{OTHER_LABELS}: only '{BACKGROUND}' can stand for every value the "
+                                  f"map does not list (got {v!r}); map a class's values one by one", source)
+            other = v
+            continue
         value = _label_value(k)
         if value is None:
             raise ConfigError(f"{where}.labels: local value {k!r} is not an integer", source)
@@ -560,6 +568,9 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
             raise ConfigError(f"{where}.labels: local value {value} is given twice ({local[value]!r} and {v!r})",
                               source)
         local[value] = v
+    if not local:
+        raise ConfigError(f"{where}.labels: 'other: background' alone maps no value to a class; list the values of "
+                          "the classes this dataset labels", source)
     annotated = raw["annotated"]
     if not isinstance(annotated, list) or not all(isinstance(a, str) for a in annotated) or not annotated:
         raise ConfigError(f"{where}.annotated: expected a non-empty list of class names", source)
@@ -579,7 +590,7 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
             raise ConfigError(f"{where}.oracle_labels: expected a folder inside the dataset root", source)
         oracle = root / oracle
     return DatasetSpec(name=name, root=root, labels=local, annotated=tuple(annotated), layout=layout,
-                       role=role, split=split, oracle_labels=oracle)
+                       role=role, split=split, oracle_labels=oracle, other=other)
 
 
 def _read_roots_file(value: Any, base: Path, source: str) -> tuple[dict[str, Path], Path | None, str]:
@@ -681,7 +692,7 @@ def load_project(path: str | Path, roots: Mapping[str, str | Path] | None = None
                           f"{', '.join(d.name for d in datasets)})", path)
     space = LabelSpace(
         leaves,
-        [DatasetLabels(d.name, d.labels, d.annotated, d.fully_labelled) for d in datasets],
+        [DatasetLabels(d.name, d.labels, d.annotated, d.fully_labelled, d.other) for d in datasets],
         source=source,
     )
     if require_train and not any(d.role == "train" for d in datasets):

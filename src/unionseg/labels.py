@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 BACKGROUND = "background"
 REGION_PREFIX = "region:"
+OTHER_LABELS = "other"
+"""The key of a dataset's ``labels`` that stands for every value the map does not list (``other: background``)."""
 
 
 def region_name(organ: str) -> str:
@@ -77,12 +79,16 @@ class DatasetLabels:
         local_to_global: local value (> 0) -> leaf name, ``region:<organ>``, or ``background`` for a structure
             no class stands for (counted as 0); 0 is always background.
         annotated: leaves and/or regions whose ground truth this dataset can be trusted for.
+        fully_labelled: a val or test set (every class it annotates is labelled wherever it occurs).
+        other: ``background`` sends every local value > 0 that ``local_to_global`` does not list to background
+            (a multi-class label file used for a few of its classes); ``None``: such a value is an error.
     """
 
     name: str
     local_to_global: Mapping[int, str]
     annotated: tuple[str, ...]
     fully_labelled: bool = field(default=False)
+    other: str | None = None
 
 
 class LabelSpace:
@@ -204,6 +210,9 @@ class LabelSpace:
         for key in ds.annotated:
             self._check_key(key, f"{where}.annotated")
         covered = {leaf for key in ds.annotated for leaf in self.leaves_of(key)}
+        if ds.other not in (None, BACKGROUND):
+            raise ConfigError(f"{where}.labels.{OTHER_LABELS}: only {BACKGROUND!r} can stand for the values the map "
+                              f"does not list, got {ds.other!r}", self.source)
         for value, key in ds.local_to_global.items():
             if not isinstance(value, int) or value <= 0 or value > 255:
                 raise ConfigError(f"{where}.labels: local value {value!r} must be an integer in 1..255",
@@ -304,10 +313,12 @@ class LabelSpace:
         return found
 
     def local_lookup(self, dataset: str) -> np.ndarray:
-        """(256,) int table local value -> global code; unmapped values are -1 (0 -> 0)."""
-        table = np.full(256, -1, dtype=np.int64)
+        """(256,) int table local value -> global code; unmapped values are -1 (0 -> 0), or 0 under
+        ``other: background``."""
+        spec = self.dataset(dataset)
+        table = np.full(256, 0 if spec.other == BACKGROUND else -1, dtype=np.int64)
         table[0] = 0
-        for value, key in self.dataset(dataset).local_to_global.items():
+        for value, key in spec.local_to_global.items():
             table[value] = self.code(key)
         return table
 
@@ -334,7 +345,8 @@ class LabelSpace:
             "classes": [{"name": lf.name, **({"part_of": lf.part_of} if lf.part_of else {})}
                         for lf in self.leaves[1:]],
             "datasets": [{"name": d.name, "labels": {int(k): v for k, v in d.local_to_global.items()},
-                          "annotated": list(d.annotated), "fully_labelled": d.fully_labelled}
+                          "annotated": list(d.annotated), "fully_labelled": d.fully_labelled,
+                          **({"other": d.other} if d.other else {})}
                          for d in self.datasets.values()],
         }
 
@@ -342,7 +354,7 @@ class LabelSpace:
     def from_dict(cls, data: Mapping[str, Any], source: str = "<label space>") -> LabelSpace:
         leaves = [Leaf(c["name"], c.get("part_of")) for c in data["classes"]]
         datasets = [DatasetLabels(d["name"], {int(k): v for k, v in d["labels"].items()},
-                                  tuple(d["annotated"]), bool(d.get("fully_labelled", False)))
+                                  tuple(d["annotated"]), bool(d.get("fully_labelled", False)), d.get("other"))
                     for d in data.get("datasets", [])]
         return cls(leaves, datasets, source)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from unionseg.jsonfile import read_record
-from unionseg.labels import REGION_PREFIX
+from unionseg.labels import BACKGROUND, REGION_PREFIX
 
 
 def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -41,7 +41,8 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
     for spec in project.datasets:
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
         scans.append((spec.name, spec.role, info))
-        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:])
+        check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:],
+                        spec.other)
         warn_training_on_test_folders(spec.name, spec.role, spec.root, info)
         space.warn_annotations(spec.name, project.path)
         ids = [c.case_id for c in info.cases]
@@ -58,7 +59,7 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
         else:
             counts = {spec.role: len(ids)}
         datasets.append({"name": spec.name, "role": spec.role, "layout": info.layout,
-                         "labels": {int(k): v for k, v in spec.labels.items()},
+                         "labels": {int(k): v for k, v in spec.labels.items()}, "other": spec.other,
                          "annotated": list(spec.annotated), "counts": counts, "root": str(spec.root)})
     warn_shared_images(scans, project.path)
     classes = [{"id": i, "name": leaf.name, "part_of": leaf.part_of} for i, leaf in enumerate(space.leaves)]
@@ -67,6 +68,25 @@ def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) 
             "datasets": datasets,
             "preprocessing": {"spacing": list(project.preprocessing.spacing),
                               "window": list(project.preprocessing.window)}}
+
+
+def _label_map_lines(labels: Mapping[int, str], other: str | None) -> str:
+    """A dataset's label map for the info table, one mapping per line (never cut), the values sent to background
+    folded into one line of ranges (a multi-class file used for one organ maps dozens of them)."""
+    lines = [f"{k}->{v}" for k, v in labels.items() if v != BACKGROUND]
+    dropped = sorted(k for k, v in labels.items() if v == BACKGROUND)
+    if dropped:
+        runs: list[list[int]] = []
+        for value in dropped:
+            if runs and value == runs[-1][-1] + 1:
+                runs[-1].append(value)
+            else:
+                runs.append([value])
+        spans = ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 2 else ", ".join(map(str, r)) for r in runs)
+        lines.append(f"{spans}->{BACKGROUND}")
+    if other:
+        lines.append(f"other->{other}")
+    return "\n".join(lines)
 
 
 def print_project_info(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -94,8 +114,7 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
     for col in ("dataset", "role", "layout", "local -> global", "annotated", "cases"):
         table.add_column(col, overflow="fold")  # a narrow terminal wraps a name, never cuts it ("liver_tumo…")
     for d in summary["datasets"]:
-        table.add_row(d["name"], d["role"], d["layout"],
-                      "\n".join(f"{k}->{v}" for k, v in d["labels"].items()),  # one per line: never cut
+        table.add_row(d["name"], d["role"], d["layout"], _label_map_lines(d["labels"], d.get("other")),
                       "\n".join(d["annotated"]),
                       ", ".join(f"{k} {v}" for k, v in d["counts"].items()))
     console.print(table)

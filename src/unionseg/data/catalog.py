@@ -683,8 +683,12 @@ def _class_key(name: str) -> str:
 
 
 def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Mapping[int, str],
-                    json_path: Path, classes: Collection[str] = ()) -> None:
+                    json_path: Path, classes: Collection[str] = (), other: str | None = None) -> None:
     """Every value the project maps must be declared by the dataset's own dataset.json.
+
+    Declared values the project does not map give a warning (prepare would fail on them), unless ``other``
+    (``labels: {..., other: background}``) sends them to background; then only those whose dataset.json name
+    is a project class are named, in one warning (the class is then never taught from this dataset).
 
     With ``classes`` (the project's class names), a value whose dataset.json name is the name of ANOTHER
     project class than the one it is mapped to (``1: spleen`` in dataset.json, ``1: liver`` in the project:
@@ -714,16 +718,25 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
         raise DataError(f"project maps label value {missing[0]} for dataset {dataset!r}, but dataset.json declares "
                         f"only {sorted(declared)}", json_path)
     unmapped = [v for v in sorted(declared) if v != 0 and v not in mapped]
-    if unmapped:  # prepare then fails every case that holds one: said up front, by its dataset.json name
+    known = {_class_key(c) for c in classes}
+    if unmapped and other is not None:
+        swept = [v for v in unmapped if _class_key(declared[v]) in known]
+        if swept:
+            shown = ", ".join(f"{v} ({declared[v]!r})" for v in swept[:4]) + (", ..." if len(swept) > 4 else "")
+            warnings.warn(f"{json_path}: dataset.json declares {shown}, a class of this project, which the "
+                          f"dataset {dataset!r}'s 'other: {other}' sends to {other}: map "
+                          f"{'it' if len(swept) == 1 else 'each'} to {'its class' if len(swept) == 1 else 'their classes'} "
+                          "(and annotate them) if this dataset labels them", UnionsegWarning, stacklevel=2)
+    elif unmapped:  # prepare then fails every case that holds one: said up front, by its dataset.json name
         shown = ", ".join(f"{v} ({declared[v]!r})" for v in unmapped[:4]) + (", ..." if len(unmapped) > 4 else "")
         targets = list(dict.fromkeys(t for _, t in sorted(mapped.items())))[::-1][:2]  # parts come last
         example = " or ".join(f"'{unmapped[0]}: {t}'" for t in targets) or f"'{unmapped[0]}: ORGAN'"
         warnings.warn(f"{json_path}: dataset.json declares {shown}, which the project does not map for dataset "
                       f"{dataset!r}: prepare fails every case that holds {'it' if len(unmapped) == 1 else 'one'}. Map "
                       f"each under the dataset's 'labels' to the class it belongs to (a lesion inside an organ is "
-                      f"part of it: {example}, say), or to background only for a structure no class stands for",
+                      f"part of it: {example}, say), or to background only for a structure no class stands for "
+                      f"('other: background' sends every value the map does not list there)",
                       UnionsegWarning, stacklevel=2)
-    known = {_class_key(c) for c in classes}
     for value, target in sorted(mapped.items()):
         name = _class_key(declared[value])
         own = _class_key(target.removeprefix("region:"))

@@ -458,7 +458,8 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
                         f"(mapped: {mapped}); map each under the dataset's 'labels' in the project file to the class it "
                         f"belongs to (a lesion inside an organ is part of it: its tumour class, or the organ), or to "
-                        f"background only for a structure no class stands for ('{unmapped[0]}: background'); "
+                        f"background only for a structure no class stands for ('{unmapped[0]}: background', or "
+                        "'other: background' for every value the map does not list); "
                         "declare them in its dataset.json if it has one: it must name every value the project maps", path)
     table = np.where(lookup >= 0, lookup, 0).astype(np.uint8)
     return table[small]
@@ -1005,7 +1006,7 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
         scans.append((ds.name, ds.role, info))
         declared_of[ds.name] = None if info.declared_labels is None else sorted(info.declared_labels)
         json_path = ds.root / "dataset.json"
-        check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:])
+        check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:], ds.other)
         warn_training_on_test_folders(ds.name, ds.role, ds.root, info)
         space.warn_annotations(ds.name, project.path)
         if json_path.is_file():  # KiTS and image/label-folder layouts have none

@@ -450,7 +450,7 @@ def resolve_dataset(project: Project, gt_dir: Path, dataset: str | None = None) 
         tied = [d for d in matches if len(Path(d.root).resolve().parts) == deepest]
         oracle_of = [d for d in tied if d.oracle_labels is not None and Path(d.oracle_labels).resolve() == gt]
         spec = (oracle_of or tied)[0]
-        if not oracle_of and len({(tuple(sorted(d.labels.items())), tuple(sorted(d.annotated))) for d in tied}) > 1:
+        if not oracle_of and len({(tuple(sorted(d.labels.items())), d.other, tuple(sorted(d.annotated))) for d in tied}) > 1:
             # they read the same label values differently: taking the first listed scored the wrong classes
             names = ", ".join(d.name for d in tied)
             raise ConfigError(f"the ground truth folder {gt} lies in the root of datasets {names} "
