@@ -407,6 +407,9 @@ def test_check_label_map_warns_when_dataset_json_names_another_class(tmp_path: P
                         json_path, classes)
         check_label_map("kidney", {0: "background", 1: "kidney", 2: "Tumor"}, {1: "region:kidney",
                         2: "kidney_tumour"}, json_path, classes)
+        # a project class left out on purpose, value by value (a fully labelled file made partial)
+        check_label_map("liver", {0: "background", 1: "liver", 2: "spleen"}, {1: "liver", 2: "background"},
+                        json_path, classes)
 
 
 @pytest.mark.parametrize("change,message", [

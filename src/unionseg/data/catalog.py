@@ -694,7 +694,8 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     project class than the one it is mapped to (``1: spleen`` in dataset.json, ``1: liver`` in the project:
     typically two dataset roots swapped), or that dataset.json calls ``background``, gives a
     :class:`~unionseg.errors.UnionsegWarning`; other names that are no project class ("cancer", "Tumor")
-    are not judged.
+    are not judged, nor is a class mapped to background value by value (a fully labelled file used as a
+    partially labelled one, on purpose: the warning came with every command and could not be answered).
 
     ``declared=None`` (KiTS and folders layouts, which declare no labels) checks nothing here: ``prepare``
     then checks each label file's voxel values against the map (an unmapped value names the file), and a
@@ -740,7 +741,8 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     for value, target in sorted(mapped.items()):
         name = _class_key(declared[value])
         own = _class_key(target.removeprefix("region:"))
-        if (name in known and name != own) or (name == "background" and own != "background"):
+        # a class mapped to background on purpose (a fully labelled file used as a partial one) is left alone
+        if (name in known and name != own and own != "background") or (name == "background" and own != "background"):
             warnings.warn(f"{json_path}: label value {value} is {declared[value]!r} in dataset.json but the project "
                           f"maps it to {target!r} for dataset {dataset!r}; check that the dataset root and its "
                           "label map belong together", UnionsegWarning, stacklevel=2)
