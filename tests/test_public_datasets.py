@@ -316,6 +316,11 @@ def test_folders_layout_matches_btcv_names_by_number(public: dict[str, Path], tm
     with pytest.raises(DataError, match=r"label file for case 'img0002' is missing") as exc:
         scan_dataset("btcv", root)
     assert exc.value.path == root / "img" / "img0002.nii.gz"
+    # a label of another naming scheme, which nothing matched: named, so the mismatch shows
+    shutil.copy(root / "label" / "label0001.nii.gz", root / "label" / "liver_mask.nii.gz")
+    with pytest.raises(DataError, match=r"is missing: .* by name or number; unmatched there: liver_mask\.nii\.gz$"):
+        scan_dataset("btcv", root)
+    (root / "label" / "liver_mask.nii.gz").unlink()
     (root / "img" / "img0002.nii.gz").unlink()
     assert len(scan_dataset("btcv", root).cases) == 2
     shutil.copy(root / "label" / "label0001.nii.gz", root / "label" / "label0099.nii.gz")

@@ -579,8 +579,10 @@ def _cases_folders(root: Path, layout: str) -> tuple[_RawCases, Path]:
         _refuse_mixed_channel_tags(images, images_dir, labels)
         key = lonely_images[0]
         more = f" (also {listing([images[k].name for k in lonely_images[1:]])})" if len(lonely_images) > 1 else ""
+        # the label files nothing matched: a naming scheme of their own (case names that differ) shows there
+        unmatched = f"; unmatched there: {listing([labels[k].name for k in lonely_labels])}" if lonely_labels else ""
         raise DataError(f"label file for case {key!r} is missing: no file in {labels_dir.name}/ matches "
-                        f"{images[key].name} by name or number{more}", images[key])
+                        f"{images[key].name} by name or number{more}{unmatched}", images[key])
     if lonely_labels:
         key = lonely_labels[0]
         series = sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
