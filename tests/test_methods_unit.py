@@ -314,3 +314,14 @@ def test_channel_select_follows_the_wrapped_net_device() -> None:
     assert on_cpu.indices.device.type == "cpu"
     x = torch.randn(1, 1, 2, 2, 2)
     assert torch.equal(on_cpu(x), net(x, None)[:, [0, 2]])
+
+
+def test_mskd_feature_regions_option() -> None:
+    """How MS-KD's regions shrink to the feature stage: nearest (the default) or max; anything else is refused
+    when the options are checked, before a run starts."""
+    from unionseg.methods.mskd import MSKDOptions
+
+    assert MSKDOptions().feature_regions == "nearest"
+    MSKDOptions(feature_regions="max").validate()
+    with pytest.raises(ValueError, match=r"feature_regions must be one of \['nearest', 'max'\], got 'bilinear'"):
+        MSKDOptions(feature_regions="bilinear").validate()

@@ -1,7 +1,7 @@
 """Region-masked soft cross-entropy and the sigmoid ramp-up of the co-training method.
 
-Huang, Zheng, Zhou, Tu and Liu, "Multi-organ segmentation via co-training weight-averaged models from
-few-organ datasets", MICCAI 2020: each network is taught, inside a region R, by the softmax of its peer's
+Huang, Zheng, Hu, Zhang and Li, "Multi-organ segmentation via co-training weight-averaged models from
+few-organ datasets", MICCAI 2020 (arXiv:2008.07149): each network is taught, inside a region R, by the softmax of its peer's
 weight-averaged model; the weight of that term ramps up with ``exp(-5 (1 - t)^2)`` (Laine and Aila,
 "Temporal ensembling for semi-supervised learning", ICLR 2017).
 """

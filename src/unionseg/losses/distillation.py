@@ -1,6 +1,6 @@
 """Multi-teacher single-student knowledge distillation (MS-KD): logit-wise and region-affinity losses.
 
-Feng, Wang, Wang, Zhou, Ding and Fang, "MS-KD: Multi-organ segmentation with multiple binary-labeled
+Feng, Zhou, Zhang, Zhang and Wang, "MS-KD: Multi-organ segmentation with multiple binary-labeled
 datasets", 2021 (arXiv:2108.02559). Each teacher j (an expert over background + its dataset's leaves)
 supervises the student, mapped into j's label space, in j's organ region R_j and in the background region
 R_bg where every teacher predicts background; a feature term matches region affinities (cosine similarity

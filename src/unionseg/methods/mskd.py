@@ -1,5 +1,5 @@
-"""MS-KD: multi-teacher single-student knowledge distillation (Feng et al., "Multi-teacher single-student
-knowledge distillation for multi-organ segmentation from partially labelled datasets", 2021).
+"""MS-KD: multi-teacher single-student knowledge distillation (Feng et al., "MS-KD: Multi-organ segmentation
+with multiple binary-labeled datasets", 2021, arXiv:2108.02559).
 
 Teachers are the shared experts (frozen, eval mode, no gradient). The student is one softmax network over
 all leaves. Per voxel, teacher j owns the region R_j where it predicts its foreground (ties: the most
@@ -37,10 +37,17 @@ class MSKDOptions:
     w_gt: float = 1.0
     feature_stage: int = -2
     poe_background: bool = False  # option: one merged product-of-experts target in R_bg
+    # how R_j and R_bg shrink to the feature stage's size: "nearest" keeps every other voxel at half
+    # resolution (a thin organ can fall between them), "max" keeps a feature voxel that any of its voxels is in
+    feature_regions: str = "nearest"
 
     def validate(self) -> None:
+        from unionseg.losses.distillation import DOWNSAMPLE_MODES
+
         if self.tau <= 0:
             raise ValueError("tau must be positive")
+        if self.feature_regions not in DOWNSAMPLE_MODES:
+            raise ValueError(f"feature_regions must be one of {list(DOWNSAMPLE_MODES)}, got {self.feature_regions!r}")
         if min(self.w_logit, self.w_feat, self.w_gt) < 0:
             raise ValueError("loss weights must be >= 0")
 
@@ -96,7 +103,8 @@ class MSKDMethod(SoftmaxMethod):
         terms: dict[str, torch.Tensor] = {"logit": logit.detach()}
         if need_feat:
             assert feats is not None
-            feat = ms_kd_feature_loss(feats.decoder[o.feature_stage], self._teacher_features(x), regions, background) / n
+            feat = ms_kd_feature_loss(feats.decoder[o.feature_stage], self._teacher_features(x), regions, background,
+                                      o.feature_regions) / n
             loss = loss + o.w_feat * feat
             terms["feature"] = feat.detach()
         if o.w_gt > 0:
