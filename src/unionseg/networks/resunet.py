@@ -40,7 +40,7 @@ RESUNET_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"widths": (4, 8, 16, 16), "blocks": (1, 1, 1, 1)},
     # CPU benchmarks
     "cpu": {"widths": (8, 16, 32, 64), "blocks": (1, 1, 1, 1)},
-    # the paper's configuration (DoDNet, GPU)
+    # GPU: the widths and depths of DoDNet's encoder (the dropout is ours; the official network has none)
     "gpu": {"widths": (32, 64, 128, 256, 256), "blocks": (1, 2, 2, 2, 2), "dropout": 0.1},
 }
 """Named width/depth presets; :func:`unionseg.networks.build_network` resolves ``"preset"`` with these."""
