@@ -175,8 +175,9 @@ class _FusedKdKl(torch.autograd.Function):
     own channel's term where i is one of teacher j's leaves, and the merged channel's term times ``q_i /
     M_j`` where it is not (all of it on leaf 0 where ``M_j`` underflows and the loss reads ``log q_0``
     instead). Each channel is a (B, V) block, so a teacher of K leaves costs a few dozen small operations and
-    no per-teacher (B, L, V) copies; about 20 % faster than autograd through the same steps on the CPU
-    (``benchmarks/bench_mskd_terms.py``), and the graph holds one saved tensor.
+    no per-teacher (B, L, V) copies: 10 to 35 % faster than autograd through the same steps on the CPU, run to
+    run (``benchmarks/bench_losses.py``), and the graph holds one saved tensor. Not twice differentiable (a
+    second backward pass, ``create_graph=True``, is refused); without grad mode no gradient is computed.
     """
 
     @staticmethod

@@ -134,7 +134,6 @@ def _code_rows(flat_codes: Tensor, n_codes: int) -> Tensor:
     return (flat_codes + offsets).reshape(-1)
 
 
-
 class _SoftmaxCodeSums(torch.autograd.Function):
     """The softmax over the leaves, its sums per (sample, code) and, given the codes' admissible sets, the
     marginal CE, with the gradient written out.
@@ -149,7 +148,7 @@ class _SoftmaxCodeSums(torch.autograd.Function):
     Every voxel-sized quantity is computed once, leaves last (a view of channels-last logits, as the networks
     return them on a CPU; one copy of channels-first ones), and the backward pass is the closed form (see
     :meth:`backward`), its gradient in the logits' own memory layout. Autograd through the same steps kept
-    about ten voxel-sized intermediates and was slower (docs/benchmarks.md, "Training step"). Nothing in either
+    several voxel-sized intermediates and was slower (docs/benchmarks.md, "Training step"). Nothing in either
     pass waits for a value read back from a GPU. Not twice differentiable: a second backward pass (autograd's
     ``create_graph=True``) is refused.
     """
