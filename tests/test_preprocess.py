@@ -974,8 +974,9 @@ def test_other_background_sends_every_unlisted_value_to_background(tmp_path: Pat
     path.write_text(OTHER_PROJECT.replace("LABELS", "{1: liver, 2: liver_tumour, other: background}"))
     project = load_project(path)
     assert project.label_space.local_lookup("liver")[:7].tolist() == [0, 1, 2, 0, 0, 0, 0]
-    with pytest.warns(UserWarning, match=r"declares 3 \('spleen'\), a class of this project, which the dataset "
-                                         r"'liver''s 'other: background' sends to background") as caught:
+    with pytest.warns(UserWarning, match=r"declares 3 \('spleen'\), a class of this project, which 'other: "
+                                         r"background' sends to background for dataset 'liver'; if this dataset "
+                                         r"labels it, map it to its class and annotate it") as caught:
         index = prepare_project(project, workers=0, progress=False)
     assert not any("gallbladder" in str(w.message) for w in caught)  # no class of the project: not named
     assert all(set(np.unique(c.label())) <= {0, 1, 2} for c in index.cases())

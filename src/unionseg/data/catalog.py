@@ -726,10 +726,11 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
         swept = [v for v in unmapped if _class_key(declared[v]) in known]
         if swept:
             shown = ", ".join(f"{v} ({declared[v]!r})" for v in swept[:4]) + (", ..." if len(swept) > 4 else "")
-            warnings.warn(f"{json_path}: dataset.json declares {shown}, a class of this project, which the "
-                          f"dataset {dataset!r}'s 'other: {other}' sends to {other}: map "
-                          f"{'it' if len(swept) == 1 else 'each'} to {'its class' if len(swept) == 1 else 'their classes'} "
-                          "(and annotate them) if this dataset labels them", UnionsegWarning, stacklevel=2)
+            one = len(swept) == 1
+            warnings.warn(f"{json_path}: dataset.json declares {shown}, {'a class' if one else 'classes'} of this "
+                          f"project, which 'other: {other}' sends to {other} for dataset {dataset!r}; if this dataset "
+                          f"labels {'it' if one else 'them'}, map {'it' if one else 'each'} to its class and annotate "
+                          f"{'it' if one else 'them'}", UnionsegWarning, stacklevel=2)
     elif unmapped:  # prepare then fails every case that holds one: said up front, by its dataset.json name
         shown = ", ".join(f"{v} ({declared[v]!r})" for v in unmapped[:4]) + (", ..." if len(unmapped) > 4 else "")
         targets = list(dict.fromkeys(t for _, t in sorted(mapped.items())))[::-1][:2]  # parts come last
