@@ -552,14 +552,23 @@ def test_cli_refuses_an_output_file_name_outputs_as_inputs_and_hints_at_sub_fold
         write_image(nest / patient / "ct.nii.gz", _ct((16, 16, 12), 0).astype(np.int16), Geometry.identity((16, 16, 12)))
     assert run(["predict", str(model), str(nest), "-o", str(tmp_path / "n"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert (f"2 of its sub-folders hold images (p1, p2), with the same file names, and predict reads one folder level "
-            f"and names outputs by file: predict each into an output folder of its own, e.g. for d in {nest}/*/; do "
-            'unionseg predict MODEL "$d" -o "OUT/$(basename "$d")"; done') in err, err
+    assert (f"2 of its sub-folders hold images (p1, p2), with the same names, and predict reads one folder level "
+            f"and names outputs by file or series folder: predict each into an output folder of its own, e.g. for d "
+            f'in {nest}/*/; do unionseg predict MODEL "$d" -o "OUT/$(basename "$d")"; done') in err, err
     (nest / "p2" / "ct.nii.gz").rename(nest / "p2" / "ct2.nii.gz")  # other names: pass them all, as the hint says
     assert run(["predict", str(model), str(nest), "-o", str(tmp_path / "n"), "--device", "cpu"]) == 2
     assert f"pass them, e.g. {nest}/*" in capsys.readouterr().err
     assert run(["predict", str(model), *map(str, sorted(nest.iterdir())), "-o", str(tmp_path / "n"),
                 "--device", "cpu"]) == 0
+    # a PACS export, a folder per patient holding its series folders: the hint looks one level further
+    export = tmp_path / "export"
+    for patient in ("pa", "pb"):
+        write_image(export / patient / "series1" / "ct.nii.gz", _ct((16, 16, 12), 0).astype(np.int16),
+                    Geometry.identity((16, 16, 12)))
+    assert run(["predict", str(model), str(export), "-o", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert (f"2 of its sub-sub-folders hold images (pa/series1, pb/series1), with the same names" in err
+            and f'for d in {export}/*/; do unionseg predict MODEL "$d"*/ -o "OUT/$(basename "$d")"; done' in err), err
 
 
 def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

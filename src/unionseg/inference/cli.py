@@ -77,25 +77,33 @@ def _subfolder_hint(folder: Path) -> str:
     predict reads one level, so name them."""
     from unionseg.data.catalog import list_image_files
 
+    def visible(parent: Path) -> list[Path]:
+        return [d for d in sorted(parent.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+
     try:
-        held = [d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")
-                and list_image_files(d, warn=False)]
+        subfolders = visible(folder)
+        held = [d for d in subfolders if list_image_files(d, warn=False)]
+        glob, level = f"{folder}/*", "sub-folders"
+        if not held:  # a PACS export: a folder per patient, each holding its series folders (a bounded look)
+            held = [g for d in subfolders[:50] for g in visible(d)[:20] if list_image_files(g, warn=False)]
+            glob, level = f"{folder}/*/*", "sub-sub-folders"
     except OSError:
         return ""
     if not held:
         return ""
     from unionseg.data.catalog import image_key
 
-    shown = ", ".join(d.name for d in held[:3]) + (", ..." if len(held) > 3 else "")
+    shown = ", ".join(str(d.relative_to(folder)) for d in held[:3]) + (", ..." if len(held) > 3 else "")
     names = [image_key(f) if f.is_file() else f.name for d in held for f in list_image_files(d, warn=False)]
     if len(set(names)) == len(names):
-        return (f"; {len(held)} of its sub-folders hold images ({shown}), and predict reads one folder level: pass "
-                f"them, e.g. {folder}/*")
-    # a folder per patient with the same file names (ct.nii.gz): one output folder per sub-folder
-    return (f"; {len(held)} of its sub-folders hold images ({shown}), with the same file names, and predict reads "
-            f"one folder level and names outputs by file: predict each into an output folder of its own, e.g. "
-            f"for d in {shlex.quote(str(folder))}/*/; do unionseg predict MODEL \"$d\" -o \"OUT/$(basename \"$d\")\"; "
-            "done")
+        return (f"; {len(held)} of its {level} hold images ({shown}), and predict reads one folder level: pass "
+                f"them, e.g. {glob}")
+    # a folder per patient with the same file names (ct.nii.gz, or series folders named alike): one output
+    # folder per sub-folder
+    return (f"; {len(held)} of its {level} hold images ({shown}), with the same names, and predict reads one "
+            f"folder level and names outputs by file or series folder: predict each into an output folder of its "
+            f"own, e.g. for d in {shlex.quote(str(folder))}/*/; do unionseg predict MODEL \"$d\"{'*/' if glob.endswith('/*/*') else ''} "
+            f"-o \"OUT/$(basename \"$d\")\"; done")
 
 
 #: seconds a temporary file must have stood unchanged before a later predict removes it: a writer on another
