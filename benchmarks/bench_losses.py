@@ -7,8 +7,8 @@ channels-last logits as the ResUNet returns them, float16 teacher probabilities 
 
 ``--against OTHER/src`` loads ``unionseg/losses/partial.py`` and ``unionseg/losses/distillation.py`` from
 another checkout as well and times the two versions alternately in one process (the rest of ``unionseg`` is
-this checkout's), so that a change to these losses is measured the same minutes on the same caches. Median
-of ``--repeats`` after warm-ups.
+this checkout's), so that a change to these losses is measured the same minutes on the same caches; the two
+must first agree in value and gradient on every row. Median of ``--repeats`` after warm-ups.
 
 Run: ``.venv/bin/python benchmarks/bench_losses.py [--patch 32] [--batch 2] [--repeats 40] [--against DIR]``
 """
@@ -94,6 +94,7 @@ def main() -> None:
         return run
 
     jobs: dict[tuple[str, str], Any] = {}
+    losses_of: dict[tuple[str, str], Any] = {}
     for version, (part, dist) in versions.items():
         def naive(p: Any = part) -> Any:
             t = p.marginal_loss(logits, full_codes, everything, space)
@@ -116,6 +117,17 @@ def main() -> None:
         for row, fn in (("naive / oracle loss", naive), ("marginal + 0.1 exclusion", marginal),
                         ("MS-KD ground-truth term", gt_term), ("MS-KD logit term, tau = 2", logit_term)):
             jobs[(row, version)] = timed(fn)
+            losses_of[(row, version)] = fn
+    if len(versions) > 1:  # a comparison of speed only means something between versions that agree
+        for row in dict.fromkeys(row for row, _ in jobs):
+            results = []
+            for version in versions:
+                loss = losses_of[(row, version)]()
+                (grad,) = torch.autograd.grad(loss, logits)
+                results.append((loss.detach(), grad))
+            (value, grad), (other_value, other_grad) = results[0], results[1]
+            torch.testing.assert_close(value, other_value, rtol=1e-5, atol=1e-6, msg=f"{row}: values differ")
+            torch.testing.assert_close(grad, other_grad, rtol=1e-4, atol=1e-7, msg=f"{row}: gradients differ")
     times: dict[tuple[str, str], list[float]] = {key: [] for key in jobs}
     for r in range(args.repeats + 3):
         for key, job in jobs.items():

@@ -316,12 +316,34 @@ def test_channel_select_follows_the_wrapped_net_device() -> None:
     assert torch.equal(on_cpu(x), net(x, None)[:, [0, 2]])
 
 
-def test_mskd_feature_regions_option() -> None:
-    """How MS-KD's regions shrink to the feature stage: nearest (the default) or max; anything else is refused
-    when the options are checked, before a run starts."""
-    from unionseg.methods.mskd import MSKDOptions
+def test_mskd_feature_regions_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """How MS-KD's regions shrink to the feature stage: nearest (the default) or max, handed to the feature
+    term by the training step; anything else is refused when the options are checked, before a run starts."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from unionseg.methods.mskd import MSKDMethod, MSKDOptions
 
     assert MSKDOptions().feature_regions == "nearest"
     MSKDOptions(feature_regions="max").validate()
     with pytest.raises(ValueError, match=r"feature_regions must be one of \['nearest', 'max'\], got 'bilinear'"):
         MSKDOptions(feature_regions="bilinear").validate()
+    seen: list[str] = []
+
+    def feature_term(student, teachers, regions, background, mode="nearest"):  # type: ignore[no-untyped-def]
+        seen.append(mode)
+        return student.sum() * 0.0
+
+    monkeypatch.setattr("unionseg.losses.ms_kd_feature_loss", feature_term)
+    method = object.__new__(MSKDMethod)  # the training step alone: no context, a stand-in network
+    logits = torch.randn(1, 3, 4, 4, 4, requires_grad=True)
+    features = SimpleNamespace(decoder=[torch.randn(1, 2, 2, 2, 2), torch.randn(1, 2, 4, 4, 4)])
+    method.models = {"net": lambda x, return_features=False: (logits, features)}
+    method.teachers, method.teacher_leaves, method.teacher_groups = ["a"], [[1, 2]], None
+    method._teacher_features = lambda x: [torch.randn(1, 2, 2, 2, 2)]  # type: ignore[method-assign]
+    teacher = torch.softmax(torch.randn(1, 3, 4, 4, 4), 1)
+    for mode in ("max", "nearest"):
+        method.options = MSKDOptions(feature_regions=mode, w_gt=0.0)
+        method.training_step({"image": torch.zeros(1, 1, 4, 4, 4), "teacher_0": teacher}, 0)
+    assert seen == ["max", "nearest"]

@@ -984,6 +984,25 @@ def test_other_background_sends_every_unlisted_value_to_background(tmp_path: Pat
     assert {3, 4, 5} <= set(np.unique(source).tolist())  # the swept values were there
     again = load_project(path).label_space
     assert again.to_dict()["datasets"][0]["other"] == "background"
+    # the guards stay: a value dataset.json does not declare, and 255 where there is no dataset.json (a 0/255
+    # mask), are not swept
+    assert again.local_lookup("liver", [0, 1, 2, 3])[[3, 4, 9]].tolist() == [0, -1, -1]
+    assert again.local_lookup("liver")[[9, 254, 255]].tolist() == [0, 0, -1]
+    stray = tmp_path / "datasets" / "liver" / "labelsTr" / "liver_001.nii.gz"
+    image = nib.load(stray)
+    data = np.asarray(image.dataobj).copy()
+    data[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(data, image.affine, image.header), stray)
+    with pytest.raises(DataError, match=r"holds values \[9\] that its dataset.json does not declare"):
+        prepare_project(load_project(path), workers=0, progress=False)
+    # a val or test set whose map leaves an annotated class to 'other' is told so: it would be scored on nothing
+    from unionseg.labels import DatasetLabels, LabelSpace, Leaf
+
+    test_set = LabelSpace([Leaf("liver"), Leaf("kidney")],
+                          [DatasetLabels("ts", {5: "liver"}, ("liver", "kidney"), True, "background")])
+    assert test_set.unlabelled_annotations("ts") == [
+        "datasets.ts.annotated lists 'kidney', but no label value of 'ts' maps to it, and 'other: background' sends "
+        "every unlisted value to background: 'kidney' is scored against an empty truth; map its value(s) to 'kidney'"]
     assert type(again).from_dict(again.to_dict()).local_lookup("liver")[5] == 0  # a model file keeps it
     assert _label_map_lines({1: "liver", 2: "background", 3: "background", 4: "background", 6: "background",
                              7: "background"}, "background").splitlines() == ["1->liver", "2-4, 6, 7->background",

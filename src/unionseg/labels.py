@@ -20,7 +20,7 @@ Torch is imported lazily so that ``info``, ``prepare`` and ``evaluate`` never pa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -283,16 +283,24 @@ class LabelSpace:
         label maps then say "no liver" on every voxel, which teaches the model that the organ is absent from
         all the dataset's images and undoes partial-label training, unless they truly show none."""
         spec = self.dataset(dataset)
-        if spec.fully_labelled:  # a val or test set: it annotates every class, whether its cases show it or not
+        # a val or test set annotates every class, whether its cases show it or not; but with 'other:
+        # background' a class whose values were left unlisted would be scored against an empty truth
+        if spec.fully_labelled and spec.other is None:
             return []
         mapped = {leaf for key in spec.local_to_global.values() if key != BACKGROUND for leaf in self.leaves_of(key)}
         found = []
         for key in spec.annotated:
-            if not set(self.leaves_of(key)) & mapped:
+            if set(self.leaves_of(key)) & mapped:
+                continue
+            if spec.fully_labelled:
                 found.append(f"datasets.{dataset}.annotated lists {key!r}, but no label value of {dataset!r} maps to "
-                              f"it: its label maps then say that {key!r} is absent from every image, and the model "
-                              f"is trained so; remove {key!r} from annotated unless the images truly show none (a "
-                              "partially labelled dataset annotates only what it labels)")
+                             f"it, and 'other: background' sends every unlisted value to background: {key!r} is "
+                             f"scored against an empty truth; map its value(s) to {key!r}")
+                continue
+            found.append(f"datasets.{dataset}.annotated lists {key!r}, but no label value of {dataset!r} maps to "
+                         f"it: its label maps then say that {key!r} is absent from every image, and the model "
+                         f"is trained so; remove {key!r} from annotated unless the images truly show none (a "
+                         "partially labelled dataset annotates only what it labels)")
         return found
 
     def unscored_organs(self, dataset: str) -> list[str]:
@@ -312,11 +320,18 @@ class LabelSpace:
                     f"to {region!r} and annotate {region!r} instead; if it labels them, map and annotate them too")
         return found
 
-    def local_lookup(self, dataset: str) -> np.ndarray:
-        """(256,) int table local value -> global code; unmapped values are -1 (0 -> 0), or 0 under
-        ``other: background``."""
+    def local_lookup(self, dataset: str, declared: Collection[int] | None = None) -> np.ndarray:
+        """(256,) int table local value -> global code; unmapped values are -1 (0 -> 0).
+
+        Under ``other: background`` the values the map does not list are 0 too, except those the label files
+        should not hold: with ``declared`` (the values the dataset's dataset.json declares) every value outside
+        it stays -1 (a stray value is still refused), and without it 255 stays -1 (a 0/255 mask is still
+        caught), unless the map lists it."""
         spec = self.dataset(dataset)
-        table = np.full(256, 0 if spec.other == BACKGROUND else -1, dtype=np.int64)
+        table = np.full(256, -1, dtype=np.int64)
+        if spec.other == BACKGROUND:
+            swept = [v for v in declared if 0 < v < 256] if declared is not None else list(range(1, 255))
+            table[swept] = 0
         table[0] = 0
         for value, key in spec.local_to_global.items():
             table[value] = self.code(key)

@@ -730,7 +730,9 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
             warnings.warn(f"{json_path}: dataset.json declares {shown}, {'a class' if one else 'classes'} of this "
                           f"project, which 'other: {other}' sends to {other} for dataset {dataset!r}; if this dataset "
                           f"labels {'it' if one else 'them'}, map {'it' if one else 'each'} to its class and annotate "
-                          f"{'it' if one else 'them'}", UnionsegWarning, stacklevel=2)
+                          f"{'it' if one else 'them'}; to leave {'it' if one else 'them'} out on purpose, list "
+                          f"'{swept[0]}: background'{'' if one else ' (and the others)'} in the map", UnionsegWarning,
+                          stacklevel=2)
     elif unmapped:  # prepare then fails every case that holds one: said up front, by its dataset.json name
         shown = ", ".join(f"{v} ({declared[v]!r})" for v in unmapped[:4]) + (", ..." if len(unmapped) > 4 else "")
         targets = list(dict.fromkeys(t for _, t in sorted(mapped.items())))[::-1][:2]  # parts come last

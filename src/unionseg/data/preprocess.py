@@ -1018,7 +1018,7 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
             split = {ds.role: sorted(ids)}
         splits[ds.name] = split
         split_of = {cid: s for s, members in split.items() for cid in members}
-        lookup = space.local_lookup(ds.name).tolist()
+        lookup = space.local_lookup(ds.name, declared_of[ds.name]).tolist()
         out_dir = project.cache_dir / ds.name
         for case in info.cases:
             assert case.label is not None

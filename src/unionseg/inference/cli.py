@@ -83,10 +83,10 @@ def _subfolder_hint(folder: Path) -> str:
     try:
         subfolders = visible(folder)
         held = [d for d in subfolders if list_image_files(d, warn=False)]
-        glob, level = f"{folder}/*", "sub-folders"
+        glob, level = f"{shlex.quote(str(folder))}/*", f"{len(held)} of its sub-folders"
         if not held:  # a PACS export: a folder per patient, each holding its series folders (a bounded look)
             held = [g for d in subfolders[:50] for g in visible(d)[:20] if list_image_files(g, warn=False)]
-            glob, level = f"{folder}/*/*", "sub-sub-folders"
+            glob, level = f"{shlex.quote(str(folder))}/*/*", "its sub-sub-folders"  # not counted: the look is bounded
     except OSError:
         return ""
     if not held:
@@ -96,11 +96,11 @@ def _subfolder_hint(folder: Path) -> str:
     shown = ", ".join(str(d.relative_to(folder)) for d in held[:3]) + (", ..." if len(held) > 3 else "")
     names = [image_key(f) if f.is_file() else f.name for d in held for f in list_image_files(d, warn=False)]
     if len(set(names)) == len(names):
-        return (f"; {len(held)} of its {level} hold images ({shown}), and predict reads one folder level: pass "
+        return (f"; {level} hold images ({shown}), and predict reads one folder level: pass "
                 f"them, e.g. {glob}")
     # a folder per patient with the same file names (ct.nii.gz, or series folders named alike): one output
     # folder per sub-folder
-    return (f"; {len(held)} of its {level} hold images ({shown}), with the same names, and predict reads one "
+    return (f"; {level} hold images ({shown}), with the same names, and predict reads one "
             f"folder level and names outputs by file or series folder: predict each into an output folder of its "
             f"own, e.g. for d in {shlex.quote(str(folder))}/*/; do unionseg predict MODEL \"$d\"{'*/' if glob.endswith('/*/*') else ''} "
             f"-o \"OUT/$(basename \"$d\")\"; done")
