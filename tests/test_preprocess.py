@@ -1000,6 +1000,9 @@ def test_other_background_sends_every_unlisted_value_to_background(tmp_path: Pat
 
     test_set = LabelSpace([Leaf("liver"), Leaf("kidney")],
                           [DatasetLabels("ts", {5: "liver"}, ("liver", "kidney"), True, "background")])
+    mask = LabelSpace([Leaf("liver")], [DatasetLabels("m", {5: "liver"}, ("liver",), False, "background")])
+    with pytest.raises(DataError, match=r"holds 0 and 255 only, none of the mapped values \[5\]: a mask saved as"):
+        remap_labels(np.array([0, 255, 255], dtype=np.uint8), mask.local_lookup("m"), Path("m.nii.gz"))
     assert test_set.unlabelled_annotations("ts") == [
         "datasets.ts.annotated lists 'kidney', but no label value of 'ts' maps to it, and 'other: background' sends "
         "every unlisted value to background: 'kidney' is scored against an empty truth; map its value(s) to 'kidney'"]

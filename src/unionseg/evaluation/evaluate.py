@@ -303,7 +303,8 @@ def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: s
     bad = [int(v) for v in present if lookup[v] < 0]
     if bad:
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
-        raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps {mapped}); "
+        shown = str(mapped) if len(mapped) <= 10 else f"{len(mapped)} values, {mapped[0]} to {mapped[-1]}"  # other:
+        raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps {shown}); "
                         f"fix datasets.{dataset}.labels (each value to the class it belongs to, a lesion to its organ's "
                         f"tumour or organ; '{bad[0]}: background' only for a structure no class stands for), pass "
                         "the right --dataset, or score a set with a label space of its own with "
@@ -632,6 +633,19 @@ def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str
                   f"{dict(sorted(spec.labels.items()))} reads their values){hint}", UnionsegWarning, stacklevel=3)
 
 
+def _declared_labels(spec: DatasetSpec) -> list[int] | None:
+    """The label values the dataset's dataset.json declares (None without one, or if it cannot be read): with
+    ``other: background`` only those are swept to background, so that a stray value is refused here as in
+    prepare."""
+    from unionseg.data.catalog import scan_dataset
+
+    try:
+        declared = scan_dataset(spec.name, Path(spec.root), spec.layout, None).declared_labels
+    except UnionsegError:
+        return None
+    return None if declared is None else sorted(declared)
+
+
 def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
     """Label file name -> image path, from a scan of the dataset in its layout (empty if it cannot be read)."""
     from unionseg.data.catalog import scan_dataset
@@ -848,7 +862,7 @@ def evaluate_folder(
         lookup[: space.n_leaves] = np.arange(space.n_leaves)
         annotated = space.full_mask()
     else:
-        lookup = space.local_lookup(spec.name)
+        lookup = space.local_lookup(spec.name, _declared_labels(spec) if spec.other else None)
         annotated = space.annotated_leaf_mask(spec.name)
         if not space.scorable_keys(annotated):  # it scored nothing, exit 0, and wrote an empty table
             reasons = space.unscored_organs(spec.name)
