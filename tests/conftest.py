@@ -25,6 +25,17 @@ def _progress_starts_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("unionseg.progress._LAST_ACTIVITY", [float("-inf")])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _sigint_delivered() -> None:
+    """A suite started in the background of a script (`make test &`, `nohup ... &`) inherits SIGINT ignored,
+    and the trainer leaves an ignored SIGINT ignored, as it should; the Ctrl-C tests then saw no stop. The
+    suite runs with SIGINT delivered, as in a terminal (children started by the tests inherit that too)."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """The shared real CT files; the test is skipped when the folder is absent."""
