@@ -1202,6 +1202,13 @@ def test_predict_from_python_names_what_is_wrong(tmp_path: Path, capsys: pytest.
     with pytest.warns(UnionsegWarning, match=r"<array>: only 1 voxel\(s\) along an axis") as caught:
         predictor.predict(_ct(thin.shape).astype(np.int16), geometry=thin)
     assert all(w.filename == __file__ for w in caught)
+    # three slices as read, but 1 mm apart: on the model's coarser grid they are a slab of one or two voxels
+    slab = Geometry((20, 16, 3), np.diag([2.0, 2.0, 1.0, 1.0]))
+    with pytest.warns(UnionsegWarning, match=r"<array>: only [12] voxel\(s\) along an axis on the model's "
+                                             r"[\d.]+ x [\d.]+ x [\d.]+ mm grid \(shape \(\d+, \d+, [12]\) there, "
+                                             r"\(20, 16, 3\) as read\)") as caught:
+        predictor.predict(_ct(slab.shape).astype(np.int16), geometry=slab)
+    assert all(w.filename == __file__ for w in caught)
     with pytest.raises(UnionsegError, match="progress= takes True"):  # refused before the file is even read
         predictor.predict(tmp_path / "missing.nii.gz", progress="yes")  # type: ignore[arg-type]
     # a DICOM series whose folder also holds a converted copy is still a series (helper-73)

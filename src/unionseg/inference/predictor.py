@@ -563,6 +563,12 @@ class Predictor:
         if note is not None:  # e.g. an MRI: predicted anyway, but the user is told
             warnings.warn(note, IntensityWarning, stacklevel=stacklevel)
         prepared, record = preprocess_image(array, geometry, self.spec, path)
+        if min(array.shape) >= 3 and min(prepared.shape) < 3:  # thin only on the model's coarser grid
+            spacing = " x ".join(f"{s:g}" for s in self.spec.spacing)
+            warnings.warn(f"{where}: only {min(prepared.shape)} voxel(s) along an axis on the model's {spacing} mm "
+                          f"grid (shape {tuple(prepared.shape)} there, {tuple(array.shape)} as read); the network "
+                          "segments volumes, and its output on a slab this thin is unreliable",
+                          UnionsegWarning, stacklevel=stacklevel)
         del array
         with _window_progress(progress, where.name) as report:
             labels, probs = self.predict_prepared(prepared, record, tta=tta, return_probs=return_probs,
