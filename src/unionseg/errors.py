@@ -60,6 +60,12 @@ def listing(items: Sequence[object], shown: int = 3) -> str:
     return ", ".join(str(item) for item in items[:shown]) + and_more(len(items), shown)
 
 
+def mapped_values(values: Sequence[int], shown: int = 10) -> str:
+    """Label values for a message: the list itself (``[1, 3, 4]``), or, past ``shown`` of them (a map with
+    ``other: background`` maps nearly every value), ``"254 values, 1 to 254"``."""
+    return str(list(values)) if len(values) <= shown else f"{len(values)} values, {values[0]} to {values[-1]}"
+
+
 MAIN_GUARD = "`if __name__ == \"__main__\":`"
 
 

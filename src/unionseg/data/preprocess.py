@@ -47,6 +47,7 @@ from unionseg.errors import (
     UnionsegError,
     UnionsegWarning,
     and_more,
+    mapped_values,
     refuse_in_starting_worker,
     refused_call,
     unguarded,
@@ -446,7 +447,6 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
         # under 'other: background' nearly every value is mapped: name those mapped to a class
         named = mapped if len(mapped) <= 10 else [v for v in mapped if lookup[v] > 0]
-        listed = mapped if len(mapped) <= 10 else f"{len(mapped)} values, {mapped[0]} to {mapped[-1]}"
         if unmapped == [255] and named and not set(mapped) & set(present.tolist()):
             # a binary mask saved as 0/255 (image editors, many converters): 255 is the organ, not a stray value
             raise DataError(f"{what} holds 0 and 255 only, none of the mapped values {named}: a mask saved as "
@@ -459,7 +459,7 @@ def remap_labels(label: np.ndarray, lookup: np.ndarray, path: Path, what: str = 
                             f"a class, declare them in dataset.json and map them under the dataset's 'labels' in "
                             f"the project file", path)
         raise DataError(f"{what} holds values {unmapped} that are not in the project's label map "
-                        f"(mapped: {listed}); map each under the dataset's 'labels' in the project file to the class it "
+                        f"(mapped: {mapped_values(mapped)}); map each under the dataset's 'labels' in the project file to the class it "
                         f"belongs to (a lesion inside an organ is part of it: its tumour class, or the organ), or to "
                         f"background only for a structure no class stands for ('{unmapped[0]}: background', or "
                         "'other: background' for every value the map does not list); "

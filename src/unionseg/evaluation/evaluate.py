@@ -36,6 +36,7 @@ from unionseg.errors import (
     UnionsegError,
     and_more,
     listing,
+    mapped_values,
     refuse_in_starting_worker,
     worker_died,
     worker_report,
@@ -303,9 +304,8 @@ def map_ground_truth(arr: np.ndarray, lookup: np.ndarray, path: Path, dataset: s
     bad = [int(v) for v in present if lookup[v] < 0]
     if bad:
         mapped = [int(v) for v in np.flatnonzero(lookup >= 0) if v > 0]
-        # under 'other: background' nearly every value is mapped
-        shown = str(mapped) if len(mapped) <= 10 else f"{len(mapped)} values, {mapped[0]} to {mapped[-1]}"
-        raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps {shown}); "
+        raise DataError(f"label values {bad} are not mapped for dataset {dataset!r} (the project maps "
+                        f"{mapped_values(mapped)}); "
                         f"fix datasets.{dataset}.labels (each value to the class it belongs to, a lesion to its organ's "
                         f"tumour or organ; '{bad[0]}: background' only for a structure no class stands for), pass "
                         "the right --dataset, or score a set with a label space of its own with "
