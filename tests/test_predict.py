@@ -240,6 +240,14 @@ def test_model_file_round_trip_predicts_identically(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
     over = Predictor.from_checkpoint(path, device="cpu", overlap=0.25, sw_batch_size=5)
     assert over.inference["overlap"] == 0.25 and over.inference["sw_batch_size"] == 5
+    # what a notebook shows, and the constructor's name for the label space (helper-119 found only `space`)
+    from unionseg.modelfile import model_id
+
+    assert over.label_space is over.space and over.label_space.names == space.names
+    assert repr(over) == (f"Predictor(model={model_id(path)}, output_form='softmax', classes={list(space.names[1:])}, "
+                          f"device='cpu', roi={'x'.join(map(str, over.inference['roi_size']))}, overlap=0.25, "
+                          "decision='merge')")
+    assert "model=<in memory>" in repr(Predictor.from_payload(payload, device="cpu"))
     assert isinstance(build_from_payload(loaded), nn.Module)
     # weights that do not fit say which (torch's first line alone, "Error(s) in loading state_dict", did not)
     lacking = {**loaded, "state_dict": {k: v for k, v in loaded["state_dict"].items() if k != "head.conv.bias"}}
@@ -407,6 +415,30 @@ def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
     assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "afile" / "sub"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "afile" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_predict_folder_is_the_command_from_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-119: from Python, predicting a folder meant a loop of predict_file, without the label tables."""
+    import unionseg
+    from unionseg.errors import OutputExistsError
+
+    model = _model_file(tmp_path)
+    inputs = tmp_path / "cts"
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    out = tmp_path / "pred"
+    written = unionseg.predict_folder(model, inputs, out, device="cpu", progress=False)
+    assert written == [out / "case0.nii.gz", out / "case1.nii.gz"]
+    assert {p.name for p in out.iterdir()} == {"case0.nii.gz", "case1.nii.gz", "unionseg_labels.itksnap.txt",
+                                               "unionseg_labels.ctbl"}
+    assert read_image(written[1])[0].shape == (16, 16, 12)
+    assert capsys.readouterr().out == ""  # nothing on stdout; progress=False: no line per case either
+    with pytest.raises(OutputExistsError):
+        unionseg.predict_folder(model, [inputs / "case0.nii.gz"], out, device="cpu", progress=False)
+    assert unionseg.predict_folder(model, str(inputs), out, device="cpu", progress=False, skip_existing=True) == []
+    (out / "case1.nii.gz").unlink()
+    assert unionseg.predict_folder(model, inputs, out, device="cpu", progress=False, skip_existing=True) == [
+        out / "case1.nii.gz"]
 
 
 def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones(

@@ -149,6 +149,11 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
     # dataset weight of 1 (the default) given or left out; another weight is
     stopped = tmp_path / "stopped"
     train(phantom_project, _cfg("naive", 3, "ckpt_every=1"), stopped, progress=False, stop_after=1)
+    # stopped before its first model file: the advice is to finish it first, not an init_from of no file
+    assert not (stopped / "model.pt").exists()
+    with pytest.raises(CheckpointError, match=r"steps: 3 -> 5; a run's schedule is set by its steps: resume with "
+                                              r"steps=3 to finish it, then start a new run from its weights"):
+        train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "steps=5"), stopped, resume=True, progress=False)
     with pytest.raises(CheckpointError, match=r"data.dataset_weights: \{\} -> \{'liver': 2\}"):
         train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "data.dataset_weights={liver: 2}"), stopped,
               resume=True, progress=False)

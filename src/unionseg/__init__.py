@@ -10,8 +10,9 @@ The whole workflow from Python, the commands' counterparts::
         unionseg.prepare_project(project)                           # unionseg prepare
         cfg = unionseg.train_config("cotraining", overrides=["steps=1500"])
         unionseg.train("data/project.yaml", cfg, "runs/cotraining")  # unionseg train
-        predictor = unionseg.Predictor.from_checkpoint("runs/cotraining/model.pt")
-        predictor.predict_file("scan.nii.gz", "scan_seg.nii.gz")     # unionseg predict
+        unionseg.predict_folder("runs/cotraining/model.pt", "scans", "preds")  # unionseg predict
+        predictor = unionseg.Predictor.from_checkpoint("runs/cotraining/model.pt")  # one image, arrays
+        predictor.predict_file("scan.nii.gz", "scan_seg.nii.gz")
         unionseg.evaluate_folder("preds", "labels", project, out_dir="eval")  # unionseg evaluate
         unionseg.run_benchmark("ci", "bench")                       # unionseg benchmark
 
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from unionseg.data.phantom import generate_phantom as generate_phantom
     from unionseg.data.preprocess import prepare_project as prepare_project
     from unionseg.evaluation.evaluate import evaluate_folder as evaluate_folder
+    from unionseg.inference.cli import predict_folder as predict_folder
     from unionseg.inference.predictor import Predictor as Predictor
     from unionseg.training.recipes import train_config as train_config
     from unionseg.training.trainer import train as train
@@ -47,6 +49,7 @@ _PUBLIC = {
     "train_config": "unionseg.training.recipes",
     "train": "unionseg.training.trainer",
     "Predictor": "unionseg.inference.predictor",
+    "predict_folder": "unionseg.inference.cli",
     "evaluate_folder": "unionseg.evaluation.evaluate",
     "run_benchmark": "unionseg.benchmark",
 }

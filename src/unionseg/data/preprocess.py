@@ -909,7 +909,7 @@ class PreparedIndex:
             DataError: not prepared, or stale (settings or sources changed): run ``unionseg prepare``.
         """
         path = project.cache_dir / "index.json"
-        hint = f"run `unionseg prepare {shlex.quote(str(project.path))}`"
+        hint = f"run `unionseg prepare {shlex.quote(str(project.path))}` (prepare_project in Python)"
         if not path.is_file():
             raise DataError(f"project is not prepared; {hint}", project.cache_dir)
         try:

@@ -302,9 +302,233 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                                 "of the same names, another tool's files, or outputs of a unionseg from before "
                                 "the mark); nothing was written: choose another -o (or pass --overwrite to replace "
                                 "them)", outdir)
-        raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
+        raise OutputExistsError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "
                             "another -o", outdir)
+
+def predict_folder(
+    model: str | Path,
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    *,
+    device: str = "auto",
+    tta: bool = False,
+    probabilities: bool = False,
+    overlap: float | None = None,
+    sw_batch_size: int | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    keep_going: bool = False,
+    progress: bool = True,
+) -> list[Path]:
+    """Predict images, folders of images and DICOM series folders into ``output``: what ``unionseg predict``
+    does, from Python (one label map ``<case>.nii.gz`` per case, the label tables for ITK-SNAP and 3D Slicer
+    beside them, every refusal of the command). The options are the command's flags (``skip_existing`` is
+    ``--skip-existing``, ``progress=False`` is ``--quiet``), and its messages name the flags.
+
+    For one image into a file name of your choice, use :meth:`Predictor.predict_file`.
+
+    Args:
+        model: the model file (``RUN/model.pt``).
+        inputs: an image file, a folder of them (nnU-Net's ``case_0000`` names are read as ``case``), a DICOM
+            series folder, or a list of these.
+        output: the output folder (made if missing).
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        tta: mirror test-time augmentation (8 x slower).
+        probabilities: also write ``<case>_probs.nii.gz`` and its ``.json`` channel list.
+        overlap: the sliding window's overlap (default: the model file's).
+        sw_batch_size: windows per network call (default: the model file's).
+        overwrite: replace outputs of the same names (never the inputs).
+        skip_existing: leave out the cases whose outputs are already there (after an interruption).
+        keep_going: report an unreadable input and go on; the call raises at the end, naming each such input.
+        progress: a progress bar and one line per case on stderr.
+
+    Returns:
+        The label maps this call wrote, in the order of the cases (cases skipped by ``skip_existing`` are
+        not in it).
+
+    Raises:
+        UnionsegError: a refused input or output (named), or, with ``keep_going``, inputs that were left out.
+        DataError: an unreadable input (without ``keep_going``).
+        OutputExistsError: outputs of an earlier predict already there, without ``overwrite`` or
+            ``skip_existing`` (an existing file predict did not write is a plain :class:`UnionsegError`).
+    """
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
+
+    from unionseg.config import is_device_name
+    from unionseg.data.io import IMAGE_SUFFIXES, KIND_WORDS, predict_kind, strip_suffix, suffix_of
+    from unionseg.progress import Rate, clock, make_progress, time_columns
+
+    model, output = Path(model), Path(output)
+    given = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(item) for item in inputs]
+    quiet, sw_batch = not progress, sw_batch_size
+
+    if not is_device_name(device):
+        raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    # the flags are named here: checked later, with the model file's settings, they read as its fault
+    if overlap is not None and not 0.0 <= overlap < 1.0:
+        raise UnionsegError(f"--overlap must be in [0, 1), got {overlap}")
+    if sw_batch is not None and sw_batch < 1:
+        raise UnionsegError(f"--sw-batch must be at least 1, got {sw_batch}")
+    if overwrite and skip_existing:
+        raise UnionsegError("--overwrite and --skip-existing exclude each other")
+    if not output.exists() and suffix_of(output) in IMAGE_SUFFIXES:  # it would become a folder of that name
+        raise UnionsegError(f"-o takes a folder, where each input's label map is written under its case name; "
+                            f"{output.name} looks like a file name: give a folder "
+                            f"(-o {shlex.quote(str(output.parent / strip_suffix(output)))}, "
+                            "say)", output)
+    cases = collect_inputs(given)
+    for _, path in cases:  # predict's own outputs given back as inputs (-o of a run as the next run's input)
+        kind = predict_kind(path) if path.is_file() else None
+        if kind is not None:
+            raise UnionsegError(f"a {KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
+                                "reads the scans themselves", path)
+    done: set[str] = set()
+    partial: list[str] = []
+    if skip_existing and output.is_dir():
+        for name, _ in cases:
+            files = [output / f for f in output_files(name, probabilities)]
+            present = [f for f in files if f.exists()]
+            complete = len(present) == len(files)
+            # a file predict did not write (ground truth of the same name) is never replaced, nor a
+            # label map edited since (its voxels checked against its mark when it would be replaced)
+            # each file must be predict's output of its own kind: x_probs.nii.gz, where x's probability map
+            # goes, may be the label map of an input named x_probs, which x must never take or replace
+            if not present or not all(written_by_predict(f, check_voxels=not complete and f == files[0],
+                                                         kind=kind)
+                                      for f, kind in zip(files, OUTPUT_KINDS, strict=False) if f in present):
+                continue
+            # the label map is written first, the probabilities after it: a case cut between the two (or
+            # predicted before without --probabilities) is predicted again, its label map replaced
+            if complete:
+                done.add(name)
+            else:
+                partial.append(name)
+        check_same_model(output, model, [*sorted(done), *partial], probabilities)
+    # every case is checked, skipped ones included: -o naming the input folder, or two cases whose
+    # outputs collide, must not pass for "already done"
+    check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial],
+                     skip_existing=skip_existing)
+    if done:
+        typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
+        cases = [(name, path) for name, path in cases if name not in done]
+        if not cases:
+            typer.echo("nothing left to predict", err=True)
+            return []
+    if partial:
+        typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
+                   + listing(partial, 5), err=True)
+    check_writable(output)
+    # torch and the network only after the cheap input checks: a bad input is refused at once
+    from unionseg.inference.predictor import Predictor, resolve_device
+
+    predictor = Predictor.from_checkpoint(model, device=resolve_device(device), overlap=overlap,
+                                          sw_batch_size=sw_batch)
+    console = Console(stderr=True, quiet=quiet)
+    # -o is made by the first file written (write_image): an input that fails left an empty folder
+    if not probabilities:
+        stale = stale_probabilities(output, [name for name, _ in cases])
+        if stale:
+            typer.echo(f"warning: {output} holds probability maps of an earlier predict for cases this run "
+                       f"writes label maps of ({listing(stale, 4)}); they are left as they are, and may not "
+                       "match the new label maps: pass --probabilities to write them again, or remove them",
+                       err=True)
+    removed = remove_stale_temporaries(output, [name for name, _ in cases], probabilities)
+    if removed:
+        typer.echo(f"removed {removed} temporary file(s) left in {output} by an earlier predict that was killed",
+                   err=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *time_columns())
+    failed: list[tuple[str, DataError]] = []  # --keep-going: the inputs that could not be read
+    written = 0
+    paths: list[Path] = []  # the label maps written, in the order of the cases
+
+    def finish(left: Sequence[str]) -> str:
+        """How to go on with the cases ``left``: under --overwrite, --skip-existing would take their earlier
+        outputs (another model's, as a rule) for finished ones, or refuse them."""
+        if not overwrite:
+            return "run the same command with --skip-existing to finish"
+        return (f"predict the case(s) left ({listing(list(left), 5)}) again with --overwrite (or run the same "
+                "command again, which writes every case anew); --skip-existing would take their earlier "
+                "outputs for finished ones")
+
+    def say_failed() -> None:
+        """One line per unreadable input (--keep-going), above the stop's or the end's error, whether or
+        not --quiet hid the case lines."""
+        for _, problem in failed:
+            typer.echo(f"failed: {problem}", err=True)
+
+    with make_progress(*columns, console=console, transient=True) as bar:
+        rate = Rate()  # the batch's, the first case's warm-up left out once a second is written
+        for k, (name, path) in enumerate(cases, 1):
+            task = bar.add_task(f"{name} (windows)", total=None)
+
+            def update(done: int, total: int, task: TaskID = task, name: str = name) -> None:
+                # after the last window the case is still restored onto its grid and written (with
+                # --probabilities, most of its time): the bar says so instead of reading finished
+                what = f"{name} (windows)" if done < total else f"{name} (restoring and writing)"
+                bar.update(task, completed=done, total=total, description=what)
+
+            start = time.perf_counter()
+            names = output_files(name, probabilities)
+            out_path = output / names[0]
+            probs_path = output / names[1] if probabilities else None
+            rest = f"case {name!r} and the {len(cases) - k} after it were not predicted" if k < len(cases) \
+                else f"case {name!r} was not predicted"
+            # check_output_dir decided above which existing files may be replaced; any other file is
+            # never written over, even one that appears while this runs (another predict, same -o)
+            try:
+                predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update,
+                                       overwrite=overwrite or name in partial)
+            except OutputExistsError as exc:
+                raise UnionsegError(f"appeared in the output folder while this predict ran (another predict "
+                                    f"writing to {output}?) and was left as it is; {rest}: give each predict "
+                                    "its own -o, or run again with --skip-existing", exc.path) from None
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done, and how to go on (cli says which)
+                say_failed()
+                left = [n for n, _ in failed] + [n for n, _ in cases[k - 1:]]
+                typer.echo(f"stopped during case {name!r}: {written} of {len(cases)} case(s) written, each "
+                           f"whole{f', {len(failed)} could not be predicted' if failed else ''}; {name!r} is to be "
+                           f"predicted again; {finish(left)}", err=True)
+                raise
+            except DataError as exc:
+                if keep_going:  # said now, in the case's line, and again at the end
+                    bar.remove_task(task)
+                    failed.append((name, exc))
+                    console.print(f"[{k}/{len(cases)}] {name}: FAILED, left out: {exc}", markup=False,
+                                  highlight=False, soft_wrap=True)
+                    continue
+                if len(cases) == 1:
+                    raise
+                left = [n for n, _ in cases[k - 1:]]
+                raise DataError(f"{exc.message}; {rest} ({written} written): fix or remove it, then "
+                                f"{finish(left)} (--keep-going goes past such inputs)", exc.path) from None
+            bar.remove_task(task)
+            written += 1
+            paths.append(out_path)
+            if written == 1:  # with the first label map: class names and colours for ITK-SNAP and 3D Slicer
+                from unionseg.inference.viewers import write_label_tables
+
+                write_label_tables(output, predictor.space)
+            now = time.perf_counter()
+            rate.moved(k)
+            seconds = rate.eta(k, len(cases))
+            eta = f", ETA {clock(seconds)}" if seconds is not None else ""
+            also = f" and {names[1]}" if probabilities else ""
+            # one line per case, however long (off a terminal rich wrapped it at 80 columns, breaking logs)
+            console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
+                          markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        say_failed()
+        kept = " (their earlier outputs in -o, if any, are left as they were)" if overwrite else ""
+        raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be predicted (unreadable, or "
+                            f"refused) and were left out "
+                            f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
+                            f"fix or remove those, then {finish([n for n, _ in failed])}", output)
+    return paths
+
 
 
 def register(app: typer.Typer) -> None:
@@ -341,171 +565,6 @@ def register(app: typer.Typer) -> None:
                                                  metavar="")] = False,
     ) -> None:
         """Segment CT images: one uint8 label map per input, with the input's exact geometry."""
-        import time
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TaskID, TextColumn
-
-        from unionseg.config import is_device_name
-        from unionseg.data.io import IMAGE_SUFFIXES, KIND_WORDS, predict_kind, strip_suffix, suffix_of
-        from unionseg.progress import Rate, clock, make_progress, time_columns
-
-        if not is_device_name(device):
-            raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
-        # the flags are named here: checked later, with the model file's settings, they read as its fault
-        if overlap is not None and not 0.0 <= overlap < 1.0:
-            raise UnionsegError(f"--overlap must be in [0, 1), got {overlap}")
-        if sw_batch is not None and sw_batch < 1:
-            raise UnionsegError(f"--sw-batch must be at least 1, got {sw_batch}")
-        if overwrite and skip_existing:
-            raise UnionsegError("--overwrite and --skip-existing exclude each other")
-        if not output.exists() and suffix_of(output) in IMAGE_SUFFIXES:  # it would become a folder of that name
-            raise UnionsegError(f"-o takes a folder, where each input's label map is written under its case name; "
-                                f"{output.name} looks like a file name: give a folder "
-                                f"(-o {shlex.quote(str(output.parent / strip_suffix(output)))}, "
-                                "say)", output)
-        cases = collect_inputs(inputs)
-        for _, path in cases:  # predict's own outputs given back as inputs (-o of a run as the next run's input)
-            kind = predict_kind(path) if path.is_file() else None
-            if kind is not None:
-                raise UnionsegError(f"a {KIND_WORDS[kind]} that unionseg predict wrote, not a CT image; predict "
-                                    "reads the scans themselves", path)
-        done: set[str] = set()
-        partial: list[str] = []
-        if skip_existing and output.is_dir():
-            for name, _ in cases:
-                files = [output / f for f in output_files(name, probabilities)]
-                present = [f for f in files if f.exists()]
-                complete = len(present) == len(files)
-                # a file predict did not write (ground truth of the same name) is never replaced, nor a
-                # label map edited since (its voxels checked against its mark when it would be replaced)
-                # each file must be predict's output of its own kind: x_probs.nii.gz, where x's probability map
-                # goes, may be the label map of an input named x_probs, which x must never take or replace
-                if not present or not all(written_by_predict(f, check_voxels=not complete and f == files[0],
-                                                             kind=kind)
-                                          for f, kind in zip(files, OUTPUT_KINDS, strict=False) if f in present):
-                    continue
-                # the label map is written first, the probabilities after it: a case cut between the two (or
-                # predicted before without --probabilities) is predicted again, its label map replaced
-                if complete:
-                    done.add(name)
-                else:
-                    partial.append(name)
-            check_same_model(output, model, [*sorted(done), *partial], probabilities)
-        # every case is checked, skipped ones included: -o naming the input folder, or two cases whose
-        # outputs collide, must not pass for "already done"
-        check_output_dir(output, cases, probabilities, overwrite, redo=[*done, *partial],
-                         skip_existing=skip_existing)
-        if done:
-            typer.echo(f"skipping {len(done)} case(s) already in {output}", err=True)
-            cases = [(name, path) for name, path in cases if name not in done]
-            if not cases:
-                typer.echo("nothing left to predict", err=True)
-                return
-        if partial:
-            typer.echo(f"predicting again {len(partial)} case(s) with incomplete outputs in {output}: "
-                       + listing(partial, 5), err=True)
-        check_writable(output)
-        # torch and the network only after the cheap input checks: a bad input is refused at once
-        from unionseg.inference.predictor import Predictor, resolve_device
-
-        predictor = Predictor.from_checkpoint(model, device=resolve_device(device), overlap=overlap,
-                                              sw_batch_size=sw_batch)
-        console = Console(stderr=True, quiet=quiet)
-        # -o is made by the first file written (write_image): an input that fails left an empty folder
-        if not probabilities:
-            stale = stale_probabilities(output, [name for name, _ in cases])
-            if stale:
-                typer.echo(f"warning: {output} holds probability maps of an earlier predict for cases this run "
-                           f"writes label maps of ({listing(stale, 4)}); they are left as they are, and may not "
-                           "match the new label maps: pass --probabilities to write them again, or remove them",
-                           err=True)
-        removed = remove_stale_temporaries(output, [name for name, _ in cases], probabilities)
-        if removed:
-            typer.echo(f"removed {removed} temporary file(s) left in {output} by an earlier predict that was killed",
-                       err=True)
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *time_columns())
-        failed: list[tuple[str, DataError]] = []  # --keep-going: the inputs that could not be read
-        written = 0
-
-        def finish(left: Sequence[str]) -> str:
-            """How to go on with the cases ``left``: under --overwrite, --skip-existing would take their earlier
-            outputs (another model's, as a rule) for finished ones, or refuse them."""
-            if not overwrite:
-                return "run the same command with --skip-existing to finish"
-            return (f"predict the case(s) left ({listing(list(left), 5)}) again with --overwrite (or run the same "
-                    "command again, which writes every case anew); --skip-existing would take their earlier "
-                    "outputs for finished ones")
-
-        def say_failed() -> None:
-            """One line per unreadable input (--keep-going), above the stop's or the end's error, whether or
-            not --quiet hid the case lines."""
-            for _, problem in failed:
-                typer.echo(f"failed: {problem}", err=True)
-
-        with make_progress(*columns, console=console, transient=True) as bar:
-            rate = Rate()  # the batch's, the first case's warm-up left out once a second is written
-            for k, (name, path) in enumerate(cases, 1):
-                task = bar.add_task(f"{name} (windows)", total=None)
-
-                def update(done: int, total: int, task: TaskID = task, name: str = name) -> None:
-                    # after the last window the case is still restored onto its grid and written (with
-                    # --probabilities, most of its time): the bar says so instead of reading finished
-                    what = f"{name} (windows)" if done < total else f"{name} (restoring and writing)"
-                    bar.update(task, completed=done, total=total, description=what)
-
-                start = time.perf_counter()
-                names = output_files(name, probabilities)
-                out_path = output / names[0]
-                probs_path = output / names[1] if probabilities else None
-                rest = f"case {name!r} and the {len(cases) - k} after it were not predicted" if k < len(cases) \
-                    else f"case {name!r} was not predicted"
-                # check_output_dir decided above which existing files may be replaced; any other file is
-                # never written over, even one that appears while this runs (another predict, same -o)
-                try:
-                    predictor.predict_file(path, out_path, tta=tta, probs_path=probs_path, progress=update,
-                                           overwrite=overwrite or name in partial)
-                except OutputExistsError as exc:
-                    raise UnionsegError(f"appeared in the output folder while this predict ran (another predict "
-                                        f"writing to {output}?) and was left as it is; {rest}: give each predict "
-                                        "its own -o, or run again with --skip-existing", exc.path) from None
-                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is done, and how to go on (cli says which)
-                    say_failed()
-                    left = [n for n, _ in failed] + [n for n, _ in cases[k - 1:]]
-                    typer.echo(f"stopped during case {name!r}: {written} of {len(cases)} case(s) written, each "
-                               f"whole{f', {len(failed)} could not be predicted' if failed else ''}; {name!r} is to be "
-                               f"predicted again; {finish(left)}", err=True)
-                    raise
-                except DataError as exc:
-                    if keep_going:  # said now, in the case's line, and again at the end
-                        bar.remove_task(task)
-                        failed.append((name, exc))
-                        console.print(f"[{k}/{len(cases)}] {name}: FAILED, left out: {exc}", markup=False,
-                                      highlight=False, soft_wrap=True)
-                        continue
-                    if len(cases) == 1:
-                        raise
-                    left = [n for n, _ in cases[k - 1:]]
-                    raise DataError(f"{exc.message}; {rest} ({written} written): fix or remove it, then "
-                                    f"{finish(left)} (--keep-going goes past such inputs)", exc.path) from None
-                bar.remove_task(task)
-                written += 1
-                if written == 1:  # with the first label map: class names and colours for ITK-SNAP and 3D Slicer
-                    from unionseg.inference.viewers import write_label_tables
-
-                    write_label_tables(output, predictor.space)
-                now = time.perf_counter()
-                rate.moved(k)
-                seconds = rate.eta(k, len(cases))
-                eta = f", ETA {clock(seconds)}" if seconds is not None else ""
-                also = f" and {names[1]}" if probabilities else ""
-                # one line per case, however long (off a terminal rich wrapped it at 80 columns, breaking logs)
-                console.print(f"[{k}/{len(cases)}] {name}: wrote {out_path}{also} ({now - start:.1f} s{eta})",
-                              markup=False, highlight=False, soft_wrap=True)
-        if failed:
-            say_failed()
-            kept = " (their earlier outputs in -o, if any, are left as they were)" if overwrite else ""
-            raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be predicted (unreadable, or "
-                                f"refused) and were left out "
-                                f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
-                                f"fix or remove those, then {finish([n for n, _ in failed])}", output)
+        predict_folder(model, inputs, output, device=device, tta=tta, probabilities=probabilities, overlap=overlap,
+                       sw_batch_size=sw_batch, overwrite=overwrite, skip_existing=skip_existing,
+                       keep_going=keep_going, progress=not quiet)

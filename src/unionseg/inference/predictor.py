@@ -454,6 +454,18 @@ class Predictor:
         return predictor
 
     @property
+    def label_space(self) -> LabelSpace:
+        """The model's label space, the constructor's ``label_space`` (also ``space``): its ``names`` give the
+        label map's values their organ names (``label_space.names[v]`` for value ``v``)."""
+        return self.space
+
+    def __repr__(self) -> str:  # what a notebook shows for the object
+        roi = "x".join(map(str, self.inference["roi_size"]))  # check_inference fills every setting in
+        return (f"Predictor(model={self.model_id or '<in memory>'}, output_form={self.output_form!r}, "
+                f"classes={list(self.space.names[1:])}, device={str(self.device)!r}, roi={roi}, "
+                f"overlap={self.inference['overlap']}, decision={self.decision!r})")
+
+    @property
     def probability_names(self) -> list[str]:
         """Names of the probability channels ``predict(return_probs=True)`` returns."""
         return list(self.decider.names)

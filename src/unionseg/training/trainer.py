@@ -537,8 +537,9 @@ class Trainer:
             raise CheckpointError("checkpoint was written with a different configuration"
                                   + (f" ({changed})" if changed else "")
                                   + "; resume with the same recipe and overrides "
-                                  + f"(`-c {shlex.quote(str(self.run_dir / 'config.yaml'))}` "
-                                  "gives the configuration it was started with), or start a new run folder", path)
+                                  + f"(`-c {shlex.quote(str(self.run_dir / 'config.yaml'))}`, or train_config(recipe=...) of that file "
+                                  "in Python, gives the configuration it was started with), or start a new run "
+                                  "folder", path)
         saved = state.get("options")  # absent in checkpoints written before options were recorded
         changed = "" if saved is None else option_changes(saved, self.method_options(),
                                                           to_dict(type(self.method.options)()))
@@ -636,9 +637,13 @@ class Trainer:
         before, after = _flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg))
         changed = describe_changes(before, after)
         if {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} == {"steps"}:
-            changed += ("; to train on, start a new run from this one's weights "
-                        f"(init_from={shlex.quote(str((self.run_dir / 'model.pt').absolute()))}): a run's schedule "
-                        "is set by its steps")
+            model = shlex.quote(str((self.run_dir / "model.pt").absolute()))
+            if (self.run_dir / "model.pt").is_file():
+                changed += (f"; to train on, start a new run from this one's weights (init_from={model}): a run's "
+                            "schedule is set by its steps")
+            else:  # stopped before its first model file (helper-119 followed the advice into "not found")
+                changed += (f"; a run's schedule is set by its steps: resume with steps={before.get('steps')} to "
+                            f"finish it, then start a new run from its weights (init_from={model}) to train on")
         return changed
 
     def _load_state(self, state: dict[str, Any]) -> None:
