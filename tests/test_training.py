@@ -1163,6 +1163,48 @@ def test_the_logged_terms_are_the_mean_over_the_ranks() -> None:
     assert rows[0] == rows[1] == {"loss": 2.0, "dice": 0.375, "cross_task": 2.0}
 
 
+_NONFINITE_RANK = r"""
+import sys
+import torch
+import torch.distributed as tdist
+from unionseg.errors import UnionsegError
+from unionseg.training.trainer import check_finite
+rank, port = int(sys.argv[1]), sys.argv[2]
+tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+check_finite({"loss": 1.0}, 1, torch.device("cpu"))  # finite everywhere: goes on
+try:
+    check_finite({"loss": float("nan") if rank == 1 else 1.0}, 2, torch.device("cpu"))
+except UnionsegError as exc:
+    print(exc)
+tdist.barrier()  # both ranks reach it: neither was left waiting in a collective the other had left
+tdist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank() -> None:
+    """helper-118: the rank whose loss was NaN raised alone; the others waited in the step's next collective
+    until torchrun killed them. In one process the check costs no collective."""
+    import socket
+
+    from unionseg.errors import UnionsegError
+    from unionseg.training.trainer import check_finite
+
+    check_finite({"loss": 0.5, "dice": 0.25}, 3, torch.device("cpu"))
+    with pytest.raises(UnionsegError, match=r"non-finite loss at step 3: \{'loss': inf\}; lower optim.lr"):
+        check_finite({"loss": float("inf")}, 3, torch.device("cpu"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", _NONFINITE_RANK, str(r), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [rank.communicate(timeout=120) for rank in ranks]
+    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outs]
+    assert outs[0][0].strip() == ("non-finite loss at step 2 in another process of this torchrun run; lower "
+                                  "optim.lr or check data")
+    assert outs[1][0].strip() == "non-finite loss at step 2: {'loss': nan}; lower optim.lr or check data"
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_stay_in_sync(phantom_project: Path, tmp_path: Path) -> None:
     torchrun = Path(sys.executable).parent / "torchrun"

@@ -833,10 +833,7 @@ class Trainer:
             self.timings["data"] += t_data
             self.timings["total"] += t_now - t_last
             t_last = t_now
-            if not all(math.isfinite(v) for v in terms.values()):
-                from unionseg.errors import UnionsegError
-
-                raise UnionsegError(f"non-finite loss at step {self.step}: {terms}; lower optim.lr or check data")
+            check_finite(terms, self.step, self.ctx.device)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 # under torchrun the mean over the ranks' batches (every rank logs at the same steps)
                 row = {"step": self.step, "lr": self.step_lr,
@@ -1060,6 +1057,22 @@ def _test_kill_hook(step: int) -> None:
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     non_blocking = device.type == "cuda"
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def check_finite(terms: dict[str, float], step: int, device: torch.device) -> None:
+    """Stop at a non-finite loss term, on EVERY rank when any rank's is: a rank that raised alone under torchrun
+    left the others waiting in the step's next collective until torchrun killed them (helper-118). Costs one
+    small all-reduce per step under DDP, nothing in one process.
+
+    Raises:
+        UnionsegError: with this rank's terms, or saying another process had them.
+    """
+    own = not all(math.isfinite(v) for v in terms.values())
+    if dist.any_rank(own, device):
+        from unionseg.errors import UnionsegError
+
+        where = f": {terms}" if own else " in another process of this torchrun run"
+        raise UnionsegError(f"non-finite loss at step {step}{where}; lower optim.lr or check data")
 
 
 def term_values(terms: dict[str, Any]) -> dict[str, float]:
