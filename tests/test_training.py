@@ -1163,6 +1163,33 @@ def test_the_logged_terms_are_the_mean_over_the_ranks() -> None:
     assert rows[0] == rows[1] == {"loss": 2.0, "dice": 0.375, "cross_task": 2.0}
 
 
+def test_a_gpu_that_waits_for_its_patches_is_told_how_many_loader_processes_to_give(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With data.num_workers=0 a GPU waits while each batch is cropped and augmented on the CPU; the trainer
+    measures the share over steps 10 to 60 and says what to set (helper-118). A CPU run is told nothing."""
+    from unionseg.errors import UnionsegWarning
+    from unionseg.training import trainer as trainer_module
+    from unionseg.training.trainer import loader_hint
+
+    assert loader_hint("cpu", 0, 0.9) is None and loader_hint("cuda", 0, 0.2) is None
+    assert loader_hint("cuda", 0, 0.4) == (
+        "the GPU waited for its patches 40% of the time, drawn in the training process (data.num_workers=0): give "
+        "the loader processes, e.g. data.num_workers=4 (a --resume may change it)")
+    assert "with data.num_workers=2: more loader processes" in str(loader_hint("cuda", 2, 0.5))
+    # the wiring, on the CPU: the probe's steps shortened, the hint asked once with the share it measured
+    asked: list[tuple[str, int, float]] = []
+
+    def hint(device_type: str, num_workers: int, share: float) -> str:
+        asked.append((device_type, num_workers, share))
+        return "loader hint"
+
+    monkeypatch.setattr(trainer_module, "LOADER_PROBE", (1, 3))
+    monkeypatch.setattr(trainer_module, "loader_hint", hint)
+    with pytest.warns(UnionsegWarning, match="loader hint"):
+        train(phantom_project, _cfg("naive", 4), tmp_path / "run", progress=False)
+    assert len(asked) == 1 and asked[0][:2] == ("cpu", 0) and 0.0 < asked[0][2] < 1.0
+
+
 _NONFINITE_RANK = r"""
 import sys
 import torch

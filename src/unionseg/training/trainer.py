@@ -814,6 +814,7 @@ class Trainer:
         self._validate_pending()
         t_last = time.perf_counter()
         batches = iter(loader)
+        seen, mark = 0, (0.0, 0.0)  # steps this process ran; the timings where the loader probe starts
         while True:
             try:
                 batch = next(batches)
@@ -833,6 +834,14 @@ class Trainer:
             self.timings["data"] += t_data
             self.timings["total"] += t_now - t_last
             t_last = t_now
+            seen += 1
+            if seen == LOADER_PROBE[0]:  # the loader's start-up (workers, first scans) is over
+                mark = (self.timings["data"], self.timings["total"])
+            elif seen == LOADER_PROBE[1] and self.ctx.is_main:
+                share = (self.timings["data"] - mark[0]) / max(1e-9, self.timings["total"] - mark[1])
+                hint = loader_hint(self.ctx.device.type, cfg.data.num_workers, share)
+                if hint is not None:
+                    warnings.warn(hint, UnionsegWarning, stacklevel=2)
             check_finite(terms, self.step, self.ctx.device)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 # under torchrun the mean over the ranks' batches (every rank logs at the same steps)
@@ -1057,6 +1066,24 @@ def _test_kill_hook(step: int) -> None:
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     non_blocking = device.type == "cuda"
     return {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+#: the steps of a process between which the trainer measures how long the GPU waits for patches
+LOADER_PROBE = (10, 60)
+
+
+def loader_hint(device_type: str, num_workers: int, data_share: float) -> str | None:
+    """What to change when a GPU waits for its patches ``data_share`` of the time (measured over the steps
+    :data:`LOADER_PROBE`), or None. A CPU run gets none: there the loader workers would take the cores the
+    network uses (the built-in CPU recipes keep 0)."""
+    if device_type != "cuda" or data_share < 0.25:
+        return None
+    if num_workers == 0:
+        return (f"the GPU waited for its patches {data_share:.0%} of the time, drawn in the training process "
+                "(data.num_workers=0): give the loader processes, e.g. data.num_workers=4 (a --resume may change "
+                "it)")
+    return (f"the GPU waited for its patches {data_share:.0%} of the time with data.num_workers={num_workers}: "
+            "more loader processes may keep up (a --resume may change it)")
 
 
 def check_finite(terms: dict[str, float], step: int, device: torch.device) -> None:

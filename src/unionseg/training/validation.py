@@ -120,6 +120,7 @@ def validate_deployed(deployed: Deployed, ctx: RunContext, datasets: list[str] |
         # float32 probability maps (helper-111)
         pred = decode_probs(probs, deployed.output_form, deployed.channels, deployed.label_space or ctx.space,
                             threshold=cfg.inference.threshold).cpu().numpy()
+        del probs  # not held while the next case is predicted: up to (C, X, Y, Z) float32 more at the peak
         if deployed.to_global is not None:
             pred = deployed.to_global[pred]
         annotated = case.annotated if deployed.predictable is None else case.annotated & deployed.predictable
