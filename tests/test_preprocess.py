@@ -357,7 +357,12 @@ def test_a_dataset_root_other_than_prepared_is_named_not_called_a_change(project
 
     shutil.move(project_dir / "liver", project_dir.parent / "liver_elsewhere")
     moved = load_project(project_dir / "project.yaml", roots={"liver": project_dir.parent / "liver_elsewhere"})
-    prepare_project(moved, workers=0, progress=False)
+    # roots= on the project file, as --root (helper-119 had to load the project first); refused with a loaded one
+    with pytest.raises(ConfigError, match=r"roots= with a loaded project: give them to load_project"):
+        prepare_project(moved, workers=0, progress=False, roots={"liver": project_dir.parent / "liver_elsewhere"})
+    index = prepare_project(project_dir / "project.yaml", workers=0, progress=False,
+                            roots={"liver": project_dir.parent / "liver_elsewhere"})
+    assert {c.dataset for c in index.cases()} >= {"liver"}
     with pytest.raises(DataError, match=r"dataset 'liver' was prepared from .*liver_elsewhere, and the project "
                                         r"now points to .*/liver, where dataset.json is missing or differs; to use "
                                         r"what was prepared, pass --root liver=.*liver_elsewhere \(as prepare was "

@@ -462,12 +462,19 @@ class Project:
 
     @property
     def train_datasets(self) -> tuple[DatasetSpec, ...]:
+        """The partially labelled training datasets (``role: train``), in the project file's order."""
         return tuple(d for d in self.datasets if d.role == "train")
 
     def eval_dataset(self, role: str) -> DatasetSpec | None:
+        """The fully labelled set of ``role`` (``val`` or ``test``), or None when the project has none."""
         return next((d for d in self.datasets if d.role == role), None)
 
     def dataset(self, name: str) -> DatasetSpec:
+        """The dataset called ``name``.
+
+        Raises:
+            ConfigError: no dataset of that name (the project's names listed).
+        """
         for d in self.datasets:
             if d.name == name:
                 return d

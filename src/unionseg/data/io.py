@@ -130,10 +130,12 @@ class Geometry:
 
     @property
     def spacing(self) -> tuple[float, float, float]:
+        """Voxel size along the array's three axes, in mm (the lengths of the affine's columns)."""
         return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
 
     @property
     def origin(self) -> tuple[float, float, float]:
+        """World (RAS, mm) position of the centre of voxel (0, 0, 0)."""
         return tuple(float(v) for v in self.affine[:3, 3])  # type: ignore[return-value]
 
     @property
@@ -155,12 +157,15 @@ class Geometry:
         return "".join(nib.orientations.aff2axcodes(self.affine))
 
     def same_grid(self, other: Geometry, atol: float = 1e-4) -> bool:
+        """Whether ``other`` has the same shape and, within ``atol`` (mm), the same affine."""
         return self.shape == other.shape and bool(np.allclose(self.affine, other.affine, atol=atol))
 
     def with_shape(self, shape: tuple[int, ...]) -> Geometry:
+        """The same affine (and NIfTI forms) for an array of ``shape`` (its first three sizes)."""
         return Geometry(tuple(shape)[:3], self.affine, self.nifti_forms)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"shape": [...], "affine": 4 x 4 nested lists}`` (JSON; :meth:`from_dict` reads it back)."""
         return {"shape": list(self.shape), "affine": self.affine.tolist()}
 
     @classmethod
@@ -169,6 +174,7 @@ class Geometry:
 
     @classmethod
     def identity(cls, shape: tuple[int, ...], spacing: tuple[float, ...] = (1.0, 1.0, 1.0)) -> Geometry:
+        """An axis-aligned RAS grid of ``shape`` with voxel size ``spacing`` (mm) and its origin at 0."""
         aff = np.diag([*map(float, spacing), 1.0])
         return cls(tuple(shape)[:3], aff)  # type: ignore[arg-type]
 

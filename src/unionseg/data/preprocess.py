@@ -958,6 +958,11 @@ class PreparedIndex:
                 and (dataset is None or c.dataset == dataset)]
 
     def case(self, dataset: str, case_id: str) -> PreparedCase:
+        """The prepared case ``case_id`` of ``dataset``.
+
+        Raises:
+            DataError: no such case in the index.
+        """
         for c in self._cases:
             if c.dataset == dataset and c.case_id == case_id:
                 return c
@@ -1223,7 +1228,7 @@ def _execute(jobs: Sequence[_CaseJob], workers: int, on_done: Callable[[_CaseJob
 
 def prepare_project(
     project: Project | str | Path, workers: int = 2, force: bool = False, progress: bool = True,
-    wait_s: float | None = PREPARE_WAIT_S,
+    wait_s: float | None = PREPARE_WAIT_S, roots: Mapping[str, str | Path] | None = None,
 ) -> PreparedIndex:
     """Validate and cache every case of a project; incremental, parallel, atomic per case.
 
@@ -1245,6 +1250,8 @@ def prepare_project(
         progress: show a progress bar and print a summary.
         wait_s: how long to wait for another process preparing the same cache (seconds; 0 refuses at once,
             None waits without limit).
+        roots: dataset name -> root folder (``--root NAME=DIR``), for a project file; a loaded project holds
+            the roots it was loaded with (``load_project(path, roots=...)``), and ``roots`` is then refused.
 
     Concurrency: the whole run holds ``<cache_dir>/.lock`` (:mod:`unionseg.locking`), so two ``prepare``
     runs of one cache never interleave: the second waits (one ``waiting: ...`` line on stderr), then finds
@@ -1256,7 +1263,7 @@ def prepare_project(
             other cases still finish; a failing case leaves no cache entry and no index is written).
         UnionsegError: another process still holds the cache after ``wait_s`` seconds; called while a
             worker process imports the calling script (the ``__main__`` guard is missing).
-        ConfigError: ``workers`` is not an integer >= 0.
+        ConfigError: ``workers`` is not an integer >= 0; ``roots`` with a loaded project.
 
     Returns:
         The index of the prepared cases (what ``<cache_dir>/index.json`` holds).
@@ -1271,7 +1278,9 @@ def prepare_project(
         raise ConfigError(f"--workers must be an integer >= 0 (0 or 1: in this process), got {workers!r}")
 
     if not isinstance(project, Project):
-        project = load_project(project)
+        project = load_project(project, roots=roots)
+    elif roots:
+        raise ConfigError("roots= with a loaded project: give them to load_project(path, roots=...)", project.path)
     with hold_lock(project.cache_dir / CACHE_LOCK, "the prepared cache", timeout=wait_s,
                    hint="run prepare again once it has finished, or wait longer with --wait SECONDS"):
         return _prepare_locked(project, workers, force, progress)
