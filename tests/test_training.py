@@ -1163,6 +1163,24 @@ def test_the_logged_terms_are_the_mean_over_the_ranks() -> None:
     assert rows[0] == rows[1] == {"loss": 2.0, "dice": 0.375, "cross_task": 2.0}
 
 
+def test_on_step_follows_every_step_from_python(phantom_project: Path, tmp_path: Path) -> None:
+    """helper-119: a notebook could follow a training only by reading log.csv again; on_step is called after
+    every step, a resumed run's from where it goes on."""
+    seen: list[tuple[int, int, dict[str, float]]] = []
+    cfg = _cfg("naive", 4, "ckpt_every=1")
+    train(phantom_project, cfg, tmp_path / "run", progress=False, stop_after=2,
+          on_step=lambda step, steps, terms: seen.append((step, steps, terms)))
+    train(phantom_project, cfg, tmp_path / "run", resume=True, progress=False,
+          on_step=lambda step, steps, terms: seen.append((step, steps, terms)))
+    assert [(step, steps) for step, steps, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all("loss" in terms and isinstance(terms["loss"], float) for _, _, terms in seen)
+    import csv
+
+    with open(tmp_path / "run" / "log.csv", newline="") as f:  # the terms log.csv records for the same steps
+        logged = {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+    assert logged and all(logged[step] == pytest.approx(seen[step - 1][2]["loss"]) for step in logged)
+
+
 def test_a_gpu_that_waits_for_its_patches_is_told_how_many_loader_processes_to_give(
         phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With data.num_workers=0 a GPU waits while each batch is cropped and augmented on the CPU; the trainer

@@ -182,8 +182,10 @@ class Trainer:
     ``validation.json`` (every validation so far, per class), ``summary.json``.
     """
 
-    def __init__(self, ctx: RunContext, resume: bool = False) -> None:
+    def __init__(self, ctx: RunContext, resume: bool = False,
+                 on_step: Callable[[int, int, dict[str, float]], Any] | None = None) -> None:
         self.ctx = ctx
+        self.on_step = on_step  # train(on_step=): called on rank 0 after every step
         self.cfg = ctx.cfg
         self.run_dir = Path(ctx.run_dir)
         self.resume = resume
@@ -850,6 +852,8 @@ class Trainer:
                        **dist.mean_over_ranks(terms)}
                 logger.log(row)
             progress.update(self.step, terms)
+            if self.on_step is not None and self.ctx.is_main:
+                self.on_step(self.step, cfg.steps, dict(terms))
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 # first a checkpoint of the step, its validation marked as to do: a validation takes long, a stop
                 # waits for it, and torchrun kills the ranks after its shutdown grace (30 s), which lost every
@@ -1367,7 +1371,8 @@ def run_folder_lock(run_dir: Path, device: torch.device | None = None) -> Iterat
 
 
 def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | Path, resume: bool = False,
-          roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+          roots: dict[str, str] | None = None, progress: bool = True, stop_after: int | None = None,
+          on_step: Callable[[int, int, dict[str, float]], Any] | None = None) -> dict[str, Any]:
     """Python entry point of ``unionseg train``: train ``cfg`` on the prepared project into ``run_dir``.
 
     Without ``resume`` a folder that already holds a run is refused (nothing is overwritten); with it, an
@@ -1390,6 +1395,10 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         progress: progress bar and notes on stderr (False: silent but for warnings).
         stop_after: stop (with a checkpoint) after this many steps of this call, as Ctrl-C would, but
             returning ``{"stopped_at": step}`` instead of raising; ``resume=True`` goes on from there.
+        on_step: called as ``on_step(step, steps, terms)`` after every training step (``terms``: this step's
+            loss terms as floats, this process's batch; under torchrun on rank 0 only), e.g. to follow the
+            loss live in a notebook with ``progress=False``. Its return value is ignored; an error it raises
+            stops the run as any error does (the steps since the last checkpoint are lost).
 
     Returns:
         The run's summary (what ``RUN/summary.json`` holds), or ``{"stopped_at": step}`` after ``stop_after``.
@@ -1431,7 +1440,7 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         ctx = make_context(project_path, cfg, run_dir, roots, progress)
         try:
             with run_folder_lock(ctx.run_dir, ctx.device):
-                result = Trainer(ctx, resume=resume).fit(stop_after=stop_after)
+                result = Trainer(ctx, resume=resume, on_step=on_step).fit(stop_after=stop_after)
             # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
             # teardown seen once under load: its partner had already left); not on errors, where it could hang
             dist.barrier()
