@@ -208,7 +208,9 @@ def test_the_package_names_the_workflow_and_imports_each_part_when_used() -> Non
 
     with pytest.raises(AttributeError, match="'Predicter'"):
         unionseg.Predicter  # noqa: B018
-    assert {"train", "Predictor", "prepare_project", "evaluate_folder"} <= set(unionseg.__all__)
+    assert {"train", "Predictor", "prepare_project", "evaluate_folder", "predict_folder"} <= set(unionseg.__all__)
+    # `unionseg methods` and `info`'s summaries from Python (helper-119 found them only in the source)
+    assert {"naive", "dodnet", "cotraining", "mskd"} <= set(unionseg.available_methods())
 
 
 def test_methods_lists_every_method_with_what_it_is(capsys: pytest.CaptureFixture[str]) -> None:

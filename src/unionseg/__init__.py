@@ -15,6 +15,9 @@ The whole workflow from Python, the commands' counterparts::
         predictor.predict_file("scan.nii.gz", "scan_seg.nii.gz")
         unionseg.evaluate_folder("preds", "labels", project, out_dir="eval")  # unionseg evaluate
         unionseg.run_benchmark("ci", "bench")                       # unionseg benchmark
+        unionseg.model_summary("runs/cotraining/model.pt")          # unionseg info MODEL (a dict)
+        unionseg.project_summary("data/project.yaml")               # unionseg info PROJECT (a dict)
+        unionseg.available_methods()                                # unionseg methods (their names)
 
 Importing the package is cheap: torch, MONAI and the image libraries are imported by the modules that
 need them, never here; each name above imports its module the first time it is used.
@@ -36,6 +39,9 @@ if TYPE_CHECKING:
     from unionseg.evaluation.evaluate import evaluate_folder as evaluate_folder
     from unionseg.inference.cli import predict_folder as predict_folder
     from unionseg.inference.predictor import Predictor as Predictor
+    from unionseg.methods.base import available_methods as available_methods
+    from unionseg.reports import model_summary as model_summary
+    from unionseg.reports import project_summary as project_summary
     from unionseg.training.recipes import train_config as train_config
     from unionseg.training.trainer import train as train
 
@@ -52,6 +58,9 @@ _PUBLIC = {
     "predict_folder": "unionseg.inference.cli",
     "evaluate_folder": "unionseg.evaluation.evaluate",
     "run_benchmark": "unionseg.benchmark",
+    "model_summary": "unionseg.reports",
+    "project_summary": "unionseg.reports",
+    "available_methods": "unionseg.methods.base",
 }
 
 __all__ = ["UnionsegError", "__version__", *_PUBLIC]

@@ -11,7 +11,7 @@ from unionseg.jsonfile import read_record
 from unionseg.labels import BACKGROUND, REGION_PREFIX
 
 
-def project_summary(project_path: Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
+def project_summary(project_path: str | Path, roots: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Taxonomy, annotated classes and case counts per split, as plain data.
 
     Loads the project, scans every dataset folder (structure only, no voxels) and splits the training
@@ -129,7 +129,7 @@ def print_project_info(project_path: Path, roots: Mapping[str, str] | None = Non
     return summary
 
 
-def model_summary(path: Path) -> dict[str, Any]:
+def model_summary(path: str | Path) -> dict[str, Any]:
     """What a model file holds and expects: method, classes and output channels, network and parameter count,
     the preprocessing its inputs get, the sliding-window settings, and where it comes from (``unionseg info
     MODEL.pt``)."""

@@ -192,6 +192,8 @@ def get_method(name: str) -> type[Method]:
 
 
 def available_methods() -> list[str]:
+    """The names ``train --method`` takes (``unionseg methods``): the built-in methods and the registered
+    plugins, sorted."""
     _load_builtin_methods()
     return sorted(METHODS)
 
