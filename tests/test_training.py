@@ -752,6 +752,12 @@ def test_train_config_is_what_the_cli_trains_with(tmp_path: Path) -> None:
     # the method's options are checked here as well, as its docstring says (only train() refused them; helper-106)
     with pytest.raises(ConfigError, match=r"options of method 'marginal': .*nope"):
         train_config("marginal", overrides=["options.nope=1"])
+    # and the network it would build (helper-119 met a misspelt preset only at train())
+    with pytest.raises(ConfigError, match=r"network.preset must be one of \['cpu', 'gpu', 'tiny'\] for the "
+                                          r"resunet backbone, got 'small'"):
+        train_config("marginal", overrides={"network.preset": "small"})
+    with pytest.raises(ConfigError, match=r"data.patch_size: \[36, 36, 36\] does not fit the resunet backbone"):
+        train_config("naive", overrides=["data.patch_size=[36,36,36]"])
 
 
 @pytest.mark.parametrize(("override", "problem"), [

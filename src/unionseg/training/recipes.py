@@ -79,7 +79,8 @@ def train_config(method: str | None = None, recipe: str | Path | None = None,
 
     Raises:
         ConfigError: an unknown method, ``method`` differing from the recipe's, an unreadable recipe, an
-            unknown key or a bad value.
+            unknown key or a bad value (a method option, a network preset or backbone, a patch or window the
+            backbone cannot take included).
     """
     from unionseg.config import from_dict
     from unionseg.methods.base import get_method
@@ -89,4 +90,9 @@ def train_config(method: str | None = None, recipe: str | Path | None = None,
     cfg = load_train_config(recipe, overrides or [], base=default_recipe(method), method=method)
     # the method's options too, as the run checks them: an unknown one was refused only by train() (helper-106)
     from_dict(get_method(cfg.method).Options, cfg.options, source=f"options of method {cfg.method!r}")
+    # and the network: a preset or backbone it does not have, or a patch it cannot halve, was refused only by
+    # train() (helper-119); the architecture is built on the meta device, without weights
+    from unionseg.training.trainer import check_sizes
+
+    check_sizes(cfg)
     return cfg
