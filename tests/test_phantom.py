@@ -89,6 +89,24 @@ def test_cli_rejects_an_unknown_size(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_takes_the_output_folder_as_out_or_as_o_like_every_other_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`unionseg phantom -o data` was "No such option: -o", where every other command writes to -o."""
+    assert run(["phantom", "-o", str(tmp_path / "x"), "--size", "huge"]) == 2  # -o reaches the command
+    assert "unknown phantom size 'huge'" in capsys.readouterr().err
+    assert run(["phantom", "--size", "tiny"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: Invalid value for 'OUT': no output folder: give it as OUT or -o OUT (see 'unionseg "
+                   "phantom -h')"]
+    assert run(["phantom", str(tmp_path / "a"), "-o", str(tmp_path / "b")]) == 2
+    assert "two output folders" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written by any of them
+    from unionseg.cli import one_out
+
+    assert one_out(tmp_path, tmp_path) == tmp_path and one_out(None, tmp_path) == tmp_path
+    assert one_out(None, None, default=Path("demo_out")) == Path("demo_out")
+
+
 def test_refuses_a_foreign_folder_but_regenerates_a_phantom(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()

@@ -726,17 +726,22 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        out: Annotated[Path, typer.Argument(help="Folder for the demo's data, runs and report.")] = Path("demo_out"),
+        out: Annotated[Optional[Path], typer.Argument(help="Folder for the demo's data, runs and report (or -o OUT).",
+                                                      show_default="demo_out")] = None,
+        out_option: Annotated[Optional[Path], typer.Option("--out", "-o", "--output", help="The folder, as OUT.",
+                                                           metavar="OUT")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
     ) -> None:
         """Show the whole pipeline on built-in synthetic CT: phantom -> prepare -> every method trained, predicted and evaluated (the `ci` suite) -> table and report.
 
         It writes into OUT (default ./demo_out) and takes a minute or two on a laptop CPU. Its networks train for 8 steps, so their Dice is near 0 by design: the demo shows that every stage runs; `unionseg benchmark --suite standard` compares the methods.
         """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
+        from unionseg.cli import one_out
         from unionseg.data.phantom import difficulty_report
         from unionseg.report import print_table
         from unionseg.reports import print_project_info
 
+        out = one_out(out, out_option, default=Path("demo_out"))
         suite = load_suite("ci")
         check_out(out.resolve(), suite)
         project_path = ensure_phantom(suite, out.resolve(), not quiet)

@@ -129,6 +129,21 @@ def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full traceba
     _STATE["debug"] = debug
 
 
+def one_out(positional: Path | None, option: Path | None, default: Path | None = None) -> Path:
+    """The output folder of a command that takes it as its argument OUT (``phantom``, ``demo``), given that way
+    or as ``-o OUT`` like every other command's (``unionseg phantom -o data`` was "No such option: -o").
+
+    Raises:
+        typer.BadParameter: neither (without ``default``), or two different folders (a usage error: exit 2).
+    """
+    if positional is not None and option is not None and positional != option:
+        raise typer.BadParameter(f"two output folders, {positional} and -o {option}: give one", param_hint="'OUT'")
+    chosen = positional if positional is not None else option if option is not None else default
+    if chosen is None:
+        raise typer.BadParameter("no output folder: give it as OUT or -o OUT", param_hint="'OUT'")
+    return chosen
+
+
 def _parse_roots(roots: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in roots or []:

@@ -1438,8 +1438,10 @@ def register(app: typer.Typer) -> None:
 
     @app.command("phantom")
     def phantom_command(
-        out: Annotated[Path, typer.Argument(help="Output folder (new, empty, or an earlier phantom, whose "
-                                                 "generated files are replaced).")],
+        out: Annotated[Optional[Path], typer.Argument(help="Output folder (new, empty, or an earlier phantom, whose "
+                                                 "generated files are replaced); or -o OUT.", show_default=False)] = None,
+        out_option: Annotated[Optional[Path], typer.Option("--out", "-o", "--output", help="The output folder, "
+                                                           "as OUT.", metavar="OUT")] = None,
         size: Annotated[str, typer.Option("--size", help=f"One of: {', '.join(SIZES)}.")] = "tiny",
         seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
         suite: Annotated[str, typer.Option("--suite", help=f"Dataset suite: {', '.join(SUITES)}.")] = "default",
@@ -1452,6 +1454,9 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.", metavar="")] = False,
     ) -> None:
         """Write a synthetic abdominal CT project: partially labelled training sets, val, test, project file."""
+        from unionseg.cli import one_out
+
+        out = one_out(out, out_option)
         start = time.perf_counter()
         project = generate_phantom(out, size=size, seed=seed, suite=suite, workers=workers, progress=not quiet)
         spec = SIZES[size]
