@@ -389,3 +389,51 @@ def test_a_usage_error_is_one_error_line_naming_the_help(capsys: pytest.CaptureF
     run([])
     captured = capsys.readouterr()
     assert "Usage: unionseg" in captured.out + captured.err and "error:" not in captured.out + captured.err
+
+
+def test_info_on_an_image_or_label_map_gives_its_grid_and_values(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """`unionseg info scan.nii.gz` read the image as a project file ("not a text (UTF-8) YAML file"); a user
+    writing a project file's label map needs the values a label file holds, and their names."""
+    import json
+
+    import numpy as np
+
+    from unionseg.data.io import Geometry, prediction_description, write_image
+    from unionseg.reports import image_summary
+
+    geometry = Geometry.identity((10, 8, 6), (2.0, 2.0, 5.0))
+    ct = np.full((10, 8, 6), -1000, np.int16)
+    ct[2:5] = 40
+    write_image(tmp_path / "ct.nii.gz", ct, geometry)
+    labels = np.zeros((10, 8, 6), np.uint8)
+    labels[:2] = 1
+    labels[0, 0, :3] = 3
+    root = tmp_path / "Task03_Liver"
+    write_image(root / "labelsTr" / "liver_1.nii.gz", labels, geometry)
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "liver", "2": "cancer",
+                                                              "3": "vessel"}, "training": []}))
+    assert run(["info", str(tmp_path / "ct.nii.gz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"{tmp_path / 'ct.nii.gz'}: an image, 10 x 8 x 6 voxels of 2 x 2 x 5 mm (int16), RAS, 20 x 16 x 30 "
+                   "mm, origin (0.0, 0.0, 0.0) mm", "intensities -1000 to 40, mean -688.0"]
+    assert run(["info", str(root / "labelsTr" / "liver_1.nii.gz")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == [f"3 value(s) (names from {root / 'dataset.json'}):",
+                       "  0 background: 384 voxels, 7.68 mL", "  1 liver: 93 voxels, 1.86 mL",
+                       "  3 vessel: 3 voxels, 0.06 mL", "declared by dataset.json but not in this file: 2 cancer"]
+    # a map predict wrote: its own class names and its model; a float map of whole numbers is a label map too
+    write_image(tmp_path / "pred.nii.gz", labels, geometry, description=prediction_description(labels, "ab12cd34"),
+                label_names=["background", "liver", "liver_tumour", "vessel"])
+    summary = image_summary(tmp_path / "pred.nii.gz")
+    assert summary["label_map"]["model"] == "ab12cd34" and summary["label_map"]["written_by_predict"]
+    assert {v: f.get("name") for v, f in summary["label_map"]["values"].items()} == {
+        0: "background", 1: "liver", 3: "vessel"}
+    write_image(tmp_path / "float.nii.gz", labels.astype(np.float32), geometry)
+    assert set(image_summary(tmp_path / "float.nii.gz")["label_map"]["values"]) == {0, 1, 3}
+    write_image(tmp_path / "soft.nii.gz", labels.astype(np.float32) / 2, geometry)
+    assert "label_map" not in image_summary(tmp_path / "soft.nii.gz")
+    # an unreadable image is the usual one-line error, naming the file
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
+    assert run(["info", str(tmp_path / "broken.nii.gz")]) == 2
+    assert "broken.nii.gz" in capsys.readouterr().err

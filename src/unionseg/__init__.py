@@ -17,6 +17,7 @@ The whole workflow from Python, the commands' counterparts::
         unionseg.run_benchmark("ci", "bench")                       # unionseg benchmark
         unionseg.model_summary("runs/cotraining/model.pt")          # unionseg info MODEL (a dict)
         unionseg.project_summary("data/project.yaml")               # unionseg info PROJECT (a dict)
+        unionseg.image_summary("scan.nii.gz")                       # unionseg info IMAGE (grid, label values)
         unionseg.available_methods()                                # unionseg methods (their names)
 
 Importing the package is cheap: torch, MONAI and the image libraries are imported by the modules that
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from unionseg.inference.cli import predict_folder as predict_folder
     from unionseg.inference.predictor import Predictor as Predictor
     from unionseg.methods.base import available_methods as available_methods
+    from unionseg.reports import image_summary as image_summary
     from unionseg.reports import model_summary as model_summary
     from unionseg.reports import project_summary as project_summary
     from unionseg.training.recipes import train_config as train_config
@@ -59,6 +61,7 @@ _PUBLIC = {
     "evaluate_folder": "unionseg.evaluation.evaluate",
     "run_benchmark": "unionseg.benchmark",
     "model_summary": "unionseg.reports",
+    "image_summary": "unionseg.reports",
     "project_summary": "unionseg.reports",
     "available_methods": "unionseg.methods.base",
 }

@@ -157,22 +157,34 @@ def _parse_roots(roots: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def info(
-    project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt) or a run folder to "
-                                                 "describe.", metavar="PROJECT|MODEL|RUN")],
+    project: Annotated[Path, typer.Argument(help="Project file (YAML), or a model file (.pt), a run folder, an "
+                                                 "image or label map (NIfTI, NRRD, MHA) or a DICOM series folder "
+                                                 "to describe.", metavar="PROJECT|MODEL|RUN|IMAGE")],
     root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR for a project "
                                                       "(repeatable).", metavar="NAME=DIR")] = None,
 ) -> None:
-    """Describe a project, a model file or a run folder.
+    """Describe a project, a model file, a run folder or an image.
 
     A project: the taxonomy, each dataset's annotated classes and case counts per split.
 
     A model file: what it segments, what its inputs go through and where it comes from.
 
-    A run folder: its model file and how far the run got."""
-    from unionseg.reports import print_model_info, print_project_info, print_run_info
+    A run folder: its model file and how far the run got.
+
+    An image: its grid, and its intensities or, for a label map, each value's voxels, volume and name (what a project file's label map maps).
+    """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
+    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, suffix_of
+    from unionseg.reports import print_image_info, print_model_info, print_project_info, print_run_info
 
     if project.is_dir():
+        if not (project / "config.yaml").exists() and any(is_dicom_file(f) for f in sorted(project.iterdir())[:50]
+                                                          if f.is_file()):
+            print_image_info(project)  # a DICOM series folder
+            return
         print_run_info(project)
+        return
+    if suffix_of(project) in IMAGE_SUFFIXES or is_dicom_file(project):
+        print_image_info(project)
         return
     if project.suffix.lower() in (".pt", ".pth") or _looks_like_a_model_file(project):
         print_model_info(project)

@@ -155,6 +155,97 @@ def model_summary(path: str | Path) -> dict[str, Any]:
     }
 
 
+#: an integer volume with at most this many distinct values, none negative, is read as a label map
+LABEL_MAP_MAX_VALUES = 256
+
+
+def image_summary(path: str | Path) -> dict[str, Any]:
+    """What an image file (NIfTI, NRRD, MHA) or DICOM series holds (``unionseg info IMAGE``): its grid (shape,
+    spacing, orientation, origin, extent), and either its intensity range or, for a label map (integer
+    voxels, none negative, at most :data:`LABEL_MAP_MAX_VALUES` values), each value's voxel count and
+    volume; the class names and the model a label map of ``unionseg predict`` records. The values are what a
+    project file's label map (``labels: {1: liver}``) maps.
+
+    Raises:
+        DataError: the file cannot be read as a 3D image (naming it and why).
+    """
+    import numpy as np
+
+    from unionseg.data.catalog import declared_labels_of
+    from unionseg.data.io import (
+        nifti_description,
+        nifti_label_names,
+        parse_prediction_description,
+        read_image,
+    )
+
+    path = Path(path)
+    array, geometry = read_image(path)
+    spacing = [float(v) for v in geometry.spacing]
+    summary: dict[str, Any] = {
+        "path": str(path), "shape": [int(n) for n in array.shape], "dtype": str(array.dtype),
+        "spacing": spacing, "orientation": geometry.orientation(), "origin": [float(v) for v in geometry.origin],
+        "extent_mm": [round(n * d, 1) for n, d in zip(array.shape, spacing, strict=False)],
+    }
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    # integer voxels, or float ones that all hold whole numbers (some tools store label maps as float32)
+    whole = array.dtype.kind in "biu" or (array.dtype.kind == "f" and bool(np.all(np.mod(array, 1) == 0)))
+    if whole and low >= 0 and high < 65536:
+        counts = np.bincount(array.reshape(-1).astype(np.int64), minlength=1)
+        values = np.flatnonzero(counts)
+        if len(values) <= LABEL_MAP_MAX_VALUES:
+            names = nifti_label_names(path) if path.is_file() else None
+            mark = parse_prediction_description(nifti_description(path) or "") if path.is_file() else None
+            near = declared_labels_of(path) if names is None and path.is_file() else None
+            declared = near[1] if near is not None else {}
+            summary["label_map"] = {
+                "values": {int(v): {"voxels": int(counts[v]), "ml": round(int(counts[v]) * voxel_ml, 2),
+                                    **({"name": names[v]} if names is not None and v < len(names) else {}),
+                                    **({"declared": declared[int(v)]} if int(v) in declared else {})}
+                           for v in values},
+                "written_by_predict": mark is not None, "model": None if mark is None else mark.get("model"),
+                "dataset_json": None if near is None else str(near[0]),
+                # values dataset.json names that the file does not hold (a class absent from this case)
+                "declared_absent": {k: v for k, v in sorted(declared.items()) if k not in set(values.tolist())},
+            }
+            return summary
+    summary["intensity"] = {"min": float(low), "max": float(high),
+                            "mean": float(array.mean(dtype=np.float64)) if array.size else 0.0}
+    return summary
+
+
+def print_image_info(path: str | Path) -> dict[str, Any]:
+    """Print :func:`image_summary` on stdout and return it."""
+    from rich.console import Console
+
+    s = image_summary(path)
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    out = lambda text: console.print(text, markup=False, soft_wrap=True)  # noqa: E731
+    size = " x ".join(map(str, s["shape"]))
+    spacing = " x ".join(f"{v:.4g}" for v in s["spacing"])
+    labels = s.get("label_map")
+    kind = "a label map" if labels is not None else "an image"
+    out(f"{s['path']}: {kind}, {size} voxels of {spacing} mm ({s['dtype']}), {s['orientation']}, "
+        f"{' x '.join(f'{v:g}' for v in s['extent_mm'])} mm, origin "
+        f"({', '.join(f'{v:.1f}' for v in s['origin'])}) mm")
+    if labels is None:
+        i = s["intensity"]
+        out(f"intensities {i['min']:g} to {i['max']:g}, mean {i['mean']:.1f}")
+        return s
+    if labels["written_by_predict"]:
+        out("written by unionseg predict" + (f" (model {labels['model']})" if labels["model"] else ""))
+    where = f" (names from {labels['dataset_json']})" if labels["dataset_json"] else ""
+    out(f"{len(labels['values'])} value(s){where}:")
+    for value, facts in labels["values"].items():
+        name = facts.get("name") or facts.get("declared")
+        out(f"  {value}{f' {name}' if name else ''}: {facts['voxels']:,} voxels, {facts['ml']:g} mL")
+    if labels["declared_absent"]:
+        out("declared by dataset.json but not in this file: "
+            + ", ".join(f"{k} {v}" for k, v in labels["declared_absent"].items()))
+    return s
+
+
 def print_model_info(path: Path, summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """Print :func:`model_summary` (``summary``, when already read) on stdout and return it."""
     import json

@@ -139,6 +139,22 @@ def detect_layout(root: Path, data: Mapping[str, Any]) -> str:
                     "this file)", root / "dataset.json")
 
 
+def declared_labels_of(label_file: Path) -> tuple[Path, dict[int, str]] | None:
+    """The value names the ``dataset.json`` of a label file's dataset declares (``ROOT/labelsTr/case.nii.gz``
+    in the MSD and nnU-Net v2 layouts), with that file; None where there is none or it cannot be read (what
+    ``unionseg info IMAGE`` shows beside each value, so it never fails on it)."""
+    json_path = label_file.parent.parent / "dataset.json"
+    if not json_path.is_file():
+        return None
+    try:
+        data = read_dataset_json(json_path.parent)
+        layout = detect_layout(json_path.parent, data)
+        declared = _declared_msd(data, json_path) if layout == "msd" else _declared_nnunet(data, json_path)
+    except DataError:
+        return None
+    return json_path, declared
+
+
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and not path.name.startswith(".") and suffix_of(path) in IMAGE_SUFFIXES
 
