@@ -420,7 +420,7 @@ def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
 def test_predict_folder_is_the_command_from_python(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """helper-119: from Python, predicting a folder meant a loop of predict_file, without the label tables."""
     import unionseg
-    from unionseg.errors import OutputExistsError
+    from unionseg.errors import UnionsegError
 
     model = _model_file(tmp_path)
     inputs = tmp_path / "cts"
@@ -432,13 +432,22 @@ def test_predict_folder_is_the_command_from_python(tmp_path: Path, capsys: pytes
     assert {p.name for p in out.iterdir()} == {"case0.nii.gz", "case1.nii.gz", "unionseg_labels.itksnap.txt",
                                                "unionseg_labels.ctbl"}
     assert read_image(written[1])[0].shape == (16, 16, 12)
-    assert capsys.readouterr().out == ""  # nothing on stdout; progress=False: no line per case either
-    with pytest.raises(OutputExistsError):
+    said = capsys.readouterr()
+    assert said.out == "" and "[1/2]" not in said.err  # nothing on stdout; progress=False: no line per case
+    with pytest.raises(UnionsegError, match="the output folder already holds case0.nii.gz; nothing was written"):
         unionseg.predict_folder(model, [inputs / "case0.nii.gz"], out, device="cpu", progress=False)
+    with pytest.raises(UnionsegError, match="no input given"):
+        unionseg.predict_folder(model, list(inputs.glob("*.nrrd")), tmp_path / "none", device="cpu")
+    assert not (tmp_path / "none").exists()
     assert unionseg.predict_folder(model, str(inputs), out, device="cpu", progress=False, skip_existing=True) == []
     (out / "case1.nii.gz").unlink()
     assert unionseg.predict_folder(model, inputs, out, device="cpu", progress=False, skip_existing=True) == [
         out / "case1.nii.gz"]
+    # keep_going: the unreadable input is left out, and the error says which maps were written
+    (inputs / "case2.nii.gz").write_bytes(b"not an image")
+    with pytest.raises(UnionsegError, match=r"1 of 3 input\(s\) could not be predicted") as left_out:
+        unionseg.predict_folder(model, inputs, tmp_path / "kept", device="cpu", progress=False, keep_going=True)
+    assert left_out.value.written == [tmp_path / "kept" / "case0.nii.gz", tmp_path / "kept" / "case1.nii.gz"]
 
 
 def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones(

@@ -1214,6 +1214,35 @@ def test_a_gpu_that_waits_for_its_patches_is_told_how_many_loader_processes_to_g
     assert len(asked) == 1 and asked[0][:2] == ("cpu", 0) and 0.0 < asked[0][2] < 1.0
 
 
+def test_a_non_finite_loss_or_an_on_step_error_stops_the_run_before_that_steps_checkpoint(
+        phantom_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop's use of check_finite (helper-121: only the function was tested): the run stops at the step,
+    its checkpoint holding the step before; an error of on_step stops it the same way."""
+    from unionseg.errors import UnionsegError
+    from unionseg.training.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def nan_at_step_2(self: Trainer, batch: dict) -> dict[str, float]:
+        terms = real_step(self, batch)
+        return {**terms, "loss": float("nan")} if self.step == 1 else terms
+
+    cfg = _cfg("naive", 4, "ckpt_every=1")
+    with monkeypatch.context() as patched:
+        patched.setattr(Trainer, "train_step", nan_at_step_2)
+        with pytest.raises(UnionsegError, match=r"non-finite loss at step 2: \{.*'loss': nan"):
+            train(phantom_project, cfg, tmp_path / "nan", progress=False)
+    assert safe_torch_load(tmp_path / "nan" / "last.pt", "unionseg-checkpoint")["step"] == 1
+
+    def plot(step: int, steps: int, terms: dict[str, float]) -> None:
+        if step == 2:
+            raise ValueError("the notebook's plot failed")
+
+    with pytest.raises(ValueError, match="the notebook's plot failed"):
+        train(phantom_project, cfg, tmp_path / "cb", progress=False, on_step=plot)
+    assert safe_torch_load(tmp_path / "cb" / "last.pt", "unionseg-checkpoint")["step"] == 1
+
+
 _NONFINITE_RANK = r"""
 import sys
 import torch
@@ -1249,7 +1278,11 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, "-c", _NONFINITE_RANK, str(r), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [rank.communicate(timeout=120) for rank in ranks]
+    try:
+        outs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:  # a rank left waiting (the bug) must not outlive the test
+        for rank in ranks:
+            rank.kill()
     assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outs]
     assert outs[0][0].strip() == ("non-finite loss at step 2 in another process of this torchrun run; lower "
                                   "optim.lr or check data")

@@ -83,7 +83,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {device!r} asked for, but this machine has no CUDA device (use the CPU: "
-                          "--device cpu, the override device=cpu, or device: cpu in a recipe)")
+                          "--device cpu, or device=cpu)")
     return resolved
 
 

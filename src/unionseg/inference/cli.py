@@ -302,9 +302,10 @@ def check_output_dir(outdir: Path, cases: Sequence[tuple[str, Path]], probabilit
                                 "of the same names, another tool's files, or outputs of a unionseg from before "
                                 "the mark); nothing was written: choose another -o (or pass --overwrite to replace "
                                 "them)", outdir)
-        raise OutputExistsError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
+        raise UnionsegError(f"the output folder already holds {shown}; nothing was written: pass --overwrite to "
                             "replace them, --skip-existing to predict only the cases not done yet, or choose "
                             "another -o", outdir)
+
 
 def predict_folder(
     model: str | Path,
@@ -348,10 +349,11 @@ def predict_folder(
         not in it).
 
     Raises:
-        UnionsegError: a refused input or output (named), or, with ``keep_going``, inputs that were left out.
+        UnionsegError: a refused input or output (named), no input, or, with ``keep_going``, inputs that were
+            left out.
         DataError: an unreadable input (without ``keep_going``).
-        OutputExistsError: outputs of an earlier predict already there, without ``overwrite`` or
-            ``skip_existing`` (an existing file predict did not write is a plain :class:`UnionsegError`).
+        (an existing output without ``overwrite`` or ``skip_existing`` is a :class:`UnionsegError` naming it; with
+        ``keep_going``, the error's ``written`` attribute lists the label maps that were written.)
     """
     import time
 
@@ -365,6 +367,8 @@ def predict_folder(
     model, output = Path(model), Path(output)
     given = [Path(inputs)] if isinstance(inputs, (str, Path)) else [Path(item) for item in inputs]
     quiet, sw_batch = not progress, sw_batch_size
+    if not given:  # the command needs one; from Python an empty glob predicted nothing, in silence
+        raise UnionsegError("no input given: name image files, folders of them or DICOM series folders")
 
     if not is_device_name(device):
         raise UnionsegError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
@@ -523,10 +527,12 @@ def predict_folder(
     if failed:
         say_failed()
         kept = " (their earlier outputs in -o, if any, are left as they were)" if overwrite else ""
-        raise UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be predicted (unreadable, or "
-                            f"refused) and were left out "
-                            f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
-                            f"fix or remove those, then {finish([n for n, _ in failed])}", output)
+        error = UnionsegError(f"{len(failed)} of {len(cases)} input(s) could not be predicted (unreadable, or "
+                              f"refused) and were left out "
+                              f"({listing([n for n, _ in failed], 5)}){kept}; the other {written} were written: "
+                              f"fix or remove those, then {finish([n for n, _ in failed])}", output)
+        error.written = paths  # type: ignore[attr-defined]  # for a Python caller: what was done
+        raise error
     return paths
 
 

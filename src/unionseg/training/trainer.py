@@ -818,7 +818,8 @@ class Trainer:
         batches = iter(loader)
         seen, mark = 0, (0.0, 0.0)  # steps this process ran; the timings where the loader probe starts
         while True:
-            try:
+            t_ask = time.perf_counter()  # the wait for the batch alone: the step's bookkeeping since t_last
+            try:                         # (logging, the stop's all-reduce, on_step) is not the loader's
                 batch = next(batches)
             except StopIteration:
                 break
@@ -827,7 +828,7 @@ class Trainer:
                     raise
                 # a loader worker ended by the same signal; the state is still that of a finished step
                 self._checkpoint_and_stop(stop)
-            t_data = time.perf_counter() - t_last
+            t_data = time.perf_counter() - t_ask
             batch = _to_device(batch, self.ctx.device)
             self._seed_rank(self.step)
             terms = self.train_step(batch)
@@ -844,7 +845,13 @@ class Trainer:
                 hint = loader_hint(self.ctx.device.type, cfg.data.num_workers, share)
                 if hint is not None:
                     warnings.warn(hint, UnionsegWarning, stacklevel=2)
-            check_finite(terms, self.step, self.ctx.device)
+            failed = None  # on_step's error, agreed with the non-finite check: under torchrun every rank stops
+            if self.on_step is not None and self.ctx.is_main:
+                try:
+                    self.on_step(self.step, cfg.steps, dict(terms))
+                except Exception as exc:  # noqa: BLE001 - raised below, on every rank
+                    failed = exc
+            check_finite(terms, self.step, self.ctx.device, failed)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                 # under torchrun the mean over the ranks' batches (every rank logs at the same steps)
                 row = {"step": self.step, "lr": self.step_lr,
@@ -852,8 +859,6 @@ class Trainer:
                        **dist.mean_over_ranks(terms)}
                 logger.log(row)
             progress.update(self.step, terms)
-            if self.on_step is not None and self.ctx.is_main:
-                self.on_step(self.step, cfg.steps, dict(terms))
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 # first a checkpoint of the step, its validation marked as to do: a validation takes long, a stop
                 # waits for it, and torchrun kills the ranks after its shutdown grace (30 s), which lost every
@@ -1090,18 +1095,26 @@ def loader_hint(device_type: str, num_workers: int, data_share: float) -> str | 
             "more loader processes may keep up (a --resume may change it)")
 
 
-def check_finite(terms: dict[str, float], step: int, device: torch.device) -> None:
-    """Stop at a non-finite loss term, on EVERY rank when any rank's is: a rank that raised alone under torchrun
-    left the others waiting in the step's next collective until torchrun killed them (helper-118). Costs one
-    small all-reduce per step under DDP, nothing in one process.
+def check_finite(terms: dict[str, float], step: int, device: torch.device, failed: Exception | None = None) -> None:
+    """Stop at a non-finite loss term, or at the error ``failed`` of ``train(on_step=)``, on EVERY rank when any
+    rank has one: a rank that raised alone under torchrun left the others waiting in the step's next
+    collective until torchrun killed them (helper-118). Costs one small all-reduce per step under DDP, nothing
+    in one process.
 
     Raises:
-        UnionsegError: with this rank's terms, or saying another process had them.
+        Exception: ``failed`` itself, in the process where on_step raised it.
+        UnionsegError: with this rank's terms, or saying another process had them or an on_step error.
     """
-    own = not all(math.isfinite(v) for v in terms.values())
-    if dist.any_rank(own, device):
-        from unionseg.errors import UnionsegError
+    from unionseg.errors import UnionsegError
 
+    own = not all(math.isfinite(v) for v in terms.values())
+    code = dist.max_rank(2 if failed is not None else 1 if own else 0, device)
+    if failed is not None:
+        raise failed
+    if code == 2:
+        raise UnionsegError(f"stopped at step {step}: train()'s on_step raised an error in another process of "
+                            "this torchrun run")
+    if code == 1:
         where = f": {terms}" if own else " in another process of this torchrun run"
         raise UnionsegError(f"non-finite loss at step {step}{where}; lower optim.lr or check data")
 
@@ -1398,7 +1411,7 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         on_step: called as ``on_step(step, steps, terms)`` after every training step (``terms``: this step's
             loss terms as floats, this process's batch; under torchrun on rank 0 only), e.g. to follow the
             loss live in a notebook with ``progress=False``. Its return value is ignored; an error it raises
-            stops the run as any error does (the steps since the last checkpoint are lost).
+            stops the run (every process under torchrun) at that step, before the step's checkpoint.
 
     Returns:
         The run's summary (what ``RUN/summary.json`` holds), or ``{"stopped_at": step}`` after ``stop_after``.
