@@ -145,7 +145,8 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
     with pytest.raises(CheckpointError, match=r"steps: 2 -> 5; to train on, start a new run from this one's "
                                               rf"weights \(init_from={re.escape(str(run / 'model.pt'))}\)"):
         train(phantom_project, _cfg("naive", 2, "steps=5"), run, resume=True, progress=False)
-    # where it runs, how often it logs and how many loader workers it has are no change to the run; nor is a
+    # where it runs, how often it logs or checkpoints and how many loader workers it has are no change to the
+    # run (none changes the weights); nor is a
     # dataset weight of 1 (the default) given or left out; another weight is
     stopped = tmp_path / "stopped"
     train(phantom_project, _cfg("naive", 3, "ckpt_every=1"), stopped, progress=False, stop_after=1)
@@ -159,7 +160,7 @@ def test_resume_refuses_another_config(phantom_project: Path, tmp_path: Path) ->
               resume=True, progress=False)
     train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "data.dataset_weights={liver: 1}"), stopped,
           resume=True, progress=False, stop_after=2)
-    summary = train(phantom_project, _cfg("naive", 3, "ckpt_every=1", "device=auto", "log_every=2",
+    summary = train(phantom_project, _cfg("naive", 3, "ckpt_every=2", "device=auto", "log_every=2",
                                           "data.num_workers=1"), stopped, resume=True, progress=False)
     assert summary["steps"] == 3
 
@@ -1025,11 +1026,21 @@ def test_experts_ignore_dataset_weights(phantom_project: Path, tmp_path: Path) -
     assert config_hash(ArtifactCache._expert_config(weighted)) == config_hash(ArtifactCache._expert_config(plain))
     # the settings a resume may change key the same experts: `--resume log_every=5` (or device=cpu after a GPU
     # ran out of memory) retrained every shared expert in a new cache folder, silently (helper-77)
-    root = make_context(phantom_project, plain, tmp_path / "a", progress=False).artifacts.root
-    moved = _cfg("cotraining", 1, "log_every=5", "device=cpu", "data.num_workers=1")
+    first = make_context(phantom_project, plain, tmp_path / "a", progress=False)
+    root = first.artifacts.root
+    moved = _cfg("cotraining", 1, "log_every=5", "device=cpu", "data.num_workers=1", "ckpt_every=7")
     assert make_context(phantom_project, moved, tmp_path / "b", progress=False).artifacts.root == root
     longer = _cfg("cotraining", 1, "expert_steps=3")  # what an expert learns: other experts
     assert make_context(phantom_project, longer, tmp_path / "c", progress=False).artifacts.root != root
+    # a cache made before the key left the checkpoint interval out (session 39) is still found and used
+    keyed = ArtifactCache._keyed(ArtifactCache._expert_config(plain), legacy=True)
+    legacy = root.parent / config_hash({"data": first.index.fingerprint, "recipe": config_hash(keyed),
+                                        "seed": plain.seed})
+    assert legacy != root
+    legacy.mkdir(parents=True)
+    assert make_context(phantom_project, plain, tmp_path / "d", progress=False).artifacts.root == legacy
+    root.mkdir(parents=True)  # where both exist, the current key's
+    assert make_context(phantom_project, plain, tmp_path / "e", progress=False).artifacts.root == root
 
 
 def test_task_methods_scale_the_budget_learning_rate(phantom_project: Path, tmp_path: Path) -> None:
@@ -2292,7 +2303,9 @@ def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, m
         "from unionseg.methods.base import register_method\n"
         "from unionseg.methods.baselines import NaiveMethod\n\n"
         "@register_method('expert_plugin_method')\n"
-        "class M(NaiveMethod):\n    stages = ('experts', 'train')\n")
+        "class M(NaiveMethod):\n    stages = ('experts', 'train')\n\n"
+        "@register_method('pseudo_plugin_method')\n"  # its pseudo labels train the experts first (helper-122)
+        "class P(NaiveMethod):\n    stages = ('pseudo_labels', 'train')\n")
     monkeypatch.syspath_prepend(str(plugins))
     try:
         monkeypatch.setenv("UNIONSEG_PLUGINS", "broken_plugin")
@@ -2310,6 +2323,7 @@ def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, m
             assert "asking_method" in base.available_methods()
         monkeypatch.setenv("UNIONSEG_PLUGINS", "expert_plugin")
         assert uses_experts("expert_plugin_method") and uses_experts("mskd") and not uses_experts("dodnet")
+        assert uses_experts("pseudo_plugin_method")
         assert default_recipe("expert_plugin_method") == recipe_dir() / BUDGET_RECIPE
         assert train_config("expert_plugin_method").optim.lr == train_config("naive").optim.lr == 0.02
         monkeypatch.delenv("UNIONSEG_PLUGINS")  # as a script that imported the plugin itself

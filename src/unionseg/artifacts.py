@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,6 +72,14 @@ _SWEPT: set[Path] = set()
 _STALE_AFTER_S = 600.0
 
 
+def needs_experts(stages: Collection[str]) -> bool:
+    """Whether a method with these stages builds on the shared experts: every shared stage does (pseudo labels
+    and teacher probabilities are made by the experts, trained first when missing). The benchmark counted
+    expert time only for a method naming ``experts`` itself, so a plugin declaring ``pseudo_labels`` alone hid
+    minutes of expert training in its row (helper-122)."""
+    return any(stage in ArtifactCache.STAGES for stage in stages)
+
+
 class ArtifactCache:
     """Experts, their whole-volume probabilities and pseudo labels, shared by all methods of a project."""
 
@@ -81,6 +89,11 @@ class ArtifactCache:
         key = {"data": ctx.index.fingerprint, "recipe": config_hash(self._keyed(self.expert_cfg)), "seed": ctx.cfg.seed}
         self.fingerprint = config_hash(key)
         self.root = Path(ctx.project.cache_dir) / "artifacts" / self.fingerprint
+        # a cache made before the key left out the checkpoint interval (session 39) is still this recipe's
+        legacy = {**key, "recipe": config_hash(self._keyed(self.expert_cfg, legacy=True))}
+        before = Path(ctx.project.cache_dir) / "artifacts" / config_hash(legacy)
+        if not self.root.exists() and before.is_dir():
+            self.fingerprint, self.root = config_hash(legacy), before
         self._experts: dict[str, Any] = {}
 
     @staticmethod
@@ -95,14 +108,16 @@ class ArtifactCache:
                                    device=cfg.device, init_from=None, data=dataclasses.replace(cfg.data, dataset_weights={}))
 
     @staticmethod
-    def _keyed(cfg: TrainConfig) -> TrainConfig:
+    def _keyed(cfg: TrainConfig, legacy: bool = False) -> TrainConfig:
         """The expert recipe as the cache's key sees it: without the settings a run may change on resume (the
-        device, the logging interval, the loader workers), which change nothing an expert learns. With them
-        in the key, `--resume device=cpu` after a GPU ran out of memory, or another `log_every`, trained
-        every shared expert again in a new cache folder, silently, and an MS-KD run with another
-        `log_every` did not share a co-training run's experts (helper-77). The experts' own resume accepts
-        the same changes."""
-        return dataclasses.replace(cfg, device="auto", log_every=1, data=dataclasses.replace(cfg.data, num_workers=0))
+        device, the logging and checkpoint intervals, the loader workers), which change nothing an expert
+        learns. With them in the key, `--resume device=cpu` after a GPU ran out of memory, or another
+        `log_every`, trained every shared expert again in a new cache folder, silently, and an MS-KD run with
+        another `log_every` did not share a co-training run's experts (helper-77); another `ckpt_every` did the
+        same until session 39 (helper-122). The experts' own resume accepts the same changes. ``legacy``:
+        the key before that, with the checkpoint interval in it (a cache made then is still found)."""
+        keyed = dataclasses.replace(cfg, device="auto", log_every=1, data=dataclasses.replace(cfg.data, num_workers=0))
+        return keyed if legacy else dataclasses.replace(keyed, ckpt_every=0)  # 0: no interval a run can have
 
     # ------------------------------------------------------------------ bookkeeping
     @contextmanager

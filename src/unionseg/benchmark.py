@@ -32,12 +32,14 @@ from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
 
 
 def uses_experts(method: str) -> bool:
-    """Whether a method builds on the shared experts (its stages name them): individual, co-training, MS-KD,
-    and any plugin that declares the stage (a list of the three built-in names left a plugin's expert time
-    out of the report and the ETA; helper-83)."""
+    """Whether a method builds on the shared experts (any shared stage of its: ``experts``, or the pseudo labels
+    and teacher probabilities they make): individual, co-training, MS-KD, and any plugin that declares such a
+    stage (a list of the three built-in names left a plugin's expert time out of the report and the ETA,
+    helper-83; so did a plugin declaring ``pseudo_labels`` alone, helper-122)."""
+    from unionseg.artifacts import needs_experts
     from unionseg.methods.base import get_method
 
-    return "experts" in get_method(method).stages
+    return needs_experts(get_method(method).stages)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option("--out", "-o", "--output", help="Run folder.")] = Path("runs/run"),
         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last checkpoint "
                                                   "(last.pt), with the same method, recipe and overrides (the device, "
-                                                  "log_every and data.num_workers may change); with no run in OUT, a "
+                                                  "log_every, ckpt_every and data.num_workers may change); with no run in OUT, a "
                                                   "new one starts.", metavar="")] = False,
         root: Annotated[Optional[list[str]], typer.Option("--root", help="Dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
         device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N or auto (the override "

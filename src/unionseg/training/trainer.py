@@ -600,7 +600,8 @@ class Trainer:
 
     def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
         """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
-        in the device, the logging interval, the loader workers, in dataset weights of 1 given or left out
+        in the device, the logging or checkpoint interval (neither changes the weights: a resumed run ends as
+        the run never stopped), the loader workers, in dataset weights of 1 given or left out
         (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from``
         recorded relative that names the same file from the working folder."""
         if recorded_hash == config_hash(self.cfg):
@@ -626,6 +627,7 @@ class Trainer:
             else:
                 start_as = self.cfg.init_from
             return dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
+                                       ckpt_every=recorded["ckpt_every"],
                                        init_from=start_as,
                                        data=dataclasses.replace(self.cfg.data, dataset_weights=weights,
                                                                 num_workers=recorded["data"]["num_workers"]))
@@ -982,9 +984,11 @@ class Trainer:
                    "model": str((self.run_dir / "model.pt").absolute())}  # absolute, as "project" is
         # the processes (world size) from each step on; a resume with another count adds an entry
         summary["processes"] = [{"from_step": step, "world_size": size} for step, size in self.world_sizes]
+        from unionseg.artifacts import needs_experts
+
         if dist.is_distributed():
             summary["ddp"] = {"world_size": dist.world_size(), "in_sync": self._replicas_in_sync()}
-        if self.ctx.artifacts is not None and "experts" in self.method.stages:
+        if self.ctx.artifacts is not None and needs_experts(self.method.stages):
             compute = self.ctx.artifacts.compute_seconds()
             summary["artifacts"] = self.ctx.artifacts.summary()
             summary["expert_seconds"] = float(sum(compute.values()))
