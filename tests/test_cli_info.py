@@ -225,6 +225,27 @@ def test_methods_lists_every_method_with_what_it_is(capsys: pytest.CaptureFixtur
     assert all(text.strip() for text in lines.values())
 
 
+def test_methods_name_lists_the_options_with_their_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    """helper-122 found a plugin's options only through the error of a misspelt one: `unionseg methods NAME`
+    gives every option, its default and what the built-in recipe sets, the stages and the recipe file."""
+    import dataclasses
+
+    from unionseg.methods.mskd import MSKDOptions
+    from unionseg.training.recipes import default_recipe
+
+    assert run(["methods", "mskd"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:3] == ["mskd: Feng et al. 2021: the experts distil into one student (logits and features)",
+                       "stages before training: experts, teacher_probabilities", f"recipe: {default_recipe('mskd')}"]
+    assert [line.split()[0] for line in out[4:]] == [f.name for f in dataclasses.fields(MSKDOptions)]
+    assert "  tau = 2.0  (float)" in out and "  feature_regions = 'nearest'  (str)" in out
+    assert run(["methods", "naive"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["stages before training: none",
+                                                        f"recipe: {default_recipe('naive')}", "options: none"]
+    assert run(["methods", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
 def test_an_organ_annotated_without_its_tumour_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A test set that maps its liver label to the leaf 'liver' and annotates [liver] can never be scored on
     region:liver (the liver tumour might hide in its 0s): info says so and how to map it instead, and the

@@ -2311,9 +2311,17 @@ def test_plugin_loading_failures_and_a_plugin_without_a_recipe(tmp_path: Path, m
         monkeypatch.setenv("UNIONSEG_PLUGINS", "broken_plugin")
         for _ in range(2):  # and again: a failing plugin is not skipped on the next lookup
             with pytest.raises(ConfigError, match="UNIONSEG_PLUGINS: module 'broken_plugin' failed to import: "
-                                                  "RuntimeError: oops"):
+                                                  r"RuntimeError: oops \(at .*broken_plugin.py:8\)") as failed:  # the raise line
                 base.available_methods()
+            assert isinstance(failed.value.__cause__, RuntimeError)  # Python shows the plugin's own traceback
         assert "half_registered" not in base.METHODS
+        # a plugin found, importing a package that is not installed: that package is named (the hint was the
+        # plugin's own path; helper-122)
+        (plugins / "needy_plugin.py").write_text("import not_installed_package_xyz  # noqa\n")
+        monkeypatch.setenv("UNIONSEG_PLUGINS", "needy_plugin")
+        with pytest.raises(ConfigError, match="module 'needy_plugin' imports 'not_installed_package_xyz', which "
+                                              "cannot be imported"):
+            base.available_methods()
         monkeypatch.setenv("UNIONSEG_PLUGINS", "empty_plugin")
         with pytest.warns(UserWarning, match="module 'empty_plugin' registers no method"):
             base.available_methods()

@@ -164,11 +164,9 @@ def _load_plugins() -> None:
         except Exception as exc:  # noqa: BLE001 - ImportError, or the plugin's own (a name taken twice, a typo)
             for name in set(METHODS) - before:  # what it registered before it failed: the same error next time
                 del METHODS[name]
-            message = (f"{source}: cannot import module {module!r} ({exc}); is its folder on PYTHONPATH, or its "
-                       "package installed in this environment?" if isinstance(exc, ImportError) else
-                       f"{source}: module {module!r} failed to import: {type(exc).__name__}: {exc}")
+            message = _plugin_failure(source, module, exc)
             if source == PLUGINS_ENV:
-                raise ConfigError(message) from None
+                raise ConfigError(message) from exc  # Python shows the plugin's own traceback under it
             warnings.warn(message + "; its methods are unknown", UnionsegWarning, stacklevel=2)
             _plugins_loaded.add(module)  # said once: an installed package does not change within a run
             continue
@@ -178,6 +176,27 @@ def _load_plugins() -> None:
         if set(METHODS) == before and not any(c.__module__ == module for c in METHODS.values()):
             warnings.warn(f"{source}: module {module!r} registers no method (@register_method(\"NAME\") on a "
                           "Method subclass)", UnionsegWarning, stacklevel=2)
+
+
+def _plugin_failure(source: str, module: str, exc: Exception) -> str:
+    """The one line for a plugin module that failed to import: a module that is not there (the hint: the
+    path), one that imports a package that is not installed (named: the path hint sent users the wrong way;
+    helper-122), or an error of its own, with the file and line where it was raised."""
+    import traceback
+    from pathlib import Path
+
+    if isinstance(exc, ImportError):
+        missing = getattr(exc, "name", None)
+        if missing and missing != module and not module.startswith(f"{missing}."):
+            return (f"{source}: module {module!r} imports {missing!r}, which cannot be imported ({exc}): install it "
+                    "in this environment")
+        return (f"{source}: cannot import module {module!r} ({exc}); is its folder on PYTHONPATH, or its package "
+                "installed in this environment?")
+    here = Path(__file__).resolve().parents[1]  # the unionseg package: a frame of the plugin's own is wanted
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<")]
+    own = [f for f in frames if not Path(f.filename).resolve().is_relative_to(here)]
+    where = f" (at {own[-1].filename}:{own[-1].lineno})" if own else ""
+    return f"{source}: module {module!r} failed to import: {type(exc).__name__}: {exc}{where}"
 
 
 def get_method(name: str) -> type[Method]:

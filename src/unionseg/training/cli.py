@@ -52,13 +52,48 @@ def register(app: typer.Typer) -> None:
                           else "not validated (no validation case): the last step's weights"))
 
     @app.command()
-    def methods() -> None:
-        """List the available methods."""
+    def methods(
+        name: Annotated[Optional[str], typer.Argument(help="A method: its options with their defaults, its stages "
+                                                           "and its built-in recipe.", metavar="[METHOD]")] = None,
+    ) -> None:
+        """List the available methods, or describe one (its options, as train's options.NAME=VALUE)."""
         from unionseg.methods.base import available_methods, get_method, is_plugin
 
+        if name is not None:
+            _describe_method(name)
+            return
         names = available_methods()
         width = max(len(n) for n in names)
         for name in names:
             cls = get_method(name)
             origin = f" [plugin: {cls.__module__}]" if is_plugin(cls) else ""
             typer.echo(f"{name:<{width}}  {cls.summary}{origin}".rstrip())
+
+
+def _describe_method(name: str) -> None:
+    """``unionseg methods NAME``: what a method is, the stages it runs before training, its built-in recipe and
+    every option with its default (helper-122 found a plugin's options only through a misspelt one's error)."""
+    import dataclasses
+
+    from unionseg.methods.base import get_method, is_plugin
+    from unionseg.training.config import load_train_config
+    from unionseg.training.recipes import default_recipe
+
+    cls = get_method(name)  # an unknown name: ConfigError, naming the methods there are
+    typer.echo(f"{name}: {cls.summary}" + (f" [plugin: {cls.__module__}]" if is_plugin(cls) else ""))
+    before = [stage for stage in cls.stages if stage != "train"]
+    typer.echo("stages before training: " + (", ".join(before) if before else "none"))
+    typer.echo(f"recipe: {default_recipe(name)}")
+    fields = dataclasses.fields(cls.Options) if dataclasses.is_dataclass(cls.Options) else ()
+    if not fields:
+        typer.echo("options: none")
+        return
+    recipe = load_train_config(default_recipe(name), method=name).options  # what `train -m NAME` sets
+    typer.echo("options (the defaults; `unionseg train ... options.NAME=VALUE` changes one):")
+    for field in fields:
+        default = field.default if field.default is not dataclasses.MISSING else (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else "(required)")
+        kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
+        differs = f"; the recipe sets {recipe[field.name]!r}" if field.name in recipe and \
+            recipe[field.name] != default else ""
+        typer.echo(f"  {field.name} = {default!r}  ({kind}{differs})")
