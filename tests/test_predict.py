@@ -355,13 +355,18 @@ def _model_file(tmp_path: Path, spacing: float = 2.5, roi: tuple[int, int, int] 
     return save_model(tmp_path / "model.pt", _payload(tiny_space(), spec, roi))
 
 
+def _two_cts(folder: Path) -> None:
+    """Write two small int16 CTs into ``folder``: case0 (20 x 16 x 10) and case1 (16 x 16 x 12), 2 x 2 x 3 mm."""
+    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
+        write_image(folder / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+
+
 def test_cli_quiet_predict_prints_no_line_per_case(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from unionseg.cli import run
 
     model = _model_file(tmp_path)
     inputs = tmp_path / "cts"
-    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
-        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    _two_cts(inputs)
     assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "loud"), "--device", "cpu"]) == 0
     assert "[2/2] case1: wrote" in capsys.readouterr().err
     assert run(["predict", str(model), str(inputs), "-o", str(tmp_path / "quiet"), "--device", "cpu", "--quiet"]) == 0
@@ -375,8 +380,7 @@ def test_cli_predict_folder_and_refusals(tmp_path: Path, capsys: pytest.CaptureF
 
     model = _model_file(tmp_path)
     inputs = tmp_path / "cts"
-    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
-        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    _two_cts(inputs)
     outdir = tmp_path / "pred"
     assert run(["predict", str(model), str(inputs), "-o", str(outdir), "--device", "cpu", "--overlap", "0.25"]) == 0
     for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
@@ -424,8 +428,7 @@ def test_predict_folder_is_the_command_from_python(tmp_path: Path, capsys: pytes
 
     model = _model_file(tmp_path)
     inputs = tmp_path / "cts"
-    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
-        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    _two_cts(inputs)
     out = tmp_path / "pred"
     written = unionseg.predict_folder(model, inputs, out, device="cpu", progress=False)
     assert written == [out / "case0.nii.gz", out / "case1.nii.gz"]
@@ -459,8 +462,7 @@ def test_cli_skip_existing_finishes_skips_complete_cases_and_redoes_partial_ones
 
     model = _model_file(tmp_path)
     inputs = tmp_path / "cts"
-    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
-        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    _two_cts(inputs)
     out = tmp_path / "pred"
     base = ["predict", str(model), str(inputs), "-o", str(out), "--device", "cpu"]
     assert run([*base, "--probabilities"]) == 0
@@ -623,8 +625,7 @@ def test_cli_skip_existing_refuses_another_models_outputs(tmp_path: Path, capsys
     first = _model_file(tmp_path / "a")
     second = _model_file(tmp_path / "b", spacing=3.0)  # another model: another file
     inputs = tmp_path / "cts"
-    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
-        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    _two_cts(inputs)
     out = tmp_path / "pred"
     assert run(["predict", str(first), str(inputs / "case0.nii.gz"), "-o", str(out), "--device", "cpu"]) == 0
     assert nifti_description(out / "case0.nii.gz").endswith(f" model={model_id(first)}")
@@ -948,8 +949,7 @@ def test_cli_skip_existing_never_takes_ground_truth_for_a_finished_prediction(
 
     model = _model_file(tmp_path)
     inputs = tmp_path / "imagesTr"
-    for i, shape in enumerate([(20, 16, 10), (16, 16, 12)]):
-        write_image(inputs / f"case{i}.nii.gz", _ct(shape, i).astype(np.int16), Geometry.identity(shape, (2, 2, 3)))
+    _two_cts(inputs)
     labels_dir = tmp_path / "labelsTr"
     write_image(labels_dir / "case0.nii.gz", np.full((20, 16, 10), 3, np.uint8), Geometry.identity((20, 16, 10)))
     truth = (labels_dir / "case0.nii.gz").read_bytes()

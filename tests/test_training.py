@@ -1160,22 +1160,33 @@ tdist.destroy_process_group()
 """
 
 
-def test_the_logged_terms_are_the_mean_over_the_ranks() -> None:
-    """log.csv held rank 0's loss alone under torchrun: one process's batch, not the step's. A term one rank
-    lacks is the mean over the ranks that have it, and every rank gets the same row."""
+def _two_gloo_ranks(script: str) -> list[tuple[str, str]]:
+    """Run ``script`` (argv: rank, port) as the two ranks of a gloo process group; their (stdout, stderr), after
+    checking both exited 0. A rank left waiting in a collective is killed after two minutes."""
     import socket
 
-    from unionseg.training.distributed import mean_over_ranks
-
-    assert mean_over_ranks({"loss": 2.0}) == {"loss": 2.0}  # one process: its own values
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", _MEAN_RANK, str(r), str(port)], env=env,
+    ranks = [subprocess.Popen([sys.executable, "-c", script, str(r), str(port)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [rank.communicate(timeout=120) for rank in ranks]
+    try:
+        outs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:  # a rank left waiting must not outlive the test
+        for rank in ranks:
+            rank.kill()
     assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outs]
+    return outs
+
+
+def test_the_logged_terms_are_the_mean_over_the_ranks() -> None:
+    """log.csv held rank 0's loss alone under torchrun: one process's batch, not the step's. A term one rank
+    lacks is the mean over the ranks that have it, and every rank gets the same row."""
+    from unionseg.training.distributed import mean_over_ranks
+
+    assert mean_over_ranks({"loss": 2.0}) == {"loss": 2.0}  # one process: its own values
+    outs = _two_gloo_ranks(_MEAN_RANK)
     rows = [json.loads(out.splitlines()[-1]) for out, _ in outs]
     assert rows[0] == rows[1] == {"loss": 2.0, "dice": 0.375, "cross_task": 2.0}
 
@@ -1275,26 +1286,13 @@ tdist.destroy_process_group()
 def test_a_non_finite_loss_on_one_rank_stops_every_rank() -> None:
     """helper-118: the rank whose loss was NaN raised alone; the others waited in the step's next collective
     until torchrun killed them. In one process the check costs no collective."""
-    import socket
-
     from unionseg.errors import UnionsegError
     from unionseg.training.trainer import check_finite
 
     check_finite({"loss": 0.5, "dice": 0.25}, 3, torch.device("cpu"))
     with pytest.raises(UnionsegError, match=r"non-finite loss at step 3: \{'loss': inf\}; lower optim.lr"):
         check_finite({"loss": float("inf")}, 3, torch.device("cpu"))
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, "-c", _NONFINITE_RANK, str(r), str(port)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    try:
-        outs = [rank.communicate(timeout=120) for rank in ranks]
-    finally:  # a rank left waiting (the bug) must not outlive the test
-        for rank in ranks:
-            rank.kill()
-    assert all(rank.returncode == 0 for rank in ranks), [err[-2000:] for _, err in outs]
+    outs = _two_gloo_ranks(_NONFINITE_RANK)
     assert outs[0][0].strip() == ("non-finite loss at step 2 in another process of this torchrun run; lower "
                                   "optim.lr or check data")
     assert outs[1][0].strip() == "non-finite loss at step 2: {'loss': nan}; lower optim.lr or check data"
