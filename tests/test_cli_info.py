@@ -412,8 +412,8 @@ def test_a_usage_error_is_one_error_line_naming_the_help(capsys: pytest.CaptureF
     assert "Usage: unionseg" in captured.out + captured.err and "error:" not in captured.out + captured.err
 
 
-def test_info_on_an_image_or_label_map_gives_its_grid_and_values(tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_on_an_image_or_label_map_gives_its_grid_and_values(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """`unionseg info scan.nii.gz` read the image as a project file ("not a text (UTF-8) YAML file"); a user
     writing a project file's label map needs the values a label file holds, and their names."""
     import json
@@ -452,6 +452,13 @@ def test_info_on_an_image_or_label_map_gives_its_grid_and_values(tmp_path: Path,
         0: "background", 1: "liver", 3: "vessel"}
     write_image(tmp_path / "float.nii.gz", labels.astype(np.float32), geometry)
     assert set(image_summary(tmp_path / "float.nii.gz")["label_map"]["values"]) == {0, 1, 3}
+    # counted a chunk at a time (a large map is never copied whole as int64): the same counts
+    from unionseg import reports
+
+    whole = image_summary(tmp_path / "float.nii.gz")["label_map"]["values"]
+    monkeypatch.setattr(reports, "_CHUNK", 7)
+    assert image_summary(tmp_path / "float.nii.gz")["label_map"]["values"] == whole
+    assert {v: f["voxels"] for v, f in whole.items()} == {0: 384, 1: 93, 3: 3}
     write_image(tmp_path / "soft.nii.gz", labels.astype(np.float32) / 2, geometry)
     assert "label_map" not in image_summary(tmp_path / "soft.nii.gz")
     # an unreadable image is the usual one-line error, naming the file

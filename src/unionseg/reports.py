@@ -157,12 +157,15 @@ def model_summary(path: str | Path) -> dict[str, Any]:
 
 #: an integer volume with at most this many distinct values, none negative, is read as a label map
 LABEL_MAP_MAX_VALUES = 256
+#: voxels per pass of :func:`image_summary`, so that a 600-slice label map is not copied whole as int64
+_CHUNK = 1 << 22
 
 
 def image_summary(path: str | Path) -> dict[str, Any]:
     """What an image file (NIfTI, NRRD, MHA) or DICOM series holds (``unionseg info IMAGE``): its grid (shape,
     spacing, orientation, origin, extent), and either its intensity range or, for a label map (integer
-    voxels, none negative, at most :data:`LABEL_MAP_MAX_VALUES` values), each value's voxel count and
+    voxels, or float ones holding whole numbers, none negative, at most :data:`LABEL_MAP_MAX_VALUES` values),
+    each value's voxel count and
     volume; the class names and the model a label map of ``unionseg predict`` records. The values are what a
     project file's label map (``labels: {1: liver}``) maps.
 
@@ -189,10 +192,15 @@ def image_summary(path: str | Path) -> dict[str, Any]:
     }
     voxel_ml = float(np.prod(spacing)) / 1000.0
     low, high = (array.min(), array.max()) if array.size else (0, 0)
+    flat = array.reshape(-1)
+    chunks = [flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)]  # no whole-volume temporaries
     # integer voxels, or float ones that all hold whole numbers (some tools store label maps as float32)
-    whole = array.dtype.kind in "biu" or (array.dtype.kind == "f" and bool(np.all(np.mod(array, 1) == 0)))
+    whole = array.dtype.kind in "biu" or (
+        array.dtype.kind == "f" and all(bool(np.all(np.mod(c, 1) == 0)) for c in chunks))
     if whole and low >= 0 and high < 65536:
-        counts = np.bincount(array.reshape(-1).astype(np.int64), minlength=1)
+        counts = np.zeros(int(high) + 1, np.int64)
+        for chunk in chunks:
+            counts += np.bincount(chunk.astype(np.int64), minlength=len(counts))
         values = np.flatnonzero(counts)
         if len(values) <= LABEL_MAP_MAX_VALUES:
             names = nifti_label_names(path) if path.is_file() else None
