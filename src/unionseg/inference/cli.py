@@ -349,11 +349,10 @@ def predict_folder(
         not in it).
 
     Raises:
-        UnionsegError: a refused input or output (named), no input, or, with ``keep_going``, inputs that were
-            left out.
+        UnionsegError: a refused input or output, named (an existing output without ``overwrite`` or
+            ``skip_existing`` among them); no input; with ``keep_going``, inputs that were left out (the
+            error's ``written`` attribute then lists the label maps that were written).
         DataError: an unreadable input (without ``keep_going``).
-        (an existing output without ``overwrite`` or ``skip_existing`` is a :class:`UnionsegError` naming it; with
-        ``keep_going``, the error's ``written`` attribute lists the label maps that were written.)
     """
     import time
 
