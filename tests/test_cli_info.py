@@ -461,6 +461,23 @@ def test_info_on_an_image_or_label_map_gives_its_grid_and_values(tmp_path: Path,
     assert {v: f["voxels"] for v, f in whole.items()} == {0: 384, 1: 93, 3: 3}
     write_image(tmp_path / "soft.nii.gz", labels.astype(np.float32) / 2, geometry)
     assert "label_map" not in image_summary(tmp_path / "soft.nii.gz")
+    # predict's probability map (4D) and its channel list: what each channel holds, from the header and the list
+    from unionseg.inference.predictor import write_probabilities
+
+    with pytest.raises(ValueError, match=r"probs must be \(C, X, Y, Z\) = \(2, 10, 8, 6\)"):
+        write_probabilities(tmp_path / "c_probs.nii.gz", np.zeros((10, 8, 6, 2), np.float32), geometry,
+                            ["region:liver", "liver_tumour"])  # channels last: refused, nothing written
+    assert not (tmp_path / "c_probs.nii.gz").exists()
+    probs = np.zeros((2, 10, 8, 6), np.float32)
+    write_probabilities(tmp_path / "c_probs.nii.gz", probs, geometry, ["region:liver", "liver_tumour"],
+                        {"region:liver": "probability of the liver region", "liver_tumour": "of the tumour"},
+                        model="ab12cd34")
+    for given in ("c_probs.nii.gz", "c_probs.json"):
+        assert run(["info", str(tmp_path / given)]) == 0
+        assert capsys.readouterr().out.splitlines() == [
+            f"{tmp_path / given}: a probability map of unionseg predict (model ab12cd34), 10 x 8 x 6 x 2 at 2 x 2 x "
+            "5 mm", "  channel 0: region:liver (probability of the liver region)",
+            "  channel 1: liver_tumour (of the tumour)"]
     # an unreadable image is the usual one-line error, naming the file
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image")
     assert run(["info", str(tmp_path / "broken.nii.gz")]) == 2

@@ -173,8 +173,14 @@ def info(
 
     An image: its grid, and its intensities or, for a label map, each value's voxels, volume and name (what a project file's label map maps).
     """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
-    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, suffix_of
-    from unionseg.reports import print_image_info, print_model_info, print_project_info, print_run_info
+    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, predict_kind, suffix_of
+    from unionseg.reports import (
+        print_image_info,
+        print_model_info,
+        print_probability_info,
+        print_project_info,
+        print_run_info,
+    )
 
     if project.is_dir():
         if not (project / "config.yaml").exists() and any(is_dicom_file(f) for f in sorted(project.iterdir())[:50]
@@ -182,6 +188,9 @@ def info(
             print_image_info(project)  # a DICOM series folder
             return
         print_run_info(project)
+        return
+    if project.is_file() and predict_kind(project) in ("probabilities", "channels"):
+        print_probability_info(project)
         return
     if suffix_of(project) in IMAGE_SUFFIXES or is_dicom_file(project):
         print_image_info(project)

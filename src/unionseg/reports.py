@@ -223,6 +223,42 @@ def image_summary(path: str | Path) -> dict[str, Any]:
     return summary
 
 
+def print_probability_info(path: str | Path) -> dict[str, Any]:
+    """``unionseg info`` on a probability map of ``unionseg predict`` (``case_probs.nii.gz``, 4D) or its channel
+    list (``case_probs.json``): the grid and what each channel holds, read from the header and the list (no
+    voxels). It was "a 3D volume is required" for the map and an unknown key of a project file for the list.
+
+    Raises:
+        DataError: the list cannot be read.
+    """
+    import json
+
+    from unionseg.data.io import _nifti_header, strip_suffix
+    from unionseg.errors import DataError
+
+    path = Path(path)
+    listing = path if path.suffix == ".json" else path.with_name(strip_suffix(path) + ".json")
+    image = path.with_name(path.stem + ".nii.gz") if path.suffix == ".json" else path
+    try:
+        record = json.loads(listing.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the probability map's channel list ({exc})", listing) from None
+    summary: dict[str, Any] = {"path": str(path), "channel_list": str(listing), "model": record.get("model"),
+                               "channels": list(record.get("channels") or []),
+                               "meaning": dict(record.get("meaning") or {})}
+    header = _nifti_header(image) if image.is_file() else None  # the header alone: no voxels read
+    if header is not None:
+        summary["shape"] = [int(n) for n in header.get_data_shape()]
+        summary["spacing"] = [float(v) for v in header.get_zooms()[:3]]
+    shape = " x ".join(map(str, summary.get("shape", []))) or "its map not found beside it"
+    print(f"{path}: a probability map of unionseg predict (model {summary['model']}), {shape}"
+          + (f" at {' x '.join(f'{v:.4g}' for v in summary['spacing'])} mm" if "spacing" in summary else ""))
+    for k, name in enumerate(summary["channels"]):
+        meaning = summary["meaning"].get(name)
+        print(f"  channel {k}: {name}" + (f" ({meaning})" if meaning else ""))
+    return summary
+
+
 def print_image_info(path: str | Path) -> dict[str, Any]:
     """Print :func:`image_summary` on stdout and return it."""
     from rich.console import Console

@@ -846,6 +846,10 @@ def write_probabilities(path: str | Path, probs: np.ndarray, geometry: Geometry,
     import nibabel as nib
 
     path = Path(path)
+    if probs.ndim != 4 or tuple(probs.shape[1:]) != tuple(geometry.shape) or probs.shape[0] != len(names):
+        # a (X, Y, Z, C) array was written as a map of the wrong grid, without a word
+        raise ValueError(f"probs must be (C, X, Y, Z) = ({len(names)}, {', '.join(map(str, geometry.shape))}) for "
+                         f"{len(names)} names on this geometry, got {tuple(probs.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix_of(path) not in NIFTI_SUFFIXES:
         raise UnionsegError("probabilities are written as NIfTI: name the file .nii.gz or .nii", path)
