@@ -246,6 +246,22 @@ def test_methods_name_lists_the_options_with_their_defaults(capsys: pytest.Captu
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
+def test_methods_name_tells_a_recipes_option_values_from_their_defaults(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe's value is named where it differs from the default, and a list equal to a tuple default is the
+    default (the YAML list [8, 8] read as differing from the default (8, 8))."""
+    from unionseg.training import recipes
+
+    recipe = tmp_path / "dodnet.yaml"
+    recipe.write_text("method: dodnet\noptions: {head_widths: [8, 8], bce_weight: 0.5}\n")
+    monkeypatch.setattr(recipes, "default_recipe", lambda name: recipe)
+    assert run(["methods", "dodnet"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "  head_widths = [8, 8]  (tuple[int, ...])" in out
+    assert "  bce_weight = 1.0  (float; the recipe sets 0.5)" in out
+    assert sum("the recipe sets" in line for line in out) == 1
+
+
 def test_an_organ_annotated_without_its_tumour_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A test set that maps its liver label to the leaf 'liver' and annotates [liver] can never be scored on
     region:liver (the liver tumour might hide in its 0s): info says so and how to map it instead, and the

@@ -75,6 +75,7 @@ def _describe_method(name: str) -> None:
     every option with its default (helper-122 found a plugin's options only through a misspelt one's error)."""
     import dataclasses
 
+    from unionseg.config import to_dict
     from unionseg.methods.base import get_method, is_plugin
     from unionseg.training.config import load_train_config
     from unionseg.training.recipes import default_recipe
@@ -88,12 +89,12 @@ def _describe_method(name: str) -> None:
     if not fields:
         typer.echo("options: none")
         return
+    # as the trainer records them (plain values: a tuple default is the list a recipe or an override writes)
+    defaults = to_dict(cls.Options())
     recipe = load_train_config(default_recipe(name), method=name).options  # what `train -m NAME` sets
     typer.echo("options (the defaults; `unionseg train ... options.NAME=VALUE` changes one):")
     for field in fields:
-        default = field.default if field.default is not dataclasses.MISSING else (
-            field.default_factory() if field.default_factory is not dataclasses.MISSING else "(required)")
+        default = defaults[field.name]
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", str(field.type))
-        differs = f"; the recipe sets {recipe[field.name]!r}" if field.name in recipe and \
-            recipe[field.name] != default else ""
+        differs = f"; the recipe sets {recipe[field.name]!r}" if recipe.get(field.name, default) != default else ""
         typer.echo(f"  {field.name} = {default!r}  ({kind}{differs})")
