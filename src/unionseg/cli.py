@@ -173,7 +173,7 @@ def info(
 
     An image: its grid, and its intensities or, for a label map, each value's voxels, volume and name (what a project file's label map maps).
     """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
-    from unionseg.data.io import IMAGE_SUFFIXES, is_dicom_file, predict_kind, suffix_of
+    from unionseg.data.io import IMAGE_SUFFIXES, holds_dicom_files, is_dicom_file, predict_kind, suffix_of
     from unionseg.reports import (
         print_image_info,
         print_model_info,
@@ -183,8 +183,7 @@ def info(
     )
 
     if project.is_dir():
-        if not (project / "config.yaml").exists() and any(is_dicom_file(f) for f in sorted(project.iterdir())[:50]
-                                                          if f.is_file()):
+        if not (project / "config.yaml").exists() and holds_dicom_files(project):
             print_image_info(project)  # a DICOM series folder
             return
         print_run_info(project)

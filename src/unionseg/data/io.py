@@ -517,6 +517,11 @@ def is_dicom_file(path: str | Path) -> bool:
     return suf == ".dcm" or (suf not in IMAGE_SUFFIXES and _has_dicom_mark(Path(path)))
 
 
+def holds_dicom_files(folder: str | Path) -> bool:
+    """Whether a folder holds DICOM files (:func:`is_dicom_file`): a series to read as one image."""
+    return any(is_dicom_file(p) for p in Path(folder).iterdir() if p.is_file())
+
+
 def _has_dicom_mark(path: Path) -> bool:
     try:
         with open(path, "rb") as f:

@@ -50,7 +50,7 @@ from unionseg.data.io import (
     PREDICTION_DESCRIPTION,
     Geometry,
     fsync_file,
-    is_dicom_file,
+    holds_dicom_files,
     place_file,
     predict_kind,
     prediction_description,
@@ -767,7 +767,7 @@ class Predictor:
             raise UnionsegError("out_path names the label map's file (case.nii.gz, say), not a folder: "
                                 "predict_file writes one image's map (unionseg predict ... -o FOLDER writes "
                                 "a folder of them)", out_path)
-        if in_path.is_dir() and not any(is_dicom_file(p) for p in in_path.iterdir() if p.is_file()):
+        if in_path.is_dir() and not holds_dicom_files(in_path):
             held = sorted(p.name for p in in_path.iterdir() if suffix_of(p) in IMAGE_SUFFIXES)
             if held:  # a folder of cases, not a series (a series folder may hold a converted copy beside it)
                 raise DataError(f"a folder of {len(held)} image file(s) ({', '.join(held[:3])}"

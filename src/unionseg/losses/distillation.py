@@ -250,7 +250,6 @@ def _fused_kd_kl(student_logits: Tensor, targets: Sequence[Tensor], teacher_leav
     return _FusedKdKl.apply(student_logits, tuple(teachers), tau, need_grad)
 
 
-
 def kd_kl(
     student_logits: Tensor,
     teacher_probs: Tensor,

@@ -128,6 +128,11 @@ def _representative_leaf(space: LabelSpace, device: torch.device) -> Tensor:
 _TINY = 1e-30
 
 
+def _representatives(representative: Tensor, flat_codes: Tensor) -> Tensor:
+    """(B, V, 1) long: each voxel's code's representative leaf (its index along the leaves of (B, V, L))."""
+    return representative.index_select(0, flat_codes.reshape(-1)).reshape(flat_codes.shape[0], -1, 1)
+
+
 def _code_rows(flat_codes: Tensor, n_codes: int) -> Tensor:
     """(B * V,) long: each voxel's (sample, code) row, ``b * n_codes + code``."""
     offsets = torch.arange(flat_codes.shape[0], device=flat_codes.device).mul_(n_codes).unsqueeze(1)
@@ -176,8 +181,7 @@ class _SoftmaxCodeSums(torch.autograd.Function):
             merged = (p * table.index_select(0, rows).reshape(p.shape)).sum(-1)  # (B, V): P(admissible set)
             # where that underflows, -log p of the code's representative leaf from the log-softmax: exact for a
             # one-leaf set, an upper bound that keeps a gradient otherwise
-            rep = representative.index_select(0, flat_codes.reshape(-1)).reshape(batch, -1, 1)
-            nll = log_p.gather(-1, rep).squeeze(-1).neg_()
+            nll = log_p.gather(-1, _representatives(representative, flat_codes)).squeeze(-1).neg_()
             ce = torch.where(merged > _TINY, merged.clamp_min(_TINY).log().neg_(), nll).mean()
         # the codes rather than their rows and representatives (two more (B, V) int64 tensors held until backward)
         ctx.save_for_backward(p, flat_codes, admissible, representative, merged)
@@ -218,7 +222,7 @@ class _SoftmaxCodeSums(torch.autograd.Function):
         # (on a GPU without asking whether any voxel fell back: that answer is a read-back)
         if with_ce and (p.is_cuda or bool(fallback.any())):
             # elementwise rather than a scatter: deterministic and fast on a GPU under deterministic algorithms
-            rep = representative.index_select(0, flat_codes.reshape(-1)).reshape(batch, -1, 1)
+            rep = _representatives(representative, flat_codes)
             leaves = torch.arange(n_leaves, device=p.device)
             grad.sub_((leaves == rep).to(p.dtype).mul_(torch.where(fallback, c, torch.zeros_like(c)).unsqueeze(-1)))
         grad = grad.reshape(batch, *ctx.spatial, n_leaves).movedim(-1, 1)
