@@ -1518,9 +1518,48 @@ def test_resume_refuses_a_config_yaml_no_run_wrote_and_leaves_it(phantom_project
     train(phantom_project, _cfg("naive", 2), run, progress=False)
     for name in ("last.pt", "summary.json", "model.pt", "validation.json"):
         (run / name).unlink()
-    with pytest.raises(UnionsegError, match="already holds a run \\(config.yaml\\); resume it"):
-        train(phantom_project, _cfg("naive", 2), run, progress=False)  # a run's own record: resume it
     assert train(phantom_project, _cfg("naive", 2), run, resume=True, progress=False)["steps"] == 2
+
+
+def test_a_plain_rerun_starts_anew_over_a_run_that_kept_nothing(phantom_project: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that failed at its first step (out of memory, say) left config.yaml (and stages.json): the
+    corrected command was refused ("resume it") and --resume then refused the changed configuration, for a
+    folder holding nothing trained (helper-122). A plain rerun now starts a new run there, with a note; a
+    folder that kept anything of its own (a validation, a stage of the method's own) is still refused."""
+    from unionseg.errors import UnionsegError
+    from unionseg.training.trainer import SHARED_KEY
+
+    run = tmp_path / "run"
+
+    def fail(step: int, steps: int, terms: dict[str, float]) -> None:
+        raise RuntimeError("out of memory (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(phantom_project, _cfg("naive", 2), run, progress=False, on_step=fail)
+    assert not (run / "last.pt").exists() and (run / "config.yaml").is_file()
+    (run / "stages.json").write_text(json.dumps({SHARED_KEY: "/somewhere", "experts": {}}))  # shared stages only
+    with pytest.raises(UnionsegError, match="started with another configuration .*the same command without "
+                                            "--resume: that run kept nothing"):
+        train(phantom_project, _cfg("naive", 2, "data.batch_size=1"), run, resume=True, progress=False)
+    summary = train(phantom_project, _cfg("naive", 2, "data.batch_size=1"), run)  # a changed configuration
+    assert summary["steps"] == 2 and f"note: {run}: its run stopped before its first checkpoint (it left " \
+                                      "stages.json, config.yaml;" in capsys.readouterr().err
+    assert load_train_config(run / "config.yaml").data.batch_size == 1
+    assert not (run / "stages.json").exists()  # naive has no stages: the old record went with the old run
+    with pytest.raises(UnionsegError, match="already holds a run"):  # this one kept its model: refused
+        train(phantom_project, _cfg("naive", 2), run, progress=False)
+    for name in ("last.pt", "summary.json", "model.pt"):
+        (run / name).unlink()
+    for kept, stages in (("validation.json", None), (None, {"my_stage": {}}), (None, "not json")):
+        if stages is not None:
+            (run / "stages.json").write_text(stages if isinstance(stages, str) else json.dumps(stages))
+        assert kept is None or (run / kept).is_file()
+        before = (run / "config.yaml").read_bytes()
+        with pytest.raises(UnionsegError, match="already holds a run"):
+            train(phantom_project, _cfg("naive", 2), run, progress=False)
+        assert (run / "config.yaml").read_bytes() == before
+        (run / "validation.json").unlink(missing_ok=True)
 
 
 def test_under_ddp_a_rank_waits_for_an_artefact_it_does_not_see_instead_of_making_it_alone(

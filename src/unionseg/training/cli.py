@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train one network with a method (--method) on a prepared project; OUT/model.pt is what `unionseg predict` reads.
 
-        The run folder OUT gets the resolved configuration, checkpoints (last.pt), logs and the model file; a folder that holds a run is refused unless --resume goes on from its checkpoint.
+        The run folder OUT gets the resolved configuration, checkpoints (last.pt), logs and the model file; a folder that holds a run is refused unless --resume goes on from its checkpoint (a run stopped before its first checkpoint is started anew).
 
         Example: `unionseg train data/project.yaml -m cotraining -o runs/cot steps=1500`.
         """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks

@@ -247,6 +247,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             from unionseg.config import dump_yaml
 
+            if not self.resume:  # over a run that kept nothing (kept_nothing): its record of stages goes too
+                (self.run_dir / "stages.json").unlink(missing_ok=True)
             dump_yaml(to_dict(cfg), self.run_dir / "config.yaml")
         torch.manual_seed(cfg.seed + 1000 * dist.rank())
         np.random.seed(cfg.seed)
@@ -458,16 +460,20 @@ class Trainer:
             return
         if not self._same_but_run_settings(to_dict(before), config_hash(before)):
             changed = self._changes(to_dict(before))
+            held = [name for name in RUN_FILES if (self.run_dir / name).exists()]
+            anew = (" (or, to train this configuration here, the same command without --resume: that run kept "
+                    "nothing, and a new one starts in its place)" if kept_nothing(self.run_dir, held) else "")
             raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
                                   "resume with the same recipe and overrides "
                                   f"(`-c {shlex.quote(str(recorded))}` gives the "
-                                  "configuration it was started with), or start a new run folder", recorded)
+                                  f"configuration it was started with), or start a new run folder{anew}", recorded)
 
     def _run_stages(self, check_files: bool = True) -> None:
         """The method's stages before training that ``stages.json`` does not record as done, and (where
         ``check_files``) the shared ones it records whose files are gone."""
         path = self.run_dir / "stages.json"
-        done: dict[str, Any] = read_record(path) if path.exists() else {}
+        # a new run's stages start from none done (one started over a run that kept nothing, see kept_nothing)
+        done: dict[str, Any] = read_record(path) if self.resume and path.exists() else {}
 
         def record() -> None:
             if self.ctx.is_main:
@@ -1314,6 +1320,29 @@ RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml"
 RUN_RECORD_KEYS = frozenset({"method", "steps", "seed", "network", "optim", "data", "inference", "options"})
 
 
+def kept_nothing(run_dir: Path, held: list[str]) -> bool:
+    """Whether the run folder's run (its ``held`` :data:`RUN_FILES`) stopped before it kept anything of its
+    own: no checkpoint, model file, summary or validation, and no stage recorded done but the shared ones,
+    whose files live in the project's artefact cache (not here) and are found there again by key.
+
+    Such a folder (a run that failed at its first step, out of memory say, or was stopped while its experts
+    trained) is what a corrected command is rerun into: ``train`` without ``resume`` starts a new run in its
+    place, where it refused and ``--resume`` refused the changed configuration in turn (helper-122)."""
+    from unionseg.artifacts import ArtifactCache
+
+    if "config.yaml" not in held or not set(held) <= {"config.yaml", "stages.json"}:
+        return False
+    if (run_dir / "validation.json").exists() or read_run_record(run_dir / "config.yaml")[1]:
+        return False
+    if "stages.json" not in held:
+        return True
+    try:
+        done = read_record(run_dir / "stages.json")
+    except Exception:  # unreadable: not ours to replace
+        return False
+    return isinstance(done, dict) and all(k in ArtifactCache.STAGES or k == SHARED_KEY for k in done)
+
+
 def read_run_record(path: Path) -> tuple[Any, list[str]]:
     """A ``config.yaml``'s content (None when unreadable) and the :data:`RUN_RECORD_KEYS` it lacks (all of
     them when it is not a mapping): none for a file a run wrote."""
@@ -1392,8 +1421,9 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
           on_step: Callable[[int, int, dict[str, float]], Any] | None = None) -> dict[str, Any]:
     """Python entry point of ``unionseg train``: train ``cfg`` on the prepared project into ``run_dir``.
 
-    Without ``resume`` a folder that already holds a run is refused (nothing is overwritten); with it, an
-    empty or new folder starts a new run (with a note). A relative ``cfg.init_from`` is taken from the
+    Without ``resume`` a folder that already holds a run is refused (nothing is overwritten), unless that run
+    stopped before it kept anything (:func:`kept_nothing`: a new run starts in its place, with a note); with
+    it, an empty or new folder starts a new run (with a note). A relative ``cfg.init_from`` is taken from the
     working folder and recorded absolute, so the run's ``config.yaml`` replays it from anywhere.
 
     The process's random streams (Python, NumPy, torch's CPU stream, and the current GPU's where CUDA was
@@ -1441,12 +1471,15 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExistsError("the run folder (--out) exists and is not a folder", run_dir)
     held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    anew = False  # a plain rerun over a run that stopped before it kept anything (said once the folder is locked)
     if held and not resume:
         if held == ["config.yaml"] and read_run_record(run_dir / "config.yaml")[1]:
             raise OutputExistsError("run folder holds a config.yaml no run wrote (notes, a recipe?): move it, or "
                                     "train into another folder (nothing was overwritten)", run_dir)
-        raise OutputExistsError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
-                                "resume=True) or train into another folder (nothing was overwritten)", run_dir)
+        anew = kept_nothing(run_dir, held)
+        if not anew:
+            raise OutputExistsError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
+                                    "resume=True) or train into another folder (nothing was overwritten)", run_dir)
     if resume and not held and int(os.environ.get("RANK", "0")) == 0:  # before the process group: its env
         print(f"note: nothing to resume in {run_dir}; starting a new run", file=sys.stderr)
     from unionseg.training.checkpoint import rng_state, set_rng_state
@@ -1457,6 +1490,10 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         ctx = make_context(project_path, cfg, run_dir, roots, progress)
         try:
             with run_folder_lock(ctx.run_dir, ctx.device):
+                if anew and ctx.is_main and progress:
+                    print(f"note: {run_dir}: its run stopped before its first checkpoint (it left "
+                          f"{', '.join(held)}; shared artefacts stay in the project's cache): a new run starts in "
+                          "its place", file=sys.stderr)
                 result = Trainer(ctx, resume=resume, on_step=on_step).fit(stop_after=stop_after)
             # every rank finished before any tears its process group down (suspected cause of a rank-0 abort at
             # teardown seen once under load: its partner had already left); not on errors, where it could hang
