@@ -275,6 +275,16 @@ def test_finished_run_under_another_budget_is_refused_not_reused(tmp_path: Path)
         run_one(missing, changed, spec, 0, tmp_path, progress=False)
     assert str(done) in str(err.value)
     assert done.read_text() == before
+    # with the run's own record beside it, the refusal names what changed; a change that leaves the weights
+    # alone (the checkpoint interval, which a resume may change too) keeps the row
+    from unionseg.config import dump_yaml, to_dict
+
+    dump_yaml(to_dict(cfg), done.parent / "config.yaml")
+    with pytest.raises(ConfigError, match=f"another budget or options \\(steps: {cfg.steps} -> {cfg.steps + 1}\\)"):
+        run_one(missing, changed, spec, 0, tmp_path, progress=False)
+    interval = replace(suite, budget={**suite.budget, "ckpt_every": cfg.ckpt_every + 7})
+    assert run_one(missing, interval, spec, 0, tmp_path, progress=False)["name"] == "naive"
+    assert done.read_text() == before
     # a finished row whose method ran with other defaults (same recipe, so the same hash) is refused too,
     # naming the option; the same row recording today's defaults is reused
     cot = suite.runs(["cotraining"])[0]

@@ -218,15 +218,22 @@ def finished_result(suite: SuiteConfig, spec: RunSpec, seed: int, out: Path) -> 
         ConfigError: naming the run's ``result.json``.
     """
     from unionseg.config import config_hash, option_changes
+    from unionseg.training.trainer import config_changes, read_run_record, same_but_run_settings
 
     done = out / "runs" / spec.name / f"seed{seed}" / "result.json"
     cfg = _run_config(suite, spec, seed)
     finished: dict[str, Any] = json.loads(done.read_text())
     recorded = finished.get("provenance", {}).get("config_hash")
     if recorded is not None and recorded != config_hash(cfg):
-        raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options (config hash "
-                          f"{recorded}, the suite now gives {config_hash(cfg)}); its results are kept: "
-                          "benchmark into a new output folder, or move that run folder away to redo it", done)
+        # the run's own record says what changed; settings that leave the weights alone (the checkpoint
+        # interval, the logging, the loader workers) keep the row, as they let a resume go on
+        ran, lacks = read_run_record(done.parent / "config.yaml")
+        if lacks or not same_but_run_settings(cfg, ran, recorded):
+            changed = (config_changes(cfg, ran) if not lacks else "") or \
+                f"config hash {recorded}, the suite now gives {config_hash(cfg)}"
+            raise ConfigError(f"{spec.name} seed {seed} was run under another budget or options ({changed}); its "
+                              "results are kept: benchmark into a new output folder, or move that run folder "
+                              "away to redo it", done)
     ran = finished.get("resolved_options")  # absent in results written before options were recorded
     changed = "" if ran is None else option_changes(ran, resolved_options(spec), option_defaults(spec))
     if changed:

@@ -75,6 +75,51 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def same_but_run_settings(cfg: TrainConfig, recorded: Any, recorded_hash: str) -> bool:
+    """``cfg`` is the recorded configuration (``recorded_hash``), or differs from ``recorded`` (its
+    ``to_dict``) only in the device, the logging or checkpoint interval (neither changes the weights: a resumed
+    run ends as the run never stopped), the loader workers, in dataset weights of 1 given or left out (1 is the
+    default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from`` recorded
+    relative that names the same file from the working folder. What a resume and a benchmark's finished row
+    accept."""
+    if recorded_hash == config_hash(cfg):
+        return True
+    same = as_recorded(cfg, recorded)
+    return same is not None and config_hash(same) == recorded_hash
+
+
+def as_recorded(cfg: TrainConfig, recorded: Any) -> TrainConfig | None:
+    """``cfg`` with the settings :func:`same_but_run_settings` lets differ taken from ``recorded``; None when
+    ``recorded`` cannot say them (an older record)."""
+    import dataclasses
+
+    if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
+        return None
+    try:
+        weights = dict(recorded["data"].get("dataset_weights") or {})
+        if _weighted(weights) != _weighted(cfg.data.dataset_weights):
+            weights = dict(cfg.data.dataset_weights)  # a change that matters: kept, so that it shows
+        start = recorded.get("init_from")  # relative when a Python call before session 27 started the run
+        if start is not None and cfg.init_from is not None and not Path(start).is_absolute() and \
+                str(Path(start).expanduser().resolve()) == cfg.init_from:
+            start_as = start
+        else:
+            start_as = cfg.init_from
+        return dataclasses.replace(cfg, device=recorded["device"], log_every=recorded["log_every"],
+                                   ckpt_every=recorded["ckpt_every"],
+                                   init_from=start_as,
+                                   data=dataclasses.replace(cfg.data, dataset_weights=weights,
+                                                            num_workers=recorded["data"]["num_workers"]))
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def config_changes(cfg: TrainConfig, recorded: dict[str, Any]) -> str:
+    """What differs between ``recorded`` (a configuration's ``to_dict``) and ``cfg`` among the settings
+    :func:`same_but_run_settings` does not let differ, as ``key: before -> after`` items."""
+    return describe_changes(_flatten(recorded), _flatten(to_dict(as_recorded(cfg, recorded) or cfg)))
+
+
 def _match_state_layouts(optimizer: torch.optim.Optimizer) -> None:
     """Lay each optimiser state tensor out like its parameter: ``load_state_dict`` moves the state to the
     parameter's device and dtype but keeps the checkpoint's memory layout, so a run resumed on another device
@@ -458,7 +503,7 @@ class Trainer:
             before = load_train_config(recorded)
         except Exception:  # a record this version cannot read back: nothing to compare
             return
-        if not self._same_but_run_settings(to_dict(before), config_hash(before)):
+        if not same_but_run_settings(self.cfg, to_dict(before), config_hash(before)):
             changed = self._changes(to_dict(before))
             held = [name for name in RUN_FILES if (self.run_dir / name).exists()]
             anew = (" (or, to train this configuration here, the same command without --resume: that run kept "
@@ -537,7 +582,7 @@ class Trainer:
         """Refuse a checkpoint of another configuration or of other method defaults. Where the run goes on
         (``device``), how often it logs and how many loader workers it uses may differ: they leave the
         trained weights alone, and a run stopped on one GPU (out of memory) may go on on another."""
-        if not self._same_but_run_settings(state.get("config"), state["config_hash"]):
+        if not same_but_run_settings(self.cfg, state.get("config"), state["config_hash"]):
             from unionseg.errors import CheckpointError
 
             recorded = state.get("config")  # the full recipe the run was started with
@@ -604,48 +649,12 @@ class Trainer:
                           "re-prepared or copied without their times); training goes on with them as they are now",
                           UnionsegWarning, stacklevel=2)
 
-    def _same_but_run_settings(self, recorded: Any, recorded_hash: str) -> bool:
-        """This run's configuration is the recorded one (``recorded_hash``), or differs from ``recorded`` only
-        in the device, the logging or checkpoint interval (neither changes the weights: a resumed run ends as
-        the run never stopped), the loader workers, in dataset weights of 1 given or left out
-        (1 is the default weight: ``{liver: 1, kidney: 2}`` trains as ``{kidney: 2}``), or in an ``init_from``
-        recorded relative that names the same file from the working folder."""
-        if recorded_hash == config_hash(self.cfg):
-            return True
-        same = self._as_recorded(recorded)
-        return same is not None and config_hash(same) == recorded_hash
-
-    def _as_recorded(self, recorded: Any) -> TrainConfig | None:
-        """This run's configuration with the settings a resume may change (see :meth:`_same_but_run_settings`)
-        taken from ``recorded``; None when ``recorded`` cannot say them (an older record)."""
-        import dataclasses
-
-        if not isinstance(recorded, dict):  # a checkpoint of a version that did not record it
-            return None
-        try:
-            weights = dict(recorded["data"].get("dataset_weights") or {})
-            if _weighted(weights) != _weighted(self.cfg.data.dataset_weights):
-                weights = dict(self.cfg.data.dataset_weights)  # a change that matters: kept, so that it shows
-            start = recorded.get("init_from")  # relative when a Python call before session 27 started the run
-            if start is not None and self.cfg.init_from is not None and not Path(start).is_absolute() and \
-                    str(Path(start).expanduser().resolve()) == self.cfg.init_from:
-                start_as = start
-            else:
-                start_as = self.cfg.init_from
-            return dataclasses.replace(self.cfg, device=recorded["device"], log_every=recorded["log_every"],
-                                       ckpt_every=recorded["ckpt_every"],
-                                       init_from=start_as,
-                                       data=dataclasses.replace(self.cfg.data, dataset_weights=weights,
-                                                                num_workers=recorded["data"]["num_workers"]))
-        except (AttributeError, KeyError, TypeError, ValueError):
-            return None
-
     def _changes(self, recorded: dict[str, Any]) -> str:
         """What differs from ``recorded`` among the settings a resume may NOT change: the refusal listed the
         device, the logging interval and the workers too, which are allowed (helper-77). A longer run says
         how to get one (a new run from this one's weights)."""
-        before, after = _flatten(recorded), _flatten(to_dict(self._as_recorded(recorded) or self.cfg))
-        changed = describe_changes(before, after)
+        changed = config_changes(self.cfg, recorded)
+        before, after = _flatten(recorded), _flatten(to_dict(as_recorded(self.cfg, recorded) or self.cfg))
         if {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)} == {"steps"}:
             model = shlex.quote(str((self.run_dir / "model.pt").absolute()))
             if (self.run_dir / "model.pt").is_file():
