@@ -218,7 +218,7 @@ def test_an_image_without_the_channel_tag_among_tagged_ones_is_named(tmp_path: P
     for i, name in enumerate(("a", "b")):
         write_tiny_case(two / "imagesTr" / f"{name}_0000.nii.gz", two / "labelsTr" / f"{name}.nii.gz", seed=i)
         shutil.copy(two / "imagesTr" / f"{name}_0000.nii.gz", two / "imagesTr" / f"{name}_0001.nii.gz")
-    with pytest.raises(DataError) as info:
+    with pytest.raises(DataError, match="is channel 0001 of a case whose _0000 image is here") as info:
         scan_dataset("ds", two)
     assert "rename it" not in str(info.value) and "lacks the channel suffix" not in str(info.value)
 

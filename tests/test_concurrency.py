@@ -233,7 +233,7 @@ def test_lock_is_reentrant_in_one_process_and_exclusive_across_processes(tmp_pat
             assert not free_for_another_process()
         assert not free_for_another_process()  # the inner release keeps the outer hold
     assert free_for_another_process()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
         FileLock(path, "x").acquire(timeout=-1)
 
 

@@ -276,7 +276,8 @@ def test_from_dict_to_dict_round_trip_and_overrides(tmp_path: Path) -> None:
     changed = apply_overrides(recipe, ["inner.steps=20", "tag=best", "output=runs/b", "widths=[2, 4]"])
     assert changed.inner.steps == 20 and changed.tag == "best" and changed.output == Path("runs/b")
     assert changed.widths == (2, 4)
-    assert config_hash(changed) != config_hash(recipe) and config_hash(recipe) == config_hash(recipe)
+    rebuilt = from_dict(_Recipe, load_yaml(tmp_path / "r.yaml"))  # another object, the same settings
+    assert config_hash(changed) != config_hash(recipe) and config_hash(rebuilt) == config_hash(recipe)
     with pytest.raises(ConfigError, match=r"unknown key 'stepz' \(known: rate, steps\)"):
         apply_overrides(recipe, ["inner.stepz=3"])
     with pytest.raises(ConfigError, match="must look like key=value"):

@@ -230,6 +230,8 @@ def test_label_on_another_grid_is_refused_naming_both_files(tmp_path: Path, shif
             "entries and 0.1 voxel at the grid's corners)" in message, message
         assert message.endswith("give it the image's header (SimpleITK's CopyInformation, or nibabel with the "
                                 "image's affine)")
+    else:  # the crop: a shape that differs, both shapes named
+        assert "label shape (3, 5, 6) differs from image shape (4, 5, 6)" in message, message
     # twin: the unshifted grid is accepted
     if transpose != "crop":
         ok, ok_geom = _flip_transpose(label, geom) if transpose else (label, geom)
@@ -243,6 +245,44 @@ def test_dtype_is_kept(tmp_path: Path, suffix: str, dtype: type) -> None:
     array = (np.arange(24).reshape(2, 3, 4) - 5).astype(dtype) if np.dtype(dtype).kind != "u" else \
         np.arange(24, dtype=dtype).reshape(2, 3, 4)
     _round_trip(array, Geometry(array.shape, _pir_affine()), tmp_path / f"a{suffix}")
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_nrrd_and_mha_are_written_in_lps_as_itk_reads_them(tmp_path: Path, suffix: str) -> None:
+    """NRRD and MHA hold LPS coordinates (ITK's), the project's affines RAS: the file SimpleITK reads has x
+    and y negated, origin and direction. A round trip through our own reader and writer cannot see a sign
+    lost both ways (a mirrored image would pass; helper-124), so the file is read here by SimpleITK itself,
+    and a file SimpleITK wrote by our reader."""
+    sitk = pytest.importorskip("SimpleITK")
+    array = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    write_image(tmp_path / f"ours{suffix}", array, Geometry(array.shape, _pir_affine()))
+    itk = sitk.ReadImage(str(tmp_path / f"ours{suffix}"))
+    lps = np.diag([-1.0, -1.0, 1.0])
+    direction = _pir_affine()[:3, :3] / np.linalg.norm(_pir_affine()[:3, :3], axis=0)
+    np.testing.assert_allclose(itk.GetOrigin(), lps @ _pir_affine()[:3, 3], atol=1e-6)  # (-3, -4, 5)
+    np.testing.assert_allclose(np.reshape(itk.GetDirection(), (3, 3)), lps @ direction, atol=1e-6)
+    np.testing.assert_allclose(itk.GetSpacing(), (0.7, 2.0, 1.1), atol=1e-6)
+    assert sitk.GetArrayFromImage(itk)[4, 3, 2] == array[2, 3, 4]  # ITK's arrays are (z, y, x)
+    theirs = sitk.GetImageFromArray(np.transpose(array, (2, 1, 0)))
+    theirs.SetOrigin((10.0, 20.0, 30.0))
+    theirs.SetSpacing((1.5, 2.0, 2.5))
+    sitk.WriteImage(theirs, str(tmp_path / f"theirs{suffix}"))
+    back, geom = read_image(tmp_path / f"theirs{suffix}")
+    assert np.array_equal(back, array) and geom.orientation() == "LPS"
+    np.testing.assert_allclose(geom.affine, [[-1.5, 0, 0, -10.0], [0, -2.0, 0, -20.0], [0, 0, 2.5, 30.0],
+                                             [0, 0, 0, 1]], atol=1e-9)
+
+
+def test_a_dicom_series_reads_in_ras(tmp_path: Path) -> None:
+    """A series whose slices lie at (0, 0, 3k) mm in the patient's LPS frame, rows along +x: in RAS the
+    columns and rows run toward -x and -y. The series tests compared our reader with itself (helper-124)."""
+    pytest.importorskip("SimpleITK")
+    from conftest import write_dicom_series
+
+    write_dicom_series(tmp_path / "series", shape=(16, 16, 6))
+    array, geom = read_image(tmp_path / "series")
+    assert array.shape == (16, 16, 6) and geom.orientation() == "LPS"
+    np.testing.assert_allclose(geom.affine, np.diag([-2.0, -2.0, 3.0, 1.0]), atol=1e-6)
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])

@@ -234,6 +234,10 @@ def test_merge_softmax_threshold_none_is_group_argmax_against_background(space: 
     leaf_probs = torch.softmax(2.0 * torch.randn(space.n_leaves, 4, 5, 6), dim=0)
     out = merge_softmax(leaf_probs, space, threshold=None)
     regions, _, _ = softmax_to_groups(leaf_probs, space)
+    # a region is the sum of its group's leaves, computed here, not taken on trust from softmax_to_groups
+    # (a region of the organ leaf alone passed every test here; helper-124)
+    assert torch.allclose(regions, torch.stack([leaf_probs[list(g.leaf_ids)].sum(0) for g in space.groups]))
+    assert any(len(g.leaf_ids) > 1 for g in space.groups)
     winner = torch.argmax(torch.cat([leaf_probs[:1], regions]), dim=0)  # 0 = background, g + 1 = group g
     expected = torch.zeros_like(out)
     for grp in space.groups:
@@ -243,6 +247,13 @@ def test_merge_softmax_threshold_none_is_group_argmax_against_background(space: 
         expected[inside] = best[inside].to(torch.uint8)
     assert torch.equal(out, expected)
     assert (out == 0).any() and (out != 0).any()
+    # by hand: the liver leaf (0.25) and its tumour (0.35) each below background (0.4), their region (0.6)
+    # above it: the voxel is the liver group's, and the tumour beats the organ inside it
+    hand = torch.zeros(space.n_leaves, 1, 1, 1)
+    hand[0], hand[space.leaf_id("liver")], hand[space.leaf_id("liver_tumour")] = 0.4, 0.25, 0.35
+    assert merge_softmax(hand, space, threshold=None).item() == space.leaf_id("liver_tumour")
+    assert merge_softmax(hand, space, threshold=0.5).item() == space.leaf_id("liver_tumour")
+    assert merge_softmax(hand, space, threshold=0.7).item() == 0  # the region below the threshold: background
     # twin: threshold 0.5 refuses a winning group whose region sum is not above 0.5
     out_05 = merge_softmax(leaf_probs, space, threshold=0.5)
     best_r = regions.max(0).values

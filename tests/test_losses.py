@@ -132,7 +132,7 @@ def test_ce_dice_matches_soft_dice_on_one_hot() -> None:
 
 def test_one_hot_rejects_float_labels() -> None:
     assert one_hot(torch.tensor([[0, 2]]), 3).shape == (1, 3, 2)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="labels must be an integer tensor"):
         one_hot(torch.tensor([[0.0, 2.0]]), 3)
 
 
@@ -391,6 +391,15 @@ def test_marginal_is_float32_under_autocast(space: LabelSpace) -> None:
         low = marginal_loss(logits.bfloat16(), codes, annotated, space)
     assert low["dice"].dtype == torch.float32
     assert low["dice"].item() == pytest.approx(reference["dice"].item(), abs=2e-2)
+    # float32 logits under autocast: the loss's sums stay in float32 (bf16 ones differ by ~1e-4 here; the
+    # bf16 input above cannot tell, its own rounding dominates; helper-123)
+    logits = torch.randn(1, space.n_leaves, 32, 32, 32)
+    codes = torch.randint(0, space.n_leaves, (1, 32, 32, 32))
+    reference = marginal_loss(logits, codes, annotated, space)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = marginal_loss(logits, codes, annotated, space)
+    for term in ("ce", "dice"):
+        assert under[term].item() == pytest.approx(reference[term].item(), rel=1e-6), term
 
 
 # ---------------------------------------------------------------------------------------------- exclusion
@@ -426,9 +435,9 @@ def test_exclusion_zero_only_when_unannotated_leaves_avoid_annotated_organs(spac
 
 
 def test_marginal_module_validates_and_adds_exclusion(space: LabelSpace) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ce_weight must be >= 0"):
         MarginalLoss(space, ce_weight=-1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one of ce_weight, dice_weight, exclusion_weight"):
         MarginalLoss(space, ce_weight=0.0, dice_weight=0.0, exclusion_weight=0.0)
     loss = MarginalLoss(space, exclusion_weight=0.5)
     codes = torch.zeros(1, 3, 3, 3, dtype=torch.long)
@@ -465,9 +474,9 @@ def test_inverse_frequency_weights() -> None:
 
 
 def test_focal_module_rejects_invalid_options() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gamma must be >= 0"):
         FocalLoss(gamma=-1.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="class_weights must be a 1-D tensor of non-negative"):
         FocalLoss(class_weights=torch.tensor([1.0, -1.0]))
     module = FocalLoss(class_weights=torch.tensor([1.0, 2.0]))
     assert module(torch.randn(1, 2, 4), torch.tensor([[0, 1, 1, 0]])).item() > 0
@@ -500,7 +509,7 @@ def test_sigmoid_rampup() -> None:
     assert sigmoid_rampup(100, 100) == 1.0
     assert sigmoid_rampup(500, 100) == 1.0
     assert sigmoid_rampup(3, 0) == 1.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="rampup_steps must be >= 0"):
         sigmoid_rampup(3, -1)
 
 
@@ -531,7 +540,7 @@ def test_masked_sigmoid_value_by_hand() -> None:
     terms = masked_sigmoid_dice_bce(logits, targets, torch.tensor([[True]]))
     assert terms["bce"].item() == pytest.approx((-math.log(0.5) - math.log(0.75)) / 2, abs=1e-6)
     assert terms["dice"].item() == pytest.approx(1 - dice(0.75, 2.25), abs=1e-6)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="dice_weight and bce_weight cannot both be 0"):
         MaskedSigmoidDiceBCE(dice_weight=0.0, bce_weight=0.0)
     assert MaskedSigmoidDiceBCE(bce_weight=0.0)(logits, targets, torch.tensor([[True]]))["bce"].item() == 0.0
 
@@ -658,9 +667,9 @@ def test_map_to_teacher_sums_the_rest() -> None:
     probs = torch.tensor([0.1, 0.2, 0.3, 0.4]).reshape(1, 4, 1)
     mapped = map_to_teacher(probs, [3, 1])
     assert mapped[0, :, 0].tolist() == pytest.approx([0.1 + 0.3, 0.4, 0.2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be foreground leaf ids"):
         map_to_teacher(probs, [0, 1])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="has duplicates"):
         map_to_teacher(probs, [1, 1])
 
 
@@ -866,7 +875,18 @@ def test_downsample_mask_modes_and_feature_loss() -> None:
     mask[0, 0, 0, 0] = True
     assert downsample_mask(mask, (2, 2, 2), "max")[0, 0, 0, 0]
     assert downsample_mask(mask, (2, 2, 2), "max").sum() == 1
-    assert not downsample_mask(mask, (2, 2, 2), "nearest")[0, 1, 1, 1]
+    assert downsample_mask(mask, (2, 2, 2), "nearest")[0, 0, 0, 0]  # voxel (0,0,0) is the one nearest samples
+    # a voxel nearest sampling skips (source indices 0 and 2 along each axis): max keeps it, nearest drops it
+    # (the corner voxel above cannot tell the two modes apart; helper-123)
+    odd = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    odd[0, 1, 1, 1] = True
+    assert downsample_mask(odd, (2, 2, 2), "nearest").sum() == 0
+    assert downsample_mask(odd, (2, 2, 2), "max")[0, 0, 0, 0] and downsample_mask(odd, (2, 2, 2), "max").sum() == 1
+    # a partition stays a partition under nearest: every coarse voxel in exactly one of two complementary masks
+    half = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    half[0, :, :2] = True
+    both = downsample_mask(half, (2, 2, 2), "nearest").int() + downsample_mask(~half, (2, 2, 2), "nearest").int()
+    assert torch.equal(both, torch.ones(1, 2, 2, 2, dtype=torch.int))
     with pytest.raises(ValueError, match="mode"):
         downsample_mask(mask, (2, 2, 2), "mean")
     torch.manual_seed(9)

@@ -77,7 +77,7 @@ def test_average_receives_no_gradient() -> None:
 
 def test_decay_from_half_life() -> None:
     assert math.isclose(decay_from_half_life(10) ** 10, 0.5)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="half_life_steps must be positive"):
         decay_from_half_life(0)
 
 

@@ -60,7 +60,7 @@ def image(batch: int = 2, seed: int = 1, size: int = SIZE) -> torch.Tensor:
 # ------------------------------------------------------------------ blocks
 def test_group_count_adapts_to_narrow_widths() -> None:
     assert [group_count(c) for c in (1, 2, 4, 6, 8, 16, 32, 64, 256)] == [1, 1, 2, 3, 4, 8, 16, 16, 16]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="must be positive"):
         group_count(0)
 
 
@@ -91,7 +91,7 @@ def test_weight_standardisation_per_output_channel() -> None:
     expected = F.conv3d(x, conv.standardized_weight(), None, 1, 1)
     assert torch.allclose(conv(x), expected, atol=1e-5)
     assert not torch.allclose(conv(x), F.conv3d(x, conv.weight, None, 1, 1), atol=1e-2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 2 weights per output channel"):
         WSConv3d(1, 4, 1)  # one weight per output channel cannot be standardised
 
 
@@ -143,7 +143,7 @@ def test_features_upto_matches_full_forward(spec: dict[str, Any]) -> None:
         assert torch.allclose(backbone.features_upto(x, -1), full.last, atol=1e-6)
         # a different stage is a different tensor (the check above can fail)
         assert backbone.features_upto(x, 0).shape != full.last.shape
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="out of range for"):
         backbone.features_upto(x, backbone.n_decoder_stages)
 
 
@@ -503,19 +503,26 @@ def test_conditional_backbone_gets_task_code_channels() -> None:
 
 
 @pytest.mark.parametrize(
-    "spec",
+    "spec,problem",
     [
-        {"backbone": {"name": "resnet"}, "head": {"name": "softmax", "out_channels": 2}},
-        {"backbone": {"name": "resunet", "preset": "huge"}, "head": {"name": "softmax", "out_channels": 2}},
-        {"backbone": {"name": "resunet", "width": 3}, "head": {"name": "softmax", "out_channels": 2}},
-        {"backbone": {"name": "resunet", "widths": [4, 8], "blocks": [1]}, "head": {"name": "softmax", "out_channels": 2}},
-        {"backbone": {"name": "resunet"}, "head": {"name": "dynamic", "out_channels": 2}},
-        {"backbone": {"name": "resunet"}, "head": {"name": "softmax", "out_channels": 0}},
-        {"backbone": {"name": "resunet"}, "head": {"name": "softmax", "out_channels": 2, "n_tasks": 2}},
+        ({"backbone": {"name": "resnet"}, "head": {"name": "softmax", "out_channels": 2}},
+         "network.backbone must be one of"),
+        ({"backbone": {"name": "resunet", "preset": "huge"}, "head": {"name": "softmax", "out_channels": 2}},
+         "network.preset must be one of"),
+        ({"backbone": {"name": "resunet", "width": 3}, "head": {"name": "softmax", "out_channels": 2}},
+         r"unknown keys \['width'\]"),
+        ({"backbone": {"name": "resunet", "widths": [4, 8], "blocks": [1]}, "head": {"name": "softmax", "out_channels": 2}},
+         "must have one entry per width"),
+        ({"backbone": {"name": "resunet"}, "head": {"name": "dynamic", "out_channels": 2}},
+         "n_tasks is required for the dynamic head"),
+        ({"backbone": {"name": "resunet"}, "head": {"name": "softmax", "out_channels": 0}},
+         "out_channels must be a positive integer"),
+        ({"backbone": {"name": "resunet"}, "head": {"name": "softmax", "out_channels": 2, "n_tasks": 2}},
+         r"unknown keys \['n_tasks'\] for softmax"),
     ],
 )
-def test_build_network_rejects_bad_specs(spec: dict[str, Any]) -> None:
-    with pytest.raises(ConfigError):
+def test_build_network_rejects_bad_specs(spec: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem):
         build_network(spec)
 
 

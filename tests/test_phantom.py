@@ -244,9 +244,13 @@ def test_tumours_lie_in_their_organ_and_some_cases_have_none(tiny: Path) -> None
             tumour = labels == tumour_id
             counts[name][int(tumour.any())] += 1
             comps, n = ndimage.label(tumour, FACE)
-            organ_ring = ndimage.binary_dilation(labels == organ_id, FACE)
             for c in range(1, n + 1):
-                assert (organ_ring & (comps == c)).any(), f"{truth.name}: a {name} outside its organ"
+                # the voxels around the tumour are mostly its organ's (touching the organ by one voxel passed a
+                # tumour lying outside it; helper-124): at least a fifth, as a tumour at the organ's edge
+                # (exophytic) has background around part of it (0.26 the least in the tiny phantom, seed 0)
+                comp = comps == c
+                ring = ndimage.binary_dilation(comp, FACE) & ~comp
+                assert (labels[ring] == organ_id).mean() >= 0.2, f"{truth.name}: a {name} outside its organ"
     for name, (without, with_) in counts.items():
         assert without > 0 and with_ > 0, name
     recorded = sum(r["tumours"]["liver_tumour"] for r in gen["cases"])

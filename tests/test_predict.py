@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,12 @@ def test_softmax_decision_equals_labels_merge(threshold: float | None) -> None:
     ours = decider.labels(probs)
     np.testing.assert_array_equal(ours.numpy(), merge_softmax(probs, space, threshold=threshold).numpy())
     assert len(set(np.unique(ours.numpy()))) >= 5
+    # the tie rules by hand (merge calls them the same on every device; comparing the decision with merge
+    # alone compares merge with itself, helper-124): liver's and kidney's regions both 0.5 on the first
+    # plane; at threshold 0.5 background wins the tie, against background (0) the first group listed wins,
+    # and inside it the organ beats its tied tumour; on the second plane background's 0.5 beats every region
+    assert torch.all(ours[0, 0, :] == (0 if threshold is not None else space.leaf_id("liver")))
+    assert torch.all(ours[0, 1, :] == 0)
     argmax = _Decider(space, "softmax", space.names, "argmax", threshold).labels(probs)
     np.testing.assert_array_equal(argmax.numpy(), probs.argmax(0).numpy())
     assert not torch.equal(argmax, ours)  # twin: the merge is not the argmax
@@ -124,9 +131,15 @@ def test_sigmoid_decision_equals_labels_merge() -> None:
     g, p = space.n_groups, len(space.part_ids)
     probs = torch.rand(g + p, 11, 7, 5, generator=gen)
     probs[:, 0] = 0.5  # ties everywhere on one plane
+    probs[:g, 1], probs[g:, 1] = 0.7, 0.5  # every region tied above the threshold, every part tied with its organ
     channels = space.region_keys() + space.part_keys()
     decider = _Decider(space, "sigmoid", channels, "merge", 0.5)
-    np.testing.assert_array_equal(decider.labels(probs).numpy(), merge(probs[:g], probs[g:], space).numpy())
+    ours = decider.labels(probs)
+    np.testing.assert_array_equal(ours.numpy(), merge(probs[:g], probs[g:], space).numpy())
+    # by hand: at the threshold background wins; among tied regions the first group (liver), and its organ
+    # leaf (1 - max part = 0.5) against its tied parts
+    assert torch.all(ours[0] == 0) and torch.all(ours[1] == space.leaf_id("liver"))
+    assert len(set(np.unique(ours.numpy()))) >= 5
 
 
 # ---------------------------------------------------------------------- the map back
@@ -206,10 +219,15 @@ def test_tta_mirrors_every_window() -> None:
     pred2 = Predictor(asym, tiny_space(), spec, inference=ROI, device="cpu")
     with_tta = pred2.sliding_window_logits(prepared, tta=True)
     assert float((with_tta - pred2.sliding_window_logits(prepared)).abs().max()) > 1e-3
+    # on a volume of one window, TTA is the mean of the 8 mirror images' logits, each flipped back
+    # (the check above passed with a single mirror image kept; helper-124)
+    one = prepared[:16, :16, :16].copy()
     with torch.inference_mode():
-        x = torch.from_numpy(prepared)[None, None]
-        flipped = torch.flip(asym(torch.flip(x, (2, 4))), (2, 4))
-    assert with_tta.shape == flipped[0].shape
+        x = torch.from_numpy(one)[None, None]
+        subsets = [d for k in range(4) for d in itertools.combinations((2, 3, 4), k)]
+        expected = sum(torch.flip(asym(torch.flip(x, d)), d) if d else asym(x) for d in subsets) / len(subsets)
+    assert len(subsets) == 8
+    torch.testing.assert_close(pred2.sliding_window_logits(one, tta=True), expected[0], rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- the model file
@@ -702,8 +720,9 @@ def test_cli_full_disk_is_one_line_and_keeps_finished_outputs(
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
         "free space (or raise the quota) and run the command again; finished outputs are kept")
     monkeypatch.setattr(Predictor, "predict_file", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
-    with pytest.raises(OSError):  # twin: another OSError without a file name keeps its traceback
+    with pytest.raises(OSError, match="I/O") as eio:  # twin: another OSError without a file name keeps its traceback
         run(["predict", str(model), str(inputs), "-o", str(tmp_path / "out2"), "--device", "cpu"])
+    assert eio.value.errno == errno.EIO
 
 
 def test_cli_out_of_memory_is_one_line_that_says_what_to_lower(
@@ -1021,9 +1040,19 @@ def test_real_dicom_series_keeps_its_geometry(tmp_path: Path) -> None:
     model = _model_file(tmp_path, spacing=5.0, roi=(32, 32, 16))
     assert run(["predict", str(model), str(folder), "-o", str(tmp_path / "out"), "--device", "cpu"]) == 0
     labels, geom = read_image(tmp_path / "out" / "ct-3slice.nii.gz")
-    ref = read_image(folder)[1]
-    assert labels.shape == ref.shape == (512, 512, 3)
-    np.testing.assert_allclose(geom.affine, ref.affine, atol=1e-4)
+    assert labels.shape == (512, 512, 3)
+    # the reference is the series as SimpleITK reads it (LPS), x and y negated into RAS: our own reader as the
+    # reference could not see a sign lost both ways (helper-124)
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+    itk = reader.Execute()
+    lps = np.diag([-1.0, -1.0, 1.0])
+    expected = np.eye(4)
+    expected[:3, :3] = lps @ np.reshape(itk.GetDirection(), (3, 3)) @ np.diag(itk.GetSpacing())
+    expected[:3, 3] = lps @ np.asarray(itk.GetOrigin())
+    np.testing.assert_allclose(geom.affine, expected, atol=1e-4)
 
 
 def test_cli_predicts_dicom_files_without_a_suffix_and_names_the_series(

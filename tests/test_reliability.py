@@ -3,7 +3,7 @@
 Each kind asserts, through the command line (``unionseg.cli.run`` in-process; a few as real processes):
 exit code 2, exactly one line ``error: <file>: <problem>`` on stderr naming the file at fault and the
 problem, and no partial output (no cache entry for the failing case, no ``index.json``, no prediction
-file). Two kinds are not errors: a model trained at another spacing predicts on the input's exact grid,
+file; every file of the project folder unchanged). Two kinds are not errors: a model trained at another spacing predicts on the input's exact grid,
 and an image whose intensities are not CT produces a warning with a fixed text.
 
 Set ``UNIONSEG_CORPUS_TABLE=<file>`` to write the messages users see as a Markdown table (used for
@@ -413,7 +413,8 @@ def _predict(folder: Path, model: Path, inputs: list[Path], out: Path, path: Pat
 def bad_predict_output_is_input(folder: Path) -> Bad:
     images = folder / "datasets/liver/imagesTr"
     return _predict(folder, folder / "model.pt", [images], images, images,
-                    "output folder is the input folder of", ["datasets/liver/imagesTr/*_*_*.nii.gz"])
+                    "output folder is the input folder of", ["datasets/liver/imagesTr/.*.tmp*",
+                                                            "datasets/liver/imagesTr/*.ctbl"])
 
 
 @bad_input("predict: output folder already holds files of the same names (MSD labelsTr: the ground truth)")
@@ -557,6 +558,11 @@ def _leftovers(folder: Path, patterns: list[str]) -> list[str]:
     return found
 
 
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the tiny project: small files) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def _record(kind: str, description: str, command: str, code: int, line: str, folder: Path) -> None:
     _SEEN[kind] = (description, command, code, line.replace(str(folder) + os.sep, ""))
 
@@ -580,6 +586,7 @@ def test_bad_input_is_one_clear_error_with_no_partial_output(
 ) -> None:
     folder = _project(tmp_path, tiny_model if CORPUS[kind].__name__.startswith("bad_predict") else None)
     bad = CORPUS[kind](folder)
+    before = _snapshot(folder)
     capsys.readouterr()
     code = run(bad.argv)
     err = capsys.readouterr().err
@@ -590,6 +597,10 @@ def test_bad_input_is_one_clear_error_with_no_partial_output(
     assert bad.problem in lines[0], lines[0]
     assert "Traceback" not in err
     assert _leftovers(folder, bad.absent) == []
+    # every file there before (inputs, ground truth, a model) is there after, byte for byte: the patterns
+    # above name what must not appear, and some could never match what a command writes (helper-124)
+    after = _snapshot(folder)
+    assert {k: v for k, v in after.items() if k in before} == before, sorted(set(before) - set(after))
     _record(kind, DESCRIPTIONS[kind], bad.command, code, lines[0], folder)
 
 

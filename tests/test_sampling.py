@@ -192,11 +192,22 @@ def test_spatial_transforms_are_applied() -> None:
 
 
 def test_intensity_augmentation_changes_only_the_image() -> None:
+    """The intensity changes touch the image alone: the label and a probability extra (here a copy of the
+    image) come out as without them, from the same seed (the check compared only image and copy, which differ
+    as well when the extra is changed too, by other draws; helper-123)."""
     case = blob_case(0)
     case.extras = {"copy": case.image.copy()}
-    spec = AugmentSpec(intensity_scale_prob=1.0, intensity_shift_prob=1.0, noise_prob=1.0, noise_std=0.5)
-    batch = PatchSampler([case], 8, 2, N_LEAVES, augment=spec, extra_kinds={"copy": "prob"})[0]
-    assert not torch.allclose(batch["image"], batch["copy"])
+
+    def first(**probs: float) -> dict:
+        spec = AugmentSpec(noise_std=0.5, **probs)
+        return PatchSampler([case], 8, 2, N_LEAVES, seed=5, augment=spec, extra_kinds={"copy": "prob"})[0]
+
+    batch = first(intensity_scale_prob=1.0, intensity_shift_prob=1.0, noise_prob=1.0)
+    plain = first(intensity_scale_prob=0.0, intensity_shift_prob=0.0, noise_prob=0.0)
+    inside = plain["copy"] != 0  # the image's padding takes its minimum, an extra's 0
+    assert inside.any() and torch.equal(plain["image"][inside], plain["copy"][inside])  # the same patch
+    assert not torch.allclose(batch["image"], plain["image"])
+    assert torch.equal(batch["copy"], plain["copy"]) and torch.equal(batch["label"], plain["label"])
 
 
 def test_histogram_shift_is_a_monotone_remap_that_changes_tissue_contrast() -> None:

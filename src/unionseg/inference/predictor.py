@@ -122,9 +122,8 @@ class _Decider:
     max over the channels of its region key, its organ leaf and its parts (a part lies inside its
     organ), a part the max over its own channels (repeated keys, e.g. one per task).
 
-    :meth:`labels` computes exactly :func:`unionseg.labels.merge` (same comparisons, same tie rules;
-    ``tests/test_predict.py`` checks equality) with elementwise passes instead of boolean-mask
-    assignment, which costs about 1 us per voxel on a CPU: the decision runs on every input voxel.
+    :meth:`labels` calls the one merge function, :func:`unionseg.labels.merge` (or
+    :func:`~unionseg.labels.merge_softmax`), or takes the argmax where the model file asks for it.
     """
 
     def __init__(self, space: LabelSpace, output_form: str, channels: Sequence[str], decision: str,
