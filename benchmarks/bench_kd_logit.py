@@ -1,11 +1,13 @@
 """The MS-KD logit term alone: regions, loss, backward, at the standard budget's patch (CPU).
 
 Times :func:`unionseg.losses.kd_regions` + :func:`unionseg.losses.ms_kd_logit_loss` + ``backward`` on random
-student logits (channels-last, as the ResUNet returns them) and float16 teacher caches of the phantom's
+student logits (channels-last, as the ResUNet returns them) and float32 teacher probabilities (as the sampler
+hands the float16 caches to the loss) of the phantom's
 four single-organ teachers (leaves 1-2, 3-4, 5-6, 7). Two rows, timed alternately in one process (median
 of ``--repeats`` after warm-ups): ``tau = 1``, which renormalises the teachers' floored probabilities, and
-``tau = 1 + 1e-6``, which takes the general ``log_softmax(log p / tau)`` path, i.e. the cost of the term
-before the ``tau = 1`` shortcut. It isolates the term that MS-KD's step spends beyond its floor
+``tau = 1 + 1e-6``, which takes the general ``log_softmax(log p / tau)`` path, the one every other tau
+takes (the recipe's tau = 2 included; since session 17 that path is itself faster than what ran before the
+``tau = 1`` shortcut). It isolates the term that MS-KD's step spends beyond its floor
 (docs/benchmarks.md, "Training step"), where whole-step ratios are noisier than the change.
 
 Run: ``.venv/bin/python benchmarks/bench_kd_logit.py [--patch 32] [--batch 2] [--repeats 40] [--threads 2]``
@@ -38,7 +40,9 @@ def main() -> None:
     def teacher(k: int) -> torch.Tensor:
         p = torch.rand((args.batch, 1 + k, *shape[2:]), generator=gen)
         p[:, 0] += 3.0  # mostly background, as a single-organ teacher says
-        return (p / p.sum(1, keepdim=True)).half()
+        # float32, as the sampler hands the cached float16 maps to the loss (helper-125: float16 here timed
+        # a conversion the training step never makes)
+        return p / p.sum(1, keepdim=True)
 
     teachers = [teacher(len(ls)) for ls in leaves]
 

@@ -76,22 +76,6 @@ def measure(cases: list[SamplerCase], patch: int, workers: int, extras: bool, ba
     return count / (time.perf_counter() - start)
 
 
-def write_docs_section(path: Path, body: str, title: str = "Loader") -> None:
-    """Replace (or append) the ``## <title>`` section of a markdown file, leaving other sections alone."""
-    heading = f"## {title}"
-    lines = path.read_text().splitlines() if path.exists() else ["# Benchmarks", ""]
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    new = [heading, "", *body.rstrip().splitlines(), ""]
-    if start is None:
-        if lines and lines[-1].strip():
-            lines.append("")
-        lines += new
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        lines[start:end] = new
-    path.write_text("\n".join(lines).rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--volume", type=int, default=128, help="edge of the synthetic cubic volumes")
@@ -149,8 +133,11 @@ def main() -> None:
     print()
     print("\n".join(table))
     if args.docs is not None:
-        write_docs_section(args.docs, body)
-        print(f"wrote section 'Loader' of {args.docs}")
+        # the section's generated block only: the hand-written notes after it stay (the whole section was
+        # replaced; helper-125)
+        from docs_update import update_generated  # benchmarks/ is on the path when run as a script
+
+        print(f"{args.docs}: {update_generated(args.docs, 'Loader', body)}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Rows: the naive / oracle loss (``marginal_loss`` with every leaf annotated), the marginal baseline's loss
 (marginal CE + Dice + 0.1 x exclusion on a partially labelled batch), MS-KD's ground-truth term (marginal CE +
 Dice alone) and MS-KD's logit term (four single-organ teachers, tau = 2). Inputs are synthetic: 8 leaves,
-channels-last logits as the ResUNet returns them, float16 teacher probabilities as the cache holds them.
+channels-last logits as the ResUNet returns them, float32 teacher probabilities as the sampler hands the
+cache's float16 maps to the loss (float16 before session 40: a conversion the step never makes).
 
 ``--against OTHER/src`` loads ``unionseg/losses/partial.py`` and ``unionseg/losses/distillation.py`` from
 another checkout as well and times the two versions alternately in one process (the rest of ``unionseg`` is
@@ -80,7 +81,9 @@ def main() -> None:
     def teacher(k: int) -> torch.Tensor:
         p = torch.rand((args.batch, 1 + k, *size), generator=gen)
         p[:, 0] += 1.0  # mostly background, as a single-organ teacher says
-        return (p / p.sum(1, keepdim=True)).half()
+        # float32, as the sampler hands the cached float16 maps to the loss (helper-125: float16 here timed
+        # a conversion the training step never makes)
+        return p / p.sum(1, keepdim=True)
 
     teachers = [teacher(len(ls)) for ls in teacher_leaves]
     regions = distillation.kd_regions(teachers)

@@ -2,7 +2,7 @@
 
 The step's floor (``benchmarks/bench_step.py``) is the naive step plus the teachers' partial forwards; what
 MS-KD spends beyond it is these three terms (and its ground-truth term). Each is timed forward + backward on
-synthetic inputs of the standard budget's patch: four single-organ teachers' float16 probabilities (leaves
+synthetic inputs of the standard budget's patch: four single-organ teachers' probabilities, float32 as the sampler hands them to the loss (leaves
 1-2, 3-4, 5-6, 7), student logits over 8 leaves (channels-last, as the ResUNet returns them), student and
 teacher features at the second-finest decoder stage (8 channels, half the patch). Median of ``--repeats``
 after warm-ups, the rows timed round-robin. To compare two versions of the code, run it with each on the
@@ -39,7 +39,9 @@ def main() -> None:
     def teacher(k: int) -> torch.Tensor:
         p = torch.rand((args.batch, 1 + k, *size), generator=gen)
         p[:, 0] += 1.0  # mostly background, as a single-organ teacher says
-        return (p / p.sum(1, keepdim=True)).half()
+        # float32, as the sampler hands the cached float16 maps to the loss (helper-125: float16 here timed
+        # a conversion the training step never makes)
+        return p / p.sum(1, keepdim=True)
 
     teachers = [teacher(len(ls)) for ls in leaves]
     logits = torch.randn((args.batch, 8, *size), generator=gen).contiguous(
