@@ -2,12 +2,15 @@
 
 Rows: the naive / oracle loss (``marginal_loss`` with every leaf annotated), the marginal baseline's loss
 (marginal CE + Dice + 0.1 x exclusion on a partially labelled batch), MS-KD's ground-truth term (marginal CE +
-Dice alone) and MS-KD's logit term (four single-organ teachers, tau = 2). Inputs are synthetic: 8 leaves,
+Dice alone), MS-KD's logit term (four single-organ teachers, tau = 2) and one co-training network's terms
+(focal + Dice on pseudo labels, soft CE on a partner's probabilities in a region; twice per step). Inputs are
+synthetic: 8 leaves,
 channels-last logits as the ResUNet returns them, float32 teacher probabilities as the sampler hands the
 cache's float16 maps to the loss (float16 before session 40: a conversion the step never makes).
 
-``--against OTHER/src`` loads ``unionseg/losses/partial.py`` and ``unionseg/losses/distillation.py`` from
-another checkout as well and times the two versions alternately in one process (the rest of ``unionseg`` is
+``--against OTHER/src`` loads ``unionseg/losses/partial.py``, ``distillation.py`` and ``cotraining.py`` from
+another checkout as well (one without ``cotraining_terms`` composes the co-training row from ``focal_loss``,
+``soft_dice_loss`` and its ``soft_ce``, as the step did before session 40) and times the two versions alternately in one process (the rest of ``unionseg`` is
 this checkout's), so that a change to these losses is measured the same minutes on the same caches; the two
 must first agree in value and gradient on every row. Median of ``--repeats`` after warm-ups.
 
@@ -39,7 +42,7 @@ def main() -> None:
     import torch
 
     from unionseg.labels import LabelSpace, Leaf
-    from unionseg.losses import distillation, partial
+    from unionseg.losses import cotraining, distillation, partial
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--patch", type=int, default=32)
@@ -49,11 +52,12 @@ def main() -> None:
     ap.add_argument("--against", type=Path, default=None, help="another checkout's src folder, timed alternately")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    versions: dict[str, tuple[Any, Any]] = {"this checkout": (partial, distillation)}
+    versions: dict[str, tuple[Any, Any, Any]] = {"this checkout": (partial, distillation, cotraining)}
     if args.against is not None:
         losses = args.against / "unionseg" / "losses"
         versions[str(args.against)] = (_load("other_partial", losses / "partial.py"),
-                                       _load("other_distillation", losses / "distillation.py"))
+                                       _load("other_distillation", losses / "distillation.py"),
+                                       _load("other_cotraining", losses / "cotraining.py"))
 
     # four organs, two with a tumour: 7 leaves plus background, as the standard phantom
     space = LabelSpace([Leaf("liver"), Leaf("liver_tumour", part_of="liver"), Leaf("kidney"),
@@ -98,7 +102,12 @@ def main() -> None:
 
     jobs: dict[tuple[str, str], Any] = {}
     losses_of: dict[tuple[str, str], Any] = {}
-    for version, (part, dist) in versions.items():
+    pseudo = torch.randint(0, n, (args.batch, *size), generator=gen)
+    partner = torch.softmax(torch.randn((args.batch, n, *size), generator=gen), 1).contiguous(
+        memory_format=torch.channels_last_3d)
+    region = torch.rand((args.batch, *size), generator=gen) > 0.3
+
+    for version, (part, dist, cot) in versions.items():
         def naive(p: Any = part) -> Any:
             t = p.marginal_loss(logits, full_codes, everything, space)
             return t["ce"] + t["dice"]
@@ -117,8 +126,19 @@ def main() -> None:
         def logit_term(d: Any = dist) -> Any:
             return d.ms_kd_logit_loss(logits, teachers, teacher_leaves, 2.0, False, precomputed=regions)
 
+        def cotraining_net(c: Any = cot) -> Any:  # one network's terms, weighted 1, 1, 1 (after the ramp)
+            if hasattr(c, "cotraining_terms"):  # one softmax, written-out gradient (session 40)
+                t = c.cotraining_terms(logits, pseudo, partner, region, gamma=2.0)
+                return t["focal"] + t["dice"] + t["soft"]
+            from unionseg.losses import focal_loss, soft_dice_loss  # composed, as the step did before
+
+            onehot = torch.nn.functional.one_hot(pseudo, n).movedim(-1, 1).float()
+            return (focal_loss(logits, pseudo, gamma=2.0) + soft_dice_loss(torch.softmax(logits.float(), 1), onehot)
+                    + c.soft_ce(logits, partner, region))
+
         for row, fn in (("naive / oracle loss", naive), ("marginal + 0.1 exclusion", marginal),
-                        ("MS-KD ground-truth term", gt_term), ("MS-KD logit term, tau = 2", logit_term)):
+                        ("MS-KD ground-truth term", gt_term), ("MS-KD logit term, tau = 2", logit_term),
+                        ("co-training, one network (focal + Dice + soft CE)", cotraining_net)):
             jobs[(row, version)] = timed(fn)
             losses_of[(row, version)] = fn
     if len(versions) > 1:  # a comparison of speed only means something between versions that agree

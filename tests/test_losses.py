@@ -14,6 +14,7 @@ from unionseg.losses import (
     MarginalLoss,
     MaskedSigmoidDiceBCE,
     ce_dice_loss,
+    cotraining_terms,
     cross_task_negative_bce,
     cross_task_negative_table,
     downsample_mask,
@@ -501,6 +502,51 @@ def test_soft_ce_value_region_and_gradients() -> None:
     assert torch.all(logits.grad[..., region[0]].abs().sum(0) > 0)
     empty = soft_ce(logits, target, torch.zeros_like(region))
     assert empty.item() == 0.0
+
+
+@pytest.mark.parametrize("gamma,weighted,soft,layout", [
+    (2.0, False, True, "channels_last"), (2.0, True, True, "contiguous"), (0.0, False, True, "channels_last"),
+    (2.0, False, False, "channels_last"), (1.5, True, "empty", "contiguous")])
+def test_the_fused_cotraining_terms_equal_focal_dice_and_soft_ce(gamma: float, weighted: bool, soft: bool | str,
+                                                                 layout: str) -> None:
+    """cotraining_terms computes one network's co-training terms from one softmax with a written-out
+    gradient: the same values and gradients as focal_loss + soft_dice_loss(softmax, one-hot) + soft_ce, with
+    class weights or without, gamma 0 (plain CE), no soft target, an empty region; the gradient comes back in
+    the logits' own layout."""
+    torch.manual_seed(4)
+    shape, n = (2, 6, 5, 4, 3), 6
+    base = torch.randn(shape) * 2
+    if layout == "channels_last":
+        base = base.contiguous(memory_format=torch.channels_last_3d)
+    targets = torch.randint(0, n, (2, 5, 4, 3))
+    targets[1] = torch.where(targets[1] == 3, torch.zeros_like(targets[1]), targets[1])  # a leaf absent in one
+    weights = torch.rand(n) + 0.1 if weighted else None
+    q = torch.softmax(torch.randn(shape), 1)
+    region = torch.rand(2, 5, 4, 3) > 0.5
+    if soft == "empty":
+        region = torch.zeros_like(region)
+    a, b = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    fused = cotraining_terms(a, targets, q if soft else None, region if soft else None, gamma=gamma,
+                             class_weights=weights)
+    onehot = F.one_hot(targets, n).movedim(-1, 1).float()
+    ref = {"focal": focal_loss(b, targets, gamma=gamma, class_weights=weights),
+           "dice": soft_dice_loss(torch.softmax(b, 1), onehot),
+           "soft": soft_ce(b, q, region) if soft else torch.zeros(())}
+    for key in ("focal", "dice", "soft"):
+        assert fused[key].item() == pytest.approx(ref[key].item(), rel=1e-5, abs=1e-7), key
+    mix = (0.7, 1.3, 0.4)  # each term's own gradient, weighted as a step weighs them
+    sum(w * fused[k] for w, k in zip(mix, ("focal", "dice", "soft"), strict=True)).backward()
+    sum(w * ref[k] for w, k in zip(mix, ("focal", "dice", "soft"), strict=True)).backward()
+    assert a.grad is not None and b.grad is not None
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    assert a.grad.is_contiguous(memory_format=torch.channels_last_3d) == (layout == "channels_last")
+    if soft is True:  # the soft term alone reaches only the region's voxels
+        c = base.clone().requires_grad_(True)
+        cotraining_terms(c, targets, q, region, gamma=gamma)["soft"].backward()
+        assert c.grad is not None and torch.all(c.grad.movedim(1, -1)[~region] == 0)
+        assert c.grad.movedim(1, -1)[region].abs().sum() > 0
+    with pytest.raises(ValueError, match="region is required with target_probs"):
+        cotraining_terms(a, targets, q)
 
 
 def test_sigmoid_rampup() -> None:

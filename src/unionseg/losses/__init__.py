@@ -6,7 +6,7 @@ paper; choices the papers leave open are marked "our interpretation".
 """
 
 from unionseg.losses._common import float32_island
-from unionseg.losses.cotraining import sigmoid_rampup, soft_ce
+from unionseg.losses.cotraining import cotraining_terms, sigmoid_rampup, soft_ce
 from unionseg.losses.dice import ce_dice_loss, dice_from_sums, one_hot, soft_dice_loss
 from unionseg.losses.distillation import (
     downsample_mask,
@@ -43,6 +43,7 @@ __all__ = [
     "MarginalLoss",
     "MaskedSigmoidDiceBCE",
     "ce_dice_loss",
+    "cotraining_terms",
     "cross_task_negative_bce",
     "cross_task_negative_table",
     "dice_from_sums",

@@ -139,18 +139,11 @@ class CotrainingMethod(SoftmaxMethod):
             return torch.softmax(logits.float(), dim=1)
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        from unionseg.losses import (
-            focal_loss,
-            inverse_frequency_weights,
-            sigmoid_rampup,
-            soft_ce,
-            soft_dice_loss,
-        )
+        from unionseg.losses import cotraining_terms, inverse_frequency_weights, sigmoid_rampup
 
         o = self.options
         x, pseudo = batch["image"], batch["pseudo"].long()
         n = self.space.n_leaves
-        onehot = F.one_hot(pseudo, n).movedim(-1, 1).float()
         weights = inverse_frequency_weights(pseudo, n) if o.focal_weights == "inverse_frequency" else None
         if o.use_region_mask:
             region = region_mask(batch["label"], pseudo, batch["annotated"], n, o.region, self.dilation)
@@ -162,15 +155,16 @@ class CotrainingMethod(SoftmaxMethod):
         total = torch.zeros((), device=x.device)
         for own, partner in (("A", "B"), ("B", "A")):
             logits = self.models[own](x)
-            focal = focal_loss(logits, pseudo, gamma=o.focal_gamma, class_weights=weights)
-            dice = soft_dice_loss(torch.softmax(logits.float(), dim=1), onehot)
-            loss = o.w_f * focal + o.w_d * dice
-            terms[f"{own}/focal"] = focal.detach()
-            terms[f"{own}/dice"] = dice.detach()
+            # focal + Dice on the pseudo labels and the soft CE on the partner's average, from one softmax
+            # (losses.cotraining_terms: the same values and gradients as focal_loss, soft_dice_loss and soft_ce)
+            parts = cotraining_terms(logits, pseudo, self._teacher(own, partner, x) if need_soft else None,
+                                     region if need_soft else None, gamma=o.focal_gamma, class_weights=weights)
+            loss = o.w_f * parts["focal"] + o.w_d * parts["dice"]
+            terms[f"{own}/focal"] = parts["focal"].detach()
+            terms[f"{own}/dice"] = parts["dice"].detach()
             if need_soft:
-                soft = soft_ce(logits, self._teacher(own, partner, x), region)
-                loss = loss + o.w_s * ramp * soft
-                terms[f"{own}/soft"] = soft.detach()
+                loss = loss + o.w_s * ramp * parts["soft"]
+                terms[f"{own}/soft"] = parts["soft"].detach()
             total = total + loss
         terms["rampup"] = torch.full((), float(ramp), device=total.device)  # filled there: no host copy
         terms["region_fraction"] = region.float().mean().detach()
