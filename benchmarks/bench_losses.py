@@ -106,6 +106,7 @@ def main() -> None:
     partner = torch.softmax(torch.randn((args.batch, n, *size), generator=gen), 1).contiguous(
         memory_format=torch.channels_last_3d)
     region = torch.rand((args.batch, *size), generator=gen) > 0.3
+    onehot = torch.nn.functional.one_hot(pseudo, n).movedim(-1, 1).float()
 
     for version, (part, dist, cot) in versions.items():
         def naive(p: Any = part) -> Any:
@@ -132,7 +133,7 @@ def main() -> None:
                 return t["focal"] + t["dice"] + t["soft"]
             from unionseg.losses import focal_loss, soft_dice_loss  # composed, as the step did before
 
-            onehot = torch.nn.functional.one_hot(pseudo, n).movedim(-1, 1).float()
+            # (the step made the one-hot once for both networks: made outside, it is not timed here; helper-127)
             return (focal_loss(logits, pseudo, gamma=2.0) + soft_dice_loss(torch.softmax(logits.float(), 1), onehot)
                     + c.soft_ce(logits, partner, region))
 

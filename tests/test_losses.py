@@ -549,6 +549,25 @@ def test_the_fused_cotraining_terms_equal_focal_dice_and_soft_ce(gamma: float, w
         cotraining_terms(a, targets, q)
 
 
+def test_the_per_code_sums_stay_exact_over_a_large_confident_background(space: LabelSpace) -> None:
+    """The fused losses sum each (sample, leaf) over the voxels one at a time (scatter_add_); in float32 a
+    background sum past about 2^20 voxels rounded each p near 1 to the float's step, so the Dice of a large
+    patch came out biased (helper-127: a background term of the wrong sign at 128^3). Against float64."""
+    torch.manual_seed(5)
+    n, size = space.n_leaves, (1, 112, 112, 96)  # 1.2 M voxels, most of them background at p ~ 0.999
+    logits = torch.randn((size[0], n, *size[1:])) * 0.5
+    logits[:, 0] += 9.0
+    targets = torch.zeros(size, dtype=torch.long)
+    targets[:, :10, :10] = space.leaf_id("liver")
+    fused = cotraining_terms(logits, targets)["dice"]
+    exact = soft_dice_loss(torch.softmax(logits.double(), 1), F.one_hot(targets, n).movedim(-1, 1).double())
+    assert fused.item() == pytest.approx(exact.item(), rel=1e-6)
+    annotated = torch.ones(1, n, dtype=torch.bool)
+    marginal = marginal_loss(logits, targets, annotated, space)["dice"]
+    assert marginal.item() == pytest.approx(marginal_loss(logits.double(), targets, annotated, space)["dice"].item(),
+                                            rel=1e-6)
+
+
 def test_sigmoid_rampup() -> None:
     assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
     assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-5 * 0.25))

@@ -1538,7 +1538,8 @@ def test_resume_refuses_a_config_yaml_no_run_wrote_and_leaves_it(phantom_project
 
 
 def test_a_plain_rerun_starts_anew_over_a_run_that_kept_nothing(phantom_project: Path, tmp_path: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that failed at its first step (out of memory, say) left config.yaml (and stages.json): the
     corrected command was refused ("resume it") and --resume then refused the changed configuration, for a
     folder holding nothing trained (helper-122). A plain rerun now starts a new run there, with a note; a
@@ -1555,8 +1556,8 @@ def test_a_plain_rerun_starts_anew_over_a_run_that_kept_nothing(phantom_project:
         train(phantom_project, _cfg("naive", 2), run, progress=False, on_step=fail)
     assert not (run / "last.pt").exists() and (run / "config.yaml").is_file()
     (run / "stages.json").write_text(json.dumps({SHARED_KEY: "/somewhere", "experts": {}}))  # shared stages only
-    with pytest.raises(UnionsegError, match="started with another configuration .*the same command without "
-                                            "--resume: that run kept nothing"):
+    with pytest.raises(UnionsegError, match="started with another configuration .*`unionseg train` without "
+                                            "--resume, resume=False in Python: that run kept nothing"):
         train(phantom_project, _cfg("naive", 2, "data.batch_size=1"), run, resume=True, progress=False)
     summary = train(phantom_project, _cfg("naive", 2, "data.batch_size=1"), run)  # a changed configuration
     assert summary["steps"] == 2 and f"note: {run}: its run stopped before its first checkpoint (it left " \
@@ -1576,6 +1577,26 @@ def test_a_plain_rerun_starts_anew_over_a_run_that_kept_nothing(phantom_project:
             train(phantom_project, _cfg("naive", 2), run, progress=False)
         assert (run / "config.yaml").read_bytes() == before
         (run / "validation.json").unlink(missing_ok=True)
+    # a run that logged steps before it was killed (no checkpoint yet): its log.csv is kept, so refused
+    (run / "stages.json").unlink()
+    (run / "log.csv").write_text("step,loss\n1,0.5\n")
+    with pytest.raises(UnionsegError, match="already holds a run"):
+        train(phantom_project, _cfg("naive", 2), run, progress=False)
+    assert (run / "log.csv").read_text() == "step,loss\n1,0.5\n"
+    # decided before the run folder's lock: a run that trained there meanwhile is not written over (helper-127)
+    (run / "log.csv").unlink()
+    import unionseg.training.trainer as trainer_module
+
+    real_lock = trainer_module.run_folder_lock
+
+    def meanwhile(run_dir: Path, device: Any = None) -> Any:
+        (Path(run_dir) / "model.pt").write_bytes(b"another process's model")
+        return real_lock(run_dir, device)
+
+    monkeypatch.setattr(trainer_module, "run_folder_lock", meanwhile)
+    with pytest.raises(UnionsegError, match="now holds a run \\(another process trained into it meanwhile\\)"):
+        train(phantom_project, _cfg("naive", 2), run, progress=False)
+    assert (run / "model.pt").read_bytes() == b"another process's model"
 
 
 def test_under_ddp_a_rank_waits_for_an_artefact_it_does_not_see_instead_of_making_it_alone(

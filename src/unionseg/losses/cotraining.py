@@ -92,8 +92,12 @@ class _CotrainingTerms(torch.autograd.Function):
         if weight is not None:
             focal_v = focal_v * weight
         focal = focal_v.mean()
-        intersection = p.new_zeros(batch, n_leaves).scatter_add_(1, targets, pt)
-        counts = p.new_zeros(batch, n_leaves).scatter_add_(1, targets, torch.ones_like(pt))
+        # summed in float64: scatter_add_ adds one voxel at a time, and in float32 a sum past about 2^20 (a
+        # background at 128^3) rounds each p_t near 1 to the float's step, biasing the sum (helper-127)
+        intersection = pt.new_zeros(batch, n_leaves, dtype=torch.float64).scatter_add_(
+            1, targets, pt.double()).to(p.dtype)
+        counts = torch.zeros(batch, n_leaves, dtype=torch.long, device=p.device).scatter_add_(
+            1, targets, torch.ones_like(targets)).to(p.dtype)
         den = p.sum(1) + counts + smooth  # (B, L)
         dice = (1.0 - (2.0 * intersection + smooth) / den).mean()
         soft = p.new_zeros(())

@@ -167,8 +167,10 @@ class _SoftmaxCodeSums(torch.autograd.Function):
         z = logits.movedim(1, -1).reshape(batch, -1, n_leaves)  # (B, V, L)
         log_p = torch.log_softmax(z, dim=-1)
         p = log_p.exp()
-        sums = p.new_zeros(batch, n_leaves, n_codes).scatter_add_(
-            2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2))
+        # summed in float64: scatter_add_ adds one voxel at a time, and in float32 a sum past about 2^20 (a
+        # background at 128^3) rounds each p near 1 to the float's step, biasing the sum (helper-127)
+        sums = p.new_zeros(batch, n_leaves, n_codes, dtype=torch.float64).scatter_add_(
+            2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2).double()).to(p.dtype)
         rows = _code_rows(flat_codes, n_codes)
         # scatter_add_, not bincount: bincount reads its input's range back from a GPU to size its output
         counts = torch.zeros(batch * n_codes, dtype=rows.dtype, device=rows.device).scatter_add_(

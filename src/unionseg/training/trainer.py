@@ -506,8 +506,9 @@ class Trainer:
         if not same_but_run_settings(self.cfg, to_dict(before), config_hash(before)):
             changed = self._changes(to_dict(before))
             held = [name for name in RUN_FILES if (self.run_dir / name).exists()]
-            anew = (" (or, to train this configuration here, the same command without --resume: that run kept "
-                    "nothing, and a new one starts in its place)" if kept_nothing(self.run_dir, held) else "")
+            anew = (" (or, to train this configuration here, `unionseg train` without --resume, resume=False in "
+                    "Python: that run kept nothing, and a new one starts in its place)"
+                    if kept_nothing(self.run_dir, held) else "")
             raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
                                   "resume with the same recipe and overrides "
                                   f"(`-c {shlex.quote(str(recorded))}` gives the "
@@ -1336,12 +1337,23 @@ def kept_nothing(run_dir: Path, held: list[str]) -> bool:
 
     Such a folder (a run that failed at its first step, out of memory say, or was stopped while its experts
     trained) is what a corrected command is rerun into: ``train`` without ``resume`` starts a new run in its
-    place, where it refused and ``--resume`` refused the changed configuration in turn (helper-122)."""
+    place, where it refused and ``--resume`` refused the changed configuration in turn (helper-122). Not
+    where the run logged steps (its log.csv would be replaced), nor where run folders cannot be locked (a
+    live run still in its stages would look the same; helper-127)."""
     from unionseg.artifacts import ArtifactCache
+    from unionseg.locking import fcntl
 
+    if fcntl is None:  # no run-folder lock on this platform: a live run in its stages would look the same
+        return False
     if "config.yaml" not in held or not set(held) <= {"config.yaml", "stages.json"}:
         return False
     if (run_dir / "validation.json").exists() or read_run_record(run_dir / "config.yaml")[1]:
+        return False
+    log = run_dir / "log.csv"  # steps logged (a run killed before its first checkpoint): its curves are kept
+    try:
+        if log.is_file() and len(log.read_text(encoding="utf-8", errors="replace").splitlines()) > 1:
+            return False
+    except OSError:
         return False
     if "stages.json" not in held:
         return True
@@ -1499,6 +1511,12 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         ctx = make_context(project_path, cfg, run_dir, roots, progress)
         try:
             with run_folder_lock(ctx.run_dir, ctx.device):
+                if anew and not kept_nothing(run_dir, [n for n in RUN_FILES if (run_dir / n).exists()]):
+                    # decided before the lock: a run that held it meanwhile may have kept something since
+                    # (every rank reads the same files, and raises alike; helper-127)
+                    raise OutputExistsError("run folder now holds a run (another process trained into it "
+                                            "meanwhile); resume it (--resume, resume=True) or train into "
+                                            "another folder (nothing was overwritten)", run_dir)
                 if anew and ctx.is_main and progress:
                     print(f"note: {run_dir}: its run stopped before its first checkpoint (it left "
                           f"{', '.join(held)}; shared artefacts stay in the project's cache): a new run starts in "
