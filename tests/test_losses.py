@@ -566,6 +566,10 @@ def test_the_per_code_sums_stay_exact_over_a_large_confident_background(space: L
     marginal = marginal_loss(logits, targets, annotated, space)["dice"]
     assert marginal.item() == pytest.approx(marginal_loss(logits.double(), targets, annotated, space)["dice"].item(),
                                             rel=1e-6)
+    from unionseg.losses._common import sum_dtype
+
+    # float64 sums everywhere but on Apple's MPS, which has none (a training there would stop in the loss)
+    assert sum_dtype(torch.device("cpu")) == torch.float64 and sum_dtype(torch.device("mps")) == torch.float32
 
 
 def test_sigmoid_rampup() -> None:

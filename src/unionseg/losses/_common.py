@@ -55,6 +55,13 @@ def memory_format_of(tensor: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of voxel sums built one voxel at a time (``scatter_add_``): float64, whose step stays far
+    below a probability's at any patch size (float32's passes 0.1 beyond 2^20 voxels), but float32 on Apple's
+    MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def refuse_double_backward(what: str) -> None:
     """Raise in a hand-written backward that runs with grad mode on, i.e. under ``create_graph=True``: its
     gradient is computed in closed form without a graph of its own, so a second derivative through it would be

@@ -22,6 +22,7 @@ from unionseg.losses._common import (
     float32_island,
     memory_format_of,
     refuse_double_backward,
+    sum_dtype,
 )
 
 
@@ -94,8 +95,8 @@ class _CotrainingTerms(torch.autograd.Function):
         focal = focal_v.mean()
         # summed in float64: scatter_add_ adds one voxel at a time, and in float32 a sum past about 2^20 (a
         # background at 128^3) rounds each p_t near 1 to the float's step, biasing the sum (helper-127)
-        intersection = pt.new_zeros(batch, n_leaves, dtype=torch.float64).scatter_add_(
-            1, targets, pt.double()).to(p.dtype)
+        wide = sum_dtype(p.device)
+        intersection = pt.new_zeros(batch, n_leaves, dtype=wide).scatter_add_(1, targets, pt.to(wide)).to(p.dtype)
         counts = torch.zeros(batch, n_leaves, dtype=torch.long, device=p.device).scatter_add_(
             1, targets, torch.ones_like(targets)).to(p.dtype)
         den = p.sum(1) + counts + smooth  # (B, L)

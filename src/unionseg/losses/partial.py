@@ -28,6 +28,7 @@ from unionseg.losses._common import (
     index_tensor,
     memory_format_of,
     refuse_double_backward,
+    sum_dtype,
 )
 from unionseg.losses.dice import dice_from_sums
 
@@ -169,8 +170,9 @@ class _SoftmaxCodeSums(torch.autograd.Function):
         p = log_p.exp()
         # summed in float64: scatter_add_ adds one voxel at a time, and in float32 a sum past about 2^20 (a
         # background at 128^3) rounds each p near 1 to the float's step, biasing the sum (helper-127)
-        sums = p.new_zeros(batch, n_leaves, n_codes, dtype=torch.float64).scatter_add_(
-            2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2).double()).to(p.dtype)
+        wide = sum_dtype(p.device)
+        sums = p.new_zeros(batch, n_leaves, n_codes, dtype=wide).scatter_add_(
+            2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2).to(wide)).to(p.dtype)
         rows = _code_rows(flat_codes, n_codes)
         # scatter_add_, not bincount: bincount reads its input's range back from a GPU to size its output
         counts = torch.zeros(batch * n_codes, dtype=rows.dtype, device=rows.device).scatter_add_(
