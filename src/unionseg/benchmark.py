@@ -246,7 +246,7 @@ def finished_result(suite: SuiteConfig, spec: RunSpec, seed: int, out: Path) -> 
 def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, out: Path, progress: bool) -> dict[str, Any]:
     """Train, predict the test set, evaluate; write and return ``result.json`` (skipped when present)."""
     from unionseg.config import config_hash, load_project
-    from unionseg.training.trainer import RUN_FILES, train
+    from unionseg.training.trainer import held_run_files, train
 
     run_dir = out / "runs" / spec.name / f"seed{seed}"
     done = run_dir / "result.json"
@@ -256,7 +256,7 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     commit = code_commit()  # the code at the run's start, not the tree's state when it ends
     t0 = time.perf_counter()
     # a run folder with anything of a run in it (a checkpoint, or only its stages' record) goes on from there
-    summary = train(project_path, cfg, run_dir, resume=any((run_dir / n).exists() for n in RUN_FILES),
+    summary = train(project_path, cfg, run_dir, resume=bool(held_run_files(run_dir)),
                     progress=progress)
     # the shared artefacts (experts, their probabilities, pseudo labels) built inside this run are reported
     # once, as expert_seconds; train_seconds is the method's own wall time, so no row counts them twice

@@ -192,7 +192,7 @@ def image_summary(path: str | Path) -> dict[str, Any]:
     }
     voxel_ml = float(np.prod(spacing)) / 1000.0
     low, high = (array.min(), array.max()) if array.size else (0, 0)
-    flat = array.reshape(-1)
+    flat = np.ravel(array, order="K")  # a view in the array's own order (a NIfTI's is Fortran: reshape copied)
     chunks = [flat[i:i + _CHUNK] for i in range(0, flat.size, _CHUNK)]  # no whole-volume temporaries
     # integer voxels, or float ones that all hold whole numbers (some tools store label maps as float32)
     whole = array.dtype.kind in "biu" or (

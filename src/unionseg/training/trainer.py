@@ -505,10 +505,9 @@ class Trainer:
             return
         if not same_but_run_settings(self.cfg, to_dict(before), config_hash(before)):
             changed = self._changes(to_dict(before))
-            held = [name for name in RUN_FILES if (self.run_dir / name).exists()]
             anew = (" (or, to train this configuration here, `unionseg train` without --resume, resume=False in "
                     "Python: that run kept nothing, and a new one starts in its place)"
-                    if kept_nothing(self.run_dir, held) else "")
+                    if kept_nothing(self.run_dir) else "")
             raise CheckpointError(f"this run folder's run was started with another configuration ({changed}); "
                                   "resume with the same recipe and overrides "
                                   f"(`-c {shlex.quote(str(recorded))}` gives the "
@@ -1330,8 +1329,13 @@ RUN_FILES = ("last.pt", "model.pt", "summary.json", "stages.json", "config.yaml"
 RUN_RECORD_KEYS = frozenset({"method", "steps", "seed", "network", "optim", "data", "inference", "options"})
 
 
-def kept_nothing(run_dir: Path, held: list[str]) -> bool:
-    """Whether the run folder's run (its ``held`` :data:`RUN_FILES`) stopped before it kept anything of its
+def held_run_files(run_dir: Path) -> list[str]:
+    """The :data:`RUN_FILES` in ``run_dir``, in that order (none: the folder holds no run)."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def kept_nothing(run_dir: Path) -> bool:
+    """Whether the run folder's run (its :func:`held_run_files`) stopped before it kept anything of its
     own: no checkpoint, model file, summary or validation, and no stage recorded done but the shared ones,
     whose files live in the project's artefact cache (not here) and are found there again by key.
 
@@ -1345,6 +1349,7 @@ def kept_nothing(run_dir: Path, held: list[str]) -> bool:
 
     if fcntl is None:  # no run-folder lock on this platform: a live run in its stages would look the same
         return False
+    held = held_run_files(run_dir)
     if "config.yaml" not in held or not set(held) <= {"config.yaml", "stages.json"}:
         return False
     if (run_dir / "validation.json").exists() or read_run_record(run_dir / "config.yaml")[1]:
@@ -1491,13 +1496,13 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
     # OutputExistsError: under torchrun every rank meets these alike, and rank 0 alone prints them (helper-96)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputExistsError("the run folder (--out) exists and is not a folder", run_dir)
-    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    held = held_run_files(run_dir)
     anew = False  # a plain rerun over a run that stopped before it kept anything (said once the folder is locked)
     if held and not resume:
         if held == ["config.yaml"] and read_run_record(run_dir / "config.yaml")[1]:
             raise OutputExistsError("run folder holds a config.yaml no run wrote (notes, a recipe?): move it, or "
                                     "train into another folder (nothing was overwritten)", run_dir)
-        anew = kept_nothing(run_dir, held)
+        anew = kept_nothing(run_dir)
         if not anew:
             raise OutputExistsError(f"run folder already holds a run ({', '.join(held)}); resume it (--resume, "
                                     "resume=True) or train into another folder (nothing was overwritten)", run_dir)
@@ -1511,7 +1516,7 @@ def train(project_path: str | Path | Project, cfg: TrainConfig, run_dir: str | P
         ctx = make_context(project_path, cfg, run_dir, roots, progress)
         try:
             with run_folder_lock(ctx.run_dir, ctx.device):
-                if anew and not kept_nothing(run_dir, [n for n in RUN_FILES if (run_dir / n).exists()]):
+                if anew and not kept_nothing(run_dir):
                     # decided before the lock: a run that held it meanwhile may have kept something since
                     # (every rank reads the same files, and raises alike; helper-127)
                     raise OutputExistsError("run folder now holds a run (another process trained into it "
