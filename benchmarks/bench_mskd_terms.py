@@ -6,7 +6,8 @@ synthetic inputs of the standard budget's patch: four single-organ teachers' pro
 1-2, 3-4, 5-6, 7), student logits over 8 leaves (channels-last, as the ResUNet returns them), student and
 teacher features at the second-finest decoder stage (8 channels, half the patch). Median of ``--repeats``
 after warm-ups, the rows timed round-robin. To compare two versions of the code, run it with each on the
-path (``PYTHONPATH=OTHER/src``).
+path (``PYTHONPATH=OTHER/src``): after the timings it prints each term's value and its gradient's norm, on
+the same inputs (seeded), outside the timing, so the two runs show whether the versions compute the same.
 
 Run: ``.venv/bin/python benchmarks/bench_mskd_terms.py [--patch 32] [--batch 2] [--repeats 40] [--tau 2]``
 """
@@ -77,6 +78,16 @@ def main() -> None:
     print("| term | ms |\n|---|---|")
     for name, values in times.items():
         print(f"| {name} | {1000 * statistics.median(values):.1f} |")
+    # outside the timing: what the terms compute, to set two versions of the code side by side
+    logit = ms_kd_logit_loss(logits, teachers, leaves, args.tau, False, precomputed=(regions, background))
+    logit.backward()
+    feature = ms_kd_feature_loss(student_feat, teacher_feats, regions, background)
+    feature.backward()
+    assert logits.grad is not None and student_feat.grad is not None
+    print(f"\nvalues: regions {sum(float(r.double().sum()) for r in regions):.0f} voxels, background "
+          f"{float(background.double().sum()):.0f}; logit term {float(logit.detach()):.8g} (gradient norm "
+          f"{float(logits.grad.norm()):.8g}); feature term {float(feature.detach()):.8g} (gradient norm "
+          f"{float(student_feat.grad.norm()):.8g})")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ Floors (from the method issues), measured in the same run:
 * MS-KD logit   <= 1.2 x the naive step (teacher probabilities come from the cache)
 * MS-KD feature <= 1.1 x (naive step + the teachers' partial forwards up to the feature stage)
 The loader's batch rate (real sampler on prepared phantom cases, augmentation on) is compared with the CPU
-config's step rate: it must be >= 4 x. Each row also gives the share of a synchronous step (loader in the
-training process, 0 workers) spent making its batch: ``t_batch / (t_batch + t_step)``; with workers the
-batch is made during the step and the trainer's logged wait share is lower still.
+config's step rate: it must be >= 4 x. It is measured three times: without extras (what naive and the other
+single-network methods load), with a pseudo-label volume per case (co-training) and with the four teachers'
+probability volumes per case (MS-KD; synthetic float16 maps of the cached maps' shapes); the target is read
+on the slowest. Each row also gives the share of a synchronous step (loader in the training process, 0
+workers) spent making its batch with the extras its method loads: ``t_batch / (t_batch + t_step)``; with
+workers the batch is made during the step and the trainer's logged wait share is lower still.
 
 Run: ``.venv/bin/python benchmarks/bench_step.py [--preset cpu] [--patch 48] [--repeats 8] [--docs docs/benchmarks.md]``
 Shared artefacts are replaced by freshly initialised experts and random cached probabilities: only the
@@ -108,13 +111,32 @@ def _interleaved(jobs: dict[str, Any], repeats: int) -> dict[str, float]:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _loader_rate(ctx: Any, patch: int, batch_size: int, n: int) -> float:
+def _loader_rate(ctx: Any, patch: int, batch_size: int, n: int, extras: str = "") -> float:
+    """Batches a second from the sampler; ``extras``: "" (none), "pseudo" (a uint8 pseudo-label volume per
+    case, co-training) or "teachers" (each training dataset's teacher probabilities, float16 (k, X, Y, Z),
+    MS-KD)."""
     from unionseg.data.sampling import PatchSampler, SamplerCase
+    from unionseg.methods.expert import expert_subspace
 
     names = ctx.train_datasets
-    cases = [SamplerCase(names.index(c.dataset), c.annotated, c.image(), c.label(), {}, c.case_id)
-             for c in ctx.index.cases(split="train")]
-    sampler = PatchSampler(cases, (patch,) * 3, batch_size, ctx.space.n_leaves, seed=1)
+    rng = np.random.default_rng(1)
+    kinds: dict[str, Any] = {}
+    cases = []
+    for c in ctx.index.cases(split="train"):
+        image = c.image()
+        volumes: dict[str, np.ndarray] = {}
+        if extras == "pseudo":
+            volumes["pseudo"] = rng.integers(0, ctx.space.n_leaves, image.shape, dtype=np.uint8)
+            kinds["pseudo"] = "label"
+        elif extras == "teachers":
+            for j, name in enumerate(names):
+                k = 1 + len(expert_subspace(ctx.space, name)[2])
+                probs = rng.random((k, *image.shape), dtype=np.float32)
+                volumes[f"teacher_{j}"] = (probs / probs.sum(0, keepdims=True)).astype(np.float16)
+                kinds[f"teacher_{j}"] = "prob"
+        cases.append(SamplerCase(names.index(c.dataset), c.annotated, image, c.label(), volumes, c.case_id))
+    sampler = PatchSampler(cases, (patch,) * 3, batch_size, ctx.space.n_leaves, seed=1,
+                           extra_kinds=kinds)
     sampler.precompute()
     t0 = time.perf_counter()
     for step in range(n):
@@ -184,15 +206,18 @@ def main() -> None:
         "mskd_logit": ("naive step", rows["naive"], 1.2),
         "mskd": ("naive step + teachers' partial forwards", rows["naive"] + partial, 1.1),
     }
-    loader = _loader_rate(base, args.patch, args.batch, 4 * args.repeats)
+    loaders = {extras: _loader_rate(base, args.patch, args.batch, 4 * args.repeats, extras)
+               for extras in ("", "pseudo", "teachers")}
+    loads = {"cotraining": "pseudo", "mskd_logit": "teachers", "mskd": "teachers"}  # the rest: no extras
+    loader = min(loaders.values())
     step_rate = 1.0 / rows["naive"]
     lines = [f"Measured with `.venv/bin/python benchmarks/bench_step.py --preset {args.preset} --patch {args.patch} "
              f"--batch {args.batch} --repeats {args.repeats}` (median step, methods timed round-robin, warm-up excluded; 2 CPU cores, "
              f"torch threads {torch.get_num_threads()}).", "",
              "| method | step (s) | x naive | data wait (sync) | floor | floor (s) | ratio to floor | target |",
              "|---|---|---|---|---|---|---|---|"]
-    batch_s = 1.0 / loader
     for name, t in rows.items():
+        batch_s = 1.0 / loaders[loads.get(name, "")]
         wait = f"{100 * batch_s / (batch_s + t):.1f}%"
         floor = floors.get(name)
         if floor:
@@ -203,8 +228,12 @@ def main() -> None:
         else:
             lines.append(f"| {name} | {t:.3f} | {t / rows['naive']:.2f} | {wait} | | | | |")
     lines += ["", f"no-grad forward {forward:.3f} s; teachers' partial forwards {partial:.3f} s.",
-              f"Loader (0 workers, augmentation on): {loader:.1f} batches/s ({1000 * batch_s:.2f} ms a batch) vs naive step rate {step_rate:.2f}/s: "
-              f"{loader / step_rate:.1f} x (target >= 4 x: {'met' if loader / step_rate >= 4 else 'MISSED'})."]
+              "Loader (0 workers, augmentation on), batches/s: "
+              + ", ".join(f"{rate:.1f} {what} ({1000 / rate:.2f} ms a batch)" for what, rate in
+                          zip(("without extras", "with pseudo labels", "with 4 teachers' probabilities"),
+                              loaders.values(), strict=True))
+              + f"; the slowest against the naive step rate {step_rate:.2f}/s: {loader / step_rate:.1f} x "
+              f"(target >= 4 x: {'met' if loader / step_rate >= 4 else 'MISSED'})."]
     text = "\n".join(lines)
     print(text)
     if args.docs:
