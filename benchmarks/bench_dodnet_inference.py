@@ -108,8 +108,12 @@ def main() -> None:
             return self.net(x, None)
 
     def predictor(module: nn.Module, tasks: int) -> Predictor:
+        # the one-task predictor's label space holds its own organ alone: it stitches, restores and merges
+        # that organ, as a model of one task would
+        own = space if tasks == len(organs) else LabelSpace(
+            [leaf for name in organs[:tasks] for leaf in (Leaf(name), Leaf(f"{name}_tumour", name))])
         channels = [key for name in organs[:tasks] for key in (f"region:{name}", f"{name}_tumour")]
-        return Predictor(module, space, spec, output_form="sigmoid", channels=channels, inference=inference,
+        return Predictor(module, own, spec, output_form="sigmoid", channels=channels, inference=inference,
                          device="cpu")
 
     p_one, p_all = predictor(single, 1), predictor(Every(), args.tasks)
