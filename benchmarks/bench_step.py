@@ -114,7 +114,8 @@ def _interleaved(jobs: dict[str, Any], repeats: int) -> dict[str, float]:
 def _loader_rate(ctx: Any, patch: int, batch_size: int, n: int, extras: str = "") -> float:
     """Batches a second from the sampler; ``extras``: "" (none), "pseudo" (a uint8 pseudo-label volume per
     case, co-training) or "teachers" (each training dataset's teacher probabilities, float16 (k, X, Y, Z),
-    MS-KD)."""
+    MS-KD). The extras are arrays in memory, where training memory-maps the cached files: once those are in
+    the page cache the two read alike."""
     from unionseg.data.sampling import PatchSampler, SamplerCase
     from unionseg.methods.expert import expert_subspace
 
@@ -230,7 +231,8 @@ def main() -> None:
     lines += ["", f"no-grad forward {forward:.3f} s; teachers' partial forwards {partial:.3f} s.",
               "Loader (0 workers, augmentation on), batches/s: "
               + ", ".join(f"{rate:.1f} {what} ({1000 / rate:.2f} ms a batch)" for what, rate in
-                          zip(("without extras", "with pseudo labels", "with 4 teachers' probabilities"),
+                          zip(("without extras", "with pseudo labels",
+                               f"with {len(base.train_datasets)} teachers' probabilities"),
                               loaders.values(), strict=True))
               + f"; the slowest against the naive step rate {step_rate:.2f}/s: {loader / step_rate:.1f} x "
               f"(target >= 4 x: {'met' if loader / step_rate >= 4 else 'MISSED'})."]
