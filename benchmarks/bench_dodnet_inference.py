@@ -93,7 +93,6 @@ def main() -> None:
 
     # the predictor path: one organ with a tumour per task, on a CT-like volume prepared at 1 mm
     organs = [f"organ{t}" for t in range(args.tasks)]
-    space = LabelSpace([leaf for name in organs for leaf in (Leaf(name), Leaf(f"{name}_tumour", name))])
     spec = PreprocessSpec(spacing=(1.0, 1.0, 1.0))
     shape = (args.size,) * 3
     prepared, record = preprocess_image(synthetic_ct(shape), Geometry.identity(shape), spec)
@@ -108,12 +107,12 @@ def main() -> None:
             return self.net(x, None)
 
     def predictor(module: nn.Module, tasks: int) -> Predictor:
-        # the one-task predictor's label space holds its own organ alone: it stitches, restores and merges
-        # that organ, as a model of one task would
-        own = space if tasks == len(organs) else LabelSpace(
-            [leaf for name in organs[:tasks] for leaf in (Leaf(name), Leaf(f"{name}_tumour", name))])
-        channels = [key for name in organs[:tasks] for key in (f"region:{name}", f"{name}_tumour")]
-        return Predictor(module, own, spec, output_form="sigmoid", channels=channels, inference=inference,
+        # the label space of the first ``tasks`` organs: the one-task predictor stitches, restores and merges
+        # its own organ alone, as a model of one task would
+        names = organs[:tasks]
+        space = LabelSpace([leaf for name in names for leaf in (Leaf(name), Leaf(f"{name}_tumour", name))])
+        channels = [key for name in names for key in (f"region:{name}", f"{name}_tumour")]
+        return Predictor(module, space, spec, output_form="sigmoid", channels=channels, inference=inference,
                          device="cpu")
 
     every = Every()

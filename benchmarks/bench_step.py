@@ -53,21 +53,35 @@ class _StubArtifacts:
         return self.experts[name]
 
 
-def _batch(ctx: Any, patch: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
-    """A real batch from the sampler plus synthetic aligned extras (pseudo labels, teacher probabilities)."""
-    from unionseg.data.sampling import PatchSampler, SamplerCase
+def _teacher_channels(ctx: Any) -> list[int]:
+    """Each training dataset's teacher's channel count: background plus the leaves its expert knows."""
     from unionseg.methods.expert import expert_subspace
 
+    return [1 + len(expert_subspace(ctx.space, name)[2]) for name in ctx.train_datasets]
+
+
+def _sampler_cases(ctx: Any, extras: Any = lambda image: {}) -> list[Any]:
+    """The training cases as the sampler takes them; ``extras(image)`` gives a case's extra volumes."""
+    from unionseg.data.sampling import SamplerCase
+
     names = ctx.train_datasets
-    cases = [SamplerCase(names.index(c.dataset), c.annotated, c.image(), c.label(), {}, c.case_id)
-             for c in ctx.index.cases(split="train")]
-    sampler = PatchSampler(cases, (patch,) * 3, batch_size, ctx.space.n_leaves, seed=seed)
+    cases = []
+    for c in ctx.index.cases(split="train"):
+        image = c.image()
+        cases.append(SamplerCase(names.index(c.dataset), c.annotated, image, c.label(), extras(image), c.case_id))
+    return cases
+
+
+def _batch(ctx: Any, patch: int, batch_size: int, seed: int = 0) -> dict[str, Any]:
+    """A real batch from the sampler plus synthetic aligned extras (pseudo labels, teacher probabilities)."""
+    from unionseg.data.sampling import PatchSampler
+
+    sampler = PatchSampler(_sampler_cases(ctx), (patch,) * 3, batch_size, ctx.space.n_leaves, seed=seed)
     batch = sampler[0]
     rng = torch.Generator().manual_seed(seed)
     shape = batch["label"].shape
     batch["pseudo"] = torch.randint(0, ctx.space.n_leaves, shape, generator=rng)
-    for j, name in enumerate(names):
-        k = 1 + len(expert_subspace(ctx.space, name)[2])
+    for j, k in enumerate(_teacher_channels(ctx)):
         batch[f"teacher_{j}"] = torch.softmax(torch.randn(shape[0], k, *shape[1:], generator=rng) * 3, dim=1)
     return batch
 
@@ -116,27 +130,27 @@ def _loader_rate(ctx: Any, patch: int, batch_size: int, n: int, extras: str = ""
     case, co-training) or "teachers" (each training dataset's teacher probabilities, float16 (k, X, Y, Z),
     MS-KD). The extras are arrays in memory, where training memory-maps the cached files: once those are in
     the page cache the two read alike."""
-    from unionseg.data.sampling import PatchSampler, SamplerCase
-    from unionseg.methods.expert import expert_subspace
+    from unionseg.data.sampling import PatchSampler
 
-    names = ctx.train_datasets
     rng = np.random.default_rng(1)
+    channels = _teacher_channels(ctx)
     kinds: dict[str, Any] = {}
-    cases = []
-    for c in ctx.index.cases(split="train"):
-        image = c.image()
-        volumes: dict[str, np.ndarray] = {}
+    if extras == "pseudo":
+        kinds["pseudo"] = "label"
+    elif extras == "teachers":
+        kinds.update({f"teacher_{j}": "prob" for j in range(len(channels))})
+
+    def volumes(image: np.ndarray) -> dict[str, np.ndarray]:
+        shape = image.shape
         if extras == "pseudo":
-            volumes["pseudo"] = rng.integers(0, ctx.space.n_leaves, image.shape, dtype=np.uint8)
-            kinds["pseudo"] = "label"
-        elif extras == "teachers":
-            for j, name in enumerate(names):
-                k = 1 + len(expert_subspace(ctx.space, name)[2])
-                probs = rng.random((k, *image.shape), dtype=np.float32)
-                volumes[f"teacher_{j}"] = (probs / probs.sum(0, keepdims=True)).astype(np.float16)
-                kinds[f"teacher_{j}"] = "prob"
-        cases.append(SamplerCase(names.index(c.dataset), c.annotated, image, c.label(), volumes, c.case_id))
-    sampler = PatchSampler(cases, (patch,) * 3, batch_size, ctx.space.n_leaves, seed=1,
+            return {"pseudo": rng.integers(0, ctx.space.n_leaves, shape, dtype=np.uint8)}
+        out = {}
+        for j, k in enumerate(channels if extras == "teachers" else []):
+            probs = rng.random((k, *shape), dtype=np.float32)
+            out[f"teacher_{j}"] = (probs / probs.sum(0, keepdims=True)).astype(np.float16)
+        return out
+
+    sampler = PatchSampler(_sampler_cases(ctx, volumes), (patch,) * 3, batch_size, ctx.space.n_leaves, seed=1,
                            extra_kinds=kinds)
     sampler.precompute()
     t0 = time.perf_counter()

@@ -57,8 +57,9 @@ def memory_format_of(tensor: Tensor) -> torch.memory_format:
 
 def sum_dtype(device: torch.device) -> torch.dtype:
     """The dtype of voxel sums built one voxel at a time (``scatter_add_``): float64, whose step stays far
-    below a probability's at any patch size (float32's passes 0.1 beyond 2^20 voxels), but float32 on Apple's
-    MPS, which has no float64."""
+    below a probability's at any patch size (float32's passes 0.1 beyond 2^20 voxels, a background at 128^3:
+    each p near 1 rounded to the float's step biased the Dice; helper-127), but float32 on Apple's MPS, which
+    has no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 

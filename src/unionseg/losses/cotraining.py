@@ -93,8 +93,7 @@ class _CotrainingTerms(torch.autograd.Function):
         if weight is not None:
             focal_v = focal_v * weight
         focal = focal_v.mean()
-        # summed in float64: scatter_add_ adds one voxel at a time, and in float32 a sum past about 2^20 (a
-        # background at 128^3) rounds each p_t near 1 to the float's step, biasing the sum (helper-127)
+        # voxel sums in float64 (float32 on MPS; sum_dtype says why)
         wide = sum_dtype(p.device)
         intersection = pt.new_zeros(batch, n_leaves, dtype=wide).scatter_add_(1, targets, pt.to(wide)).to(p.dtype)
         counts = torch.zeros(batch, n_leaves, dtype=torch.long, device=p.device).scatter_add_(

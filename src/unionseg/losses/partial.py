@@ -168,8 +168,7 @@ class _SoftmaxCodeSums(torch.autograd.Function):
         z = logits.movedim(1, -1).reshape(batch, -1, n_leaves)  # (B, V, L)
         log_p = torch.log_softmax(z, dim=-1)
         p = log_p.exp()
-        # summed in float64: scatter_add_ adds one voxel at a time, and in float32 a sum past about 2^20 (a
-        # background at 128^3) rounds each p near 1 to the float's step, biasing the sum (helper-127)
+        # voxel sums in float64 (float32 on MPS; sum_dtype says why)
         wide = sum_dtype(p.device)
         sums = p.new_zeros(batch, n_leaves, n_codes, dtype=wide).scatter_add_(
             2, flat_codes.unsqueeze(1).expand(-1, n_leaves, -1), p.transpose(1, 2).to(wide)).to(p.dtype)
