@@ -231,7 +231,8 @@ def test_label_on_another_grid_is_refused_naming_both_files(tmp_path: Path, shif
         assert message.endswith("give it the image's header (SimpleITK's CopyInformation, or nibabel with the "
                                 "image's affine)")
     else:  # the crop: a shape that differs, both shapes named
-        assert "label shape (3, 5, 6) differs from image shape (4, 5, 6)" in message, message
+        assert "label shape (3, 5, 6) differs from image shape (4, 5, 6) (the image: " in message, message
+        assert message.endswith("was it cropped or resampled, or paired with another case's image?")  # what to check
     # twin: the unshifted grid is accepted
     if transpose != "crop":
         ok, ok_geom = _flip_transpose(label, geom) if transpose else (label, geom)

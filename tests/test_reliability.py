@@ -365,7 +365,9 @@ def bad_region_parent_missing(folder: Path) -> Bad:
 def bad_undeclared_label_value(folder: Path) -> Bad:
     (folder / "project.yaml").write_text(TINY_PROJECT_YAML.replace("{1: liver, 2: liver_tumour}",
                                                                    "{1: liver, 3: liver_tumour}"))
-    return _prepare(folder, folder / LIVER_JSON, "project maps label value 3 for dataset 'liver'")
+    return _prepare(folder, folder / LIVER_JSON, "project maps label value 3 for dataset 'liver' (datasets.liver.labels "
+                    f"in {folder / 'project.yaml'}), but dataset.json declares only [0, 1, 2] (0 'background', 1 "
+                    "'liver', 2 'liver tumour'): map the values it declares")
 
 
 @bad_input("train on a project that was never prepared")
@@ -522,7 +524,8 @@ def bad_predict_checkpoint_as_model(folder: Path) -> Bad:
     model = folder / "last.pt"
     torch.save({"format": "unionseg-checkpoint", "step": 3}, model)
     return _predict(folder, model, [folder / LIVER_IMAGE], folder / "out", model,
-                    "not a unionseg model file", ["out"])
+                    f"a training checkpoint, not a model file: give the run's model file, {folder / 'model.pt'}",
+                    ["out"])
 
 
 @bad_input("predict: the model given as a folder (the training run's output folder)")

@@ -408,6 +408,43 @@ def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: 
     assert f"stopped at step 2; the checkpoint ({tmp_path / 'run' / 'last.pt'}) holds it" in capsys.readouterr().err
 
 
+def test_ctrl_c_in_the_expert_stage_says_it_stopped_an_expert(phantom_project: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ctrl-C while co-training trains its shared experts said "stopped at step 2", in the expert's folder,
+    as if the user's run were done, and the resume "the run had finished" (helper-131): the messages now say
+    whose steps they count and that the run's later stages follow."""
+    import shutil as sh
+
+    from unionseg.training.trainer import Trainer
+
+    real = Trainer.train_step
+
+    def step(self: Trainer, batch: dict) -> dict[str, float]:
+        if self.cfg.method == "expert" and self.step == 2:  # after the expert's step-2 checkpoint
+            raise KeyboardInterrupt
+        return real(self, batch)
+
+    project = tmp_path / "data"  # experts of its own: the shared cache's finished ones would not train
+    sh.copytree(phantom_project.parent, project, ignore=sh.ignore_patterns("artifacts"))
+    monkeypatch.setattr(Trainer, "train_step", step)
+    cfg = _cfg("cotraining", 2, "expert_steps=4", "ckpt_every=1")
+    with pytest.raises(KeyboardInterrupt):
+        train(project / "project.yaml", cfg, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    expert = "the shared expert of dataset 'liver' (stage experts of this run) of 4 steps: "
+    assert f"{expert}stopped at step 2; the checkpoint (" in err and "/experts/liver/last.pt) holds it" in err
+    assert "(the expert first, then the run's later stages)" in err
+    import unionseg.training.data as data
+
+    monkeypatch.setattr(data, "build_loader", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(project / "project.yaml", cfg, tmp_path / "run", resume=True, progress=True)
+    err = capsys.readouterr().err
+    assert "experts/liver: the shared expert of dataset 'liver' (stage experts of this run) resuming at step 2 of 4" \
+        in err and f"{expert}stopped at step 2" in err
+
+
 def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Path, tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -695,8 +732,15 @@ def test_cli_train_takes_the_recipe_method_and_guards_the_run_folder(
     assert (ind / "model.pt").read_bytes() == model
     with pytest.raises(ConfigError, match="the recipe says 'marginal', the call says 'dodnet'"):
         load_train_config(recipe, method="dodnet")
-    with pytest.raises(ConfigError, match="unknown method 'cotrainig'; known: conditional, cotraining"):
+    with pytest.raises(ConfigError, match=r"unknown method 'cotrainig' \(did you mean 'cotraining'\?\); known: "
+                                          "conditional, cotraining"):
         default_recipe("cotrainig")
+    # the papers' spellings point to the names (walkthrough, helper-131); a name far from all suggests none
+    for spelled, name in (("DoDNet", "dodnet"), ("MS-KD", "mskd"), ("co_training", "cotraining")):
+        with pytest.raises(ConfigError, match=rf"unknown method '{spelled}' \(did you mean '{name}'\?\)"):
+            default_recipe(spelled)
+    with pytest.raises(ConfigError, match=r"unknown method 'zebra'; known"):
+        default_recipe("zebra")
     (tmp_path / "afile").write_text("keep")
     assert run(["train", str(phantom_project), "-o", str(tmp_path / "afile"), *tiny]) == 2
     assert "the run folder (--out) exists and is not a folder" in capsys.readouterr().err

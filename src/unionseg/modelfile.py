@@ -238,9 +238,14 @@ def load_model(path: str | Path) -> dict[str, Any]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"truncated or corrupt model file ({first})", path) from None
+    if isinstance(payload, dict) and payload.get("format") == "unionseg-checkpoint":  # training's last.pt
+        beside = path.parent / "model.pt"
+        where = (f"give the run's model file, {beside}" if beside.is_file() else
+                 "a run writes its model file, model.pt, beside it when its training ends (`unionseg train ... "
+                 "--resume` finishes a stopped run)")
+        raise CheckpointError(f"a training checkpoint, not a model file: {where}", path)
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise CheckpointError("not a unionseg model file (no 'format: unionseg-model'); a training checkpoint "
-                              "is not a deployable model", path)
+        raise CheckpointError("not a unionseg model file (no 'format: unionseg-model')", path)
     version = payload.get("version")
     if not isinstance(version, int) or version > MODEL_VERSION:
         raise CheckpointError(f"model file version {version!r} is newer than this unionseg ({MODEL_VERSION}); "

@@ -42,7 +42,7 @@ def project_summary(project_path: str | Path, roots: Mapping[str, str] | None = 
         info = scan_dataset(spec.name, spec.root, spec.layout, spec.oracle_labels)
         scans.append((spec.name, spec.role, info))
         check_label_map(spec.name, info.declared_labels, spec.labels, spec.root / "dataset.json", space.names[1:],
-                        spec.other)
+                        spec.other, project.path)
         warn_training_on_test_folders(spec.name, spec.role, spec.root, info)
         space.warn_annotations(spec.name, project.path)
         ids = [c.case_id for c in info.cases]

@@ -701,7 +701,8 @@ def _class_key(name: str) -> str:
 
 
 def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Mapping[int, str],
-                    json_path: Path, classes: Collection[str] = (), other: str | None = None) -> None:
+                    json_path: Path, classes: Collection[str] = (), other: str | None = None,
+                    project_path: Path | None = None) -> None:
     """Every value the project maps must be declared by the dataset's own dataset.json.
 
     Declared values the project does not map give a warning (prepare would fail on them), unless ``other``
@@ -721,7 +722,8 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
     KiTS19).
 
     Raises:
-        DataError: naming ``json_path`` and the first mapped value the dataset does not declare, or an
+        DataError: naming ``json_path`` and the first mapped value the dataset does not declare (with
+            ``project_path``, the project file's key that maps it, where the mistake usually is), or an
             nnU-Net ``ignore`` label.
     """
     if declared is None:
@@ -734,8 +736,10 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
                         "give those voxels their class, or leave the dataset out", json_path)
     missing = sorted(set(mapped) - set(declared))
     if missing:
-        raise DataError(f"project maps label value {missing[0]} for dataset {dataset!r}, but dataset.json declares "
-                        f"only {sorted(declared)}", json_path)
+        key = f" (datasets.{dataset}.labels in {project_path})" if project_path is not None else ""
+        values = ", ".join(f"{v} {declared[v]!r}" for v in sorted(declared))
+        raise DataError(f"project maps label value {missing[0]} for dataset {dataset!r}{key}, but dataset.json declares "
+                        f"only {sorted(declared)} ({values}): map the values it declares", json_path)
     unmapped = [v for v in sorted(declared) if v != 0 and v not in mapped]
     known = {_class_key(c) for c in classes}
     if unmapped and other is not None:

@@ -909,8 +909,9 @@ def align_label_to_image(
             and grid_drift(on_image, image_geom)[1] <= MAX_GRID_DRIFT_VOXELS:
         return moved
     if tuple(label_geom.shape) != tuple(image_geom.shape) and sorted(label_geom.shape) != sorted(image_geom.shape):
-        raise DataError(f"label shape {label_geom.shape} differs from image shape {image_geom.shape} "
-                        f"({image_path.name})", label_path)
+        raise DataError(f"label shape {label_geom.shape} differs from image shape {image_geom.shape} (the "
+                        f"image: {image_path}); a label map is drawn on its image's voxel grid: was it cropped or "
+                        "resampled, or paired with another case's image?", label_path)
     # how far apart the two grids put the same voxel, in mm and in voxels, against the tolerances
     shift, voxels = grid_drift(on_image if moved.shape == tuple(image_geom.shape) else label_geom.affine, image_geom)
     mm = f"{shift:.3f}" if shift < 1 else f"{shift:.1f}"

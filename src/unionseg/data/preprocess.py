@@ -1014,7 +1014,7 @@ def _plan(project: Project, force: bool, workers: int = 1, progress: bool = Fals
         scans.append((ds.name, ds.role, info))
         declared_of[ds.name] = None if info.declared_labels is None else sorted(info.declared_labels)
         json_path = ds.root / "dataset.json"
-        check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:], ds.other)
+        check_label_map(ds.name, info.declared_labels, ds.labels, json_path, space.names[1:], ds.other, project.path)
         warn_training_on_test_folders(ds.name, ds.role, ds.root, info)
         space.warn_annotations(ds.name, project.path)
         if json_path.is_file():  # KiTS and image/label-folder layouts have none

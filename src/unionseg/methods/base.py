@@ -207,7 +207,19 @@ def get_method(name: str) -> type[Method]:
         loaded = plugin_modules()
         hint = (f" (plugins loaded from {PLUGINS_ENV}: {', '.join(loaded)})" if loaded else
                 f"; a method of a plugin needs its module named in {PLUGINS_ENV} (docs/extending.md)")
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}{hint}") from None
+        raise ConfigError(f"unknown method {name!r}{_did_you_mean(name, list(METHODS))}; known: "
+                          f"{', '.join(sorted(METHODS))}{hint}") from None
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    """``" (did you mean 'dodnet'?)"`` for a name that differs from a known one in case or by a typo, else ``""``
+    (method names are lower case; the papers spell them DoDNet and MS-KD)."""
+    import difflib
+
+    folded = {k.lower().replace("-", "").replace("_", ""): k for k in known}
+    key = name.lower().replace("-", "").replace("_", "")
+    close = [folded[key]] if key in folded else [folded[k] for k in difflib.get_close_matches(key, folded, n=1)]
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def available_methods() -> list[str]:

@@ -765,11 +765,12 @@ class Trainer:
                 self._validate_pending()
                 self.save_checkpoint()  # no longer to do: a later --resume has nothing to run again
             elif self.step >= cfg.steps and self.ctx.is_main and self.ctx.progress:
-                print(f"{self.run_dir}: the run had finished (step {self.step} of {cfg.steps}); nothing to train, "
-                      "its model file is kept", file=sys.stderr)
+                kept = "its model file is kept" if finished else "its model file is written now"
+                print(f"{self.run_dir}: {self._stage_of_run() or 'the run '}had finished (step {self.step} of "
+                      f"{cfg.steps}); nothing to train, {kept}", file=sys.stderr)
             elif self.step < cfg.steps:
                 if self.step > 0 and self.ctx.is_main and self.ctx.progress:
-                    print(f"{self.run_dir}: resuming at step {self.step} of {cfg.steps}"
+                    print(f"{self.run_dir}: {self._stage_of_run()}resuming at step {self.step} of {cfg.steps}"
                           + (" (first its validation, which the stop interrupted)" if self.validation_pending else ""),
                           file=sys.stderr)
                 from unionseg.progress import suite_after
@@ -810,6 +811,14 @@ class Trainer:
                 return recorded
         return self.on_train_end()
 
+    def _stage_of_run(self) -> str:
+        """``"the shared expert of dataset 'liver' (stage experts of this run) "`` when this trainer trains an
+        expert, else ``""``. An expert's messages read as the user's run's own: a Ctrl-C in co-training's
+        expert stage said "stopped at step 20", its budget's 20 steps, as if the run were done (helper-131)."""
+        if self.cfg.method != "expert":
+            return ""
+        return f"the shared expert of dataset {self.cfg.options.get('dataset')!r} (stage experts of this run) "
+
     def _interrupted_message(self) -> str:
         last = self.run_dir / "last.pt"
         size = dist.world_size()
@@ -821,11 +830,16 @@ class Trainer:
         else:  # the benchmark was named to every run (helper-112)
             goes_on = ("`unionseg train` with the same arguments and --resume (train(..., resume=True) in Python) "
                        "goes on from there")
+        subject = self._stage_of_run()
+        if subject:  # the expert's own step count, and that the run goes on to its other stages
+            subject = f"{subject}of {self.cfg.steps} steps: "
+            goes_on += " (the expert first, then the run's later stages)"
         if self.saved_step and self.saved_step == self.step:
-            return f"stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
+            return f"{subject}stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
         if self.saved_step:
-            return f"interrupted at step {self.step}; the last checkpoint ({last}) holds step {self.saved_step}: {goes_on}"
-        return f"interrupted at step {self.step}, before the first checkpoint"
+            return (f"{subject}interrupted at step {self.step}; the last checkpoint ({last}) holds step "
+                    f"{self.saved_step}: {goes_on}")
+        return f"{subject}interrupted at step {self.step}, before the first checkpoint"
 
     def _loop(self, loader: Any, logger: _Logger, progress: Any, stop_after: int | None, stop: _StopRequest) -> None:
         """The training steps from ``self.step`` to the budget (or ``stop_after``).
