@@ -720,6 +720,46 @@ def test_a_wrong_dataset_for_a_copied_ground_truth_folder_is_warned_about(tmp_pa
         evaluate_folder(preds, gt, project, "kidney", tmp_path / "e2", figures=False)
 
 
+def test_another_datasets_files_read_empty_through_other_background_are_refused(tmp_path: Path) -> None:
+    """A wrong --dataset whose map ends in ``other: background`` swept every value of the foreign files to
+    background: every row scored 0 or by an empty-mask rule, exit 0, behind one warning (helper-131's
+    walkthrough, where the message for a test set outside every root had suggested --dataset). Refused now,
+    nothing written; the dataset's own files with the same map are scored."""
+    import shutil
+
+    from conftest import write_msd_dataset
+    from unionseg.errors import DataError, UnionsegWarning
+
+    # a whole-body labelling (as TotalSegmentator's): the dataset declares more structures than the project maps
+    write_msd_dataset(tmp_path / "datasets" / "ts", 2, {0: "background", 1: "stomach", 2: "colon", 5: "liver"},
+                      prefix="ts", values=(5,))
+    write_msd_dataset(tmp_path / "elsewhere", 2, {0: "background", 1: "liver", 2: "spleen"}, prefix="ct")
+    (tmp_path / "project.yaml").write_text(
+        "name: p\nclasses: [liver, spleen]\ndatasets:\n  - name: ts\n    root: datasets/ts\n"
+        "    labels: {5: liver, other: background}\n    annotated: [liver]\n")
+    gt, preds = tmp_path / "gtcopy", tmp_path / "preds"
+    shutil.copytree(tmp_path / "elsewhere" / "labelsTr", gt)
+    shutil.copytree(gt, preds)
+    with pytest.raises(ConfigError, match=r"name the dataset whose label values these files use \(--dataset NAME, "
+                                          r"dataset=NAME: one of ts\), or declare their own dataset in the project "
+                                          r"file \(role: test"):
+        evaluate_folder(preds, gt, tmp_path / "project.yaml", out_dir=tmp_path / "e0", figures=False)
+    with pytest.warns(UnionsegWarning, match=r"whose map \{5: 'liver', other: 'background'\} reads their values"), \
+            pytest.raises(DataError, match=r"every ground-truth file is empty under dataset 'ts''s label map "
+                                           r"\{5: 'liver', other: 'background'\}, and none is a case of that dataset"):
+        evaluate_folder(preds, gt, tmp_path / "project.yaml", "ts", tmp_path / "e1", figures=False)
+    assert not (tmp_path / "e1").exists()
+    # twin: the dataset's own files, read through the same map, are scored (predictions in global ids: liver 1)
+    from unionseg.data.io import read_image, write_image
+
+    own = tmp_path / "datasets" / "ts" / "labelsTr"
+    for path in own.glob("*.nii.gz"):
+        label, geometry = read_image(path)
+        write_image(tmp_path / "ownpreds" / path.name, (label == 5).astype(np.uint8), geometry)
+    summary = evaluate_folder(tmp_path / "ownpreds", own, tmp_path / "project.yaml", "ts", None, figures=False)
+    assert summary["n_cases"] == 2 and summary["classes"]["region:liver"]["dice"]["mean"] == pytest.approx(1.0)
+
+
 def test_a_ground_truth_folder_in_the_root_of_two_datasets_that_read_it_differently_needs_dataset(
         tiny_project: Path) -> None:
     """Two datasets may share a root (a liver-only training view and the full test set of one folder).

@@ -446,8 +446,10 @@ def resolve_dataset(project: Project, gt_dir: Path, dataset: str | None = None) 
         matches = [d for d in project.datasets if gt.is_relative_to(Path(d.root).resolve())]
         if not matches:
             names = ", ".join(d.name for d in project.datasets)
-            raise ConfigError(f"no dataset root contains the ground truth folder {gt}; name the dataset "
-                              f"(--dataset NAME, dataset=NAME: one of {names})", project.path)
+            raise ConfigError(f"no dataset root contains the ground truth folder {gt}; name the dataset whose "
+                              f"label values these files use (--dataset NAME, dataset=NAME: one of {names}), or "
+                              "declare their own dataset in the project file (role: test, docs/datasets.md)",
+                              project.path)
         deepest = max(len(Path(d.root).resolve().parts) for d in matches)
         tied = [d for d in matches if len(Path(d.root).resolve().parts) == deepest]
         oracle_of = [d for d in tied if d.oracle_labels is not None and Path(d.oracle_labels).resolve() == gt]
@@ -612,11 +614,17 @@ def write_metrics_csv(path: Path, cases: Mapping[str, CaseScores], metrics: Sequ
     write_text(path, buffer.getvalue())
 
 
-def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str, Path], gt_dir: Path) -> None:
+def _map_text(spec: DatasetSpec) -> str:
+    """A dataset's label map as the project file gives it, ``other:`` included."""
+    text = repr(dict(sorted(spec.labels.items())))
+    return f"{text[:-1]}, other: {spec.other!r}}}" if spec.other else text
+
+
+def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str, Path], gt_dir: Path) -> bool:
     """Warn when a ground-truth folder outside the named dataset's root holds none of its cases' label files:
     a wrong ``--dataset`` reads every label value through another dataset's map (kidney labels scored as
     liver, Dice 0) without a word. Said only when the dataset's own folder can be scanned; when another
-    dataset of the project holds those files, the warning names it."""
+    dataset of the project holds those files, the warning names it. Returns whether it warned."""
     import warnings
 
     from unionseg.errors import UnionsegWarning
@@ -626,12 +634,13 @@ def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str
         own = _image_lookup(spec)
         names = {path.name for path in truths.values()}
         if not own or names & set(own):
-            return
+            return False
         owner = next((d.name for d in project.datasets if d.name != spec.name and names & set(_image_lookup(d))),
                      None)
     hint = f"; they are case files of dataset {owner!r}: pass --dataset {owner}" if owner else ""
     warnings.warn(f"{gt_dir}: none of its {len(names)} label file(s) is a case of dataset {spec.name!r} (whose map "
-                  f"{dict(sorted(spec.labels.items()))} reads their values){hint}", UnionsegWarning, stacklevel=3)
+                  f"{_map_text(spec)} reads their values){hint}", UnionsegWarning, stacklevel=3)
+    return True
 
 
 def _declared_labels(spec: DatasetSpec) -> list[int] | None:
@@ -875,8 +884,8 @@ def evaluate_folder(
         from unionseg.data.io import IMAGE_SUFFIXES
 
         raise DataError(f"no label files ({', '.join(IMAGE_SUFFIXES)}) in the ground-truth folder", gt_dir)
-    if dataset is not None and not oracle and not gt_dir.resolve().is_relative_to(Path(spec.root).resolve()):
-        _warn_foreign_cases(project, spec, truths, gt_dir)
+    foreign = (dataset is not None and not oracle and not gt_dir.resolve().is_relative_to(Path(spec.root).resolve())
+               and _warn_foreign_cases(project, spec, truths, gt_dir))
     preds = _label_files(pred_dir)
     check_not_the_truth(preds, truths, pred_dir)
     missing = [case for case in truths if case not in preds]
@@ -889,6 +898,13 @@ def evaluate_folder(
     scored = run_case_jobs(jobs, workers, progress)
     cases = {case: scores for case, scores, _ in scored}
     warn_skewed({case: skew for case, _, skew in scored}, gt_dir)
+    if foreign and not any(row["gt_voxels"] for scores in cases.values() for row in scores.values()):
+        # another dataset's files read through this one's map, every value swept to background: Dice 0 or the
+        # empty-mask rules on every row, exit 0 (a new user's walkthrough, helper-131); nothing is written
+        raise DataError(f"every ground-truth file is empty under dataset {spec.name!r}'s label map "
+                        f"{_map_text(spec)}, and none is a case of that dataset: these files use another "
+                        "dataset's label values; pass that dataset (--dataset) or declare it in the project file "
+                        "(role: test, docs/datasets.md)", gt_dir)
     classes = summarise(cases, space.evaluation_keys(), metrics)
     quality, best, worst = rank_cases(cases, metrics)
 
