@@ -896,7 +896,9 @@ def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.Monk
     from unionseg.cli import app
 
     given: list[object] = []
-    monkeypatch.setattr(bench, "run_benchmark", lambda suite, out, methods, seeds, progress: given.append(methods))
+    projects: list[object] = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda suite, out, methods, seeds, progress, project:
+                        (given.append(methods), projects.append(project)))
     monkeypatch.setattr(report, "print_table", lambda results: None)
     runner = CliRunner()
     for args in (["--methods", "oracle,naive"], ["--methods", "oracle", "--methods", " naive"], []):
@@ -907,6 +909,9 @@ def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.Monk
     # (tested beside its other refusals)
     runner.invoke(app, ["benchmark", "--suite", "ci", "-o", "unused", "--quiet", "--methods", ""])
     assert given[3:] == [[]]
+    # --project (-p): a project of one's own in place of the phantom, passed as given
+    assert runner.invoke(app, ["benchmark", "-o", "unused", "--quiet", "-p", "mine.yaml"]).exit_code == 0
+    assert projects == [None] * 4 + [Path("mine.yaml")]
 
 
 def test_the_results_table_never_cuts_a_value_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch,
@@ -996,3 +1001,60 @@ def test_an_isolated_row_shows_its_training_progress_unless_quiet(tmp_path: Path
     for cmd in commands:
         benchmark._isolated_main(cmd[cmd.index("unionseg.benchmark") + 1:])
     assert calls == [True, False]
+
+
+@pytest.mark.slow
+def test_a_project_of_ones_own_is_benchmarked_in_place_of_the_phantom(tmp_path: Path) -> None:
+    """`unionseg benchmark --project`: the suite's budget on a user's project, scored on its test set, its
+    datasets read where they are (a copy of the project file, prepared in the benchmark folder; the project's
+    own cache untouched). Refused before anything is written: the oracle row on datasets without full labels,
+    a project without a test set, a folder holding another benchmark."""
+    import yaml
+
+    from unionseg.benchmark import run_benchmark
+    from unionseg.data.phantom import generate_phantom
+    from unionseg.errors import ConfigError, UnionsegError
+
+    phantom = generate_phantom(tmp_path / "mine", size="tiny", seed=5, cases=(2, 1, 1))
+    raw = yaml.safe_load(phantom.read_text())
+    for entry in raw["datasets"]:
+        entry.pop("oracle_labels", None)  # real partially labelled data: no full truth of the training sets
+    raw.pop("generator_version")
+    project = tmp_path / "mine" / "real.yaml"
+    project.write_text(yaml.safe_dump(raw, sort_keys=False))
+    suite = tmp_path / "mini.yaml"
+    suite.write_text("name: mini\nbudget_from: ci\nmethods: [oracle, naive, marginal]\n"
+                     "budget: {steps: 2, val_every: 2, ckpt_every: 2}\n")
+    out = tmp_path / "bench"
+    with pytest.raises(ConfigError, match=r"real.yaml: row 'oracle' trains on full labels of every training set "
+                                          r"\(oracle_labels\), which datasets liver, kidney, pancreas, spleen do not"):
+        run_benchmark(str(suite), out, project=project, progress=False)
+    no_test = tmp_path / "mine" / "no_test.yaml"
+    no_test.write_text(yaml.safe_dump({**raw, "datasets": [d for d in raw["datasets"] if d.get("role") != "test"]}))
+    with pytest.raises(ConfigError, match=r"no_test.yaml: the benchmark scores every method on the project's test "
+                                          r"set: declare one"):
+        run_benchmark(str(suite), out, methods="naive", project=no_test, progress=False)
+    assert not out.exists()
+
+    results = run_benchmark(str(suite), out, methods="naive,marginal", project=project, progress=False)
+    assert sorted(results["methods"]) == ["marginal", "naive"]
+    copy = yaml.safe_load((out / "data" / "project.yaml").read_text())
+    assert [d["root"] for d in copy["datasets"]][0] == "../../mine/datasets/liver"  # read where they are
+    assert not (tmp_path / "mine" / "prepared").exists() and (out / "data" / "prepared" / "index.json").is_file()
+    # every score comes from evaluating the predictions against the project's own test labels
+    saved = json.loads((out / "results.json").read_text())
+    truth = sorted((tmp_path / "mine" / "datasets" / "test" / "labelsTr").glob("*.nii.gz"))
+    for run in saved["runs"]:
+        assert sorted(p.name for p in (out / run["pred_dir"]).glob("*.nii.gz")) == [p.name for p in truth]
+        assert run["per_class"]["region:liver"]["n_cases"] == len(truth)
+    report = (out / "report.md").read_text()
+    assert f"Data: the project `{project}`" in report and "- (a project of your own) |" in report
+    assert "## One test case, every method (seed 0)" in report and (out / "figures" / "montage.png").is_file()
+    other = tmp_path / "mine" / "other.yaml"  # the same datasets under another project file: not reused
+    other.write_text(project.read_text())
+    with pytest.raises(UnionsegError, match=r"holds the benchmark of the project .*real.yaml, not of the project "
+                                            r".*other.yaml"):
+        run_benchmark(str(suite), out, methods="naive", project=other, progress=False)
+    with pytest.raises(UnionsegError, match=r"holds the benchmark of the project .*real.yaml, not of the suite "
+                                            r"'mini''s phantom"):
+        run_benchmark(str(suite), out, methods="naive", progress=False)

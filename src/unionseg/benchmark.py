@@ -306,7 +306,49 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
 
 
 def _labels_dir(spec: Any) -> Path:
-    return Path(spec.root) / "labelsTr"
+    """The folder of the test set's label files, one ``<case id>`` file per case (as ``evaluate`` reads it).
+
+    Raises:
+        ConfigError: a layout that keeps them otherwise (KiTS: a folder per case).
+    """
+    from unionseg.data.catalog import scan_dataset
+    from unionseg.data.io import suffix_of
+
+    cases = scan_dataset(spec.name, spec.root, spec.layout).cases
+    folders = {c.label.parent for c in cases if c.label is not None}
+    named = all(c.label is not None and c.label.name == f"{c.case_id}{suffix_of(c.label)}" for c in cases)
+    if len(folders) != 1 or not named:
+        raise ConfigError(f"test set {spec.name!r}: the benchmark scores a folder of label files named by case "
+                          "(the msd, nnunet and folders layouts), which this layout does not have; score its "
+                          "predictions with `unionseg evaluate` per case folder instead", spec.root)
+    return folders.pop()
+
+
+def _own_project(project: Path, rows: Sequence[RunSpec]) -> Path:
+    """``project`` resolved, checked before the benchmark folder is touched.
+
+    Raises:
+        ConfigError: the project cannot be read; it has no test set (``role: test``) or keeps the test set's
+            label files other than one per case in one folder (evaluate reads the layouts ``msd``, ``nnunet``
+            and ``folders``); a row it cannot train: the oracle learns from the training sets' full labels
+            (``oracle_labels``), which only the phantom gives.
+    """
+    from unionseg.config import load_project
+
+    path = project.resolve()
+    loaded = load_project(path)
+    test = loaded.eval_dataset("test")
+    if test is None:
+        raise ConfigError("the benchmark scores every method on the project's test set: declare one (a fully "
+                          "labelled dataset with role: test, docs/datasets.md)", path)
+    _labels_dir(test)
+    lacking = [d.name for d in loaded.train_datasets if d.oracle_labels is None]
+    oracles = [r.name for r in rows if r.method == "oracle"]
+    if oracles and lacking:
+        raise ConfigError(f"row {oracles[0]!r} trains on full labels of every training set (oracle_labels), which "
+                          f"datasets {', '.join(lacking)} do not have: leave it out (--methods naming the others); "
+                          "the report then gives no gap closure", path)
+    return path
 
 
 def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool,
@@ -365,13 +407,45 @@ def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
     return project_path
 
 
+def ensure_project(project: str | Path, out: Path, progress: bool, workers: int = 2) -> Path:
+    """A benchmark of a project of your own: ``out/data/project.yaml`` is a copy of ``project`` whose
+    dataset roots point at its datasets, relative to the copy (nothing is copied but the file; a ``roots_file``
+    and ``cache_dir`` are resolved into it), prepared into ``out/data/prepared`` (the project's own cache, and the shared experts
+    of your own trainings in it, are left alone). Rewritten when the project file changed; a finished row is
+    reused as for the phantom.
+
+    The project was checked first (:func:`_own_project`: a test set, and a layout evaluate reads).
+    """
+    import yaml
+
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import prepare_project
+    from unionseg.jsonfile import write_text
+
+    source = load_project(project)
+    data = out / "data"
+    raw = {k: v for k, v in source.raw.items() if k not in ("roots_file", "cache_dir")}
+    # relative to the copy, as project files give them (an absolute root is refused as not portable)
+    roots = {d.name: Path(os.path.relpath(Path(d.root).resolve(), data)).as_posix() for d in source.datasets}
+    raw["datasets"] = [{**entry, "root": roots[entry["name"]]} for entry in source.raw["datasets"]]
+    raw["notes"] = f"benchmark copy of {source.path} (unionseg benchmark --project); edit that file, not this one"
+    path = data / "project.yaml"
+    text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        data.mkdir(parents=True, exist_ok=True)
+        write_text(path, text)
+    prepare_project(load_project(path), workers=workers, progress=progress)
+    return path
+
+
 MARKER = "benchmark.json"
 
 
-def check_out(out: Path, suite: SuiteConfig) -> None:
+def check_out(out: Path, suite: SuiteConfig, project: Path | None = None) -> None:
     """Refuse a benchmark folder that is a file, holds files that are not a benchmark's (the report would
-    replace them), or holds the benchmark of another phantom (its data and finished rows would be reused
-    for this suite); mark a new or earlier (unmarked) benchmark folder with this suite's phantom.
+    replace them), or holds the benchmark of another phantom or project (its data and finished rows would be
+    reused for this suite); mark a new or earlier (unmarked) benchmark folder with this suite's phantom, or
+    with ``project`` (resolved) for a benchmark of a project of your own.
 
     Raises:
         UnionsegError: naming the folder and the problem; nothing is written.
@@ -382,15 +456,26 @@ def check_out(out: Path, suite: SuiteConfig) -> None:
     marker = out / MARKER
     if marker.is_file():
         try:
-            recorded = json.loads(marker.read_text(encoding="utf-8")).get("phantom")
+            mark = json.loads(marker.read_text(encoding="utf-8"))
+            recorded, recorded_project = mark.get("phantom"), mark.get("project")
         except (OSError, ValueError, AttributeError):
             raise UnionsegError(f"unreadable {MARKER}; benchmark into a new folder", out) from None
+        if recorded_project is not None or project is not None:
+            if recorded_project != (None if project is None else str(project)):
+                held = f"project {recorded_project}" if recorded_project else "phantom"
+                asked = f"project {project}" if project is not None else f"suite {suite.name!r}'s phantom"
+                raise UnionsegError(f"holds the benchmark of the {held}, not of the {asked}: its data and finished "
+                                    "rows are not this benchmark's; benchmark into a new folder", out)
+            return
         if recorded != suite.phantom():
             raise UnionsegError(f"holds the benchmark of another phantom ({recorded}; suite {suite.name!r} asks for "
                                 f"{suite.phantom()}): its data and finished rows are not this suite's; benchmark "
                                 "into a new folder", out)
         return
     if out.is_dir() and any(out.iterdir()):
+        if project is not None:
+            raise UnionsegError(f"folder is not empty and holds no benchmark ({MARKER}); the report would replace "
+                                "its files: choose an empty or new folder", out)
         generator = out / "data" / "generator.json"
         if not generator.is_file():
             raise UnionsegError(f"folder is not empty and holds no benchmark ({MARKER} or data/generator.json); the "
@@ -405,7 +490,7 @@ def check_out(out: Path, suite: SuiteConfig) -> None:
             raise UnionsegError(f"holds the data of another phantom (data/generator.json) than suite {suite.name!r} "
                                 "asks for: benchmark into a new folder", out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, {"phantom": suite.phantom()}, indent=1)
+    write_json(marker, {"phantom": suite.phantom()} if project is None else {"project": str(project)}, indent=1)
 
 
 def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
@@ -442,7 +527,8 @@ def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
 
 
 def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str | None = None,
-                  seeds: int | None = None, progress: bool = True) -> dict[str, Any]:
+                  seeds: int | None = None, progress: bool = True,
+                  project: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
 
     The report covers every finished row and seed of the suite in ``out``, not only the rows this call ran:
@@ -459,13 +545,18 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
             them, ``"naive,dodnet"``); None: every row.
         seeds: how many seeds (0 .. seeds-1); None: the suite's own number.
         progress: progress bars and the per-row lines with the suite's ETA.
+        project: a project file of your own, trained and scored on its test set (``role: test``) in place of
+            the suite's phantom, under the suite's budget (:func:`ensure_project`). The ``oracle`` row needs
+            full labels of the training sets (``oracle_labels``), which real datasets lack: leave it out
+            (``methods``); gap closures are then not computed.
 
     Returns:
         What ``results.json`` holds: per row and seed the scores, times and provenance, and the means.
 
     Raises:
         ConfigError: an unknown suite or row, a bad budget or row option (naming the suite file), a seed
-            count below 1, a method the calling script defines in a suite with ``isolate: true``.
+            count below 1, a method the calling script defines in a suite with ``isolate: true``; with
+            ``project``: a project without a test set, or an ``oracle`` row without full labels.
         UnionsegError: ``out`` holds user files or another phantom's benchmark; a row that fails.
     """
     from rich.console import Console
@@ -483,8 +574,10 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
     rows = suite.runs(list(methods) if methods is not None else None)  # an unknown row is refused before any data
     check_rows(suite, rows, suite_path(suite_name))
     out = Path(out).resolve()
-    check_out(out, suite)
-    project_path = ensure_data(suite, out, progress)
+    own = None if project is None else _own_project(Path(project), rows)
+    check_out(out, suite, own)
+    project_path = ensure_data(suite, out, progress) if own is None else ensure_project(own, out, progress,
+                                                                                        suite.prepare_workers)
     n_seeds = seeds if seeds is not None else suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
     done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]
@@ -720,6 +813,7 @@ def register(app: typer.Typer) -> None:
         methods: Annotated[Optional[list[str]], typer.Option("--methods", metavar="ROW[,ROW...]", help="Train only these rows: `--methods oracle,naive` or the flag repeated (the report still lists every finished row of the suite in -o).")] = None,
         seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's; the report keeps seeds finished earlier).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
+        project: Annotated[Optional[Path], typer.Option("--project", "-p", help="A project file of your own (with a role: test set) in place of the suite's phantom, under the suite's budget; leave the oracle row out unless the training sets have full labels (e.g. --methods naive,marginal,cotraining,dodnet,mskd).")] = None,
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report.
 
@@ -729,7 +823,7 @@ def register(app: typer.Typer) -> None:
 
         # `--methods "$ROWS"` with ROWS unset names no row: run_benchmark refuses it (not the whole suite)
         rows = None if methods is None else [n.strip() for given in methods for n in given.split(",") if n.strip()]
-        results = run_benchmark(suite, out, rows, seeds, progress=not quiet)
+        results = run_benchmark(suite, out, rows, seeds, progress=not quiet, project=project)
         print_table(results)
         typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
 

@@ -244,6 +244,16 @@ def write_results(agg: dict[str, Any], out: Path) -> None:
     write_json(Path(out) / "results.json", agg)
 
 
+def _own_project(out: Path) -> str | None:
+    """The project file a benchmark of the user's own data was run on (its ``benchmark.json``), else None."""
+    try:
+        mark = json.loads((Path(out) / "benchmark.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    project = mark.get("project") if isinstance(mark, dict) else None
+    return project if isinstance(project, str) else None
+
+
 def write_report(agg: dict[str, Any], out: Path) -> None:
     """``results.json``, ``report.md`` and the PNG figures in ``figures/``."""
     out = Path(out)
@@ -252,7 +262,12 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     figures.mkdir(exist_ok=True)
     made = _figures(agg, out, figures)
     lines = [f"# Benchmark report: suite `{agg['suite']}`", ""]
-    if agg.get("about"):
+    own = _own_project(out)
+    if own is not None:  # the suite's budget on a project of the user's (its about text speaks of the phantom)
+        lines += [f"Data: the project `{own}` (`unionseg benchmark --project`), trained under suite "
+                  f"`{agg['suite']}`'s budget and scored on its test set; `data/project.yaml` is the copy the runs "
+                  "read, prepared in `data/prepared`.", ""]
+    elif agg.get("about"):
         lines += [agg["about"], ""]
     lines += ["Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
              "Gap closure = (method − naive) / (oracle − naive) on the mean region Dice. Checkpoints were selected "
@@ -281,7 +296,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
         commit = str(p["code_commit"])
         commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")  # code not committed: said so
         lines.append(f"| {r['name']} | {r['seed']} | `{commit}` | `{p['data_fingerprint']}` | "
-                     f"`{p['config_hash']}` | {p.get('generator_version')} |")
+                     f"`{p['config_hash']}` | {p.get('generator_version') or '- (a project of your own)'} |")
     commits = {str(r["provenance"]["code_commit"]) for r in agg["runs"]}
     dirty = sum(str(r["provenance"]["code_commit"]).endswith("-dirty") for r in agg["runs"])
     # the runs are counted apart from the states ("3 code states, 11 of them with uncommitted changes")
@@ -649,11 +664,17 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[s
     if not first:
         return None
     case = first[0].name
-    test_root = out / "data" / "datasets" / "test"
-    image_path = test_root / "imagesTr" / case
-    truth_path = test_root / "labelsTr" / case
-    if not image_path.exists() or not truth_path.exists():
+    project = load_project(out / "data" / "project.yaml", require_train=False)
+    test = project.eval_dataset("test")
+    if test is None:
         return None
+    from unionseg.data.catalog import scan_dataset
+
+    files = next((c for c in scan_dataset(test.name, test.root, test.layout).cases
+                  if f"{c.case_id}.nii.gz" == case), None)  # the phantom's or a project's own layout
+    if files is None or files.label is None or not files.image.exists() or not files.label.exists():
+        return None
+    image_path, truth_path = files.image, files.label
     image, geometry = read_image(image_path)
     aspect = axial_aspect(geometry)
     image = to_ras(image, geometry)  # the test images are stored in several orientations
@@ -662,7 +683,7 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[s
     panels = [("truth", truth)] + [(r["name"], to_ras(read_image(out / r["pred_dir"] / case)[0], geometry))
                                    for r in runs if (out / r["pred_dir"] / case).exists()]
     # the colours of `unionseg evaluate`'s overlays, one per class, with a legend
-    space = load_project(out / "data" / "project.yaml").label_space
+    space = project.label_space
     colours = leaf_colours(space)
     cols = min(5, len(panels))
     rows = int(np.ceil(len(panels) / cols))
