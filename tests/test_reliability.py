@@ -361,6 +361,24 @@ def bad_region_parent_missing(folder: Path) -> Bad:
     return _prepare(folder, folder / "project.yaml", "'kidney_tumour' is part_of 'kidneys', which is not a class")
 
 
+@bad_input("benchmark --project: the project has no test set to score the methods on")
+def bad_benchmark_project_without_a_test_set(folder: Path) -> Bad:
+    text = TINY_PROJECT_YAML[: TINY_PROJECT_YAML.index("  - name: test")] + "preprocessing: {spacing: [3.0, 3.0, 3.0]}\n"
+    (folder / "no_test.yaml").write_text(text)
+    return Bad(["benchmark", "--suite", "ci", "--project", str(folder / "no_test.yaml"), "--methods", "naive", "-o",
+                str(folder / "bench"), "--quiet"], folder / "no_test.yaml",
+               "the benchmark scores every method on the project's test set: declare one", absent=["bench"],
+               command="benchmark")
+
+
+@bad_input("benchmark --project: the oracle row on training sets without full labels")
+def bad_benchmark_project_oracle_without_full_labels(folder: Path) -> Bad:
+    return Bad(["benchmark", "--suite", "ci", "--project", str(folder / "project.yaml"), "-o", str(folder / "bench"),
+                "--quiet"], folder / "project.yaml",
+               "row 'oracle' trains on full labels of every training set (oracle_labels), which datasets liver, "
+               "kidney do not have", absent=["bench"], command="benchmark")
+
+
 @bad_input("project maps a value its dataset.json does not declare")
 def bad_undeclared_label_value(folder: Path) -> Bad:
     (folder / "project.yaml").write_text(TINY_PROJECT_YAML.replace("{1: liver, 2: liver_tumour}",
