@@ -1007,11 +1007,14 @@ def test_an_isolated_row_shows_its_training_progress_unless_quiet(tmp_path: Path
 def test_a_project_of_ones_own_is_benchmarked_in_place_of_the_phantom(tmp_path: Path) -> None:
     """`unionseg benchmark --project`: the suite's budget on a user's project, scored on its test set, its
     datasets read where they are (a copy of the project file, prepared in the benchmark folder; the project's
-    own cache untouched). Refused before anything is written: the oracle row on datasets without full labels,
-    a project without a test set, a folder holding another benchmark."""
+    own cache untouched), its test labels read through its own map (the montage drew the raw values and crashed
+    on values above the classes' numbers; helper-132). Refused before anything is written: the oracle row on
+    datasets without full labels, a project without a test set, a test label folder holding a file of no case,
+    a folder holding another benchmark; and a finished row scored on data that changed since."""
     import yaml
 
     from unionseg.benchmark import run_benchmark
+    from unionseg.data.io import write_image
     from unionseg.data.phantom import generate_phantom
     from unionseg.errors import ConfigError, UnionsegError
 
@@ -1019,7 +1022,16 @@ def test_a_project_of_ones_own_is_benchmarked_in_place_of_the_phantom(tmp_path: 
     raw = yaml.safe_load(phantom.read_text())
     for entry in raw["datasets"]:
         entry.pop("oracle_labels", None)  # real partially labelled data: no full truth of the training sets
+        if entry["name"] == "test":  # label values of its own, not the classes' numbers (the montage drew them raw)
+            entry["labels"] = {10 * v: name for v, name in entry["labels"].items()}
     raw.pop("generator_version")
+    test_root = tmp_path / "mine" / "datasets" / "test"
+    for path in (test_root / "labelsTr").glob("*.nii.gz"):
+        label, geometry = read_image(path)
+        write_image(path, (10 * label).astype(np.uint8), geometry, replace=True)
+    meta = json.loads((test_root / "dataset.json").read_text())
+    meta["labels"] = {str(10 * int(v)): name for v, name in meta["labels"].items()}
+    (test_root / "dataset.json").write_text(json.dumps(meta))
     project = tmp_path / "mine" / "real.yaml"
     project.write_text(yaml.safe_dump(raw, sort_keys=False))
     suite = tmp_path / "mini.yaml"
@@ -1048,13 +1060,27 @@ def test_a_project_of_ones_own_is_benchmarked_in_place_of_the_phantom(tmp_path: 
         assert sorted(p.name for p in (out / run["pred_dir"]).glob("*.nii.gz")) == [p.name for p in truth]
         assert run["per_class"]["region:liver"]["n_cases"] == len(truth)
     report = (out / "report.md").read_text()
-    assert f"Data: the project `{project}`" in report and "- (a project of your own) |" in report
+    assert f"Data: the project {project} (" in report and "- (a project of your own) |" in report
     assert "## One test case, every method (seed 0)" in report and (out / "figures" / "montage.png").is_file()
+    assert "standard phantom" not in json.dumps(saved)  # the suite's own about text speaks of the phantom
+    # a finished row scored on other data: refused (a test label file changed since)
+    first = sorted((test_root / "labelsTr").glob("*.nii.gz"))[0]
+    label, geometry = read_image(first)
+    write_image(first, np.where(label == 10, 0, label).astype(np.uint8), geometry, replace=True)
+    with pytest.raises(ConfigError, match=r"result.json: naive seed 0 was scored on other data \(fingerprint "):
+        run_benchmark(str(suite), out, methods="naive", project=project, progress=False)
+    # a label file of no case in the test folder: refused before a folder is made
+    (test_root / "labelsTr" / "stray_001.nii.gz").write_bytes(first.read_bytes())
+    with pytest.raises(ConfigError, match=r"labelsTr: test set 'test': its label folder holds 1 file\(s\) of no case "
+                                          r"of the dataset \(stray_001;"):
+        run_benchmark(str(suite), tmp_path / "bench2", methods="naive", project=project, progress=False)
+    assert not (tmp_path / "bench2").exists()
+    (test_root / "labelsTr" / "stray_001.nii.gz").unlink()
     other = tmp_path / "mine" / "other.yaml"  # the same datasets under another project file: not reused
     other.write_text(project.read_text())
     with pytest.raises(UnionsegError, match=r"holds the benchmark of the project .*real.yaml, not of the project "
                                             r".*other.yaml"):
         run_benchmark(str(suite), out, methods="naive", project=other, progress=False)
-    with pytest.raises(UnionsegError, match=r"holds the benchmark of the project .*real.yaml, not of the suite "
-                                            r"'mini''s phantom"):
+    with pytest.raises(UnionsegError, match=r"holds the benchmark of the project .*real.yaml, not of the phantom "
+                                            r"of suite 'mini'"):
         run_benchmark(str(suite), out, methods="naive", progress=False)

@@ -434,7 +434,8 @@ def test_ctrl_c_in_the_expert_stage_says_it_stopped_an_expert(phantom_project: P
     err = capsys.readouterr().err
     expert = "the shared expert of dataset 'liver' (stage experts of this run) of 4 steps: "
     assert f"{expert}stopped at step 2; the checkpoint (" in err and "/experts/liver/last.pt) holds it" in err
-    assert "(the expert first, then the run's later stages)" in err
+    assert ("the command that started the run goes on from there when given again (`unionseg train` with --resume, "
+            "`unionseg benchmark` as it was), this expert first, then the run's later stages") in err
     import unionseg.training.data as data
 
     monkeypatch.setattr(data, "build_loader", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))

@@ -12,11 +12,13 @@ from all finished runs after each one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -313,6 +315,7 @@ def _labels_dir(spec: Any) -> Path:
     """
     from unionseg.data.catalog import scan_dataset
     from unionseg.data.io import suffix_of
+    from unionseg.evaluation.evaluate import _label_files
 
     cases = scan_dataset(spec.name, spec.root, spec.layout).cases
     folders = {c.label.parent for c in cases if c.label is not None}
@@ -321,7 +324,16 @@ def _labels_dir(spec: Any) -> Path:
         raise ConfigError(f"test set {spec.name!r}: the benchmark scores a folder of label files named by case "
                           "(the msd, nnunet and folders layouts), which this layout does not have; score its "
                           "predictions with `unionseg evaluate` per case folder instead", spec.root)
-    return folders.pop()
+    folder = folders.pop()
+    # evaluate scores every label file of the folder: one of no case (not in dataset.json, its image missing)
+    # would fail every row after its training, for want of a prediction
+    stray = sorted(set(_label_files(folder)) - {c.case_id for c in cases})
+    if stray:
+        raise ConfigError(f"test set {spec.name!r}: its label folder holds {len(stray)} file(s) of no case of the "
+                          f"dataset ({', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}; a case needs its image "
+                          "and, in the msd layout, its entry in dataset.json); evaluate would score them without a "
+                          "prediction: move them out", folder)
+    return folder
 
 
 def _own_project(project: Path, rows: Sequence[RunSpec]) -> Path:
@@ -334,9 +346,13 @@ def _own_project(project: Path, rows: Sequence[RunSpec]) -> Path:
             (``oracle_labels``), which only the phantom gives.
     """
     from unionseg.config import load_project
+    from unionseg.reports import project_summary
 
     path = project.resolve()
     loaded = load_project(path)
+    with warnings.catch_warnings():  # said once, by the preparation that follows
+        warnings.simplefilter("ignore")
+        project_summary(path)  # what `unionseg info` checks (label maps, dataset folders, splits), naming this file
     test = loaded.eval_dataset("test")
     if test is None:
         raise ConfigError("the benchmark scores every method on the project's test set: declare one (a fully "
@@ -410,32 +426,55 @@ def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
 def ensure_project(project: str | Path, out: Path, progress: bool, workers: int = 2) -> Path:
     """A benchmark of a project of your own: ``out/data/project.yaml`` is a copy of ``project`` whose
     dataset roots point at its datasets, relative to the copy (nothing is copied but the file; a ``roots_file``
-    and ``cache_dir`` are resolved into it), prepared into ``out/data/prepared`` (the project's own cache, and the shared experts
-    of your own trainings in it, are left alone). Rewritten when the project file changed; a finished row is
-    reused as for the phantom.
+    and ``cache_dir`` are resolved into it), prepared into ``out/data/prepared`` (the project's own cache, and
+    the shared experts of your own trainings in it, are left alone). Rewritten when the project file changed;
+    a finished row scored on other data is refused (:func:`check_same_data`).
 
-    The project was checked first (:func:`_own_project`: a test set, and a layout evaluate reads).
+    The project was checked first (:func:`_own_project`: its datasets, a test set, a layout evaluate reads).
     """
-    import yaml
-
-    from unionseg.config import load_project
+    from unionseg.config import load_project, yaml_text
     from unionseg.data.preprocess import prepare_project
     from unionseg.jsonfile import write_text
 
     source = load_project(project)
     data = out / "data"
     raw = {k: v for k, v in source.raw.items() if k not in ("roots_file", "cache_dir")}
+    raw.setdefault("name", source.name)  # a project without one is named after its file, not after the copy's
     # relative to the copy, as project files give them (an absolute root is refused as not portable)
     roots = {d.name: Path(os.path.relpath(Path(d.root).resolve(), data)).as_posix() for d in source.datasets}
     raw["datasets"] = [{**entry, "root": roots[entry["name"]]} for entry in source.raw["datasets"]]
     raw["notes"] = f"benchmark copy of {source.path} (unionseg benchmark --project); edit that file, not this one"
     path = data / "project.yaml"
-    text = yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)
+    text = yaml_text(raw)  # the project loader's own dumper: a text such as "1e3" stays a text
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         data.mkdir(parents=True, exist_ok=True)
         write_text(path, text)
     prepare_project(load_project(path), workers=workers, progress=progress)
     return path
+
+
+def check_same_data(project_path: Path, out: Path) -> None:
+    """Refuse when a finished row of a benchmark of one's own project was scored on other data than the
+    project gives now (its files or its preprocessing changed): the report would set rows of two datasets
+    side by side.
+
+    Raises:
+        ConfigError: naming the row's ``result.json``.
+    """
+    from unionseg.config import load_project
+    from unionseg.data.preprocess import PreparedIndex
+
+    now = PreparedIndex.load(load_project(project_path)).fingerprint
+    for done in sorted((out / "runs").glob("*/seed*/result.json")):
+        try:
+            was = json.loads(done.read_text(encoding="utf-8")).get("provenance", {}).get("data_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue  # finished_result says what is wrong with it
+        if was is not None and was != now:
+            raise ConfigError(f"{done.parent.parent.name} seed {done.parent.name.removeprefix('seed')} was scored on "
+                              f"other data (fingerprint {was}; the project now gives {now}): the project or its "
+                              "files changed since; its results are kept: benchmark into a new output folder, or "
+                              "move that run folder away to redo it", done)
 
 
 MARKER = "benchmark.json"
@@ -461,12 +500,16 @@ def check_out(out: Path, suite: SuiteConfig, project: Path | None = None) -> Non
         except (OSError, ValueError, AttributeError):
             raise UnionsegError(f"unreadable {MARKER}; benchmark into a new folder", out) from None
         if recorded_project is not None or project is not None:
-            if recorded_project != (None if project is None else str(project)):
-                held = f"project {recorded_project}" if recorded_project else "phantom"
-                asked = f"project {project}" if project is not None else f"suite {suite.name!r}'s phantom"
-                raise UnionsegError(f"holds the benchmark of the {held}, not of the {asked}: its data and finished "
-                                    "rows are not this benchmark's; benchmark into a new folder", out)
-            return
+            if recorded_project == (None if project is None else str(project)):
+                return
+            if recorded_project is not None and project is not None and not any((out / "runs").glob("*/*")):
+                # no run yet (the first attempt stopped at the project's data): the folder goes to this project
+                write_json(marker, {"project": str(project)}, indent=1)
+                return
+            held = f"project {recorded_project}" if recorded_project else "phantom"
+            asked = f"project {project}" if project is not None else f"phantom of suite {suite.name!r}"
+            raise UnionsegError(f"holds the benchmark of the {held}, not of the {asked}: its data and finished "
+                                "rows are not this benchmark's; benchmark into a new folder", out)
         if recorded != suite.phantom():
             raise UnionsegError(f"holds the benchmark of another phantom ({recorded}; suite {suite.name!r} asks for "
                                 f"{suite.phantom()}): its data and finished rows are not this suite's; benchmark "
@@ -578,6 +621,13 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
     check_out(out, suite, own)
     project_path = ensure_data(suite, out, progress) if own is None else ensure_project(own, out, progress,
                                                                                         suite.prepare_workers)
+    if own is not None:
+        check_same_data(project_path, out)
+        # the suite's about text speaks of its phantom: the table and the report say whose data these are
+        suite = dataclasses.replace(suite, about=(
+            f"Data: the project {own} (`unionseg benchmark --project`), trained under suite {suite.name!r}'s "
+            "budget and scored on its test set; data/project.yaml is the copy the runs read, prepared in "
+            "data/prepared."))
     n_seeds = seeds if seeds is not None else suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
     done = [(out / "runs" / row.name / f"seed{seed}" / "result.json").exists() for row, seed in plan]

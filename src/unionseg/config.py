@@ -168,12 +168,17 @@ def yaml_problem(exc: Exception) -> str:
     return f"{where}: {problem}{f' ({context})' if context else ''}{shown}"
 
 
+def yaml_text(data: Any) -> str:
+    """``data`` as YAML text that :func:`load_yaml` reads back the same (texts such as ``"1e3"`` quoted)."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
+
+
 def dump_yaml(data: Any, path: str | Path) -> None:
     """Write YAML atomically (:func:`unionseg.jsonfile.write_text`: a ``.<name>.<pid>.tmp`` temporary, which
     the run folder's lock clears when its writer was killed, then a rename)."""
     from unionseg.jsonfile import write_text
 
-    write_text(path, yaml.dump(data, Dumper=_Dumper, sort_keys=False))
+    write_text(path, yaml_text(data))
 
 
 # ---------------------------------------------------------------------- dataclass <-> dict

@@ -262,13 +262,9 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     figures.mkdir(exist_ok=True)
     made = _figures(agg, out, figures)
     lines = [f"# Benchmark report: suite `{agg['suite']}`", ""]
-    own = _own_project(out)
-    if own is not None:  # the suite's budget on a project of the user's (its about text speaks of the phantom)
-        lines += [f"Data: the project `{own}` (`unionseg benchmark --project`), trained under suite "
-                  f"`{agg['suite']}`'s budget and scored on its test set; `data/project.yaml` is the copy the runs "
-                  "read, prepared in `data/prepared`.", ""]
-    elif agg.get("about"):
+    if agg.get("about"):  # (a benchmark of one's own project: whose data these are)
         lines += [agg["about"], ""]
+    own = _own_project(out) is not None
     lines += ["Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
              "Gap closure = (method − naive) / (oracle − naive) on the mean region Dice. Checkpoints were selected "
              "on validation only; the test set was evaluated once per run.", "",
@@ -296,7 +292,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
         commit = str(p["code_commit"])
         commit = commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")  # code not committed: said so
         lines.append(f"| {r['name']} | {r['seed']} | `{commit}` | `{p['data_fingerprint']}` | "
-                     f"`{p['config_hash']}` | {p.get('generator_version') or '- (a project of your own)'} |")
+                     f"`{p['config_hash']}` | {'- (a project of your own)' if own else p.get('generator_version')} |")
     commits = {str(r["provenance"]["code_commit"]) for r in agg["runs"]}
     dirty = sum(str(r["provenance"]["code_commit"]).endswith("-dirty") for r in agg["runs"])
     # the runs are counted apart from the states ("3 code states, 11 of them with uncommitted changes")
@@ -669,16 +665,24 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[s
     if test is None:
         return None
     from unionseg.data.catalog import scan_dataset
+    from unionseg.errors import UnionsegError
 
-    files = next((c for c in scan_dataset(test.name, test.root, test.layout).cases
-                  if f"{c.case_id}.nii.gz" == case), None)  # the phantom's or a project's own layout
+    try:  # the phantom's layout or a project's own; a figure that cannot be drawn is left out, not the report
+        files = next((c for c in scan_dataset(test.name, test.root, test.layout).cases
+                      if f"{c.case_id}.nii.gz" == case), None)
+    except UnionsegError:
+        return None
     if files is None or files.label is None or not files.image.exists() or not files.label.exists():
         return None
     image_path, truth_path = files.image, files.label
     image, geometry = read_image(image_path)
     aspect = axial_aspect(geometry)
     image = to_ras(image, geometry)  # the test images are stored in several orientations
-    truth = to_ras(read_image(truth_path)[0], geometry)
+    # the test set's own label values, as evaluate reads them: global leaf ids (a value no class maps: none)
+    lookup = project.label_space.local_lookup(test.name)
+    raw_truth = read_image(truth_path)[0].astype(np.int64)
+    inside = (raw_truth >= 0) & (raw_truth < lookup.size)
+    truth = to_ras(np.where(inside, lookup[np.where(inside, raw_truth, 0)], 0).clip(min=0), geometry)
     z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
     panels = [("truth", truth)] + [(r["name"], to_ras(read_image(out / r["pred_dir"] / case)[0], geometry))
                                    for r in runs if (out / r["pred_dir"] / case).exists()]

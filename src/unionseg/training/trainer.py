@@ -833,7 +833,10 @@ class Trainer:
         subject = self._stage_of_run()
         if subject:  # the expert's own step count, and that the run goes on to its other stages
             subject = f"{subject}of {self.cfg.steps} steps: "
-            goes_on += " (the expert first, then the run's later stages)"
+            if size == 1:  # its folder is in the shared cache, not a run's: the command is the one that started it
+                goes_on = ("the command that started the run goes on from there when given again (`unionseg train` "
+                           "with --resume, `unionseg benchmark` as it was)")
+            goes_on += ", this expert first, then the run's later stages"
         if self.saved_step and self.saved_step == self.step:
             return f"{subject}stopped at step {self.step}; the checkpoint ({last}) holds it: {goes_on}"
         if self.saved_step:
