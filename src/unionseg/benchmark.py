@@ -625,8 +625,8 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
         check_same_data(project_path, out)
         # the suite's about text speaks of its phantom: the table and the report say whose data these are
         suite = dataclasses.replace(suite, about=(
-            f"Data: the project {own} (`unionseg benchmark --project`), trained under suite {suite.name!r}'s "
-            "budget and scored on its test set; data/project.yaml is the copy the runs read, prepared in "
+            f"Data: the project {own} (`unionseg benchmark --project`), trained under the budget of suite "
+            f"{suite.name!r} and scored on its test set; data/project.yaml is the copy the runs read, prepared in "
             "data/prepared."))
     n_seeds = seeds if seeds is not None else suite.seeds
     plan = [(row, seed) for seed in range(n_seeds) for row in rows]
