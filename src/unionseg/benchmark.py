@@ -599,8 +599,9 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
     Raises:
         ConfigError: an unknown suite or row, a bad budget or row option (naming the suite file), a seed
             count below 1, a method the calling script defines in a suite with ``isolate: true``; with
-            ``project``: a project without a test set, or an ``oracle`` row without full labels.
-        UnionsegError: ``out`` holds user files or another phantom's benchmark; a row that fails.
+            ``project``: a project without a test set (or with a test label folder evaluate cannot score), an
+            ``oracle`` row without full labels, a finished row scored on data that changed since.
+        UnionsegError: ``out`` holds user files or another phantom's or project's benchmark; a row that fails.
     """
     from rich.console import Console
 
