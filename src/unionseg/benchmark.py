@@ -480,6 +480,24 @@ def check_same_data(project_path: Path, out: Path) -> None:
 MARKER = "benchmark.json"
 
 
+def read_marker(out: Path) -> dict[str, Any] | None:
+    """What ``out``'s :data:`MARKER` records (``{"phantom": ...}`` or ``{"project": PATH}``); None without one.
+
+    Raises:
+        UnionsegError: an unreadable marker, naming the folder.
+    """
+    marker = Path(out) / MARKER
+    if not marker.is_file():
+        return None
+    try:
+        mark = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        mark = None
+    if not isinstance(mark, dict):
+        raise UnionsegError(f"unreadable {MARKER}; benchmark into a new folder", out)
+    return mark
+
+
 def check_out(out: Path, suite: SuiteConfig, project: Path | None = None) -> None:
     """Refuse a benchmark folder that is a file, holds files that are not a benchmark's (the report would
     replace them), or holds the benchmark of another phantom or project (its data and finished rows would be
@@ -493,12 +511,9 @@ def check_out(out: Path, suite: SuiteConfig, project: Path | None = None) -> Non
         raise UnionsegError("exists and is not a folder; give a folder for the benchmark's data, runs and report",
                             out)
     marker = out / MARKER
-    if marker.is_file():
-        try:
-            mark = json.loads(marker.read_text(encoding="utf-8"))
-            recorded, recorded_project = mark.get("phantom"), mark.get("project")
-        except (OSError, ValueError, AttributeError):
-            raise UnionsegError(f"unreadable {MARKER}; benchmark into a new folder", out) from None
+    mark = read_marker(out)
+    if mark is not None:
+        recorded, recorded_project = mark.get("phantom"), mark.get("project")
         if recorded_project is not None or project is not None:
             if recorded_project == (None if project is None else str(project)):
                 return

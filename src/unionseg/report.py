@@ -244,13 +244,16 @@ def write_results(agg: dict[str, Any], out: Path) -> None:
     write_json(Path(out) / "results.json", agg)
 
 
-def _own_project(out: Path) -> str | None:
-    """The project file a benchmark of the user's own data was run on (its ``benchmark.json``), else None."""
+def _benchmarked_project(out: Path) -> str | None:
+    """The project file a benchmark of the user's own data was run on (its marker), else None."""
+    from unionseg.benchmark import read_marker
+    from unionseg.errors import UnionsegError
+
     try:
-        mark = json.loads((Path(out) / "benchmark.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        mark = read_marker(out)
+    except UnionsegError:
         return None
-    project = mark.get("project") if isinstance(mark, dict) else None
+    project = (mark or {}).get("project")
     return project if isinstance(project, str) else None
 
 
@@ -264,7 +267,7 @@ def write_report(agg: dict[str, Any], out: Path) -> None:
     lines = [f"# Benchmark report: suite `{agg['suite']}`", ""]
     if agg.get("about"):  # (a benchmark of one's own project: whose data these are)
         lines += [agg["about"], ""]
-    own = _own_project(out) is not None
+    own = _benchmarked_project(out) is not None
     lines += ["Test-set Dice per organ region and tumour (mean over seeds; ± sample std when several seeds). "
              "Gap closure = (method − naive) / (oracle − naive) on the mean region Dice. Checkpoints were selected "
              "on validation only; the test set was evaluated once per run.", "",
@@ -666,6 +669,7 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[s
         return None
     from unionseg.data.catalog import scan_dataset
     from unionseg.errors import UnionsegError
+    from unionseg.evaluation.evaluate import map_ground_truth
 
     try:  # the phantom's layout or a project's own; a figure that cannot be drawn is left out, not the report
         files = next((c for c in scan_dataset(test.name, test.root, test.layout).cases
@@ -674,15 +678,14 @@ def _montage(agg: dict[str, Any], out: Path, figures: Path, plt: Any) -> tuple[s
         return None
     if files is None or files.label is None or not files.image.exists() or not files.label.exists():
         return None
-    image_path, truth_path = files.image, files.label
-    image, geometry = read_image(image_path)
+    image, geometry = read_image(files.image)
+    # the test set's own label values read as evaluate reads them (every row's evaluation read them already):
+    # global codes through its label map
+    truth = map_ground_truth(read_image(files.label)[0], project.label_space.local_lookup(test.name), files.label,
+                             test.name)
     aspect = axial_aspect(geometry)
     image = to_ras(image, geometry)  # the test images are stored in several orientations
-    # the test set's own label values, as evaluate reads them: global leaf ids (a value no class maps: none)
-    lookup = project.label_space.local_lookup(test.name)
-    raw_truth = read_image(truth_path)[0].astype(np.int64)
-    inside = (raw_truth >= 0) & (raw_truth < lookup.size)
-    truth = to_ras(np.where(inside, lookup[np.where(inside, raw_truth, 0)], 0).clip(min=0), geometry)
+    truth = to_ras(truth, geometry)
     z = int(np.argmax((truth > 0).sum(axis=(0, 1))))
     panels = [("truth", truth)] + [(r["name"], to_ras(read_image(out / r["pred_dir"] / case)[0], geometry))
                                    for r in runs if (out / r["pred_dir"] / case).exists()]
