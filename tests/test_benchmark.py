@@ -897,8 +897,9 @@ def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.Monk
 
     given: list[object] = []
     projects: list[object] = []
-    monkeypatch.setattr(bench, "run_benchmark", lambda suite, out, methods, seeds, progress, project:
-                        (given.append(methods), projects.append(project)))
+    root_args: list[object] = []
+    monkeypatch.setattr(bench, "run_benchmark", lambda suite, out, methods, seeds, progress, project, roots:
+                        (given.append(methods), projects.append(project), root_args.append(roots)))
     monkeypatch.setattr(report, "print_table", lambda results: None)
     runner = CliRunner()
     for args in (["--methods", "oracle,naive"], ["--methods", "oracle", "--methods", " naive"], []):
@@ -912,6 +913,10 @@ def test_methods_take_a_comma_list_or_the_flag_repeated(monkeypatch: pytest.Monk
     # --project (-p): a project of one's own in place of the phantom, passed as given
     assert runner.invoke(app, ["benchmark", "-o", "unused", "--quiet", "-p", "mine.yaml"]).exit_code == 0
     assert projects == [None] * 4 + [Path("mine.yaml")]
+    # --root NAME=DIR (repeatable), as train takes it
+    assert runner.invoke(app, ["benchmark", "-o", "unused", "--quiet", "-p", "mine.yaml", "--root", "liver=/d/l",
+                               "--root", "kidney=k"]).exit_code == 0
+    assert root_args == [{}] * 5 + [{"liver": "/d/l", "kidney": "k"}]
 
 
 def test_the_results_table_never_cuts_a_value_on_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch,
@@ -1010,10 +1015,13 @@ def test_a_project_of_ones_own_is_benchmarked_in_place_of_the_phantom(tmp_path: 
     own cache untouched), its test labels read through its own map (the montage drew the raw values and crashed
     on values above the classes' numbers; helper-132). Refused before anything is written: the oracle row on
     datasets without full labels, a project without a test set, a test label folder holding a file of no case,
-    a folder holding another benchmark; and a finished row scored on data that changed since."""
+    a folder holding another benchmark; and a finished row scored on data that changed since. `--root` moves
+    a dataset as train's does, and only with --project."""
+    import shutil
+
     import yaml
 
-    from unionseg.benchmark import run_benchmark
+    from unionseg.benchmark import ensure_project, run_benchmark
     from unionseg.data.io import write_image
     from unionseg.data.phantom import generate_phantom
     from unionseg.errors import ConfigError, UnionsegError
@@ -1084,3 +1092,15 @@ def test_a_project_of_ones_own_is_benchmarked_in_place_of_the_phantom(tmp_path: 
     with pytest.raises(UnionsegError, match=r"holds the benchmark of the project .*real.yaml, not of the phantom "
                                             r"of suite 'mini'"):
         run_benchmark(str(suite), out, methods="naive", progress=False)
+    # --root: a dataset moved since the project file was written, given where it is now (roots); the copy keeps it
+    moved = tmp_path / "elsewhere" / "liver"
+    shutil.move(tmp_path / "mine" / "datasets" / "liver", moved)
+    fresh = tmp_path / "bench3"
+    with pytest.raises(ConfigError, match=r"--root liver=\.\.\. moves a dataset of a project of your own"):
+        run_benchmark(str(suite), fresh, methods="naive", roots={"liver": moved}, progress=False)
+    with pytest.raises(ConfigError, match=r"real.yaml: --root names unknown dataset 'livr'"):
+        run_benchmark(str(suite), fresh, methods="naive", project=project, roots={"livr": moved}, progress=False)
+    assert not fresh.exists()
+    ensure_project(project, fresh, progress=False, roots={"liver": moved})
+    copy = yaml.safe_load((fresh / "data" / "project.yaml").read_text())
+    assert copy["datasets"][0]["root"] == "../../elsewhere/liver"

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -336,8 +336,9 @@ def _labels_dir(spec: Any) -> Path:
     return folder
 
 
-def _own_project(project: Path, rows: Sequence[RunSpec]) -> Path:
-    """``project`` resolved, checked before the benchmark folder is touched.
+def _own_project(project: Path, rows: Sequence[RunSpec], roots: Mapping[str, str | Path] | None = None) -> Path:
+    """``project`` resolved, checked (with the ``--root`` overrides ``roots``) before the benchmark folder is
+    touched.
 
     Raises:
         ConfigError: the project cannot be read; it has no test set (``role: test``) or keeps the test set's
@@ -349,10 +350,10 @@ def _own_project(project: Path, rows: Sequence[RunSpec]) -> Path:
     from unionseg.reports import project_summary
 
     path = project.resolve()
-    loaded = load_project(path)
+    loaded = load_project(path, roots=roots)
     with warnings.catch_warnings():  # said once, by the preparation that follows
         warnings.simplefilter("ignore")
-        project_summary(path)  # what `unionseg info` checks (label maps, dataset folders, splits), naming this file
+        project_summary(path, {k: str(v) for k, v in (roots or {}).items()})  # what `unionseg info` checks (label maps, dataset folders, splits), naming this file
     test = loaded.eval_dataset("test")
     if test is None:
         raise ConfigError("the benchmark scores every method on the project's test set: declare one (a fully "
@@ -423,10 +424,11 @@ def ensure_data(suite: SuiteConfig, out: Path, progress: bool) -> Path:
     return project_path
 
 
-def ensure_project(project: str | Path, out: Path, progress: bool, workers: int = 2) -> Path:
+def ensure_project(project: str | Path, out: Path, progress: bool, workers: int = 2,
+                   roots: Mapping[str, str | Path] | None = None) -> Path:
     """A benchmark of a project of your own: ``out/data/project.yaml`` is a copy of ``project`` whose
     dataset roots point at its datasets, relative to the copy (nothing is copied but the file; a ``roots_file``
-    and ``cache_dir`` are resolved into it), prepared into ``out/data/prepared`` (the project's own cache, and
+    and ``cache_dir`` are resolved into it, and so are the ``--root`` overrides ``roots``), prepared into ``out/data/prepared`` (the project's own cache, and
     the shared experts of your own trainings in it, are left alone). Rewritten when the project file changed;
     a finished row scored on other data is refused (:func:`check_same_data`).
 
@@ -436,7 +438,7 @@ def ensure_project(project: str | Path, out: Path, progress: bool, workers: int 
     from unionseg.data.preprocess import prepare_project
     from unionseg.jsonfile import write_text
 
-    source = load_project(project)
+    source = load_project(project, roots=roots)
     data = out / "data"
     raw = {k: v for k, v in source.raw.items() if k not in ("roots_file", "cache_dir")}
     raw.setdefault("name", source.name)  # a project without one is named after its file, not after the copy's
@@ -586,7 +588,8 @@ def check_rows(suite: SuiteConfig, rows: list[RunSpec], path: Path) -> None:
 
 def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str | None = None,
                   seeds: int | None = None, progress: bool = True,
-                  project: str | Path | None = None) -> dict[str, Any]:
+                  project: str | Path | None = None,
+                  roots: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
     """Run (or resume) a suite into ``out``; returns the aggregated results (also ``results.json``).
 
     The report covers every finished row and seed of the suite in ``out``, not only the rows this call ran:
@@ -607,6 +610,8 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
             the suite's phantom, under the suite's budget (:func:`ensure_project`). The ``oracle`` row needs
             full labels of the training sets (``oracle_labels``), which real datasets lack: leave it out
             (``methods``); gap closures are then not computed.
+        roots: with ``project``, ``dataset name -> folder`` overrides of its roots (``--root NAME=DIR``), as
+            ``unionseg train`` takes them; the benchmark's copy of the project keeps them.
 
     Returns:
         What ``results.json`` holds: per row and seed the scores, times and provenance, and the means.
@@ -615,7 +620,8 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
         ConfigError: an unknown suite or row, a bad budget or row option (naming the suite file), a seed
             count below 1, a method the calling script defines in a suite with ``isolate: true``; with
             ``project``: a project without a test set (or with a test label folder evaluate cannot score), an
-            ``oracle`` row without full labels, a finished row scored on data that changed since.
+            ``oracle`` row without full labels, a finished row scored on data that changed since; ``roots``
+            without ``project`` or naming a dataset the project lacks.
         UnionsegError: ``out`` holds user files or another phantom's or project's benchmark; a row that fails.
     """
     from rich.console import Console
@@ -632,11 +638,14 @@ def run_benchmark(suite_name: str, out: str | Path, methods: Sequence[str] | str
         raise ConfigError("--methods names no row; leave it out to run every row of the suite")
     rows = suite.runs(list(methods) if methods is not None else None)  # an unknown row is refused before any data
     check_rows(suite, rows, suite_path(suite_name))
+    if roots and project is None:
+        raise ConfigError(f"--root {next(iter(roots))}=... moves a dataset of a project of your own (--project); "
+                          "the suite's phantom is generated in the benchmark folder")
     out = Path(out).resolve()
-    own = None if project is None else _own_project(Path(project), rows)
+    own = None if project is None else _own_project(Path(project), rows, roots)
     check_out(out, suite, own)
-    project_path = ensure_data(suite, out, progress) if own is None else ensure_project(own, out, progress,
-                                                                                        suite.prepare_workers)
+    project_path = (ensure_data(suite, out, progress) if own is None
+                    else ensure_project(own, out, progress, suite.prepare_workers, roots))
     if own is not None:
         check_same_data(project_path, out)
         # the suite's about text speaks of its phantom: the table and the report say whose data these are
@@ -880,16 +889,19 @@ def register(app: typer.Typer) -> None:
         seeds: Annotated[Optional[int], typer.Option("--seeds", min=1, help="Number of seeds (default: the suite's; the report keeps seeds finished earlier).")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.", metavar="")] = False,
         project: Annotated[Optional[Path], typer.Option("--project", "-p", help="A project file of your own (with a role: test set) in place of the suite's phantom, under the suite's budget; leave the oracle row out unless the training sets have full labels (e.g. --methods naive,marginal,cotraining,dodnet,mskd).")] = None,
+        root: Annotated[Optional[list[str]], typer.Option("--root", help="With --project: dataset root override NAME=DIR (repeatable).", metavar="NAME=DIR")] = None,
     ) -> None:
         """Train every method of a suite under one budget, evaluate the test set once, write the report.
 
         Suites: `ci` (every method end to end in about 90 s, scores near 0 by design), `standard` (the methods compared on 2 CPU cores, under 90 minutes a seed), `ablations`, `large` (the GPU recipe). A finished method and seed is reused when the command runs again.
         """  # noqa: E501 - one line per paragraph: the help keeps a docstring's line breaks
+        from unionseg.cli import _parse_roots
         from unionseg.report import print_table
 
         # `--methods "$ROWS"` with ROWS unset names no row: run_benchmark refuses it (not the whole suite)
         rows = None if methods is None else [n.strip() for given in methods for n in given.split(",") if n.strip()]
-        results = run_benchmark(suite, out, rows, seeds, progress=not quiet, project=project)
+        results = run_benchmark(suite, out, rows, seeds, progress=not quiet, project=project,
+                                roots=_parse_roots(root))
         print_table(results)
         typer.echo(f"report: {Path(out).resolve() / 'report.md'}")
 
