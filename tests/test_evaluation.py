@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -758,6 +759,39 @@ def test_another_datasets_files_read_empty_through_other_background_are_refused(
         write_image(tmp_path / "ownpreds" / path.name, (label == 5).astype(np.uint8), geometry)
     summary = evaluate_folder(tmp_path / "ownpreds", own, tmp_path / "project.yaml", "ts", None, figures=False)
     assert summary["n_cases"] == 2 and summary["classes"]["region:liver"]["dice"]["mean"] == pytest.approx(1.0)
+
+
+def test_a_test_set_whose_dataset_json_swaps_two_classes_is_warned_about_by_evaluate(tmp_path: Path) -> None:
+    """prepare and info warned when a dataset.json names a value as another class of the project than the
+    project's map gives it (liver and spleen swapped), but evaluate scored such a test set in silence: the
+    Dice of the wrong organs (helper-133's walkthrough: liver 0.445 -> 0.022). It warns now, as they do; the
+    twin with a matching dataset.json is scored without a warning."""
+    import shutil
+    import warnings
+
+    from conftest import write_msd_dataset
+    from unionseg.errors import UnionsegWarning
+
+    for name, labels in (("swapped", {0: "background", 1: "spleen", 2: "liver"}),
+                         ("matching", {0: "background", 1: "liver", 2: "spleen"})):
+        root = tmp_path / name
+        write_msd_dataset(root / "datasets" / "test", 2, labels, prefix="ct")
+        project = root / "project.yaml"
+        project.write_text("name: p\nclasses: [liver, spleen]\ndatasets:\n  - name: test\n    root: datasets/test\n"
+                           "    role: test\n    labels: {1: liver, 2: spleen}\n    annotated: [liver, spleen]\n")
+        gt = root / "datasets" / "test" / "labelsTr"
+        shutil.copytree(gt, root / "preds")
+        if name == "swapped":
+            with pytest.warns(UnionsegWarning) as said:
+                evaluate_folder(root / "preds", gt, project, out_dir=None, figures=False)
+            assert sorted(re.sub(r".*test/dataset.json: ", "", str(w.message)) for w in said) == [
+                f"label value {v} is {a!r} in dataset.json but the project maps it to {b!r} for dataset 'test'; check "
+                "that the dataset root and its label map belong together" for v, a, b in ((1, "spleen", "liver"),
+                                                                                           (2, "liver", "spleen"))]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UnionsegWarning)
+                evaluate_folder(root / "preds", gt, project, out_dir=None, figures=False)
 
 
 def test_a_ground_truth_folder_in_the_root_of_two_datasets_that_read_it_differently_needs_dataset(

@@ -643,17 +643,28 @@ def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str
     return True
 
 
-def _declared_labels(spec: DatasetSpec) -> list[int] | None:
-    """The label values the dataset's dataset.json declares (None without one, or if it cannot be read): with
-    ``other: background`` only those are swept to background, so that a stray value is refused here as in
-    prepare."""
-    from unionseg.data.catalog import scan_dataset
+def _checked_declared_labels(project: Project, spec: DatasetSpec) -> list[int] | None:
+    """The label values the dataset's dataset.json declares (None without one, or if it cannot be read), its
+    map checked against them as ``prepare`` and ``info`` check it: a value dataset.json names as another class
+    of the project than the one the map gives it (test labels of a dataset whose values are swapped: Dice of
+    the wrong organs, with no word from this command; helper-133) warns here too. With ``other: background``
+    only the declared values are swept to background, so that a stray value is refused here as in prepare."""
+    import warnings
 
-    try:
-        declared = scan_dataset(spec.name, Path(spec.root), spec.layout, None).declared_labels
-    except UnionsegError:
+    from unionseg.data.catalog import check_label_map, scan_dataset
+    from unionseg.errors import UnionsegWarning
+
+    with warnings.catch_warnings():  # the scan's own warnings (left-out files, ...) are prepare's to give
+        warnings.simplefilter("ignore", UnionsegWarning)
+        try:
+            declared = scan_dataset(spec.name, Path(spec.root), spec.layout, None).declared_labels
+        except UnionsegError:
+            return None
+    if declared is None:
         return None
-    return None if declared is None else sorted(declared)
+    check_label_map(spec.name, declared, spec.labels, Path(spec.root) / "dataset.json",
+                    project.label_space.names[1:], spec.other, project.path)
+    return sorted(declared)
 
 
 def _image_lookup(spec: DatasetSpec) -> dict[str, Path]:
@@ -872,7 +883,8 @@ def evaluate_folder(
         lookup[: space.n_leaves] = np.arange(space.n_leaves)
         annotated = space.full_mask()
     else:
-        lookup = space.local_lookup(spec.name, _declared_labels(spec) if spec.other else None)
+        declared = _checked_declared_labels(project, spec)
+        lookup = space.local_lookup(spec.name, declared if spec.other else None)
         annotated = space.annotated_leaf_mask(spec.name)
         if not space.scorable_keys(annotated):  # it scored nothing, exit 0, and wrote an empty table
             reasons = space.unscored_organs(spec.name)
