@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -273,9 +274,17 @@ def test_missing_label_file(tmp_path: Path, layout: str) -> None:
     root = writer(tmp_path / "ds", 2)
     assert len(scan_dataset("ds", root).cases) == 2
     (root / "labelsTr" / "case_001.nii.gz").unlink()
-    with pytest.raises(DataError, match="label file for case 'case_001' is missing") as info:
+    remedy = ("the dataset and its entry out of dataset.json's 'training' list" if layout == "msd"
+              else "the dataset (its image out of imagesTr/)")
+    with pytest.raises(DataError, match=re.escape(f"label file for case 'case_001' is missing: a case is trained on "
+                                                  f"or scored with its label file; add it, or take the case out of "
+                                                  f"{remedy}")) as info:
         scan_dataset("ds", root)
     assert str(info.value).startswith(str(root / "labelsTr"))
+    (root / "labelsTr" / "case_000.nii.gz").unlink()  # how many lack theirs: not one error per attempt
+    with pytest.raises(DataError, match=r"label file for case 'case_000' is missing \(2 cases of the dataset lack "
+                                        r"theirs\): a case"):
+        scan_dataset("ds", root)
 
 
 def test_missing_image_file(tmp_path: Path) -> None:
@@ -417,7 +426,9 @@ def test_check_label_map_warns_when_dataset_json_names_another_class(tmp_path: P
     ({"file_ending": None}, "missing key 'file_ending'"),
     ({"channel_names": None}, "missing key 'channel_names'"),
     ({"file_ending": ".png"}, "file_ending: expected one of"),
-    ({"channel_names": {"0": "CT", "1": "PET"}}, "exactly one channel"),
+    ({"channel_names": {"0": "CT", "1": "PET"}}, r"exactly one channel \(CT\) is supported \(2 given: \{'0': 'CT', "
+                                                 r"'1': 'PET'\}\); unionseg reads the CT images as channel 0, the "
+                                                 r"_0000 files: declare \{\"0\": \"CT\"\} and move the other"),
     ({"labels": {"background": 0, "kidney": "1"}}, "labels.kidney: expected an integer value"),
     ({"labels": None}, "missing key 'labels'"),
 ])
@@ -428,6 +439,22 @@ def test_nnunet_json_errors_name_the_file(tmp_path: Path, change: dict[str, Any]
     with pytest.raises(DataError, match=message) as info:
         scan_dataset("ds", root)
     assert info.value.path == json_path
+
+
+def test_a_channel_named_other_than_ct_is_warned_about(tmp_path: Path) -> None:
+    """nnU-Net picks an image's normalisation by its channel name; unionseg windows every image in Hounsfield
+    units, and read an MR channel ("T2") as CT without a word (helper-133)."""
+    root = write_nnunet_dataset(tmp_path / "ds", 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scan_dataset("ds", root, layout="nnunet")  # {"0": "CT"}
+        _edit_json(root, channel_names={"0": "ct"})
+        scan_dataset("ds", root, layout="nnunet")
+    json_path = _edit_json(root, channel_names={"0": "T2"})
+    with pytest.warns(UnionsegWarning, match=re.escape(f"{json_path}: channel_names declares 'T2', not CT: unionseg "
+                                                       "reads every image as CT and normalises it with the project's "
+                                                       "Hounsfield window")):
+        assert len(scan_dataset("ds", root, layout="nnunet").cases) == 1
 
 
 def test_invalid_json_and_layout(tmp_path: Path) -> None:
@@ -444,10 +471,18 @@ def test_invalid_json_and_layout(tmp_path: Path) -> None:
 
 
 def test_nnunet_image_without_channel_suffix(tmp_path: Path) -> None:
-    root = write_nnunet_dataset(tmp_path / "ds", 1)
-    (root / "imagesTr" / "case_000_0000.nii.gz").rename(root / "imagesTr" / "case_000.nii.gz")
-    with pytest.raises(DataError, match="lacks the channel suffix _0000"):
+    """Named with what to do and how many lack it (helper-133); the layout the message offers reads them."""
+    root = write_nnunet_dataset(tmp_path / "ds", 2)
+    for i in range(2):
+        (root / "imagesTr" / f"case_00{i}_0000.nii.gz").rename(root / "imagesTr" / f"case_00{i}.nii.gz")
+    with pytest.raises(DataError, match=re.escape(
+            "image name 'case_000.nii.gz' lacks the channel suffix _0000 (2 images of imagesTr/ lack it): nnU-Net v2 "
+            "names a case's CT image CASE_0000.nii.gz (rename it case_000_0000.nii.gz; its label keeps "
+            "case_000.nii.gz), or read the folder with the dataset's layout 'folders:imagesTr,labelsTr', which takes "
+            "images named as their labels")):
         scan_dataset("ds", root)
+    assert [c.case_id for c in scan_dataset("ds", root, layout="folders:imagesTr,labelsTr").cases] == [
+        "case_000", "case_001"]
 
 
 def test_check_label_map(tmp_path: Path) -> None:
@@ -479,8 +514,8 @@ def test_relative_root_gives_absolute_case_paths(tmp_path: Path, monkeypatch: py
     assert case.image.is_relative_to(tmp_path / "ds") and case.image.is_file()
 
 
-def test_nnunet_layout_on_an_msd_folder_points_to_the_layout(tmp_path: Path) -> None:
-    """An MSD dataset.json read as nnU-Net's (labels value -> name) says which layout it looks like."""
+def test_a_layout_that_does_not_fit_the_folder_points_to_the_layout(tmp_path: Path) -> None:
+    """A dataset.json read with the other layout (MSD as nnU-Net v2, nnU-Net v2 as MSD) says which it looks like."""
     root = tmp_path / "Task03_Liver"
     write_msd_dataset(root, 2, {0: "background", 1: "liver"})
     with pytest.raises(DataError, match=r"labels\.0: expected an integer value, got 'background' \(an MSD 'labels' "
@@ -497,6 +532,14 @@ def test_nnunet_layout_on_an_msd_folder_points_to_the_layout(tmp_path: Path) -> 
                                         r"form, value -> name; nnU-Net v2's maps name -> value: \{\"0\": "
                                         r"\"background\"\} becomes \{\"background\": 0\}\)"):
         scan_dataset("kidney", nnunet, layout="nnunet")
+    # the other way: an nnU-Net v2 folder read with layout msd named MSD's form only (helper-133)
+    v2 = tmp_path / "Dataset006_Spleen"
+    write_nnunet_dataset(v2, 2, {"background": 0, "spleen": 1})
+    with pytest.raises(DataError, match=r"labels: key 'background' is not an integer value \(MSD maps value -> "
+                                        r"name\) \(this is nnU-Net v2's form, name -> value, with no MSD 'training' "
+                                        r"list: set the dataset's layout to nnunet, or leave it out"):
+        scan_dataset("spleen", v2, layout="msd")
+    assert len(scan_dataset("spleen", v2, layout="nnunet").cases) == 2
 
 
 def test_messages_name_a_few_items_and_count_the_rest() -> None:

@@ -107,7 +107,8 @@ def test_bad_dataset_folder_names_the_file(tiny_project: Path, capsys: pytest.Ca
     label.unlink()
     assert run(["info", str(tiny_project)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {label}: label file for case 'kidney_001' is missing"
+    assert err == (f"error: {label}: label file for case 'kidney_001' is missing: a case is trained on or scored with "
+                   "its label file; add it, or take the case out of the dataset (its image out of imagesTr/)")
 
 
 def test_project_maps_a_value_the_dataset_does_not_declare(tmp_path: Path,

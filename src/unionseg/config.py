@@ -573,7 +573,11 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
             continue
         value = _label_value(k)
         if value is None:
-            raise ConfigError(f"{where}.labels: local value {k!r} is not an integer", source)
+            # nnU-Net v2's dataset.json names first (liver: 1); the project's map goes the other way (helper-133)
+            hint = (f" (the map goes from the value the dataset's label files hold to a class of the project, "
+                    f"VALUE: CLASS, as in '1: {v}'; nnU-Net v2's dataset.json lists the values under 'labels')"
+                    if isinstance(k, str) and isinstance(v, str) else "")
+            raise ConfigError(f"{where}.labels: local value {k!r} is not an integer{hint}", source)
         if not isinstance(v, str):
             raise ConfigError(f"{where}.labels.{k}: expected a class name, got {v!r}", source)
         if value in local:  # 1 and "1", or 2 and 2.0: YAML keeps both, the second would replace the first

@@ -260,7 +260,12 @@ def _declared_msd(data: Mapping[str, Any], json_path: Path) -> dict[int, str]:
         try:
             out[int(k)] = str(v)
         except (TypeError, ValueError):
-            raise DataError(f"labels: key {k!r} is not an integer value (MSD maps value -> name)", json_path) from None
+            # an nnU-Net v2 file (name -> value, no 'training' list) read as MSD: say so (helper-133)
+            v2 = isinstance(v, (int, list)) and not isinstance(v, bool) and "training" not in data
+            hint = (" (this is nnU-Net v2's form, name -> value, with no MSD 'training' list: set the dataset's "
+                    "layout to nnunet, or leave it out to have it detected)") if v2 else ""
+            raise DataError(f"labels: key {k!r} is not an integer value (MSD maps value -> name){hint}",
+                            json_path) from None
     return out
 
 
@@ -346,7 +351,16 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
         raise DataError(f"file_ending: expected one of {list(IMAGE_SUFFIXES)}, got {ending!r}", json_path)
     channels = data.get("channel_names")
     if not isinstance(channels, Mapping) or len(channels) != 1:
-        raise DataError("channel_names: exactly one channel (CT) is supported", json_path)
+        listed = f" ({len(channels)} given: {dict(channels)})" if isinstance(channels, Mapping) else ""
+        raise DataError(f"channel_names: exactly one channel (CT) is supported{listed}; unionseg reads the CT images "
+                        "as channel 0, the _0000 files: declare {\"0\": \"CT\"} and move the other channels' files "
+                        "out of imagesTr/ (CT stored as another channel: rename its files to _0000)", json_path)
+    (channel,) = channels.values()
+    if not (isinstance(channel, str) and channel.strip().lower() == "ct"):
+        # nnU-Net picks its normalisation by this name; unionseg windows every image in Hounsfield units
+        warnings.warn(f"{json_path}: channel_names declares {channel!r}, not CT: unionseg reads every image as CT "
+                      "and normalises it with the project's Hounsfield window (preprocessing), which is wrong for "
+                      "another modality", UnionsegWarning, stacklevel=4)
     images_dir, labels_dir = _nnunet_folders(root)
     out: _RawCases = []
     for image in sorted(images_dir.iterdir()):
@@ -359,7 +373,14 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
                 raise DataError(f"image {image.name!r} is channel {stem[-4:]} of case {stem[:-5]!r}: unionseg reads "
                                 "one CT channel (channel_names has one), the _0000 file; move the other channels "
                                 f"out of {images_dir.name}/", image)
-            raise DataError(f"image name {image.name!r} lacks the channel suffix _0000", image)
+            bare = [p for p in images_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
+                    and not p.name[: -len(ending)].endswith(_CHANNEL_SUFFIX)]
+            raise DataError(f"image name {image.name!r} lacks the channel suffix _0000"
+                            + (f" ({len(bare)} images of {images_dir.name}/ lack it)" if len(bare) > 1 else "")
+                            + f": nnU-Net v2 names a case's CT image CASE_0000{ending} (rename it "
+                            f"{stem}{_CHANNEL_SUFFIX}{ending}; its label keeps {stem}{ending}), or read the folder "
+                            f"with the dataset's layout 'folders:{images_dir.name},{labels_dir.name}', which takes "
+                            "images named as their labels", image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
     others = _other_endings(images_dir, ending) if not out else []
@@ -685,6 +706,13 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
                              else "image file is missing") + hint, image)
         if label is None or not _exists(label):
             hint = "" if label is None else _other_ending(label, layout)
+            if not hint:  # what to do, and how many more (one error per attempt was a long loop; helper-133)
+                lacking = sum(1 for _, _, other in raw if other is None or not _exists(other))
+                hint = ((f" ({lacking} cases of the dataset lack theirs)" if lacking > 1 else "")
+                        + ": a case is trained on or scored with its label file; add it, or take the case out of "
+                        + ("the dataset and its entry out of dataset.json's 'training' list" if layout == "msd"
+                           else f"the dataset (its image out of {image.parent.name}/)" if layout != "kits"
+                           else "the dataset"))
             raise DataError(f"label file for case {case_id!r} is missing{hint}", label or image)
         oracle = None
         if oracle_dir is not None:
