@@ -285,6 +285,12 @@ def test_missing_label_file(tmp_path: Path, layout: str) -> None:
     with pytest.raises(DataError, match=r"label file for case 'case_000' is missing \(2 cases of the dataset lack "
                                         r"theirs\): a case"):
         scan_dataset("ds", root)
+    if layout == "msd":  # an entry that names no label: the file may well be there, dataset.json is at fault
+        json_path = _edit_json(root, training=[{"image": "./imagesTr/case_000.nii.gz"}])
+        with pytest.raises(DataError, match=re.escape(f"{json_path}: dataset.json's 'training' entry of case "
+                                                      "'case_000' gives no 'label'; add it (\"label\": "
+                                                      "\"./labelsTr/case_000.nii.gz\", say) or take the entry out")):
+            scan_dataset("ds", root)
 
 
 def test_missing_image_file(tmp_path: Path) -> None:
@@ -451,9 +457,9 @@ def test_a_channel_named_other_than_ct_is_warned_about(tmp_path: Path) -> None:
         _edit_json(root, channel_names={"0": "ct"})
         scan_dataset("ds", root, layout="nnunet")
     json_path = _edit_json(root, channel_names={"0": "T2"})
-    with pytest.warns(UnionsegWarning, match=re.escape(f"{json_path}: channel_names declares 'T2', not CT: unionseg "
-                                                       "reads every image as CT and normalises it with the project's "
-                                                       "Hounsfield window")):
+    with pytest.warns(UnionsegWarning, match=re.escape(f"{json_path}: channel_names declares 'T2', not CT (nnU-Net "
+                                                       "normalises by this name): unionseg reads every image as CT and "
+                                                       "normalises it with the project's Hounsfield window")):
         assert len(scan_dataset("ds", root, layout="nnunet").cases) == 1
 
 
@@ -483,6 +489,13 @@ def test_nnunet_image_without_channel_suffix(tmp_path: Path) -> None:
         scan_dataset("ds", root)
     assert [c.case_id for c in scan_dataset("ds", root, layout="folders:imagesTr,labelsTr").cases] == [
         "case_000", "case_001"]
+    # one bare image among tagged ones (a second channel beside one): counted alone, no folders layout offered
+    (root / "imagesTr" / "case_001.nii.gz").rename(root / "imagesTr" / "case_001_0000.nii.gz")
+    shutil.copy(root / "imagesTr" / "case_001_0000.nii.gz", root / "imagesTr" / "case_001_0001.nii.gz")
+    with pytest.raises(DataError, match=r"image name 'case_000.nii.gz' lacks the channel suffix _0000: nnU-Net v2 "
+                                        r"names") as info:
+        scan_dataset("ds", root)
+    assert str(info.value).endswith("its label keeps case_000.nii.gz)")
 
 
 def test_check_label_map(tmp_path: Path) -> None:

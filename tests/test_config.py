@@ -126,9 +126,18 @@ _ERRORS = [
     ("labels: {1: liver, 2: liver_tumour}", "labels: {one: liver, 2: liver_tumour}", "datasets.liver.labels",
      "local value 'one' is not an integer"),
     # nnU-Net v2's dataset.json order (name: value) copied into the project: the message shows the map's order
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {background: 0, liver: 1}", "datasets.liver.labels",
+     "local value 'background' is not an integer (nnU-Net v2's order, NAME: VALUE; the map goes from the value "
+     "the dataset's label files hold to a class of the project, VALUE: CLASS, as in '0: background', and value 0 "
+     "needs no entry: it is background)"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {liver: 1, liver_tumour: 2}", "datasets.liver.labels",
+     "local value 'liver' is not an integer (nnU-Net v2's order, NAME: VALUE; the map goes from the value the "
+     "dataset's label files hold to a class of the project, VALUE: CLASS, as in '1: liver')"),
+    ("labels: {1: liver, 2: liver_tumour}", "labels: {1: liver, Others: background}", "datasets.liver.labels",
+     "local value 'Others' is not an integer (every value the map does not list: 'other: background')"),
     ("labels: {1: liver, 2: liver_tumour}", "labels: {liver: liver, 2: liver_tumour}", "datasets.liver.labels",
      "local value 'liver' is not an integer (the map goes from the value the dataset's label files hold to a "
-     "class of the project, VALUE: CLASS, as in '1: liver'"),
+     "class of the project, VALUE: CLASS, as in '1: liver')"),
     # int() would truncate 2.7 to 2, take true for 1, and raise OverflowError on .inf
     ("labels: {1: liver, 2: liver_tumour}", "labels: {1: liver, 2.7: liver_tumour}", "datasets.liver.labels",
      "local value 2.7 is not an integer"),

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from unionseg.config import from_dict, load_yaml
-from unionseg.errors import ConfigError, UnionsegError
+from unionseg.errors import ConfigError, UnionsegError, UnionsegWarning
 from unionseg.jsonfile import write_json
 from unionseg.progress import SUITE_AFTER_ENV
 from unionseg.stopping import Terminated, exit_code, sigterm_as_interrupt
@@ -272,11 +272,18 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
         raise ConfigError("the benchmark needs a fully labelled test set (a dataset with role: test)", project_path)
     pred_dir = run_dir / "test_pred"
     predict_seconds, n_params = predict_test_set(run_dir / "model.pt", test, pred_dir, progress, cfg.device)
+    from unionseg.data.catalog import LabelMapWarning
     from unionseg.evaluation.evaluate import evaluate_folder
 
-    evaluation = evaluate_folder(pred_dir, _labels_dir(test), project, dataset=test.name,
-                                 out_dir=run_dir / "evaluation", figures=False,
-                                 overwrite=True)  # the run's own folder: a re-run after a crash redoes it
+    with warnings.catch_warnings():
+        # what the scans of the test set and its label map say, prepare said once before the first row
+        warnings.simplefilter("ignore", LabelMapWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnionsegWarning)
+            labels = _labels_dir(test)
+        evaluation = evaluate_folder(pred_dir, labels, project, dataset=test.name,
+                                     out_dir=run_dir / "evaluation", figures=False,
+                                     overwrite=True)  # the run's own folder: a re-run after a crash redoes it
     from unionseg.data.preprocess import PreparedIndex
 
     result = {
@@ -376,7 +383,9 @@ def predict_test_set(model_path: Path, test: Any, pred_dir: Path, progress: bool
     from unionseg.inference.predictor import Predictor
 
     predictor = Predictor.from_checkpoint(model_path, device=device)
-    cases = scan_dataset(test.name, test.root, test.layout).cases
+    with warnings.catch_warnings():  # the scan's warnings: said by prepare, before the first row
+        warnings.simplefilter("ignore", UnionsegWarning)
+        cases = scan_dataset(test.name, test.root, test.layout).cases
     t0 = time.perf_counter()
     for case in cases:
         # the run's own folder: a prediction an interrupted attempt left there is replaced
@@ -443,8 +452,8 @@ def ensure_project(project: str | Path, out: Path, progress: bool, workers: int 
     raw = {k: v for k, v in source.raw.items() if k not in ("roots_file", "cache_dir")}
     raw.setdefault("name", source.name)  # a project without one is named after its file, not after the copy's
     # relative to the copy, as project files give them (an absolute root is refused as not portable)
-    roots = {d.name: Path(os.path.relpath(Path(d.root).resolve(), data)).as_posix() for d in source.datasets}
-    raw["datasets"] = [{**entry, "root": roots[entry["name"]]} for entry in source.raw["datasets"]]
+    relative = {d.name: Path(os.path.relpath(Path(d.root).resolve(), data)).as_posix() for d in source.datasets}
+    raw["datasets"] = [{**entry, "root": relative[entry["name"]]} for entry in source.raw["datasets"]]
     raw["notes"] = f"benchmark copy of {source.path} (unionseg benchmark --project); edit that file, not this one"
     path = data / "project.yaml"
     text = yaml_text(raw)  # the project loader's own dumper: a text such as "1e3" stays a text

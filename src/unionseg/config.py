@@ -573,10 +573,17 @@ def _parse_dataset(raw: Any, i: int, base: Path, source: str, roots: Mapping[str
             continue
         value = _label_value(k)
         if value is None:
-            # nnU-Net v2's dataset.json names first (liver: 1); the project's map goes the other way (helper-133)
-            hint = (f" (the map goes from the value the dataset's label files hold to a class of the project, "
-                    f"VALUE: CLASS, as in '1: {v}'; nnU-Net v2's dataset.json lists the values under 'labels')"
-                    if isinstance(k, str) and isinstance(v, str) else "")
+            # nnU-Net v2's dataset.json goes NAME: VALUE (liver: 1); the project's map the other way (helper-133)
+            hint = ""
+            if isinstance(v, int) and not isinstance(v, bool):
+                hint = (f" (nnU-Net v2's order, NAME: VALUE; the map goes from the value the dataset's label files "
+                        f"hold to a class of the project, VALUE: CLASS, as in '{v}: {k}'"
+                        + (", and value 0 needs no entry: it is background" if v == 0 else "") + ")")
+            elif isinstance(k, str) and k.strip().lower().rstrip("s") == OTHER_LABELS:
+                hint = f" (every value the map does not list: '{OTHER_LABELS}: {BACKGROUND}')"
+            elif isinstance(k, str) and isinstance(v, str):
+                hint = (f" (the map goes from the value the dataset's label files hold to a class of the project, "
+                        f"VALUE: CLASS, as in '1: {v}')")
             raise ConfigError(f"{where}.labels: local value {k!r} is not an integer{hint}", source)
         if not isinstance(v, str):
             raise ConfigError(f"{where}.labels.{k}: expected a class name, got {v!r}", source)

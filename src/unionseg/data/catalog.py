@@ -354,13 +354,14 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
         listed = f" ({len(channels)} given: {dict(channels)})" if isinstance(channels, Mapping) else ""
         raise DataError(f"channel_names: exactly one channel (CT) is supported{listed}; unionseg reads the CT images "
                         "as channel 0, the _0000 files: declare {\"0\": \"CT\"} and move the other channels' files "
-                        "out of imagesTr/ (CT stored as another channel: rename its files to _0000)", json_path)
+                        "out of the images folder (CT stored as another channel: rename its files to _0000)", json_path)
     (channel,) = channels.values()
     if not (isinstance(channel, str) and channel.strip().lower() == "ct"):
         # nnU-Net picks its normalisation by this name; unionseg windows every image in Hounsfield units
-        warnings.warn(f"{json_path}: channel_names declares {channel!r}, not CT: unionseg reads every image as CT "
-                      "and normalises it with the project's Hounsfield window (preprocessing), which is wrong for "
-                      "another modality", UnionsegWarning, stacklevel=4)
+        warnings.warn(f"{json_path}: channel_names declares {channel!r}, not CT (nnU-Net normalises by this name): "
+                      "unionseg reads every image as CT and normalises it with the project's Hounsfield window "
+                      "(preprocessing); if these images are not CT, they are normalised wrongly", UnionsegWarning,
+                      stacklevel=4)
     images_dir, labels_dir = _nnunet_folders(root)
     out: _RawCases = []
     for image in sorted(images_dir.iterdir()):
@@ -373,14 +374,17 @@ def _cases_nnunet(name: str, root: Path, data: Mapping[str, Any], json_path: Pat
                 raise DataError(f"image {image.name!r} is channel {stem[-4:]} of case {stem[:-5]!r}: unionseg reads "
                                 "one CT channel (channel_names has one), the _0000 file; move the other channels "
                                 f"out of {images_dir.name}/", image)
-            bare = [p for p in images_dir.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")
-                    and not p.name[: -len(ending)].endswith(_CHANNEL_SUFFIX)]
+            images = [p.name[: -len(ending)] for p in images_dir.iterdir()
+                      if p.name.endswith(ending) and not p.name.startswith(".")]
+            bare = [n for n in images if not _ANY_CHANNEL.search(n)]  # a case's other channel is not counted
+            every = len(bare) == len(images)  # the folders layout reads untagged names only when all are
             raise DataError(f"image name {image.name!r} lacks the channel suffix _0000"
                             + (f" ({len(bare)} images of {images_dir.name}/ lack it)" if len(bare) > 1 else "")
                             + f": nnU-Net v2 names a case's CT image CASE_0000{ending} (rename it "
-                            f"{stem}{_CHANNEL_SUFFIX}{ending}; its label keeps {stem}{ending}), or read the folder "
-                            f"with the dataset's layout 'folders:{images_dir.name},{labels_dir.name}', which takes "
-                            "images named as their labels", image)
+                            f"{stem}{_CHANNEL_SUFFIX}{ending}; its label keeps {stem}{ending})"
+                            + (f", or read the folder with the dataset's layout 'folders:{images_dir.name},"
+                               f"{labels_dir.name}', which takes images named as their labels" if every else ""),
+                            image)
         case = stem[:-5]
         out.append((case, image, labels_dir / f"{case}{ending}"))
     others = _other_endings(images_dir, ending) if not out else []
@@ -706,6 +710,10 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
                              else "image file is missing") + hint, image)
         if label is None or not _exists(label):
             hint = "" if label is None else _other_ending(label, layout)
+            if label is None and layout == "msd":  # the entry names none: the file may well be there
+                raise DataError(f"dataset.json's 'training' entry of case {case_id!r} gives no 'label'; add it "
+                                f"(\"label\": \"./labelsTr/{image.name}\", say) or take the entry out",
+                                root / "dataset.json")
             if not hint:  # what to do, and how many more (one error per attempt was a long loop; helper-133)
                 lacking = sum(1 for _, _, other in raw if other is None or not _exists(other))
                 hint = ((f" ({lacking} cases of the dataset lack theirs)" if lacking > 1 else "")
@@ -791,14 +799,29 @@ def check_label_map(dataset: str, declared: Mapping[int, str] | None, mapped: Ma
                       f"part of it: {example}, say), or to background only for a structure no class stands for "
                       f"('other: background' sends every value the map does not list there)",
                       UnionsegWarning, stacklevel=2)
+    warn_crossed_names(dataset, declared, mapped, json_path, classes)
+
+
+class LabelMapWarning(UnionsegWarning):
+    """A dataset.json names a value as another class of the project than the project's map gives it."""
+
+
+def warn_crossed_names(dataset: str, declared: Mapping[int, str], mapped: Mapping[int, str], json_path: Path,
+                       classes: Collection[str]) -> None:
+    """Warn (:class:`LabelMapWarning`) for every mapped value whose dataset.json name is ANOTHER class of the
+    project than the one the map gives it, or background (typically two dataset roots, or two classes,
+    swapped). Values dataset.json does not declare, and names that are no project class, are not judged; nor is
+    a class mapped to background on purpose (a fully labelled file used as a partial one)."""
+    known = {_class_key(c) for c in classes}
     for value, target in sorted(mapped.items()):
+        if value not in declared:
+            continue
         name = _class_key(declared[value])
         own = _class_key(target.removeprefix("region:"))
-        # a class mapped to background on purpose (a fully labelled file used as a partial one) is left alone
         if (name in known and name != own and own != "background") or (name == "background" and own != "background"):
             warnings.warn(f"{json_path}: label value {value} is {declared[value]!r} in dataset.json but the project "
                           f"maps it to {target!r} for dataset {dataset!r}; check that the dataset root and its "
-                          "label map belong together", UnionsegWarning, stacklevel=2)
+                          "label map belong together", LabelMapWarning, stacklevel=3)
 
 
 def warn_training_on_test_folders(name: str, role: str, root: Path, info: DatasetInfo) -> None:

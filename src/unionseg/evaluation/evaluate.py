@@ -643,15 +643,16 @@ def _warn_foreign_cases(project: Project, spec: DatasetSpec, truths: Mapping[str
     return True
 
 
-def _checked_declared_labels(project: Project, spec: DatasetSpec) -> list[int] | None:
-    """The label values the dataset's dataset.json declares (None without one, or if it cannot be read), its
-    map checked against them as ``prepare`` and ``info`` check it: a value dataset.json names as another class
-    of the project than the one the map gives it (test labels of a dataset whose values are swapped: Dice of
-    the wrong organs, with no word from this command; helper-133) warns here too. With ``other: background``
-    only the declared values are swept to background, so that a stray value is refused here as in prepare."""
+def _checked_declared_labels(spec: DatasetSpec, classes: Sequence[str]) -> list[int] | None:
+    """The label values the dataset's dataset.json declares (None without one, or if it cannot be read). A value
+    it names as another class of the project than the map gives it warns here as in ``prepare`` and ``info``
+    (test labels whose values are swapped: Dice of the wrong organs, with no word from this command;
+    helper-133); prepare's other checks of the map, which refuse what training cannot use, are left to it. With
+    ``other: background`` only the declared values are swept to background, so that a stray value is refused
+    here as in prepare."""
     import warnings
 
-    from unionseg.data.catalog import check_label_map, scan_dataset
+    from unionseg.data.catalog import scan_dataset, warn_crossed_names
     from unionseg.errors import UnionsegWarning
 
     with warnings.catch_warnings():  # the scan's own warnings (left-out files, ...) are prepare's to give
@@ -662,8 +663,7 @@ def _checked_declared_labels(project: Project, spec: DatasetSpec) -> list[int] |
             return None
     if declared is None:
         return None
-    check_label_map(spec.name, declared, spec.labels, Path(spec.root) / "dataset.json",
-                    project.label_space.names[1:], spec.other, project.path)
+    warn_crossed_names(spec.name, declared, spec.labels, Path(spec.root) / "dataset.json", classes)
     return sorted(declared)
 
 
@@ -883,7 +883,7 @@ def evaluate_folder(
         lookup[: space.n_leaves] = np.arange(space.n_leaves)
         annotated = space.full_mask()
     else:
-        declared = _checked_declared_labels(project, spec)
+        declared = _checked_declared_labels(spec, space.names[1:])
         lookup = space.local_lookup(spec.name, declared if spec.other else None)
         annotated = space.annotated_leaf_mask(spec.name)
         if not space.scorable_keys(annotated):  # it scored nothing, exit 0, and wrote an empty table
