@@ -360,7 +360,8 @@ def _own_project(project: Path, rows: Sequence[RunSpec], roots: Mapping[str, str
     loaded = load_project(path, roots=roots)
     with warnings.catch_warnings():  # said once, by the preparation that follows
         warnings.simplefilter("ignore")
-        project_summary(path, {k: str(v) for k, v in (roots or {}).items()})  # what `unionseg info` checks (label maps, dataset folders, splits), naming this file
+        # what `unionseg info` checks (label maps, dataset folders, splits), naming this file
+        project_summary(path, {k: str(v) for k, v in (roots or {}).items()})
     test = loaded.eval_dataset("test")
     if test is None:
         raise ConfigError("the benchmark scores every method on the project's test set: declare one (a fully "
@@ -437,8 +438,9 @@ def ensure_project(project: str | Path, out: Path, progress: bool, workers: int 
                    roots: Mapping[str, str | Path] | None = None) -> Path:
     """A benchmark of a project of your own: ``out/data/project.yaml`` is a copy of ``project`` whose
     dataset roots point at its datasets, relative to the copy (nothing is copied but the file; a ``roots_file``
-    and ``cache_dir`` are resolved into it, and so are the ``--root`` overrides ``roots``), prepared into ``out/data/prepared`` (the project's own cache, and
-    the shared experts of your own trainings in it, are left alone). Rewritten when the project file changed;
+    and ``cache_dir`` are resolved into it, and so are the ``--root`` overrides ``roots``), prepared into
+    ``out/data/prepared`` (the project's own cache, and the shared experts of your own trainings in it, are left
+    alone). Rewritten when the project file changed;
     a finished row scored on other data is refused (:func:`check_same_data`).
 
     The project was checked first (:func:`_own_project`: its datasets, a test set, a layout evaluate reads).
