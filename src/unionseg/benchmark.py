@@ -275,12 +275,12 @@ def run_one(project_path: Path, suite: SuiteConfig, spec: RunSpec, seed: int, ou
     from unionseg.data.catalog import LabelMapWarning
     from unionseg.evaluation.evaluate import evaluate_folder
 
+    # what the scans of the test set and its label map say, prepare said once before the first row
     with warnings.catch_warnings():
-        # what the scans of the test set and its label map say, prepare said once before the first row
+        warnings.simplefilter("ignore", UnionsegWarning)
+        labels = _labels_dir(test)
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", LabelMapWarning)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UnionsegWarning)
-            labels = _labels_dir(test)
         evaluation = evaluate_folder(pred_dir, labels, project, dataset=test.name,
                                      out_dir=run_dir / "evaluation", figures=False,
                                      overwrite=True)  # the run's own folder: a re-run after a crash redoes it

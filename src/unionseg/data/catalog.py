@@ -719,8 +719,7 @@ def _scan_dataset(name: str, root: Path, layout: str, oracle_dir: Path | None) -
                 hint = ((f" ({lacking} cases of the dataset lack theirs)" if lacking > 1 else "")
                         + ": a case is trained on or scored with its label file; add it, or take the case out of "
                         + ("the dataset and its entry out of dataset.json's 'training' list" if layout == "msd"
-                           else f"the dataset (its image out of {image.parent.name}/)" if layout != "kits"
-                           else "the dataset"))
+                           else f"the dataset (its image out of {image.parent.name}/)"))
             raise DataError(f"label file for case {case_id!r} is missing{hint}", label or image)
         oracle = None
         if oracle_dir is not None:
