@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -353,9 +354,15 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tiny_project:
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Every rank parses the same arguments and reads the same checkpoint, so each printed the same
     refusal: two interleaved `error:` lines for one mistake. Ranks above 0 now leave those to rank 0 (the
-    exit code stays 2); their other errors say which rank they come from."""
+    exit code stays 2), after a grace that lets rank 0 print before torchrun's agent stops it (rank 1 leaving
+    first had rank 0 stopped mid-way once, in CI); their other errors say which rank they come from."""
+    import unionseg.cli
     from unionseg.errors import UnionsegError
 
+    left = unionseg.cli._leave_to_rank_zero
+    waits: list[str] = []
+    monkeypatch.setattr(unionseg.cli, "QUIET_RANK_GRACE_S", 0.0)
+    monkeypatch.setattr(unionseg.cli, "_leave_to_rank_zero", lambda: waits.append(os.environ["RANK"]) or left())
     args = ["train", str(tiny_project), "--method", "naive", "-o", str(tmp_path / "run"), "steps=abc"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank, printed in (("0", True), ("1", False)):
@@ -376,6 +383,7 @@ def test_under_torchrun_an_error_every_rank_raises_is_printed_once(tiny_project:
     monkeypatch.setattr("unionseg.training.trainer.train", other)
     assert run(["train", str(tiny_project), "--method", "naive", "-o", str(tmp_path / "run")]) == 2
     assert "error (rank 1): a problem of this rank alone" in capsys.readouterr().err
+    assert waits == ["1", "1"]  # the two refusals of rank 1 waited; its own error, as rank 0, did not
 
 
 def test_info_says_how_many_processes_trained_a_run() -> None:

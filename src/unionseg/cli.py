@@ -283,6 +283,20 @@ def _other_rank() -> int | None:
     return rank if world > 1 and rank > 0 else None
 
 
+# how long a rank other than 0 waits before it leaves on an error rank 0 reports: torchrun's agent stops every
+# rank when the first one exits, and a rank 1 that left first had rank 0 stopped before it printed (CI, once)
+QUIET_RANK_GRACE_S = 10.0
+
+
+def _leave_to_rank_zero() -> int:
+    """Exit status 2 for a rank other than 0 that refuses what rank 0 refuses too, once rank 0 had the time to
+    say why (torchrun ends this wait when rank 0 exits; a launcher without an agent waits it out)."""
+    import time
+
+    time.sleep(QUIET_RANK_GRACE_S)
+    return 2
+
+
 def run(argv: list[str]) -> int:
     """Run the CLI in-process on ``argv``; returns the exit code (tests use this).
 
@@ -308,7 +322,7 @@ def run(argv: list[str]) -> int:
             raise
         rank = _other_rank()
         if rank is not None and isinstance(exc, (ConfigError, CheckpointError, OutputExistsError, RankZeroRefusedError)):
-            return 2  # every rank refuses the same arguments or checkpoint: rank 0 says it once
+            return _leave_to_rank_zero()  # every rank refuses the same arguments or checkpoint: rank 0 says it once
         typer.echo(f"error{f' (rank {rank})' if rank is not None else ''}: {exc}", err=True)
         return 2
     except OSError as exc:
@@ -351,7 +365,7 @@ def run(argv: list[str]) -> int:
         return EXIT_INTERRUPTED
     except _USAGE as exc:
         if _other_rank() is not None:  # every rank parses the same arguments: rank 0 shows the usage once
-            return 2
+            return _leave_to_rank_zero()
         message = getattr(exc, "format_message", None)
         if callable(message) and type(exc).__name__ != "NoArgsIsHelpError":  # that one's message is the help
             # one line, as every other error (a four-line usage block escaped a log filter on `^error:`;
