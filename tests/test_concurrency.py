@@ -203,10 +203,10 @@ def test_lock_of_another_process_refuses_at_once_naming_it_and_frees_when_it_is_
 
 def test_lock_waits_for_its_holder_then_takes_it_or_gives_up_after_the_timeout(tmp_path: Path) -> None:
     path = tmp_path / ".lock"
-    holder = Holder(path, seconds=1.5)
+    holder = Holder(path, seconds=3)  # held long enough that a stall under load cannot let the first try through
     messages: list[str] = []
     try:
-        with pytest.raises(UnionsegError, match=r"in use by pid \d+ .*; gave up after waiting 0\.[3-9] s"):
+        with pytest.raises(UnionsegError, match=r"in use by pid \d+ .*; gave up after waiting \d+\.\d s"):
             FileLock(path, "the test cache").acquire(timeout=0.3, notify=messages.append)
         assert len(messages) == 1 and messages[0].startswith(f"{path}: the test cache is in use by pid {holder.pid}")
         assert messages[0].endswith("waiting for it to finish (at most 0.3 s)")
@@ -215,8 +215,8 @@ def test_lock_waits_for_its_holder_then_takes_it_or_gives_up_after_the_timeout(t
             # it got the lock once the holder had ended: the kernel lets the lock go as the holder's files
             # close, a moment before the process can be reaped, so wait for that, not poll (helper-126)
             assert lock.held and holder.proc.wait(timeout=10) is not None
-        assert 0.5 < time.monotonic() - start < 20
-        assert len(messages) == 2
+        assert time.monotonic() - start < 20
+        assert len(messages) == 2  # the second call waited (and said so)
     finally:
         holder.kill()
 
@@ -412,6 +412,8 @@ def test_two_trainings_of_different_methods_train_each_expert_once_and_share_it(
     _until(holds_liver_expert, "the first run trains the liver expert")
     os.kill(individual.pid, signal.SIGSTOP)  # frozen while it holds the lock: the second run must find it busy
     try:
+        # a stall between the poll and the stop could let it finish the 3-step expert first: say so, not later
+        assert holds_liver_expert(), "the first run left the liver expert before it was stopped (a stall)"
         cotraining = commands.start(["train", str(pair_phantom), *TRAIN, "--method", "cotraining",
                                      "-o", str(runs / "cotraining")])
         _until(lambda: "waiting:" in cotraining.stderr(), "the second run waits for the liver expert")

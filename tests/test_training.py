@@ -379,7 +379,7 @@ def test_resume_after_an_interruption_logs_each_step_once(phantom_project: Path,
     # the whole run's stage time is restored; the benchmark subtracts only this process's from its wall time
     # (the earlier processes' 100 s plus this one's, which approx(100.0) missed once it passed 0.1 ms)
     assert summary["stage_seconds"] == pytest.approx(100.0 + summary["stage_seconds_this_process"])
-    assert summary["stage_seconds_this_process"] < 1.0
+    assert summary["stage_seconds_this_process"] < 5.0  # nothing left to build: no stage time (a bound a stall keeps)
 
 
 def test_ctrl_c_says_where_resume_goes_on_from(phantom_project: Path, tmp_path: Path,
@@ -453,7 +453,7 @@ def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Pat
     it gives the weights of an uninterrupted run; the signal handlers are restored afterwards."""
     import signal
 
-    from unionseg.training.trainer import Trainer
+    from unionseg.training.trainer import Trainer, _StopRequest
 
     cfg = _cfg("naive", 6, "deterministic=true", "ckpt_every=100")
     straight = tmp_path / "straight"
@@ -467,6 +467,7 @@ def test_ctrl_c_finishes_the_step_and_writes_its_checkpoint(phantom_project: Pat
         return real(self, batch)
 
     monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(_StopRequest, "REPEAT_WINDOW", 30.0)  # a stall between the two kills is still one press
     before = signal.getsignal(signal.SIGINT)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
@@ -600,6 +601,7 @@ def test_the_ranks_agree_on_the_strongest_stop_request(monkeypatch: pytest.Monke
     """Under DDP a SIGTERM sent to one worker (``kill`` of rank 1's pid) stopped every rank at one step but
     rank 0, which had not received it, exited 130 ("interrupted") and nobody said why; now every rank takes
     the strongest request of any (SIGTERM over SIGINT), and rank 0 says that another rank received it."""
+    from unionseg.stopping import Terminated
     from unionseg.training import distributed
     from unionseg.training.trainer import _StopRequest
 
@@ -615,8 +617,12 @@ def test_the_ranks_agree_on_the_strongest_stop_request(monkeypatch: pytest.Monke
     assert "SIGTERM (to another rank): stopping at this step" in capsys.readouterr().err
     import signal
 
-    rank0._handle(signal.SIGTERM, None)  # its own copy, forwarded a moment later: the same request, no raise
+    rank0._at -= 60  # its own copy, forwarded late (torchrun signals its ranks one by one; a stall under
+    rank0._handle(signal.SIGTERM, None)  # load): the same request, not a second one that stops at once
     assert rank0.requested == "SIGTERM"
+    rank0._at -= 60
+    with pytest.raises(Terminated):  # a second signal of its own, after the repeat window: at once
+        rank0._handle(signal.SIGTERM, None)
     pressed = _StopRequest()
     pressed.requested = "SIGINT"  # Ctrl-C here, SIGTERM there: the ranks exit as terminated, alike
     assert pressed.agreed(cpu) and pressed.requested == "SIGTERM"
@@ -1666,12 +1672,13 @@ def test_under_ddp_a_rank_waits_for_an_artefact_it_does_not_see_instead_of_makin
     assert made == ["made"]  # present: nothing made
 
     monkeypatch.setattr(dist, "is_distributed", lambda: True)
-    monkeypatch.setattr(ArtifactCache, "LAG_SECONDS", 0.6)
+    monkeypatch.setattr(ArtifactCache, "LAG_SECONDS", 10.0)  # the wait ends when the file shows: not slower
     late = tmp_path / "late.npy"
     writer = threading.Timer(0.2, late.write_bytes, (b"x",))
     writer.start()
     cache._present_or_made(late, lambda: made.append("alone"))
     writer.join()
+    monkeypatch.setattr(ArtifactCache, "LAG_SECONDS", 0.6)
     never = tmp_path / "never.npy"
     with pytest.raises(UnionsegError, match="not there after 1 s") as info:
         cache._present_or_made(never, lambda: made.append("alone"))

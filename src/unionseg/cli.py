@@ -285,7 +285,7 @@ def _other_rank() -> int | None:
 
 # how long a rank other than 0 waits before it leaves on an error rank 0 reports: torchrun's agent stops every
 # rank when the first one exits, and a rank 1 that left first had rank 0 stopped before it printed (CI, once)
-QUIET_RANK_GRACE_S = 10.0
+QUIET_RANK_GRACE_S = 30.0
 
 
 def _leave_to_rank_zero() -> int:

@@ -1059,6 +1059,9 @@ class _StopRequest:
     def __init__(self) -> None:
         self.requested: str | None = None
         self._at = 0.0
+        # whether a signal reached this process itself: a request learnt from another rank (agreed) turns
+        # this rank's own copy, however late torchrun forwards it, into the same request, not a second press
+        self._own = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopRequest:
@@ -1078,9 +1081,13 @@ class _StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested is not None:
+            if not self._own:  # its own copy of a request another rank passed on: the window starts now
+                self._own, self._at = True, time.monotonic()
+                return
             if time.monotonic() - self._at < self.REPEAT_WINDOW:
                 return
             raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        self._own = True
         self.requested = signal.Signals(signum).name
         self._at = time.monotonic()
         if dist.is_main():  # under torchrun every rank gets the signal; one says so
