@@ -725,7 +725,7 @@ def evaluate_cross_command(
     summary = evaluate_with_map(pred, gt, space, map_file, out_dir=out, tolerance_mm=tolerance, progress=not quiet,
                                 overwrite=overwrite, figures=figures, workers=workers)
     console = results_console()
-    console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} cases -> {out}")
+    console.print(f"[bold]{summary['evaluation_set']}[/bold]: {summary['n_cases']} case{'' if summary['n_cases'] == 1 else 's'} -> {out}")
     console = print_markdown_table(summary["markdown"], console)
     for organ, reason in summary["not_scored"].items():
         console.print(f"not scored: {organ} ({reason})")
