@@ -1104,8 +1104,7 @@ class _StopRequest:
         wanted = self._ORDER[dist.max_rank(self._ORDER.index(self.requested), device)]
         if wanted is None:
             return False
-        if self.requested is None:  # this rank's own copy of the signal, if it comes, is the same request
-            self._at = time.monotonic()
+        if self.requested is None:  # this rank's own copy of the signal, if it comes, is the same request (_own)
             if dist.is_main():
                 print(f"\n{wanted} (to another rank): stopping at this step to write a checkpoint", file=sys.stderr)
         self.requested = wanted
